@@ -1,0 +1,502 @@
+"""Distributed Llama's file formats: `.m` models and `.t` tokenizers (../spec/FORMATS.md §1–§3).
+
+This module is the only place that knows byte layouts. Readers memory-map the model (nothing is
+copied until a tensor is asked for) and validate everything against the file length; every problem
+is a one-line ModelFormatError / TokenizerFormatError naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+from .errors import ModelFormatError, TokenizerFormatError
+
+# ---------------------------------------------------------------------------------------------
+# enumerations (§1.3)
+
+MODEL_MAGIC = 0x0A00ABCD
+OLD_MODEL_MAGICS = (0x00ABCD00, 0x00ABCD01)
+
+ARCH_LLAMA, ARCH_QWEN3, ARCH_QWEN3_MOE = 0xABCD00, 0xABCD01, 0xABCD02
+ARCH_NAMES = {ARCH_LLAMA: "llama", ARCH_QWEN3: "qwen3", ARCH_QWEN3_MOE: "qwen3_moe"}
+
+ACT_GELU, ACT_SILU = 0, 1
+ROPE_LLAMA, ROPE_FALCON, ROPE_LLAMA3_1 = 0, 1, 2
+ROPE_NAMES = {ROPE_LLAMA: "llama", ROPE_FALCON: "falcon", ROPE_LLAMA3_1: "llama3.1"}
+
+F32, F16, Q40, Q80 = 0, 1, 2, 3
+FLOAT_NAMES = {F32: "f32", F16: "f16", Q40: "q40", Q80: "q80"}
+FLOAT_BY_NAME = {v: k for k, v in FLOAT_NAMES.items()}
+BLOCK = 32
+Q40_BYTES, Q80_BYTES = 18, 34
+
+
+def float_type_name(ftype: int) -> str:
+    return FLOAT_NAMES.get(ftype, f"unknown({ftype})")
+
+
+def tensor_nbytes(ftype: int, rows: int, cols: int) -> int:
+    n = rows * cols
+    if ftype == F32:
+        return 4 * n
+    if ftype == F16:
+        return 2 * n
+    if ftype == Q40:
+        return Q40_BYTES * n // BLOCK
+    if ftype == Q80:
+        return Q80_BYTES * n // BLOCK
+    raise ValueError(f"unknown float type {ftype}")
+
+
+# ---------------------------------------------------------------------------------------------
+# .m header (§1.2)
+
+# key -> field name, in key order. The converter's write order is HEADER_WRITE_ORDER.
+HEADER_KEYS = {
+    0: "version", 1: "arch_type", 2: "dim", 3: "hidden_dim", 4: "n_layers", 5: "n_heads",
+    6: "n_kv_heads", 7: "n_experts", 8: "n_active_experts", 9: "vocab_size", 10: "max_seq_len",
+    11: "hidden_act", 12: "rope_theta", 13: "weights_float_type", 14: "rope_scaling_factor",
+    15: "rope_scaling_low_freq_factor", 16: "rope_scaling_high_freq_factor",
+    17: "rope_scaling_orig_max_seq_len", 18: "rope_type", 19: "head_dim", 20: "norm_epsilon",
+    21: "moe_hidden_dim",
+}
+HEADER_KEY_OF = {v: k for k, v in HEADER_KEYS.items()}
+HEADER_WRITE_ORDER = [0, 1, 11, 2, 3, 4, 5, 6, 13, 10, 9, 7, 8, 12, 14, 15, 16, 17, 18, 19, 20, 21]
+REQUIRED_KEYS = ("arch_type", "dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads",
+                 "vocab_size", "max_seq_len", "weights_float_type")
+
+
+@dataclass
+class ModelHeader:
+    """The .m header with the reader's defaults (§1.2); derived sizes are properties."""
+
+    arch_type: int = ARCH_LLAMA
+    dim: int = 0
+    hidden_dim: int = 0
+    n_layers: int = 0
+    n_heads: int = 0
+    n_kv_heads: int = 0
+    vocab_size: int = 0
+    max_seq_len: int = 0
+    weights_float_type: int = Q40
+    version: int = 0
+    n_experts: int = 0
+    n_active_experts: int = 0
+    hidden_act: int = ACT_SILU
+    rope_theta: int = 10000
+    rope_scaling_factor: int = 1
+    rope_scaling_low_freq_factor: int = 0
+    rope_scaling_high_freq_factor: int = 0
+    rope_scaling_orig_max_seq_len: int = 0
+    rope_type: int = ROPE_LLAMA
+    head_dim: int = 0          # 0 = dim / n_heads
+    norm_epsilon: int = 5      # coded: 5 -> 1e-5, 6 -> 1e-6
+    moe_hidden_dim: int = 0
+    present: tuple = field(default=(), repr=False, compare=False)  # keys the file had, in order
+
+    @property
+    def arch_name(self) -> str:
+        return ARCH_NAMES[self.arch_type]
+
+    @property
+    def is_qwen3(self) -> bool:
+        return self.arch_type in (ARCH_QWEN3, ARCH_QWEN3_MOE)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.head_size * self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.head_size * self.n_kv_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """FFN inner size used by the graph: moe_hidden_dim for QWEN3_MOE, hidden_dim otherwise."""
+        return self.moe_hidden_dim if self.arch_type == ARCH_QWEN3_MOE else self.hidden_dim
+
+    @property
+    def eps(self) -> float:
+        return {5: 1e-5, 6: 1e-6}[self.norm_epsilon]
+
+    @property
+    def effective_rope_type(self) -> int:
+        """Qwen3 archs always use FALCON (half-split) rope, whatever the header says."""
+        return ROPE_FALCON if self.is_qwen3 else self.rope_type
+
+    def to_pairs(self) -> list[tuple[int, int]]:
+        """(key, value) pairs in the converter's order; optional keys only if present/meaningful."""
+        keys = self.present or tuple(HEADER_WRITE_ORDER)
+        order = [k for k in HEADER_WRITE_ORDER if k in keys]
+        return [(k, int(getattr(self, HEADER_KEYS[k]))) for k in order]
+
+
+def _int_fields():
+    return {f.name for f in fields(ModelHeader) if f.name != "present"}
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor layout (§1.4)
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str          # embed, wq, wk, wv, wo, w1, w2, w3, router, q_norm, k_norm, attn_norm, ffn_norm, norm, wcls
+    layer: int         # -1 for global tensors
+    expert: int        # -1 unless an MoE expert matrix
+    ftype: int
+    rows: int
+    cols: int
+    offset: int        # byte offset in the file
+    nbytes: int
+
+    @property
+    def key(self) -> tuple:
+        return (self.name, self.layer, self.expert)
+
+
+def tensor_layout(h: ModelHeader, header_size: int) -> list[TensorInfo]:
+    """The tensors of a model in file order, with their offsets."""
+    out: list[TensorInfo] = []
+    off = header_size
+    W = h.weights_float_type
+
+    def add(name, ftype, rows, cols, layer=-1, expert=-1):
+        nonlocal off
+        n = tensor_nbytes(ftype, rows, cols)
+        out.append(TensorInfo(name, layer, expert, ftype, rows, cols, off, n))
+        off += n
+
+    add("embed", F32, h.vocab_size, h.dim)
+    for l in range(h.n_layers):
+        add("wq", W, h.q_dim, h.dim, l)
+        add("wk", W, h.kv_dim, h.dim, l)
+        add("wv", W, h.kv_dim, h.dim, l)
+        add("wo", W, h.dim, h.q_dim, l)
+        if h.n_experts == 0:
+            add("w1", W, h.hidden_dim, h.dim, l)
+            add("w2", W, h.dim, h.hidden_dim, l)
+            add("w3", W, h.hidden_dim, h.dim, l)
+        else:
+            add("router", F32, h.n_experts, h.dim, l)
+            for e in range(h.n_experts):
+                add("w1", W, h.moe_hidden_dim, h.dim, l, e)
+                add("w2", W, h.dim, h.moe_hidden_dim, l, e)
+                add("w3", W, h.moe_hidden_dim, h.dim, l, e)
+        if h.is_qwen3:
+            add("q_norm", F32, 1, h.head_size, l)
+            add("k_norm", F32, 1, h.head_size, l)
+        add("attn_norm", F32, 1, h.dim, l)
+        add("ffn_norm", F32, 1, h.dim, l)
+    add("norm", F32, 1, h.dim)
+    add("wcls", W, h.vocab_size, h.dim)
+    return out
+
+
+def _validate_header(path: str, h: ModelHeader) -> None:
+    def bad(msg):
+        raise ModelFormatError(f"{path}: {msg}")
+
+    if h.version != 0:
+        bad(f"header key 0 (version) is {h.version}, expected 0")
+    if h.arch_type not in ARCH_NAMES:
+        bad(f"header key 1 (arch_type) has unknown value {h.arch_type:#x}")
+    if h.hidden_act not in (ACT_GELU, ACT_SILU):
+        bad(f"header key 11 (hidden_act) has unknown value {h.hidden_act}")
+    if h.rope_type not in ROPE_NAMES:
+        bad(f"header key 18 (rope_type) has unknown value {h.rope_type}")
+    if h.weights_float_type not in FLOAT_NAMES:
+        bad(f"header key 13 (weights_float_type) has unknown value {h.weights_float_type}")
+    if h.norm_epsilon not in (5, 6):
+        bad(f"header key 20 (norm_epsilon) is {h.norm_epsilon}, expected 5 (1e-5) or 6 (1e-6)")
+    for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
+        if getattr(h, name) <= 0:
+            bad(f"header key {HEADER_KEY_OF[name]} ({name}) is {getattr(h, name)}, must be positive")
+    if h.head_dim < 0 or h.moe_hidden_dim < 0 or h.n_experts < 0 or h.n_active_experts < 0:
+        bad("negative head_dim, moe_hidden_dim, n_experts or n_active_experts")
+    if h.n_heads % h.n_kv_heads:
+        bad(f"n_heads {h.n_heads} is not a multiple of n_kv_heads {h.n_kv_heads}")
+    if h.head_dim == 0 and h.dim % h.n_heads:
+        bad(f"dim {h.dim} is not a multiple of n_heads {h.n_heads} and head_dim is absent")
+    if h.head_size % 2:
+        bad(f"head_dim {h.head_size} must be even for rope")
+    if h.arch_type == ARCH_QWEN3_MOE and (h.n_experts == 0 or h.moe_hidden_dim == 0):
+        bad("qwen3_moe model without n_experts (key 7) or moe_hidden_dim (key 21)")
+    if h.n_experts and not 0 < h.n_active_experts <= h.n_experts:
+        bad(f"n_active_experts {h.n_active_experts} must be in 1..n_experts ({h.n_experts})")
+    if h.n_experts and h.moe_hidden_dim == 0:
+        bad("MoE model (n_experts > 0) without moe_hidden_dim (key 21)")
+    if h.rope_scaling_factor != 1 and (
+            h.rope_scaling_orig_max_seq_len <= 0
+            or h.rope_scaling_high_freq_factor == h.rope_scaling_low_freq_factor):
+        bad("llama3 rope scaling (key 14) without a valid original length / low / high freq factors")
+    if h.weights_float_type in (Q40, Q80):
+        for name, n in (("dim", h.dim), ("q_dim", h.q_dim), ("ffn_dim", h.ffn_dim)):
+            if n % BLOCK:
+                bad(f"{name} {n} is not a multiple of {BLOCK}, required for {float_type_name(h.weights_float_type)} weights")
+
+
+@dataclass
+class ModelFile:
+    """A memory-mapped .m file: header + tensor table; tensor data is read lazily from the map."""
+
+    path: str
+    header: ModelHeader
+    header_size: int
+    tensors: list[TensorInfo]
+    _mm: mmap.mmap | None = field(default=None, repr=False)
+    _by_key: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self._by_key = {t.key: t for t in self.tensors}
+
+    def info(self, name: str, layer: int = -1, expert: int = -1) -> TensorInfo:
+        return self._by_key[(name, layer, expert)]
+
+    def raw(self, t: TensorInfo) -> np.ndarray:
+        """The tensor's bytes as a read-only uint8 view of the map (no copy)."""
+        return np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
+
+    def rows_raw(self, t: TensorInfo, r0: int, r1: int) -> np.ndarray:
+        """Bytes of rows [r0, r1) (a contiguous range for any float type)."""
+        row_bytes = t.nbytes // t.rows
+        return np.frombuffer(self._mm, dtype=np.uint8, count=(r1 - r0) * row_bytes,
+                             offset=t.offset + r0 * row_bytes)
+
+    def f32(self, t: TensorInfo) -> np.ndarray:
+        """An F32 tensor as a [rows, cols] float32 view (may be unaligned; copy small ones)."""
+        if t.ftype != F32:
+            raise ModelFormatError(f"{self.path}: tensor {t.name} is {float_type_name(t.ftype)}, not f32")
+        return np.frombuffer(self._mm, dtype="<f4", count=t.rows * t.cols, offset=t.offset).reshape(t.rows, t.cols)
+
+    def close(self):
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # views still alive; the map goes with them
+                pass
+            self._mm = None
+
+
+def read_model_header(path: str, data: bytes | mmap.mmap, file_size: int) -> tuple[ModelHeader, int]:
+    if file_size < 8:
+        raise ModelFormatError(f"{path}: file is {file_size} bytes, too short for a .m header")
+    magic, header_size = struct.unpack_from("<ii", data, 0)
+    if magic in OLD_MODEL_MAGICS:
+        raise ModelFormatError(f"{path}: old Distributed Llama model format (magic {magic:#x}) is not supported; reconvert it")
+    if magic != MODEL_MAGIC:
+        raise ModelFormatError(f"{path}: not a .m model file (magic {magic & 0xffffffff:#010x}, expected {MODEL_MAGIC:#010x})")
+    if header_size < 8 or (header_size - 8) % 8:
+        raise ModelFormatError(f"{path}: header_size {header_size} is not 8 + 8 x pairs")
+    if header_size > file_size:
+        raise ModelFormatError(f"{path}: header_size {header_size} is larger than the file ({file_size} bytes)")
+    n_pairs = (header_size - 8) // 8
+    values: dict[str, int] = {}
+    present = []
+    for i in range(n_pairs):
+        key, value = struct.unpack_from("<ii", data, 8 + 8 * i)
+        if key not in HEADER_KEYS:
+            raise ModelFormatError(f"{path}: unknown header key {key} (value {value})")
+        if key in present:
+            raise ModelFormatError(f"{path}: header key {key} ({HEADER_KEYS[key]}) appears twice")
+        present.append(key)
+        values[HEADER_KEYS[key]] = value
+    for name in REQUIRED_KEYS:
+        if name not in values:
+            raise ModelFormatError(f"{path}: header has no key {HEADER_KEY_OF[name]} ({name})")
+    h = ModelHeader(**values, present=tuple(present))
+    _validate_header(path, h)
+    return h, header_size
+
+
+def open_model(path: str | os.PathLike) -> ModelFile:
+    """Memory-map and validate a .m file. Raises ModelFormatError with a one-line message."""
+    path = os.fspath(path)
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ModelFormatError(f"{path}: cannot open model file: {e.strerror}") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise ModelFormatError(f"{path}: model file is empty")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        h, header_size = read_model_header(path, mm, size)
+        tensors = tensor_layout(h, header_size)
+        expected = tensors[-1].offset + tensors[-1].nbytes
+        if expected != size:
+            what = "missing" if expected > size else "extra"
+            raise ModelFormatError(
+                f"{path}: file is {size} bytes but the header describes {expected} bytes "
+                f"({abs(expected - size)} bytes {what}; truncated or wrong header?)")
+    except Exception:
+        mm.close()
+        raise
+    return ModelFile(path, h, header_size, tensors, mm)
+
+
+def write_model_header(f, h: ModelHeader) -> None:
+    pairs = h.to_pairs()
+    f.write(struct.pack("<ii", MODEL_MAGIC, 8 + 8 * len(pairs)))
+    for k, v in pairs:
+        f.write(struct.pack("<ii", k, v))
+
+
+# ---------------------------------------------------------------------------------------------
+# .t tokenizer (§3)
+
+TOKENIZER_MAGIC = 0x567124
+TOKENIZER_MAGIC_OLD = 0x567123
+TOK_KEYS = {0: "version", 1: "vocab_size", 2: "max_token_length", 3: "bos_id", 4: "eos_id",
+            5: "pad_id", 6: "chat_eos_id", 7: "chat_template", 8: "chat_stop", 9: "n_eos_tokens",
+            10: "add_bos"}
+
+
+@dataclass
+class TokenizerData:
+    vocab: list[bytes]
+    scores: np.ndarray            # float32 [vocab_size]
+    bos_id: int
+    eos_ids: list[int]
+    add_bos: bool
+    chat_template: str | None
+    max_token_length: int = 0
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+
+def read_tokenizer(path: str | os.PathLike) -> TokenizerData:
+    """Read and validate a .t file (current magic 0x567124 and legacy 0x567123)."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise TokenizerFormatError(f"{path}: cannot open tokenizer file: {e.strerror}") from None
+
+    def bad(msg):
+        raise TokenizerFormatError(f"{path}: {msg}")
+
+    def need(pos, n, what):
+        if n < 0 or pos + n > len(data):
+            bad(f"{what} needs {n} bytes at offset {pos} but the file has {len(data)} bytes (truncated?)")
+
+    need(0, 4, "magic")
+    (magic,) = struct.unpack_from("<i", data, 0)
+    eos_ids: list[int] = []
+    template = None
+    add_bos = True
+    if magic == TOKENIZER_MAGIC_OLD:
+        need(4, 20, "legacy header")
+        vocab_size, max_len, bos_id, eos_id, _pad = struct.unpack_from("<IIiii", data, 4)
+        eos_ids = [eos_id] if eos_id >= 0 else []
+        pos = 24
+    elif magic == TOKENIZER_MAGIC:
+        need(4, 4, "header_size")
+        (header_size,) = struct.unpack_from("<i", data, 4)
+        if header_size < 8 or (header_size - 8) % 8:
+            bad(f"header_size {header_size} is not 8 + 8 x pairs")
+        need(0, header_size, "header")
+        vals: dict[str, int] = {}
+        for i in range((header_size - 8) // 8):
+            k, v = struct.unpack_from("<ii", data, 8 + 8 * i)
+            if k not in TOK_KEYS:
+                bad(f"unknown header key {k} (value {v})")
+            vals[TOK_KEYS[k]] = v
+        if vals.get("version") != 1:
+            bad(f"header key 0 (version) is {vals.get('version')}, expected 1 (old tokenizer version?)")
+        for k in ("vocab_size", "max_token_length", "bos_id"):
+            if k not in vals:
+                bad(f"header has no key {k}")
+        vocab_size, max_len, bos_id = vals["vocab_size"], vals["max_token_length"], vals["bos_id"]
+        pos = header_size
+        if "chat_stop" in vals:            # legacy: skipped bytes before the template
+            need(pos, vals["chat_stop"], "chat_stop text")
+            pos += vals["chat_stop"]
+        if "chat_template" in vals:
+            n = vals["chat_template"]
+            need(pos, n, "chat template")
+            try:
+                template = data[pos:pos + n].decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad(f"chat template is not valid UTF-8 ({e.reason} at byte {e.start})")
+            pos += n
+        n_eos = vals.get("n_eos_tokens", 0)
+        if n_eos < 0:
+            bad(f"n_eos_tokens is {n_eos}")
+        need(pos, 4 * n_eos, "eos ids")
+        eos_ids = list(struct.unpack_from(f"<{n_eos}i", data, pos))
+        pos += 4 * n_eos
+        for legacy in ("eos_id", "chat_eos_id"):
+            if legacy in vals and vals[legacy] >= 0 and vals[legacy] not in eos_ids:
+                eos_ids.append(vals[legacy])
+        add_bos = bool(vals.get("add_bos", 1))
+    else:
+        bad(f"not a .t tokenizer file (magic {magic & 0xffffffff:#x})")
+
+    if vocab_size <= 0:
+        bad(f"vocab_size is {vocab_size}")
+    if max_len < 1:
+        bad(f"max_token_length is {max_len}, must be >= 1")
+    vocab: list[bytes] = []
+    scores = np.empty(vocab_size, dtype=np.float32)
+    unpack = struct.Struct("<fI").unpack_from
+    for i in range(vocab_size):
+        need(pos, 8, f"token {i} record")
+        score, length = unpack(data, pos)
+        pos += 8
+        if length < 1 or length > max_len:
+            bad(f"token {i} has length {length} (max_token_length is {max_len})")
+        need(pos, length, f"token {i} bytes")
+        vocab.append(data[pos:pos + length])
+        scores[i] = score
+        pos += length
+    if pos != len(data):
+        bad(f"{len(data) - pos} unexpected bytes after the last token record")
+    if not 0 <= bos_id < vocab_size:
+        bad(f"bos_id {bos_id} is outside the vocabulary (size {vocab_size})")
+    for e in eos_ids:
+        if not 0 <= e < vocab_size:
+            bad(f"eos id {e} is outside the vocabulary (size {vocab_size})")
+    return TokenizerData(vocab, scores, bos_id, eos_ids, add_bos, template, max_len)
+
+
+def write_tokenizer(path: str | os.PathLike, t: TokenizerData) -> None:
+    """Write a current-format .t file (keys in the converter's order 3, 0, 1, 2, (7), 9, 10)."""
+    template = t.chat_template.encode("utf-8") if t.chat_template is not None else None
+    max_len = max(len(v) for v in t.vocab)
+    pairs = [(3, t.bos_id), (0, 1), (1, len(t.vocab)), (2, max_len)]
+    if template is not None:
+        pairs.append((7, len(template)))
+    pairs += [(9, len(t.eos_ids)), (10, 1 if t.add_bos else 0)]
+    parts = [struct.pack("<ii", TOKENIZER_MAGIC, 8 + 8 * len(pairs))]
+    parts += [struct.pack("<ii", k, v) for k, v in pairs]
+    if template is not None:
+        parts.append(template)
+    parts.append(struct.pack(f"<{len(t.eos_ids)}i", *t.eos_ids))
+    for tok, score in zip(t.vocab, t.scores):
+        parts.append(struct.pack("<fI", float(score), len(tok)))
+        parts.append(tok)
+    atomic_write_bytes(path, b"".join(parts))
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    tmp = os.fspath(path) + ".partial"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

@@ -1,0 +1,71 @@
+/* dllama-mpi C kernels: the one header.
+ *
+ * Layout rules shared with Python (dllama_mpi/kernels.py) and with Distributed Llama's files:
+ *   - q40 block: f16 scale d + 16 bytes; value j = ((j < 16 ? qs[j] & 15 : qs[j-16] >> 4) - 8) * d
+ *   - q80 block: f16 scale d + 32 int8;  value j = qs[j] * d
+ *   - matrices are row-major [rows, cols]; cols % 32 == 0 for quantized matrices;
+ *     pointers into a memory-mapped .m file can be unaligned: kernels use unaligned loads.
+ *   - batched calls: `batch` rows of input (x[b] stride = cols) and output (out[b] stride = rows).
+ * Every public function dispatches at run time to the best path the CPU has (AVX-512, AVX2+FMA,
+ * NEON, scalar); dl_set_isa() forces one so tests can compare each path with the scalar one.
+ */
+#ifndef DLLAMA_H
+#define DLLAMA_H
+#include <stdint.h>
+#include <stddef.h>
+
+#define DL_QK 32
+
+typedef struct { uint16_t d; uint8_t qs[16]; } dl_block_q40;  /* 18 bytes */
+typedef struct { uint16_t d; int8_t  qs[32]; } dl_block_q80;  /* 34 bytes */
+
+enum { DL_ISA_SCALAR = 0, DL_ISA_AVX2 = 1, DL_ISA_AVX512 = 2, DL_ISA_NEON = 3 };
+enum { DL_ROPE_INTERLEAVED = 0, DL_ROPE_HALF = 1 };
+
+/* ---- CPU features and dispatch ---- */
+int  dl_isa_supported(int isa);       /* 1 if this CPU and build can run that path */
+int  dl_get_isa(void);                /* the path in use */
+int  dl_set_isa(int isa);             /* force a path; returns 0 (and changes nothing) if unsupported */
+const char *dl_isa_name(int isa);
+
+/* ---- thread pool (persistent, created once; 1 = run on the calling thread) ---- */
+int  dl_pool_init(int nthreads);      /* (re)creates the pool; returns 0 on success */
+int  dl_pool_nthreads(void);
+void dl_pool_free(void);
+
+/* ---- f16 ---- */
+float    dl_f16_to_f32(uint16_t h);
+uint16_t dl_f32_to_f16(float f);      /* round to nearest even */
+
+/* ---- quantization (n % 32 == 0). q80 rounds half to even on every path. ---- */
+void dl_quantize_q80(dl_block_q80 *y, const float *x, int64_t n);
+void dl_dequantize_q80(float *y, const dl_block_q80 *x, int64_t n);
+void dl_quantize_q40(dl_block_q40 *y, const float *x, int64_t n);   /* Distributed Llama converter rule */
+void dl_dequantize_q40(float *y, const dl_block_q40 *x, int64_t n);
+
+/* ---- matmul: out[b, r] = sum_c w[r, c] * x[b, c] ---- */
+void dl_matmul_q40_q80(float *out, const dl_block_q40 *w, const dl_block_q80 *x,
+                       int rows, int cols, int batch);
+void dl_matmul_f32(float *out, const float *w, const float *x, int rows, int cols, int batch);
+
+/* ---- elementwise / norms (batch rows of n, contiguous) ---- */
+void dl_rmsnorm(float *out, const float *x, const float *w, int n, float eps, int batch);
+void dl_silu_mul(float *out, const float *gate, const float *up, int64_t n);  /* out = silu(gate) * up */
+void dl_add(float *out, const float *a, int64_t n);                           /* out += a */
+void dl_softmax(float *x, int n);
+/* out += sum_p dequant(parts[p]) for p = 0..nparts-1, parts are consecutive q80 arrays of n values */
+void dl_add_q80(float *out, const dl_block_q80 *parts, int nparts, int64_t n);
+
+/* ---- RoPE in place on x[batch][n_heads * head_dim]; row b is at position pos0 + b.
+ * freqs[head_dim/2] are the (already scaled) inverse frequencies. ---- */
+void dl_rope(float *x, int n_heads, int head_dim, int pos0, int batch, int rope_type, const float *freqs);
+
+/* ---- causal attention with GQA over a KV cache.
+ * q, out: [batch][n_q_heads * head_dim]; row b is at position pos0 + b and attends to 0..pos0+b.
+ * k_cache, v_cache: [max_seq][n_kv_heads * head_dim] (already holding the rows up to pos0+batch-1).
+ * kv_of_q[h] = local kv head used by local query head h. Scale 1/sqrt(head_dim). ---- */
+void dl_attention(float *out, const float *q, const float *k_cache, const float *v_cache,
+                  const int32_t *kv_of_q, int n_q_heads, int n_kv_heads, int head_dim,
+                  int pos0, int batch);
+
+#endif
