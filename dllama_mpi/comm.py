@@ -1,0 +1,153 @@
+"""The one module that talks to MPI.
+
+Everything here uses mpi4py's uppercase buffer methods on preallocated numpy arrays: no pickling on
+any path that runs per token. The tensor-parallel group is whatever communicator `Comm` wraps
+(COMM_WORLD by default), so pipeline stages can later hand it a sub-communicator.
+
+Waiting: inside a forward pass ranks use blocking collectives (MPICH spins, which is the fastest
+when every rank has a core). Between requests (a worker waiting for the next prompt) ranks wait
+with a non-blocking broadcast polled with `Test()` and a short sleep, so an idle worker does not
+burn a core (MPI.md §4).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+ROOT = 0
+
+# Control packet, root -> workers, before every forward pass:
+# [command, position, batch size, flags]; flags bit 0 = logits of every batch row (tests, perplexity).
+CMD_STOP, CMD_FORWARD = 0, 1
+CONTROL_LEN = 4
+
+
+class Comm:
+    """A tensor-parallel group: rank 0 is the root, every other rank a worker."""
+
+    def __init__(self, mpi_comm=None):
+        self.comm = mpi_comm if mpi_comm is not None else MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.wait_seconds = 0.0   # time spent inside per-token collectives
+        self.bytes_sent = 0       # bytes this rank sent in per-token collectives
+        self.sync_timeout = None  # seconds; None = wait forever (see wait())
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == ROOT
+
+    # --- start-up (not per token) ----------------------------------------------------------
+
+    def bcast_bytes(self, data: bytes | None) -> bytes:
+        """Broadcast a byte string from the root (length first, then the bytes)."""
+        n = np.array([len(data) if self.is_root else 0], dtype=np.int64)
+        self.comm.Bcast(n, root=ROOT)
+        buf = np.frombuffer(data, dtype=np.uint8).copy() if self.is_root else np.empty(int(n[0]), np.uint8)
+        self.comm.Bcast(buf, root=ROOT)
+        return buf.tobytes()
+
+    def bcast_array(self, arr: np.ndarray) -> None:
+        """Broadcast a preallocated array in place from the root."""
+        self.comm.Bcast(arr, root=ROOT)
+
+    def scatterv(self, sendbuf: np.ndarray | None, counts: list[int], recvbuf: np.ndarray) -> None:
+        """Send each rank its byte range of the root's sendbuf (slices laid out in rank order)."""
+        displs = np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.int64)
+        counts = np.asarray(counts, dtype=np.int64)
+        send = [sendbuf, (counts, displs), MPI.BYTE] if self.is_root else None
+        self.comm.Scatterv(send, [recvbuf, MPI.BYTE], root=ROOT)
+
+    def allreduce_max(self, value: float) -> float:
+        out = np.array([value], dtype=np.float64)
+        self.comm.Allreduce(MPI.IN_PLACE, out, op=MPI.MAX)
+        return float(out[0])
+
+    def gather_floats(self, values: np.ndarray) -> np.ndarray | None:
+        """Gather a small float64 vector from every rank to the root ([size, n] there)."""
+        values = np.ascontiguousarray(values, dtype=np.float64)
+        out = np.empty((self.size, values.size), np.float64) if self.is_root else None
+        self.comm.Gather(values, out, root=ROOT)
+        return out
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    # --- per token ------------------------------------------------------------------------
+
+    def send_control(self, ctrl: np.ndarray) -> None:
+        """Root: start a forward pass (or stop) on every worker."""
+        if self.size > 1:
+            # Workers may be polling an Ibcast: the root must use the non-blocking call too.
+            self.comm.Ibcast(ctrl, root=ROOT).Wait()
+
+    def wait_control(self, ctrl: np.ndarray, idle_sleep: float = 1e-3, spin_seconds: float = 0.05) -> None:
+        """Worker: receive the next control packet. Spins briefly (the next token comes fast),
+        then polls with sleeps so an idle worker costs ~no CPU."""
+        req = self.comm.Ibcast(ctrl, root=ROOT)
+        t0 = time.perf_counter()
+        while not req.Test():
+            if time.perf_counter() - t0 > spin_seconds:
+                time.sleep(idle_sleep)
+
+    def bcast_f32(self, arr: np.ndarray) -> None:
+        if self.size > 1:
+            t = time.perf_counter()
+            self.comm.Bcast(arr, root=ROOT)
+            self.wait_seconds += time.perf_counter() - t
+            if self.is_root:
+                self.bytes_sent += arr.nbytes * (self.size - 1)
+
+    def allgather(self, send: np.ndarray, recv: np.ndarray) -> None:
+        t = time.perf_counter()
+        self.comm.Allgather(send, recv)
+        self.wait_seconds += time.perf_counter() - t
+        self.bytes_sent += send.nbytes * (self.size - 1)
+
+    def alltoallv(self, send, send_counts, send_displs, recv, recv_counts, recv_displs) -> None:
+        """Byte-level Alltoallv; counts/displacements are preallocated int arrays (bytes)."""
+        t = time.perf_counter()
+        self.comm.Alltoallv([send, (send_counts, send_displs), MPI.BYTE],
+                            [recv, (recv_counts, recv_displs), MPI.BYTE])
+        self.wait_seconds += time.perf_counter() - t
+        self.bytes_sent += int(send_counts.sum() - send_counts[self.rank])
+
+    def allgatherv(self, send, recv, counts, displs) -> None:
+        t = time.perf_counter()
+        self.comm.Allgatherv([send, MPI.BYTE], [recv, (counts, displs), MPI.BYTE])
+        self.wait_seconds += time.perf_counter() - t
+        self.bytes_sent += int(counts[self.rank]) * (self.size - 1)
+
+    def gatherv_f32(self, send: np.ndarray, recv: np.ndarray | None, counts, displs) -> None:
+        t = time.perf_counter()
+        self.comm.Gatherv(send, [recv, (counts, displs), MPI.FLOAT] if self.is_root else None, root=ROOT)
+        self.wait_seconds += time.perf_counter() - t
+        if not self.is_root:
+            self.bytes_sent += send.nbytes
+
+    # --- failure ---------------------------------------------------------------------------
+
+    def abort(self, code: int = 2) -> None:
+        """End every rank of the job now (an error on one rank must not leave others blocked)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if self.size > 1:
+            self.comm.Abort(code)
+        os._exit(code)
+
+
+def world() -> Comm:
+    return Comm(MPI.COMM_WORLD)
+
+
+def library_version() -> str:
+    return MPI.Get_library_version().strip().splitlines()[0]
+
+
+def wtime() -> float:
+    return MPI.Wtime()

@@ -1,0 +1,457 @@
+"""The forward pass: one SPMD function run by every rank on its shard of every layer.
+
+Reads like the math (FORMATS.md §5):
+
+    x = embed[token]                                   (root, then broadcast)
+    per layer:  x += wo · attention(rope(wq·y), rope(wk·y), wv·y)     y = rmsnorm(x)
+                x += w2 · (silu(w1·y) * (w3·y))                        y = rmsnorm(x)
+    logits = wcls · rmsnorm(x)
+
+Each rank multiplies its own rows (wq, wk, wv, w1, w3, wcls) or columns (wo, w2) from the shard plan;
+the two `x +=` are the only synchronisation points (`sync.PartialSum`), plus the broadcast of the
+embedding row and the gather of the logits. All buffers are allocated once (`RunState`); a token is
+a few dozen C kernel calls.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import comm as C
+from .comm import Comm
+from .errors import ConfigError, ModelFormatError
+from .formats import (BLOCK, F32, Q40, Q80_BYTES, ModelFile, ModelHeader, TensorInfo, float_type_name,
+                      read_model_header, tensor_layout)
+from .kernels import ffi, lib
+from .shard import COL_SPLIT, ROW_SPLIT, ShardPlan, make_plan
+from .sync import PartialSum
+
+DEFAULT_BATCH = 32  # prompt positions per forward pass (Distributed Llama uses 32 too)
+
+
+def _addr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+def fptr(a: np.ndarray, offset_elems: int = 0):
+    return ffi.cast("float *", a.ctypes.data + 4 * offset_elems)
+
+
+def qptr(a: np.ndarray, offset_blocks: int = 0):
+    return ffi.cast("dl_block_q80 *", a.ctypes.data + Q80_BYTES * offset_blocks)
+
+
+# ------------------------------------------------------------------------------------------------
+# weights
+
+@dataclass
+class Matrix:
+    """One rank's slice of a weight matrix: [rows, cols] in q40 blocks or f32, row-major."""
+
+    data: np.ndarray   # raw bytes (uint8) of the slice
+    rows: int
+    cols: int
+    ftype: int
+    ptr: object = field(init=False, repr=False)
+
+    def __post_init__(self):
+        ctype = "dl_block_q40 *" if self.ftype == Q40 else "float *"
+        self.ptr = ffi.cast(ctype, self.data.ctypes.data)
+
+    def matmul(self, out_addr: int, xq_addr: int, xf_addr: int, batch: int) -> None:
+        """out[batch, rows] = x[batch, cols] · selfᵀ; q40 takes the q80 input, f32 the f32 input."""
+        if self.ftype == Q40:
+            lib.dl_matmul_q40_q80(ffi.cast("float *", out_addr), self.ptr,
+                                  ffi.cast("dl_block_q80 *", xq_addr), self.rows, self.cols, batch)
+        else:
+            lib.dl_matmul_f32(ffi.cast("float *", out_addr), self.ptr,
+                              ffi.cast("float *", xf_addr), self.rows, self.cols, batch)
+
+
+@dataclass
+class Layer:
+    wq: Matrix
+    wk: Matrix
+    wv: Matrix
+    wo: Matrix
+    attn_norm: np.ndarray
+    ffn_norm: np.ndarray
+    w1: Matrix | None = None
+    w2: Matrix | None = None
+    w3: Matrix | None = None
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
+    router: np.ndarray | None = None                 # [n_experts, dim] f32 (replicated)
+    experts: list = field(default_factory=list)      # [(w1, w2, w3)] per expert
+
+
+@dataclass
+class Weights:
+    embed: np.ndarray | None   # root only: [vocab, dim] f32 (a view of the mapped file)
+    layers: list[Layer]
+    norm: np.ndarray
+    wcls: Matrix
+
+
+def _slice_bytes(model: ModelFile, t: TensorInfo, plan: ShardPlan, rank: int) -> np.ndarray:
+    """The bytes of rank's slice of a matrix: a view for row ranges, a packed copy for columns."""
+    raw = model.raw(t)
+    if t.name in ROW_SPLIT:
+        r0, r1 = plan.rows(t.name, rank)
+        if (r0, r1) == (0, t.rows):
+            return raw
+        return model.rows_raw(t, r0, r1)
+    c0, c1 = plan.cols(t.name, rank)
+    if (c0, c1) == (0, t.cols):
+        return raw
+    unit, unit_bytes = (BLOCK, 18) if t.ftype == Q40 else (1, 4)
+    rows = raw.reshape(t.rows, t.nbytes // t.rows)
+    return np.ascontiguousarray(rows[:, c0 // unit * unit_bytes: c1 // unit * unit_bytes]).reshape(-1)
+
+
+def _slice_shape(t: TensorInfo, plan: ShardPlan, rank: int) -> tuple[int, int]:
+    if t.name in ROW_SPLIT:
+        r0, r1 = plan.rows(t.name, rank)
+        return r1 - r0, t.cols
+    c0, c1 = plan.cols(t.name, rank)
+    return t.rows, c1 - c0
+
+
+def _slice_nbytes(t: TensorInfo, rows: int, cols: int) -> int:
+    return rows * cols * 4 if t.ftype == F32 else rows * cols // BLOCK * 18
+
+
+def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardPlan,
+                 model: ModelFile | None, load: str = "scatter", progress=None) -> Weights:
+    """Give every rank its slices. `scatter`: only the root reads the file and Scatterv's each
+    tensor (one tensor of extra memory at a time); `local`: every rank maps the file itself."""
+    rank, n = comm.rank, comm.size
+    layers: dict[int, dict] = {}
+    embed = norm = wcls = None
+    for t in tensor_layout(header, header_size):
+        if progress is not None:
+            progress(t)
+        if t.name == "embed":
+            if comm.is_root:
+                embed = model.f32(t)
+            continue
+        if t.ftype == F32 and t.name not in ROW_SPLIT + COL_SPLIT:
+            # small replicated vectors (norms) and the MoE router: copy (aligned) and broadcast
+            arr = np.empty((t.rows, t.cols), np.float32)
+            if comm.is_root or load == "local":
+                arr[...] = model.f32(t)
+            if load != "local":
+                comm.bcast_array(arr)
+            value = arr if t.rows > 1 else arr.reshape(-1)
+        else:
+            rows, cols = _slice_shape(t, plan, rank)
+            if n == 1:
+                data = model.raw(t)
+            elif load == "local":
+                data = np.array(_slice_bytes(model, t, plan, rank))
+            else:
+                counts = [_slice_nbytes(t, *_slice_shape(t, plan, r)) for r in range(n)]
+                send = None
+                if comm.is_root:
+                    send = np.concatenate([_slice_bytes(model, t, plan, r) for r in range(n)])
+                data = np.empty(counts[rank], np.uint8)
+                comm.scatterv(send, counts, data)
+                del send
+            if t.ftype == F32:
+                data = data.view(np.float32) if data.ctypes.data % 4 == 0 else np.array(data).view(np.float32)
+            value = Matrix(data, rows, cols, t.ftype)
+        if t.layer < 0:
+            if t.name == "norm":
+                norm = value
+            elif t.name == "wcls":
+                wcls = value
+            continue
+        slot = layers.setdefault(t.layer, {"experts": {}})
+        if t.expert >= 0:
+            slot["experts"].setdefault(t.expert, {})[t.name] = value
+        else:
+            slot[t.name] = value
+    out = []
+    for l in range(header.n_layers):
+        d = layers[l]
+        experts = [(e["w1"], e["w2"], e["w3"]) for _, e in sorted(d.pop("experts").items())]
+        out.append(Layer(experts=experts, **d))
+    return Weights(embed, out, norm, wcls)
+
+
+# ------------------------------------------------------------------------------------------------
+# rope
+
+def rope_freqs(h: ModelHeader) -> np.ndarray:
+    """Inverse frequencies per pair, float32, with llama3 scaling when the header asks for it."""
+    hd = h.head_size
+    freqs = (1.0 / (np.float32(h.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(np.float32)
+    if h.rope_scaling_factor != 1 and not h.is_qwen3:
+        factor = float(h.rope_scaling_factor)
+        low, high = float(h.rope_scaling_low_freq_factor), float(h.rope_scaling_high_freq_factor)
+        L = float(h.rope_scaling_orig_max_seq_len)
+        wavelen = 2 * math.pi / freqs.astype(np.float64)
+        scaled = np.where(wavelen > L / low, freqs / factor, freqs)
+        smooth = (L / wavelen - low) / (high - low)
+        medium = (wavelen >= L / high) & (wavelen <= L / low)
+        freqs = np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled).astype(np.float32)
+    return np.ascontiguousarray(freqs, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# run state
+
+class RunState:
+    """Every activation buffer, allocated once for `max_batch` rows."""
+
+    def __init__(self, h: ModelHeader, plan: ShardPlan, rank: int, max_seq: int, max_batch: int, is_root: bool):
+        s = plan[rank]
+        hd = h.head_size
+        B = max_batch
+        self.q_loc, self.kv_loc, self.ffn_loc = s.n_heads * hd, s.n_kv_heads * hd, s.n_ffn
+        qb = lambda n: np.zeros(max(B * n // BLOCK, 1) * Q80_BYTES, np.uint8)  # q80 of [B, n]
+        self.x = np.zeros((B, h.dim), np.float32)          # residual stream (same on every rank)
+        self.xb = np.zeros((B, h.dim), np.float32)         # normed residual
+        self.xq = qb(h.dim)
+        self.q = np.zeros((B, self.q_loc), np.float32)
+        self.z = np.zeros((B, self.q_loc), np.float32)     # attention output (this rank's heads)
+        self.zq = qb(self.q_loc)
+        self.partial = np.zeros((B, h.dim), np.float32)    # this rank's share of wo / w2 output
+        self.h1 = np.zeros((B, self.ffn_loc), np.float32)
+        self.h3 = np.zeros((B, self.ffn_loc), np.float32)
+        self.hq = qb(self.ffn_loc)
+        self.key_cache = np.zeros((h.n_layers, max_seq, self.kv_loc), np.float32)
+        self.value_cache = np.zeros((h.n_layers, max_seq, self.kv_loc), np.float32)
+        if h.is_moe:
+            self.router = np.zeros(h.n_experts, np.float32)
+            self.expert_out = np.zeros(h.dim, np.float32)
+        self.logits_local = np.zeros((B, s.n_vocab), np.float32)
+        self.logits = np.zeros((B, h.vocab_size), np.float32) if is_root else None
+        self.ctrl = np.zeros(C.CONTROL_LEN, np.int32)
+
+
+@dataclass
+class Stats:
+    forward_calls: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    sync_seconds: float = 0.0
+
+
+class Engine:
+    """One rank's part of the model. The root calls `forward`; workers run `serve()`."""
+
+    def __init__(self, comm: Comm, header: ModelHeader, plan: ShardPlan, weights: Weights,
+                 max_seq_len: int, max_batch: int = DEFAULT_BATCH, buffer_type: str = "q80",
+                 sync: str = "ring"):
+        self.comm, self.h, self.plan, self.w = comm, header, plan, weights
+        self.max_seq_len, self.max_batch = max_seq_len, max_batch
+        self.buffer_type, self.sync_scheme = buffer_type, sync
+        self.st = RunState(header, plan, comm.rank, max_seq_len, max_batch, comm.is_root)
+        self.sync = PartialSum(comm, plan, header.dim, max_batch, buffer_type, sync)
+        self.kv_of_q = np.array(plan.kv_of_q(comm.rank), np.int32)
+        self.freqs = rope_freqs(header)
+        self.rope_type = 1 if header.effective_rope_type == 1 else 0
+        self.eps = header.eps
+        self.quantized = header.weights_float_type == Q40
+        shard = plan[comm.rank]
+        counts = [plan[r].n_vocab for r in range(comm.size)]
+        self.vocab_counts = np.array(counts, np.int64)
+        self.vocab_displs = np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.int64)
+        self.vocab_local = shard.n_vocab
+        self.stats = Stats()
+        self.pos = 0  # next position the root will fill (informational)
+
+    # ---- the root's entry points ----------------------------------------------------------
+
+    def forward(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
+        """Root: evaluate tokens at positions pos.. and return the logits of the last row
+        ([vocab]) or of every row ([batch, vocab]). Splits long inputs into max_batch chunks."""
+        tokens = list(tokens)
+        if not tokens:
+            raise ValueError("forward() needs at least one token")
+        if pos + len(tokens) > self.max_seq_len:
+            raise ConfigError(f"context is full: {pos + len(tokens)} positions needed, max_seq_len is {self.max_seq_len}")
+        rows = []
+        for i in range(0, len(tokens), self.max_batch):
+            chunk = tokens[i:i + self.max_batch]
+            b = len(chunk)
+            ctrl = self.st.ctrl
+            ctrl[:] = (C.CMD_FORWARD, pos + i, b, 1 if all_logits else 0)
+            self.comm.send_control(ctrl)
+            for j, t in enumerate(chunk):
+                if not 0 <= t < self.h.vocab_size:
+                    raise ConfigError(f"token id {t} is outside the vocabulary (size {self.h.vocab_size})")
+                self.st.x[j] = self.w.embed[t]
+            self._forward(pos + i, b, all_logits)
+            if all_logits:
+                rows.append(self.st.logits[:b].copy())
+        self.pos = pos + len(tokens)
+        if all_logits:
+            return np.concatenate(rows)
+        return self.st.logits[0]
+
+    def stop_workers(self) -> None:
+        if self.comm.is_root and self.comm.size > 1:
+            ctrl = self.st.ctrl
+            ctrl[:] = (C.CMD_STOP, 0, 0, 0)
+            self.comm.send_control(ctrl)
+
+    # ---- the workers' loop -----------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Worker: follow the root's forward passes until it says stop."""
+        ctrl = self.st.ctrl
+        while True:
+            self.comm.wait_control(ctrl)
+            if ctrl[0] == C.CMD_STOP:
+                return
+            self._forward(int(ctrl[1]), int(ctrl[2]), bool(ctrl[3] & 1))
+
+    # ---- the pass itself ------------------------------------------------------------------
+
+    def _forward(self, pos: int, b: int, all_logits: bool) -> None:
+        t0 = time.perf_counter()
+        w0 = self.comm.wait_seconds
+        st = self.st
+        self.comm.bcast_f32(st.x[:b])
+        for l, layer in enumerate(self.w.layers):
+            self._attention(l, layer, pos, b)
+            if layer.experts:
+                self._moe(layer, b)
+            else:
+                self._ffn(layer, b)
+        self._logits(b, all_logits)
+        self.stats.forward_calls += 1
+        self.stats.tokens += b
+        self.stats.seconds += time.perf_counter() - t0
+        self.stats.sync_seconds += self.comm.wait_seconds - w0
+
+    def _norm_quant(self, norm_w: np.ndarray, b: int) -> None:
+        """xb = rmsnorm(x); xq = q80(xb) when the weights are quantized."""
+        st = self.st
+        lib.dl_rmsnorm(fptr(st.xb), fptr(st.x), fptr(norm_w), self.h.dim, self.eps, b)
+        if self.quantized:
+            lib.dl_quantize_q80(qptr(st.xq), fptr(st.xb), b * self.h.dim)
+
+    def _attention(self, l: int, layer: Layer, pos: int, b: int) -> None:
+        st, h = self.st, self.h
+        hd = h.head_size
+        self._norm_quant(layer.attn_norm, b)
+        xq, xf = _addr(st.xq), _addr(st.xb)
+        k_rows = _addr(st.key_cache[l]) + 4 * pos * st.kv_loc      # k, v go straight into the cache
+        v_rows = _addr(st.value_cache[l]) + 4 * pos * st.kv_loc
+        layer.wq.matmul(_addr(st.q), xq, xf, b)
+        layer.wk.matmul(k_rows, xq, xf, b)
+        layer.wv.matmul(v_rows, xq, xf, b)
+        kp = ffi.cast("float *", k_rows)
+        n_q, n_kv = st.q_loc // hd, st.kv_loc // hd
+        if layer.q_norm is not None:  # Qwen3: per-head RMSNorm of q and k before rope
+            lib.dl_rmsnorm(fptr(st.q), fptr(st.q), fptr(layer.q_norm), hd, self.eps, b * n_q)
+            lib.dl_rmsnorm(kp, kp, fptr(layer.k_norm), hd, self.eps, b * n_kv)
+        freqs = fptr(self.freqs)
+        lib.dl_rope(fptr(st.q), n_q, hd, pos, b, self.rope_type, freqs)
+        lib.dl_rope(kp, n_kv, hd, pos, b, self.rope_type, freqs)
+        lib.dl_attention(fptr(st.z), fptr(st.q), fptr(st.key_cache[l]), fptr(st.value_cache[l]),
+                         ffi.cast("int32_t *", self.kv_of_q.ctypes.data), n_q, n_kv, hd, pos, b)
+        if self.quantized:
+            lib.dl_quantize_q80(qptr(st.zq), fptr(st.z), b * st.q_loc)
+        layer.wo.matmul(_addr(st.partial), _addr(st.zq), _addr(st.z), b)
+        self.sync(st.x, st.partial, b)
+
+    def _ffn(self, layer: Layer, b: int) -> None:
+        st = self.st
+        self._norm_quant(layer.ffn_norm, b)
+        xq, xf = _addr(st.xq), _addr(st.xb)
+        layer.w1.matmul(_addr(st.h1), xq, xf, b)
+        layer.w3.matmul(_addr(st.h3), xq, xf, b)
+        lib.dl_silu_mul(fptr(st.h1), fptr(st.h1), fptr(st.h3), b * st.ffn_loc)
+        if self.quantized:
+            lib.dl_quantize_q80(qptr(st.hq), fptr(st.h1), b * st.ffn_loc)
+        layer.w2.matmul(_addr(st.partial), _addr(st.hq), _addr(st.h1), b)
+        self.sync(st.x, st.partial, b)
+
+    def _moe(self, layer: Layer, b: int) -> None:
+        """Qwen3-MoE: every rank routes its own copy of y (same result everywhere) and computes its
+        slice of each chosen expert; the weighted sum is this rank's partial."""
+        st, h = self.st, self.h
+        self._norm_quant(layer.ffn_norm, b)
+        k = h.n_active_experts
+        dim = h.dim
+        for r in range(b):
+            lib.dl_matmul_f32(fptr(st.router), fptr(layer.router), fptr(st.xb, r * dim), h.n_experts, dim, 1)
+            lib.dl_softmax(fptr(st.router), h.n_experts)
+            top = np.argsort(-st.router, kind="stable")[:k]
+            weights = st.router[top] / st.router[top].sum()
+            out = st.partial[r]
+            out.fill(0.0)
+            xq = _addr(st.xq) + r * (dim // BLOCK) * Q80_BYTES
+            xf = _addr(st.xb) + 4 * r * dim
+            for e, we in zip(top, weights):
+                w1, w2, w3 = layer.experts[e]
+                w1.matmul(_addr(st.h1), xq, xf, 1)
+                w3.matmul(_addr(st.h3), xq, xf, 1)
+                lib.dl_silu_mul(fptr(st.h1), fptr(st.h1), fptr(st.h3), st.ffn_loc)
+                if self.quantized:
+                    lib.dl_quantize_q80(qptr(st.hq), fptr(st.h1), st.ffn_loc)
+                w2.matmul(_addr(st.expert_out), _addr(st.hq), _addr(st.h1), 1)
+                out += np.float32(we) * st.expert_out
+        self.sync(st.x, st.partial, b)
+
+    def _logits(self, b: int, all_logits: bool) -> None:
+        st, h = self.st, self.h
+        first = 0 if all_logits else b - 1   # only the last row's logits are needed to sample
+        n = b - first
+        lib.dl_rmsnorm(fptr(st.xb), fptr(st.x, first * h.dim), fptr(self.w.norm), h.dim, self.eps, n)
+        if self.quantized:
+            lib.dl_quantize_q80(qptr(st.xq), fptr(st.xb), n * h.dim)
+        self.w.wcls.matmul(_addr(st.logits_local), _addr(st.xq), _addr(st.xb), n)
+        if self.comm.size == 1:
+            st.logits[:n] = st.logits_local[:n]
+            return
+        for r in range(n):  # Gatherv per row: the root's buffer is [vocab] per row
+            self.comm.gatherv_f32(st.logits_local[r], st.logits[r] if self.comm.is_root else None,
+                                  self.vocab_counts, self.vocab_displs)
+
+
+# ------------------------------------------------------------------------------------------------
+# building an engine on every rank
+
+def check_options(h: ModelHeader, buffer_type: str) -> None:
+    if h.weights_float_type not in (F32, Q40):
+        raise ConfigError(f"{float_type_name(h.weights_float_type)} weights are not supported (use q40 or f32)")
+    if buffer_type == "q80" and h.dim % BLOCK:
+        raise ConfigError(f"--buffer-float-type q80 needs dim % 32 == 0 (dim is {h.dim})")
+
+
+def build_engine(comm: Comm, model_path: str | None, *, max_seq_len: int | None = None,
+                 buffer_type: str = "q80", sync: str = "ring", load: str = "scatter",
+                 max_batch: int = DEFAULT_BATCH, progress=None) -> Engine:
+    """Collective: the root opens the model, every rank gets the header, the plan and its slices."""
+    from .formats import open_model
+
+    model = None
+    header_bytes = b""
+    if comm.is_root or load == "local":
+        model = open_model(model_path)
+    if comm.is_root:
+        with open(model_path, "rb") as f:
+            header_bytes = f.read(model.header_size)
+    header_bytes = comm.bcast_bytes(header_bytes) if comm.size > 1 else header_bytes
+    h, header_size = read_model_header(model_path or "<root>", header_bytes, len(header_bytes))
+    if buffer_type in (None, "auto"):
+        buffer_type = "q80" if h.weights_float_type == Q40 else "f32"
+    check_options(h, buffer_type)
+    if max_seq_len is not None:
+        if max_seq_len <= 0:
+            raise ConfigError(f"--max-seq-len must be positive, got {max_seq_len}")
+        if max_seq_len > h.max_seq_len:
+            raise ConfigError(f"--max-seq-len {max_seq_len} is beyond the model's context ({h.max_seq_len})")
+    seq = min(max_seq_len or h.max_seq_len, h.max_seq_len)
+    plan = make_plan(h, comm.size)
+    weights = load_weights(comm, h, header_size, plan, model, load, progress)
+    return Engine(comm, h, plan, weights, seq, max_batch, buffer_type, sync)

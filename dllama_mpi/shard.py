@@ -1,0 +1,139 @@
+"""The shard plan: which part of every tensor each rank of the tensor-parallel group owns.
+
+Computed once from the header and the group size; the loader, the forward pass and the sync all read
+their ranges from here (FORMATS.md §7), so no slicing arithmetic is scattered around:
+
+- query heads are split as evenly as possible (whole heads per rank); each rank holds the KV heads
+  its query heads use, so with more ranks than KV heads (or uneven splits) a KV head is replicated
+  on the ranks that share it (Distributed Llama refuses N > n_kv_heads);
+- FFN rows (w1/w3, and the matching w2 columns) are split on 32-element block boundaries;
+- vocabulary rows (wcls) are split evenly; the residual `dim` is cut into per-rank chunks of whole
+  q80 blocks for the reduce-scatter of the `ring` sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ConfigError
+from .formats import BLOCK, F32, ModelHeader, float_type_name
+
+
+def even_split(n: int, parts: int, unit: int = 1) -> list[tuple[int, int]]:
+    """Split range(n) into `parts` contiguous ranges whose bounds are multiples of `unit`
+    (sizes differ by at most one unit; earlier parts get the extra units)."""
+    units = n // unit
+    bounds = [0]
+    for i in range(parts):
+        bounds.append(bounds[-1] + units // parts + (1 if i < units % parts else 0))
+    return [(a * unit, b * unit) for a, b in zip(bounds, bounds[1:])]
+
+
+@dataclass(frozen=True)
+class RankShard:
+    """Everything one rank owns, in element (not byte) units."""
+
+    rank: int
+    heads: tuple[int, int]        # query heads [h0, h1)
+    kv_heads: tuple[int, int]     # KV heads [k0, k1) this rank stores (may overlap other ranks)
+    ffn: tuple[int, int]          # FFN rows of w1/w3 = columns of w2 (dense hidden or per expert)
+    vocab: tuple[int, int]        # wcls rows
+    dim_chunk: tuple[int, int]    # residual elements this rank reduces in the ring sync
+
+    @property
+    def n_heads(self) -> int:
+        return self.heads[1] - self.heads[0]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads[1] - self.kv_heads[0]
+
+    @property
+    def n_ffn(self) -> int:
+        return self.ffn[1] - self.ffn[0]
+
+    @property
+    def n_vocab(self) -> int:
+        return self.vocab[1] - self.vocab[0]
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    header: ModelHeader
+    n_nodes: int
+    shards: tuple[RankShard, ...]
+
+    def __getitem__(self, rank: int) -> RankShard:
+        return self.shards[rank]
+
+    @property
+    def group_per_kv(self) -> int:
+        return self.header.n_heads // self.header.n_kv_heads
+
+    def kv_of_q(self, rank: int) -> list[int]:
+        """For each local query head, the index of its KV head among the rank's local KV heads."""
+        s = self.shards[rank]
+        g = self.group_per_kv
+        return [h // g - s.kv_heads[0] for h in range(*s.heads)]
+
+    def rows(self, name: str, rank: int) -> tuple[int, int]:
+        """Row range of a row-split matrix (wq, wk, wv, w1, w3, wcls) for a rank."""
+        s, hd = self.shards[rank], self.header.head_size
+        if name == "wq":
+            return s.heads[0] * hd, s.heads[1] * hd
+        if name in ("wk", "wv"):
+            return s.kv_heads[0] * hd, s.kv_heads[1] * hd
+        if name in ("w1", "w3"):
+            return s.ffn
+        if name == "wcls":
+            return s.vocab
+        raise KeyError(name)
+
+    def cols(self, name: str, rank: int) -> tuple[int, int]:
+        """Column range of a column-split matrix (wo, w2) for a rank."""
+        s, hd = self.shards[rank], self.header.head_size
+        if name == "wo":
+            return s.heads[0] * hd, s.heads[1] * hd
+        if name == "w2":
+            return s.ffn
+        raise KeyError(name)
+
+
+ROW_SPLIT = ("wq", "wk", "wv", "w1", "w3", "wcls")
+COL_SPLIT = ("wo", "w2")
+
+
+def make_plan(h: ModelHeader, n_nodes: int) -> ShardPlan:
+    """The plan for `n_nodes` ranks, or a ConfigError saying why the model cannot be split so."""
+    if n_nodes < 1:
+        raise ConfigError(f"node count must be >= 1, got {n_nodes}")
+    if n_nodes > h.n_heads:
+        raise ConfigError(
+            f"cannot split the model over {n_nodes} nodes: it has {h.n_heads} attention heads "
+            f"and every node needs at least one whole head")
+    quantized = h.weights_float_type != F32
+    # Column slices of quantized matrices must hold whole 32-value blocks.
+    unit = BLOCK if quantized else 1
+    head_ranges = even_split(h.n_heads, n_nodes)
+    if quantized:
+        for h0, h1 in head_ranges:
+            if ((h1 - h0) * h.head_size) % BLOCK:
+                raise ConfigError(
+                    f"cannot split the model over {n_nodes} nodes: a node would own {h1 - h0} heads x "
+                    f"head_dim {h.head_size} = {(h1 - h0) * h.head_size} columns of wo, not a multiple of "
+                    f"{BLOCK} ({float_type_name(h.weights_float_type)} blocks)")
+    ffn_ranges = even_split(h.ffn_dim, n_nodes, unit)
+    if any(a == b for a, b in ffn_ranges) or h.ffn_dim % unit:
+        raise ConfigError(
+            f"cannot split the model over {n_nodes} nodes: FFN size {h.ffn_dim} has only "
+            f"{h.ffn_dim // unit} blocks of {unit}")
+    vocab_ranges = even_split(h.vocab_size, n_nodes)
+    dim_unit = BLOCK if h.dim % BLOCK == 0 else 1
+    dim_ranges = even_split(h.dim, n_nodes, dim_unit)
+    g = h.n_heads // h.n_kv_heads
+    shards = []
+    for r in range(n_nodes):
+        h0, h1 = head_ranges[r]
+        shards.append(RankShard(r, (h0, h1), (h0 // g, (h1 - 1) // g + 1), ffn_ranges[r],
+                                vocab_ranges[r], dim_ranges[r]))
+    return ShardPlan(h, n_nodes, tuple(shards))

@@ -1,0 +1,158 @@
+"""The residual reduction after `wo` and `w2`: x += sum over ranks of each rank's partial sum.
+
+Two schemes (`--sync`), both on preallocated buffers:
+
+- `dllama`: every rank quantizes its whole partial sum (q80, or f32 buffers), all-gathers the N
+  partials and adds them locally in rank order. Sends (N-1)·dim values per rank per sync and
+  reproduces Distributed Llama's numerics exactly (each node's partial quantized once).
+- `ring` (default): a reduce-scatter then an all-gather. Each rank sends chunk j of its quantized
+  partial to rank j (Alltoallv), rank j sums the N chunks in rank order (deterministic: the same
+  bits on every rank, unlike an MPI reduction tree whose shape depends on N and the library),
+  re-quantizes its summed chunk and all-gathers it. Sends 2·(N-1)/N·dim values per rank: half of
+  `dllama` at N = 4, a quarter at N = 8. The one extra q80 rounding of the sum is within q80 noise.
+
+At N = 1 both reduce to Distributed Llama's single-node behaviour (q80 buffers: the partial is
+quantized once before it is added).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .comm import Comm
+from .formats import BLOCK, Q80_BYTES
+from .kernels import ffi, lib
+from .shard import ShardPlan
+
+SCHEMES = ("ring", "dllama")
+BUFFER_TYPES = ("q80", "f32")
+
+
+def _fptr(a: np.ndarray):
+    return ffi.cast("float *", a.ctypes.data)
+
+
+def _qptr(a: np.ndarray):
+    return ffi.cast("dl_block_q80 *", a.ctypes.data)
+
+
+class PartialSum:
+    def __init__(self, comm: Comm, plan: ShardPlan, dim: int, max_batch: int,
+                 buffer_type: str = "q80", scheme: str = "ring"):
+        if scheme not in SCHEMES:
+            raise ValueError(scheme)
+        if buffer_type not in BUFFER_TYPES:
+            raise ValueError(buffer_type)
+        self.comm, self.dim, self.max_batch = comm, dim, max_batch
+        self.q80 = buffer_type == "q80"
+        if self.q80 and dim % BLOCK:
+            raise ValueError(f"dim {dim} is not a multiple of {BLOCK}: use --buffer-float-type f32")
+        self.n = comm.size
+        self.scheme = scheme if self.n > 1 else "dllama"
+        nb = dim // BLOCK
+        self.row_bytes = nb * Q80_BYTES if self.q80 else 4 * dim
+        # units: q80 blocks or f32 elements; the ring cuts the residual into per-rank chunks.
+        self.unit_bytes = Q80_BYTES if self.q80 else 4
+        self.chunks = [((a // BLOCK, b // BLOCK) if self.q80 else (a, b)) for a, b in
+                       (plan[r].dim_chunk for r in range(self.n))]
+        self.units = nb if self.q80 else dim
+        self.send = np.zeros(max_batch * self.row_bytes, np.uint8)
+        self.full = np.zeros(max_batch * self.row_bytes, np.uint8)    # q80 of the whole row(s)
+        if self.scheme == "dllama":
+            self.recv = np.zeros(self.n * max_batch * self.row_bytes, np.uint8)
+        else:
+            c0, c1 = self.chunks[comm.rank]
+            self.my_units = c1 - c0
+            self.recv = np.zeros(self.n * max_batch * max(self.my_units, 1) * self.unit_bytes, np.uint8)
+            self.acc = np.zeros(max_batch * max(self.my_units, 1) * (BLOCK if self.q80 else 1), np.float32)
+            self.mine = np.zeros(max_batch * max(self.my_units, 1) * self.unit_bytes, np.uint8)
+            self.gathered = np.zeros(max_batch * self.row_bytes, np.uint8)
+            self.tmp = np.zeros(max_batch * dim, np.float32)
+            self._per_batch = {}
+        self.p_send, self.p_full, self.p_recv = _qptr(self.send), _qptr(self.full), _qptr(self.recv)
+
+    # -- the ring's per-batch-size layout (computed once per batch size, then reused) --
+    def _layout(self, batch: int):
+        lay = self._per_batch.get(batch)
+        if lay is not None:
+            return lay
+        # pack order: for destination j, for row b, the units of chunk j
+        idx = np.concatenate([np.arange(b * self.units + c0, b * self.units + c1)
+                              for (c0, c1) in self.chunks for b in range(batch)]).astype(np.intp)
+        inv = np.empty_like(idx)
+        inv[idx] = np.arange(idx.size)
+        sizes = np.array([(c1 - c0) * batch * self.unit_bytes for c0, c1 in self.chunks], np.int64)
+        displs = np.concatenate([[0], np.cumsum(sizes[:-1])]).astype(np.int64)
+        my = sizes[self.comm.rank]
+        recv_counts = np.full(self.n, my, np.int64)
+        recv_displs = np.arange(self.n, dtype=np.int64) * my
+        lay = (idx, inv, sizes, displs, recv_counts, recv_displs)
+        self._per_batch[batch] = lay
+        return lay
+
+    def __call__(self, x: np.ndarray, partial: np.ndarray, batch: int) -> None:
+        """x[:batch] += sum over ranks of partial[:batch] (both [max_batch, dim] f32)."""
+        n_vals = batch * self.dim
+        nbytes = batch * self.row_bytes
+        px, pp = _fptr(x), _fptr(partial)
+        if self.q80:
+            lib.dl_quantize_q80(self.p_send, pp, n_vals)
+        else:
+            self.send[:nbytes] = partial.reshape(-1)[:n_vals].view(np.uint8)
+        if self.scheme == "dllama":
+            if self.n == 1:
+                recv_p = self.p_send
+            else:
+                self.comm.allgather(self.send[:nbytes], self.recv[:self.n * nbytes])
+                recv_p = self.p_recv
+            if self.q80:
+                lib.dl_add_q80(px, recv_p, self.n, n_vals)
+            else:
+                src = self.send if self.n == 1 else self.recv
+                for r in range(self.n):
+                    lib.dl_add(px, _fptr(src[r * nbytes:(r + 1) * nbytes]), n_vals)
+            return
+        self._ring(x, batch)
+
+    def _ring(self, x: np.ndarray, batch: int) -> None:
+        idx, inv, sizes, displs, recv_counts, recv_displs = self._layout(batch)
+        ub = self.unit_bytes
+        total_units = batch * self.units
+        # pack: [dest][row][chunk units]
+        send_units = self.send[:total_units * ub].reshape(total_units, ub)
+        packed = self.full[:total_units * ub].reshape(total_units, ub)
+        np.take(send_units, idx, axis=0, out=packed)
+        my_bytes = int(recv_counts[0])
+        self.comm.alltoallv(self.full, sizes, displs, self.recv, recv_counts, recv_displs)
+        # reduce my chunk in rank order
+        my_vals = (my_bytes // ub) * (BLOCK if self.q80 else 1)
+        acc = self.acc[:my_vals]
+        acc.fill(0.0)
+        if my_vals:
+            if self.q80:
+                lib.dl_add_q80(_fptr(acc), self.p_recv, self.n, my_vals)
+                lib.dl_quantize_q80(_qptr(self.mine), _fptr(acc), my_vals)
+            else:
+                for r in range(self.n):
+                    lib.dl_add(_fptr(acc), _fptr(self.recv[r * my_bytes:(r + 1) * my_bytes]), my_vals)
+                self.mine[:my_bytes] = acc.view(np.uint8)
+        self.comm.allgatherv(self.mine[:my_bytes], self.gathered, sizes, displs)
+        # unpack to [row][units] and add to the residual
+        gathered = self.gathered[:total_units * ub].reshape(total_units, ub)
+        out = self.full[:total_units * ub].reshape(total_units, ub)
+        np.take(gathered, inv, axis=0, out=out)
+        n_vals = batch * self.dim
+        if self.q80:
+            lib.dl_add_q80(_fptr(x), self.p_full, 1, n_vals)
+        else:
+            lib.dl_add(_fptr(x), _fptr(self.full), n_vals)
+
+    def bytes_per_sync(self, batch: int = 1) -> int:
+        """Bytes this rank sends per sync (for the benchmark report)."""
+        if self.n == 1:
+            return 0
+        if self.scheme == "dllama":
+            return batch * self.row_bytes * (self.n - 1)
+        _, _, sizes, _, _, _ = self._layout(batch)
+        r = self.comm.rank
+        return int(sizes.sum() - sizes[r] + sizes[r] * (self.n - 1))
