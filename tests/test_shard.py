@@ -1,0 +1,62 @@
+"""The shard plan: whole heads, KV replication, block-aligned FFN slices, clear refusals."""
+
+import pytest
+
+from dllama_mpi.errors import ConfigError
+from dllama_mpi.formats import F32, Q40, ModelHeader
+from dllama_mpi.shard import even_split, make_plan
+
+
+def header(**kw):
+    base = dict(dim=576, hidden_dim=1536, n_layers=2, n_heads=9, n_kv_heads=3, vocab_size=49152,
+                max_seq_len=2048, weights_float_type=Q40, head_dim=0)
+    base.update(kw)
+    return ModelHeader(**base)
+
+
+def test_even_split():
+    assert even_split(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert even_split(1536, 4, 32) == [(0, 384), (384, 768), (768, 1152), (1152, 1536)]
+    assert even_split(96, 2, 32) == [(0, 64), (64, 96)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 9])
+def test_smollm2_shape_any_n(n):
+    h = header()
+    plan = make_plan(h, n)
+    heads = [s.heads for s in plan.shards]
+    assert heads[0][0] == 0 and heads[-1][1] == 9
+    assert all(a[1] == b[0] for a, b in zip(heads, heads[1:]))
+    for r in range(n):
+        s = plan[r]
+        assert s.n_heads >= 1
+        # every local query head maps to a local kv head that holds it
+        for local_h, kv in enumerate(plan.kv_of_q(r)):
+            assert 0 <= kv < s.n_kv_heads
+            assert (s.heads[0] + local_h) // 3 == s.kv_heads[0] + kv
+        assert s.n_ffn % 32 == 0 and s.n_ffn > 0
+    assert sum(plan[r].n_vocab for r in range(n)) == 49152
+    assert sum(plan[r].n_ffn for r in range(n)) == 1536
+    dims = [plan[r].dim_chunk for r in range(n)]
+    assert dims[0][0] == 0 and dims[-1][1] == 576 and all(c[0] % 32 == 0 for c in dims)
+
+
+def test_kv_replication_when_more_nodes_than_kv_heads():
+    h = header(dim=64, hidden_dim=192, n_heads=4, n_kv_heads=2, head_dim=32, vocab_size=512)
+    plan = make_plan(h, 4)
+    assert [plan[r].kv_heads for r in range(4)] == [(0, 1), (0, 1), (1, 2), (1, 2)]
+    plan3 = make_plan(h, 3)
+    assert [plan3[r].heads for r in range(3)] == [(0, 2), (2, 3), (3, 4)]
+    assert [plan3[r].kv_heads for r in range(3)] == [(0, 1), (1, 2), (1, 2)]
+
+
+def test_refusals():
+    with pytest.raises(ConfigError, match="9 attention heads"):
+        make_plan(header(), 10)
+    # head_dim 16 q40: one head per node is 16 columns of wo, not a whole block
+    with pytest.raises(ConfigError, match="not a multiple of 32"):
+        make_plan(header(dim=64, hidden_dim=192, n_heads=4, n_kv_heads=2, vocab_size=512), 4)
+    # the same shape in f32 has no block constraint
+    make_plan(header(dim=64, hidden_dim=192, n_heads=4, n_kv_heads=2, vocab_size=512, weights_float_type=F32), 4)
+    with pytest.raises(ConfigError, match="FFN size"):
+        make_plan(header(dim=64, hidden_dim=64, n_heads=8, n_kv_heads=2, head_dim=32, vocab_size=512), 3)
