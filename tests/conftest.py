@@ -14,6 +14,11 @@ def _under_mpiexec() -> bool:
     return any(v in os.environ for v in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK"))
 
 
+# The collective tests only make sense inside mpiexec (scripts/test.sh runs them there).
+collect_ignore = [] if any(v in os.environ for v in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")) \
+    else ["test_mpi.py"]
+
+
 def pytest_configure(config):
     # Under mpiexec every rank is a full pytest session: give each rank its own basetemp, or they
     # race while cleaning the shared one (MPI.md §3).

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Command 1 of the README: create .venv, install dllama-mpi with the bundled MPICH and the test
+# tools, fetch + convert the default model (SmolLM2-135M-Instruct) and run it on 2 MPI ranks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[mpich,test]'
+.venv/bin/dllama-mpi download smollm2-135m-instruct
+.venv/bin/mpiexec -n 2 .venv/bin/dllama-mpi inference --temperature 0 --steps 24 \
+    --prompt "<|im_start|>user
+What is the capital of France?<|im_end|>
+<|im_start|>assistant
+"
