@@ -1,0 +1,270 @@
+"""Shared pieces of the converters: DL's q40 encoder, the row-chunked tensor writer, atomic output.
+
+A converter describes each tensor as a `TensorSource` (shape + a function that returns rows
+[r0, r1) as float32), and `ModelWriter` quantizes/writes it chunk by chunk, so at most one chunk of
+one tensor (plus whatever the source itself holds) is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from dllama_mpi.errors import ConvertError
+from dllama_mpi.formats import (BLOCK, F16, F32, FLOAT_NAMES, Q40, Q80, ModelHeader, float_type_name,
+                                tensor_layout, tensor_nbytes, write_model_header)
+
+# about 64 MiB of float32 per chunk
+CHUNK_ELEMENTS = 16 * 1024 * 1024
+
+WEIGHT_TYPES = {"q40": Q40, "f32": F32, "f16": F16}
+
+
+def parse_weights_type(name: str) -> int:
+    try:
+        return WEIGHT_TYPES[name.lower()]
+    except KeyError:
+        raise ConvertError(f"unsupported weights type {name!r} (expected one of: {', '.join(WEIGHT_TYPES)})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Q40 (FORMATS §2.1), exactly DL's numpy rule, computed in float32
+
+def quantize_q40(x: np.ndarray) -> np.ndarray:
+    """Quantize float32 values (any shape, size a multiple of 32) to Q40 blocks: uint8 [n/32, 18].
+
+    Bit-exact with DL's converter: m = max if max >= -min else min; d = m / -8 (f32, stored as
+    f16 round-to-nearest-even); codes = trunc(min(x * (1/d) + 8.5, 15)) with the f32 d.
+    """
+    g = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, BLOCK)
+    gmax = g.max(axis=1)
+    gmin = g.min(axis=1)
+    deltas = np.divide(np.where(-gmin > gmax, gmin, gmax), np.float32(-8)).astype(np.float32, copy=False)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(deltas != 0, np.float32(1.0) / deltas, np.float32(0)).astype(np.float32, copy=False)
+    v = g * inv[:, None]
+    v += np.float32(8.5)
+    np.minimum(v, np.float32(15), out=v)     # DL: where(v < 15, v, 15)
+    np.maximum(v, np.float32(0), out=v)      # int() truncates toward zero: (-1, 0) -> 0 as well
+    codes = v.astype(np.uint8)               # truncation of non-negative values
+    out = np.empty((g.shape[0], 18), dtype=np.uint8)
+    out[:, 0:2] = deltas.astype("<f2").view(np.uint8).reshape(-1, 2)
+    out[:, 2:] = codes[:, :16] | (codes[:, 16:] << 4)
+    return out
+
+
+def dequantize_q40(blocks: np.ndarray) -> np.ndarray:
+    """Inverse of quantize_q40 (for tests): uint8 [n, 18] -> float32 [n * 32]."""
+    b = np.asarray(blocks, dtype=np.uint8).reshape(-1, 18)
+    d = b[:, 0:2].copy().view("<f2").astype(np.float32)
+    qs = b[:, 2:]
+    codes = np.concatenate([qs & 0xF, qs >> 4], axis=1).astype(np.float32) - 8
+    return (codes * d).reshape(-1)
+
+
+def quantize_q80(x: np.ndarray) -> np.ndarray:
+    """Q80 blocks (FORMATS §2.2, half to even): uint8 [n/32, 34]."""
+    g = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, BLOCK)
+    d = (np.abs(g).max(axis=1) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(d != 0, np.float32(1.0) / d, np.float32(0)).astype(np.float32)
+    q = np.rint(g * inv[:, None]).astype(np.int8)
+    out = np.empty((g.shape[0], 34), dtype=np.uint8)
+    out[:, 0:2] = d.astype("<f2").view(np.uint8).reshape(-1, 2)
+    out[:, 2:] = q.view(np.uint8)
+    return out
+
+
+def encode_rows(x: np.ndarray, ftype: int) -> bytes:
+    if ftype == F32:
+        return np.ascontiguousarray(x, dtype="<f4").tobytes()
+    if ftype == F16:
+        return np.ascontiguousarray(x, dtype="<f2").tobytes()
+    if ftype == Q40:
+        return quantize_q40(x).tobytes()
+    if ftype == Q80:
+        return quantize_q80(x).tobytes()
+    raise ConvertError(f"cannot write weights of type {float_type_name(ftype)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor sources
+
+@dataclass
+class TensorSource:
+    """A 2-D tensor, readable by row ranges as float32. 1-D tensors are [1, n]."""
+
+    name: str                                   # for messages
+    rows: int
+    cols: int
+    read: Callable[[int, int], np.ndarray]      # (r0, r1) -> float32 [r1 - r0, cols]
+    row_align: int = 1                          # chunks must start/end on multiples of this
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.cols)
+
+
+def permute_rows_source(src: TensorSource, n_heads: int) -> TensorSource:
+    """DL's LLAMA q/k permutation (FORMATS §1.5) applied lazily, head by head.
+
+    reshape [n, 2, hd/2, dim] -> swap axes 1, 2 -> [n, hd/2, 2, dim]: stored row h*hd + 2i + j is
+    source row h*hd + j*hd/2 + i.
+    """
+    if n_heads <= 0 or src.rows % n_heads or (src.rows // n_heads) % 2:
+        raise ConvertError(f"{src.name}: {src.rows} rows cannot be split into {n_heads} heads of even size")
+    hd = src.rows // n_heads
+
+    def read(r0, r1):
+        x = src.read(r0, r1)
+        n = (r1 - r0) // hd
+        return x.reshape(n, 2, hd // 2, src.cols).swapaxes(1, 2).reshape(r1 - r0, src.cols)
+
+    return TensorSource(src.name, src.rows, src.cols, read, row_align=_lcm(hd, src.row_align))
+
+
+def _lcm(a, b):
+    import math
+    return a * b // math.gcd(a, b)
+
+
+def array_source(name: str, a: np.ndarray) -> TensorSource:
+    a = np.asarray(a)
+    if a.ndim == 1:
+        a = a.reshape(1, -1)
+    if a.ndim != 2:
+        raise ConvertError(f"{name}: expected a 1-D or 2-D tensor, got shape {tuple(a.shape)}")
+    return TensorSource(name, a.shape[0], a.shape[1], lambda r0, r1: np.asarray(a[r0:r1], dtype=np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+def progress(total: int, desc: str, quiet: bool):
+    """A tqdm bar on stderr (bytes), disabled when quiet or stderr is not a terminal."""
+    from tqdm import tqdm
+
+    disable = quiet or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                disable=disable, leave=False)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, mode: str = "wb"):
+    """Write to `<path>.partial`; rename over `path` only when the block finishes without error."""
+    path = os.fspath(path)
+    tmp = path + ".partial"
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    f = open(tmp, mode)
+    try:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, path)
+    except BaseException:
+        f.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def check_header_for_weights(h: ModelHeader, where: str) -> None:
+    if h.weights_float_type in (Q40, Q80):
+        for name, n in (("dim", h.dim), ("q_dim", h.q_dim), ("hidden_dim", h.hidden_dim),
+                        ("moe_hidden_dim", h.moe_hidden_dim)):
+            if n % BLOCK:
+                raise ConvertError(f"{where}: {name} {n} is not a multiple of {BLOCK}, required for "
+                                   f"{FLOAT_NAMES[h.weights_float_type]} weights (use f32)")
+
+
+def write_model(path: str | os.PathLike, header: ModelHeader, sources: list[TensorSource | None],
+                quiet: bool = False, desc: str = "converting") -> int:
+    """Write header + tensors (in tensor_layout order) atomically; returns the file size.
+
+    `sources` may be a lazy iterable; each item must match the next entry of tensor_layout(header).
+    """
+    pairs = header.to_pairs()
+    header_size = 8 + 8 * len(pairs)
+    layout = tensor_layout(header, header_size)
+    total = layout[-1].offset + layout[-1].nbytes
+    with atomic_output(path) as f, progress(total, desc, quiet) as bar:
+        write_model_header(f, header)
+        bar.update(header_size)
+        it = iter(sources)
+        for info in layout:
+            try:
+                src = next(it)
+            except StopIteration:
+                raise ConvertError(f"internal: fewer tensors than the layout needs (stopped at {info.name})") from None
+            if (src.rows, src.cols) != (info.rows, info.cols):
+                raise ConvertError(f"{src.name}: shape {src.shape} does not match the header "
+                                   f"(expected [{info.rows}, {info.cols}] for {info.name}, layer {info.layer})")
+            if info.ftype in (Q40, Q80) and src.cols % BLOCK:
+                raise ConvertError(f"{src.name}: {src.cols} columns is not a multiple of {BLOCK}, "
+                                   f"required for {float_type_name(info.ftype)} weights (use f32)")
+            written = 0
+            step = max(1, CHUNK_ELEMENTS // max(1, src.cols))
+            if src.row_align > 1:
+                step = max(src.row_align, step // src.row_align * src.row_align)
+            for r0 in range(0, src.rows, step):
+                r1 = min(src.rows, r0 + step)
+                data = encode_rows(src.read(r0, r1), info.ftype)
+                f.write(data)
+                written += len(data)
+                bar.update(len(data))
+            if written != info.nbytes:
+                raise ConvertError(f"internal: {src.name} wrote {written} bytes, expected {info.nbytes}")
+        if f.tell() != total:
+            raise ConvertError(f"internal: wrote {f.tell()} bytes, expected {total}")
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer helpers
+
+def gpt2_unicode_to_bytes() -> dict[str, int]:
+    """GPT-2's byte<->unicode table, inverted (char -> byte)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for c, b in zip(cs, bs)}
+
+
+_UTB = None
+
+
+def byte_level_token_bytes(token: str) -> bytes:
+    """A byte-level BPE token string -> raw bytes (chars outside the table are UTF-8 encoded, as DL does)."""
+    global _UTB
+    if _UTB is None:
+        _UTB = gpt2_unicode_to_bytes()
+    out = bytearray()
+    for ch in token:
+        b = _UTB.get(ch)
+        if b is None:
+            out += ch.encode("utf-8")
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+def sentencepiece_token_bytes(token: str) -> bytes:
+    """A SentencePiece piece -> bytes: `<0xNN>` is that byte, `▁` is a space."""
+    if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        try:
+            return bytes([int(token[3:5], 16)])
+        except ValueError:
+            pass
+    return token.replace("\u2581", " ").encode("utf-8")

@@ -1,0 +1,456 @@
+"""Hugging Face folder -> Distributed Llama `.m` model and `.t` tokenizer (FORMATS.md §1–§3).
+
+Byte-compatible with DL's `convert-hf.py` / `convert-tokenizer-hf.py` (commit 8d624a7), with these
+deliberate differences:
+- transformers-5 configs (`rope_parameters` instead of `rope_theta` / `rope_scaling`,
+  `num_local_experts` instead of `num_experts`) are read correctly; DL silently drops them;
+- bf16 / f16 / f32 checkpoints are read without torch, one tensor (and one row chunk) at a time;
+- the tokenizer's eos list comes from `generation_config.json` when it has `eos_token_id`
+  (DL reads `config.json` only), then `config.json`, then `tokenizer_config.json`'s `eos_token`;
+- a `chat_template.jinja` file is used when `tokenizer_config.json` has no `chat_template`;
+- every problem is a one-line ConvertError naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+
+from dllama_mpi.errors import ConvertError
+from dllama_mpi.formats import (ACT_GELU, ACT_SILU, ARCH_LLAMA, ARCH_QWEN3, ARCH_QWEN3_MOE, F32,
+                                HEADER_KEY_OF, ROPE_LLAMA3_1, ModelHeader, TokenizerData, write_tokenizer)
+
+from .common import (TensorSource, byte_level_token_bytes, check_header_for_weights, parse_weights_type,
+                     permute_rows_source, sentencepiece_token_bytes, write_model)
+
+ARCHS = {"llama": ARCH_LLAMA, "mistral": ARCH_LLAMA, "qwen3": ARCH_QWEN3, "qwen3_moe": ARCH_QWEN3_MOE}
+ACTS = {"gelu": ACT_GELU, "silu": ACT_SILU}
+
+
+def _load_json(path: str, required: bool = True):
+    if not os.path.isfile(path):
+        if required:
+            raise ConvertError(f"{path}: file not found")
+        return None
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{path}: cannot read JSON ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json -> header (FORMATS §1.2)
+
+def eps_code(eps, where: str) -> int:
+    """RMSNorm epsilon -> DL's code (5 = 1e-5, 6 = 1e-6); exact, or equal as float32 (GGUF)."""
+    try:
+        e = float(eps)
+    except (TypeError, ValueError):
+        raise ConvertError(f"{where}: epsilon {eps!r} is not a number") from None
+    for code, ref in ((5, 1e-5), (6, 1e-6)):
+        if e == ref or np.float32(e) == np.float32(ref):
+            return code
+    raise ConvertError(f"{where}: unsupported RMSNorm epsilon {eps!r} (Distributed Llama supports only 1e-5 and 1e-6)")
+
+
+def header_from_config(config: dict, weights_float_type: int, where: str = "config.json") -> ModelHeader:
+    """Map an HF config dict to the .m header exactly as DL's converter does (FORMATS §1.2)."""
+
+    def need(key):
+        v = config.get(key)
+        if v is None:
+            raise ConvertError(f"{where}: missing field {key!r}")
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise ConvertError(f"{where}: field {key!r} must be a number, got {v!r}")
+        return int(v)
+
+    model_type = config.get("model_type")
+    if model_type not in ARCHS:
+        raise ConvertError(f"{where}: unsupported model_type {model_type!r} (supported: {', '.join(ARCHS)})")
+    act = config.get("hidden_act", config.get("hidden_activation"))
+    if act not in ACTS:
+        raise ConvertError(f"{where}: unsupported hidden_act {act!r} (supported: gelu, silu)")
+
+    v = dict(version=0, arch_type=ARCHS[model_type], hidden_act=ACTS[act], dim=need("hidden_size"),
+             hidden_dim=need("intermediate_size"), n_layers=need("num_hidden_layers"),
+             n_heads=need("num_attention_heads"),
+             n_kv_heads=need("num_key_value_heads") if config.get("num_key_value_heads") is not None
+             else need("num_attention_heads"),
+             weights_float_type=weights_float_type, max_seq_len=need("max_position_embeddings"),
+             vocab_size=need("vocab_size"))
+    present = ["version", "arch_type", "hidden_act", "dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads",
+               "weights_float_type", "max_seq_len", "vocab_size", "n_experts", "n_active_experts"]
+
+    n_exp = config.get("num_experts")
+    if n_exp is None:
+        n_exp = config.get("num_local_experts")          # transformers 5 / Mixtral name
+    n_act = config.get("num_experts_per_tok")
+    if n_act is None:
+        n_act = config.get("num_active_local_experts")
+    v["n_experts"] = int(n_exp) if n_exp is not None else 0
+    v["n_active_experts"] = int(n_act) if n_act is not None else 0
+    if model_type == "qwen3_moe" and v["n_experts"] <= 0:
+        raise ConvertError(f"{where}: qwen3_moe config without 'num_experts' / 'num_local_experts'")
+    if model_type != "qwen3_moe" and v["n_experts"] > 0:
+        raise ConvertError(f"{where}: model_type {model_type!r} with experts (num_experts "
+                           f"{v['n_experts']}) is not supported")
+
+    rope_params = config.get("rope_parameters")
+    if rope_params is not None and not isinstance(rope_params, dict):
+        raise ConvertError(f"{where}: field 'rope_parameters' must be an object")
+    rope_theta = config.get("rope_theta")
+    if rope_theta is None and rope_params:
+        rope_theta = rope_params.get("rope_theta")
+    if rope_theta is not None:
+        v["rope_theta"] = int(rope_theta)
+        present.append("rope_theta")
+
+    scaling = config.get("rope_scaling")
+    field = "rope_scaling"
+    if scaling is None and rope_params and rope_params.get("rope_type", rope_params.get("type")) not in (None, "default"):
+        scaling, field = rope_params, "rope_parameters"
+    if scaling is not None:
+        if not isinstance(scaling, dict):
+            raise ConvertError(f"{where}: field {field!r} must be an object")
+        rtype = scaling.get("rope_type", scaling.get("type"))
+        if rtype != "llama3":
+            raise ConvertError(f"{where}: unsupported {field}.rope_type {rtype!r} (only 'llama3' is supported)")
+        for key, name in (("factor", "rope_scaling_factor"), ("low_freq_factor", "rope_scaling_low_freq_factor"),
+                          ("high_freq_factor", "rope_scaling_high_freq_factor"),
+                          ("original_max_position_embeddings", "rope_scaling_orig_max_seq_len")):
+            if scaling.get(key) is None:
+                raise ConvertError(f"{where}: {field} has no {key!r}")
+            v[name] = int(scaling[key])
+            present.append(name)
+        v["rope_type"] = ROPE_LLAMA3_1
+        present.append("rope_type")
+
+    if config.get("head_dim") is not None:
+        v["head_dim"] = int(config["head_dim"])
+        present.append("head_dim")
+    if config.get("rms_norm_eps") is not None:
+        v["norm_epsilon"] = eps_code(config["rms_norm_eps"], f"{where}: field 'rms_norm_eps'")
+        present.append("norm_epsilon")
+    if config.get("moe_intermediate_size") is not None:
+        v["moe_hidden_dim"] = int(config["moe_intermediate_size"])
+        present.append("moe_hidden_dim")
+    if model_type == "qwen3_moe" and "moe_hidden_dim" not in v:
+        raise ConvertError(f"{where}: qwen3_moe config without 'moe_intermediate_size'")
+
+    h = ModelHeader(**v, present=tuple(HEADER_KEY_OF[n] for n in present))
+    for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
+        if getattr(h, name) <= 0:
+            raise ConvertError(f"{where}: {name} is {getattr(h, name)}, must be positive")
+    if h.n_heads % h.n_kv_heads:
+        raise ConvertError(f"{where}: num_attention_heads {h.n_heads} is not a multiple of num_key_value_heads {h.n_kv_heads}")
+    return h
+
+
+def load_header(folder: str, weights: str | int = "q40") -> ModelHeader:
+    wtype = parse_weights_type(weights) if isinstance(weights, str) else weights
+    path = os.path.join(folder, "config.json")
+    h = header_from_config(_load_json(path), wtype, path)
+    check_header_for_weights(h, path)
+    return h
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors
+
+_NP_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
+
+
+class Checkpoint:
+    """The tensors of an HF folder (single file or sharded via model.safetensors.index.json).
+
+    Shapes and offsets come from each file's safetensors header; data is read row chunk by row
+    chunk: F32 / F16 / F64 through `safetensors.safe_open(framework="numpy").get_slice`, BF16 (which
+    numpy cannot represent) from the raw bytes, widened to float32 by a 16-bit shift.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.where: dict[str, str] = {}           # tensor name -> file path
+        self.meta: dict[str, tuple[str, list, int]] = {}   # name -> (dtype, shape, absolute byte offset)
+        self._handles: dict[str, object] = {}
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            wm = (_load_json(index) or {}).get("weight_map")
+            if not isinstance(wm, dict):
+                raise ConvertError(f"{index}: no 'weight_map' object")
+            files = sorted(set(wm.values()))
+        else:
+            try:
+                files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors") and not f.startswith("."))
+            except OSError as e:
+                raise ConvertError(f"{folder}: cannot list folder: {e.strerror}") from None
+        if not files:
+            raise ConvertError(f"{folder}: no *.safetensors file found")
+        for name in files:
+            self._scan(os.path.join(folder, name))
+
+    def _scan(self, path: str):
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(8)
+                if len(raw) < 8:
+                    raise ConvertError(f"{path}: not a safetensors file (too short)")
+                (n,) = struct.unpack("<Q", raw)
+                if n > 100_000_000:
+                    raise ConvertError(f"{path}: not a safetensors file (header length {n})")
+                hdr = json.loads(f.read(n))
+                size = os.fstat(f.fileno()).st_size
+        except OSError as e:
+            raise ConvertError(f"{path}: cannot read: {e.strerror}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ConvertError(f"{path}: not a safetensors file (bad JSON header)") from None
+        for name, info in hdr.items():
+            if name == "__metadata__":
+                continue
+            b0, b1 = info["data_offsets"]
+            if 8 + n + b1 > size:
+                raise ConvertError(f"{path}: tensor {name} extends past the end of the file (truncated?)")
+            self.where[name] = path
+            self.meta[name] = (info["dtype"], list(info["shape"]), 8 + n + b0)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def source(self, *names: str) -> TensorSource:
+        """The first of `names` that exists, as a TensorSource; ConvertError if none does."""
+        for name in names:
+            if name in self.where:
+                return self._source(name)
+        raise ConvertError(f"{self.folder}: tensor {names[0]} not found in the checkpoint")
+
+    def _source(self, name: str) -> TensorSource:
+        path = self.where[name]
+        dtype, shape, offset = self.meta[name]
+        if dtype not in _NP_DTYPES:
+            raise ConvertError(f"{path}: tensor {name} has unsupported dtype {dtype} (supported: F32, F16, BF16)")
+        if len(shape) == 1:
+            rows, cols = 1, shape[0]
+        elif len(shape) == 2:
+            rows, cols = shape
+        else:
+            raise ConvertError(f"{path}: tensor {name} has shape {shape}, expected 1-D or 2-D")
+
+        if dtype == "BF16":
+            def read(r0, r1):
+                mm = np.memmap(path, dtype="<u2", mode="r", offset=offset + 2 * r0 * cols, shape=((r1 - r0) * cols,))
+                out = (mm.astype(np.uint32) << 16).view(np.float32).reshape(r1 - r0, cols)
+                del mm
+                return out
+        else:
+            sl = self._handle(path).get_slice(name)
+
+            def read(r0, r1):
+                a = sl[r0:r1] if len(shape) == 2 else sl[:].reshape(1, cols)
+                return np.asarray(a, dtype=np.float32).reshape(r1 - r0, cols)
+
+        return TensorSource(name, rows, cols, read)
+
+    def _handle(self, path):
+        h = self._handles.get(path)
+        if h is None:
+            from safetensors import safe_open
+
+            try:
+                h = safe_open(path, framework="numpy")
+            except Exception as e:  # safetensors raises its own error types
+                raise ConvertError(f"{path}: cannot open safetensors file ({e})") from None
+            self._handles[path] = h
+        return h
+
+
+def hf_sources(ck: Checkpoint, h: ModelHeader):
+    """The checkpoint's tensors in .m order (FORMATS §1.4), lazily."""
+    yield ck.source("model.embed_tokens.weight")
+    for l in range(h.n_layers):
+        p = f"model.layers.{l}."
+        q = ck.source(p + "self_attn.q_proj.weight")
+        k = ck.source(p + "self_attn.k_proj.weight")
+        if h.arch_type == ARCH_LLAMA:
+            q = permute_rows_source(q, h.n_heads)
+            k = permute_rows_source(k, h.n_kv_heads)
+        yield q
+        yield k
+        yield ck.source(p + "self_attn.v_proj.weight")
+        yield ck.source(p + "self_attn.o_proj.weight")
+        if h.n_experts == 0:
+            yield ck.source(p + "mlp.gate_proj.weight")
+            yield ck.source(p + "mlp.down_proj.weight")
+            yield ck.source(p + "mlp.up_proj.weight")
+        else:
+            yield ck.source(p + "mlp.gate.weight")
+            for e in range(h.n_experts):
+                yield ck.source(p + f"mlp.experts.{e}.gate_proj.weight")
+                yield ck.source(p + f"mlp.experts.{e}.down_proj.weight")
+                yield ck.source(p + f"mlp.experts.{e}.up_proj.weight")
+        if h.is_qwen3:
+            yield ck.source(p + "self_attn.q_norm.weight")
+            yield ck.source(p + "self_attn.k_norm.weight")
+        yield ck.source(p + "input_layernorm.weight")
+        yield ck.source(p + "post_attention_layernorm.weight")
+    yield ck.source("model.norm.weight")
+    yield ck.source("lm_head.weight", "model.embed_tokens.weight")     # tied: DL's fallback
+
+
+def convert_hf_model(folder: str | os.PathLike, out_path: str | os.PathLike, weights: str = "q40",
+                     quiet: bool = False) -> ModelHeader:
+    """Convert an HF folder's weights to a .m file (written to `<out>.partial`, then renamed)."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise ConvertError(f"{folder}: not a folder")
+    h = load_header(folder, weights)
+    ck = Checkpoint(folder)
+    # fail early (before writing anything) on a missing tensor
+    probe = hf_sources(ck, h)
+    for _ in probe:
+        pass
+    write_model(out_path, h, hf_sources(ck, h), quiet=quiet, desc=os.path.basename(os.fspath(out_path)))
+    return h
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer (FORMATS §3.2)
+
+def _token_id(vocab: dict, token, where: str):
+    if token is None:
+        return None
+    if isinstance(token, dict):          # AddedToken serialisation
+        token = token.get("content")
+    return vocab.get(token)
+
+
+def _eos_list(value, where: str):
+    if value is None:
+        return None
+    ids = value if isinstance(value, list) else [value]
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ConvertError(f"{where}: field 'eos_token_id' must be an id or a list of ids, got {value!r}")
+    return list(ids)
+
+
+def hf_tokenizer_data(folder: str | os.PathLike) -> TokenizerData:
+    folder = os.fspath(folder)
+    tj_path = os.path.join(folder, "tokenizer.json")
+    tc_path = os.path.join(folder, "tokenizer_config.json")
+    tj = _load_json(tj_path)
+    tc = _load_json(tc_path, required=False) or {}
+    config = _load_json(os.path.join(folder, "config.json"), required=False) or {}
+    gen = _load_json(os.path.join(folder, "generation_config.json"), required=False) or {}
+
+    model = tj.get("model") or {}
+    mtype = model.get("type")
+    raw_vocab = model.get("vocab")
+    unigram_scores = {}
+    if mtype == "Unigram" and isinstance(raw_vocab, list):
+        vocab = {}
+        for i, (piece, score) in enumerate(raw_vocab):
+            vocab.setdefault(piece, i)
+            unigram_scores[i] = float(score)
+    elif isinstance(raw_vocab, dict):
+        vocab = dict(raw_vocab)
+    else:
+        raise ConvertError(f"{tj_path}: unsupported tokenizer model {mtype!r} (no vocab)")
+    for t in tj.get("added_tokens") or []:
+        vocab[t["content"]] = int(t["id"])        # like get_vocab(): added tokens override
+
+    by_id: dict[int, str] = {}
+    for tok, i in vocab.items():
+        by_id.setdefault(i, tok)
+    n = len(vocab)
+    missing = [i for i in range(n) if i not in by_id]
+    if missing:
+        raise ConvertError(f"{tj_path}: token ids are not contiguous (no token with id {missing[0]}; {n} tokens)")
+
+    def has(node, kind):
+        if not isinstance(node, dict):
+            return False
+        if node.get("type") == kind:
+            return True
+        return any(has(c, kind) for key in ("pretokenizers", "decoders") for c in (node.get(key) or []))
+
+    byte_level = has(tj.get("pre_tokenizer"), "ByteLevel") or has(tj.get("decoder"), "ByteLevel")
+    sentencepiece = not byte_level and (model.get("byte_fallback") or has(tj.get("decoder"), "ByteFallback")
+                                        or has(tj.get("pre_tokenizer"), "Metaspace")
+                                        or has(tj.get("decoder"), "Metaspace"))
+    if not byte_level and not sentencepiece:
+        raise ConvertError(f"{tj_path}: unsupported tokenizer (neither byte-level BPE nor SentencePiece-style)")
+    to_bytes = byte_level_token_bytes if byte_level else sentencepiece_token_bytes
+    tokens = [to_bytes(by_id[i]) for i in range(n)]
+    for i, t in enumerate(tokens):
+        if not t:
+            raise ConvertError(f"{tj_path}: token {i} is empty")
+    if unigram_scores:
+        scores = np.array([unigram_scores.get(i, -float(i)) for i in range(n)], dtype=np.float32)
+    else:
+        scores = -np.arange(n, dtype=np.float32)         # DL: score = -id (id 0 -> -0.0)
+
+    bos = config.get("bos_token_id")
+    if bos is None:
+        bos = gen.get("bos_token_id")
+    if bos is None:
+        bos = _token_id(vocab, tc.get("bos_token"), tc_path)
+    if isinstance(bos, list):
+        bos = bos[0] if bos else None
+    if bos is None:
+        raise ConvertError(f"{folder}: cannot resolve the bos token (no 'bos_token_id' in config.json or "
+                           f"generation_config.json, no 'bos_token' in tokenizer_config.json)")
+
+    eos = _eos_list(gen.get("eos_token_id"), os.path.join(folder, "generation_config.json"))
+    if eos is None:
+        eos = _eos_list(config.get("eos_token_id"), os.path.join(folder, "config.json"))
+    if eos is None:
+        e = _token_id(vocab, tc.get("eos_token"), tc_path)
+        eos = [e] if e is not None else None
+    if eos is None:
+        raise ConvertError(f"{folder}: cannot resolve the eos tokens (no 'eos_token_id' in generation_config.json or "
+                           f"config.json, no 'eos_token' in tokenizer_config.json)")
+    for what, i in [("bos", bos)] + [("eos", e) for e in eos]:
+        if not 0 <= i < n:
+            raise ConvertError(f"{folder}: {what} id {i} is outside the vocabulary (size {n})")
+
+    add_bos = tc.get("add_bos_token")
+    add_bos = True if add_bos is None else bool(add_bos)
+
+    template = tc.get("chat_template")
+    if isinstance(template, list):       # named templates: take "default"
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    if template is None:
+        jinja = os.path.join(folder, "chat_template.jinja")
+        if os.path.isfile(jinja):
+            with open(jinja, "r", encoding="utf-8") as f:
+                template = f.read()
+    if template is not None and not isinstance(template, str):
+        raise ConvertError(f"{tc_path}: field 'chat_template' must be a string")
+
+    return TokenizerData(vocab=tokens, scores=scores, bos_id=int(bos), eos_ids=[int(e) for e in eos],
+                         add_bos=add_bos, chat_template=template, max_token_length=max(len(t) for t in tokens))
+
+
+def convert_hf_tokenizer(folder: str | os.PathLike, out_path: str | os.PathLike) -> TokenizerData:
+    data = hf_tokenizer_data(folder)
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(out_path))), exist_ok=True)
+    write_tokenizer(out_path, data)
+    return data
+
+
+def convert_hf(folder, out_model=None, out_tokenizer=None, weights: str = "q40", quiet: bool = False):
+    """Convert the model and/or the tokenizer of an HF folder. Returns (header or None, tokenizer data or None)."""
+    h = t = None
+    if out_tokenizer is not None:       # cheap; fail before the long part
+        t = convert_hf_tokenizer(folder, out_tokenizer)
+    if out_model is not None:
+        h = convert_hf_model(folder, out_model, weights, quiet)
+    return h, t
+
+
+__all__ = ["Checkpoint", "convert_hf", "convert_hf_model", "convert_hf_tokenizer", "eps_code",
+           "header_from_config", "hf_sources", "hf_tokenizer_data", "load_header", "F32"]
