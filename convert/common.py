@@ -19,8 +19,8 @@ from dllama_mpi.errors import ConvertError
 from dllama_mpi.formats import (BLOCK, F16, F32, FLOAT_NAMES, Q40, Q80, ModelHeader, float_type_name,
                                 tensor_layout, tensor_nbytes, write_model_header)
 
-# about 64 MiB of float32 per chunk
-CHUNK_ELEMENTS = 16 * 1024 * 1024
+# about 16 MiB of float32 per chunk
+CHUNK_ELEMENTS = 4 * 1024 * 1024
 
 WEIGHT_TYPES = {"q40": Q40, "f32": F32, "f16": F16}
 

@@ -1,0 +1,385 @@
+"""GGUF file -> Distributed Llama `.m` model and `.t` tokenizer.
+
+Architectures: `llama` (Llama, SmolLM2, Mistral-style dense models), `qwen3`, `qwen3moe`.
+Any GGML tensor type that `gguf.quants.dequantize` knows is read (dequantized to float32 row chunk
+by row chunk), then written as q40 (DL's encoder, FORMATS §2.1), f32 or f16.
+
+Q/K row order. llama.cpp's `convert_hf_to_gguf.py` permutes the rows of q_proj / k_proj of llama
+models with `reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)` (n_head
+= n_kv_heads for k) so that ggml's normal (adjacent-pair) rope reproduces HF's rotate_half rope. That
+is exactly DL's permutation (FORMATS §1.5), and DL's LLAMA rope is the same adjacent-pair rope, so
+`blk.N.attn_q` / `attn_k` of a llama GGUF are already in DL's order and are copied unchanged. Qwen3
+GGUFs are not permuted (ggml uses NeoX rope for them), which is DL's FALCON rope: also copied unchanged.
+
+llama3 rope scaling is not stored as metadata by llama.cpp; it writes a `rope_freqs.weight` tensor
+of per-frequency divisors instead. The four DL header values are recovered from it by matching the
+tensor against llama3's formula for the usual parameter values.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from dllama_mpi.errors import ConvertError
+from dllama_mpi.formats import (ACT_SILU, ARCH_LLAMA, ARCH_QWEN3, ARCH_QWEN3_MOE, HEADER_KEY_OF,
+                                ROPE_LLAMA3_1, ModelHeader, TokenizerData, write_tokenizer)
+
+from .common import (TensorSource, byte_level_token_bytes, check_header_for_weights, parse_weights_type,
+                     sentencepiece_token_bytes, write_model)
+from .hf import eps_code
+
+ARCHS = {"llama": ARCH_LLAMA, "qwen3": ARCH_QWEN3, "qwen3moe": ARCH_QWEN3_MOE}
+
+
+def _open(path: str):
+    import gguf as _gguf
+
+    if not os.path.isfile(path):
+        raise ConvertError(f"{path}: file not found")
+    try:
+        return _gguf.GGUFReader(path)
+    except (ValueError, OSError, KeyError) as e:
+        raise ConvertError(f"{path}: cannot read GGUF file ({e})") from None
+
+
+class GGUFFile:
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.reader = _open(self.path)
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        arch = self.get("general.architecture")
+        if arch not in ARCHS:
+            raise ConvertError(f"{self.path}: unsupported architecture {arch!r} in general.architecture "
+                               f"(supported: {', '.join(ARCHS)})")
+        self.arch = arch
+
+    def get(self, key: str, default=None):
+        f = self.reader.get_field(key)
+        if f is None:
+            return default
+        try:
+            return f.contents()
+        except Exception as e:
+            raise ConvertError(f"{self.path}: cannot read metadata {key} ({e})") from None
+
+    def need(self, key: str):
+        v = self.get(key)
+        if v is None:
+            raise ConvertError(f"{self.path}: missing metadata {key}")
+        return v
+
+    # -- tensors ----------------------------------------------------------------------------
+
+    def source(self, *names: str) -> TensorSource:
+        for name in names:
+            t = self.tensors.get(name)
+            if t is not None:
+                return self._source(t)
+        raise ConvertError(f"{self.path}: tensor {names[0]} not found")
+
+    def _source(self, t, expert: int | None = None) -> TensorSource:
+        from gguf import GGMLQuantizationType as Q
+        from gguf.quants import dequantize
+
+        dims = [int(d) for d in t.shape]          # ggml order: ne0 = columns first
+        data = t.data
+        name = t.name
+        if expert is not None:
+            if len(dims) != 3:
+                raise ConvertError(f"{self.path}: tensor {t.name} has {len(dims)} dims, expected 3 (experts)")
+            data = data[expert]
+            dims = dims[:2]
+            name = f"{t.name}[{expert}]"
+        if len(dims) == 1:
+            rows, cols = 1, dims[0]
+            data = data.reshape(1, -1)
+        elif len(dims) == 2:
+            cols, rows = dims
+        else:
+            raise ConvertError(f"{self.path}: tensor {t.name} has shape {dims}, expected 1-D or 2-D")
+        qtype = t.tensor_type
+        if qtype in (Q.F64, Q.I8, Q.I16, Q.I32, Q.I64):
+            def read(r0, r1):
+                return np.asarray(data[r0:r1], dtype=np.float32)
+        else:
+            try:
+                dequantize(np.zeros((0,) + tuple(data.shape[1:]), dtype=data.dtype), qtype)
+            except NotImplementedError:
+                raise ConvertError(f"{self.path}: tensor {t.name} has unsupported type {qtype.name}") from None
+            except Exception:
+                pass
+
+            def read(r0, r1):
+                try:
+                    a = dequantize(np.asarray(data[r0:r1]), qtype)
+                except NotImplementedError:
+                    raise ConvertError(f"{self.path}: tensor {t.name} has unsupported type {qtype.name}") from None
+                return np.asarray(a, dtype=np.float32).reshape(r1 - r0, cols)
+        return TensorSource(name, rows, cols, read)
+
+    def expert_source(self, name: str, e: int) -> TensorSource:
+        t = self.tensors.get(name)
+        if t is None:
+            raise ConvertError(f"{self.path}: tensor {name} not found")
+        return self._source(t, expert=e)
+
+    def read_all(self, name: str) -> np.ndarray:
+        s = self.source(name)
+        return s.read(0, s.rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# header
+
+def _llama3_rope_factors(head_dim: int, theta: float, factor: float, low: float, high: float, orig: int):
+    """llama.cpp's rope_freqs tensor for llama3 scaling (divisors of each base frequency)."""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    low_wl, high_wl = orig / low, orig / high
+    out = []
+    for f in freqs:
+        wl = 2 * np.pi / f
+        if wl < high_wl:
+            out.append(1.0)
+        elif wl > low_wl:
+            out.append(factor)
+        else:
+            smooth = (orig / wl - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(out)
+
+
+def _fit_llama3_scaling(g: GGUFFile, head_dim: int, theta: float):
+    rf = g.read_all("rope_freqs.weight").reshape(-1).astype(np.float64)
+    if rf.size != head_dim // 2:
+        raise ConvertError(f"{g.path}: rope_freqs.weight has {rf.size} values, expected {head_dim // 2}")
+    if np.allclose(rf, 1.0):
+        return None
+    factor = float(rf.max())
+    origs = [g.get(f"{g.arch}.rope.scaling.original_context_length")] if g.get(
+        f"{g.arch}.rope.scaling.original_context_length") else []
+    origs += [256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
+    for orig in origs:
+        for low in (1, 2, 0.5, 4):
+            for high in (4, 2, 8, 1, 16):
+                if high <= low:
+                    continue
+                ref = _llama3_rope_factors(head_dim, theta, factor, low, high, int(orig))
+                if np.allclose(ref, rf, rtol=1e-4, atol=1e-6):
+                    for name, v in (("factor", factor), ("low_freq_factor", low), ("high_freq_factor", high)):
+                        if float(v) != int(v):
+                            raise ConvertError(f"{g.path}: llama3 rope scaling {name} {v} is not an integer "
+                                               f"(the .m header stores integers)")
+                    return int(factor), int(low), int(high), int(orig)
+    raise ConvertError(f"{g.path}: rope_freqs.weight does not match llama3 rope scaling with usual parameters; "
+                       f"cannot express it in a .m header")
+
+
+def gguf_header(g: GGUFFile, weights_float_type: int) -> ModelHeader:
+    a = g.arch
+    P = f"{a}."
+
+    def need_int(key):
+        v = g.need(P + key)
+        return int(v)
+
+    n_heads = need_int("attention.head_count")
+    kv = g.get(P + "attention.head_count_kv")
+    if isinstance(kv, list):
+        raise ConvertError(f"{g.path}: per-layer {P}attention.head_count_kv is not supported")
+    tokens = g.get("tokenizer.ggml.tokens")
+    vocab = g.get(P + "vocab_size")
+    if vocab is None:
+        emb = g.tensors.get("token_embd.weight")
+        vocab = int(emb.shape[1]) if emb is not None and len(emb.shape) == 2 else (len(tokens) if tokens else None)
+    if vocab is None:
+        raise ConvertError(f"{g.path}: cannot determine the vocabulary size")
+    ff = g.get(P + "feed_forward_length")
+    if isinstance(ff, list):
+        raise ConvertError(f"{g.path}: per-layer {P}feed_forward_length is not supported")
+    v = dict(version=0, arch_type=ARCHS[a], hidden_act=ACT_SILU, dim=need_int("embedding_length"),
+             hidden_dim=int(ff) if ff is not None else 0, n_layers=need_int("block_count"), n_heads=n_heads,
+             n_kv_heads=int(kv) if kv is not None else n_heads, weights_float_type=weights_float_type,
+             max_seq_len=need_int("context_length"), vocab_size=int(vocab), n_experts=0, n_active_experts=0)
+    present = ["version", "arch_type", "hidden_act", "dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads",
+               "weights_float_type", "max_seq_len", "vocab_size", "n_experts", "n_active_experts"]
+    if a == "qwen3moe":
+        v["n_experts"] = need_int("expert_count")
+        v["n_active_experts"] = need_int("expert_used_count")
+        if not v["hidden_dim"]:
+            v["hidden_dim"] = need_int("expert_feed_forward_length")
+    elif not v["hidden_dim"]:
+        raise ConvertError(f"{g.path}: missing metadata {P}feed_forward_length")
+
+    theta = g.get(P + "rope.freq_base")
+    if theta is not None:
+        v["rope_theta"] = int(theta)
+        present.append("rope_theta")
+
+    head_dim = g.get(P + "attention.key_length") or g.get(P + "rope.dimension_count")
+    hd = int(head_dim) if head_dim else v["dim"] // n_heads
+    vlen = g.get(P + "attention.value_length")
+    if vlen is not None and int(vlen) != hd:
+        raise ConvertError(f"{g.path}: {P}attention.value_length {vlen} differs from the key length {hd}")
+    rdim = g.get(P + "rope.dimension_count")
+    if rdim is not None and int(rdim) != hd:
+        raise ConvertError(f"{g.path}: partial rope ({P}rope.dimension_count {rdim} < head size {hd}) is not supported")
+
+    stype = g.get(P + "rope.scaling.type")
+    if stype not in (None, "none"):
+        raise ConvertError(f"{g.path}: unsupported {P}rope.scaling.type {stype!r}")
+    if "rope_freqs.weight" in g.tensors:
+        fit = _fit_llama3_scaling(g, hd, float(theta) if theta is not None else 10000.0)
+        if fit is not None:
+            (v["rope_scaling_factor"], v["rope_scaling_low_freq_factor"], v["rope_scaling_high_freq_factor"],
+             v["rope_scaling_orig_max_seq_len"]) = fit
+            v["rope_type"] = ROPE_LLAMA3_1
+            present += ["rope_scaling_factor", "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor",
+                        "rope_scaling_orig_max_seq_len", "rope_type"]
+    if head_dim:
+        v["head_dim"] = hd
+        present.append("head_dim")
+    eps = g.get(P + "attention.layer_norm_rms_epsilon")
+    if eps is not None:
+        v["norm_epsilon"] = eps_code(eps, f"{g.path}: metadata {P}attention.layer_norm_rms_epsilon")
+        present.append("norm_epsilon")
+    if a == "qwen3moe":
+        v["moe_hidden_dim"] = need_int("expert_feed_forward_length")
+        present.append("moe_hidden_dim")
+    h = ModelHeader(**v, present=tuple(HEADER_KEY_OF[n] for n in present))
+    if h.n_heads % h.n_kv_heads:
+        raise ConvertError(f"{g.path}: head_count {h.n_heads} is not a multiple of head_count_kv {h.n_kv_heads}")
+    check_header_for_weights(h, g.path)
+    return h
+
+
+def gguf_sources(g: GGUFFile, h: ModelHeader):
+    """The GGUF tensors in .m order (FORMATS §1.4). No q/k permutation: see the module docstring."""
+    yield g.source("token_embd.weight")
+    for l in range(h.n_layers):
+        p = f"blk.{l}."
+        yield g.source(p + "attn_q.weight")
+        yield g.source(p + "attn_k.weight")
+        yield g.source(p + "attn_v.weight")
+        yield g.source(p + "attn_output.weight")
+        if h.n_experts == 0:
+            yield g.source(p + "ffn_gate.weight")
+            yield g.source(p + "ffn_down.weight")
+            yield g.source(p + "ffn_up.weight")
+        else:
+            yield g.source(p + "ffn_gate_inp.weight")
+            for e in range(h.n_experts):
+                yield g.expert_source(p + "ffn_gate_exps.weight", e)
+                yield g.expert_source(p + "ffn_down_exps.weight", e)
+                yield g.expert_source(p + "ffn_up_exps.weight", e)
+        if h.is_qwen3:
+            yield g.source(p + "attn_q_norm.weight")
+            yield g.source(p + "attn_k_norm.weight")
+        yield g.source(p + "attn_norm.weight")
+        yield g.source(p + "ffn_norm.weight")
+    yield g.source("output_norm.weight")
+    yield g.source("output.weight", "token_embd.weight")     # tied embeddings
+
+
+def convert_gguf_model(path: str | os.PathLike, out_path: str | os.PathLike, weights: str = "q40",
+                       quiet: bool = False, g: GGUFFile | None = None) -> ModelHeader:
+    g = g or GGUFFile(path)
+    wtype = parse_weights_type(weights) if isinstance(weights, str) else weights
+    h = gguf_header(g, wtype)
+    for unsupported in ("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias"):
+        if f"blk.0.{unsupported}" in g.tensors:
+            raise ConvertError(f"{g.path}: tensor blk.0.{unsupported} (attention bias) is not supported")
+    for _ in gguf_sources(g, h):      # every tensor exists and has a readable type, before writing
+        pass
+    write_model(out_path, h, gguf_sources(g, h), quiet=quiet, desc=os.path.basename(os.fspath(out_path)))
+    return h
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+def _bpe_scores(tokens: list[str], merges: list[str] | None) -> np.ndarray:
+    """-id (DL's rule) when merge ranks follow id order (true for SmolLM2 and Llama 3); else ranks."""
+    n = len(tokens)
+    scores = -np.arange(n, dtype=np.float32)
+    if not merges:
+        return scores
+    idx = {t: i for i, t in enumerate(tokens)}
+    merged = [idx.get(m.replace(" ", "", 1)) for m in merges]
+    ids = [i for i in merged if i is not None]
+    if all(b > a for a, b in zip(ids, ids[1:])):
+        return scores
+    # merge order differs from id order: score merged tokens by their first merge's rank,
+    # everything else below every merge result (DL only compares scores of merge results)
+    rank_scores = np.full(n, -float(len(merges)), dtype=np.float64) - np.arange(n)
+    seen = set()
+    for r, i in enumerate(merged):
+        if i is not None and i not in seen:
+            seen.add(i)
+            rank_scores[i] = -float(r)
+    return rank_scores.astype(np.float32)
+
+
+def gguf_tokenizer_data(g: GGUFFile) -> TokenizerData:
+    model = g.get("tokenizer.ggml.model")
+    tokens = g.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise ConvertError(f"{g.path}: no tokenizer.ggml.tokens (vocabulary) in the file")
+    if model == "gpt2":
+        vocab = [byte_level_token_bytes(t) for t in tokens]
+        scores = _bpe_scores(tokens, g.get("tokenizer.ggml.merges"))
+    elif model == "llama":
+        vocab = [sentencepiece_token_bytes(t) for t in tokens]
+        s = g.get("tokenizer.ggml.scores")
+        scores = np.asarray(s, dtype=np.float32) if s is not None else -np.arange(len(tokens), dtype=np.float32)
+        if scores.size != len(tokens):
+            raise ConvertError(f"{g.path}: tokenizer.ggml.scores has {scores.size} values for {len(tokens)} tokens")
+    else:
+        raise ConvertError(f"{g.path}: unsupported tokenizer.ggml.model {model!r} (supported: gpt2, llama)")
+    for i, t in enumerate(vocab):
+        if not t:
+            raise ConvertError(f"{g.path}: token {i} is empty")
+
+    bos = g.get("tokenizer.ggml.bos_token_id")
+    if bos is None:
+        raise ConvertError(f"{g.path}: missing metadata tokenizer.ggml.bos_token_id")
+    eos = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        e = g.get(key)
+        if e is not None and int(e) not in eos:
+            eos.append(int(e))
+    if not eos:
+        raise ConvertError(f"{g.path}: missing metadata tokenizer.ggml.eos_token_id")
+    n = len(vocab)
+    for what, i in [("bos", int(bos))] + [("eos", e) for e in eos]:
+        if not 0 <= i < n:
+            raise ConvertError(f"{g.path}: {what} id {i} is outside the vocabulary (size {n})")
+    add_bos = g.get("tokenizer.ggml.add_bos_token")
+    template = g.get("tokenizer.chat_template")
+    return TokenizerData(vocab=vocab, scores=scores, bos_id=int(bos), eos_ids=eos,
+                         add_bos=True if add_bos is None else bool(add_bos), chat_template=template,
+                         max_token_length=max(len(t) for t in vocab))
+
+
+def convert_gguf_tokenizer(path, out_path, g: GGUFFile | None = None) -> TokenizerData:
+    g = g or GGUFFile(path)
+    data = gguf_tokenizer_data(g)
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(out_path))), exist_ok=True)
+    write_tokenizer(out_path, data)
+    return data
+
+
+def convert_gguf(path, out_model=None, out_tokenizer=None, weights: str = "q40", quiet: bool = False):
+    """Convert a GGUF file's model and/or tokenizer. Returns (header or None, tokenizer data or None)."""
+    g = GGUFFile(path)
+    h = t = None
+    if out_tokenizer is not None:
+        t = convert_gguf_tokenizer(path, out_tokenizer, g)
+    if out_model is not None:
+        h = convert_gguf_model(path, out_model, weights, quiet, g)
+    return h, t
+
+
+__all__ = ["GGUFFile", "convert_gguf", "convert_gguf_model", "convert_gguf_tokenizer", "gguf_header",
+           "gguf_sources", "gguf_tokenizer_data"]
