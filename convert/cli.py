@@ -1,0 +1,100 @@
+"""`convert` click group: `convert hf FOLDER ...` and `convert gguf FILE ...`.
+
+The main `dllama-mpi` group attaches it (`main.add_command(convert)`); no console script of its own.
+Errors are ConvertError (a DllamaError): the main CLI prints them as one line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import click
+
+from dllama_mpi.formats import FLOAT_NAMES
+
+WEIGHT_CHOICES = click.Choice(["q40", "f32"], case_sensitive=False)
+
+
+def _common(fn):
+    opts = [
+        click.option("--out-model", "out_model", type=click.Path(dir_okay=False), default=None,
+                     help="Output .m model file (omit to skip the model)."),
+        click.option("--out-tokenizer", "out_tokenizer", type=click.Path(dir_okay=False), default=None,
+                     help="Output .t tokenizer file (omit to skip the tokenizer)."),
+        click.option("--weights", type=WEIGHT_CHOICES, default="q40", show_default=True,
+                     help="Float type of the weight matrices."),
+        click.option("--quiet", is_flag=True, help="No progress bar or summary."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _report(quiet, what, h, t, out_model, out_tokenizer, t0):
+    if quiet:
+        return
+    if h is not None:
+        click.echo(f"{out_model}: {h.arch_name} dim {h.dim} hidden {h.hidden_dim} layers {h.n_layers} heads "
+                   f"{h.n_heads}/{h.n_kv_heads} vocab {h.vocab_size} {FLOAT_NAMES[h.weights_float_type]}, "
+                   f"{os.path.getsize(out_model)} bytes", err=True)
+    if t is not None:
+        click.echo(f"{out_tokenizer}: {t.vocab_size} tokens, bos {t.bos_id}, eos {t.eos_ids}, add_bos "
+                   f"{int(t.add_bos)}, chat template {'yes' if t.chat_template else 'no'}", err=True)
+    click.echo(f"converted {what} in {time.time() - t0:.1f} s", err=True)
+
+
+def _check_outputs(out_model, out_tokenizer):
+    if out_model is None and out_tokenizer is None:
+        raise click.UsageError("give --out-model and/or --out-tokenizer")
+
+
+@click.group("convert")
+def convert():
+    """Convert Hugging Face folders or GGUF files to Distributed Llama .m / .t files."""
+
+
+@convert.command("hf")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@_common
+def hf_cmd(folder, out_model, out_tokenizer, weights, quiet):
+    """Convert a Hugging Face model FOLDER (config.json, *.safetensors, tokenizer.json)."""
+    from .hf import convert_hf
+
+    _check_outputs(out_model, out_tokenizer)
+    t0 = time.time()
+    h, t = convert_hf(folder, out_model, out_tokenizer, weights.lower(), quiet)
+    _report(quiet, folder, h, t, out_model, out_tokenizer, t0)
+
+
+@convert.command("gguf")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@_common
+def gguf_cmd(file, out_model, out_tokenizer, weights, quiet):
+    """Convert a GGUF FILE (llama / qwen3 / qwen3moe architecture, any tensor type)."""
+    from .gguf import convert_gguf
+
+    _check_outputs(out_model, out_tokenizer)
+    t0 = time.time()
+    h, t = convert_gguf(file, out_model, out_tokenizer, weights.lower(), quiet)
+    _report(quiet, file, h, t, out_model, out_tokenizer, t0)
+
+
+def main(argv=None):  # for `python -m dllama_mpi.convert.cli` during development
+    from dllama_mpi.errors import DllamaError
+
+    try:
+        convert.main(args=argv, standalone_mode=False)
+    except DllamaError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

