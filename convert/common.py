@@ -17,7 +17,7 @@ import numpy as np
 
 from dllama_mpi.errors import ConvertError
 from dllama_mpi.formats import (BLOCK, F16, F32, FLOAT_NAMES, Q40, Q80, ModelHeader, float_type_name,
-                                tensor_layout, tensor_nbytes, write_model_header)
+                                tensor_layout, write_model_header)
 
 # about 16 MiB of float32 per chunk
 CHUNK_ELEMENTS = 4 * 1024 * 1024

@@ -20,8 +20,8 @@ import struct
 import numpy as np
 
 from dllama_mpi.errors import ConvertError
-from dllama_mpi.formats import (ACT_GELU, ACT_SILU, ARCH_LLAMA, ARCH_QWEN3, ARCH_QWEN3_MOE, F32,
-                                HEADER_KEY_OF, ROPE_LLAMA3_1, ModelHeader, TokenizerData, write_tokenizer)
+from dllama_mpi.formats import (ACT_GELU, ACT_SILU, ARCH_LLAMA, ARCH_QWEN3, ARCH_QWEN3_MOE, HEADER_KEY_OF,
+                                ROPE_LLAMA3_1, ModelHeader, TokenizerData, write_tokenizer)
 
 from .common import (TensorSource, byte_level_token_bytes, check_header_for_weights, parse_weights_type,
                      permute_rows_source, sentencepiece_token_bytes, write_model)
@@ -453,4 +453,4 @@ def convert_hf(folder, out_model=None, out_tokenizer=None, weights: str = "q40",
 
 
 __all__ = ["Checkpoint", "convert_hf", "convert_hf_model", "convert_hf_tokenizer", "eps_code",
-           "header_from_config", "hf_sources", "hf_tokenizer_data", "load_header", "F32"]
+           "header_from_config", "hf_sources", "hf_tokenizer_data", "load_header"]
