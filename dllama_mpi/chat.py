@@ -1,0 +1,483 @@
+"""`dllama-mpi chat`: an interactive conversation. Rank 0 talks to the terminal; the other ranks
+follow its forward passes (`Engine.serve`) and ignore SIGINT, so Ctrl-C only reaches the root.
+
+The conversation stays in the KV cache: each turn only the new tokens are evaluated (see
+`PromptHistory`: the previous prompt plus the generated tokens are reused token for token when the
+newly rendered prompt extends them; otherwise `Generator.prefill` keeps the longest common prefix).
+
+Ctrl-C under MPICH's mpiexec: the ranks run in sessions of their own (no controlling terminal);
+the terminal's Ctrl-C reaches mpiexec, which forwards the first SIGINT to every rank and kills the
+whole job on the second. So during an answer the root switches the terminal (found through its
+ancestors' stdin when its own stdin is hydra's pipe) to deliver Ctrl-C as a byte (ISIG off), which
+mpiexec forwards on stdin like any other key; a SIGINT that still arrives (no terminal found, or a
+`kill -INT`) also just stops the answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import sys
+import termios
+
+import click
+
+from .errors import ConfigError, DllamaError
+
+
+def say(msg: str) -> None:
+    """Notices go to stdout with the answers: mpiexec forwards stdout and stderr separately, so
+    only one stream keeps them in order."""
+    print(msg, flush=True)
+
+CTRL_C = 0x03
+
+HELP = """commands:
+  /help         this help
+  /exit         quit (Ctrl-D too)
+  /clear        start a new conversation (the system prompt stays)
+  /save FILE    save the conversation and settings as JSON
+  /load FILE    load a conversation saved with /save
+  /stats        speed of the last answer
+Ctrl-C stops the answer being generated."""
+
+
+# ------------------------------------------------------------------------------------------------
+# prompt building shared by chat and api
+
+def template_for(tokenizer, override: str | None):
+    from .chat_template import ChatTemplate
+
+    def text(i):
+        if i is None or not 0 <= i < tokenizer.vocab_size:
+            return ""
+        return tokenizer.token_bytes(i).decode("utf-8", errors="replace")
+
+    bos = text(tokenizer.bos_id) if tokenizer.bos_id >= 0 else ""
+    eos = text(tokenizer.eos_ids[0]) if tokenizer.eos_ids else ""
+    return ChatTemplate.from_tokenizer(tokenizer.chat_template, bos, eos, override=override)
+
+
+class PromptHistory:
+    """The text and tokens of what the cache holds after the last answer (prompt + generated
+    tokens, end-of-turn token included), so that the next prompt is tokenized as
+    `ids + encode(new text)` when its text extends it: the cached tokens are then reused exactly,
+    whatever a re-tokenization of the answer would have given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.text: str | None = None
+        self.ids: list[int] = []
+
+    def clear(self) -> None:
+        self.text, self.ids = None, []
+
+    def encode(self, prompt_text: str) -> list[int]:
+        """Token ids of a rendered chat prompt (the template writes bos itself)."""
+        tok = self.tokenizer
+        h = self.text, self.ids  # one snapshot (the API reads it from another thread)
+        if h[0] is not None and len(prompt_text) > len(h[0]) and prompt_text.startswith(h[0]):
+            return list(h[1]) + tok.encode(prompt_text[len(h[0]):], add_bos=False)
+        return tok.encode(prompt_text, add_bos=False)
+
+    def record(self, prompt_text: str, prompt_ids: list[int], generated: list[int]) -> None:
+        """After an answer: the cache holds prompt_ids + generated[:-1]; the next prompt will
+        contain the whole answer, end-of-turn token included."""
+        # Invalid UTF-8 in the answer became U+FFFD in its text: the text still maps to these tokens
+        # (what the model generated), which is what the cache holds.
+        gen_text = self.tokenizer.decode(generated)
+        self.text, self.ids = prompt_text + gen_text, list(prompt_ids) + list(generated)
+
+
+# ------------------------------------------------------------------------------------------------
+# terminal
+
+def _ancestor_tty() -> int | None:
+    """A file descriptor on the terminal the user types into: our stdin when it is one, else the
+    stdin of the nearest ancestor (mpiexec) that reads a terminal. None when there is none."""
+    if os.isatty(0):
+        return os.dup(0)
+    pid = os.getppid()
+    for _ in range(4):
+        if pid <= 1:
+            break
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/0")
+            if link.startswith("/dev/pts/") or link.startswith("/dev/tty"):
+                fd = os.open(link, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+                if os.isatty(fd):
+                    return fd
+                os.close(fd)
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return None
+
+
+class Terminal:
+    """Line input from fd 0 (a pipe from mpiexec, or a terminal) with a Ctrl-C check that does not
+    lose type-ahead, and output on stdout."""
+
+    def __init__(self):
+        self.fd = 0
+        self.buf = b""
+        self.eof = False
+        self.tty = _ancestor_tty()
+        self.saved = None
+        self.interrupted = False   # set by SIGINT during an answer
+
+    # --- input -----------------------------------------------------------------------------
+
+    def readline(self) -> str | None:
+        """The next line without its newline; None at end of input."""
+        while b"\n" not in self.buf and not self.eof:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except InterruptedError:   # pragma: no cover (PEP 475 retries)
+                continue
+            if not chunk:
+                self.eof = True
+            self.buf += chunk.replace(bytes([CTRL_C]), b"")
+        if b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+        elif self.buf:
+            line, self.buf = self.buf, b""
+        else:
+            return None
+        return line.decode("utf-8", errors="replace").rstrip("\r")
+
+    def ctrl_c_pending(self) -> bool:
+        """Reads what is available on stdin without blocking; True when it holds a Ctrl-C byte."""
+        if self.eof:
+            return False
+        hit = False
+        while True:
+            try:
+                r, _, _ = select.select([self.fd], [], [], 0)
+            except (OSError, ValueError):
+                return False
+            if not r:
+                return hit
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                self.eof = True
+                return hit
+            if CTRL_C in chunk:
+                hit = True
+                chunk = chunk.replace(bytes([CTRL_C]), b"")
+            chunk = chunk.replace(b"\x04", b"")   # Ctrl-D typed during an answer (raw mode): ignored
+            self.buf += chunk
+
+    def should_abort(self) -> bool:
+        return self.interrupted or self.ctrl_c_pending()
+
+    # --- Ctrl-C as a byte while an answer is generated -------------------------------------
+
+    def raw_ctrl_c(self) -> None:
+        if self.tty is None:
+            return
+        try:
+            self.saved = termios.tcgetattr(self.tty)
+            new = termios.tcgetattr(self.tty)
+            new[3] &= ~(termios.ISIG | termios.ICANON | termios.ECHO)
+            new[6][termios.VMIN] = 1
+            new[6][termios.VTIME] = 0
+            termios.tcsetattr(self.tty, termios.TCSANOW, new)
+        except (termios.error, OSError):
+            self.saved = None
+
+    def restore(self) -> None:
+        if self.tty is not None and self.saved is not None:
+            try:
+                termios.tcsetattr(self.tty, termios.TCSANOW, self.saved)
+            except (termios.error, OSError):
+                pass
+            self.saved = None
+
+    def close(self) -> None:
+        self.restore()
+        if self.tty is not None:
+            os.close(self.tty)
+            self.tty = None
+
+    # --- output ----------------------------------------------------------------------------
+
+    @staticmethod
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+# ------------------------------------------------------------------------------------------------
+# the session
+
+SETTING_KEYS = ("system", "temperature", "topp", "seed", "max_tokens", "stop", "think", "chat_template",
+                "context_overflow")
+
+
+class ChatSession:
+    """The root's side of `dllama-mpi chat`."""
+
+    def __init__(self, engine, tokenizer, term: Terminal, settings: dict, ignore_eos: bool = False):
+        from .generate import Generator
+
+        self.engine, self.tokenizer, self.term = engine, tokenizer, term
+        self.gen = Generator(engine, tokenizer)
+        self.history = PromptHistory(tokenizer)
+        self.settings = dict(settings)
+        self.ignore_eos = ignore_eos
+        self.messages: list[dict] = []       # user/assistant turns (the system prompt is a setting)
+        self.last_stats = None
+        self.apply_settings()
+
+    def apply_settings(self) -> None:
+        from .sampler import Sampler
+
+        s = self.settings
+        self.template = template_for(self.tokenizer, s.get("chat_template"))
+        try:
+            self.sampler = Sampler(self.tokenizer.vocab_size, s["temperature"], s["topp"], s.get("seed"))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if s.get("max_tokens") is not None and s["max_tokens"] < 1:
+            raise ConfigError(f"--max-tokens must be >= 1, got {s['max_tokens']}")
+
+    def conversation(self, extra: list[dict] = ()) -> list[dict]:
+        system = self.settings.get("system")
+        head = [{"role": "system", "content": system}] if system else []
+        return head + self.messages + list(extra)
+
+    # --- one turn ----------------------------------------------------------------------------
+
+    def _reserve(self) -> int:
+        mt = self.settings.get("max_tokens")
+        return max(1, min(mt or 128, self.engine.max_seq_len // 4))
+
+    def _prompt(self, user: str) -> tuple[str, list[int]] | None:
+        """Render and tokenize the conversation plus the new message, applying the configured
+        context-overflow policy. None (after a message) when it cannot fit."""
+        max_seq = self.engine.max_seq_len
+        dropped = 0
+        while True:
+            msgs = self.conversation([{"role": "user", "content": user}])
+            text = self.template.render(msgs, add_generation_prompt=True)
+            ids = self.history.encode(text)
+            if len(ids) < max_seq and (self.settings["context_overflow"] == "error" or not self.messages
+                                       or len(ids) + self._reserve() <= max_seq):
+                break
+            if self.settings["context_overflow"] == "error":
+                say(f"context full: the conversation with your message is {len(ids)} tokens and the context "
+                    f"holds {max_seq}; /clear starts a new conversation (/save keeps this one), or run with "
+                    f"--context-overflow truncate-oldest to drop the oldest turns automatically")
+                return None
+            if not self.messages:
+                say(f"your message alone is {len(ids)} tokens and the context holds {max_seq}: shorten it")
+                return None
+            # drop the oldest turn: its user message and what follows up to the next user message
+            self.messages.pop(0)
+            dropped += 1
+            while self.messages and self.messages[0]["role"] != "user":
+                self.messages.pop(0)
+                dropped += 1
+            self.history.clear()
+        if dropped:
+            say(f"(context full: dropped the {dropped} oldest message(s))")
+        return text, ids
+
+    def turn(self, user: str) -> None:
+        from .chat_template import ThinkingFilter, prompt_opens_thinking
+
+        p = self._prompt(user)
+        if p is None:
+            return
+        text, ids = p
+        room = self.engine.max_seq_len - len(ids) + 1   # the first token needs no forward pass
+        mt = self.settings.get("max_tokens")
+        max_tokens = min(mt, room) if mt else room
+        show = self.settings.get("think", "show") == "show"
+        filt = ThinkingFilter(show=show, inside=prompt_opens_thinking(text))
+        pieces, generated = [], []
+        term = self.term
+        term.interrupted = False
+        term.raw_ctrl_c()
+        old = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            for piece in self.gen.stream(ids, max_tokens, self.sampler, stop=self.settings.get("stop") or (),
+                                         ignore_eos=self.ignore_eos, should_abort=term.should_abort):
+                generated.append(piece.token)
+                pieces.append(piece.text)
+                out = filt.push(piece.text)
+                if out:
+                    term.write(out)
+            term.write(filt.flush())
+        finally:
+            signal.signal(signal.SIGINT, old)
+            term.restore()
+        st = self.gen.last
+        self.last_stats = st
+        answer = "".join(pieces)
+        term.write("\n")
+        if st.finish_reason == "abort":
+            say("[stopped]")
+        elif st.finish_reason == "length" and len(self.gen.cached) >= self.engine.max_seq_len:
+            say("[context full: the answer was cut; /clear starts a new conversation]")
+        self.messages.append({"role": "user", "content": user})
+        self.messages.append({"role": "assistant", "content": answer})
+        ended_on_eos = bool(generated) and generated[-1] in self.tokenizer.eos_ids and not self.ignore_eos
+        if st.finish_reason == "stop" and not ended_on_eos:
+            self.history.clear()   # cut by a stop string: the stored answer is not the generated tokens
+        else:
+            self.history.record(text, ids, generated)
+
+    def _on_sigint(self, signum, frame):
+        self.term.interrupted = True
+
+    # --- commands ----------------------------------------------------------------------------
+
+    def stats_line(self) -> str:
+        st = self.last_stats
+        if st is None:
+            return "no answer yet"
+        d = st.as_dict()
+        return (f"prompt: {st.prompt_tokens} tokens ({st.evaluated_prompt_tokens} evaluated, "
+                f"{st.prompt_tokens - st.evaluated_prompt_tokens} from the cache), {st.prompt_tps:.2f} tok/s | "
+                f"answer: {st.generated_tokens} tokens, {st.generate_tps:.2f} tok/s, {d['ms_per_token']:.2f} ms/token "
+                f"| finish: {st.finish_reason} | context: {len(self.gen.cached)}/{self.engine.max_seq_len}")
+
+    def save(self, path: str) -> None:
+        data = {"format": "dllama-mpi-chat", "version": 1,
+                "settings": {k: self.settings.get(k) for k in SETTING_KEYS},
+                "messages": self.messages}
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=1)
+
+    def load(self, path: str) -> None:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+            raise ConfigError(f"{path}: not a conversation saved with /save")
+        msgs = []
+        for m in data["messages"]:
+            if not (isinstance(m, dict) and m.get("role") in ("user", "assistant", "system")
+                    and isinstance(m.get("content"), str)):
+                raise ConfigError(f"{path}: bad message {m!r}")
+            msgs.append({"role": m["role"], "content": m["content"]})
+        settings = dict(self.settings)
+        for k, v in (data.get("settings") or {}).items():
+            if k in SETTING_KEYS:
+                settings[k] = v
+        old = dict(self.settings)
+        self.settings = settings
+        try:
+            self.apply_settings()
+        except DllamaError:
+            self.settings = old
+            self.apply_settings()
+            raise
+        self.messages = msgs
+        self.history.clear()
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False means exit."""
+        cmd, _, arg = line.strip().partition(" ")
+        arg = arg.strip()
+        if cmd in ("/exit", "/quit", "/bye"):
+            return False
+        if cmd == "/help":
+            print(HELP, flush=True)
+        elif cmd == "/clear":
+            self.messages = []
+            self.history.clear()
+            print("(new conversation)", flush=True)
+        elif cmd == "/stats":
+            print(self.stats_line(), flush=True)
+        elif cmd in ("/save", "/load"):
+            if not arg:
+                print(f"usage: {cmd} FILE", flush=True)
+                return True
+            try:
+                if cmd == "/save":
+                    self.save(arg)
+                    print(f"(saved {len(self.messages)} messages to {arg})", flush=True)
+                else:
+                    self.load(arg)
+                    print(f"(loaded {len(self.messages)} messages from {arg})", flush=True)
+            except (OSError, ValueError, DllamaError) as e:
+                print(f"{cmd} failed: {e}", flush=True)
+        else:
+            print(f"unknown command {cmd}; /help lists the commands", flush=True)
+        return True
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        term = self.term
+        print("chat: /help for commands, /exit or Ctrl-D to quit", flush=True)
+        while True:
+            term.write("\n> ")
+            try:
+                line = term.readline()
+            except KeyboardInterrupt:
+                print("\n(Ctrl-C: /exit or Ctrl-D quits; a second Ctrl-C at the prompt ends the job)", flush=True)
+                continue
+            if line is None:
+                term.write("\n")
+                return
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    return
+                continue
+            try:
+                self.turn(line)
+            except KeyboardInterrupt:   # pragma: no cover (the handler only sets a flag)
+                say("[stopped]")
+
+
+def register(group) -> None:
+    """Add `chat` to the CLI group (imports the CLI helpers here: `python -m dllama_mpi.cli` runs
+    cli.py as __main__, and a module-level import back into it would be circular)."""
+    from .cli import model_options, sampling_options, spmd, start
+
+    @click.command()
+    @model_options
+    @sampling_options
+    @click.option("--system", default=None, help="System prompt.")
+    @click.option("--chat-template", default=None,
+                  help="Override the tokenizer's chat template: a built-in name (llama3, chatml, smollm2, qwen3, "
+                       "deepseek-r1) or Jinja source.")
+    @click.option("--think", type=click.Choice(["show", "hide"]), default="show", show_default=True,
+                  help="Show or hide the <think>...</think> part of thinking models (Qwen3, DeepSeek-R1).")
+    @click.option("--stop", multiple=True, help="Stop an answer at this text (repeatable).")
+    @click.option("--max-tokens", type=int, default=None, help="Most tokens per answer (default: until the end of turn).")
+    @click.option("--context-overflow", type=click.Choice(["error", "truncate-oldest"]), default="error",
+                  show_default=True, help="When the conversation no longer fits the context: refuse the message, "
+                                          "or drop the oldest turns.")
+    @click.option("--ignore-eos", is_flag=True, hidden=True, help="Keep generating after end-of-turn tokens (tests).")
+    @spmd
+    def chat(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme, load, max_batch,
+             temperature, topp, seed, system, chat_template, think, stop, max_tokens, context_overflow, ignore_eos):
+        """Chat with the model in the terminal (run under mpirun -np N; rank 0 reads the terminal)."""
+        if not comm.is_root:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)   # mpiexec forwards Ctrl-C to every rank
+        engine, tokenizer = start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
+                                  sync_scheme, load, max_batch)
+        if not comm.is_root:
+            engine.serve()
+            return
+        term = Terminal()
+        try:
+            settings = {"system": system, "temperature": temperature, "topp": topp, "seed": seed,
+                        "max_tokens": max_tokens, "stop": list(stop), "think": think, "chat_template": chat_template,
+                        "context_overflow": context_overflow}
+            session = ChatSession(engine, tokenizer, term, settings, ignore_eos=ignore_eos)
+            session.run()
+        finally:
+            term.close()
+            engine.stop_workers()
+
+    group.add_command(chat)
