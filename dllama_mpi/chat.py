@@ -68,17 +68,16 @@ class PromptHistory:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.text: str | None = None
-        self.ids: list[int] = []
+        self.state: tuple[str, list[int]] | None = None   # one attribute: the API reads it from another thread
 
     def clear(self) -> None:
-        self.text, self.ids = None, []
+        self.state = None
 
     def encode(self, prompt_text: str) -> list[int]:
         """Token ids of a rendered chat prompt (the template writes bos itself)."""
         tok = self.tokenizer
-        h = self.text, self.ids  # one snapshot (the API reads it from another thread)
-        if h[0] is not None and len(prompt_text) > len(h[0]) and prompt_text.startswith(h[0]):
+        h = self.state
+        if h is not None and len(prompt_text) > len(h[0]) and prompt_text.startswith(h[0]):
             return list(h[1]) + tok.encode(prompt_text[len(h[0]):], add_bos=False)
         return tok.encode(prompt_text, add_bos=False)
 
@@ -88,7 +87,7 @@ class PromptHistory:
         # Invalid UTF-8 in the answer became U+FFFD in its text: the text still maps to these tokens
         # (what the model generated), which is what the cache holds.
         gen_text = self.tokenizer.decode(generated)
-        self.text, self.ids = prompt_text + gen_text, list(prompt_ids) + list(generated)
+        self.state = (prompt_text + gen_text, list(prompt_ids) + list(generated))
 
 
 # ------------------------------------------------------------------------------------------------

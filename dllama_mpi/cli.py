@@ -210,5 +210,10 @@ def inference(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max
         engine.stop_workers()
 
 
+from .chat import register as _register_chat  # noqa: E402  (dllama-mpi chat)
+_register_chat(main)
+from .api import register as _register_api  # noqa: E402  (dllama-mpi api)
+_register_api(main)
+
 if __name__ == "__main__":
     main()

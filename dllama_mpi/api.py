@@ -1,0 +1,564 @@
+"""`dllama-mpi api`: an OpenAI-compatible HTTP server on rank 0 (starlette + uvicorn).
+
+Threads on the root: the main thread is the generation thread, the only one that touches the
+engine (and so MPI); uvicorn runs its asyncio loop in a second thread. A request is validated and
+tokenized on the asyncio side, then queued as a `Job`; the generation thread takes jobs in arrival
+order and sends the pieces back through the loop (`call_soon_threadsafe`). A job whose client went
+away is flagged and its generation stops at the next token. Workers follow `Engine.serve()` and
+ignore SIGINT/SIGTERM (mpiexec forwards both to every rank): the root stops them on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import click
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_STOPS = 4
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Job:
+    prompt_text: str | None      # rendered chat prompt (None for /v1/completions)
+    prompt_ids: list
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def send(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:   # the loop is closed (shutdown)
+            pass
+
+
+# ------------------------------------------------------------------------------------------------
+# request validation (pure functions, tested without a model)
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def parse_common(body: dict, max_seq_len: int, defaults: dict) -> dict:
+    """Sampling and limit parameters shared by both endpoints."""
+    out = {}
+    n = body.get("n", 1)
+    if n is not None and (not _is_int(n) or n != 1):
+        raise ApiError(400, "only n=1 is supported", "n")
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be a boolean", "stream")
+    out["stream"] = bool(stream)
+    so = body.get("stream_options")
+    if so is not None and not isinstance(so, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    out["include_usage"] = bool(so and so.get("include_usage"))
+    mt = None
+    for key in ("max_completion_tokens", "max_tokens"):
+        v = body.get(key)
+        if v is None:
+            continue
+        if not _is_int(v):
+            raise ApiError(400, f"'{key}' must be an integer", key)
+        if v < 1:
+            raise ApiError(400, f"'{key}' must be at least 1, got {v}", key)
+        if v > max_seq_len:
+            raise ApiError(400, f"'{key}' is {v}, more than the model's context ({max_seq_len} tokens)", key,
+                           "context_length_exceeded")
+        mt = v if mt is None else mt
+    out["max_tokens"] = mt
+    t = body.get("temperature")
+    if t is None:
+        t = defaults["temperature"]
+    elif not _is_num(t) or not 0 <= t <= 2:
+        raise ApiError(400, "'temperature' must be a number between 0 and 2", "temperature")
+    out["temperature"] = float(t)
+    p = body.get("top_p")
+    if p is None:
+        p = defaults["top_p"]
+    elif not _is_num(p) or not 0 <= p <= 1:
+        raise ApiError(400, "'top_p' must be a number between 0 and 1", "top_p")
+    out["top_p"] = float(p)
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise ApiError(400, "'seed' must be an integer", "seed")
+    out["seed"] = seed if seed is not None else defaults.get("seed")
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        if len(stop) > MAX_STOPS:
+            raise ApiError(400, f"'stop' has {len(stop)} strings; at most {MAX_STOPS} are allowed", "stop")
+    else:
+        raise ApiError(400, "'stop' must be a string or a list of strings", "stop")
+    out["stop"] = [s for s in stop if s]
+    return out
+
+
+def parse_messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if msgs is None:
+        raise ApiError(400, "'messages' is required", "messages")
+    if not isinstance(msgs, list):
+        raise ApiError(400, "'messages' must be a list", "messages")
+    if not msgs:
+        raise ApiError(400, "'messages' must not be empty", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}] must be an object", f"messages[{i}]")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}",
+                           f"messages[{i}].role")
+        content = m.get("content")
+        if isinstance(content, list):   # content parts: text only
+            texts = []
+            for part in content:
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise ApiError(400, f"messages[{i}].content: only text parts are supported",
+                                   f"messages[{i}].content")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if content is None and role == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
+                           f"messages[{i}].content")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+def parse_prompt(body: dict) -> str:
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
+        p = p[0]
+    if not isinstance(p, str):
+        raise ApiError(400, "'prompt' must be a string (one prompt per request)", "prompt")
+    if not p:
+        raise ApiError(400, "'prompt' must not be empty", "prompt")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# the app
+
+class Server:
+    def __init__(self, engine, tokenizer, model_id: str, template, defaults: dict, api_key: str | None,
+                 max_body_bytes: int, cors_origins: list[str]):
+        from .chat import PromptHistory
+        from .generate import Generator
+
+        self.engine, self.tokenizer = engine, tokenizer
+        self.model_id = model_id
+        self.template = template
+        self.defaults = defaults
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.cors_origins = cors_origins
+        self.gen = Generator(engine, tokenizer)
+        self.history = PromptHistory(tokenizer)
+        self.jobs: queue.Queue = queue.Queue()
+        self.stopping = threading.Event()
+        self.created = int(time.time())
+        self.served = 0
+
+    # --- the generation thread (main thread: the only one that calls the engine) ---------------
+
+    def run_jobs(self) -> None:
+        from .sampler import Sampler
+
+        while not self.stopping.is_set():
+            try:
+                job = self.jobs.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if job.cancel.is_set():
+                continue
+            try:
+                sampler = Sampler(self.tokenizer.vocab_size, job.temperature, job.top_p, job.seed)
+                generated = []
+                abort = lambda: job.cancel.is_set() or self.stopping.is_set()  # noqa: E731
+                for piece in self.gen.stream(job.prompt_ids, job.max_tokens, sampler, stop=job.stop,
+                                             should_abort=abort):
+                    generated.append(piece.token)
+                    if piece.text:
+                        job.send(("text", piece.text))
+                st = self.gen.last
+                ended_on_eos = bool(generated) and generated[-1] in self.tokenizer.eos_ids
+                if job.prompt_text is not None and (st.finish_reason != "stop" or ended_on_eos):
+                    self.history.record(job.prompt_text, job.prompt_ids, generated)
+                else:   # a completion, or an answer cut by a stop string (its text is not its tokens)
+                    self.history.clear()
+                self.served += 1
+                job.send(("done", st))
+            except Exception as e:  # noqa: BLE001 (answered as a 500, the server keeps serving)
+                self.history.clear()
+                self.gen.reset()
+                log(f"error: generation failed: {type(e).__name__}: {e}")
+                job.send(("error", ApiError(500, f"generation failed: {type(e).__name__}", type_="server_error")))
+        # shutdown: answer whatever is still queued
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            job.send(("error", ApiError(503, "the server is shutting down", type_="server_error")))
+
+    # --- the asyncio side ---------------------------------------------------------------------
+
+    def build_app(self):
+        from starlette.applications import Starlette
+        from starlette.middleware import Middleware
+        from starlette.middleware.cors import CORSMiddleware
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+
+        def error_response(e: ApiError):
+            headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+            return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+        def guarded(handler, auth=True):
+            async def endpoint(request):
+                try:
+                    if auth:
+                        self.check_auth(request)
+                    return await handler(request)
+                except ApiError as e:
+                    return error_response(e)
+            return endpoint
+
+        async def health(request):
+            return JSONResponse({"status": "ok", "model": self.model_id, "queued": self.jobs.qsize()})
+
+        async def models(request):
+            return JSONResponse({"object": "list", "data": [self.model_card()]})
+
+        async def model(request):
+            if request.path_params["name"] != self.model_id:
+                raise ApiError(404, f"the model '{request.path_params['name']}' does not exist", "model",
+                               "model_not_found")
+            return JSONResponse(self.model_card())
+
+        async def not_found(request, exc):
+            return error_response(ApiError(404 if exc.status_code == 404 else exc.status_code,
+                                           f"{request.method} {request.url.path}: {exc.detail}"))
+
+        middleware = []
+        if self.cors_origins:
+            middleware.append(Middleware(CORSMiddleware, allow_origins=self.cors_origins, allow_methods=["*"],
+                                         allow_headers=["*"]))
+        routes = [
+            Route("/health", guarded(health, auth=False), methods=["GET"]),
+            Route("/v1/models", guarded(models), methods=["GET"]),
+            Route("/v1/models/{name:path}", guarded(model), methods=["GET"]),
+            Route("/v1/chat/completions", guarded(self.chat_completions), methods=["POST"]),
+            Route("/v1/completions", guarded(self.completions), methods=["POST"]),
+        ]
+        from starlette.exceptions import HTTPException
+
+        return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: not_found})
+
+    def model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "dllama-mpi",
+                "context_length": self.engine.max_seq_len}
+
+    def check_auth(self, request) -> None:
+        if not self.api_key:
+            return
+        h = request.headers.get("authorization", "")
+        scheme, _, token = h.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", None,
+                           "invalid_api_key")
+
+    async def read_json(self, request) -> dict:
+        cl = request.headers.get("content-length")
+        if cl is not None:
+            try:
+                if int(cl) > self.max_body_bytes:
+                    raise ApiError(413, f"request body is larger than {self.max_body_bytes} bytes", None,
+                                   "request_too_large")
+            except ValueError:
+                raise ApiError(400, "bad Content-Length header") from None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise ApiError(413, f"request body is larger than {self.max_body_bytes} bytes", None,
+                               "request_too_large")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        m = body.get("model")
+        if m is not None and not isinstance(m, str):
+            raise ApiError(400, "'model' must be a string", "model")
+        if m and m != self.model_id:
+            raise ApiError(404, f"the model '{m}' does not exist; this server runs '{self.model_id}'", "model",
+                           "model_not_found")
+        return body
+
+    def limits(self, params: dict, n_prompt: int) -> int:
+        ctx = self.engine.max_seq_len
+        if n_prompt >= ctx:
+            raise ApiError(400, f"the prompt is {n_prompt} tokens; the model's context is {ctx} tokens", "messages",
+                           "context_length_exceeded")
+        mt = params["max_tokens"]
+        room = ctx - n_prompt + 1   # the first token needs no forward pass
+        if mt is None:
+            return room
+        if mt > room:
+            raise ApiError(400, f"this model's context is {ctx} tokens; the request needs {n_prompt + mt} "
+                                f"({n_prompt} in the prompt, {mt} to generate)", "max_tokens",
+                           "context_length_exceeded")
+        return mt
+
+    async def chat_completions(self, request):
+        from .errors import TemplateError
+
+        body = await self.read_json(request)
+        params = parse_common(body, self.engine.max_seq_len, self.defaults)
+        messages = parse_messages(body)
+        try:
+            text = self.template.render(messages, add_generation_prompt=True)
+        except TemplateError as e:
+            raise ApiError(400, str(e), "messages") from None
+        ids = self.history.encode(text)
+        return await self.respond(request, params, text, ids, chat=True)
+
+    async def completions(self, request):
+        body = await self.read_json(request)
+        params = parse_common(body, self.engine.max_seq_len, self.defaults)
+        prompt = parse_prompt(body)
+        ids = self.tokenizer.encode(prompt)
+        return await self.respond(request, params, None, ids, chat=False)
+
+    async def respond(self, request, params, text, ids, chat: bool):
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        max_tokens = self.limits(params, len(ids))
+        if self.stopping.is_set():
+            raise ApiError(503, "the server is shutting down", type_="server_error")
+        loop = asyncio.get_running_loop()
+        job = Job(text, ids, max_tokens, params["temperature"], params["top_p"], params["seed"], params["stop"],
+                  loop, asyncio.Queue())
+        self.jobs.put(job)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+
+        def usage(st) -> dict:
+            return {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.generated_tokens,
+                    "total_tokens": st.prompt_tokens + st.generated_tokens,
+                    "prompt_tokens_details": {"cached_tokens": st.prompt_tokens - st.evaluated_prompt_tokens},
+                    "evaluated_prompt_tokens": st.evaluated_prompt_tokens}
+
+        def finish(st) -> str:
+            return "stop" if st.finish_reason == "stop" else "length"
+
+        if not params["stream"]:
+            parts = []
+            try:
+                while True:
+                    try:
+                        kind, val = await asyncio.wait_for(job.out.get(), timeout=0.5)
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():
+                            job.cancel.set()
+                            return JSONResponse({}, status_code=499)
+                        continue
+                    if kind == "text":
+                        parts.append(val)
+                    elif kind == "error":
+                        raise val
+                    else:
+                        st = val
+                        break
+            finally:
+                job.cancel.set()   # no-op once done; stops the generation if this task is cancelled
+            content = "".join(parts)
+            if chat:
+                choice = {"index": 0, "message": {"role": "assistant", "content": content},
+                          "logprobs": None, "finish_reason": finish(st)}
+            else:
+                choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": finish(st)}
+            return JSONResponse({"id": rid, "object": obj, "created": created, "model": self.model_id,
+                                 "system_fingerprint": None, "choices": [choice], "usage": usage(st)})
+
+        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta=None, text=None, finish_reason=None, st=None, no_choices=False) -> str:
+            d = {"id": rid, "object": chunk_obj, "created": created, "model": self.model_id,
+                 "system_fingerprint": None}
+            if no_choices:
+                d["choices"] = []
+            elif chat:
+                d["choices"] = [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}]
+            else:
+                d["choices"] = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]
+            if st is not None:
+                d["usage"] = usage(st)
+            return "data: " + json.dumps(d, ensure_ascii=False) + "\n\n"
+
+        async def events():
+            try:
+                if chat:
+                    yield chunk(delta={"role": "assistant", "content": ""})
+                while True:
+                    kind, val = await job.out.get()
+                    if kind == "text":
+                        yield chunk(delta={"content": val}, text=val)
+                    elif kind == "error":
+                        yield "data: " + json.dumps(val.body()) + "\n\n"
+                        break
+                    else:
+                        yield chunk(delta={}, finish_reason=finish(val))
+                        if params["include_usage"]:
+                            yield chunk(st=val, no_choices=True)
+                        break
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancel.set()   # the client went away (task cancelled) or we are done
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# ------------------------------------------------------------------------------------------------
+
+def serve_http(server: Server, host: str, port: int, verbose: bool) -> None:
+    """Run uvicorn in a thread and the generation loop here until SIGTERM/SIGINT."""
+    import uvicorn
+
+    config = uvicorn.Config(server.build_app(), host=host, port=port, log_level="info" if verbose else "warning",
+                            access_log=verbose, lifespan="off", timeout_graceful_shutdown=2)
+    http = uvicorn.Server(config)
+    failed = []
+
+    def run_http():
+        try:
+            http.run()
+        except BaseException as e:  # noqa: BLE001
+            failed.append(e)
+        finally:
+            if not http.started:
+                failed.append(RuntimeError(f"could not listen on {host}:{port}"))
+            server.stopping.set()
+
+    def on_signal(signum, frame):
+        server.stopping.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    t = threading.Thread(target=run_http, name="http", daemon=True)
+    t.start()
+    while not http.started and not server.stopping.is_set():
+        time.sleep(0.02)
+    if http.started:
+        log(f"listening on http://{host}:{port} (model '{server.model_id}', context {server.engine.max_seq_len})")
+    server.run_jobs()
+    http.should_exit = True
+    t.join(timeout=10)
+    if failed and not http.started:
+        from .errors import ConfigError
+
+        raise ConfigError(f"could not start the HTTP server on {host}:{port} (port in use?)")
+    log(f"stopped after {server.served} request(s)")
+
+
+def register(group) -> None:
+    """Add `api` to the CLI group (see chat.register for why the CLI helpers are imported here)."""
+    from .cli import model_options, sampling_options, spmd, start
+
+    @click.command()
+    @model_options
+    @sampling_options
+    @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+    @click.option("--port", type=int, default=9990, show_default=True)
+    @click.option("--api-key", default=None, envvar="DLLAMA_API_KEY",
+                  help="Require 'Authorization: Bearer KEY' on every endpoint but /health (env DLLAMA_API_KEY).")
+    @click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True, help="Largest request body.")
+    @click.option("--cors-origin", multiple=True, help="Allow browser pages from this origin (repeatable; * for any).")
+    @click.option("--chat-template", default=None,
+                  help="Override the tokenizer's chat template: a built-in name or Jinja source.")
+    @click.option("--model-name", default=None, help="Model id served by /v1/models [default: the model file's name].")
+    @click.option("--verbose", is_flag=True, help="Log every request (uvicorn access log).")
+    @spmd
+    def api(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme, load, max_batch,
+            temperature, topp, seed, host, port, api_key, max_body_bytes, cors_origin, chat_template, model_name,
+            verbose):
+        """OpenAI-compatible HTTP server on rank 0 (run under mpirun -np N)."""
+        from .chat import template_for
+        from .errors import ConfigError
+
+        if not comm.is_root:
+            # mpiexec forwards SIGINT/SIGTERM to every rank; the root stops the workers itself.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        elif not 0 < port < 65536:
+            raise ConfigError(f"--port must be in 1..65535, got {port}")
+        elif max_body_bytes < 1:
+            raise ConfigError(f"--max-body-bytes must be >= 1, got {max_body_bytes}")
+        engine, tokenizer = start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
+                                  sync_scheme, load, max_batch)
+        if not comm.is_root:
+            engine.serve()
+            return
+        try:
+            template = template_for(tokenizer, chat_template)
+            name = model_name or _model_id(model_path)
+            server = Server(engine, tokenizer, name, template, {"temperature": temperature, "top_p": topp,
+                                                               "seed": seed},
+                            api_key, max_body_bytes, list(cors_origin))
+            serve_http(server, host, port, verbose)
+        finally:
+            engine.stop_workers()
+
+    group.add_command(api)
+
+
+def _model_id(model_path: str | None) -> str:
+    if not model_path:
+        return "smollm2-135m-instruct"
+    base = os.path.basename(model_path)
+    return base[:-2] if base.endswith(".m") else base
