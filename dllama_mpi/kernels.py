@@ -1,0 +1,298 @@
+"""Loader of the C kernels (cffi module `dllama_mpi._kernels`) and numpy-level helpers.
+
+`ffi`, `lib` are the cffi objects: the engine calls `lib.dl_*` directly on preallocated buffers with
+pointers made once by `ptr()`. When the compiled module is missing (source checkout not installed)
+or stale (kernel sources changed since it was built), it is built into
+`$DLLAMA_MPI_CACHE` or `~/.cache/dllama-mpi/kernels-<hash>/` under a file lock, so that several MPI
+ranks starting together build it once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
+import numpy as np
+
+__all__ = [
+    "ffi", "lib", "ptr", "Q40_BLOCK_BYTES", "Q80_BLOCK_BYTES", "QK", "q40_dtype", "q80_dtype",
+    "ISA_SCALAR", "ISA_AVX2", "ISA_AVX512", "ISA_NEON", "set_threads", "n_threads", "isa_name",
+    "set_isa", "get_isa", "isa_supported", "supported_isas", "f32_to_f16", "f16_to_f32",
+    "quantize_q80", "dequantize_q80", "quantize_q40", "dequantize_q40", "matmul_q40_q80",
+    "matmul_f32", "rmsnorm", "silu_mul", "add", "add_q80", "softmax", "rope", "attention",
+]
+
+QK = 32
+Q40_BLOCK_BYTES = 18
+Q80_BLOCK_BYTES = 34
+q40_dtype = np.dtype([("d", "<u2"), ("qs", "u1", 16)])
+q80_dtype = np.dtype([("d", "<u2"), ("qs", "i1", 32)])
+assert q40_dtype.itemsize == Q40_BLOCK_BYTES and q80_dtype.itemsize == Q80_BLOCK_BYTES
+
+
+def _sources_present() -> bool:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.isfile(os.path.join(root, "kernels", "dllama.h"))
+
+
+def _load_from(path: str):
+    name = "dllama_mpi._kernels"
+    loader = importlib.machinery.ExtensionFileLoader(name, path)
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    sys.modules[name] = mod
+    return mod
+
+
+def _build_cached():
+    import fcntl
+
+    from . import _build_kernels as bk
+
+    h = bk.source_hash()
+    root = os.environ.get("DLLAMA_MPI_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dllama-mpi")
+    d = os.path.join(root, f"kernels-{h}")
+    os.makedirs(root, exist_ok=True)
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+
+    def find():
+        if os.path.isdir(d):
+            for f in sorted(os.listdir(d)):
+                if f.startswith("_kernels") and f.endswith(suffixes):
+                    return os.path.join(d, f)
+        return None
+
+    with open(os.path.join(root, f"kernels-{h}.lock"), "w") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        try:
+            path = find()
+            if path is None:
+                path = bk.build_into(d)
+        finally:
+            fcntl.flock(lk, fcntl.LOCK_UN)
+    return _load_from(path)
+
+
+def _load():
+    mod = None
+    try:
+        mod = importlib.import_module("dllama_mpi._kernels")
+    except ImportError:
+        mod = None
+    if mod is not None and _sources_present():
+        try:
+            from . import _build_kernels as bk
+            if hasattr(mod.lib, "dl_kernels_build_hash"):
+                stale = mod.ffi.string(mod.lib.dl_kernels_build_hash()).decode() != bk.source_hash()
+            else:
+                stale = True
+        except Exception:  # builder unusable (no cffi build deps): keep what we have
+            stale = False
+        if stale:
+            sys.modules.pop("dllama_mpi._kernels", None)
+            mod = None
+    if mod is None:
+        mod = _build_cached()
+    return mod
+
+
+_mod = _load()
+ffi = _mod.ffi
+lib = _mod.lib
+
+ISA_SCALAR, ISA_AVX2, ISA_AVX512, ISA_NEON = (lib.DL_ISA_SCALAR, lib.DL_ISA_AVX2, lib.DL_ISA_AVX512,
+                                              lib.DL_ISA_NEON)
+ROPE_INTERLEAVED, ROPE_HALF = lib.DL_ROPE_INTERLEAVED, lib.DL_ROPE_HALF
+
+
+# ---------------------------------------------------------------------------------------------
+# runtime settings
+
+def set_threads(n: int) -> None:
+    """(Re)creates the persistent thread pool with n threads (1 = calling thread only)."""
+    if lib.dl_pool_init(int(n)) != 0:
+        raise RuntimeError(f"cannot start a pool of {n} threads")
+
+
+def n_threads() -> int:
+    return lib.dl_pool_nthreads()
+
+
+def isa_name(isa: int | None = None) -> str:
+    return ffi.string(lib.dl_isa_name(lib.dl_get_isa() if isa is None else isa)).decode()
+
+
+def get_isa() -> int:
+    return lib.dl_get_isa()
+
+
+def isa_supported(isa: int) -> bool:
+    return bool(lib.dl_isa_supported(isa))
+
+
+def supported_isas() -> list[int]:
+    return [i for i in (ISA_SCALAR, ISA_AVX2, ISA_AVX512, ISA_NEON) if lib.dl_isa_supported(i)]
+
+
+def set_isa(isa: int | str) -> None:
+    if isinstance(isa, str):
+        names = {isa_name(i): i for i in (ISA_SCALAR, ISA_AVX2, ISA_AVX512, ISA_NEON)}
+        if isa not in names:
+            raise ValueError(f"unknown ISA {isa!r}")
+        isa = names[isa]
+    if not lib.dl_set_isa(int(isa)):
+        raise ValueError(f"ISA {isa_name(isa)} is not supported on this CPU/build")
+
+
+# ---------------------------------------------------------------------------------------------
+# pointers
+
+def ptr(arr: np.ndarray, ctype: str = "float"):
+    """cffi pointer `ctype *` to the data of a C-contiguous numpy array (no copy, no check of the
+    dtype: the caller keeps the array alive)."""
+    return ffi.cast(ctype + " *", arr.ctypes.data)
+
+
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _u8(a) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    return a.view(np.uint8).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# f16 and quantization (allocating convenience wrappers)
+
+def f32_to_f16(x) -> np.ndarray:
+    x = _f32(x).reshape(-1)
+    return np.array([lib.dl_f32_to_f16(float(v)) for v in x], dtype=np.uint16)
+
+
+def f16_to_f32(h) -> np.ndarray:
+    h = np.ascontiguousarray(h, dtype=np.uint16).reshape(-1)
+    return np.array([lib.dl_f16_to_f32(int(v)) for v in h], dtype=np.float32)
+
+
+def quantize_q80(x) -> np.ndarray:
+    x = _f32(x).reshape(-1)
+    if x.size % QK:
+        raise ValueError("quantize_q80: size must be a multiple of 32")
+    out = np.empty(x.size // QK * Q80_BLOCK_BYTES, dtype=np.uint8)
+    lib.dl_quantize_q80(ptr(out, "dl_block_q80"), ptr(x), x.size)
+    return out
+
+
+def dequantize_q80(buf, n: int) -> np.ndarray:
+    b = _u8(buf)
+    if b.size < n // QK * Q80_BLOCK_BYTES:
+        raise ValueError("dequantize_q80: buffer too small")
+    out = np.empty(n, dtype=np.float32)
+    lib.dl_dequantize_q80(ptr(out), ptr(b, "dl_block_q80"), n)
+    return out
+
+
+def quantize_q40(x) -> np.ndarray:
+    x = _f32(x).reshape(-1)
+    if x.size % QK:
+        raise ValueError("quantize_q40: size must be a multiple of 32")
+    out = np.empty(x.size // QK * Q40_BLOCK_BYTES, dtype=np.uint8)
+    lib.dl_quantize_q40(ptr(out, "dl_block_q40"), ptr(x), x.size)
+    return out
+
+
+def dequantize_q40(buf, n: int) -> np.ndarray:
+    b = _u8(buf)
+    if b.size < n // QK * Q40_BLOCK_BYTES:
+        raise ValueError("dequantize_q40: buffer too small")
+    out = np.empty(n, dtype=np.float32)
+    lib.dl_dequantize_q40(ptr(out), ptr(b, "dl_block_q40"), n)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# matmuls and ops (allocating convenience wrappers; inputs are not modified unless stated)
+
+def matmul_q40_q80(w_bytes, x_q80_bytes, rows: int, cols: int, batch: int = 1) -> np.ndarray:
+    """out[batch, rows] = W (q40 [rows, cols]) @ x (q80 [batch, cols])."""
+    w, x = _u8(w_bytes), _u8(x_q80_bytes)
+    if cols % QK or w.size < rows * cols // QK * Q40_BLOCK_BYTES or \
+            x.size < batch * cols // QK * Q80_BLOCK_BYTES:
+        raise ValueError("matmul_q40_q80: bad shapes")
+    out = np.empty((batch, rows), dtype=np.float32)
+    lib.dl_matmul_q40_q80(ptr(out), ptr(w, "dl_block_q40"), ptr(x, "dl_block_q80"), rows, cols, batch)
+    return out
+
+
+def matmul_f32(w, x, rows: int | None = None, cols: int | None = None, batch: int | None = None) -> np.ndarray:
+    w = _f32(w)
+    x = _f32(x)
+    rows = w.shape[0] if rows is None else rows
+    cols = w.size // rows if cols is None else cols
+    batch = x.size // cols if batch is None else batch
+    out = np.empty((batch, rows), dtype=np.float32)
+    lib.dl_matmul_f32(ptr(out), ptr(w), ptr(x), rows, cols, batch)
+    return out
+
+
+def rmsnorm(x, w, eps: float) -> np.ndarray:
+    w = _f32(w)
+    n = w.size
+    x = _f32(x)
+    batch = x.size // n
+    out = np.empty_like(x)
+    lib.dl_rmsnorm(ptr(out), ptr(x), ptr(w), n, eps, batch)
+    return out
+
+
+def silu_mul(gate, up) -> np.ndarray:
+    g, u = _f32(gate), _f32(up)
+    out = np.empty_like(g)
+    lib.dl_silu_mul(ptr(out), ptr(g), ptr(u), g.size)
+    return out
+
+
+def add(out, a) -> np.ndarray:
+    o = _f32(out).copy()
+    a = _f32(a)
+    lib.dl_add(ptr(o), ptr(a), o.size)
+    return o
+
+
+def add_q80(out, parts_bytes, nparts: int) -> np.ndarray:
+    o = _f32(out).copy()
+    p = _u8(parts_bytes)
+    lib.dl_add_q80(ptr(o), ptr(p, "dl_block_q80"), nparts, o.size)
+    return o
+
+
+def softmax(x) -> np.ndarray:
+    o = _f32(x).copy()
+    lib.dl_softmax(ptr(o), o.size)
+    return o
+
+
+def rope(x, n_heads: int, head_dim: int, pos0: int, rope_type: int, freqs) -> np.ndarray:
+    o = _f32(x).copy()
+    f = _f32(freqs)
+    batch = o.size // (n_heads * head_dim)
+    lib.dl_rope(ptr(o), n_heads, head_dim, pos0, batch, rope_type, ptr(f))
+    return o
+
+
+def attention(q, k_cache, v_cache, kv_of_q, n_q_heads: int, n_kv_heads: int, head_dim: int,
+              pos0: int) -> np.ndarray:
+    q = _f32(q)
+    k, v = _f32(k_cache), _f32(v_cache)
+    m = np.ascontiguousarray(kv_of_q, dtype=np.int32)
+    batch = q.size // (n_q_heads * head_dim)
+    out = np.empty_like(q)
+    lib.dl_attention(ptr(out), ptr(q), ptr(k), ptr(v), ptr(m, "int32_t"), n_q_heads, n_kv_heads,
+                     head_dim, pos0, batch)
+    return out

@@ -1,0 +1,88 @@
+/* Internal declarations shared by the kernel files (not part of the cffi API). */
+#ifndef DL_INTERNAL_H
+#define DL_INTERNAL_H
+#include "dllama.h"
+#include <stdint.h>
+#include <stddef.h>
+
+#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64)
+#define DL_X86 1
+#define DL_TARGET_AVX2   __attribute__((target("avx2,fma,f16c")))
+#define DL_TARGET_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#else
+#define DL_X86 0
+#endif
+#if defined(__aarch64__)
+#define DL_NEON 1
+#else
+#define DL_NEON 0
+#endif
+
+#define DL_INLINE static inline __attribute__((always_inline))
+
+/* ---- thread pool ---- */
+typedef void (*dl_range_fn)(void *ctx, int64_t start, int64_t end);
+/* Splits [0, n) into one contiguous chunk per thread (chunk boundaries multiples of `align`,
+ * align >= 1) and runs fn on each; returns when all chunks are done. */
+void dl_parallel_for(int64_t n, int64_t align, dl_range_fn fn, void *ctx);
+
+/* ---- per-call scratch on the calling thread (grows, never shrinks) ---- */
+void *dl_scratch(size_t bytes);
+
+/* ---- f16 helpers ---- */
+float    dl_f16_to_f32_scalar(uint16_t h);
+uint16_t dl_f32_to_f16_scalar(float f);
+
+/* ---- kernels per ISA: the dispatch table ---- */
+typedef struct {
+    void (*quantize_q80)(dl_block_q80 *y, const float *x, int64_t n);
+    /* prepared-x q40 x q80 matmul on a row range (see matmul.c) */
+    void (*matmul_q40_q80_rows)(float *out, const dl_block_q40 *w, const dl_block_q80 *x,
+                                const void *xprep, int r0, int r1, int rows, int cols, int batch);
+    int needs_xprep;   /* 1: matmul_q40_q80_rows reads xprep (dl_xprep), else x */
+    void (*matmul_f32_rows)(float *out, const float *w, const float *x,
+                            int r0, int r1, int rows, int cols, int batch);
+    void (*rmsnorm)(float *out, const float *x, const float *w, int n, float eps);
+    void (*silu_mul)(float *out, const float *gate, const float *up, int64_t n);
+    void (*add)(float *out, const float *a, int64_t n);
+    void (*add_q80)(float *out, const dl_block_q80 *parts, int nparts, int64_t n);
+    float (*dot)(const float *a, const float *b, int n);
+    void (*axpy)(float *y, float a, const float *x, int n);      /* y += a * x */
+    void (*scale)(float *y, float a, int n);                     /* y *= a */
+} dl_kernels;
+
+extern dl_kernels dl_k;      /* the active table */
+extern int dl_isa_active;
+
+/* Tables per ISA (defined in dispatch.c from the per-family functions). */
+void dl_fill_table(dl_kernels *k, int isa);
+
+/* Preparation of q80 activations for the matmul kernels. Layout per batch row (see matmul.c). */
+size_t dl_xprep_bytes(int cols, int batch);
+void   dl_xprep(void *dst, const dl_block_q80 *x, int cols, int batch);
+
+#define DL_DECL_ALL(sfx) \
+    void dl_quantize_q80_##sfx(dl_block_q80 *y, const float *x, int64_t n); \
+    void dl_matmul_q40_q80_rows_##sfx(float *out, const dl_block_q40 *w, const dl_block_q80 *x, \
+                                      const void *xprep, \
+                                      int r0, int r1, int rows, int cols, int batch); \
+    void dl_matmul_f32_rows_##sfx(float *out, const float *w, const float *x, \
+                                  int r0, int r1, int rows, int cols, int batch); \
+    void dl_rmsnorm_##sfx(float *out, const float *x, const float *w, int n, float eps); \
+    void dl_silu_mul_##sfx(float *out, const float *gate, const float *up, int64_t n); \
+    void dl_add_##sfx(float *out, const float *a, int64_t n); \
+    void dl_add_q80_##sfx(float *out, const dl_block_q80 *parts, int nparts, int64_t n); \
+    float dl_dot_##sfx(const float *a, const float *b, int n); \
+    void dl_axpy_##sfx(float *y, float a, const float *x, int n); \
+    void dl_scale_##sfx(float *y, float a, int n);
+
+DL_DECL_ALL(scalar)
+#if DL_X86
+DL_DECL_ALL(avx2)
+DL_DECL_ALL(avx512)
+#endif
+#if DL_NEON
+DL_DECL_ALL(neon)
+#endif
+
+#endif

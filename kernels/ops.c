@@ -1,0 +1,483 @@
+/* rmsnorm, silu_mul, add, add_q80, softmax, rope, attention (FORMATS.md §5). */
+#include "dl_internal.h"
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#if DL_X86
+#include <immintrin.h>
+#endif
+#if DL_NEON
+#include <arm_neon.h>
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* scalar reference (this file is built with -ffp-contract=off: no silent FMAs) */
+
+/* rmsnorm: sum of squares accumulated in float, sequentially (SIMD paths: in float lanes). */
+void dl_rmsnorm_scalar(float *out, const float *x, const float *w, int n, float eps) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * inv);
+}
+
+void dl_silu_mul_scalar(float *out, const float *gate, const float *up, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        const float g = gate[i];
+        out[i] = (g / (1.0f + expf(-g))) * up[i];
+    }
+}
+
+void dl_add_scalar(float *out, const float *a, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] += a[i];
+}
+
+/* parts added one after the other: out = ((out + p0) + p1) + ..., value = (float)q * d */
+void dl_add_q80_scalar(float *out, const dl_block_q80 *parts, int nparts, int64_t n) {
+    const int64_t nb = n / DL_QK;
+    for (int p = 0; p < nparts; p++) {
+        const dl_block_q80 *x = parts + (size_t)p * nb;
+        for (int64_t i = 0; i < nb; i++) {
+            const float d = dl_f16_to_f32_scalar(x[i].d);
+            for (int j = 0; j < DL_QK; j++) out[i * DL_QK + j] += (float)x[i].qs[j] * d;
+        }
+    }
+}
+
+float dl_dot_scalar(const float *a, const float *b, int n) {
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+void dl_axpy_scalar(float *y, float a, const float *x, int n) {
+    for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+void dl_scale_scalar(float *y, float a, int n) {
+    for (int i = 0; i < n; i++) y[i] *= a;
+}
+
+#if DL_X86
+/* ------------------------------------------------------------------------------------------ */
+/* AVX2 + FMA */
+
+/* expf, Cephes-style: |relative error| ~ 1e-7 on the clamped range [-87.33, 88] */
+DL_INLINE DL_TARGET_AVX2 __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33f)), _mm256_set1_ps(88.0f));
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+DL_INLINE DL_TARGET_AVX2 float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+DL_TARGET_AVX2 float dl_dot_avx2(const float *a, const float *b, int n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), a1);
+    }
+    for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+    float s = hsum8(_mm256_add_ps(a0, a1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+DL_TARGET_AVX2 void dl_axpy_avx2(float *y, float a, const float *x, int n) {
+    const __m256 va = _mm256_set1_ps(a);
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
+}
+
+DL_TARGET_AVX2 void dl_scale_avx2(float *y, float a, int n) {
+    const __m256 va = _mm256_set1_ps(a);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_mul_ps(va, _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] *= a;
+}
+
+DL_TARGET_AVX2 void dl_rmsnorm_avx2(float *out, const float *x, const float *w, int n, float eps) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
+        a0 = _mm256_fmadd_ps(v0, v0, a0);
+        a1 = _mm256_fmadd_ps(v1, v1, a1);
+    }
+    float ss = hsum8(_mm256_add_ps(a0, a1));
+    for (; i < n; i++) ss += x[i] * x[i];
+    const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    const __m256 vi = _mm256_set1_ps(inv);
+    i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(x + i), vi)));
+    for (; i < n; i++) out[i] = w[i] * (x[i] * inv);
+}
+
+DL_TARGET_AVX2 void dl_silu_mul_avx2(float *out, const float *gate, const float *up, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = exp256(_mm256_xor_ps(g, sign));
+        const __m256 s = _mm256_div_ps(g, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(s, _mm256_loadu_ps(up + i)));
+    }
+    for (; i < n; i++) out[i] = (gate[i] / (1.0f + expf(-gate[i]))) * up[i];
+}
+
+DL_TARGET_AVX2 void dl_add_avx2(float *out, const float *a, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_loadu_ps(out + i), _mm256_loadu_ps(a + i)));
+    for (; i < n; i++) out[i] += a[i];
+}
+
+DL_TARGET_AVX2 void dl_add_q80_avx2(float *out, const dl_block_q80 *parts, int nparts, int64_t n) {
+    const int64_t nb = n / DL_QK;
+    for (int64_t i = 0; i < nb; i++) {
+        float *o = out + i * DL_QK;
+        __m256 v0 = _mm256_loadu_ps(o), v1 = _mm256_loadu_ps(o + 8);
+        __m256 v2 = _mm256_loadu_ps(o + 16), v3 = _mm256_loadu_ps(o + 24);
+        for (int p = 0; p < nparts; p++) {
+            const dl_block_q80 *x = parts + (size_t)p * nb + i;
+            const __m256 d = _mm256_set1_ps(_cvtsh_ss(x->d));
+            const __m128i q0 = _mm_loadu_si128((const __m128i *)x->qs);
+            const __m128i q1 = _mm_loadu_si128((const __m128i *)(x->qs + 16));
+            v0 = _mm256_add_ps(v0, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0)), d));
+            v1 = _mm256_add_ps(v1, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q0, 8))), d));
+            v2 = _mm256_add_ps(v2, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1)), d));
+            v3 = _mm256_add_ps(v3, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8))), d));
+        }
+        _mm256_storeu_ps(o, v0); _mm256_storeu_ps(o + 8, v1);
+        _mm256_storeu_ps(o + 16, v2); _mm256_storeu_ps(o + 24, v3);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* AVX-512 */
+
+DL_INLINE DL_TARGET_AVX512 __m512 exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33f)), _mm512_set1_ps(88.0f));
+    __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+static inline __mmask16 tailmask(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
+
+DL_TARGET_AVX512 float dl_dot_avx512(const float *a, const float *b, int n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 m = tailmask(n - i);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+DL_TARGET_AVX512 void dl_axpy_avx512(float *y, float a, const float *x, int n) {
+    const __m512 va = _mm512_set1_ps(a);
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 m = tailmask(n - i);
+        _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
+    }
+}
+
+DL_TARGET_AVX512 void dl_scale_avx512(float *y, float a, int n) {
+    const __m512 va = _mm512_set1_ps(a);
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 m = tailmask(n - i);
+        _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(va, _mm512_maskz_loadu_ps(m, y + i)));
+    }
+}
+
+DL_TARGET_AVX512 void dl_rmsnorm_avx512(float *out, const float *x, const float *w, int n, float eps) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(tailmask(n - i), x + i);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    const float ss = _mm512_reduce_add_ps(acc);
+    const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    const __m512 vi = _mm512_set1_ps(inv);
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 m = tailmask(n - i);
+        _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + i),
+                                                        _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), vi)));
+    }
+}
+
+DL_TARGET_AVX512 void dl_silu_mul_avx512(float *out, const float *gate, const float *up, int64_t n) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = tailmask(n - i);
+        const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        const __m512 s = _mm512_div_ps(g, _mm512_add_ps(one, e));
+        _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, up + i)));
+    }
+}
+
+DL_TARGET_AVX512 void dl_add_avx512(float *out, const float *a, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = tailmask(n - i);
+        _mm512_mask_storeu_ps(out + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, out + i), _mm512_maskz_loadu_ps(m, a + i)));
+    }
+}
+
+DL_TARGET_AVX512 void dl_add_q80_avx512(float *out, const dl_block_q80 *parts, int nparts, int64_t n) {
+    const int64_t nb = n / DL_QK;
+    for (int64_t i = 0; i < nb; i++) {
+        float *o = out + i * DL_QK;
+        __m512 v0 = _mm512_loadu_ps(o), v1 = _mm512_loadu_ps(o + 16);
+        for (int p = 0; p < nparts; p++) {
+            const dl_block_q80 *x = parts + (size_t)p * nb + i;
+            const __m512 d = _mm512_set1_ps(_cvtsh_ss(x->d));
+            const __m128i q0 = _mm_loadu_si128((const __m128i *)x->qs);
+            const __m128i q1 = _mm_loadu_si128((const __m128i *)(x->qs + 16));
+            v0 = _mm512_add_ps(v0, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), d));
+            v1 = _mm512_add_ps(v1, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d));
+        }
+        _mm512_storeu_ps(o, v0); _mm512_storeu_ps(o + 16, v1);
+    }
+}
+#endif /* DL_X86 */
+
+#if DL_NEON
+/* ------------------------------------------------------------------------------------------ */
+/* NEON */
+
+static inline float32x4_t exp_neon(float32x4_t x) {
+    x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.33f)), vdupq_n_f32(88.0f));
+    const float32x4_t fx = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
+    x = vfmsq_f32(x, fx, vdupq_n_f32(0.693359375f));
+    x = vfmsq_f32(x, fx, vdupq_n_f32(-2.12194440e-4f));
+    float32x4_t y = vdupq_n_f32(1.9875691500E-4f);
+    y = vfmaq_f32(vdupq_n_f32(1.3981999507E-3f), y, x);
+    y = vfmaq_f32(vdupq_n_f32(8.3334519073E-3f), y, x);
+    y = vfmaq_f32(vdupq_n_f32(4.1665795894E-2f), y, x);
+    y = vfmaq_f32(vdupq_n_f32(1.6666665459E-1f), y, x);
+    y = vfmaq_f32(vdupq_n_f32(5.0000001201E-1f), y, x);
+    y = vfmaq_f32(vaddq_f32(x, vdupq_n_f32(1.0f)), y, vmulq_f32(x, x));
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(fx), vdupq_n_s32(127)), 23);
+    return vmulq_f32(y, vreinterpretq_f32_s32(e));
+}
+
+float dl_dot_neon(const float *a, const float *b, int n) {
+    float32x4_t a0 = vdupq_n_f32(0.0f), a1 = vdupq_n_f32(0.0f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        a0 = vfmaq_f32(a0, vld1q_f32(a + i), vld1q_f32(b + i));
+        a1 = vfmaq_f32(a1, vld1q_f32(a + i + 4), vld1q_f32(b + i + 4));
+    }
+    float s = vaddvq_f32(vaddq_f32(a0, a1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+void dl_axpy_neon(float *y, float a, const float *x, int n) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), vld1q_f32(x + i), a));
+    for (; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
+}
+
+void dl_scale_neon(float *y, float a, int n) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vmulq_n_f32(vld1q_f32(y + i), a));
+    for (; i < n; i++) y[i] *= a;
+}
+
+void dl_rmsnorm_neon(float *out, const float *x, const float *w, int n, float eps) {
+    float32x4_t a0 = vdupq_n_f32(0.0f), a1 = vdupq_n_f32(0.0f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const float32x4_t v0 = vld1q_f32(x + i), v1 = vld1q_f32(x + i + 4);
+        a0 = vfmaq_f32(a0, v0, v0);
+        a1 = vfmaq_f32(a1, v1, v1);
+    }
+    float ss = vaddvq_f32(vaddq_f32(a0, a1));
+    for (; i < n; i++) ss += x[i] * x[i];
+    const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    i = 0;
+    for (; i + 4 <= n; i += 4)
+        vst1q_f32(out + i, vmulq_f32(vld1q_f32(w + i), vmulq_n_f32(vld1q_f32(x + i), inv)));
+    for (; i < n; i++) out[i] = w[i] * (x[i] * inv);
+}
+
+void dl_silu_mul_neon(float *out, const float *gate, const float *up, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t g = vld1q_f32(gate + i);
+        const float32x4_t s = vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0f), exp_neon(vnegq_f32(g))));
+        vst1q_f32(out + i, vmulq_f32(s, vld1q_f32(up + i)));
+    }
+    for (; i < n; i++) out[i] = (gate[i] / (1.0f + expf(-gate[i]))) * up[i];
+}
+
+void dl_add_neon(float *out, const float *a, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(out + i, vaddq_f32(vld1q_f32(out + i), vld1q_f32(a + i)));
+    for (; i < n; i++) out[i] += a[i];
+}
+
+void dl_add_q80_neon(float *out, const dl_block_q80 *parts, int nparts, int64_t n) {
+    const int64_t nb = n / DL_QK;
+    for (int64_t i = 0; i < nb; i++) {
+        float *o = out + i * DL_QK;
+        float32x4_t v[8];
+        for (int j = 0; j < 8; j++) v[j] = vld1q_f32(o + 4 * j);
+        for (int p = 0; p < nparts; p++) {
+            const dl_block_q80 *x = parts + (size_t)p * nb + i;
+            const float d = dl_f16_to_f32_scalar(x->d);
+            for (int h = 0; h < 2; h++) {
+                const int8x16_t q = vld1q_s8(x->qs + 16 * h);
+                const int16x8_t lo = vmovl_s8(vget_low_s8(q)), hi = vmovl_s8(vget_high_s8(q));
+                const int32x4_t w[4] = {vmovl_s16(vget_low_s16(lo)), vmovl_s16(vget_high_s16(lo)),
+                                        vmovl_s16(vget_low_s16(hi)), vmovl_s16(vget_high_s16(hi))};
+                for (int j = 0; j < 4; j++)
+                    v[4 * h + j] = vaddq_f32(v[4 * h + j], vmulq_n_f32(vcvtq_f32_s32(w[j]), d));
+            }
+        }
+        for (int j = 0; j < 8; j++) vst1q_f32(o + 4 * j, v[j]);
+    }
+}
+#endif /* DL_NEON */
+
+/* ------------------------------------------------------------------------------------------ */
+/* public entry points */
+
+void dl_rmsnorm(float *out, const float *x, const float *w, int n, float eps, int batch) {
+    for (int b = 0; b < batch; b++) dl_k.rmsnorm(out + (size_t)b * n, x + (size_t)b * n, w, n, eps);
+}
+
+void dl_silu_mul(float *out, const float *gate, const float *up, int64_t n) { dl_k.silu_mul(out, gate, up, n); }
+void dl_add(float *out, const float *a, int64_t n) { dl_k.add(out, a, n); }
+void dl_add_q80(float *out, const dl_block_q80 *parts, int nparts, int64_t n) { dl_k.add_q80(out, parts, nparts, n); }
+
+void dl_softmax(float *x, int n) {
+    if (n <= 0) return;
+    float m = x[0];
+    for (int i = 1; i < n; i++) if (x[i] > m) m = x[i];
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) { x[i] = expf(x[i] - m); s += x[i]; }
+    for (int i = 0; i < n; i++) x[i] /= s;
+}
+
+void dl_rope(float *x, int n_heads, int head_dim, int pos0, int batch, int rope_type, const float *freqs) {
+    const int half = head_dim / 2;
+    float cbuf[256], sbuf[256];
+    float *cs = half <= 256 ? cbuf : (float *)malloc(sizeof(float) * (size_t)half);
+    float *sn = half <= 256 ? sbuf : (float *)malloc(sizeof(float) * (size_t)half);
+    if (!cs || !sn) { if (cs != cbuf) free(cs); if (sn != sbuf) free(sn); return; }
+    for (int b = 0; b < batch; b++) {
+        const float pos = (float)(pos0 + b);
+        for (int i = 0; i < half; i++) {
+            const float a = pos * freqs[i];
+            cs[i] = cosf(a);
+            sn[i] = sinf(a);
+        }
+        float *row = x + (size_t)b * n_heads * head_dim;
+        for (int h = 0; h < n_heads; h++) {
+            float *v = row + (size_t)h * head_dim;
+            for (int i = 0; i < half; i++) {
+                float *p0, *p1;
+                if (rope_type == DL_ROPE_HALF) { p0 = v + i; p1 = v + i + half; }
+                else { p0 = v + 2 * i; p1 = v + 2 * i + 1; }
+                const float x0 = *p0, x1 = *p1;
+                *p0 = x0 * cs[i] - x1 * sn[i];
+                *p1 = x0 * sn[i] + x1 * cs[i];
+            }
+        }
+    }
+    if (cs != cbuf) free(cs);
+    if (sn != sbuf) free(sn);
+}
+
+/* Causal attention, online softmax (running max m, running sum l, unnormalised output acc):
+ * for each t: s = q.k_t / sqrt(hd); if s > m: acc *= exp(m - s), l = l*exp(m - s) + 1, acc += v_t,
+ * m = s; else p = exp(s - m), l += p, acc += p v_t. Output acc / l. One (b, h) pair per task. */
+typedef struct {
+    float *out;
+    const float *q, *k, *v;
+    const int32_t *kv_of_q;
+    int n_q_heads, n_kv_heads, head_dim, pos0;
+    float (*dot)(const float *, const float *, int);
+    void (*axpy)(float *, float, const float *, int);
+    void (*scale)(float *, float, int);
+} attn_ctx;
+
+static void attn_range(void *vctx, int64_t s, int64_t e) {
+    const attn_ctx *c = (const attn_ctx *)vctx;
+    const int hd = c->head_dim;
+    const size_t kv_stride = (size_t)c->n_kv_heads * hd;
+    const float sq = sqrtf((float)hd);
+    float abuf[512];
+    float *acc = hd <= 512 ? abuf : (float *)malloc(sizeof(float) * (size_t)hd);
+    if (!acc) return;
+    for (int64_t task = s; task < e; task++) {
+        const int b = (int)(task / c->n_q_heads), h = (int)(task % c->n_q_heads);
+        const int pos = c->pos0 + b;
+        const int kvh = c->kv_of_q[h];
+        const float *qh = c->q + ((size_t)b * c->n_q_heads + h) * hd;
+        const float *kb = c->k + (size_t)kvh * hd, *vb = c->v + (size_t)kvh * hd;
+        memset(acc, 0, sizeof(float) * (size_t)hd);
+        float m = -INFINITY, l = 0.0f;
+        for (int t = 0; t <= pos; t++) {
+            const float sc = c->dot(qh, kb + (size_t)t * kv_stride, hd) / sq;
+            if (sc > m) {
+                const float f = expf(m - sc);   /* 0 on the first step */
+                c->scale(acc, f, hd);
+                l = l * f + 1.0f;
+                c->axpy(acc, 1.0f, vb + (size_t)t * kv_stride, hd);
+                m = sc;
+            } else {
+                const float p = expf(sc - m);
+                l += p;
+                c->axpy(acc, p, vb + (size_t)t * kv_stride, hd);
+            }
+        }
+        float *o = c->out + ((size_t)b * c->n_q_heads + h) * hd;
+        const float inv = 1.0f / l;
+        for (int i = 0; i < hd; i++) o[i] = acc[i] * inv;
+    }
+    if (acc != abuf) free(acc);
+}
+
+void dl_attention(float *out, const float *q, const float *k_cache, const float *v_cache,
+                  const int32_t *kv_of_q, int n_q_heads, int n_kv_heads, int head_dim,
+                  int pos0, int batch) {
+    attn_ctx c = {out, q, k_cache, v_cache, kv_of_q, n_q_heads, n_kv_heads, head_dim, pos0,
+                  dl_k.dot, dl_k.axpy, dl_k.scale};
+    dl_parallel_for((int64_t)batch * n_q_heads, 1, attn_range, &c);
+}

@@ -1,0 +1,440 @@
+"""C kernels: the scalar path against numpy references, every SIMD path against the scalar path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dllama_mpi import kernels as K
+from dllama_mpi.kernels import ffi, lib, ptr
+
+ISAS = [i for i in (K.ISA_AVX2, K.ISA_AVX512, K.ISA_NEON) if lib.dl_isa_supported(i)]
+ALL_ISAS = [K.ISA_SCALAR] + ISAS
+ISA_IDS = [K.isa_name(i) for i in ISAS]
+
+
+@pytest.fixture(autouse=True)
+def restore_defaults():
+    isa, nt = lib.dl_get_isa(), lib.dl_pool_nthreads()
+    yield
+    lib.dl_set_isa(isa)
+    lib.dl_pool_init(nt)
+
+
+def use(isa: int, threads: int = 1) -> None:
+    assert lib.dl_set_isa(isa) == 1
+    assert lib.dl_pool_init(threads) == 0
+
+
+def rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy references
+
+def ref_quantize_q80(x: np.ndarray) -> np.ndarray:
+    b = x.astype(np.float32).reshape(-1, 32)
+    amax = np.abs(b).max(axis=1)
+    d = (amax / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = np.rint(b * inv[:, None]).astype(np.int8)     # rint: half to even
+    out = np.empty(b.shape[0], dtype=K.q80_dtype)
+    out["d"] = d.astype(np.float16).view(np.uint16)
+    out["qs"] = q
+    return out.view(np.uint8)
+
+
+def ref_quantize_q40(x: np.ndarray) -> np.ndarray:
+    """FORMATS.md §2.1, the converter's float32 numpy arithmetic."""
+    b = x.astype(np.float32).reshape(-1, 32)
+    mx, mn = b.max(axis=1), b.min(axis=1)
+    m = np.where(mx >= -mn, mx, mn).astype(np.float32)
+    d = (m / np.float32(-8)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = np.clip(b * inv[:, None] + np.float32(8.5), np.float32(0), np.float32(15)).astype(np.uint8)
+    out = np.empty(b.shape[0], dtype=K.q40_dtype)
+    out["d"] = d.astype(np.float16).view(np.uint16)
+    out["qs"] = q[:, :16] | (q[:, 16:] << 4)
+    return out.view(np.uint8)
+
+
+def q40_parts(buf: np.ndarray, rows: int, cols: int):
+    blk = np.frombuffer(buf, dtype=K.q40_dtype).reshape(rows, cols // 32)
+    qs = blk["qs"].astype(np.int64)
+    codes = np.concatenate([qs & 15, qs >> 4], axis=2) - 8          # [rows, nb, 32]
+    return codes, blk["d"].view(np.float16).astype(np.float32)
+
+
+def q80_parts(buf: np.ndarray, batch: int, cols: int):
+    blk = np.frombuffer(buf, dtype=K.q80_dtype).reshape(batch, cols // 32)
+    return blk["qs"].astype(np.int64), blk["d"].view(np.float16).astype(np.float32)
+
+
+def ref_matmul_q40_q80(w: np.ndarray, x: np.ndarray, rows: int, cols: int, batch: int):
+    """float64 sum over blocks of idot * float32(dw * dx); also returns sum of |terms|."""
+    wc, wd = q40_parts(w, rows, cols)
+    xq, xd = q80_parts(x, batch, cols)
+    idot = np.einsum("rkj,bkj->brk", wc, xq)                        # exact integers
+    s = (wd[None, :, :] * xd[:, None, :]).astype(np.float32)        # [batch, rows, nb]
+    terms = idot.astype(np.float64) * s.astype(np.float64)
+    return terms.sum(axis=2), np.abs(terms).sum(axis=2), idot.sum(axis=2)
+
+
+def random_q40(r: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    return K.quantize_q40(r.standard_normal(rows * cols).astype(np.float32))
+
+
+def random_q80(r: np.random.Generator, batch: int, cols: int) -> np.ndarray:
+    return ref_quantize_q80(r.standard_normal(batch * cols).astype(np.float32) * 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# f16
+
+def test_f16_to_f32_all_values():
+    h = np.arange(65536, dtype=np.uint16)
+    got = K.f16_to_f32(h)
+    ref = h.view(np.float16).astype(np.float32)
+    nan = np.isnan(ref)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), ref[~nan].view(np.uint32))
+
+
+def test_f32_to_f16_round_to_nearest_even():
+    r = rng(1)
+    vals = [r.standard_normal(3000).astype(np.float32) * s for s in (1e-8, 1e-6, 1e-4, 1, 1e3, 6e4)]
+    # exact halfway points between consecutive f16 values (normal and subnormal) and neighbours
+    h = np.arange(0, 0x7BFF, 7, dtype=np.uint16)
+    lo = h.view(np.float16).astype(np.float64)
+    hi = (h + 1).view(np.float16).astype(np.float64)
+    mid = ((lo + hi) / 2).astype(np.float32)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, 65504, 65519.996, 65520, 1e9, -1e9, 5.96e-8,
+                        2.98e-8, 2.99e-8, 1e-10, np.finfo(np.float32).tiny], dtype=np.float32)
+    x = np.concatenate(vals + [mid, -mid, np.nextafter(mid, np.float32(0)), special])
+    got = np.array([lib.dl_f32_to_f16(float(v)) for v in x], dtype=np.uint16)
+    with np.errstate(over="ignore"):
+        ref = x.astype(np.float16).view(np.uint16)
+    assert np.array_equal(got, ref)
+    n = lib.dl_f32_to_f16(float("nan"))
+    assert (n & 0x7C00) == 0x7C00 and (n & 0x3FF) != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# quantization
+
+def q80_inputs():
+    r = rng(2)
+    ties = (np.arange(-64, 64, dtype=np.float32) + np.float32(0.5))
+    ties[0] = -127.0                                               # amax 127 -> d = 1, inv = 1
+    return [
+        r.standard_normal(32 * 40).astype(np.float32),
+        r.standard_normal(32 * 7).astype(np.float32) * 1e-3,
+        np.zeros(64, dtype=np.float32),
+        np.concatenate([ties, -ties]),
+        (r.integers(-254, 255, 32 * 16) / 2).astype(np.float32),  # many exact halves
+    ]
+
+
+def test_quantize_q80_scalar_matches_reference():
+    use(K.ISA_SCALAR)
+    for x in q80_inputs():
+        assert np.array_equal(K.quantize_q80(x), ref_quantize_q80(x))
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+def test_quantize_q80_simd_bitwise(isa):
+    for x in q80_inputs():
+        use(K.ISA_SCALAR)
+        ref = K.quantize_q80(x)
+        use(isa)
+        assert np.array_equal(K.quantize_q80(x), ref)
+
+
+def test_quantize_q40_matches_converter():
+    r = rng(3)
+    x = np.concatenate([
+        r.standard_normal(32 * 200).astype(np.float32),
+        -np.abs(r.standard_normal(64)).astype(np.float32),         # negative extreme
+        np.zeros(32, dtype=np.float32),
+        np.tile(np.float32([1, -1]), 16),                          # max == -min tie
+        (r.integers(-16, 17, 32 * 20) / 4).astype(np.float32),      # values on code boundaries
+    ])
+    assert np.array_equal(K.quantize_q40(x), ref_quantize_q40(x))
+
+
+def test_dequantize_q40_q80():
+    r = rng(4)
+    x = r.standard_normal(32 * 9).astype(np.float32)
+    b40 = K.quantize_q40(x)
+    codes, d = q40_parts(b40, 1, x.size)
+    assert np.array_equal(K.dequantize_q40(b40, x.size),
+                          (codes[0].astype(np.float32) * d[0][:, None]).reshape(-1))
+    b80 = K.quantize_q80(x)
+    q, d = q80_parts(b80, 1, x.size)
+    assert np.array_equal(K.dequantize_q80(b80, x.size),
+                          (q[0].astype(np.float32) * d[0][:, None]).reshape(-1))
+    assert np.abs(K.dequantize_q80(b80, x.size) - x).max() <= np.abs(x).max() / 127
+
+
+# ---------------------------------------------------------------------------------------------
+# q40 x q80 matmul
+
+SHAPES = [(r, c, b) for r in (1, 3, 17, 33) for c in (32, 64, 96, 2080) for b in (1, 3, 7)]
+
+
+def test_matmul_q40_q80_scalar_vs_numpy():
+    use(K.ISA_SCALAR)
+    r = rng(5)
+    for rows, cols, batch in SHAPES[::2]:
+        w, x = random_q40(r, rows, cols), random_q80(r, batch, cols)
+        ref, mag, _ = ref_matmul_q40_q80(w, x, rows, cols, batch)
+        got = K.matmul_q40_q80(w, x, rows, cols, batch)
+        assert np.all(np.abs(got - ref) <= 1e-6 * mag + 1e-30), (rows, cols, batch)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_matmul_q40_q80_exact_integer_dot(isa):
+    """All scales 1.0: every path must return the exact integer dot."""
+    r = rng(6)
+    rows, cols, batch = 19, 2080, 5
+    w = np.empty(rows * cols // 32, dtype=K.q40_dtype)
+    w["d"] = 0x3C00
+    w["qs"] = r.integers(0, 256, (w.size, 16))
+    x = np.empty(batch * cols // 32, dtype=K.q80_dtype)
+    x["d"] = 0x3C00
+    x["qs"] = r.integers(-128, 128, (x.size, 32))
+    x["qs"][0, :] = -128
+    w["qs"][0, :] = 0                                              # code 0 -> -8, times -128
+    wb, xb = w.view(np.uint8), x.view(np.uint8)
+    _, _, idot = ref_matmul_q40_q80(wb, xb, rows, cols, batch)
+    assert np.abs(idot).max() < 2 ** 24
+    for threads in (1, 2):
+        use(isa, threads)
+        got = K.matmul_q40_q80(wb, xb, rows, cols, batch)
+        assert np.array_equal(got, idot.astype(np.float32))
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+def test_matmul_q40_q80_simd_vs_scalar(isa):
+    r = rng(7)
+    for rows, cols, batch in SHAPES:
+        w, x = random_q40(r, rows, cols), random_q80(r, batch, cols)
+        use(K.ISA_SCALAR)
+        ref = K.matmul_q40_q80(w, x, rows, cols, batch)
+        _, mag, _ = ref_matmul_q40_q80(w, x, rows, cols, batch)
+        outs = []
+        for threads in (1, 2):
+            use(isa, threads)
+            outs.append(K.matmul_q40_q80(w, x, rows, cols, batch))
+        assert np.array_equal(outs[0], outs[1]), "result depends on the thread count"
+        assert np.all(np.abs(outs[0] - ref) <= 1e-5 * mag + 1e-30), (rows, cols, batch)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_matmul_q40_q80_batch_equals_rows_and_unaligned(isa):
+    """Batched call == one call per batch row; unaligned pointers (memory-mapped files)."""
+    r = rng(8)
+    rows, cols, batch = 37, 320, 6
+    w, x = random_q40(r, rows, cols), random_q80(r, batch, cols)
+    use(isa, 2)
+    full = K.matmul_q40_q80(w, x, rows, cols, batch)
+    _, mag, _ = ref_matmul_q40_q80(w, x, rows, cols, batch)
+    for b in range(batch):
+        one = K.matmul_q40_q80(w, x[b * cols // 32 * 34:(b + 1) * cols // 32 * 34], rows, cols, 1)
+        assert np.all(np.abs(one[0] - full[b]) <= 1e-5 * mag[b] + 1e-30)
+    wbuf = np.zeros(w.size + 3, dtype=np.uint8)
+    wbuf[3:] = w
+    xbuf = np.zeros(x.size + 1, dtype=np.uint8)
+    xbuf[1:] = x
+    out = np.empty((batch, rows), dtype=np.float32)
+    lib.dl_matmul_q40_q80(ptr(out), ffi.cast("dl_block_q40 *", wbuf.ctypes.data + 3),
+                          ffi.cast("dl_block_q80 *", xbuf.ctypes.data + 1), rows, cols, batch)
+    assert np.array_equal(out, full)
+
+
+# ---------------------------------------------------------------------------------------------
+# f32 matmul
+
+F32_SHAPES = [(r, c, b) for r in (1, 3, 17, 33) for c in (1, 5, 32, 33, 100, 2080) for b in (1, 3, 7)]
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_matmul_f32(isa):
+    r = rng(9)
+    for rows, cols, batch in F32_SHAPES:
+        w = r.standard_normal((rows, cols)).astype(np.float32)
+        x = r.standard_normal((batch, cols)).astype(np.float32)
+        ref = x.astype(np.float64) @ w.astype(np.float64).T
+        mag = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T
+        outs = []
+        for threads in (1, 2):
+            use(isa, threads)
+            outs.append(K.matmul_f32(w, x, rows, cols, batch))
+        assert np.array_equal(outs[0], outs[1])
+        assert np.all(np.abs(outs[0] - ref) <= 2e-6 * mag + 1e-30), (rows, cols, batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# elementwise ops
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_rmsnorm(isa):
+    use(isa)
+    r = rng(10)
+    for n, batch in ((1, 1), (7, 3), (64, 2), (100, 1), (2048, 3)):
+        x = (r.standard_normal((batch, n)) * 3).astype(np.float32)
+        w = r.standard_normal(n).astype(np.float32)
+        x64 = x.astype(np.float64)
+        ref = w * (x64 / np.sqrt((x64 ** 2).mean(axis=1, keepdims=True) + 1e-5))
+        got = K.rmsnorm(x, w, 1e-5)
+        assert np.allclose(got, ref, rtol=2e-6, atol=1e-7)
+        if isa != K.ISA_SCALAR:
+            use(K.ISA_SCALAR)
+            sc = K.rmsnorm(x, w, 1e-5)
+            use(isa)
+            assert np.allclose(got, sc, rtol=1e-6, atol=1e-8)
+    # in place (the engine normalises q/k heads in place)
+    x = r.standard_normal((4, 32)).astype(np.float32)
+    w = r.standard_normal(32).astype(np.float32)
+    ref = K.rmsnorm(x, w, 1e-6)
+    lib.dl_rmsnorm(ptr(x), ptr(x), ptr(w), 32, 1e-6, 4)
+    assert np.array_equal(x, ref)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_silu_mul(isa):
+    use(isa)
+    r = rng(11)
+    for n in (1, 7, 8, 17, 1000):
+        g = (r.standard_normal(n) * 6).astype(np.float32)
+        u = r.standard_normal(n).astype(np.float32)
+        g[:min(n, 4)] = np.float32([-100, 100, 0, -87.5])[:min(n, 4)]
+        g64 = g.astype(np.float64)
+        ref = g64 / (1 + np.exp(-g64)) * u
+        got = K.silu_mul(g, u)
+        assert np.allclose(got, ref, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+def test_add_and_add_q80_bitwise(isa):
+    r = rng(12)
+    for n in (32, 96, 2080):
+        a = r.standard_normal(n + 3).astype(np.float32)[:n]
+        o = r.standard_normal(n).astype(np.float32)
+        parts = np.concatenate([K.quantize_q80(r.standard_normal(n).astype(np.float32)) for _ in range(3)])
+        use(K.ISA_SCALAR)
+        ra, rq = K.add(o, a), K.add_q80(o, parts, 3)
+        use(isa)
+        assert np.array_equal(K.add(o, a), ra)
+        assert np.array_equal(K.add_q80(o, parts, 3), rq)
+        assert np.array_equal(K.add(o[:5], a[:5]), o[:5] + a[:5])
+
+
+def test_add_q80_scalar_reference():
+    use(K.ISA_SCALAR)
+    r = rng(13)
+    n = 96
+    o = r.standard_normal(n).astype(np.float32)
+    xs = [r.standard_normal(n).astype(np.float32) for _ in range(3)]
+    parts = np.concatenate([K.quantize_q80(x) for x in xs])
+    ref = o.copy()
+    for p in range(3):
+        ref = ref + K.dequantize_q80(parts[p * n // 32 * 34:(p + 1) * n // 32 * 34], n)
+    assert np.array_equal(K.add_q80(o, parts, 3), ref)
+
+
+def test_softmax():
+    r = rng(14)
+    for n in (1, 5, 100):
+        x = (r.standard_normal(n) * 5).astype(np.float32)
+        e = np.exp(x.astype(np.float64) - x.max())
+        assert np.allclose(K.softmax(x), e / e.sum(), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("rope_type", [K.ROPE_INTERLEAVED, K.ROPE_HALF])
+def test_rope(rope_type):
+    r = rng(15)
+    for hd, nh, pos0, batch in ((16, 3, 0, 1), (64, 2, 37, 3), (128, 1, 5000, 2)):
+        freqs = (1.0 / (500000.0 ** (np.arange(0, hd, 2) / hd))).astype(np.float32)
+        x = r.standard_normal((batch, nh, hd)).astype(np.float32)
+        got = K.rope(x, nh, hd, pos0, rope_type, freqs).reshape(batch, nh, hd)
+        ref = x.astype(np.float64).copy()
+        for b in range(batch):
+            ang = (np.float32(pos0 + b) * freqs).astype(np.float32).astype(np.float64)
+            c, s = np.cos(ang), np.sin(ang)
+            if rope_type == K.ROPE_INTERLEAVED:
+                i0, i1 = np.arange(0, hd, 2), np.arange(1, hd, 2)
+            else:
+                i0, i1 = np.arange(hd // 2), np.arange(hd // 2, hd)
+            x0, x1 = x[b][:, i0].astype(np.float64), x[b][:, i1].astype(np.float64)
+            ref[b][:, i0] = x0 * c - x1 * s
+            ref[b][:, i1] = x0 * s + x1 * c
+        assert np.allclose(got, ref, rtol=1e-5, atol=2e-6), (hd, nh, pos0)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+
+def ref_attention(q, kc, vc, kv_of_q, nq, nkv, hd, pos0):
+    batch = q.shape[0]
+    out = np.zeros((batch, nq, hd))
+    q = q.reshape(batch, nq, hd).astype(np.float64)
+    k = kc.reshape(-1, nkv, hd).astype(np.float64)
+    v = vc.reshape(-1, nkv, hd).astype(np.float64)
+    for b in range(batch):
+        T = pos0 + b + 1
+        for h in range(nq):
+            g = kv_of_q[h]
+            s = k[:T, g] @ q[b, h] / np.sqrt(hd)
+            p = np.exp(s - s.max())
+            out[b, h] = (p / p.sum()) @ v[:T, g]
+    return out.reshape(batch, nq * hd)
+
+
+ATTN_CASES = [(hd, nq, nkv, pos0, batch)
+              for hd, nq, nkv in ((16, 3, 1), (32, 4, 2), (64, 6, 4), (128, 2, 2))
+              for pos0, batch in ((0, 1), (7, 3), (40, 2), (0, 5))]
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_attention(isa):
+    r = rng(16)
+    for hd, nq, nkv, pos0, batch in ATTN_CASES:
+        max_seq = pos0 + batch + 2
+        kv_of_q = np.array([min(h * nkv // nq, nkv - 1) for h in range(nq)], dtype=np.int32)
+        if nq == 6:
+            kv_of_q = np.array([3, 0, 1, 1, 2, 0], dtype=np.int32)      # arbitrary mapping
+        q = (r.standard_normal((batch, nq * hd)) * 2).astype(np.float32)
+        kc = r.standard_normal((max_seq, nkv * hd)).astype(np.float32)
+        vc = r.standard_normal((max_seq, nkv * hd)).astype(np.float32)
+        kc[pos0 + batch:] = np.nan                                      # rows past the last must not be read
+        vc[pos0 + batch:] = np.nan
+        ref = ref_attention(q, kc, vc, kv_of_q, nq, nkv, hd, pos0)
+        outs = []
+        for threads in (1, 2):
+            use(isa, threads)
+            outs.append(K.attention(q, kc, vc, kv_of_q, nq, nkv, hd, pos0))
+        assert np.array_equal(outs[0], outs[1])
+        assert np.allclose(outs[0], ref, rtol=1e-5, atol=2e-6), (hd, nq, nkv, pos0, batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch / pool
+
+def test_dispatch_and_pool():
+    assert lib.dl_isa_supported(K.ISA_SCALAR)
+    assert lib.dl_set_isa(99) == 0
+    assert K.isa_name(K.ISA_SCALAR) == "scalar"
+    for n in (1, 2, 3, 1):
+        K.set_threads(n)
+        assert K.n_threads() == n
+    # many small calls through the pool (wake-up path)
+    use(lib.dl_get_isa(), 2)
+    r = rng(17)
+    w, x = random_q40(r, 9, 64), random_q80(r, 1, 64)
+    first = K.matmul_q40_q80(w, x, 9, 64, 1)
+    for _ in range(200):
+        assert np.array_equal(K.matmul_q40_q80(w, x, 9, 64, 1), first)
