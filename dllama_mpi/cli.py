@@ -210,6 +210,33 @@ def inference(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max
         engine.stop_workers()
 
 
+@main.command()
+@click.argument("name", default="smollm2-135m-instruct")
+@click.option("--models-dir", type=click.Path(file_okay=False), default=None,
+              help="Model cache folder [default: $DLLAMA_MPI_MODELS or ~/.cache/dllama-mpi/models].")
+def download(name, models_dir):
+    """Fetch a model by name and convert it into the model cache."""
+    from .convert.smollm2 import default_models_dir, ensure_default_model
+
+    try:
+        if name != "smollm2-135m-instruct":
+            raise ConfigError(f"unknown model {name!r}; available: smollm2-135m-instruct")
+        model, tokenizer = ensure_default_model(models_dir or default_models_dir())
+    except DllamaError as e:
+        log(f"error: {e}")
+        sys.exit(e.exit_code)
+    log(f"model: {model}\ntokenizer: {tokenizer}")
+    print(f"mpiexec -n 2 dllama-mpi inference --model {model} --tokenizer {tokenizer} --prompt \"Hello\"")
+
+
+def _register_converters():
+    from .convert.cli import convert
+
+    main.add_command(convert)
+
+
+_register_converters()
+
 from .chat import register as _register_chat  # noqa: E402  (dllama-mpi chat)
 _register_chat(main)
 from .api import register as _register_api  # noqa: E402  (dllama-mpi api)

@@ -429,7 +429,7 @@ def check_options(h: ModelHeader, buffer_type: str) -> None:
 
 
 def build_engine(comm: Comm, model_path: str | None, *, max_seq_len: int | None = None,
-                 buffer_type: str = "q80", sync: str = "ring", load: str = "scatter",
+                 buffer_type: str = "auto", sync: str = "ring", load: str = "scatter",
                  max_batch: int = DEFAULT_BATCH, progress=None) -> Engine:
     """Collective: the root opens the model, every rank gets the header, the plan and its slices."""
     from .formats import open_model
