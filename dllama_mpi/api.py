@@ -198,6 +198,7 @@ class Server:
         self.stopping = threading.Event()
         self.created = int(time.time())
         self.served = 0
+        self.last: dict | None = None   # counts of the last generation (no request data), for /health
 
     # --- the generation thread (main thread: the only one that calls the engine) ---------------
 
@@ -227,6 +228,9 @@ class Server:
                 else:   # a completion, or an answer cut by a stop string (its text is not its tokens)
                     self.history.clear()
                 self.served += 1
+                self.last = {"finish_reason": st.finish_reason, "prompt_tokens": st.prompt_tokens,
+                             "evaluated_prompt_tokens": st.evaluated_prompt_tokens,
+                             "generated_tokens": st.generated_tokens}
                 job.send(("done", st))
             except Exception as e:  # noqa: BLE001 (answered as a 500, the server keeps serving)
                 self.history.clear()
@@ -265,7 +269,8 @@ class Server:
             return endpoint
 
         async def health(request):
-            return JSONResponse({"status": "ok", "model": self.model_id, "queued": self.jobs.qsize()})
+            return JSONResponse({"status": "ok", "model": self.model_id, "queued": self.jobs.qsize(),
+                                 "served": self.served, "last": self.last})
 
         async def models(request):
             return JSONResponse({"object": "list", "data": [self.model_card()]})

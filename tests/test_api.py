@@ -1,0 +1,414 @@
+"""`dllama-mpi api`: request validation (in process), then a real server
+(`mpiexec -n 2 dllama-mpi api`, tiny Qwen3 model, started once for the module) driven with the
+official `openai` package and raw HTTP, and one end-to-end answer from the default SmolLM2 model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dllama_mpi.api import ApiError, parse_common, parse_messages, parse_prompt
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests" / "data" / "tiny"
+BIN = Path(sys.executable).parent
+MPIEXEC = str(BIN / "mpiexec") if (BIN / "mpiexec").exists() else "mpiexec"
+DLLAMA = [str(BIN / "dllama-mpi")] if (BIN / "dllama-mpi").exists() else [sys.executable, "-m", "dllama_mpi.cli"]
+MODEL = TINY / "m" / "dllama_model_tiny_qwen3_q40.m"
+TOKENIZER = TINY / "t" / "dllama_tokenizer_tiny_qwen3.t"
+MODEL_ID = "dllama_model_tiny_qwen3_q40"
+KEY = "test-key-123"
+DEFAULTS = {"temperature": 0.8, "top_p": 0.9, "seed": None}
+
+
+# ------------------------------------------------------------------------------------------------
+# validation, no model
+
+def test_parse_common_defaults_and_limits():
+    p = parse_common({}, 1024, DEFAULTS)
+    assert p == {"stream": False, "include_usage": False, "max_tokens": None, "temperature": 0.8, "top_p": 0.9,
+                 "seed": None, "stop": []}
+    p = parse_common({"max_completion_tokens": 7, "max_tokens": 9, "stop": "x", "stream": True,
+                      "stream_options": {"include_usage": True}, "seed": 3, "temperature": 0}, 1024, DEFAULTS)
+    assert (p["max_tokens"], p["stop"], p["stream"], p["include_usage"], p["seed"], p["temperature"]) == \
+        (7, ["x"], True, True, 3, 0.0)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"n": 2}, "n"), ({"n": "1"}, "n"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 1025}, "max_tokens"),
+    ({"max_tokens": 1.5}, "max_tokens"), ({"max_tokens": True}, "max_tokens"),
+    ({"max_completion_tokens": -1}, "max_completion_tokens"), ({"temperature": "hot"}, "temperature"),
+    ({"temperature": 3}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"seed": "x"}, "seed"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": 5}, "stop"), ({"stop": ["a", 1]}, "stop"),
+    ({"stream": "yes"}, "stream"), ({"stream_options": 1}, "stream_options"),
+])
+def test_parse_common_rejects(body, param):
+    with pytest.raises(ApiError) as e:
+        parse_common(body, 1024, DEFAULTS)
+    assert e.value.status == 400 and e.value.param == param
+    assert set(e.value.body()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("body", [
+    {}, {"messages": []}, {"messages": "hi"}, {"messages": [1]}, {"messages": [{"role": "robot", "content": "x"}]},
+    {"messages": [{"content": "x"}]}, {"messages": [{"role": "user", "content": 5}]},
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+])
+def test_parse_messages_rejects(body):
+    with pytest.raises(ApiError) as e:
+        parse_messages(body)
+    assert e.value.status == 400 and e.value.param.startswith("messages")
+
+
+def test_parse_messages_and_prompt():
+    msgs = parse_messages({"messages": [{"role": "developer", "content": "s"},
+                                        {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                     {"type": "text", "text": "b"}]},
+                                        {"role": "assistant", "content": None}]})
+    assert msgs == [{"role": "system", "content": "s"}, {"role": "user", "content": "ab"},
+                    {"role": "assistant", "content": ""}]
+    assert parse_prompt({"prompt": ["x"]}) == "x"
+    for bad in ({}, {"prompt": ""}, {"prompt": ["a", "b"]}, {"prompt": 3}):
+        with pytest.raises(ApiError):
+            parse_prompt(bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# a real server
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def our_processes(marker: str) -> list[int]:
+    """Processes (mpiexec, proxy, ranks) started with DLLAMA_TEST_MARKER=marker."""
+    needle = f"DLLAMA_TEST_MARKER={marker}".encode()
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        pids.append(int(d))
+            except OSError:
+                pass
+    return pids
+
+
+class ApiServer:
+    def __init__(self, log_path: Path, model=MODEL, tokenizer=TOKENIZER, extra=()):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.marker = uuid.uuid4().hex
+        self.log_path = log_path
+        env = dict(os.environ, DLLAMA_TEST_MARKER=self.marker, PYTHONPATH=str(ROOT))
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [MPIEXEC, "-n", "2", *DLLAMA, "api", "--model", str(model), "--tokenizer", str(tokenizer),
+             "--port", str(self.port), *extra],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=ROOT,
+            start_new_session=True)
+        deadline = time.time() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (OSError, urllib.error.URLError):
+                pass
+            if time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"server did not answer /health:\n{self.output()}")
+            time.sleep(0.1)
+
+    def output(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        """SIGTERM to mpiexec, then the whole process group is killed if it did not end."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+        for pid in our_processes(self.marker):   # ranks that escaped the group
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = ApiServer(tmp_path_factory.mktemp("api") / "server.log", extra=["--api-key", KEY])
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def http(server, method, path, body=None, key=KEY, raw: bytes | None = None, headers=None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    h = {"Content-Type": "application/json", **(headers or {})}
+    if key:
+        h["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(server.url + path, data=data, method=method, headers=h)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def health(server) -> dict:
+    status, body = http(server, "GET", "/health", key=None)
+    assert status == 200
+    return body
+
+
+def chat_msgs(text="Hello there"):
+    return [{"role": "user", "content": text}]
+
+
+def test_models(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [MODEL_ID]
+
+
+def test_chat_non_stream_length(client):
+    r = client.chat.completions.create(model=MODEL_ID, messages=chat_msgs(), max_tokens=8, temperature=0)
+    c = r.choices[0]
+    assert c.finish_reason == "length" and c.message.role == "assistant" and isinstance(c.message.content, str)
+    assert r.usage.completion_tokens == 8 and r.usage.prompt_tokens > 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 8
+
+
+def test_stream_matches_non_stream(client):
+    kw = dict(model=MODEL_ID, messages=chat_msgs("stream me"), max_completion_tokens=12, temperature=0)
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == full
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
+
+
+def test_completions(client):
+    r = client.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=6, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 6
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL_ID, prompt="Once upon a time", max_tokens=6, temperature=0, stream=True) if c.choices)
+    assert streamed == r.choices[0].text
+
+
+def test_stop_strings(client):
+    kw = dict(model=MODEL_ID, messages=chat_msgs("stop test"), max_tokens=40, temperature=0)
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    # a stop string taken from the middle of the greedy answer: the answer ends right before it
+    cut = next((i for i in range(3, len(full) - 2) if full[i:i + 2].isascii() and full[i:i + 2].isprintable()
+                and full[i:i + 2].strip() == full[i:i + 2]), None)
+    if cut is None:
+        pytest.skip(f"no printable text in the tiny model's answer {full!r}")
+    stop = full[cut:cut + 2]
+    r = client.chat.completions.create(stop=[stop, "\x00never"], **kw)
+    assert r.choices[0].message.content == full[:full.find(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(stop=stop, stream=False, **kw)   # a plain string too
+    assert r.choices[0].message.content == full[:full.find(stop)]
+
+
+def test_seed_repeats(client):
+    kw = dict(model=MODEL_ID, messages=chat_msgs("seeded"), max_tokens=24, temperature=0.8, seed=1234)
+    a = client.chat.completions.create(**kw).choices[0].message.content
+    client.chat.completions.create(model=MODEL_ID, messages=chat_msgs("other"), max_tokens=5, seed=7)
+    b = client.chat.completions.create(**kw).choices[0].message.content
+    assert a == b
+
+
+def test_prefix_reuse(client):
+    q1 = chat_msgs("first question")
+    r1 = client.chat.completions.create(model=MODEL_ID, messages=q1, max_tokens=10, temperature=0)
+    answer = r1.choices[0].message.content
+    q2 = q1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": "and a follow-up"}]
+    r2 = client.chat.completions.create(model=MODEL_ID, messages=q2, max_tokens=4, temperature=0)
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    # everything but the last generated token (never fed back) comes from the cache
+    assert cached == r1.usage.prompt_tokens + r1.usage.completion_tokens - 1
+    assert r2.usage.model_extra["evaluated_prompt_tokens"] == r2.usage.prompt_tokens - cached
+
+
+def test_concurrent_clients(client):
+    results, errors = {}, []
+
+    def ask(i):
+        try:
+            r = client.chat.completions.create(model=MODEL_ID, messages=chat_msgs(f"client {i}"), max_tokens=16,
+                                               temperature=0.5, seed=i)
+            results[i] = r
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and sorted(results) == [0, 1, 2, 3]
+    assert all(r.usage.completion_tokens == 16 for r in results.values())
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10 ** 6}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1020}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": "warm"}, 400, "temperature"),
+    ({"messages": []}, 400, "messages"),
+    ({"model": MODEL_ID}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-17"}, 404, "model"),
+    ([1, 2], 400, None),
+])
+def test_bad_requests(server, body, status, param):
+    got, err = http(server, "POST", "/v1/chat/completions", body)
+    assert got == status, err
+    assert set(err["error"]) == {"message", "type", "param", "code"} and err["error"]["param"] == param
+
+
+def test_malformed_and_oversized_bodies(server, client):
+    got, err = http(server, "POST", "/v1/chat/completions", raw=b'{"messages": [')
+    assert got == 400 and err["error"]["type"] == "invalid_request_error"
+    # a body above --max-body-bytes (1 MB) is refused from its Content-Length, before it is read
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 2000000\r\n\r\n"
+                  + b'{"prompt": "' + b"a" * 1000)
+        reply = b""
+        while b"}}" not in reply:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413"), reply
+    assert b'"larger' in reply or b"larger than" in reply
+    got, err = http(server, "POST", "/v1/completions", {"prompt": ["a", "b"]})
+    assert got == 400
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL_ID, messages=[], max_tokens=4)
+    assert health(server)["status"] == "ok"
+    r = client.chat.completions.create(model=MODEL_ID, messages=chat_msgs(), max_tokens=3)
+    assert r.usage.completion_tokens == 3
+
+
+def test_api_key(server):
+    openai = pytest.importorskip("openai")
+    assert http(server, "GET", "/health", key=None)[0] == 200
+    for path, method, body in (("/v1/models", "GET", None),
+                               ("/v1/chat/completions", "POST", {"messages": chat_msgs(), "max_tokens": 2}),
+                               ("/v1/completions", "POST", {"prompt": "x", "max_tokens": 2})):
+        for key in (None, "wrong-key"):
+            got, err = http(server, method, path, body, key=key)
+            assert got == 401 and err["error"]["code"] == "invalid_api_key", (path, key)
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_client_disconnect_mid_stream(server, client):
+    body = json.dumps({"messages": chat_msgs("a long answer please"), "max_tokens": 900, "temperature": 0.8,
+                       "seed": 5, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                  + b"\r\n\r\n" + body)
+        got = b""
+        while got.count(b"data:") < 4:
+            chunk = s.recv(4096)
+            assert chunk, got
+            got += chunk
+    # the generation stops at once (not after 900 tokens) and the next request is answered
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        h = health(server)
+        if h["last"] and h["last"]["finish_reason"] in ("abort", "stop"):
+            break
+        time.sleep(0.05)
+    assert h["queued"] == 0
+    if h["last"]["finish_reason"] == "abort":
+        assert h["last"]["generated_tokens"] < 900
+    r = client.chat.completions.create(model=MODEL_ID, messages=chat_msgs(), max_tokens=2)
+    assert r.usage.completion_tokens == 2
+
+
+def test_shutdown_exit_code(tmp_path):
+    s = ApiServer(tmp_path / "server.log")
+    r = urllib.request.urlopen(s.url + "/v1/models", timeout=10)
+    assert r.status == 200
+    s.proc.send_signal(signal.SIGINT)   # Ctrl-C to mpiexec: forwarded to every rank, the root stops them
+    try:
+        rc = s.proc.wait(timeout=20)
+    finally:
+        s.stop()
+    assert rc == 0, s.output()
+    assert our_processes(s.marker) == []
+    assert "stopped after" in s.output()
+
+
+# ------------------------------------------------------------------------------------------------
+# the real default model
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    try:
+        from dllama_mpi.convert.smollm2 import default_models_dir, ensure_default_model
+
+        model, tokenizer = ensure_default_model(default_models_dir())
+    except Exception as e:  # noqa: BLE001 (no network and no cached copy)
+        pytest.skip(f"the default SmolLM2 model is not available: {e}")
+    s = ApiServer(tmp_path_factory.mktemp("smollm2") / "server.log", model=model, tokenizer=tokenizer)
+    yield s
+    s.stop()
+
+
+def test_smollm2_capital_of_france(smollm2):
+    openai = pytest.importorskip("openai")
+    c = openai.OpenAI(base_url=smollm2.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    model = c.models.list().data[0].id
+    r = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                  max_tokens=40, temperature=0)
+    assert "Paris" in r.choices[0].message.content, r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
