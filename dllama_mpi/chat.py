@@ -27,10 +27,6 @@ import click
 from .errors import ConfigError, DllamaError
 
 
-def say(msg: str) -> None:
-    """Notices go to stdout with the answers: mpiexec forwards stdout and stderr separately, so
-    only one stream keeps them in order."""
-    print(msg, flush=True)
 
 CTRL_C = 0x03
 
@@ -206,6 +202,8 @@ class Terminal:
 
     @staticmethod
     def write(text: str) -> None:
+        # Notices go to stdout with the answers: mpiexec forwards stdout and stderr separately,
+        # so only one stream keeps them in order.
         sys.stdout.write(text)
         sys.stdout.flush()
 
@@ -268,12 +266,12 @@ class ChatSession:
                                        or len(ids) + self._reserve() <= max_seq):
                 break
             if self.settings["context_overflow"] == "error":
-                say(f"context full: the conversation with your message is {len(ids)} tokens and the context "
+                self.say(f"context full: the conversation with your message is {len(ids)} tokens and the context "
                     f"holds {max_seq}; /clear starts a new conversation (/save keeps this one), or run with "
                     f"--context-overflow truncate-oldest to drop the oldest turns automatically")
                 return None
             if not self.messages:
-                say(f"your message alone is {len(ids)} tokens and the context holds {max_seq}: shorten it")
+                self.say(f"your message alone is {len(ids)} tokens and the context holds {max_seq}: shorten it")
                 return None
             # drop the oldest turn: its user message and what follows up to the next user message
             self.messages.pop(0)
@@ -283,7 +281,7 @@ class ChatSession:
                 dropped += 1
             self.history.clear()
         if dropped:
-            say(f"(context full: dropped the {dropped} oldest message(s))")
+            self.say(f"(context full: dropped the {dropped} oldest message(s))")
         return text, ids
 
     def turn(self, user: str) -> None:
@@ -320,9 +318,9 @@ class ChatSession:
         answer = "".join(pieces)
         term.write("\n")
         if st.finish_reason == "abort":
-            say("[stopped]")
+            self.say("[stopped]")
         elif st.finish_reason == "length" and len(self.gen.cached) >= self.engine.max_seq_len:
-            say("[context full: the answer was cut; /clear starts a new conversation]")
+            self.say("[context full: the answer was cut; /clear starts a new conversation]")
         self.messages.append({"role": "user", "content": user})
         self.messages.append({"role": "assistant", "content": answer})
         ended_on_eos = bool(generated) and generated[-1] in self.tokenizer.eos_ids and not self.ignore_eos
@@ -330,6 +328,9 @@ class ChatSession:
             self.history.clear()   # cut by a stop string: the stored answer is not the generated tokens
         else:
             self.history.record(text, ids, generated)
+
+    def say(self, msg: str) -> None:
+        self.term.write(msg + "\n")
 
     def _on_sigint(self, signum, frame):
         self.term.interrupted = True
@@ -386,41 +387,41 @@ class ChatSession:
         if cmd in ("/exit", "/quit", "/bye"):
             return False
         if cmd == "/help":
-            print(HELP, flush=True)
+            self.say(HELP)
         elif cmd == "/clear":
             self.messages = []
             self.history.clear()
-            print("(new conversation)", flush=True)
+            self.say("(new conversation)")
         elif cmd == "/stats":
-            print(self.stats_line(), flush=True)
+            self.say(self.stats_line())
         elif cmd in ("/save", "/load"):
             if not arg:
-                print(f"usage: {cmd} FILE", flush=True)
+                self.say(f"usage: {cmd} FILE")
                 return True
             try:
                 if cmd == "/save":
                     self.save(arg)
-                    print(f"(saved {len(self.messages)} messages to {arg})", flush=True)
+                    self.say(f"(saved {len(self.messages)} messages to {arg})")
                 else:
                     self.load(arg)
-                    print(f"(loaded {len(self.messages)} messages from {arg})", flush=True)
+                    self.say(f"(loaded {len(self.messages)} messages from {arg})")
             except (OSError, ValueError, DllamaError) as e:
-                print(f"{cmd} failed: {e}", flush=True)
+                self.say(f"{cmd} failed: {e}")
         else:
-            print(f"unknown command {cmd}; /help lists the commands", flush=True)
+            self.say(f"unknown command {cmd}; /help lists the commands")
         return True
 
     # --- the loop ----------------------------------------------------------------------------
 
     def run(self) -> None:
         term = self.term
-        print("chat: /help for commands, /exit or Ctrl-D to quit", flush=True)
+        self.say("chat: /help for commands, /exit or Ctrl-D to quit")
         while True:
             term.write("\n> ")
             try:
                 line = term.readline()
             except KeyboardInterrupt:
-                print("\n(Ctrl-C: /exit or Ctrl-D quits; a second Ctrl-C at the prompt ends the job)", flush=True)
+                self.say("\n(Ctrl-C: /exit or Ctrl-D quits; a second Ctrl-C at the prompt ends the job)")
                 continue
             if line is None:
                 term.write("\n")
@@ -434,7 +435,7 @@ class ChatSession:
             try:
                 self.turn(line)
             except KeyboardInterrupt:   # pragma: no cover (the handler only sets a flag)
-                say("[stopped]")
+                self.say("[stopped]")
 
 
 def register(group) -> None:
