@@ -21,10 +21,36 @@ void dl_rmsnorm_scalar(float *out, const float *x, const float *w, int n, float 
     for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * inv);
 }
 
+/* exp as Distributed Llama's AVX2 kernels compute it (expf_avx2 in its nn-cpu-ops.cpp): 2^n times a
+ * degree-4 polynomial of the fraction, relative error up to ~6e-5. SiLU and softmax use it on every
+ * path so that q40/q80 outputs land on the same q80 rounding points as Distributed Llama's (its goldens
+ * are reproduced to ~1e-6 instead of drifting after a few positions). Unlike the original, inputs
+ * below -87 give 0 instead of a garbage exponent. Every SIMD path computes the same bits. */
+#define DLX_LOG2E 1.4426950408889634f
+#define DLX_C0 1.0f
+#define DLX_C1 0.6931471805599453f
+#define DLX_C2 0.2402265069591007f
+#define DLX_C3 0.05550410866482158f
+#define DLX_C4 0.009618129107628477f
+
+float dl_exp_dllama_scalar(float x) {
+    if (!(x >= -87.0f)) return 0.0f;      /* also NaN -> 0 */
+    if (x > 88.0f) x = 88.0f;
+    const float y = x * DLX_LOG2E;
+    const float nf = nearbyintf(y);       /* cvtps_epi32: round to nearest even */
+    const float f = y - nf;
+    const float p = fmaf(fmaf(fmaf(fmaf(DLX_C4, f, DLX_C3), f, DLX_C2), f, DLX_C1), f, DLX_C0);
+    union { uint32_t u; float f; } two_n = {(uint32_t)((int)nf + 127) << 23};
+    return p * two_n.f;
+}
+
 void dl_silu_mul_scalar(float *out, const float *gate, const float *up, int64_t n) {
+    /* Distributed Llama: the polynomial on groups of 8, libm expf on the n % 8 tail */
+    const int64_t vec_end = n - n % 8;
     for (int64_t i = 0; i < n; i++) {
         const float g = gate[i];
-        out[i] = (g / (1.0f + expf(-g))) * up[i];
+        const float e = i < vec_end ? dl_exp_dllama_scalar(-g) : expf(-g);
+        out[i] = (g / (1.0f + e)) * up[i];
     }
 }
 
@@ -62,23 +88,6 @@ void dl_scale_scalar(float *y, float a, int n) {
 /* ------------------------------------------------------------------------------------------ */
 /* AVX2 + FMA */
 
-/* expf, Cephes-style: |relative error| ~ 1e-7 on the clamped range [-87.33, 88] */
-DL_INLINE DL_TARGET_AVX2 __m256 exp256(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33f)), _mm256_set1_ps(88.0f));
-    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
 
 DL_INLINE DL_TARGET_AVX2 float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -133,12 +142,28 @@ DL_TARGET_AVX2 void dl_rmsnorm_avx2(float *out, const float *x, const float *w, 
     for (; i < n; i++) out[i] = w[i] * (x[i] * inv);
 }
 
+/* dl_exp_dllama_scalar on 8 lanes (same bits) */
+DL_INLINE DL_TARGET_AVX2 __m256 exp_dllama256(__m256 x) {
+    const __m256 small = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 y = _mm256_mul_ps(x, _mm256_set1_ps(DLX_LOG2E));
+    const __m256i n = _mm256_cvtps_epi32(y);
+    const __m256 f = _mm256_sub_ps(y, _mm256_cvtepi32_ps(n));
+    __m256 p = _mm256_set1_ps(DLX_C4);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(DLX_C3));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(DLX_C2));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(DLX_C1));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(DLX_C0));
+    const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
+    return _mm256_and_ps(_mm256_mul_ps(p, two_n), small);
+}
+
 DL_TARGET_AVX2 void dl_silu_mul_avx2(float *out, const float *gate, const float *up, int64_t n) {
     const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         const __m256 g = _mm256_loadu_ps(gate + i);
-        const __m256 e = exp256(_mm256_xor_ps(g, sign));
+        const __m256 e = exp_dllama256(_mm256_xor_ps(g, sign));
         const __m256 s = _mm256_div_ps(g, _mm256_add_ps(one, e));
         _mm256_storeu_ps(out + i, _mm256_mul_ps(s, _mm256_loadu_ps(up + i)));
     }
@@ -176,22 +201,6 @@ DL_TARGET_AVX2 void dl_add_q80_avx2(float *out, const dl_block_q80 *parts, int n
 /* ------------------------------------------------------------------------------------------ */
 /* AVX-512 */
 
-DL_INLINE DL_TARGET_AVX512 __m512 exp512(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33f)), _mm512_set1_ps(88.0f));
-    __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
-}
 
 static inline __mmask16 tailmask(int64_t left) {
     return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
@@ -238,14 +247,35 @@ DL_TARGET_AVX512 void dl_rmsnorm_avx512(float *out, const float *x, const float 
     }
 }
 
+DL_INLINE DL_TARGET_AVX512 __m512 exp_dllama512(__m512 x) {
+    const __mmask16 ok = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(DLX_LOG2E));
+    const __m512i n = _mm512_cvtps_epi32(y);
+    const __m512 f = _mm512_sub_ps(y, _mm512_cvtepi32_ps(n));
+    __m512 p = _mm512_set1_ps(DLX_C4);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(DLX_C3));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(DLX_C2));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(DLX_C1));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(DLX_C0));
+    const __m512 two_n = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23));
+    return _mm512_maskz_mul_ps(ok, p, two_n);
+}
+
 DL_TARGET_AVX512 void dl_silu_mul_avx512(float *out, const float *gate, const float *up, int64_t n) {
     const __m512 one = _mm512_set1_ps(1.0f);
-    for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = tailmask(n - i);
-        const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
-        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    const int64_t vec_end = n - n % 8;   /* like Distributed Llama's 8-wide loop */
+    int64_t i = 0;
+    for (; i + 16 <= vec_end; i += 16) {
+        const __m512 g = _mm512_loadu_ps(gate + i);
+        const __m512 e = exp_dllama512(_mm512_sub_ps(_mm512_setzero_ps(), g));
         const __m512 s = _mm512_div_ps(g, _mm512_add_ps(one, e));
-        _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, up + i)));
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(s, _mm512_loadu_ps(up + i)));
+    }
+    for (; i < n; i++) {
+        const float g = gate[i];
+        const float e = i < vec_end ? dl_exp_dllama_scalar(-g) : expf(-g);
+        out[i] = (g / (1.0f + e)) * up[i];
     }
 }
 
@@ -278,20 +308,19 @@ DL_TARGET_AVX512 void dl_add_q80_avx512(float *out, const dl_block_q80 *parts, i
 /* ------------------------------------------------------------------------------------------ */
 /* NEON */
 
-static inline float32x4_t exp_neon(float32x4_t x) {
-    x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.33f)), vdupq_n_f32(88.0f));
-    const float32x4_t fx = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
-    x = vfmsq_f32(x, fx, vdupq_n_f32(0.693359375f));
-    x = vfmsq_f32(x, fx, vdupq_n_f32(-2.12194440e-4f));
-    float32x4_t y = vdupq_n_f32(1.9875691500E-4f);
-    y = vfmaq_f32(vdupq_n_f32(1.3981999507E-3f), y, x);
-    y = vfmaq_f32(vdupq_n_f32(8.3334519073E-3f), y, x);
-    y = vfmaq_f32(vdupq_n_f32(4.1665795894E-2f), y, x);
-    y = vfmaq_f32(vdupq_n_f32(1.6666665459E-1f), y, x);
-    y = vfmaq_f32(vdupq_n_f32(5.0000001201E-1f), y, x);
-    y = vfmaq_f32(vaddq_f32(x, vdupq_n_f32(1.0f)), y, vmulq_f32(x, x));
-    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(fx), vdupq_n_s32(127)), 23);
-    return vmulq_f32(y, vreinterpretq_f32_s32(e));
+static inline float32x4_t exp_neon(float32x4_t x) {  /* dl_exp_dllama_scalar on 4 lanes */
+    const uint32x4_t ok = vcgeq_f32(x, vdupq_n_f32(-87.0f));
+    x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.0f)), vdupq_n_f32(88.0f));
+    const float32x4_t y = vmulq_f32(x, vdupq_n_f32(DLX_LOG2E));
+    const float32x4_t nf = vrndnq_f32(y);
+    const float32x4_t f = vsubq_f32(y, nf);
+    float32x4_t p = vfmaq_f32(vdupq_n_f32(DLX_C3), vdupq_n_f32(DLX_C4), f);
+    p = vfmaq_f32(vdupq_n_f32(DLX_C2), p, f);
+    p = vfmaq_f32(vdupq_n_f32(DLX_C1), p, f);
+    p = vfmaq_f32(vdupq_n_f32(DLX_C0), p, f);
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(nf), vdupq_n_s32(127)), 23);
+    const float32x4_t r = vmulq_f32(p, vreinterpretq_f32_s32(e));
+    return vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(r), ok));
 }
 
 float dl_dot_neon(const float *a, const float *b, int n) {
@@ -336,8 +365,9 @@ void dl_rmsnorm_neon(float *out, const float *x, const float *w, int n, float ep
 }
 
 void dl_silu_mul_neon(float *out, const float *gate, const float *up, int64_t n) {
+    const int64_t vec_end = n - n % 8;
     int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {
+    for (; i + 4 <= vec_end; i += 4) {
         const float32x4_t g = vld1q_f32(gate + i);
         const float32x4_t s = vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0f), exp_neon(vnegq_f32(g))));
         vst1q_f32(out + i, vmulq_f32(s, vld1q_f32(up + i)));
@@ -385,13 +415,28 @@ void dl_silu_mul(float *out, const float *gate, const float *up, int64_t n) { dl
 void dl_add(float *out, const float *a, int64_t n) { dl_k.add(out, a, n); }
 void dl_add_q80(float *out, const dl_block_q80 *parts, int nparts, int64_t n) { dl_k.add_q80(out, parts, nparts, n); }
 
+/* Softmax as Distributed Llama's AVX2 softmax_F32 computes it: the polynomial exp on the first
+ * n - n % 8 values, summed in 8 lanes and reduced like its horizontalSum, libm expf on the tail,
+ * then one multiplication by 1/sum. */
 void dl_softmax(float *x, int n) {
     if (n <= 0) return;
     float m = x[0];
     for (int i = 1; i < n; i++) if (x[i] > m) m = x[i];
-    float s = 0.0f;
-    for (int i = 0; i < n; i++) { x[i] = expf(x[i] - m); s += x[i]; }
-    for (int i = 0; i < n; i++) x[i] /= s;
+    const int vec_end = n - n % 8;
+    float lane[8] = {0};
+    for (int i = 0; i < vec_end; i++) {
+        x[i] = dl_exp_dllama_scalar(x[i] - m);
+        lane[i % 8] += x[i];
+    }
+    const float h0 = lane[0] + lane[4], h1 = lane[1] + lane[5], h2 = lane[2] + lane[6], h3 = lane[3] + lane[7];
+    float sum = (h0 + h2) + (h1 + h3);
+    for (int i = vec_end; i < n; i++) {
+        x[i] = expf(x[i] - m);
+        sum += x[i];
+    }
+    if (sum == 0.0f) sum = 0.000001f;
+    const float inv = 1.0f / sum;
+    for (int i = 0; i < n; i++) x[i] *= inv;
 }
 
 void dl_rope(float *x, int n_heads, int head_dim, int pos0, int batch, int rope_type, const float *freqs) {
@@ -424,9 +469,8 @@ void dl_rope(float *x, int n_heads, int head_dim, int pos0, int batch, int rope_
     if (sn != sbuf) free(sn);
 }
 
-/* Causal attention, online softmax (running max m, running sum l, unnormalised output acc):
- * for each t: s = q.k_t / sqrt(hd); if s > m: acc *= exp(m - s), l = l*exp(m - s) + 1, acc += v_t,
- * m = s; else p = exp(s - m), l += p, acc += p v_t. Output acc / l. One (b, h) pair per task. */
+/* Causal attention, two passes like Distributed Llama's multiheadAtt: scores = q.k_t / sqrt(hd) for
+ * t = 0..pos, dl_softmax, then out = sum_t a_t v_t in order. One (b, h) pair per task. */
 typedef struct {
     float *out;
     const float *q, *k, *v;
@@ -434,7 +478,6 @@ typedef struct {
     int n_q_heads, n_kv_heads, head_dim, pos0;
     float (*dot)(const float *, const float *, int);
     void (*axpy)(float *, float, const float *, int);
-    void (*scale)(float *, float, int);
 } attn_ctx;
 
 static void attn_range(void *vctx, int64_t s, int64_t e) {
@@ -442,42 +485,29 @@ static void attn_range(void *vctx, int64_t s, int64_t e) {
     const int hd = c->head_dim;
     const size_t kv_stride = (size_t)c->n_kv_heads * hd;
     const float sq = sqrtf((float)hd);
-    float abuf[512];
-    float *acc = hd <= 512 ? abuf : (float *)malloc(sizeof(float) * (size_t)hd);
-    if (!acc) return;
+    const int max_pos = c->pos0 + (int)((e - 1) / c->n_q_heads);
+    float sbuf[4096];
+    float *att = max_pos < 4096 ? sbuf : (float *)malloc(sizeof(float) * (size_t)(max_pos + 1));
+    if (!att) return;
     for (int64_t task = s; task < e; task++) {
         const int b = (int)(task / c->n_q_heads), h = (int)(task % c->n_q_heads);
         const int pos = c->pos0 + b;
         const int kvh = c->kv_of_q[h];
         const float *qh = c->q + ((size_t)b * c->n_q_heads + h) * hd;
         const float *kb = c->k + (size_t)kvh * hd, *vb = c->v + (size_t)kvh * hd;
-        memset(acc, 0, sizeof(float) * (size_t)hd);
-        float m = -INFINITY, l = 0.0f;
-        for (int t = 0; t <= pos; t++) {
-            const float sc = c->dot(qh, kb + (size_t)t * kv_stride, hd) / sq;
-            if (sc > m) {
-                const float f = expf(m - sc);   /* 0 on the first step */
-                c->scale(acc, f, hd);
-                l = l * f + 1.0f;
-                c->axpy(acc, 1.0f, vb + (size_t)t * kv_stride, hd);
-                m = sc;
-            } else {
-                const float p = expf(sc - m);
-                l += p;
-                c->axpy(acc, p, vb + (size_t)t * kv_stride, hd);
-            }
-        }
+        for (int t = 0; t <= pos; t++) att[t] = c->dot(qh, kb + (size_t)t * kv_stride, hd) / sq;
+        dl_softmax(att, pos + 1);
         float *o = c->out + ((size_t)b * c->n_q_heads + h) * hd;
-        const float inv = 1.0f / l;
-        for (int i = 0; i < hd; i++) o[i] = acc[i] * inv;
+        memset(o, 0, sizeof(float) * (size_t)hd);
+        for (int t = 0; t <= pos; t++) c->axpy(o, att[t], vb + (size_t)t * kv_stride, hd);
     }
-    if (acc != abuf) free(acc);
+    if (att != sbuf) free(att);
 }
 
 void dl_attention(float *out, const float *q, const float *k_cache, const float *v_cache,
                   const int32_t *kv_of_q, int n_q_heads, int n_kv_heads, int head_dim,
                   int pos0, int batch) {
     attn_ctx c = {out, q, k_cache, v_cache, kv_of_q, n_q_heads, n_kv_heads, head_dim, pos0,
-                  dl_k.dot, dl_k.axpy, dl_k.scale};
+                  dl_k.dot, dl_k.axpy};
     dl_parallel_for((int64_t)batch * n_q_heads, 1, attn_range, &c);
 }

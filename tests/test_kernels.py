@@ -315,7 +315,11 @@ def test_silu_mul(isa):
         g64 = g.astype(np.float64)
         ref = g64 / (1 + np.exp(-g64)) * u
         got = K.silu_mul(g, u)
-        assert np.allclose(got, ref, rtol=1e-6, atol=1e-30)
+        # Distributed Llama's polynomial exp (relative error <= ~6e-5), on purpose: see ops.c
+        assert np.allclose(got, ref, rtol=1e-4, atol=1e-30)
+        use(K.ISA_SCALAR)
+        assert np.array_equal(got, K.silu_mul(g, u))  # every path computes the same bits
+        use(isa)
 
 
 @pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
@@ -351,7 +355,7 @@ def test_softmax():
     for n in (1, 5, 100):
         x = (r.standard_normal(n) * 5).astype(np.float32)
         e = np.exp(x.astype(np.float64) - x.max())
-        assert np.allclose(K.softmax(x), e / e.sum(), rtol=1e-6, atol=1e-9)
+        assert np.allclose(K.softmax(x), e / e.sum(), rtol=1e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("rope_type", [K.ROPE_INTERLEAVED, K.ROPE_HALF])
@@ -418,7 +422,8 @@ def test_attention(isa):
             use(isa, threads)
             outs.append(K.attention(q, kc, vc, kv_of_q, nq, nkv, hd, pos0))
         assert np.array_equal(outs[0], outs[1])
-        assert np.allclose(outs[0], ref, rtol=1e-5, atol=2e-6), (hd, nq, nkv, pos0, batch)
+        # the polynomial exp (relative error <= 6e-5) bounds the agreement with float64
+        assert np.allclose(outs[0], ref, rtol=2e-4, atol=2e-4), (hd, nq, nkv, pos0, batch)
 
 
 # ---------------------------------------------------------------------------------------------
