@@ -374,11 +374,25 @@ def test_client_disconnect_mid_stream(server, client):
     assert r.usage.completion_tokens == 2
 
 
-def test_shutdown_exit_code(tmp_path):
+def root_rank_pid(marker: str) -> int:
+    for pid in our_processes(marker):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"PMI_RANK=0" in env:
+            return pid
+    raise AssertionError("rank 0 not found")
+
+
+@pytest.mark.parametrize("target,sig", [("mpiexec", signal.SIGINT), ("root", signal.SIGTERM)])
+def test_shutdown_exit_code(tmp_path, target, sig):
     s = ApiServer(tmp_path / "server.log")
     r = urllib.request.urlopen(s.url + "/v1/models", timeout=10)
     assert r.status == 200
-    s.proc.send_signal(signal.SIGINT)   # Ctrl-C to mpiexec: forwarded to every rank, the root stops them
+    # Ctrl-C to mpiexec is forwarded to every rank; either way the root stops the workers itself
+    os.kill(s.proc.pid if target == "mpiexec" else root_rank_pid(s.marker), sig)
     try:
         rc = s.proc.wait(timeout=20)
     finally:
