@@ -104,29 +104,32 @@ COL_SPLIT = ("wo", "w2")
 
 
 def make_plan(h: ModelHeader, n_nodes: int) -> ShardPlan:
-    """The plan for `n_nodes` ranks, or a ConfigError saying why the model cannot be split so."""
+    """The plan for `n_nodes` ranks, or a ConfigError saying why the model cannot be split so.
+
+    Slices may be uneven, and a rank may own no head or no FFN column of a small model (it then
+    adds a zero partial sum): what must hold is that every slice of a quantized matrix is made of
+    whole 32-value blocks."""
     if n_nodes < 1:
         raise ConfigError(f"node count must be >= 1, got {n_nodes}")
-    if n_nodes > h.n_heads:
-        raise ConfigError(
-            f"cannot split the model over {n_nodes} nodes: it has {h.n_heads} attention heads "
-            f"and every node needs at least one whole head")
     quantized = h.weights_float_type != F32
-    # Column slices of quantized matrices must hold whole 32-value blocks.
-    unit = BLOCK if quantized else 1
-    head_ranges = even_split(h.n_heads, n_nodes)
-    if quantized:
-        for h0, h1 in head_ranges:
-            if ((h1 - h0) * h.head_size) % BLOCK:
-                raise ConfigError(
-                    f"cannot split the model over {n_nodes} nodes: a node would own {h1 - h0} heads x "
-                    f"head_dim {h.head_size} = {(h1 - h0) * h.head_size} columns of wo, not a multiple of "
-                    f"{BLOCK} ({float_type_name(h.weights_float_type)} blocks)")
-    ffn_ranges = even_split(h.ffn_dim, n_nodes, unit)
-    if any(a == b for a, b in ffn_ranges) or h.ffn_dim % unit:
+    unit = BLOCK if quantized else 1          # column slices of quantized matrices: whole blocks
+    hd = h.head_size
+    heads_unit = 1                            # heads per indivisible group (whole wo blocks)
+    while (heads_unit * hd) % unit:
+        heads_unit += 1
+    if h.n_heads % heads_unit:
         raise ConfigError(
-            f"cannot split the model over {n_nodes} nodes: FFN size {h.ffn_dim} has only "
-            f"{h.ffn_dim // unit} blocks of {unit}")
+            f"cannot split the model: head_dim {hd} x {h.n_heads} heads cannot be cut into slices "
+            f"of whole {BLOCK}-value {float_type_name(h.weights_float_type)} blocks")
+    if n_nodes > h.n_heads // heads_unit:
+        raise ConfigError(
+            f"cannot split the model over {n_nodes} nodes: its {h.n_heads} attention heads (head_dim {hd}) "
+            f"give at most {h.n_heads // heads_unit} slices of wo columns that are a multiple of {unit}")
+    head_ranges = [(a // heads_unit * heads_unit, b // heads_unit * heads_unit)
+                   for a, b in even_split(h.n_heads, n_nodes, heads_unit)]
+    if h.ffn_dim % unit:
+        raise ConfigError(f"FFN size {h.ffn_dim} is not a multiple of {unit}")
+    ffn_ranges = even_split(h.ffn_dim, n_nodes, unit)
     vocab_ranges = even_split(h.vocab_size, n_nodes)
     dim_unit = BLOCK if h.dim % BLOCK == 0 else 1
     dim_ranges = even_split(h.dim, n_nodes, dim_unit)
@@ -134,6 +137,6 @@ def make_plan(h: ModelHeader, n_nodes: int) -> ShardPlan:
     shards = []
     for r in range(n_nodes):
         h0, h1 = head_ranges[r]
-        shards.append(RankShard(r, (h0, h1), (h0 // g, (h1 - 1) // g + 1), ffn_ranges[r],
-                                vocab_ranges[r], dim_ranges[r]))
+        kv = (h0 // g, (h1 - 1) // g + 1) if h1 > h0 else (0, 0)
+        shards.append(RankShard(r, (h0, h1), kv, ffn_ranges[r], vocab_ranges[r], dim_ranges[r]))
     return ShardPlan(h, n_nodes, tuple(shards))

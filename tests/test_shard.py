@@ -50,13 +50,21 @@ def test_kv_replication_when_more_nodes_than_kv_heads():
     assert [plan3[r].kv_heads for r in range(3)] == [(0, 1), (1, 2), (1, 2)]
 
 
+def test_small_models_leave_some_ranks_without_a_slice():
+    # tiny_llama q40: head_dim 16, so heads go in pairs (32 wo columns): 4 nodes -> 2 with heads
+    plan = make_plan(header(dim=64, hidden_dim=192, n_heads=4, n_kv_heads=2, vocab_size=512), 2)
+    assert [plan[r].heads for r in range(2)] == [(0, 2), (2, 4)]
+    with_moe = make_plan(header(dim=64, hidden_dim=64, n_heads=4, n_kv_heads=2, head_dim=32, vocab_size=512), 4)
+    assert [with_moe[r].ffn for r in range(4)] == [(0, 32), (32, 64), (64, 64), (64, 64)]
+
+
 def test_refusals():
     with pytest.raises(ConfigError, match="9 attention heads"):
         make_plan(header(), 10)
-    # head_dim 16 q40: one head per node is 16 columns of wo, not a whole block
-    with pytest.raises(ConfigError, match="not a multiple of 32"):
+    # head_dim 16 q40: pairs of heads are the smallest wo slices, so 4 heads allow 2 nodes
+    with pytest.raises(ConfigError, match="at most 2 slices"):
         make_plan(header(dim=64, hidden_dim=192, n_heads=4, n_kv_heads=2, vocab_size=512), 4)
     # the same shape in f32 has no block constraint
     make_plan(header(dim=64, hidden_dim=192, n_heads=4, n_kv_heads=2, vocab_size=512, weights_float_type=F32), 4)
-    with pytest.raises(ConfigError, match="FFN size"):
-        make_plan(header(dim=64, hidden_dim=64, n_heads=8, n_kv_heads=2, head_dim=32, vocab_size=512), 3)
+    with pytest.raises(ConfigError, match="cannot be cut"):
+        make_plan(header(dim=80, hidden_dim=192, n_heads=5, n_kv_heads=1, head_dim=16, vocab_size=512), 2)
