@@ -136,3 +136,18 @@ def test_moe_runs_and_tracks_one_node(world):
         d = np.abs(logits - ref)
         ok, detail = d[:3].max() < 1.0 and np.isfinite(logits).all(), (d[:3].max(), d.mean())
     verdict(world, ok, detail)
+
+
+def test_ring_sends_at_most_half_of_dllama_from_four_nodes(world):
+    from dllama_mpi.formats import Q40, ModelHeader
+    from dllama_mpi.shard import make_plan
+    from dllama_mpi.sync import PartialSum
+
+    # the Llama 3.2 1B shape (dim 2048 = 64 q80 blocks, an even split at N = 2, 4, 8)
+    h = ModelHeader(dim=2048, hidden_dim=8192, n_layers=1, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                    max_seq_len=64, weights_float_type=Q40)
+    plan = make_plan(h, world.size)
+    ring = PartialSum(world, plan, h.dim, 1, "q80", "ring").bytes_per_sync()
+    dllama = PartialSum(world, plan, h.dim, 1, "q80", "dllama").bytes_per_sync()
+    ok = ring <= dllama and (world.size < 4 or 2 * ring <= dllama)
+    verdict(world, world.comm.allreduce(ok, op=MPI.LAND), (world.size, ring, dllama))
