@@ -1,0 +1,69 @@
+"""A plain numpy float64 forward pass of a dense Llama `.m` model with f32 weights (test-only).
+
+llama2.c style, FORMATS §5 without the q80 details: whole sequence at once with a causal mask.
+Weights come from `dllama_mpi.formats.open_model`; q/k rows are already in DL's (converter-permuted)
+order, so rope rotates adjacent pairs (x[2i], x[2i+1]) (§5.3, LLAMA rope, no llama3 scaling).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dllama_mpi.formats import ARCH_LLAMA, F32, open_model
+
+
+class ReferenceLlama:
+    def __init__(self, path):
+        self.m = open_model(path)
+        h = self.h = self.m.header
+        if h.arch_type != ARCH_LLAMA or h.n_experts or h.weights_float_type != F32:
+            raise ValueError("reference forward: dense llama models with f32 weights only")
+        if getattr(h, "rope_scaling_factor", 1) not in (0, 1):
+            raise ValueError("reference forward: llama3 rope scaling is not implemented")
+
+    def w(self, name, layer=-1):
+        t = self.m.info(name, layer)
+        a = self.m.f32(t).astype(np.float64)
+        return a[0] if t.rows == 1 else a
+
+    def rmsnorm(self, x, w):
+        return w * x / np.sqrt((x * x).mean(-1, keepdims=True) + self.h.eps)
+
+    def rope(self, x, n_heads, pos0):
+        """x [T, n_heads * hd]; rotate each adjacent pair (2i, 2i+1) of each head by pos * freq_i."""
+        hd = self.h.head_size
+        T = x.shape[0]
+        freq = 1.0 / float(self.h.rope_theta) ** (np.arange(0, hd, 2) / hd)      # [hd/2]
+        ang = (pos0 + np.arange(T))[:, None] * freq[None, :]                      # [T, hd/2]
+        cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+        p = x.reshape(T, n_heads, hd // 2, 2)
+        a, b = p[..., 0], p[..., 1]
+        return np.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(T, -1)
+
+    def forward(self, tokens):
+        """Logits [len(tokens), vocab] (float64) of tokens at positions 0, 1, ..."""
+        h = self.h
+        T, hd, nh, nkv = len(tokens), h.head_size, h.n_heads, h.n_kv_heads
+        x = self.m.f32(self.m.info("embed"))[np.asarray(tokens)].astype(np.float64)   # [T, dim]
+        mask = np.triu(np.full((T, T), -np.inf), 1)
+        for l in range(h.n_layers):
+            y = self.rmsnorm(x, self.w("attn_norm", l))
+            q = self.rope(y @ self.w("wq", l).T, nh, 0).reshape(T, nh, hd)
+            k = self.rope(y @ self.w("wk", l).T, nkv, 0).reshape(T, nkv, hd)
+            v = (y @ self.w("wv", l).T).reshape(T, nkv, hd)
+            g = nh // nkv                                      # query heads per kv head
+            k, v = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
+            s = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
+            s = np.exp(s - s.max(-1, keepdims=True))
+            s /= s.sum(-1, keepdims=True)
+            z = np.einsum("hts,shd->thd", s, v).reshape(T, nh * hd)
+            x = x + z @ self.w("wo", l).T
+            y = self.rmsnorm(x, self.w("ffn_norm", l))
+            a = y @ self.w("w1", l).T                          # gate
+            f = (a / (1 + np.exp(-a))) * (y @ self.w("w3", l).T)   # silu(gate) * up
+            x = x + f @ self.w("w2", l).T                      # down
+        return self.rmsnorm(x, self.w("norm")) @ self.w("wcls").T
+
+
+def reference_logits(path, tokens) -> np.ndarray:
+    return ReferenceLlama(path).forward(list(tokens))
