@@ -6,6 +6,7 @@ Errors are ConvertError (a DllamaError): the main CLI prints them as one line.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -45,6 +46,23 @@ def _report(quiet, what, h, t, out_model, out_tokenizer, t0):
     click.echo(f"converted {what} in {time.time() - t0:.1f} s", err=True)
 
 
+def _one_line(fn):
+    """A converter's DllamaError is one `error: ...` line on stderr and its exit code (2), not a
+    traceback (the commands also run under the main `dllama-mpi` group, which has no handler)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from dllama_mpi.errors import DllamaError
+
+        try:
+            return fn(*args, **kwargs)
+        except DllamaError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+    return wrapper
+
+
 def _check_outputs(out_model, out_tokenizer):
     if out_model is None and out_tokenizer is None:
         raise click.UsageError("give --out-model and/or --out-tokenizer")
@@ -58,6 +76,7 @@ def convert():
 @convert.command("hf")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @_common
+@_one_line
 def hf_cmd(folder, out_model, out_tokenizer, weights, quiet):
     """Convert a Hugging Face model FOLDER (config.json, *.safetensors, tokenizer.json)."""
     from .hf import convert_hf
@@ -71,6 +90,7 @@ def hf_cmd(folder, out_model, out_tokenizer, weights, quiet):
 @convert.command("gguf")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @_common
+@_one_line
 def gguf_cmd(file, out_model, out_tokenizer, weights, quiet):
     """Convert a GGUF FILE (llama / qwen3 / qwen3moe architecture, any tensor type)."""
     from .gguf import convert_gguf
