@@ -16,6 +16,8 @@ a few dozen C kernel calls.
 from __future__ import annotations
 
 import math
+import mmap
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -48,28 +50,73 @@ def qptr(a: np.ndarray, offset_blocks: int = 0):
 # ------------------------------------------------------------------------------------------------
 # weights
 
+REPACK = os.environ.get("DLLAMA_REPACK", "1") != "0"   # DLLAMA_REPACK=0: keep the plain q40 layout
+
+
+def _aligned_empty(nbytes: int) -> np.ndarray:
+    """uint8 buffer whose data starts on a 64-byte boundary (SIMD loads, no false sharing)."""
+    buf = np.empty(nbytes + 64, np.uint8)
+    off = (-buf.ctypes.data) % 64
+    return buf[off:off + nbytes]
+
+
 @dataclass
 class Matrix:
-    """One rank's slice of a weight matrix: [rows, cols] in q40 blocks or f32, row-major."""
+    """One rank's slice of a weight matrix [rows, cols]: f32 row-major, or q40 repacked once at load
+    into the interleaved layout of kernels/repack.c (16 rows per SIMD pass; the repacked buffer
+    replaces the raw slice, so memory does not double). DLLAMA_REPACK=0 keeps plain q40 blocks."""
 
-    data: np.ndarray   # raw bytes (uint8) of the slice
+    data: np.ndarray   # f32 / plain q40: raw bytes (uint8) of the slice; q40r: the repacked buffer
     rows: int
     cols: int
     ftype: int
     ptr: object = field(init=False, repr=False)
+    repacked: bool = field(init=False, default=False)
 
     def __post_init__(self):
+        if self.ftype == Q40 and REPACK:
+            src = self.data
+            self.data = _aligned_empty(lib.dl_q40r_bytes(self.rows, self.cols))
+            lib.dl_repack_q40(ffi.cast("void *", self.data.ctypes.data),
+                              ffi.cast("dl_block_q40 *", src.ctypes.data), self.rows, self.cols)
+            self.repacked = True
+            self.ptr = ffi.cast("void *", self.data.ctypes.data)
+            return
         ctype = "dl_block_q40 *" if self.ftype == Q40 else "float *"
         self.ptr = ffi.cast(ctype, self.data.ctypes.data)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weights read by one matmul (the q40 payload, without repacking padding)."""
+        return self.rows * self.cols * 4 if self.ftype != Q40 else self.rows * self.cols // BLOCK * 18
+
     def matmul(self, out_addr: int, xq_addr: int, xf_addr: int, batch: int) -> None:
         """out[batch, rows] = x[batch, cols] · selfᵀ; q40 takes the q80 input, f32 the f32 input."""
-        if self.ftype == Q40:
+        if self.repacked:
+            lib.dl_matmul_q40r_q80(ffi.cast("float *", out_addr), self.ptr,
+                                   ffi.cast("dl_block_q80 *", xq_addr), self.rows, self.cols, batch)
+        elif self.ftype == Q40:
             lib.dl_matmul_q40_q80(ffi.cast("float *", out_addr), self.ptr,
                                   ffi.cast("dl_block_q80 *", xq_addr), self.rows, self.cols, batch)
         else:
             lib.dl_matmul_f32(ffi.cast("float *", out_addr), self.ptr,
                               ffi.cast("float *", xf_addr), self.rows, self.cols, batch)
+
+
+def _drop_pages(model: ModelFile | None, t: TensorInfo) -> None:
+    """After a repack copied a tensor out of the root's map, let the kernel drop its file pages
+    (they would otherwise count in the root's RSS next to the repacked copy)."""
+    mm = getattr(model, "_mm", None)
+    if mm is None or not hasattr(mm, "madvise"):
+        return
+    page = mmap.PAGESIZE
+    start = t.offset // page * page
+    end = min(t.offset + t.nbytes, len(mm)) // page * page
+    if end > start:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (OSError, ValueError):
+            pass
 
 
 @dataclass
@@ -164,6 +211,9 @@ def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardP
             if t.ftype == F32:
                 data = data.view(np.float32) if data.ctypes.data % 4 == 0 else np.array(data).view(np.float32)
             value = Matrix(data, rows, cols, t.ftype)
+            if value.repacked:
+                del data
+                _drop_pages(model, t)
         if t.layer < 0:
             if t.name == "norm":
                 norm = value

@@ -48,6 +48,19 @@ void dl_matmul_q40_q80(float *out, const dl_block_q40 *w, const dl_block_q80 *x,
                        int rows, int cols, int batch);
 void dl_matmul_f32(float *out, const float *w, const float *x, int rows, int cols, int batch);
 
+/* ---- interleaved ("repacked") q40: groups of DL_Q40R_ROWS rows, layout in kernels/repack.c.
+ * Repack a [rows, cols] q40 matrix once at load, then multiply with dl_matmul_q40r_q80 (same
+ * result as dl_matmul_q40_q80 up to float summation order; the scalar path is bit-identical).
+ * dst should be 64-byte aligned (not required for correctness). ---- */
+#define DL_Q40R_ROWS 16
+size_t dl_q40r_bytes(int rows, int cols);
+void dl_repack_q40(void *dst, const dl_block_q40 *src, int rows, int cols);
+void dl_unpack_q40r(dl_block_q40 *dst, const void *src, int rows, int cols);
+void dl_matmul_q40r_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
+int  dl_q40r_prefetch(int bytes);     /* software prefetch distance (bytes, 0 = off); < 0: just query */
+/* memory read bandwidth probe: reads n bytes over the thread pool, returns a checksum */
+uint64_t dl_read_bytes(const void *p, size_t n);
+
 /* ---- elementwise / norms (batch rows of n, contiguous) ---- */
 void dl_rmsnorm(float *out, const float *x, const float *w, int n, float eps, int batch);
 void dl_silu_mul(float *out, const float *gate, const float *up, int64_t n);  /* out = silu(gate) * up */

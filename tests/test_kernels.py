@@ -443,3 +443,112 @@ def test_dispatch_and_pool():
     first = K.matmul_q40_q80(w, x, 9, 64, 1)
     for _ in range(200):
         assert np.array_equal(K.matmul_q40_q80(w, x, 9, 64, 1), first)
+
+
+# ---------------------------------------------------------------------------------------------
+# repacked (interleaved) q40: dl_repack_q40 / dl_matmul_q40r_q80
+
+def repack_q40(w: np.ndarray, rows: int, cols: int, misalign: int = 0) -> np.ndarray:
+    n = lib.dl_q40r_bytes(rows, cols)
+    buf = np.full(n + 64 + misalign, 0xAB, np.uint8)
+    off = (-buf.ctypes.data) % 64 + misalign
+    out = buf[off:off + n]
+    lib.dl_repack_q40(ffi.cast("void *", out.ctypes.data), ptr(w, "dl_block_q40"), rows, cols)
+    return out
+
+
+def matmul_q40r(wr: np.ndarray, x: np.ndarray, rows: int, cols: int, batch: int) -> np.ndarray:
+    out = np.full((batch, rows), np.nan, np.float32)
+    lib.dl_matmul_q40r_q80(ptr(out), ffi.cast("void *", wr.ctypes.data), ptr(x, "dl_block_q80"),
+                           rows, cols, batch)
+    return out
+
+
+Q40R_SHAPES = [(1, 32, 1), (15, 64, 2), (16, 32, 1), (17, 96, 3), (37, 320, 9), (48, 2080, 1),
+               (100, 256, 17), (5, 64, 33)]
+
+
+def test_q40r_layout_roundtrip_and_size():
+    r = rng(40)
+    for rows, cols, _ in Q40R_SHAPES:
+        w = random_q40(r, rows, cols)
+        nb = cols // 32
+        groups = (rows + 15) // 16
+        assert lib.dl_q40r_bytes(rows, cols) == groups * (((nb * 32 + 63) // 64) * 64 + nb * 256)
+        for threads in (1, 2):
+            use(K.ISA_SCALAR, threads)
+            wr = repack_q40(w, rows, cols)
+            back = np.zeros_like(w)
+            lib.dl_unpack_q40r(ptr(back, "dl_block_q40"), ffi.cast("void *", wr.ctypes.data), rows, cols)
+            assert np.array_equal(back, w)
+
+
+def test_q40r_scalar_bitwise_equals_plain_scalar():
+    r = rng(41)
+    use(K.ISA_SCALAR)
+    for rows, cols, batch in Q40R_SHAPES:
+        w, x = random_q40(r, rows, cols), random_q80(r, batch, cols)
+        ref = K.matmul_q40_q80(w, x, rows, cols, batch)
+        assert np.array_equal(matmul_q40r(repack_q40(w, rows, cols), x, rows, cols, batch), ref)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_q40r_exact_integer_dot(isa):
+    """All scales 1.0, extreme codes and activations: the exact integer dot on every path."""
+    r = rng(42)
+    rows, cols, batch = 19, 2080, 5
+    w = np.empty(rows * cols // 32, dtype=K.q40_dtype)
+    w["d"] = 0x3C00
+    w["qs"] = r.integers(0, 256, (w.size, 16))
+    w["qs"][:65, :] = 0                                            # code 0 -> -8 ...
+    x = np.empty(batch * cols // 32, dtype=K.q80_dtype)
+    x["d"] = 0x3C00
+    x["qs"] = r.integers(-128, 128, (x.size, 32))
+    x["qs"][:65, :] = -128                                         # ... times -128
+    wb, xb = w.view(np.uint8), x.view(np.uint8)
+    _, _, idot = ref_matmul_q40_q80(wb, xb, rows, cols, batch)
+    assert np.abs(idot).max() < 2 ** 24
+    wr = repack_q40(wb, rows, cols)
+    for threads in (1, 2):
+        use(isa, threads)
+        assert np.array_equal(matmul_q40r(wr, xb, rows, cols, batch), idot.astype(np.float32))
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+def test_q40r_simd_vs_plain_and_threads(isa):
+    """Odd shapes (rows not a multiple of 16, odd block counts, batch tails), 1/2/3 threads:
+    identical bits whatever the thread count, within float rounding of the plain kernel; outputs
+    beyond `rows` are never written."""
+    r = rng(43)
+    for rows, cols, batch in Q40R_SHAPES + [(2048, 2048, 1), (512, 8192, 32)]:
+        w, x = random_q40(r, rows, cols), random_q80(r, batch, cols)
+        use(K.ISA_SCALAR)
+        ref = K.matmul_q40_q80(w, x, rows, cols, batch)
+        _, mag, _ = ref_matmul_q40_q80(w, x, rows, cols, batch)
+        wr = repack_q40(w, rows, cols, misalign=3)                 # unaligned buffer still works
+        outs = []
+        for threads in (1, 2, 3):
+            use(isa, threads)
+            outs.append(matmul_q40r(wr, x, rows, cols, batch))
+        assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+        assert np.all(np.abs(outs[0] - ref) <= 1e-5 * mag + 1e-30), (rows, cols, batch)
+        # batched == one row at a time
+        for b in (0, batch - 1):
+            one = matmul_q40r(wr, x[b * cols // 32 * 34:(b + 1) * cols // 32 * 34], rows, cols, 1)
+            assert np.array_equal(one[0], outs[0][b])
+    # a row count that is not a multiple of 16 leaves the rest of `out` untouched
+    rows, cols, batch = 21, 64, 3
+    w, x = random_q40(r, rows, cols), random_q80(r, batch, cols)
+    wr = repack_q40(w, rows, cols)
+    big = np.full((batch, 32), -7.0, np.float32)
+    use(isa, 2)
+    lib.dl_matmul_q40r_q80(ptr(big), ffi.cast("void *", wr.ctypes.data), ptr(x, "dl_block_q80"), rows, cols, batch)
+    flat = big.reshape(-1)
+    assert np.all(flat[batch * rows:] == -7.0)
+
+
+def test_read_bytes_probe():
+    a = np.arange(1 << 16, dtype=np.uint64)
+    for threads in (1, 2):
+        use(K.ISA_SCALAR, threads)
+        assert lib.dl_read_bytes(ffi.cast("void *", a.ctypes.data), a.nbytes) == int(a.sum())
