@@ -214,19 +214,30 @@ def inference(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max
 @click.argument("name", default="smollm2-135m-instruct")
 @click.option("--models-dir", type=click.Path(file_okay=False), default=None,
               help="Model cache folder [default: $DLLAMA_MPI_MODELS or ~/.cache/dllama-mpi/models].")
-def download(name, models_dir):
-    """Fetch a model by name and convert it into the model cache."""
-    from .convert.smollm2 import default_models_dir, ensure_default_model
+@click.option("--base-url", default=None,
+              help="URL prefix of the model files [default: $DLLAMA_MPI_DOWNLOAD_BASE or https://huggingface.co/b4rtaz].")
+@click.option("--force", is_flag=True, help="Download again even if the files are in the cache.")
+@click.option("--retries", type=click.IntRange(0), default=5, show_default=True,
+              help="Resume attempts per file after a dropped connection.")
+@click.option("--list", "list_models", is_flag=True, help="List the model names and exit.")
+def download(name, models_dir, base_url, force, retries, list_models):
+    """Fetch a model by name into the model cache (Distributed Llama's model list, plus
+    smollm2-135m-instruct which is converted locally), then print the command that runs it."""
+    from .download import download_model, model_names
 
+    if list_models:
+        print("\n".join(model_names()))
+        return
     try:
-        if name != "smollm2-135m-instruct":
-            raise ConfigError(f"unknown model {name!r}; available: smollm2-135m-instruct")
-        model, tokenizer = ensure_default_model(models_dir or default_models_dir())
+        got = download_model(name, models_dir, base_url=base_url, force=force, retries=retries)
     except DllamaError as e:
         log(f"error: {e}")
         sys.exit(e.exit_code)
-    log(f"model: {model}\ntokenizer: {tokenizer}")
-    print(f"mpiexec -n 2 dllama-mpi inference --model {model} --tokenizer {tokenizer} --prompt \"Hello\"")
+    except KeyboardInterrupt:
+        log("interrupted; run the same command again to resume")
+        sys.exit(130)
+    log(f"model: {got.model}\ntokenizer: {got.tokenizer}")
+    print(got.command())
 
 
 def _register_converters():
