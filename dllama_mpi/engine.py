@@ -25,7 +25,7 @@ import numpy as np
 
 from . import comm as C
 from .comm import Comm
-from .errors import ConfigError, ModelFormatError
+from .errors import ConfigError
 from .formats import (BLOCK, F32, Q40, Q80_BYTES, ModelFile, ModelHeader, TensorInfo, float_type_name,
                       read_model_header, tensor_layout)
 from .kernels import ffi, lib

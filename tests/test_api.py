@@ -21,6 +21,8 @@ import pytest
 
 from dllama_mpi.api import ApiError, parse_common, parse_messages, parse_prompt
 
+from procs import our_processes
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "data" / "tiny"
 BIN = Path(sys.executable).parent
@@ -92,21 +94,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def our_processes(marker: str) -> list[int]:
-    """Processes (mpiexec, proxy, ranks) started with DLLAMA_TEST_MARKER=marker."""
-    needle = f"DLLAMA_TEST_MARKER={marker}".encode()
-    pids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/environ", "rb") as f:
-                    if needle in f.read().split(b"\0"):
-                        pids.append(int(d))
-            except OSError:
-                pass
-    return pids
 
 
 class ApiServer:

@@ -19,6 +19,8 @@ import pytest
 from dllama_mpi.chat import ChatSession, PromptHistory, Terminal, template_for
 from dllama_mpi.tokenizer import Tokenizer
 
+from procs import our_processes
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "data" / "tiny"
 BIN = Path(sys.executable).parent
@@ -194,19 +196,6 @@ def test_template_for_override(qwen_tok):
 
 # ------------------------------------------------------------------------------------------------
 # the real thing, through a pseudo-terminal
-
-def our_processes(marker: str) -> list[int]:
-    needle = f"DLLAMA_TEST_MARKER={marker}".encode()
-    pids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/environ", "rb") as f:
-                    if needle in f.read().split(b"\0"):
-                        pids.append(int(d))
-            except OSError:
-                pass
-    return pids
 
 
 @pytest.fixture

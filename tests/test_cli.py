@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY
+from procs import alive, descendants, environ
 
 BIN = Path(sys.executable).parent
 DLLAMA = [str(BIN / "dllama-mpi")] if (BIN / "dllama-mpi").exists() else [sys.executable, "-m", "dllama_mpi.cli"]
@@ -108,46 +109,16 @@ def test_killed_worker_ends_the_job_quickly():
         deadline = time.time() + 30
         while time.time() < deadline and not p.stdout.read(1):
             pass
-        workers = [pid for pid in _descendants(p.pid) if _env(pid).get("PMI_RANK") == "1"]
+        workers = [pid for pid in descendants(p.pid) if environ(pid).get("PMI_RANK") == "1"]
         assert workers, "no rank-1 process found"
         os.kill(workers[0], signal.SIGKILL)
         t = time.time()
         p.wait(timeout=10)
         assert time.time() - t < 5.0
         assert p.returncode != 0
-        ranks = [pid for pid in _descendants(p.pid) if _alive(pid)]
+        ranks = [pid for pid in descendants(p.pid) if alive(pid)]
         assert not ranks
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-
-
-def _descendants(pid):
-    out, todo = [], [pid]
-    while todo:
-        cur = todo.pop()
-        try:
-            kids = Path(f"/proc/{cur}/task/{cur}/children").read_text().split()
-        except OSError:
-            continue
-        for k in map(int, kids):
-            out.append(k)
-            todo.append(k)
-    return out
-
-
-def _env(pid):
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return {}
-    return dict(kv.split("=", 1) for kv in raw.decode(errors="replace").split("\0") if "=" in kv)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
