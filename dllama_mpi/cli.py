@@ -253,5 +253,8 @@ _register_chat(main)
 from .api import register as _register_api  # noqa: E402  (dllama-mpi api)
 _register_api(main)
 
+from .benchmark import register as _register_benchmark  # noqa: E402  (dllama-mpi benchmark)
+_register_benchmark(main)
+
 if __name__ == "__main__":
     main()

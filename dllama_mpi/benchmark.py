@@ -1,0 +1,583 @@
+"""`dllama-mpi benchmark`: prompt and decode throughput, per-rank time split, traffic, memory.
+
+SPMD like `inference` (run under `mpiexec -n N`). One JSON document on stdout, a human table on
+stderr. How each number is measured (also in the JSON's "method"):
+
+- prefill tok/s: wall time of `engine.forward(prompt)` on the root (batches of --batch tokens);
+  decode tok/s: per generated token, wall time on the root from the forward call to the next token
+  id (greedy argmax); median over every token of every repeat, with p10/p90 and min/max.
+- per-rank split of a decode token (one extra, instrumented run after the timed ones): token time
+  (root: the loop's wall time; workers: their forward pass), time inside C kernel calls (every
+  `lib.dl_*` call of the engine and the sync is timed with perf_counter by a proxy installed only
+  for that run), MPI wait (time inside per-token collectives, `comm.wait_seconds`), and Python
+  overhead = token time - C - MPI. The proxy's own cost per call is measured and subtracted from
+  the Python share (`python_ms`; `python_ms_raw` keeps the uncorrected figure).
+- bytes sent per token per rank: counted by `Comm` over the decode tokens (`bytes_sent`), next to
+  the model `sync.bytes_per_sync() x syncs per token + logits gather + x broadcast`.
+- bandwidth ceiling: weight bytes read per token (q40 payload of every matrix slice, MoE experts
+  scaled by active/total) / aggregate read bandwidth (every rank reading a 512 MB buffer at the
+  same time with its thread pool, best of 3; or --bandwidth GB/s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import click
+import numpy as np
+
+from .errors import ConfigError
+
+SCHEMA = "dllama-mpi-benchmark/1"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# instrumentation
+
+class _TimedLib:
+    """Stands in for the cffi `lib` in engine/sync for one run: times every dl_* call."""
+
+    def __init__(self, lib):
+        self._lib = lib
+        self.seconds = 0.0
+        self.calls = 0
+        self.active = True        # the recorder turns counting on for decode forwards only
+        self.by_name: dict[str, float] = {}
+
+    def __getattr__(self, name):
+        f = getattr(self._lib, name)
+        if not name.startswith("dl_") or not callable(f):
+            return f
+        pc = time.perf_counter
+        by = self.by_name
+        by.setdefault(name, 0.0)
+
+        def timed(*a):
+            t = pc()
+            r = f(*a)
+            dt = pc() - t
+            if self.active:
+                self.seconds += dt
+                self.calls += 1
+                by[name] += dt
+            return r
+
+        setattr(self, name, timed)
+        return timed
+
+
+def _proxy_overhead_s(lib) -> float:
+    """Seconds the proxy adds per call (a trivial C call through the proxy minus the same call
+    made directly; best of 5 x 20000)."""
+    p = _TimedLib(lib)
+    f_direct, f_proxy = lib.dl_pool_nthreads, p.dl_pool_nthreads
+    n = 20000
+    best_d = best_p = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(n):
+            f_direct()
+        best_d = min(best_d, (time.perf_counter() - t) / n)
+        t = time.perf_counter()
+        for _ in range(n):
+            f_proxy()
+        best_p = min(best_p, (time.perf_counter() - t) / n)
+    return max(best_p - best_d, 0.0)
+
+
+class _Recorder:
+    """Wraps engine._forward on one rank; accumulates decode (batch 1) forward passes."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.inner = engine._forward
+        self.timed = None
+        self.reset()
+        engine._forward = self
+
+    def reset(self):
+        self.n = 0
+        self.seconds = self.wait = self.c_seconds = 0.0
+        self.bytes = 0
+        self.calls = 0
+
+    def __call__(self, pos, b, all_logits):
+        comm = self.engine.comm
+        w0, by0 = comm.wait_seconds, comm.bytes_sent
+        c0 = self.timed.seconds if self.timed else 0.0
+        k0 = self.timed.calls if self.timed else 0
+        if self.timed:
+            self.timed.active = b == 1
+        t0 = time.perf_counter()
+        self.inner(pos, b, all_logits)
+        dt = time.perf_counter() - t0
+        if self.timed:
+            self.timed.active = False
+        if b == 1:
+            self.n += 1
+            self.seconds += dt
+            self.wait += comm.wait_seconds - w0
+            self.bytes += comm.bytes_sent - by0
+            if self.timed:
+                self.c_seconds += self.timed.seconds - c0
+                self.calls += self.timed.calls - k0
+
+
+def _install_proxy(rec: _Recorder):
+    from . import engine as E
+    from . import sync as S
+    from .kernels import lib
+
+    p = _TimedLib(lib)
+    p.active = False
+    E.lib = p
+    S.lib = p
+    rec.timed = p
+    return p
+
+
+def _remove_proxy(rec: _Recorder):
+    from . import engine as E
+    from . import sync as S
+    from .kernels import lib
+
+    E.lib = lib
+    S.lib = lib
+    rec.timed = None
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+def _read_prompts(path: str) -> list[str]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            s = line.rstrip("\n")
+            if not s.strip():
+                continue
+            if s.lstrip().startswith("{"):
+                try:
+                    d = json.loads(s)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{path}: bad JSON line: {e}") from None
+                if "prompt" not in d:
+                    raise ConfigError(f"{path}: JSON line without a \"prompt\" key")
+                out.append(str(d["prompt"]))
+            else:
+                out.append(s)
+    if not out:
+        raise ConfigError(f"{path}: no prompts")
+    return out
+
+
+def _synthetic_lengths(spec: str) -> list[int]:
+    try:
+        lens = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--synthetic takes comma-separated prompt lengths, got {spec!r}") from None
+    if not lens or min(lens) < 1:
+        raise ConfigError(f"--synthetic lengths must be >= 1, got {spec!r}")
+    return lens
+
+
+def _weight_bytes(engine) -> int:
+    """Weight bytes one rank reads per decode token (its matrix slices)."""
+    h = engine.h
+    total = engine.w.wcls.nbytes
+    for layer in engine.w.layers:
+        for m in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w1, layer.w2, layer.w3):
+            if m is not None:
+                total += m.nbytes
+        if layer.experts:
+            per = sum(m.nbytes for m in layer.experts[0])
+            total += per * h.n_active_experts
+    return int(total)
+
+
+def _measure_bandwidth(comm, mb: int = 512) -> float:
+    """GB/s this rank reads while every rank reads at the same time (best of 3)."""
+    from .kernels import ffi, lib
+
+    buf = np.ones(mb << 20, np.uint8)
+    p = ffi.cast("void *", buf.ctypes.data)
+    lib.dl_read_bytes(p, buf.size)
+    best = 0.0
+    for _ in range(3):
+        comm.barrier()
+        t = time.perf_counter()
+        lib.dl_read_bytes(p, buf.size)
+        best = max(best, buf.size / (time.perf_counter() - t) / 1e9)
+    del buf
+    return best
+
+
+def _cpu_info() -> dict:
+    from . import kernels as K
+
+    model, flags = platform.processor() or "", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith(("flags", "Features")):
+                    fl = set(line.split(":", 1)[1].split())
+                    flags = sorted(fl & {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+                                         "avx512_vnni", "avx_vnni", "asimd", "asimddp", "sve"})
+                    if model:
+                        break
+    except OSError:
+        pass
+    return {"model": model, "cores": os.cpu_count(), "flags": flags, "machine": platform.machine(),
+            "kernel_isa": K.isa_name(), "supported_isas": [K.isa_name(i) for i in K.supported_isas()]}
+
+
+def _versions() -> dict:
+    import mpi4py
+
+    from . import __version__ as ver
+    from .comm import library_version
+    return {"dllama_mpi": ver, "python": platform.python_version(), "numpy": np.__version__,
+            "mpi4py": mpi4py.__version__, "mpi_library": library_version()}
+
+
+def _stats(xs: list[float]) -> dict:
+    a = np.asarray(xs, np.float64)
+    if a.size == 0:
+        return {"median": 0.0, "min": 0.0, "max": 0.0, "p10": 0.0, "p90": 0.0, "n": 0}
+    return {"median": round(float(np.median(a)), 3), "min": round(float(a.min()), 3),
+            "max": round(float(a.max()), 3), "p10": round(float(np.percentile(a, 10)), 3),
+            "p90": round(float(np.percentile(a, 90)), 3), "n": int(a.size)}
+
+
+def _peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024.0 if sys.platform != "darwin" else kb / 2 ** 20
+
+
+# ------------------------------------------------------------------------------------------------
+# the root's runs
+
+def _one_run(engine, ids: list[int], steps: int) -> tuple[float, list[float]]:
+    """Prefill ids at position 0, then `steps` greedy tokens; (prefill seconds, per-token seconds)."""
+    pc = time.perf_counter
+    t = pc()
+    logits = engine.forward(ids, 0)
+    tok = int(np.argmax(logits))
+    prefill = pc() - t
+    per = []
+    pos = len(ids)
+    for _ in range(steps):
+        t = pc()
+        logits = engine.forward([tok], pos)
+        tok = int(np.argmax(logits))
+        per.append(pc() - t)
+        pos += 1
+    return prefill, per
+
+
+# ------------------------------------------------------------------------------------------------
+
+def register(group) -> None:
+    """Add `benchmark` to the CLI group (CLI helpers imported here: see chat.register)."""
+    from .cli import model_options, spmd
+
+    @click.command("benchmark")
+    @model_options
+    @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None,
+                  help="JSONL ({\"prompt\": ...} per line) or plain text, one prompt per line.")
+    @click.option("--synthetic", default=None, help="Prompt lengths in tokens, comma-separated (default 128).")
+    @click.option("--steps", type=int, default=64, show_default=True, help="Decode steps per run.")
+    @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs first.")
+    @click.option("--repeat", type=int, default=3, show_default=True, help="Timed runs per prompt.")
+    @click.option("--bandwidth", type=float, default=None, help="Aggregate read bandwidth in GB/s (default: measure).")
+    @click.option("--profile", is_flag=True, help="Also report C time per kernel function (ms per decode token).")
+    @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+                  help="Draw charts from the JSON files given as arguments into this PNG (no model run).")
+    @click.argument("json_files", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+    @spmd
+    def benchmark(comm, *args, **kwargs):
+        """Measure prompt and decode speed (JSON on stdout, a table on stderr)."""
+        run_benchmark(comm, *args, **kwargs)
+
+    group.add_command(benchmark)
+
+
+def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme, load,
+                  max_batch, prompts_path, synthetic, steps, warmup, repeat, bandwidth, profile, plot_path,
+                  json_files):
+    """Measure prompt and decode speed (JSON on stdout, a table on stderr)."""
+    if plot_path:
+        if comm.is_root:
+            plot(json_files, plot_path)
+        return
+    if json_files:
+        raise ConfigError("JSON file arguments are only read with --plot")
+    if steps < 1 or repeat < 1 or warmup < 0:
+        raise ConfigError("--steps and --repeat must be >= 1, --warmup >= 0")
+    if prompts_path and synthetic:
+        raise ConfigError("give --prompts or --synthetic, not both")
+    lens = _synthetic_lengths(synthetic or "128") if not prompts_path else None
+    if prompts_path and comm.is_root and not os.path.isfile(prompts_path):
+        raise ConfigError(f"{prompts_path}: prompts file not found")
+
+    # context: what the runs need (synthetic) or 4096, capped by the model (decided on the root)
+    if max_seq_len is None:
+        need = np.zeros(1, np.int64)
+        if comm.is_root and model_path:
+            from .formats import open_model
+
+            m = open_model(model_path)
+            want = (max(lens) + steps + 1) if lens else 4096
+            need[0] = min(m.header.max_seq_len, want)
+            m.close()
+        if comm.size > 1:
+            comm.bcast_array(need)
+        max_seq_len = int(need[0]) or None
+
+    from .cli import start
+
+    engine, tokenizer = start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
+                              sync_scheme, load, max_batch, quiet=not comm.is_root)
+    rec = _Recorder(engine)
+    h = engine.h
+
+    # ---- phase 1: timed runs (no instrumentation) ----
+    runs, prompt_sets = [], []
+    if comm.is_root:
+        try:
+            if prompts_path:
+                for p in _read_prompts(prompts_path):
+                    prompt_sets.append(("prompt", p, tokenizer.encode(p)))
+            else:
+                r = np.random.default_rng(0)
+                for n in lens:
+                    ids = r.integers(0, min(h.vocab_size, tokenizer.vocab_size), n).tolist()
+                    prompt_sets.append(("synthetic", n, ids))
+            for kind, what, ids in prompt_sets:
+                if len(ids) + steps > engine.max_seq_len:
+                    raise ConfigError(f"prompt of {len(ids)} tokens + {steps} steps exceeds the context "
+                                      f"({engine.max_seq_len}); raise --max-seq-len")
+            for _ in range(warmup):
+                _one_run(engine, prompt_sets[0][2], min(steps, 8))
+            rec.reset()
+            w_wait0 = engine.comm.wait_seconds
+            for kind, what, ids in prompt_sets:
+                pre, per = [], []
+                for _ in range(repeat):
+                    p_s, d_s = _one_run(engine, ids, steps)
+                    pre.append(len(ids) / p_s)
+                    per.extend(d_s)
+                tps = [1.0 / s for s in per]
+                runs.append({
+                    "prompt": what if kind == "prompt" else None, "prompt_tokens": len(ids), "steps": steps,
+                    "repeat": repeat,
+                    "prefill_tok_s": _stats(pre),
+                    "decode_tok_s": _stats(tps),
+                    "decode_tok_s_mean": round(len(per) / sum(per), 3),
+                    "decode_ms_per_token": _stats([1000 * s for s in per]),
+                })
+            del w_wait0
+        finally:
+            engine.stop_workers()
+    else:
+        engine.serve()
+    base = np.array([rec.n, rec.seconds, rec.wait, rec.bytes], np.float64)
+    base_all = comm.gather_floats(base)
+
+    # ---- phase 2: one instrumented run (C time per rank) ----
+    from .kernels import lib
+
+    overhead = _proxy_overhead_s(lib)
+    rec.reset()
+    proxy = _install_proxy(rec)
+    root_wall = 0.0
+    try:
+        if comm.is_root:
+            try:
+                _, per = _one_run(engine, prompt_sets[0][2], steps)
+                root_wall = sum(per)
+            finally:
+                engine.stop_workers()
+        else:
+            engine.serve()
+    finally:
+        _remove_proxy(rec)
+    names = sorted(proxy.by_name)
+    tok_s = root_wall if comm.is_root else rec.seconds
+    inst = np.array([rec.n, tok_s, rec.wait, rec.c_seconds, rec.calls, overhead], np.float64)
+    inst_all = comm.gather_floats(inst)
+    prof = comm.gather_floats(np.array([proxy.by_name.get(n, 0.0) for n in names], np.float64)) if profile else None
+
+    # ---- memory, bandwidth, weights ----
+    rss = comm.gather_floats(np.array([_peak_rss_mb()], np.float64))
+    wbytes = comm.gather_floats(np.array([_weight_bytes(engine)], np.float64))
+    bw_rank = _measure_bandwidth(comm) if bandwidth is None else 0.0
+    bw_all = comm.gather_floats(np.array([bw_rank], np.float64))
+    sync_bytes = engine.sync.bytes_per_sync(1)
+    n_syncs = 2 * h.n_layers
+    model_bytes = sync_bytes * n_syncs + (0 if comm.is_root else 4 * engine.vocab_local)
+    if comm.is_root and comm.size > 1:
+        model_bytes += 4 * h.dim * (comm.size - 1)
+    model_bytes_all = comm.gather_floats(np.array([model_bytes], np.float64))
+
+    if not comm.is_root:
+        return
+
+    agg_bw = float(bandwidth) if bandwidth is not None else float(bw_all[:, 0].sum())
+    weights_total = float(wbytes[:, 0].sum())
+    weights_max_rank = float(wbytes[:, 0].max())
+    per_rank = []
+    for r in range(comm.size):
+        n_b, s_b, wait_b, by_b = base_all[r]
+        n_i, tok_i, wait_i, c_i, calls_i, ovh = inst_all[r]
+        n_i = max(n_i, 1)
+        tok_ms = 1000 * tok_i / n_i
+        c_ms, mpi_ms = 1000 * c_i / n_i, 1000 * wait_i / n_i
+        py_raw = tok_ms - c_ms - mpi_ms
+        py = max(py_raw - 1000 * ovh * calls_i / n_i, 0.0)
+        row = {
+            "rank": r, "decode_tokens": int(n_b),
+            "ms_per_token_instrumented": round(tok_ms, 3),
+            "c_ms": round(c_ms, 3), "mpi_wait_ms": round(mpi_ms, 3),
+            "python_ms": round(py, 3), "python_ms_raw": round(py_raw, 3),
+            "python_pct": round(100 * py / max(tok_ms - 1000 * ovh * calls_i / n_i, 1e-9), 2),
+            "c_calls_per_token": round(calls_i / n_i, 1),
+            "mpi_wait_ms_uninstrumented": round(1000 * wait_b / max(n_b, 1), 3),
+            "bytes_sent_per_token": int(round(by_b / max(n_b, 1))),
+            "bytes_sent_per_token_model": int(model_bytes_all[r, 0]),
+            "peak_rss_mb": round(float(rss[r, 0]), 1),
+            "weight_bytes_per_token": int(wbytes[r, 0]),
+            "bandwidth_gbps": round(float(bw_all[r, 0]), 2) if bandwidth is None else None,
+        }
+        if prof is not None:
+            row["c_ms_by_function"] = {nm: round(1000 * float(prof[r, i]) / n_i, 3) for i, nm in enumerate(names)
+                                       if prof[r, i] > 0}
+        per_rank.append(row)
+
+    # ceiling: the slowest rank's share of the weights over its share of the bandwidth
+    share_bw = agg_bw / comm.size
+    ceiling = share_bw * 1e9 / weights_max_rank if weights_max_rank else 0.0
+    dec = statistics.median([r["decode_tok_s"]["median"] for r in runs])
+    pre = statistics.median([r["prefill_tok_s"]["median"] for r in runs])
+    doc = {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": {"path": os.path.abspath(model_path) if model_path else None, "arch": h.arch_name,
+                  "dim": h.dim, "hidden_dim": h.hidden_dim, "n_layers": h.n_layers, "n_heads": h.n_heads,
+                  "n_kv_heads": h.n_kv_heads, "vocab_size": h.vocab_size, "n_experts": h.n_experts,
+                  "weights": ("f32", "f16", "q40", "q80")[h.weights_float_type],
+                  "weight_bytes_per_token": int(weights_total)},
+        "config": {"nodes": comm.size, "nthreads": nthreads, "buffer_float_type": engine.buffer_type,
+                   "sync": engine.sync.scheme, "batch": engine.max_batch, "load": load,
+                   "max_seq_len": engine.max_seq_len, "steps": steps, "warmup": warmup, "repeat": repeat,
+                   "repack": bool(getattr(engine.w.wcls, "repacked", False))},
+        "system": {"versions": _versions(), "cpu": _cpu_info(), "hostname": platform.node(),
+                   "bandwidth_gbps": round(agg_bw, 2), "bandwidth_source": "option" if bandwidth else "measured"},
+        "load_seconds": round(getattr(engine, "load_seconds", 0.0), 3),
+        "runs": runs,
+        "per_rank": per_rank,
+        "summary": {"decode_tok_s": dec, "prefill_tok_s": pre,
+                    "decode_ms_per_token": round(1000 / dec, 3) if dec else None,
+                    "ceiling_tok_s": round(ceiling, 2),
+                    "pct_of_bandwidth_ceiling": round(100 * dec / ceiling, 1) if ceiling else None,
+                    "python_pct_max": max(r["python_pct"] for r in per_rank)},
+        "method": __doc__.split("\n\n", 1)[1].strip(),
+    }
+    print(json.dumps(doc, indent=1))
+    sys.stdout.flush()
+    _table(doc)
+
+
+def _table(doc: dict) -> None:
+    c, s = doc["config"], doc["summary"]
+    m = doc["model"]
+    log(f"\n{m['arch']} dim {m['dim']} x {m['n_layers']} layers, {m['weights']}, "
+        f"{m['weight_bytes_per_token'] / 1e6:.0f} MB/token | {c['nodes']} rank(s) x {c['nthreads']} thread(s), "
+        f"sync {c['sync']}, batch {c['batch']}, isa {doc['system']['cpu']['kernel_isa']}, "
+        f"repack {c['repack']}, load {doc['load_seconds']:.2f} s")
+    log(f"{'prompt':>8} {'prefill tok/s':>22} {'decode tok/s (p10-p90)':>28} {'ms/token':>9}")
+    for r in doc["runs"]:
+        p, d = r["prefill_tok_s"], r["decode_tok_s"]
+        log(f"{r['prompt_tokens']:>8} {p['median']:>10.1f} ({p['min']:.1f}-{p['max']:.1f}) "
+            f"{d['median']:>14.2f} ({d['p10']:.2f}-{d['p90']:.2f}) {r['decode_ms_per_token']['median']:>9.2f}")
+    log(f"{'rank':>4} {'ms/tok':>7} {'C':>7} {'MPI':>7} {'Python':>7} {'Py %':>5} {'kB sent/tok':>11} "
+        f"{'RSS MB':>8} {'GB/s':>6}")
+    for r in doc["per_rank"]:
+        bw = r["bandwidth_gbps"]
+        log(f"{r['rank']:>4} {r['ms_per_token_instrumented']:>7.2f} {r['c_ms']:>7.2f} {r['mpi_wait_ms']:>7.2f} "
+            f"{r['python_ms']:>7.2f} {r['python_pct']:>5.1f} {r['bytes_sent_per_token'] / 1e3:>11.1f} "
+            f"{r['peak_rss_mb']:>8.0f} {bw if bw is not None else '-':>6}")
+        if "c_ms_by_function" in r:
+            for nm, v in sorted(r["c_ms_by_function"].items(), key=lambda kv: -kv[1]):
+                log(f"{'':>6}{nm:<28} {v:8.3f} ms/token")
+    log(f"decode {s['decode_tok_s']:.2f} tok/s = {s['pct_of_bandwidth_ceiling']}% of the bandwidth ceiling "
+        f"{s['ceiling_tok_s']:.1f} tok/s ({doc['system']['bandwidth_gbps']} GB/s "
+        f"{doc['system']['bandwidth_source']}); prefill {s['prefill_tok_s']:.1f} tok/s")
+
+
+# ------------------------------------------------------------------------------------------------
+# charts
+
+def plot(files, out_path: str) -> None:
+    """Bar charts from benchmark JSON files: decode and prefill tok/s per configuration, and the
+    per-rank ms/token split (C / MPI / Python)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("--plot needs matplotlib (pip install matplotlib)") from None
+    if not files:
+        raise ConfigError("--plot needs one or more benchmark JSON files as arguments")
+    docs = []
+    for f in files:
+        with open(f) as fh:
+            d = json.load(fh)
+        if d.get("schema") != SCHEMA:
+            raise ConfigError(f"{f}: not a dllama-mpi benchmark JSON")
+        docs.append(d)
+    labels = [f"{d['config']['nodes']}x{d['config']['nthreads']}\n{os.path.basename(d['model']['path'] or '')[:18]}"
+              for d in docs]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
+    x = np.arange(len(docs))
+    dec = [d["summary"]["decode_tok_s"] for d in docs]
+    ceil = [d["summary"]["ceiling_tok_s"] for d in docs]
+    ax[0].bar(x, dec, color="tab:blue", label="decode")
+    ax[0].plot(x, ceil, "k_", markersize=30, label="bandwidth ceiling")
+    ax[0].set_title("decode tok/s")
+    ax[0].legend()
+    ax[1].bar(x, [d["summary"]["prefill_tok_s"] for d in docs], color="tab:green")
+    ax[1].set_title("prefill tok/s")
+    for a in ax[:2]:
+        a.set_xticks(x, labels, fontsize=8)
+    # per-rank split
+    bars, names = [], []
+    for i, d in enumerate(docs):
+        for r in d["per_rank"]:
+            bars.append((r["c_ms"], r["mpi_wait_ms"], r["python_ms"]))
+            names.append(f"{labels[i].splitlines()[0]} r{r['rank']}")
+    b = np.array(bars) if bars else np.zeros((0, 3))
+    xs = np.arange(len(names))
+    bottom = np.zeros(len(names))
+    for k, (lab, col) in enumerate((("C kernels", "tab:blue"), ("MPI wait", "tab:orange"), ("Python", "tab:red"))):
+        ax[2].bar(xs, b[:, k], bottom=bottom, color=col, label=lab)
+        bottom += b[:, k]
+    ax[2].set_xticks(xs, names, rotation=60, fontsize=7)
+    ax[2].set_title("ms per decode token, per rank")
+    ax[2].legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    log(f"wrote {out_path}")
