@@ -108,13 +108,15 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
     from .shard import make_plan
     from .tokenizer import Tokenizer
 
-    if nthreads < 1:
-        raise ConfigError(f"--nthreads must be >= 1, got {nthreads}")
-    if max_batch < 1:
-        raise ConfigError(f"--batch must be >= 1, got {max_batch}")
     tokenizer = None
     bft = buffer_float_type
+    # Every check runs on the root only, before the first collective: the root prints the one
+    # line and aborts the job while the workers are still waiting for the model header.
     if comm.is_root:
+        if nthreads < 1:
+            raise ConfigError(f"--nthreads must be >= 1, got {nthreads}")
+        if max_batch < 1:
+            raise ConfigError(f"--batch must be >= 1, got {max_batch}")
         model_path, tokenizer_path = resolve_model(model_path, tokenizer_path)
         model = open_model(model_path)
         h = model.header
@@ -126,8 +128,7 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
         make_plan(h, comm.size)  # an impossible node count fails here, before any weight moves
         if max_seq_len is not None and not 0 < max_seq_len <= h.max_seq_len:
             raise ConfigError(f"--max-seq-len must be in 1..{h.max_seq_len} (the model's context), got {max_seq_len}")
-    # Every rank needs the same buffer type; resolve it on the root and share it with the header.
-    kernels.set_threads(nthreads)
+    kernels.set_threads(max(nthreads, 1))
     progress, bar = None, None
     if comm.is_root and not quiet:
         from tqdm import tqdm
