@@ -353,8 +353,8 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     rec = _Recorder(engine)
     h = engine.h
 
-    # ---- phase 1: timed runs (no instrumentation) ----
-    runs, prompt_sets = [], []
+    # ---- phase 0: prompts and warm-up (workers follow; every phase ends with stop_workers) ----
+    prompt_sets = []
     if comm.is_root:
         try:
             if prompts_path:
@@ -371,8 +371,18 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                                       f"({engine.max_seq_len}); raise --max-seq-len")
             for _ in range(warmup):
                 _one_run(engine, prompt_sets[0][2], min(steps, 8))
-            rec.reset()
-            w_wait0 = engine.comm.wait_seconds
+        finally:
+            engine.stop_workers()
+    else:
+        engine.serve()
+    comm.barrier()
+    rec.reset()
+    comm.bytes_sent = 0
+
+    # ---- phase 1: timed runs (no instrumentation) ----
+    runs = []
+    if comm.is_root:
+        try:
             for kind, what, ids in prompt_sets:
                 pre, per = [], []
                 for _ in range(repeat):
@@ -388,7 +398,6 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                     "decode_tok_s_mean": round(len(per) / sum(per), 3),
                     "decode_ms_per_token": _stats([1000 * s for s in per]),
                 })
-            del w_wait0
         finally:
             engine.stop_workers()
     else:
@@ -400,6 +409,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     from .kernels import lib
 
     overhead = _proxy_overhead_s(lib)
+    comm.barrier()
     rec.reset()
     proxy = _install_proxy(rec)
     root_wall = 0.0
