@@ -455,7 +455,7 @@ def read_tokenizer(path: str | os.PathLike) -> TokenizerData:
         bad(f"max_token_length is {max_len}, must be >= 1")
     vocab: list[bytes] = []
     scores = np.empty(vocab_size, dtype=np.float32)
-    unpack = struct.Struct("<fI").unpack_from
+    unpack = struct.Struct("<fi").unpack_from  # int32 length, as Distributed Llama reads it
     for i in range(vocab_size):
         need(pos, 8, f"token {i} record")
         score, length = unpack(data, pos)
