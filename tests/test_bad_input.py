@@ -1,0 +1,400 @@
+"""Bad input, as a user meets it: every row of tests/BAD_INPUT.md is run as a real process, alone
+and under `mpiexec -n 2`, and must give exactly one `error:` line naming the file / field / value,
+exit code 2, no traceback, and no rank left behind.
+
+The rows are `CASES` below (id, command, words the error line must hold); the table in
+tests/BAD_INPUT.md is checked against them (same ids, same count)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY
+
+BIN = Path(sys.executable).parent
+DLLAMA = [str(BIN / "dllama-mpi")] if (BIN / "dllama-mpi").exists() else [sys.executable, "-m", "dllama_mpi.cli"]
+MPIEXEC = str(BIN / "mpiexec")
+HF = TINY / "hf"
+LLAMA_Q40 = TINY / "m" / "dllama_model_tiny_llama_q40.m"
+LLAMA_F32 = TINY / "m" / "dllama_model_tiny_llama_f32.m"
+QWEN_Q40 = TINY / "m" / "dllama_model_tiny_qwen3_q40.m"
+TOK_LLAMA = TINY / "t" / "dllama_tokenizer_tiny_llama3.t"
+TOK_QWEN = TINY / "t" / "dllama_tokenizer_tiny_qwen3.t"
+PROMPT = "The quick brown fox"
+TABLE = Path(__file__).with_name("BAD_INPUT.md")
+
+
+# ------------------------------------------------------------------------------------------------
+# damaged files
+
+def _set_key(data: bytearray, key: int, value: int) -> bytearray:
+    n = (struct.unpack_from("<i", data, 4)[0] - 8) // 8
+    for i in range(n):
+        k, _ = struct.unpack_from("<ii", data, 8 + 8 * i)
+        if k == key:
+            struct.pack_into("<ii", data, 8 + 8 * i, k, value)
+            return data
+    raise KeyError(key)
+
+
+def _model_bytes(src=LLAMA_Q40) -> bytearray:
+    return bytearray(Path(src).read_bytes())
+
+
+def _tok_records(path=TOK_LLAMA):
+    """(header bytes, body offset of the first token record) of a current-format .t file."""
+    data = bytearray(Path(path).read_bytes())
+    from dllama_mpi.formats import read_tokenizer
+
+    t = read_tokenizer(path)
+    first = len(data) - sum(8 + len(v) for v in t.vocab)
+    return data, first, t
+
+
+def _tok_set_key(data: bytearray, key: int, value: int) -> bytearray:
+    return _set_key(data, key, value)
+
+
+def _build_files(d: Path) -> dict[str, Path]:
+    from dllama_mpi.formats import TokenizerData, write_tokenizer
+
+    f: dict[str, Path] = {}
+
+    def put(name, data):
+        p = d / name
+        p.write_bytes(bytes(data))
+        f[name] = p
+
+    m = _model_bytes()
+    put("empty.m", b"")
+    put("short.m", m[:6])
+    put("magic.m", b"\x12\x34\x56\x78" + m[4:])
+    put("old.m", struct.pack("<i", 0x00ABCD00) + m[4:])
+    put("gguf.m", b"GGUF" + m[4:])
+    put("hsize_odd.m", m[:4] + struct.pack("<i", 13) + m[8:])
+    put("hsize_big.m", m[:4] + struct.pack("<i", 1 << 30) + m[8:])
+    put("hsize_lie.m", m[:4] + struct.pack("<i", struct.unpack_from("<i", m, 4)[0] - 8) + m[8:])
+    put("trunc_header.m", m[:100])
+    put("trunc_data.m", m[:-1000])
+    put("extra.m", m + b"\0" * 7)
+    bad_key = bytearray(m)
+    struct.pack_into("<i", bad_key, 8, 99)          # the first pair's key
+    put("key99.m", bad_key)
+    dup = bytearray(m)
+    struct.pack_into("<i", dup, 16, struct.unpack_from("<i", dup, 8)[0])
+    put("dupkey.m", dup)
+    put("arch.m", _set_key(_model_bytes(), 1, 0x1234))
+    put("rope.m", _set_key(_model_bytes(), 18, 9))
+    put("ftype.m", _set_key(_model_bytes(), 13, 7))
+    put("act.m", _set_key(_model_bytes(), 11, 5))
+    put("eps.m", _set_key(_model_bytes(), 20, 4))
+    put("version.m", _set_key(_model_bytes(), 0, 3))
+    put("dim0.m", _set_key(_model_bytes(), 2, 0))
+    put("kvheads.m", _set_key(_model_bytes(), 6, 3))
+
+    # tokenizers
+    data, first, t = _tok_records()
+    put("empty.t", b"")
+    put("magic.t", b"\x00\x00\x00\x00" + data[4:])
+    put("trunc.t", data[: len(data) - 5])
+    neg = bytearray(data)
+    struct.pack_into("<i", neg, first + 4, -1)       # token 0's length
+    put("neglen.t", neg)
+    long_ = bytearray(data)
+    _tok_set_key(long_, 2, 1 << 20)                  # max_token_length: allow a long token...
+    last = len(long_) - 8 - len(t.vocab[-1])
+    struct.pack_into("<i", long_, last + 4, 100000)  # ...whose bytes run past the end of the file
+    put("toolong.t", long_)
+    unk = bytearray(data)
+    struct.pack_into("<i", unk, 8, 42)
+    put("key42.t", unk)
+    put("vocabneg.t", _tok_set_key(bytearray(data), 1, -5))
+    put("bos.t", _tok_set_key(bytearray(data), 3, 100000))
+    put("tokversion.t", _tok_set_key(bytearray(data), 0, 7))
+    small = TokenizerData(t.vocab[:500], t.scores[:500], 496, [497], t.add_bos, t.chat_template)
+    write_tokenizer(d / "small.t", small)
+    f["small.t"] = d / "small.t"
+
+    # unreadable (root reads anything: those rows run the command as nobody, see _as_nobody)
+    for name, src in (("noperm.m", LLAMA_Q40), ("noperm.t", TOK_LLAMA)):
+        shutil.copy(src, d / name)
+        os.chmod(d / name, 0)
+        f[name] = d / name
+    (d / "adir.m").mkdir()
+    f["adir.m"] = d / "adir.m"
+    return f
+
+
+def _build_convert_inputs(d: Path) -> dict[str, Path]:
+    import gguf
+
+    from test_convert import _copy_folder, _load_st, _save_st, write_tiny_gguf
+
+    f = {}
+    p = d / "gpt2.gguf"
+    wr = gguf.GGUFWriter(str(p), "gpt2")
+    wr.add_block_count(1)
+    wr.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    wr.write_header_to_file(); wr.write_kv_data_to_file(); wr.write_tensors_to_file(); wr.close()
+    f["gpt2.gguf"] = p
+    src = write_tiny_gguf(HF / "tiny_llama", d / "ok.gguf")
+    r = gguf.GGUFReader(str(src))
+    p2 = d / "q8k.gguf"
+    wr = gguf.GGUFWriter(str(p2), "llama")
+    for fl in r.fields.values():
+        if fl.name.startswith("GGUF.") or fl.name == "general.architecture":
+            continue
+        vt = fl.types[0]
+        if vt == gguf.GGUFValueType.ARRAY:
+            wr.add_key_value(fl.name, fl.contents(), vt, sub_type=fl.types[-1])
+        else:
+            wr.add_key_value(fl.name, fl.contents(), vt)
+    for t in r.tensors:
+        if t.name == "blk.1.ffn_up.weight":
+            wr.add_tensor(t.name, np.zeros((192, 292), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_K)
+        else:
+            wr.add_tensor(t.name, np.asarray(t.data))
+    wr.write_header_to_file(); wr.write_kv_data_to_file(); wr.write_tensors_to_file(); wr.close()
+    f["q8k.gguf"] = p2
+    (d / "junk.gguf").write_bytes(b"not a gguf at all")
+    f["junk.gguf"] = d / "junk.gguf"
+    f["hf_noconfig"] = _copy_folder(HF / "tiny_qwen3", d / "hf_noconfig", skip={"config.json"})
+    miss = _copy_folder(HF / "tiny_qwen3", d / "hf_missing", skip={"model.safetensors"})
+    w = _load_st(HF / "tiny_qwen3" / "model.safetensors")
+    del w["model.layers.2.mlp.down_proj.weight"]
+    _save_st(w, miss / "model.safetensors")
+    f["hf_missing"] = miss
+    return f
+
+
+# ------------------------------------------------------------------------------------------------
+# the rows
+
+def inf(model, tok=TOK_LLAMA, *extra, prompt=PROMPT):
+    return ["inference", "--model", str(model), "--tokenizer", str(tok), "--prompt", prompt, "--steps", "4", *extra]
+
+
+# (id, args(files, out_dir) -> argv, needles in the error line, how many ranks: "12" = alone and -n 2)
+CASES = [
+    ("model-missing", lambda f, o: inf(o / "missing.m"), ["missing.m", "model file not found"]),
+    ("tokenizer-missing", lambda f, o: inf(LLAMA_Q40, o / "missing.t"), ["missing.t", "tokenizer file not found"]),
+    ("tokenizer-option-missing", lambda f, o: ["inference", "--model", str(LLAMA_Q40), "--prompt", "x"],
+     ["--tokenizer is required"]),
+    ("model-unreadable", lambda f, o: inf(f["noperm.m"]), ["'--model'", "noperm.m", "is not readable"]),
+    ("tokenizer-unreadable", lambda f, o: inf(LLAMA_Q40, f["noperm.t"]), ["'--tokenizer'", "noperm.t", "is not readable"]),
+    ("model-is-directory", lambda f, o: inf(f["adir.m"]), ["'--model'", "adir.m", "is a directory"]),
+    ("model-empty", lambda f, o: inf(f["empty.m"]), ["empty.m", "model file is empty"]),
+    ("model-too-short", lambda f, o: inf(f["short.m"]), ["short.m", "6 bytes, too short"]),
+    ("model-wrong-magic", lambda f, o: inf(f["magic.m"]), ["magic.m", "not a .m model file", "magic 0x78563412"]),
+    ("model-old-magic", lambda f, o: inf(f["old.m"]), ["old.m", "old Distributed Llama model format", "0xabcd00"]),
+    ("model-is-gguf", lambda f, o: inf(f["gguf.m"]), ["gguf.m", "not a .m model file"]),
+    ("header-size-not-pairs", lambda f, o: inf(f["hsize_odd.m"]), ["hsize_odd.m", "header_size 13"]),
+    ("header-size-beyond-file", lambda f, o: inf(f["hsize_big.m"]), ["hsize_big.m", "header_size 1073741824", "larger"]),
+    ("header-size-lies", lambda f, o: inf(f["hsize_lie.m"]), ["hsize_lie.m", "header describes", "bytes"]),
+    ("header-truncated", lambda f, o: inf(f["trunc_header.m"]), ["trunc_header.m", "header_size 176 is larger than the file (100 bytes)"]),
+    ("tensor-data-truncated", lambda f, o: inf(f["trunc_data.m"]), ["trunc_data.m", "1000 bytes missing"]),
+    ("tensor-data-extra", lambda f, o: inf(f["extra.m"]), ["extra.m", "7 bytes extra"]),
+    ("header-unknown-key", lambda f, o: inf(f["key99.m"]), ["key99.m", "unknown header key 99"]),
+    ("header-duplicate-key", lambda f, o: inf(f["dupkey.m"]), ["dupkey.m", "appears twice"]),
+    ("header-unknown-arch", lambda f, o: inf(f["arch.m"]), ["arch.m", "arch_type", "0x1234"]),
+    ("header-unknown-rope", lambda f, o: inf(f["rope.m"]), ["rope.m", "rope_type", "unknown value 9"]),
+    ("header-unknown-float-type", lambda f, o: inf(f["ftype.m"]), ["ftype.m", "weights_float_type", "unknown value 7"]),
+    ("header-unknown-activation", lambda f, o: inf(f["act.m"]), ["act.m", "hidden_act", "unknown value 5"]),
+    ("header-bad-epsilon", lambda f, o: inf(f["eps.m"]), ["eps.m", "norm_epsilon", "is 4"]),
+    ("header-bad-version", lambda f, o: inf(f["version.m"]), ["version.m", "version", "is 3"]),
+    ("header-zero-dim", lambda f, o: inf(f["dim0.m"]), ["dim0.m", "(dim) is 0"]),
+    ("header-heads-not-multiple", lambda f, o: inf(f["kvheads.m"]), ["kvheads.m", "n_kv_heads 3"]),
+    ("tokenizer-empty", lambda f, o: inf(LLAMA_Q40, f["empty.t"]), ["empty.t", "magic", "truncated"]),
+    ("tokenizer-wrong-magic", lambda f, o: inf(LLAMA_Q40, f["magic.t"]), ["magic.t", "not a .t tokenizer file"]),
+    ("tokenizer-truncated", lambda f, o: inf(LLAMA_Q40, f["trunc.t"]), ["trunc.t", "token 511", "truncated"]),
+    ("tokenizer-negative-length", lambda f, o: inf(LLAMA_Q40, f["neglen.t"]), ["neglen.t", "token 0 has length -1"]),
+    ("tokenizer-token-past-eof", lambda f, o: inf(LLAMA_Q40, f["toolong.t"]),
+     ["toolong.t", "token 511 bytes needs 100000 bytes"]),
+    ("tokenizer-unknown-key", lambda f, o: inf(LLAMA_Q40, f["key42.t"]), ["key42.t", "unknown header key 42"]),
+    ("tokenizer-negative-vocab", lambda f, o: inf(LLAMA_Q40, f["vocabneg.t"]), ["vocabneg.t", "vocab_size is -5"]),
+    ("tokenizer-bos-outside", lambda f, o: inf(LLAMA_Q40, f["bos.t"]), ["bos.t", "bos_id 100000"]),
+    ("tokenizer-bad-version", lambda f, o: inf(LLAMA_Q40, f["tokversion.t"]), ["tokversion.t", "version", "is 7"]),
+    ("vocab-mismatch", lambda f, o: inf(LLAMA_Q40, f["small.t"]), ["small.t", "500 tokens", "vocab_size 512"]),
+    ("max-seq-len-zero", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, "--max-seq-len", "0"), ["--max-seq-len", "got 0"]),
+    ("max-seq-len-negative", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, "--max-seq-len", "-3"), ["--max-seq-len", "got -3"]),
+    ("max-seq-len-beyond-model", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, "--max-seq-len", "5000"),
+     ["--max-seq-len", "1..", "got 5000"]),
+    ("prompt-longer-than-context", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, "--max-seq-len", "4"),
+     ["prompt has", "tokens", "context (4)"]),
+    ("steps-negative", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, "--steps", "-1"), ["--steps", "got -1"]),
+    ("nthreads-zero", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, "--nthreads", "0"), ["--nthreads", "got 0"]),
+    ("batch-zero", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, "--batch", "0"), ["--batch", "got 0"]),
+    ("prompt-invalid-utf8", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, prompt=b"ab\xffcd"),
+     ["prompt is not valid UTF-8", "index 2"]),
+    ("chat-template-raises", lambda f, o: ["chat", "--model", str(QWEN_Q40), "--tokenizer", str(TOK_QWEN),
+                                           "--chat-template", "{{ raise_exception('boom here') }}"],
+     ["chat template", "boom here"]),
+    ("api-bad-port", lambda f, o: ["api", "--model", str(QWEN_Q40), "--tokenizer", str(TOK_QWEN), "--port", "0"],
+     ["--port", "got 0"]),
+    ("gguf-missing", lambda f, o: ["convert", "gguf", str(o / "nope.gguf"), "--out-model", str(o / "o.m")],
+     ["nope.gguf", "does not exist"]),
+    ("gguf-not-gguf", lambda f, o: ["convert", "gguf", str(f["junk.gguf"]), "--out-model", str(o / "o.m")],
+     ["junk.gguf", "cannot read GGUF file"]),
+    ("gguf-unsupported-arch", lambda f, o: ["convert", "gguf", str(f["gpt2.gguf"]), "--out-model", str(o / "o.m")],
+     ["gpt2.gguf", "unsupported architecture 'gpt2'"]),
+    ("gguf-unsupported-tensor-type", lambda f, o: ["convert", "gguf", str(f["q8k.gguf"]), "--out-model", str(o / "o.m")],
+     ["q8k.gguf", "blk.1.ffn_up.weight", "unsupported type Q8_K"]),
+    ("hf-no-config", lambda f, o: ["convert", "hf", str(f["hf_noconfig"]), "--out-model", str(o / "o.m")],
+     ["config.json", "file not found"]),
+    ("hf-missing-tensor", lambda f, o: ["convert", "hf", str(f["hf_missing"]), "--out-model", str(o / "o.m")],
+     ["hf_missing", "model.layers.2.mlp.down_proj.weight not found"]),
+]
+# rows whose check is the node count itself (run at that count only)
+SPLIT_CASES = [
+    ("nodes-cannot-split", 3, lambda f, o: inf(LLAMA_Q40), ["cannot split the model over 3 nodes", "head_dim 16"]),
+    ("nodes-cannot-split-4", 4, lambda f, o: inf(LLAMA_Q40), ["cannot split the model over 4 nodes"]),
+]
+# converters are not MPI programs: one process (under mpiexec -n 2 every rank would convert)
+SINGLE_ONLY = {c[0] for c in CASES if c[0].startswith(("gguf-", "hf-"))}
+# click rejects these before the program starts: click's own usage message, exit 2
+CLICK_ROWS = {"gguf-missing", "model-unreadable", "tokenizer-unreadable", "model-is-directory"}
+# needs an unprivileged user to be unreadable
+AS_NOBODY = {"model-unreadable", "tokenizer-unreadable"}
+
+
+@pytest.fixture(scope="module")
+def files():
+    # a world-readable folder (pytest's is root-only): the unreadable-file rows run as nobody
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="dllama-bad-"))
+    os.chmod(d, 0o755)
+    try:
+        f = _build_files(d)
+        f.update(_build_convert_inputs(d))
+        f["dir"] = d
+        yield f
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _nobody_prefix():
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if not setpriv:
+        pytest.skip("running as root without setpriv: cannot make a file unreadable")
+    return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def _our_processes(tag: str, grace: float = 5.0) -> list[int]:
+    """Live processes started with DLLAMA_TEST_TAG=tag, after waiting up to `grace` s for them to go
+    (mpiexec may return a moment before hydra's proxies are reaped)."""
+    deadline = time.time() + grace
+    while True:
+        left = _tagged(tag)
+        if not left or time.time() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+def _tagged(tag: str) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            if f"DLLAMA_TEST_TAG={tag}".encode() in (p / "environ").read_bytes():
+                out.append(int(p.name))
+        except OSError:
+            pass
+    return out
+
+
+def run_case(argv, n, tmp, prefix=(), stdin=subprocess.DEVNULL, timeout=40):
+    """Run argv (str or bytes items) on n ranks; returns (CompletedProcess with bytes, seconds)."""
+    tag = uuid.uuid4().hex
+    env = dict(os.environ, DLLAMA_TEST_TAG=tag, PYTHONDONTWRITEBYTECODE="1")
+    cmd = ([MPIEXEC, "-n", str(n)] if n > 1 else []) + list(prefix) + DLLAMA + argv
+    cmd = [c if isinstance(c, bytes) else os.fsencode(c) for c in cmd]
+    t = time.time()
+    r = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=stdin, env=env, cwd=tmp)
+    dt = time.time() - t
+    left = _our_processes(tag)
+    assert not left, f"processes left behind: {left}"
+    return r, dt
+
+
+def check_one_line(r, needles, click_usage=False):
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 2, (r.returncode, err)
+    assert "Traceback" not in err, err
+    prefix = "Error:" if click_usage else "error:"
+    lines = [l for l in err.splitlines() if l.startswith(prefix)]
+    if click_usage:   # click checks options on every rank before the program starts: same line each
+        lines = sorted(set(lines))
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def _params():
+    out = []
+    for cid, argv, needles in CASES:
+        for n in (1, 2):
+            if n == 2 and cid in SINGLE_ONLY:
+                continue
+            out.append(pytest.param(cid, n, argv, needles, id=f"{cid}-n{n}"))
+    for cid, n, argv, needles in SPLIT_CASES:
+        out.append(pytest.param(cid, n, argv, needles, id=f"{cid}-n{n}"))
+    return out
+
+
+@pytest.mark.parametrize("cid,n,argv,needles", _params())
+def test_bad_input(files, tmp_path, cid, n, argv, needles):
+    prefix = _nobody_prefix() if cid in AS_NOBODY else ()
+    stdin = subprocess.PIPE if cid.startswith("chat-") else subprocess.DEVNULL
+    args = argv(files, tmp_path)
+    if cid.startswith("chat-"):
+        tag = uuid.uuid4().hex
+        env = dict(os.environ, DLLAMA_TEST_TAG=tag)
+        cmd = ([MPIEXEC, "-n", str(n)] if n > 1 else []) + DLLAMA + args
+        t = time.time()
+        r = subprocess.run(cmd, input=b"hello\n", capture_output=True, timeout=40, env=env, cwd=tmp_path)
+        dt = time.time() - t
+        assert not _our_processes(tag)
+    else:
+        r, dt = run_case(args, n, files["dir"] if prefix else tmp_path, prefix, stdin)
+    line = check_one_line(r, needles, click_usage=cid in CLICK_ROWS)
+    assert dt < 20, dt
+    assert "\n" not in line
+    if args[0] == "convert":
+        assert not (tmp_path / "o.m").exists() and not (tmp_path / "o.m.partial").exists()
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_q40_model_with_f32_buffers_runs(tmp_path, n):
+    """Not an error: q40 weights with f32 activations are supported (and give text)."""
+    r, _ = run_case(inf(QWEN_Q40, TOK_QWEN, "--buffer-float-type", "f32", "--temperature", "0", "--json"),
+                    n, tmp_path)
+    assert r.returncode == 0, r.stderr.decode()
+    import json
+
+    out = json.loads(r.stdout)
+    assert out["buffer_float_type"] == "f32" and out["generated_tokens"] == 4
+
+
+def test_table_lists_every_case():
+    """tests/BAD_INPUT.md holds one row per case id, and at least 40 of them."""
+    text = TABLE.read_text()
+    ids = re.findall(r"^\| `([a-z0-9-]+)` \|", text, flags=re.M)
+    expected = [c[0] for c in CASES] + [c[0] for c in SPLIT_CASES] + ["q40-with-f32-buffers"]
+    assert sorted(ids) == sorted(expected)
+    assert len([i for i in ids if i != "q40-with-f32-buffers"]) >= 40
