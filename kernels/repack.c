@@ -84,6 +84,11 @@ void dl_unpack_q40r(dl_block_q40 *dst, const void *src, int rows, int cols) {
     }
 }
 
+static int q40r_pf = -1;
+int dl_q40r_prefetch(int bytes) { if (bytes >= 0) q40r_pf = bytes; return q40r_pf; }
+static int q40r_split = 4;   /* matvec streams per thread (1..4); 4 measured best on Zen 4 */
+int dl_q40r_split(int n) { if (n >= 0) q40r_split = n; return q40r_split; }
+
 /* ------------------------------------------------------------------------------------------ */
 /* prepared activations: per batch row, the int8 values of all blocks back to back, then per block
  * {int32 -8 * sum(q), float d}; stride rounded up to 64 bytes. */
@@ -146,8 +151,7 @@ static void q40r_groups_scalar(float *out, const uint8_t *w, const dl_block_q80 
 }
 
 #if DL_X86
-static int q40r_pf = -1;
-int dl_q40r_prefetch(int bytes) { if (bytes >= 0) q40r_pf = bytes; return q40r_pf; }   /* bytes ahead to software-prefetch (0 = off); DLLAMA_Q40R_PF overrides */
+   /* bytes ahead to software-prefetch (0 = off); DLLAMA_Q40R_PF overrides */
 static int q40r_prefetch(void) {
     if (q40r_pf < 0) {
         const char *e = getenv("DLLAMA_Q40R_PF");
@@ -207,12 +211,73 @@ DL_INLINE DL_TARGET_AVX512 void q40r_group_avx512(float *out, const uint8_t *wg,
     for (int j = 0; j < B; j++) _mm512_mask_storeu_ps(out + (size_t)(b0 + j) * rows + row0, m, acc[j]);
 }
 
+/* matvec: NG groups side by side (NG independent streams: more memory-level parallelism) */
+DL_INLINE DL_TARGET_AVX512 __m512 q40r_block_b1_avx512(__m512 acc, const uint8_t *wg, const uint8_t *p, int k,
+                                                       const uint8_t *xq, const int32_t *cd, __m512i m4) {
+    const __m512i v0 = _mm512_loadu_si512((const void *)(p + 0));
+    const __m512i v1 = _mm512_loadu_si512((const void *)(p + 64));
+    const __m512i v2 = _mm512_loadu_si512((const void *)(p + 128));
+    const __m512i v3 = _mm512_loadu_si512((const void *)(p + 192));
+    __m512i s0 = _mm512_dpbusd_epi32(_mm512_set1_epi32(cd[0]), _mm512_and_si512(v0, m4), _mm512_set1_epi32(ld32(xq + 0)));
+    __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4), _mm512_set1_epi32(ld32(xq + 16)));
+    s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v1, m4), _mm512_set1_epi32(ld32(xq + 4)));
+    s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4), _mm512_set1_epi32(ld32(xq + 20)));
+    s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v2, m4), _mm512_set1_epi32(ld32(xq + 8)));
+    s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v2, 4), m4), _mm512_set1_epi32(ld32(xq + 24)));
+    s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v3, m4), _mm512_set1_epi32(ld32(xq + 12)));
+    s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v3, 4), m4), _mm512_set1_epi32(ld32(xq + 28)));
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wg + (size_t)k * 32)));
+    const __m512 s = _mm512_mul_ps(dw, _mm512_set1_ps(((const float *)cd)[1]));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), s, acc);
+}
+
+/* out_g[0..15] for NS groups read side by side (NS independent sequential streams) */
+DL_INLINE DL_TARGET_AVX512 void q40r_ngroups_b1_avx512(float *const *outs, const int *valid,
+                                                       const uint8_t *const *wgs, const uint8_t *xp, int nb,
+                                                       int cols, const int NS) {
+    const size_t sc = sc_bytes(nb);
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const int pf = q40r_pf;
+    __m512 acc[4];
+    for (int s = 0; s < NS; s++) acc[s] = _mm512_setzero_ps();
+    const int32_t *cd = (const int32_t *)(xp + cols);
+    for (int k = 0; k < nb; k++) {
+        for (int s = 0; s < NS; s++) {
+            const uint8_t *p = wgs[s] + sc + (size_t)k * 256;
+            if (pf)
+                for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)p + pf + l, _MM_HINT_T0);
+            acc[s] = q40r_block_b1_avx512(acc[s], wgs[s], p, k, xp + (size_t)k * DL_QK, cd + 2 * k, m4);
+        }
+    }
+    for (int s = 0; s < NS; s++)
+        _mm512_mask_storeu_ps(outs[s], valid[s] == G ? (__mmask16)0xFFFF : (__mmask16)((1u << valid[s]) - 1), acc[s]);
+}
+
 static DL_TARGET_AVX512 void q40r_groups_avx512(float *out, const uint8_t *w, const dl_block_q80 *x,
                                                 const uint8_t *xp, int g0, int g1, int rows, int cols,
                                                 int batch) {
     (void)x;
     const int nb = cols / DL_QK;
     const size_t gs = group_stride(nb);
+    if (batch == 1 && q40r_split > 1) {   /* matvec: the range cut into NS parts read side by side */
+        const int NS = q40r_split > 4 ? 4 : q40r_split;
+        const int per = (g1 - g0) / NS;
+        for (int i = 0; i < per; i++) {
+            float *outs[4];
+            int valid[4];
+            const uint8_t *wgs[4];
+            for (int s = 0; s < NS; s++) {
+                const int g = g0 + s * per + i;
+                outs[s] = out + (size_t)g * G;
+                valid[s] = rows - g * G < G ? rows - g * G : G;
+                wgs[s] = w + (size_t)g * gs;
+            }
+            if (NS == 4) q40r_ngroups_b1_avx512(outs, valid, wgs, xp, nb, cols, 4);
+            else if (NS == 3) q40r_ngroups_b1_avx512(outs, valid, wgs, xp, nb, cols, 3);
+            else q40r_ngroups_b1_avx512(outs, valid, wgs, xp, nb, cols, 2);
+        }
+        g0 += NS * per;   /* the remainder below */
+    }
     for (int g = g0; g < g1; g++) {
         const uint8_t *wg = w + (size_t)g * gs;
         for (int b = 0; b < batch; b += 8) {

@@ -552,3 +552,25 @@ def test_read_bytes_probe():
     for threads in (1, 2):
         use(K.ISA_SCALAR, threads)
         assert lib.dl_read_bytes(ffi.cast("void *", a.ctypes.data), a.nbytes) == int(a.sum())
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_q40r_matvec_streams_and_prefetch_do_not_change_results(isa):
+    r = rng(44)
+    rows, cols = 16 * 37 + 5, 320
+    w, x = random_q40(r, rows, cols), random_q80(r, 1, cols)
+    wr = repack_q40(w, rows, cols)
+    split, pf = lib.dl_q40r_split(-1), lib.dl_q40r_prefetch(-1)
+    try:
+        outs = []
+        for threads in (1, 2):
+            use(isa, threads)
+            for s in (1, 2, 3, 4):
+                for p in (0, 1024):
+                    lib.dl_q40r_split(s)
+                    lib.dl_q40r_prefetch(p)
+                    outs.append(matmul_q40r(wr, x, rows, cols, 1))
+        assert all(np.array_equal(o, outs[0]) for o in outs)
+    finally:
+        lib.dl_q40r_split(split)
+        lib.dl_q40r_prefetch(max(pf, 0))
