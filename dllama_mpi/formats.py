@@ -205,6 +205,23 @@ def tensor_layout(h: ModelHeader, header_size: int) -> list[TensorInfo]:
     return out
 
 
+def model_nbytes(h: ModelHeader, header_size: int) -> int:
+    """The file size `tensor_layout` describes, computed without listing the tensors (a damaged
+    header may claim billions of layers: check the size first, then build the table)."""
+    W = h.weights_float_type
+    per_layer = (tensor_nbytes(W, h.q_dim, h.dim) + 2 * tensor_nbytes(W, h.kv_dim, h.dim)
+                 + tensor_nbytes(W, h.dim, h.q_dim) + 2 * tensor_nbytes(F32, 1, h.dim))
+    if h.n_experts == 0:
+        per_layer += 2 * tensor_nbytes(W, h.hidden_dim, h.dim) + tensor_nbytes(W, h.dim, h.hidden_dim)
+    else:
+        per_layer += tensor_nbytes(F32, h.n_experts, h.dim) + h.n_experts * (
+            2 * tensor_nbytes(W, h.moe_hidden_dim, h.dim) + tensor_nbytes(W, h.dim, h.moe_hidden_dim))
+    if h.is_qwen3:
+        per_layer += 2 * tensor_nbytes(F32, 1, h.head_size)
+    return (header_size + tensor_nbytes(F32, h.vocab_size, h.dim) + h.n_layers * per_layer
+            + tensor_nbytes(F32, 1, h.dim) + tensor_nbytes(W, h.vocab_size, h.dim))
+
+
 def _validate_header(path: str, h: ModelHeader) -> None:
     def bad(msg):
         raise ModelFormatError(f"{path}: {msg}")
@@ -335,13 +352,13 @@ def open_model(path: str | os.PathLike) -> ModelFile:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         h, header_size = read_model_header(path, mm, size)
-        tensors = tensor_layout(h, header_size)
-        expected = tensors[-1].offset + tensors[-1].nbytes
+        expected = model_nbytes(h, header_size)
         if expected != size:
             what = "missing" if expected > size else "extra"
             raise ModelFormatError(
                 f"{path}: file is {size} bytes but the header describes {expected} bytes "
                 f"({abs(expected - size)} bytes {what}; truncated or wrong header?)")
+        tensors = tensor_layout(h, header_size)
     except Exception:
         mm.close()
         raise
