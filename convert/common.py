@@ -58,6 +58,111 @@ def quantize_q40(x: np.ndarray) -> np.ndarray:
     return out
 
 
+# Error-minimizing q40 (same block format, different choice of scale and codes). Used for sources
+# that are already quantized (GGUF): re-quantizing their values with DL's max/-8 rule compounds two
+# roundings and loses too much (SmolLM2-135M Q4_1 -> q40 stops answering simple questions).
+#
+# Per block, like llama.cpp's make_qx_quants: try scales d = m / L for a grid of target levels L on both
+# sides (m = the value of largest magnitude mapped to about -8 or about +7), round the codes to the
+# nearest level in [-8, 7], refit d by weighted least squares for those codes, and keep the (f16) d
+# with the smallest weighted squared error. DL's own d = m / -8 is one of the candidates.
+
+RMSE_LEVELS = tuple(np.round(np.concatenate([-8 - np.arange(-9, 10) * 0.1, 7 + np.arange(-9, 10) * 0.1]), 2))
+RMSE_CHUNK_BLOCKS = 1 << 16
+
+
+def _q40_codes(g: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Nearest codes in [-8, 7] (as float32) for scales d (float32 [n])."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(d != 0, np.float32(1.0) / d, np.float32(0)).astype(np.float32, copy=False)
+    q = np.rint(g * inv[:, None])
+    np.clip(q, -8, 7, out=q)
+    return q
+
+
+def _f16_round(d: np.ndarray) -> np.ndarray:
+    return d.astype(np.float16).astype(np.float32)
+
+
+def _sq_err(g, q, d, w):
+    e = g - q * d[:, None]
+    e *= e
+    if w is not None:
+        e *= w
+    return e.sum(axis=1)
+
+
+def _dot(a, b, w):
+    return np.einsum("ij,ij->i", a, b) if w is None else np.einsum("ij,ij,ij->i", a, b, w)
+
+
+def _rmse_chunk(g: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Best (f16-exact) scales and codes for float32 blocks g [n, 32], error weighted by w [n, 32]."""
+    n = g.shape[0]
+    idx = np.abs(g).argmax(axis=1)
+    m = g[np.arange(n), idx]
+    best_d = _f16_round(m / np.float32(-8))          # DL's rule first
+    best_q = _q40_codes(g, best_d)
+    best_e = _sq_err(g, best_q, best_d, w)
+    for level in RMSE_LEVELS:
+        d = _f16_round((m / np.float32(level)).astype(np.float32))
+        q = _q40_codes(g, d)
+        qq = _dot(q, q, w)                           # least-squares refit of d for these codes
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = _f16_round(np.where(qq > 0, _dot(g, q, w) / qq, d).astype(np.float32))
+        e = _sq_err(g, q, d, w)
+        better = e < best_e
+        if better.any():
+            best_e = np.where(better, e, best_e)
+            best_d = np.where(better, d, best_d)
+            best_q[better] = q[better]
+    # codes nearest to the chosen d (never worse for an unweighted error; checked when weighted)
+    q = _q40_codes(g, best_d)
+    e = _sq_err(g, q, best_d, w)
+    better = e < best_e
+    best_q[better] = q[better]
+    return best_d, best_q
+
+
+def quantize_q40_rmse(x: np.ndarray, col_weights: np.ndarray | None = None) -> np.ndarray:
+    """Q40 blocks (uint8 [n/32, 18], FORMATS §2.1 layout) with per-block scales chosen to minimize a
+    weighted squared error instead of DL's d = max / -8 rule. Decodes with the same (code - 8) * d.
+
+    The error of value x in a block is weighted by s² + x² (s² = the block's mean square), as
+    llama.cpp does without an importance matrix: plain squared error gives up the few large weights
+    for the many small ones and measurably hurts the model more than DL's rule does.
+    `col_weights` (optional, [cols] for x of shape [rows, cols]): an extra per-column importance,
+    e.g. the mean square of the inputs the matrix multiplies."""
+    x = np.asarray(x, dtype=np.float32)
+    g_all = np.ascontiguousarray(x).reshape(-1, BLOCK)
+    cw_all = None
+    if col_weights is not None:
+        cw = np.asarray(col_weights, dtype=np.float32).reshape(-1)
+        cw_all = np.broadcast_to(cw, (x.size // cw.size, cw.size)).reshape(-1, BLOCK)
+    out = np.empty((g_all.shape[0], 18), dtype=np.uint8)
+    for b0 in range(0, g_all.shape[0], RMSE_CHUNK_BLOCKS):
+        g = g_all[b0:b0 + RMSE_CHUNK_BLOCKS]
+        w = g * g
+        w += w.mean(axis=1, keepdims=True)
+        if cw_all is not None:
+            w *= cw_all[b0:b0 + RMSE_CHUNK_BLOCKS]
+        d, q = _rmse_chunk(g, w)
+        out[b0:b0 + g.shape[0]] = pack_q40(d, q)
+    return out
+
+
+def pack_q40(d: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """f16-exact scales d [n] and codes q in [-8, 7] ([n, 32]) -> Q40 blocks uint8 [n, 18]."""
+    codes = (np.asarray(q) + 8).astype(np.uint8)
+    out = np.empty((codes.shape[0], 18), dtype=np.uint8)
+    out[:, 0:2] = np.asarray(d, dtype=np.float32).astype("<f2").view(np.uint8).reshape(-1, 2)
+    out[:, 2:] = codes[:, :16] | (codes[:, 16:] << 4)
+    return out
+
+
+Q40_METHODS = {"dllama": quantize_q40, "rmse": quantize_q40_rmse}
+
+
 def dequantize_q40(blocks: np.ndarray) -> np.ndarray:
     """Inverse of quantize_q40 (for tests): uint8 [n, 18] -> float32 [n * 32]."""
     b = np.asarray(blocks, dtype=np.uint8).reshape(-1, 18)
@@ -80,13 +185,22 @@ def quantize_q80(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def encode_rows(x: np.ndarray, ftype: int) -> bytes:
+def parse_q40_method(name: str):
+    if name == "auto":
+        return None
+    try:
+        return Q40_METHODS[name.lower()]
+    except KeyError:
+        raise ConvertError(f"unknown q40 method {name!r} (expected one of: auto, {', '.join(Q40_METHODS)})") from None
+
+
+def encode_rows(x: np.ndarray, ftype: int, q40_method: str = "dllama") -> bytes:
     if ftype == F32:
         return np.ascontiguousarray(x, dtype="<f4").tobytes()
     if ftype == F16:
         return np.ascontiguousarray(x, dtype="<f2").tobytes()
     if ftype == Q40:
-        return quantize_q40(x).tobytes()
+        return parse_q40_method(q40_method)(x).tobytes()
     if ftype == Q80:
         return quantize_q80(x).tobytes()
     raise ConvertError(f"cannot write weights of type {float_type_name(ftype)}")
@@ -104,6 +218,7 @@ class TensorSource:
     cols: int
     read: Callable[[int, int], np.ndarray]      # (r0, r1) -> float32 [r1 - r0, cols]
     row_align: int = 1                          # chunks must start/end on multiples of this
+    quantized: bool = False                     # the stored values are already quantized (GGUF Q*/K types)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -185,11 +300,15 @@ def check_header_for_weights(h: ModelHeader, where: str) -> None:
 
 
 def write_model(path: str | os.PathLike, header: ModelHeader, sources: list[TensorSource | None],
-                quiet: bool = False, desc: str = "converting") -> int:
+                quiet: bool = False, desc: str = "converting", q40_method: str = "dllama") -> int:
     """Write header + tensors (in tensor_layout order) atomically; returns the file size.
+
+    `q40_method`: "dllama" (DL's exact encoder, the default), "rmse" (quantize_q40_rmse), or "auto":
+    rmse for sources marked `quantized` (re-quantization), DL's encoder for float sources.
 
     `sources` may be a lazy iterable; each item must match the next entry of tensor_layout(header).
     """
+    parse_q40_method(q40_method)
     pairs = header.to_pairs()
     header_size = 8 + 8 * len(pairs)
     layout = tensor_layout(header, header_size)
@@ -213,9 +332,13 @@ def write_model(path: str | os.PathLike, header: ModelHeader, sources: list[Tens
             step = max(1, CHUNK_ELEMENTS // max(1, src.cols))
             if src.row_align > 1:
                 step = max(src.row_align, step // src.row_align * src.row_align)
+            method = q40_method if q40_method != "auto" else ("rmse" if src.quantized else "dllama")
             for r0 in range(0, src.rows, step):
                 r1 = min(src.rows, r0 + step)
-                data = encode_rows(src.read(r0, r1), info.ftype)
+                if method == "dllama":
+                    data = encode_rows(src.read(r0, r1), info.ftype)
+                else:
+                    data = encode_rows(src.read(r0, r1), info.ftype, method)
                 f.write(data)
                 written += len(data)
                 bar.update(len(data))

@@ -2,7 +2,8 @@
 
 Architectures: `llama` (Llama, SmolLM2, Mistral-style dense models), `qwen3`, `qwen3moe`.
 Any GGML tensor type that `gguf.quants.dequantize` knows is read (dequantized to float32 row chunk
-by row chunk), then written as q40 (DL's encoder, FORMATS §2.1), f32 or f16.
+by row chunk), then written as q40 (FORMATS §2.1), f32 or f16. q40: DL's exact encoder for float
+tensors; tensors that were already quantized get the error-minimizing encoder (common.quantize_q40_rmse).
 
 Q/K row order. llama.cpp's `convert_hf_to_gguf.py` permutes the rows of q_proj / k_proj of llama
 models with `reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)` (n_head
@@ -40,8 +41,8 @@ def _open(path: str):
         raise ConvertError(f"{path}: file not found")
     try:
         return _gguf.GGUFReader(path)
-    except (ValueError, OSError, KeyError) as e:
-        raise ConvertError(f"{path}: cannot read GGUF file ({e})") from None
+    except Exception as e:  # gguf's reader raises anything (IndexError, struct/numpy errors) on damage
+        raise ConvertError(f"{path}: cannot read GGUF file ({type(e).__name__}: {e})") from None
 
 
 class GGUFFile:
@@ -117,7 +118,8 @@ class GGUFFile:
                 except NotImplementedError:
                     raise ConvertError(f"{self.path}: tensor {t.name} has unsupported type {qtype.name}") from None
                 return np.asarray(a, dtype=np.float32).reshape(r1 - r0, cols)
-        return TensorSource(name, rows, cols, read)
+        float_types = (Q.F32, Q.F16, Q.BF16, Q.F64, Q.I8, Q.I16, Q.I32, Q.I64)
+        return TensorSource(name, rows, cols, read, quantized=qtype not in float_types)
 
     def expert_source(self, name: str, e: int) -> TensorSource:
         t = self.tensors.get(name)
@@ -283,7 +285,11 @@ def gguf_sources(g: GGUFFile, h: ModelHeader):
 
 
 def convert_gguf_model(path: str | os.PathLike, out_path: str | os.PathLike, weights: str = "q40",
-                       quiet: bool = False, g: GGUFFile | None = None) -> ModelHeader:
+                       quiet: bool = False, g: GGUFFile | None = None, q40_method: str = "auto") -> ModelHeader:
+    """Convert the model. `q40_method` "auto" (default): tensors stored quantized in the GGUF (Q4_1,
+    Q8_0, K-quants...) are re-quantized to q40 with the error-minimizing encoder (quantize_q40_rmse),
+    because DL's max/-8 rule on top of an earlier quantization loses more; float tensors use DL's
+    exact encoder. "dllama" / "rmse" force one encoder for every tensor."""
     g = g or GGUFFile(path)
     wtype = parse_weights_type(weights) if isinstance(weights, str) else weights
     h = gguf_header(g, wtype)
@@ -292,7 +298,8 @@ def convert_gguf_model(path: str | os.PathLike, out_path: str | os.PathLike, wei
             raise ConvertError(f"{g.path}: tensor blk.0.{unsupported} (attention bias) is not supported")
     for _ in gguf_sources(g, h):      # every tensor exists and has a readable type, before writing
         pass
-    write_model(out_path, h, gguf_sources(g, h), quiet=quiet, desc=os.path.basename(os.fspath(out_path)))
+    write_model(out_path, h, gguf_sources(g, h), quiet=quiet, desc=os.path.basename(os.fspath(out_path)),
+                q40_method=q40_method)
     return h
 
 
@@ -370,14 +377,15 @@ def convert_gguf_tokenizer(path, out_path, g: GGUFFile | None = None) -> Tokeniz
     return data
 
 
-def convert_gguf(path, out_model=None, out_tokenizer=None, weights: str = "q40", quiet: bool = False):
+def convert_gguf(path, out_model=None, out_tokenizer=None, weights: str = "q40", quiet: bool = False,
+                 q40_method: str = "auto"):
     """Convert a GGUF file's model and/or tokenizer. Returns (header or None, tokenizer data or None)."""
     g = GGUFFile(path)
     h = t = None
     if out_tokenizer is not None:
         t = convert_gguf_tokenizer(path, out_tokenizer, g)
     if out_model is not None:
-        h = convert_gguf_model(path, out_model, weights, quiet, g)
+        h = convert_gguf_model(path, out_model, weights, quiet, g, q40_method=q40_method)
     return h, t
 
 
