@@ -1,0 +1,98 @@
+"""`dllama-mpi benchmark` (JSON document, per-rank split, --prompts, errors) and the synthetic
+model generator (scripts/make_synthetic.py)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY
+
+BIN = Path(sys.executable).parent
+DLLAMA = [str(BIN / "dllama-mpi")] if (BIN / "dllama-mpi").exists() else [sys.executable, "-m", "dllama_mpi.cli"]
+MPIEXEC = str(BIN / "mpiexec")
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA_Q40 = str(TINY / "m" / "dllama_model_tiny_llama_q40.m")
+MOE_Q40 = str(TINY / "m" / "dllama_model_tiny_qwen3_moe_q40.m")
+TOK_LLAMA = str(TINY / "t" / "dllama_tokenizer_tiny_llama3.t")
+TOK_QWEN = str(TINY / "t" / "dllama_tokenizer_tiny_qwen3.t")
+
+
+def bench(args, n=1, timeout=120):
+    cmd = ([MPIEXEC, "-n", str(n)] if n > 1 else []) + DLLAMA + ["benchmark"] + args
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_benchmark_json(n):
+    r = bench(["--model", LLAMA_Q40, "--tokenizer", TOK_LLAMA, "--synthetic", "5,9", "--steps", "4",
+               "--repeat", "2", "--warmup", "1", "--bandwidth", "10", "--profile"], n=n)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["schema"] == "dllama-mpi-benchmark/1"
+    assert d["config"]["nodes"] == n and d["config"]["repack"] is True
+    assert [x["prompt_tokens"] for x in d["runs"]] == [5, 9]
+    for x in d["runs"]:
+        assert x["decode_tok_s"]["n"] == 8 and x["decode_tok_s"]["median"] > 0
+        assert x["prefill_tok_s"]["n"] == 2
+    assert len(d["per_rank"]) == n
+    for pr in d["per_rank"]:
+        assert pr["decode_tokens"] == 16                 # timed runs only: warm-up excluded on every rank
+        assert pr["c_ms"] > 0 and pr["python_ms"] >= 0 and pr["peak_rss_mb"] > 0
+        assert pr["c_ms_by_function"]["dl_matmul_q40r_q80"] > 0
+        assert pr["bytes_sent_per_token"] == pr["bytes_sent_per_token_model"]
+        if n == 1:
+            assert pr["bytes_sent_per_token"] == 0
+    assert d["system"]["bandwidth_gbps"] == 10 and d["system"]["bandwidth_source"] == "option"
+    assert sum(p["weight_bytes_per_token"] for p in d["per_rank"]) == d["model"]["weight_bytes_per_token"]
+    assert "decode" in r.stderr and "rank" in r.stderr    # the human table
+
+
+def test_benchmark_prompts_file_moe(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "Hello there"}\n\nplain text line\n')
+    r = bench(["--model", MOE_Q40, "--tokenizer", TOK_QWEN, "--prompts", str(p), "--steps", "3", "--repeat", "1",
+               "--warmup", "0", "--bandwidth", "5"])
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert [x["prompt"] for x in d["runs"]] == ["Hello there", "plain text line"]
+
+
+def test_benchmark_errors(tmp_path):
+    r = bench(["--model", LLAMA_Q40, "--tokenizer", TOK_LLAMA, "--synthetic", "abc"])
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --synthetic")
+    r = bench(["--plot", str(tmp_path / "x.png")])
+    assert r.returncode == 2 and "error:" in r.stderr
+
+
+def test_make_synthetic_small(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import make_synthetic as ms
+    finally:
+        sys.path.pop(0)
+    from dllama_mpi.formats import ModelHeader, Q40, open_model
+    from dllama_mpi.tokenizer import Tokenizer
+    from dllama_mpi.formats import write_tokenizer
+
+    h = ModelHeader(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=64,
+                    weights_float_type=Q40)
+    m = tmp_path / "s.m"
+    ms.write_model(str(m), h, log=lambda *_: None)
+    mf = open_model(str(m))
+    assert mf.header.dim == 64
+    d = np.frombuffer(mf.raw(mf.info("wq", 0)), np.uint8).reshape(-1, 18)[:, :2].copy().view(np.float16)
+    assert 0.004 <= float(np.abs(d.astype(np.float32)).min()) and float(np.abs(d.astype(np.float32)).max()) <= 0.008
+    mf.close()
+    t = tmp_path / "s.t"
+    write_tokenizer(str(t), ms.make_tokenizer(300, "llama3"))
+    tok = Tokenizer.load(str(t))
+    assert tok.vocab_size == 300 and tok.decode(tok.encode("abc xyz", add_bos=False)) == "abc xyz"
+    r = bench(["--model", str(m), "--tokenizer", str(t), "--synthetic", "4", "--steps", "2", "--repeat", "1",
+               "--bandwidth", "1"])
+    assert r.returncode == 0, r.stderr
+    assert set(ms.PRESETS) == {"llama3.2-1b", "llama3.1-8b", "qwen3-0.6b", "qwen3-30b-a3b-like"}
