@@ -35,16 +35,14 @@ from .sync import PartialSum
 DEFAULT_BATCH = 32  # prompt positions per forward pass (Distributed Llama uses 32 too)
 
 
-def _addr(a: np.ndarray) -> int:
-    return a.ctypes.data
+# cffi pointers are made once per buffer (numpy's .ctypes costs microseconds); a token's kernel
+# calls pass them, with cheap pointer arithmetic for offsets.
+def fptr(a: np.ndarray):
+    return ffi.cast("float *", a.ctypes.data)
 
 
-def fptr(a: np.ndarray, offset_elems: int = 0):
-    return ffi.cast("float *", a.ctypes.data + 4 * offset_elems)
-
-
-def qptr(a: np.ndarray, offset_blocks: int = 0):
-    return ffi.cast("dl_block_q80 *", a.ctypes.data + Q80_BYTES * offset_blocks)
+def qptr(a: np.ndarray):
+    return ffi.cast("dl_block_q80 *", a.ctypes.data)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -90,17 +88,15 @@ class Matrix:
         """Bytes of weights read by one matmul (the q40 payload, without repacking padding)."""
         return self.rows * self.cols * 4 if self.ftype != Q40 else self.rows * self.cols // BLOCK * 18
 
-    def matmul(self, out_addr: int, xq_addr: int, xf_addr: int, batch: int) -> None:
-        """out[batch, rows] = x[batch, cols] · selfᵀ; q40 takes the q80 input, f32 the f32 input."""
+    def matmul(self, out, xq, xf, batch: int) -> None:
+        """out[batch, rows] = x[batch, cols] · selfᵀ (cffi pointers); q40 takes the q80 input xq,
+        f32 the f32 input xf."""
         if self.repacked:
-            lib.dl_matmul_q40r_q80(ffi.cast("float *", out_addr), self.ptr,
-                                   ffi.cast("dl_block_q80 *", xq_addr), self.rows, self.cols, batch)
+            lib.dl_matmul_q40r_q80(out, self.ptr, xq, self.rows, self.cols, batch)
         elif self.ftype == Q40:
-            lib.dl_matmul_q40_q80(ffi.cast("float *", out_addr), self.ptr,
-                                  ffi.cast("dl_block_q80 *", xq_addr), self.rows, self.cols, batch)
+            lib.dl_matmul_q40_q80(out, self.ptr, xq, self.rows, self.cols, batch)
         else:
-            lib.dl_matmul_f32(ffi.cast("float *", out_addr), self.ptr,
-                              ffi.cast("float *", xf_addr), self.rows, self.cols, batch)
+            lib.dl_matmul_f32(out, self.ptr, xf, self.rows, self.cols, batch)
 
 
 def _drop_pages(model: ModelFile | None, t: TensorInfo) -> None:
@@ -134,6 +130,11 @@ class Layer:
     k_norm: np.ndarray | None = None
     router: np.ndarray | None = None                 # [n_experts, dim] f32 (replicated)
     experts: list = field(default_factory=list)      # [(w1, w2, w3)] per expert
+
+    def __post_init__(self):
+        p = lambda a: None if a is None else fptr(a)  # noqa: E731
+        self.p_attn_norm, self.p_ffn_norm = p(self.attn_norm), p(self.ffn_norm)
+        self.p_q_norm, self.p_k_norm, self.p_router = p(self.q_norm), p(self.k_norm), p(self.router)
 
 
 @dataclass
@@ -282,6 +283,14 @@ class RunState:
         self.logits_local = np.zeros((B, s.n_vocab), np.float32)
         self.logits = np.zeros((B, h.vocab_size), np.float32) if is_root else None
         self.ctrl = np.zeros(C.CONTROL_LEN, np.int32)
+        self.p_x, self.p_xb, self.p_q, self.p_z = fptr(self.x), fptr(self.xb), fptr(self.q), fptr(self.z)
+        self.p_partial, self.p_h1, self.p_h3 = fptr(self.partial), fptr(self.h1), fptr(self.h3)
+        self.p_xq, self.p_zq, self.p_hq = qptr(self.xq), qptr(self.zq), qptr(self.hq)
+        self.p_k = [fptr(c) for c in self.key_cache]
+        self.p_v = [fptr(c) for c in self.value_cache]
+        self.p_logits_local = fptr(self.logits_local)
+        if h.is_moe:
+            self.p_router, self.p_expert_out = fptr(self.router), fptr(self.expert_out)
 
 
 @dataclass
@@ -305,6 +314,9 @@ class Engine:
         self.sync = PartialSum(comm, plan, header.dim, max_batch, buffer_type, sync)
         self.kv_of_q = np.array(plan.kv_of_q(comm.rank), np.int32)
         self.freqs = rope_freqs(header)
+        self.p_kv_of_q = ffi.cast("int32_t *", self.kv_of_q.ctypes.data)
+        self.p_freqs = fptr(self.freqs)
+        self.p_norm = fptr(weights.norm)
         self.rope_type = 1 if header.effective_rope_type == 1 else 0
         self.eps = header.eps
         self.quantized = header.weights_float_type == Q40
@@ -381,74 +393,66 @@ class Engine:
         self.stats.seconds += time.perf_counter() - t0
         self.stats.sync_seconds += self.comm.wait_seconds - w0
 
-    def _norm_quant(self, norm_w: np.ndarray, b: int) -> None:
+    def _norm_quant(self, p_norm, b: int) -> None:
         """xb = rmsnorm(x); xq = q80(xb) when the weights are quantized."""
         st = self.st
-        lib.dl_rmsnorm(fptr(st.xb), fptr(st.x), fptr(norm_w), self.h.dim, self.eps, b)
+        lib.dl_rmsnorm(st.p_xb, st.p_x, p_norm, self.h.dim, self.eps, b)
         if self.quantized:
-            lib.dl_quantize_q80(qptr(st.xq), fptr(st.xb), b * self.h.dim)
+            lib.dl_quantize_q80(st.p_xq, st.p_xb, b * self.h.dim)
 
     def _attention(self, l: int, layer: Layer, pos: int, b: int) -> None:
-        st, h = self.st, self.h
-        hd = h.head_size
-        self._norm_quant(layer.attn_norm, b)
-        xq, xf = _addr(st.xq), _addr(st.xb)
-        k_rows = _addr(st.key_cache[l]) + 4 * pos * st.kv_loc      # k, v go straight into the cache
-        v_rows = _addr(st.value_cache[l]) + 4 * pos * st.kv_loc
-        layer.wq.matmul(_addr(st.q), xq, xf, b)
-        layer.wk.matmul(k_rows, xq, xf, b)
-        layer.wv.matmul(v_rows, xq, xf, b)
-        kp = ffi.cast("float *", k_rows)
+        st, hd = self.st, self.h.head_size
+        self._norm_quant(layer.p_attn_norm, b)
+        k = st.p_k[l] + pos * st.kv_loc                     # k, v go straight into the cache
+        v = st.p_v[l] + pos * st.kv_loc
+        layer.wq.matmul(st.p_q, st.p_xq, st.p_xb, b)
+        layer.wk.matmul(k, st.p_xq, st.p_xb, b)
+        layer.wv.matmul(v, st.p_xq, st.p_xb, b)
         n_q, n_kv = st.q_loc // hd, st.kv_loc // hd
-        if layer.q_norm is not None:  # Qwen3: per-head RMSNorm of q and k before rope
-            lib.dl_rmsnorm(fptr(st.q), fptr(st.q), fptr(layer.q_norm), hd, self.eps, b * n_q)
-            lib.dl_rmsnorm(kp, kp, fptr(layer.k_norm), hd, self.eps, b * n_kv)
-        freqs = fptr(self.freqs)
-        lib.dl_rope(fptr(st.q), n_q, hd, pos, b, self.rope_type, freqs)
-        lib.dl_rope(kp, n_kv, hd, pos, b, self.rope_type, freqs)
-        lib.dl_attention(fptr(st.z), fptr(st.q), fptr(st.key_cache[l]), fptr(st.value_cache[l]),
-                         ffi.cast("int32_t *", self.kv_of_q.ctypes.data), n_q, n_kv, hd, pos, b)
+        if layer.p_q_norm is not None:  # Qwen3: per-head RMSNorm of q and k before rope
+            lib.dl_rmsnorm(st.p_q, st.p_q, layer.p_q_norm, hd, self.eps, b * n_q)
+            lib.dl_rmsnorm(k, k, layer.p_k_norm, hd, self.eps, b * n_kv)
+        lib.dl_rope(st.p_q, n_q, hd, pos, b, self.rope_type, self.p_freqs)
+        lib.dl_rope(k, n_kv, hd, pos, b, self.rope_type, self.p_freqs)
+        lib.dl_attention(st.p_z, st.p_q, st.p_k[l], st.p_v[l], self.p_kv_of_q, n_q, n_kv, hd, pos, b)
         if self.quantized:
-            lib.dl_quantize_q80(qptr(st.zq), fptr(st.z), b * st.q_loc)
-        layer.wo.matmul(_addr(st.partial), _addr(st.zq), _addr(st.z), b)
+            lib.dl_quantize_q80(st.p_zq, st.p_z, b * st.q_loc)
+        layer.wo.matmul(st.p_partial, st.p_zq, st.p_z, b)
         self.sync(st.x, st.partial, b)
 
     def _ffn(self, layer: Layer, b: int) -> None:
         st = self.st
-        self._norm_quant(layer.ffn_norm, b)
-        xq, xf = _addr(st.xq), _addr(st.xb)
-        layer.w1.matmul(_addr(st.h1), xq, xf, b)
-        layer.w3.matmul(_addr(st.h3), xq, xf, b)
-        lib.dl_silu_mul(fptr(st.h1), fptr(st.h1), fptr(st.h3), b * st.ffn_loc)
+        self._norm_quant(layer.p_ffn_norm, b)
+        layer.w1.matmul(st.p_h1, st.p_xq, st.p_xb, b)
+        layer.w3.matmul(st.p_h3, st.p_xq, st.p_xb, b)
+        lib.dl_silu_mul(st.p_h1, st.p_h1, st.p_h3, b * st.ffn_loc)
         if self.quantized:
-            lib.dl_quantize_q80(qptr(st.hq), fptr(st.h1), b * st.ffn_loc)
-        layer.w2.matmul(_addr(st.partial), _addr(st.hq), _addr(st.h1), b)
+            lib.dl_quantize_q80(st.p_hq, st.p_h1, b * st.ffn_loc)
+        layer.w2.matmul(st.p_partial, st.p_hq, st.p_h1, b)
         self.sync(st.x, st.partial, b)
 
     def _moe(self, layer: Layer, b: int) -> None:
         """Qwen3-MoE: every rank routes its own copy of y (same result everywhere) and computes its
         slice of each chosen expert; the weighted sum is this rank's partial."""
         st, h = self.st, self.h
-        self._norm_quant(layer.ffn_norm, b)
-        k = h.n_active_experts
-        dim = h.dim
+        self._norm_quant(layer.p_ffn_norm, b)
+        k, dim = h.n_active_experts, h.dim
         for r in range(b):
-            lib.dl_matmul_f32(fptr(st.router), fptr(layer.router), fptr(st.xb, r * dim), h.n_experts, dim, 1)
-            lib.dl_softmax(fptr(st.router), h.n_experts)
+            xq, xf = st.p_xq + r * (dim // BLOCK), st.p_xb + r * dim
+            lib.dl_matmul_f32(st.p_router, layer.p_router, xf, h.n_experts, dim, 1)
+            lib.dl_softmax(st.p_router, h.n_experts)
             top = np.argsort(-st.router, kind="stable")[:k]
             weights = st.router[top] / st.router[top].sum()
             out = st.partial[r]
             out.fill(0.0)
-            xq = _addr(st.xq) + r * (dim // BLOCK) * Q80_BYTES
-            xf = _addr(st.xb) + 4 * r * dim
-            for e, we in zip(top, weights):
+            for e, we in zip(top, weights):   # summed in top-k order, weight applied after w2
                 w1, w2, w3 = layer.experts[e]
-                w1.matmul(_addr(st.h1), xq, xf, 1)
-                w3.matmul(_addr(st.h3), xq, xf, 1)
-                lib.dl_silu_mul(fptr(st.h1), fptr(st.h1), fptr(st.h3), st.ffn_loc)
+                w1.matmul(st.p_h1, xq, xf, 1)
+                w3.matmul(st.p_h3, xq, xf, 1)
+                lib.dl_silu_mul(st.p_h1, st.p_h1, st.p_h3, st.ffn_loc)
                 if self.quantized:
-                    lib.dl_quantize_q80(qptr(st.hq), fptr(st.h1), st.ffn_loc)
-                w2.matmul(_addr(st.expert_out), _addr(st.hq), _addr(st.h1), 1)
+                    lib.dl_quantize_q80(st.p_hq, st.p_h1, st.ffn_loc)
+                w2.matmul(st.p_expert_out, st.p_hq, st.p_h1, 1)
                 out += np.float32(we) * st.expert_out
         self.sync(st.x, st.partial, b)
 
@@ -456,10 +460,10 @@ class Engine:
         st, h = self.st, self.h
         first = 0 if all_logits else b - 1   # only the last row's logits are needed to sample
         n = b - first
-        lib.dl_rmsnorm(fptr(st.xb), fptr(st.x, first * h.dim), fptr(self.w.norm), h.dim, self.eps, n)
+        lib.dl_rmsnorm(st.p_xb, st.p_x + first * h.dim, self.p_norm, h.dim, self.eps, n)
         if self.quantized:
-            lib.dl_quantize_q80(qptr(st.xq), fptr(st.xb), n * h.dim)
-        self.w.wcls.matmul(_addr(st.logits_local), _addr(st.xq), _addr(st.xb), n)
+            lib.dl_quantize_q80(st.p_xq, st.p_xb, n * h.dim)
+        self.w.wcls.matmul(st.p_logits_local, st.p_xq, st.p_xb, n)
         if self.comm.size == 1:
             st.logits[:n] = st.logits_local[:n]
             return
