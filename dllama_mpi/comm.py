@@ -25,6 +25,7 @@ ROOT = 0
 # [command, position, batch size, flags]; flags bit 0 = logits of every batch row (tests, perplexity).
 CMD_STOP, CMD_FORWARD = 0, 1
 CONTROL_LEN = 4
+ABORT_GRACE_SECONDS = 0.25
 
 
 class Comm:
@@ -137,6 +138,10 @@ class Comm:
         sys.stdout.flush()
         sys.stderr.flush()
         if self.size > 1:
+            # MPI_Abort makes mpiexec kill every rank and exit at once; under load it sometimes exits
+            # before its proxy has forwarded our last lines (the user then sees nothing at all, ~2%
+            # of runs). A short pause lets the `error:` line through first.
+            time.sleep(ABORT_GRACE_SECONDS)
             self.comm.Abort(code)
         os._exit(code)
 
