@@ -470,6 +470,8 @@ def read_tokenizer(path: str | os.PathLike) -> TokenizerData:
         bad(f"vocab_size is {vocab_size}")
     if max_len < 1:
         bad(f"max_token_length is {max_len}, must be >= 1")
+    if 9 * vocab_size > len(data) - pos:   # each token record is >= 9 bytes: no huge allocation
+        bad(f"vocab_size {vocab_size} does not fit in the file ({len(data)} bytes; truncated?)")
     vocab: list[bytes] = []
     scores = np.empty(vocab_size, dtype=np.float32)
     unpack = struct.Struct("<fi").unpack_from  # int32 length, as Distributed Llama reads it
