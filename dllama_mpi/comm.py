@@ -147,7 +147,28 @@ class Comm:
 
 
 def world() -> Comm:
-    return Comm(MPI.COMM_WORLD)
+    comm = Comm(MPI.COMM_WORLD)
+    if comm.size > 1:
+        _unlink_shm(comm)
+    return comm
+
+
+def _unlink_shm(comm: Comm) -> None:
+    """Remove MPICH's shared-memory file(s) from /dev/shm as soon as every rank has mapped them.
+    MPICH unlinks them only in MPI_Finalize, so every job that ends by MPI_Abort, a signal or a
+    killed rank left ~2 MB behind in /dev/shm; the mappings stay valid after the unlink."""
+    comm.barrier()   # MPI_Init has attached every local rank; this makes sure all of them returned
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split(None, 5)[5].strip() for line in f if "/dev/shm/mpich" in line}
+    except (OSError, IndexError):
+        return
+    for p in paths:
+        if p.startswith("/dev/shm/mpich") and not p.endswith("(deleted)"):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
 
 
 def library_version() -> str:
