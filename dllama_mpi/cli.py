@@ -29,6 +29,7 @@ def spmd(fn):
 
         comm = world()
         try:
+            comm.set_sync_timeout(_options.get("sync_timeout"))
             return fn(comm, *args, **kwargs)
         except DllamaError as e:
             # The root runs every check that all ranks would run; a worker only gets here with an
@@ -51,6 +52,16 @@ def spmd(fn):
 # ------------------------------------------------------------------------------------------------
 # shared options
 
+_options: dict = {}   # options every rank applies in `spmd` without passing them to the command
+
+
+def _sync_timeout_option(ctx, param, value):
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"must be > 0 seconds, got {value:g}")
+    _options["sync_timeout"] = value
+    return value
+
+
 def model_options(fn):
     opts = [
         click.option("--model", "model_path", type=click.Path(dir_okay=False), default=None,
@@ -66,6 +77,9 @@ def model_options(fn):
         click.option("--load", type=click.Choice(["scatter", "local"]), default="scatter", show_default=True,
                      help="scatter: only rank 0 reads the model; local: every rank maps its own slices (shared storage)."),
         click.option("--batch", "max_batch", type=int, default=32, show_default=True, help="Prompt positions per forward pass."),
+        click.option("--sync-timeout", type=float, default=None, expose_value=False, callback=_sync_timeout_option,
+                     help="Abort the job (exit 3) when a rank waits longer than this many seconds in one "
+                          "collective of a forward pass (a stopped or wedged peer) [default: wait forever]."),
     ]
     for o in reversed(opts):
         fn = o(fn)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -37,11 +38,30 @@ class Comm:
         self.size = self.comm.Get_size()
         self.wait_seconds = 0.0   # time spent inside per-token collectives
         self.bytes_sent = 0       # bytes this rank sent in per-token collectives
-        self.sync_timeout = None  # seconds; None = wait forever (see wait())
+        self.sync_timeout = None  # seconds; None = wait forever (see set_sync_timeout)
+        self._dog = None
 
     @property
     def is_root(self) -> bool:
         return self.rank == ROOT
+
+    # --- hang watchdog (--sync-timeout) ------------------------------------------------------
+
+    def set_sync_timeout(self, seconds: float | None) -> None:
+        """Abort the job when this rank spends more than `seconds` inside one per-token collective
+        (a peer stopped or wedged); None disables it. A daemon thread checks every 0.1 s."""
+        self.sync_timeout = seconds if seconds and self.size > 1 else None
+        if self.sync_timeout and self._dog is None:
+            self._dog = _Watchdog(self)
+            self._dog.start()
+
+    def _arm(self) -> None:
+        if self._dog is not None:
+            self._dog.deadline = time.monotonic() + self.sync_timeout
+
+    def _disarm(self) -> None:
+        if self._dog is not None:
+            self._dog.deadline = None
 
     # --- start-up (not per token) ----------------------------------------------------------
 
@@ -85,7 +105,9 @@ class Comm:
         """Root: start a forward pass (or stop) on every worker."""
         if self.size > 1:
             # Workers may be polling an Ibcast: the root must use the non-blocking call too.
+            self._arm()
             self.comm.Ibcast(ctrl, root=ROOT).Wait()
+            self._disarm()
 
     def wait_control(self, ctrl: np.ndarray, idle_sleep: float = 1e-3, spin_seconds: float = 0.05) -> None:
         """Worker: receive the next control packet. Spins briefly (the next token comes fast),
@@ -99,34 +121,44 @@ class Comm:
     def bcast_f32(self, arr: np.ndarray) -> None:
         if self.size > 1:
             t = time.perf_counter()
+            self._arm()
             self.comm.Bcast(arr, root=ROOT)
+            self._disarm()
             self.wait_seconds += time.perf_counter() - t
             if self.is_root:
                 self.bytes_sent += arr.nbytes * (self.size - 1)
 
     def allgather(self, send: np.ndarray, recv: np.ndarray) -> None:
         t = time.perf_counter()
+        self._arm()
         self.comm.Allgather(send, recv)
+        self._disarm()
         self.wait_seconds += time.perf_counter() - t
         self.bytes_sent += send.nbytes * (self.size - 1)
 
     def alltoallv(self, send, send_counts, send_displs, recv, recv_counts, recv_displs) -> None:
         """Byte-level Alltoallv; counts/displacements are preallocated int arrays (bytes)."""
         t = time.perf_counter()
+        self._arm()
         self.comm.Alltoallv([send, (send_counts, send_displs), MPI.BYTE],
                             [recv, (recv_counts, recv_displs), MPI.BYTE])
+        self._disarm()
         self.wait_seconds += time.perf_counter() - t
         self.bytes_sent += int(send_counts.sum() - send_counts[self.rank])
 
     def allgatherv(self, send, recv, counts, displs) -> None:
         t = time.perf_counter()
+        self._arm()
         self.comm.Allgatherv([send, MPI.BYTE], [recv, (counts, displs), MPI.BYTE])
+        self._disarm()
         self.wait_seconds += time.perf_counter() - t
         self.bytes_sent += int(counts[self.rank]) * (self.size - 1)
 
     def gatherv_f32(self, send: np.ndarray, recv: np.ndarray | None, counts, displs) -> None:
         t = time.perf_counter()
+        self._arm()
         self.comm.Gatherv(send, [recv, (counts, displs), MPI.FLOAT] if self.is_root else None, root=ROOT)
+        self._disarm()
         self.wait_seconds += time.perf_counter() - t
         if not self.is_root:
             self.bytes_sent += send.nbytes
@@ -144,6 +176,25 @@ class Comm:
             time.sleep(ABORT_GRACE_SECONDS)
             self.comm.Abort(code)
         os._exit(code)
+
+
+class _Watchdog(threading.Thread):
+    """Ends the job when the rank it watches has been inside one collective past its deadline."""
+
+    def __init__(self, comm: Comm):
+        super().__init__(name="dllama-sync-watchdog", daemon=True)
+        self.comm = comm
+        self.deadline: float | None = None
+
+    def run(self) -> None:
+        while True:
+            time.sleep(0.1)
+            d = self.deadline
+            if d is not None and time.monotonic() > d:
+                c = self.comm
+                print(f"error: rank {c.rank}: no progress in a collective for {c.sync_timeout:g} s "
+                      f"(--sync-timeout); a peer is stopped, wedged or unreachable", file=sys.stderr, flush=True)
+                c.abort(3)
 
 
 def world() -> Comm:
