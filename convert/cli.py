@@ -90,14 +90,17 @@ def hf_cmd(folder, out_model, out_tokenizer, weights, quiet):
 @convert.command("gguf")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @_common
+@click.option("--q40-method", type=click.Choice(["auto", "dllama", "rmse"]), default="auto", show_default=True,
+              help="q40 encoder: dllama = Distributed Llama's rule; rmse = error-minimizing scale search; "
+                   "auto = rmse for tensors the GGUF already stores quantized, dllama for float ones.")
 @_one_line
-def gguf_cmd(file, out_model, out_tokenizer, weights, quiet):
+def gguf_cmd(file, out_model, out_tokenizer, weights, quiet, q40_method):
     """Convert a GGUF FILE (llama / qwen3 / qwen3moe architecture, any tensor type)."""
     from .gguf import convert_gguf
 
     _check_outputs(out_model, out_tokenizer)
     t0 = time.time()
-    h, t = convert_gguf(file, out_model, out_tokenizer, weights.lower(), quiet)
+    h, t = convert_gguf(file, out_model, out_tokenizer, weights.lower(), quiet, q40_method)
     _report(quiet, file, h, t, out_model, out_tokenizer, t0)
 
 
