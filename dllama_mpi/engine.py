@@ -280,8 +280,9 @@ class RunState:
         if h.is_moe:
             self.router = np.zeros(h.n_experts, np.float32)
             self.expert_out = np.zeros(h.dim, np.float32)
-        self.logits_local = np.zeros((B, s.n_vocab), np.float32)
-        self.logits = np.zeros((B, h.vocab_size), np.float32) if is_root else None
+        # one row: logits are computed for the row being sampled (all rows, one at a time, on request)
+        self.logits_local = np.zeros(s.n_vocab, np.float32)
+        self.logits = np.zeros(h.vocab_size, np.float32) if is_root else None
         self.ctrl = np.zeros(C.CONTROL_LEN, np.int32)
         self.p_x, self.p_xb, self.p_q, self.p_z = fptr(self.x), fptr(self.xb), fptr(self.q), fptr(self.z)
         self.p_partial, self.p_h1, self.p_h3 = fptr(self.partial), fptr(self.h1), fptr(self.h3)
@@ -338,7 +339,7 @@ class Engine:
             raise ValueError("forward() needs at least one token")
         if pos + len(tokens) > self.max_seq_len:
             raise ConfigError(f"context is full: {pos + len(tokens)} positions needed, max_seq_len is {self.max_seq_len}")
-        rows = []
+        out = np.zeros((len(tokens), self.h.vocab_size), np.float32) if all_logits else None
         for i in range(0, len(tokens), self.max_batch):
             chunk = tokens[i:i + self.max_batch]
             b = len(chunk)
@@ -349,13 +350,9 @@ class Engine:
                 if not 0 <= t < self.h.vocab_size:
                     raise ConfigError(f"token id {t} is outside the vocabulary (size {self.h.vocab_size})")
                 self.st.x[j] = self.w.embed[t]
-            self._forward(pos + i, b, all_logits)
-            if all_logits:
-                rows.append(self.st.logits[:b].copy())
+            self._forward(pos + i, b, out[i:i + b] if all_logits else None)
         self.pos = pos + len(tokens)
-        if all_logits:
-            return np.concatenate(rows)
-        return self.st.logits[0]
+        return out if all_logits else self.st.logits
 
     def stop_workers(self) -> None:
         if self.comm.is_root and self.comm.size > 1:
@@ -372,11 +369,14 @@ class Engine:
             self.comm.wait_control(ctrl)
             if ctrl[0] == C.CMD_STOP:
                 return
-            self._forward(int(ctrl[1]), int(ctrl[2]), bool(ctrl[3] & 1))
+            b = int(ctrl[2])
+            self._forward(int(ctrl[1]), b, [None] * b if ctrl[3] & 1 else None)
 
     # ---- the pass itself ------------------------------------------------------------------
 
-    def _forward(self, pos: int, b: int, all_logits: bool) -> None:
+    def _forward(self, pos: int, b: int, all_rows=None) -> None:
+        """One pass over b rows at positions pos..; logits of the last row into st.logits, or of
+        every row into all_rows[r] (root; workers pass placeholders)."""
         t0 = time.perf_counter()
         w0 = self.comm.wait_seconds
         st = self.st
@@ -387,7 +387,11 @@ class Engine:
                 self._moe(layer, b)
             else:
                 self._ffn(layer, b)
-        self._logits(b, all_logits)
+        if all_rows is None:
+            self._logits(b - 1, self.st.logits)
+        else:
+            for r in range(b):
+                self._logits(r, all_rows[r])
         self.stats.forward_calls += 1
         self.stats.tokens += b
         self.stats.seconds += time.perf_counter() - t0
@@ -456,19 +460,17 @@ class Engine:
                 out += np.float32(we) * st.expert_out
         self.sync(st.x, st.partial, b)
 
-    def _logits(self, b: int, all_logits: bool) -> None:
+    def _logits(self, r: int, out) -> None:
+        """logits of batch row r: every rank its vocabulary rows, gathered on the root into out."""
         st, h = self.st, self.h
-        first = 0 if all_logits else b - 1   # only the last row's logits are needed to sample
-        n = b - first
-        lib.dl_rmsnorm(st.p_xb, st.p_x + first * h.dim, self.p_norm, h.dim, self.eps, n)
+        lib.dl_rmsnorm(st.p_xb, st.p_x + r * h.dim, self.p_norm, h.dim, self.eps, 1)
         if self.quantized:
-            lib.dl_quantize_q80(st.p_xq, st.p_xb, n * h.dim)
-        self.w.wcls.matmul(st.p_logits_local, st.p_xq, st.p_xb, n)
+            lib.dl_quantize_q80(st.p_xq, st.p_xb, h.dim)
+        self.w.wcls.matmul(st.p_logits_local, st.p_xq, st.p_xb, 1)
         if self.comm.size == 1:
-            st.logits[:n] = st.logits_local[:n]
-            return
-        for r in range(n):  # Gatherv per row: the root's buffer is [vocab] per row
-            self.comm.gatherv_f32(st.logits_local[r], st.logits[r] if self.comm.is_root else None,
+            out[:] = st.logits_local
+        else:
+            self.comm.gatherv_f32(st.logits_local, out if self.comm.is_root else None,
                                   self.vocab_counts, self.vocab_displs)
 
 
