@@ -143,6 +143,12 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
         if max_seq_len is not None and not 0 < max_seq_len <= h.max_seq_len:
             raise ConfigError(f"--max-seq-len must be in 1..{h.max_seq_len} (the model's context), got {max_seq_len}")
     kernels.set_threads(max(nthreads, 1))
+    if comm.size > 1:
+        # MPICH's report of a lost rank names its pid and host only ("BAD TERMINATION ... PID 123
+        # RUNNING AT host"): say which rank each pid is, so that report identifies the rank.
+        pids = comm.rank_pids()
+        if comm.is_root and not quiet:
+            log("ranks: " + ", ".join(f"{r} = pid {pid} on {host}" for r, (pid, host) in enumerate(pids)))
     progress, bar = None, None
     if comm.is_root and not quiet:
         from tqdm import tqdm

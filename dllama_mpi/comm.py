@@ -96,6 +96,10 @@ class Comm:
         self.comm.Gather(values, out, root=ROOT)
         return out
 
+    def rank_pids(self) -> list[tuple[int, str]] | None:
+        """(pid, host) of every rank, on the root (start-up only: pickled gather)."""
+        return self.comm.gather((os.getpid(), MPI.Get_processor_name()), root=ROOT)
+
     def barrier(self) -> None:
         self.comm.Barrier()
 
