@@ -319,3 +319,48 @@ def test_sync_timeout_must_be_positive():
     r = subprocess.run(DLLAMA + ["inference", *COMMON, "--prompt", "x", "--sync-timeout", "0"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "--sync-timeout" in r.stderr and "must be > 0" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# API under load
+
+def _post(url, body, timeout=60):
+    import json
+
+    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.status, json.loads(r.read())
+
+
+def test_api_load_16_clients_x_3_requests():
+    """16 concurrent clients x 3 requests each: every request answered (200, text, usage), none
+    lost, all within a bound; the server then stops cleanly on SIGTERM."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    job, url = _start_api()
+    try:
+        def client(c):
+            out = []
+            for i in range(3):
+                status, body = _post(url, {"messages": [{"role": "user", "content": f"client {c} request {i}"}],
+                                           "max_tokens": 8, "temperature": 0})
+                out.append((status, body))
+            return out
+
+        t = time.time()
+        with ThreadPoolExecutor(16) as ex:
+            results = [r for rs in ex.map(client, range(16)) for r in rs]
+        dt = time.time() - t
+        assert len(results) == 48
+        for status, body in results:
+            assert status == 200, body
+            assert body["choices"][0]["message"]["content"] is not None
+            assert 1 <= body["usage"]["completion_tokens"] <= 8
+        assert len({b["id"] for _, b in results}) == 48
+        assert dt < 60, dt
+        os.kill(job.p.pid, signal.SIGTERM)
+        job.ended_within(5)
+        assert job.p.returncode == 0, job.stderr
+    finally:
+        job.kill()
