@@ -228,6 +228,8 @@ class ChatSession:
         self.ignore_eos = ignore_eos
         self.messages: list[dict] = []       # user/assistant turns (the system prompt is a setting)
         self.last_stats = None
+        self.answering = False               # inside a generation (workers are in the token loop)
+        self.quit_requested = False          # SIGTERM arrived during an answer
         self.apply_settings()
 
     def apply_settings(self) -> None:
@@ -301,6 +303,7 @@ class ChatSession:
         term.interrupted = False
         term.raw_ctrl_c()
         old = signal.signal(signal.SIGINT, self._on_sigint)
+        self.answering = True
         try:
             for piece in self.gen.stream(ids, max_tokens, self.sampler, stop=self.settings.get("stop") or (),
                                          ignore_eos=self.ignore_eos, should_abort=term.should_abort):
@@ -311,6 +314,7 @@ class ChatSession:
                     term.write(out)
             term.write(filt.flush())
         finally:
+            self.answering = False
             signal.signal(signal.SIGINT, old)
             term.restore()
         st = self.gen.last
@@ -334,6 +338,16 @@ class ChatSession:
 
     def _on_sigint(self, signum, frame):
         self.term.interrupted = True
+
+    def on_sigterm(self, signum, frame):
+        """SIGTERM (e.g. to mpiexec, which forwards it): leave cleanly. During an answer the engine is
+        inside a forward pass with the workers, so only flag it: the answer stops at the next token
+        and run() returns; at the prompt, unwind at once."""
+        if self.answering:
+            self.quit_requested = True
+            self.term.interrupted = True
+        else:
+            raise KeyboardInterrupt
 
     # --- commands ----------------------------------------------------------------------------
 
@@ -420,9 +434,9 @@ class ChatSession:
             term.write("\n> ")
             try:
                 line = term.readline()
-            except KeyboardInterrupt:
-                self.say("\n(Ctrl-C: /exit or Ctrl-D quits; a second Ctrl-C at the prompt ends the job)")
-                continue
+            except KeyboardInterrupt:   # Ctrl-C / SIGINT at the prompt: a clean exit of every rank
+                term.write("\n")
+                return
             if line is None:
                 term.write("\n")
                 return
@@ -436,6 +450,8 @@ class ChatSession:
                 self.turn(line)
             except KeyboardInterrupt:   # pragma: no cover (the handler only sets a flag)
                 self.say("[stopped]")
+            if self.quit_requested:     # SIGTERM during the answer: it stopped, now leave
+                return
 
 
 def register(group) -> None:
@@ -462,8 +478,9 @@ def register(group) -> None:
     def chat(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme, load, max_batch,
              temperature, topp, seed, system, chat_template, think, stop, max_tokens, context_overflow, ignore_eos):
         """Chat with the model in the terminal (run under mpirun -np N; rank 0 reads the terminal)."""
-        if not comm.is_root:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)   # mpiexec forwards Ctrl-C to every rank
+        if not comm.is_root:   # mpiexec forwards Ctrl-C and SIGTERM to every rank: the root stops the workers
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         engine, tokenizer = start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
                                   sync_scheme, load, max_batch)
         if not comm.is_root:
@@ -475,6 +492,7 @@ def register(group) -> None:
                         "max_tokens": max_tokens, "stop": list(stop), "think": think, "chat_template": chat_template,
                         "context_overflow": context_overflow}
             session = ChatSession(engine, tokenizer, term, settings, ignore_eos=ignore_eos)
+            signal.signal(signal.SIGTERM, session.on_sigterm)
             session.run()
         finally:
             term.close()

@@ -264,8 +264,6 @@ def test_signal_to_mpiexec_during_inference(sig):
     assert "Traceback" not in job.stderr
 
 
-@pytest.mark.xfail(reason="chat.py handles neither SIGTERM (root and workers die: exit 15) nor a SIGINT that "
-                          "is not a terminal Ctrl-C (waits for a second one): needs a handler in chat", strict=True)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_to_mpiexec_chat_idle_exits_0(sig):
     job = Job(["chat", *COMMON], stdin=subprocess.PIPE)
