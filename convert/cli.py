@@ -74,7 +74,7 @@ def convert():
 
 
 @convert.command("hf")
-@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("folder", type=click.Path(readable=False))   # checked by the converter: one 'error:' line
 @_common
 @_one_line
 def hf_cmd(folder, out_model, out_tokenizer, weights, quiet):
@@ -88,7 +88,7 @@ def hf_cmd(folder, out_model, out_tokenizer, weights, quiet):
 
 
 @convert.command("gguf")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("file", type=click.Path(readable=False))
 @_common
 @click.option("--q40-method", type=click.Choice(["auto", "dllama", "rmse"]), default="auto", show_default=True,
               help="q40 encoder: dllama = Distributed Llama's rule; rmse = error-minimizing scale search; "

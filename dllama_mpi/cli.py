@@ -64,9 +64,10 @@ def _sync_timeout_option(ctx, param, value):
 
 def model_options(fn):
     opts = [
-        click.option("--model", "model_path", type=click.Path(dir_okay=False), default=None,
+        # paths are checked in resolve_model (one line, once on the root), not by click on every rank
+        click.option("--model", "model_path", type=click.Path(readable=False), default=None,
                      help="Distributed Llama .m model (default: the SmolLM2-135M-Instruct model, downloaded on first use)."),
-        click.option("--tokenizer", "tokenizer_path", type=click.Path(dir_okay=False), default=None,
+        click.option("--tokenizer", "tokenizer_path", type=click.Path(readable=False), default=None,
                      help="Distributed Llama .t tokenizer (default: the one next to the default model)."),
         click.option("--nthreads", type=int, default=1, show_default=True, help="Threads per rank (C thread pool)."),
         click.option("--buffer-float-type", type=click.Choice(["q80", "f32"]), default=None,
@@ -108,8 +109,12 @@ def resolve_model(model_path, tokenizer_path):
     if tokenizer_path is None:
         raise ConfigError("--tokenizer is required with --model")
     for what, p in (("model", model_path), ("tokenizer", tokenizer_path)):
+        if os.path.isdir(p):
+            raise ConfigError(f"{p}: the {what} path is a directory, not a file")
         if not os.path.isfile(p):
             raise ConfigError(f"{p}: {what} file not found")
+        if not os.access(p, os.R_OK):
+            raise ConfigError(f"{p}: {what} file is not readable (permission denied)")
     return model_path, tokenizer_path
 
 
