@@ -67,6 +67,7 @@ class PartialSum:
             self.acc = np.zeros(max_batch * max(self.my_units, 1) * (BLOCK if self.q80 else 1), np.float32)
             self.mine = np.zeros(max_batch * max(self.my_units, 1) * self.unit_bytes, np.uint8)
             self.gathered = np.zeros(max_batch * self.row_bytes, np.uint8)
+            self.p_acc, self.p_mine, self.p_gathered = _fptr(self.acc), _qptr(self.mine), _qptr(self.gathered)
             self.tmp = np.zeros(max_batch * dim, np.float32)
             self._per_batch = {}
         self.p_send, self.p_full, self.p_recv = _qptr(self.send), _qptr(self.full), _qptr(self.recv)
@@ -123,34 +124,39 @@ class PartialSum:
         idx, inv, sizes, displs, recv_counts, recv_displs = self._layout(batch)
         ub = self.unit_bytes
         total_units = batch * self.units
-        # pack: [dest][row][chunk units]
-        send_units = self.send[:total_units * ub].reshape(total_units, ub)
-        packed = self.full[:total_units * ub].reshape(total_units, ub)
-        np.take(send_units, idx, axis=0, out=packed)
+        # pack to [dest][row][chunk units]; one row (decoding) is already in that order
+        if batch == 1:
+            send, gathered = self.send, self.gathered
+        else:
+            packed = self.full[:total_units * ub].reshape(total_units, ub)
+            np.take(self.send[:total_units * ub].reshape(total_units, ub), idx, axis=0, out=packed)
+            send, gathered = self.full, self.gathered
         my_bytes = int(recv_counts[0])
-        self.comm.alltoallv(self.full, sizes, displs, self.recv, recv_counts, recv_displs)
+        self.comm.alltoallv(send, sizes, displs, self.recv, recv_counts, recv_displs)
         # reduce my chunk in rank order
         my_vals = (my_bytes // ub) * (BLOCK if self.q80 else 1)
-        acc = self.acc[:my_vals]
-        acc.fill(0.0)
         if my_vals:
+            self.acc[:my_vals].fill(0.0)
             if self.q80:
-                lib.dl_add_q80(_fptr(acc), self.p_recv, self.n, my_vals)
-                lib.dl_quantize_q80(_qptr(self.mine), _fptr(acc), my_vals)
+                lib.dl_add_q80(self.p_acc, self.p_recv, self.n, my_vals)
+                lib.dl_quantize_q80(self.p_mine, self.p_acc, my_vals)
             else:
                 for r in range(self.n):
-                    lib.dl_add(_fptr(acc), _fptr(self.recv[r * my_bytes:(r + 1) * my_bytes]), my_vals)
-                self.mine[:my_bytes] = acc.view(np.uint8)
-        self.comm.allgatherv(self.mine[:my_bytes], self.gathered, sizes, displs)
+                    lib.dl_add(self.p_acc, _fptr(self.recv[r * my_bytes:(r + 1) * my_bytes]), my_vals)
+                self.mine[:my_bytes] = self.acc[:my_vals].view(np.uint8)
+        self.comm.allgatherv(self.mine[:my_bytes], gathered, sizes, displs)
         # unpack to [row][units] and add to the residual
-        gathered = self.gathered[:total_units * ub].reshape(total_units, ub)
-        out = self.full[:total_units * ub].reshape(total_units, ub)
-        np.take(gathered, inv, axis=0, out=out)
+        if batch == 1:
+            src = self.p_gathered
+        else:
+            out = self.full[:total_units * ub].reshape(total_units, ub)
+            np.take(gathered[:total_units * ub].reshape(total_units, ub), inv, axis=0, out=out)
+            src = self.p_full
         n_vals = batch * self.dim
         if self.q80:
-            lib.dl_add_q80(self._px, self.p_full, 1, n_vals)
+            lib.dl_add_q80(self._px, src, 1, n_vals)
         else:
-            lib.dl_add(self._px, _fptr(self.full), n_vals)
+            lib.dl_add(self._px, ffi.cast("float *", src), n_vals)
 
     def bytes_per_sync(self, batch: int = 1) -> int:
         """Bytes this rank sends per sync (for the benchmark report)."""
