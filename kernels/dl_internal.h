@@ -48,7 +48,6 @@ typedef struct {
     void (*add_q80)(float *out, const dl_block_q80 *parts, int nparts, int64_t n);
     float (*dot)(const float *a, const float *b, int n);
     void (*axpy)(float *y, float a, const float *x, int n);      /* y += a * x */
-    void (*scale)(float *y, float a, int n);                     /* y *= a */
 } dl_kernels;
 
 extern dl_kernels dl_k;      /* the active table */
@@ -74,7 +73,6 @@ void   dl_xprep(void *dst, const dl_block_q80 *x, int cols, int batch);
     void dl_add_q80_##sfx(float *out, const dl_block_q80 *parts, int nparts, int64_t n); \
     float dl_dot_##sfx(const float *a, const float *b, int n); \
     void dl_axpy_##sfx(float *y, float a, const float *x, int n); \
-    void dl_scale_##sfx(float *y, float a, int n);
 
 DL_DECL_ALL(scalar)
 #if DL_X86

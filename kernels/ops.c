@@ -80,10 +80,6 @@ void dl_axpy_scalar(float *y, float a, const float *x, int n) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-void dl_scale_scalar(float *y, float a, int n) {
-    for (int i = 0; i < n; i++) y[i] *= a;
-}
-
 #if DL_X86
 /* ------------------------------------------------------------------------------------------ */
 /* AVX2 + FMA */
@@ -115,13 +111,6 @@ DL_TARGET_AVX2 void dl_axpy_avx2(float *y, float a, const float *x, int n) {
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
     for (; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
-}
-
-DL_TARGET_AVX2 void dl_scale_avx2(float *y, float a, int n) {
-    const __m256 va = _mm256_set1_ps(a);
-    int i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_mul_ps(va, _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] *= a;
 }
 
 DL_TARGET_AVX2 void dl_rmsnorm_avx2(float *out, const float *x, const float *w, int n, float eps) {
@@ -220,14 +209,6 @@ DL_TARGET_AVX512 void dl_axpy_avx512(float *y, float a, const float *x, int n) {
     for (int i = 0; i < n; i += 16) {
         const __mmask16 m = tailmask(n - i);
         _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
-    }
-}
-
-DL_TARGET_AVX512 void dl_scale_avx512(float *y, float a, int n) {
-    const __m512 va = _mm512_set1_ps(a);
-    for (int i = 0; i < n; i += 16) {
-        const __mmask16 m = tailmask(n - i);
-        _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(va, _mm512_maskz_loadu_ps(m, y + i)));
     }
 }
 
@@ -339,12 +320,6 @@ void dl_axpy_neon(float *y, float a, const float *x, int n) {
     int i = 0;
     for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), vld1q_f32(x + i), a));
     for (; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
-}
-
-void dl_scale_neon(float *y, float a, int n) {
-    int i = 0;
-    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vmulq_n_f32(vld1q_f32(y + i), a));
-    for (; i < n; i++) y[i] *= a;
 }
 
 void dl_rmsnorm_neon(float *out, const float *x, const float *w, int n, float eps) {
