@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY
+from procs import descendants, environ
 
 BIN = Path(sys.executable).parent
 DLLAMA = [str(BIN / "dllama-mpi")] if (BIN / "dllama-mpi").exists() else [sys.executable, "-m", "dllama_mpi.cli"]
@@ -69,8 +70,8 @@ class Job:
         return self.err.decode("utf-8", "replace")
 
     def rank_pid(self, rank: int) -> int:
-        for pid in _descendants(self.p.pid):
-            if _env(pid).get("PMI_RANK") == str(rank):
+        for pid in descendants(self.p.pid):
+            if environ(pid).get("PMI_RANK") == str(rank):
                 return pid
         raise AssertionError(f"no rank {rank} process")
 
@@ -126,28 +127,6 @@ def _shm_owner_gone(name: str) -> bool:
             except OSError:
                 pass
     return True
-
-
-def _descendants(pid):
-    out, todo = [], [pid]
-    while todo:
-        cur = todo.pop()
-        try:
-            kids = Path(f"/proc/{cur}/task/{cur}/children").read_text().split()
-        except OSError:
-            continue
-        for k in map(int, kids):
-            out.append(k)
-            todo.append(k)
-    return out
-
-
-def _env(pid):
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return {}
-    return dict(kv.split("=", 1) for kv in raw.decode(errors="replace").split("\0") if "=" in kv)
 
 
 def _tagged(tag):
