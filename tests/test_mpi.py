@@ -45,9 +45,10 @@ def test_f32_llama_ids_equal_golden(world):
 
 
 @pytest.mark.parametrize("sync", ["ring", "dllama"])
-def test_f32_llama_logits_match_two_node_golden(world, sync):
-    _, gold = golden("tiny_llama_f32_n2")
-    logits, _ = teacher_forced_logits(world, "tiny_llama_f32", "tiny_llama_f32_n2", sync=sync, max_batch=8)
+@pytest.mark.parametrize("name", ["tiny_llama_f32", "tiny_qwen3_f32"])
+def test_f32_logits_match_two_node_golden(world, name, sync):
+    _, gold = golden(f"{name}_n2")
+    logits, _ = teacher_forced_logits(world, name, f"{name}_n2", sync=sync, max_batch=8)
     err = float(np.abs(logits - gold).max()) if world.is_root else None
     verdict(world, world.is_root and err < 1e-3, err)
 
