@@ -284,6 +284,8 @@ class RunState:
         self.logits_local = np.zeros(s.n_vocab, np.float32)
         self.logits = np.zeros(h.vocab_size, np.float32) if is_root else None
         self.ctrl = np.zeros(C.CONTROL_LEN, np.int32)
+        self.best = np.zeros(2, np.float64)                       # (largest logit, its id) of this rank
+        self.all_best = np.zeros((plan.n_nodes, 2), np.float64)   # every rank's, on the root
         self.p_x, self.p_xb, self.p_q, self.p_z = fptr(self.x), fptr(self.xb), fptr(self.q), fptr(self.z)
         self.p_partial, self.p_h1, self.p_h3 = fptr(self.partial), fptr(self.h1), fptr(self.h3)
         self.p_xq, self.p_zq, self.p_hq = qptr(self.xq), qptr(self.zq), qptr(self.hq)
@@ -331,28 +333,35 @@ class Engine:
 
     # ---- the root's entry points ----------------------------------------------------------
 
-    def forward(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens, pos: int, all_logits: bool = False, argmax: bool = False):
         """Root: evaluate tokens at positions pos.. and return the logits of the last row
-        ([vocab]) or of every row ([batch, vocab]). Splits long inputs into max_batch chunks."""
+        ([vocab], a buffer reused by the next call), of every row ([batch, vocab]) with
+        all_logits, or only the id of the last row's largest logit with argmax (greedy decoding:
+        each rank sends its best (value, id) instead of its vocabulary slice)."""
         tokens = list(tokens)
         if not tokens:
             raise ValueError("forward() needs at least one token")
         if pos + len(tokens) > self.max_seq_len:
             raise ConfigError(f"context is full: {pos + len(tokens)} positions needed, max_seq_len is {self.max_seq_len}")
+        for t in tokens:   # before any worker starts: a bad id must not leave them mid-pass
+            if not 0 <= t < self.h.vocab_size:
+                raise ConfigError(f"token id {t} is outside the vocabulary (size {self.h.vocab_size})")
         out = np.zeros((len(tokens), self.h.vocab_size), np.float32) if all_logits else None
+        flags = (C.FLAG_ALL_LOGITS if all_logits else 0) | (C.FLAG_ARGMAX if argmax else 0)
+        best = None
         for i in range(0, len(tokens), self.max_batch):
             chunk = tokens[i:i + self.max_batch]
             b = len(chunk)
             ctrl = self.st.ctrl
-            ctrl[:] = (C.CMD_FORWARD, pos + i, b, 1 if all_logits else 0)
+            ctrl[:] = (C.CMD_FORWARD, pos + i, b, flags)
             self.comm.send_control(ctrl)
             for j, t in enumerate(chunk):
-                if not 0 <= t < self.h.vocab_size:
-                    raise ConfigError(f"token id {t} is outside the vocabulary (size {self.h.vocab_size})")
                 self.st.x[j] = self.w.embed[t]
-            self._forward(pos + i, b, out[i:i + b] if all_logits else None)
+            best = self._forward(pos + i, b, out[i:i + b] if all_logits else None, argmax)
         self.pos = pos + len(tokens)
-        return out if all_logits else self.st.logits
+        if all_logits:
+            return out
+        return best if argmax else self.st.logits
 
     def stop_workers(self) -> None:
         if self.comm.is_root and self.comm.size > 1:
@@ -369,14 +378,16 @@ class Engine:
             self.comm.wait_control(ctrl)
             if ctrl[0] == C.CMD_STOP:
                 return
-            b = int(ctrl[2])
-            self._forward(int(ctrl[1]), b, [None] * b if ctrl[3] & 1 else None)
+            b, flags = int(ctrl[2]), int(ctrl[3])
+            self._forward(int(ctrl[1]), b, [None] * b if flags & C.FLAG_ALL_LOGITS else None,
+                          bool(flags & C.FLAG_ARGMAX))
 
     # ---- the pass itself ------------------------------------------------------------------
 
-    def _forward(self, pos: int, b: int, all_rows=None) -> None:
+    def _forward(self, pos: int, b: int, all_rows=None, argmax: bool = False):
         """One pass over b rows at positions pos..; logits of the last row into st.logits, or of
-        every row into all_rows[r] (root; workers pass placeholders)."""
+        every row into all_rows[r] (root; workers pass placeholders), or (argmax) only the id of the
+        last row's largest logit, returned on the root."""
         t0 = time.perf_counter()
         w0 = self.comm.wait_seconds
         st = self.st
@@ -387,7 +398,10 @@ class Engine:
                 self._moe(layer, b)
             else:
                 self._ffn(layer, b)
-        if all_rows is None:
+        best = None
+        if argmax:
+            best = self._argmax(b - 1)
+        elif all_rows is None:
             self._logits(b - 1, self.st.logits)
         else:
             for r in range(b):
@@ -396,6 +410,7 @@ class Engine:
         self.stats.tokens += b
         self.stats.seconds += time.perf_counter() - t0
         self.stats.sync_seconds += self.comm.wait_seconds - w0
+        return best
 
     def _norm_quant(self, p_norm, b: int) -> None:
         """xb = rmsnorm(x); xq = q80(xb) when the weights are quantized."""
@@ -460,18 +475,39 @@ class Engine:
                 out += np.float32(we) * st.expert_out
         self.sync(st.x, st.partial, b)
 
-    def _logits(self, r: int, out) -> None:
-        """logits of batch row r: every rank its vocabulary rows, gathered on the root into out."""
+    def _local_logits(self, r: int) -> None:
+        """This rank's vocabulary slice of the logits of batch row r, into st.logits_local."""
         st, h = self.st, self.h
         lib.dl_rmsnorm(st.p_xb, st.p_x + r * h.dim, self.p_norm, h.dim, self.eps, 1)
         if self.quantized:
             lib.dl_quantize_q80(st.p_xq, st.p_xb, h.dim)
         self.w.wcls.matmul(st.p_logits_local, st.p_xq, st.p_xb, 1)
+
+    def _logits(self, r: int, out) -> None:
+        """logits of batch row r: every rank its vocabulary rows, gathered on the root into out."""
+        st = self.st
+        self._local_logits(r)
         if self.comm.size == 1:
             out[:] = st.logits_local
         else:
             self.comm.gatherv_f32(st.logits_local, out if self.comm.is_root else None,
                                   self.vocab_counts, self.vocab_displs)
+
+    def _argmax(self, r: int):
+        """Greedy decoding needs one id, not the vocabulary: each rank sends its best (value, id)
+        (16 bytes instead of 4·vocab/N), the root takes the largest value, lowest id on ties."""
+        st = self.st
+        self._local_logits(r)
+        i = int(np.argmax(st.logits_local)) if st.logits_local.size else 0
+        if self.comm.size == 1:
+            return i
+        st.best[0] = st.logits_local[i] if st.logits_local.size else -np.inf
+        st.best[1] = self.plan[self.comm.rank].vocab[0] + i
+        self.comm.gather_f64(st.best, st.all_best)
+        if not self.comm.is_root:
+            return None
+        top = st.all_best[:, 0].max()
+        return int(st.all_best[st.all_best[:, 0] == top, 1].min())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-import numpy as np
 
 from .engine import Engine
 from .errors import ConfigError
@@ -101,9 +100,10 @@ class Generator:
     def reset(self) -> None:
         self.cached = []
 
-    def prefill(self, ids: Sequence[int]) -> np.ndarray:
-        """Make the cache hold exactly `ids` and return the logits after the last one. Reuses the
-        longest common prefix with what is cached (at least the last token is evaluated)."""
+    def prefill(self, ids: Sequence[int], argmax: bool = False):
+        """Make the cache hold exactly `ids` and return the logits after the last one (or, with
+        argmax, the id of the largest). Reuses the longest common prefix with what is cached (at
+        least the last token is evaluated)."""
         ids = list(ids)
         if not ids:
             raise ConfigError("empty prompt")
@@ -116,7 +116,7 @@ class Generator:
             common += 1
         common = min(common, len(ids) - 1)
         self.cached = self.cached[:common]
-        logits = self.engine.forward(ids[common:], common)
+        logits = self.engine.forward(ids[common:], common, argmax=argmax)
         self.cached = ids
         self.last.evaluated_prompt_tokens = len(ids) - common
         return logits
@@ -130,8 +130,10 @@ class Generator:
             raise ConfigError(f"number of tokens to generate must be >= 0, got {max_tokens}")
         self.last = st = RunStats(prompt_tokens=len(prompt_ids))
         comm = self.engine.comm
+        # greedy decoding only needs the best id: the ranks reduce it instead of gathering logits
+        greedy = sampler.temperature == 0
         t0 = time.perf_counter()
-        logits = self.prefill(prompt_ids)
+        logits = self.prefill(prompt_ids, argmax=greedy)
         st.prompt_seconds = time.perf_counter() - t0
         decoder = self.tokenizer.stream_decoder()
         matcher = StopMatcher(stop)
@@ -141,7 +143,7 @@ class Generator:
         t_gen = time.perf_counter()
         while st.generated_tokens < max_tokens:
             t_tok = time.perf_counter()
-            token = sampler.sample(logits)
+            token = logits if greedy else sampler.sample(logits)
             st.generated_tokens += 1
             if token in eos and not ignore_eos:
                 st.finish_reason = "stop"
@@ -163,7 +165,7 @@ class Generator:
                 yield Piece(token, text + matcher.push(decoder.flush())[0] + matcher.flush())
                 break
             yield Piece(token, text)
-            logits = self.engine.forward([token], len(self.cached))
+            logits = self.engine.forward([token], len(self.cached), argmax=greedy)
             self.cached.append(token)
             st.token_ms.append(1000 * (time.perf_counter() - t_tok))
         st.generate_seconds = time.perf_counter() - t_gen

@@ -34,20 +34,21 @@ def teacher_forced_logits(comm: Comm, name: str, case: str, **kw):
         engine.stop_workers()
 
 
-def greedy_ids(comm: Comm, name: str, prompt_ids, steps: int, **kw):
-    """Greedy generation through the engine (root: list of ids; workers: None)."""
+def greedy_ids(comm: Comm, name: str, prompt_ids, steps: int, argmax: bool = False, **kw):
+    """Greedy generation through the engine (root: list of ids; workers: None): np.argmax of the
+    gathered logits, or with argmax=True the engine's distributed (value, id) reduction."""
     engine = build_engine(comm, model_path(name) if comm.is_root or kw.get("load") == "local" else None, **kw)
     if not comm.is_root:
         engine.serve()
         return None
     try:
         out = []
-        logits = engine.forward(prompt_ids, 0)
+        best = lambda r: r if argmax else int(np.argmax(r))  # noqa: E731
+        t = best(engine.forward(prompt_ids, 0, argmax=argmax))
         pos = len(prompt_ids)
         for _ in range(steps):
-            t = int(np.argmax(logits))
             out.append(t)
-            logits = engine.forward([t], pos)
+            t = best(engine.forward([t], pos, argmax=argmax))
             pos += 1
         return out
     finally:

@@ -45,14 +45,14 @@ class FakeEngine:
         self.favour = favour
         self.evaluated = []
 
-    def forward(self, tokens, pos, all_logits=False):
+    def forward(self, tokens, pos, all_logits=False, argmax=False):
         assert pos + len(tokens) <= self.max_seq_len
         self.evaluated.append((pos, list(tokens)))
         rng = np.random.default_rng(pos + len(tokens))
         logits = rng.standard_normal(self.vocab).astype(np.float32)
         if self.favour is not None:
             logits[self.favour] = 100.0
-        return logits
+        return int(np.argmax(logits)) if argmax else logits
 
 
 class FakeTerm(Terminal):

@@ -23,9 +23,10 @@ def test_f32_logits_match_golden(comm, name, batch):
 
 
 @pytest.mark.parametrize("name", ["tiny_llama_f32", "tiny_qwen3_f32"])
-def test_f32_greedy_ids_match_golden(comm, name):
+@pytest.mark.parametrize("argmax", [False, True])
+def test_f32_greedy_ids_match_golden(comm, name, argmax):
     meta, _ = golden(f"{name}_n1")
-    ids = greedy_ids(comm, name, meta["prompt_ids"], len(meta["generated_ids"]))
+    ids = greedy_ids(comm, name, meta["prompt_ids"], len(meta["generated_ids"]), argmax=argmax)
     assert ids == meta["generated_ids"]
 
 

@@ -38,9 +38,10 @@ def reference_logits(comm: Comm, name: str, case: str, **kw):
     return None
 
 
-def test_f32_llama_ids_equal_golden(world):
+@pytest.mark.parametrize("argmax", [False, True])
+def test_f32_llama_ids_equal_golden(world, argmax):
     meta, _ = golden("tiny_llama_f32_n2")
-    ids = greedy_ids(world, "tiny_llama_f32", meta["prompt_ids"], len(meta["generated_ids"]))
+    ids = greedy_ids(world, "tiny_llama_f32", meta["prompt_ids"], len(meta["generated_ids"]), argmax=argmax)
     verdict(world, world.is_root and ids == meta["generated_ids"], ids)
 
 
