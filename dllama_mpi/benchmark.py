@@ -13,7 +13,8 @@ stderr. How each number is measured (also in the JSON's "method"):
   overhead = token time - C - MPI. The proxy's own cost per call is measured and subtracted from
   the Python share (`python_ms`; `python_ms_raw` keeps the uncorrected figure).
 - bytes sent per token per rank: counted by `Comm` over the decode tokens (`bytes_sent`), next to
-  the model `sync.bytes_per_sync() x syncs per token + logits gather + x broadcast`.
+  the model `sync.bytes_per_sync() x syncs per token + argmax pair (16 B) + x broadcast`. Decoding
+  is greedy through the engine's distributed argmax (what `inference --temperature 0` runs).
 - bandwidth ceiling: weight bytes read per token (q40 payload of every matrix slice, MoE experts
   scaled by active/total) / aggregate read bandwidth (every rank reading a 512 MB buffer at the
   same time with its thread pool, best of 3; or --bandwidth GB/s).
@@ -111,7 +112,7 @@ class _Recorder:
         self.bytes = 0
         self.calls = 0
 
-    def __call__(self, pos, b, all_logits):
+    def __call__(self, pos, b, *rest):
         comm = self.engine.comm
         w0, by0 = comm.wait_seconds, comm.bytes_sent
         c0 = self.timed.seconds if self.timed else 0.0
@@ -119,7 +120,7 @@ class _Recorder:
         if self.timed:
             self.timed.active = b == 1
         t0 = time.perf_counter()
-        self.inner(pos, b, all_logits)
+        best = self.inner(pos, b, *rest)
         dt = time.perf_counter() - t0
         if self.timed:
             self.timed.active = False
@@ -131,6 +132,7 @@ class _Recorder:
             if self.timed:
                 self.c_seconds += self.timed.seconds - c0
                 self.calls += self.timed.calls - k0
+        return best
 
 
 def _install_proxy(rec: _Recorder):
@@ -273,15 +275,13 @@ def _one_run(engine, ids: list[int], steps: int) -> tuple[float, list[float]]:
     """Prefill ids at position 0, then `steps` greedy tokens; (prefill seconds, per-token seconds)."""
     pc = time.perf_counter
     t = pc()
-    logits = engine.forward(ids, 0)
-    tok = int(np.argmax(logits))
+    tok = engine.forward(ids, 0, argmax=True)   # greedy, as `inference --temperature 0` runs it
     prefill = pc() - t
     per = []
     pos = len(ids)
     for _ in range(steps):
         t = pc()
-        logits = engine.forward([tok], pos)
-        tok = int(np.argmax(logits))
+        tok = engine.forward([tok], pos, argmax=True)
         per.append(pc() - t)
         pos += 1
     return prefill, per
@@ -437,7 +437,8 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     bw_all = comm.gather_floats(np.array([bw_rank], np.float64))
     sync_bytes = engine.sync.bytes_per_sync(1)
     n_syncs = 2 * h.n_layers
-    model_bytes = sync_bytes * n_syncs + (0 if comm.is_root else 4 * engine.vocab_local)
+    # greedy decoding: a worker sends its best (value, id) pair, 16 bytes, not its logits slice
+    model_bytes = sync_bytes * n_syncs + (0 if comm.is_root else 16)
     if comm.is_root and comm.size > 1:
         model_bytes += 4 * h.dim * (comm.size - 1)
     model_bytes_all = comm.gather_floats(np.array([model_bytes], np.float64))
