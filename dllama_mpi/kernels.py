@@ -56,8 +56,16 @@ def _build_cached():
     h = bk.source_hash()
     root = os.environ.get("DLLAMA_MPI_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dllama-mpi")
+    try:
+        os.makedirs(root, exist_ok=True)
+        if not os.access(root, os.W_OK):
+            raise PermissionError(root)
+    except OSError:  # e.g. another user's home: build in a per-user temporary folder instead
+        import tempfile
+
+        root = os.path.join(tempfile.gettempdir(), f"dllama-mpi-{os.getuid()}")
+        os.makedirs(root, exist_ok=True)
     d = os.path.join(root, f"kernels-{h}")
-    os.makedirs(root, exist_ok=True)
     suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
 
     def find():
