@@ -22,9 +22,10 @@ from mpi4py import MPI
 
 ROOT = 0
 
-# Control packet, root -> workers, before every forward pass:
-# [command, position, batch size, flags]; flags bit 0 = logits of every batch row (tests, perplexity).
+# Control packet, root -> workers, before every forward pass: [command, position, batch size, flags].
 CMD_STOP, CMD_FORWARD = 0, 1
+FLAG_ALL_LOGITS = 1   # logits of every batch row (tests, perplexity)
+FLAG_ARGMAX = 2       # only the id of the largest logit (greedy decoding)
 CONTROL_LEN = 4
 ABORT_GRACE_SECONDS = 0.25
 
@@ -158,6 +159,14 @@ class Comm:
         self.wait_seconds += time.perf_counter() - t
         self.bytes_sent += int(counts[self.rank]) * (self.size - 1)
 
+    def gather_f64(self, send: np.ndarray, recv: np.ndarray) -> None:
+        """A few float64 values from every rank to the root ([size, n] there; preallocated)."""
+        t = time.perf_counter()
+        self.comm.Gather(send, recv if self.is_root else None, root=ROOT)
+        self.wait_seconds += time.perf_counter() - t
+        if not self.is_root:
+            self.bytes_sent += send.nbytes
+
     def gatherv_f32(self, send: np.ndarray, recv: np.ndarray | None, counts, displs) -> None:
         t = time.perf_counter()
         self._arm()
@@ -203,8 +212,7 @@ class _Watchdog(threading.Thread):
 
 def world() -> Comm:
     comm = Comm(MPI.COMM_WORLD)
-    if comm.size > 1:
-        _unlink_shm(comm)
+    _unlink_shm(comm)   # a single rank too: an error exit skips MPI_Finalize, which would unlink it
     return comm
 
 
