@@ -2,7 +2,6 @@
 model generator (scripts/make_synthetic.py)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

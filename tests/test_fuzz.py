@@ -10,14 +10,12 @@ how many inputs ran; scripts/fuzz_long.py runs the same properties with many mor
 
 from __future__ import annotations
 
-import io
 import os
 import struct
 import tempfile
 import unicodedata
 from pathlib import Path
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
