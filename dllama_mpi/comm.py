@@ -78,9 +78,13 @@ class Comm:
         """Broadcast a preallocated array in place from the root."""
         self.comm.Bcast(arr, root=ROOT)
 
-    def scatterv(self, sendbuf: np.ndarray | None, counts: list[int], recvbuf: np.ndarray) -> None:
-        """Send each rank its byte range of the root's sendbuf (slices laid out in rank order)."""
-        displs = np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.int64)
+    def scatterv(self, sendbuf: np.ndarray | None, counts: list[int], recvbuf: np.ndarray,
+                 displs: list[int] | None = None) -> None:
+        """Send each rank its byte range of the root's sendbuf (by default laid out back to back
+        in rank order)."""
+        if displs is None:
+            displs = np.concatenate([[0], np.cumsum(counts[:-1])])
+        displs = np.asarray(displs, dtype=np.int64)
         counts = np.asarray(counts, dtype=np.int64)
         send = [sendbuf, (counts, displs), MPI.BYTE] if self.is_root else None
         self.comm.Scatterv(send, [recvbuf, MPI.BYTE], root=ROOT)

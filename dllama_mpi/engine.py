@@ -169,6 +169,18 @@ def _slice_shape(t: TensorInfo, plan: ShardPlan, rank: int) -> tuple[int, int]:
     return t.rows, c1 - c0
 
 
+def _row_displacements(t: TensorInfo, plan: ShardPlan, n: int) -> list[int] | None:
+    """Byte offsets of each rank's rows in the tensor when the row slices tile it in rank order
+    (no overlap: MPI forbids reading a Scatterv byte twice), else None."""
+    if t.name not in ROW_SPLIT:
+        return None
+    ranges = [plan.rows(t.name, r) for r in range(n)]
+    if ranges[0][0] != 0 or ranges[-1][1] != t.rows or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
+        return None
+    row_bytes = t.nbytes // t.rows
+    return [r0 * row_bytes for r0, _ in ranges]
+
+
 def _slice_nbytes(t: TensorInfo, rows: int, cols: int) -> int:
     return rows * cols * 4 if t.ftype == F32 else rows * cols // BLOCK * 18
 
@@ -203,11 +215,15 @@ def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardP
                 data = np.array(_slice_bytes(model, t, plan, rank))
             else:
                 counts = [_slice_nbytes(t, *_slice_shape(t, plan, r)) for r in range(n)]
+                displs = _row_displacements(t, plan, n)
                 send = None
                 if comm.is_root:
-                    send = np.concatenate([_slice_bytes(model, t, plan, r) for r in range(n)])
+                    # row slices that tile the tensor go straight from the map; column slices (and
+                    # replicated KV rows) are packed into one tensor-sized buffer first
+                    send = model.raw(t) if displs is not None else \
+                        np.concatenate([_slice_bytes(model, t, plan, r) for r in range(n)])
                 data = np.empty(counts[rank], np.uint8)
-                comm.scatterv(send, counts, data)
+                comm.scatterv(send, counts, data, displs)
                 del send
             if t.ftype == F32:
                 data = data.view(np.float32) if data.ctypes.data % 4 == 0 else np.array(data).view(np.float32)
