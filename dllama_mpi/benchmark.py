@@ -442,6 +442,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     if comm.is_root and comm.size > 1:
         model_bytes += 4 * h.dim * (comm.size - 1)
     model_bytes_all = comm.gather_floats(np.array([model_bytes], np.float64))
+    scatter = comm.gather_floats(np.array([comm.scatter_seconds, comm.scatter_bytes], np.float64))
 
     if not comm.is_root:
         return
@@ -497,6 +498,11 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
         "system": {"versions": _versions(), "cpu": _cpu_info(), "hostname": platform.node(),
                    "bandwidth_gbps": round(agg_bw, 2), "bandwidth_source": "option" if bandwidth else "measured"},
         "load_seconds": round(getattr(engine, "load_seconds", 0.0), 3),
+        # weight slices through Scatterv (0 with --load local or one rank): bytes every rank
+        # received / the longest time a rank spent in Scatterv (root packing included)
+        "scatter": {"bytes": int(scatter[:, 1].sum()), "seconds_max": round(float(scatter[:, 0].max()), 3),
+                    "gbps": round(float(scatter[:, 1].sum() / scatter[:, 0].max() / 1e9), 2)
+                    if scatter[:, 0].max() > 0 else None},
         "runs": runs,
         "per_rank": per_rank,
         "summary": {"decode_tok_s": dec, "prefill_tok_s": pre,
@@ -517,7 +523,9 @@ def _table(doc: dict) -> None:
     log(f"\n{m['arch']} dim {m['dim']} x {m['n_layers']} layers, {m['weights']}, "
         f"{m['weight_bytes_per_token'] / 1e6:.0f} MB/token | {c['nodes']} rank(s) x {c['nthreads']} thread(s), "
         f"sync {c['sync']}, batch {c['batch']}, isa {doc['system']['cpu']['kernel_isa']}, "
-        f"repack {c['repack']}, load {doc['load_seconds']:.2f} s")
+        f"repack {c['repack']}, load {doc['load_seconds']:.2f} s"
+        + (f" (Scatterv {doc['scatter']['bytes'] / 1e6:.0f} MB at {doc['scatter']['gbps']:.1f} GB/s)"
+           if doc["scatter"]["gbps"] else ""))
     log(f"{'prompt':>8} {'prefill tok/s':>22} {'decode tok/s (p10-p90)':>28} {'ms/token':>9}")
     for r in doc["runs"]:
         p, d = r["prefill_tok_s"], r["decode_tok_s"]

@@ -41,6 +41,8 @@ class Comm:
         self.bytes_sent = 0       # bytes this rank sent in per-token collectives
         self.sync_timeout = None  # seconds; None = wait forever (see set_sync_timeout)
         self._dog = None
+        self.scatter_seconds = 0.0  # time in Scatterv while loading, and the bytes this rank received
+        self.scatter_bytes = 0
 
     @property
     def is_root(self) -> bool:
@@ -85,9 +87,12 @@ class Comm:
         if displs is None:
             displs = np.concatenate([[0], np.cumsum(counts[:-1])])
         displs = np.asarray(displs, dtype=np.int64)
+        t = time.perf_counter()
         counts = np.asarray(counts, dtype=np.int64)
         send = [sendbuf, (counts, displs), MPI.BYTE] if self.is_root else None
         self.comm.Scatterv(send, [recvbuf, MPI.BYTE], root=ROOT)
+        self.scatter_seconds += time.perf_counter() - t
+        self.scatter_bytes += recvbuf.nbytes
 
     def allreduce_max(self, value: float) -> float:
         out = np.array([value], dtype=np.float64)
