@@ -139,7 +139,7 @@ def _build_files(d: Path) -> dict[str, Path]:
 def _build_convert_inputs(d: Path) -> dict[str, Path]:
     import gguf
 
-    from test_convert import _copy_folder, _load_st, _save_st, write_tiny_gguf
+    from test_convert import _copy_folder, _load_st, _save_st, write_q8k_gguf, write_tiny_gguf
 
     f = {}
     p = d / "gpt2.gguf"
@@ -148,24 +148,7 @@ def _build_convert_inputs(d: Path) -> dict[str, Path]:
     wr.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
     wr.write_header_to_file(); wr.write_kv_data_to_file(); wr.write_tensors_to_file(); wr.close()
     f["gpt2.gguf"] = p
-    src = write_tiny_gguf(HF / "tiny_llama", d / "ok.gguf")
-    r = gguf.GGUFReader(str(src))
-    p2 = d / "q8k.gguf"
-    wr = gguf.GGUFWriter(str(p2), "llama")
-    for fl in r.fields.values():
-        if fl.name.startswith("GGUF.") or fl.name == "general.architecture":
-            continue
-        vt = fl.types[0]
-        if vt == gguf.GGUFValueType.ARRAY:
-            wr.add_key_value(fl.name, fl.contents(), vt, sub_type=fl.types[-1])
-        else:
-            wr.add_key_value(fl.name, fl.contents(), vt)
-    for t in r.tensors:
-        if t.name == "blk.1.ffn_up.weight":
-            wr.add_tensor(t.name, np.zeros((192, 292), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_K)
-        else:
-            wr.add_tensor(t.name, np.asarray(t.data))
-    wr.write_header_to_file(); wr.write_kv_data_to_file(); wr.write_tensors_to_file(); wr.close()
+    p2 = write_q8k_gguf(write_tiny_gguf(HF / "tiny_llama", d / "ok.gguf"), d / "q8k.gguf")
     f["q8k.gguf"] = p2
     (d / "junk.gguf").write_bytes(b"not a gguf at all")
     f["junk.gguf"] = d / "junk.gguf"

@@ -357,6 +357,30 @@ def _llama3_rope_freqs(cfg):
     return np.array(out, dtype=np.float32)
 
 
+def write_q8k_gguf(src: Path, path: Path) -> Path:
+    """A copy of the GGUF src whose blk.1.ffn_up.weight is Q8_K, a type gguf cannot dequantize."""
+    import gguf
+
+    r = gguf.GGUFReader(str(src))
+    wr = gguf.GGUFWriter(str(path), "llama")
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        vt = f.types[0]
+        if vt == gguf.GGUFValueType.ARRAY:
+            wr.add_key_value(f.name, f.contents(), vt, sub_type=f.types[-1])
+        else:
+            wr.add_key_value(f.name, f.contents(), vt)
+    for t in r.tensors:
+        if t.name == "blk.1.ffn_up.weight":
+            # Q8_K blocks are 256 wide (292 bytes): a [192, 256] stand-in
+            wr.add_tensor(t.name, np.zeros((192, 292), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_K)
+        else:
+            wr.add_tensor(t.name, np.asarray(t.data))
+    wr.write_header_to_file(); wr.write_kv_data_to_file(); wr.write_tensors_to_file(); wr.close()
+    return path
+
+
 def write_tiny_gguf(folder: Path, path: Path, qtype=None, tied=False):
     """A GGUF like llama.cpp's convert_hf_to_gguf.py would write for a tiny HF folder."""
     import gguf
@@ -483,25 +507,7 @@ def test_gguf_errors(tmp_path):
         convert_gguf(p, tmp_path / "o.m", None, "q40", quiet=True)
 
     # a tensor type gguf cannot dequantize (Q8_K)
-    src = write_tiny_gguf(HF / "tiny_llama", tmp_path / "ok.gguf")
-    r = gguf.GGUFReader(str(src))
-    p2 = tmp_path / "q8k.gguf"
-    wr = gguf.GGUFWriter(str(p2), "llama")
-    for f in r.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
-            continue
-        vt = f.types[0]
-        if vt == gguf.GGUFValueType.ARRAY:
-            wr.add_key_value(f.name, f.contents(), vt, sub_type=f.types[-1])
-        else:
-            wr.add_key_value(f.name, f.contents(), vt)
-    for t in r.tensors:
-        if t.name == "blk.1.ffn_up.weight":
-            # Q8_K blocks are 256 wide (292 bytes): a [192, 256] stand-in
-            wr.add_tensor(t.name, np.zeros((192, 292), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_K)
-        else:
-            wr.add_tensor(t.name, np.asarray(t.data))
-    wr.write_header_to_file(); wr.write_kv_data_to_file(); wr.write_tensors_to_file(); wr.close()
+    p2 = write_q8k_gguf(write_tiny_gguf(HF / "tiny_llama", tmp_path / "ok.gguf"), tmp_path / "q8k.gguf")
     with pytest.raises(ConvertError, match=r"blk\.1\.ffn_up\.weight has unsupported type Q8_K"):
         convert_gguf(p2, tmp_path / "o.m", None, "q40", quiet=True)
     assert not (tmp_path / "o.m").exists()
