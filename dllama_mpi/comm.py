@@ -123,14 +123,16 @@ class Comm:
             self.comm.Ibcast(ctrl, root=ROOT).Wait()
             self._disarm()
 
-    def wait_control(self, ctrl: np.ndarray, idle_sleep: float = 1e-3, spin_seconds: float = 0.05) -> None:
+    def wait_control(self, ctrl: np.ndarray, spin_seconds: float = 0.05) -> None:
         """Worker: receive the next control packet. Spins briefly (the next token comes fast),
-        then polls with sleeps so an idle worker costs ~no CPU."""
+        then polls with sleeps growing from 1 ms to 10 ms, so an idle worker (between chat turns
+        or API requests) costs ~no CPU and answers a new request within 10 ms."""
         req = self.comm.Ibcast(ctrl, root=ROOT)
         t0 = time.perf_counter()
         while not req.Test():
-            if time.perf_counter() - t0 > spin_seconds:
-                time.sleep(idle_sleep)
+            idle = time.perf_counter() - t0
+            if idle > spin_seconds:
+                time.sleep(1e-3 if idle < 1.0 else 1e-2)
 
     def bcast_f32(self, arr: np.ndarray) -> None:
         if self.size > 1:
