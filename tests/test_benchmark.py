@@ -61,6 +61,17 @@ def test_benchmark_prompts_file_moe(tmp_path):
     assert [x["prompt"] for x in d["runs"]] == ["Hello there", "plain text line"]
 
 
+def test_plot_draws_a_chart_from_saved_runs(tmp_path):
+    r = bench(["--model", LLAMA_Q40, "--tokenizer", TOK_LLAMA, "--synthetic", "8", "--steps", "2", "--repeat", "1",
+               "--warmup", "0", "--bandwidth", "5"])
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "run.json").write_text(r.stdout)
+    png = tmp_path / "chart.png"
+    r = bench(["--plot", str(png), str(tmp_path / "run.json")])
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_benchmark_errors(tmp_path):
     r = bench(["--model", LLAMA_Q40, "--tokenizer", TOK_LLAMA, "--synthetic", "abc"])
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --synthetic")
