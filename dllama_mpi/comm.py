@@ -94,11 +94,6 @@ class Comm:
         self.scatter_seconds += time.perf_counter() - t
         self.scatter_bytes += recvbuf.nbytes
 
-    def allreduce_max(self, value: float) -> float:
-        out = np.array([value], dtype=np.float64)
-        self.comm.Allreduce(MPI.IN_PLACE, out, op=MPI.MAX)
-        return float(out[0])
-
     def gather_floats(self, values: np.ndarray) -> np.ndarray | None:
         """Gather a small float64 vector from every rank to the root ([size, n] there)."""
         values = np.ascontiguousarray(values, dtype=np.float64)
@@ -248,6 +243,3 @@ def _unlink_shm(comm: Comm) -> None:
 def library_version() -> str:
     return MPI.Get_library_version().strip().splitlines()[0]
 
-
-def wtime() -> float:
-    return MPI.Wtime()
