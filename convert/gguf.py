@@ -25,7 +25,7 @@ import numpy as np
 
 from dllama_mpi.errors import ConvertError
 from dllama_mpi.formats import (ACT_SILU, ARCH_LLAMA, ARCH_QWEN3, ARCH_QWEN3_MOE, HEADER_KEY_OF,
-                                ROPE_LLAMA3_1, ModelHeader, TokenizerData, write_tokenizer)
+                                ROPE_LLAMA3_1, ModelHeader, TokenizerData, tensor_layout, write_tokenizer)
 
 from .common import (TensorSource, byte_level_token_bytes, check_header_for_weights, parse_weights_type,
                      sentencepiece_token_bytes, write_model)
@@ -256,32 +256,25 @@ def gguf_header(g: GGUFFile, weights_float_type: int) -> ModelHeader:
     return h
 
 
+# .m tensor name (formats.tensor_layout) -> GGUF name inside a block; experts are slices of one 3-D tensor
+GGUF_LAYER_NAMES = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output", "w1": "ffn_gate",
+                    "w2": "ffn_down", "w3": "ffn_up", "router": "ffn_gate_inp", "q_norm": "attn_q_norm",
+                    "k_norm": "attn_k_norm", "attn_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+
+
 def gguf_sources(g: GGUFFile, h: ModelHeader):
-    """The GGUF tensors in .m order (FORMATS §1.4). No q/k permutation: see the module docstring."""
-    yield g.source("token_embd.weight")
-    for l in range(h.n_layers):
-        p = f"blk.{l}."
-        yield g.source(p + "attn_q.weight")
-        yield g.source(p + "attn_k.weight")
-        yield g.source(p + "attn_v.weight")
-        yield g.source(p + "attn_output.weight")
-        if h.n_experts == 0:
-            yield g.source(p + "ffn_gate.weight")
-            yield g.source(p + "ffn_down.weight")
-            yield g.source(p + "ffn_up.weight")
+    """The GGUF tensors in .m order (formats.tensor_layout). No q/k permutation: see the module docstring."""
+    for t in tensor_layout(h, 0):
+        if t.name == "embed":
+            yield g.source("token_embd.weight")
+        elif t.name == "norm":
+            yield g.source("output_norm.weight")
+        elif t.name == "wcls":
+            yield g.source("output.weight", "token_embd.weight")     # tied embeddings
+        elif t.expert >= 0:
+            yield g.expert_source(f"blk.{t.layer}.{GGUF_LAYER_NAMES[t.name]}_exps.weight", t.expert)
         else:
-            yield g.source(p + "ffn_gate_inp.weight")
-            for e in range(h.n_experts):
-                yield g.expert_source(p + "ffn_gate_exps.weight", e)
-                yield g.expert_source(p + "ffn_down_exps.weight", e)
-                yield g.expert_source(p + "ffn_up_exps.weight", e)
-        if h.is_qwen3:
-            yield g.source(p + "attn_q_norm.weight")
-            yield g.source(p + "attn_k_norm.weight")
-        yield g.source(p + "attn_norm.weight")
-        yield g.source(p + "ffn_norm.weight")
-    yield g.source("output_norm.weight")
-    yield g.source("output.weight", "token_embd.weight")     # tied embeddings
+            yield g.source(f"blk.{t.layer}.{GGUF_LAYER_NAMES[t.name]}.weight")
 
 
 def convert_gguf_model(path: str | os.PathLike, out_path: str | os.PathLike, weights: str = "q40",

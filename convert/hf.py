@@ -21,7 +21,7 @@ import numpy as np
 
 from dllama_mpi.errors import ConvertError
 from dllama_mpi.formats import (ACT_GELU, ACT_SILU, ARCH_LLAMA, ARCH_QWEN3, ARCH_QWEN3_MOE, HEADER_KEY_OF,
-                                ROPE_LLAMA3_1, ModelHeader, TokenizerData, write_tokenizer)
+                                ROPE_LLAMA3_1, ModelHeader, TokenizerData, tensor_layout, write_tokenizer)
 
 from .common import (TensorSource, byte_level_token_bytes, check_header_for_weights, parse_weights_type,
                      permute_rows_source, sentencepiece_token_bytes, write_model)
@@ -267,37 +267,30 @@ class Checkpoint:
         return h
 
 
+# .m tensor name (formats.tensor_layout) -> Hugging Face name inside a layer / inside an expert
+HF_LAYER_NAMES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+                  "wo": "self_attn.o_proj", "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj",
+                  "router": "mlp.gate", "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm",
+                  "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+HF_EXPERT_NAMES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+
 def hf_sources(ck: Checkpoint, h: ModelHeader):
-    """The checkpoint's tensors in .m order (FORMATS §1.4), lazily."""
-    yield ck.source("model.embed_tokens.weight")
-    for l in range(h.n_layers):
-        p = f"model.layers.{l}."
-        q = ck.source(p + "self_attn.q_proj.weight")
-        k = ck.source(p + "self_attn.k_proj.weight")
-        if h.arch_type == ARCH_LLAMA:
-            q = permute_rows_source(q, h.n_heads)
-            k = permute_rows_source(k, h.n_kv_heads)
-        yield q
-        yield k
-        yield ck.source(p + "self_attn.v_proj.weight")
-        yield ck.source(p + "self_attn.o_proj.weight")
-        if h.n_experts == 0:
-            yield ck.source(p + "mlp.gate_proj.weight")
-            yield ck.source(p + "mlp.down_proj.weight")
-            yield ck.source(p + "mlp.up_proj.weight")
+    """The checkpoint's tensors in .m order (formats.tensor_layout, FORMATS §1.4), lazily."""
+    for t in tensor_layout(h, 0):
+        if t.name == "embed":
+            yield ck.source("model.embed_tokens.weight")
+        elif t.name == "norm":
+            yield ck.source("model.norm.weight")
+        elif t.name == "wcls":
+            yield ck.source("lm_head.weight", "model.embed_tokens.weight")     # tied: DL's fallback
+        elif t.expert >= 0:
+            yield ck.source(f"model.layers.{t.layer}.mlp.experts.{t.expert}.{HF_EXPERT_NAMES[t.name]}.weight")
         else:
-            yield ck.source(p + "mlp.gate.weight")
-            for e in range(h.n_experts):
-                yield ck.source(p + f"mlp.experts.{e}.gate_proj.weight")
-                yield ck.source(p + f"mlp.experts.{e}.down_proj.weight")
-                yield ck.source(p + f"mlp.experts.{e}.up_proj.weight")
-        if h.is_qwen3:
-            yield ck.source(p + "self_attn.q_norm.weight")
-            yield ck.source(p + "self_attn.k_norm.weight")
-        yield ck.source(p + "input_layernorm.weight")
-        yield ck.source(p + "post_attention_layernorm.weight")
-    yield ck.source("model.norm.weight")
-    yield ck.source("lm_head.weight", "model.embed_tokens.weight")     # tied: DL's fallback
+            src = ck.source(f"model.layers.{t.layer}.{HF_LAYER_NAMES[t.name]}.weight")
+            if h.arch_type == ARCH_LLAMA and t.name in ("wq", "wk"):   # to DL's interleaved rope (§1.5)
+                src = permute_rows_source(src, h.n_heads if t.name == "wq" else h.n_kv_heads)
+            yield src
 
 
 def convert_hf_model(folder: str | os.PathLike, out_path: str | os.PathLike, weights: str = "q40",
