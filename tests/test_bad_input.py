@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY
+from test_formats import _set_key
 
 BIN = Path(sys.executable).parent
 DLLAMA = [str(BIN / "dllama-mpi")] if (BIN / "dllama-mpi").exists() else [sys.executable, "-m", "dllama_mpi.cli"]
@@ -38,15 +39,6 @@ TABLE = Path(__file__).with_name("BAD_INPUT.md")
 # ------------------------------------------------------------------------------------------------
 # damaged files
 
-def _set_key(data: bytearray, key: int, value: int) -> bytearray:
-    n = (struct.unpack_from("<i", data, 4)[0] - 8) // 8
-    for i in range(n):
-        k, _ = struct.unpack_from("<ii", data, 8 + 8 * i)
-        if k == key:
-            struct.pack_into("<ii", data, 8 + 8 * i, k, value)
-            return data
-    raise KeyError(key)
-
 
 def _model_bytes(src=LLAMA_Q40) -> bytearray:
     return bytearray(Path(src).read_bytes())
@@ -60,10 +52,6 @@ def _tok_records(path=TOK_LLAMA):
     t = read_tokenizer(path)
     first = len(data) - sum(8 + len(v) for v in t.vocab)
     return data, first, t
-
-
-def _tok_set_key(data: bytearray, key: int, value: int) -> bytearray:
-    return _set_key(data, key, value)
 
 
 def _build_files(d: Path) -> dict[str, Path]:
@@ -112,16 +100,16 @@ def _build_files(d: Path) -> dict[str, Path]:
     struct.pack_into("<i", neg, first + 4, -1)       # token 0's length
     put("neglen.t", neg)
     long_ = bytearray(data)
-    _tok_set_key(long_, 2, 1 << 20)                  # max_token_length: allow a long token...
+    _set_key(long_, 2, 1 << 20)                  # max_token_length: allow a long token...
     last = len(long_) - 8 - len(t.vocab[-1])
     struct.pack_into("<i", long_, last + 4, 100000)  # ...whose bytes run past the end of the file
     put("toolong.t", long_)
     unk = bytearray(data)
     struct.pack_into("<i", unk, 8, 42)
     put("key42.t", unk)
-    put("vocabneg.t", _tok_set_key(bytearray(data), 1, -5))
-    put("bos.t", _tok_set_key(bytearray(data), 3, 100000))
-    put("tokversion.t", _tok_set_key(bytearray(data), 0, 7))
+    put("vocabneg.t", _set_key(bytearray(data), 1, -5))
+    put("bos.t", _set_key(bytearray(data), 3, 100000))
+    put("tokversion.t", _set_key(bytearray(data), 0, 7))
     small = TokenizerData(t.vocab[:500], t.scores[:500], 496, [497], t.add_bos, t.chat_template)
     write_tokenizer(d / "small.t", small)
     f["small.t"] = d / "small.t"
