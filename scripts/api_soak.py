@@ -24,20 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TINY = ROOT / "tests" / "data" / "tiny"
-
-
-def descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        cur = todo.pop()
-        try:
-            kids = Path(f"/proc/{cur}/task/{cur}/children").read_text().split()
-        except OSError:
-            continue
-        for k in map(int, kids):
-            out.append(k)
-            todo.append(k)
-    return out
+sys.path.insert(0, str(ROOT / "tests"))
+from procs import descendants  # noqa: E402  (the tests' /proc helpers)
 
 
 def rank_rss(mpiexec_pid: int) -> dict[int, int]:
