@@ -114,7 +114,7 @@ def _build_files(d: Path) -> dict[str, Path]:
     write_tokenizer(d / "small.t", small)
     f["small.t"] = d / "small.t"
 
-    # unreadable (root reads anything: those rows run the command as nobody, see _as_nobody)
+    # unreadable (root reads anything: those rows run without root's DAC override, see _unreadable_prefix)
     for name, src in (("noperm.m", LLAMA_Q40), ("noperm.t", TOK_LLAMA)):
         shutil.copy(src, d / name)
         os.chmod(d / name, 0)
@@ -233,33 +233,33 @@ SPLIT_CASES = [
 ]
 # converters are not MPI programs: one process (under mpiexec -n 2 every rank would convert)
 SINGLE_ONLY = {c[0] for c in CASES if c[0].startswith(("gguf-", "hf-"))}
-# needs an unprivileged user to be unreadable
-AS_NOBODY = {"model-unreadable", "tokenizer-unreadable"}
+# mode 000 stops a reader only without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH
+UNREADABLE_ROWS = {"model-unreadable", "tokenizer-unreadable"}
 
 
 @pytest.fixture(scope="module")
 def files():
-    # a world-readable folder (pytest's is root-only): the unreadable-file rows run as nobody
     import tempfile
 
     d = Path(tempfile.mkdtemp(prefix="dllama-bad-"))
-    os.chmod(d, 0o755)
     try:
         f = _build_files(d)
         f.update(_build_convert_inputs(d))
-        f["dir"] = d
         yield f
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _nobody_prefix():
+def _unreadable_prefix():
+    """As root, drop the capabilities that bypass file modes (still root, so the checkout and the
+    venv stay reachable wherever they are; switching to `nobody` failed in a 0700 checkout)."""
     if os.geteuid() != 0:
         return []
     setpriv = shutil.which("setpriv")
     if not setpriv:
         pytest.skip("running as root without setpriv: cannot make a file unreadable")
-    return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}"]
 
 
 def _our_processes(tag: str, grace: float = 5.0) -> list[int]:
@@ -325,7 +325,7 @@ def _params():
 
 @pytest.mark.parametrize("cid,n,argv,needles", _params())
 def test_bad_input(files, tmp_path, cid, n, argv, needles):
-    prefix = _nobody_prefix() if cid in AS_NOBODY else ()
+    prefix = _unreadable_prefix() if cid in UNREADABLE_ROWS else ()
     stdin = subprocess.PIPE if cid.startswith("chat-") else subprocess.DEVNULL
     args = argv(files, tmp_path)
     if cid.startswith("chat-"):
@@ -337,7 +337,7 @@ def test_bad_input(files, tmp_path, cid, n, argv, needles):
         dt = time.time() - t
         assert not _our_processes(tag)
     else:
-        r, dt = run_case(args, n, files["dir"] if prefix else tmp_path, prefix, stdin)
+        r, dt = run_case(args, n, tmp_path, prefix, stdin)
     line = check_one_line(r, needles)
     assert dt < 20, dt
     assert "\n" not in line
