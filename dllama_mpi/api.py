@@ -16,7 +16,6 @@ import json
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 import uuid
@@ -24,12 +23,11 @@ from dataclasses import dataclass, field
 
 import click
 
+from .startup import log, model_options, sampling_options, spmd, start
+
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 4
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 class ApiError(Exception):
@@ -512,8 +510,7 @@ def serve_http(server: Server, host: str, port: int, verbose: bool) -> None:
 
 
 def register(group) -> None:
-    """Add `api` to the CLI group (see chat.register for why the CLI helpers are imported here)."""
-    from .cli import model_options, sampling_options, spmd, start
+    """Add `api` to the CLI group."""
 
     @click.command()
     @model_options

@@ -34,12 +34,10 @@ import click
 import numpy as np
 
 from .errors import ConfigError
+from .startup import log, model_options, spmd, start
 
 SCHEMA = "dllama-mpi-benchmark/1"
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,8 +288,7 @@ def _one_run(engine, ids: list[int], steps: int) -> tuple[float, list[float]]:
 # ------------------------------------------------------------------------------------------------
 
 def register(group) -> None:
-    """Add `benchmark` to the CLI group (CLI helpers imported here: see chat.register)."""
-    from .cli import model_options, spmd
+    """Add `benchmark` to the CLI group."""
 
     @click.command("benchmark")
     @model_options
@@ -346,7 +343,6 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
             comm.bcast_array(need)
         max_seq_len = int(need[0]) or None
 
-    from .cli import start
 
     engine, tokenizer = start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
                               sync_scheme, load, max_batch, quiet=not comm.is_root)

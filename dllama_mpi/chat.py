@@ -25,6 +25,7 @@ import termios
 import click
 
 from .errors import ConfigError, DllamaError
+from .startup import model_options, sampling_options, spmd, start
 
 
 
@@ -455,9 +456,7 @@ class ChatSession:
 
 
 def register(group) -> None:
-    """Add `chat` to the CLI group (imports the CLI helpers here: `python -m dllama_mpi.cli` runs
-    cli.py as __main__, and a module-level import back into it would be circular)."""
-    from .cli import model_options, sampling_options, spmd, start
+    """Add `chat` to the CLI group."""
 
     @click.command()
     @model_options

@@ -33,7 +33,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
+
 from .errors import DllamaError
+from .startup import log
 
 DEFAULT_BASE_URL = "https://huggingface.co/b4rtaz"
 BASE_ENV = "DLLAMA_MPI_DOWNLOAD_BASE"
@@ -124,10 +127,6 @@ def base_url_from_env(base_url: str | None = None) -> str:
     return base_url or os.environ.get(BASE_ENV) or DEFAULT_BASE_URL
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 # ------------------------------------------------------------------------------------------------
 # one (possibly multi-part) file
 
@@ -209,7 +208,7 @@ def _fetch_part(url: str, f, partial: Path, base: int, label: str) -> int:
             total = int(m.group(3)) if m.group(3) != "*" else (offset + length if length is not None else None)
         else:
             if offset > 0:
-                _log(f"{label}: the server ignored the resume request; downloading it again from the start")
+                log(f"{label}: the server ignored the resume request; downloading it again from the start")
                 f.truncate(base)
                 f.seek(base)
                 offset = 0
@@ -283,7 +282,7 @@ def download_file(urls: list[str] | str, dest: str | os.PathLike, *, retries: in
             url, base = urls[i], sum(done)
             label = dest.name if len(urls) == 1 else f"{dest.name} [part {i + 1}/{len(urls)}]"
             if size > base:
-                _log(f"{label}: resuming after {size - base} bytes")
+                log(f"{label}: resuming after {size - base} bytes")
             attempt = 0
             while True:
                 try:
@@ -298,7 +297,7 @@ def download_file(urls: list[str] | str, dest: str | os.PathLike, *, retries: in
                                                 f"{partial} is kept, run again to resume") from None
                         raise DownloadError(f"{e}; the partial file {partial} is kept, run again "
                                             f"to resume") from None
-                    _log(f"{e}; retrying ({attempt}/{retries})")
+                    log(f"{e}; retrying ({attempt}/{retries})")
                     time.sleep(min(retry_wait * attempt, 30.0))
             done.append(n)
             size = base + n
@@ -347,12 +346,47 @@ def download_model(name: str, models_dir: str | os.PathLike | None = None, *, ba
     tok = out / f"dllama_tokenizer_{key}.t"
     for what, urls, dest in (("tokenizer", [tok_url], tok), ("model", model_urls, model)):
         if dest.is_file() and not force:
-            _log(f"{what}: {dest} (already downloaded)")
+            log(f"{what}: {dest} (already downloaded)")
             continue
-        _log(f"{what}: downloading {len(urls)} file(s) from {_short(urls[0]).rsplit('/', 1)[0]} to {dest}")
+        log(f"{what}: downloading {len(urls)} file(s) from {_short(urls[0]).rsplit('/', 1)[0]} to {dest}")
         download_file(urls, dest, retries=retries, retry_wait=retry_wait, force=force)
     return Downloaded(key, str(model), str(tok), spec.buffer_float_type, spec.extra_args)
 
 
 __all__ = ["DEFAULT_BASE_URL", "BASE_ENV", "DownloadError", "Downloaded", "MODELS", "ModelSpec",
            "download_file", "download_model", "model_names", "resolve_name"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the command
+
+@click.command("download")
+@click.argument("name", default="smollm2-135m-instruct")
+@click.option("--models-dir", type=click.Path(file_okay=False), default=None,
+              help="Model cache folder [default: $DLLAMA_MPI_MODELS or ~/.cache/dllama-mpi/models].")
+@click.option("--base-url", default=None,
+              help="URL prefix of the model files [default: $DLLAMA_MPI_DOWNLOAD_BASE or https://huggingface.co/b4rtaz].")
+@click.option("--force", is_flag=True, help="Download again even if the files are in the cache.")
+@click.option("--retries", type=click.IntRange(0), default=5, show_default=True,
+              help="Resume attempts per file after a dropped connection.")
+@click.option("--list", "list_models", is_flag=True, help="List the model names and exit.")
+def download(name, models_dir, base_url, force, retries, list_models):
+    """Fetch a model by name into the model cache (Distributed Llama's model list, plus
+    smollm2-135m-instruct which is converted locally), then print the command that runs it."""
+    if list_models:
+        print("\n".join(model_names()))
+        return
+    try:
+        got = download_model(name, models_dir, base_url=base_url, force=force, retries=retries)
+    except DllamaError as e:
+        log(f"error: {e}")
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        log("interrupted; run the same command again to resume")
+        sys.exit(130)
+    log(f"model: {got.model}\ntokenizer: {got.tokenizer}")
+    print(got.command())
+
+
+def register(group) -> None:
+    group.add_command(download)

@@ -122,3 +122,12 @@ def test_killed_worker_ends_the_job_quickly():
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+
+
+def test_command_modules_do_not_import_cli():
+    """The command modules sit on top of `startup`; only `cli` assembles them (no import cycle)."""
+    code = ("import sys\n"
+            "import dllama_mpi.api, dllama_mpi.chat, dllama_mpi.benchmark, dllama_mpi.inference, dllama_mpi.download\n"
+            "assert 'dllama_mpi.cli' not in sys.modules, 'a command module imported cli'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

@@ -1,0 +1,181 @@
+"""Start-up shared by every model command: the options they all take, the SPMD wrapper that turns
+any error into one line and a job-wide exit, and the collective start (`start`: default model,
+checks on the root, weights to every rank). Command modules (inference, chat, api, benchmark, ...)
+import from here; `cli` only assembles them into the `dllama-mpi` group.
+
+Every command that runs a model is SPMD: run it under `mpirun -np N`; rank 0 talks to the user, the
+other ranks follow. Errors are caught here, once: one line on stderr, exit code 2, and every rank of
+the job ends (comm.abort)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+import traceback
+
+import click
+
+from .errors import ConfigError, DllamaError
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def spmd(fn):
+    """Run fn(comm, ...) on every rank; turn any exception into one line and a job-wide exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .comm import world
+
+        comm = world()
+        try:
+            comm.set_sync_timeout(_options.get("sync_timeout"))
+            return fn(comm, *args, **kwargs)
+        except DllamaError as e:
+            # The root runs every check that all ranks would run; a worker only gets here with an
+            # error of its own, so it names itself.
+            who = "" if comm.is_root else f"rank {comm.rank}: "
+            log(f"error: {who}{e}")
+            comm.abort(e.exit_code)
+        except KeyboardInterrupt:
+            if comm.is_root:
+                log("interrupted")
+            comm.abort(130)
+        except Exception as e:  # a bug: keep the trace, still end every rank
+            log(f"error: rank {comm.rank}: unexpected {type(e).__name__}: {e}")
+            traceback.print_exc()
+            comm.abort(1)
+
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------------------
+# shared options
+
+_options: dict = {}   # options every rank applies in `spmd` without passing them to the command
+
+
+def _sync_timeout_option(ctx, param, value):
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"must be > 0 seconds, got {value:g}")
+    _options["sync_timeout"] = value
+    return value
+
+
+def model_options(fn):
+    opts = [
+        # paths are checked in resolve_model (one line, once on the root), not by click on every rank
+        click.option("--model", "model_path", type=click.Path(readable=False), default=None,
+                     help="Distributed Llama .m model (default: the SmolLM2-135M-Instruct model, downloaded on first use)."),
+        click.option("--tokenizer", "tokenizer_path", type=click.Path(readable=False), default=None,
+                     help="Distributed Llama .t tokenizer (default: the one next to the default model)."),
+        click.option("--nthreads", type=int, default=1, show_default=True, help="Threads per rank (C thread pool)."),
+        click.option("--buffer-float-type", type=click.Choice(["q80", "f32"]), default=None,
+                     help="Format of synchronised activations [default: q80 for q40 weights, f32 for f32]."),
+        click.option("--max-seq-len", type=int, default=None, help="Cap the context (KV-cache rows)."),
+        click.option("--sync", "sync_scheme", type=click.Choice(["ring", "dllama"]), default="ring", show_default=True,
+                     help="ring: reduce-scatter + all-gather; dllama: all-gather of every partial (Distributed Llama's numerics)."),
+        click.option("--load", type=click.Choice(["scatter", "local"]), default="scatter", show_default=True,
+                     help="scatter: only rank 0 reads the model; local: every rank maps its own slices (shared storage)."),
+        click.option("--batch", "max_batch", type=int, default=32, show_default=True, help="Prompt positions per forward pass."),
+        click.option("--sync-timeout", type=float, default=None, expose_value=False, callback=_sync_timeout_option,
+                     help="Abort the job (exit 3) when a rank waits longer than this many seconds in one "
+                          "collective of a forward pass (a stopped or wedged peer) [default: wait forever]."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def sampling_options(fn):
+    opts = [
+        click.option("--temperature", type=float, default=0.8, show_default=True),
+        click.option("--topp", type=float, default=0.9, show_default=True),
+        click.option("--seed", type=int, default=None, help="Sampler seed (default: time)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def resolve_model(model_path, tokenizer_path):
+    """The default model when --model is omitted (root only; installs it on first use)."""
+    if model_path is None:
+        from .convert.smollm2 import default_models_dir, ensure_default_model
+
+        model_path, default_tok = ensure_default_model(default_models_dir())
+        log(f"no --model given: using the default model {model_path}")
+        tokenizer_path = tokenizer_path or default_tok
+    if tokenizer_path is None:
+        raise ConfigError("--tokenizer is required with --model")
+    for what, p in (("model", model_path), ("tokenizer", tokenizer_path)):
+        if os.path.isdir(p):
+            raise ConfigError(f"{p}: the {what} path is a directory, not a file")
+        if not os.path.isfile(p):
+            raise ConfigError(f"{p}: {what} file not found")
+        if not os.access(p, os.R_OK):
+            raise ConfigError(f"{p}: {what} file is not readable (permission denied)")
+    return model_path, tokenizer_path
+
+
+def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme,
+          load, max_batch, quiet=False):
+    """Collective start-up: returns (engine, tokenizer or None on workers)."""
+    from . import kernels
+    from .engine import build_engine
+    from .formats import open_model
+    from .shard import make_plan
+    from .tokenizer import Tokenizer
+
+    tokenizer = None
+    bft = buffer_float_type
+    # Every check runs on the root only, before the first collective: the root prints the one
+    # line and aborts the job while the workers are still waiting for the model header.
+    if comm.is_root:
+        if nthreads < 1:
+            raise ConfigError(f"--nthreads must be >= 1, got {nthreads}")
+        if max_batch < 1:
+            raise ConfigError(f"--batch must be >= 1, got {max_batch}")
+        model_path, tokenizer_path = resolve_model(model_path, tokenizer_path)
+        model = open_model(model_path)
+        h = model.header
+        model.close()
+        tokenizer = Tokenizer.load(tokenizer_path)
+        if tokenizer.vocab_size != h.vocab_size:
+            raise ConfigError(f"{tokenizer_path}: tokenizer has {tokenizer.vocab_size} tokens but the model "
+                              f"{model_path} has vocab_size {h.vocab_size}")
+        make_plan(h, comm.size)  # an impossible node count fails here, before any weight moves
+        if max_seq_len is not None and not 0 < max_seq_len <= h.max_seq_len:
+            raise ConfigError(f"--max-seq-len must be in 1..{h.max_seq_len} (the model's context), got {max_seq_len}")
+    kernels.set_threads(max(nthreads, 1))
+    if comm.size > 1:
+        # MPICH's report of a lost rank names its pid and host only ("BAD TERMINATION ... PID 123
+        # RUNNING AT host"): say which rank each pid is, so that report identifies the rank.
+        pids = comm.rank_pids()
+        if comm.is_root and not quiet:
+            log("ranks: " + ", ".join(f"{r} = pid {pid} on {host}" for r, (pid, host) in enumerate(pids)))
+    progress, bar = None, None
+    if comm.is_root and not quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=os.path.getsize(model_path), unit="B", unit_scale=True, desc="loading",
+                   file=sys.stderr, disable=not sys.stderr.isatty())
+        progress = lambda t: bar.update(t.nbytes)  # noqa: E731
+    t0 = time.perf_counter()
+    engine = build_engine(comm, model_path if (comm.is_root or load == "local") else None,
+                          max_seq_len=max_seq_len, buffer_type=bft or "auto", sync=sync_scheme,
+                          load=load, max_batch=max_batch, progress=progress)
+    if bar is not None:
+        bar.close()
+    engine.load_seconds = time.perf_counter() - t0
+    if comm.is_root and not quiet:
+        h = engine.h
+        log(f"model {model_path}: {h.arch_name}, dim {h.dim}, {h.n_layers} layers, {h.n_heads} heads / "
+            f"{h.n_kv_heads} kv heads, vocab {h.vocab_size}, weights {('f32', 'f16', 'q40', 'q80')[h.weights_float_type]}, "
+            f"buffers {engine.buffer_type}, sync {engine.sync.scheme}, {comm.size} node(s) x {nthreads} thread(s), "
+            f"loaded in {engine.load_seconds:.2f} s")
+    return engine, tokenizer
