@@ -82,4 +82,10 @@ void dl_attention(float *out, const float *q, const float *k_cache, const float 
                   const int32_t *kv_of_q, int n_q_heads, int n_kv_heads, int head_dim,
                   int pos0, int batch);
 
+/* ---- Gemma 3 ----
+ * GeGLU: out = gelu_tanh(gate) * up (transformers' gelu_pytorch_tanh), any n; out may alias gate.
+ * scale: x *= s (the embedding's sqrt(dim); q when query_pre_attn_scalar != head_dim). ---- */
+void dl_gelu_mul(float *out, const float *gate, const float *up, int64_t n);
+void dl_scale(float *x, float s, int64_t n);
+
 #endif
