@@ -432,9 +432,14 @@ def hf_tokenizer_data(folder: str | os.PathLike) -> TokenizerData:
     folder = os.fspath(folder)
     tj_path = os.path.join(folder, "tokenizer.json")
     tc_path = os.path.join(folder, "tokenizer_config.json")
+    config = _load_json(os.path.join(folder, "config.json"), required=False) or {}
+    if config.get("model_type") in ("gemma3_text", "gemma3"):
+        # tokenizer.json has neither SentencePiece scores nor token types, which llama.cpp's exact
+        # encoding needs (FORMATS-EXT.md); the GGUF of the same model has both
+        raise ConvertError(f"{folder}: the Gemma 3 tokenizer converts from a GGUF of the model "
+                           f"(dllama-mpi convert gguf FILE --out-tokenizer T), not from tokenizer.json")
     tj = _load_json(tj_path)
     tc = _load_json(tc_path, required=False) or {}
-    config = _load_json(os.path.join(folder, "config.json"), required=False) or {}
     gen = _load_json(os.path.join(folder, "generation_config.json"), required=False) or {}
 
     model = tj.get("model") or {}
