@@ -146,6 +146,10 @@ def header_from_config(config: dict, weights_float_type: int, where: str = "conf
     if model_type == "qwen3_moe" and "moe_hidden_dim" not in v:
         raise ConvertError(f"{where}: qwen3_moe config without 'moe_intermediate_size'")
 
+    return _checked_header(v, present, where)
+
+
+def _checked_header(v: dict, present: list, where: str) -> ModelHeader:
     h = ModelHeader(**v, present=tuple(HEADER_KEY_OF[n] for n in present))
     for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
         if getattr(h, name) <= 0:
@@ -226,13 +230,7 @@ def gemma3_header_from_config(config: dict, weights_float_type: int, where: str 
                "weights_float_type", "max_seq_len", "vocab_size", "n_experts", "n_active_experts", "rope_theta",
                "head_dim", "norm_epsilon", "sliding_window", "sliding_window_pattern", "rope_theta_local",
                "query_pre_attn_scalar", "rope_linear_factor"]
-    h = ModelHeader(**v, present=tuple(HEADER_KEY_OF[n] for n in present))
-    for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
-        if getattr(h, name) <= 0:
-            raise ConvertError(f"{where}: {name} is {getattr(h, name)}, must be positive")
-    if h.n_heads % h.n_kv_heads:
-        raise ConvertError(f"{where}: num_attention_heads {h.n_heads} is not a multiple of num_key_value_heads {h.n_kv_heads}")
-    return h
+    return _checked_header(v, present, where)
 
 
 def load_header(folder: str, weights: str | int = "q40") -> ModelHeader:

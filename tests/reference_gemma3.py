@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dllama_mpi.formats import F32, open_model
+from reference_forward import ReferenceModel
 
 VOCAB_CHUNK = 16384          # lm_head rows per float64 block (the 262k x 640 head is 1.3 GB in f64)
 
@@ -33,23 +33,11 @@ def gelu_tanh(x):
     return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
-class ReferenceGemma3:
+class ReferenceGemma3(ReferenceModel):
     def __init__(self, path):
-        self.m = open_model(path)
-        h = self.h = self.m.header
-        if not h.is_gemma3 or h.weights_float_type != F32:
-            raise ValueError("reference forward: gemma3 models with f32 weights only")
-
-    def close(self):
-        self.m.close()
-
-    def w(self, name, layer=-1):
-        t = self.m.info(name, layer)
-        a = self.m.f32(t).astype(np.float64)
-        return a[0] if t.rows == 1 else a
-
-    def rmsnorm(self, x, w):
-        return w * x / np.sqrt((x * x).mean(-1, keepdims=True) + self.h.eps)
+        super().__init__(path)
+        if not self.h.is_gemma3:
+            raise ValueError("reference forward: gemma3 models only")
 
     def rope(self, x, layer):
         """x [T, n, hd]: NeoX rotation of the pairs (j, j + hd/2) by pos * freq_j."""
