@@ -4,10 +4,13 @@
 #
 #   scripts/gemma3_llamacpp.sh [OUT_DIR]
 #
-# 1. builds llama-tokenize, llama-simple, llama-perplexity and llama-bench (CPU, -DGGML_NATIVE=ON)
-#    from the llama.cpp vendored in a llama-cpp-python sdist (SDIST, default
+# 1. builds llama-tokenize, llama-simple, llama-perplexity and llama-bench (CPU; GGML_FLAGS, default
+#    -DGGML_NATIVE=ON) from the llama.cpp vendored in a llama-cpp-python sdist (SDIST, default
 #    /tmp/lcp/llama_cpp_python-0.3.36.tar.gz; `pip download --no-deps --no-binary :all:
-#    llama-cpp-python==0.3.36`), unless LCP_BIN names a folder that already has them;
+#    llama-cpp-python==0.3.36`), unless LCP_BIN names a folder that already has them. A VM whose
+#    CPUID shows AMX without enabling it dies in ggml's AMX kernels (SIGILL at tilezero) with a
+#    native build: give it GGML_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+#    -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" (no AMX);
 # 2. records llama-tokenize's ids for the tokenizer test set (tests/data/tokenizers/record_gemma3.py);
 # 3. records llama-simple's greedy completions of factual prompts, checked against the float64
 #    reference forward pass (tests/data/record_gemma3_completions.py);
@@ -32,8 +35,9 @@ if [ -z "$bin" ]; then
   if [ ! -x "$bin/llama-bench" ]; then
     mkdir -p "$work"
     [ -d "$src" ] || tar xzf "$sdist" -C "$work"
+    # shellcheck disable=SC2086
     cmake -S "$src/vendor/llama.cpp" -B "$src/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-      -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+      ${GGML_FLAGS:--DGGML_NATIVE=ON} -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
       -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF
     nice -n 10 cmake --build "$src/build" -j"$(nproc)" \
       --target llama-tokenize llama-simple llama-perplexity llama-bench

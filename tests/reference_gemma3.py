@@ -17,7 +17,8 @@ src/models/gemma3.cpp), not from the engine; FORMATS-EXT.md "Gemma 3" says how t
     logits = wcls rmsnorm(x, norm)                        (wcls = the tied embedding)
 
 rmsnorm(x, w) = w * x / sqrt(mean(x^2) + eps): the file's norm vectors already hold Gemma's 1 + w.
-The whole sequence is evaluated at once (positions 0..T-1) with an explicit mask.
+Whole sequences are evaluated at once (positions 0..T-1) with an explicit mask; several at a time
+share each weight's float64 copy (`hidden_many`).
 """
 
 from __future__ import annotations
@@ -39,45 +40,52 @@ class ReferenceGemma3(ReferenceModel):
         if not self.h.is_gemma3:
             raise ValueError("reference forward: gemma3 models only")
 
-    def rope(self, x, layer):
+    def rope(self, x, layer, pos):
         """x [T, n, hd]: NeoX rotation of the pairs (j, j + hd/2) by pos * freq_j."""
         h = self.h
         hd = h.head_size
-        T = x.shape[0]
         if h.is_global_layer(layer):
             theta, scale = float(h.rope_theta), 1.0 / h.rope_linear_factor
         else:
             theta, scale = float(h.rope_theta_local), 1.0
         freq = scale / theta ** (np.arange(0, hd, 2) / hd)                      # [hd/2]
-        ang = np.arange(T)[:, None] * freq[None, :]
+        ang = pos[:, None] * freq[None, :]
         cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
         a, b = x[..., :hd // 2], x[..., hd // 2:]
         return np.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
 
-    def mask(self, T, layer):
-        t = np.arange(T)[:, None]
-        s = np.arange(T)[None, :]
-        ok = s <= t
+    def mask(self, pos, seq, layer):
+        """0 where row t may attend to row s (same sequence, not later, inside the window), else -inf."""
+        t, s = pos[:, None], pos[None, :]
+        ok = (seq[:, None] == seq[None, :]) & (s <= t)
         if not self.h.is_global_layer(layer) and self.h.sliding_window:
             ok &= t - s < self.h.sliding_window
         return np.where(ok, 0.0, -np.inf)
 
     def hidden(self, tokens):
-        """The final normed hidden states [T, dim] (float64)."""
+        """The final normed hidden states [T, dim] (float64) of tokens at positions 0, 1, ..."""
+        return self.hidden_many([tokens])[0]
+
+    def hidden_many(self, sequences):
+        """hidden() of several independent sequences in one pass (each weight read once)."""
         h = self.h
-        T, hd, nh, nkv = len(tokens), h.head_size, h.n_heads, h.n_kv_heads
-        x = self.m.f32(self.m.info("embed"))[np.asarray(tokens)].astype(np.float64) * np.sqrt(h.dim)
+        hd, nh, nkv = h.head_size, h.n_heads, h.n_kv_heads
+        tokens = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences])
+        pos = np.concatenate([np.arange(len(s), dtype=np.float64) for s in sequences])
+        seq = np.concatenate([np.full(len(s), i) for i, s in enumerate(sequences)])
+        T = len(tokens)
+        x = self.m.f32(self.m.info("embed"))[tokens].astype(np.float64) * np.sqrt(h.dim)
         scale = float(h.query_pre_attn_scalar or hd) ** -0.5
         for l in range(h.n_layers):
             y = self.rmsnorm(x, self.w("attn_norm", l))
             q = (y @ self.w("wq", l).T).reshape(T, nh, hd)
             k = (y @ self.w("wk", l).T).reshape(T, nkv, hd)
             v = (y @ self.w("wv", l).T).reshape(T, nkv, hd)
-            q = self.rope(self.rmsnorm(q, self.w("q_norm", l)), l)
-            k = self.rope(self.rmsnorm(k, self.w("k_norm", l)), l)
+            q = self.rope(self.rmsnorm(q, self.w("q_norm", l)), l, pos)
+            k = self.rope(self.rmsnorm(k, self.w("k_norm", l)), l, pos)
             g = nh // nkv
             k, v = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
-            s = np.einsum("thd,shd->hts", q, k) * scale + self.mask(T, l)
+            s = np.einsum("thd,shd->hts", q, k) * scale + self.mask(pos, seq, l)
             s = np.exp(s - s.max(-1, keepdims=True))
             s /= s.sum(-1, keepdims=True)
             z = np.einsum("hts,shd->thd", s, v).reshape(T, nh * hd)
@@ -85,7 +93,8 @@ class ReferenceGemma3(ReferenceModel):
             y = self.rmsnorm(x, self.w("ffn_norm", l))
             f = gelu_tanh(y @ self.w("w1", l).T) * (y @ self.w("w3", l).T)
             x = x + self.rmsnorm(f @ self.w("w2", l).T, self.w("ffn_post_norm", l))
-        return self.rmsnorm(x, self.w("norm"))
+        x = self.rmsnorm(x, self.w("norm"))
+        return np.split(x, np.cumsum([len(s) for s in sequences])[:-1])
 
     def logits(self, hidden):
         """hidden [T, dim] -> logits [T, vocab], the head read in float64 blocks of rows."""
