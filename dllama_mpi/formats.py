@@ -1,6 +1,7 @@
 """Distributed Llama's file formats: `.m` models and `.t` tokenizers (../spec/FORMATS.md §1–§3).
 
-This module is the only place that knows byte layouts. Readers memory-map the model (nothing is
+dllama-mpi's extensions (the Gemma 3 arch, SentencePiece token types) are in FORMATS-EXT.md beside
+this file. This module is the only place that knows byte layouts. Readers memory-map the model (nothing is
 copied until a tensor is asked for) and validate everything against the file length; every problem
 is a one-line ModelFormatError / TokenizerFormatError naming the file and the field.
 """
