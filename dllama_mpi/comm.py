@@ -22,11 +22,9 @@ from mpi4py import MPI
 
 ROOT = 0
 
-# Control packet, root -> workers, before every forward pass: [command, position, batch size, flags].
-CMD_STOP, CMD_FORWARD = 0, 1
-FLAG_ALL_LOGITS = 1   # logits of every batch row (tests, perplexity)
-FLAG_ARGMAX = 2       # only the id of the largest logit (greedy decoding)
-CONTROL_LEN = 4
+# Commands of the control packet (engine.Control), root -> workers: stop, one forward pass, or
+# page-table updates and page copies alone (when a pass has more than its packet holds).
+CMD_STOP, CMD_FORWARD, CMD_TABLES = 0, 1, 2
 ABORT_GRACE_SECONDS = 0.25
 
 

@@ -66,6 +66,11 @@ def _sync_timeout_option(ctx, param, value):
     return value
 
 
+def _kv_memory_option(ctx, param, value):
+    _options["kv_memory"] = value
+    return value
+
+
 def model_options(fn):
     opts = [
         # paths are checked in resolve_model (one line, once on the root), not by click on every rank
@@ -82,6 +87,9 @@ def model_options(fn):
         click.option("--load", type=click.Choice(["scatter", "local"]), default="scatter", show_default=True,
                      help="scatter: only rank 0 reads the model; local: every rank maps its own slices (shared storage)."),
         click.option("--batch", "max_batch", type=int, default=32, show_default=True, help="Prompt positions per forward pass."),
+        click.option("--kv-memory", default=None, expose_value=False, callback=_kv_memory_option,
+                     help="KV cache pool per rank, e.g. 512MiB or 4GiB (the rank holding the most KV heads) "
+                          "[default: every sequence slot's full context, at most 1/4 of the memory]."),
         click.option("--sync-timeout", type=float, default=None, expose_value=False, callback=_sync_timeout_option,
                      help="Abort the job (exit 3) when a rank waits longer than this many seconds in one "
                           "collective of a forward pass (a stopped or wedged peer) [default: wait forever]."),
@@ -123,8 +131,12 @@ def resolve_model(model_path, tokenizer_path):
 
 
 def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme,
-          load, max_batch, quiet=False):
-    """Collective start-up: returns (engine, tokenizer or None on workers)."""
+          load, max_batch, quiet=False, n_slots: int = 1):
+    """Collective start-up: returns (engine, tokenizer or None on workers). n_slots: sequences the
+    KV cache keeps at once (--parallel)."""
+    from .engine import kv_row_bytes
+    from .kvcache import parse_size, plan_kv
+
     from . import kernels
     from .engine import build_engine
     from .formats import open_model
@@ -148,9 +160,25 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
         if tokenizer.vocab_size != h.vocab_size:
             raise ConfigError(f"{tokenizer_path}: tokenizer has {tokenizer.vocab_size} tokens but the model "
                               f"{model_path} has vocab_size {h.vocab_size}")
-        make_plan(h, comm.size)  # an impossible node count fails here, before any weight moves
+        shards = make_plan(h, comm.size)  # an impossible node count fails here, before any weight moves
         if max_seq_len is not None and not 0 < max_seq_len <= h.max_seq_len:
             raise ConfigError(f"--max-seq-len must be in 1..{h.max_seq_len} (the model's context), got {max_seq_len}")
+        if n_slots < 1:
+            raise ConfigError(f"--parallel must be >= 1, got {n_slots}")
+        if n_slots > max_batch:
+            raise ConfigError(f"--parallel {n_slots} is more than --batch {max_batch}: every running sequence "
+                              f"needs a row of each pass")
+        if _options.get("kv_memory"):
+            plan_kv(kv_row_bytes(h, shards), min(max_seq_len or h.max_seq_len, h.max_seq_len), n_slots,
+                    parse_size(_options["kv_memory"]))
+    kv_memory = _options.get("kv_memory")
+    if kv_memory:
+        try:   # the root checks it (and says why); the others use the value it accepted
+            kv_memory = parse_size(kv_memory)
+        except ConfigError:
+            if comm.is_root:
+                raise
+            kv_memory = None
     kernels.set_threads(max(nthreads, 1))
     if comm.size > 1:
         # MPICH's report of a lost rank names its pid and host only ("BAD TERMINATION ... PID 123
@@ -168,7 +196,8 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
     t0 = time.perf_counter()
     engine = build_engine(comm, model_path if (comm.is_root or load == "local") else None,
                           max_seq_len=max_seq_len, buffer_type=bft or "auto", sync=sync_scheme,
-                          load=load, max_batch=max_batch, progress=progress)
+                          load=load, max_batch=max_batch, progress=progress, n_slots=n_slots,
+                          kv_memory=kv_memory)
     if bar is not None:
         bar.close()
     engine.load_seconds = time.perf_counter() - t0
@@ -178,4 +207,5 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
             f"{h.n_kv_heads} kv heads, vocab {h.vocab_size}, weights {('f32', 'f16', 'q40', 'q80')[h.weights_float_type]}, "
             f"buffers {engine.buffer_type}, sync {engine.sync.scheme}, {comm.size} node(s) x {nthreads} thread(s), "
             f"loaded in {engine.load_seconds:.2f} s")
+        log(engine.kv_plan.describe())
     return engine, tokenizer

@@ -1,0 +1,359 @@
+"""Many sequences per forward pass: the root's iteration-level scheduler (as vLLM and Orca do).
+
+Each `step()` builds one pass: one decode row from every running sequence that has sampled its next
+token, then prefill chunks of admitted prompts (in admission order) up to the token budget
+(`max_batch` rows), so a long prompt does not stall the running streams for its whole length. After
+the pass every sequence whose row produced logits samples with its own sampler, detokenizes, checks
+its stop strings, EOS and max_tokens, and reports through its `sink`. Admission is FIFO and reserves
+KV pages (kvcache.KVCache.admit): a request waits while the pool cannot promise its pages, and no
+running sequence is ever preempted or corrupted. A request that could never fit is refused at
+`submit` (RequestError).
+
+Everything here runs on the root's generation thread; `Request.cancel()` may be called from any
+thread (it only sets a flag that the next step reads).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .engine import LOGITS_ARGMAX, LOGITS_FULL, Engine, Rows
+from .errors import DllamaError
+from .sampler import Sampler
+
+
+class RequestError(DllamaError):
+    """A request that cannot be served as asked (too long for the context or the KV pool)."""
+
+
+@dataclass
+class Piece:
+    token: int
+    text: str            # text that became final with this token (may be "")
+
+
+@dataclass
+class RunStats:
+    prompt_tokens: int = 0          # tokens of the prompt (cached ones included)
+    evaluated_prompt_tokens: int = 0  # prompt tokens actually evaluated (after prefix reuse)
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0     # admission -> first token
+    generate_seconds: float = 0.0   # first token -> last token
+    queue_seconds: float = 0.0      # submit -> admission (waiting for a slot or KV pages)
+    sync_seconds: float = 0.0       # root's time in collectives while the request ran
+    finish_reason: str = ""         # "stop" | "length" | "abort"
+    token_ms: list = field(default_factory=list)
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.evaluated_prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def generate_tps(self) -> float:
+        n = self.generated_tokens - 1   # the first token comes with the prompt
+        return n / self.generate_seconds if self.generate_seconds and n > 0 else 0.0
+
+    @property
+    def ttft_seconds(self) -> float:
+        return self.queue_seconds + self.prompt_seconds
+
+    def as_dict(self) -> dict:
+        n = max(self.generated_tokens - 1, 1)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "evaluated_prompt_tokens": self.evaluated_prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "prompt_tokens_per_s": round(self.prompt_tps, 3),
+            "generation_tokens_per_s": round(self.generate_tps, 3),
+            "ms_per_token": round(1000 * self.generate_seconds / n, 3),
+            "ms_per_token_sync": round(1000 * self.sync_seconds / n, 3),
+            "ms_per_token_compute": round(1000 * (self.generate_seconds - self.sync_seconds) / n, 3),
+            "time_to_first_token_s": round(self.ttft_seconds, 4),
+            "queue_seconds": round(self.queue_seconds, 4),
+            "finish_reason": self.finish_reason,
+        }
+
+
+class StopMatcher:
+    """Holds back text that might be the beginning of a stop string."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, stopped)."""
+        self.pending += text
+        for s in self.stops:
+            i = self.pending.find(s)
+            if i >= 0:
+                out = self.pending[:i]
+                self.pending = ""
+                return out, True
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:k]):
+                    keep = max(keep, k)
+                    break
+        out = self.pending[:len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+WAITING, PREFILL, DECODE, DONE = "waiting", "prefill", "decode", "done"
+
+
+class Request:
+    """One sequence to generate. `sink(kind, value)` is called on the generation thread with
+    ("piece", Piece) for every generated token and once ("done", RunStats)."""
+
+    def __init__(self, prompt: Sequence[int], max_tokens: int, sampler: Sampler, stop: Sequence[str] = (),
+                 ignore_eos: bool = False, sink: Callable | None = None, tag=None):
+        self.prompt = [int(t) for t in prompt]
+        self.max_tokens = int(max_tokens)
+        self.sampler = sampler
+        self.stop = list(stop)
+        self.ignore_eos = ignore_eos
+        self.sink = sink or (lambda kind, value: None)
+        self.tag = tag                     # the caller's (an API job, a batch line id)
+        self.generated: list[int] = []
+        self.state = WAITING
+        self.seq = None                    # kvcache.SeqKV while admitted
+        self.stats = RunStats(prompt_tokens=len(self.prompt))
+        self.cancelled = False
+        self.decoder = self.matcher = None   # made at the first token
+        self._rows_after: list[int] = []    # seq.tokens when it ended
+        self._t_submit = self._t_admit = self._t_first = self._t_last = 0.0
+        self._w0 = 0.0
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self.state == DONE
+
+    @property
+    def greedy(self) -> bool:
+        return self.sampler.temperature == 0
+
+    @property
+    def max_rows(self) -> int:
+        """K/V rows this sequence may hold: the prompt, and every generated token but the last."""
+        return len(self.prompt) + max(self.max_tokens, 1) - 1
+
+    @property
+    def rows(self) -> list[int]:
+        """The tokens whose K/V rows are in the cache (prompt + generated, in position order)."""
+        return self.seq.tokens if self.seq is not None else self._rows_after
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, tokenizer, max_batch: int | None = None):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.kv = engine.kv
+        self.max_batch = max_batch or engine.max_batch
+        self.max_seq_len = engine.max_seq_len
+        if engine.kv_plan.n_slots > self.max_batch:
+            raise RequestError(f"--parallel {engine.kv_plan.n_slots} is more than the rows of one pass "
+                               f"(--batch {self.max_batch}): every running sequence needs a row")
+        self.eos = set(tokenizer.eos_ids)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []    # in admission order
+        self.steps = 0
+        self.tokens_generated = 0
+        self.prompt_tokens_evaluated = 0
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def check(self, prompt_len: int, max_tokens: int) -> None:
+        """RequestError when a request of this size could never run (context or KV pool)."""
+        if prompt_len < 1:
+            raise RequestError("empty prompt")
+        if max_tokens < 0:
+            raise RequestError(f"number of tokens to generate must be >= 0, got {max_tokens}")
+        if prompt_len > self.max_seq_len:
+            raise RequestError(f"the prompt is {prompt_len} tokens; the context (max_seq_len) is {self.max_seq_len}")
+        rows = min(prompt_len + max(max_tokens, 1) - 1, self.max_seq_len)
+        plan = self.engine.kv_plan
+        if self.kv.pages_for(rows) > min(plan.n_pages, plan.table_stride):
+            raise RequestError(f"the request needs {rows} tokens of KV cache; the pool holds "
+                               f"{min(plan.n_pages, plan.table_stride) * plan.page_size} (raise --kv-memory)")
+
+    def submit(self, req: Request) -> None:
+        """Queue a request (FIFO). Raises RequestError when it could never run."""
+        req.max_tokens = min(req.max_tokens, self.max_seq_len - len(req.prompt) + 1)
+        self.check(len(req.prompt), req.max_tokens)
+        req._t_submit = time.perf_counter()
+        self.waiting.append(req)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one pass ---------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Admit what fits, run one pass, hand out its tokens. False when there was nothing to do."""
+        self._reap_cancelled()
+        self._admit()
+        if not self.running:
+            return False
+        rows_req: list[Request] = []
+        tokens, slots, positions, logit_rows, logit_modes = [], [], [], [], []
+        fed: list[tuple[Request, int, int]] = []   # (request, first row, n rows) per sequence
+        budget = self.max_batch
+        for req in self.running:        # one decode row per running sequence
+            if req.state == DECODE:
+                n = len(req.seq.tokens)
+                tokens.append(req.generated[-1])
+                slots.append(req.seq.slot)
+                positions.append(n)
+                logit_rows.append(len(rows_req))
+                logit_modes.append(LOGITS_ARGMAX if req.greedy else LOGITS_FULL)
+                fed.append((req, len(rows_req), 1))
+                rows_req.append(req)
+                budget -= 1
+        for req in self.running:        # prefill chunks with what is left
+            if budget <= 0:
+                break
+            if req.state != PREFILL:
+                continue
+            n0 = len(req.seq.tokens)
+            take = min(len(req.prompt) - n0, budget)
+            first = len(rows_req)
+            tokens.extend(req.prompt[n0:n0 + take])
+            slots.extend([req.seq.slot] * take)
+            positions.extend(range(n0, n0 + take))
+            rows_req.extend([req] * take)
+            fed.append((req, first, take))
+            if n0 + take == len(req.prompt) and req.max_tokens > 0:
+                # the prompt's last row: its logits give the first token
+                logit_rows.append(first + take - 1)
+                logit_modes.append(LOGITS_ARGMAX if req.greedy else LOGITS_FULL)
+            budget -= take
+        for req, first, n in fed:
+            self.kv.ensure(req.seq, positions[first + n - 1] + 1)
+        updates, copies = self.kv.take_commands()
+        out = self.engine.step(Rows(tokens, slots, positions, logit_rows, logit_modes), updates, copies)
+        self.steps += 1
+        now = time.perf_counter()
+        for req, first, n in fed:
+            self.kv.written(req.seq, tokens[first:first + n])
+            if req.state == PREFILL:
+                self.prompt_tokens_evaluated += n
+                if req.max_tokens == 0 and len(req.seq.tokens) == len(req.prompt):
+                    req.stats.prompt_seconds = now - req._t_admit
+                    self._finish(req, "length")   # nothing to generate: the prompt is evaluated
+        for row, value in zip(logit_rows, out):
+            req = rows_req[row]
+            token = value if isinstance(value, int) else req.sampler.sample(value)
+            self._on_token(req, token, now)
+        return True
+
+    # ---- admission, tokens, ends ------------------------------------------------------------
+
+    def _admit(self) -> None:
+        while self.waiting:
+            req = self.waiting[0]
+            seq = self.kv.admit(req.prompt, min(req.max_rows, self.max_seq_len))
+            if seq is None:
+                return    # FIFO: later requests wait behind this one
+            self.waiting.popleft()
+            req.seq, req.state = seq, PREFILL
+            req._t_admit = time.perf_counter()
+            req._w0 = self.engine.comm.wait_seconds
+            req.stats.queue_seconds = req._t_admit - req._t_submit
+            req.stats.evaluated_prompt_tokens = len(req.prompt) - len(seq.tokens)
+            self.running.append(req)
+
+    def _on_token(self, req: Request, token: int, now: float) -> None:
+        st = req.stats
+        if not req.generated:
+            req._t_first = now
+            st.prompt_seconds = now - req._t_admit
+            req.decoder = self.tokenizer.stream_decoder()
+            req.matcher = StopMatcher(req.stop)
+        else:
+            st.token_ms.append(1000 * (now - req._t_last))
+        req._t_last = now
+        req.generated.append(token)
+        req.state = DECODE
+        st.generated_tokens += 1
+        self.tokens_generated += 1
+        if token in self.eos and not req.ignore_eos:
+            tail, _ = req.matcher.push(req.decoder.flush())
+            req.sink("piece", Piece(token, tail + req.matcher.flush()))
+            self._finish(req, "stop")
+            return
+        text, stopped = req.matcher.push(req.decoder.push(token))
+        if stopped:
+            req.sink("piece", Piece(token, text))
+            self._finish(req, "stop")
+            return
+        if req.cancelled:
+            req.sink("piece", Piece(token, text))
+            self._finish(req, "abort")
+            return
+        if st.generated_tokens >= req.max_tokens or len(req.seq.tokens) >= self.max_seq_len:
+            tail = req.matcher.push(req.decoder.flush())[0] + req.matcher.flush()
+            req.sink("piece", Piece(token, text + tail))
+            self._finish(req, "length")
+            return
+        req.sink("piece", Piece(token, text))
+
+    def _finish(self, req: Request, reason: str) -> None:
+        st = req.stats
+        st.finish_reason = reason
+        if req.generated:
+            st.generate_seconds = req._t_last - req._t_first
+        if req.seq is not None:
+            st.sync_seconds = self.engine.comm.wait_seconds - req._w0
+            req._rows_after = list(req.seq.tokens)
+            self.kv.release(req.seq)
+            req.seq = None
+        if req in self.running:
+            self.running.remove(req)
+        req.state = DONE
+        req.sink("done", st)
+
+    def _reap_cancelled(self) -> None:
+        if any(r.cancelled for r in self.waiting):
+            for r in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(r)
+                self._finish(r, "abort")
+        for r in [r for r in self.running if r.cancelled]:
+            self._finish(r, "abort")
+
+    def abort_all(self, reason: str = "abort") -> None:
+        for r in list(self.waiting) + list(self.running):
+            if r in self.waiting:
+                self.waiting.remove(r)
+            self._finish(r, reason)
+
+    # ---- numbers for /health, /metrics and the benchmark ----------------------------------------
+
+    def gauges(self) -> dict:
+        kv = self.kv
+        plan = self.engine.kv_plan
+        return {"waiting": len(self.waiting), "running": len(self.running),
+                "kv_pages_total": plan.n_pages, "kv_pages_in_use": kv.pages_in_use,
+                "kv_pages_cached": len(kv.evictable), "kv_pages_free": len(kv.free),
+                "kv_page_size": plan.page_size, "kv_bytes_per_token": plan.row_bytes}
+
+
+def run_to_completion(scheduler: Scheduler, requests: Sequence[Request]) -> None:
+    """Submit requests and step until all are done (tests, benchmark)."""
+    for r in requests:
+        scheduler.submit(r)
+    while any(not r.done for r in requests):
+        if not scheduler.step() and not scheduler.busy:
+            break
