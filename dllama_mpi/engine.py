@@ -448,6 +448,9 @@ class Engine:
         c.kvrow[:b] = st.tables[c.slot[:b], c.pos[:b] // ps] * ps + c.pos[:b] % ps
         self.comm.send_control(c.buf)
         np.take(self.w.embed, toks, axis=0, out=st.x[:b])
+        n_full = sum(1 for m in rows.logit_modes if m == LOGITS_FULL)
+        if out_full is None and n_full > self.max_logit_rows:   # more than one group: no shared buffer
+            out_full = np.empty((n_full, self.h.vocab_size), np.float32)
         return self._pass(b, out_full)
 
     def forward(self, tokens, pos: int, all_logits: bool = False, argmax: bool = False):

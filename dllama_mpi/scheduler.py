@@ -190,6 +190,8 @@ class Scheduler:
 
     def submit(self, req: Request) -> None:
         """Queue a request (FIFO). Raises RequestError when it could never run."""
+        if req._t_submit:
+            raise ValueError("a request is submitted once")
         req.max_tokens = min(req.max_tokens, self.max_seq_len - len(req.prompt) + 1)
         self.check(len(req.prompt), req.max_tokens)
         req._t_submit = time.perf_counter()
