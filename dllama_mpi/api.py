@@ -2,10 +2,12 @@
 
 Threads on the root: the main thread is the generation thread, the only one that touches the
 engine (and so MPI); uvicorn runs its asyncio loop in a second thread. A request is validated and
-tokenized on the asyncio side, then queued as a `Job`; the generation thread takes jobs in arrival
-order and sends the pieces back through the loop (`call_soon_threadsafe`). A job whose client went
-away is flagged and its generation stops at the next token. Workers follow `Engine.serve()` and
-ignore SIGINT/SIGTERM (mpiexec forwards both to every rank): the root stops them on shutdown.
+tokenized on the asyncio side, then queued as a `Job`; the generation thread hands jobs in arrival
+order to the scheduler, which decodes up to --parallel of them together (continuous batching), and
+sends each job's pieces back through the loop (`call_soon_threadsafe`). A job whose client went
+away is flagged; its sequence ends at the next pass and its pages are freed, the others go on.
+Workers follow `Engine.serve()` and ignore SIGINT/SIGTERM (mpiexec forwards both to every rank):
+the root stops them on shutdown.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     cancel: threading.Event = field(default_factory=threading.Event)
+    generated: list = field(default_factory=list)
 
     def send(self, item) -> None:
         try:
@@ -181,7 +184,7 @@ class Server:
     def __init__(self, engine, tokenizer, model_id: str, template, defaults: dict, api_key: str | None,
                  max_body_bytes: int, cors_origins: list[str]):
         from .chat import PromptHistory
-        from .generate import Generator
+        from .scheduler import Scheduler
 
         self.engine, self.tokenizer = engine, tokenizer
         self.model_id = model_id
@@ -190,8 +193,9 @@ class Server:
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.cors_origins = cors_origins
-        self.gen = Generator(engine, tokenizer)
-        self.history = PromptHistory(tokenizer)
+        self.scheduler = Scheduler(engine, tokenizer)
+        # one recent conversation per sequence slot, and then some (a turn's prompt extends it)
+        self.history = PromptHistory(tokenizer, capacity=4 * engine.kv_plan.n_slots)
         self.jobs: queue.Queue = queue.Queue()
         self.stopping = threading.Event()
         self.created = int(time.time())
@@ -201,40 +205,12 @@ class Server:
     # --- the generation thread (main thread: the only one that calls the engine) ---------------
 
     def run_jobs(self) -> None:
-        from .sampler import Sampler
-
+        sched = self.scheduler
         while not self.stopping.is_set():
-            try:
-                job = self.jobs.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if job.cancel.is_set():
-                continue
-            try:
-                sampler = Sampler(self.tokenizer.vocab_size, job.temperature, job.top_p, job.seed)
-                generated = []
-                abort = lambda: job.cancel.is_set() or self.stopping.is_set()  # noqa: E731
-                for piece in self.gen.stream(job.prompt_ids, job.max_tokens, sampler, stop=job.stop,
-                                             should_abort=abort):
-                    generated.append(piece.token)
-                    if piece.text:
-                        job.send(("text", piece.text))
-                st = self.gen.last
-                ended_on_eos = bool(generated) and generated[-1] in self.tokenizer.eos_ids
-                if job.prompt_text is not None and (st.finish_reason != "stop" or ended_on_eos):
-                    self.history.record(job.prompt_text, job.prompt_ids, generated)
-                else:   # a completion, or an answer cut by a stop string (its text is not its tokens)
-                    self.history.clear()
-                self.served += 1
-                self.last = {"finish_reason": st.finish_reason, "prompt_tokens": st.prompt_tokens,
-                             "evaluated_prompt_tokens": st.evaluated_prompt_tokens,
-                             "generated_tokens": st.generated_tokens}
-                job.send(("done", st))
-            except Exception as e:  # noqa: BLE001 (answered as a 500, the server keeps serving)
-                self.history.clear()
-                self.gen.reset()
-                log(f"error: generation failed: {type(e).__name__}: {e}")
-                job.send(("error", ApiError(500, f"generation failed: {type(e).__name__}", type_="server_error")))
+            self._take_jobs(block=not sched.busy)
+            if sched.busy:
+                sched.step()
+        sched.abort_all()
         # shutdown: answer whatever is still queued
         while True:
             try:
@@ -242,6 +218,46 @@ class Server:
             except queue.Empty:
                 break
             job.send(("error", ApiError(503, "the server is shutting down", type_="server_error")))
+
+    def _take_jobs(self, block: bool) -> None:
+        """Hand the queued jobs to the scheduler (waiting up to 0.1 s for one when idle)."""
+        from .sampler import Sampler
+        from .scheduler import Request, RequestError
+
+        while True:
+            try:
+                job = self.jobs.get(timeout=0.1) if block else self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if job.cancel.is_set():
+                continue
+            req = Request(job.prompt_ids, job.max_tokens,
+                          Sampler(self.tokenizer.vocab_size, job.temperature, job.top_p, job.seed), job.stop,
+                          sink=lambda kind, value, job=job: self._on_event(job, kind, value),
+                          cancelled_by=job.cancel)
+            try:
+                self.scheduler.submit(req)
+            except RequestError as e:
+                job.send(("error", ApiError(400, str(e), None, "context_length_exceeded")))
+
+    def _on_event(self, job: Job, kind: str, value) -> None:
+        if kind == "piece":
+            job.generated.append(value.token)
+            if value.text:
+                job.send(("text", value.text))
+            return
+        st = value
+        generated = job.generated
+        ended_on_eos = bool(generated) and generated[-1] in self.tokenizer.eos_ids
+        if job.prompt_text is not None and st.finish_reason != "abort" and (st.finish_reason != "stop" or ended_on_eos):
+            self.history.record(job.prompt_text, job.prompt_ids, generated)
+        # (a completion, or an answer cut by a stop string: its text is not its tokens; not recorded)
+        self.served += 1
+        self.last = {"finish_reason": st.finish_reason, "prompt_tokens": st.prompt_tokens,
+                     "evaluated_prompt_tokens": st.evaluated_prompt_tokens,
+                     "generated_tokens": st.generated_tokens}
+        job.send(("done", st))
 
     # --- the asyncio side ---------------------------------------------------------------------
 
@@ -267,7 +283,12 @@ class Server:
             return endpoint
 
         async def health(request):
-            return JSONResponse({"status": "ok", "model": self.model_id, "queued": self.jobs.qsize(),
+            g = self.scheduler.gauges()
+            return JSONResponse({"status": "ok", "model": self.model_id,
+                                 "queued": self.jobs.qsize() + g["waiting"], "running": g["running"],
+                                 "kv_pages": {"total": g["kv_pages_total"], "in_use": g["kv_pages_in_use"],
+                                              "cached": g["kv_pages_cached"], "page_size": g["kv_page_size"]},
+                                 "waited_for_pages": g["waited_for_pages"],
                                  "served": self.served, "last": self.last})
 
         async def models(request):
@@ -342,18 +363,29 @@ class Server:
         return body
 
     def limits(self, params: dict, n_prompt: int) -> int:
+        from .scheduler import RequestError
+
         ctx = self.engine.max_seq_len
         if n_prompt >= ctx:
             raise ApiError(400, f"the prompt is {n_prompt} tokens; the model's context is {ctx} tokens", "messages",
                            "context_length_exceeded")
         mt = params["max_tokens"]
         room = ctx - n_prompt + 1   # the first token needs no forward pass
-        if mt is None:
-            return room
-        if mt > room:
+        if mt is not None and mt > room:
             raise ApiError(400, f"this model's context is {ctx} tokens; the request needs {n_prompt + mt} "
                                 f"({n_prompt} in the prompt, {mt} to generate)", "max_tokens",
                            "context_length_exceeded")
+        mt = room if mt is None else mt
+        try:   # a request the KV pool could never hold is refused now rather than queued forever
+            self.scheduler.check(n_prompt, mt)
+        except RequestError as e:
+            if params["max_tokens"] is not None:
+                raise ApiError(400, str(e), "max_tokens", "context_length_exceeded") from None
+            # no max_tokens asked: generate what the pool can hold
+            plan = self.engine.kv_plan
+            mt = min(plan.n_pages, plan.table_stride) * plan.page_size - n_prompt + 1
+            if mt < 1:
+                raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
         return mt
 
     async def chat_completions(self, request):
@@ -515,6 +547,8 @@ def register(group) -> None:
     @click.command()
     @model_options
     @sampling_options
+    @click.option("--parallel", type=int, default=4, show_default=True,
+                  help="Requests decoded together (continuous batching); more wait in a queue.")
     @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
     @click.option("--port", type=int, default=9990, show_default=True)
     @click.option("--api-key", default=None, envvar="DLLAMA_API_KEY",
@@ -527,7 +561,7 @@ def register(group) -> None:
     @click.option("--verbose", is_flag=True, help="Log every request (uvicorn access log).")
     @spmd
     def api(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme, load, max_batch,
-            temperature, topp, seed, host, port, api_key, max_body_bytes, cors_origin, chat_template, model_name,
+            temperature, topp, seed, parallel, host, port, api_key, max_body_bytes, cors_origin, chat_template, model_name,
             verbose):
         """OpenAI-compatible HTTP server on rank 0 (run under mpirun -np N)."""
         from .chat import template_for
@@ -542,7 +576,7 @@ def register(group) -> None:
         elif max_body_bytes < 1:
             raise ConfigError(f"--max-body-bytes must be >= 1, got {max_body_bytes}")
         engine, tokenizer = start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
-                                  sync_scheme, load, max_batch)
+                                  sync_scheme, load, max_batch, n_slots=parallel)
         if not comm.is_root:
             engine.serve()
             return

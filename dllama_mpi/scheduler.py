@@ -116,7 +116,7 @@ class Request:
     ("piece", Piece) for every generated token and once ("done", RunStats)."""
 
     def __init__(self, prompt: Sequence[int], max_tokens: int, sampler: Sampler, stop: Sequence[str] = (),
-                 ignore_eos: bool = False, sink: Callable | None = None, tag=None):
+                 ignore_eos: bool = False, sink: Callable | None = None, tag=None, cancelled_by=None):
         self.prompt = [int(t) for t in prompt]
         self.max_tokens = int(max_tokens)
         self.sampler = sampler
@@ -128,14 +128,20 @@ class Request:
         self.state = WAITING
         self.seq = None                    # kvcache.SeqKV while admitted
         self.stats = RunStats(prompt_tokens=len(self.prompt))
-        self.cancelled = False
+        self.waited_for_pages = False
+        self._cancel = False
+        self._cancel_event = cancelled_by      # a threading.Event another thread may set
         self.decoder = self.matcher = None   # made at the first token
         self._rows_after: list[int] = []    # seq.tokens when it ended
         self._t_submit = self._t_admit = self._t_first = self._t_last = 0.0
         self._w0 = 0.0
 
     def cancel(self) -> None:
-        self.cancelled = True
+        self._cancel = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel or (self._cancel_event is not None and self._cancel_event.is_set())
 
     @property
     def done(self) -> bool:
@@ -171,6 +177,7 @@ class Scheduler:
         self.steps = 0
         self.tokens_generated = 0
         self.prompt_tokens_evaluated = 0
+        self.waited_for_pages = 0      # requests that had to wait for KV pages (not for a slot)
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -268,6 +275,9 @@ class Scheduler:
             req = self.waiting[0]
             seq = self.kv.admit(req.prompt, min(req.max_rows, self.max_seq_len))
             if seq is None:
+                if self.kv.free_slots and not req.waited_for_pages:
+                    req.waited_for_pages = True   # a slot is free: it is the pages it waits for
+                    self.waited_for_pages += 1
                 return    # FIFO: later requests wait behind this one
             self.waiting.popleft()
             req.seq, req.state = seq, PREFILL
@@ -349,7 +359,8 @@ class Scheduler:
         return {"waiting": len(self.waiting), "running": len(self.running),
                 "kv_pages_total": plan.n_pages, "kv_pages_in_use": kv.pages_in_use,
                 "kv_pages_cached": len(kv.evictable), "kv_pages_free": len(kv.free),
-                "kv_page_size": plan.page_size, "kv_bytes_per_token": plan.row_bytes}
+                "kv_page_size": plan.page_size, "kv_bytes_per_token": plan.row_bytes,
+                "waited_for_pages": self.waited_for_pages}
 
 
 def run_to_completion(scheduler: Scheduler, requests: Sequence[Request]) -> None:

@@ -413,3 +413,92 @@ def test_smollm2_capital_of_france(smollm2):
                                   max_tokens=40, temperature=0)
     assert "Paris" in r.choices[0].message.content, r.choices[0].message.content
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+# ------------------------------------------------------------------------------------------------
+# continuous batching: --parallel 4 with a KV pool that holds about two requests at a time
+
+POOL_PAGES = 6   # pages of 16 tokens, 1 kB per token and rank for this model on 2 ranks
+
+
+@pytest.fixture(scope="module")
+def batch_server(tmp_path_factory):
+    s = ApiServer(tmp_path_factory.mktemp("batch") / "server.log",
+                  extra=["--parallel", "4", "--kv-memory", f"{POOL_PAGES * 16}KiB"])
+    yield s
+    s.stop()
+
+
+def _answers(client, prompts, max_tokens=24, concurrent=False, stream=False):
+    """Greedy answers to the prompts, asked one after another or all at once from threads."""
+    out, errors = {}, []
+
+    def ask(i):
+        try:
+            kw = dict(model=MODEL_ID, messages=chat_msgs(prompts[i]), max_tokens=max_tokens, temperature=0)
+            if stream and i % 2:
+                out[i] = "".join(c.choices[0].delta.content or "" for c in
+                                 client.chat.completions.create(stream=True, **kw) if c.choices)
+            else:
+                out[i] = client.chat.completions.create(**kw).choices[0].message.content
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    if concurrent:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    else:
+        for i in range(len(prompts)):
+            ask(i)
+    assert not errors, errors
+    return [out[i] for i in range(len(prompts))]
+
+
+def test_eight_clients_each_get_the_text_they_get_alone(batch_server):
+    """8 concurrent greedy clients on --parallel 4 with a pool for ~2: they wait for pages, are
+    decoded together, and each gets exactly its text alone."""
+    openai = pytest.importorskip("openai")
+    c = openai.OpenAI(base_url=batch_server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    prompts = [f"Tell me about the number {i}" for i in range(8)]
+    alone = _answers(c, prompts)
+    together = _answers(c, prompts, concurrent=True, stream=True)
+    assert together == alone
+    h = health(batch_server)
+    assert h["running"] == 0 and h["queued"] == 0 and h["kv_pages"]["in_use"] == 0
+    assert h["kv_pages"]["total"] == POOL_PAGES and h["waited_for_pages"] > 0
+
+
+def test_a_cancelled_stream_does_not_change_the_others(batch_server):
+    openai = pytest.importorskip("openai")
+    c = openai.OpenAI(base_url=batch_server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    prompts = ["first question", "second question"]
+    alone = _answers(c, prompts, max_tokens=30)
+    body = json.dumps({"messages": chat_msgs("this one goes away"), "max_tokens": 60, "temperature": 0,
+                       "stream": True}).encode()
+    results = {}
+
+    def others():
+        results["got"] = _answers(c, prompts, max_tokens=30, concurrent=True)
+
+    with socket.create_connection(("127.0.0.1", batch_server.port), timeout=30) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        t = threading.Thread(target=others)
+        t.start()
+        got = b""
+        while got.count(b"data:") < 3:
+            chunk = s.recv(4096)
+            assert chunk, got
+            got += chunk
+    t.join(120)
+    assert results["got"] == alone
+
+
+def test_a_request_the_pool_can_never_hold_is_refused(batch_server):
+    got, err = http(batch_server, "POST", "/v1/chat/completions",
+                    {"messages": chat_msgs("hi"), "max_tokens": POOL_PAGES * 16 + 10}, key=None)
+    assert got == 400 and "raise --kv-memory" in err["error"]["message"], err
+    assert err["error"]["code"] == "context_length_exceeded"

@@ -3,7 +3,6 @@ rank; the same runs under mpiexec are in test_mpi.py)."""
 
 import random
 
-import numpy as np
 import pytest
 from mpi4py import MPI
 
@@ -203,7 +202,7 @@ def test_pool_exhaustion_waits_then_completes(tok):
     for r in rs:
         s.submit(r)
     s.step()
-    assert len(s.running) == 1 and len(s.waiting) == 2
+    assert len(s.running) == 1 and len(s.waiting) == 2 and s.waited_for_pages == 1
     run_to_completion(s, [])
     while s.busy:
         s.step()
