@@ -385,6 +385,26 @@ class Engine:
             ctrl[:] = (C.CMD_STOP, 0, 0, 0)
             self.comm.send_control(ctrl)
 
+    # ---- per-rank counters (GET /metrics), collected between passes -------------------------
+
+    RANK_STATS = ("compute_seconds", "wait_seconds", "forward_passes", "tokens")
+
+    def rank_stats(self) -> np.ndarray:
+        """This rank's counters, in RANK_STATS order: time in forward passes outside collectives,
+        time waiting in collectives, passes, rows evaluated."""
+        s = self.stats
+        return np.array([s.seconds - s.sync_seconds, self.comm.wait_seconds, s.forward_calls, s.tokens],
+                        np.float64)
+
+    def gather_rank_stats(self) -> np.ndarray:
+        """Root, between passes: every rank's rank_stats() as [size, len(RANK_STATS)] (one control
+        packet, CMD_STATS, then a gather of a few floats; workers answer it in serve())."""
+        if self.comm.size > 1:
+            ctrl = self.st.ctrl
+            ctrl[:] = (C.CMD_STATS, 0, 0, 0)
+            self.comm.send_control(ctrl)
+        return self.comm.gather_floats(self.rank_stats())
+
     # ---- the workers' loop -----------------------------------------------------------------
 
     def serve(self) -> None:
@@ -394,6 +414,9 @@ class Engine:
             self.comm.wait_control(ctrl)
             if ctrl[0] == C.CMD_STOP:
                 return
+            if ctrl[0] == C.CMD_STATS:
+                self.comm.gather_floats(self.rank_stats())
+                continue
             b, flags = int(ctrl[2]), int(ctrl[3])
             self._forward(int(ctrl[1]), b, [None] * b if flags & C.FLAG_ALL_LOGITS else None,
                           bool(flags & C.FLAG_ARGMAX))
