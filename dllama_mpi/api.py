@@ -515,8 +515,6 @@ class Server:
 
 
 # ------------------------------------------------------------------------------------------------
-
-# ------------------------------------------------------------------------------------------------
 # the chat page and request counting
 
 WEB_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -584,6 +582,8 @@ class CountRequests:
             if not started:   # cancelled or failed before answering
                 self.metrics.request_done(endpoint_label(scope["path"]), 499)
 
+
+# ------------------------------------------------------------------------------------------------
 
 def serve_http(server: Server, host: str, port: int, verbose: bool) -> None:
     """Run uvicorn in a thread and the generation loop here until SIGTERM/SIGINT."""

@@ -87,6 +87,48 @@ def test_parse_messages_and_prompt():
             parse_prompt(bad)
 
 
+def test_metrics_module_rank_stats_between_passes():
+    """The per-rank numbers are gathered by whoever runs the passes (here a thread standing in for
+    the generation thread's loop): a scrape nobody answers returns after its timeout without them."""
+    import asyncio
+
+    import numpy as np
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dllama_mpi.metrics import Metrics, RankStats
+
+    m = Metrics()
+    rows = np.array([[1.5, 0.25, 3, 7], [1.0, 0.75, 3, 7]])
+    rs = RankStats(lambda: rows, ("compute_seconds", "wait_seconds", "forward_passes", "tokens"))
+    m.set_rank_stats(rs)
+    m.gauge("queue_depth", "waiting", lambda: 2)
+    m.gauge("kv_cache_used_bytes", "per rank", lambda: {(0,): 10, (1,): 20}, ("rank",))
+    m.request_done("/v1/completions", 200)
+    text = asyncio.run(m.render(refresh_timeout=0.05)).decode()
+    assert "dllama_rank_" not in text and rs.count == 0
+    stop = threading.Event()
+
+    def passes():
+        while not stop.is_set():
+            rs.poll()
+            time.sleep(0.005)
+
+    t = threading.Thread(target=passes)
+    t.start()
+    try:
+        text = asyncio.run(m.render(refresh_timeout=30)).decode()
+    finally:
+        stop.set()
+        t.join()
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert got[("dllama_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))] == 1
+    assert got[("dllama_queue_depth", ())] == 2
+    assert got[("dllama_kv_cache_used_bytes", (("rank", "1"),))] == 20
+    assert got[("dllama_rank_wait_seconds_total", (("rank", "1"),))] == 0.75
+    assert got[("dllama_rank_tokens_total", (("rank", "0"),))] == 7 and rs.count >= 1
+
+
 # ------------------------------------------------------------------------------------------------
 # a real server
 
