@@ -264,8 +264,8 @@ async function send() {
   }
 
   msg.dataset.state = outcome;
-  const n = usage ? usage.completion_tokens : pieces;
-  const parts = [`${n} token${n === 1 ? "" : "s"}`, fmtRate(n - 1, tLast - tFirst)];
+  const n = usage ? usage.completion_tokens : pieces;   // the usage counts tokens without text too
+  const parts = [`${n} token${n === 1 ? "" : "s"}`, fmtRate(pieces - 1, tLast - tFirst)];
   if (usage) {
     const cached = usage.prompt_tokens_details ? usage.prompt_tokens_details.cached_tokens : 0;
     parts.push(`prompt ${usage.prompt_tokens}` + (cached ? ` (${cached} cached)` : ""));
