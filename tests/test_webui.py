@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from test_api import ApiServer
+from test_api import ApiServer, health
 
 KEY = "browser-key-42"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -68,10 +68,6 @@ def get(server, path, key=None):
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
-
-
-def health(server) -> dict:
-    return json.loads(get(server, "/health")[2])
 
 
 def test_page_and_assets_load_without_the_key(server):
