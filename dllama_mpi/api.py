@@ -182,8 +182,9 @@ def parse_prompt(body: dict) -> str:
 
 class Server:
     def __init__(self, engine, tokenizer, model_id: str, template, defaults: dict, api_key: str | None,
-                 max_body_bytes: int, cors_origins: list[str]):
+                 max_body_bytes: int, cors_origins: list[str], web_ui: bool = True):
         from .chat import PromptHistory
+        from .metrics import Metrics, RankStats
         from .scheduler import Scheduler
 
         self.engine, self.tokenizer = engine, tokenizer
@@ -201,6 +202,31 @@ class Server:
         self.created = int(time.time())
         self.served = 0
         self.last: dict | None = None   # counts of the last generation (no request data), for /health
+        self.web = web_assets() if web_ui else None
+        self.metrics = Metrics()
+        self.rank_stats = RankStats(engine.gather_rank_stats, engine.RANK_STATS)
+        self.metrics.set_rank_stats(self.rank_stats)
+        self._register_gauges()
+
+    def _register_gauges(self) -> None:
+        from .metrics import kv_bytes_per_token
+
+        m, sched, plan = self.metrics, self.scheduler, self.engine.kv_plan
+        per_token = kv_bytes_per_token(self.engine.h, self.engine.plan)
+        kv = sched.kv
+        used = lambda: kv.pages_in_use * plan.page_size  # noqa: E731 (positions of pages sequences hold)
+        m.gauge("queue_depth", "Requests waiting for a sequence slot or KV pages",
+                lambda: self.jobs.qsize() + len(sched.waiting))
+        m.gauge("running_sequences", "Sequences being generated", lambda: len(sched.running))
+        m.gauge("kv_cache_capacity_tokens", "Positions the KV page pool holds", lambda: plan.n_tokens)
+        m.gauge("kv_cache_used_tokens", "Positions of the pages running sequences hold", used)
+        m.gauge("kv_cache_pages", "KV pages by state: held by sequences, cached (reusable prefixes, evicted "
+                "when needed), free", lambda: {("in_use",): kv.pages_in_use, ("cached",): len(kv.evictable),
+                                               ("free",): len(kv.free)}, ("state",))
+        m.gauge("kv_cache_used_bytes", "KV-cache bytes held by running sequences, per rank", lambda: {
+            (r,): used() * b for r, b in enumerate(per_token)}, ("rank",))
+        m.gauge("kv_cache_free_bytes", "KV-cache bytes free or reclaimable (cached prefixes), per rank", lambda: {
+            (r,): (plan.n_tokens - used()) * b for r, b in enumerate(per_token)}, ("rank",))
 
     # --- the generation thread (main thread: the only one that calls the engine) ---------------
 
@@ -208,6 +234,7 @@ class Server:
         sched = self.scheduler
         while not self.stopping.is_set():
             self._take_jobs(block=not sched.busy)
+            self.rank_stats.poll()   # between passes: a /metrics scrape may be waiting
             if sched.busy:
                 sched.step()
         sched.abort_all()
@@ -254,6 +281,7 @@ class Server:
             self.history.record(job.prompt_text, job.prompt_ids, generated)
         # (a completion, or an answer cut by a stop string: its text is not its tokens; not recorded)
         self.served += 1
+        self.metrics.generation_done(st)
         self.last = {"finish_reason": st.finish_reason, "prompt_tokens": st.prompt_tokens,
                      "evaluated_prompt_tokens": st.evaluated_prompt_tokens,
                      "generated_tokens": st.generated_tokens}
@@ -265,7 +293,7 @@ class Server:
         from starlette.applications import Starlette
         from starlette.middleware import Middleware
         from starlette.middleware.cors import CORSMiddleware
-        from starlette.responses import JSONResponse
+        from starlette.responses import JSONResponse, Response
         from starlette.routing import Route
 
         def error_response(e: ApiError):
@@ -300,11 +328,23 @@ class Server:
                                "model_not_found")
             return JSONResponse(self.model_card())
 
+        async def metrics(request):
+            from .metrics import CONTENT_TYPE
+
+            return Response(await self.metrics.render(), media_type=CONTENT_TYPE)
+
+        async def page(request):
+            name = request.path_params.get("name", "index.html")
+            if name not in self.web:
+                raise ApiError(404, f"GET {request.url.path}: Not Found")
+            body, media_type = self.web[name]
+            return Response(body, media_type=media_type, headers=WEB_HEADERS)
+
         async def not_found(request, exc):
             return error_response(ApiError(404 if exc.status_code == 404 else exc.status_code,
                                            f"{request.method} {request.url.path}: {exc.detail}"))
 
-        middleware = []
+        middleware = [Middleware(CountRequests, metrics=self.metrics)]
         if self.cors_origins:
             middleware.append(Middleware(CORSMiddleware, allow_origins=self.cors_origins, allow_methods=["*"],
                                          allow_headers=["*"]))
@@ -314,7 +354,11 @@ class Server:
             Route("/v1/models/{name:path}", guarded(model), methods=["GET"]),
             Route("/v1/chat/completions", guarded(self.chat_completions), methods=["POST"]),
             Route("/v1/completions", guarded(self.completions), methods=["POST"]),
+            Route("/metrics", guarded(metrics), methods=["GET"]),
         ]
+        if self.web is not None:   # the chat page and its assets load without the key; its API calls send it
+            routes += [Route("/", guarded(page, auth=False), methods=["GET"]),
+                       Route("/web/{name}", guarded(page, auth=False), methods=["GET"])]
         from starlette.exceptions import HTTPException
 
         return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: not_found})
@@ -500,6 +544,75 @@ class Server:
 
 
 # ------------------------------------------------------------------------------------------------
+# the chat page and request counting
+
+WEB_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+             ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+# The page runs only its own script and talks only to this server: model text can never become markup
+# (the script writes it with textContent), and this policy would block an injected script anyway.
+WEB_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                                          "img-src 'self' data:; connect-src 'self'; base-uri 'none'; "
+                                          "form-action 'none'; frame-ancestors 'none'",
+               "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+
+
+def web_assets() -> dict[str, tuple[bytes, str]]:
+    """The chat page's files (package data in dllama_mpi/web/), read once: name -> (bytes, type)."""
+    from importlib.resources import files
+
+    out = {}
+    for f in files("dllama_mpi").joinpath("web").iterdir():
+        ext = os.path.splitext(f.name)[1]
+        if ext in WEB_TYPES:
+            out[f.name] = (f.read_bytes(), WEB_TYPES[ext])
+    if "index.html" not in out:
+        from .errors import ConfigError
+
+        raise ConfigError("the chat page (dllama_mpi/web/index.html) is missing from the installation; "
+                          "reinstall, or run with --no-web-ui")
+    return out
+
+
+ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+
+
+def endpoint_label(path: str) -> str:
+    """The `endpoint` label of a request: its route, never the raw path (bounded label values)."""
+    if path in ENDPOINTS:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{name}"
+    if path.startswith("/web/"):
+        return "/web/{name}"
+    return "other"
+
+
+class CountRequests:
+    """ASGI middleware: counts every HTTP response by endpoint and status when it starts."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def counting_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                self.metrics.request_done(endpoint_label(scope["path"]), message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            if not started:   # cancelled or failed before answering
+                self.metrics.request_done(endpoint_label(scope["path"]), 499)
+
+
+# ------------------------------------------------------------------------------------------------
 
 def serve_http(server: Server, host: str, port: int, verbose: bool) -> None:
     """Run uvicorn in a thread and the generation loop here until SIGTERM/SIGINT."""
@@ -530,7 +643,8 @@ def serve_http(server: Server, host: str, port: int, verbose: bool) -> None:
     while not http.started and not server.stopping.is_set():
         time.sleep(0.02)
     if http.started:
-        log(f"listening on http://{host}:{port} (model '{server.model_id}', context {server.engine.max_seq_len})")
+        log(f"listening on http://{host}:{port} (model '{server.model_id}', context {server.engine.max_seq_len})"
+            + (f"; chat page at http://{host}:{port}/" if server.web is not None else ""))
     server.run_jobs()
     http.should_exit = True
     t.join(timeout=10)
@@ -559,10 +673,11 @@ def register(group) -> None:
                   help="Override the tokenizer's chat template: a built-in name or Jinja source.")
     @click.option("--model-name", default=None, help="Model id served by /v1/models [default: the model file's name].")
     @click.option("--verbose", is_flag=True, help="Log every request (uvicorn access log).")
+    @click.option("--no-web-ui", "no_web_ui", is_flag=True, help="Do not serve the chat page at /.")
     @spmd
     def api(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme, load, max_batch,
             temperature, topp, seed, parallel, host, port, api_key, max_body_bytes, cors_origin, chat_template, model_name,
-            verbose):
+            verbose, no_web_ui):
         """OpenAI-compatible HTTP server on rank 0 (run under mpirun -np N)."""
         from .chat import template_for
         from .errors import ConfigError
@@ -585,7 +700,7 @@ def register(group) -> None:
             name = model_name or _model_id(model_path)
             server = Server(engine, tokenizer, name, template, {"temperature": temperature, "top_p": topp,
                                                                "seed": seed},
-                            api_key, max_body_bytes, list(cors_origin))
+                            api_key, max_body_bytes, list(cors_origin), web_ui=not no_web_ui)
             serve_http(server, host, port, verbose)
         finally:
             engine.stop_workers()

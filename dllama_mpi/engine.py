@@ -514,6 +514,25 @@ class Engine:
         self._apply_tables()
         self.comm.send_control(c.buf)
 
+    # ---- per-rank counters (GET /metrics), collected between passes -------------------------
+
+    RANK_STATS = ("compute_seconds", "wait_seconds", "forward_passes", "tokens")
+
+    def rank_stats(self) -> np.ndarray:
+        """This rank's counters, in RANK_STATS order: time in forward passes outside collectives,
+        time waiting in collectives, passes, rows evaluated."""
+        s = self.stats
+        return np.array([s.seconds - s.sync_seconds, self.comm.wait_seconds, s.forward_calls, s.tokens],
+                        np.float64)
+
+    def gather_rank_stats(self) -> np.ndarray:
+        """Root, between passes: every rank's rank_stats() as [size, len(RANK_STATS)] (one control
+        packet, CMD_STATS, then a gather of a few floats; workers answer it in serve())."""
+        if self.comm.size > 1:
+            self.st.ctrl.header(C.CMD_STATS)
+            self.comm.send_control(self.st.ctrl.buf)
+        return self.comm.gather_floats(self.rank_stats())
+
     # ---- the workers' loop -----------------------------------------------------------------
 
     def serve(self) -> None:
@@ -524,6 +543,9 @@ class Engine:
             cmd = c.cmd
             if cmd == C.CMD_STOP:
                 return
+            if cmd == C.CMD_STATS:
+                self.comm.gather_floats(self.rank_stats())
+                continue
             self._apply_tables()
             if cmd == C.CMD_FORWARD:
                 self._pass(int(c.buf[1]), None)

@@ -43,7 +43,7 @@ class RunStats:
     prompt_seconds: float = 0.0     # admission -> first token
     generate_seconds: float = 0.0   # first token -> last token
     queue_seconds: float = 0.0      # submit -> admission (waiting for a slot or KV pages)
-    sync_seconds: float = 0.0       # root's time in collectives while the request ran
+    sync_seconds: float = 0.0       # root's time in collectives from the first token to the last
     finish_reason: str = ""         # "stop" | "length" | "abort"
     token_ms: list = field(default_factory=list)
 
@@ -282,7 +282,6 @@ class Scheduler:
             self.waiting.popleft()
             req.seq, req.state = seq, PREFILL
             req._t_admit = time.perf_counter()
-            req._w0 = self.engine.comm.wait_seconds
             req.stats.queue_seconds = req._t_admit - req._t_submit
             req.stats.evaluated_prompt_tokens = len(req.prompt) - len(seq.tokens)
             self.running.append(req)
@@ -291,6 +290,7 @@ class Scheduler:
         st = req.stats
         if not req.generated:
             req._t_first = now
+            req._w0 = self.engine.comm.wait_seconds   # sync time is counted from the first token
             st.prompt_seconds = now - req._t_admit
             req.decoder = self.tokenizer.stream_decoder()
             req.matcher = StopMatcher(req.stop)
@@ -327,8 +327,9 @@ class Scheduler:
         st.finish_reason = reason
         if req.generated:
             st.generate_seconds = req._t_last - req._t_first
-        if req.seq is not None:
+        if req.generated:
             st.sync_seconds = self.engine.comm.wait_seconds - req._w0
+        if req.seq is not None:
             req._rows_after = list(req.seq.tokens)
             self.kv.release(req.seq)
             req.seq = None

@@ -78,7 +78,8 @@ def model_options(fn):
                      help="Distributed Llama .m model (default: the SmolLM2-135M-Instruct model, downloaded on first use)."),
         click.option("--tokenizer", "tokenizer_path", type=click.Path(readable=False), default=None,
                      help="Distributed Llama .t tokenizer (default: the one next to the default model)."),
-        click.option("--nthreads", type=int, default=1, show_default=True, help="Threads per rank (C thread pool)."),
+        click.option("--nthreads", type=int, default=None,
+                     help="Threads per rank (C thread pool) [default: the cores this rank may use / the ranks on its host]."),
         click.option("--buffer-float-type", type=click.Choice(["q80", "f32"]), default=None,
                      help="Format of synchronised activations [default: q80 for q40 weights, f32 for f32]."),
         click.option("--max-seq-len", type=int, default=None, help="Cap the context (KV-cache rows)."),
@@ -108,6 +109,35 @@ def sampling_options(fn):
     for o in reversed(opts):
         fn = o(fn)
     return fn
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def default_threads(cores: int, local_ranks: int) -> int:
+    """Threads per rank when --nthreads is not given: the cores a rank may use shared among the
+    ranks on its host (each rank a persistent pool), at least one."""
+    return max(1, cores // max(local_ranks, 1))
+
+
+def choose_threads(comm, nthreads: int | None) -> tuple[int, str]:
+    """This rank's thread count and why (collective: every rank asks MPI how many ranks share its
+    host). An explicit --nthreads wins."""
+    local = comm.local_size()
+    if nthreads is not None:
+        return nthreads, f"{_plural(nthreads, 'thread')}: --nthreads {nthreads}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = default_threads(cores, local)
+    return n, f"{_plural(n, 'thread')}: {_plural(cores, 'core')} available / {_plural(local, 'rank')} on this host"
+
+
+def threads_line(choices: list[tuple[int, str]]) -> str:
+    """The start-up line from every rank's (threads, why): one reason when all ranks agree."""
+    whys = [why for _, why in choices]
+    if all(w == whys[0] for w in whys):
+        return whys[0]
+    return "; ".join(f"rank {r}: {w}" for r, w in enumerate(whys))
 
 
 def resolve_model(model_path, tokenizer_path):
@@ -148,7 +178,7 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
     # Every check runs on the root only, before the first collective: the root prints the one
     # line and aborts the job while the workers are still waiting for the model header.
     if comm.is_root:
-        if nthreads < 1:
+        if nthreads is not None and nthreads < 1:
             raise ConfigError(f"--nthreads must be >= 1, got {nthreads}")
         if max_batch < 1:
             raise ConfigError(f"--batch must be >= 1, got {max_batch}")
@@ -179,7 +209,11 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
             if comm.is_root:
                 raise
             kv_memory = None
-    kernels.set_threads(max(nthreads, 1))
+    nthreads, why = choose_threads(comm, nthreads)
+    kernels.set_threads(nthreads)
+    choices = comm.gather_object((nthreads, why)) if comm.size > 1 else [(nthreads, why)]
+    if comm.is_root and not quiet:
+        log(threads_line(choices))
     if comm.size > 1:
         # MPICH's report of a lost rank names its pid and host only ("BAD TERMINATION ... PID 123
         # RUNNING AT host"): say which rank each pid is, so that report identifies the rank.
@@ -201,6 +235,7 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
     if bar is not None:
         bar.close()
     engine.load_seconds = time.perf_counter() - t0
+    engine.nthreads = nthreads
     if comm.is_root and not quiet:
         h = engine.h
         log(f"model {model_path}: {h.arch_name}, dim {h.dim}, {h.n_layers} layers, {h.n_heads} heads / "

@@ -87,6 +87,48 @@ def test_parse_messages_and_prompt():
             parse_prompt(bad)
 
 
+def test_metrics_module_rank_stats_between_passes():
+    """The per-rank numbers are gathered by whoever runs the passes (here a thread standing in for
+    the generation thread's loop): a scrape nobody answers returns after its timeout without them."""
+    import asyncio
+
+    import numpy as np
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dllama_mpi.metrics import Metrics, RankStats
+
+    m = Metrics()
+    rows = np.array([[1.5, 0.25, 3, 7], [1.0, 0.75, 3, 7]])
+    rs = RankStats(lambda: rows, ("compute_seconds", "wait_seconds", "forward_passes", "tokens"))
+    m.set_rank_stats(rs)
+    m.gauge("queue_depth", "waiting", lambda: 2)
+    m.gauge("kv_cache_used_bytes", "per rank", lambda: {(0,): 10, (1,): 20}, ("rank",))
+    m.request_done("/v1/completions", 200)
+    text = asyncio.run(m.render(refresh_timeout=0.05)).decode()
+    assert "dllama_rank_" not in text and rs.count == 0
+    stop = threading.Event()
+
+    def passes():
+        while not stop.is_set():
+            rs.poll()
+            time.sleep(0.005)
+
+    t = threading.Thread(target=passes)
+    t.start()
+    try:
+        text = asyncio.run(m.render(refresh_timeout=30)).decode()
+    finally:
+        stop.set()
+        t.join()
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert got[("dllama_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))] == 1
+    assert got[("dllama_queue_depth", ())] == 2
+    assert got[("dllama_kv_cache_used_bytes", (("rank", "1"),))] == 20
+    assert got[("dllama_rank_wait_seconds_total", (("rank", "1"),))] == 0.75
+    assert got[("dllama_rank_tokens_total", (("rank", "0"),))] == 7 and rs.count >= 1
+
+
 # ------------------------------------------------------------------------------------------------
 # a real server
 
@@ -154,7 +196,7 @@ class ApiServer:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = ApiServer(tmp_path_factory.mktemp("api") / "server.log", extra=["--api-key", KEY])
+    s = ApiServer(tmp_path_factory.mktemp("api") / "server.log", extra=["--api-key", KEY, "--no-web-ui"])
     yield s
     s.stop()
 
@@ -191,6 +233,71 @@ def chat_msgs(text="Hello there"):
 def test_models(client):
     ids = [m.id for m in client.models.list().data]
     assert ids == [MODEL_ID]
+
+
+def scrape(server, key=KEY) -> dict:
+    """GET /metrics parsed by prometheus_client's own parser: {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    req = urllib.request.Request(server.url + "/metrics", headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain"), r.headers
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def metric(m: dict, name: str, **labels) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics(server, client):
+    from dllama_mpi.formats import open_model
+    from dllama_mpi.shard import make_plan
+
+    assert http(server, "GET", "/metrics", key=None)[0] == 401   # like every endpoint but /health
+    before = scrape(server)
+    r = client.chat.completions.create(model=MODEL_ID, messages=chat_msgs("count me"), max_tokens=5, temperature=0)
+    u = r.usage
+    evaluated = u.model_extra["evaluated_prompt_tokens"]
+    after = scrape(server)
+    delta = lambda name, **kw: metric(after, name, **kw) - metric(before, name, **kw)  # noqa: E731
+    assert delta("dllama_requests_total", endpoint="/v1/chat/completions", status="200") == 1
+    assert delta("dllama_requests_total", endpoint="/metrics", status="200") == 1   # the first scrape
+    assert metric(after, "dllama_requests_total", endpoint="/metrics", status="401") >= 1
+    assert delta("dllama_generations_total", finish_reason="length") == 1
+    assert delta("dllama_generated_tokens_total") == 5
+    assert delta("dllama_prompt_tokens_total") == u.prompt_tokens
+    assert delta("dllama_prompt_evaluated_tokens_total") == evaluated
+    assert delta("dllama_generation_seconds_total") > 0
+    assert metric(after, "dllama_tokens_per_second", phase="generation") > 0
+    assert metric(after, "dllama_queue_depth") == 0 and metric(after, "dllama_running_sequences") == 0
+    # the request ended: its pages (the prompt and every generated token but the last) stay cached
+    # for reuse, none is held; capacity is --parallel (4) contexts of the model; bytes from its shape
+    m = open_model(str(MODEL))
+    h = m.header
+    m.close()
+    plan = make_plan(h, 2)
+    ctx = metric(after, "dllama_kv_cache_capacity_tokens")
+    assert ctx == 4 * 1024 and metric(after, "dllama_kv_cache_used_tokens") == 0
+    assert metric(after, "dllama_kv_cache_pages", state="in_use") == 0
+    assert metric(after, "dllama_kv_cache_pages", state="cached") >= -(-(u.prompt_tokens + 5 - 1) // 16)
+    for rank in (0, 1):
+        per_token = 2 * 4 * h.n_layers * plan[rank].n_kv_heads * h.head_size   # K and V rows, f32
+        assert metric(after, "dllama_kv_cache_used_bytes", rank=str(rank)) == 0
+        assert metric(after, "dllama_kv_cache_free_bytes", rank=str(rank)) == ctx * per_token
+        # per-rank counters come from every rank: one pass per prompt batch of 32, one per token after the first
+        assert delta("dllama_rank_forward_passes_total", rank=str(rank)) == -(-evaluated // 32) + 4
+        assert delta("dllama_rank_tokens_total", rank=str(rank)) == evaluated + 4
+        assert delta("dllama_rank_compute_seconds_total", rank=str(rank)) > 0
+        assert delta("dllama_rank_wait_seconds_total", rank=str(rank)) > 0
+
+
+def test_no_web_ui(server):
+    """--no-web-ui: no chat page, / is a 404 like any unknown path."""
+    for path in ("/", "/web/app.js"):
+        got, err = http(server, "GET", path)
+        assert got == 404 and err["error"]["message"].endswith("Not Found"), (path, err)
 
 
 def test_chat_non_stream_length(client):

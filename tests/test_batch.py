@@ -15,7 +15,7 @@ from dllama_mpi.batch import done_ids, read_requests
 from dllama_mpi.errors import ConfigError
 
 from conftest import TINY
-from procs import our_processes
+from procs import left_after, our_processes
 
 BIN = Path(sys.executable).parent
 MPIEXEC = str(BIN / "mpiexec")
@@ -112,4 +112,4 @@ def test_bad_file_under_mpiexec_is_one_line_and_every_rank_exits(tmp_path):
     assert r.returncode == 2
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {p}:2: id 1 is already used on line 1"], r.stderr
-    assert "Traceback" not in r.stderr and our_processes(marker) == []
+    assert "Traceback" not in r.stderr and left_after(marker) == []
