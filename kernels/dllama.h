@@ -97,4 +97,9 @@ void dl_attention(float *out, const float *q, const float *k_cache, const float 
                   const int32_t *pos, const int32_t *slot, int batch, const dl_kv_pages *kv,
                   int window, float scale_div);
 
+/* ---- log-probabilities (kernels/logits.c): one rank's summary of its slice of a logits row.
+ * out[3 + 2k]: max of y = x * inv_t, log-sum-exp of y, y[target] (-inf if target is outside [0, n)),
+ * then the k largest (y, index) pairs, largest first, lower index first among equals. ---- */
+void dl_logit_stats(double *out, const float *x, int n, float inv_t, int target, int k);
+
 #endif
