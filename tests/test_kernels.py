@@ -675,3 +675,26 @@ def test_q40r_matvec_streams_and_prefetch_do_not_change_results(isa):
     finally:
         lib.dl_q40r_split(split)
         lib.dl_q40r_prefetch(max(pf, 0))
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_matmul_rows_are_batch_invariant(isa):
+    """Continuous batching needs each output row to get the same bits whatever rows share the call:
+    every row of a batched f32 / q40 / repacked q40 matmul equals that row computed alone."""
+    r = rng(45)
+    use(isa, 2)
+    for rows, cols, batch in ((37, 96, 13), (64, 2048, 9)):
+        w32 = r.standard_normal((rows, cols)).astype(np.float32)
+        x32 = r.standard_normal((batch, cols)).astype(np.float32)
+        together = K.matmul_f32(w32, x32, rows, cols, batch)
+        for b in range(batch):
+            assert np.array_equal(together[b], K.matmul_f32(w32, x32[b], rows, cols, 1)[0]), ("f32", b)
+        w, x = random_q40(r, rows, cols), random_q80(r, batch, cols)
+        row_bytes = cols // 32 * 34
+        wr = repack_q40(w, rows, cols)
+        t_plain = K.matmul_q40_q80(w, x, rows, cols, batch)
+        t_rep = matmul_q40r(wr, x, rows, cols, batch)
+        for b in range(batch):
+            xb = x[b * row_bytes:(b + 1) * row_bytes]
+            assert np.array_equal(t_plain[b], K.matmul_q40_q80(w, xb, rows, cols, 1)[0]), ("q40", b)
+            assert np.array_equal(t_rep[b], matmul_q40r(wr, xb, rows, cols, 1)[0]), ("q40r", b)
