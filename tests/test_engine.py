@@ -5,7 +5,7 @@ import pytest
 from mpi4py import MPI
 
 from dllama_mpi.comm import Comm
-from goldens import golden, greedy_ids, teacher_forced_logits
+from goldens import batch_invariance, golden, greedy_ids, teacher_forced_logits
 
 
 @pytest.fixture
@@ -50,3 +50,14 @@ def test_last_prompt_token_is_the_real_one(comm):
     ids = greedy_ids(comm, name, correct["prompt_ids"], len(correct["generated_ids"]))
     assert ids == correct["generated_ids"]
     assert ids != mimic["generated_ids"]
+
+
+@pytest.mark.parametrize("name,kw", [("tiny_llama_f32", {}), ("tiny_qwen3_f32", {}),
+                                     ("tiny_llama_q40", {"buffer_type": "q80"}),
+                                     ("tiny_qwen3_moe_q40", {"buffer_type": "q80"}),
+                                     ("tiny_qwen3_q40", {"buffer_type": "q80", "max_batch": 7})])
+def test_rows_of_many_sequences_in_one_pass_are_bitwise_those_run_alone(comm, name, kw):
+    alone, mixed = batch_invariance(comm, name, **kw)
+    assert alone.keys() == mixed.keys()
+    for key in alone:
+        assert np.array_equal(alone[key], mixed[key]), key

@@ -10,7 +10,7 @@ import pytest
 from mpi4py import MPI
 
 from dllama_mpi.comm import Comm
-from goldens import golden, greedy_ids, model_path, teacher_forced_logits
+from goldens import batch_invariance, golden, greedy_ids, model_path, scheduled_alone_and_together, teacher_forced_logits
 
 pytestmark = pytest.mark.mpi(min_size=2)
 SIZE = MPI.COMM_WORLD.size
@@ -153,3 +153,18 @@ def test_ring_sends_at_most_half_of_dllama_from_four_nodes(world):
     dllama = PartialSum(world, plan, h.dim, 1, "q80", "dllama").bytes_per_sync()
     ok = ring <= dllama and (world.size < 4 or 2 * ring <= dllama)
     verdict(world, world.comm.allreduce(ok, op=MPI.LAND), (world.size, ring, dllama))
+
+
+@pytest.mark.parametrize("sync", ["ring", "dllama"])
+@pytest.mark.parametrize("name,kw", [("tiny_llama_f32", {}), ("tiny_qwen3_q40", {"buffer_type": "q80"}),
+                                     ("tiny_qwen3_moe_q40", {"buffer_type": "q80"})])
+def test_many_sequences_in_one_pass_bitwise_equal_alone(world, name, kw, sync):
+    alone, mixed = batch_invariance(world, name, sync=sync, **kw)
+    bad = [k for k in alone if not np.array_equal(alone[k], mixed[k])] if world.is_root else None
+    verdict(world, world.is_root and not bad, bad)
+
+
+@pytest.mark.parametrize("name,kw", [("tiny_llama_f32", {}), ("tiny_qwen3_q40", {"buffer_type": "q80"})])
+def test_scheduled_requests_same_tokens_alone_and_together(world, name, kw):
+    alone, together = scheduled_alone_and_together(world, name, **kw)
+    verdict(world, world.is_root and alone == together, (alone, together))
