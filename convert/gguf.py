@@ -153,27 +153,34 @@ def _llama3_rope_factors(head_dim: int, theta: float, factor: float, low: float,
 
 
 def _fit_llama3_scaling(g: GGUFFile, head_dim: int, theta: float):
+    """(factor, low, high, original_context) of llama3 scaling that reproduce rope_freqs.weight.
+
+    (orig, low, high) and (k·orig, k·low, k·high) give the same factors for every k (only orig/low,
+    orig/high and the smoothing ratio matter), so a match is scaled to the smallest integer triple
+    the .m header can store; the canonical llama3 values (low 1, high 4) are tried first, so Llama 3.1
+    / 3.2 files come back as factor 8 / 32, low 1, high 4, original 8192."""
     rf = g.read_all("rope_freqs.weight").reshape(-1).astype(np.float64)
     if rf.size != head_dim // 2:
         raise ConvertError(f"{g.path}: rope_freqs.weight has {rf.size} values, expected {head_dim // 2}")
     if np.allclose(rf, 1.0):
         return None
     factor = float(rf.max())
-    origs = [g.get(f"{g.arch}.rope.scaling.original_context_length")] if g.get(
-        f"{g.arch}.rope.scaling.original_context_length") else []
-    origs += [256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
-    for orig in origs:
-        for low in (1, 2, 0.5, 4):
-            for high in (4, 2, 8, 1, 16):
-                if high <= low:
+    meta = g.get(f"{g.arch}.rope.scaling.original_context_length")
+    origs = ([int(meta)] if meta else []) + [8192, 4096, 2048, 16384, 32768, 65536, 131072, 1024, 512, 256, 128]
+    for low in (1, 2, 4, 0.5):
+        for high in (4, 2, 8, 16, 32, 1):
+            if high <= low:
+                continue
+            for orig in origs:
+                ref = _llama3_rope_factors(head_dim, theta, factor, low, high, orig)
+                if not np.allclose(ref, rf, rtol=1e-4, atol=1e-6):
                     continue
-                ref = _llama3_rope_factors(head_dim, theta, factor, low, high, int(orig))
-                if np.allclose(ref, rf, rtol=1e-4, atol=1e-6):
-                    for name, v in (("factor", factor), ("low_freq_factor", low), ("high_freq_factor", high)):
-                        if float(v) != int(v):
-                            raise ConvertError(f"{g.path}: llama3 rope scaling {name} {v} is not an integer "
-                                               f"(the .m header stores integers)")
-                    return int(factor), int(low), int(high), int(orig)
+                while low != int(low) or high != int(high):   # the equivalent integer triple
+                    orig, low, high = orig * 2, low * 2, high * 2
+                if factor != int(factor):
+                    raise ConvertError(f"{g.path}: llama3 rope scaling factor {factor} is not an integer "
+                                       f"(the .m header stores integers)")
+                return int(factor), int(low), int(high), int(orig)
     raise ConvertError(f"{g.path}: rope_freqs.weight does not match llama3 rope scaling with usual parameters; "
                        f"cannot express it in a .m header")
 

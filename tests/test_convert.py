@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -341,19 +342,26 @@ def test_qk_permutation_makes_interleaved_rope_equal_hf():
 # GGUF round trip
 
 def _llama3_rope_freqs(cfg):
-    rs, hd = cfg["rope_scaling"], cfg["head_dim"]
-    freqs = 1.0 / (cfg["rope_theta"] ** (np.arange(0, hd, 2) / hd))
+    """llama.cpp's convert_hf_to_gguf.py LlamaModel.generate_extra_tensors (rope_freqs.weight), in
+    float32 as its torch code computes it; defaults as there (factor 8, low 1, high 4, original 8192)."""
+    rs = cfg["rope_scaling"]
+    base = cfg["rope_theta"]
+    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    freqs = (np.float32(1.0) / (np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))))
+    factor = rs.get("factor", 8.0)
+    low, high = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+    old = rs.get("original_max_position_embeddings", 8192)
+    low_wl, high_wl = old / low, old / high
     out = []
-    for f in freqs:
-        wl = 2 * np.pi / f
-        lo, hi, orig, fac = rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"], rs["factor"]
-        if wl < orig / hi:
-            out.append(1.0)
-        elif wl > orig / lo:
-            out.append(fac)
+    for f in freqs.astype(np.float32):
+        wl = np.float32(2 * math.pi) / f
+        if wl < high_wl:
+            out.append(1)
+        elif wl > low_wl:
+            out.append(factor)
         else:
-            s = (orig / wl - lo) / (hi - lo)
-            out.append(1 / ((1 - s) / fac + s))
+            smooth = (np.float32(old) / wl - np.float32(low)) / np.float32(high - low)
+            out.append(np.float32(1) / ((np.float32(1) - smooth) / np.float32(factor) + smooth))
     return np.array(out, dtype=np.float32)
 
 
@@ -517,6 +525,81 @@ def test_gguf_errors(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
     with pytest.raises(ConvertError, match=r"junk\.gguf: cannot read GGUF"):
         convert_gguf(tmp_path / "junk.gguf", tmp_path / "o.m", None, "q40", quiet=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama 3.x GGUFs as llama.cpp writes them: rope scaling only as the rope_freqs tensor
+
+LLAMA3_SHAPES = {   # real head sizes and rope scaling of Llama 3.2 (1B/3B) and Llama 3.1 (8B/70B)
+    "llama3.2": dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                     rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                       high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "llama3.1": dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+                     rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                       high_freq_factor=4.0, original_max_position_embeddings=8192)),
+}
+
+
+def llama3_folder(tmp_path: Path, which: str) -> Path:
+    """A small HF Llama folder with a real Llama 3.x head size, rope theta and rope scaling."""
+    d = _copy_folder(HF / "tiny_llama", tmp_path / which, skip={"model.safetensors"})
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(LLAMA3_SHAPES[which], num_hidden_layers=2, intermediate_size=192, rope_theta=500000.0,
+               max_position_embeddings=131072)
+    cfg["rope_parameters"] = dict(cfg["rope_scaling"], rope_theta=500000.0)
+    (d / "config.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(7)
+    dim, hd, nh, nkv, ffn, V = (cfg["hidden_size"], cfg["head_dim"], cfg["num_attention_heads"],
+                                cfg["num_key_value_heads"], 192, cfg["vocab_size"])
+    w = {"model.embed_tokens.weight": rng.standard_normal((V, dim)), "model.norm.weight": 1 + 0.1 * rng.standard_normal(dim),
+         "lm_head.weight": rng.standard_normal((V, dim))}
+    for l in range(2):
+        p = f"model.layers.{l}."
+        for name, shape in (("self_attn.q_proj", (nh * hd, dim)), ("self_attn.k_proj", (nkv * hd, dim)),
+                            ("self_attn.v_proj", (nkv * hd, dim)), ("self_attn.o_proj", (dim, nh * hd)),
+                            ("mlp.gate_proj", (ffn, dim)), ("mlp.down_proj", (dim, ffn)), ("mlp.up_proj", (ffn, dim))):
+            w[p + name + ".weight"] = rng.standard_normal(shape) / math.sqrt(shape[1])
+        w[p + "input_layernorm.weight"] = 1 + 0.1 * rng.standard_normal(dim)
+        w[p + "post_attention_layernorm.weight"] = 1 + 0.1 * rng.standard_normal(dim)
+    _save_st({k: v.astype(np.float32) for k, v in w.items()}, d / "model.safetensors")
+    return d
+
+
+@pytest.mark.parametrize("which,factor", [("llama3.2", 32), ("llama3.1", 8)])
+def test_gguf_llama3_rope_freqs_fit(tmp_path, which, factor):
+    # llama.cpp's converter stores llama3 scaling only as rope_freqs.weight (no rope-scaling keys) and
+    # permutes Q/K rows; the import must recover the integer header values (factor, low 1, high 4,
+    # original 8192, not the equivalent 4096 / 0.5 / 2) and write what DL's HF converter writes
+    d = llama3_folder(tmp_path, which)
+    g = write_tiny_gguf(d, tmp_path / "m.gguf")
+    import gguf
+    r = gguf.GGUFReader(str(g))
+    assert "rope_freqs.weight" in {t.name for t in r.tensors}
+    assert not [f for f in r.fields if "rope.scaling" in f]
+    h, _ = convert_gguf(g, tmp_path / "g.m", None, "f32", quiet=True)
+    assert (h.rope_scaling_factor, h.rope_scaling_low_freq_factor, h.rope_scaling_high_freq_factor,
+            h.rope_scaling_orig_max_seq_len, h.rope_type) == (factor, 1, 4, 8192, 2)
+    convert_hf_model(d, tmp_path / "hf.m", "f32", quiet=True)
+    _same_file(tmp_path / "g.m", tmp_path / "hf.m")
+
+
+def test_gguf_llama3_fit_prefers_integer_triple(tmp_path, monkeypatch):
+    # only the half-scaled triple is offered first: it is scaled back to integers
+    from dllama_mpi.convert import gguf as G
+    d = llama3_folder(tmp_path, "llama3.2")
+    g = G.GGUFFile(write_tiny_gguf(d, tmp_path / "m.gguf"))
+    real = G._llama3_rope_factors
+    calls = []
+
+    def only_halves(hd, theta, factor, low, high, orig):
+        calls.append((low, high, orig))
+        if (low, high) != (0.5, 2):
+            return np.zeros(hd // 2)
+        return real(hd, theta, factor, low, high, orig)
+
+    monkeypatch.setattr(G, "_llama3_rope_factors", only_halves)
+    assert G._fit_llama3_scaling(g, 64, 500000.0) == (32, 1, 4, 8192)
+    assert (0.5, 2, 4096) in calls
 
 
 # ---------------------------------------------------------------------------------------------
