@@ -278,6 +278,116 @@ def test_matmul_f32(isa):
 
 
 # ---------------------------------------------------------------------------------------------
+# q80 x q80 and f16 x f32 matmuls (8- and 16-bit weights)
+
+def ref_matmul_q80_q80(w: np.ndarray, x: np.ndarray, rows: int, cols: int, batch: int):
+    """float64 sum over blocks of idot * float32(dw * dx); sum of |terms|; the integer dots."""
+    wq, wd = q80_parts(w, rows, cols)
+    xq, xd = q80_parts(x, batch, cols)
+    idot = np.einsum("rkj,bkj->brk", wq.reshape(rows, -1, 32), xq.reshape(batch, -1, 32))
+    s = (wd[None, :, :] * xd[:, None, :]).astype(np.float32)
+    terms = idot.astype(np.float64) * s.astype(np.float64)
+    return terms.sum(axis=2), np.abs(terms).sum(axis=2), idot.sum(axis=2)
+
+
+def test_matmul_q80_q80_scalar_vs_numpy():
+    use(K.ISA_SCALAR)
+    r = rng(60)
+    for rows, cols, batch in SHAPES[::2]:
+        w, x = random_q80(r, rows, cols), random_q80(r, batch, cols)
+        ref, mag, _ = ref_matmul_q80_q80(w, x, rows, cols, batch)
+        got = K.matmul_q80_q80(w, x, rows, cols, batch)
+        assert np.all(np.abs(got - ref) <= 1e-6 * mag + 1e-30), (rows, cols, batch)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_matmul_q80_q80_exact_integer_dot(isa):
+    """All scales 1.0, extreme values (weights -128..127, activations -127..127 as dl_quantize_q80
+    makes them): every path returns the exact integer dot, at 1 and 2 threads."""
+    r = rng(61)
+    rows, cols, batch = 19, 2080, 5
+    w = np.empty(rows * cols // 32, dtype=K.q80_dtype)
+    w["d"] = 0x3C00
+    w["qs"] = r.integers(-128, 128, (w.size, 32))
+    w["qs"][:65, :] = -128
+    x = np.empty(batch * cols // 32, dtype=K.q80_dtype)
+    x["d"] = 0x3C00
+    x["qs"] = r.integers(-127, 128, (x.size, 32))
+    x["qs"][:65:2, :] = -127
+    x["qs"][1:65:2, :] = 127
+    wb, xb = w.view(np.uint8), x.view(np.uint8)
+    _, _, idot = ref_matmul_q80_q80(wb, xb, rows, cols, batch)
+    assert np.abs(idot).max() < 2 ** 24
+    for threads in (1, 2):
+        use(isa, threads)
+        assert np.array_equal(K.matmul_q80_q80(wb, xb, rows, cols, batch), idot.astype(np.float32))
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+def test_matmul_q80_q80_simd_vs_scalar(isa):
+    r = rng(62)
+    for rows, cols, batch in SHAPES + [(64, 2048, 32)]:
+        w, x = random_q80(r, rows, cols), random_q80(r, batch, cols)
+        use(K.ISA_SCALAR)
+        ref = K.matmul_q80_q80(w, x, rows, cols, batch)
+        _, mag, _ = ref_matmul_q80_q80(w, x, rows, cols, batch)
+        outs = []
+        for threads in (1, 2, 3):
+            use(isa, threads)
+            outs.append(K.matmul_q80_q80(w, x, rows, cols, batch))
+        assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2]), "depends on threads"
+        assert np.all(np.abs(outs[0] - ref) <= 1e-5 * mag + 1e-30), (rows, cols, batch)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_matmul_q80_q80_batch_equals_rows_and_unaligned(isa):
+    r = rng(63)
+    rows, cols, batch = 37, 320, 6
+    w, x = random_q80(r, rows, cols), random_q80(r, batch, cols)
+    use(isa, 2)
+    full = K.matmul_q80_q80(w, x, rows, cols, batch)
+    _, mag, _ = ref_matmul_q80_q80(w, x, rows, cols, batch)
+    for b in range(batch):
+        one = K.matmul_q80_q80(w, x[b * cols // 32 * 34:(b + 1) * cols // 32 * 34], rows, cols, 1)
+        assert np.all(np.abs(one[0] - full[b]) <= 1e-5 * mag[b] + 1e-30)
+    wbuf = np.zeros(w.size + 3, dtype=np.uint8)
+    wbuf[3:] = w
+    out = np.empty((batch, rows), dtype=np.float32)
+    lib.dl_matmul_q80_q80(ptr(out), ffi.cast("dl_block_q80 *", wbuf.ctypes.data + 3), ptr(x, "dl_block_q80"),
+                          rows, cols, batch)
+    assert np.array_equal(out, full)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_matmul_f16_f32(isa):
+    """Against float64 numpy on the f16 values (any cols, batch tails, unaligned weights); SIMD
+    paths against the scalar one; identical bits at 1, 2, 3 threads."""
+    r = rng(64)
+    for rows, cols, batch in F32_SHAPES + [(64, 2048, 32)]:
+        w = r.standard_normal((rows, cols)).astype(np.float16)
+        special = np.array([65504, -6e-8, 0], np.float16)           # largest, subnormal, zero
+        w.reshape(-1)[:3] = special[:min(3, w.size)]
+        x = r.standard_normal((batch, cols)).astype(np.float32)
+        ref = x.astype(np.float64) @ w.astype(np.float64).T
+        mag = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T
+        use(K.ISA_SCALAR)
+        scalar = K.matmul_f16_f32(w, x, rows, cols, batch)
+        bound = 6e-8 * (cols + 2) * mag + 1e-30                      # float32 summation of cols terms
+        assert np.all(np.abs(scalar - ref) <= bound), (rows, cols, batch)
+        outs = []
+        for threads in (1, 2, 3):
+            use(isa, threads)
+            outs.append(K.matmul_f16_f32(w, x, rows, cols, batch))
+        assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+        assert np.all(np.abs(outs[0] - scalar) <= 2 * bound), (rows, cols, batch)
+    wbuf = np.zeros(w.size * 2 + 1, np.uint8)
+    wbuf[1:] = w.view(np.uint8).reshape(-1)
+    out = np.empty((batch, rows), np.float32)
+    lib.dl_matmul_f16_f32(ptr(out), ffi.cast("uint16_t *", wbuf.ctypes.data + 1), ptr(x), rows, cols, batch)
+    assert np.array_equal(out, outs[0])
+
+
+# ---------------------------------------------------------------------------------------------
 # elementwise ops
 
 @pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
