@@ -26,8 +26,8 @@ import numpy as np
 from . import comm as C
 from .comm import Comm
 from .errors import ConfigError
-from .formats import (BLOCK, F32, Q40, Q80_BYTES, ModelFile, ModelHeader, TensorInfo, float_type_name,
-                      read_model_header, tensor_layout)
+from .formats import (BLOCK, F16, F32, FLOAT_NAMES, Q40, Q80, Q80_BYTES, ModelFile, ModelHeader, TensorInfo,
+                      block_shape, float_type_name, read_model_header, tensor_layout, tensor_nbytes)
 from .kernels import ffi, lib
 from .shard import COL_SPLIT, ROW_SPLIT, ShardPlan, make_plan
 from .sync import PartialSum
@@ -60,11 +60,12 @@ def _aligned_empty(nbytes: int) -> np.ndarray:
 
 @dataclass
 class Matrix:
-    """One rank's slice of a weight matrix [rows, cols]: f32 row-major, or q40 repacked once at load
-    into the interleaved layout of kernels/repack.c (16 rows per SIMD pass; the repacked buffer
-    replaces the raw slice, so memory does not double). DLLAMA_REPACK=0 keeps plain q40 blocks."""
+    """One rank's slice of a weight matrix [rows, cols]: f32 / f16 row-major, q80 blocks, or q40
+    repacked once at load into the interleaved layout of kernels/repack.c (16 rows per SIMD pass;
+    the repacked buffer replaces the raw slice, so memory does not double). DLLAMA_REPACK=0 keeps
+    plain q40 blocks. q40 / q80 multiply the q80 activations, f32 / f16 the f32 ones."""
 
-    data: np.ndarray   # f32 / plain q40: raw bytes (uint8) of the slice; q40r: the repacked buffer
+    data: np.ndarray   # f32 / f16 / q80 / plain q40: raw bytes of the slice; q40r: the repacked buffer
     rows: int
     cols: int
     ftype: int
@@ -80,23 +81,24 @@ class Matrix:
             self.repacked = True
             self.ptr = ffi.cast("void *", self.data.ctypes.data)
             return
-        ctype = "dl_block_q40 *" if self.ftype == Q40 else "float *"
+        ctype = {Q40: "dl_block_q40 *", Q80: "dl_block_q80 *", F16: "uint16_t *", F32: "float *"}[self.ftype]
         self.ptr = ffi.cast(ctype, self.data.ctypes.data)
+        self._mm = {Q40: lib.dl_matmul_q40_q80, Q80: lib.dl_matmul_q80_q80, F16: lib.dl_matmul_f16_f32,
+                    F32: lib.dl_matmul_f32}[self.ftype]
+        self._quantized_input = self.ftype in (Q40, Q80)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of weights read by one matmul (the q40 payload, without repacking padding)."""
-        return self.rows * self.cols * 4 if self.ftype != Q40 else self.rows * self.cols // BLOCK * 18
+        """Bytes of weights read by one matmul (the payload, without repacking padding)."""
+        return tensor_nbytes(self.ftype, self.rows, self.cols)
 
     def matmul(self, out, xq, xf, batch: int) -> None:
-        """out[batch, rows] = x[batch, cols] · selfᵀ (cffi pointers); q40 takes the q80 input xq,
-        f32 the f32 input xf."""
+        """out[batch, rows] = x[batch, cols] · selfᵀ (cffi pointers); q40 / q80 take the q80
+        input xq, f32 / f16 the f32 input xf."""
         if self.repacked:
             lib.dl_matmul_q40r_q80(out, self.ptr, xq, self.rows, self.cols, batch)
-        elif self.ftype == Q40:
-            lib.dl_matmul_q40_q80(out, self.ptr, xq, self.rows, self.cols, batch)
         else:
-            lib.dl_matmul_f32(out, self.ptr, xf, self.rows, self.cols, batch)
+            self._mm(out, self.ptr, xq if self._quantized_input else xf, self.rows, self.cols, batch)
 
 
 def _drop_pages(model: ModelFile | None, t: TensorInfo) -> None:
@@ -156,7 +158,7 @@ def _slice_bytes(model: ModelFile, t: TensorInfo, plan: ShardPlan, rank: int) ->
     c0, c1 = plan.cols(t.name, rank)
     if (c0, c1) == (0, t.cols):
         return raw
-    unit, unit_bytes = (BLOCK, 18) if t.ftype == Q40 else (1, 4)
+    unit, unit_bytes = block_shape(t.ftype)
     rows = raw.reshape(t.rows, t.nbytes // t.rows)
     return np.ascontiguousarray(rows[:, c0 // unit * unit_bytes: c1 // unit * unit_bytes]).reshape(-1)
 
@@ -182,7 +184,7 @@ def _row_displacements(t: TensorInfo, plan: ShardPlan, n: int) -> list[int] | No
 
 
 def _slice_nbytes(t: TensorInfo, rows: int, cols: int) -> int:
-    return rows * cols * 4 if t.ftype == F32 else rows * cols // BLOCK * 18
+    return tensor_nbytes(t.ftype, rows, cols)
 
 
 def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardPlan,
@@ -338,7 +340,7 @@ class Engine:
         self.p_norm = fptr(weights.norm)
         self.rope_type = 1 if header.effective_rope_type == 1 else 0
         self.eps = header.eps
-        self.quantized = header.weights_float_type == Q40
+        self.quantized = header.quantized   # some matrix reads the q80 activations
         shard = plan[comm.rank]
         counts = [plan[r].n_vocab for r in range(comm.size)]
         self.vocab_counts = np.array(counts, np.int64)
@@ -529,9 +531,18 @@ class Engine:
 # ------------------------------------------------------------------------------------------------
 # building an engine on every rank
 
+BUFFER_TYPES = ("q80", "f32")
+
+
 def check_options(h: ModelHeader, buffer_type: str) -> None:
-    if h.weights_float_type not in (F32, Q40):
-        raise ConfigError(f"{float_type_name(h.weights_float_type)} weights are not supported (use q40 or f32)")
+    """Every weight type (f32, f16, q40, q80, mixed per matrix) runs with q80 or f32 buffers: q40 /
+    q80 matrices always multiply q80-quantized activations, f32 / f16 ones the f32 activations; the
+    buffer type is the format of the synchronised partial sums."""
+    for t in h.matrix_types:
+        if t not in FLOAT_NAMES:
+            raise ConfigError(f"{float_type_name(t)} weights are not supported (supported: f32, f16, q40, q80)")
+    if buffer_type not in BUFFER_TYPES:
+        raise ConfigError(f"--buffer-float-type {buffer_type} is not supported (supported: q80, f32)")
     if buffer_type == "q80" and h.dim % BLOCK:
         raise ConfigError(f"--buffer-float-type q80 needs dim % 32 == 0 (dim is {h.dim})")
 
@@ -552,7 +563,7 @@ def build_engine(comm: Comm, model_path: str | None, *, max_seq_len: int | None 
     header_bytes = comm.bcast_bytes(header_bytes) if comm.size > 1 else header_bytes
     h, header_size = read_model_header(model_path or "<root>", header_bytes, len(header_bytes))
     if buffer_type in (None, "auto"):
-        buffer_type = "q80" if h.weights_float_type == Q40 else "f32"
+        buffer_type = "q80" if h.quantized else "f32"
     check_options(h, buffer_type)
     if max_seq_len is not None:
         if max_seq_len <= 0:

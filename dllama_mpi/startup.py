@@ -175,7 +175,7 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
     if comm.is_root and not quiet:
         h = engine.h
         log(f"model {model_path}: {h.arch_name}, dim {h.dim}, {h.n_layers} layers, {h.n_heads} heads / "
-            f"{h.n_kv_heads} kv heads, vocab {h.vocab_size}, weights {('f32', 'f16', 'q40', 'q80')[h.weights_float_type]}, "
+            f"{h.n_kv_heads} kv heads, vocab {h.vocab_size}, weights {h.weights_name}, "
             f"buffers {engine.buffer_type}, sync {engine.sync.scheme}, {comm.size} node(s) x {nthreads} thread(s), "
             f"loaded in {engine.load_seconds:.2f} s")
     return engine, tokenizer

@@ -17,7 +17,8 @@ from dllama_mpi.convert.common import dequantize_q40, quantize_q40
 from dllama_mpi.convert.gguf import convert_gguf
 from dllama_mpi.convert.hf import convert_hf, convert_hf_model, convert_hf_tokenizer
 from dllama_mpi.errors import ConvertError
-from dllama_mpi.formats import ARCH_LLAMA, F32, Q40, open_model, read_tokenizer
+from dllama_mpi.formats import (ARCH_LLAMA, F16, F32, FLOAT_BY_NAME, Q40, Q80, open_model, read_model_header,
+                                read_tokenizer)
 
 TINY = Path(__file__).parent / "data" / "tiny"
 HF = TINY / "hf"
@@ -25,7 +26,11 @@ M = TINY / "m"
 T = TINY / "t"
 
 MODELS = [("tiny_llama", "q40"), ("tiny_llama", "f32"), ("tiny_qwen3", "q40"), ("tiny_qwen3", "f32"),
-          ("tiny_qwen3_moe", "q40")]
+          ("tiny_qwen3_moe", "q40"), ("tiny_llama", "q80"), ("tiny_llama", "f16")]
+# sha256 of Distributed Llama's convert-hf.py output (commit 8d624a7, torch 2.14, numpy 2.4) for the
+# q80 / f16 models whose files are not kept in tests/data (tests/data/README.md)
+DL_SHA256 = {("tiny_qwen3", "q80"): "4b5c090028b4f2510c6e157cbd2cad5810bc19b9ec5ac4ab5ad788f1bccbd2f1",
+             ("tiny_qwen3", "f16"): "58fa5b5d37e0f067f9f94f548e7698a0dc3c6786e87a183d10e8480661c048fc"}
 TOKENIZERS = [("tiny_llama", "llama3"), ("tiny_qwen3", "qwen3")]
 
 
@@ -79,7 +84,14 @@ def test_hf_model_byte_identical(tmp_path, name, weights):
     h = convert_hf_model(HF / name, out, weights, quiet=True)
     _same_file(out, M / f"dllama_model_{name}_{weights}.m")
     assert not (tmp_path / "out.m.partial").exists()
-    assert h.weights_float_type == (Q40 if weights == "q40" else F32)
+    assert h.weights_float_type == FLOAT_BY_NAME[weights] and not h.tensor_types
+
+
+@pytest.mark.parametrize("name,weights", sorted(DL_SHA256))
+def test_hf_model_sha256_equals_distributed_llama(tmp_path, name, weights):
+    import hashlib
+    convert_hf_model(HF / name, tmp_path / "out.m", weights, quiet=True)
+    assert hashlib.sha256((tmp_path / "out.m").read_bytes()).hexdigest() == DL_SHA256[(name, weights)]
 
 
 def test_hf_tied_byte_identical(tmp_path, tied_folder):
@@ -432,8 +444,9 @@ def write_tiny_gguf(folder: Path, path: Path, qtype=None, tied=False):
 
     def add(name, a, quant=True):
         a = np.ascontiguousarray(a, dtype=np.float32)
-        if qtype is not None and quant and a.ndim == 2:
-            wr.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        q = qtype(name) if callable(qtype) else qtype        # one type, or one per tensor name
+        if q is not None and quant and a.ndim == 2:
+            wr.add_tensor(name, gguf.quants.quantize(a, q), raw_dtype=q)
         else:
             wr.add_tensor(name, a)
 
@@ -525,6 +538,110 @@ def test_gguf_errors(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
     with pytest.raises(ConvertError, match=r"junk\.gguf: cannot read GGUF"):
         convert_gguf(tmp_path / "junk.gguf", tmp_path / "o.m", None, "q40", quiet=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# --weights auto: the GGUF's quality kept, bit-exact where the block layouts agree
+
+def _gguf_bytes(path, name):
+    import gguf
+    t = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}[name]
+    return np.asarray(t.data).tobytes()
+
+
+@pytest.mark.parametrize("qname,mtype", [("Q8_0", Q80), ("Q4_0", Q40), ("F16", F16)])
+def test_gguf_auto_copies_same_layout_bit_exact(tmp_path, qname, mtype):
+    import gguf
+    q = gguf.GGMLQuantizationType[qname]
+    g = write_tiny_gguf(HF / "tiny_llama", tmp_path / "m.gguf", qtype=q)
+    h, _ = convert_gguf(g, tmp_path / "m.m", None, quiet=True)          # default: auto
+    assert h.weights_float_type == mtype and not h.tensor_types
+    m = open_model(tmp_path / "m.m")
+    try:
+        assert 22 not in dict(m.header.to_pairs())                     # a plain Distributed Llama file
+        for l, name, gname in ((0, "wq", "blk.0.attn_q.weight"), (3, "w2", "blk.3.ffn_down.weight"),
+                               (-1, "wcls", "output.weight")):
+            t = m.info(name, l)
+            assert t.ftype == mtype and m.raw(t).tobytes() == _gguf_bytes(g, gname)
+    finally:
+        m.close()
+    # explicit --weights of the same type copies too (no re-quantization of Q4_0 / Q8_0)
+    h2, _ = convert_gguf(g, tmp_path / "e.m", None, {Q80: "q80", Q40: "q40", F16: "f16"}[mtype], quiet=True)
+    _same_file(tmp_path / "e.m", tmp_path / "m.m")
+
+
+def test_gguf_auto_bf16_to_f16_and_q4_1_to_q80(tmp_path):
+    import gguf
+    Q = gguf.GGMLQuantizationType
+    ref = open_model(M / "dllama_model_tiny_llama_f32.m")
+    try:
+        for q, mtype in ((Q.BF16, F16), (Q.Q4_1, Q80), (Q.Q5_0, Q80)):
+            g = write_tiny_gguf(HF / "tiny_llama", tmp_path / f"{q.name}.gguf", qtype=q)
+            h, _ = convert_gguf(g, tmp_path / f"{q.name}.m", None, quiet=True)
+            assert h.weights_float_type == mtype
+            m = open_model(tmp_path / f"{q.name}.m")
+            try:
+                t = m.info("w1", 1)
+                src = gguf.quants.dequantize(np.asarray({x.name: x for x in gguf.GGUFReader(str(g)).tensors}
+                                                        ["blk.1.ffn_gate.weight"].data), q).reshape(t.rows, t.cols)
+                if mtype == F16:
+                    got = m.raw(t).view("<f2").astype(np.float32).reshape(t.rows, t.cols)
+                    assert np.array_equal(got, src)                    # bf16 values fit f16 here exactly
+                else:
+                    from dllama_mpi.kernels import dequantize_q80
+                    got = dequantize_q80(m.raw(t), t.rows * t.cols).reshape(t.rows, t.cols)
+                    # half a q80 step per block, plus 127 x the f16 rounding of the scale (2^-11 relative)
+                    step = np.abs(src).reshape(-1, 32).max(1) / 127
+                    assert np.all(np.abs(got - src).reshape(-1, 32) <= step[:, None] * (0.5 + 127 * 2.0 ** -11))
+            finally:
+                m.close()
+    finally:
+        ref.close()
+
+
+def test_gguf_auto_mixed_file_gets_a_type_table(tmp_path, capsys):
+    # as llama-quantize leaves Q4_0 files: most matrices Q4_0, some Q8_0, the output F16, one Q4_1
+    import gguf
+    Q = gguf.GGMLQuantizationType
+    def qtype(name):
+        if name == "output.weight":
+            return Q.F16
+        if name == "blk.2.ffn_up.weight":
+            return Q.Q4_1
+        return Q.Q8_0 if ".attn_v." in name else Q.Q4_0
+
+    g = write_tiny_gguf(HF / "tiny_llama", tmp_path / "mix.gguf", qtype=qtype)
+    h, _ = convert_gguf(g, tmp_path / "mix.m", None, quiet=False)
+    err = capsys.readouterr().err
+    for line in ("Q4_0 -> q40: 23 tensors copied", "Q8_0 -> q80: 4 tensors copied", "F16 -> f16: 1 tensor copied",
+                 "Q4_1 -> q80: 1 tensor quantized", "F32 -> f32: 9 tensors copied", "Q4_0 -> f32: 1 tensor converted"):   # the embedding
+        assert line in err, err
+    assert h.weights_float_type == Q40 and len(h.tensor_types) == h.n_matrices == 29
+    m = open_model(tmp_path / "mix.m")
+    try:
+        hh = m.header
+        assert dict(hh.to_pairs())[22] == 29 and hh.tensor_types == h.tensor_types
+        assert m.header_size == 8 + 8 * len(hh.to_pairs()) + 32                  # 29 bytes, padded to 8
+        assert [m.info("wv", l).ftype for l in range(4)] == [Q80] * 4
+        assert m.info("wcls").ftype == F16 and m.info("w3", 2).ftype == Q80 and m.info("w3", 1).ftype == Q40
+        assert m.raw(m.info("wv", 2)).tobytes() == _gguf_bytes(g, "blk.2.attn_v.weight")
+        assert m.raw(m.info("wq", 2)).tobytes() == _gguf_bytes(g, "blk.2.attn_q.weight")
+        assert os.path.getsize(tmp_path / "mix.m") == m.tensors[-1].offset + m.tensors[-1].nbytes
+    finally:
+        m.close()
+    # a damaged table: wrong length, unknown type; one line naming the field
+    data = bytearray((tmp_path / "mix.m").read_bytes())
+    n_pairs = len(hh.to_pairs())
+    bad = bytearray(data)
+    bad[8 + 8 * n_pairs + 5] = 9
+    (tmp_path / "bad.m").write_bytes(bad)
+    with pytest.raises(Exception, match=r"bad\.m: tensor type table entry 5 has unknown float type 9"):
+        open_model(tmp_path / "bad.m")
+    bad = bytearray(data)
+    bad[8 + 8 * (n_pairs - 1) + 4] = 28
+    (tmp_path / "bad2.m").write_bytes(bad)
+    with pytest.raises(Exception, match=r"bad2\.m: header key 22 \(n_tensor_types\) is 28, the model has 29"):
+        open_model(tmp_path / "bad2.m")
 
 
 # ---------------------------------------------------------------------------------------------
