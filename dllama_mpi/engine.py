@@ -48,7 +48,7 @@ def qptr(a: np.ndarray):
 # ------------------------------------------------------------------------------------------------
 # weights
 
-REPACK = os.environ.get("DLLAMA_REPACK", "1") != "0"   # DLLAMA_REPACK=0: keep the plain q40 layout
+REPACK = os.environ.get("DLLAMA_REPACK", "1") != "0"   # DLLAMA_REPACK=0: keep the plain q40 / q80 layouts
 
 
 def _aligned_empty(nbytes: int) -> np.ndarray:
@@ -62,8 +62,9 @@ def _aligned_empty(nbytes: int) -> np.ndarray:
 class Matrix:
     """One rank's slice of a weight matrix [rows, cols]: f32 / f16 row-major, q80 blocks, or q40
     repacked once at load into the interleaved layout of kernels/repack.c (16 rows per SIMD pass;
-    the repacked buffer replaces the raw slice, so memory does not double). DLLAMA_REPACK=0 keeps
-    plain q40 blocks. q40 / q80 multiply the q80 activations, f32 / f16 the f32 ones."""
+    the repacked buffer replaces the raw slice, so memory does not double); q80 likewise into the
+    q80r layout of kernels/matmul_q80.c. DLLAMA_REPACK=0 keeps plain blocks. q40 / q80 multiply the
+    q80 activations, f32 / f16 the f32 ones."""
 
     data: np.ndarray   # f32 / f16 / q80 / plain q40: raw bytes of the slice; q40r: the repacked buffer
     rows: int
@@ -73,13 +74,20 @@ class Matrix:
     repacked: bool = field(init=False, default=False)
 
     def __post_init__(self):
-        if self.ftype == Q40 and REPACK:
+        if self.ftype in (Q40, Q80) and REPACK:
+            q40 = self.ftype == Q40
             src = self.data
-            self.data = _aligned_empty(lib.dl_q40r_bytes(self.rows, self.cols))
-            lib.dl_repack_q40(ffi.cast("void *", self.data.ctypes.data),
-                              ffi.cast("dl_block_q40 *", src.ctypes.data), self.rows, self.cols)
+            size = lib.dl_q40r_bytes(self.rows, self.cols) if q40 else lib.dl_q80r_bytes(self.rows, self.cols)
+            self.data = _aligned_empty(size)
+            dst = ffi.cast("void *", self.data.ctypes.data)
+            if q40:
+                lib.dl_repack_q40(dst, ffi.cast("dl_block_q40 *", src.ctypes.data), self.rows, self.cols)
+            else:
+                lib.dl_repack_q80(dst, ffi.cast("dl_block_q80 *", src.ctypes.data), self.rows, self.cols)
             self.repacked = True
-            self.ptr = ffi.cast("void *", self.data.ctypes.data)
+            self.ptr = dst
+            self._mm = lib.dl_matmul_q40r_q80 if q40 else lib.dl_matmul_q80r_q80
+            self._quantized_input = True
             return
         ctype = {Q40: "dl_block_q40 *", Q80: "dl_block_q80 *", F16: "uint16_t *", F32: "float *"}[self.ftype]
         self.ptr = ffi.cast(ctype, self.data.ctypes.data)
@@ -95,10 +103,7 @@ class Matrix:
     def matmul(self, out, xq, xf, batch: int) -> None:
         """out[batch, rows] = x[batch, cols] · selfᵀ (cffi pointers); q40 / q80 take the q80
         input xq, f32 / f16 the f32 input xf."""
-        if self.repacked:
-            lib.dl_matmul_q40r_q80(out, self.ptr, xq, self.rows, self.cols, batch)
-        else:
-            self._mm(out, self.ptr, xq if self._quantized_input else xf, self.rows, self.cols, batch)
+        self._mm(out, self.ptr, xq if self._quantized_input else xf, self.rows, self.cols, batch)
 
 
 def _drop_pages(model: ModelFile | None, t: TensorInfo) -> None:

@@ -68,6 +68,15 @@ uint64_t dl_read_bytes(const void *p, size_t n);
 void dl_matmul_q80_q80(float *out, const dl_block_q80 *w, const dl_block_q80 *x, int rows, int cols, int batch);
 void dl_matmul_f16_f32(float *out, const uint16_t *w, const float *x, int rows, int cols, int batch);
 
+/* ---- interleaved ("repacked") q80, layout in kernels/matmul_q80.c: as q40r, repack once at load,
+ * then dl_matmul_q80r_q80 (same result as dl_matmul_q80_q80 up to float summation order; the
+ * scalar path is bit-identical). ---- */
+#define DL_Q80R_ROWS 16
+size_t dl_q80r_bytes(int rows, int cols);
+void dl_repack_q80(void *dst, const dl_block_q80 *src, int rows, int cols);
+void dl_unpack_q80r(dl_block_q80 *dst, const void *src, int rows, int cols);
+void dl_matmul_q80r_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
+
 /* ---- elementwise / norms (batch rows of n, contiguous) ---- */
 void dl_rmsnorm(float *out, const float *x, const float *w, int n, float eps, int batch);
 void dl_silu_mul(float *out, const float *gate, const float *up, int64_t n);  /* out = silu(gate) * up */

@@ -1,7 +1,7 @@
 """Kernel timings: matvec GB/s (weight bytes read) and batched matmul tokens/s-equivalent.
 
 Usage: python scripts/bench_kernels.py [--rows 2048] [--cols 8192] [--batch 32] [--isa NAME]
-                                       [--type q40,q40r,q80,f16]  (default q40)
+                                       [--type q40,q40r,q80,q80r,f16]  (default q40)
 plus the read-bandwidth probe (dl_read_bytes) on the same bytes, the ceiling of a matvec.
 """
 
@@ -42,7 +42,7 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--isa", default=None)
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--type", default="q40", help="comma-separated: q40, q40r (repacked), q80, f16")
+    ap.add_argument("--type", default="q40", help="comma-separated: q40, q40r (repacked), q80, q80r, f16")
     a = ap.parse_args()
     isas = [a.isa] if a.isa else [K.isa_name(i) for i in K.supported_isas()]
     r = np.random.default_rng(0)
@@ -57,7 +57,7 @@ def main():
     for wtype in a.type.split(","):
         if wtype in ("q40", "q40r"):
             base = K.quantize_q40(vals)
-        elif wtype == "q80":
+        elif wtype in ("q80", "q80r"):
             base = K.quantize_q80(vals)
         elif wtype == "f16":
             base = vals.astype(np.float16).view(np.uint8)
@@ -69,14 +69,21 @@ def main():
             rb = rb[(-rb.ctypes.data) % 64:][:lib.dl_q40r_bytes(rows, cols)]
             lib.dl_repack_q40(ptr(rb, "void"), ptr(base, "dl_block_q40"), rows, cols)
             base = rb
+        if wtype == "q80r":
+            rb = np.empty(lib.dl_q80r_bytes(rows, cols) + 64, np.uint8)
+            rb = rb[(-rb.ctypes.data) % 64:][:lib.dl_q80r_bytes(rows, cols)]
+            lib.dl_repack_q80(ptr(rb, "void"), ptr(base, "dl_block_q80"), rows, cols)
+            base = rb
         # several copies of the matrix so it is read from memory, not from the cache
         ncopy = min(8, max(1, int(256e6 // wbytes)))
         w = [base.copy() for _ in range(ncopy)]
-        ctype = {"q40": "dl_block_q40", "q40r": "void", "q80": "dl_block_q80", "f16": "uint16_t"}[wtype]
+        ctype = {"q40": "dl_block_q40", "q40r": "void", "q80": "dl_block_q80", "q80r": "void",
+                 "f16": "uint16_t"}[wtype]
         wp = [ptr(m, ctype) for m in w]
         fn = {"q40": lambda o, m, b: lib.dl_matmul_q40_q80(o, m, x1p if b == 1 else xbp, rows, cols, b),
               "q40r": lambda o, m, b: lib.dl_matmul_q40r_q80(o, m, x1p if b == 1 else xbp, rows, cols, b),
               "q80": lambda o, m, b: lib.dl_matmul_q80_q80(o, m, x1p if b == 1 else xbp, rows, cols, b),
+              "q80r": lambda o, m, b: lib.dl_matmul_q80r_q80(o, m, x1p if b == 1 else xbp, rows, cols, b),
               "f16": lambda o, m, b: lib.dl_matmul_f16_f32(o, m, x1fp if b == 1 else xbfp, rows, cols, b)}[wtype]
         print(f"{wtype} matrix {rows}x{cols} = {wbytes / 1e6:.1f} MB ({ncopy} copies rotated)")
         for isa in isas:

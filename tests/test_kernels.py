@@ -684,3 +684,93 @@ def test_q40r_matvec_streams_and_prefetch_do_not_change_results(isa):
     finally:
         lib.dl_q40r_split(split)
         lib.dl_q40r_prefetch(max(pf, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# repacked q80 (q80r)
+
+def repack_q80(w: np.ndarray, rows: int, cols: int, misalign: int = 0) -> np.ndarray:
+    n = lib.dl_q80r_bytes(rows, cols)
+    buf = np.full(n + 64 + misalign, 0xAB, np.uint8)
+    off = (-buf.ctypes.data) % 64 + misalign
+    out = buf[off:off + n]
+    lib.dl_repack_q80(ffi.cast("void *", out.ctypes.data), ptr(w, "dl_block_q80"), rows, cols)
+    return out
+
+
+def matmul_q80r(wr: np.ndarray, x: np.ndarray, rows: int, cols: int, batch: int) -> np.ndarray:
+    out = np.full((batch, rows), np.nan, np.float32)
+    lib.dl_matmul_q80r_q80(ptr(out), ffi.cast("void *", wr.ctypes.data), ptr(x, "dl_block_q80"),
+                           rows, cols, batch)
+    return out
+
+
+def test_q80r_layout_roundtrip_and_size():
+    r = rng(70)
+    for rows, cols, _ in Q40R_SHAPES:
+        w = random_q80(r, rows, cols)
+        nb = cols // 32
+        assert lib.dl_q80r_bytes(rows, cols) == (rows + 15) // 16 * (((nb * 32 + 63) // 64) * 64 + nb * 512)
+        for threads in (1, 2):
+            use(K.ISA_SCALAR, threads)
+            back = np.zeros_like(w)
+            wr = repack_q80(w, rows, cols)      # kept alive while C reads it
+            lib.dl_unpack_q80r(ptr(back, "dl_block_q80"), ffi.cast("void *", wr.ctypes.data), rows, cols)
+            assert np.array_equal(back, w)
+
+
+def test_q80r_scalar_bitwise_equals_plain_scalar():
+    r = rng(71)
+    use(K.ISA_SCALAR)
+    for rows, cols, batch in Q40R_SHAPES:
+        w, x = random_q80(r, rows, cols), random_q80(r, batch, cols)
+        assert np.array_equal(matmul_q80r(repack_q80(w, rows, cols), x, rows, cols, batch),
+                              K.matmul_q80_q80(w, x, rows, cols, batch))
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_q80r_exact_integer_dot(isa):
+    r = rng(72)
+    rows, cols, batch = 19, 2080, 5
+    w = np.empty(rows * cols // 32, dtype=K.q80_dtype)
+    w["d"] = 0x3C00
+    w["qs"] = r.integers(-128, 128, (w.size, 32))
+    w["qs"][:65, :] = -128
+    x = np.empty(batch * cols // 32, dtype=K.q80_dtype)
+    x["d"] = 0x3C00
+    x["qs"] = r.integers(-127, 128, (x.size, 32))
+    x["qs"][:65:2, :] = -127
+    x["qs"][1:65:2, :] = 127
+    wb, xb = w.view(np.uint8), x.view(np.uint8)
+    _, _, idot = ref_matmul_q80_q80(wb, xb, rows, cols, batch)
+    wr = repack_q80(wb, rows, cols)
+    for threads in (1, 2):
+        use(isa, threads)
+        assert np.array_equal(matmul_q80r(wr, xb, rows, cols, batch), idot.astype(np.float32))
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+def test_q80r_simd_vs_plain_and_threads(isa):
+    r = rng(73)
+    for rows, cols, batch in Q40R_SHAPES + [(2048, 2048, 1), (512, 4096, 32)]:
+        w, x = random_q80(r, rows, cols), random_q80(r, batch, cols)
+        use(K.ISA_SCALAR)
+        ref = K.matmul_q80_q80(w, x, rows, cols, batch)
+        _, mag, _ = ref_matmul_q80_q80(w, x, rows, cols, batch)
+        wr = repack_q80(w, rows, cols, misalign=3)
+        outs = []
+        for threads in (1, 2, 3):
+            use(isa, threads)
+            outs.append(matmul_q80r(wr, x, rows, cols, batch))
+        assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+        assert np.all(np.abs(outs[0] - ref) <= 1e-5 * mag + 1e-30), (rows, cols, batch)
+        for b in (0, batch - 1):
+            one = matmul_q80r(wr, x[b * cols // 32 * 34:(b + 1) * cols // 32 * 34], rows, cols, 1)
+            assert np.array_equal(one[0], outs[0][b])
+    rows, cols, batch = 21, 64, 3      # rows beyond `rows` are never written
+    w, x = random_q80(r, rows, cols), random_q80(r, batch, cols)
+    big = np.full((batch, 32), -7.0, np.float32)
+    wr = repack_q80(w, rows, cols)
+    use(isa, 2)
+    lib.dl_matmul_q80r_q80(ptr(big), ffi.cast("void *", wr.ctypes.data), ptr(x, "dl_block_q80"), rows, cols, batch)
+    assert np.all(big.reshape(-1)[batch * rows:] == -7.0)
