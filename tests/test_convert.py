@@ -750,14 +750,16 @@ def test_smollm2_default_model(tmp_path, monkeypatch):
     monkeypatch.setenv("DLLAMA_MPI_MODELS", str(tmp_path / "models"))
     assert default_models_dir() == tmp_path / "models"
     mp, tp = ensure_default_model(default_models_dir(), quiet=True)
-    assert mp == str(tmp_path / "models" / "smollm2-135m-instruct" / "model_f32.m")
+    assert mp == str(tmp_path / "models" / "smollm2-135m-instruct" / "model_q80.m")
     m = open_model(mp)
     try:
         h = m.header
         assert (h.arch_type, h.dim, h.hidden_dim, h.n_layers, h.n_heads, h.n_kv_heads, h.vocab_size) == \
             (ARCH_LLAMA, 576, 1536, 30, 9, 3, 49152)
         assert (h.rope_theta, h.head_size, h.norm_epsilon, h.max_seq_len, h.weights_float_type) == \
-            (100000, 64, 5, 8192, F32)
+            (100000, 64, 5, 8192, Q80)
+        assert not h.tensor_types                       # Q4_1 and Q8_0 both become q80: one type
+        assert m.info("wcls").ftype == Q80
         assert h.rope_scaling_factor == 1 and 18 not in dict(h.to_pairs())
     finally:
         m.close()
