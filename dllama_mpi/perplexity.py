@@ -34,7 +34,7 @@ import click
 import numpy as np
 
 from .errors import ConfigError
-from .startup import log, model_options, spmd, start
+from .startup import log, model_options, read_text_file, spmd, start
 
 MAGIC = b"_logits_"
 
@@ -271,14 +271,7 @@ def perplexity(comm, model_path, tokenizer_path, nthreads, buffer_float_type, ma
 
 
 def _perplexity(engine, tokenizer, text_file, ctx, chunks, bos, kld_base, out) -> dict:
-    try:
-        with open(text_file, "rb") as f:
-            text = f.read().decode("utf-8")
-    except OSError as e:
-        raise ConfigError(f"{text_file}: cannot read the text file: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{text_file}: not UTF-8 ({e.reason} at byte {e.start})") from None
-    tokens = tokenizer.encode(text, parse_special=False)
+    tokens = tokenizer.encode(read_text_file(text_file), parse_special=False)
     n_chunk = chunk_tokens(tokens, ctx, chunks, text_file)
     log(f"perplexity: {len(tokens)} tokens, {n_chunk} chunks of {ctx} (scoring the last {ctx - 1 - ctx // 2} of each)")
     save = None

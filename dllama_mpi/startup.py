@@ -75,7 +75,7 @@ def model_options(fn):
                      help="Distributed Llama .t tokenizer (default: the one next to the default model)."),
         click.option("--nthreads", type=int, default=1, show_default=True, help="Threads per rank (C thread pool)."),
         click.option("--buffer-float-type", type=click.Choice(["q80", "f32"]), default=None,
-                     help="Format of synchronised activations [default: q80 for q40 weights, f32 for f32]."),
+                     help="Format of synchronised activations [default: q80 for q40 / q80 weights, f32 for f16 / f32]."),
         click.option("--max-seq-len", type=int, default=None, help="Cap the context (KV-cache rows)."),
         click.option("--sync", "sync_scheme", type=click.Choice(["ring", "dllama"]), default="ring", show_default=True,
                      help="ring: reduce-scatter + all-gather; dllama: all-gather of every partial (Distributed Llama's numerics)."),
@@ -100,6 +100,17 @@ def sampling_options(fn):
     for o in reversed(opts):
         fn = o(fn)
     return fn
+
+
+def read_text_file(path: str) -> str:
+    """A UTF-8 text file given on the command line, or one ConfigError line naming it."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 def resolve_model(model_path, tokenizer_path):

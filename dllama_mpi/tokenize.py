@@ -17,7 +17,7 @@ import sys
 import click
 
 from .errors import ConfigError
-from .startup import spmd
+from .startup import read_text_file, spmd
 
 
 def format_tokens(ids, pieces: list[bytes], ids_only: bool, show_count: bool) -> bytes:
@@ -51,13 +51,7 @@ def tokenize(comm, tokenizer_path, text, text_file, ids_only, no_bos, no_parse_s
     if (text is None) == (text_file is None):
         raise ConfigError("give exactly one of --text and --file")
     if text_file is not None:
-        try:
-            with open(text_file, "rb") as f:
-                text = f.read().decode("utf-8")
-        except OSError as e:
-            raise ConfigError(f"{text_file}: cannot read: {e.strerror}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{text_file}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        text = read_text_file(text_file)
     if tokenizer_path is None:
         from .convert.smollm2 import default_models_dir, ensure_default_model
 

@@ -91,6 +91,17 @@ static inline size_t xprep_stride(int cols) {
 
 static inline uint16_t dl_ld16(const void *p) { uint16_t v; __builtin_memcpy(&v, p, 2); return v; }
 
+#if DL_X86
+#include <immintrin.h>
+/* horizontal sum of 8 floats (the AVX2 tiles of matmul_q80.c / matmul_f16.c) */
+DL_INLINE DL_TARGET_AVX2 float dl_hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
 #define DL_DECL_ALL(sfx) \
     void dl_quantize_q80_##sfx(dl_block_q80 *y, const float *x, int64_t n); \
     void dl_matmul_q40_q80_rows_##sfx(float *out, const dl_block_q40 *w, const dl_block_q80 *x, \

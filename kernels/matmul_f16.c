@@ -35,13 +35,6 @@ void dl_matmul_f16_rows_scalar(float *out, const uint16_t *w, const float *x,
 /* ------------------------------------------------------------------------------------------ */
 /* AVX2 + FMA + F16C: R rows x B batch rows, 8 columns per step */
 
-DL_INLINE DL_TARGET_AVX2 float f16_hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 DL_INLINE DL_TARGET_AVX2 void f16_tile_avx2(float *out, const uint16_t *w, const float *x, int cols,
                                            int rows, int r, int b, const int R, const int B) {
     __m256 acc[4][4];
@@ -59,7 +52,7 @@ DL_INLINE DL_TARGET_AVX2 void f16_tile_avx2(float *out, const uint16_t *w, const
     }
     for (int i = 0; i < R; i++)
         for (int j = 0; j < B; j++) {
-            float s = f16_hsum256(acc[i][j]);
+            float s = dl_hsum256(acc[i][j]);
             const uint16_t *wr = w + (size_t)(r + i) * cols;
             const float *xb = x + (size_t)(b + j) * cols;
             for (int cc = c; cc < cols; cc++) s += _cvtsh_ss(dl_ld16(wr + cc)) * xb[cc];

@@ -35,9 +35,16 @@
 /* ------------------------------------------------------------------------------------------ */
 /* scalar reference */
 
-void dl_matmul_q80_q80_rows_scalar(float *out, const dl_block_q80 *w, const dl_block_q80 *x,
-                                   const void *xprep, int r0, int r1, int rows, int cols, int batch) {
-    (void)xprep;
+static inline int32_t q80_block_dot_scalar(const dl_block_q80 *wb, const dl_block_q80 *xb) {
+    int32_t idot = 0;
+    for (int j = 0; j < DL_QK; j++) idot += (int32_t)wb->qs[j] * xb->qs[j];
+    return idot;
+}
+
+/* the per (row, batch row) block loop of the scalar and NEON paths (same float summation order) */
+DL_INLINE void q80_rows_loop(float *out, const dl_block_q80 *w, const dl_block_q80 *x, int r0, int r1,
+                             int rows, int cols, int batch,
+                             int32_t (*block_dot)(const dl_block_q80 *, const dl_block_q80 *)) {
     const int nb = cols / DL_QK;
     for (int r = r0; r < r1; r++) {
         const dl_block_q80 *wr = w + (size_t)r * nb;
@@ -45,26 +52,23 @@ void dl_matmul_q80_q80_rows_scalar(float *out, const dl_block_q80 *w, const dl_b
             const dl_block_q80 *xb = x + (size_t)b * nb;
             float sum = 0.0f;
             for (int k = 0; k < nb; k++) {
-                int32_t idot = 0;
-                for (int j = 0; j < DL_QK; j++) idot += (int32_t)wr[k].qs[j] * xb[k].qs[j];
                 const float s = dl_f16_to_f32_scalar(wr[k].d) * dl_f16_to_f32_scalar(xb[k].d);
-                sum += (float)idot * s;
+                sum += (float)block_dot(wr + k, xb + k) * s;
             }
             out[(size_t)b * rows + r] = sum;
         }
     }
 }
 
+void dl_matmul_q80_q80_rows_scalar(float *out, const dl_block_q80 *w, const dl_block_q80 *x,
+                                   const void *xprep, int r0, int r1, int rows, int cols, int batch) {
+    (void)xprep;
+    q80_rows_loop(out, w, x, r0, r1, rows, cols, batch, q80_block_dot_scalar);
+}
+
 #if DL_X86
 /* ------------------------------------------------------------------------------------------ */
 /* AVX2 + FMA + F16C: R rows x B batch rows, one block per step */
-
-DL_INLINE DL_TARGET_AVX2 float q80_hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 DL_INLINE DL_TARGET_AVX2 void q80_tile_avx2(float *out, const uint8_t *w, size_t wstride,
                                             const void *xp, int cols, int rows, int r, int b,
@@ -99,7 +103,7 @@ DL_INLINE DL_TARGET_AVX2 void q80_tile_avx2(float *out, const uint8_t *w, size_t
         }
     }
     for (int i = 0; i < R; i++)
-        for (int j = 0; j < B; j++) out[(size_t)(b + j) * rows + r + i] = q80_hsum256(acc[i][j]);
+        for (int j = 0; j < B; j++) out[(size_t)(b + j) * rows + r + i] = dl_hsum256(acc[i][j]);
 }
 
 DL_TARGET_AVX2 void dl_matmul_q80_q80_rows_avx2(float *out, const dl_block_q80 *w, const dl_block_q80 *x,
@@ -221,19 +225,7 @@ static inline int32_t q80_neon_block_dot(const dl_block_q80 *wb, const dl_block_
 void dl_matmul_q80_q80_rows_neon(float *out, const dl_block_q80 *w, const dl_block_q80 *x,
                                  const void *xprep, int r0, int r1, int rows, int cols, int batch) {
     (void)xprep;
-    const int nb = cols / DL_QK;
-    for (int r = r0; r < r1; r++) {
-        const dl_block_q80 *wr = w + (size_t)r * nb;
-        for (int b = 0; b < batch; b++) {
-            const dl_block_q80 *xb = x + (size_t)b * nb;
-            float sum = 0.0f;
-            for (int k = 0; k < nb; k++) {
-                const float s = dl_f16_to_f32_scalar(wr[k].d) * dl_f16_to_f32_scalar(xb[k].d);
-                sum += (float)q80_neon_block_dot(wr + k, xb + k) * s;
-            }
-            out[(size_t)b * rows + r] = sum;
-        }
-    }
+    q80_rows_loop(out, w, x, r0, r1, rows, cols, batch, q80_neon_block_dot);
 }
 #endif
 

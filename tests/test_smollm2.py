@@ -122,7 +122,8 @@ def test_default_q80_model_answers_as_f32_does(default_model, n):
 
 def test_q80_logits_track_f32(default_model, f32_model):
     """Teacher-forced over the test text: the q80 model's top token is the f32 import's at most
-    positions, its logits within q80 noise (measured: mean |diff| 0.21, top-1 agreement 96 %)."""
+    positions, its logits within q80 noise (measured: mean |diff| 0.23, top-1 agreement 95 %; the q40
+    variant: 1.8 and 65 %)."""
     from mpi4py import MPI
 
     from dllama_mpi.comm import Comm
