@@ -86,13 +86,13 @@ class Matrix:
                 lib.dl_repack_q80(dst, ffi.cast("dl_block_q80 *", src.ctypes.data), self.rows, self.cols)
             self.repacked = True
             self.ptr = dst
-            self._mm = lib.dl_matmul_q40r_q80 if q40 else lib.dl_matmul_q80r_q80
+            self._kernel = "dl_matmul_q40r_q80" if q40 else "dl_matmul_q80r_q80"
             self._quantized_input = True
             return
         ctype = {Q40: "dl_block_q40 *", Q80: "dl_block_q80 *", F16: "uint16_t *", F32: "float *"}[self.ftype]
         self.ptr = ffi.cast(ctype, self.data.ctypes.data)
-        self._mm = {Q40: lib.dl_matmul_q40_q80, Q80: lib.dl_matmul_q80_q80, F16: lib.dl_matmul_f16_f32,
-                    F32: lib.dl_matmul_f32}[self.ftype]
+        self._kernel = {Q40: "dl_matmul_q40_q80", Q80: "dl_matmul_q80_q80", F16: "dl_matmul_f16_f32",
+                        F32: "dl_matmul_f32"}[self.ftype]
         self._quantized_input = self.ftype in (Q40, Q80)
 
     @property
@@ -103,7 +103,8 @@ class Matrix:
     def matmul(self, out, xq, xf, batch: int) -> None:
         """out[batch, rows] = x[batch, cols] · selfᵀ (cffi pointers); q40 / q80 take the q80
         input xq, f32 / f16 the f32 input xf."""
-        self._mm(out, self.ptr, xq if self._quantized_input else xf, self.rows, self.cols, batch)
+        # looked up per call: the benchmark's profiler replaces the module's `lib` with a timing proxy
+        getattr(lib, self._kernel)(out, self.ptr, xq if self._quantized_input else xf, self.rows, self.cols, batch)
 
 
 def _drop_pages(model: ModelFile | None, t: TensorInfo) -> None:
