@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dllama_mpi.errors import ModelFormatError, TokenizerFormatError
-from dllama_mpi.formats import (ARCH_LLAMA, ARCH_QWEN3_MOE, F32, FLOAT_BY_NAME, Q40, open_model, read_tokenizer,
+from dllama_mpi.formats import (ARCH_LLAMA, ARCH_QWEN3_MOE, FLOAT_BY_NAME, open_model, read_tokenizer,
                                 write_model_header, write_tokenizer)
 
 from conftest import TINY
