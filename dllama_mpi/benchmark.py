@@ -3,9 +3,14 @@
 SPMD like `inference` (run under `mpiexec -n N`). One JSON document on stdout, a human table on
 stderr. How each number is measured (also in the JSON's "method"):
 
-- prefill tok/s: wall time of `engine.forward(prompt)` on the root (batches of --batch tokens);
-  decode tok/s: per generated token, wall time on the root from the forward call to the next token
-  id (greedy argmax); median over every token of every repeat, with p10/p90 and min/max.
+- prefill tok/s: prompt tokens / time from the request's admission to its first token (passes of
+  --batch rows); decode tok/s: per generated token, wall time on the root between two tokens of one
+  greedy request through the scheduler (what `inference --temperature 0` runs); median over every
+  token of every repeat, with p10/p90 and min/max.
+- --parallel P: P greedy streams submitted together (continuous batching); aggregate decode tok/s =
+  rows of the passes in which every running sequence decodes / their wall time (llama-batched-bench's
+  S_TG); end-to-end tok/s = all generated tokens / wall time; per-stream decode tok/s; time to first
+  token (queue + prefill) p50 / p99.
 - per-rank split of a decode token (one extra, instrumented run after the timed ones): token time
   (root: the loop's wall time; workers: their forward pass), time inside C kernel calls (every
   `lib.dl_*` call of the engine and the sync is timed with perf_counter by a proxy installed only
@@ -95,14 +100,14 @@ def _proxy_overhead_s(lib) -> float:
 
 
 class _Recorder:
-    """Wraps engine._forward on one rank; accumulates decode (batch 1) forward passes."""
+    """Wraps engine._pass on one rank; accumulates decode (batch 1) forward passes."""
 
     def __init__(self, engine):
         self.engine = engine
-        self.inner = engine._forward
+        self.inner = engine._pass
         self.timed = None
         self.reset()
-        engine._forward = self
+        engine._pass = self
 
     def reset(self):
         self.n = 0
@@ -110,7 +115,7 @@ class _Recorder:
         self.bytes = 0
         self.calls = 0
 
-    def __call__(self, pos, b, *rest):
+    def __call__(self, b, *rest):
         comm = self.engine.comm
         w0, by0 = comm.wait_seconds, comm.bytes_sent
         c0 = self.timed.seconds if self.timed else 0.0
@@ -118,7 +123,7 @@ class _Recorder:
         if self.timed:
             self.timed.active = b == 1
         t0 = time.perf_counter()
-        best = self.inner(pos, b, *rest)
+        best = self.inner(b, *rest)
         dt = time.perf_counter() - t0
         if self.timed:
             self.timed.active = False
@@ -269,20 +274,61 @@ def _peak_rss_mb() -> float:
 # ------------------------------------------------------------------------------------------------
 # the root's runs
 
-def _one_run(engine, ids: list[int], steps: int) -> tuple[float, list[float]]:
-    """Prefill ids at position 0, then `steps` greedy tokens; (prefill seconds, per-token seconds)."""
+def _one_run(sched, ids: list[int], steps: int) -> tuple[float, list[float]]:
+    """One greedy request (what `inference --temperature 0` runs): prefill ids, then `steps` tokens;
+    (prefill seconds = time to the first token, per-token seconds after it)."""
+    from .sampler import Sampler
+    from .scheduler import Request, run_to_completion
+
+    req = Request(ids, steps + 1, Sampler(sched.engine.h.vocab_size, 0.0), ignore_eos=True)
+    sched.kv.drop_cached()   # every run evaluates its whole prompt
+    run_to_completion(sched, [req])
+    return req.stats.prompt_seconds, [ms / 1000 for ms in req.stats.token_ms]
+
+
+def _parallel_run(sched, prompts: list[list[int]], steps: int) -> dict:
+    """len(prompts) greedy streams submitted together, `steps` tokens each after the first. Decode
+    throughput counts only the passes in which every running sequence decodes (no prompt rows): the
+    aggregate generation speed llama-batched-bench reports as S_TG."""
+    from .sampler import Sampler
+    from .scheduler import DECODE, Request
+
+    reqs = [Request(p, steps + 1, Sampler(sched.engine.h.vocab_size, 0.0), ignore_eos=True) for p in prompts]
+    sched.kv.drop_cached()
     pc = time.perf_counter
-    t = pc()
-    tok = engine.forward(ids, 0, argmax=True)   # greedy, as `inference --temperature 0` runs it
-    prefill = pc() - t
-    per = []
-    pos = len(ids)
-    for _ in range(steps):
+    t0 = pc()
+    for r in reqs:
+        sched.submit(r)
+    dec_tokens, dec_seconds = 0, 0.0
+    while any(not r.done for r in reqs):
+        decode_only = not sched.waiting and all(r.state == DECODE for r in sched.running)
+        n = len(sched.running)
         t = pc()
-        tok = engine.forward([tok], pos, argmax=True)
-        per.append(pc() - t)
-        pos += 1
-    return prefill, per
+        sched.step()
+        if decode_only:
+            dec_seconds += pc() - t
+            dec_tokens += n
+    wall = pc() - t0
+    gen = sum(r.stats.generated_tokens for r in reqs)
+    return {"streams": len(reqs), "steps": steps, "prompt_tokens": len(prompts[0]),
+            "aggregate_decode_tok_s": round(dec_tokens / dec_seconds, 3) if dec_seconds else None,
+            "aggregate_tok_s": round(gen / wall, 3),
+            "per_stream_decode_tok_s": _stats([r.stats.generate_tps for r in reqs]),
+            "ttft_s": {"p50": round(float(np.percentile([r.stats.ttft_seconds for r in reqs], 50)), 4),
+                       "p99": round(float(np.percentile([r.stats.ttft_seconds for r in reqs], 99)), 4)},
+            "wall_seconds": round(wall, 3)}
+
+
+def _parallel_list(spec: str | None) -> list[int]:
+    if not spec:
+        return []
+    try:
+        ps = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--parallel takes comma-separated stream counts, got {spec!r}") from None
+    if not ps or min(ps) < 1:
+        raise ConfigError(f"--parallel stream counts must be >= 1, got {spec!r}")
+    return ps
 
 
 # ------------------------------------------------------------------------------------------------
@@ -300,6 +346,9 @@ def register(group) -> None:
     @click.option("--repeat", type=int, default=3, show_default=True, help="Timed runs per prompt.")
     @click.option("--bandwidth", type=float, default=None, help="Aggregate read bandwidth in GB/s (default: measure).")
     @click.option("--profile", is_flag=True, help="Also report C time per kernel function (ms per decode token).")
+    @click.option("--parallel", "parallel_spec", default=None,
+                  help="Also sweep concurrent streams, e.g. 1,2,4,8,16: aggregate decode tok/s, per-stream tok/s "
+                       "and time to first token at each count (greedy, one synthetic or file prompt per stream).")
     @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
                   help="Draw charts from the JSON files given as arguments into this PNG (no model run).")
     @click.argument("json_files", nargs=-1, type=click.Path(exists=True, dir_okay=False))
@@ -312,8 +361,8 @@ def register(group) -> None:
 
 
 def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme, load,
-                  max_batch, prompts_path, synthetic, steps, warmup, repeat, bandwidth, profile, plot_path,
-                  json_files):
+                  max_batch, prompts_path, synthetic, steps, warmup, repeat, bandwidth, profile, parallel_spec,
+                  plot_path, json_files):
     """Measure prompt and decode speed (JSON on stdout, a table on stderr)."""
     if plot_path:
         if comm.is_root:
@@ -326,6 +375,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     if prompts_path and synthetic:
         raise ConfigError("give --prompts or --synthetic, not both")
     lens = _synthetic_lengths(synthetic or "128") if not prompts_path else None
+    parallel = _parallel_list(parallel_spec)
     if prompts_path and comm.is_root and not os.path.isfile(prompts_path):
         raise ConfigError(f"{prompts_path}: prompts file not found")
 
@@ -345,9 +395,14 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
 
 
     engine, tokenizer = start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
-                              sync_scheme, load, max_batch, quiet=not comm.is_root)
+                              sync_scheme, load, max_batch, quiet=not comm.is_root, n_slots=max(parallel or [1]))
     rec = _Recorder(engine)
     h = engine.h
+    sched = None
+    if comm.is_root:
+        from .scheduler import Scheduler
+
+        sched = Scheduler(engine, tokenizer)
 
     # ---- phase 0: prompts and warm-up (workers follow; every phase ends with stop_workers) ----
     prompt_sets = []
@@ -366,7 +421,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                     raise ConfigError(f"prompt of {len(ids)} tokens + {steps} steps exceeds the context "
                                       f"({engine.max_seq_len}); raise --max-seq-len")
             for _ in range(warmup):
-                _one_run(engine, prompt_sets[0][2], min(steps, 8))
+                _one_run(sched, prompt_sets[0][2], min(steps, 8))
         finally:
             engine.stop_workers()
     else:
@@ -382,7 +437,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
             for kind, what, ids in prompt_sets:
                 pre, per = [], []
                 for _ in range(repeat):
-                    p_s, d_s = _one_run(engine, ids, steps)
+                    p_s, d_s = _one_run(sched, ids, steps)
                     pre.append(len(ids) / p_s)
                     per.extend(d_s)
                 tps = [1.0 / s for s in per]
@@ -401,6 +456,25 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     base = np.array([rec.n, rec.seconds, rec.wait, rec.bytes], np.float64)
     base_all = comm.gather_floats(base)
 
+    # ---- phase 1b: concurrent streams (--parallel) ----
+    sweep = []
+    if parallel:
+        if comm.is_root:
+            try:
+                r = np.random.default_rng(1)
+                n_tok = len(prompt_sets[0][2])
+                for p in parallel:
+                    if prompts_path:   # the file's prompts, one per stream, cycled
+                        prompts = [prompt_sets[i % len(prompt_sets)][2] for i in range(p)]
+                    else:              # distinct random prompts: no shared prefix to reuse
+                        prompts = [r.integers(0, min(h.vocab_size, tokenizer.vocab_size), n_tok).tolist()
+                                   for _ in range(p)]
+                    sweep.append(_parallel_run(sched, prompts, steps))
+            finally:
+                engine.stop_workers()
+        else:
+            engine.serve()
+
     # ---- phase 2: one instrumented run (C time per rank) ----
     from .kernels import lib
 
@@ -412,7 +486,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     try:
         if comm.is_root:
             try:
-                _, per = _one_run(engine, prompt_sets[0][2], steps)
+                _, per = _one_run(sched, prompt_sets[0][2], steps)
                 root_wall = sum(per)
             finally:
                 engine.stop_workers()
@@ -487,7 +561,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                   "n_kv_heads": h.n_kv_heads, "vocab_size": h.vocab_size, "n_experts": h.n_experts,
                   "weights": h.weights_name,
                   "weight_bytes_per_token": int(weights_total)},
-        "config": {"nodes": comm.size, "nthreads": nthreads, "buffer_float_type": engine.buffer_type,
+        "config": {"nodes": comm.size, "nthreads": engine.nthreads, "buffer_float_type": engine.buffer_type,
                    "sync": engine.sync.scheme, "batch": engine.max_batch, "load": load,
                    "max_seq_len": engine.max_seq_len, "steps": steps, "warmup": warmup, "repeat": repeat,
                    "repack": bool(getattr(engine.w.wcls, "repacked", False))},
@@ -500,6 +574,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                     "gbps": round(float(scatter[:, 1].sum() / scatter[:, 0].max() / 1e9), 2)
                     if scatter[:, 0].max() > 0 else None},
         "runs": runs,
+        "parallel": sweep,
         "per_rank": per_rank,
         "summary": {"decode_tok_s": dec, "prefill_tok_s": pre,
                     "decode_ms_per_token": round(1000 / dec, 3) if dec else None,
@@ -537,6 +612,13 @@ def _table(doc: dict) -> None:
         if "c_ms_by_function" in r:
             for nm, v in sorted(r["c_ms_by_function"].items(), key=lambda kv: -kv[1]):
                 log(f"{'':>6}{nm:<28} {v:8.3f} ms/token")
+    if doc.get("parallel"):
+        log(f"{'streams':>8} {'aggregate decode tok/s':>23} {'end-to-end tok/s':>17} {'per stream (median)':>20} "
+            f"{'TTFT p50 / p99 s':>18}")
+        for p in doc["parallel"]:
+            agg = p["aggregate_decode_tok_s"]
+            log(f"{p['streams']:>8} {agg if agg is not None else '-':>23} {p['aggregate_tok_s']:>17.2f} "
+                f"{p['per_stream_decode_tok_s']['median']:>20.2f} {p['ttft_s']['p50']:>8.3f} / {p['ttft_s']['p99']:.3f}")
     log(f"decode {s['decode_tok_s']:.2f} tok/s = {s['pct_of_bandwidth_ceiling']}% of the bandwidth ceiling "
         f"{s['ceiling_tok_s']:.1f} tok/s ({doc['system']['bandwidth_gbps']} GB/s "
         f"{doc['system']['bandwidth_source']}); prefill {s['prefill_tok_s']:.1f} tok/s")

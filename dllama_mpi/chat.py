@@ -21,6 +21,7 @@ import select
 import signal
 import sys
 import termios
+import threading
 
 import click
 
@@ -58,24 +59,30 @@ def template_for(tokenizer, override: str | None):
 
 
 class PromptHistory:
-    """The text and tokens of what the cache holds after the last answer (prompt + generated
-    tokens, end-of-turn token included), so that the next prompt is tokenized as
-    `ids + encode(new text)` when its text extends it: the cached tokens are then reused exactly,
-    whatever a re-tokenization of the answer would have given."""
+    """The text and tokens of what the cache holds after recent answers (prompt + generated tokens,
+    end-of-turn token included), so that a next prompt whose text extends one of them is tokenized
+    as `ids + encode(new text)`: the cached tokens are then reused exactly, whatever a
+    re-tokenization of the answer would have given. Chat keeps one conversation (capacity 1); the
+    API keeps the most recent few, one per conversation, and may be used from two threads."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, capacity: int = 1):
         self.tokenizer = tokenizer
-        self.state: tuple[str, list[int]] | None = None   # one attribute: the API reads it from another thread
+        self.capacity = capacity
+        self.entries: list[tuple[str, list[int]]] = []   # most recent last
+        self._lock = threading.Lock()
 
     def clear(self) -> None:
-        self.state = None
+        with self._lock:
+            self.entries = []
 
     def encode(self, prompt_text: str) -> list[int]:
         """Token ids of a rendered chat prompt (the template writes bos itself)."""
         tok = self.tokenizer
-        h = self.state
-        if h is not None and len(prompt_text) > len(h[0]) and prompt_text.startswith(h[0]):
-            return list(h[1]) + tok.encode(prompt_text[len(h[0]):], add_bos=False)
+        with self._lock:
+            best = max((e for e in self.entries if len(prompt_text) > len(e[0]) and prompt_text.startswith(e[0])),
+                       key=lambda e: len(e[0]), default=None)
+        if best is not None:
+            return list(best[1]) + tok.encode(prompt_text[len(best[0]):], add_bos=False)
         return tok.encode(prompt_text, add_bos=False)
 
     def record(self, prompt_text: str, prompt_ids: list[int], generated: list[int]) -> None:
@@ -84,7 +91,11 @@ class PromptHistory:
         # Invalid UTF-8 in the answer became U+FFFD in its text: the text still maps to these tokens
         # (what the model generated), which is what the cache holds.
         gen_text = self.tokenizer.decode(generated)
-        self.state = (prompt_text + gen_text, list(prompt_ids) + list(generated))
+        entry = (prompt_text + gen_text, list(prompt_ids) + list(generated))
+        with self._lock:
+            # the conversation's earlier turn is a prefix of this one: replace it
+            self.entries = [e for e in self.entries if not entry[0].startswith(e[0])] + [entry]
+            del self.entries[:-self.capacity]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,11 +22,10 @@ from mpi4py import MPI
 
 ROOT = 0
 
-# Control packet, root -> workers, before every forward pass: [command, position, batch size, flags].
-CMD_STOP, CMD_FORWARD = 0, 1
-FLAG_ALL_LOGITS = 1   # logits of every batch row (tests, perplexity)
-FLAG_ARGMAX = 2       # only the id of the largest logit (greedy decoding)
-CONTROL_LEN = 4
+# Commands of the control packet (engine.Control), root -> workers: stop, one forward pass,
+# page-table updates and page copies alone (when a pass has more than its packet holds), or (between
+# passes) every rank's counters to the root (gather_floats).
+CMD_STOP, CMD_FORWARD, CMD_TABLES, CMD_STATS = 0, 1, 2, 3
 ABORT_GRACE_SECONDS = 0.25
 
 
@@ -100,6 +99,19 @@ class Comm:
         out = np.empty((self.size, values.size), np.float64) if self.is_root else None
         self.comm.Gather(values, out, root=ROOT)
         return out
+
+    def local_size(self) -> int:
+        """How many ranks of this group run on this rank's host (MPI's shared-memory split).
+        Collective; start-up only."""
+        local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        try:
+            return local.Get_size()
+        finally:
+            local.Free()
+
+    def gather_object(self, obj) -> list | None:
+        """A small picklable value from every rank, as a list on the root (start-up only)."""
+        return self.comm.gather(obj, root=ROOT)
 
     def rank_pids(self) -> list[tuple[int, str]] | None:
         """(pid, host) of every rank, on the root (start-up only: pickled gather)."""

@@ -66,6 +66,11 @@ def _sync_timeout_option(ctx, param, value):
     return value
 
 
+def _kv_memory_option(ctx, param, value):
+    _options["kv_memory"] = value
+    return value
+
+
 def model_options(fn):
     opts = [
         # paths are checked in resolve_model (one line, once on the root), not by click on every rank
@@ -73,7 +78,8 @@ def model_options(fn):
                      help="Distributed Llama .m model (default: the SmolLM2-135M-Instruct model, downloaded on first use)."),
         click.option("--tokenizer", "tokenizer_path", type=click.Path(readable=False), default=None,
                      help="Distributed Llama .t tokenizer (default: the one next to the default model)."),
-        click.option("--nthreads", type=int, default=1, show_default=True, help="Threads per rank (C thread pool)."),
+        click.option("--nthreads", type=int, default=None,
+                     help="Threads per rank (C thread pool) [default: the cores this rank may use / the ranks on its host]."),
         click.option("--buffer-float-type", type=click.Choice(["q80", "f32"]), default=None,
                      help="Format of synchronised activations [default: q80 for q40 / q80 weights, f32 for f16 / f32]."),
         click.option("--max-seq-len", type=int, default=None, help="Cap the context (KV-cache rows)."),
@@ -82,6 +88,9 @@ def model_options(fn):
         click.option("--load", type=click.Choice(["scatter", "local"]), default="scatter", show_default=True,
                      help="scatter: only rank 0 reads the model; local: every rank maps its own slices (shared storage)."),
         click.option("--batch", "max_batch", type=int, default=32, show_default=True, help="Prompt positions per forward pass."),
+        click.option("--kv-memory", default=None, expose_value=False, callback=_kv_memory_option,
+                     help="KV cache pool per rank, e.g. 512MiB or 4GiB (the rank holding the most KV heads) "
+                          "[default: every sequence slot's full context, at most 1/4 of the memory]."),
         click.option("--sync-timeout", type=float, default=None, expose_value=False, callback=_sync_timeout_option,
                      help="Abort the job (exit 3) when a rank waits longer than this many seconds in one "
                           "collective of a forward pass (a stopped or wedged peer) [default: wait forever]."),
@@ -113,6 +122,35 @@ def read_text_file(path: str) -> str:
         raise ConfigError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def default_threads(cores: int, local_ranks: int) -> int:
+    """Threads per rank when --nthreads is not given: the cores a rank may use shared among the
+    ranks on its host (each rank a persistent pool), at least one."""
+    return max(1, cores // max(local_ranks, 1))
+
+
+def choose_threads(comm, nthreads: int | None) -> tuple[int, str]:
+    """This rank's thread count and why (collective: every rank asks MPI how many ranks share its
+    host). An explicit --nthreads wins."""
+    local = comm.local_size()
+    if nthreads is not None:
+        return nthreads, f"{_plural(nthreads, 'thread')}: --nthreads {nthreads}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = default_threads(cores, local)
+    return n, f"{_plural(n, 'thread')}: {_plural(cores, 'core')} available / {_plural(local, 'rank')} on this host"
+
+
+def threads_line(choices: list[tuple[int, str]]) -> str:
+    """The start-up line from every rank's (threads, why): one reason when all ranks agree."""
+    whys = [why for _, why in choices]
+    if all(w == whys[0] for w in whys):
+        return whys[0]
+    return "; ".join(f"rank {r}: {w}" for r, w in enumerate(whys))
+
+
 def resolve_model(model_path, tokenizer_path):
     """The default model when --model is omitted (root only; installs it on first use)."""
     if model_path is None:
@@ -134,8 +172,12 @@ def resolve_model(model_path, tokenizer_path):
 
 
 def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme,
-          load, max_batch, quiet=False):
-    """Collective start-up: returns (engine, tokenizer or None on workers)."""
+          load, max_batch, quiet=False, n_slots: int = 1):
+    """Collective start-up: returns (engine, tokenizer or None on workers). n_slots: sequences the
+    KV cache keeps at once (--parallel)."""
+    from .engine import kv_row_bytes
+    from .kvcache import parse_size, plan_kv
+
     from . import kernels
     from .engine import build_engine
     from .formats import open_model
@@ -147,7 +189,7 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
     # Every check runs on the root only, before the first collective: the root prints the one
     # line and aborts the job while the workers are still waiting for the model header.
     if comm.is_root:
-        if nthreads < 1:
+        if nthreads is not None and nthreads < 1:
             raise ConfigError(f"--nthreads must be >= 1, got {nthreads}")
         if max_batch < 1:
             raise ConfigError(f"--batch must be >= 1, got {max_batch}")
@@ -159,10 +201,30 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
         if tokenizer.vocab_size != h.vocab_size:
             raise ConfigError(f"{tokenizer_path}: tokenizer has {tokenizer.vocab_size} tokens but the model "
                               f"{model_path} has vocab_size {h.vocab_size}")
-        make_plan(h, comm.size)  # an impossible node count fails here, before any weight moves
+        shards = make_plan(h, comm.size)  # an impossible node count fails here, before any weight moves
         if max_seq_len is not None and not 0 < max_seq_len <= h.max_seq_len:
             raise ConfigError(f"--max-seq-len must be in 1..{h.max_seq_len} (the model's context), got {max_seq_len}")
-    kernels.set_threads(max(nthreads, 1))
+        if n_slots < 1:
+            raise ConfigError(f"--parallel must be >= 1, got {n_slots}")
+        if n_slots > max_batch:
+            raise ConfigError(f"--parallel {n_slots} is more than --batch {max_batch}: every running sequence "
+                              f"needs a row of each pass")
+        if _options.get("kv_memory"):
+            plan_kv(kv_row_bytes(h, shards), min(max_seq_len or h.max_seq_len, h.max_seq_len), n_slots,
+                    parse_size(_options["kv_memory"]))
+    kv_memory = _options.get("kv_memory")
+    if kv_memory:
+        try:   # the root checks it (and says why); the others use the value it accepted
+            kv_memory = parse_size(kv_memory)
+        except ConfigError:
+            if comm.is_root:
+                raise
+            kv_memory = None
+    nthreads, why = choose_threads(comm, nthreads)
+    kernels.set_threads(nthreads)
+    choices = comm.gather_object((nthreads, why)) if comm.size > 1 else [(nthreads, why)]
+    if comm.is_root and not quiet:
+        log(threads_line(choices))
     if comm.size > 1:
         # MPICH's report of a lost rank names its pid and host only ("BAD TERMINATION ... PID 123
         # RUNNING AT host"): say which rank each pid is, so that report identifies the rank.
@@ -179,14 +241,17 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
     t0 = time.perf_counter()
     engine = build_engine(comm, model_path if (comm.is_root or load == "local") else None,
                           max_seq_len=max_seq_len, buffer_type=bft or "auto", sync=sync_scheme,
-                          load=load, max_batch=max_batch, progress=progress)
+                          load=load, max_batch=max_batch, progress=progress, n_slots=n_slots,
+                          kv_memory=kv_memory)
     if bar is not None:
         bar.close()
     engine.load_seconds = time.perf_counter() - t0
+    engine.nthreads = nthreads
     if comm.is_root and not quiet:
         h = engine.h
         log(f"model {model_path}: {h.arch_name}, dim {h.dim}, {h.n_layers} layers, {h.n_heads} heads / "
             f"{h.n_kv_heads} kv heads, vocab {h.vocab_size}, weights {h.weights_name}, "
             f"buffers {engine.buffer_type}, sync {engine.sync.scheme}, {comm.size} node(s) x {nthreads} thread(s), "
             f"loaded in {engine.load_seconds:.2f} s")
+        log(engine.kv_plan.describe())
     return engine, tokenizer

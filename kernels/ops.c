@@ -386,7 +386,14 @@ void dl_rmsnorm(float *out, const float *x, const float *w, int n, float eps, in
     for (int b = 0; b < batch; b++) dl_k.rmsnorm(out + (size_t)b * n, x + (size_t)b * n, w, n, eps);
 }
 
-void dl_silu_mul(float *out, const float *gate, const float *up, int64_t n) { dl_k.silu_mul(out, gate, up, n); }
+/* Per row: Distributed Llama's tail rule (libm exp on the last n % 8 values) applies to each row, so
+ * a row's values do not depend on how many rows share the call (batch invariance). */
+void dl_silu_mul(float *out, const float *gate, const float *up, int n, int batch) {
+    for (int b = 0; b < batch; b++) {
+        const size_t o = (size_t)b * n;
+        dl_k.silu_mul(out + o, gate + o, up + o, n);
+    }
+}
 void dl_add(float *out, const float *a, int64_t n) { dl_k.add(out, a, n); }
 void dl_add_q80(float *out, const dl_block_q80 *parts, int nparts, int64_t n) { dl_k.add_q80(out, parts, nparts, n); }
 
@@ -414,16 +421,18 @@ void dl_softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] *= inv;
 }
 
-void dl_rope(float *x, int n_heads, int head_dim, int pos0, int batch, int rope_type, const float *freqs) {
+/* RoPE; row b is at position pos[b]. cos/sin are computed per row from pos * freq, so a row's
+ * result does not depend on the other rows of the call. */
+void dl_rope(float *x, int n_heads, int head_dim, const int32_t *pos, int batch, int rope_type, const float *freqs) {
     const int half = head_dim / 2;
     float cbuf[256], sbuf[256];
     float *cs = half <= 256 ? cbuf : (float *)malloc(sizeof(float) * (size_t)half);
     float *sn = half <= 256 ? sbuf : (float *)malloc(sizeof(float) * (size_t)half);
     if (!cs || !sn) { if (cs != cbuf) free(cs); if (sn != sbuf) free(sn); return; }
     for (int b = 0; b < batch; b++) {
-        const float pos = (float)(pos0 + b);
+        const float p = (float)pos[b];
         for (int i = 0; i < half; i++) {
-            const float a = pos * freqs[i];
+            const float a = p * freqs[i];
             cs[i] = cosf(a);
             sn[i] = sinf(a);
         }
@@ -444,45 +453,83 @@ void dl_rope(float *x, int n_heads, int head_dim, int pos0, int batch, int rope_
     if (sn != sbuf) free(sn);
 }
 
-/* Causal attention, two passes like Distributed Llama's multiheadAtt: scores = q.k_t / sqrt(hd) for
- * t = 0..pos, dl_softmax, then out = sum_t a_t v_t in order. One (b, h) pair per task. */
+/* ------------------------------------------------------------------------------------------ */
+/* paged KV cache */
+
+void dl_scatter_rows(float *dst, const float *src, const int32_t *rows, int n, int row_len) {
+    for (int i = 0; i < n; i++)
+        memcpy(dst + (size_t)rows[i] * row_len, src + (size_t)i * row_len, sizeof(float) * (size_t)row_len);
+}
+
+/* Causal attention over a paged KV cache, two passes like Distributed Llama's multiheadAtt:
+ * scores = q.k_t / scale_div for the positions t the row sees, dl_softmax, then out = sum_t a_t v_t
+ * in position order. Row b (at position pos[b], sequence table slot[b]) sees t = t0..pos[b] with
+ * t0 = 0, or pos[b] - window + 1 with a sliding window. One (b, h) pair per task: a row's result
+ * depends only on its own sequence's K/V rows, never on the other rows of the pass. */
 typedef struct {
     float *out;
     const float *q, *k, *v;
-    const int32_t *kv_of_q;
-    int n_q_heads, n_kv_heads, head_dim, pos0;
+    const int32_t *kv_of_q, *pos, *slot;
+    const dl_kv_pages *kv;
+    int n_q_heads, n_kv_heads, head_dim, window;
+    float scale_div;
     float (*dot)(const float *, const float *, int);
     void (*axpy)(float *, float, const float *, int);
 } attn_ctx;
 
+/* the first K/V row (cache row index) of the page holding position t of a sequence */
+static inline size_t page_row(const dl_kv_pages *kv, const int32_t *table, int t) {
+    int idx = t / kv->page_size;
+    if (kv->ring_pages) idx %= kv->ring_pages;
+    return (size_t)table[idx] * (size_t)kv->page_size;
+}
+
 static void attn_range(void *vctx, int64_t s, int64_t e) {
     const attn_ctx *c = (const attn_ctx *)vctx;
-    const int hd = c->head_dim;
+    const dl_kv_pages *kv = c->kv;
+    const int hd = c->head_dim, ps = kv->page_size;
     const size_t kv_stride = (size_t)c->n_kv_heads * hd;
-    const float sq = sqrtf((float)hd);
-    const int max_pos = c->pos0 + (int)((e - 1) / c->n_q_heads);
     float sbuf[4096];
-    float *att = max_pos < 4096 ? sbuf : (float *)malloc(sizeof(float) * (size_t)(max_pos + 1));
-    if (!att) return;
+    float *att = sbuf;
+    int att_cap = 4096;
     for (int64_t task = s; task < e; task++) {
         const int b = (int)(task / c->n_q_heads), h = (int)(task % c->n_q_heads);
-        const int pos = c->pos0 + b;
+        const int pos = c->pos[b];
+        const int t0 = c->window > 0 && pos - c->window + 1 > 0 ? pos - c->window + 1 : 0;
+        const int n = pos - t0 + 1;
+        if (n > att_cap) {
+            if (att != sbuf) free(att);
+            att = (float *)malloc(sizeof(float) * (size_t)n);
+            if (!att) return;
+            att_cap = n;
+        }
+        const int32_t *table = kv->tables + (size_t)c->slot[b] * kv->table_stride;
         const int kvh = c->kv_of_q[h];
         const float *qh = c->q + ((size_t)b * c->n_q_heads + h) * hd;
         const float *kb = c->k + (size_t)kvh * hd, *vb = c->v + (size_t)kvh * hd;
-        for (int t = 0; t <= pos; t++) att[t] = c->dot(qh, kb + (size_t)t * kv_stride, hd) / sq;
-        dl_softmax(att, pos + 1);
+        for (int t = t0; t <= pos;) {     /* page by page: one table lookup per page */
+            const size_t r0 = page_row(kv, table, t);
+            const int end = (t / ps + 1) * ps - 1 < pos ? (t / ps + 1) * ps - 1 : pos;
+            for (; t <= end; t++)
+                att[t - t0] = c->dot(qh, kb + (r0 + (size_t)(t % ps)) * kv_stride, hd) / c->scale_div;
+        }
+        dl_softmax(att, n);
         float *o = c->out + ((size_t)b * c->n_q_heads + h) * hd;
         memset(o, 0, sizeof(float) * (size_t)hd);
-        for (int t = 0; t <= pos; t++) c->axpy(o, att[t], vb + (size_t)t * kv_stride, hd);
+        for (int t = t0; t <= pos;) {
+            const size_t r0 = page_row(kv, table, t);
+            const int end = (t / ps + 1) * ps - 1 < pos ? (t / ps + 1) * ps - 1 : pos;
+            for (; t <= end; t++) c->axpy(o, att[t - t0], vb + (r0 + (size_t)(t % ps)) * kv_stride, hd);
+        }
     }
     if (att != sbuf) free(att);
 }
 
 void dl_attention(float *out, const float *q, const float *k_cache, const float *v_cache,
                   const int32_t *kv_of_q, int n_q_heads, int n_kv_heads, int head_dim,
-                  int pos0, int batch) {
-    attn_ctx c = {out, q, k_cache, v_cache, kv_of_q, n_q_heads, n_kv_heads, head_dim, pos0,
-                  dl_k.dot, dl_k.axpy};
+                  const int32_t *pos, const int32_t *slot, int batch, const dl_kv_pages *kv,
+                  int window, float scale_div) {
+    attn_ctx c = {out, q, k_cache, v_cache, kv_of_q, pos, slot, kv, n_q_heads, n_kv_heads, head_dim,
+                  window, scale_div, dl_k.dot, dl_k.axpy};
     dl_parallel_for((int64_t)batch * n_q_heads, 1, attn_range, &c);
 }

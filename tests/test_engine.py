@@ -5,7 +5,7 @@ import pytest
 from mpi4py import MPI
 
 from dllama_mpi.comm import Comm
-from goldens import golden, greedy_ids, teacher_forced_logits
+from goldens import batch_invariance, golden, greedy_ids, teacher_forced_logits
 
 
 @pytest.fixture
@@ -110,3 +110,14 @@ def test_mixed_type_model_runs(comm, tmp_path):
     logits = engine.forward(meta["prompt_ids"] + meta["generated_ids"][:-1], 0, all_logits=True)
     same = np.mean(logits.argmax(1) == gold.argmax(1))
     assert np.isfinite(logits).all() and np.abs(logits - gold).mean() < 2.0 and same > 0.5, same
+
+
+@pytest.mark.parametrize("name,kw", [("tiny_llama_f32", {}), ("tiny_qwen3_f32", {}),
+                                     ("tiny_llama_q40", {"buffer_type": "q80"}),
+                                     ("tiny_qwen3_moe_q40", {"buffer_type": "q80"}),
+                                     ("tiny_qwen3_q40", {"buffer_type": "q80", "max_batch": 7})])
+def test_rows_of_many_sequences_in_one_pass_are_bitwise_those_run_alone(comm, name, kw):
+    alone, mixed = batch_invariance(comm, name, **kw)
+    assert alone.keys() == mixed.keys()
+    for key in alone:
+        assert np.array_equal(alone[key], mixed[key]), key

@@ -536,6 +536,107 @@ def test_attention(isa):
         assert np.allclose(outs[0], ref, rtol=2e-4, atol=2e-4), (hd, nq, nkv, pos0, batch)
 
 
+def _paged(kc, vc, page_size, r, extra_pages=3):
+    """The contiguous cache rows scattered into shuffled pages of a pool (NaN everywhere else), and
+    the table mapping the sequence's pages to them."""
+    rows, width = kc.shape
+    n_seq_pages = -(-rows // page_size)
+    n_pages = n_seq_pages + extra_pages
+    table = r.permutation(n_pages)[:n_seq_pages].astype(np.int32)
+    kp = np.full((n_pages * page_size, width), np.nan, np.float32)
+    vp = kp.copy()
+    for t in range(rows):
+        row = table[t // page_size] * page_size + t % page_size
+        kp[row], vp[row] = kc[t], vc[t]
+    return kp, vp, table
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_paged_attention_equals_contiguous(isa):
+    """Pages in any order give the same bits as one contiguous cache."""
+    use(isa)
+    r = rng(17)
+    for hd, nq, nkv, pos0, batch in ATTN_CASES:
+        kv_of_q = np.array([min(h * nkv // nq, nkv - 1) for h in range(nq)], dtype=np.int32)
+        q = (r.standard_normal((batch, nq * hd)) * 2).astype(np.float32)
+        kc = r.standard_normal((pos0 + batch, nkv * hd)).astype(np.float32)
+        vc = r.standard_normal((pos0 + batch, nkv * hd)).astype(np.float32)
+        want = K.attention(q, kc, vc, kv_of_q, nq, nkv, hd, pos0)
+        for ps in (1, 4, 16):
+            kp, vp, table = _paged(kc, vc, ps, r)
+            got = K.attention_paged(q, kp, vp, kv_of_q, nq, nkv, hd, pos0, 0, table, ps)
+            assert np.array_equal(got, want), (hd, nq, nkv, pos0, batch, ps)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_attention_rows_of_several_sequences_are_batch_invariant(isa):
+    """Rows of different sequences (own tables, own positions) in one call give each row the bits it
+    gets alone."""
+    use(isa, 2)
+    r = rng(18)
+    hd, nq, nkv, ps = 32, 4, 2, 4
+    kv_of_q = np.array([0, 0, 1, 1], np.int32)
+    n_pages = 40
+    kp = r.standard_normal((n_pages * ps, nkv * hd)).astype(np.float32)
+    vp = r.standard_normal((n_pages * ps, nkv * hd)).astype(np.float32)
+    tables = np.stack([r.permutation(n_pages)[:10] for _ in range(3)]).astype(np.int32)
+    pos = np.array([0, 17, 5, 6, 39, 21], np.int32)
+    slot = np.array([1, 0, 2, 2, 1, 0], np.int32)
+    q = r.standard_normal((len(pos), nq * hd)).astype(np.float32)
+    together = K.attention_paged(q, kp, vp, kv_of_q, nq, nkv, hd, pos, slot, tables, ps)
+    for b in range(len(pos)):
+        alone = K.attention_paged(q[b:b + 1], kp, vp, kv_of_q, nq, nkv, hd, pos[b:b + 1], slot[b:b + 1], tables, ps)
+        assert np.array_equal(together[b], alone[0]), b
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_sliding_window_attention_over_a_ring(isa):
+    """window > 0: a row sees its last `window` positions; with ring_pages the table is a ring."""
+    use(isa)
+    r = rng(19)
+    hd, nq, nkv, ps, window = 16, 2, 1, 4, 6
+    kv_of_q = np.zeros(nq, np.int32)
+    T = 23
+    kc = r.standard_normal((T, nkv * hd)).astype(np.float32)
+    vc = r.standard_normal((T, nkv * hd)).astype(np.float32)
+    ring = 3                                            # (window + 1 row) / 4 rounded up, + 1
+    table = np.array([7, 2, 5], np.int32)
+    kp = np.full((8 * ps, nkv * hd), np.nan, np.float32)
+    vp = kp.copy()
+    for pos in range(T):
+        row = table[(pos // ps) % ring] * ps + pos % ps  # the ring overwrites the oldest page
+        kp[row], vp[row] = kc[pos], vc[pos]
+        q = r.standard_normal((1, nq * hd)).astype(np.float32)
+        got = K.attention_paged(q, kp, vp, kv_of_q, nq, nkv, hd, pos, 0, table, ps, ring_pages=ring, window=window)
+        t0 = max(0, pos - window + 1)
+        want = K.attention(q, kc[t0:pos + 1], vc[t0:pos + 1], kv_of_q, nq, nkv, hd, pos - t0)
+        assert np.array_equal(got, want), pos
+
+
+def test_rope_rows_at_their_own_positions():
+    r = rng(20)
+    hd, nh = 64, 3
+    freqs = (1.0 / (10000.0 ** (np.arange(0, hd, 2) / hd))).astype(np.float32)
+    pos = np.array([9, 0, 300, 9, 4], np.int32)
+    x = r.standard_normal((len(pos), nh * hd)).astype(np.float32)
+    together = K.rope(x, nh, hd, pos, K.ROPE_HALF, freqs)
+    for b, p in enumerate(pos):
+        assert np.array_equal(together[b], K.rope(x[b:b + 1], nh, hd, int(p), K.ROPE_HALF, freqs)[0])
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_silu_mul_rows_are_batch_invariant(isa):
+    """Distributed Llama's libm tail applies per row: a row gets the same bits in any batch."""
+    use(isa)
+    r = rng(21)
+    n, batch = 45, 3
+    g = (r.standard_normal((batch, n)) * 4).astype(np.float32)
+    u = r.standard_normal((batch, n)).astype(np.float32)
+    together = K.silu_mul(g, u, n)
+    for b in range(batch):
+        assert np.array_equal(together[b], K.silu_mul(g[b], u[b]))
+
+
 # ---------------------------------------------------------------------------------------------
 # dispatch / pool
 
@@ -774,3 +875,26 @@ def test_q80r_simd_vs_plain_and_threads(isa):
     use(isa, 2)
     lib.dl_matmul_q80r_q80(ptr(big), ffi.cast("void *", wr.ctypes.data), ptr(x, "dl_block_q80"), rows, cols, batch)
     assert np.all(big.reshape(-1)[batch * rows:] == -7.0)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_matmul_rows_are_batch_invariant(isa):
+    """Continuous batching needs each output row to get the same bits whatever rows share the call:
+    every row of a batched f32 / q40 / repacked q40 matmul equals that row computed alone."""
+    r = rng(45)
+    use(isa, 2)
+    for rows, cols, batch in ((37, 96, 13), (64, 2048, 9)):
+        w32 = r.standard_normal((rows, cols)).astype(np.float32)
+        x32 = r.standard_normal((batch, cols)).astype(np.float32)
+        together = K.matmul_f32(w32, x32, rows, cols, batch)
+        for b in range(batch):
+            assert np.array_equal(together[b], K.matmul_f32(w32, x32[b], rows, cols, 1)[0]), ("f32", b)
+        w, x = random_q40(r, rows, cols), random_q80(r, batch, cols)
+        row_bytes = cols // 32 * 34
+        wr = repack_q40(w, rows, cols)
+        t_plain = K.matmul_q40_q80(w, x, rows, cols, batch)
+        t_rep = matmul_q40r(wr, x, rows, cols, batch)
+        for b in range(batch):
+            xb = x[b * row_bytes:(b + 1) * row_bytes]
+            assert np.array_equal(t_plain[b], K.matmul_q40_q80(w, xb, rows, cols, 1)[0]), ("q40", b)
+            assert np.array_equal(t_rep[b], matmul_q40r(wr, xb, rows, cols, 1)[0]), ("q40r", b)

@@ -10,7 +10,7 @@ import pytest
 from mpi4py import MPI
 
 from dllama_mpi.comm import Comm
-from goldens import golden, greedy_ids, model_path, teacher_forced_logits
+from goldens import batch_invariance, golden, greedy_ids, model_path, scheduled_alone_and_together, teacher_forced_logits
 
 pytestmark = pytest.mark.mpi(min_size=2)
 SIZE = MPI.COMM_WORLD.size
@@ -197,3 +197,18 @@ def test_q80_f16_weights_within_noise_of_f32(world, tmp_path, wtype, buffer_type
         bound = 1e-3 if buffer_type == "f32" and wtype == "f16" else 0.25
         ok, detail = ok and d1.mean() < bound, (detail, d1.mean(), d1.max())
     verdict(world, ok, detail)
+
+
+@pytest.mark.parametrize("sync", ["ring", "dllama"])
+@pytest.mark.parametrize("name,kw", [("tiny_llama_f32", {}), ("tiny_qwen3_q40", {"buffer_type": "q80"}),
+                                     ("tiny_qwen3_moe_q40", {"buffer_type": "q80"})])
+def test_many_sequences_in_one_pass_bitwise_equal_alone(world, name, kw, sync):
+    alone, mixed = batch_invariance(world, name, sync=sync, **kw)
+    bad = [k for k in alone if not np.array_equal(alone[k], mixed[k])] if world.is_root else None
+    verdict(world, world.is_root and not bad, bad)
+
+
+@pytest.mark.parametrize("name,kw", [("tiny_llama_f32", {}), ("tiny_qwen3_q40", {"buffer_type": "q80"})])
+def test_scheduled_requests_same_tokens_alone_and_together(world, name, kw):
+    alone, together = scheduled_alone_and_together(world, name, **kw)
+    verdict(world, world.is_root and alone == together, (alone, together))
