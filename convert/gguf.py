@@ -4,8 +4,11 @@ Architectures: `llama` (Llama, SmolLM2, Mistral-style dense models), `qwen3`, `q
 (FORMATS-EXT.md; llama.cpp's converter already stores Gemma's norms as 1 + w and does not permute
 q/k, since ggml runs Gemma with NeoX rope: everything is copied as is).
 Any GGML tensor type that `gguf.quants.dequantize` knows is read (dequantized to float32 row chunk
-by row chunk), then written as q40 (FORMATS §2.1), f32 or f16. q40: DL's exact encoder for float
-tensors; tensors that were already quantized get the error-minimizing encoder (common.quantize_q40_rmse).
+by row chunk), then written as q40 / q80 (FORMATS §2), f16 or f32; Q4_0, Q8_0, F16 and F32 tensors
+whose .m type is the same block layout are copied bit for bit. `--weights auto` (the default) picks
+per matrix the type that keeps the file's quality (AUTO_TYPES). q40 from other types: DL's exact
+encoder for float tensors; tensors that were already quantized get the error-minimizing encoder
+(common.quantize_q40_rmse).
 
 Q/K row order. llama.cpp's `convert_hf_to_gguf.py` permutes the rows of q_proj / k_proj of llama
 models with `reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)` (n_head
@@ -26,12 +29,12 @@ import os
 import numpy as np
 
 from dllama_mpi.errors import ConvertError
-from dllama_mpi.formats import (ACT_GELU, ACT_SILU, ARCH_GEMMA3, ARCH_LLAMA, ARCH_QWEN3, ARCH_QWEN3_MOE, HEADER_KEY_OF,
-                                ROPE_LLAMA3_1, TOKEN_NORMAL, ModelHeader, TokenizerData, tensor_layout,
-                                write_tokenizer)
+from dllama_mpi.formats import (ACT_GELU, ACT_SILU, ARCH_GEMMA3, ARCH_LLAMA, ARCH_QWEN3, ARCH_QWEN3_MOE, F16, F32,
+                                HEADER_KEY_OF, MATRIX_NAMES, Q40, Q80, ROPE_LLAMA3_1, TOKEN_NORMAL, ModelHeader,
+                                TokenizerData, float_type_name, tensor_layout, write_tokenizer)
 
 from .common import (TensorSource, byte_level_token_bytes, check_header_for_weights, parse_weights_type,
-                     sentencepiece_vocab, write_model)
+                     sentencepiece_vocab, summarize_stats, write_model)
 from .hf import eps_code
 
 ARCHS = {"llama": ARCH_LLAMA, "qwen3": ARCH_QWEN3, "qwen3moe": ARCH_QWEN3_MOE, "gemma3": ARCH_GEMMA3}
@@ -122,7 +125,13 @@ class GGUFFile:
                     raise ConvertError(f"{self.path}: tensor {t.name} has unsupported type {qtype.name}") from None
                 return np.asarray(a, dtype=np.float32).reshape(r1 - r0, cols)
         float_types = (Q.F32, Q.F16, Q.BF16, Q.F64, Q.I8, Q.I16, Q.I32, Q.I64)
-        return TensorSource(name, rows, cols, read, quantized=qtype not in float_types)
+        same = {Q.F32: F32, Q.F16: F16, Q.Q4_0: Q40, Q.Q8_0: Q80}.get(qtype)   # identical block layouts
+
+        def raw(r0, r1):
+            return np.ascontiguousarray(data[r0:r1]).tobytes()
+
+        return TensorSource(name, rows, cols, read, quantized=qtype not in float_types, raw_ftype=same,
+                            raw=raw if same is not None else None, source_type=qtype.name)
 
     def expert_source(self, name: str, e: int) -> TensorSource:
         t = self.tensors.get(name)
@@ -156,27 +165,34 @@ def _llama3_rope_factors(head_dim: int, theta: float, factor: float, low: float,
 
 
 def _fit_llama3_scaling(g: GGUFFile, head_dim: int, theta: float):
+    """(factor, low, high, original_context) of llama3 scaling that reproduce rope_freqs.weight.
+
+    (orig, low, high) and (k·orig, k·low, k·high) give the same factors for every k (only orig/low,
+    orig/high and the smoothing ratio matter), so a match is scaled to the smallest integer triple
+    the .m header can store; the canonical llama3 values (low 1, high 4) are tried first, so Llama 3.1
+    / 3.2 files come back as factor 8 / 32, low 1, high 4, original 8192."""
     rf = g.read_all("rope_freqs.weight").reshape(-1).astype(np.float64)
     if rf.size != head_dim // 2:
         raise ConvertError(f"{g.path}: rope_freqs.weight has {rf.size} values, expected {head_dim // 2}")
     if np.allclose(rf, 1.0):
         return None
     factor = float(rf.max())
-    origs = [g.get(f"{g.arch}.rope.scaling.original_context_length")] if g.get(
-        f"{g.arch}.rope.scaling.original_context_length") else []
-    origs += [256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
-    for orig in origs:
-        for low in (1, 2, 0.5, 4):
-            for high in (4, 2, 8, 1, 16):
-                if high <= low:
+    meta = g.get(f"{g.arch}.rope.scaling.original_context_length")
+    origs = ([int(meta)] if meta else []) + [8192, 4096, 2048, 16384, 32768, 65536, 131072, 1024, 512, 256, 128]
+    for low in (1, 2, 4, 0.5):
+        for high in (4, 2, 8, 16, 32, 1):
+            if high <= low:
+                continue
+            for orig in origs:
+                ref = _llama3_rope_factors(head_dim, theta, factor, low, high, orig)
+                if not np.allclose(ref, rf, rtol=1e-4, atol=1e-6):
                     continue
-                ref = _llama3_rope_factors(head_dim, theta, factor, low, high, int(orig))
-                if np.allclose(ref, rf, rtol=1e-4, atol=1e-6):
-                    for name, v in (("factor", factor), ("low_freq_factor", low), ("high_freq_factor", high)):
-                        if float(v) != int(v):
-                            raise ConvertError(f"{g.path}: llama3 rope scaling {name} {v} is not an integer "
-                                               f"(the .m header stores integers)")
-                    return int(factor), int(low), int(high), int(orig)
+                while low != int(low) or high != int(high):   # the equivalent integer triple
+                    orig, low, high = orig * 2, low * 2, high * 2
+                if factor != int(factor):
+                    raise ConvertError(f"{g.path}: llama3 rope scaling factor {factor} is not an integer "
+                                       f"(the .m header stores integers)")
+                return int(factor), int(low), int(high), int(orig)
     raise ConvertError(f"{g.path}: rope_freqs.weight does not match llama3 rope scaling with usual parameters; "
                        f"cannot express it in a .m header")
 
@@ -321,22 +337,54 @@ def gguf_sources(g: GGUFFile, h: ModelHeader):
             yield g.source(f"blk.{t.layer}.{GGUF_LAYER_NAMES[t.name]}.weight")
 
 
-def convert_gguf_model(path: str | os.PathLike, out_path: str | os.PathLike, weights: str = "q40",
+# `--weights auto`: the .m type that keeps each GGUF type's values. Q4_0 and Q8_0 are DL's q40 / q80
+# blocks byte for byte (copied), F16 / F32 too; BF16 becomes f16 (same size, 3 more mantissa bits,
+# narrower range); every other type (Q4_1, Q5_x, K-quants, IQ...) is dequantized and stored as q80,
+# whose 8-bit codes per 32 values keep them to within the q80 rounding of the source values.
+AUTO_TYPES = {"F32": F32, "F64": F32, "F16": F16, "BF16": F16, "Q4_0": Q40, "Q8_0": Q80}
+
+
+def matrix_types(g: GGUFFile, h: ModelHeader, weights: str) -> list[int]:
+    """The .m type of every matrix (tensor_layout order) for `weights` auto / q40 / q80 / f16 / f32."""
+    out = []
+    for t, src in zip(tensor_layout(h, 0), gguf_sources(g, h)):
+        if t.name in MATRIX_NAMES:
+            out.append(AUTO_TYPES.get(src.source_type, Q80) if weights == "auto" else parse_weights_type(weights))
+    return out
+
+
+def convert_gguf_model(path: str | os.PathLike, out_path: str | os.PathLike, weights: str = "auto",
                        quiet: bool = False, g: GGUFFile | None = None, q40_method: str = "auto") -> ModelHeader:
-    """Convert the model. `q40_method` "auto" (default): tensors stored quantized in the GGUF (Q4_1,
-    Q8_0, K-quants...) are re-quantized to q40 with the error-minimizing encoder (quantize_q40_rmse),
-    because DL's max/-8 rule on top of an earlier quantization loses more; float tensors use DL's
-    exact encoder. "dllama" / "rmse" force one encoder for every tensor."""
+    """Convert the model. `weights`: "auto" (default) keeps each matrix's quality (AUTO_TYPES; a file
+    whose matrices end up with different types gets the per-matrix type table, FORMATS-EXT.md), or
+    one type for every matrix. A matrix already stored in its .m type is copied bit for bit.
+    `q40_method` "auto" (default): tensors stored quantized in the GGUF (Q4_1, Q8_0, K-quants...)
+    are re-quantized to q40 with the error-minimizing encoder (quantize_q40_rmse), because DL's
+    max/-8 rule on top of an earlier quantization loses more; float tensors use DL's exact encoder.
+    "dllama" / "rmse" force one encoder for every tensor."""
+    import collections
+    import sys
+
     g = g or GGUFFile(path)
-    wtype = parse_weights_type(weights) if isinstance(weights, str) else weights
-    h = gguf_header(g, wtype)
+    weights = weights.lower() if isinstance(weights, str) else float_type_name(weights)
+    if weights != "auto":
+        parse_weights_type(weights)
+    h = gguf_header(g, F32)
     for unsupported in ("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias"):
         if f"blk.0.{unsupported}" in g.tensors:
             raise ConvertError(f"{g.path}: tensor blk.0.{unsupported} (attention bias) is not supported")
-    for _ in gguf_sources(g, h):      # every tensor exists and has a readable type, before writing
-        pass
+    types = matrix_types(g, h, weights)   # also checks that every tensor exists and has a readable type
+    h.weights_float_type = collections.Counter(types).most_common(1)[0][0]
+    if len(set(types)) > 1:
+        h.tensor_types = tuple(types)
+        h.n_tensor_types = len(types)
+    check_header_for_weights(h, g.path)
+    stats: dict = {}
     write_model(out_path, h, gguf_sources(g, h), quiet=quiet, desc=os.path.basename(os.fspath(out_path)),
-                q40_method=q40_method)
+                q40_method=q40_method, stats=stats)
+    if not quiet:
+        for line in summarize_stats(stats):
+            print(f"{os.path.basename(os.fspath(out_path))}: {line}", file=sys.stderr)
     return h
 
 
@@ -428,7 +476,7 @@ def convert_gguf_tokenizer(path, out_path, g: GGUFFile | None = None) -> Tokeniz
     return data
 
 
-def convert_gguf(path, out_model=None, out_tokenizer=None, weights: str = "q40", quiet: bool = False,
+def convert_gguf(path, out_model=None, out_tokenizer=None, weights: str = "auto", quiet: bool = False,
                  q40_method: str = "auto"):
     """Convert a GGUF file's model and/or tokenizer. Returns (header or None, tokenizer data or None)."""
     g = GGUFFile(path)

@@ -26,8 +26,8 @@ import numpy as np
 from . import comm as C
 from .comm import Comm
 from .errors import ConfigError
-from .formats import (BLOCK, F32, Q40, Q80_BYTES, ModelFile, ModelHeader, TensorInfo, float_type_name,
-                      read_model_header, tensor_layout)
+from .formats import (BLOCK, F16, F32, FLOAT_NAMES, Q40, Q80, Q80_BYTES, ModelFile, ModelHeader, TensorInfo,
+                      block_shape, float_type_name, read_model_header, tensor_layout, tensor_nbytes)
 from .kernels import ffi, lib
 from .kvcache import KVCache, KVPlan, plan_kv
 from .shard import COL_SPLIT, ROW_SPLIT, ShardPlan, make_plan
@@ -49,7 +49,7 @@ def qptr(a: np.ndarray):
 # ------------------------------------------------------------------------------------------------
 # weights
 
-REPACK = os.environ.get("DLLAMA_REPACK", "1") != "0"   # DLLAMA_REPACK=0: keep the plain q40 layout
+REPACK = os.environ.get("DLLAMA_REPACK", "1") != "0"   # DLLAMA_REPACK=0: keep the plain q40 / q80 layouts
 
 
 def _aligned_empty(nbytes: int) -> np.ndarray:
@@ -61,11 +61,13 @@ def _aligned_empty(nbytes: int) -> np.ndarray:
 
 @dataclass
 class Matrix:
-    """One rank's slice of a weight matrix [rows, cols]: f32 row-major, or q40 repacked once at load
-    into the interleaved layout of kernels/repack.c (16 rows per SIMD pass; the repacked buffer
-    replaces the raw slice, so memory does not double). DLLAMA_REPACK=0 keeps plain q40 blocks."""
+    """One rank's slice of a weight matrix [rows, cols]: f32 / f16 row-major, q80 blocks, or q40
+    repacked once at load into the interleaved layout of kernels/repack.c (16 rows per SIMD pass;
+    the repacked buffer replaces the raw slice, so memory does not double); q80 likewise into the
+    q80r layout of kernels/matmul_q80.c. DLLAMA_REPACK=0 keeps plain blocks. q40 / q80 multiply the
+    q80 activations, f32 / f16 the f32 ones."""
 
-    data: np.ndarray   # f32 / plain q40: raw bytes (uint8) of the slice; q40r: the repacked buffer
+    data: np.ndarray   # f32 / f16 / q80 / plain q40: raw bytes of the slice; q40r: the repacked buffer
     rows: int
     cols: int
     ftype: int
@@ -73,31 +75,37 @@ class Matrix:
     repacked: bool = field(init=False, default=False)
 
     def __post_init__(self):
-        if self.ftype == Q40 and REPACK:
+        if self.ftype in (Q40, Q80) and REPACK:
+            q40 = self.ftype == Q40
             src = self.data
-            self.data = _aligned_empty(lib.dl_q40r_bytes(self.rows, self.cols))
-            lib.dl_repack_q40(ffi.cast("void *", self.data.ctypes.data),
-                              ffi.cast("dl_block_q40 *", src.ctypes.data), self.rows, self.cols)
+            size = lib.dl_q40r_bytes(self.rows, self.cols) if q40 else lib.dl_q80r_bytes(self.rows, self.cols)
+            self.data = _aligned_empty(size)
+            dst = ffi.cast("void *", self.data.ctypes.data)
+            if q40:
+                lib.dl_repack_q40(dst, ffi.cast("dl_block_q40 *", src.ctypes.data), self.rows, self.cols)
+            else:
+                lib.dl_repack_q80(dst, ffi.cast("dl_block_q80 *", src.ctypes.data), self.rows, self.cols)
             self.repacked = True
-            self.ptr = ffi.cast("void *", self.data.ctypes.data)
+            self.ptr = dst
+            self._kernel = "dl_matmul_q40r_q80" if q40 else "dl_matmul_q80r_q80"
+            self._quantized_input = True
             return
-        ctype = "dl_block_q40 *" if self.ftype == Q40 else "float *"
+        ctype = {Q40: "dl_block_q40 *", Q80: "dl_block_q80 *", F16: "uint16_t *", F32: "float *"}[self.ftype]
         self.ptr = ffi.cast(ctype, self.data.ctypes.data)
+        self._kernel = {Q40: "dl_matmul_q40_q80", Q80: "dl_matmul_q80_q80", F16: "dl_matmul_f16_f32",
+                        F32: "dl_matmul_f32"}[self.ftype]
+        self._quantized_input = self.ftype in (Q40, Q80)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of weights read by one matmul (the q40 payload, without repacking padding)."""
-        return self.rows * self.cols * 4 if self.ftype != Q40 else self.rows * self.cols // BLOCK * 18
+        """Bytes of weights read by one matmul (the payload, without repacking padding)."""
+        return tensor_nbytes(self.ftype, self.rows, self.cols)
 
     def matmul(self, out, xq, xf, batch: int) -> None:
-        """out[batch, rows] = x[batch, cols] · selfᵀ (cffi pointers); q40 takes the q80 input xq,
-        f32 the f32 input xf."""
-        if self.repacked:
-            lib.dl_matmul_q40r_q80(out, self.ptr, xq, self.rows, self.cols, batch)
-        elif self.ftype == Q40:
-            lib.dl_matmul_q40_q80(out, self.ptr, xq, self.rows, self.cols, batch)
-        else:
-            lib.dl_matmul_f32(out, self.ptr, xf, self.rows, self.cols, batch)
+        """out[batch, rows] = x[batch, cols] · selfᵀ (cffi pointers); q40 / q80 take the q80
+        input xq, f32 / f16 the f32 input xf."""
+        # looked up per call: the benchmark's profiler replaces the module's `lib` with a timing proxy
+        getattr(lib, self._kernel)(out, self.ptr, xq if self._quantized_input else xf, self.rows, self.cols, batch)
 
 
 def _drop_pages(model: ModelFile | None, t: TensorInfo) -> None:
@@ -157,7 +165,7 @@ def _slice_bytes(model: ModelFile, t: TensorInfo, plan: ShardPlan, rank: int) ->
     c0, c1 = plan.cols(t.name, rank)
     if (c0, c1) == (0, t.cols):
         return raw
-    unit, unit_bytes = (BLOCK, 18) if t.ftype == Q40 else (1, 4)
+    unit, unit_bytes = block_shape(t.ftype)
     rows = raw.reshape(t.rows, t.nbytes // t.rows)
     return np.ascontiguousarray(rows[:, c0 // unit * unit_bytes: c1 // unit * unit_bytes]).reshape(-1)
 
@@ -183,7 +191,7 @@ def _row_displacements(t: TensorInfo, plan: ShardPlan, n: int) -> list[int] | No
 
 
 def _slice_nbytes(t: TensorInfo, rows: int, cols: int) -> int:
-    return rows * cols * 4 if t.ftype == F32 else rows * cols // BLOCK * 18
+    return tensor_nbytes(t.ftype, rows, cols)
 
 
 def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardPlan,
@@ -436,7 +444,7 @@ class Engine:
         self.rope_type = 1 if header.effective_rope_type == 1 else 0
         self.eps = header.eps
         self.attn_scale_div = float(np.sqrt(np.float32(header.head_size)))
-        self.quantized = header.weights_float_type == Q40
+        self.quantized = header.quantized   # some matrix reads the q80 activations
         counts = [plan[r].n_vocab for r in range(comm.size)]
         self.vocab_counts = np.array(counts, np.int64)
         self.vocab_displs = np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.int64)
@@ -814,11 +822,20 @@ def kv_row_bytes(h: ModelHeader, plan: ShardPlan) -> int:
 # ------------------------------------------------------------------------------------------------
 # building an engine on every rank
 
+BUFFER_TYPES = ("q80", "f32")
+
+
 def check_options(h: ModelHeader, buffer_type: str) -> None:
+    """Every weight type (f32, f16, q40, q80, mixed per matrix) runs with q80 or f32 buffers: q40 /
+    q80 matrices always multiply q80-quantized activations, f32 / f16 ones the f32 activations; the
+    buffer type is the format of the synchronised partial sums."""
+    for t in h.matrix_types:
+        if t not in FLOAT_NAMES:
+            raise ConfigError(f"{float_type_name(t)} weights are not supported (supported: f32, f16, q40, q80)")
+    if buffer_type not in BUFFER_TYPES:
+        raise ConfigError(f"--buffer-float-type {buffer_type} is not supported (supported: q80, f32)")
     if h.is_gemma3:   # the format and converters exist (FORMATS-EXT.md); the forward pass comes next
         raise ConfigError("gemma3 models are not supported by the forward pass yet")
-    if h.weights_float_type not in (F32, Q40):
-        raise ConfigError(f"{float_type_name(h.weights_float_type)} weights are not supported (use q40 or f32)")
     if buffer_type == "q80" and h.dim % BLOCK:
         raise ConfigError(f"--buffer-float-type q80 needs dim % 32 == 0 (dim is {h.dim})")
 
@@ -840,7 +857,7 @@ def build_engine(comm: Comm, model_path: str | None, *, max_seq_len: int | None 
     header_bytes = comm.bcast_bytes(header_bytes) if comm.size > 1 else header_bytes
     h, header_size = read_model_header(model_path or "<root>", header_bytes, len(header_bytes))
     if buffer_type in (None, "auto"):
-        buffer_type = "q80" if h.weights_float_type == Q40 else "f32"
+        buffer_type = "q80" if h.quantized else "f32"
     check_options(h, buffer_type)
     if max_seq_len is not None:
         if max_seq_len <= 0:

@@ -38,23 +38,26 @@ FLOAT_NAMES = {F32: "f32", F16: "f16", Q40: "q40", Q80: "q80"}
 FLOAT_BY_NAME = {v: k for k, v in FLOAT_NAMES.items()}
 BLOCK = 32
 Q40_BYTES, Q80_BYTES = 18, 34
+# (values, bytes) of one storage unit per float type: slices and sizes are whole units
+TYPE_BLOCK = {F32: (1, 4), F16: (1, 2), Q40: (BLOCK, Q40_BYTES), Q80: (BLOCK, Q80_BYTES)}
+QUANTIZED = (Q40, Q80)
 
 
 def float_type_name(ftype: int) -> str:
     return FLOAT_NAMES.get(ftype, f"unknown({ftype})")
 
 
+def block_shape(ftype: int) -> tuple[int, int]:
+    """(values, bytes) of one block of this float type (1 value for f32 / f16)."""
+    try:
+        return TYPE_BLOCK[ftype]
+    except KeyError:
+        raise ValueError(f"unknown float type {ftype}") from None
+
+
 def tensor_nbytes(ftype: int, rows: int, cols: int) -> int:
-    n = rows * cols
-    if ftype == F32:
-        return 4 * n
-    if ftype == F16:
-        return 2 * n
-    if ftype == Q40:
-        return Q40_BYTES * n // BLOCK
-    if ftype == Q80:
-        return Q80_BYTES * n // BLOCK
-    raise ValueError(f"unknown float type {ftype}")
+    values, nbytes = block_shape(ftype)
+    return rows * cols // values * nbytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,13 +71,14 @@ HEADER_KEYS = {
     15: "rope_scaling_low_freq_factor", 16: "rope_scaling_high_freq_factor",
     17: "rope_scaling_orig_max_seq_len", 18: "rope_type", 19: "head_dim", 20: "norm_epsilon",
     21: "moe_hidden_dim",
+    22: "n_tensor_types",   # dllama-mpi extension (FORMATS-EXT.md, "Per-matrix float types"): per-matrix type table follows
     # Gemma 3 extension (FORMATS-EXT.md "Gemma 3"): keys 64.. are only valid with arch gemma3
     64: "sliding_window", 65: "sliding_window_pattern", 66: "rope_theta_local",
     67: "query_pre_attn_scalar", 68: "rope_linear_factor",
 }
 GEMMA3_KEYS = (64, 65, 66, 67, 68)
 HEADER_KEY_OF = {v: k for k, v in HEADER_KEYS.items()}
-HEADER_WRITE_ORDER = [0, 1, 11, 2, 3, 4, 5, 6, 13, 10, 9, 7, 8, 12, 14, 15, 16, 17, 18, 19, 20, 21, *GEMMA3_KEYS]
+HEADER_WRITE_ORDER = [0, 1, 11, 2, 3, 4, 5, 6, 13, 10, 9, 7, 8, 12, 14, 15, 16, 17, 18, 19, 20, 21, 22, *GEMMA3_KEYS]
 REQUIRED_KEYS = ("arch_type", "dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads",
                  "vocab_size", "max_seq_len", "weights_float_type")
 
@@ -105,6 +109,8 @@ class ModelHeader:
     head_dim: int = 0          # 0 = dim / n_heads
     norm_epsilon: int = 5      # coded: 5 -> 1e-5, 6 -> 1e-6
     moe_hidden_dim: int = 0
+    n_tensor_types: int = 0    # extension: entries of the per-matrix type table (0 = none)
+    tensor_types: tuple = ()   # extension: the type of every matrix ("W" tensor) in file order
     sliding_window: int = 0            # gemma3: local layers attend to the last N positions (0 = none)
     sliding_window_pattern: int = 6    # gemma3: layer l is global iff l % pattern == pattern - 1
     rope_theta_local: int = 10000      # gemma3: rope base of the local (sliding-window) layers
@@ -183,19 +189,55 @@ class ModelHeader:
         """Qwen3 and Gemma 3 always use FALCON (half-split) rope, whatever the header says."""
         return ROPE_FALCON if self.is_qwen3 or self.is_gemma3 else self.rope_type
 
+    @property
+    def n_matrices(self) -> int:
+        """Tensors of type W (§1.4): 7 per dense layer, 4 + 3 per expert per MoE layer, plus wcls."""
+        per_layer = 7 if self.n_experts == 0 else 4 + 3 * self.n_experts
+        return self.n_layers * per_layer + 1
+
+    @property
+    def matrix_types(self) -> tuple:
+        """The distinct float types of the matrices (one, unless the file has a type table)."""
+        return tuple(sorted(set(self.tensor_types))) if self.tensor_types else (self.weights_float_type,)
+
+    @property
+    def weights_name(self) -> str:
+        """'q80', or the types of a mixed file ('q40+q80')."""
+        return "+".join(float_type_name(t) for t in self.matrix_types)
+
+    @property
+    def quantized(self) -> bool:
+        """Some matrix is q40 / q80: its input is the q80 activation buffer."""
+        return any(t in QUANTIZED for t in self.matrix_types)
+
     def to_pairs(self) -> list[tuple[int, int]]:
-        """(key, value) pairs in the converter's order; optional keys only if present/meaningful."""
+        """(key, value) pairs in the converter's order; optional keys only if present/meaningful.
+        Key 22 (the type table's length) is written when, and only when, there is a table, last."""
         keys = self.present or tuple(k for k in HEADER_WRITE_ORDER if k not in GEMMA3_KEYS or self.is_gemma3)
-        order = [k for k in HEADER_WRITE_ORDER if k in keys]
-        return [(k, int(getattr(self, HEADER_KEYS[k]))) for k in order]
+        order = [k for k in HEADER_WRITE_ORDER if k in keys and k != 22]
+        pairs = [(k, int(getattr(self, HEADER_KEYS[k]))) for k in order]
+        if self.tensor_types:
+            pairs.append((22, len(self.tensor_types)))
+        return pairs
+
+    def header_nbytes(self) -> int:
+        """header_size of this header: magic, size, pairs, then the padded type table if any."""
+        return 8 + 8 * len(self.to_pairs()) + _pad8(len(self.tensor_types))
+
+
+def _pad8(n: int) -> int:
+    return (n + 7) // 8 * 8
 
 
 def _int_fields():
-    return {f.name for f in fields(ModelHeader) if f.name != "present"}
+    return {f.name for f in fields(ModelHeader) if f.name not in ("present", "tensor_types")}
 
 
 # ---------------------------------------------------------------------------------------------
 # tensor layout (§1.4)
+
+# the tensors of type W (weights_float_type, or their entry of the per-matrix type table)
+MATRIX_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "wcls")
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -218,10 +260,13 @@ def tensor_layout(h: ModelHeader, header_size: int) -> list[TensorInfo]:
     """The tensors of a model in file order, with their offsets."""
     out: list[TensorInfo] = []
     off = header_size
-    W = h.weights_float_type
+    W = None   # a matrix: the header's weights_float_type, or its entry of the type table
+    types = iter(h.tensor_types) if h.tensor_types else None
 
     def add(name, ftype, rows, cols, layer=-1, expert=-1):
         nonlocal off
+        if ftype is None:
+            ftype = next(types) if types is not None else h.weights_float_type
         n = tensor_nbytes(ftype, rows, cols)
         out.append(TensorInfo(name, layer, expert, ftype, rows, cols, off, n))
         off += n
@@ -257,7 +302,11 @@ def tensor_layout(h: ModelHeader, header_size: int) -> list[TensorInfo]:
 
 def model_nbytes(h: ModelHeader, header_size: int) -> int:
     """The file size `tensor_layout` describes, computed without listing the tensors (a damaged
-    header may claim billions of layers: check the size first, then build the table)."""
+    header may claim billions of layers: check the size first, then build the table). With a type
+    table (whose length the header bytes bound) the list is short enough to build."""
+    if h.tensor_types:
+        last = tensor_layout(h, header_size)[-1]
+        return last.offset + last.nbytes
     W = h.weights_float_type
     per_layer = (tensor_nbytes(W, h.q_dim, h.dim) + 2 * tensor_nbytes(W, h.kv_dim, h.dim)
                  + tensor_nbytes(W, h.dim, h.q_dim) + 2 * tensor_nbytes(F32, 1, h.dim))
@@ -316,10 +365,17 @@ def _validate_header(path: str, h: ModelHeader) -> None:
     elif any(k in h.present for k in GEMMA3_KEYS):
         k = next(k for k in h.present if k in GEMMA3_KEYS)
         bad(f"header key {k} ({HEADER_KEYS[k]}) is only defined for arch gemma3, not {h.arch_name}")
-    if h.weights_float_type in (Q40, Q80):
+    if h.tensor_types:
+        if h.n_tensor_types != h.n_matrices:
+            bad(f"header key 22 (n_tensor_types) is {h.n_tensor_types}, the model has {h.n_matrices} matrices")
+        for i, t in enumerate(h.tensor_types):
+            if t not in FLOAT_NAMES:
+                bad(f"tensor type table entry {i} has unknown float type {t}")
+    if h.quantized:
+        q = next(t for t in h.matrix_types if t in QUANTIZED)
         for name, n in (("dim", h.dim), ("q_dim", h.q_dim), ("ffn_dim", h.ffn_dim)):
             if n % BLOCK:
-                bad(f"{name} {n} is not a multiple of {BLOCK}, required for {float_type_name(h.weights_float_type)} weights")
+                bad(f"{name} {n} is not a multiple of {BLOCK}, required for {float_type_name(q)} weights")
 
 
 def _validate_gemma3(bad, h: ModelHeader) -> None:
@@ -390,21 +446,29 @@ def read_model_header(path: str, data: bytes | mmap.mmap, file_size: int) -> tup
         raise ModelFormatError(f"{path}: header_size {header_size} is not 8 + 8 x pairs")
     if header_size > file_size:
         raise ModelFormatError(f"{path}: header_size {header_size} is larger than the file ({file_size} bytes)")
-    n_pairs = (header_size - 8) // 8
     values: dict[str, int] = {}
     present = []
-    for i in range(n_pairs):
-        key, value = struct.unpack_from("<ii", data, 8 + 8 * i)
+    types: tuple = ()
+    pos = 8
+    while pos < header_size:
+        key, value = struct.unpack_from("<ii", data, pos)
+        pos += 8
         if key not in HEADER_KEYS:
             raise ModelFormatError(f"{path}: unknown header key {key} (value {value})")
         if key in present:
             raise ModelFormatError(f"{path}: header key {key} ({HEADER_KEYS[key]}) appears twice")
         present.append(key)
         values[HEADER_KEYS[key]] = value
+        if key == 22:   # extension: the last pair; its table of one byte per matrix ends the header
+            if value <= 0 or pos + _pad8(value) != header_size:
+                raise ModelFormatError(f"{path}: header key 22 (n_tensor_types) is {value} but the header has "
+                                       f"{header_size - pos} bytes after it (the padded type table must end the header)")
+            types = tuple(data[pos:pos + value])
+            break
     for name in REQUIRED_KEYS:
         if name not in values:
             raise ModelFormatError(f"{path}: header has no key {HEADER_KEY_OF[name]} ({name})")
-    h = ModelHeader(**values, present=tuple(present))
+    h = ModelHeader(**values, tensor_types=types, present=tuple(present))
     _validate_header(path, h)
     return h, header_size
 
@@ -438,9 +502,12 @@ def open_model(path: str | os.PathLike) -> ModelFile:
 
 def write_model_header(f, h: ModelHeader) -> None:
     pairs = h.to_pairs()
-    f.write(struct.pack("<ii", MODEL_MAGIC, 8 + 8 * len(pairs)))
+    f.write(struct.pack("<ii", MODEL_MAGIC, h.header_nbytes()))
     for k, v in pairs:
         f.write(struct.pack("<ii", k, v))
+    if h.tensor_types:
+        table = bytes(h.tensor_types)
+        f.write(table + b"\0" * (_pad8(len(table)) - len(table)))
 
 
 # ---------------------------------------------------------------------------------------------

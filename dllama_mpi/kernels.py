@@ -22,8 +22,8 @@ __all__ = [
     "ISA_SCALAR", "ISA_AVX2", "ISA_AVX512", "ISA_NEON", "set_threads", "n_threads", "isa_name",
     "set_isa", "get_isa", "isa_supported", "supported_isas", "f32_to_f16", "f16_to_f32",
     "quantize_q80", "dequantize_q80", "quantize_q40", "dequantize_q40", "matmul_q40_q80",
-    "matmul_f32", "rmsnorm", "silu_mul", "add", "add_q80", "softmax", "rope", "attention",
-    "attention_paged",
+    "matmul_q80_q80", "matmul_f16_f32", "matmul_f32", "rmsnorm", "silu_mul", "add", "add_q80", "softmax", "rope",
+    "attention", "attention_paged",
 ]
 
 QK = 32
@@ -236,6 +236,28 @@ def matmul_q40_q80(w_bytes, x_q80_bytes, rows: int, cols: int, batch: int = 1) -
         raise ValueError("matmul_q40_q80: bad shapes")
     out = np.empty((batch, rows), dtype=np.float32)
     lib.dl_matmul_q40_q80(ptr(out), ptr(w, "dl_block_q40"), ptr(x, "dl_block_q80"), rows, cols, batch)
+    return out
+
+
+def matmul_q80_q80(w_bytes, x_q80_bytes, rows: int, cols: int, batch: int = 1) -> np.ndarray:
+    """out[batch, rows] = W (q80 [rows, cols]) @ x (q80 [batch, cols])."""
+    w, x = _u8(w_bytes), _u8(x_q80_bytes)
+    if cols % QK or w.size < rows * cols // QK * Q80_BLOCK_BYTES or \
+            x.size < batch * cols // QK * Q80_BLOCK_BYTES:
+        raise ValueError("matmul_q80_q80: bad shapes")
+    out = np.empty((batch, rows), dtype=np.float32)
+    lib.dl_matmul_q80_q80(ptr(out), ptr(w, "dl_block_q80"), ptr(x, "dl_block_q80"), rows, cols, batch)
+    return out
+
+
+def matmul_f16_f32(w_f16, x, rows: int, cols: int, batch: int = 1) -> np.ndarray:
+    """out[batch, rows] = W (f16 bits [rows, cols]) @ x (f32 [batch, cols])."""
+    w = np.ascontiguousarray(w_f16).view(np.uint16).reshape(-1)
+    x = _f32(x).reshape(-1)
+    if w.size < rows * cols or x.size < batch * cols:
+        raise ValueError("matmul_f16_f32: bad shapes")
+    out = np.empty((batch, rows), dtype=np.float32)
+    lib.dl_matmul_f16_f32(ptr(out), ptr(w, "uint16_t"), ptr(x), rows, cols, batch)
     return out
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .formats import BLOCK, F32, ModelHeader, float_type_name
+from .formats import BLOCK, QUANTIZED, ModelHeader, float_type_name
 
 
 def even_split(n: int, parts: int, unit: int = 1) -> list[tuple[int, int]]:
@@ -111,8 +111,7 @@ def make_plan(h: ModelHeader, n_nodes: int) -> ShardPlan:
     whole 32-value blocks."""
     if n_nodes < 1:
         raise ConfigError(f"node count must be >= 1, got {n_nodes}")
-    quantized = h.weights_float_type != F32
-    unit = BLOCK if quantized else 1          # column slices of quantized matrices: whole blocks
+    unit = BLOCK if h.quantized else 1        # column slices of quantized matrices: whole blocks
     hd = h.head_size
     heads_unit = 1                            # heads per indivisible group (whole wo blocks)
     while (heads_unit * hd) % unit:
@@ -120,7 +119,7 @@ def make_plan(h: ModelHeader, n_nodes: int) -> ShardPlan:
     if h.n_heads % heads_unit:
         raise ConfigError(
             f"cannot split the model: head_dim {hd} x {h.n_heads} heads cannot be cut into slices "
-            f"of whole {BLOCK}-value {float_type_name(h.weights_float_type)} blocks")
+            f"of whole {BLOCK}-value {'/'.join(float_type_name(t) for t in h.matrix_types if t in QUANTIZED)} blocks")
     if n_nodes > h.n_heads // heads_unit:
         raise ConfigError(
             f"cannot split the model over {n_nodes} nodes: its {h.n_heads} attention heads (head_dim {hd}) "

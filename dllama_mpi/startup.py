@@ -81,7 +81,7 @@ def model_options(fn):
         click.option("--nthreads", type=int, default=None,
                      help="Threads per rank (C thread pool) [default: the cores this rank may use / the ranks on its host]."),
         click.option("--buffer-float-type", type=click.Choice(["q80", "f32"]), default=None,
-                     help="Format of synchronised activations [default: q80 for q40 weights, f32 for f32]."),
+                     help="Format of synchronised activations [default: q80 for q40 / q80 weights, f32 for f16 / f32]."),
         click.option("--max-seq-len", type=int, default=None, help="Cap the context (KV-cache rows)."),
         click.option("--sync", "sync_scheme", type=click.Choice(["ring", "dllama"]), default="ring", show_default=True,
                      help="ring: reduce-scatter + all-gather; dllama: all-gather of every partial (Distributed Llama's numerics)."),
@@ -109,6 +109,17 @@ def sampling_options(fn):
     for o in reversed(opts):
         fn = o(fn)
     return fn
+
+
+def read_text_file(path: str) -> str:
+    """A UTF-8 text file given on the command line, or one ConfigError line naming it."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 def _plural(n: int, word: str) -> str:
@@ -239,7 +250,7 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
     if comm.is_root and not quiet:
         h = engine.h
         log(f"model {model_path}: {h.arch_name}, dim {h.dim}, {h.n_layers} layers, {h.n_heads} heads / "
-            f"{h.n_kv_heads} kv heads, vocab {h.vocab_size}, weights {('f32', 'f16', 'q40', 'q80')[h.weights_float_type]}, "
+            f"{h.n_kv_heads} kv heads, vocab {h.vocab_size}, weights {h.weights_name}, "
             f"buffers {engine.buffer_type}, sync {engine.sync.scheme}, {comm.size} node(s) x {nthreads} thread(s), "
             f"loaded in {engine.load_seconds:.2f} s")
         log(engine.kv_plan.describe())

@@ -62,6 +62,21 @@ int  dl_q40r_split(int n);           /* matvec: rows read as n side-by-side stre
 /* memory read bandwidth probe: reads n bytes over the thread pool, returns a checksum */
 uint64_t dl_read_bytes(const void *p, size_t n);
 
+/* ---- 8- and 16-bit weights (kernels/matmul_q80.c, kernels/matmul_f16.c); same out/batch layout.
+ * q80 x q80: per block integer dot times f16(d_w) * f16(d_x), summed in float; x from
+ * dl_quantize_q80 (values -127..127). f16 x f32: any cols; w may be unaligned. ---- */
+void dl_matmul_q80_q80(float *out, const dl_block_q80 *w, const dl_block_q80 *x, int rows, int cols, int batch);
+void dl_matmul_f16_f32(float *out, const uint16_t *w, const float *x, int rows, int cols, int batch);
+
+/* ---- interleaved ("repacked") q80, layout in kernels/matmul_q80.c: as q40r, repack once at load,
+ * then dl_matmul_q80r_q80 (same result as dl_matmul_q80_q80 up to float summation order; the
+ * scalar path is bit-identical). ---- */
+#define DL_Q80R_ROWS 16
+size_t dl_q80r_bytes(int rows, int cols);
+void dl_repack_q80(void *dst, const dl_block_q80 *src, int rows, int cols);
+void dl_unpack_q80r(dl_block_q80 *dst, const void *src, int rows, int cols);
+void dl_matmul_q80r_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
+
 /* ---- elementwise / norms (batch rows of n, contiguous) ---- */
 void dl_rmsnorm(float *out, const float *x, const float *w, int n, float eps, int batch);
 void dl_silu_mul(float *out, const float *gate, const float *up, int n, int batch); /* out = silu(gate) * up, rows of n */

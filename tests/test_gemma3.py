@@ -363,7 +363,7 @@ def test_sentencepiece_rules():
     from dllama_mpi.tokenizer import Tokenizer
 
     t = Tokenizer(_spm_data())
-    A, B, SP, AB, SPA, SPAB = 263, 264, 262, 265, 266, 267
+    A, B, SP, AB, SPAB = 263, 264, 262, 265, 267   # 266 is " a"
     assert t.pretokenizer == "spm"
     assert t.encode("ab") == [2, AB]
     assert t.encode(" ab") == [2, SPAB]                    # " a" (-5) then " a"+"b" (-6): by score
