@@ -2,12 +2,14 @@
 
 Everything here uses mpi4py's uppercase buffer methods on preallocated numpy arrays: no pickling on
 any path that runs per token. The tensor-parallel group is whatever communicator `Comm` wraps
-(COMM_WORLD by default), so pipeline stages can later hand it a sub-communicator.
+(COMM_WORLD by default, or a pipeline stage's sub-communicator from `split`); pipeline stages pass
+residual rows and results between their roots point to point (`isend` / `irecv`, pipeline.py).
 
 Waiting: inside a forward pass ranks use blocking collectives (MPICH spins, which is the fastest
 when every rank has a core). Between requests (a worker waiting for the next prompt) ranks wait
 with a non-blocking broadcast polled with `Test()` and a short sleep, so an idle worker does not
-burn a core (MPI.md §4).
+burn a core (MPI.md §4). A pipeline stage waiting for its input is idle the same way (`wait_idle`);
+the root waiting for a pass's results (`wait`) is under the --sync-timeout watchdog like a collective.
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ class Comm:
             self._dog = _Watchdog(self)
             self._dog.start()
 
-    def _arm(self) -> None:
+    def _arm(self, what: str = "a collective") -> None:
         if self._dog is not None:
+            self._dog.what = what
             self._dog.deadline = time.monotonic() + self.sync_timeout
 
     def _disarm(self) -> None:
@@ -119,6 +122,35 @@ class Comm:
 
     def barrier(self) -> None:
         self.comm.Barrier()
+
+    def split(self, color: int | None, key: int = 0) -> "Comm | None":
+        """Collective: the sub-group of the ranks that pass the same color (None: in no group, and
+        None is returned). Start-up only (pipeline stages, their loading groups)."""
+        sub = self.comm.Split(MPI.UNDEFINED if color is None else color, key)
+        if sub == MPI.COMM_NULL:
+            return None
+        c = Comm(sub)
+        if self.sync_timeout:
+            c.set_sync_timeout(self.sync_timeout)
+        return c
+
+    def dup(self) -> "Comm":
+        """Collective: the same ranks in a separate matching context (point-to-point traffic that must
+        not meet any other message of this group), under the same watchdog setting."""
+        c = Comm(self.comm.Dup())
+        if self.sync_timeout:
+            c.set_sync_timeout(self.sync_timeout)
+        return c
+
+    def allgather_floats(self, values) -> np.ndarray:
+        """Every rank's small float64 vector on every rank ([size, n]; start-up only)."""
+        values = np.ascontiguousarray(values, dtype=np.float64)
+        out = np.empty((self.size, values.size), np.float64)
+        self.comm.Allgather(values, out)
+        return out
+
+    def host(self) -> str:
+        return MPI.Get_processor_name()
 
     # --- per token ------------------------------------------------------------------------
 
@@ -194,18 +226,50 @@ class Comm:
         if not self.is_root:
             self.bytes_sent += send.nbytes
 
+    # --- point to point (pipeline stages; preallocated buffers, no pickling) ------------------
+
+    def isend(self, buf: np.ndarray, dest: int, tag: int):
+        """Start sending buf (which must stay untouched until the request completes)."""
+        self.bytes_sent += buf.nbytes
+        return self.comm.Isend([buf, MPI.BYTE], dest=dest, tag=tag)
+
+    def irecv(self, buf: np.ndarray, source: int, tag: int):
+        """Post a receive into buf (a message may be shorter than buf)."""
+        return self.comm.Irecv([buf, MPI.BYTE], source=source, tag=tag)
+
+    def wait(self, req) -> None:
+        """Wait for a request that the pass needs now (the root waiting for a pass's results): under
+        the watchdog, counted as waiting. Polls with Test(): spins for a moment, then sleeps between
+        polls, so a rank that shares a core with the stages it waits for leaves them the core."""
+        t = time.perf_counter()
+        self._arm("a pipeline transfer")
+        _poll(req, 2e-3)
+        self._disarm()
+        self.wait_seconds += time.perf_counter() - t
+
+    def wait_idle(self, req, spin_seconds: float = 0.05) -> None:
+        """Wait for a request that may take as long as the user likes (a stage waiting for its next
+        input): not under the watchdog; polls like wait_control."""
+        _poll(req, spin_seconds, idle=True)
+
+    @staticmethod
+    def test(req) -> bool:
+        """One progress poke: True when the request has completed."""
+        return req.Test()
+
     # --- failure ---------------------------------------------------------------------------
 
     def abort(self, code: int = 2) -> None:
         """End every rank of the job now (an error on one rank must not leave others blocked)."""
         sys.stdout.flush()
         sys.stderr.flush()
-        if self.size > 1:
+        if MPI.COMM_WORLD.Get_size() > 1:
             # MPI_Abort makes mpiexec kill every rank and exit at once; under load it sometimes exits
             # before its proxy has forwarded our last lines (the user then sees nothing at all, ~2%
-            # of runs). A short pause lets the `error:` line through first.
+            # of runs). A short pause lets the `error:` line through first. Always the whole job,
+            # also from a pipeline stage's sub-group.
             time.sleep(ABORT_GRACE_SECONDS)
-            self.comm.Abort(code)
+            MPI.COMM_WORLD.Abort(code)
         os._exit(code)
 
 
@@ -216,6 +280,7 @@ class _Watchdog(threading.Thread):
         super().__init__(name="dllama-sync-watchdog", daemon=True)
         self.comm = comm
         self.deadline: float | None = None
+        self.what = "a collective"
 
     def run(self) -> None:
         while True:
@@ -223,9 +288,22 @@ class _Watchdog(threading.Thread):
             d = self.deadline
             if d is not None and time.monotonic() > d:
                 c = self.comm
-                print(f"error: rank {c.rank}: no progress in a collective for {c.sync_timeout:g} s "
+                rank = MPI.COMM_WORLD.Get_rank()   # a stage's sub-group numbers its ranks from 0
+                print(f"error: rank {rank}: no progress in {self.what} for {c.sync_timeout:g} s "
                       f"(--sync-timeout); a peer is stopped, wedged or unreachable", file=sys.stderr, flush=True)
                 c.abort(3)
+
+
+def _poll(req, spin_seconds: float, idle: bool = False) -> None:
+    """Test() until the request completes: spin for spin_seconds, then sleep 0.2 ms between polls
+    (1 ms, then 10 ms after a second when idle)."""
+    if req.Test():
+        return
+    t0 = time.perf_counter()
+    while not req.Test():
+        waited = time.perf_counter() - t0
+        if waited > spin_seconds:
+            time.sleep((1e-3 if waited < 1.0 else 1e-2) if idle else 2e-4)
 
 
 def world() -> Comm:

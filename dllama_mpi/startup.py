@@ -71,6 +71,16 @@ def _kv_memory_option(ctx, param, value):
     return value
 
 
+def _pp_option(ctx, param, value):
+    _options["pp"] = value
+    return value
+
+
+def _split_option(ctx, param, value):
+    _options["split"] = value
+    return value
+
+
 def model_options(fn):
     opts = [
         # paths are checked in resolve_model (one line, once on the root), not by click on every rank
@@ -91,6 +101,12 @@ def model_options(fn):
         click.option("--kv-memory", default=None, expose_value=False, callback=_kv_memory_option,
                      help="KV cache pool per rank, e.g. 512MiB or 4GiB (the rank holding the most KV heads) "
                           "[default: every sequence slot's full context, at most 1/4 of the memory]."),
+        click.option("--pp", type=int, default=1, show_default=True, expose_value=False, callback=_pp_option,
+                     help="Pipeline stages: the ranks form this many stages, each a contiguous range of layers "
+                          "with tensor parallelism over its ranks; passes of different sequences overlap."),
+        click.option("--split", default="even", show_default=True, expose_value=False, callback=_split_option,
+                     help="How layers and tensor slices are shared: even, auto (measure each rank's speed and "
+                          "free memory at start-up) or one weight per rank, e.g. 3,1."),
         click.option("--sync-timeout", type=float, default=None, expose_value=False, callback=_sync_timeout_option,
                      help="Abort the job (exit 3) when a rank waits longer than this many seconds in one "
                           "collective of a forward pass (a stopped or wedged peer) [default: wait forever]."),
@@ -170,11 +186,19 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
     from . import kernels
     from .engine import build_engine
     from .formats import open_model
-    from .shard import make_plan
+    from .pipeline import kv_row_bytes as layout_kv_row_bytes
+    from .pipeline import make_layout, parse_split
     from .tokenizer import Tokenizer
 
     tokenizer = None
     bft = buffer_float_type
+    pp = _options.get("pp") or 1
+    try:   # the root checks it (and says why); the others use what it accepted
+        split = parse_split(_options.get("split"), comm.size)
+    except ConfigError:
+        if comm.is_root:
+            raise
+        split = "even"
     # Every check runs on the root only, before the first collective: the root prints the one
     # line and aborts the job while the workers are still waiting for the model header.
     if comm.is_root:
@@ -190,7 +214,10 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
         if tokenizer.vocab_size != h.vocab_size:
             raise ConfigError(f"{tokenizer_path}: tokenizer has {tokenizer.vocab_size} tokens but the model "
                               f"{model_path} has vocab_size {h.vocab_size}")
-        shards = make_plan(h, comm.size)  # an impossible node count fails here, before any weight moves
+        # an impossible node count or layout fails here, before any weight moves (auto: with even
+        # weights; the measured ones can still be refused after the measurement)
+        layout = make_layout(h, comm.size, pp, None if split in ("even", "auto") else split)
+        shards = layout.stages[0].plan
         if max_seq_len is not None and not 0 < max_seq_len <= h.max_seq_len:
             raise ConfigError(f"--max-seq-len must be in 1..{h.max_seq_len} (the model's context), got {max_seq_len}")
         if n_slots < 1:
@@ -199,8 +226,8 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
             raise ConfigError(f"--parallel {n_slots} is more than --batch {max_batch}: every running sequence "
                               f"needs a row of each pass")
         if _options.get("kv_memory"):
-            plan_kv(kv_row_bytes(h, shards), min(max_seq_len or h.max_seq_len, h.max_seq_len), n_slots,
-                    parse_size(_options["kv_memory"]))
+            row = kv_row_bytes(h, shards) if layout.n_stages == 1 else layout_kv_row_bytes(h, layout)
+            plan_kv(row, min(max_seq_len or h.max_seq_len, h.max_seq_len), n_slots, parse_size(_options["kv_memory"]))
     kv_memory = _options.get("kv_memory")
     if kv_memory:
         try:   # the root checks it (and says why); the others use the value it accepted
@@ -231,7 +258,7 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
     engine = build_engine(comm, model_path if (comm.is_root or load == "local") else None,
                           max_seq_len=max_seq_len, buffer_type=bft or "auto", sync=sync_scheme,
                           load=load, max_batch=max_batch, progress=progress, n_slots=n_slots,
-                          kv_memory=kv_memory)
+                          kv_memory=kv_memory, pp=pp, split=split, quiet=quiet or not comm.is_root)
     if bar is not None:
         bar.close()
     engine.load_seconds = time.perf_counter() - t0
@@ -240,7 +267,8 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
         h = engine.h
         log(f"model {model_path}: {h.arch_name}, dim {h.dim}, {h.n_layers} layers, {h.n_heads} heads / "
             f"{h.n_kv_heads} kv heads, vocab {h.vocab_size}, weights {('f32', 'f16', 'q40', 'q80')[h.weights_float_type]}, "
-            f"buffers {engine.buffer_type}, sync {engine.sync.scheme}, {comm.size} node(s) x {nthreads} thread(s), "
+            f"buffers {engine.buffer_type}, sync {engine.sync.scheme}, {comm.size} node(s) x {nthreads} thread(s)"
+            f"{f', {pp} pipeline stages' if pp > 1 else ''}, "
             f"loaded in {engine.load_seconds:.2f} s")
         log(engine.kv_plan.describe())
     return engine, tokenizer
