@@ -483,19 +483,17 @@ class StageEngine(Engine):
         i = self._result_i
         self._result_i = (i + 1) % self.depth
         buf = self._results[i]
-        req = self.link.irecv(buf[:self.ids_bytes + 4 * self.h.vocab_size * n_full], self.layout.stages[-1].root,
-                              TAG_RESULT)
+        req = self.link.irecv(buf[:8 * len(rows.logit_modes) + 4 * self.h.vocab_size * n_full],
+                              self.layout.stages[-1].root, TAG_RESULT)
         self.inflight.append((buf, req, list(rows.logit_modes)))
         self._pass(b, None)
-        self._send_next(b)
 
     def collect(self) -> list:
         """Root: the results of the oldest pass in flight, as Engine.step returns them (full rows are
         views reused `depth` passes later)."""
         buf, req, modes = self.inflight.popleft()
         self._wait(req)
-        ids = buf[:self.ids_bytes].view(np.int64)
-        full = buf[self.ids_bytes:].view(np.float32).reshape(-1, self.h.vocab_size)
+        ids, full = self._result_views(buf, len(modes))
         out, k = [], 0
         for j, m in enumerate(modes):
             if m == LOGITS_ARGMAX:
@@ -562,15 +560,22 @@ class StageEngine(Engine):
                 continue
             self._apply_tables()
             if cmd == C.CMD_FORWARD:
-                b = int(c.buf[1])
-                if self.last:
-                    self._send_results(b)
-                    continue
-                self._pass(b, None)
-            if not self.last:
-                self._send_next(int(c.buf[1]) if cmd == C.CMD_FORWARD else 0)
+                self._pass(int(c.buf[1]), None)      # and on to the next stage or rank 0
+            elif not self.last:
+                self._send_next(0)
 
-    def _send_results(self, b: int) -> None:
+    def _pass(self, b: int, out_full):
+        """A stage root's pass includes handing its output on: the rows to the next stage, or (last
+        stage) the results to rank 0."""
+        if not self.stage_root:
+            return super()._pass(b, out_full)
+        if self.last:
+            return self._pass_to_rank0(b)
+        super()._pass(b, None)
+        self._send_next(b)
+        return None
+
+    def _pass_to_rank0(self, b: int):
         """Last stage's root: run the pass, logits straight into an outgoing buffer, send to rank 0."""
         slot = self._slot()
         buf = slot[0]
@@ -578,12 +583,17 @@ class StageEngine(Engine):
         n = int(c.buf[2])
         modes = c.logit_mode[:n]
         n_full = int(np.count_nonzero(modes == LOGITS_FULL))
-        full = buf[self.ids_bytes:].view(np.float32).reshape(-1, self.h.vocab_size)
-        result = self._pass(b, full[:n_full] if n_full else None)
-        ids = buf[:self.ids_bytes].view(np.int64)
+        ids, full = self._result_views(buf, n)
+        result = super()._pass(b, full[:n_full] if n_full else None)
         for j, v in enumerate(result):
             ids[j] = v if modes[j] == LOGITS_ARGMAX else -1
-        slot[1] = self._isend(buf[:self.ids_bytes + 4 * self.h.vocab_size * n_full], 0, TAG_RESULT)
+        slot[1] = self._isend(buf[:8 * n + 4 * self.h.vocab_size * n_full], 0, TAG_RESULT)
+        return result
+
+    def _result_views(self, buf, n: int):
+        """A result message: n logit rows' ids (int64; -1 for a full row), then the full rows (f32)."""
+        return buf[:8 * n].view(np.int64), buf[8 * n:8 * n + 4 * self.h.vocab_size * self.max_batch] \
+            .view(np.float32).reshape(-1, self.h.vocab_size)
 
     def _logits(self, out_full) -> list:
         return super()._logits(out_full) if self.last else None
