@@ -321,6 +321,41 @@ def _per_stage(per_rank: list[dict]) -> list[dict]:
     return out
 
 
+def message_rounds(engine) -> int:
+    """Message rounds on the critical path of one greedy decode token: per stage (or the one group)
+    the control broadcast, the embedding-row broadcast, 2 residual syncs per layer (ring: reduce-
+    scatter + all-gather = 2 rounds; dllama: 1) and, in the last stage, the argmax gather; with S > 1
+    stages S point-to-point hops ([control | row] to each next stage, the ids back to rank 0)."""
+    layout = getattr(engine, "layout", None)
+    groups = [(engine.comm.size, engine.h.n_layers, True)] if layout is None or layout.n_stages == 1 else \
+        [(len(s.ranks), s.n_layers, s.index == layout.n_stages - 1) for s in layout.stages]
+    per_sync = 1 if engine.sync_scheme == "dllama" else 2
+    rounds = 0
+    for size, layers, last in groups:
+        if size > 1:
+            rounds += 2 + 2 * layers * per_sync + (1 if last else 0)
+    return rounds + (len(groups) if len(groups) > 1 else 0)
+
+
+def _one_way_us(comm, n: int = 40) -> float:
+    """Median one-way time of a 64-byte message between ranks 0 and 1 (half a ping-pong), 0 alone."""
+    if comm.size < 2:
+        return 0.0
+    buf = np.zeros(64, np.uint8)
+    times = []
+    if comm.rank < 2:
+        for _ in range(n):
+            t = time.perf_counter()
+            if comm.rank == 0:
+                comm.wait(comm.isend(buf, 1, 99))
+                comm.wait(comm.irecv(buf, 1, 99))
+            else:
+                comm.wait(comm.irecv(buf, 0, 99))
+                comm.wait(comm.isend(buf, 0, 99))
+            times.append(time.perf_counter() - t)
+    return 1e6 * float(np.median(times)) / 2 if times else 0.0
+
+
 def _split_text() -> str:
     from .startup import _options
 
@@ -577,6 +612,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
             for k in st.ranks:
                 stage_of[k], layers_of[k] = st.index, st.layers
     scatter = comm.gather_floats(np.array([comm.scatter_seconds, comm.scatter_bytes], np.float64))
+    one_way_us = _one_way_us(comm)
 
     if not comm.is_root:
         return
@@ -647,7 +683,9 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                     "decode_ms_per_token": round(1000 / dec, 3) if dec else None,
                     "ceiling_tok_s": round(ceiling, 2),
                     "pct_of_bandwidth_ceiling": round(100 * dec / ceiling, 1) if ceiling else None,
-                    "python_pct_max": max(r["python_pct"] for r in per_rank)},
+                    "python_pct_max": max(r["python_pct"] for r in per_rank),
+                    # latency: message rounds on a decode token's critical path x one link's one-way time
+                    "message_rounds_per_token": message_rounds(engine), "one_way_us": round(one_way_us, 1)},
         "method": __doc__.split("\n\n", 1)[1].strip(),
     }
     print(json.dumps(doc, indent=1))

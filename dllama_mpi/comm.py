@@ -6,7 +6,9 @@ any path that runs per token. The tensor-parallel group is whatever communicator
 residual rows and results between their roots point to point (`isend` / `irecv`, pipeline.py).
 
 Waiting: inside a forward pass ranks use blocking collectives (MPICH spins, which is the fastest
-when every rank has a core). Between requests (a worker waiting for the next prompt) ranks wait
+when every rank has a core), or with poll waits (`set_poll`: ranks that share cores, or a rank held
+to a CPU quota, which spinning would burn) their non-blocking twins, completed by Test() for a
+few tens of microseconds and then short naps that leave the core to whoever computes. Between requests (a worker waiting for the next prompt) ranks wait
 with a non-blocking broadcast polled with `Test()` and a short sleep, so an idle worker does not
 burn a core (MPI.md §4). A pipeline stage waiting for its input is idle the same way (`wait_idle`);
 the root waiting for a pass's results (`wait`) is under the --sync-timeout watchdog like a collective.
@@ -29,6 +31,7 @@ ROOT = 0
 # passes) every rank's counters to the root (gather_floats).
 CMD_STOP, CMD_FORWARD, CMD_TABLES, CMD_STATS = 0, 1, 2, 3
 ABORT_GRACE_SECONDS = 0.25
+POLL_SPIN, POLL_NAP = 30e-6, 10e-6   # poll waits: spin this long, then nap this long between tests
 
 
 class Comm:
@@ -44,6 +47,7 @@ class Comm:
         self._dog = None
         self.scatter_seconds = 0.0  # time in Scatterv while loading, and the bytes this rank received
         self.scatter_bytes = 0
+        self.poll = False           # poll waits in per-token collectives (set_poll; the same on every rank)
 
     @property
     def is_root(self) -> bool:
@@ -58,6 +62,14 @@ class Comm:
         if self.sync_timeout and self._dog is None:
             self._dog = _Watchdog(self)
             self._dog.start()
+
+    def set_poll(self, on: bool) -> None:
+        """Complete per-token collectives by polling non-blocking ones (every rank of the group must
+        choose the same: a blocking and a non-blocking collective do not match). Naps use a 1 us
+        timer slack (the default 50 us would add that much to every wake-up)."""
+        self.poll = bool(on)
+        if on:
+            _set_timer_slack_ns(1000)
 
     def _arm(self, what: str = "a collective") -> None:
         if self._dog is not None:
@@ -130,6 +142,7 @@ class Comm:
         if sub == MPI.COMM_NULL:
             return None
         c = Comm(sub)
+        c.poll = self.poll
         if self.sync_timeout:
             c.set_sync_timeout(self.sync_timeout)
         return c
@@ -138,6 +151,7 @@ class Comm:
         """Collective: the same ranks in a separate matching context (point-to-point traffic that must
         not meet any other message of this group), under the same watchdog setting."""
         c = Comm(self.comm.Dup())
+        c.poll = self.poll
         if self.sync_timeout:
             c.set_sync_timeout(self.sync_timeout)
         return c
@@ -159,7 +173,7 @@ class Comm:
         if self.size > 1:
             # Workers may be polling an Ibcast: the root must use the non-blocking call too.
             self._arm()
-            self.comm.Ibcast(ctrl, root=ROOT).Wait()
+            self._complete(self.comm.Ibcast(ctrl, root=ROOT))
             self._disarm()
 
     def wait_control(self, ctrl: np.ndarray, spin_seconds: float = 0.05) -> None:
@@ -177,7 +191,10 @@ class Comm:
         if self.size > 1:
             t = time.perf_counter()
             self._arm()
-            self.comm.Bcast(arr, root=ROOT)
+            if self.poll:
+                _poll(self.comm.Ibcast(arr, root=ROOT), POLL_SPIN, POLL_NAP)
+            else:
+                self.comm.Bcast(arr, root=ROOT)
             self._disarm()
             self.wait_seconds += time.perf_counter() - t
             if self.is_root:
@@ -186,7 +203,10 @@ class Comm:
     def allgather(self, send: np.ndarray, recv: np.ndarray) -> None:
         t = time.perf_counter()
         self._arm()
-        self.comm.Allgather(send, recv)
+        if self.poll:
+            _poll(self.comm.Iallgather(send, recv), POLL_SPIN, POLL_NAP)
+        else:
+            self.comm.Allgather(send, recv)
         self._disarm()
         self.wait_seconds += time.perf_counter() - t
         self.bytes_sent += send.nbytes * (self.size - 1)
@@ -195,8 +215,11 @@ class Comm:
         """Byte-level Alltoallv; counts/displacements are preallocated int arrays (bytes)."""
         t = time.perf_counter()
         self._arm()
-        self.comm.Alltoallv([send, (send_counts, send_displs), MPI.BYTE],
-                            [recv, (recv_counts, recv_displs), MPI.BYTE])
+        bufs = ([send, (send_counts, send_displs), MPI.BYTE], [recv, (recv_counts, recv_displs), MPI.BYTE])
+        if self.poll:
+            _poll(self.comm.Ialltoallv(*bufs), POLL_SPIN, POLL_NAP)
+        else:
+            self.comm.Alltoallv(*bufs)
         self._disarm()
         self.wait_seconds += time.perf_counter() - t
         self.bytes_sent += int(send_counts.sum() - send_counts[self.rank])
@@ -204,7 +227,11 @@ class Comm:
     def allgatherv(self, send, recv, counts, displs) -> None:
         t = time.perf_counter()
         self._arm()
-        self.comm.Allgatherv([send, MPI.BYTE], [recv, (counts, displs), MPI.BYTE])
+        bufs = ([send, MPI.BYTE], [recv, (counts, displs), MPI.BYTE])
+        if self.poll:
+            _poll(self.comm.Iallgatherv(*bufs), POLL_SPIN, POLL_NAP)
+        else:
+            self.comm.Allgatherv(*bufs)
         self._disarm()
         self.wait_seconds += time.perf_counter() - t
         self.bytes_sent += int(counts[self.rank]) * (self.size - 1)
@@ -212,7 +239,10 @@ class Comm:
     def gather_f64(self, send: np.ndarray, recv: np.ndarray) -> None:
         """A few float64 values from every rank to the root ([size, n] there; preallocated)."""
         t = time.perf_counter()
-        self.comm.Gather(send, recv if self.is_root else None, root=ROOT)
+        if self.poll:
+            _poll(self.comm.Igather(send, recv if self.is_root else None, root=ROOT), POLL_SPIN, POLL_NAP)
+        else:
+            self.comm.Gather(send, recv if self.is_root else None, root=ROOT)
         self.wait_seconds += time.perf_counter() - t
         if not self.is_root:
             self.bytes_sent += send.nbytes
@@ -220,7 +250,11 @@ class Comm:
     def gatherv_f32(self, send: np.ndarray, recv: np.ndarray | None, counts, displs) -> None:
         t = time.perf_counter()
         self._arm()
-        self.comm.Gatherv(send, [recv, (counts, displs), MPI.FLOAT] if self.is_root else None, root=ROOT)
+        bufs = (send, [recv, (counts, displs), MPI.FLOAT] if self.is_root else None)
+        if self.poll:
+            _poll(self.comm.Igatherv(*bufs, root=ROOT), POLL_SPIN, POLL_NAP)
+        else:
+            self.comm.Gatherv(*bufs, root=ROOT)
         self._disarm()
         self.wait_seconds += time.perf_counter() - t
         if not self.is_root:
@@ -239,11 +273,10 @@ class Comm:
 
     def wait(self, req) -> None:
         """Wait for a request that the pass needs now (the root waiting for a pass's results): under
-        the watchdog, counted as waiting. Polls with Test(): spins for a moment, then sleeps between
-        polls, so a rank that shares a core with the stages it waits for leaves them the core."""
+        the watchdog, counted as waiting, spun or polled like a collective."""
         t = time.perf_counter()
         self._arm("a pipeline transfer")
-        _poll(req, 2e-3)
+        self._complete(req)
         self._disarm()
         self.wait_seconds += time.perf_counter() - t
 
@@ -251,6 +284,12 @@ class Comm:
         """Wait for a request that may take as long as the user likes (a stage waiting for its next
         input): not under the watchdog; polls like wait_control."""
         _poll(req, spin_seconds, idle=True)
+
+    def _complete(self, req) -> None:
+        if self.poll:
+            _poll(req, POLL_SPIN, POLL_NAP)
+        else:
+            req.Wait()
 
     @staticmethod
     def test(req) -> bool:
@@ -294,16 +333,26 @@ class _Watchdog(threading.Thread):
                 c.abort(3)
 
 
-def _poll(req, spin_seconds: float, idle: bool = False) -> None:
-    """Test() until the request completes: spin for spin_seconds, then sleep 0.2 ms between polls
-    (1 ms, then 10 ms after a second when idle)."""
+def _poll(req, spin_seconds: float, nap: float = 1e-3, idle: bool = False) -> None:
+    """Test() until the request completes: spin for spin_seconds, then nap between tests (idle:
+    1 ms naps, 10 ms after a second)."""
     if req.Test():
         return
     t0 = time.perf_counter()
     while not req.Test():
         waited = time.perf_counter() - t0
         if waited > spin_seconds:
-            time.sleep((1e-3 if waited < 1.0 else 1e-2) if idle else 2e-4)
+            time.sleep((1e-3 if waited < 1.0 else 1e-2) if idle else nap)
+
+
+def _set_timer_slack_ns(ns: int) -> None:
+    """prctl(PR_SET_TIMERSLACK) for this thread (Linux; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(29, ctypes.c_ulong(ns), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def world() -> Comm:

@@ -11,7 +11,8 @@ The layout, computed once and the same on every rank (a pure function of the hea
   vocabulary rows are shared in proportion to the ranks' weights, again capped by memory;
 - weights: `--split even` (all 1), explicit `w0,w1,...` (one per rank: reproducible runs), or `auto`:
   every rank times a matmul of its own slice shape (the C kernels, q40 or f32 as the model, buffers
-  larger than the caches, ~0.25 s, all ranks at once since ranks on one host share its memory bus)
+  larger than the caches, the median of 5 windows of 50 ms, all ranks at once since ranks on one
+  host share its memory bus)
   and reads MemAvailable (shared by the ranks on its host).
 
 Rank 0 is stage 0's root (embedding, tokenizer, sampling, the scheduler); the last stage holds the
@@ -253,10 +254,13 @@ def mem_available() -> float:
     return 0.0
 
 
-def measure_speed(h: ModelHeader, n_ranks: int, seconds: float = 0.25, buffer_bytes: int = 48 << 20) -> float:
+def measure_speed(h: ModelHeader, n_ranks: int, windows: int = 5, window_seconds: float = 0.05,
+                  buffer_bytes: int = 48 << 20) -> float:
     """GB/s of weights this rank multiplies: w1-shaped slices of an n_ranks-way split (rows ffn/N,
     cols dim; q40 repacked or f32 as the model), enough distinct ones to exceed the caches, cycled
-    through single-row matmuls (decoding) for `seconds`."""
+    through single-row matmuls (decoding). The median of `windows` windows of `window_seconds`: a
+    CPU quota (10 ms periods) averages out inside a window, a burst of someone else's load on a
+    shared host moves one window, not the median."""
     from .engine import Matrix
 
     q40 = h.weights_float_type == Q40
@@ -282,14 +286,18 @@ def measure_speed(h: ModelHeader, n_ranks: int, seconds: float = 0.25, buffer_by
     lib.dl_quantize_q80(pxq, px, cols)
     for m in mats:                                     # warm: page in every buffer once
         m.matmul(pout, pxq, px, 1)
-    done, t0 = 0, time.perf_counter()
-    while True:
-        for m in mats:
-            m.matmul(pout, pxq, px, 1)
-        done += count
-        dt = time.perf_counter() - t0
-        if dt >= seconds:
-            return done * one / dt / 1e9
+    speeds, k = [], 0
+    for _ in range(windows):
+        done, t0 = 0, time.perf_counter()
+        while True:
+            mats[k].matmul(pout, pxq, px, 1)
+            k = (k + 1) % count
+            done += 1
+            dt = time.perf_counter() - t0
+            if dt >= window_seconds:
+                break
+        speeds.append(done * one / dt / 1e9)
+    return float(np.median(speeds))
 
 
 def gather_layout(world: Comm, h: ModelHeader, pp: int, split) -> tuple[Layout, list[str]]:

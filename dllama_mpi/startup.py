@@ -81,6 +81,11 @@ def _split_option(ctx, param, value):
     return value
 
 
+def _wait_option(ctx, param, value):
+    _options["wait"] = value
+    return value
+
+
 def model_options(fn):
     opts = [
         # paths are checked in resolve_model (one line, once on the root), not by click on every rank
@@ -107,6 +112,11 @@ def model_options(fn):
         click.option("--split", default="even", show_default=True, expose_value=False, callback=_split_option,
                      help="How layers and tensor slices are shared: even, auto (measure each rank's speed and "
                           "free memory at start-up) or one weight per rank, e.g. 3,1."),
+        click.option("--wait", type=click.Choice(["auto", "spin", "poll"]), default="auto", show_default=True,
+                     expose_value=False, callback=_wait_option,
+                     help="How ranks wait in a pass's collectives: spin (fastest when every rank has its cores), "
+                          "poll (leave the core: ranks sharing cores, or held to a CPU quota); auto: poll when "
+                          "some rank's host has fewer cores (or CPU quota) than its ranks' threads."),
         click.option("--sync-timeout", type=float, default=None, expose_value=False, callback=_sync_timeout_option,
                      help="Abort the job (exit 3) when a rank waits longer than this many seconds in one "
                           "collective of a forward pass (a stopped or wedged peer) [default: wait forever]."),
@@ -146,6 +156,52 @@ def choose_threads(comm, nthreads: int | None) -> tuple[int, str]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     n = default_threads(cores, local)
     return n, f"{_plural(n, 'thread')}: {_plural(cores, 'core')} available / {_plural(local, 'rank')} on this host"
+
+
+def cpu_quota_cores() -> float | None:
+    """The CPU quota of this process's cgroup in cores (cgroup v1 cpu.cfs_quota_us / period, or v2
+    cpu.max), None when there is none."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [l.strip().split(":", 2) for l in f if l.strip()]
+    except OSError:
+        return None
+    for _, ctrls, path in lines:
+        names = ctrls.split(",")
+        candidates = []
+        if "cpu" in names:
+            candidates.append(("v1", f"/sys/fs/cgroup/cpu{path}", f"/sys/fs/cgroup/cpu,cpuacct{path}"))
+        if ctrls == "":
+            candidates.append(("v2", f"/sys/fs/cgroup{path}", f"/sys/fs/cgroup/unified{path}"))
+        for kind, *dirs in candidates:
+            for d in dirs:
+                try:
+                    if kind == "v1":
+                        quota = int(open(f"{d}/cpu.cfs_quota_us").read())
+                        period = int(open(f"{d}/cpu.cfs_period_us").read())
+                    else:
+                        q, p = open(f"{d}/cpu.max").read().split()
+                        if q == "max":
+                            continue
+                        quota, period = int(q), int(p)
+                except (OSError, ValueError):
+                    continue
+                if quota > 0 and period > 0:
+                    return quota / period
+    return None
+
+
+def wants_poll(mode: str, nthreads: int, local_ranks: int) -> tuple[bool, str]:
+    """Whether this rank asks for poll waits (--wait), and why."""
+    if mode != "auto":
+        return mode == "poll", f"--wait {mode}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if local_ranks * nthreads > cores:
+        return True, f"{local_ranks} ranks x {_plural(nthreads, 'thread')} on {_plural(cores, 'core')}"
+    quota = cpu_quota_cores()
+    if quota is not None and quota < nthreads:
+        return True, f"a CPU quota of {quota:.2f} cores for {_plural(nthreads, 'thread')}"
+    return False, "every rank has its cores"
 
 
 def threads_line(choices: list[tuple[int, str]]) -> str:
@@ -241,6 +297,15 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
     choices = comm.gather_object((nthreads, why)) if comm.size > 1 else [(nthreads, why)]
     if comm.is_root and not quiet:
         log(threads_line(choices))
+    if comm.size > 1:   # one choice for the whole job (blocking and non-blocking collectives do not match)
+        poll, poll_why = wants_poll(_options.get("wait") or "auto", nthreads, comm.local_size())
+        comm.set_poll(bool(comm.allgather_floats([1.0 if poll else 0.0])[:, 0].max()))
+        whys = comm.gather_object((poll, poll_why))
+        if comm.is_root and not quiet and comm.poll:
+            asked = [(r, w) for r, (p, w) in enumerate(whys) if p]
+            log("collective waits poll (leave the core while waiting): "
+                + (f"every rank: {asked[0][1]}" if len(asked) == comm.size and len({w for _, w in asked}) == 1
+                   else "; ".join(f"rank {r}: {w}" for r, w in asked)))
     if comm.size > 1:
         # MPICH's report of a lost rank names its pid and host only ("BAD TERMINATION ... PID 123
         # RUNNING AT host"): say which rank each pid is, so that report identifies the rank.
