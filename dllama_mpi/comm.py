@@ -31,7 +31,7 @@ ROOT = 0
 # passes) every rank's counters to the root (gather_floats).
 CMD_STOP, CMD_FORWARD, CMD_TABLES, CMD_STATS = 0, 1, 2, 3
 ABORT_GRACE_SECONDS = 0.25
-POLL_SPIN, POLL_NAP = 30e-6, 10e-6   # poll waits: spin this long, then nap this long between tests
+POLL_SPIN = 30e-6   # poll waits: spin this long, then nap between tests (_nap_seconds)
 
 
 class Comm:
@@ -177,22 +177,18 @@ class Comm:
             self._disarm()
 
     def wait_control(self, ctrl: np.ndarray, spin_seconds: float = 0.05) -> None:
-        """Worker: receive the next control packet. Spins briefly (the next token comes fast),
-        then polls with sleeps growing from 1 ms to 10 ms, so an idle worker (between chat turns
-        or API requests) costs ~no CPU and answers a new request within 10 ms."""
-        req = self.comm.Ibcast(ctrl, root=ROOT)
-        t0 = time.perf_counter()
-        while not req.Test():
-            idle = time.perf_counter() - t0
-            if idle > spin_seconds:
-                time.sleep(1e-3 if idle < 1.0 else 1e-2)
+        """Worker: receive the next control packet. Spins briefly (the next token comes fast; with
+        poll waits only POLL_SPIN, then short naps), then polls with sleeps growing from 1 ms to
+        10 ms, so an idle worker (between chat turns or API requests) costs ~no CPU and answers a
+        new request within 10 ms."""
+        _poll(self.comm.Ibcast(ctrl, root=ROOT), POLL_SPIN if self.poll else spin_seconds, idle=True)
 
     def bcast_f32(self, arr: np.ndarray) -> None:
         if self.size > 1:
             t = time.perf_counter()
             self._arm()
             if self.poll:
-                _poll(self.comm.Ibcast(arr, root=ROOT), POLL_SPIN, POLL_NAP)
+                _poll(self.comm.Ibcast(arr, root=ROOT), POLL_SPIN)
             else:
                 self.comm.Bcast(arr, root=ROOT)
             self._disarm()
@@ -204,7 +200,7 @@ class Comm:
         t = time.perf_counter()
         self._arm()
         if self.poll:
-            _poll(self.comm.Iallgather(send, recv), POLL_SPIN, POLL_NAP)
+            _poll(self.comm.Iallgather(send, recv), POLL_SPIN)
         else:
             self.comm.Allgather(send, recv)
         self._disarm()
@@ -217,7 +213,7 @@ class Comm:
         self._arm()
         bufs = ([send, (send_counts, send_displs), MPI.BYTE], [recv, (recv_counts, recv_displs), MPI.BYTE])
         if self.poll:
-            _poll(self.comm.Ialltoallv(*bufs), POLL_SPIN, POLL_NAP)
+            _poll(self.comm.Ialltoallv(*bufs), POLL_SPIN)
         else:
             self.comm.Alltoallv(*bufs)
         self._disarm()
@@ -229,7 +225,7 @@ class Comm:
         self._arm()
         bufs = ([send, MPI.BYTE], [recv, (counts, displs), MPI.BYTE])
         if self.poll:
-            _poll(self.comm.Iallgatherv(*bufs), POLL_SPIN, POLL_NAP)
+            _poll(self.comm.Iallgatherv(*bufs), POLL_SPIN)
         else:
             self.comm.Allgatherv(*bufs)
         self._disarm()
@@ -240,7 +236,7 @@ class Comm:
         """A few float64 values from every rank to the root ([size, n] there; preallocated)."""
         t = time.perf_counter()
         if self.poll:
-            _poll(self.comm.Igather(send, recv if self.is_root else None, root=ROOT), POLL_SPIN, POLL_NAP)
+            _poll(self.comm.Igather(send, recv if self.is_root else None, root=ROOT), POLL_SPIN)
         else:
             self.comm.Gather(send, recv if self.is_root else None, root=ROOT)
         self.wait_seconds += time.perf_counter() - t
@@ -252,7 +248,7 @@ class Comm:
         self._arm()
         bufs = (send, [recv, (counts, displs), MPI.FLOAT] if self.is_root else None)
         if self.poll:
-            _poll(self.comm.Igatherv(*bufs, root=ROOT), POLL_SPIN, POLL_NAP)
+            _poll(self.comm.Igatherv(*bufs, root=ROOT), POLL_SPIN)
         else:
             self.comm.Gatherv(*bufs, root=ROOT)
         self._disarm()
@@ -283,11 +279,11 @@ class Comm:
     def wait_idle(self, req, spin_seconds: float = 0.05) -> None:
         """Wait for a request that may take as long as the user likes (a stage waiting for its next
         input): not under the watchdog; polls like wait_control."""
-        _poll(req, spin_seconds, idle=True)
+        _poll(req, POLL_SPIN if self.poll else spin_seconds, idle=True)
 
     def _complete(self, req) -> None:
         if self.poll:
-            _poll(req, POLL_SPIN, POLL_NAP)
+            _poll(req, POLL_SPIN)
         else:
             req.Wait()
 
@@ -333,16 +329,26 @@ class _Watchdog(threading.Thread):
                 c.abort(3)
 
 
-def _poll(req, spin_seconds: float, nap: float = 1e-3, idle: bool = False) -> None:
-    """Test() until the request completes: spin for spin_seconds, then nap between tests (idle:
-    1 ms naps, 10 ms after a second)."""
+def _nap_seconds(waited: float, idle: bool) -> float:
+    """Naps grow with the wait: 10 us for the first millisecond (a collective whose peer is about
+    to arrive), 100 us up to 50 ms (a pipeline stage waiting for its next input: ~3 % of a core),
+    then, idle, 1 ms and after a second 10 ms (between requests)."""
+    if waited < 1e-3:
+        return 1e-5
+    if waited < 0.05 or not idle:
+        return 1e-4
+    return 1e-3 if waited < 1.0 else 1e-2
+
+
+def _poll(req, spin_seconds: float, idle: bool = False) -> None:
+    """Test() until the request completes: spin for spin_seconds, then nap between tests."""
     if req.Test():
         return
     t0 = time.perf_counter()
     while not req.Test():
         waited = time.perf_counter() - t0
         if waited > spin_seconds:
-            time.sleep((1e-3 if waited < 1.0 else 1e-2) if idle else nap)
+            time.sleep(_nap_seconds(waited, idle))
 
 
 def _set_timer_slack_ns(ns: int) -> None:

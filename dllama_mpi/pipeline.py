@@ -6,7 +6,8 @@ The layout, computed once and the same on every rank (a pure function of the hea
 - the N ranks form S stages of contiguous ranks, as even as possible (`--pp S`; 4 ranks, --pp 2 =
   2 stages x 2-way tensor parallelism); a stage's first rank is its root;
 - stage s holds a contiguous range of layers; layers go to stages in proportion to stage speed (the
-  sum of its ranks' weights), at least one each, never more than the stage's memory holds;
+  sum of its ranks' weights), the last stage's wcls counted as work (its bytes in layers), at least
+  one each, never more than the stage's memory holds;
 - inside a stage a tensor-parallel shard.ShardPlan over its ranks, whose heads / FFN blocks /
   vocabulary rows are shared in proportion to the ranks' weights, again capped by memory;
 - weights: `--split even` (all 1), explicit `w0,w1,...` (one per rank: reproducible runs), or `auto`:
@@ -164,6 +165,12 @@ def make_layout(h: ModelHeader, n_ranks: int, pp: int, weights=None, memory=None
         if w <= 0:
             raise ConfigError(f"--split: every weight of the stage of ranks {g[0]}-{g[-1]} is 0")
     L, embed_bytes, head_bytes = layer_bytes(h)
+    # work in layer-sized units: the last stage's wcls is read every decode token like a layer's
+    # weights (1B shape: 4.3 layers' worth), so that stage gets fewer layers; the embedding costs
+    # nothing (one row per token)
+    total = h.n_layers + head_bytes / L
+    want = [total * w / sum(stage_w) for w in stage_w]
+    want[-1] = max(want[-1] - head_bytes / L, 1e-3)
     if memory is not None:
         # the root holds the embedding, the last stage norm + wcls (shared by its ranks)
         room = [MEMORY_USE * m for m in memory]
@@ -172,14 +179,14 @@ def make_layout(h: ModelHeader, n_ranks: int, pp: int, weights=None, memory=None
         for i, g in enumerate(groups):
             free = sum(max(room[r], 0.0) for r in g) - (head_bytes if i == pp - 1 else 0)
             caps.append(max(int(free // L), 0))
-        counts = _fill(h.n_layers, stage_w, caps)
+        counts = _fill(h.n_layers, want, caps)
         if counts is None:
             need = (h.n_layers * L + embed_bytes + head_bytes) / 2**30
             have = sum(max(m, 0.0) for m in memory) / 2**30
             raise ConfigError(f"the model does not fit: its weights need {need:.1f} GiB, the ranks have "
                               f"{have:.1f} GiB free (MemAvailable)")
     else:
-        counts = stage_w
+        counts = want
     sizes = [b - a for a, b in weighted_split(h.n_layers, counts)]
     for i in range(pp):          # every stage gets a layer, taken from the stage with the most
         if sizes[i] == 0:
@@ -421,7 +428,7 @@ class StageEngine(Engine):
 
     def _pending(self):
         reqs = [r for _, r in self._sends if r is not None]
-        if not self.first:
+        if not self.first and self._recv_req is not None:
             reqs.append(self._recv_req)
         return reqs
 
@@ -461,7 +468,8 @@ class StageEngine(Engine):
 
     def _recv_prev(self) -> None:
         """Stage root: the next [control | rows] from the previous stage (idle wait), into st.ctrl and
-        st.x; the receive for the one after is posted at once."""
+        st.x; the receive for the one after is posted at once (after a stop, when serve() is called
+        again: no receive may be left pending at exit)."""
         self.link.wait_idle(self._recv_req)
         buf, n, st = self._recv_buf, self.ctrl_bytes, self.st
         st.ctrl.buf.view(np.uint8)[:] = buf[:n]
@@ -471,7 +479,8 @@ class StageEngine(Engine):
                 lib.dl_dequantize_q80(st.p_x, ffi.cast("dl_block_q80 *", buf.ctypes.data + n), b * self.h.dim)
             else:
                 st.x[:b] = buf[n:n + b * self.row_bytes].view(np.float32).reshape(b, self.h.dim)
-        self._recv_req = self.link.irecv(self._recv_buf, self.prev_root, TAG_FORWARD)
+        self._recv_req = None if st.ctrl.cmd == C.CMD_STOP else \
+            self.link.irecv(self._recv_buf, self.prev_root, TAG_FORWARD)
 
     def _flush(self) -> None:
         for slot in self._sends:
@@ -551,6 +560,8 @@ class StageEngine(Engine):
         if not self.stage_root:
             return super().serve()    # a stage's other ranks follow their root like Engine's workers
         c = self.st.ctrl
+        if self._recv_req is None:
+            self._recv_req = self.link.irecv(self._recv_buf, self.prev_root, TAG_FORWARD)
         while True:
             self._recv_prev()
             cmd = c.cmd

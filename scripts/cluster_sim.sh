@@ -135,14 +135,16 @@ if [ $rc -ne 0 ]; then
   echo "cluster_sim.sh: benchmark failed (exit $rc), log: $tmp.log" >&2
   exit $rc
 fi
-# stdout may start with UCX log lines (UCX_LOG_LEVEL=info logs to stdout): move them to the log
+# stdout may have UCX log lines around the JSON (UCX logs to stdout): move them to the log
 sync="$("$bin/python" - "$tmp.json" "$tmp.log" <<'PY'
 import json, sys
 lines = open(sys.argv[1]).read().splitlines(True)
 i = next(k for k, l in enumerate(lines) if l.startswith("{"))
-if i:
-    open(sys.argv[2], "a").writelines(lines[:i]); open(sys.argv[1], "w").writelines(lines[i:])
-c = json.loads("".join(lines[i:]))["config"]
+text = "".join(lines[i:])
+doc, end = json.JSONDecoder().raw_decode(text)      # UCX may log after the document too
+open(sys.argv[2], "a").writelines(lines[:i] + [text[end:].lstrip("\n")])
+open(sys.argv[1], "w").write(text[:end] + "\n")
+c = doc["config"]
 print(c["sync"] + ("" if c.get("pp", 1) == 1 else f"-pp{c['pp']}"))
 PY
 )"

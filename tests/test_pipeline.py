@@ -46,11 +46,13 @@ def test_layout_stages_layers_and_shares():
     h = one_b()
     lay = make_layout(h, 4, 2)
     assert [s.ranks for s in lay.stages] == [(0, 1), (2, 3)]
-    assert [s.layers for s in lay.stages] == [(0, 8), (8, 16)]
+    # wcls (4.3 layers' worth of weights) counts as the last stage's work
+    assert [s.layers for s in lay.stages] == [(0, 10), (10, 16)]
+    assert [s.n_layers for s in make_layout(h, 4, 4).stages] == [5, 5, 5, 1]
     assert lay.stages[0].plan.n_nodes == 2 and lay.stages[0].plan[1].heads == (16, 32)
     # a stage twice as fast gets twice the layers; inside it, heads follow the rank weights
     lay = make_layout(h, 4, 2, [3, 1, 1, 1])
-    assert [s.n_layers for s in lay.stages] == [11, 5]
+    assert [s.n_layers for s in lay.stages] == [14, 2]
     assert lay.stages[0].plan[0].heads == (0, 24) and lay.stages[0].plan[0].ffn == (0, 6144)
     assert lay.share(0) == 0.75 and lay.share(3) == 0.5
     # uneven rank counts per stage; every stage gets a layer however small its weight
@@ -94,8 +96,8 @@ def test_kv_rows_per_stage():
     h = one_b()
     full = 2 * 4 * 16 * 64 * 8
     assert kv_row_bytes(h, make_layout(h, 1, 1)) == full
-    assert kv_row_bytes(h, make_layout(h, 4, 4)) == full // 4
-    assert kv_row_bytes(h, make_layout(h, 4, 2)) == full // 4     # 8 layers x 4 of 8 KV heads
+    assert kv_row_bytes(h, make_layout(h, 4, 4)) == full * 5 // 16          # 5 layers, every KV head
+    assert kv_row_bytes(h, make_layout(h, 4, 2)) == full * 10 // 16 // 2    # 10 layers x 4 of 8 KV heads
 
 
 @pytest.mark.parametrize("ftype", [Q40, F32])
