@@ -276,15 +276,15 @@ def measure_speed(h: ModelHeader, n_ranks: int, windows: int = 5, window_seconds
     one = rows * cols * 18 // BLOCK if q40 else rows * cols * 4
     count = max(1, min(64, buffer_bytes // one))
     rng = np.random.default_rng(1)
-    mats = []
-    for _ in range(count):
-        if q40:
-            blocks = np.empty(rows * cols // BLOCK, [("d", "<u2"), ("qs", "u1", 16)])
-            blocks["d"] = 0x2E66                       # f16 0.1: a normal scale
-            blocks["qs"] = rng.integers(0, 256, (blocks.size, 16), dtype=np.uint8)
-            mats.append(Matrix(blocks.view(np.uint8).reshape(-1), rows, cols, Q40))
-        else:
-            mats.append(Matrix(rng.standard_normal(rows * cols, dtype=np.float32).view(np.uint8), rows, cols, F32))
+    if q40:
+        blocks = np.empty(rows * cols // BLOCK, [("d", "<u2"), ("qs", "u1", 16)])
+        blocks["d"] = 0x2E66                           # f16 0.1: a normal scale
+        blocks["qs"] = np.frombuffer(rng.bytes(blocks.size * 16), np.uint8).reshape(-1, 16)
+        one_raw = blocks.view(np.uint8).reshape(-1)
+    else:
+        one_raw = rng.standard_normal(rows * cols, dtype=np.float32).view(np.uint8)
+    # distinct copies (the same values): together larger than the caches
+    mats = [Matrix(one_raw.copy(), rows, cols, Q40 if q40 else F32) for _ in range(count)]
     x = rng.standard_normal(cols, dtype=np.float32)
     xq = np.zeros(cols // BLOCK * Q80_BYTES, np.uint8)
     out = np.zeros(rows, np.float32)
