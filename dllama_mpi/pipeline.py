@@ -49,7 +49,7 @@ from .engine import LOGITS_ARGMAX, LOGITS_FULL, Engine, Route, Rows, load_weight
 from .errors import ConfigError
 from .formats import BLOCK, F32, Q40, Q80_BYTES, ModelHeader, tensor_layout
 from .kernels import ffi, lib
-from .kvcache import plan_kv
+from .kvcache import meminfo, plan_kv
 from .shard import COL_SPLIT, ROW_SPLIT, ShardPlan, even_split, make_plan, weighted_split
 
 TAG_FORWARD, TAG_RESULT = 21, 22     # [control | rows] between stage roots; [ids | logits] to rank 0
@@ -251,14 +251,7 @@ def describe(h: ModelHeader, layout: Layout, hosts: list[str]) -> list[str]:
 
 def mem_available() -> float:
     """MemAvailable of this host in bytes (0 when unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0.0
+    return float(meminfo("MemAvailable", 0))
 
 
 def measure_speed(h: ModelHeader, n_ranks: int, windows: int = 5, window_seconds: float = 0.05,

@@ -66,24 +66,12 @@ def _sync_timeout_option(ctx, param, value):
     return value
 
 
-def _kv_memory_option(ctx, param, value):
-    _options["kv_memory"] = value
-    return value
-
-
-def _pp_option(ctx, param, value):
-    _options["pp"] = value
-    return value
-
-
-def _split_option(ctx, param, value):
-    _options["split"] = value
-    return value
-
-
-def _wait_option(ctx, param, value):
-    _options["wait"] = value
-    return value
+def _store(key: str):
+    """A click callback that keeps the option's value in _options[key]."""
+    def callback(ctx, param, value):
+        _options[key] = value
+        return value
+    return callback
 
 
 def model_options(fn):
@@ -103,17 +91,17 @@ def model_options(fn):
         click.option("--load", type=click.Choice(["scatter", "local"]), default="scatter", show_default=True,
                      help="scatter: only rank 0 reads the model; local: every rank maps its own slices (shared storage)."),
         click.option("--batch", "max_batch", type=int, default=32, show_default=True, help="Prompt positions per forward pass."),
-        click.option("--kv-memory", default=None, expose_value=False, callback=_kv_memory_option,
+        click.option("--kv-memory", default=None, expose_value=False, callback=_store("kv_memory"),
                      help="KV cache pool per rank, e.g. 512MiB or 4GiB (the rank holding the most KV heads) "
                           "[default: every sequence slot's full context, at most 1/4 of the memory]."),
-        click.option("--pp", type=int, default=1, show_default=True, expose_value=False, callback=_pp_option,
+        click.option("--pp", type=int, default=1, show_default=True, expose_value=False, callback=_store("pp"),
                      help="Pipeline stages: the ranks form this many stages, each a contiguous range of layers "
                           "with tensor parallelism over its ranks; passes of different sequences overlap."),
-        click.option("--split", default="even", show_default=True, expose_value=False, callback=_split_option,
+        click.option("--split", default="even", show_default=True, expose_value=False, callback=_store("split"),
                      help="How layers and tensor slices are shared: even, auto (measure each rank's speed and "
                           "free memory at start-up) or one weight per rank, e.g. 3,1."),
         click.option("--wait", type=click.Choice(["auto", "spin", "poll"]), default="auto", show_default=True,
-                     expose_value=False, callback=_wait_option,
+                     expose_value=False, callback=_store("wait"),
                      help="How ranks wait in a pass's collectives: spin (fastest when every rank has its cores), "
                           "poll (leave the core: ranks sharing cores, or held to a CPU quota); auto: poll when "
                           "some rank's host has fewer cores (or CPU quota) than its ranks' threads."),

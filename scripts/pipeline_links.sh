@@ -11,11 +11,8 @@
 #        BENCH="--synthetic 32 --steps 16 --repeat 1 --warmup 1 --bandwidth 32 --nthreads 1 --load local"
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
-model="${1:?model .m}"; tok="${2:?tokenizer .t}"; shift 2
-out="bench/pipeline-links-$(date +%Y%m%d-%H%M%S)"
-if [ $# -gt 0 ] && [ "$1" != "--" ]; then out="$1"; shift; fi
-[ "${1:-}" = "--" ] && shift
-extra=("$@")
+. "$here/scripts/bench_args.sh"
+parse_bench_args pipeline-links "$@"
 n="${N:-4}"; rate="${RATE:-100mbit}"; pps="${PPS:-1 2 4}"; rounds="${ROUNDS:-2}"; streams="${STREAMS:-8}"
 read -r -a bench <<< "${BENCH:---synthetic 32 --steps 16 --repeat 1 --warmup 1 --bandwidth 32 --nthreads 1 --load local}"
 mkdir -p "$out"

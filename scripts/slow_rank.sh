@@ -10,11 +10,8 @@
 # run), then the medians per setting and their ratios to `even` and to the fast rank alone.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
-model="${1:?model .m}"; tok="${2:?tokenizer .t}"; shift 2
-out="bench/slow-rank-$(date +%Y%m%d-%H%M%S)"
-if [ $# -gt 0 ] && [ "$1" != "--" ]; then out="$1"; shift; fi
-[ "${1:-}" = "--" ] && shift
-extra=("$@")
+. "$here/scripts/bench_args.sh"
+parse_bench_args slow-rank "$@"
 pct="${PCT:-40}"; period="${PERIOD_US:-10000}"; rounds="${ROUNDS:-3}"
 splits="${SPLITS:-even auto}"; pps="${PPS:-1}"
 read -r -a bench <<< "${BENCH:---synthetic 128 --steps 32 --repeat 2 --warmup 1 --bandwidth 32}"
