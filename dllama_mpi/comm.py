@@ -330,10 +330,11 @@ class _Watchdog(threading.Thread):
 
 
 def _nap_seconds(waited: float, idle: bool) -> float:
-    """Naps grow with the wait: 10 us for the first millisecond (a collective whose peer is about
-    to arrive), 100 us up to 50 ms (a pipeline stage waiting for its next input: ~3 % of a core),
-    then, idle, 1 ms and after a second 10 ms (between requests)."""
-    if waited < 1e-3:
+    """Naps grow with the wait: 10 us for the first 100 us (a collective whose peer is about to
+    arrive; such naps cost ~40 % of a core), then 100 us (~7 % of a core: a rank held to a CPU quota
+    must not spend it waiting), and, idle after 50 ms, 1 ms and after a second 10 ms (between
+    requests)."""
+    if waited < 1e-4:
         return 1e-5
     if waited < 0.05 or not idle:
         return 1e-4
