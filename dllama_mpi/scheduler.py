@@ -186,7 +186,7 @@ class Scheduler:
         self.tokens_generated = 0
         self.prompt_tokens_evaluated = 0
         self.waited_for_pages = 0      # requests that had to wait for KV pages (not for a slot)
-        self.depth = engine.depth      # passes in flight at once (pipeline stages)
+        self.depth = getattr(engine, "depth", 1)   # passes in flight at once (pipeline stages)
         self.inflight: deque[_Pass] = deque()
 
     # ---- requests ---------------------------------------------------------------------------
