@@ -86,8 +86,10 @@ def model_options(fn):
         click.option("--buffer-float-type", type=click.Choice(["q80", "f32"]), default=None,
                      help="Format of synchronised activations [default: q80 for q40 weights, f32 for f32]."),
         click.option("--max-seq-len", type=int, default=None, help="Cap the context (KV-cache rows)."),
-        click.option("--sync", "sync_scheme", type=click.Choice(["ring", "dllama"]), default="ring", show_default=True,
-                     help="ring: reduce-scatter + all-gather; dllama: all-gather of every partial (Distributed Llama's numerics)."),
+        click.option("--sync", "sync_scheme", type=click.Choice(["auto", "ring", "dllama"]), default="auto", show_default=True,
+                     help="ring: reduce-scatter + all-gather; dllama: all-gather of every partial (Distributed Llama's "
+                          "numerics); auto: ring, or dllama when collective waits poll (one round per sync instead "
+                          "of two: a napping rank's wake-up is not on the ring's critical path twice)."),
         click.option("--load", type=click.Choice(["scatter", "local"]), default="scatter", show_default=True,
                      help="scatter: only rank 0 reads the model; local: every rank maps its own slices (shared storage)."),
         click.option("--batch", "max_batch", type=int, default=32, show_default=True, help="Prompt positions per forward pass."),
@@ -309,7 +311,8 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
         progress = lambda t: bar.update(t.nbytes)  # noqa: E731
     t0 = time.perf_counter()
     engine = build_engine(comm, model_path if (comm.is_root or load == "local") else None,
-                          max_seq_len=max_seq_len, buffer_type=bft or "auto", sync=sync_scheme,
+                          max_seq_len=max_seq_len, buffer_type=bft or "auto",
+                          sync=sync_scheme if sync_scheme not in (None, "auto") else ("dllama" if comm.poll else "ring"),
                           load=load, max_batch=max_batch, progress=progress, n_slots=n_slots,
                           kv_memory=kv_memory, pp=pp, split=split, quiet=quiet or not comm.is_root)
     if bar is not None:

@@ -7,19 +7,21 @@
 # figures at LATENCY_MS one-way latency (measured + rounds x (latency - measured one-way)). Needs root.
 #
 #   scripts/pipeline_links.sh MODEL.m TOKENIZER.t [OUT_DIR] [-- extra benchmark options]
-#   env: N=4, RATE=100mbit, PPS="1 2 4", ROUNDS=2, STREAMS=8, LATENCY_MS=5,
+#   env: N=4, RATE=100mbit, SETTINGS="1:ring 1:dllama 2:auto 4:auto" (--pp:--sync), ROUNDS=2, STREAMS=8, LATENCY_MS=5,
 #        BENCH="--synthetic 32 --steps 16 --repeat 1 --warmup 1 --bandwidth 32 --nthreads 1 --load local"
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 . "$here/scripts/bench_args.sh"
 parse_bench_args pipeline-links "$@"
-n="${N:-4}"; rate="${RATE:-100mbit}"; pps="${PPS:-1 2 4}"; rounds="${ROUNDS:-2}"; streams="${STREAMS:-8}"
+n="${N:-4}"; rate="${RATE:-100mbit}"; settings="${SETTINGS:-1:ring 1:dllama 2:auto 4:auto}"
+rounds="${ROUNDS:-2}"; streams="${STREAMS:-8}"
 read -r -a bench <<< "${BENCH:---synthetic 32 --steps 16 --repeat 1 --warmup 1 --bandwidth 32 --nthreads 1 --load local}"
 mkdir -p "$out"
 for ((r = 1; r <= rounds; r++)); do
-  for pp in $pps; do
-    echo "== round $r: $n ranks, $rate, --pp $pp" >&2
-    "$here/scripts/cluster_sim.sh" "$n" "$rate" "$model" "$tok" "$out/r$r" -- "${bench[@]}" --pp "$pp" \
+  for setting in $settings; do
+    pp="${setting%%:*}"; sync="${setting#*:}"
+    echo "== round $r: $n ranks, $rate, --pp $pp --sync $sync" >&2
+    "$here/scripts/cluster_sim.sh" "$n" "$rate" "$model" "$tok" "$out/r$r" -- "${bench[@]}" --pp "$pp" --sync "$sync" \
       --parallel "$streams" "${extra[@]}" > /dev/null
   done
 done
@@ -29,11 +31,11 @@ out, lat_ms = sys.argv[1], float(sys.argv[2])
 runs = {}
 for f in sorted(glob.glob(f"{out}/r*/n*.json")):
     d = json.load(open(f))
-    runs.setdefault(d["config"]["pp"], []).append(d)
-print(f"| --pp | stages x ranks | single stream ms/token | {runs and next(iter(runs.values()))[0]['parallel'][-1]['streams']} streams aggregate tok/s "
+    runs.setdefault((d["config"]["pp"], d["config"]["sync"]), []).append(d)
+print(f"| --pp | sync | stages x ranks | single stream ms/token | {runs and next(iter(runs.values()))[0]['parallel'][-1]['streams']} streams aggregate tok/s "
       f"| rounds/token | one-way us | derived at {lat_ms:g} ms: single ms/token | aggregate tok/s | rank CPU/wall (streams run) |")
-print("|---|---|---|---|---|---|---|---|---|")
-for pp, ds in sorted(runs.items()):
+print("|---|---|---|---|---|---|---|---|---|---|")
+for (pp, sync), ds in sorted(runs.items()):
     med = lambda xs: statistics.median(xs)
     ms = med([d["summary"]["decode_ms_per_token"] for d in ds])
     par = [d["parallel"][-1] for d in ds]
@@ -44,7 +46,7 @@ for pp, ds in sorted(runs.items()):
     delta = rounds * (lat_ms * 1000 - ow) / 1000          # ms added per pass at the derived latency
     sizes = "/".join(str(len(s["ranks"])) for s in ds[0]["stages"])
     cpu = " ".join(f"{med([p['per_rank'][k]['cpu_per_wall'] for p in par]):.2f}" for k in range(len(par[0]["per_rank"])))
-    print(f"| {pp} | {len(ds[0]['stages'])} x {sizes} | {ms:.1f} | {agg:.2f} | {rounds} | {ow:.0f} | "
+    print(f"| {pp} | {sync} | {len(ds[0]['stages'])} x {sizes} | {ms:.1f} | {agg:.2f} | {rounds} | {ow:.0f} | "
           f"{ms + delta:.1f} | {P / (P / agg + delta / 1000):.2f} | {cpu} |")
 PY
 echo "$out" >&2
