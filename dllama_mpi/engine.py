@@ -296,7 +296,30 @@ def rope_freqs(h: ModelHeader) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # the control packet
 
-LOGITS_ARGMAX, LOGITS_FULL = 0, 1   # per logit row: the id of the largest logit, or every logit
+# per logit row: the id of the largest logit; every logit; or log-probability statistics (the argmax,
+# log Z, the log-probability of a target id, the top STATS_TOPK) from a distributed log-softmax
+LOGITS_ARGMAX, LOGITS_FULL, LOGITS_STATS = 0, 1, 2
+STATS_TOPK = 20          # the most top log-probabilities a row reports (OpenAI's top_logprobs limit)
+STATS_LEN = 3 + 2 * STATS_TOPK
+
+
+@dataclass
+class TokenStats:
+    """Log-probabilities of one logits row at some temperature: of the `target` id (None when there is
+    none) and of the `top` ids (largest first, lower id first among equals); `argmax` = top[0] id."""
+
+    argmax: int
+    log_z: float
+    target: float | None
+    top: list            # [(id, logprob)] * STATS_TOPK
+
+
+def row_stats(logits: np.ndarray, inv_t: float = 1.0, target: int = -1) -> TokenStats:
+    """TokenStats of a whole logits row (the root, when it has gathered the row anyway)."""
+    rec = np.empty(STATS_LEN, np.float64)
+    lib.dl_logit_stats(ffi.cast("double *", rec.ctypes.data), fptr(np.ascontiguousarray(logits, np.float32)),
+                       logits.size, inv_t, target, STATS_TOPK)
+    return _merge_stats(rec.reshape(1, STATS_LEN), target >= 0)
 
 
 class Control:
@@ -311,12 +334,14 @@ class Control:
     def __init__(self, max_batch: int):
         self.max_updates = max(64, 2 * max_batch)
         B, U, K = max_batch, self.max_updates, self.MAX_COPIES
-        self.buf = np.zeros(self.HEADER + 5 * B + 3 * U + 2 * K, np.int32)
+        self.buf = np.zeros(self.HEADER + 7 * B + 3 * U + 2 * K, np.int32)
         o = self.HEADER
         self.slot, self.pos, self.kvrow = self.buf[o:o + B], self.buf[o + B:o + 2 * B], self.buf[o + 2 * B:o + 3 * B]
         o += 3 * B
         self.logit_row, self.logit_mode = self.buf[o:o + B], self.buf[o + B:o + 2 * B]
-        o += 2 * B
+        self.logit_target = self.buf[o + 2 * B:o + 3 * B]              # LOGITS_STATS: id to score, or -1
+        self.logit_inv_t = self.buf[o + 3 * B:o + 4 * B].view(np.float32)  # LOGITS_STATS: 1 / temperature
+        o += 4 * B
         self.updates = self.buf[o:o + 3 * U].reshape(U, 3)
         self.copies = self.buf[o + 3 * U:o + 3 * U + 2 * K].reshape(K, 2)
 
@@ -371,6 +396,8 @@ class RunState:
         self.gathered = np.zeros(L * h.vocab_size, np.float32) if is_root and plan.n_nodes > 1 else None
         self.best = np.zeros((L, 2), np.float64)                       # (largest logit, its id) per row
         self.all_best = np.zeros(plan.n_nodes * L * 2, np.float64) if is_root else None
+        self.stats = np.zeros((L, STATS_LEN), np.float64)              # LOGITS_STATS summaries per row
+        self.all_stats = np.zeros(plan.n_nodes * L * STATS_LEN, np.float64) if is_root else None
         self.ctrl = Control(max_batch)
         self.p_x, self.p_xb, self.p_q, self.p_z = fptr(self.x), fptr(self.xb), fptr(self.q), fptr(self.z)
         self.p_k, self.p_v = fptr(self.k), fptr(self.v)
@@ -407,6 +434,8 @@ class Rows:
     positions: list
     logit_rows: list = field(default_factory=list)
     logit_modes: list = field(default_factory=list)
+    logit_targets: list | None = None    # LOGITS_STATS rows: the id to score (-1: none)
+    logit_inv_t: list | None = None      # LOGITS_STATS rows: 1 / temperature (1.0: the model's distribution)
 
 
 class Engine:
@@ -448,8 +477,8 @@ class Engine:
     def step(self, rows: Rows, updates=(), copies=(), out_full=None) -> list:
         """Root: one forward pass over rows of any sequences (at most max_batch). `updates` (slot,
         index, page) and `copies` (src page, dst page) are applied first on every rank. Returns, per
-        logit row, the argmax id (LOGITS_ARGMAX) or its logits (LOGITS_FULL: a view reused by the next
-        pass, or a row of out_full when given)."""
+        logit row, the argmax id (LOGITS_ARGMAX), its logits (LOGITS_FULL: a view reused by the next
+        pass, or a row of out_full when given) or its TokenStats (LOGITS_STATS)."""
         b = self._begin(rows, updates, copies)
         n_full = sum(1 for m in rows.logit_modes if m == LOGITS_FULL)
         if out_full is None and n_full > self.max_logit_rows:   # more than one group: no shared buffer
@@ -474,6 +503,8 @@ class Engine:
         c.header(C.CMD_FORWARD, b, n_logits, len(updates), len(copies))
         c.slot[:b], c.pos[:b] = rows.slots, rows.positions
         c.logit_row[:n_logits], c.logit_mode[:n_logits] = rows.logit_rows, rows.logit_modes
+        c.logit_target[:n_logits] = rows.logit_targets if rows.logit_targets is not None else -1
+        c.logit_inv_t[:n_logits] = rows.logit_inv_t if rows.logit_inv_t is not None else 1.0
         if updates:
             c.updates[:len(updates)] = updates
         if copies:
@@ -525,6 +556,12 @@ class Engine:
         if all_logits:
             return out
         return result[-1]
+
+    def forget(self) -> None:
+        """Root: end the sequence `forward` works on (its pages stay cached, its slot is free)."""
+        if self._direct is not None:
+            self.kv.release(self._direct)
+            self._direct = None
 
     def check_tokens(self, tokens) -> None:
         """Before any worker starts a pass: a bad id must not leave them mid-pass."""
@@ -701,11 +738,17 @@ class Engine:
             gm = modes[grp]
             am = np.flatnonzero(gm == LOGITS_ARGMAX)
             fm = np.flatnonzero(gm == LOGITS_FULL)
+            sm = np.flatnonzero(gm == LOGITS_STATS)
             if am.size:
                 ids = self._argmax(am)
                 if result is not None:
                     for j, i in zip(am, ids):
                         result[g + j] = i
+            if sm.size:
+                stats = self._stats(sm, c.logit_target[grp][sm], c.logit_inv_t[grp][sm])
+                if result is not None:
+                    for j, x in zip(sm, stats):
+                        result[g + j] = x
             if fm.size:
                 full = self._gather(fm, None if out_full is None else out_full[done_full:done_full + fm.size])
                 if result is not None:
@@ -748,6 +791,29 @@ class Engine:
         ids = np.where(allb[:, :, 0] == top, allb[:, :, 1], np.inf).min(axis=0)
         return [int(x) for x in ids]
 
+    def _stats(self, which, targets, inv_t) -> list | None:
+        """A distributed log-softmax: each rank summarises its vocabulary slice of each row (max,
+        log-sum-exp, the target's logit, its top STATS_TOPK) in STATS_LEN numbers, the root combines
+        them; nobody sends a vocabulary slice."""
+        st, n = self.st, len(which)
+        rec = st.stats[:n]
+        p = ffi.cast("double *", rec.ctypes.data)
+        v0, nv = self.vocab0, st.logits_local.shape[1]
+        for k, (row, t, it) in enumerate(zip(which, targets, inv_t)):
+            local_t = int(t) - v0 if t >= 0 else -1
+            lib.dl_logit_stats(p + k * STATS_LEN, st.p_logits_local + int(row) * nv, nv, float(it), local_t,
+                               STATS_TOPK)
+        ids = rec[:, 4::2]
+        ids[ids >= 0] += v0
+        if self.comm.size == 1:
+            return [_merge_stats(rec[k:k + 1], targets[k] >= 0) for k in range(n)]
+        allr = st.all_stats[:self.comm.size * n * STATS_LEN] if self.comm.is_root else None
+        self.comm.gather_f64(rec.reshape(-1), allr)
+        if not self.comm.is_root:
+            return None
+        allr = allr.reshape(self.comm.size, n, STATS_LEN)
+        return [_merge_stats(allr[:, k], targets[k] >= 0) for k in range(n)]
+
     def _gather(self, which, out):
         """Full logits of the given rows on the root ([n, vocab]: a view of st.logits, or out)."""
         st = self.st
@@ -767,6 +833,17 @@ class Engine:
         return dst
 
 
+def _merge_stats(recs: np.ndarray, has_target: bool) -> TokenStats:
+    """TokenStats from the per-rank summaries of one row ([ranks, STATS_LEN])."""
+    log_z = float(np.logaddexp.reduce(recs[:, 1]))
+    pairs = recs[:, 3:].reshape(-1, 2)
+    pairs = pairs[pairs[:, 1] >= 0]
+    order = np.lexsort((pairs[:, 1], -pairs[:, 0]))[:STATS_TOPK]
+    top = [(int(pairs[i, 1]), float(pairs[i, 0]) - log_z) for i in order]
+    target = float(recs[:, 2].max()) - log_z if has_target else None
+    return TokenStats(top[0][0] if top else 0, log_z, target, top)
+
+
 def kv_row_bytes(h: ModelHeader, plan: ShardPlan) -> int:
     """Bytes of K + V for one cache row on the rank that stores the most KV heads (f32, all layers)."""
     return 2 * 4 * h.n_layers * h.head_size * max(plan[r].n_kv_heads for r in range(plan.n_nodes))
@@ -776,6 +853,8 @@ def kv_row_bytes(h: ModelHeader, plan: ShardPlan) -> int:
 # building an engine on every rank
 
 def check_options(h: ModelHeader, buffer_type: str) -> None:
+    if h.is_gemma3:   # the format and converters exist (FORMATS-EXT.md); the forward pass comes next
+        raise ConfigError("gemma3 models are not supported by the forward pass yet")
     if h.weights_float_type not in (F32, Q40):
         raise ConfigError(f"{float_type_name(h.weights_float_type)} weights are not supported (use q40 or f32)")
     if buffer_type == "q80" and h.dim % BLOCK:

@@ -269,6 +269,20 @@ def silu_mul(gate, up, n: int | None = None) -> np.ndarray:
     return out
 
 
+def gelu_mul(gate, up) -> np.ndarray:
+    """GeGLU: gelu_tanh(gate) * up."""
+    g, u = _f32(gate), _f32(up)
+    out = np.empty_like(g)
+    lib.dl_gelu_mul(ptr(out), ptr(g), ptr(u), g.size)
+    return out
+
+
+def scale(x, s: float) -> np.ndarray:
+    o = _f32(x).copy()
+    lib.dl_scale(ptr(o), s, o.size)
+    return o
+
+
 def add(out, a) -> np.ndarray:
     o = _f32(out).copy()
     a = _f32(a)

@@ -233,12 +233,13 @@ class KVCache:
 
     # ---- sequences ------------------------------------------------------------------------------
 
-    def admit(self, tokens: list[int], max_rows: int) -> SeqKV | None:
+    def admit(self, tokens: list[int], max_rows: int, share: bool = True) -> SeqKV | None:
         """A slot and pages for a sequence that starts with `tokens` (the prompt) and will hold at most
-        `max_rows` K/V rows, sharing what the cache has; None when the pool or the slots are full now."""
+        `max_rows` K/V rows, sharing what the cache has (unless share=False: every row is evaluated);
+        None when the pool or the slots are full now."""
         if not self.free_slots:
             return None
-        shared, partial, parent = self._match(tokens)
+        shared, partial, parent = self._match(tokens) if share else ([], None, _ROOT_HASH)
         need = self.pages_for(max_rows) - len(shared)
         from_evictable = sum(1 for p in shared if self.ref[p] == 0)
         if need + from_evictable > self.available:
@@ -274,6 +275,32 @@ class KVCache:
             seq.tokens += tokens[len(seq.tokens):len(seq.tokens) + rows]
         seq.shared_tokens = len(seq.tokens)
         return seq
+
+    def fork(self, seq: SeqKV, max_rows: int) -> SeqKV | None:
+        """A new sequence holding seq's rows: its full pages shared, its partial last page copied;
+        None when there is no slot or room for its pages now."""
+        if not self.free_slots:
+            return None
+        ps = self.ps
+        n_full = len(seq.tokens) // ps
+        need = self.pages_for(max_rows) - n_full
+        if need > self.available:
+            return None
+        new = SeqKV(self.free_slots.pop(), tokens=list(seq.tokens), hashes=list(seq.hashes[:n_full]))
+        for idx in range(n_full):
+            page = seq.pages[idx]
+            self._hold(page)
+            new.pages.append(page)
+            self.updates.append((new.slot, idx, page))
+        new.reserve = need
+        self.reserved += need
+        if len(seq.tokens) % ps:
+            src = seq.pages[n_full]
+            self._hold(src)
+            self.copies.append((src, self._alloc(new)))
+            self._copy_holds.append(src)
+        new.shared_tokens = len(new.tokens)
+        return new
 
     def _alloc(self, seq: SeqKV) -> int:
         page = self._take()

@@ -45,14 +45,15 @@ import numpy as np
 
 from . import comm as C
 from .comm import Comm
-from .engine import LOGITS_ARGMAX, LOGITS_FULL, Engine, Route, Rows, load_weights
+from .engine import LOGITS_ARGMAX, LOGITS_FULL, LOGITS_STATS, STATS_TOPK, Engine, Route, Rows, TokenStats, load_weights
 from .errors import ConfigError
 from .formats import BLOCK, F32, Q40, Q80_BYTES, ModelHeader, tensor_layout
 from .kernels import ffi, lib
 from .kvcache import meminfo, plan_kv
 from .shard import COL_SPLIT, ROW_SPLIT, ShardPlan, even_split, make_plan, weighted_split
 
-TAG_FORWARD, TAG_RESULT = 21, 22     # [control | rows] between stage roots; [ids | logits] to rank 0
+TAG_FORWARD, TAG_RESULT = 21, 22     # [control | rows] between stage roots; [ids | stats | logits] to rank 0
+STATS_REC = 4 + 2 * STATS_TOPK       # a TokenStats in float64: argmax, log Z, target, n top, (id, logprob)s
 MEMORY_USE = 0.9                     # share of a rank's free memory `auto` may fill with weights
 
 
@@ -361,6 +362,18 @@ def build_stages(world: Comm, h: ModelHeader, header_size: int, model, *, pp: in
 # ------------------------------------------------------------------------------------------------
 # the engine of one stage
 
+def _pack_stats(x: TokenStats, rec: np.ndarray) -> None:
+    rec[:4] = (x.argmax, x.log_z, np.nan if x.target is None else x.target, len(x.top))
+    if x.top:
+        rec[4:4 + 2 * len(x.top)] = np.asarray(x.top, np.float64).reshape(-1)
+
+
+def _unpack_stats(rec: np.ndarray) -> TokenStats:
+    k = int(rec[3])
+    top = [(int(rec[4 + 2 * i]), float(rec[5 + 2 * i])) for i in range(k)]
+    return TokenStats(int(rec[0]), float(rec[1]), None if np.isnan(rec[2]) else float(rec[2]), top)
+
+
 class _Progressing:
     """The residual sync of a one-rank stage makes no MPI call, so a root computing its layers would
     not move its outstanding transfers (MPICH progresses requests only inside MPI calls): poke them
@@ -402,19 +415,19 @@ class StageEngine(Engine):
         self.q80 = buffer_type == "q80"
         self.row_bytes = h.dim // BLOCK * Q80_BYTES if self.q80 else 4 * h.dim
         self.ctrl_bytes = self.st.ctrl.buf.nbytes
-        self.ids_bytes = 8 * B
+        self.result_bytes = (8 + 8 * STATS_REC + 4 * V) * B   # the largest result message
         self._sends: list = []      # (buffer, request) ring of this rank's outgoing messages
         self._send_i = 0
         self.inflight: deque = deque()
         if self.stage_root:
-            size = self.ids_bytes + 4 * V * B if self.last else self.ctrl_bytes + B * self.row_bytes
+            size = self.result_bytes if self.last else self.ctrl_bytes + B * self.row_bytes
             # np.zeros: the OS commits a page only when a message first writes it
             self._sends = [[np.zeros(size, np.uint8), None] for _ in range(self.depth)]
             if not self.first:
                 self._recv_buf = np.zeros(self.ctrl_bytes + B * self.row_bytes, np.uint8)
                 self._recv_req = link.irecv(self._recv_buf, self.prev_root, TAG_FORWARD)
         if world.is_root:
-            self._results = [np.zeros(self.ids_bytes + 4 * V * B, np.uint8) for _ in range(self.depth)]
+            self._results = [np.zeros(self.result_bytes, np.uint8) for _ in range(self.depth)]
             self._result_i = 0
         if self.stage_root and stage_comm.size == 1:
             self.sync = _Progressing(self.sync, self._pending)
@@ -489,13 +502,12 @@ class StageEngine(Engine):
         if len(self.inflight) >= self.depth:
             raise RuntimeError(f"{self.depth} passes in flight already")
         b = self._begin(rows, updates, copies)
-        n_full = sum(1 for m in rows.logit_modes if m == LOGITS_FULL)
+        modes = list(rows.logit_modes)
         i = self._result_i
         self._result_i = (i + 1) % self.depth
         buf = self._results[i]
-        req = self.link.irecv(buf[:8 * len(rows.logit_modes) + 4 * self.h.vocab_size * n_full],
-                              self.layout.stages[-1].root, TAG_RESULT)
-        self.inflight.append((buf, req, list(rows.logit_modes)))
+        req = self.link.irecv(buf[:self._result_size(modes)], self.layout.stages[-1].root, TAG_RESULT)
+        self.inflight.append((buf, req, modes))
         self._pass(b, None)
 
     def collect(self) -> list:
@@ -503,11 +515,14 @@ class StageEngine(Engine):
         views reused `depth` passes later)."""
         buf, req, modes = self.inflight.popleft()
         self._wait(req)
-        ids, full = self._result_views(buf, len(modes))
-        out, k = [], 0
+        ids, stats, full = self._result_views(buf, modes)
+        out, k, q = [], 0, 0
         for j, m in enumerate(modes):
             if m == LOGITS_ARGMAX:
                 out.append(int(ids[j]))
+            elif m == LOGITS_STATS:
+                out.append(_unpack_stats(stats[q]))
+                q += 1
             else:
                 out.append(full[k])
                 k += 1
@@ -519,7 +534,7 @@ class StageEngine(Engine):
         if out_full is not None:
             k = 0
             for j, v in enumerate(out):
-                if not isinstance(v, int):
+                if isinstance(v, np.ndarray):
                     out_full[k] = v
                     out[j] = out_full[k]
                     k += 1
@@ -592,20 +607,30 @@ class StageEngine(Engine):
         slot = self._slot()
         buf = slot[0]
         c = self.st.ctrl
-        n = int(c.buf[2])
-        modes = c.logit_mode[:n]
-        n_full = int(np.count_nonzero(modes == LOGITS_FULL))
-        ids, full = self._result_views(buf, n)
+        modes = [int(m) for m in c.logit_mode[:int(c.buf[2])]]
+        n_full = modes.count(LOGITS_FULL)
+        ids, stats, full = self._result_views(buf, modes)
         result = super()._pass(b, full[:n_full] if n_full else None)
+        q = 0
         for j, v in enumerate(result):
             ids[j] = v if modes[j] == LOGITS_ARGMAX else -1
-        slot[1] = self._isend(buf[:8 * n + 4 * self.h.vocab_size * n_full], 0, TAG_RESULT)
+            if modes[j] == LOGITS_STATS:
+                _pack_stats(v, stats[q])
+                q += 1
+        slot[1] = self._isend(buf[:self._result_size(modes)], 0, TAG_RESULT)
         return result
 
-    def _result_views(self, buf, n: int):
-        """A result message: n logit rows' ids (int64; -1 for a full row), then the full rows (f32)."""
-        return buf[:8 * n].view(np.int64), buf[8 * n:8 * n + 4 * self.h.vocab_size * self.max_batch] \
-            .view(np.float32).reshape(-1, self.h.vocab_size)
+    def _result_size(self, modes) -> int:
+        return 8 * len(modes) + 8 * STATS_REC * modes.count(LOGITS_STATS) + \
+            4 * self.h.vocab_size * modes.count(LOGITS_FULL)
+
+    def _result_views(self, buf, modes):
+        """A result message: per logit row its id (int64; -1 unless an argmax row), the TokenStats of
+        the stats rows (float64 records), then the full rows (f32)."""
+        n, n_stats = len(modes), modes.count(LOGITS_STATS)
+        s0, f0 = 8 * n, 8 * n + 8 * STATS_REC * n_stats
+        return (buf[:s0].view(np.int64), buf[s0:f0].view(np.float64).reshape(-1, STATS_REC),
+                buf[f0:f0 + 4 * self.h.vocab_size * self.max_batch].view(np.float32).reshape(-1, self.h.vocab_size))
 
     def _logits(self, out_full) -> list:
         return super()._logits(out_full) if self.last else None

@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from .engine import LOGITS_ARGMAX, LOGITS_FULL, Engine, Rows
+from .engine import LOGITS_ARGMAX, LOGITS_FULL, LOGITS_STATS, Engine, Rows, TokenStats, row_stats
 from .errors import DllamaError
 from .sampler import Sampler
 
@@ -30,9 +30,19 @@ class RequestError(DllamaError):
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-probability and the `top` alternatives [(id, logprob)], largest first."""
+
+    token: int
+    logprob: float
+    top: list
+
+
+@dataclass
 class Piece:
     token: int
-    text: str            # text that became final with this token (may be "")
+    text: str                            # text that became final with this token (may be "")
+    logprob: TokenLogprob | None = None  # when the request asked for log-probabilities
 
 
 @dataclass
@@ -113,10 +123,19 @@ WAITING, PREFILL, DECODE, DONE = "waiting", "prefill", "decode", "done"
 
 class Request:
     """One sequence to generate. `sink(kind, value)` is called on the generation thread with
-    ("piece", Piece) for every generated token and once ("done", RunStats)."""
+    ("piece", Piece) for every generated token and once ("done", RunStats).
+
+    logprobs=k: every generated token comes with its log-probability and the k most likely
+    alternatives (k <= 20), of the distribution the sampler draws from (logits / temperature; the
+    model's own distribution at temperature 0). prompt_logprobs: the same for every prompt token
+    after the first, in `prompt_logprobs` (the prompt is then evaluated in full: no cached pages).
+    followers: requests with the same prompt and parameters but their own samplers (the n choices of
+    one API request): they take over this request's pages when its prompt is evaluated (one page
+    copy) and sample their first token from the same logits."""
 
     def __init__(self, prompt: Sequence[int], max_tokens: int, sampler: Sampler, stop: Sequence[str] = (),
-                 ignore_eos: bool = False, sink: Callable | None = None, tag=None, cancelled_by=None):
+                 ignore_eos: bool = False, sink: Callable | None = None, tag=None, cancelled_by=None,
+                 logprobs: int | None = None, prompt_logprobs: bool = False, followers: Sequence = ()):
         self.prompt = [int(t) for t in prompt]
         self.max_tokens = int(max_tokens)
         self.sampler = sampler
@@ -128,6 +147,9 @@ class Request:
         self.state = WAITING
         self.seq = None                    # kvcache.SeqKV while admitted
         self.stats = RunStats(prompt_tokens=len(self.prompt))
+        self.logprobs = logprobs
+        self.prompt_logprobs: list | None = [None] if prompt_logprobs else None
+        self.followers = list(followers)
         self.waited_for_pages = False
         self._cancel = False
         self._cancel_event = cancelled_by      # a threading.Event another thread may set
@@ -153,6 +175,18 @@ class Request:
         return self.sampler.temperature == 0
 
     @property
+    def inv_t(self) -> float:
+        """1 / the temperature of the distribution log-probabilities are reported for."""
+        return 1.0 / self.sampler.temperature if self.sampler.temperature > 0 else 1.0
+
+    @property
+    def sample_mode(self) -> int:
+        """How the engine returns the row this request samples from."""
+        if not self.greedy:
+            return LOGITS_FULL
+        return LOGITS_STATS if self.logprobs is not None else LOGITS_ARGMAX
+
+    @property
     def max_rows(self) -> int:
         """K/V rows this sequence may hold: the prompt, and every generated token but the last."""
         return len(self.prompt) + max(self.max_tokens, 1) - 1
@@ -168,6 +202,7 @@ class _Pass:
     rows: Rows
     rows_req: list      # the request of each row
     fed: list           # (request, first row, n rows) per sequence
+    logit_kind: list    # per logit row: "sample" or "prompt" (a prompt logprob)
 
 
 class Scheduler:
@@ -212,6 +247,8 @@ class Scheduler:
         req.max_tokens = min(req.max_tokens, self.max_seq_len - len(req.prompt) + 1)
         self.check(len(req.prompt), req.max_tokens)
         req._t_submit = time.perf_counter()
+        for f in req.followers:
+            f.max_tokens, f._t_submit = req.max_tokens, req._t_submit
         self.waiting.append(req)
 
     @property
@@ -276,8 +313,18 @@ class Scheduler:
         """The rows of one pass: a decode row of each sequence that has sampled its next token (at
         most decode_cap), then prefill chunks up to the token budget; pages ensured for them."""
         rows_req: list[Request] = []
-        tokens, slots, positions, logit_rows, logit_modes = [], [], [], [], []
+        tokens, slots, positions = [], [], []
+        logit_rows, logit_modes, logit_targets, logit_inv_t = [], [], [], []
+        logit_kind = []                           # per logit row: "sample" or "prompt" (a prompt logprob)
         fed: list[tuple[Request, int, int]] = []   # (request, first row, n rows) per sequence
+
+        def want(row, req, mode, target=-1, kind="sample"):
+            logit_rows.append(row)
+            logit_modes.append(mode)
+            logit_targets.append(target)
+            logit_inv_t.append(req.inv_t)
+            logit_kind.append(kind)
+
         budget = self.max_batch
         decodes = 0
         for req in candidates:          # one decode row per running sequence
@@ -287,8 +334,7 @@ class Scheduler:
                 tokens.append(req.generated[-1])
                 slots.append(req.seq.slot)
                 positions.append(n)
-                logit_rows.append(len(rows_req))
-                logit_modes.append(LOGITS_ARGMAX if req.greedy else LOGITS_FULL)
+                want(len(rows_req), req, req.sample_mode)
                 fed.append((req, len(rows_req), 1))
                 rows_req.append(req)
                 budget -= 1
@@ -305,39 +351,83 @@ class Scheduler:
             positions.extend(range(n0, n0 + take))
             rows_req.extend([req] * take)
             fed.append((req, first, take))
+            if req.prompt_logprobs is not None:   # each prompt row scores the next prompt token
+                for k in range(take):
+                    if n0 + k + 1 < len(req.prompt):
+                        want(first + k, req, LOGITS_STATS, req.prompt[n0 + k + 1], "prompt")
             if n0 + take == len(req.prompt) and req.max_tokens > 0:
                 # the prompt's last row: its logits give the first token
-                logit_rows.append(first + take - 1)
-                logit_modes.append(LOGITS_ARGMAX if req.greedy else LOGITS_FULL)
+                want(first + take - 1, req, req.sample_mode)
             budget -= take
         if not fed:
             return None
         for req, first, n in fed:
             self.kv.ensure(req.seq, positions[first + n - 1] + 1)
-        return _Pass(Rows(tokens, slots, positions, logit_rows, logit_modes), rows_req, fed)
+        rows = Rows(tokens, slots, positions, logit_rows, logit_modes, logit_targets, logit_inv_t)
+        return _Pass(rows, rows_req, fed, logit_kind)
 
     def _hand_out(self, p: "_Pass", out) -> None:
-        """After a pass: the rows join their sequences' caches, logit rows give tokens."""
-        rows_req, fed, tokens, logit_rows = p.rows_req, p.fed, p.rows.tokens, p.rows.logit_rows
+        """After a pass: the rows join their sequences' caches, logit rows give tokens (or prompt
+        log-probabilities)."""
+        rows_req, fed, tokens, positions = p.rows_req, p.fed, p.rows.tokens, p.rows.positions
+        logit_rows, logit_kind = p.rows.logit_rows, p.logit_kind
         now = time.perf_counter()
         for req, first, n in fed:
             self.kv.written(req.seq, tokens[first:first + n])
             if req.state == PREFILL:
                 self.prompt_tokens_evaluated += n
-                if req.max_tokens == 0 and len(req.seq.tokens) == len(req.prompt):
-                    req.stats.prompt_seconds = now - req._t_admit
-                    self._finish(req, "length")   # nothing to generate: the prompt is evaluated
-        for row, value in zip(logit_rows, out):
+        for row, value, kind in zip(logit_rows, out, logit_kind):
             req = rows_req[row]
-            token = value if isinstance(value, int) else req.sampler.sample(value)
-            self._on_token(req, token, now)
+            if kind == "prompt":
+                req.prompt_logprobs.append(TokenLogprob(req.prompt[positions[row] + 1], value.target,
+                                                        value.top[:req.logprobs or 0]))
+                continue
+            for f in req.followers:   # the n choices of one request: same prompt, same logits
+                self._fork(req, f, now)
+                self._sample(f, value, now)
+            req.followers = []
+            self._sample(req, value, now)
+        for req, first, n in fed:
+            if req.state == PREFILL and req.max_tokens == 0 and len(req.seq.tokens) == len(req.prompt):
+                req.stats.prompt_seconds = now - req._t_admit
+                self._finish(req, "length")   # nothing to generate: the prompt is evaluated
+
+    def _sample(self, req: Request, value, now: float) -> None:
+        """The request's next token from its row's result (an id, a logits row, or TokenStats)."""
+        lp = None
+        if isinstance(value, TokenStats):
+            token = value.argmax
+            if req.logprobs is not None:
+                lp = TokenLogprob(token, value.top[0][1], value.top[:req.logprobs])
+        elif isinstance(value, int):
+            token = value
+        else:
+            token = req.sampler.sample(value)
+            if req.logprobs is not None:
+                s = row_stats(value, req.inv_t, token)
+                lp = TokenLogprob(token, s.target, s.top[:req.logprobs])
+        self._on_token(req, token, now, lp)
+
+    def _fork(self, leader: Request, req: Request, now: float) -> None:
+        """A follower takes the leader's evaluated prompt (shared full pages, a copy of the last)."""
+        seq = self.kv.fork(leader.seq, min(req.max_rows, self.max_seq_len))
+        if seq is None:   # no room now: it queues first in line and shares the cached prompt later
+            self.waiting.appendleft(req)
+            return
+        req.seq, req.state = seq, PREFILL
+        req._t_admit = now
+        req.stats.queue_seconds = now - req._t_submit
+        req.stats.evaluated_prompt_tokens = 0
+        req.prompt_logprobs = leader.prompt_logprobs
+        self.running.append(req)
 
     # ---- admission, tokens, ends ------------------------------------------------------------
 
     def _admit(self) -> None:
         while self.waiting:
             req = self.waiting[0]
-            seq = self.kv.admit(req.prompt, min(req.max_rows, self.max_seq_len))
+            seq = self.kv.admit(req.prompt, min(req.max_rows, self.max_seq_len),
+                                share=req.prompt_logprobs is None)
             if seq is None:
                 if self.kv.free_slots and not req.waited_for_pages:
                     req.waited_for_pages = True   # a slot is free: it is the pages it waits for
@@ -350,7 +440,7 @@ class Scheduler:
             req.stats.evaluated_prompt_tokens = len(req.prompt) - len(seq.tokens)
             self.running.append(req)
 
-    def _on_token(self, req: Request, token: int, now: float) -> None:
+    def _on_token(self, req: Request, token: int, now: float, lp: TokenLogprob | None = None) -> None:
         st = req.stats
         if not req.generated:
             req._t_first = now
@@ -367,24 +457,24 @@ class Scheduler:
         self.tokens_generated += 1
         if token in self.eos and not req.ignore_eos:
             tail, _ = req.matcher.push(req.decoder.flush())
-            req.sink("piece", Piece(token, tail + req.matcher.flush()))
+            req.sink("piece", Piece(token, tail + req.matcher.flush(), lp))
             self._finish(req, "stop")
             return
         text, stopped = req.matcher.push(req.decoder.push(token))
         if stopped:
-            req.sink("piece", Piece(token, text))
+            req.sink("piece", Piece(token, text, lp))
             self._finish(req, "stop")
             return
         if req.cancelled:
-            req.sink("piece", Piece(token, text))
+            req.sink("piece", Piece(token, text, lp))
             self._finish(req, "abort")
             return
         if st.generated_tokens >= req.max_tokens or len(req.seq.tokens) >= self.max_seq_len:
             tail = req.matcher.push(req.decoder.flush())[0] + req.matcher.flush()
-            req.sink("piece", Piece(token, text + tail))
+            req.sink("piece", Piece(token, text + tail, lp))
             self._finish(req, "length")
             return
-        req.sink("piece", Piece(token, text))
+        req.sink("piece", Piece(token, text, lp))
 
     def _finish(self, req: Request, reason: str) -> None:
         st = req.stats

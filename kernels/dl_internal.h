@@ -48,6 +48,8 @@ typedef struct {
     void (*add_q80)(float *out, const dl_block_q80 *parts, int nparts, int64_t n);
     float (*dot)(const float *a, const float *b, int n);
     void (*axpy)(float *y, float a, const float *x, int n);      /* y += a * x */
+    void (*gelu_mul)(float *out, const float *gate, const float *up, int64_t n);   /* Gemma's GeGLU */
+    void (*scale)(float *x, float s, int64_t n);                 /* x *= s */
 } dl_kernels;
 
 extern dl_kernels dl_k;      /* the active table */
@@ -73,6 +75,8 @@ void   dl_xprep(void *dst, const dl_block_q80 *x, int cols, int batch);
     void dl_add_q80_##sfx(float *out, const dl_block_q80 *parts, int nparts, int64_t n); \
     float dl_dot_##sfx(const float *a, const float *b, int n); \
     void dl_axpy_##sfx(float *y, float a, const float *x, int n); \
+    void dl_gelu_mul_##sfx(float *out, const float *gate, const float *up, int64_t n); \
+    void dl_scale_##sfx(float *x, float s, int64_t n); \
 
 DL_DECL_ALL(scalar)
 #if DL_X86

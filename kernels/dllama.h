@@ -97,4 +97,15 @@ void dl_attention(float *out, const float *q, const float *k_cache, const float 
                   const int32_t *pos, const int32_t *slot, int batch, const dl_kv_pages *kv,
                   int window, float scale_div);
 
+/* ---- log-probabilities (kernels/logits.c): one rank's summary of its slice of a logits row.
+ * out[3 + 2k]: max of y = x * inv_t, log-sum-exp of y, y[target] (-inf if target is outside [0, n)),
+ * then the k largest (y, index) pairs, largest first, lower index first among equals. ---- */
+void dl_logit_stats(double *out, const float *x, int n, float inv_t, int target, int k);
+
+/* ---- Gemma 3 ----
+ * GeGLU: out = gelu_tanh(gate) * up (transformers' gelu_pytorch_tanh), any n; out may alias gate.
+ * scale: x *= s (the embedding's sqrt(dim); q when query_pre_attn_scalar != head_dim). ---- */
+void dl_gelu_mul(float *out, const float *gate, const float *up, int64_t n);
+void dl_scale(float *x, float s, int64_t n);
+
 #endif

@@ -12,14 +12,17 @@ import numpy as np
 from dllama_mpi.formats import ARCH_LLAMA, F32, open_model
 
 
-class ReferenceLlama:
+class ReferenceModel:
+    """An f32 `.m` file's tensors as float64 (read per use) and the RMSNorm every arch shares."""
+
     def __init__(self, path):
         self.m = open_model(path)
-        h = self.h = self.m.header
-        if h.arch_type != ARCH_LLAMA or h.n_experts or h.weights_float_type != F32:
-            raise ValueError("reference forward: dense llama models with f32 weights only")
-        if getattr(h, "rope_scaling_factor", 1) not in (0, 1):
-            raise ValueError("reference forward: llama3 rope scaling is not implemented")
+        self.h = self.m.header
+        if self.h.weights_float_type != F32:
+            raise ValueError("reference forward: f32 weights only")
+
+    def close(self):
+        self.m.close()
 
     def w(self, name, layer=-1):
         t = self.m.info(name, layer)
@@ -28,6 +31,16 @@ class ReferenceLlama:
 
     def rmsnorm(self, x, w):
         return w * x / np.sqrt((x * x).mean(-1, keepdims=True) + self.h.eps)
+
+
+class ReferenceLlama(ReferenceModel):
+    def __init__(self, path):
+        super().__init__(path)
+        h = self.h
+        if h.arch_type != ARCH_LLAMA or h.n_experts:
+            raise ValueError("reference forward: dense llama models with f32 weights only")
+        if getattr(h, "rope_scaling_factor", 1) not in (0, 1):
+            raise ValueError("reference forward: llama3 rope scaling is not implemented")
 
     def rope(self, x, n_heads, pos0):
         """x [T, n_heads * hd]; rotate each adjacent pair (2i, 2i+1) of each head by pos * freq_i."""

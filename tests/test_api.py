@@ -40,8 +40,8 @@ DEFAULTS = {"temperature": 0.8, "top_p": 0.9, "seed": None}
 
 def test_parse_common_defaults_and_limits():
     p = parse_common({}, 1024, DEFAULTS)
-    assert p == {"stream": False, "include_usage": False, "max_tokens": None, "temperature": 0.8, "top_p": 0.9,
-                 "seed": None, "stop": []}
+    assert p == {"n": 1, "logprobs": None, "echo": False, "token_ids": False, "stream": False, "include_usage": False,
+                 "max_tokens": None, "temperature": 0.8, "top_p": 0.9, "seed": None, "stop": []}
     p = parse_common({"max_completion_tokens": 7, "max_tokens": 9, "stop": "x", "stream": True,
                       "stream_options": {"include_usage": True}, "seed": 3, "temperature": 0}, 1024, DEFAULTS)
     assert (p["max_tokens"], p["stop"], p["stream"], p["include_usage"], p["seed"], p["temperature"]) == \
@@ -49,7 +49,8 @@ def test_parse_common_defaults_and_limits():
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"n": 2}, "n"), ({"n": "1"}, "n"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 1025}, "max_tokens"),
+    ({"n": 9}, "n"), ({"n": 0}, "n"), ({"n": "1"}, "n"), ({"logprobs": 1}, "logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 1025}, "max_tokens"),
     ({"max_tokens": 1.5}, "max_tokens"), ({"max_tokens": True}, "max_tokens"),
     ({"max_completion_tokens": -1}, "max_completion_tokens"), ({"temperature": "hot"}, "temperature"),
     ({"temperature": 3}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"seed": "x"}, "seed"),
@@ -384,7 +385,7 @@ def test_concurrent_clients(client):
 
 
 @pytest.mark.parametrize("body,status,param", [
-    ({"messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 9}, 400, "n"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10 ** 6}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1020}, 400, "max_tokens"),
@@ -638,3 +639,131 @@ def test_pipeline_metrics_gather_every_stage(pipeline_server):
 def openai_client(server):
     openai = pytest.importorskip("openai")
     return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+# ------------------------------------------------------------------------------------------------
+# log-probabilities and n choices (an f32 model: its logits at 2 ranks are those of 1 rank to ~1e-6)
+
+F32_MODEL = TINY / "m" / "dllama_model_tiny_llama_f32.m"
+F32_TOK = TINY / "t" / "dllama_tokenizer_tiny_llama3.t"
+F32_ID = "dllama_model_tiny_llama_f32"
+
+
+@pytest.fixture(scope="module")
+def lp_server(tmp_path_factory):
+    s = ApiServer(tmp_path_factory.mktemp("lp") / "server.log", model=F32_MODEL, tokenizer=F32_TOK)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def lp_client(lp_server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=lp_server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Teacher-forced logits of a one-rank engine: log_softmax(ids, inv_t) -> [len(ids), vocab]."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from dllama_mpi.comm import Comm
+    from dllama_mpi.engine import build_engine
+    from dllama_mpi.tokenizer import Tokenizer
+
+    eng = build_engine(Comm(MPI.COMM_SELF), str(F32_MODEL))
+    tok = Tokenizer.load(F32_TOK)
+
+    def log_softmax(ids, inv_t=1.0):
+        y = eng.forward(ids, 0, all_logits=True).astype(np.float64) * inv_t
+        m = y.max(axis=1, keepdims=True)
+        return y - (m + np.log(np.exp(y - m).sum(axis=1, keepdims=True)))
+    return tok, log_softmax
+
+
+@pytest.mark.parametrize("temperature", [0, 0.8])
+def test_completion_logprobs_equal_an_independent_log_softmax(lp_client, reference, temperature):
+    tok, log_softmax = reference
+    prompt = "The quick brown fox"
+    r = lp_client.completions.create(model=F32_ID, prompt=prompt, max_tokens=8, temperature=temperature, seed=3,
+                                     logprobs=5, extra_body={"return_tokens_as_token_ids": True})
+    lp = r.choices[0].logprobs
+    prompt_ids = tok.encode(prompt)
+    tid = lambda s: int(s.split(":")[1])  # noqa: E731 ("token_id:N")
+    ids = prompt_ids + [tid(t) for t in lp.tokens]
+    ref = log_softmax(ids, 1 / temperature if temperature else 1.0)
+    n = len(prompt_ids)
+    for i, (t, chosen, top) in enumerate(zip(ids[n:], lp.token_logprobs, lp.top_logprobs)):
+        row = ref[n - 1 + i]
+        assert abs(chosen - row[t]) < 1e-4
+        vals = list(top.values())
+        assert vals == sorted(vals, reverse=True) and len(vals) == 5
+        best = sorted(range(row.size), key=lambda j: (-row[j], j))[:5]
+        assert [tid(s) for s in top] == best
+        assert max(abs(v - row[j]) for v, j in zip(vals, best)) < 1e-4
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    plain = lp_client.completions.create(model=F32_ID, prompt=prompt, max_tokens=8, temperature=temperature, seed=3,
+                                         logprobs=5).choices[0]
+    assert plain.text == r.choices[0].text and plain.logprobs.token_logprobs == lp.token_logprobs
+    assert "".join(plain.logprobs.tokens) == plain.text or "\ufffd" in "".join(plain.logprobs.tokens)
+
+
+def test_echo_scores_a_text_without_generating(lp_client, reference):
+    import math
+
+    tok, log_softmax = reference
+    text = "Once upon a time, in a land far away, there lived a tiny model."
+    r = lp_client.completions.create(model=F32_ID, prompt=text, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    c = r.choices[0]
+    ids = tok.encode(text)
+    assert c.text.endswith(text) and r.usage.completion_tokens == 0
+    assert c.logprobs.token_logprobs[0] is None and c.logprobs.top_logprobs[0] is None
+    assert len(c.logprobs.tokens) == len(ids)
+    ref = log_softmax(ids)
+    want = [ref[j - 1][ids[j]] for j in range(1, len(ids))]
+    got = c.logprobs.token_logprobs[1:]
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
+    # their mean is the log-likelihood per token a perplexity run computes on the same tokens
+    assert abs(math.exp(-sum(got) / len(got)) / math.exp(-sum(want) / len(want)) - 1) < 1e-5
+    # streamed: the same text and scores
+    chunks = list(lp_client.completions.create(model=F32_ID, prompt=text, max_tokens=0, echo=True, logprobs=2,
+                                               temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.text
+    streamed = [x for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for x in ch.choices[0].logprobs.token_logprobs]
+    assert streamed == c.logprobs.token_logprobs
+
+
+def test_chat_logprobs_shape_stream_and_not(lp_client):
+    kw = dict(model=F32_ID, messages=chat_msgs("Hi"), max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    r = lp_client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    for e in content:
+        assert e.bytes == list(e.token.encode()) or "\ufffd" in e.token
+        tops = [t.logprob for t in e.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True)
+        assert e.logprob == e.top_logprobs[0].logprob and e.token == e.top_logprobs[0].token   # greedy
+    streamed = [e for ch in lp_client.chat.completions.create(stream=True, **kw)
+                if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    plain = lp_client.chat.completions.create(model=F32_ID, messages=chat_msgs("Hi"), max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+
+
+def test_n_choices_with_a_seed_repeat(lp_client):
+    kw = dict(model=F32_ID, messages=chat_msgs("Tell me a story"), max_tokens=12, temperature=0.9, seed=11, n=3)
+    a = lp_client.chat.completions.create(**kw)
+    b = lp_client.chat.completions.create(**kw)
+    texts = [c.message.content for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2] and len(set(texts)) > 1
+    assert texts == [c.message.content for c in b.choices]
+    assert 3 <= a.usage.completion_tokens <= 36 and a.usage.prompt_tokens == b.usage.prompt_tokens
+    streamed = {}
+    for ch in lp_client.chat.completions.create(stream=True, **kw):
+        for c in ch.choices:
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+    assert [streamed[i] for i in range(3)] == texts
+    c = lp_client.completions.create(model=F32_ID, prompt="Once", max_tokens=5, n=2, seed=1, temperature=1.0)
+    assert len(c.choices) == 2 and c.usage.completion_tokens == 10

@@ -90,6 +90,9 @@ def _build_files(d: Path) -> dict[str, Path]:
     put("version.m", _set_key(_model_bytes(), 0, 3))
     put("dim0.m", _set_key(_model_bytes(), 2, 0))
     put("kvheads.m", _set_key(_model_bytes(), 6, 3))
+    window = _model_bytes()
+    struct.pack_into("<ii", window, 8, 64, 512)      # the version pair becomes gemma3's sliding_window
+    put("window.m", window)
 
     # tokenizers
     data, first, t = _tok_records()
@@ -186,6 +189,7 @@ CASES = [
     ("header-bad-version", lambda f, o: inf(f["version.m"]), ["version.m", "version", "is 3"]),
     ("header-zero-dim", lambda f, o: inf(f["dim0.m"]), ["dim0.m", "(dim) is 0"]),
     ("header-heads-not-multiple", lambda f, o: inf(f["kvheads.m"]), ["kvheads.m", "n_kv_heads 3"]),
+    ("header-gemma3-key-on-llama", lambda f, o: inf(f["window.m"]), ["window.m", "key 64 (sliding_window)", "gemma3"]),
     ("tokenizer-empty", lambda f, o: inf(LLAMA_Q40, f["empty.t"]), ["empty.t", "magic", "truncated"]),
     ("tokenizer-wrong-magic", lambda f, o: inf(LLAMA_Q40, f["magic.t"]), ["magic.t", "not a .t tokenizer file"]),
     ("tokenizer-truncated", lambda f, o: inf(LLAMA_Q40, f["trunc.t"]), ["trunc.t", "token 511", "truncated"]),

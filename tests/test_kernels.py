@@ -322,6 +322,49 @@ def test_silu_mul(isa):
         use(isa)
 
 
+def ref_gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """transformers' gelu_pytorch_tanh in float64."""
+    x = x.astype(np.float64)
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_gelu_mul(isa):
+    use(isa)
+    r = rng(21)
+    for n in (1, 3, 8, 15, 16, 17, 2048 + 5):
+        g = (r.standard_normal(n) * 4).astype(np.float32)
+        u = r.standard_normal(n).astype(np.float32)
+        special = np.float32([-100, 100, 0, -10, 10, -3.5, 1e-30, -1e-30, 60, -60])
+        g[:min(n, special.size)] = special[:min(n, special.size)]
+        got = K.gelu_mul(g, u)
+        ref = ref_gelu_tanh(g) * u.astype(np.float64)
+        # relative to the larger of |result| and |up| * 1e-6: gelu of very negative inputs is
+        # ~1e-40 scaled noise around 0 in float32 as in float64
+        err = np.abs(got - ref) / np.maximum(np.abs(ref), 1e-6 * np.abs(u) + 1e-38)
+        assert err.max() <= 2e-6, (n, float(err.max()), g[err.argmax()])
+        assert got[g == 0].tolist() == [0.0] * int((g == 0).sum())
+        use(K.ISA_SCALAR)
+        assert np.array_equal(got, K.gelu_mul(g, u))      # every path computes the same bits
+        use(isa)
+    # in place (out = gate), as the forward pass calls it
+    g = r.standard_normal(40).astype(np.float32)
+    u = r.standard_normal(40).astype(np.float32)
+    want = K.gelu_mul(g, u)
+    lib.dl_gelu_mul(ptr(g), ptr(g), ptr(u), 40)
+    assert np.array_equal(g, want)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_scale(isa):
+    use(isa)
+    r = rng(22)
+    for n in (1, 7, 8, 16, 17, 640):
+        x = r.standard_normal(n).astype(np.float32)
+        s = np.float32(np.sqrt(640.0))
+        assert np.array_equal(K.scale(x, float(s)), x * s)    # one float32 multiply, exactly
+
+
 @pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
 def test_add_and_add_q80_bitwise(isa):
     r = rng(12)
@@ -675,3 +718,26 @@ def test_q40r_matvec_streams_and_prefetch_do_not_change_results(isa):
     finally:
         lib.dl_q40r_split(split)
         lib.dl_q40r_prefetch(max(pf, 0))
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_matmul_rows_are_batch_invariant(isa):
+    """Continuous batching needs each output row to get the same bits whatever rows share the call:
+    every row of a batched f32 / q40 / repacked q40 matmul equals that row computed alone."""
+    r = rng(45)
+    use(isa, 2)
+    for rows, cols, batch in ((37, 96, 13), (64, 2048, 9)):
+        w32 = r.standard_normal((rows, cols)).astype(np.float32)
+        x32 = r.standard_normal((batch, cols)).astype(np.float32)
+        together = K.matmul_f32(w32, x32, rows, cols, batch)
+        for b in range(batch):
+            assert np.array_equal(together[b], K.matmul_f32(w32, x32[b], rows, cols, 1)[0]), ("f32", b)
+        w, x = random_q40(r, rows, cols), random_q80(r, batch, cols)
+        row_bytes = cols // 32 * 34
+        wr = repack_q40(w, rows, cols)
+        t_plain = K.matmul_q40_q80(w, x, rows, cols, batch)
+        t_rep = matmul_q40r(wr, x, rows, cols, batch)
+        for b in range(batch):
+            xb = x[b * row_bytes:(b + 1) * row_bytes]
+            assert np.array_equal(t_plain[b], K.matmul_q40_q80(w, xb, rows, cols, 1)[0]), ("q40", b)
+            assert np.array_equal(t_rep[b], matmul_q40r(wr, xb, rows, cols, 1)[0]), ("q40r", b)

@@ -252,3 +252,49 @@ def test_pipeline_ranks_receive_only_their_stage(world):
     ok = world.is_root and all(n == l1 - l0 and wcls == (l1 == 4) and embed == (r == 0)
                                for r, ((l0, l1), n, wcls, embed) in enumerate(everyone))
     verdict(world, ok, everyone)
+
+
+def _logprobs_and_choices(comm: Comm, **kw):
+    """Root: one request with log-probabilities (generated and prompt tokens, temperature 0.7) and
+    one with a second choice (a follower), run together; their tokens and log-probabilities."""
+    from dllama_mpi.engine import build_engine
+    from dllama_mpi.sampler import Sampler
+    from dllama_mpi.scheduler import Request, Scheduler, run_to_completion
+    from dllama_mpi.tokenizer import Tokenizer
+    from goldens import SEQS
+    from conftest import TINY
+
+    engine = build_engine(comm, model_path("tiny_qwen3_f32") if comm.is_root else None, n_slots=4, **kw)
+    if not comm.is_root:
+        engine.serve()
+        return None
+    try:
+        sched = Scheduler(engine, Tokenizer.load(TINY / "t" / "dllama_tokenizer_tiny_qwen3.t"))
+        pieces = []
+        scored = Request(SEQS[1], 8, Sampler(512, 0.7, 1.0, 4), ignore_eos=True, logprobs=5, prompt_logprobs=True,
+                         sink=lambda k, v: pieces.append(v) if k == "piece" else None)
+        follower = Request(SEQS[2], 8, Sampler(512, 0.9, 0.9, 11), ignore_eos=True)
+        lead = Request(SEQS[2], 8, Sampler(512, 0.9, 0.9, 10), ignore_eos=True, followers=[follower])
+        run_to_completion(sched, [scored, lead])
+        while sched.busy:
+            sched.step()
+        return ([(p.token, p.logprob.logprob, p.logprob.top) for p in pieces],
+                [None if x is None else (x.logprob, x.top) for x in scored.prompt_logprobs],
+                lead.generated, follower.generated)
+    finally:
+        engine.stop_workers()
+
+
+def test_pipeline_logprobs_and_choices_equal_one_rank(world):
+    """Log-probability rows (TokenStats) and forked choices through the stages, against one rank."""
+    ref = _logprobs_and_choices(Comm(MPI.COMM_SELF)) if world.is_root else None
+    got = _logprobs_and_choices(world, pp=PP[-1])
+    ok = False
+    if world.is_root:
+        close = lambda a, b: abs(a - b) < 1e-4  # noqa: E731
+        (p1, q1, l1, f1), (p2, q2, l2, f2) = ref, got
+        ok = (l1, f1) == (l2, f2) and [p[0] for p in p1] == [p[0] for p in p2] and \
+            all(close(a[1], b[1]) and [t for t, _ in a[2]] == [t for t, _ in b[2]] for a, b in zip(p1, p2)) and \
+            len(q1) == len(q2) and all((a is None) == (b is None) and (a is None or close(a[0], b[0]))
+                                       for a, b in zip(q1, q2))
+    verdict(world, ok, (ref, got) if world.is_root else None)

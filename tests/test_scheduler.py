@@ -4,6 +4,7 @@ rank; the same runs under mpiexec are in test_mpi.py)."""
 import random
 
 import pytest
+import numpy as np
 from mpi4py import MPI
 
 from dllama_mpi.comm import Comm
@@ -248,3 +249,66 @@ def test_stop_strings_eos_and_limits(tok):
     z = greedy(SEQS[1], 0)   # evaluate the prompt, generate nothing
     run_to_completion(s, [z])
     assert z.generated == [] and z.stats.finish_reason == "length"
+
+
+# ------------------------------------------------------------------------------------------------
+# log-probabilities and several choices
+
+def log_softmax(x, inv_t=1.0):
+    y = x.astype(np.float64) * inv_t
+    m = y.max(axis=-1, keepdims=True)
+    return y - (m + np.log(np.exp(y - m).sum(axis=-1, keepdims=True)))
+
+
+def teacher_forced(eng, ids):
+    """Logits after every prefix of ids, through the single-sequence path (independent of the
+    scheduler's logit modes)."""
+    eng.kv.drop_cached()
+    out = eng.forward(ids, 0, all_logits=True)
+    eng.forget()
+    return out
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_logprobs_equal_an_independent_log_softmax(tok, temperature):
+    eng = engine_for("tiny_qwen3_f32", n_slots=2)
+    s = Scheduler(eng, tok)
+    pieces = []
+    r = Request(SEQS[1], 10, Sampler(512, temperature, 1.0, 4), ignore_eos=True, logprobs=5, prompt_logprobs=True,
+                sink=lambda k, v: pieces.append(v) if k == "piece" else None)
+    run_to_completion(s, [r])
+    ids = SEQS[1] + r.generated
+    ref = log_softmax(teacher_forced(eng, ids), 1 / temperature if temperature else 1.0)
+    n = len(SEQS[1])
+    for i, p in enumerate(pieces):               # generated tokens: row n-1+i predicts ids[n+i]
+        row = ref[n - 1 + i]
+        assert p.logprob.token == ids[n + i]
+        assert abs(p.logprob.logprob - row[ids[n + i]]) < 1e-4
+        want = np.lexsort((np.arange(row.size), -row))[:5]
+        assert [t for t, _ in p.logprob.top] == list(want)
+        assert np.allclose([lp for _, lp in p.logprob.top], row[want], atol=1e-4)
+        if temperature == 0:
+            assert p.token == want[0]
+    assert r.prompt_logprobs[0] is None and len(r.prompt_logprobs) == n
+    for j in range(1, n):                        # prompt token j scored by row j-1
+        assert abs(r.prompt_logprobs[j].logprob - ref[j - 1][ids[j]]) < 1e-4
+
+
+def test_followers_share_the_prompt_and_match_separate_requests(tok):
+    eng = engine_for("tiny_llama_f32", n_slots=4)
+    s = Scheduler(eng, tok)
+    sep = [Request(SEQS[2], 12, Sampler(512, 0.9, 0.9, 10 + i), ignore_eos=True) for i in range(3)]
+    for r in sep:
+        run_to_completion(s, [r])
+        eng.kv.drop_cached()
+    followers = [Request(SEQS[2], 12, Sampler(512, 0.9, 0.9, 11 + i), ignore_eos=True) for i in range(2)]
+    lead = Request(SEQS[2], 12, Sampler(512, 0.9, 0.9, 10), ignore_eos=True, followers=followers)
+    s.submit(lead)
+    while lead.state != "decode":
+        s.step()
+    assert len(s.running) == 3 and all(f.stats.evaluated_prompt_tokens == 0 for f in followers)
+    while s.busy:
+        s.step()
+    assert [r.generated for r in [lead] + followers] == [r.generated for r in sep]
+    assert len({tuple(r.generated) for r in sep}) > 1     # different seeds, different choices
+    assert eng.kv.pages_in_use == 0
