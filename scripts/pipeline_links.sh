@@ -10,12 +10,10 @@
 #   env: N=4, RATE=100mbit, SETTINGS="1:ring 1:dllama 2:auto 4:auto" (--pp:--sync), ROUNDS=2, STREAMS=8, LATENCY_MS=5,
 #        BENCH="--synthetic 32 --steps 16 --repeat 1 --warmup 1 --bandwidth 32 --nthreads 1 --load local"
 set -euo pipefail
-here="$(cd "$(dirname "$0")/.." && pwd)"
-. "$here/scripts/bench_args.sh"
-parse_bench_args pipeline-links "$@"
 n="${N:-4}"; rate="${RATE:-100mbit}"; settings="${SETTINGS:-1:ring 1:dllama 2:auto 4:auto}"
 rounds="${ROUNDS:-2}"; streams="${STREAMS:-8}"
-read -r -a bench <<< "${BENCH:---synthetic 32 --steps 16 --repeat 1 --warmup 1 --bandwidth 32 --nthreads 1 --load local}"
+. "$(dirname "$0")/bench_args.sh"
+parse_bench_args pipeline-links "--synthetic 32 --steps 16 --repeat 1 --warmup 1 --bandwidth 32 --nthreads 1 --load local" "$@"
 mkdir -p "$out"
 for ((r = 1; r <= rounds; r++)); do
   for setting in $settings; do

@@ -9,12 +9,10 @@
 # Output: OUT_DIR/<setting>-r<round>.json (benchmark JSON) and .log, OUT_DIR/summary.tsv (one row per
 # run), then the medians per setting and their ratios to `even` and to the fast rank alone.
 set -euo pipefail
-here="$(cd "$(dirname "$0")/.." && pwd)"
-. "$here/scripts/bench_args.sh"
-parse_bench_args slow-rank "$@"
+. "$(dirname "$0")/bench_args.sh"
+parse_bench_args slow-rank "--synthetic 128 --steps 32 --repeat 2 --warmup 1 --bandwidth 32" "$@"
 pct="${PCT:-40}"; period="${PERIOD_US:-10000}"; rounds="${ROUNDS:-3}"
 splits="${SPLITS:-even auto}"; pps="${PPS:-1}"
-read -r -a bench <<< "${BENCH:---synthetic 128 --steps 32 --repeat 2 --warmup 1 --bandwidth 32}"
 bin="$here/.venv/bin"
 [ -x "$bin/dllama-mpi" ] || bin="$(dirname "$(command -v dllama-mpi)")"
 [ "$(id -u)" = 0 ] || { echo "slow_rank.sh: needs root (cgroup)" >&2; exit 2; }
