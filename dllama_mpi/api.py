@@ -241,7 +241,12 @@ class Server:
         from .metrics import kv_bytes_per_token
 
         m, sched, plan = self.metrics, self.scheduler, self.engine.kv_plan
-        per_token = kv_bytes_per_token(self.engine.h, self.engine.plan)
+        if self.engine.depth > 1:   # pipeline stages: each rank stores its stage's layers
+            from .pipeline import kv_bytes_per_token as stage_kv_bytes
+
+            per_token = stage_kv_bytes(self.engine.h, self.engine.layout)
+        else:
+            per_token = kv_bytes_per_token(self.engine.h, self.engine.plan)
         kv = sched.kv
         used = lambda: kv.pages_in_use * plan.page_size  # noqa: E731 (positions of pages sequences hold)
         m.gauge("queue_depth", "Requests waiting for a sequence slot or KV pages",

@@ -100,14 +100,26 @@ def _proxy_overhead_s(lib) -> float:
 
 
 class _Recorder:
-    """Wraps engine._pass on one rank; accumulates decode (batch 1) forward passes."""
+    """Wraps engine._pass on one rank; accumulates decode (batch 1) forward passes. With pipeline
+    stages the root's wait for a decode pass's results (`collect`) counts as its waiting too."""
 
     def __init__(self, engine):
         self.engine = engine
         self.inner = engine._pass
         self.timed = None
         self.reset()
+        self.last_b = 0
         engine._pass = self
+        if getattr(engine, "depth", 1) > 1 and engine.world.is_root:
+            inner_collect = engine.collect
+
+            def collect():
+                w0 = engine.comm.wait_seconds
+                out = inner_collect()
+                if self.last_b == 1:
+                    self.wait += engine.comm.wait_seconds - w0
+                return out
+            engine.collect = collect
 
     def reset(self):
         self.n = 0
@@ -117,6 +129,7 @@ class _Recorder:
 
     def __call__(self, b, *rest):
         comm = self.engine.comm
+        self.last_b = b
         w0, by0 = comm.wait_seconds, comm.bytes_sent
         c0 = self.timed.seconds if self.timed else 0.0
         k0 = self.timed.calls if self.timed else 0
@@ -199,7 +212,7 @@ def _synthetic_lengths(spec: str) -> list[int]:
 def _weight_bytes(engine) -> int:
     """Weight bytes one rank reads per decode token (its matrix slices)."""
     h = engine.h
-    total = engine.w.wcls.nbytes
+    total = engine.w.wcls.nbytes if engine.w.wcls is not None else 0   # None: not the last stage
     for layer in engine.w.layers:
         for m in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w1, layer.w2, layer.w3):
             if m is not None:
@@ -271,6 +284,85 @@ def _peak_rss_mb() -> float:
     return kb / 1024.0 if sys.platform != "darwin" else kb / 2 ** 20
 
 
+def _phase_counters(engine) -> np.ndarray:
+    """This rank's running totals: compute seconds (passes outside collectives), wait seconds,
+    process CPU seconds (every thread), passes."""
+    s = engine.stats
+    return np.array([s.seconds - s.sync_seconds, engine.comm.wait_seconds, time.process_time(), s.forward_calls],
+                    np.float64)
+
+
+def _decode_bytes_model(engine) -> int:
+    """Bytes this rank should send per greedy decode token: its residual syncs (2 per layer it
+    holds), the root's broadcast of the embedding row to its group, a worker's (value, id) pair of
+    the distributed argmax (16 bytes, not its logits slice); with pipeline stages a stage root's
+    [control | row] message to the next stage, or the last one's id to rank 0."""
+    h, comm = engine.h, engine.comm
+    b = engine.sync.bytes_per_sync(1) * 2 * len(engine.w.layers)
+    if comm.is_root and comm.size > 1:
+        b += 4 * h.dim * (comm.size - 1)
+    last = getattr(engine, "last", True)
+    if last and not comm.is_root:
+        b += 16
+    if getattr(engine, "depth", 1) > 1 and comm.is_root:
+        b += 8 if last else engine.ctrl_bytes + engine.row_bytes
+    return b
+
+
+def _per_stage(per_rank: list[dict]) -> list[dict]:
+    """Per pipeline stage: its ranks, layers, slowest rank's decode time split, bytes sent."""
+    out = []
+    for s in sorted({r["stage"] for r in per_rank}):
+        rs = [r for r in per_rank if r["stage"] == s]
+        out.append({"stage": s, "ranks": [r["rank"] for r in rs], "layers": rs[0]["layers"],
+                    "ms_per_token_max": max(r["ms_per_token_instrumented"] for r in rs),
+                    "c_ms_max": max(r["c_ms"] for r in rs), "mpi_wait_ms_max": max(r["mpi_wait_ms"] for r in rs),
+                    "bytes_sent_per_token": sum(r["bytes_sent_per_token"] for r in rs)})
+    return out
+
+
+def message_rounds(engine) -> int:
+    """Message rounds on the critical path of one greedy decode token: per stage (or the one group)
+    the control broadcast, the embedding-row broadcast, 2 residual syncs per layer (ring: reduce-
+    scatter + all-gather = 2 rounds; dllama: 1) and, in the last stage, the argmax gather; with S > 1
+    stages S point-to-point hops ([control | row] to each next stage, the ids back to rank 0)."""
+    layout = getattr(engine, "layout", None)
+    groups = [(engine.comm.size, engine.h.n_layers, True)] if layout is None or layout.n_stages == 1 else \
+        [(len(s.ranks), s.n_layers, s.index == layout.n_stages - 1) for s in layout.stages]
+    per_sync = 1 if engine.sync_scheme == "dllama" else 2
+    rounds = 0
+    for size, layers, last in groups:
+        if size > 1:
+            rounds += 2 + 2 * layers * per_sync + (1 if last else 0)
+    return rounds + (len(groups) if len(groups) > 1 else 0)
+
+
+def _one_way_us(comm, n: int = 40) -> float:
+    """Median one-way time of a 64-byte message between ranks 0 and 1 (half a ping-pong), 0 alone."""
+    if comm.size < 2:
+        return 0.0
+    buf = np.zeros(64, np.uint8)
+    times = []
+    if comm.rank < 2:
+        for _ in range(n):
+            t = time.perf_counter()
+            if comm.rank == 0:
+                comm.wait(comm.isend(buf, 1, 99))
+                comm.wait(comm.irecv(buf, 1, 99))
+            else:
+                comm.wait(comm.irecv(buf, 0, 99))
+                comm.wait(comm.isend(buf, 0, 99))
+            times.append(time.perf_counter() - t)
+    return 1e6 * float(np.median(times)) / 2 if times else 0.0
+
+
+def _split_text() -> str:
+    from .startup import _options
+
+    sp = _options.get("split") or "even"
+    return sp
+
+
 # ------------------------------------------------------------------------------------------------
 # the root's runs
 
@@ -302,12 +394,12 @@ def _parallel_run(sched, prompts: list[list[int]], steps: int) -> dict:
     dec_tokens, dec_seconds = 0, 0.0
     while any(not r.done for r in reqs):
         decode_only = not sched.waiting and all(r.state == DECODE for r in sched.running)
-        n = len(sched.running)
+        g0 = sched.tokens_generated    # a pipelined step collects one pass: a share of the streams
         t = pc()
         sched.step()
         if decode_only:
             dec_seconds += pc() - t
-            dec_tokens += n
+            dec_tokens += sched.tokens_generated - g0
     wall = pc() - t0
     gen = sum(r.stats.generated_tokens for r in reqs)
     return {"streams": len(reqs), "steps": steps, "prompt_tokens": len(prompts[0]),
@@ -456,24 +548,31 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     base = np.array([rec.n, rec.seconds, rec.wait, rec.bytes], np.float64)
     base_all = comm.gather_floats(base)
 
-    # ---- phase 1b: concurrent streams (--parallel) ----
+    # ---- phase 1b: concurrent streams (--parallel), one phase per count: each rank's compute, wait
+    # and CPU time over it (CPU / wall near 1 on every rank of a host = its cores are saturated) ----
     sweep = []
-    if parallel:
+    r = np.random.default_rng(1)
+    for p in parallel:
+        before = _phase_counters(engine)
         if comm.is_root:
             try:
-                r = np.random.default_rng(1)
                 n_tok = len(prompt_sets[0][2])
-                for p in parallel:
-                    if prompts_path:   # the file's prompts, one per stream, cycled
-                        prompts = [prompt_sets[i % len(prompt_sets)][2] for i in range(p)]
-                    else:              # distinct random prompts: no shared prefix to reuse
-                        prompts = [r.integers(0, min(h.vocab_size, tokenizer.vocab_size), n_tok).tolist()
-                                   for _ in range(p)]
-                    sweep.append(_parallel_run(sched, prompts, steps))
+                if prompts_path:   # the file's prompts, one per stream, cycled
+                    prompts = [prompt_sets[i % len(prompt_sets)][2] for i in range(p)]
+                else:              # distinct random prompts: no shared prefix to reuse
+                    prompts = [r.integers(0, min(h.vocab_size, tokenizer.vocab_size), n_tok).tolist()
+                               for _ in range(p)]
+                sweep.append(_parallel_run(sched, prompts, steps))
             finally:
                 engine.stop_workers()
         else:
             engine.serve()
+        spent = comm.gather_floats(_phase_counters(engine) - before)
+        if comm.is_root:
+            wall = sweep[-1]["wall_seconds"]
+            sweep[-1]["per_rank"] = [{"rank": k, "compute_s": round(float(x[0]), 3), "wait_s": round(float(x[1]), 3),
+                                      "cpu_s": round(float(x[2]), 3), "cpu_per_wall": round(float(x[2]) / wall, 2),
+                                      "passes": int(x[3])} for k, x in enumerate(spent)]
 
     # ---- phase 2: one instrumented run (C time per rank) ----
     from .kernels import lib
@@ -505,14 +604,15 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     wbytes = comm.gather_floats(np.array([_weight_bytes(engine)], np.float64))
     bw_rank = _measure_bandwidth(comm) if bandwidth is None else 0.0
     bw_all = comm.gather_floats(np.array([bw_rank], np.float64))
-    sync_bytes = engine.sync.bytes_per_sync(1)
-    n_syncs = 2 * h.n_layers
-    # greedy decoding: a worker sends its best (value, id) pair, 16 bytes, not its logits slice
-    model_bytes = sync_bytes * n_syncs + (0 if comm.is_root else 16)
-    if comm.is_root and comm.size > 1:
-        model_bytes += 4 * h.dim * (comm.size - 1)
-    model_bytes_all = comm.gather_floats(np.array([model_bytes], np.float64))
+    model_bytes_all = comm.gather_floats(np.array([_decode_bytes_model(engine)], np.float64))
+    stage_of = [0] * comm.size
+    layers_of = [(0, h.n_layers)] * comm.size
+    if getattr(engine, "layout", None) is not None:
+        for st in engine.layout.stages:
+            for k in st.ranks:
+                stage_of[k], layers_of[k] = st.index, st.layers
     scatter = comm.gather_floats(np.array([comm.scatter_seconds, comm.scatter_bytes], np.float64))
+    one_way_us = _one_way_us(comm)
 
     if not comm.is_root:
         return
@@ -530,7 +630,8 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
         py_raw = tok_ms - c_ms - mpi_ms
         py = max(py_raw - 1000 * ovh * calls_i / n_i, 0.0)
         row = {
-            "rank": r, "decode_tokens": int(n_b),
+            "rank": r, "stage": stage_of[r], "layers": f"{layers_of[r][0]}-{layers_of[r][1] - 1}",
+            "decode_tokens": int(n_b),
             "ms_per_token_instrumented": round(tok_ms, 3),
             "c_ms": round(c_ms, 3), "mpi_wait_ms": round(mpi_ms, 3),
             "python_ms": round(py, 3), "python_ms_raw": round(py_raw, 3),
@@ -561,10 +662,11 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                   "n_kv_heads": h.n_kv_heads, "vocab_size": h.vocab_size, "n_experts": h.n_experts,
                   "weights": h.weights_name,
                   "weight_bytes_per_token": int(weights_total)},
-        "config": {"nodes": comm.size, "nthreads": engine.nthreads, "buffer_float_type": engine.buffer_type,
+        "config": {"nodes": comm.size, "pp": max(stage_of) + 1, "split": _split_text(),
+                   "nthreads": engine.nthreads, "buffer_float_type": engine.buffer_type,
                    "sync": engine.sync.scheme, "batch": engine.max_batch, "load": load,
                    "max_seq_len": engine.max_seq_len, "steps": steps, "warmup": warmup, "repeat": repeat,
-                   "repack": bool(getattr(engine.w.wcls, "repacked", False))},
+                   "repack": bool(getattr(engine.w.layers[0].wq, "repacked", False))},
         "system": {"versions": _versions(), "cpu": _cpu_info(), "hostname": platform.node(),
                    "bandwidth_gbps": round(agg_bw, 2), "bandwidth_source": "option" if bandwidth else "measured"},
         "load_seconds": round(getattr(engine, "load_seconds", 0.0), 3),
@@ -576,11 +678,14 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
         "runs": runs,
         "parallel": sweep,
         "per_rank": per_rank,
+        "stages": _per_stage(per_rank),
         "summary": {"decode_tok_s": dec, "prefill_tok_s": pre,
                     "decode_ms_per_token": round(1000 / dec, 3) if dec else None,
                     "ceiling_tok_s": round(ceiling, 2),
                     "pct_of_bandwidth_ceiling": round(100 * dec / ceiling, 1) if ceiling else None,
-                    "python_pct_max": max(r["python_pct"] for r in per_rank)},
+                    "python_pct_max": max(r["python_pct"] for r in per_rank),
+                    # latency: message rounds on a decode token's critical path x one link's one-way time
+                    "message_rounds_per_token": message_rounds(engine), "one_way_us": round(one_way_us, 1)},
         "method": __doc__.split("\n\n", 1)[1].strip(),
     }
     print(json.dumps(doc, indent=1))
@@ -602,11 +707,11 @@ def _table(doc: dict) -> None:
         p, d = r["prefill_tok_s"], r["decode_tok_s"]
         log(f"{r['prompt_tokens']:>8} {p['median']:>10.1f} ({p['min']:.1f}-{p['max']:.1f}) "
             f"{d['median']:>14.2f} ({d['p10']:.2f}-{d['p90']:.2f}) {r['decode_ms_per_token']['median']:>9.2f}")
-    log(f"{'rank':>4} {'ms/tok':>7} {'C':>7} {'MPI':>7} {'Python':>7} {'Py %':>5} {'kB sent/tok':>11} "
-        f"{'RSS MB':>8} {'GB/s':>6}")
+    log(f"{'rank':>4} {'stage':>5} {'layers':>7} {'ms/tok':>7} {'C':>7} {'MPI':>7} {'Python':>7} {'Py %':>5} "
+        f"{'kB sent/tok':>11} {'RSS MB':>8} {'GB/s':>6}")
     for r in doc["per_rank"]:
         bw = r["bandwidth_gbps"]
-        log(f"{r['rank']:>4} {r['ms_per_token_instrumented']:>7.2f} {r['c_ms']:>7.2f} {r['mpi_wait_ms']:>7.2f} "
+        log(f"{r['rank']:>4} {r['stage']:>5} {r['layers']:>7} {r['ms_per_token_instrumented']:>7.2f} {r['c_ms']:>7.2f} {r['mpi_wait_ms']:>7.2f} "
             f"{r['python_ms']:>7.2f} {r['python_pct']:>5.1f} {r['bytes_sent_per_token'] / 1e3:>11.1f} "
             f"{r['peak_rss_mb']:>8.0f} {bw if bw is not None else '-':>6}")
         if "c_ms_by_function" in r:
@@ -618,7 +723,8 @@ def _table(doc: dict) -> None:
         for p in doc["parallel"]:
             agg = p["aggregate_decode_tok_s"]
             log(f"{p['streams']:>8} {agg if agg is not None else '-':>23} {p['aggregate_tok_s']:>17.2f} "
-                f"{p['per_stream_decode_tok_s']['median']:>20.2f} {p['ttft_s']['p50']:>8.3f} / {p['ttft_s']['p99']:.3f}")
+                f"{p['per_stream_decode_tok_s']['median']:>20.2f} {p['ttft_s']['p50']:>8.3f} / {p['ttft_s']['p99']:.3f}"
+                "   CPU/wall per rank " + " ".join(f"{x['cpu_per_wall']:.2f}" for x in p.get("per_rank", [])))
     log(f"decode {s['decode_tok_s']:.2f} tok/s = {s['pct_of_bandwidth_ceiling']}% of the bandwidth ceiling "
         f"{s['ceiling_tok_s']:.1f} tok/s ({doc['system']['bandwidth_gbps']} GB/s "
         f"{doc['system']['bandwidth_source']}); prefill {s['prefill_tok_s']:.1f} tok/s")

@@ -178,27 +178,41 @@ def _slice_shape(t: TensorInfo, plan: ShardPlan, rank: int) -> tuple[int, int]:
     return t.rows, c1 - c0
 
 
-def _row_displacements(t: TensorInfo, plan: ShardPlan, n: int) -> list[int] | None:
-    """Byte offsets of each rank's rows in the tensor when the row slices tile it in rank order
-    (no overlap: MPI forbids reading a Scatterv byte twice), else None."""
+def _row_displacements(t: TensorInfo, plan: ShardPlan, members: list) -> list[int] | None:
+    """Byte offsets of each member's rows in the tensor when the row slices tile it in rank order
+    (no overlap: MPI forbids reading a Scatterv byte twice), else None. A member that receives
+    nothing (None) gets offset 0."""
     if t.name not in ROW_SPLIT:
         return None
-    ranges = [plan.rows(t.name, r) for r in range(n)]
+    ranges = [plan.rows(t.name, m) for m in members if m is not None]
     if ranges[0][0] != 0 or ranges[-1][1] != t.rows or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
         return None
     row_bytes = t.nbytes // t.rows
-    return [r0 * row_bytes for r0, _ in ranges]
+    return [0 if m is None else plan.rows(t.name, m)[0] * row_bytes for m in members]
 
 
 def _slice_nbytes(t: TensorInfo, rows: int, cols: int) -> int:
     return tensor_nbytes(t.ftype, rows, cols)
 
 
+@dataclass
+class Route:
+    """Who moves one tensor: the group that takes part, the shard plan its slices come from, and per
+    rank of the group the plan rank it loads as (None: it only sends, as the root does for a
+    pipeline stage it is not in)."""
+
+    comm: Comm
+    plan: ShardPlan
+    members: list
+
+
 def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardPlan,
-                 model: ModelFile | None, load: str = "scatter", progress=None) -> Weights:
+                 model: ModelFile | None, load: str = "scatter", progress=None, route=None) -> Weights:
     """Give every rank its slices. `scatter`: only the root reads the file and Scatterv's each
-    tensor (one tensor of extra memory at a time); `local`: every rank maps the file itself."""
-    rank, n = comm.rank, comm.size
+    tensor (one tensor of extra memory at a time); `local`: every rank maps the file itself.
+    `route(t)` (pipeline stages) says which group loads a tensor (None: this rank has no part in
+    it); by default every rank of comm, with plan."""
+    everyone = Route(comm, plan, list(range(comm.size)))
     layers: dict[int, dict] = {}
     embed = norm = wcls = None
     for t in tensor_layout(header, header_size):
@@ -208,32 +222,41 @@ def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardP
             if comm.is_root:
                 embed = model.f32(t)
             continue
+        r = everyone if route is None else route(t)
+        if r is None:
+            continue
+        g, tplan, me = r.comm, r.plan, r.members[r.comm.rank]
         if t.ftype == F32 and t.name not in ROW_SPLIT + COL_SPLIT:
             # small replicated vectors (norms) and the MoE router: copy (aligned) and broadcast
             arr = np.empty((t.rows, t.cols), np.float32)
-            if comm.is_root or load == "local":
+            if g.is_root or load == "local":
                 arr[...] = model.f32(t)
-            if load != "local":
-                comm.bcast_array(arr)
+            if load != "local" and g.size > 1:
+                g.bcast_array(arr)
+            if me is None:
+                continue   # the root sent another pipeline stage's vector
             value = arr if t.rows > 1 else arr.reshape(-1)
         else:
-            rows, cols = _slice_shape(t, plan, rank)
-            if n == 1:
+            if g.size == 1:
                 data = model.raw(t)
             elif load == "local":
-                data = np.array(_slice_bytes(model, t, plan, rank))
+                data = np.array(_slice_bytes(model, t, tplan, me))
             else:
-                counts = [_slice_nbytes(t, *_slice_shape(t, plan, r)) for r in range(n)]
-                displs = _row_displacements(t, plan, n)
+                counts = [0 if m is None else _slice_nbytes(t, *_slice_shape(t, tplan, m)) for m in r.members]
+                displs = _row_displacements(t, tplan, r.members)
                 send = None
-                if comm.is_root:
+                if g.is_root:
                     # row slices that tile the tensor go straight from the map; column slices (and
                     # replicated KV rows) are packed into one tensor-sized buffer first
                     send = model.raw(t) if displs is not None else \
-                        np.concatenate([_slice_bytes(model, t, plan, r) for r in range(n)])
-                data = np.empty(counts[rank], np.uint8)
-                comm.scatterv(send, counts, data, displs)
+                        np.concatenate([_slice_bytes(model, t, tplan, m) for m in r.members if m is not None])
+                data = np.empty(counts[g.rank], np.uint8)
+                g.scatterv(send, counts, data, displs)
                 del send
+            if me is None:
+                _drop_pages(model, t)   # the root sent another stage's slices: not its memory
+                continue
+            rows, cols = _slice_shape(t, tplan, me)
             if t.ftype == F32:
                 data = data.view(np.float32) if data.ctypes.data % 4 == 0 else np.array(data).view(np.float32)
             value = Matrix(data, rows, cols, t.ftype)
@@ -252,7 +275,7 @@ def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardP
         else:
             slot[t.name] = value
     out = []
-    for l in range(header.n_layers):
+    for l in sorted(layers):   # every layer, or a pipeline stage's range
         d = layers[l]
         experts = [(e["w1"], e["w2"], e["w3"]) for _, e in sorted(d.pop("experts").items())]
         out.append(Layer(experts=experts, **d))
@@ -345,8 +368,9 @@ class RunState:
     """Every activation buffer, allocated once for `max_batch` rows, and the paged KV cache."""
 
     def __init__(self, h: ModelHeader, plan: ShardPlan, rank: int, kv: KVPlan, max_batch: int,
-                 max_logit_rows: int, is_root: bool):
+                 max_logit_rows: int, is_root: bool, n_layers: int | None = None):
         s = plan[rank]
+        n_layers = h.n_layers if n_layers is None else n_layers   # a pipeline stage: its own layers
         hd = h.head_size
         B = max_batch
         self.q_loc, self.kv_loc, self.ffn_loc = s.n_heads * hd, s.n_kv_heads * hd, s.n_ffn
@@ -365,8 +389,8 @@ class RunState:
         self.hq = qb(self.ffn_loc)
         # K/V pages of every layer: zeroed address space that the OS commits page by page as rows
         # are first written, so memory follows the pages in use, not the pool size
-        self.key_cache = np.zeros((h.n_layers, kv.n_tokens, self.kv_loc), np.float32)
-        self.value_cache = np.zeros((h.n_layers, kv.n_tokens, self.kv_loc), np.float32)
+        self.key_cache = np.zeros((n_layers, kv.n_tokens, self.kv_loc), np.float32)
+        self.value_cache = np.zeros((n_layers, kv.n_tokens, self.kv_loc), np.float32)
         self.tables = np.zeros((kv.n_slots, kv.table_stride), np.int32)   # the same on every rank
         if h.is_moe:
             self.router = np.zeros(h.n_experts, np.float32)
@@ -425,22 +449,26 @@ class Rows:
 class Engine:
     """One rank's part of the model. The root calls `step` (or `forward`); workers run `serve()`."""
 
+    depth = 1   # passes the root may have in flight (pipeline stages: pipeline.StageEngine)
+
     def __init__(self, comm: Comm, header: ModelHeader, plan: ShardPlan, weights: Weights,
                  max_seq_len: int, max_batch: int = DEFAULT_BATCH, buffer_type: str = "q80",
                  sync: str = "ring", kv: KVPlan | None = None):
         self.comm, self.h, self.plan, self.w = comm, header, plan, weights
+        self.world = comm   # the whole job (a pipeline stage's engine: every stage)
         self.max_seq_len, self.max_batch = max_seq_len, max_batch
         self.buffer_type, self.sync_scheme = buffer_type, sync
         self.kv_plan = kv or plan_kv(kv_row_bytes(header, plan), max_seq_len, 1)
         self.max_logit_rows = min(max_batch, max(self.kv_plan.n_slots, 8))
-        self.st = RunState(header, plan, comm.rank, self.kv_plan, max_batch, self.max_logit_rows, comm.is_root)
+        self.st = RunState(header, plan, comm.rank, self.kv_plan, max_batch, self.max_logit_rows, comm.is_root,
+                           len(weights.layers))
         self.kv = KVCache(self.kv_plan) if comm.is_root else None   # the root's page bookkeeping
         self.sync = PartialSum(comm, plan, header.dim, max_batch, buffer_type, sync)
         self.kv_of_q = np.array(plan.kv_of_q(comm.rank), np.int32)
         self.freqs = rope_freqs(header)
         self.p_kv_of_q = ffi.cast("int32_t *", self.kv_of_q.ctypes.data)
         self.p_freqs = fptr(self.freqs)
-        self.p_norm = fptr(weights.norm)
+        self.p_norm = fptr(weights.norm) if weights.norm is not None else None   # None: not the last stage
         self.rope_type = 1 if header.effective_rope_type == 1 else 0
         self.eps = header.eps
         self.attn_scale_div = float(np.sqrt(np.float32(header.head_size)))
@@ -459,6 +487,15 @@ class Engine:
         index, page) and `copies` (src page, dst page) are applied first on every rank. Returns, per
         logit row, the argmax id (LOGITS_ARGMAX), its logits (LOGITS_FULL: a view reused by the next
         pass, or a row of out_full when given) or its TokenStats (LOGITS_STATS)."""
+        b = self._begin(rows, updates, copies)
+        n_full = sum(1 for m in rows.logit_modes if m == LOGITS_FULL)
+        if out_full is None and n_full > self.max_logit_rows:   # more than one group: no shared buffer
+            out_full = np.empty((n_full, self.h.vocab_size), np.float32)
+        return self._pass(b, out_full)
+
+    def _begin(self, rows: Rows, updates, copies) -> int:
+        """Root: the control packet of a pass (tables applied here and sent to the workers) and the
+        embedding rows in st.x; returns the row count."""
         b = len(rows.tokens)
         if not 0 < b <= self.max_batch:
             raise ValueError(f"a pass takes 1..{self.max_batch} rows, got {b}")
@@ -487,10 +524,7 @@ class Engine:
         c.kvrow[:b] = st.tables[c.slot[:b], c.pos[:b] // ps] * ps + c.pos[:b] % ps
         self.comm.send_control(c.buf)
         np.take(self.w.embed, toks, axis=0, out=st.x[:b])
-        n_full = sum(1 for m in rows.logit_modes if m == LOGITS_FULL)
-        if out_full is None and n_full > self.max_logit_rows:   # more than one group: no shared buffer
-            out_full = np.empty((n_full, self.h.vocab_size), np.float32)
-        return self._pass(b, out_full)
+        return b
 
     def forward(self, tokens, pos: int, all_logits: bool = False, argmax: bool = False):
         """Root, one sequence (its pages in the root's KVCache): evaluate tokens at positions pos..
@@ -576,7 +610,7 @@ class Engine:
         if self.comm.size > 1:
             self.st.ctrl.header(C.CMD_STATS)
             self.comm.send_control(self.st.ctrl.buf)
-        return self.comm.gather_floats(self.rank_stats())
+        return self.world.gather_floats(self.rank_stats())
 
     # ---- the workers' loop -----------------------------------------------------------------
 
@@ -589,7 +623,7 @@ class Engine:
             if cmd == C.CMD_STOP:
                 return
             if cmd == C.CMD_STATS:
-                self.comm.gather_floats(self.rank_stats())
+                self.world.gather_floats(self.rank_stats())
                 continue
             self._apply_tables()
             if cmd == C.CMD_FORWARD:
@@ -616,18 +650,22 @@ class Engine:
         w0 = self.comm.wait_seconds
         st = self.st
         self.comm.bcast_f32(st.x[:b])
-        for l, layer in enumerate(self.w.layers):
-            self._attention(l, layer, b)
-            if layer.experts:
-                self._moe(layer, b)
-            else:
-                self._ffn(layer, b)
+        self._layers(b)
         result = self._logits(out_full)
         self.stats.forward_calls += 1
         self.stats.tokens += b
         self.stats.seconds += time.perf_counter() - t0
         self.stats.sync_seconds += self.comm.wait_seconds - w0
         return result
+
+    def _layers(self, b: int) -> None:
+        """Every layer this rank holds (all of them, or a pipeline stage's range) over st.x[:b]."""
+        for l, layer in enumerate(self.w.layers):
+            self._attention(l, layer, b)
+            if layer.experts:
+                self._moe(layer, b)
+            else:
+                self._ffn(layer, b)
 
     def _norm_quant(self, p_norm, b: int) -> None:
         """xb = rmsnorm(x); xq = q80(xb) when the weights are quantized."""
@@ -843,8 +881,9 @@ def check_options(h: ModelHeader, buffer_type: str) -> None:
 def build_engine(comm: Comm, model_path: str | None, *, max_seq_len: int | None = None,
                  buffer_type: str = "auto", sync: str = "ring", load: str = "scatter",
                  max_batch: int = DEFAULT_BATCH, progress=None, n_slots: int = 1,
-                 kv_memory: int | None = None) -> Engine:
-    """Collective: the root opens the model, every rank gets the header, the plan and its slices."""
+                 kv_memory: int | None = None, pp: int = 1, split="even", quiet: bool = False) -> Engine:
+    """Collective: the root opens the model, every rank gets the header, the plan and its slices.
+    `pp` pipeline stages and `split` weights ('even', 'auto' or one weight per rank): pipeline.py."""
     from .formats import open_model
 
     model = None
@@ -865,6 +904,13 @@ def build_engine(comm: Comm, model_path: str | None, *, max_seq_len: int | None 
         if max_seq_len > h.max_seq_len:
             raise ConfigError(f"--max-seq-len {max_seq_len} is beyond the model's context ({h.max_seq_len})")
     seq = min(max_seq_len or h.max_seq_len, h.max_seq_len)
+    if pp != 1 or split != "even":
+        from .pipeline import build_stages, parse_split
+
+        return build_stages(comm, h, header_size, model, pp=pp, split=parse_split(split, comm.size)
+                            if isinstance(split, str) else split, seq=seq, buffer_type=buffer_type, sync=sync,
+                            load=load, max_batch=max_batch, progress=progress, n_slots=n_slots,
+                            kv_memory=kv_memory, quiet=quiet)
     plan = make_plan(h, comm.size)
     kv = plan_kv(kv_row_bytes(h, plan), seq, n_slots, kv_memory)
     weights = load_weights(comm, h, header_size, plan, model, load, progress)

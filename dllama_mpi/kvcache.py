@@ -74,15 +74,20 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
-def _mem_total() -> int:
+def meminfo(key: str, default: int) -> int:
+    """A /proc/meminfo field in bytes (MemTotal, MemAvailable, ...), default when unknown."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return 16 << 30
+    return default
+
+
+def _mem_total() -> int:
+    return meminfo("MemTotal", 16 << 30)
 
 
 def plan_kv(row_bytes: int, max_seq_len: int, n_slots: int, kv_memory: int | None = None,

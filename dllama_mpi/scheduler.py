@@ -157,6 +157,7 @@ class Request:
         self._rows_after: list[int] = []    # seq.tokens when it ended
         self._t_submit = self._t_admit = self._t_first = self._t_last = 0.0
         self._w0 = 0.0
+        self._pending = 0                   # rows in passes in flight (pipeline stages)
 
     def cancel(self) -> None:
         self._cancel = True
@@ -196,6 +197,14 @@ class Request:
         return self.seq.tokens if self.seq is not None else self._rows_after
 
 
+@dataclass
+class _Pass:
+    rows: Rows
+    rows_req: list      # the request of each row
+    fed: list           # (request, first row, n rows) per sequence
+    logit_kind: list    # per logit row: "sample" or "prompt" (a prompt logprob)
+
+
 class Scheduler:
     def __init__(self, engine: Engine, tokenizer, max_batch: int | None = None):
         self.engine, self.tokenizer = engine, tokenizer
@@ -212,6 +221,8 @@ class Scheduler:
         self.tokens_generated = 0
         self.prompt_tokens_evaluated = 0
         self.waited_for_pages = 0      # requests that had to wait for KV pages (not for a slot)
+        self.depth = getattr(engine, "depth", 1)   # passes in flight at once (pipeline stages)
+        self.inflight: deque[_Pass] = deque()
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -247,11 +258,60 @@ class Scheduler:
     # ---- one pass ---------------------------------------------------------------------------
 
     def step(self) -> bool:
-        """Admit what fits, run one pass, hand out its tokens. False when there was nothing to do."""
+        """Admit what fits, run one pass, hand out its tokens. False when there was nothing to do.
+        With pipeline stages (engine.depth > 1) see _step_pipelined."""
+        if self.depth > 1:
+            return self._step_pipelined()
         self._reap_cancelled()
         self._admit()
         if not self.running:
             return False
+        p = self._plan(self.running)
+        updates, copies = self.kv.take_commands()
+        out = self.engine.step(p.rows, updates, copies)
+        self.steps += 1
+        self._hand_out(p, out)
+        return True
+
+    def _step_pipelined(self) -> bool:
+        """Pipeline stages: launch passes until `depth` are in flight, each on sequences that have no
+        row in flight (a decode row needs the previous token; further prefill chunks of a prompt
+        may follow its earlier ones, since every stage runs passes in order), the decode rows of
+        the running sequences shared among `depth` groups; then collect the oldest pass."""
+        self._reap_cancelled()
+        self._admit()
+        if not self.running and not self.inflight:
+            return False
+        cap = -(-len(self.running) // self.depth)
+        while len(self.inflight) < self.depth:
+            p = self._plan(self.running, cap)
+            if p is None:
+                break
+            updates, copies = self.kv.take_commands()
+            self.engine.launch(p.rows, updates, copies)
+            for req, _, n in p.fed:
+                req._pending += n
+            self.inflight.append(p)
+        if self.inflight:
+            self._collect()
+        return True
+
+    def _collect(self) -> None:
+        p = self.inflight.popleft()
+        out = self.engine.collect()
+        for req, _, n in p.fed:
+            req._pending -= n
+        self.steps += 1
+        self._hand_out(p, out)
+
+    def drain(self) -> None:
+        """Collect every pass in flight (their tokens are handed out as usual)."""
+        while self.inflight:
+            self._collect()
+
+    def _plan(self, candidates, decode_cap: int | None = None) -> "_Pass | None":
+        """The rows of one pass: a decode row of each sequence that has sampled its next token (at
+        most decode_cap), then prefill chunks up to the token budget; pages ensured for them."""
         rows_req: list[Request] = []
         tokens, slots, positions = [], [], []
         logit_rows, logit_modes, logit_targets, logit_inv_t = [], [], [], []
@@ -266,8 +326,10 @@ class Scheduler:
             logit_kind.append(kind)
 
         budget = self.max_batch
-        for req in self.running:        # one decode row per running sequence
-            if req.state == DECODE:
+        decodes = 0
+        for req in candidates:          # one decode row per running sequence
+            if req.state == DECODE and not req._pending and (decode_cap is None or decodes < decode_cap):
+                decodes += 1
                 n = len(req.seq.tokens)
                 tokens.append(req.generated[-1])
                 slots.append(req.seq.slot)
@@ -276,12 +338,12 @@ class Scheduler:
                 fed.append((req, len(rows_req), 1))
                 rows_req.append(req)
                 budget -= 1
-        for req in self.running:        # prefill chunks with what is left
+        for req in candidates:          # prefill chunks with what is left
             if budget <= 0:
                 break
-            if req.state != PREFILL:
+            n0 = len(req.seq.tokens) + req._pending   # rows in flight come first
+            if req.state != PREFILL or n0 >= len(req.prompt):
                 continue
-            n0 = len(req.seq.tokens)
             take = min(len(req.prompt) - n0, budget)
             first = len(rows_req)
             tokens.extend(req.prompt[n0:n0 + take])
@@ -297,12 +359,18 @@ class Scheduler:
                 # the prompt's last row: its logits give the first token
                 want(first + take - 1, req, req.sample_mode)
             budget -= take
+        if not fed:
+            return None
         for req, first, n in fed:
             self.kv.ensure(req.seq, positions[first + n - 1] + 1)
-        updates, copies = self.kv.take_commands()
         rows = Rows(tokens, slots, positions, logit_rows, logit_modes, logit_targets, logit_inv_t)
-        out = self.engine.step(rows, updates, copies)
-        self.steps += 1
+        return _Pass(rows, rows_req, fed, logit_kind)
+
+    def _hand_out(self, p: "_Pass", out) -> None:
+        """After a pass: the rows join their sequences' caches, logit rows give tokens (or prompt
+        log-probabilities)."""
+        rows_req, fed, tokens, positions = p.rows_req, p.fed, p.rows.tokens, p.rows.positions
+        logit_rows, logit_kind = p.rows.logit_rows, p.logit_kind
         now = time.perf_counter()
         for req, first, n in fed:
             self.kv.written(req.seq, tokens[first:first + n])
@@ -323,7 +391,6 @@ class Scheduler:
             if req.state == PREFILL and req.max_tokens == 0 and len(req.seq.tokens) == len(req.prompt):
                 req.stats.prompt_seconds = now - req._t_admit
                 self._finish(req, "length")   # nothing to generate: the prompt is evaluated
-        return True
 
     def _sample(self, req: Request, value, now: float) -> None:
         """The request's next token from its row's result (an id, a logits row, or TokenStats)."""
@@ -430,10 +497,11 @@ class Scheduler:
             for r in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(r)
                 self._finish(r, "abort")
-        for r in [r for r in self.running if r.cancelled]:
+        for r in [r for r in self.running if r.cancelled and not r._pending]:   # none with rows in flight
             self._finish(r, "abort")
 
     def abort_all(self, reason: str = "abort") -> None:
+        self.drain()
         for r in list(self.waiting) + list(self.running):
             if r in self.waiting:
                 self.waiting.remove(r)

@@ -537,6 +537,15 @@ def batch_server(tmp_path_factory):
     s.stop()
 
 
+@pytest.fixture(scope="module")
+def pipeline_server(tmp_path_factory):
+    """The same server as two pipeline stages (one rank each): passes of different requests in flight."""
+    s = ApiServer(tmp_path_factory.mktemp("pipeline") / "server.log",
+                  extra=["--parallel", "4", "--kv-memory", f"{POOL_PAGES * 16}KiB", "--pp", "2"])
+    yield s
+    s.stop()
+
+
 def _answers(client, prompts, max_tokens=24, concurrent=False, stream=False):
     """Greedy answers to the prompts, asked one after another or all at once from threads."""
     out, errors = {}, []
@@ -565,9 +574,12 @@ def _answers(client, prompts, max_tokens=24, concurrent=False, stream=False):
     return [out[i] for i in range(len(prompts))]
 
 
-def test_eight_clients_each_get_the_text_they_get_alone(batch_server):
+@pytest.mark.parametrize("which", ["batch_server", "pipeline_server"])
+def test_eight_clients_each_get_the_text_they_get_alone(request, which):
     """8 concurrent greedy clients on --parallel 4 with a pool for ~2: they wait for pages, are
-    decoded together, and each gets exactly its text alone."""
+    decoded together (with --pp 2: in passes in flight on the two stages), and each gets exactly
+    its text alone."""
+    batch_server = request.getfixturevalue(which)
     openai = pytest.importorskip("openai")
     c = openai.OpenAI(base_url=batch_server.url + "/v1", api_key="x", max_retries=0, timeout=120)
     prompts = [f"Tell me about the number {i}" for i in range(8)]
@@ -579,7 +591,9 @@ def test_eight_clients_each_get_the_text_they_get_alone(batch_server):
     assert h["kv_pages"]["total"] == POOL_PAGES and h["waited_for_pages"] > 0
 
 
-def test_a_cancelled_stream_does_not_change_the_others(batch_server):
+@pytest.mark.parametrize("which", ["batch_server", "pipeline_server"])
+def test_a_cancelled_stream_does_not_change_the_others(request, which):
+    batch_server = request.getfixturevalue(which)
     openai = pytest.importorskip("openai")
     c = openai.OpenAI(base_url=batch_server.url + "/v1", api_key="x", max_retries=0, timeout=120)
     prompts = ["first question", "second question"]
@@ -610,6 +624,21 @@ def test_a_request_the_pool_can_never_hold_is_refused(batch_server):
                     {"messages": chat_msgs("hi"), "max_tokens": POOL_PAGES * 16 + 10}, key=None)
     assert got == 400 and "raise --kv-memory" in err["error"]["message"], err
     assert err["error"]["code"] == "context_length_exceeded"
+
+
+def test_pipeline_metrics_gather_every_stage(pipeline_server):
+    """Per-rank counters travel through the stages (CMD_STATS) between passes."""
+    _answers(openai_client(pipeline_server), ["count the stages"], max_tokens=4)
+    req = urllib.request.Request(pipeline_server.url + "/metrics")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        text = r.read().decode()
+    passes = [l for l in text.splitlines() if l.startswith("dllama_rank_forward_passes_total")]
+    assert len(passes) == 2 and all(float(l.split()[-1]) > 0 for l in passes), passes
+
+
+def openai_client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
 
 
 # ------------------------------------------------------------------------------------------------

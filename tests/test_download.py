@@ -57,9 +57,9 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if srv.mode == "drop" and nth <= srv.drops and path in srv.drop_paths:
             payload = payload[: max(0, srv.drop_at - start)]
-        self.wfile.write(payload)
-        with srv.lock:
+        with srv.lock:   # counted before the write: the client may finish reading before we return
             srv.served += len(payload)
+        self.wfile.write(payload)
 
 
 @pytest.fixture
