@@ -251,12 +251,23 @@ class Server:
             if sched.busy:
                 sched.step()
         sched.abort_all()
-        # shutdown: answer whatever is still queued
+        self.refuse_queued()
+
+    def queued_jobs(self, block: bool):
+        """The queued jobs, oldest first, without those whose client went away (waiting up to 0.1 s
+        for the first one when `block`)."""
         while True:
             try:
-                job = self.jobs.get_nowait()
+                job = self.jobs.get(timeout=0.1) if block else self.jobs.get_nowait()
             except queue.Empty:
-                break
+                return
+            block = False
+            if not job.cancel.is_set():
+                yield job
+
+    def refuse_queued(self) -> None:
+        """Shutdown: answer whatever is still queued."""
+        for job in self.queued_jobs(block=False):
             job.send(("error", ApiError(503, "the server is shutting down", type_="server_error")))
 
     def _take_jobs(self, block: bool) -> None:
@@ -264,14 +275,7 @@ class Server:
         from .sampler import Sampler
         from .scheduler import Request, RequestError
 
-        while True:
-            try:
-                job = self.jobs.get(timeout=0.1) if block else self.jobs.get_nowait()
-            except queue.Empty:
-                return
-            block = False
-            if job.cancel.is_set():
-                continue
+        for job in self.queued_jobs(block):
             req = Request(job.prompt_ids, job.max_tokens,
                           Sampler(self.tokenizer.vocab_size, job.temperature, job.top_p, job.seed), job.stop,
                           sink=lambda kind, value, job=job: self._on_event(job, kind, value),

@@ -120,8 +120,6 @@ def run_backend(engine, tokenizer, path: str) -> None:
     """Take requests from the supervisor at `path`, run them through the scheduler (continuous
     batching, as `api` does), and send back every token with the sampler's state after it. Returns
     when the supervisor says stop or goes away, or on SIGTERM/SIGINT; the caller stops the workers."""
-    from dataclasses import asdict as _asdict
-
     from .metrics import kv_bytes_per_token
     from .sampler import Sampler
     from .scheduler import Request, RequestError, Scheduler
@@ -167,7 +165,7 @@ def run_backend(engine, tokenizer, path: str) -> None:
             link.send({"t": "error", "id": rid, "message": str(e)})
 
     link.send({"t": "hello", "pid": os.getpid(), "host": socket.gethostname(), "ranks": engine.comm.size,
-               "max_seq_len": engine.max_seq_len, "kv_plan": _asdict(engine.kv_plan),
+               "max_seq_len": engine.max_seq_len, "kv_plan": asdict(engine.kv_plan),
                "kv_bytes_per_token": kv_bytes_per_token(engine.h, engine.plan), "rank_stats": list(engine.RANK_STATS),
                "load_seconds": getattr(engine, "load_seconds", 0.0), "gauges": sched.gauges()})
     gauges = None
@@ -748,21 +746,11 @@ class Supervisor(Server):
             if b.dead():
                 self._lost(b)
                 continue
-            self._take_jobs(block=True)
+            for job in self.queued_jobs(block=True):
+                self._add(job)
             self._reap_cancelled()
             self.rank_stats.poll()
         self._shutdown()
-
-    def _take_jobs(self, block: bool) -> None:
-        while True:
-            try:
-                job = self.jobs.get(timeout=0.1) if block else self.jobs.get_nowait()
-            except queue.Empty:
-                return
-            block = False
-            if job.cancel.is_set():
-                continue
-            self._add(job)
 
     def _add(self, job: Job) -> None:
         with self.lock:
@@ -915,12 +903,7 @@ class Supervisor(Server):
                 self._finish(f, "abort")
         if b is not None:
             b.stop()
-        while True:
-            try:
-                job = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            job.send(("error", ApiError(503, "the server is shutting down", type_="server_error")))
+        self.refuse_queued()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,14 +5,8 @@
 #     process and everything below it is the host and all it runs vanishing at once;
 #   - a host listed in $FAKESSH_DIR/down cannot be reached: it fails as ssh does (exit 255,
 #     "Connection refused"), before running anything.
-# Hydra passes ssh options such as `-x` first; they are dropped (as in scripts/nsagent.sh).
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -[bcDEeFIiJLlmOopQRSWw]) shift 2 ;;   # ssh options that take a value
-    -*) shift ;;
-    *) break ;;
-  esac
-done
+# Hydra's ssh launcher passes flags such as `-x` before the host (none takes a value); they are dropped.
+while [ "${1#-}" != "$1" ]; do shift; done
 host="${1:?fakessh.sh: no host}"; shift
 dir="${FAKESSH_DIR:?fakessh.sh: FAKESSH_DIR is not set}"
 if grep -qx "$host" "$dir/down" 2>/dev/null; then
