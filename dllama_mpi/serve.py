@@ -394,7 +394,9 @@ class Backend:
         except subprocess.TimeoutExpired:
             pass
         self._killing.set()
-        for pid, (started, _) in {**self.tree, **process_tree(self.proc.pid)}.items():
+        # walk from mpiexec only while it is unreaped (a reaped pid may belong to anyone by now)
+        now = process_tree(self.proc.pid) if self.proc.returncode is None else {}
+        for pid, (started, _) in {**self.tree, **now}.items():
             if _start_time(pid) == started:   # still that process, not a reused pid
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -427,7 +429,10 @@ class Launcher:
         self.stopping = stopping
         self.path = os.path.join(workdir, "backend.sock")
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(self.path)
+        try:
+            self.listener.bind(self.path)
+        except OSError as e:   # e.g. a TMPDIR too long for a socket path (108 bytes)
+            raise ConfigError(f"cannot make the backend's socket {self.path}: {e}") from None
         self.listener.listen(4)
         self.listener.settimeout(0.2)
         self.launches = 0
@@ -444,10 +449,11 @@ class Launcher:
         try:
             out, _ = p.communicate(timeout=self.probe_timeout)
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except OSError:
-                pass
+            for pid in process_tree(p.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
             p.communicate()
             return f"no answer within {self.probe_timeout:g} s"
         if p.returncode == 0:
