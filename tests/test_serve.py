@@ -201,7 +201,9 @@ class Serve:
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([*DLLAMA, "serve", *args, "--port", str(self.port), "--no-web-ui"],
                                      stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=dict(os.environ, DLLAMA_TEST_MARKER=self.marker, **(env or {})),
+                                     # its socket directory too (a supervisor SIGKILLed cannot remove it)
+                                     env=dict(os.environ, DLLAMA_TEST_MARKER=self.marker, TMPDIR=str(tmp),
+                                              **(env or {})),
                                      start_new_session=True)
         try:
             self.wait_for(lambda: self.health().get("status") == "ok", timeout, "/health")
