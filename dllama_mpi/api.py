@@ -208,14 +208,38 @@ def parse_prompt(body: dict) -> str:
 # ------------------------------------------------------------------------------------------------
 # the app
 
+def engine_kv_bytes_per_token(engine) -> list[int]:
+    """KV-cache bytes one position costs on each rank of this engine's job."""
+    if engine.depth > 1:   # pipeline stages: each rank stores its stage's layers
+        from .pipeline import kv_bytes_per_token
+
+        return kv_bytes_per_token(engine.h, engine.layout)
+    from .metrics import kv_bytes_per_token
+
+    return kv_bytes_per_token(engine.h, engine.plan)
+
+
 class Server:
     def __init__(self, engine, tokenizer, model_id: str, template, defaults: dict, api_key: str | None,
                  max_body_bytes: int, cors_origins: list[str], web_ui: bool = True, max_n: int = 8):
-        from .chat import PromptHistory
-        from .metrics import Metrics, RankStats
+        from .metrics import RankStats
         from .scheduler import Scheduler
 
-        self.engine, self.tokenizer = engine, tokenizer
+        self.engine = engine
+        self.scheduler = Scheduler(engine, tokenizer)
+        per_token = engine_kv_bytes_per_token(engine)
+        self.init_front(tokenizer, model_id, template, defaults, api_key, max_body_bytes, cors_origins, web_ui,
+                        max_n, engine.max_seq_len, engine.kv_plan, per_token,
+                        RankStats(engine.gather_rank_stats, engine.RANK_STATS))
+
+    def init_front(self, tokenizer, model_id, template, defaults, api_key, max_body_bytes, cors_origins, web_ui,
+                   max_n: int, max_seq_len: int, kv_plan, kv_bytes_per_token: list[int], rank_stats) -> None:
+        """The HTTP side: what validation, responses, /health and /metrics need. Shared with
+        `serve`'s supervisor (serve.Supervisor), whose numbers come from its MPI backend."""
+        from .chat import PromptHistory
+        from .metrics import Metrics
+
+        self.tokenizer = tokenizer
         self.model_id = model_id
         self.template = template
         self.defaults = defaults
@@ -223,9 +247,9 @@ class Server:
         self.max_body_bytes = max_body_bytes
         self.cors_origins = cors_origins
         self.max_n = max_n
-        self.scheduler = Scheduler(engine, tokenizer)
+        self.max_seq_len, self.kv_plan, self.kv_bytes_per_token = max_seq_len, kv_plan, kv_bytes_per_token
         # one recent conversation per sequence slot, and then some (a turn's prompt extends it)
-        self.history = PromptHistory(tokenizer, capacity=4 * engine.kv_plan.n_slots)
+        self.history = PromptHistory(tokenizer, capacity=4 * kv_plan.n_slots)
         self.jobs: queue.Queue = queue.Queue()
         self.stopping = threading.Event()
         self.created = int(time.time())
@@ -233,34 +257,30 @@ class Server:
         self.last: dict | None = None   # counts of the last generation (no request data), for /health
         self.web = web_assets() if web_ui else None
         self.metrics = Metrics()
-        self.rank_stats = RankStats(engine.gather_rank_stats, engine.RANK_STATS)
+        self.rank_stats = rank_stats
         self.metrics.set_rank_stats(self.rank_stats)
         self._register_gauges()
 
+    def gauges(self) -> dict:
+        """The scheduler's numbers (Scheduler.gauges) for /health and /metrics."""
+        return self.scheduler.gauges()
+
     def _register_gauges(self) -> None:
-        from .metrics import kv_bytes_per_token
-
-        m, sched, plan = self.metrics, self.scheduler, self.engine.kv_plan
-        if self.engine.depth > 1:   # pipeline stages: each rank stores its stage's layers
-            from .pipeline import kv_bytes_per_token as stage_kv_bytes
-
-            per_token = stage_kv_bytes(self.engine.h, self.engine.layout)
-        else:
-            per_token = kv_bytes_per_token(self.engine.h, self.engine.plan)
-        kv = sched.kv
-        used = lambda: kv.pages_in_use * plan.page_size  # noqa: E731 (positions of pages sequences hold)
+        m, g = self.metrics, self.gauges
+        # plan and bytes are read at scrape time: serve's backend may come back with another rank count
+        used = lambda: g()["kv_pages_in_use"] * self.kv_plan.page_size  # noqa: E731 (positions of held pages)
         m.gauge("queue_depth", "Requests waiting for a sequence slot or KV pages",
-                lambda: self.jobs.qsize() + len(sched.waiting))
-        m.gauge("running_sequences", "Sequences being generated", lambda: len(sched.running))
-        m.gauge("kv_cache_capacity_tokens", "Positions the KV page pool holds", lambda: plan.n_tokens)
+                lambda: self.jobs.qsize() + g()["waiting"])
+        m.gauge("running_sequences", "Sequences being generated", lambda: g()["running"])
+        m.gauge("kv_cache_capacity_tokens", "Positions the KV page pool holds", lambda: self.kv_plan.n_tokens)
         m.gauge("kv_cache_used_tokens", "Positions of the pages running sequences hold", used)
         m.gauge("kv_cache_pages", "KV pages by state: held by sequences, cached (reusable prefixes, evicted "
-                "when needed), free", lambda: {("in_use",): kv.pages_in_use, ("cached",): len(kv.evictable),
-                                               ("free",): len(kv.free)}, ("state",))
+                "when needed), free", lambda: {("in_use",): g()["kv_pages_in_use"], ("cached",): g()["kv_pages_cached"],
+                                               ("free",): g()["kv_pages_free"]}, ("state",))
         m.gauge("kv_cache_used_bytes", "KV-cache bytes held by running sequences, per rank", lambda: {
-            (r,): used() * b for r, b in enumerate(per_token)}, ("rank",))
+            (r,): used() * b for r, b in enumerate(self.kv_bytes_per_token)}, ("rank",))
         m.gauge("kv_cache_free_bytes", "KV-cache bytes free or reclaimable (cached prefixes), per rank", lambda: {
-            (r,): (plan.n_tokens - used()) * b for r, b in enumerate(per_token)}, ("rank",))
+            (r,): (self.kv_plan.n_tokens - used()) * b for r, b in enumerate(self.kv_bytes_per_token)}, ("rank",))
 
     # --- the generation thread (main thread: the only one that calls the engine) ---------------
 
@@ -272,12 +292,23 @@ class Server:
             if sched.busy:
                 sched.step()
         sched.abort_all()
-        # shutdown: answer whatever is still queued
+        self.refuse_queued()
+
+    def queued_jobs(self, block: bool):
+        """The queued jobs, oldest first, without those whose client went away (waiting up to 0.1 s
+        for the first one when `block`)."""
         while True:
             try:
-                job = self.jobs.get_nowait()
+                job = self.jobs.get(timeout=0.1) if block else self.jobs.get_nowait()
             except queue.Empty:
-                break
+                return
+            block = False
+            if not job.cancel.is_set():
+                yield job
+
+    def refuse_queued(self) -> None:
+        """Shutdown: answer whatever is still queued."""
+        for job in self.queued_jobs(block=False):
             job.send(("error", ApiError(503, "the server is shutting down", type_="server_error")))
 
     def _take_jobs(self, block: bool) -> None:
@@ -285,14 +316,7 @@ class Server:
         from .sampler import Sampler
         from .scheduler import Request, RequestError
 
-        while True:
-            try:
-                job = self.jobs.get(timeout=0.1) if block else self.jobs.get_nowait()
-            except queue.Empty:
-                return
-            block = False
-            if job.cancel.is_set():
-                continue
+        for job in self.queued_jobs(block):
             # n choices: n samplers, reproducible with a seed (choice i draws with seed + i)
             seeds = [job.seed + i if job.seed is not None else
                      (None if job.n == 1 else int.from_bytes(os.urandom(4), "little")) for i in range(job.n)]
@@ -356,13 +380,7 @@ class Server:
             return endpoint
 
         async def health(request):
-            g = self.scheduler.gauges()
-            return JSONResponse({"status": "ok", "model": self.model_id,
-                                 "queued": self.jobs.qsize() + g["waiting"], "running": g["running"],
-                                 "kv_pages": {"total": g["kv_pages_total"], "in_use": g["kv_pages_in_use"],
-                                              "cached": g["kv_pages_cached"], "page_size": g["kv_page_size"]},
-                                 "waited_for_pages": g["waited_for_pages"],
-                                 "served": self.served, "last": self.last})
+            return JSONResponse(self.health())
 
         async def models(request):
             return JSONResponse({"object": "list", "data": [self.model_card()]})
@@ -408,9 +426,18 @@ class Server:
 
         return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: not_found})
 
+    def health(self) -> dict:
+        g = self.gauges()
+        return {"status": "ok", "model": self.model_id,
+                "queued": self.jobs.qsize() + g["waiting"], "running": g["running"],
+                "kv_pages": {"total": g["kv_pages_total"], "in_use": g["kv_pages_in_use"],
+                             "cached": g["kv_pages_cached"], "page_size": g["kv_page_size"]},
+                "waited_for_pages": g["waited_for_pages"],
+                "served": self.served, "last": self.last}
+
     def model_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "dllama-mpi",
-                "context_length": self.engine.max_seq_len}
+                "context_length": self.max_seq_len}
 
     def check_auth(self, request) -> None:
         if not self.api_key:
@@ -452,9 +479,9 @@ class Server:
         return body
 
     def limits(self, params: dict, n_prompt: int) -> int:
-        from .scheduler import RequestError
+        from .scheduler import RequestError, check_request
 
-        ctx = self.engine.max_seq_len
+        ctx = self.max_seq_len
         if n_prompt >= ctx:
             raise ApiError(400, f"the prompt is {n_prompt} tokens; the model's context is {ctx} tokens", "messages",
                            "context_length_exceeded")
@@ -466,12 +493,12 @@ class Server:
                            "context_length_exceeded")
         mt = room if mt is None else mt
         try:   # a request the KV pool could never hold is refused now rather than queued forever
-            self.scheduler.check(n_prompt, mt)
+            check_request(self.kv_plan, ctx, n_prompt, mt)
         except RequestError as e:
             if params["max_tokens"] is not None:
                 raise ApiError(400, str(e), "max_tokens", "context_length_exceeded") from None
             # no max_tokens asked: generate what the pool can hold
-            plan = self.engine.kv_plan
+            plan = self.kv_plan
             mt = min(plan.n_pages, plan.table_stride) * plan.page_size - n_prompt + 1
             if mt < 1:
                 raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
@@ -481,7 +508,7 @@ class Server:
         from .errors import TemplateError
 
         body = await self.read_json(request)
-        params = parse_common(body, self.engine.max_seq_len, self.defaults, self.max_n, chat=True)
+        params = parse_common(body, self.max_seq_len, self.defaults, self.max_n, chat=True)
         messages = parse_messages(body)
         try:
             text = self.template.render(messages, add_generation_prompt=True)
@@ -492,7 +519,7 @@ class Server:
 
     async def completions(self, request):
         body = await self.read_json(request)
-        params = parse_common(body, self.engine.max_seq_len, self.defaults, self.max_n, chat=False)
+        params = parse_common(body, self.max_seq_len, self.defaults, self.max_n, chat=False)
         prompt = parse_prompt(body)
         ids = self.tokenizer.encode(prompt)
         return await self.respond(request, params, None, ids, chat=False)
@@ -756,7 +783,7 @@ def serve_http(server: Server, host: str, port: int, verbose: bool) -> None:
     while not http.started and not server.stopping.is_set():
         time.sleep(0.02)
     if http.started:
-        log(f"listening on http://{host}:{port} (model '{server.model_id}', context {server.engine.max_seq_len})"
+        log(f"listening on http://{host}:{port} (model '{server.model_id}', context {server.max_seq_len})"
             + (f"; chat page at http://{host}:{port}/" if server.web is not None else ""))
     server.run_jobs()
     http.should_exit = True
@@ -768,51 +795,75 @@ def serve_http(server: Server, host: str, port: int, verbose: bool) -> None:
     log(f"stopped after {server.served} request(s)")
 
 
+def server_options(fn):
+    """The HTTP server's options, shared by `api` and `serve`."""
+    opts = [
+        click.option("--parallel", type=int, default=4, show_default=True,
+                     help="Requests decoded together (continuous batching); more wait in a queue."),
+        click.option("--max-n", type=int, default=8, show_default=True,
+                     help="Most choices one request may ask for ('n'); they share the prompt's KV pages."),
+        click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on."),
+        click.option("--port", type=int, default=9990, show_default=True),
+        click.option("--api-key", default=None, envvar="DLLAMA_API_KEY",
+                     help="Require 'Authorization: Bearer KEY' on every endpoint but /health (env DLLAMA_API_KEY)."),
+        click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True, help="Largest request body."),
+        click.option("--cors-origin", multiple=True, help="Allow browser pages from this origin (repeatable; * for any)."),
+        click.option("--chat-template", default=None,
+                     help="Override the tokenizer's chat template: a built-in name or Jinja source."),
+        click.option("--model-name", default=None, help="Model id served by /v1/models [default: the model file's name]."),
+        click.option("--verbose", is_flag=True, help="Log every request (uvicorn access log)."),
+        click.option("--no-web-ui", "no_web_ui", is_flag=True, help="Do not serve the chat page at /."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def check_server_options(port: int, max_body_bytes: int, max_n: int) -> None:
+    from .errors import ConfigError
+
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port must be in 1..65535, got {port}")
+    if max_body_bytes < 1:
+        raise ConfigError(f"--max-body-bytes must be >= 1, got {max_body_bytes}")
+    if max_n < 1:
+        raise ConfigError(f"--max-n must be >= 1, got {max_n}")
+
+
 def register(group) -> None:
     """Add `api` to the CLI group."""
 
     @click.command()
     @model_options
     @sampling_options
-    @click.option("--parallel", type=int, default=4, show_default=True,
-                  help="Requests decoded together (continuous batching); more wait in a queue.")
-    @click.option("--max-n", type=int, default=8, show_default=True,
-                  help="Most choices one request may ask for ('n'); they share the prompt's KV pages.")
-    @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-    @click.option("--port", type=int, default=9990, show_default=True)
-    @click.option("--api-key", default=None, envvar="DLLAMA_API_KEY",
-                  help="Require 'Authorization: Bearer KEY' on every endpoint but /health (env DLLAMA_API_KEY).")
-    @click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True, help="Largest request body.")
-    @click.option("--cors-origin", multiple=True, help="Allow browser pages from this origin (repeatable; * for any).")
-    @click.option("--chat-template", default=None,
-                  help="Override the tokenizer's chat template: a built-in name or Jinja source.")
-    @click.option("--model-name", default=None, help="Model id served by /v1/models [default: the model file's name].")
-    @click.option("--verbose", is_flag=True, help="Log every request (uvicorn access log).")
-    @click.option("--no-web-ui", "no_web_ui", is_flag=True, help="Do not serve the chat page at /.")
+    @server_options
+    @click.option("--backend", default=None, hidden=True, metavar="SOCKET",
+                  help="Internal (dllama-mpi serve): rank 0 takes requests from the supervisor listening on this "
+                       "unix socket instead of serving HTTP.")
     @spmd
     def api(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme, load, max_batch,
-            temperature, topp, seed, parallel, max_n, host, port, api_key, max_body_bytes, cors_origin, chat_template, model_name,
-            verbose, no_web_ui):
+            temperature, topp, seed, parallel, max_n, host, port, api_key, max_body_bytes, cors_origin, chat_template,
+            model_name, verbose, no_web_ui, backend):
         """OpenAI-compatible HTTP server on rank 0 (run under mpirun -np N)."""
         from .chat import template_for
-        from .errors import ConfigError
 
         if not comm.is_root:
             # mpiexec forwards SIGINT/SIGTERM to every rank; the root stops the workers itself.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        elif not 0 < port < 65536:
-            raise ConfigError(f"--port must be in 1..65535, got {port}")
-        elif max_body_bytes < 1:
-            raise ConfigError(f"--max-body-bytes must be >= 1, got {max_body_bytes}")
-        elif max_n < 1:
-            raise ConfigError(f"--max-n must be >= 1, got {max_n}")
+        elif backend is None:
+            check_server_options(port, max_body_bytes, max_n)
         engine, tokenizer = start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
                                   sync_scheme, load, max_batch, n_slots=parallel)
         if not comm.is_root:
             engine.serve()
             return
         try:
+            if backend is not None:
+                from .serve import run_backend
+
+                run_backend(engine, tokenizer, backend)
+                return
             template = template_for(tokenizer, chat_template)
             name = model_name or _model_id(model_path)
             server = Server(engine, tokenizer, name, template, {"temperature": temperature, "top_p": topp,

@@ -230,7 +230,8 @@ SETTING_KEYS = ("system", "temperature", "topp", "seed", "max_tokens", "stop", "
 class ChatSession:
     """The root's side of `dllama-mpi chat`."""
 
-    def __init__(self, engine, tokenizer, term: Terminal, settings: dict, ignore_eos: bool = False):
+    def __init__(self, engine, tokenizer, term: Terminal, settings: dict, ignore_eos: bool = False,
+                 autosave: str | None = None):
         from .generate import Generator
 
         self.engine, self.tokenizer, self.term = engine, tokenizer, term
@@ -242,6 +243,7 @@ class ChatSession:
         self.last_stats = None
         self.answering = False               # inside a generation (workers are in the token loop)
         self.quit_requested = False          # SIGTERM arrived during an answer
+        self.autosave = autosave             # --autosave FILE: written after every turn
         self.apply_settings()
 
     def apply_settings(self) -> None:
@@ -305,6 +307,8 @@ class ChatSession:
         if p is None:
             return
         text, ids = p
+        # the message being answered is saved too: a run that dies mid-answer resumes with it
+        self._autosave(self.messages + [{"role": "user", "content": user}])
         room = self.engine.max_seq_len - len(ids) + 1   # the first token needs no forward pass
         mt = self.settings.get("max_tokens")
         max_tokens = min(mt, room) if mt else room
@@ -344,6 +348,7 @@ class ChatSession:
             self.history.clear()   # cut by a stop string: the stored answer is not the generated tokens
         else:
             self.history.record(text, ids, generated)
+        self._autosave()
 
     def say(self, msg: str) -> None:
         self.term.write(msg + "\n")
@@ -373,12 +378,41 @@ class ChatSession:
                 f"answer: {st.generated_tokens} tokens, {st.generate_tps:.2f} tok/s, {d['ms_per_token']:.2f} ms/token "
                 f"| finish: {st.finish_reason} | context: {len(self.gen.cached)}/{self.engine.max_seq_len}")
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, messages: list[dict] | None = None) -> None:
+        """Write the conversation (or `messages`) and the settings as JSON, atomically: a new file
+        is written beside the old one and renamed over it, so a crash leaves the old or the new."""
         data = {"format": "dllama-mpi-chat", "version": 1,
                 "settings": {k: self.settings.get(k) for k in SETTING_KEYS},
-                "messages": self.messages}
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=1)
+                "messages": self.messages if messages is None else messages}
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f, ensure_ascii=False, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _autosave(self, messages: list[dict] | None = None) -> None:
+        if self.autosave is None:
+            return
+        try:
+            self.save(self.autosave, messages)
+        except OSError as e:
+            self.say(f"(--autosave {self.autosave} failed: {e})")
+
+    def resume(self, path: str) -> None:
+        """--resume: load a saved conversation; a last message without an answer (the run that
+        saved it ended mid-answer) is answered now."""
+        self.load(path)
+        pending = self.messages.pop()["content"] if self.messages and self.messages[-1]["role"] == "user" else None
+        self.say(f"(resumed {len(self.messages)} messages from {path}"
+                 + ("; answering the last message again)" if pending is not None else ")"))
+        if pending is not None:
+            self.term.write(f"\n> {pending}\n")
+            self.turn(pending)
 
     def load(self, path: str) -> None:
         with open(path, encoding="utf-8") as f:
@@ -417,6 +451,7 @@ class ChatSession:
         elif cmd == "/clear":
             self.messages = []
             self.history.clear()
+            self._autosave()
             self.say("(new conversation)")
         elif cmd == "/stats":
             self.say(self.stats_line())
@@ -430,6 +465,7 @@ class ChatSession:
                     self.say(f"(saved {len(self.messages)} messages to {arg})")
                 else:
                     self.load(arg)
+                    self._autosave()
                     self.say(f"(loaded {len(self.messages)} messages from {arg})")
             except (OSError, ValueError, DllamaError) as e:
                 self.say(f"{cmd} failed: {e}")
@@ -439,9 +475,11 @@ class ChatSession:
 
     # --- the loop ----------------------------------------------------------------------------
 
-    def run(self) -> None:
+    def run(self, resume: str | None = None) -> None:
         term = self.term
         self.say("chat: /help for commands, /exit or Ctrl-D to quit")
+        if resume is not None:
+            self.resume(resume)
         while True:
             term.write("\n> ")
             try:
@@ -483,14 +521,23 @@ def register(group) -> None:
     @click.option("--context-overflow", type=click.Choice(["error", "truncate-oldest"]), default="error",
                   show_default=True, help="When the conversation no longer fits the context: refuse the message, "
                                           "or drop the oldest turns.")
+    @click.option("--autosave", default=None, metavar="FILE",
+                  help="Write the conversation to FILE after every turn (atomically, in the /save format; the "
+                       "message being answered included), so that a run that dies can be resumed.")
+    @click.option("--resume", default=None, metavar="FILE",
+                  help="Start from a conversation saved by --autosave or /save; a last message left unanswered "
+                       "is answered first. Autosaves to FILE unless --autosave names another.")
     @click.option("--ignore-eos", is_flag=True, hidden=True, help="Keep generating after end-of-turn tokens (tests).")
     @spmd
     def chat(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme, load, max_batch,
-             temperature, topp, seed, system, chat_template, think, stop, max_tokens, context_overflow, ignore_eos):
+             temperature, topp, seed, system, chat_template, think, stop, max_tokens, context_overflow, autosave, resume,
+             ignore_eos):
         """Chat with the model in the terminal (run under mpirun -np N; rank 0 reads the terminal)."""
         if not comm.is_root:   # mpiexec forwards Ctrl-C and SIGTERM to every rank: the root stops the workers
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        elif resume is not None and not os.path.isfile(resume):
+            raise ConfigError(f"--resume {resume}: no such file")
         engine, tokenizer = start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
                                   sync_scheme, load, max_batch)
         if not comm.is_root:
@@ -501,9 +548,10 @@ def register(group) -> None:
             settings = {"system": system, "temperature": temperature, "topp": topp, "seed": seed,
                         "max_tokens": max_tokens, "stop": list(stop), "think": think, "chat_template": chat_template,
                         "context_overflow": context_overflow}
-            session = ChatSession(engine, tokenizer, term, settings, ignore_eos=ignore_eos)
+            session = ChatSession(engine, tokenizer, term, settings, ignore_eos=ignore_eos,
+                                  autosave=autosave or resume)
             signal.signal(signal.SIGTERM, session.on_sigterm)
-            session.run()
+            session.run(resume)
         finally:
             term.close()
             engine.stop_workers()

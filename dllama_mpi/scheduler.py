@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 from .engine import LOGITS_ARGMAX, LOGITS_FULL, LOGITS_STATS, Engine, Rows, TokenStats, row_stats
 from .errors import DllamaError
+from .kvcache import KVPlan
 from .sampler import Sampler
 
 
@@ -197,6 +198,23 @@ class Request:
         return self.seq.tokens if self.seq is not None else self._rows_after
 
 
+def check_request(plan: KVPlan, max_seq_len: int, prompt_len: int, max_tokens: int) -> None:
+    """RequestError when a request of this size could never run in a pool of this plan (context or
+    KV pages). A function of the plan alone, so that serve's supervisor, which holds no engine,
+    checks requests against its backend's plan exactly as the scheduler does."""
+    if prompt_len < 1:
+        raise RequestError("empty prompt")
+    if max_tokens < 0:
+        raise RequestError(f"number of tokens to generate must be >= 0, got {max_tokens}")
+    if prompt_len > max_seq_len:
+        raise RequestError(f"the prompt is {prompt_len} tokens; the context (max_seq_len) is {max_seq_len}")
+    rows = min(prompt_len + max(max_tokens, 1) - 1, max_seq_len)
+    limit = min(plan.n_pages, plan.table_stride)
+    if -(-rows // plan.page_size) > limit:
+        raise RequestError(f"the request needs {rows} tokens of KV cache; the pool holds "
+                           f"{limit * plan.page_size} (raise --kv-memory)")
+
+
 @dataclass
 class _Pass:
     rows: Rows
@@ -228,17 +246,7 @@ class Scheduler:
 
     def check(self, prompt_len: int, max_tokens: int) -> None:
         """RequestError when a request of this size could never run (context or KV pool)."""
-        if prompt_len < 1:
-            raise RequestError("empty prompt")
-        if max_tokens < 0:
-            raise RequestError(f"number of tokens to generate must be >= 0, got {max_tokens}")
-        if prompt_len > self.max_seq_len:
-            raise RequestError(f"the prompt is {prompt_len} tokens; the context (max_seq_len) is {self.max_seq_len}")
-        rows = min(prompt_len + max(max_tokens, 1) - 1, self.max_seq_len)
-        plan = self.engine.kv_plan
-        if self.kv.pages_for(rows) > min(plan.n_pages, plan.table_stride):
-            raise RequestError(f"the request needs {rows} tokens of KV cache; the pool holds "
-                               f"{min(plan.n_pages, plan.table_stride) * plan.page_size} (raise --kv-memory)")
+        check_request(self.engine.kv_plan, self.max_seq_len, prompt_len, max_tokens)
 
     def submit(self, req: Request) -> None:
         """Queue a request (FIFO). Raises RequestError when it could never run."""
