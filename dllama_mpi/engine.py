@@ -26,7 +26,7 @@ import numpy as np
 from . import comm as C
 from .comm import Comm
 from .errors import ConfigError
-from .formats import (BLOCK, F16, F32, FLOAT_NAMES, Q40, Q80, Q80_BYTES, ModelFile, ModelHeader, TensorInfo,
+from .formats import (ACT_GELU, BLOCK, F16, F32, FLOAT_NAMES, Q40, Q80, Q80_BYTES, ModelFile, ModelHeader, TensorInfo,
                       block_shape, float_type_name, read_model_header, tensor_layout, tensor_nbytes)
 from .kernels import ffi, lib
 from .kvcache import KVCache, KVPlan, plan_kv
@@ -139,11 +139,15 @@ class Layer:
     k_norm: np.ndarray | None = None
     router: np.ndarray | None = None                 # [n_experts, dim] f32 (replicated)
     experts: list = field(default_factory=list)      # [(w1, w2, w3)] per expert
+    attn_post_norm: np.ndarray | None = None         # gemma3: sandwich norms of the attention and FFN
+    ffn_post_norm: np.ndarray | None = None          # outputs, before they join the residual
+    index: int = 0                                   # the layer's number in the model
 
     def __post_init__(self):
         p = lambda a: None if a is None else fptr(a)  # noqa: E731
         self.p_attn_norm, self.p_ffn_norm = p(self.attn_norm), p(self.ffn_norm)
         self.p_q_norm, self.p_k_norm, self.p_router = p(self.q_norm), p(self.k_norm), p(self.router)
+        self.p_attn_post_norm, self.p_ffn_post_norm = p(self.attn_post_norm), p(self.ffn_post_norm)
 
 
 @dataclass
@@ -278,17 +282,21 @@ def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardP
     for l in sorted(layers):   # every layer, or a pipeline stage's range
         d = layers[l]
         experts = [(e["w1"], e["w2"], e["w3"]) for _, e in sorted(d.pop("experts").items())]
-        out.append(Layer(experts=experts, **d))
+        out.append(Layer(experts=experts, index=l, **d))
     return Weights(embed, out, norm, wcls)
 
 
 # ------------------------------------------------------------------------------------------------
 # rope
 
-def rope_freqs(h: ModelHeader) -> np.ndarray:
-    """Inverse frequencies per pair, float32, with llama3 scaling when the header asks for it."""
+def rope_freqs(h: ModelHeader, layer: int = 0) -> np.ndarray:
+    """Inverse frequencies per pair of a layer, float32, with llama3 scaling when the header asks for
+    it (gemma3: its local and global layers have their own base, the global ones a linear factor)."""
     hd = h.head_size
-    freqs = (1.0 / (np.float32(h.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(np.float32)
+    theta, mult = h.rope_of_layer(layer)
+    freqs = (1.0 / (np.float32(theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(np.float32)
+    if mult != 1.0:
+        freqs = (freqs * np.float32(mult)).astype(np.float32)
     if h.rope_scaling_factor != 1 and not h.is_qwen3:
         factor = float(h.rope_scaling_factor)
         low, high = float(h.rope_scaling_low_freq_factor), float(h.rope_scaling_high_freq_factor)
@@ -384,6 +392,7 @@ class RunState:
         self.z = np.zeros((B, self.q_loc), np.float32)     # attention output (this rank's heads)
         self.zq = qb(self.q_loc)
         self.partial = np.zeros((B, h.dim), np.float32)    # this rank's share of wo / w2 output
+        self.attn_out = np.zeros((B, h.dim), np.float32)   # the summed wo / w2 output (post-norm models)
         self.h1 = np.zeros((B, self.ffn_loc), np.float32)
         self.h3 = np.zeros((B, self.ffn_loc), np.float32)
         self.hq = qb(self.ffn_loc)
@@ -410,6 +419,7 @@ class RunState:
         self.p_x, self.p_xb, self.p_q, self.p_z = fptr(self.x), fptr(self.xb), fptr(self.q), fptr(self.z)
         self.p_k, self.p_v = fptr(self.k), fptr(self.v)
         self.p_partial, self.p_h1, self.p_h3 = fptr(self.partial), fptr(self.h1), fptr(self.h3)
+        self.p_attn_out = fptr(self.attn_out)
         self.p_xq, self.p_zq, self.p_hq = qptr(self.xq), qptr(self.zq), qptr(self.hq)
         self.p_xl, self.p_xlq = fptr(self.xl), qptr(self.xlq)
         self.p_key = [fptr(c) for c in self.key_cache]
@@ -465,13 +475,24 @@ class Engine:
         self.kv = KVCache(self.kv_plan) if comm.is_root else None   # the root's page bookkeeping
         self.sync = PartialSum(comm, plan, header.dim, max_batch, buffer_type, sync)
         self.kv_of_q = np.array(plan.kv_of_q(comm.rank), np.int32)
-        self.freqs = rope_freqs(header)
+        # per layer: rope frequencies (one table per distinct base) and the attention window
+        tables = {}
+        for layer in weights.layers:
+            key = header.rope_of_layer(layer.index)
+            if key not in tables:
+                tables[key] = rope_freqs(header, layer.index)
+            layer.freqs = tables[key]
+            layer.p_freqs = fptr(layer.freqs)
+            layer.window = header.window_of_layer(layer.index)
         self.p_kv_of_q = ffi.cast("int32_t *", self.kv_of_q.ctypes.data)
-        self.p_freqs = fptr(self.freqs)
         self.p_norm = fptr(weights.norm) if weights.norm is not None else None   # None: not the last stage
         self.rope_type = 1 if header.effective_rope_type == 1 else 0
         self.eps = header.eps
-        self.attn_scale_div = float(np.sqrt(np.float32(header.head_size)))
+        # scores are q.k / attn_scale_div: sqrt(head_dim) (gemma3: sqrt(query_pre_attn_scalar))
+        self.attn_scale_div = float(np.sqrt(np.float32(header.query_pre_attn_scalar or header.head_size)))
+        self.gelu = header.hidden_act == ACT_GELU
+        # gemma3 scales the embedding rows by sqrt(dim) (in float32, as transformers and llama.cpp do)
+        self.embed_scale = float(np.sqrt(np.float32(header.dim))) if header.is_gemma3 else None
         self.quantized = header.quantized   # some matrix reads the q80 activations
         counts = [plan[r].n_vocab for r in range(comm.size)]
         self.vocab_counts = np.array(counts, np.int64)
@@ -524,6 +545,8 @@ class Engine:
         c.kvrow[:b] = st.tables[c.slot[:b], c.pos[:b] // ps] * ps + c.pos[:b] % ps
         self.comm.send_control(c.buf)
         np.take(self.w.embed, toks, axis=0, out=st.x[:b])
+        if self.embed_scale is not None:
+            lib.dl_scale(st.p_x, self.embed_scale, b * self.h.dim)
         return b
 
     def forward(self, tokens, pos: int, all_logits: bool = False, argmax: bool = False):
@@ -681,30 +704,45 @@ class Engine:
         layer.wk.matmul(st.p_k, st.p_xq, st.p_xb, b)
         layer.wv.matmul(st.p_v, st.p_xq, st.p_xb, b)
         n_q, n_kv = st.q_loc // hd, st.kv_loc // hd
-        if layer.p_q_norm is not None:  # Qwen3: per-head RMSNorm of q and k before rope
+        if layer.p_q_norm is not None:  # Qwen3, Gemma 3: per-head RMSNorm of q and k before rope
             lib.dl_rmsnorm(st.p_q, st.p_q, layer.p_q_norm, hd, self.eps, b * n_q)
             lib.dl_rmsnorm(st.p_k, st.p_k, layer.p_k_norm, hd, self.eps, b * n_kv)
-        lib.dl_rope(st.p_q, n_q, hd, st.p_pos, b, self.rope_type, self.p_freqs)
-        lib.dl_rope(st.p_k, n_kv, hd, st.p_pos, b, self.rope_type, self.p_freqs)
+        lib.dl_rope(st.p_q, n_q, hd, st.p_pos, b, self.rope_type, layer.p_freqs)
+        lib.dl_rope(st.p_k, n_kv, hd, st.p_pos, b, self.rope_type, layer.p_freqs)
         lib.dl_scatter_rows(st.p_key[l], st.p_k, st.p_kvrow, b, st.kv_loc)
         lib.dl_scatter_rows(st.p_value[l], st.p_v, st.p_kvrow, b, st.kv_loc)
         lib.dl_attention(st.p_z, st.p_q, st.p_key[l], st.p_value[l], self.p_kv_of_q, n_q, n_kv, hd,
-                         st.p_pos, st.p_slot, b, st.kv_pages, 0, self.attn_scale_div)
+                         st.p_pos, st.p_slot, b, st.kv_pages, layer.window, self.attn_scale_div)
         if self.quantized:
             lib.dl_quantize_q80(st.p_zq, st.p_z, b * st.q_loc)
         layer.wo.matmul(st.p_partial, st.p_zq, st.p_z, b)
-        self.sync(st.x, st.partial, b)
+        self._residual(layer.p_attn_post_norm, b)
 
     def _ffn(self, layer: Layer, b: int) -> None:
         st = self.st
         self._norm_quant(layer.p_ffn_norm, b)
         layer.w1.matmul(st.p_h1, st.p_xq, st.p_xb, b)
         layer.w3.matmul(st.p_h3, st.p_xq, st.p_xb, b)
-        lib.dl_silu_mul(st.p_h1, st.p_h1, st.p_h3, st.ffn_loc, b)
+        if self.gelu:   # GeGLU (Gemma 3; tanh-approximated GELU)
+            lib.dl_gelu_mul(st.p_h1, st.p_h1, st.p_h3, b * st.ffn_loc)
+        else:
+            lib.dl_silu_mul(st.p_h1, st.p_h1, st.p_h3, st.ffn_loc, b)
         if self.quantized:
             lib.dl_quantize_q80(st.p_hq, st.p_h1, b * st.ffn_loc)
         layer.w2.matmul(st.p_partial, st.p_hq, st.p_h1, b)
-        self.sync(st.x, st.partial, b)
+        self._residual(layer.p_ffn_post_norm, b)
+
+    def _residual(self, p_post_norm, b: int) -> None:
+        """x += the sum over ranks of partial; with a post-norm (Gemma 3's sandwich norms) the sum is
+        normed first, which needs the whole sum: it is reduced into a zeroed buffer, normed, added."""
+        st = self.st
+        if p_post_norm is None:
+            self.sync(st.x, st.partial, b)
+            return
+        st.attn_out[:b].fill(0.0)
+        self.sync(st.attn_out, st.partial, b)
+        lib.dl_rmsnorm(st.p_attn_out, st.p_attn_out, p_post_norm, self.h.dim, self.eps, b)
+        lib.dl_add(st.p_x, st.p_attn_out, b * self.h.dim)
 
     def _moe(self, layer: Layer, b: int) -> None:
         """Qwen3-MoE: every rank routes its own copy of y (same result everywhere) and computes its
@@ -872,8 +910,6 @@ def check_options(h: ModelHeader, buffer_type: str) -> None:
             raise ConfigError(f"{float_type_name(t)} weights are not supported (supported: f32, f16, q40, q80)")
     if buffer_type not in BUFFER_TYPES:
         raise ConfigError(f"--buffer-float-type {buffer_type} is not supported (supported: q80, f32)")
-    if h.is_gemma3:   # the format and converters exist (FORMATS-EXT.md); the forward pass comes next
-        raise ConfigError("gemma3 models are not supported by the forward pass yet")
     if buffer_type == "q80" and h.dim % BLOCK:
         raise ConfigError(f"--buffer-float-type q80 needs dim % 32 == 0 (dim is {h.dim})")
 
