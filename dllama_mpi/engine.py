@@ -344,13 +344,13 @@ class Control:
     page-table updates and page copies to apply first. Every field is a numpy view of `buf`, laid
     out from max_batch alone, so every rank can read it."""
 
-    HEADER = 8          # cmd, n_rows, n_logits, flags, n_updates, n_copies, 2 spare
+    HEADER = 8          # cmd, n_rows, n_logits, flags, n_updates, n_copies, n_ring_copies, 1 spare
     MAX_COPIES = 16
 
     def __init__(self, max_batch: int):
         self.max_updates = max(64, 2 * max_batch)
         B, U, K = max_batch, self.max_updates, self.MAX_COPIES
-        self.buf = np.zeros(self.HEADER + 7 * B + 3 * U + 2 * K, np.int32)
+        self.buf = np.zeros(self.HEADER + 8 * B + 3 * U + 4 * K, np.int32)
         o = self.HEADER
         self.slot, self.pos, self.kvrow = self.buf[o:o + B], self.buf[o + B:o + 2 * B], self.buf[o + 2 * B:o + 3 * B]
         o += 3 * B
@@ -360,13 +360,17 @@ class Control:
         o += 4 * B
         self.updates = self.buf[o:o + 3 * U].reshape(U, 3)
         self.copies = self.buf[o + 3 * U:o + 3 * U + 2 * K].reshape(K, 2)
+        o += 3 * U + 2 * K
+        self.ring_copies = self.buf[o:o + 2 * K].reshape(K, 2)   # (src slot, dst slot): a fork's ring
+        self.kvring = self.buf[o + 2 * K:o + 2 * K + B]          # ring row of each row's new K/V
 
     @property
     def cmd(self) -> int:
         return int(self.buf[0])
 
-    def header(self, cmd: int, n_rows: int = 0, n_logits: int = 0, n_updates: int = 0, n_copies: int = 0) -> None:
-        self.buf[:6] = (cmd, n_rows, n_logits, 0, n_updates, n_copies)
+    def header(self, cmd: int, n_rows: int = 0, n_logits: int = 0, n_updates: int = 0, n_copies: int = 0,
+               n_ring_copies: int = 0) -> None:
+        self.buf[:7] = (cmd, n_rows, n_logits, 0, n_updates, n_copies, n_ring_copies)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,9 +380,10 @@ class RunState:
     """Every activation buffer, allocated once for `max_batch` rows, and the paged KV cache."""
 
     def __init__(self, h: ModelHeader, plan: ShardPlan, rank: int, kv: KVPlan, max_batch: int,
-                 max_logit_rows: int, is_root: bool, n_layers: int | None = None):
+                 max_logit_rows: int, is_root: bool, windows: list[int] | None = None):
         s = plan[rank]
-        n_layers = h.n_layers if n_layers is None else n_layers   # a pipeline stage: its own layers
+        # the window of each layer this rank runs (all, or a pipeline stage's); 0 = full attention
+        windows = [h.window_of_layer(l) for l in range(h.n_layers)] if windows is None else windows
         hd = h.head_size
         B = max_batch
         self.q_loc, self.kv_loc, self.ffn_loc = s.n_heads * hd, s.n_kv_heads * hd, s.n_ffn
@@ -396,11 +401,19 @@ class RunState:
         self.h1 = np.zeros((B, self.ffn_loc), np.float32)
         self.h3 = np.zeros((B, self.ffn_loc), np.float32)
         self.hq = qb(self.ffn_loc)
-        # K/V pages of every layer: zeroed address space that the OS commits page by page as rows
-        # are first written, so memory follows the pages in use, not the pool size
-        self.key_cache = np.zeros((n_layers, kv.n_tokens, self.kv_loc), np.float32)
-        self.value_cache = np.zeros((n_layers, kv.n_tokens, self.kv_loc), np.float32)
+        # K/V pages of the full-attention layers: zeroed address space that the OS commits page by
+        # page as rows are first written, so memory follows the pages in use, not the pool size
+        n_pool = sum(1 for w in windows if w == 0)
+        self.key_cache = np.zeros((n_pool, kv.n_tokens, self.kv_loc), np.float32)
+        self.value_cache = np.zeros((n_pool, kv.n_tokens, self.kv_loc), np.float32)
         self.tables = np.zeros((kv.n_slots, kv.table_stride), np.int32)   # the same on every rank
+        # sliding-window layers: each slot's ring of kv.ring_pages pages (slot s owns ring pages
+        # s * R .. s * R + R - 1), position t in ring page (t / page_size) % R
+        n_ring = len(windows) - n_pool
+        R, ps = kv.ring_pages, kv.page_size
+        self.key_ring = np.zeros((n_ring, kv.n_slots * R * ps, self.kv_loc), np.float32)
+        self.value_ring = np.zeros((n_ring, kv.n_slots * R * ps, self.kv_loc), np.float32)
+        self.ring_tables = np.arange(kv.n_slots * max(R, 1), dtype=np.int32).reshape(kv.n_slots, max(R, 1))
         if h.is_moe:
             self.router = np.zeros(h.n_experts, np.float32)
             self.expert_out = np.zeros(h.dim, np.float32)
@@ -422,14 +435,27 @@ class RunState:
         self.p_attn_out = fptr(self.attn_out)
         self.p_xq, self.p_zq, self.p_hq = qptr(self.xq), qptr(self.zq), qptr(self.hq)
         self.p_xl, self.p_xlq = fptr(self.xl), qptr(self.xlq)
-        self.p_key = [fptr(c) for c in self.key_cache]
-        self.p_value = [fptr(c) for c in self.value_cache]
         self.p_logits_local = fptr(self.logits_local)
         c = self.ctrl
-        self.p_slot, self.p_pos, self.p_kvrow = (ffi.cast("int32_t *", a.ctypes.data) for a in (c.slot, c.pos, c.kvrow))
+        self.p_slot, self.p_pos, self.p_kvrow, self.p_kvring = (
+            ffi.cast("int32_t *", a.ctypes.data) for a in (c.slot, c.pos, c.kvrow, c.kvring))
         self.kv_pages = ffi.new("dl_kv_pages *", {"tables": ffi.cast("int32_t *", self.tables.ctypes.data),
                                                   "table_stride": kv.table_stride, "page_size": kv.page_size,
                                                   "ring_pages": 0})
+        self.ring_pages = ffi.new("dl_kv_pages *", {"tables": ffi.cast("int32_t *", self.ring_tables.ctypes.data),
+                                                    "table_stride": max(R, 1), "page_size": ps, "ring_pages": R})
+        # per layer: its K/V arrays, where this pass's rows go, and how attention finds them
+        self.layer_kv = []
+        i_pool = i_ring = 0
+        for w in windows:
+            if w == 0:
+                self.layer_kv.append((fptr(self.key_cache[i_pool]), fptr(self.value_cache[i_pool]),
+                                      self.p_kvrow, self.kv_pages))
+                i_pool += 1
+            else:
+                self.layer_kv.append((fptr(self.key_ring[i_ring]), fptr(self.value_ring[i_ring]),
+                                      self.p_kvring, self.ring_pages))
+                i_ring += 1
         if h.is_moe:
             self.p_router, self.p_expert_out = fptr(self.router), fptr(self.expert_out)
 
@@ -471,7 +497,7 @@ class Engine:
         self.kv_plan = kv or plan_kv(kv_row_bytes(header, plan), max_seq_len, 1)
         self.max_logit_rows = min(max_batch, max(self.kv_plan.n_slots, 8))
         self.st = RunState(header, plan, comm.rank, self.kv_plan, max_batch, self.max_logit_rows, comm.is_root,
-                           len(weights.layers))
+                           [header.window_of_layer(layer.index) for layer in weights.layers])
         self.kv = KVCache(self.kv_plan) if comm.is_root else None   # the root's page bookkeeping
         self.sync = PartialSum(comm, plan, header.dim, max_batch, buffer_type, sync)
         self.kv_of_q = np.array(plan.kv_of_q(comm.rank), np.int32)
@@ -525,11 +551,15 @@ class Engine:
         if toks.min() < 0 or toks.max() >= self.h.vocab_size:
             self.check_tokens(rows.tokens)
         updates, copies = list(updates), list(copies)
-        while len(updates) > c.max_updates or len(copies) > c.MAX_COPIES:   # a long shared prefix
-            self._send_tables(updates[:c.max_updates], copies[:c.MAX_COPIES])
-            updates, copies = updates[c.max_updates:], copies[c.MAX_COPIES:]
+        ring = [x for x in copies if x[0] == "ring"]   # (ring, src slot, dst slot): a fork's ring
+        copies = [x for x in copies if x[0] != "ring"]
+        while len(updates) > c.max_updates or len(copies) > c.MAX_COPIES or len(ring) > c.MAX_COPIES:
+            self._send_tables(updates[:c.max_updates], copies[:c.MAX_COPIES], ring[:c.MAX_COPIES])
+            updates, copies, ring = updates[c.max_updates:], copies[c.MAX_COPIES:], ring[c.MAX_COPIES:]
         n_logits = len(rows.logit_rows)
-        c.header(C.CMD_FORWARD, b, n_logits, len(updates), len(copies))
+        c.header(C.CMD_FORWARD, b, n_logits, len(updates), len(copies), len(ring))
+        if ring:
+            c.ring_copies[:len(ring)] = [(src, dst) for _, src, dst in ring]
         c.slot[:b], c.pos[:b] = rows.slots, rows.positions
         c.logit_row[:n_logits], c.logit_mode[:n_logits] = rows.logit_rows, rows.logit_modes
         c.logit_target[:n_logits] = rows.logit_targets if rows.logit_targets is not None else -1
@@ -543,6 +573,9 @@ class Engine:
         if int(c.pos[:b].max()) >= self.max_seq_len:
             raise ConfigError(f"context is full: position {int(c.pos[:b].max())} needed, max_seq_len is {self.max_seq_len}")
         c.kvrow[:b] = st.tables[c.slot[:b], c.pos[:b] // ps] * ps + c.pos[:b] % ps
+        R = self.kv_plan.ring_pages
+        if R:
+            c.kvring[:b] = (c.slot[:b] * R + (c.pos[:b] // ps) % R) * ps + c.pos[:b] % ps
         self.comm.send_control(c.buf)
         np.take(self.w.embed, toks, axis=0, out=st.x[:b])
         if self.embed_scale is not None:
@@ -606,13 +639,15 @@ class Engine:
             self.st.ctrl.header(C.CMD_STOP)
             self.comm.send_control(self.st.ctrl.buf)
 
-    def _send_tables(self, updates, copies) -> None:
+    def _send_tables(self, updates, copies, ring=()) -> None:
         c = self.st.ctrl
-        c.header(C.CMD_TABLES, 0, 0, len(updates), len(copies))
+        c.header(C.CMD_TABLES, 0, 0, len(updates), len(copies), len(ring))
         if updates:
             c.updates[:len(updates)] = updates
         if copies:
             c.copies[:len(copies)] = copies
+        if ring:
+            c.ring_copies[:len(ring)] = [(src, dst) for _, src, dst in ring]
         self._apply_tables()
         self.comm.send_control(c.buf)
 
@@ -666,6 +701,11 @@ class Engine:
             s0, d0 = int(src) * ps, int(dst) * ps
             st.key_cache[:, d0:d0 + ps] = st.key_cache[:, s0:s0 + ps]
             st.value_cache[:, d0:d0 + ps] = st.value_cache[:, s0:s0 + ps]
+        n = self.kv_plan.ring_pages * ps   # rows of one slot's ring
+        for src, dst in c.ring_copies[:int(c.buf[6])]:
+            s0, d0 = int(src) * n, int(dst) * n
+            st.key_ring[:, d0:d0 + n] = st.key_ring[:, s0:s0 + n]
+            st.value_ring[:, d0:d0 + n] = st.value_ring[:, s0:s0 + n]
 
     def _pass(self, b: int, out_full):
         """One pass over the b rows of the control packet; then the logits it asks for."""
@@ -709,10 +749,11 @@ class Engine:
             lib.dl_rmsnorm(st.p_k, st.p_k, layer.p_k_norm, hd, self.eps, b * n_kv)
         lib.dl_rope(st.p_q, n_q, hd, st.p_pos, b, self.rope_type, layer.p_freqs)
         lib.dl_rope(st.p_k, n_kv, hd, st.p_pos, b, self.rope_type, layer.p_freqs)
-        lib.dl_scatter_rows(st.p_key[l], st.p_k, st.p_kvrow, b, st.kv_loc)
-        lib.dl_scatter_rows(st.p_value[l], st.p_v, st.p_kvrow, b, st.kv_loc)
-        lib.dl_attention(st.p_z, st.p_q, st.p_key[l], st.p_value[l], self.p_kv_of_q, n_q, n_kv, hd,
-                         st.p_pos, st.p_slot, b, st.kv_pages, layer.window, self.attn_scale_div)
+        p_key, p_value, p_rows, pages = st.layer_kv[l]   # the page pool, or a sliding window's ring
+        lib.dl_scatter_rows(p_key, st.p_k, p_rows, b, st.kv_loc)
+        lib.dl_scatter_rows(p_value, st.p_v, p_rows, b, st.kv_loc)
+        lib.dl_attention(st.p_z, st.p_q, p_key, p_value, self.p_kv_of_q, n_q, n_kv, hd,
+                         st.p_pos, st.p_slot, b, pages, layer.window, self.attn_scale_div)
         if self.quantized:
             lib.dl_quantize_q80(st.p_zq, st.p_z, b * st.q_loc)
         layer.wo.matmul(st.p_partial, st.p_zq, st.p_z, b)
@@ -890,9 +931,23 @@ def _merge_stats(recs: np.ndarray, has_target: bool) -> TokenStats:
     return TokenStats(top[0][0] if top else 0, log_z, target, top)
 
 
-def kv_row_bytes(h: ModelHeader, plan: ShardPlan) -> int:
-    """Bytes of K + V for one cache row on the rank that stores the most KV heads (f32, all layers)."""
-    return 2 * 4 * h.n_layers * h.head_size * max(plan[r].n_kv_heads for r in range(plan.n_nodes))
+def kv_row_bytes(h: ModelHeader, plan: ShardPlan, layers=None) -> int:
+    """Bytes of K + V for one cache row on the rank that stores the most KV heads (f32), of the
+    full-attention layers (of `layers`, default all); ring_row_bytes: the sliding-window ones."""
+    layers = range(h.n_layers) if layers is None else layers
+    n = sum(1 for l in layers if h.window_of_layer(l) == 0)
+    return 2 * 4 * n * h.head_size * max(plan[r].n_kv_heads for r in range(plan.n_nodes))
+
+
+def ring_row_bytes(h: ModelHeader, plan: ShardPlan, layers=None) -> int:
+    layers = range(h.n_layers) if layers is None else layers
+    n = sum(1 for l in layers if h.window_of_layer(l) > 0)
+    return 2 * 4 * n * h.head_size * max(plan[r].n_kv_heads for r in range(plan.n_nodes))
+
+
+def kv_ring(h: ModelHeader, max_batch: int, ring_bytes: int):
+    """plan_kv's `ring` argument: (window, max_batch, ring row bytes), or None without such layers."""
+    return (h.sliding_window, max_batch, ring_bytes) if ring_bytes and h.sliding_window else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -948,6 +1003,6 @@ def build_engine(comm: Comm, model_path: str | None, *, max_seq_len: int | None 
                             load=load, max_batch=max_batch, progress=progress, n_slots=n_slots,
                             kv_memory=kv_memory, quiet=quiet)
     plan = make_plan(h, comm.size)
-    kv = plan_kv(kv_row_bytes(h, plan), seq, n_slots, kv_memory)
+    kv = plan_kv(kv_row_bytes(h, plan), seq, n_slots, kv_memory, ring=kv_ring(h, max_batch, ring_row_bytes(h, plan)))
     weights = load_weights(comm, h, header_size, plan, model, load, progress)
     return Engine(comm, h, plan, weights, seq, max_batch, buffer_type, sync, kv)

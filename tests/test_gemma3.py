@@ -534,3 +534,47 @@ def test_real_model_completes_what_llamacpp_completes(gemma_model, gemma_tokeniz
     got = {json.loads(line)["id"]: json.loads(line)["text"] for line in out.read_text().splitlines()}
     wrong = [(used[i]["prompt"], t) for i, t in got.items() if used[i]["answer"] not in t]
     assert len(got) == len(used) and not wrong, wrong
+
+
+def test_sliding_window_ring_prefix_reuse_and_choices(tiny_m):
+    """The local layers keep a ring of pages per slot: a follow-up that continues a finished
+    sequence reuses its pages (and its slot's ring), a prompt whose shared prefix's window is no
+    longer in any ring is evaluated in full, forked choices copy the ring; every result equals the
+    same request computed from scratch."""
+    from mpi4py import MPI
+
+    from dllama_mpi.comm import Comm
+    from dllama_mpi.engine import build_engine
+    from dllama_mpi.sampler import Sampler
+    from dllama_mpi.scheduler import Request, Scheduler, run_to_completion
+    from dllama_mpi.tokenizer import Tokenizer
+
+    engine = build_engine(Comm(MPI.COMM_SELF), str(tiny_m), n_slots=3, max_batch=16)
+    plan = engine.kv_plan
+    assert plan.window == 8 and plan.ring_pages == 3                 # ceil((8 + 16 - 1) / 16) + 1
+    assert engine.st.key_ring.shape[1] == 3 * 3 * 16 and engine.st.key_cache.shape[0] == 1   # layer 5 is global
+    tok = Tokenizer(_spm_data())
+    req = lambda p, n=20, seed=None, t=0.0: Request(p, n, Sampler(256, t, 0.9, seed), ignore_eos=True)  # noqa: E731
+    sched = Scheduler(engine, tok)
+
+    def fresh(r):
+        engine.kv.drop_cached()
+        out = req(r.prompt, r.max_tokens, r.sampler.seed, r.sampler.temperature)
+        run_to_completion(sched, [out])
+        return out.generated
+
+    a = req([(7 * i) % 250 + 1 for i in range(40)])
+    run_to_completion(sched, [a])
+    b = req(a.rows + [3, 4, 5])                                      # the next turn of a's conversation
+    run_to_completion(sched, [b])
+    assert b.stats.evaluated_prompt_tokens < 20
+    c = req(a.prompt[:10] + [9, 9, 9, 9])                            # a's first 10 tokens: window gone
+    run_to_completion(sched, [c])
+    assert c.stats.evaluated_prompt_tokens == len(c.prompt)
+    kids = [req(a.prompt, 15, 5 + i, 0.9) for i in range(1, 3)]
+    lead = Request(a.prompt, 15, Sampler(256, 0.9, 0.9, 5), ignore_eos=True, followers=kids)
+    run_to_completion(sched, [lead])
+    while sched.busy:
+        sched.step()
+    results = [b.generated, c.generated, lead.generated] + [k.generated for k in kids]
+    assert results == [fresh(r) for r in (b, c, lead, *kids)]
