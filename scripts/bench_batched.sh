@@ -8,8 +8,10 @@
 #   llama-batched-bench -npp 32 -ntg 32 -npl 1,2,4,8,16 -t 2      (S_TG = aggregate generation tok/s)
 #   dllama-mpi benchmark --synthetic 32 --steps 32 --parallel 1,2,4,8,16, 1 rank x 2 threads
 #   the same with 2 ranks x 1 thread
-# then one memory run: 2 ranks, 16 streams of 480 prompt + 32 generated tokens (512 positions),
-# the workers' peak RSS against their weights + the KV pages in use.
+# then one memory run: 2 ranks, 16 streams of 32 prompt + 480 generated tokens, so that all 16 hold
+# close to 512 positions at once (with long prompts and short answers the first streams finish while
+# later ones still prefill, and few sequences ever hold pages together): the workers' peak RSS against
+# their weights + the KV pages in use at most.
 #
 # env: LCP_BIN (folder with llama-batched-bench; built from SDIST into WORK when missing, with
 #      explicit ISA flags and AMX off: a VM that advertises AMX without enabling it dies in a
@@ -51,7 +53,7 @@ for r in $(seq 1 "$rounds"); do
   "$bin/dllama-mpi" "${ours[@]}" --nthreads 2 > "$out/dl_1x2_r$r.json" 2> "$out/dl_1x2_r$r.log"
   "$bin/mpiexec" -n 2 "$bin/dllama-mpi" "${ours[@]}" --nthreads 1 > "$out/dl_2x1_r$r.json" 2> "$out/dl_2x1_r$r.log"
 done
-"$bin/mpiexec" -n 2 "$bin/dllama-mpi" benchmark --model "$model_m" --tokenizer "$tok_t" --synthetic 480 --steps 32 \
+"$bin/mpiexec" -n 2 "$bin/dllama-mpi" benchmark --model "$model_m" --tokenizer "$tok_t" --synthetic 32 --steps 480 \
   --repeat 1 --warmup 0 --parallel 16 --max-seq-len 520 --nthreads 1 --bandwidth 32 > "$out/mem_2x1.json" 2> "$out/mem_2x1.log"
 
 "$bin/python" - "$out" <<'PY' | tee "$out/summary.md"
