@@ -2,6 +2,12 @@
 #include "dl_internal.h"
 #include <stdlib.h>
 #include <string.h>
+#if DL_NEON && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1UL << 20)   /* <asm/hwcap.h>, Linux 4.15+ */
+#endif
+#endif
 
 dl_kernels dl_k;
 int dl_isa_active = -1;
@@ -27,6 +33,11 @@ void dl_fill_table(dl_kernels *k, int isa) {
 #endif
 #if DL_NEON
     case DL_ISA_NEON:   DL_FILL(k, neon);   k->needs_xprep = 0; break;
+    case DL_ISA_NEON_DOTPROD:
+        DL_FILL(k, neon);
+        k->matmul_q40_q80_rows = dl_matmul_q40_q80_rows_neon_dotprod;
+        k->needs_xprep = 0;
+        break;
 #endif
     default:            DL_FILL(k, scalar); k->needs_xprep = 0; break;
     }
@@ -48,19 +59,28 @@ int dl_isa_supported(int isa) {
 #endif
 #if DL_NEON
     case DL_ISA_NEON: return 1;   /* Advanced SIMD is mandatory on AArch64 */
+    case DL_ISA_NEON_DOTPROD:
+#if defined(__linux__)
+        return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#elif defined(__APPLE__)
+        return 1;   /* every Apple arm64 core (M1 = ARMv8.5) has it */
+#else
+        return 0;
+#endif
 #endif
     default: return 0;
     }
 }
 
 static int dl_best_isa(void) {
-    const char *env = getenv("DLLAMA_ISA");   /* optional override: scalar, avx2, avx512, neon */
+    const char *env = getenv("DLLAMA_ISA");   /* optional override: scalar, avx2, avx512, neon, neon-dotprod */
     if (env) {
-        for (int i = 0; i <= DL_ISA_NEON; i++)
+        for (int i = 0; i <= DL_ISA_NEON_DOTPROD; i++)
             if (strcmp(env, dl_isa_name(i)) == 0 && dl_isa_supported(i)) return i;
     }
     if (dl_isa_supported(DL_ISA_AVX512)) return DL_ISA_AVX512;
     if (dl_isa_supported(DL_ISA_AVX2)) return DL_ISA_AVX2;
+    if (dl_isa_supported(DL_ISA_NEON_DOTPROD)) return DL_ISA_NEON_DOTPROD;
     if (dl_isa_supported(DL_ISA_NEON)) return DL_ISA_NEON;
     return DL_ISA_SCALAR;
 }
@@ -91,6 +111,7 @@ const char *dl_isa_name(int isa) {
     case DL_ISA_AVX2:   return "avx2";
     case DL_ISA_AVX512: return "avx512";
     case DL_ISA_NEON:   return "neon";
+    case DL_ISA_NEON_DOTPROD: return "neon-dotprod";
     default:            return "unknown";
     }
 }

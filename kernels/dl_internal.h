@@ -14,6 +14,12 @@
 #endif
 #if defined(__aarch64__)
 #define DL_NEON 1
+/* sdot/udot (ARMv8.2 dotprod) on functions only: the rest of the build stays ARMv8.0 */
+#if defined(__clang__)
+#define DL_TARGET_DOTPROD __attribute__((target("dotprod")))
+#else
+#define DL_TARGET_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
+#endif
 #else
 #define DL_NEON 0
 #endif
@@ -81,6 +87,9 @@ DL_DECL_ALL(avx512)
 #endif
 #if DL_NEON
 DL_DECL_ALL(neon)
+/* the dotprod ISA = the NEON table with these replaced */
+void dl_matmul_q40_q80_rows_neon_dotprod(float *out, const dl_block_q40 *w, const dl_block_q80 *x,
+                                         const void *xprep, int r0, int r1, int rows, int cols, int batch);
 #endif
 
 #endif

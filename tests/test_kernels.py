@@ -8,7 +8,7 @@ import pytest
 from dllama_mpi import kernels as K
 from dllama_mpi.kernels import ffi, lib, ptr
 
-ISAS = [i for i in (K.ISA_AVX2, K.ISA_AVX512, K.ISA_NEON) if lib.dl_isa_supported(i)]
+ISAS = [i for i in K.ALL_ISAS if i != K.ISA_SCALAR and lib.dl_isa_supported(i)]
 ALL_ISAS = [K.ISA_SCALAR] + ISAS
 ISA_IDS = [K.isa_name(i) for i in ISAS]
 
