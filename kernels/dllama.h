@@ -59,8 +59,12 @@ size_t dl_q40r_bytes(int rows, int cols);
 void dl_repack_q40(void *dst, const dl_block_q40 *src, int rows, int cols);
 void dl_unpack_q40r(dl_block_q40 *dst, const void *src, int rows, int cols);
 void dl_matmul_q40r_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
-int  dl_q40r_prefetch(int bytes);     /* software prefetch distance (bytes, 0 = off); < 0: just query */
-int  dl_q40r_split(int n);           /* matvec: rows read as n side-by-side streams per thread (1..4, default 4); < 0 queries */
+/* matvec tuning (results never change): software prefetch distance in bytes (0 = off; -2 = back to
+ * the default: DLLAMA_Q40R_PF or the ISA's; -1 just queries) and rows read as n side-by-side
+ * streams per thread (1..4; 0 = back to the ISA's default; < 0 just queries). Both return the
+ * value in effect for the current ISA. */
+int  dl_q40r_prefetch(int bytes);
+int  dl_q40r_split(int n);
 /* memory read bandwidth probe: reads n bytes over the thread pool, returns a checksum */
 uint64_t dl_read_bytes(const void *p, size_t n);
 

@@ -87,10 +87,41 @@ void dl_unpack_q40r(dl_block_q40 *dst, const void *src, int rows, int cols) {
     }
 }
 
-static int q40r_pf = -1;
-int dl_q40r_prefetch(int bytes) { if (bytes >= 0) q40r_pf = bytes; return q40r_pf; }
-static int q40r_split = 4;   /* matvec streams per thread (1..4); 4 measured best on Zen 4 */
-int dl_q40r_split(int n) { if (n >= 0) q40r_split = n; return q40r_split; }
+/* Matvec tuning. Settings: q40r_pf_set (-1: DLLAMA_Q40R_PF or the ISA's default), q40r_split_set
+ * (0: the ISA's default); the kernels read the values in effect, fixed per call before the pool
+ * starts (q40r_tune). Defaults per ISA, measured: AVX-512 4 streams, no software prefetch (Zen 4);
+ * AVX2 2 streams (4 spill its 16 ymm registers: 20 % less compute) and prefetch Q40R_PF_AVX2 bytes
+ * ahead. */
+#define Q40R_PF_AVX2 1024
+static int q40r_pf_set = -1, q40r_split_set = 0;
+static int q40r_pf, q40r_split = 4;
+
+static int q40r_pf_default(int isa) {
+    static int env = -2;   /* -2: not read yet, -1: unset */
+    if (env == -2) {
+        const char *e = getenv("DLLAMA_Q40R_PF");
+        env = e && atoi(e) >= 0 ? atoi(e) : -1;
+    }
+    if (env >= 0) return env;
+    return isa == DL_ISA_AVX2 ? Q40R_PF_AVX2 : 0;
+}
+
+static void q40r_tune(int isa) {
+    q40r_pf = q40r_pf_set >= 0 ? q40r_pf_set : q40r_pf_default(isa);
+    q40r_split = q40r_split_set > 0 ? q40r_split_set : isa == DL_ISA_AVX2 ? 2 : 4;
+}
+
+int dl_q40r_prefetch(int bytes) {
+    if (bytes >= 0 || bytes == -2) q40r_pf_set = bytes >= 0 ? bytes : -1;
+    q40r_tune(dl_get_isa());
+    return q40r_pf;
+}
+
+int dl_q40r_split(int n) {
+    if (n >= 0) q40r_split_set = n > 4 ? 4 : n;
+    q40r_tune(dl_get_isa());
+    return q40r_split;
+}
 
 /* ------------------------------------------------------------------------------------------ */
 /* prepared activations: per batch row, the int8 values of all blocks back to back, then per block
@@ -154,15 +185,6 @@ static void q40r_groups_scalar(float *out, const uint8_t *w, const dl_block_q80 
 }
 
 #if DL_X86
-   /* bytes ahead to software-prefetch (0 = off); DLLAMA_Q40R_PF overrides */
-static int q40r_prefetch(void) {
-    if (q40r_pf < 0) {
-        const char *e = getenv("DLLAMA_Q40R_PF");
-        q40r_pf = e ? atoi(e) : 0;
-    }
-    return q40r_pf;
-}
-
 static inline int32_t ld32(const void *p) { int32_t v; memcpy(&v, p, 4); return v; }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -300,6 +322,14 @@ static DL_TARGET_AVX512 void q40r_groups_avx512(float *out, const uint8_t *w, co
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* 16-bit accumulate in program order: the empty asm stops GCC from reassociating the sums into
+ * a tree of stack-spilled partial products */
+DL_INLINE DL_TARGET_AVX2 __m256i add16_ordered(__m256i acc, __m256i v) {
+    acc = _mm256_add_epi16(acc, v);
+    __asm__("" : "+x"(acc));
+    return acc;
+}
+
 /* AVX2: a group is two halves of 8 rows (32 bytes of every 64: 8 rows x 4 bytes per 256-bit
  * register); maddubs (u8 x s8 -> s16 pairs) summed in 16 bits over a block (8 products of at most
  * 15 * 128 * 2 = 3840 per lane: |sum| <= 30720, no saturation), then one madd to 32 bits.
@@ -329,10 +359,10 @@ DL_INLINE DL_TARGET_AVX2 void q40r_block_b1_avx2(__m256 *acc0, __m256 *acc1, con
         const __m256i xh = _mm256_set1_epi32(ld32(xq + 16 + 4 * i));
         const __m256i v0 = _mm256_loadu_si256((const __m256i *)(p + 64 * i));
         const __m256i v1 = _mm256_loadu_si256((const __m256i *)(p + 64 * i + 32));
-        s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(v0, m4), xl));
-        s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(v1, m4), xl));
-        s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), m4), xh));
-        s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), m4), xh));
+        s0 = add16_ordered(s0, _mm256_maddubs_epi16(_mm256_and_si256(v0, m4), xl));
+        s1 = add16_ordered(s1, _mm256_maddubs_epi16(_mm256_and_si256(v1, m4), xl));
+        s0 = add16_ordered(s0, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), m4), xh));
+        s1 = add16_ordered(s1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), m4), xh));
     }
     const __m256i ones = _mm256_set1_epi16(1), corr = _mm256_set1_epi32(cd[0]);
     const __m256 dx = _mm256_set1_ps(((const float *)cd)[1]);
@@ -389,8 +419,8 @@ DL_INLINE DL_TARGET_AVX2 void q40r_half_avx2(float *out, const uint8_t *wg, cons
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
             for (int j = 0; j < B; j++) {
                 const uint8_t *x = xq[j] + (size_t)k * DL_QK + 4 * i;
-                s[j] = _mm256_add_epi16(s[j], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(ld32(x))));
-                s[j] = _mm256_add_epi16(s[j], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ld32(x + 16))));
+                s[j] = add16_ordered(s[j], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(ld32(x))));
+                s[j] = add16_ordered(s[j], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ld32(x + 16))));
             }
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + (size_t)k * 32 + 16 * h)));
@@ -627,9 +657,7 @@ void dl_matmul_q40r_q80(float *out, const void *w, const dl_block_q80 *x, int ro
             xr_prep(xp, x, cols, batch);
             c.xp = xp;
             c.fn = fn;
-#if DL_X86
-            q40r_prefetch();
-#endif
+            q40r_tune(isa);
         }
     }
     dl_parallel_for((rows + G - 1) / G, 1, q40r_range, &c);

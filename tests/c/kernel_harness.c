@@ -191,12 +191,11 @@ static void setup_q40r_split(tcase *c, int i) {
     snprintf(c->desc + strlen(c->desc), sizeof c->desc - strlen(c->desc), " split %d prefetch %d", s, pf);
 }
 static void run_q40r_split(tcase *c, void *out) {
-    const int s0 = dl_q40r_split(-1), p0 = dl_q40r_prefetch(-1);
     dl_q40r_split(c->opt & 7);
     dl_q40r_prefetch(c->opt & 8 ? 1024 : 0);
     run_q40r(c, out);
-    dl_q40r_split(s0);
-    dl_q40r_prefetch(p0 < 0 ? 0 : p0);
+    dl_q40r_split(0);          /* back to the defaults */
+    dl_q40r_prefetch(-2);
 }
 
 /* repack -> unpack gives the input back (bytes; repack runs over the pool) */
