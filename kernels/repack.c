@@ -187,6 +187,20 @@ static void q40r_groups_scalar(float *out, const uint8_t *w, const dl_block_q80 
 #if DL_X86
 static inline int32_t ld32(const void *p) { int32_t v; memcpy(&v, p, 4); return v; }
 
+/* matvec streams: a thread's groups [g0, g0 + NS * per) read as NS runs of `per` groups side by
+ * side; step i of stream s is group g0 + s * per + i */
+typedef struct { float *outs[4]; int valid[4]; const uint8_t *wgs[4]; } q40r_streams;
+
+static inline void q40r_streams_at(q40r_streams *st, float *out, const uint8_t *w, size_t gs, int rows,
+                                   int g_first, int per, int NS) {
+    for (int s = 0; s < NS; s++) {
+        const int g = g_first + s * per;
+        st->outs[s] = out + (size_t)g * G;
+        st->valid[s] = rows - g * G < G ? rows - g * G : G;
+        st->wgs[s] = w + (size_t)g * gs;
+    }
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* AVX-512 VNNI: one group (16 rows) x B batch rows, all blocks */
 
@@ -288,18 +302,11 @@ static DL_TARGET_AVX512 void q40r_groups_avx512(float *out, const uint8_t *w, co
         const int NS = q40r_split > 4 ? 4 : q40r_split;
         const int per = (g1 - g0) / NS;
         for (int i = 0; i < per; i++) {
-            float *outs[4];
-            int valid[4];
-            const uint8_t *wgs[4];
-            for (int s = 0; s < NS; s++) {
-                const int g = g0 + s * per + i;
-                outs[s] = out + (size_t)g * G;
-                valid[s] = rows - g * G < G ? rows - g * G : G;
-                wgs[s] = w + (size_t)g * gs;
-            }
-            if (NS == 4) q40r_ngroups_b1_avx512(outs, valid, wgs, xp, nb, cols, 4);
-            else if (NS == 3) q40r_ngroups_b1_avx512(outs, valid, wgs, xp, nb, cols, 3);
-            else q40r_ngroups_b1_avx512(outs, valid, wgs, xp, nb, cols, 2);
+            q40r_streams st;
+            q40r_streams_at(&st, out, w, gs, rows, g0 + i, per, NS);
+            if (NS == 4) q40r_ngroups_b1_avx512(st.outs, st.valid, st.wgs, xp, nb, cols, 4);
+            else if (NS == 3) q40r_ngroups_b1_avx512(st.outs, st.valid, st.wgs, xp, nb, cols, 3);
+            else q40r_ngroups_b1_avx512(st.outs, st.valid, st.wgs, xp, nb, cols, 2);
         }
         g0 += NS * per;   /* the remainder below */
     }
@@ -454,18 +461,11 @@ static DL_TARGET_AVX2 void q40r_groups_avx2(float *out, const uint8_t *w, const 
         const int per = (g1 - g0) / NS;
         if (NS > 1) {   /* the range cut into NS parts read side by side */
             for (int i = 0; i < per; i++) {
-                float *outs[4];
-                int valid[4];
-                const uint8_t *wgs[4];
-                for (int s = 0; s < NS; s++) {
-                    const int g = g0 + s * per + i;
-                    outs[s] = out + (size_t)g * G;
-                    valid[s] = rows - g * G;
-                    wgs[s] = w + (size_t)g * gs;
-                }
-                if (NS == 4) q40r_ngroups_b1_avx2(outs, valid, wgs, xp, nb, cols, 4);
-                else if (NS == 3) q40r_ngroups_b1_avx2(outs, valid, wgs, xp, nb, cols, 3);
-                else q40r_ngroups_b1_avx2(outs, valid, wgs, xp, nb, cols, 2);
+                q40r_streams st;
+                q40r_streams_at(&st, out, w, gs, rows, g0 + i, per, NS);
+                if (NS == 4) q40r_ngroups_b1_avx2(st.outs, st.valid, st.wgs, xp, nb, cols, 4);
+                else if (NS == 3) q40r_ngroups_b1_avx2(st.outs, st.valid, st.wgs, xp, nb, cols, 3);
+                else q40r_ngroups_b1_avx2(st.outs, st.valid, st.wgs, xp, nb, cols, 2);
             }
             g0 += NS * per;
         }
