@@ -35,7 +35,9 @@ void dl_fill_table(dl_kernels *k, int isa) {
     case DL_ISA_NEON:   DL_FILL(k, neon);   k->needs_xprep = 0; break;
     case DL_ISA_NEON_DOTPROD:
         DL_FILL(k, neon);
+#if DL_HAVE_DOTPROD
         k->matmul_q40_q80_rows = dl_matmul_q40_q80_rows_neon_dotprod;
+#endif
         k->needs_xprep = 0;
         break;
 #endif
@@ -49,8 +51,13 @@ int dl_isa_supported(int isa) {
 #if DL_X86
     case DL_ISA_AVX2:
         __builtin_cpu_init();
+#if defined(__clang__) && __clang_major__ < 17
+        /* older clang cannot query f16c; every AVX2 CPU (Haswell, Zen and later) has it */
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                __builtin_cpu_supports("f16c");
+#endif
     case DL_ISA_AVX512:
         __builtin_cpu_init();
         return dl_isa_supported(DL_ISA_AVX2) && __builtin_cpu_supports("avx512f") &&
@@ -60,7 +67,9 @@ int dl_isa_supported(int isa) {
 #if DL_NEON
     case DL_ISA_NEON: return 1;   /* Advanced SIMD is mandatory on AArch64 */
     case DL_ISA_NEON_DOTPROD:
-#if defined(__linux__)
+#if !DL_HAVE_DOTPROD
+        return 0;   /* this compiler cannot build the sdot paths */
+#elif defined(__linux__)
         return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
 #elif defined(__APPLE__)
         return 1;   /* every Apple arm64 core (M1 = ARMv8.5) has it */

@@ -14,7 +14,14 @@
 #endif
 #if defined(__aarch64__)
 #define DL_NEON 1
-/* sdot/udot (ARMv8.2 dotprod) on functions only: the rest of the build stays ARMv8.0 */
+/* sdot (ARMv8.2 dotprod) on functions only: the rest of the build stays ARMv8.0. GCC's arm_neon.h
+ * declares the intrinsics for any function with the target attribute; clang before 17 only when
+ * the whole file is built for dotprod (then the paths are left out unless -march enables it). */
+#if defined(__ARM_FEATURE_DOTPROD) || !defined(__clang__) || __clang_major__ >= 17
+#define DL_HAVE_DOTPROD 1
+#else
+#define DL_HAVE_DOTPROD 0
+#endif
 #if defined(__clang__)
 #define DL_TARGET_DOTPROD __attribute__((target("dotprod")))
 #else

@@ -363,6 +363,7 @@ static inline int32_t neon_block_dot(const dl_block_q40 *wb, const dl_block_q80 
     return vaddvq_s32(vaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1)));
 }
 
+#if DL_HAVE_DOTPROD
 DL_INLINE DL_TARGET_DOTPROD int32_t neon_block_dot_dotprod(const dl_block_q40 *wb, const dl_block_q80 *xb) {
     const uint8x16_t q = vld1q_u8(wb->qs);
     const int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0F))), vdupq_n_s8(8));
@@ -371,6 +372,8 @@ DL_INLINE DL_TARGET_DOTPROD int32_t neon_block_dot_dotprod(const dl_block_q40 *w
     acc = vdotq_s32(acc, hi, vld1q_s8(xb->qs + 16));
     return vaddvq_s32(acc);
 }
+
+#endif
 
 #define DL_NEON_Q40_ROWS(DOT) do { \
     const int nb = cols / DL_QK; \
@@ -393,12 +396,14 @@ void dl_matmul_q40_q80_rows_neon(float *out, const dl_block_q40 *w, const dl_blo
     DL_NEON_Q40_ROWS(neon_block_dot);
 }
 
+#if DL_HAVE_DOTPROD
 DL_TARGET_DOTPROD void dl_matmul_q40_q80_rows_neon_dotprod(float *out, const dl_block_q40 *w,
                                                            const dl_block_q80 *x, const void *xprep,
                                                            int r0, int r1, int rows, int cols, int batch) {
     (void)xprep;
     DL_NEON_Q40_ROWS(neon_block_dot_dotprod);
 }
+#endif
 
 void dl_matmul_f32_rows_neon(float *out, const float *w, const float *x,
                              int r0, int r1, int rows, int cols, int batch) {

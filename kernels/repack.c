@@ -533,6 +533,7 @@ DL_INLINE int32x4_t q40r_quad_neon(const uint8_t *p, int q, const uint8_t *xq, i
     return vaddq_s32(vpaddq_s32(vpaddlq_s16(a01), vpaddlq_s16(a23)), vdupq_n_s32(corr));
 }
 
+#if DL_HAVE_DOTPROD
 #define Q40R_SDOT(acc, v, xlo, xhi, i) do { \
     acc = vdotq_laneq_s32(acc, vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F))), xlo, i); \
     acc = vdotq_laneq_s32(acc, vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), xhi, i); } while (0)
@@ -546,6 +547,7 @@ DL_INLINE DL_TARGET_DOTPROD int32x4_t q40r_quad_dotprod(const uint8_t *p, int q,
     Q40R_SDOT(acc, vld1q_u8(p + 192 + 16 * q), xlo, xhi, 3);
     return acc;
 }
+#endif
 
 static inline void store4_neon(float *o, float32x4_t v, int valid) {
     if (valid >= 4) {
@@ -611,11 +613,13 @@ static void q40r_groups_neon(float *out, const uint8_t *w, const dl_block_q80 *x
     Q40R_NEON_GROUPS(q40r_quad_neon);
 }
 
+#if DL_HAVE_DOTPROD
 static DL_TARGET_DOTPROD void q40r_groups_dotprod(float *out, const uint8_t *w, const dl_block_q80 *x,
                                                   const uint8_t *xp, int g0, int g1, int rows, int cols,
                                                   int batch) {
     Q40R_NEON_GROUPS(q40r_quad_dotprod);
 }
+#endif
 #endif /* DL_NEON */
 
 /* ------------------------------------------------------------------------------------------ */
@@ -649,7 +653,9 @@ void dl_matmul_q40r_q80(float *out, const void *w, const dl_block_q80 *x, int ro
 #endif
 #if DL_NEON
     if (isa == DL_ISA_NEON) fn = q40r_groups_neon;
+#if DL_HAVE_DOTPROD
     if (isa == DL_ISA_NEON_DOTPROD) fn = q40r_groups_dotprod;
+#endif
 #endif
     if (fn) {   /* SIMD paths read prepared activations (out of memory: the scalar reference) */
         uint8_t *xp = (uint8_t *)dl_scratch(xr_stride(cols) * (size_t)batch);
