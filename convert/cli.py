@@ -13,9 +13,17 @@ import time
 
 import click
 
-from dllama_mpi.formats import FLOAT_NAMES
+WEIGHT_CHOICES = ["q40", "q80", "f16", "f32"]
 
-WEIGHT_CHOICES = click.Choice(["q40", "f32"], case_sensitive=False)
+
+def _weights_option(auto: bool):
+    if auto:
+        return click.option("--weights", type=click.Choice(["auto"] + WEIGHT_CHOICES, case_sensitive=False),
+                            default="auto", show_default=True,
+                            help="Float type of the weight matrices; auto keeps each GGUF tensor's quality "
+                                 "(Q8_0 -> q80 and Q4_0 -> q40 copied, F16/BF16 -> f16, F32 -> f32, other types -> q80).")
+    return click.option("--weights", type=click.Choice(WEIGHT_CHOICES, case_sensitive=False), default="q40",
+                        show_default=True, help="Float type of the weight matrices.")
 
 
 def _common(fn):
@@ -24,8 +32,6 @@ def _common(fn):
                      help="Output .m model file (omit to skip the model)."),
         click.option("--out-tokenizer", "out_tokenizer", type=click.Path(dir_okay=False), default=None,
                      help="Output .t tokenizer file (omit to skip the tokenizer)."),
-        click.option("--weights", type=WEIGHT_CHOICES, default="q40", show_default=True,
-                     help="Float type of the weight matrices."),
         click.option("--quiet", is_flag=True, help="No progress bar or summary."),
     ]
     for o in reversed(opts):
@@ -38,7 +44,7 @@ def _report(quiet, what, h, t, out_model, out_tokenizer, t0):
         return
     if h is not None:
         click.echo(f"{out_model}: {h.arch_name} dim {h.dim} hidden {h.hidden_dim} layers {h.n_layers} heads "
-                   f"{h.n_heads}/{h.n_kv_heads} vocab {h.vocab_size} {FLOAT_NAMES[h.weights_float_type]}, "
+                   f"{h.n_heads}/{h.n_kv_heads} vocab {h.vocab_size} {h.weights_name}, "
                    f"{os.path.getsize(out_model)} bytes", err=True)
     if t is not None:
         click.echo(f"{out_tokenizer}: {t.vocab_size} tokens, bos {t.bos_id}, eos {t.eos_ids}, add_bos "
@@ -76,6 +82,7 @@ def convert():
 @convert.command("hf")
 @click.argument("folder", type=click.Path(readable=False))   # checked by the converter: one 'error:' line
 @_common
+@_weights_option(auto=False)
 @_one_line
 def hf_cmd(folder, out_model, out_tokenizer, weights, quiet):
     """Convert a Hugging Face model FOLDER (config.json, *.safetensors, tokenizer.json)."""
@@ -90,6 +97,7 @@ def hf_cmd(folder, out_model, out_tokenizer, weights, quiet):
 @convert.command("gguf")
 @click.argument("file", type=click.Path(readable=False))
 @_common
+@_weights_option(auto=True)
 @click.option("--q40-method", type=click.Choice(["auto", "dllama", "rmse"]), default="auto", show_default=True,
               help="q40 encoder: dllama = Distributed Llama's rule; rmse = error-minimizing scale search; "
                    "auto = rmse for tensors the GGUF already stores quantized, dllama for float ones.")

@@ -22,7 +22,7 @@ from dllama_mpi.formats import (BLOCK, F16, F32, FLOAT_NAMES, Q40, Q80, ModelHea
 # about 16 MiB of float32 per chunk
 CHUNK_ELEMENTS = 4 * 1024 * 1024
 
-WEIGHT_TYPES = {"q40": Q40, "f32": F32, "f16": F16}
+WEIGHT_TYPES = {"q40": Q40, "q80": Q80, "f16": F16, "f32": F32}
 
 
 def parse_weights_type(name: str) -> int:
@@ -219,6 +219,9 @@ class TensorSource:
     read: Callable[[int, int], np.ndarray]      # (r0, r1) -> float32 [r1 - r0, cols]
     row_align: int = 1                          # chunks must start/end on multiples of this
     quantized: bool = False                     # the stored values are already quantized (GGUF Q*/K types)
+    raw_ftype: int | None = None                # the stored bytes are already this .m float type ...
+    raw: Callable[[int, int], bytes] | None = None   # ... and raw(r0, r1) returns them (copied as is)
+    source_type: str = "F32"                    # the stored type's name, for the conversion summary
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -291,17 +294,30 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb"):
 
 
 def check_header_for_weights(h: ModelHeader, where: str) -> None:
-    if h.weights_float_type in (Q40, Q80):
+    for t in h.matrix_types:
+        if t not in (Q40, Q80):
+            continue
         for name, n in (("dim", h.dim), ("q_dim", h.q_dim), ("hidden_dim", h.hidden_dim),
                         ("moe_hidden_dim", h.moe_hidden_dim)):
             if n % BLOCK:
                 raise ConvertError(f"{where}: {name} {n} is not a multiple of {BLOCK}, required for "
-                                   f"{FLOAT_NAMES[h.weights_float_type]} weights (use f32)")
+                                   f"{FLOAT_NAMES[t]} weights (use f32 or f16)")
+
+
+def summarize_stats(stats: dict) -> list[str]:
+    """One line per (source type -> .m type): how many tensors and what was done."""
+    return [f"{src} -> {float_type_name(dst)}: {n} tensor{'s' if n != 1 else ''} {what}"
+            for (src, dst, what), n in sorted(stats.items(), key=lambda kv: (kv[0][0], kv[0][1]))]
 
 
 def write_model(path: str | os.PathLike, header: ModelHeader, sources: list[TensorSource | None],
-                quiet: bool = False, desc: str = "converting", q40_method: str = "dllama") -> int:
+                quiet: bool = False, desc: str = "converting", q40_method: str = "dllama",
+                stats: dict | None = None) -> int:
     """Write header + tensors (in tensor_layout order) atomically; returns the file size.
+
+    A source whose stored bytes already are the tensor's .m type (`raw_ftype`, e.g. GGUF Q8_0 for
+    q80) is copied unchanged. `stats`, if given, counts tensors per (source type, .m type, what
+    was done: copied / quantized / converted).
 
     `q40_method`: "dllama" (DL's exact encoder, the default), "rmse" (quantize_q40_rmse), or "auto":
     rmse for sources marked `quantized` (re-quantization), DL's encoder for float sources.
@@ -309,8 +325,7 @@ def write_model(path: str | os.PathLike, header: ModelHeader, sources: list[Tens
     `sources` may be a lazy iterable; each item must match the next entry of tensor_layout(header).
     """
     parse_q40_method(q40_method)
-    pairs = header.to_pairs()
-    header_size = 8 + 8 * len(pairs)
+    header_size = header.header_nbytes()
     layout = tensor_layout(header, header_size)
     total = layout[-1].offset + layout[-1].nbytes
     with atomic_output(path) as f, progress(total, desc, quiet) as bar:
@@ -329,13 +344,20 @@ def write_model(path: str | os.PathLike, header: ModelHeader, sources: list[Tens
                 raise ConvertError(f"{src.name}: {src.cols} columns is not a multiple of {BLOCK}, "
                                    f"required for {float_type_name(info.ftype)} weights (use f32)")
             written = 0
+            copy = src.raw is not None and src.raw_ftype == info.ftype   # bit-exact, no re-encoding
+            if stats is not None:
+                key = (src.source_type, info.ftype, "copied" if copy else
+                       ("converted" if info.ftype in (F16, F32) else "quantized"))
+                stats[key] = stats.get(key, 0) + 1
             step = max(1, CHUNK_ELEMENTS // max(1, src.cols))
             if src.row_align > 1:
                 step = max(src.row_align, step // src.row_align * src.row_align)
             method = q40_method if q40_method != "auto" else ("rmse" if src.quantized else "dllama")
             for r0 in range(0, src.rows, step):
                 r1 = min(src.rows, r0 + step)
-                if method == "dllama":
+                if copy:
+                    data = src.raw(r0, r1)
+                elif method == "dllama":
                     data = encode_rows(src.read(r0, r1), info.ftype)
                 else:
                     data = encode_rows(src.read(r0, r1), info.ftype, method)
@@ -381,6 +403,40 @@ def byte_level_token_bytes(token: str) -> bytes:
         else:
             out.append(b)
     return bytes(out)
+
+
+def sentencepiece_vocab(tokens: list[str], types, where: str):
+    """A SentencePiece vocabulary (pieces + GGUF token types) -> (.t token bytes, uint8 types).
+
+    FORMATS-EXT.md: BYTE tokens `<0xNN>` are stored as that byte, NORMAL / UNKNOWN / UNUSED pieces
+    with "▁" as a space, CONTROL / USER_DEFINED tokens verbatim (Gemma's user-defined runs of real
+    spaces must not meet its "▁" pieces). The tokenizer rebuilds llama.cpp's texts from the bytes
+    and the types, so the mapping must be invertible: checked here for every token."""
+    out, tt = [], np.asarray(types, dtype=np.int64)
+    bad = np.flatnonzero((tt < 1) | (tt > 6))
+    if bad.size:
+        raise ConvertError(f"{where}: token {bad[0]} has unknown token type {tt[bad[0]]} (expected 1..6)")
+    for i, (tok, t) in enumerate(zip(tokens, tt.tolist())):
+        if t == 6:
+            if not (len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">")):
+                raise ConvertError(f"{where}: byte token {i} is {tok!r}, expected <0xNN>")
+            try:
+                b = bytes([int(tok[3:5], 16)])
+            except ValueError:
+                raise ConvertError(f"{where}: byte token {i} is {tok!r}, expected <0xNN>") from None
+            if f"<0x{b[0]:02X}>" != tok:
+                raise ConvertError(f"{where}: byte token {i} is {tok!r}, expected upper-case <0xNN>")
+            out.append(b)
+        elif t in (3, 4):
+            out.append(tok.encode("utf-8"))
+        else:
+            if " " in tok:
+                raise ConvertError(f"{where}: piece {i} ({tok!r}) contains a space, which the .t file "
+                                   f"cannot tell from '\u2581'")
+            out.append(tok.replace("\u2581", " ").encode("utf-8"))
+        if not out[-1]:
+            raise ConvertError(f"{where}: token {i} is empty")
+    return out, tt.astype(np.uint8)
 
 
 def sentencepiece_token_bytes(token: str) -> bytes:

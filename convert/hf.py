@@ -20,7 +20,7 @@ import struct
 import numpy as np
 
 from dllama_mpi.errors import ConvertError
-from dllama_mpi.formats import (ACT_GELU, ACT_SILU, ARCH_LLAMA, ARCH_QWEN3, ARCH_QWEN3_MOE, HEADER_KEY_OF,
+from dllama_mpi.formats import (ACT_GELU, ACT_SILU, ARCH_GEMMA3, ARCH_LLAMA, ARCH_QWEN3, ARCH_QWEN3_MOE, HEADER_KEY_OF,
                                 ROPE_LLAMA3_1, ModelHeader, TokenizerData, tensor_layout, write_tokenizer)
 
 from .common import (TensorSource, byte_level_token_bytes, check_header_for_weights, parse_weights_type,
@@ -69,6 +69,11 @@ def header_from_config(config: dict, weights_float_type: int, where: str = "conf
         return int(v)
 
     model_type = config.get("model_type")
+    if model_type == "gemma3_text":
+        return gemma3_header_from_config(config, weights_float_type, where)
+    if model_type == "gemma3":
+        raise ConvertError(f"{where}: model_type 'gemma3' is the multimodal Gemma3ForConditionalGeneration; "
+                           f"only the text model (Gemma3ForCausalLM, model_type 'gemma3_text') is supported")
     if model_type not in ARCHS:
         raise ConvertError(f"{where}: unsupported model_type {model_type!r} (supported: {', '.join(ARCHS)})")
     act = config.get("hidden_act", config.get("hidden_activation"))
@@ -141,6 +146,10 @@ def header_from_config(config: dict, weights_float_type: int, where: str = "conf
     if model_type == "qwen3_moe" and "moe_hidden_dim" not in v:
         raise ConvertError(f"{where}: qwen3_moe config without 'moe_intermediate_size'")
 
+    return _checked_header(v, present, where)
+
+
+def _checked_header(v: dict, present: list, where: str) -> ModelHeader:
     h = ModelHeader(**v, present=tuple(HEADER_KEY_OF[n] for n in present))
     for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
         if getattr(h, name) <= 0:
@@ -148,6 +157,80 @@ def header_from_config(config: dict, weights_float_type: int, where: str = "conf
     if h.n_heads % h.n_kv_heads:
         raise ConvertError(f"{where}: num_attention_heads {h.n_heads} is not a multiple of num_key_value_heads {h.n_kv_heads}")
     return h
+
+
+def _number(config: dict, key: str, where: str, default=None):
+    v = config.get(key, default)
+    if v is None:
+        raise ConvertError(f"{where}: missing field {key!r}")
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise ConvertError(f"{where}: field {key!r} must be a number, got {v!r}")
+    return v
+
+
+def _positive_int(value, what: str, where: str) -> int:
+    if float(value) != int(value) or int(value) <= 0:
+        raise ConvertError(f"{where}: {what} {value!r} is not a positive integer (the .m header stores integers)")
+    return int(value)
+
+
+def gemma3_header_from_config(config: dict, weights_float_type: int, where: str = "config.json") -> ModelHeader:
+    """Gemma3ForCausalLM's config (model_type gemma3_text; transformers 4 and 5 spellings) -> the
+    .m header with the Gemma 3 keys of FORMATS-EXT.md."""
+    act = config.get("hidden_activation", config.get("hidden_act"))
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ConvertError(f"{where}: unsupported hidden_activation {act!r} (Gemma 3 uses gelu_pytorch_tanh)")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if config.get(key) is not None:
+            raise ConvertError(f"{where}: field {key!r} is {config[key]!r}; softcapping is not supported (Gemma 3 has none)")
+    num = lambda key, default=None: _number(config, key, where, default)  # noqa: E731
+    n_layers, n_heads = int(num("num_hidden_layers")), int(num("num_attention_heads"))
+    dim = int(num("hidden_size"))
+    head_dim = int(num("head_dim", dim // n_heads if n_heads else 0))
+    # rope: transformers 4 has rope_theta / rope_local_base_freq / rope_scaling, transformers 5
+    # rope_parameters per layer type ({"full_attention": {...}, "sliding_attention": {...}})
+    params = config.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise ConvertError(f"{where}: field 'rope_parameters' must be an object")
+    full = params.get("full_attention", params if "rope_theta" in params else {})
+    local = params.get("sliding_attention", {})
+    theta = config.get("rope_theta", full.get("rope_theta", 1_000_000))
+    local_theta = config.get("rope_local_base_freq", local.get("rope_theta", 10_000))
+    scaling = config.get("rope_scaling") or (full if full.get("rope_type", "default") != "default" else None)
+    factor = 1
+    if scaling:
+        rtype = scaling.get("rope_type", scaling.get("type"))
+        if rtype != "linear":
+            raise ConvertError(f"{where}: unsupported Gemma 3 rope scaling {rtype!r} (only 'linear' is supported)")
+        factor = _positive_int(scaling.get("factor"), "rope scaling factor", where)
+    if local and local.get("rope_type", "default") != "default":
+        raise ConvertError(f"{where}: rope scaling on the sliding-window layers is not supported")
+    window = config.get("sliding_window") or 0
+    pattern = config.get("sliding_window_pattern", 6)
+    layer_types = config.get("layer_types")
+    if layer_types is not None:
+        flags = [t == "sliding_attention" for t in layer_types]
+        if len(flags) != n_layers or any(t not in ("sliding_attention", "full_attention") for t in layer_types):
+            raise ConvertError(f"{where}: field 'layer_types' must list {n_layers} sliding_attention / full_attention")
+        pattern = next((p for p in range(1, n_layers + 1) if flags == [l % p < p - 1 for l in range(n_layers)]), None)
+        if pattern is None:
+            raise ConvertError(f"{where}: field 'layer_types' is not 'every n-th layer is full_attention'; "
+                               f"the .m header cannot express it")
+    v = dict(version=0, arch_type=ARCH_GEMMA3, hidden_act=ACT_GELU, dim=dim,
+             hidden_dim=int(num("intermediate_size")), n_layers=n_layers, n_heads=n_heads,
+             n_kv_heads=int(num("num_key_value_heads", n_heads)), weights_float_type=weights_float_type,
+             max_seq_len=int(num("max_position_embeddings")), vocab_size=int(num("vocab_size")),
+             n_experts=0, n_active_experts=0, rope_theta=_positive_int(theta, "rope_theta", where),
+             head_dim=head_dim, norm_epsilon=eps_code(num("rms_norm_eps", 1e-6), f"{where}: field 'rms_norm_eps'"),
+             sliding_window=int(window), sliding_window_pattern=int(pattern),
+             rope_theta_local=_positive_int(local_theta, "rope_local_base_freq", where),
+             query_pre_attn_scalar=_positive_int(num("query_pre_attn_scalar", head_dim), "query_pre_attn_scalar", where),
+             rope_linear_factor=factor)
+    present = ["version", "arch_type", "hidden_act", "dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads",
+               "weights_float_type", "max_seq_len", "vocab_size", "n_experts", "n_active_experts", "rope_theta",
+               "head_dim", "norm_epsilon", "sliding_window", "sliding_window_pattern", "rope_theta_local",
+               "query_pre_attn_scalar", "rope_linear_factor"]
+    return _checked_header(v, present, where)
 
 
 def load_header(folder: str, weights: str | int = "q40") -> ModelHeader:
@@ -273,6 +356,16 @@ HF_LAYER_NAMES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "sel
                   "router": "mlp.gate", "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm",
                   "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 HF_EXPERT_NAMES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+# Gemma 3's four norms per layer: HF's post_attention_layernorm is the norm *after* attention
+GEMMA3_LAYER_NAMES = {**HF_LAYER_NAMES, "attn_post_norm": "post_attention_layernorm",
+                      "ffn_norm": "pre_feedforward_layernorm", "ffn_post_norm": "post_feedforward_layernorm"}
+
+
+def plus_one_source(src: TensorSource) -> TensorSource:
+    """Gemma's RMSNorm multiplies by (1 + w); the .m file stores 1 + w (as llama.cpp's GGUF does),
+    added in float32 like transformers' Gemma3RMSNorm computes it."""
+    return TensorSource(src.name, src.rows, src.cols, lambda r0, r1: src.read(r0, r1) + np.float32(1.0),
+                        src.row_align, src.quantized)
 
 
 def hf_sources(ck: Checkpoint, h: ModelHeader):
@@ -281,15 +374,19 @@ def hf_sources(ck: Checkpoint, h: ModelHeader):
         if t.name == "embed":
             yield ck.source("model.embed_tokens.weight")
         elif t.name == "norm":
-            yield ck.source("model.norm.weight")
+            src = ck.source("model.norm.weight")
+            yield plus_one_source(src) if h.is_gemma3 else src
         elif t.name == "wcls":
             yield ck.source("lm_head.weight", "model.embed_tokens.weight")     # tied: DL's fallback
         elif t.expert >= 0:
             yield ck.source(f"model.layers.{t.layer}.mlp.experts.{t.expert}.{HF_EXPERT_NAMES[t.name]}.weight")
         else:
-            src = ck.source(f"model.layers.{t.layer}.{HF_LAYER_NAMES[t.name]}.weight")
+            names = GEMMA3_LAYER_NAMES if h.is_gemma3 else HF_LAYER_NAMES
+            src = ck.source(f"model.layers.{t.layer}.{names[t.name]}.weight")
             if h.arch_type == ARCH_LLAMA and t.name in ("wq", "wk"):   # to DL's interleaved rope (§1.5)
                 src = permute_rows_source(src, h.n_heads if t.name == "wq" else h.n_kv_heads)
+            if h.is_gemma3 and t.name.endswith("norm"):
+                src = plus_one_source(src)
             yield src
 
 
@@ -333,9 +430,14 @@ def hf_tokenizer_data(folder: str | os.PathLike) -> TokenizerData:
     folder = os.fspath(folder)
     tj_path = os.path.join(folder, "tokenizer.json")
     tc_path = os.path.join(folder, "tokenizer_config.json")
+    config = _load_json(os.path.join(folder, "config.json"), required=False) or {}
+    if config.get("model_type") in ("gemma3_text", "gemma3"):
+        # tokenizer.json has neither SentencePiece scores nor token types, which llama.cpp's exact
+        # encoding needs (FORMATS-EXT.md); the GGUF of the same model has both
+        raise ConvertError(f"{folder}: the Gemma 3 tokenizer converts from a GGUF of the model "
+                           f"(dllama-mpi convert gguf FILE --out-tokenizer T), not from tokenizer.json")
     tj = _load_json(tj_path)
     tc = _load_json(tc_path, required=False) or {}
-    config = _load_json(os.path.join(folder, "config.json"), required=False) or {}
     gen = _load_json(os.path.join(folder, "generation_config.json"), required=False) or {}
 
     model = tj.get("model") or {}

@@ -2,10 +2,12 @@
 
 Threads on the root: the main thread is the generation thread, the only one that touches the
 engine (and so MPI); uvicorn runs its asyncio loop in a second thread. A request is validated and
-tokenized on the asyncio side, then queued as a `Job`; the generation thread takes jobs in arrival
-order and sends the pieces back through the loop (`call_soon_threadsafe`). A job whose client went
-away is flagged and its generation stops at the next token. Workers follow `Engine.serve()` and
-ignore SIGINT/SIGTERM (mpiexec forwards both to every rank): the root stops them on shutdown.
+tokenized on the asyncio side, then queued as a `Job`; the generation thread hands jobs in arrival
+order to the scheduler, which decodes up to --parallel of them together (continuous batching), and
+sends each job's pieces back through the loop (`call_soon_threadsafe`). A job whose client went
+away is flagged; its sequence ends at the next pass and its pages are freed, the others go on.
+Workers follow `Engine.serve()` and ignore SIGINT/SIGTERM (mpiexec forwards both to every rank):
+the root stops them on shutdown.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ class Job:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     cancel: threading.Event = field(default_factory=threading.Event)
+    n: int = 1                       # choices
+    logprobs: int | None = None      # top alternatives per token, None: no log-probabilities
+    echo: bool = False               # /v1/completions: the prompt's own log-probabilities too
+    generated: dict = field(default_factory=dict)   # choice -> token ids
 
     def send(self, item) -> None:
         try:
@@ -71,12 +77,37 @@ def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def parse_common(body: dict, max_seq_len: int, defaults: dict) -> dict:
-    """Sampling and limit parameters shared by both endpoints."""
+def parse_common(body: dict, max_seq_len: int, defaults: dict, max_n: int = 8, chat: bool = True) -> dict:
+    """Sampling and limit parameters of both endpoints (`chat`: /v1/chat/completions, else
+    /v1/completions, which differ in how log-probabilities are asked for)."""
     out = {}
-    n = body.get("n", 1)
-    if n is not None and (not _is_int(n) or n != 1):
-        raise ApiError(400, "only n=1 is supported", "n")
+    n = body.get("n")
+    if n is None:
+        n = 1
+    elif not _is_int(n) or not 1 <= n <= max_n:
+        raise ApiError(400, f"'n' must be an integer from 1 to {max_n} (--max-n)", "n")
+    out["n"] = n
+    if chat:
+        lp, top = body.get("logprobs"), body.get("top_logprobs")
+        if lp is not None and not isinstance(lp, bool):
+            raise ApiError(400, "'logprobs' must be a boolean", "logprobs")
+        if top is not None and (not _is_int(top) or not 0 <= top <= 20):
+            raise ApiError(400, "'top_logprobs' must be an integer from 0 to 20", "top_logprobs")
+        if top is not None and not lp:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        out["logprobs"] = (top or 0) if lp else None
+        out["echo"] = False
+    else:
+        lp, echo = body.get("logprobs"), body.get("echo")
+        if lp is not None and (not _is_int(lp) or not 0 <= lp <= 5):
+            raise ApiError(400, "'logprobs' must be an integer from 0 to 5", "logprobs")
+        if echo is not None and not isinstance(echo, bool):
+            raise ApiError(400, "'echo' must be a boolean", "echo")
+        out["logprobs"], out["echo"] = lp, bool(echo)
+    as_ids = body.get("return_tokens_as_token_ids")   # vLLM's extension: tokens as "token_id:N"
+    if as_ids is not None and not isinstance(as_ids, bool):
+        raise ApiError(400, "'return_tokens_as_token_ids' must be a boolean", "return_tokens_as_token_ids")
+    out["token_ids"] = bool(as_ids)
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be a boolean", "stream")
@@ -92,7 +123,7 @@ def parse_common(body: dict, max_seq_len: int, defaults: dict) -> dict:
             continue
         if not _is_int(v):
             raise ApiError(400, f"'{key}' must be an integer", key)
-        if v < 1:
+        if v < 1 and not (v == 0 and out["echo"]):   # 0 with echo: score the prompt, generate nothing
             raise ApiError(400, f"'{key}' must be at least 1, got {v}", key)
         if v > max_seq_len:
             raise ApiError(400, f"'{key}' is {v}, more than the model's context ({max_seq_len} tokens)", key,
@@ -177,71 +208,153 @@ def parse_prompt(body: dict) -> str:
 # ------------------------------------------------------------------------------------------------
 # the app
 
+def engine_kv_bytes_per_token(engine) -> list[int]:
+    """KV-cache bytes one position costs on each rank of this engine's job."""
+    if engine.depth > 1:   # pipeline stages: each rank stores its stage's layers
+        from .pipeline import kv_bytes_per_token
+
+        return kv_bytes_per_token(engine.h, engine.layout)
+    from .metrics import kv_bytes_per_token
+
+    return kv_bytes_per_token(engine.h, engine.plan)
+
+
 class Server:
     def __init__(self, engine, tokenizer, model_id: str, template, defaults: dict, api_key: str | None,
-                 max_body_bytes: int, cors_origins: list[str]):
-        from .chat import PromptHistory
-        from .generate import Generator
+                 max_body_bytes: int, cors_origins: list[str], web_ui: bool = True, max_n: int = 8):
+        from .metrics import RankStats
+        from .scheduler import Scheduler
 
-        self.engine, self.tokenizer = engine, tokenizer
+        self.engine = engine
+        self.scheduler = Scheduler(engine, tokenizer)
+        per_token = engine_kv_bytes_per_token(engine)
+        self.init_front(tokenizer, model_id, template, defaults, api_key, max_body_bytes, cors_origins, web_ui,
+                        max_n, engine.max_seq_len, engine.kv_plan, per_token,
+                        RankStats(engine.gather_rank_stats, engine.RANK_STATS))
+
+    def init_front(self, tokenizer, model_id, template, defaults, api_key, max_body_bytes, cors_origins, web_ui,
+                   max_n: int, max_seq_len: int, kv_plan, kv_bytes_per_token: list[int], rank_stats) -> None:
+        """The HTTP side: what validation, responses, /health and /metrics need. Shared with
+        `serve`'s supervisor (serve.Supervisor), whose numbers come from its MPI backend."""
+        from .chat import PromptHistory
+        from .metrics import Metrics
+
+        self.tokenizer = tokenizer
         self.model_id = model_id
         self.template = template
         self.defaults = defaults
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.cors_origins = cors_origins
-        self.gen = Generator(engine, tokenizer)
-        self.history = PromptHistory(tokenizer)
+        self.max_n = max_n
+        self.max_seq_len, self.kv_plan, self.kv_bytes_per_token = max_seq_len, kv_plan, kv_bytes_per_token
+        # one recent conversation per sequence slot, and then some (a turn's prompt extends it)
+        self.history = PromptHistory(tokenizer, capacity=4 * kv_plan.n_slots)
         self.jobs: queue.Queue = queue.Queue()
         self.stopping = threading.Event()
         self.created = int(time.time())
         self.served = 0
         self.last: dict | None = None   # counts of the last generation (no request data), for /health
+        self.web = web_assets() if web_ui else None
+        self.metrics = Metrics()
+        self.rank_stats = rank_stats
+        self.metrics.set_rank_stats(self.rank_stats)
+        self._register_gauges()
+
+    def gauges(self) -> dict:
+        """The scheduler's numbers (Scheduler.gauges) for /health and /metrics."""
+        return self.scheduler.gauges()
+
+    def _register_gauges(self) -> None:
+        m, g = self.metrics, self.gauges
+        # plan and bytes are read at scrape time: serve's backend may come back with another rank count
+        used = lambda: g()["kv_pages_in_use"] * self.kv_plan.page_size  # noqa: E731 (positions of held pages)
+        m.gauge("queue_depth", "Requests waiting for a sequence slot or KV pages",
+                lambda: self.jobs.qsize() + g()["waiting"])
+        m.gauge("running_sequences", "Sequences being generated", lambda: g()["running"])
+        m.gauge("kv_cache_capacity_tokens", "Positions the KV page pool holds", lambda: self.kv_plan.n_tokens)
+        m.gauge("kv_cache_used_tokens", "Positions of the pages running sequences hold", used)
+        m.gauge("kv_cache_pages", "KV pages by state: held by sequences, cached (reusable prefixes, evicted "
+                "when needed), free", lambda: {("in_use",): g()["kv_pages_in_use"], ("cached",): g()["kv_pages_cached"],
+                                               ("free",): g()["kv_pages_free"]}, ("state",))
+        m.gauge("kv_cache_used_bytes", "KV-cache bytes held by running sequences, per rank", lambda: {
+            (r,): used() * b for r, b in enumerate(self.kv_bytes_per_token)}, ("rank",))
+        m.gauge("kv_cache_free_bytes", "KV-cache bytes free or reclaimable (cached prefixes), per rank", lambda: {
+            (r,): (self.kv_plan.n_tokens - used()) * b for r, b in enumerate(self.kv_bytes_per_token)}, ("rank",))
 
     # --- the generation thread (main thread: the only one that calls the engine) ---------------
 
     def run_jobs(self) -> None:
-        from .sampler import Sampler
-
+        sched = self.scheduler
         while not self.stopping.is_set():
-            try:
-                job = self.jobs.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if job.cancel.is_set():
-                continue
-            try:
-                sampler = Sampler(self.tokenizer.vocab_size, job.temperature, job.top_p, job.seed)
-                generated = []
-                abort = lambda: job.cancel.is_set() or self.stopping.is_set()  # noqa: E731
-                for piece in self.gen.stream(job.prompt_ids, job.max_tokens, sampler, stop=job.stop,
-                                             should_abort=abort):
-                    generated.append(piece.token)
-                    if piece.text:
-                        job.send(("text", piece.text))
-                st = self.gen.last
-                ended_on_eos = bool(generated) and generated[-1] in self.tokenizer.eos_ids
-                if job.prompt_text is not None and (st.finish_reason != "stop" or ended_on_eos):
-                    self.history.record(job.prompt_text, job.prompt_ids, generated)
-                else:   # a completion, or an answer cut by a stop string (its text is not its tokens)
-                    self.history.clear()
-                self.served += 1
-                self.last = {"finish_reason": st.finish_reason, "prompt_tokens": st.prompt_tokens,
-                             "evaluated_prompt_tokens": st.evaluated_prompt_tokens,
-                             "generated_tokens": st.generated_tokens}
-                job.send(("done", st))
-            except Exception as e:  # noqa: BLE001 (answered as a 500, the server keeps serving)
-                self.history.clear()
-                self.gen.reset()
-                log(f"error: generation failed: {type(e).__name__}: {e}")
-                job.send(("error", ApiError(500, f"generation failed: {type(e).__name__}", type_="server_error")))
-        # shutdown: answer whatever is still queued
+            self._take_jobs(block=not sched.busy)
+            self.rank_stats.poll()   # between passes: a /metrics scrape may be waiting
+            if sched.busy:
+                sched.step()
+        sched.abort_all()
+        self.refuse_queued()
+
+    def queued_jobs(self, block: bool):
+        """The queued jobs, oldest first, without those whose client went away (waiting up to 0.1 s
+        for the first one when `block`)."""
         while True:
             try:
-                job = self.jobs.get_nowait()
+                job = self.jobs.get(timeout=0.1) if block else self.jobs.get_nowait()
             except queue.Empty:
-                break
+                return
+            block = False
+            if not job.cancel.is_set():
+                yield job
+
+    def refuse_queued(self) -> None:
+        """Shutdown: answer whatever is still queued."""
+        for job in self.queued_jobs(block=False):
             job.send(("error", ApiError(503, "the server is shutting down", type_="server_error")))
+
+    def _take_jobs(self, block: bool) -> None:
+        """Hand the queued jobs to the scheduler (waiting up to 0.1 s for one when idle)."""
+        from .sampler import Sampler
+        from .scheduler import Request, RequestError
+
+        for job in self.queued_jobs(block):
+            # n choices: n samplers, reproducible with a seed (choice i draws with seed + i)
+            seeds = [job.seed + i if job.seed is not None else
+                     (None if job.n == 1 else int.from_bytes(os.urandom(4), "little")) for i in range(job.n)]
+            reqs = [Request(job.prompt_ids, job.max_tokens,
+                            Sampler(self.tokenizer.vocab_size, job.temperature, job.top_p, seeds[i]), job.stop,
+                            cancelled_by=job.cancel, logprobs=job.logprobs,
+                            prompt_logprobs=job.echo and job.logprobs is not None and i == 0)
+                    for i in range(job.n)]
+            for i, r in enumerate(reqs):
+                r.sink = lambda kind, value, job=job, i=i, r=r: self._on_event(job, i, r, kind, value)
+            reqs[0].followers = reqs[1:]   # they share its prompt's pages and logits
+            try:
+                self.scheduler.submit(reqs[0])
+            except RequestError as e:
+                job.send(("error", ApiError(400, str(e), None, "context_length_exceeded")))
+
+    def _on_event(self, job: Job, choice: int, req, kind: str, value) -> None:
+        if kind == "piece":
+            gen = job.generated.setdefault(choice, [])
+            gen.append(value.token)
+            if job.echo and len(gen) == 1:   # the prompt is evaluated: its part of the answer comes first
+                job.send(("prompt", choice, req.prompt_logprobs))
+            if value.text or value.logprob is not None:
+                job.send(("piece", choice, value))
+            return
+        st = value
+        generated = job.generated.get(choice, [])
+        ended_on_eos = bool(generated) and generated[-1] in self.tokenizer.eos_ids
+        if job.prompt_text is not None and job.n == 1 and st.finish_reason != "abort" and \
+                (st.finish_reason != "stop" or ended_on_eos):
+            self.history.record(job.prompt_text, job.prompt_ids, generated)
+        # (a completion, or an answer cut by a stop string: its text is not its tokens; not recorded)
+        self.served += 1
+        self.metrics.generation_done(st)
+        self.last = {"finish_reason": st.finish_reason, "prompt_tokens": st.prompt_tokens,
+                     "evaluated_prompt_tokens": st.evaluated_prompt_tokens,
+                     "generated_tokens": st.generated_tokens}
+        job.send(("done", choice, (st, req.prompt_logprobs)))
 
     # --- the asyncio side ---------------------------------------------------------------------
 
@@ -249,7 +362,7 @@ class Server:
         from starlette.applications import Starlette
         from starlette.middleware import Middleware
         from starlette.middleware.cors import CORSMiddleware
-        from starlette.responses import JSONResponse
+        from starlette.responses import JSONResponse, Response
         from starlette.routing import Route
 
         def error_response(e: ApiError):
@@ -267,8 +380,7 @@ class Server:
             return endpoint
 
         async def health(request):
-            return JSONResponse({"status": "ok", "model": self.model_id, "queued": self.jobs.qsize(),
-                                 "served": self.served, "last": self.last})
+            return JSONResponse(self.health())
 
         async def models(request):
             return JSONResponse({"object": "list", "data": [self.model_card()]})
@@ -279,11 +391,23 @@ class Server:
                                "model_not_found")
             return JSONResponse(self.model_card())
 
+        async def metrics(request):
+            from .metrics import CONTENT_TYPE
+
+            return Response(await self.metrics.render(), media_type=CONTENT_TYPE)
+
+        async def page(request):
+            name = request.path_params.get("name", "index.html")
+            if name not in self.web:
+                raise ApiError(404, f"GET {request.url.path}: Not Found")
+            body, media_type = self.web[name]
+            return Response(body, media_type=media_type, headers=WEB_HEADERS)
+
         async def not_found(request, exc):
             return error_response(ApiError(404 if exc.status_code == 404 else exc.status_code,
                                            f"{request.method} {request.url.path}: {exc.detail}"))
 
-        middleware = []
+        middleware = [Middleware(CountRequests, metrics=self.metrics)]
         if self.cors_origins:
             middleware.append(Middleware(CORSMiddleware, allow_origins=self.cors_origins, allow_methods=["*"],
                                          allow_headers=["*"]))
@@ -293,14 +417,27 @@ class Server:
             Route("/v1/models/{name:path}", guarded(model), methods=["GET"]),
             Route("/v1/chat/completions", guarded(self.chat_completions), methods=["POST"]),
             Route("/v1/completions", guarded(self.completions), methods=["POST"]),
+            Route("/metrics", guarded(metrics), methods=["GET"]),
         ]
+        if self.web is not None:   # the chat page and its assets load without the key; its API calls send it
+            routes += [Route("/", guarded(page, auth=False), methods=["GET"]),
+                       Route("/web/{name}", guarded(page, auth=False), methods=["GET"])]
         from starlette.exceptions import HTTPException
 
         return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: not_found})
 
+    def health(self) -> dict:
+        g = self.gauges()
+        return {"status": "ok", "model": self.model_id,
+                "queued": self.jobs.qsize() + g["waiting"], "running": g["running"],
+                "kv_pages": {"total": g["kv_pages_total"], "in_use": g["kv_pages_in_use"],
+                             "cached": g["kv_pages_cached"], "page_size": g["kv_page_size"]},
+                "waited_for_pages": g["waited_for_pages"],
+                "served": self.served, "last": self.last}
+
     def model_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "dllama-mpi",
-                "context_length": self.engine.max_seq_len}
+                "context_length": self.max_seq_len}
 
     def check_auth(self, request) -> None:
         if not self.api_key:
@@ -342,25 +479,36 @@ class Server:
         return body
 
     def limits(self, params: dict, n_prompt: int) -> int:
-        ctx = self.engine.max_seq_len
+        from .scheduler import RequestError, check_request
+
+        ctx = self.max_seq_len
         if n_prompt >= ctx:
             raise ApiError(400, f"the prompt is {n_prompt} tokens; the model's context is {ctx} tokens", "messages",
                            "context_length_exceeded")
         mt = params["max_tokens"]
         room = ctx - n_prompt + 1   # the first token needs no forward pass
-        if mt is None:
-            return room
-        if mt > room:
+        if mt is not None and mt > room:
             raise ApiError(400, f"this model's context is {ctx} tokens; the request needs {n_prompt + mt} "
                                 f"({n_prompt} in the prompt, {mt} to generate)", "max_tokens",
                            "context_length_exceeded")
+        mt = room if mt is None else mt
+        try:   # a request the KV pool could never hold is refused now rather than queued forever
+            check_request(self.kv_plan, ctx, n_prompt, mt)
+        except RequestError as e:
+            if params["max_tokens"] is not None:
+                raise ApiError(400, str(e), "max_tokens", "context_length_exceeded") from None
+            # no max_tokens asked: generate what the pool can hold
+            plan = self.kv_plan
+            mt = min(plan.n_pages, plan.table_stride) * plan.page_size - n_prompt + 1
+            if mt < 1:
+                raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
         return mt
 
     async def chat_completions(self, request):
         from .errors import TemplateError
 
         body = await self.read_json(request)
-        params = parse_common(body, self.engine.max_seq_len, self.defaults)
+        params = parse_common(body, self.max_seq_len, self.defaults, self.max_n, chat=True)
         messages = parse_messages(body)
         try:
             text = self.template.render(messages, add_generation_prompt=True)
@@ -371,10 +519,37 @@ class Server:
 
     async def completions(self, request):
         body = await self.read_json(request)
-        params = parse_common(body, self.engine.max_seq_len, self.defaults)
+        params = parse_common(body, self.max_seq_len, self.defaults, self.max_n, chat=False)
         prompt = parse_prompt(body)
         ids = self.tokenizer.encode(prompt)
         return await self.respond(request, params, None, ids, chat=False)
+
+    def token_str(self, tid: int, as_id: bool = False) -> tuple[str, list[int]]:
+        """A token's text (bytes that are not UTF-8 on their own show as U+FFFD) and its bytes;
+        as_id: "token_id:N" (vLLM's return_tokens_as_token_ids), for clients that need the ids."""
+        b = self.tokenizer.token_bytes(tid)
+        return (f"token_id:{tid}" if as_id else b.decode("utf-8", errors="replace")), list(b)
+
+    def chat_logprob(self, lp, as_id: bool = False) -> dict:
+        """One token of `choices[].logprobs.content` (OpenAI's chat shape)."""
+        tok, b = self.token_str(lp.token, as_id)
+        return {"token": tok, "logprob": lp.logprob, "bytes": b,
+                "top_logprobs": [{"token": t, "logprob": v, "bytes": tb}
+                                 for (t, tb), v in ((self.token_str(i, as_id), v) for i, v in lp.top)]}
+
+    def completion_logprobs(self, entries, offset0: int, as_id: bool = False) -> dict:
+        """/v1/completions' shape for [(token id, TokenLogprob or None for an unscored first prompt
+        token)]: tokens, token_logprobs, top_logprobs, text_offset (from offset0 in the choice's text)."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        off = offset0
+        for tid, lp in entries:
+            text = self.token_str(tid)[0]
+            out["tokens"].append(self.token_str(tid, as_id)[0])
+            out["token_logprobs"].append(None if lp is None else lp.logprob)
+            out["top_logprobs"].append(None if lp is None else {self.token_str(i, as_id)[0]: v for i, v in lp.top})
+            out["text_offset"].append(off)
+            off += len(text)
+        return out
 
     async def respond(self, request, params, text, ids, chat: bool):
         from starlette.responses import JSONResponse, StreamingResponse
@@ -383,88 +558,198 @@ class Server:
         if self.stopping.is_set():
             raise ApiError(503, "the server is shutting down", type_="server_error")
         loop = asyncio.get_running_loop()
+        n, want_lp, echo, as_id = params["n"], params["logprobs"], params["echo"], params["token_ids"]
         job = Job(text, ids, max_tokens, params["temperature"], params["top_p"], params["seed"], params["stop"],
-                  loop, asyncio.Queue())
+                  loop, asyncio.Queue(), n=n, logprobs=want_lp, echo=echo)
         self.jobs.put(job)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
+        prompt_text = "" if chat else self.tokenizer.decode(ids)
 
-        def usage(st) -> dict:
-            return {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.generated_tokens,
-                    "total_tokens": st.prompt_tokens + st.generated_tokens,
+        def usage(stats) -> dict:
+            st = stats[0]
+            gen = sum(x.generated_tokens for x in stats)
+            return {"prompt_tokens": st.prompt_tokens, "completion_tokens": gen,
+                    "total_tokens": st.prompt_tokens + gen,
                     "prompt_tokens_details": {"cached_tokens": st.prompt_tokens - st.evaluated_prompt_tokens},
                     "evaluated_prompt_tokens": st.evaluated_prompt_tokens}
 
         def finish(st) -> str:
             return "stop" if st.finish_reason == "stop" else "length"
 
+        def echo_part(prompt_lps):
+            """The prompt's text and (with logprobs) its tokens' log-probabilities, first one unscored."""
+            if want_lp is None:
+                return prompt_text, None
+            lps = prompt_lps or [None] * len(ids)
+            return prompt_text, self.completion_logprobs(list(zip(ids, lps)), 0, as_id)
+
         if not params["stream"]:
-            parts = []
+            texts = {i: [] for i in range(n)}
+            lps = {i: [] for i in range(n)}
+            done = {}
             try:
-                while True:
+                while len(done) < n:
                     try:
-                        kind, val = await asyncio.wait_for(job.out.get(), timeout=0.5)
+                        item = await asyncio.wait_for(job.out.get(), timeout=0.5)
                     except asyncio.TimeoutError:
                         if await request.is_disconnected():
                             job.cancel.set()
                             return JSONResponse({}, status_code=499)
                         continue
-                    if kind == "text":
-                        parts.append(val)
-                    elif kind == "error":
-                        raise val
-                    else:
-                        st = val
-                        break
+                    if item[0] == "error":
+                        raise item[1]
+                    kind, i, val = item
+                    if kind == "piece":
+                        texts[i].append(val.text)
+                        if val.logprob is not None:
+                            lps[i].append(val.logprob)
+                    elif kind == "done":
+                        done[i] = val
             finally:
                 job.cancel.set()   # no-op once done; stops the generation if this task is cancelled
-            content = "".join(parts)
-            if chat:
-                choice = {"index": 0, "message": {"role": "assistant", "content": content},
-                          "logprobs": None, "finish_reason": finish(st)}
-            else:
-                choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": finish(st)}
+            choices = []
+            for i in range(n):
+                st, prompt_lps = done[i]
+                content = "".join(texts[i])
+                if chat:
+                    choices.append({"index": i, "message": {"role": "assistant", "content": content},
+                                    "logprobs": None if want_lp is None else
+                                    {"content": [self.chat_logprob(x, as_id) for x in lps[i]]},
+                                    "finish_reason": finish(st)})
+                    continue
+                head, head_lp = echo_part(prompt_lps) if echo else ("", None)
+                lp = None
+                if want_lp is not None:
+                    lp = self.completion_logprobs([(x.token, x) for x in lps[i]], len(head), as_id)
+                    if head_lp is not None:
+                        lp = {k: head_lp[k] + lp[k] for k in lp}
+                choices.append({"index": i, "text": head + content, "logprobs": lp, "finish_reason": finish(st)})
             return JSONResponse({"id": rid, "object": obj, "created": created, "model": self.model_id,
-                                 "system_fingerprint": None, "choices": [choice], "usage": usage(st)})
+                                 "system_fingerprint": None, "choices": choices,
+                                 "usage": usage([done[i][0] for i in range(n)])})
 
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta=None, text=None, finish_reason=None, st=None, no_choices=False) -> str:
+        def chunk(i=0, delta=None, text=None, finish_reason=None, stats=None, no_choices=False, lp=None) -> str:
             d = {"id": rid, "object": chunk_obj, "created": created, "model": self.model_id,
                  "system_fingerprint": None}
             if no_choices:
                 d["choices"] = []
             elif chat:
-                d["choices"] = [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}]
+                d["choices"] = [{"index": i, "delta": delta or {}, "logprobs": lp, "finish_reason": finish_reason}]
             else:
-                d["choices"] = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]
-            if st is not None:
-                d["usage"] = usage(st)
+                d["choices"] = [{"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish_reason}]
+            if stats is not None:
+                d["usage"] = usage(stats)
             return "data: " + json.dumps(d, ensure_ascii=False) + "\n\n"
 
         async def events():
             try:
+                offsets = [0] * n
                 if chat:
-                    yield chunk(delta={"role": "assistant", "content": ""})
-                while True:
-                    kind, val = await job.out.get()
-                    if kind == "text":
-                        yield chunk(delta={"content": val}, text=val)
-                    elif kind == "error":
-                        yield "data: " + json.dumps(val.body()) + "\n\n"
+                    for i in range(n):
+                        yield chunk(i, delta={"role": "assistant", "content": ""})
+                done = {}
+                while len(done) < n:
+                    item = await job.out.get()
+                    if item[0] == "error":
+                        yield "data: " + json.dumps(item[1].body()) + "\n\n"
                         break
-                    else:
-                        yield chunk(delta={}, finish_reason=finish(val))
-                        if params["include_usage"]:
-                            yield chunk(st=val, no_choices=True)
-                        break
+                    kind, i, val = item
+                    if kind == "prompt" or (kind == "done" and echo and offsets[i] == 0):
+                        # echo: the prompt's text (and scores) before the choice's first token
+                        head, head_lp = echo_part(val if kind == "prompt" else val[1])
+                        yield chunk(i, text=head, lp=head_lp)
+                        offsets[i] = len(head)
+                    if kind == "piece":
+                        lp = None
+                        if val.logprob is not None:
+                            lp = {"content": [self.chat_logprob(val.logprob, as_id)]} if chat else \
+                                self.completion_logprobs([(val.token, val.logprob)], offsets[i], as_id)
+                        yield chunk(i, delta={"content": val.text}, text=val.text, lp=lp)
+                        offsets[i] += len(val.text)
+                    elif kind == "done":
+                        done[i] = val[0]
+                        yield chunk(i, delta={}, finish_reason=finish(val[0]))
+                if len(done) == n and params["include_usage"]:
+                    yield chunk(stats=[done[i] for i in range(n)], no_choices=True)
                 yield "data: [DONE]\n\n"
             finally:
                 job.cancel.set()   # the client went away (task cancelled) or we are done
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# ------------------------------------------------------------------------------------------------
+# the chat page and request counting
+
+WEB_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+             ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+# The page runs only its own script and talks only to this server: model text can never become markup
+# (the script writes it with textContent), and this policy would block an injected script anyway.
+WEB_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                                          "img-src 'self' data:; connect-src 'self'; base-uri 'none'; "
+                                          "form-action 'none'; frame-ancestors 'none'",
+               "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+
+
+def web_assets() -> dict[str, tuple[bytes, str]]:
+    """The chat page's files (package data in dllama_mpi/web/), read once: name -> (bytes, type)."""
+    from importlib.resources import files
+
+    out = {}
+    for f in files("dllama_mpi").joinpath("web").iterdir():
+        ext = os.path.splitext(f.name)[1]
+        if ext in WEB_TYPES:
+            out[f.name] = (f.read_bytes(), WEB_TYPES[ext])
+    if "index.html" not in out:
+        from .errors import ConfigError
+
+        raise ConfigError("the chat page (dllama_mpi/web/index.html) is missing from the installation; "
+                          "reinstall, or run with --no-web-ui")
+    return out
+
+
+ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+
+
+def endpoint_label(path: str) -> str:
+    """The `endpoint` label of a request: its route, never the raw path (bounded label values)."""
+    if path in ENDPOINTS:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{name}"
+    if path.startswith("/web/"):
+        return "/web/{name}"
+    return "other"
+
+
+class CountRequests:
+    """ASGI middleware: counts every HTTP response by endpoint and status when it starts."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def counting_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                self.metrics.request_done(endpoint_label(scope["path"]), message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            if not started:   # cancelled or failed before answering
+                self.metrics.request_done(endpoint_label(scope["path"]), 499)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -498,7 +783,8 @@ def serve_http(server: Server, host: str, port: int, verbose: bool) -> None:
     while not http.started and not server.stopping.is_set():
         time.sleep(0.02)
     if http.started:
-        log(f"listening on http://{host}:{port} (model '{server.model_id}', context {server.engine.max_seq_len})")
+        log(f"listening on http://{host}:{port} (model '{server.model_id}', context {server.max_seq_len})"
+            + (f"; chat page at http://{host}:{port}/" if server.web is not None else ""))
     server.run_jobs()
     http.should_exit = True
     t.join(timeout=10)
@@ -509,49 +795,80 @@ def serve_http(server: Server, host: str, port: int, verbose: bool) -> None:
     log(f"stopped after {server.served} request(s)")
 
 
+def server_options(fn):
+    """The HTTP server's options, shared by `api` and `serve`."""
+    opts = [
+        click.option("--parallel", type=int, default=4, show_default=True,
+                     help="Requests decoded together (continuous batching); more wait in a queue."),
+        click.option("--max-n", type=int, default=8, show_default=True,
+                     help="Most choices one request may ask for ('n'); they share the prompt's KV pages."),
+        click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on."),
+        click.option("--port", type=int, default=9990, show_default=True),
+        click.option("--api-key", default=None, envvar="DLLAMA_API_KEY",
+                     help="Require 'Authorization: Bearer KEY' on every endpoint but /health (env DLLAMA_API_KEY)."),
+        click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True, help="Largest request body."),
+        click.option("--cors-origin", multiple=True, help="Allow browser pages from this origin (repeatable; * for any)."),
+        click.option("--chat-template", default=None,
+                     help="Override the tokenizer's chat template: a built-in name or Jinja source."),
+        click.option("--model-name", default=None, help="Model id served by /v1/models [default: the model file's name]."),
+        click.option("--verbose", is_flag=True, help="Log every request (uvicorn access log)."),
+        click.option("--no-web-ui", "no_web_ui", is_flag=True, help="Do not serve the chat page at /."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def check_server_options(port: int, max_body_bytes: int, max_n: int) -> None:
+    from .errors import ConfigError
+
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port must be in 1..65535, got {port}")
+    if max_body_bytes < 1:
+        raise ConfigError(f"--max-body-bytes must be >= 1, got {max_body_bytes}")
+    if max_n < 1:
+        raise ConfigError(f"--max-n must be >= 1, got {max_n}")
+
+
 def register(group) -> None:
     """Add `api` to the CLI group."""
 
     @click.command()
     @model_options
     @sampling_options
-    @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-    @click.option("--port", type=int, default=9990, show_default=True)
-    @click.option("--api-key", default=None, envvar="DLLAMA_API_KEY",
-                  help="Require 'Authorization: Bearer KEY' on every endpoint but /health (env DLLAMA_API_KEY).")
-    @click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True, help="Largest request body.")
-    @click.option("--cors-origin", multiple=True, help="Allow browser pages from this origin (repeatable; * for any).")
-    @click.option("--chat-template", default=None,
-                  help="Override the tokenizer's chat template: a built-in name or Jinja source.")
-    @click.option("--model-name", default=None, help="Model id served by /v1/models [default: the model file's name].")
-    @click.option("--verbose", is_flag=True, help="Log every request (uvicorn access log).")
+    @server_options
+    @click.option("--backend", default=None, hidden=True, metavar="SOCKET",
+                  help="Internal (dllama-mpi serve): rank 0 takes requests from the supervisor listening on this "
+                       "unix socket instead of serving HTTP.")
     @spmd
     def api(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme, load, max_batch,
-            temperature, topp, seed, host, port, api_key, max_body_bytes, cors_origin, chat_template, model_name,
-            verbose):
+            temperature, topp, seed, parallel, max_n, host, port, api_key, max_body_bytes, cors_origin, chat_template,
+            model_name, verbose, no_web_ui, backend):
         """OpenAI-compatible HTTP server on rank 0 (run under mpirun -np N)."""
         from .chat import template_for
-        from .errors import ConfigError
 
         if not comm.is_root:
             # mpiexec forwards SIGINT/SIGTERM to every rank; the root stops the workers itself.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        elif not 0 < port < 65536:
-            raise ConfigError(f"--port must be in 1..65535, got {port}")
-        elif max_body_bytes < 1:
-            raise ConfigError(f"--max-body-bytes must be >= 1, got {max_body_bytes}")
+        elif backend is None:
+            check_server_options(port, max_body_bytes, max_n)
         engine, tokenizer = start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
-                                  sync_scheme, load, max_batch)
+                                  sync_scheme, load, max_batch, n_slots=parallel)
         if not comm.is_root:
             engine.serve()
             return
         try:
+            if backend is not None:
+                from .serve import run_backend
+
+                run_backend(engine, tokenizer, backend)
+                return
             template = template_for(tokenizer, chat_template)
             name = model_name or _model_id(model_path)
             server = Server(engine, tokenizer, name, template, {"temperature": temperature, "top_p": topp,
                                                                "seed": seed},
-                            api_key, max_body_bytes, list(cors_origin))
+                            api_key, max_body_bytes, list(cors_origin), web_ui=not no_web_ui, max_n=max_n)
             serve_http(server, host, port, verbose)
         finally:
             engine.stop_workers()

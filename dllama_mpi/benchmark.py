@@ -3,9 +3,14 @@
 SPMD like `inference` (run under `mpiexec -n N`). One JSON document on stdout, a human table on
 stderr. How each number is measured (also in the JSON's "method"):
 
-- prefill tok/s: wall time of `engine.forward(prompt)` on the root (batches of --batch tokens);
-  decode tok/s: per generated token, wall time on the root from the forward call to the next token
-  id (greedy argmax); median over every token of every repeat, with p10/p90 and min/max.
+- prefill tok/s: prompt tokens / time from the request's admission to its first token (passes of
+  --batch rows); decode tok/s: per generated token, wall time on the root between two tokens of one
+  greedy request through the scheduler (what `inference --temperature 0` runs); median over every
+  token of every repeat, with p10/p90 and min/max.
+- --parallel P: P greedy streams submitted together (continuous batching); aggregate decode tok/s =
+  rows of the passes in which every running sequence decodes / their wall time (llama-batched-bench's
+  S_TG); end-to-end tok/s = all generated tokens / wall time; per-stream decode tok/s; time to first
+  token (queue + prefill) p50 / p99.
 - per-rank split of a decode token (one extra, instrumented run after the timed ones): token time
   (root: the loop's wall time; workers: their forward pass), time inside C kernel calls (every
   `lib.dl_*` call of the engine and the sync is timed with perf_counter by a proxy installed only
@@ -97,14 +102,26 @@ def _proxy_overhead_s(lib) -> float:
 
 
 class _Recorder:
-    """Wraps engine._forward on one rank; accumulates decode (batch 1) forward passes."""
+    """Wraps engine._pass on one rank; accumulates decode (batch 1) forward passes. With pipeline
+    stages the root's wait for a decode pass's results (`collect`) counts as its waiting too."""
 
     def __init__(self, engine):
         self.engine = engine
-        self.inner = engine._forward
+        self.inner = engine._pass
         self.timed = None
         self.reset()
-        engine._forward = self
+        self.last_b = 0
+        engine._pass = self
+        if getattr(engine, "depth", 1) > 1 and engine.world.is_root:
+            inner_collect = engine.collect
+
+            def collect():
+                w0 = engine.comm.wait_seconds
+                out = inner_collect()
+                if self.last_b == 1:
+                    self.wait += engine.comm.wait_seconds - w0
+                return out
+            engine.collect = collect
 
     def reset(self):
         self.n = 0
@@ -112,15 +129,16 @@ class _Recorder:
         self.bytes = 0
         self.calls = 0
 
-    def __call__(self, pos, b, *rest):
+    def __call__(self, b, *rest):
         comm = self.engine.comm
+        self.last_b = b
         w0, by0 = comm.wait_seconds, comm.bytes_sent
         c0 = self.timed.seconds if self.timed else 0.0
         k0 = self.timed.calls if self.timed else 0
         if self.timed:
             self.timed.active = b == 1
         t0 = time.perf_counter()
-        best = self.inner(pos, b, *rest)
+        best = self.inner(b, *rest)
         dt = time.perf_counter() - t0
         if self.timed:
             self.timed.active = False
@@ -196,7 +214,7 @@ def _synthetic_lengths(spec: str) -> list[int]:
 def _weight_bytes(engine) -> int:
     """Weight bytes one rank reads per decode token (its matrix slices)."""
     h = engine.h
-    total = engine.w.wcls.nbytes
+    total = engine.w.wcls.nbytes if engine.w.wcls is not None else 0   # None: not the last stage
     for layer in engine.w.layers:
         for m in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w1, layer.w2, layer.w3):
             if m is not None:
@@ -268,23 +286,143 @@ def _peak_rss_mb() -> float:
     return kb / 1024.0 if sys.platform != "darwin" else kb / 2 ** 20
 
 
+def _phase_counters(engine) -> np.ndarray:
+    """This rank's running totals: compute seconds (passes outside collectives), wait seconds,
+    process CPU seconds (every thread), passes."""
+    s = engine.stats
+    return np.array([s.seconds - s.sync_seconds, engine.comm.wait_seconds, time.process_time(), s.forward_calls],
+                    np.float64)
+
+
+def _decode_bytes_model(engine) -> int:
+    """Bytes this rank should send per greedy decode token: its residual syncs (2 per layer it
+    holds), the root's broadcast of the embedding row to its group, a worker's (value, id) pair of
+    the distributed argmax (16 bytes, not its logits slice); with pipeline stages a stage root's
+    [control | row] message to the next stage, or the last one's id to rank 0."""
+    h, comm = engine.h, engine.comm
+    b = engine.sync.bytes_per_sync(1) * 2 * len(engine.w.layers)
+    if comm.is_root and comm.size > 1:
+        b += 4 * h.dim * (comm.size - 1)
+    last = getattr(engine, "last", True)
+    if last and not comm.is_root:
+        b += 16
+    if getattr(engine, "depth", 1) > 1 and comm.is_root:
+        b += 8 if last else engine.ctrl_bytes + engine.row_bytes
+    return b
+
+
+def _per_stage(per_rank: list[dict]) -> list[dict]:
+    """Per pipeline stage: its ranks, layers, slowest rank's decode time split, bytes sent."""
+    out = []
+    for s in sorted({r["stage"] for r in per_rank}):
+        rs = [r for r in per_rank if r["stage"] == s]
+        out.append({"stage": s, "ranks": [r["rank"] for r in rs], "layers": rs[0]["layers"],
+                    "ms_per_token_max": max(r["ms_per_token_instrumented"] for r in rs),
+                    "c_ms_max": max(r["c_ms"] for r in rs), "mpi_wait_ms_max": max(r["mpi_wait_ms"] for r in rs),
+                    "bytes_sent_per_token": sum(r["bytes_sent_per_token"] for r in rs)})
+    return out
+
+
+def message_rounds(engine) -> int:
+    """Message rounds on the critical path of one greedy decode token: per stage (or the one group)
+    the control broadcast, the embedding-row broadcast, 2 residual syncs per layer (ring: reduce-
+    scatter + all-gather = 2 rounds; dllama: 1) and, in the last stage, the argmax gather; with S > 1
+    stages S point-to-point hops ([control | row] to each next stage, the ids back to rank 0)."""
+    layout = getattr(engine, "layout", None)
+    groups = [(engine.comm.size, engine.h.n_layers, True)] if layout is None or layout.n_stages == 1 else \
+        [(len(s.ranks), s.n_layers, s.index == layout.n_stages - 1) for s in layout.stages]
+    per_sync = 1 if engine.sync_scheme == "dllama" else 2
+    rounds = 0
+    for size, layers, last in groups:
+        if size > 1:
+            rounds += 2 + 2 * layers * per_sync + (1 if last else 0)
+    return rounds + (len(groups) if len(groups) > 1 else 0)
+
+
+def _one_way_us(comm, n: int = 40) -> float:
+    """Median one-way time of a 64-byte message between ranks 0 and 1 (half a ping-pong), 0 alone."""
+    if comm.size < 2:
+        return 0.0
+    buf = np.zeros(64, np.uint8)
+    times = []
+    if comm.rank < 2:
+        for _ in range(n):
+            t = time.perf_counter()
+            if comm.rank == 0:
+                comm.wait(comm.isend(buf, 1, 99))
+                comm.wait(comm.irecv(buf, 1, 99))
+            else:
+                comm.wait(comm.irecv(buf, 0, 99))
+                comm.wait(comm.isend(buf, 0, 99))
+            times.append(time.perf_counter() - t)
+    return 1e6 * float(np.median(times)) / 2 if times else 0.0
+
+
+def _split_text() -> str:
+    from .startup import _options
+
+    sp = _options.get("split") or "even"
+    return sp
+
+
 # ------------------------------------------------------------------------------------------------
 # the root's runs
 
-def _one_run(engine, ids: list[int], steps: int) -> tuple[float, list[float]]:
-    """Prefill ids at position 0, then `steps` greedy tokens; (prefill seconds, per-token seconds)."""
+def _one_run(sched, ids: list[int], steps: int) -> tuple[float, list[float]]:
+    """One greedy request (what `inference --temperature 0` runs): prefill ids, then `steps` tokens;
+    (prefill seconds = time to the first token, per-token seconds after it)."""
+    from .sampler import Sampler
+    from .scheduler import Request, run_to_completion
+
+    req = Request(ids, steps + 1, Sampler(sched.engine.h.vocab_size, 0.0), ignore_eos=True)
+    sched.kv.drop_cached()   # every run evaluates its whole prompt
+    run_to_completion(sched, [req])
+    return req.stats.prompt_seconds, [ms / 1000 for ms in req.stats.token_ms]
+
+
+def _parallel_run(sched, prompts: list[list[int]], steps: int) -> dict:
+    """len(prompts) greedy streams submitted together, `steps` tokens each after the first. Decode
+    throughput counts only the passes in which every running sequence decodes (no prompt rows): the
+    aggregate generation speed llama-batched-bench reports as S_TG."""
+    from .sampler import Sampler
+    from .scheduler import DECODE, Request
+
+    reqs = [Request(p, steps + 1, Sampler(sched.engine.h.vocab_size, 0.0), ignore_eos=True) for p in prompts]
+    sched.kv.drop_cached()
     pc = time.perf_counter
-    t = pc()
-    tok = engine.forward(ids, 0, argmax=True)   # greedy, as `inference --temperature 0` runs it
-    prefill = pc() - t
-    per = []
-    pos = len(ids)
-    for _ in range(steps):
+    t0 = pc()
+    for r in reqs:
+        sched.submit(r)
+    dec_tokens, dec_seconds = 0, 0.0
+    while any(not r.done for r in reqs):
+        decode_only = not sched.waiting and all(r.state == DECODE for r in sched.running)
+        g0 = sched.tokens_generated    # a pipelined step collects one pass: a share of the streams
         t = pc()
-        tok = engine.forward([tok], pos, argmax=True)
-        per.append(pc() - t)
-        pos += 1
-    return prefill, per
+        sched.step()
+        if decode_only:
+            dec_seconds += pc() - t
+            dec_tokens += sched.tokens_generated - g0
+    wall = pc() - t0
+    gen = sum(r.stats.generated_tokens for r in reqs)
+    return {"streams": len(reqs), "steps": steps, "prompt_tokens": len(prompts[0]),
+            "aggregate_decode_tok_s": round(dec_tokens / dec_seconds, 3) if dec_seconds else None,
+            "aggregate_tok_s": round(gen / wall, 3),
+            "per_stream_decode_tok_s": _stats([r.stats.generate_tps for r in reqs]),
+            "ttft_s": {"p50": round(float(np.percentile([r.stats.ttft_seconds for r in reqs], 50)), 4),
+                       "p99": round(float(np.percentile([r.stats.ttft_seconds for r in reqs], 99)), 4)},
+            "wall_seconds": round(wall, 3)}
+
+
+def _parallel_list(spec: str | None) -> list[int]:
+    if not spec:
+        return []
+    try:
+        ps = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--parallel takes comma-separated stream counts, got {spec!r}") from None
+    if not ps or min(ps) < 1:
+        raise ConfigError(f"--parallel stream counts must be >= 1, got {spec!r}")
+    return ps
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,6 +440,9 @@ def register(group) -> None:
     @click.option("--repeat", type=int, default=3, show_default=True, help="Timed runs per prompt.")
     @click.option("--bandwidth", type=float, default=None, help="Aggregate read bandwidth in GB/s (default: measure).")
     @click.option("--profile", is_flag=True, help="Also report C time per kernel function (ms per decode token).")
+    @click.option("--parallel", "parallel_spec", default=None,
+                  help="Also sweep concurrent streams, e.g. 1,2,4,8,16: aggregate decode tok/s, per-stream tok/s "
+                       "and time to first token at each count (greedy, one synthetic or file prompt per stream).")
     @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
                   help="Draw charts from the JSON files given as arguments into this PNG (no model run).")
     @click.argument("json_files", nargs=-1, type=click.Path(exists=True, dir_okay=False))
@@ -314,8 +455,8 @@ def register(group) -> None:
 
 
 def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme, load,
-                  max_batch, prompts_path, synthetic, steps, warmup, repeat, bandwidth, profile, plot_path,
-                  json_files):
+                  max_batch, prompts_path, synthetic, steps, warmup, repeat, bandwidth, profile, parallel_spec,
+                  plot_path, json_files):
     """Measure prompt and decode speed (JSON on stdout, a table on stderr)."""
     if plot_path:
         if comm.is_root:
@@ -328,6 +469,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     if prompts_path and synthetic:
         raise ConfigError("give --prompts or --synthetic, not both")
     lens = _synthetic_lengths(synthetic or "128") if not prompts_path else None
+    parallel = _parallel_list(parallel_spec)
     if prompts_path and comm.is_root and not os.path.isfile(prompts_path):
         raise ConfigError(f"{prompts_path}: prompts file not found")
 
@@ -347,9 +489,14 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
 
 
     engine, tokenizer = start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
-                              sync_scheme, load, max_batch, quiet=not comm.is_root)
+                              sync_scheme, load, max_batch, quiet=not comm.is_root, n_slots=max(parallel or [1]))
     rec = _Recorder(engine)
     h = engine.h
+    sched = None
+    if comm.is_root:
+        from .scheduler import Scheduler
+
+        sched = Scheduler(engine, tokenizer)
 
     # ---- phase 0: prompts and warm-up (workers follow; every phase ends with stop_workers) ----
     prompt_sets = []
@@ -368,7 +515,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                     raise ConfigError(f"prompt of {len(ids)} tokens + {steps} steps exceeds the context "
                                       f"({engine.max_seq_len}); raise --max-seq-len")
             for _ in range(warmup):
-                _one_run(engine, prompt_sets[0][2], min(steps, 8))
+                _one_run(sched, prompt_sets[0][2], min(steps, 8))
         finally:
             engine.stop_workers()
     else:
@@ -384,7 +531,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
             for kind, what, ids in prompt_sets:
                 pre, per = [], []
                 for _ in range(repeat):
-                    p_s, d_s = _one_run(engine, ids, steps)
+                    p_s, d_s = _one_run(sched, ids, steps)
                     pre.append(len(ids) / p_s)
                     per.extend(d_s)
                 tps = [1.0 / s for s in per]
@@ -403,6 +550,32 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     base = np.array([rec.n, rec.seconds, rec.wait, rec.bytes], np.float64)
     base_all = comm.gather_floats(base)
 
+    # ---- phase 1b: concurrent streams (--parallel), one phase per count: each rank's compute, wait
+    # and CPU time over it (CPU / wall near 1 on every rank of a host = its cores are saturated) ----
+    sweep = []
+    r = np.random.default_rng(1)
+    for p in parallel:
+        before = _phase_counters(engine)
+        if comm.is_root:
+            try:
+                n_tok = len(prompt_sets[0][2])
+                if prompts_path:   # the file's prompts, one per stream, cycled
+                    prompts = [prompt_sets[i % len(prompt_sets)][2] for i in range(p)]
+                else:              # distinct random prompts: no shared prefix to reuse
+                    prompts = [r.integers(0, min(h.vocab_size, tokenizer.vocab_size), n_tok).tolist()
+                               for _ in range(p)]
+                sweep.append(_parallel_run(sched, prompts, steps))
+            finally:
+                engine.stop_workers()
+        else:
+            engine.serve()
+        spent = comm.gather_floats(_phase_counters(engine) - before)
+        if comm.is_root:
+            wall = sweep[-1]["wall_seconds"]
+            sweep[-1]["per_rank"] = [{"rank": k, "compute_s": round(float(x[0]), 3), "wait_s": round(float(x[1]), 3),
+                                      "cpu_s": round(float(x[2]), 3), "cpu_per_wall": round(float(x[2]) / wall, 2),
+                                      "passes": int(x[3])} for k, x in enumerate(spent)]
+
     # ---- phase 2: one instrumented run (C time per rank) ----
     from .kernels import lib
 
@@ -414,7 +587,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     try:
         if comm.is_root:
             try:
-                _, per = _one_run(engine, prompt_sets[0][2], steps)
+                _, per = _one_run(sched, prompt_sets[0][2], steps)
                 root_wall = sum(per)
             finally:
                 engine.stop_workers()
@@ -435,14 +608,15 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     wbytes = comm.gather_floats(np.array([_weight_bytes(engine)], np.float64))
     bw_rank = _measure_bandwidth(comm) if bandwidth is None else 0.0
     bw_all = comm.gather_floats(np.array([bw_rank], np.float64))
-    sync_bytes = engine.sync.bytes_per_sync(1)
-    n_syncs = 2 * h.n_layers
-    # greedy decoding: a worker sends its best (value, id) pair, 16 bytes, not its logits slice
-    model_bytes = sync_bytes * n_syncs + (0 if comm.is_root else 16)
-    if comm.is_root and comm.size > 1:
-        model_bytes += 4 * h.dim * (comm.size - 1)
-    model_bytes_all = comm.gather_floats(np.array([model_bytes], np.float64))
+    model_bytes_all = comm.gather_floats(np.array([_decode_bytes_model(engine)], np.float64))
+    stage_of = [0] * comm.size
+    layers_of = [(0, h.n_layers)] * comm.size
+    if getattr(engine, "layout", None) is not None:
+        for st in engine.layout.stages:
+            for k in st.ranks:
+                stage_of[k], layers_of[k] = st.index, st.layers
     scatter = comm.gather_floats(np.array([comm.scatter_seconds, comm.scatter_bytes], np.float64))
+    one_way_us = _one_way_us(comm)
 
     if not comm.is_root:
         return
@@ -460,7 +634,8 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
         py_raw = tok_ms - c_ms - mpi_ms
         py = max(py_raw - 1000 * ovh * calls_i / n_i, 0.0)
         row = {
-            "rank": r, "kernel_isa": K.isa_name(int(isa_all[r, 0])), "decode_tokens": int(n_b),
+            "rank": r, "stage": stage_of[r], "layers": f"{layers_of[r][0]}-{layers_of[r][1] - 1}",
+            "kernel_isa": K.isa_name(int(isa_all[r, 0])), "decode_tokens": int(n_b),
             "ms_per_token_instrumented": round(tok_ms, 3),
             "c_ms": round(c_ms, 3), "mpi_wait_ms": round(mpi_ms, 3),
             "python_ms": round(py, 3), "python_ms_raw": round(py_raw, 3),
@@ -489,12 +664,13 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
         "model": {"path": os.path.abspath(model_path) if model_path else None, "arch": h.arch_name,
                   "dim": h.dim, "hidden_dim": h.hidden_dim, "n_layers": h.n_layers, "n_heads": h.n_heads,
                   "n_kv_heads": h.n_kv_heads, "vocab_size": h.vocab_size, "n_experts": h.n_experts,
-                  "weights": ("f32", "f16", "q40", "q80")[h.weights_float_type],
+                  "weights": h.weights_name,
                   "weight_bytes_per_token": int(weights_total)},
-        "config": {"nodes": comm.size, "nthreads": nthreads, "buffer_float_type": engine.buffer_type,
+        "config": {"nodes": comm.size, "pp": max(stage_of) + 1, "split": _split_text(),
+                   "nthreads": engine.nthreads, "buffer_float_type": engine.buffer_type,
                    "sync": engine.sync.scheme, "batch": engine.max_batch, "load": load,
                    "max_seq_len": engine.max_seq_len, "steps": steps, "warmup": warmup, "repeat": repeat,
-                   "repack": bool(getattr(engine.w.wcls, "repacked", False))},
+                   "repack": bool(getattr(engine.w.layers[0].wq, "repacked", False))},
         "system": {"versions": _versions(), "cpu": _cpu_info(), "hostname": platform.node(),
                    "bandwidth_gbps": round(agg_bw, 2), "bandwidth_source": "option" if bandwidth else "measured"},
         "load_seconds": round(getattr(engine, "load_seconds", 0.0), 3),
@@ -504,13 +680,17 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                     "gbps": round(float(scatter[:, 1].sum() / scatter[:, 0].max() / 1e9), 2)
                     if scatter[:, 0].max() > 0 else None},
         "runs": runs,
+        "parallel": sweep,
         "per_rank": per_rank,
+        "stages": _per_stage(per_rank),
         "summary": {"decode_tok_s": dec, "prefill_tok_s": pre,
                     "decode_ms_per_token": round(1000 / dec, 3) if dec else None,
                     "ceiling_tok_s": round(ceiling, 2),
                     "pct_of_bandwidth_ceiling": round(100 * dec / ceiling, 1) if ceiling else None,
                     "kernel_isa": "/".join(sorted({r["kernel_isa"] for r in per_rank})),
-                    "python_pct_max": max(r["python_pct"] for r in per_rank)},
+                    "python_pct_max": max(r["python_pct"] for r in per_rank),
+                    # latency: message rounds on a decode token's critical path x one link's one-way time
+                    "message_rounds_per_token": message_rounds(engine), "one_way_us": round(one_way_us, 1)},
         "method": __doc__.split("\n\n", 1)[1].strip(),
     }
     print(json.dumps(doc, indent=1))
@@ -532,16 +712,24 @@ def _table(doc: dict) -> None:
         p, d = r["prefill_tok_s"], r["decode_tok_s"]
         log(f"{r['prompt_tokens']:>8} {p['median']:>10.1f} ({p['min']:.1f}-{p['max']:.1f}) "
             f"{d['median']:>14.2f} ({d['p10']:.2f}-{d['p90']:.2f}) {r['decode_ms_per_token']['median']:>9.2f}")
-    log(f"{'rank':>4} {'ms/tok':>7} {'C':>7} {'MPI':>7} {'Python':>7} {'Py %':>5} {'kB sent/tok':>11} "
-        f"{'RSS MB':>8} {'GB/s':>6}")
+    log(f"{'rank':>4} {'stage':>5} {'layers':>7} {'ms/tok':>7} {'C':>7} {'MPI':>7} {'Python':>7} {'Py %':>5} "
+        f"{'kB sent/tok':>11} {'RSS MB':>8} {'GB/s':>6}")
     for r in doc["per_rank"]:
         bw = r["bandwidth_gbps"]
-        log(f"{r['rank']:>4} {r['ms_per_token_instrumented']:>7.2f} {r['c_ms']:>7.2f} {r['mpi_wait_ms']:>7.2f} "
+        log(f"{r['rank']:>4} {r['stage']:>5} {r['layers']:>7} {r['ms_per_token_instrumented']:>7.2f} {r['c_ms']:>7.2f} {r['mpi_wait_ms']:>7.2f} "
             f"{r['python_ms']:>7.2f} {r['python_pct']:>5.1f} {r['bytes_sent_per_token'] / 1e3:>11.1f} "
             f"{r['peak_rss_mb']:>8.0f} {bw if bw is not None else '-':>6}")
         if "c_ms_by_function" in r:
             for nm, v in sorted(r["c_ms_by_function"].items(), key=lambda kv: -kv[1]):
                 log(f"{'':>6}{nm:<28} {v:8.3f} ms/token")
+    if doc.get("parallel"):
+        log(f"{'streams':>8} {'aggregate decode tok/s':>23} {'end-to-end tok/s':>17} {'per stream (median)':>20} "
+            f"{'TTFT p50 / p99 s':>18}")
+        for p in doc["parallel"]:
+            agg = p["aggregate_decode_tok_s"]
+            log(f"{p['streams']:>8} {agg if agg is not None else '-':>23} {p['aggregate_tok_s']:>17.2f} "
+                f"{p['per_stream_decode_tok_s']['median']:>20.2f} {p['ttft_s']['p50']:>8.3f} / {p['ttft_s']['p99']:.3f}"
+                "   CPU/wall per rank " + " ".join(f"{x['cpu_per_wall']:.2f}" for x in p.get("per_rank", [])))
     log(f"decode {s['decode_tok_s']:.2f} tok/s ({s['kernel_isa']} kernels) = {s['pct_of_bandwidth_ceiling']}% of the bandwidth ceiling "
         f"{s['ceiling_tok_s']:.1f} tok/s ({doc['system']['bandwidth_gbps']} GB/s "
         f"{doc['system']['bandwidth_source']}); prefill {s['prefill_tok_s']:.1f} tok/s")

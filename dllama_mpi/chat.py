@@ -21,6 +21,7 @@ import select
 import signal
 import sys
 import termios
+import threading
 
 import click
 
@@ -58,24 +59,30 @@ def template_for(tokenizer, override: str | None):
 
 
 class PromptHistory:
-    """The text and tokens of what the cache holds after the last answer (prompt + generated
-    tokens, end-of-turn token included), so that the next prompt is tokenized as
-    `ids + encode(new text)` when its text extends it: the cached tokens are then reused exactly,
-    whatever a re-tokenization of the answer would have given."""
+    """The text and tokens of what the cache holds after recent answers (prompt + generated tokens,
+    end-of-turn token included), so that a next prompt whose text extends one of them is tokenized
+    as `ids + encode(new text)`: the cached tokens are then reused exactly, whatever a
+    re-tokenization of the answer would have given. Chat keeps one conversation (capacity 1); the
+    API keeps the most recent few, one per conversation, and may be used from two threads."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, capacity: int = 1):
         self.tokenizer = tokenizer
-        self.state: tuple[str, list[int]] | None = None   # one attribute: the API reads it from another thread
+        self.capacity = capacity
+        self.entries: list[tuple[str, list[int]]] = []   # most recent last
+        self._lock = threading.Lock()
 
     def clear(self) -> None:
-        self.state = None
+        with self._lock:
+            self.entries = []
 
     def encode(self, prompt_text: str) -> list[int]:
         """Token ids of a rendered chat prompt (the template writes bos itself)."""
         tok = self.tokenizer
-        h = self.state
-        if h is not None and len(prompt_text) > len(h[0]) and prompt_text.startswith(h[0]):
-            return list(h[1]) + tok.encode(prompt_text[len(h[0]):], add_bos=False)
+        with self._lock:
+            best = max((e for e in self.entries if len(prompt_text) > len(e[0]) and prompt_text.startswith(e[0])),
+                       key=lambda e: len(e[0]), default=None)
+        if best is not None:
+            return list(best[1]) + tok.encode(prompt_text[len(best[0]):], add_bos=False)
         return tok.encode(prompt_text, add_bos=False)
 
     def record(self, prompt_text: str, prompt_ids: list[int], generated: list[int]) -> None:
@@ -84,7 +91,11 @@ class PromptHistory:
         # Invalid UTF-8 in the answer became U+FFFD in its text: the text still maps to these tokens
         # (what the model generated), which is what the cache holds.
         gen_text = self.tokenizer.decode(generated)
-        self.state = (prompt_text + gen_text, list(prompt_ids) + list(generated))
+        entry = (prompt_text + gen_text, list(prompt_ids) + list(generated))
+        with self._lock:
+            # the conversation's earlier turn is a prefix of this one: replace it
+            self.entries = [e for e in self.entries if not entry[0].startswith(e[0])] + [entry]
+            del self.entries[:-self.capacity]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,7 +230,8 @@ SETTING_KEYS = ("system", "temperature", "topp", "seed", "max_tokens", "stop", "
 class ChatSession:
     """The root's side of `dllama-mpi chat`."""
 
-    def __init__(self, engine, tokenizer, term: Terminal, settings: dict, ignore_eos: bool = False):
+    def __init__(self, engine, tokenizer, term: Terminal, settings: dict, ignore_eos: bool = False,
+                 autosave: str | None = None):
         from .generate import Generator
 
         self.engine, self.tokenizer, self.term = engine, tokenizer, term
@@ -231,6 +243,7 @@ class ChatSession:
         self.last_stats = None
         self.answering = False               # inside a generation (workers are in the token loop)
         self.quit_requested = False          # SIGTERM arrived during an answer
+        self.autosave = autosave             # --autosave FILE: written after every turn
         self.apply_settings()
 
     def apply_settings(self) -> None:
@@ -294,6 +307,8 @@ class ChatSession:
         if p is None:
             return
         text, ids = p
+        # the message being answered is saved too: a run that dies mid-answer resumes with it
+        self._autosave(self.messages + [{"role": "user", "content": user}])
         room = self.engine.max_seq_len - len(ids) + 1   # the first token needs no forward pass
         mt = self.settings.get("max_tokens")
         max_tokens = min(mt, room) if mt else room
@@ -333,6 +348,7 @@ class ChatSession:
             self.history.clear()   # cut by a stop string: the stored answer is not the generated tokens
         else:
             self.history.record(text, ids, generated)
+        self._autosave()
 
     def say(self, msg: str) -> None:
         self.term.write(msg + "\n")
@@ -362,12 +378,41 @@ class ChatSession:
                 f"answer: {st.generated_tokens} tokens, {st.generate_tps:.2f} tok/s, {d['ms_per_token']:.2f} ms/token "
                 f"| finish: {st.finish_reason} | context: {len(self.gen.cached)}/{self.engine.max_seq_len}")
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, messages: list[dict] | None = None) -> None:
+        """Write the conversation (or `messages`) and the settings as JSON, atomically: a new file
+        is written beside the old one and renamed over it, so a crash leaves the old or the new."""
         data = {"format": "dllama-mpi-chat", "version": 1,
                 "settings": {k: self.settings.get(k) for k in SETTING_KEYS},
-                "messages": self.messages}
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=1)
+                "messages": self.messages if messages is None else messages}
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f, ensure_ascii=False, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _autosave(self, messages: list[dict] | None = None) -> None:
+        if self.autosave is None:
+            return
+        try:
+            self.save(self.autosave, messages)
+        except OSError as e:
+            self.say(f"(--autosave {self.autosave} failed: {e})")
+
+    def resume(self, path: str) -> None:
+        """--resume: load a saved conversation; a last message without an answer (the run that
+        saved it ended mid-answer) is answered now."""
+        self.load(path)
+        pending = self.messages.pop()["content"] if self.messages and self.messages[-1]["role"] == "user" else None
+        self.say(f"(resumed {len(self.messages)} messages from {path}"
+                 + ("; answering the last message again)" if pending is not None else ")"))
+        if pending is not None:
+            self.term.write(f"\n> {pending}\n")
+            self.turn(pending)
 
     def load(self, path: str) -> None:
         with open(path, encoding="utf-8") as f:
@@ -406,6 +451,7 @@ class ChatSession:
         elif cmd == "/clear":
             self.messages = []
             self.history.clear()
+            self._autosave()
             self.say("(new conversation)")
         elif cmd == "/stats":
             self.say(self.stats_line())
@@ -419,6 +465,7 @@ class ChatSession:
                     self.say(f"(saved {len(self.messages)} messages to {arg})")
                 else:
                     self.load(arg)
+                    self._autosave()
                     self.say(f"(loaded {len(self.messages)} messages from {arg})")
             except (OSError, ValueError, DllamaError) as e:
                 self.say(f"{cmd} failed: {e}")
@@ -428,9 +475,11 @@ class ChatSession:
 
     # --- the loop ----------------------------------------------------------------------------
 
-    def run(self) -> None:
+    def run(self, resume: str | None = None) -> None:
         term = self.term
         self.say("chat: /help for commands, /exit or Ctrl-D to quit")
+        if resume is not None:
+            self.resume(resume)
         while True:
             term.write("\n> ")
             try:
@@ -472,14 +521,23 @@ def register(group) -> None:
     @click.option("--context-overflow", type=click.Choice(["error", "truncate-oldest"]), default="error",
                   show_default=True, help="When the conversation no longer fits the context: refuse the message, "
                                           "or drop the oldest turns.")
+    @click.option("--autosave", default=None, metavar="FILE",
+                  help="Write the conversation to FILE after every turn (atomically, in the /save format; the "
+                       "message being answered included), so that a run that dies can be resumed.")
+    @click.option("--resume", default=None, metavar="FILE",
+                  help="Start from a conversation saved by --autosave or /save; a last message left unanswered "
+                       "is answered first. Autosaves to FILE unless --autosave names another.")
     @click.option("--ignore-eos", is_flag=True, hidden=True, help="Keep generating after end-of-turn tokens (tests).")
     @spmd
     def chat(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme, load, max_batch,
-             temperature, topp, seed, system, chat_template, think, stop, max_tokens, context_overflow, ignore_eos):
+             temperature, topp, seed, system, chat_template, think, stop, max_tokens, context_overflow, autosave, resume,
+             ignore_eos):
         """Chat with the model in the terminal (run under mpirun -np N; rank 0 reads the terminal)."""
         if not comm.is_root:   # mpiexec forwards Ctrl-C and SIGTERM to every rank: the root stops the workers
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        elif resume is not None and not os.path.isfile(resume):
+            raise ConfigError(f"--resume {resume}: no such file")
         engine, tokenizer = start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
                                   sync_scheme, load, max_batch)
         if not comm.is_root:
@@ -490,9 +548,10 @@ def register(group) -> None:
             settings = {"system": system, "temperature": temperature, "topp": topp, "seed": seed,
                         "max_tokens": max_tokens, "stop": list(stop), "think": think, "chat_template": chat_template,
                         "context_overflow": context_overflow}
-            session = ChatSession(engine, tokenizer, term, settings, ignore_eos=ignore_eos)
+            session = ChatSession(engine, tokenizer, term, settings, ignore_eos=ignore_eos,
+                                  autosave=autosave or resume)
             signal.signal(signal.SIGTERM, session.on_sigterm)
-            session.run()
+            session.run(resume)
         finally:
             term.close()
             engine.stop_workers()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from . import api, benchmark, chat, download, inference
+from . import api, batch, benchmark, chat, download, inference, perplexity, serve, tokenize
 from .convert.cli import convert
 
 
@@ -16,7 +16,7 @@ def main():
     """Distributed LLM inference over MPI (Distributed Llama compatible). Run under mpirun -np N."""
 
 
-for _module in (inference, chat, api, benchmark, download):
+for _module in (inference, chat, api, serve, batch, benchmark, download, perplexity, tokenize):
     _module.register(main)
 main.add_command(convert)
 

@@ -2,12 +2,16 @@
 
 Everything here uses mpi4py's uppercase buffer methods on preallocated numpy arrays: no pickling on
 any path that runs per token. The tensor-parallel group is whatever communicator `Comm` wraps
-(COMM_WORLD by default), so pipeline stages can later hand it a sub-communicator.
+(COMM_WORLD by default, or a pipeline stage's sub-communicator from `split`); pipeline stages pass
+residual rows and results between their roots point to point (`isend` / `irecv`, pipeline.py).
 
 Waiting: inside a forward pass ranks use blocking collectives (MPICH spins, which is the fastest
-when every rank has a core). Between requests (a worker waiting for the next prompt) ranks wait
+when every rank has a core), or with poll waits (`set_poll`: ranks that share cores, or a rank held
+to a CPU quota, which spinning would burn) their non-blocking twins, completed by Test() for a
+few tens of microseconds and then short naps that leave the core to whoever computes. Between requests (a worker waiting for the next prompt) ranks wait
 with a non-blocking broadcast polled with `Test()` and a short sleep, so an idle worker does not
-burn a core (MPI.md §4).
+burn a core (MPI.md §4). A pipeline stage waiting for its input is idle the same way (`wait_idle`);
+the root waiting for a pass's results (`wait`) is under the --sync-timeout watchdog like a collective.
 """
 
 from __future__ import annotations
@@ -22,12 +26,12 @@ from mpi4py import MPI
 
 ROOT = 0
 
-# Control packet, root -> workers, before every forward pass: [command, position, batch size, flags].
-CMD_STOP, CMD_FORWARD = 0, 1
-FLAG_ALL_LOGITS = 1   # logits of every batch row (tests, perplexity)
-FLAG_ARGMAX = 2       # only the id of the largest logit (greedy decoding)
-CONTROL_LEN = 4
+# Commands of the control packet (engine.Control), root -> workers: stop, one forward pass,
+# page-table updates and page copies alone (when a pass has more than its packet holds), or (between
+# passes) every rank's counters to the root (gather_floats).
+CMD_STOP, CMD_FORWARD, CMD_TABLES, CMD_STATS = 0, 1, 2, 3
 ABORT_GRACE_SECONDS = 0.25
+POLL_SPIN = 30e-6   # poll waits: spin this long, then nap between tests (_nap_seconds)
 
 
 class Comm:
@@ -43,6 +47,7 @@ class Comm:
         self._dog = None
         self.scatter_seconds = 0.0  # time in Scatterv while loading, and the bytes this rank received
         self.scatter_bytes = 0
+        self.poll = False           # poll waits in per-token collectives (set_poll; the same on every rank)
 
     @property
     def is_root(self) -> bool:
@@ -58,8 +63,17 @@ class Comm:
             self._dog = _Watchdog(self)
             self._dog.start()
 
-    def _arm(self) -> None:
+    def set_poll(self, on: bool) -> None:
+        """Complete per-token collectives by polling non-blocking ones (every rank of the group must
+        choose the same: a blocking and a non-blocking collective do not match). Naps use a 1 us
+        timer slack (the default 50 us would add that much to every wake-up)."""
+        self.poll = bool(on)
+        if on:
+            _set_timer_slack_ns(1000)
+
+    def _arm(self, what: str = "a collective") -> None:
         if self._dog is not None:
+            self._dog.what = what
             self._dog.deadline = time.monotonic() + self.sync_timeout
 
     def _disarm(self) -> None:
@@ -101,12 +115,56 @@ class Comm:
         self.comm.Gather(values, out, root=ROOT)
         return out
 
+    def local_size(self) -> int:
+        """How many ranks of this group run on this rank's host (MPI's shared-memory split).
+        Collective; start-up only."""
+        local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        try:
+            return local.Get_size()
+        finally:
+            local.Free()
+
+    def gather_object(self, obj) -> list | None:
+        """A small picklable value from every rank, as a list on the root (start-up only)."""
+        return self.comm.gather(obj, root=ROOT)
+
     def rank_pids(self) -> list[tuple[int, str]] | None:
         """(pid, host) of every rank, on the root (start-up only: pickled gather)."""
         return self.comm.gather((os.getpid(), MPI.Get_processor_name()), root=ROOT)
 
     def barrier(self) -> None:
         self.comm.Barrier()
+
+    def split(self, color: int | None, key: int = 0) -> "Comm | None":
+        """Collective: the sub-group of the ranks that pass the same color (None: in no group, and
+        None is returned). Start-up only (pipeline stages, their loading groups)."""
+        sub = self.comm.Split(MPI.UNDEFINED if color is None else color, key)
+        if sub == MPI.COMM_NULL:
+            return None
+        c = Comm(sub)
+        c.poll = self.poll
+        if self.sync_timeout:
+            c.set_sync_timeout(self.sync_timeout)
+        return c
+
+    def dup(self) -> "Comm":
+        """Collective: the same ranks in a separate matching context (point-to-point traffic that must
+        not meet any other message of this group), under the same watchdog setting."""
+        c = Comm(self.comm.Dup())
+        c.poll = self.poll
+        if self.sync_timeout:
+            c.set_sync_timeout(self.sync_timeout)
+        return c
+
+    def allgather_floats(self, values) -> np.ndarray:
+        """Every rank's small float64 vector on every rank ([size, n]; start-up only)."""
+        values = np.ascontiguousarray(values, dtype=np.float64)
+        out = np.empty((self.size, values.size), np.float64)
+        self.comm.Allgather(values, out)
+        return out
+
+    def host(self) -> str:
+        return MPI.Get_processor_name()
 
     # --- per token ------------------------------------------------------------------------
 
@@ -115,25 +173,24 @@ class Comm:
         if self.size > 1:
             # Workers may be polling an Ibcast: the root must use the non-blocking call too.
             self._arm()
-            self.comm.Ibcast(ctrl, root=ROOT).Wait()
+            self._complete(self.comm.Ibcast(ctrl, root=ROOT))
             self._disarm()
 
     def wait_control(self, ctrl: np.ndarray, spin_seconds: float = 0.05) -> None:
-        """Worker: receive the next control packet. Spins briefly (the next token comes fast),
-        then polls with sleeps growing from 1 ms to 10 ms, so an idle worker (between chat turns
-        or API requests) costs ~no CPU and answers a new request within 10 ms."""
-        req = self.comm.Ibcast(ctrl, root=ROOT)
-        t0 = time.perf_counter()
-        while not req.Test():
-            idle = time.perf_counter() - t0
-            if idle > spin_seconds:
-                time.sleep(1e-3 if idle < 1.0 else 1e-2)
+        """Worker: receive the next control packet. Spins briefly (the next token comes fast; with
+        poll waits only POLL_SPIN, then short naps), then polls with sleeps growing from 1 ms to
+        10 ms, so an idle worker (between chat turns or API requests) costs ~no CPU and answers a
+        new request within 10 ms."""
+        _poll(self.comm.Ibcast(ctrl, root=ROOT), POLL_SPIN if self.poll else spin_seconds, idle=True)
 
     def bcast_f32(self, arr: np.ndarray) -> None:
         if self.size > 1:
             t = time.perf_counter()
             self._arm()
-            self.comm.Bcast(arr, root=ROOT)
+            if self.poll:
+                _poll(self.comm.Ibcast(arr, root=ROOT), POLL_SPIN)
+            else:
+                self.comm.Bcast(arr, root=ROOT)
             self._disarm()
             self.wait_seconds += time.perf_counter() - t
             if self.is_root:
@@ -142,7 +199,10 @@ class Comm:
     def allgather(self, send: np.ndarray, recv: np.ndarray) -> None:
         t = time.perf_counter()
         self._arm()
-        self.comm.Allgather(send, recv)
+        if self.poll:
+            _poll(self.comm.Iallgather(send, recv), POLL_SPIN)
+        else:
+            self.comm.Allgather(send, recv)
         self._disarm()
         self.wait_seconds += time.perf_counter() - t
         self.bytes_sent += send.nbytes * (self.size - 1)
@@ -151,8 +211,11 @@ class Comm:
         """Byte-level Alltoallv; counts/displacements are preallocated int arrays (bytes)."""
         t = time.perf_counter()
         self._arm()
-        self.comm.Alltoallv([send, (send_counts, send_displs), MPI.BYTE],
-                            [recv, (recv_counts, recv_displs), MPI.BYTE])
+        bufs = ([send, (send_counts, send_displs), MPI.BYTE], [recv, (recv_counts, recv_displs), MPI.BYTE])
+        if self.poll:
+            _poll(self.comm.Ialltoallv(*bufs), POLL_SPIN)
+        else:
+            self.comm.Alltoallv(*bufs)
         self._disarm()
         self.wait_seconds += time.perf_counter() - t
         self.bytes_sent += int(send_counts.sum() - send_counts[self.rank])
@@ -160,7 +223,11 @@ class Comm:
     def allgatherv(self, send, recv, counts, displs) -> None:
         t = time.perf_counter()
         self._arm()
-        self.comm.Allgatherv([send, MPI.BYTE], [recv, (counts, displs), MPI.BYTE])
+        bufs = ([send, MPI.BYTE], [recv, (counts, displs), MPI.BYTE])
+        if self.poll:
+            _poll(self.comm.Iallgatherv(*bufs), POLL_SPIN)
+        else:
+            self.comm.Allgatherv(*bufs)
         self._disarm()
         self.wait_seconds += time.perf_counter() - t
         self.bytes_sent += int(counts[self.rank]) * (self.size - 1)
@@ -168,7 +235,10 @@ class Comm:
     def gather_f64(self, send: np.ndarray, recv: np.ndarray) -> None:
         """A few float64 values from every rank to the root ([size, n] there; preallocated)."""
         t = time.perf_counter()
-        self.comm.Gather(send, recv if self.is_root else None, root=ROOT)
+        if self.poll:
+            _poll(self.comm.Igather(send, recv if self.is_root else None, root=ROOT), POLL_SPIN)
+        else:
+            self.comm.Gather(send, recv if self.is_root else None, root=ROOT)
         self.wait_seconds += time.perf_counter() - t
         if not self.is_root:
             self.bytes_sent += send.nbytes
@@ -176,11 +246,51 @@ class Comm:
     def gatherv_f32(self, send: np.ndarray, recv: np.ndarray | None, counts, displs) -> None:
         t = time.perf_counter()
         self._arm()
-        self.comm.Gatherv(send, [recv, (counts, displs), MPI.FLOAT] if self.is_root else None, root=ROOT)
+        bufs = (send, [recv, (counts, displs), MPI.FLOAT] if self.is_root else None)
+        if self.poll:
+            _poll(self.comm.Igatherv(*bufs, root=ROOT), POLL_SPIN)
+        else:
+            self.comm.Gatherv(*bufs, root=ROOT)
         self._disarm()
         self.wait_seconds += time.perf_counter() - t
         if not self.is_root:
             self.bytes_sent += send.nbytes
+
+    # --- point to point (pipeline stages; preallocated buffers, no pickling) ------------------
+
+    def isend(self, buf: np.ndarray, dest: int, tag: int):
+        """Start sending buf (which must stay untouched until the request completes)."""
+        self.bytes_sent += buf.nbytes
+        return self.comm.Isend([buf, MPI.BYTE], dest=dest, tag=tag)
+
+    def irecv(self, buf: np.ndarray, source: int, tag: int):
+        """Post a receive into buf (a message may be shorter than buf)."""
+        return self.comm.Irecv([buf, MPI.BYTE], source=source, tag=tag)
+
+    def wait(self, req) -> None:
+        """Wait for a request that the pass needs now (the root waiting for a pass's results): under
+        the watchdog, counted as waiting, spun or polled like a collective."""
+        t = time.perf_counter()
+        self._arm("a pipeline transfer")
+        self._complete(req)
+        self._disarm()
+        self.wait_seconds += time.perf_counter() - t
+
+    def wait_idle(self, req, spin_seconds: float = 0.05) -> None:
+        """Wait for a request that may take as long as the user likes (a stage waiting for its next
+        input): not under the watchdog; polls like wait_control."""
+        _poll(req, POLL_SPIN if self.poll else spin_seconds, idle=True)
+
+    def _complete(self, req) -> None:
+        if self.poll:
+            _poll(req, POLL_SPIN)
+        else:
+            req.Wait()
+
+    @staticmethod
+    def test(req) -> bool:
+        """One progress poke: True when the request has completed."""
+        return req.Test()
 
     # --- failure ---------------------------------------------------------------------------
 
@@ -188,12 +298,13 @@ class Comm:
         """End every rank of the job now (an error on one rank must not leave others blocked)."""
         sys.stdout.flush()
         sys.stderr.flush()
-        if self.size > 1:
+        if MPI.COMM_WORLD.Get_size() > 1:
             # MPI_Abort makes mpiexec kill every rank and exit at once; under load it sometimes exits
             # before its proxy has forwarded our last lines (the user then sees nothing at all, ~2%
-            # of runs). A short pause lets the `error:` line through first.
+            # of runs). A short pause lets the `error:` line through first. Always the whole job,
+            # also from a pipeline stage's sub-group.
             time.sleep(ABORT_GRACE_SECONDS)
-            self.comm.Abort(code)
+            MPI.COMM_WORLD.Abort(code)
         os._exit(code)
 
 
@@ -204,6 +315,7 @@ class _Watchdog(threading.Thread):
         super().__init__(name="dllama-sync-watchdog", daemon=True)
         self.comm = comm
         self.deadline: float | None = None
+        self.what = "a collective"
 
     def run(self) -> None:
         while True:
@@ -211,9 +323,43 @@ class _Watchdog(threading.Thread):
             d = self.deadline
             if d is not None and time.monotonic() > d:
                 c = self.comm
-                print(f"error: rank {c.rank}: no progress in a collective for {c.sync_timeout:g} s "
+                rank = MPI.COMM_WORLD.Get_rank()   # a stage's sub-group numbers its ranks from 0
+                print(f"error: rank {rank}: no progress in {self.what} for {c.sync_timeout:g} s "
                       f"(--sync-timeout); a peer is stopped, wedged or unreachable", file=sys.stderr, flush=True)
                 c.abort(3)
+
+
+def _nap_seconds(waited: float, idle: bool) -> float:
+    """Naps grow with the wait: 10 us for the first 100 us (a collective whose peer is about to
+    arrive; such naps cost ~40 % of a core), then 100 us (~7 % of a core: a rank held to a CPU quota
+    must not spend it waiting), and, idle after 50 ms, 1 ms and after a second 10 ms (between
+    requests)."""
+    if waited < 1e-4:
+        return 1e-5
+    if waited < 0.05 or not idle:
+        return 1e-4
+    return 1e-3 if waited < 1.0 else 1e-2
+
+
+def _poll(req, spin_seconds: float, idle: bool = False) -> None:
+    """Test() until the request completes: spin for spin_seconds, then nap between tests."""
+    if req.Test():
+        return
+    t0 = time.perf_counter()
+    while not req.Test():
+        waited = time.perf_counter() - t0
+        if waited > spin_seconds:
+            time.sleep(_nap_seconds(waited, idle))
+
+
+def _set_timer_slack_ns(ns: int) -> None:
+    """prctl(PR_SET_TIMERSLACK) for this thread (Linux; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(29, ctypes.c_ulong(ns), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def world() -> Comm:

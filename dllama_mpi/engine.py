@@ -26,9 +26,10 @@ import numpy as np
 from . import comm as C
 from .comm import Comm
 from .errors import ConfigError
-from .formats import (BLOCK, F32, Q40, Q80_BYTES, ModelFile, ModelHeader, TensorInfo, float_type_name,
-                      read_model_header, tensor_layout)
+from .formats import (BLOCK, F16, F32, FLOAT_NAMES, Q40, Q80, Q80_BYTES, ModelFile, ModelHeader, TensorInfo,
+                      block_shape, float_type_name, read_model_header, tensor_layout, tensor_nbytes)
 from .kernels import ffi, lib
+from .kvcache import KVCache, KVPlan, plan_kv
 from .shard import COL_SPLIT, ROW_SPLIT, ShardPlan, make_plan
 from .sync import PartialSum
 
@@ -48,7 +49,7 @@ def qptr(a: np.ndarray):
 # ------------------------------------------------------------------------------------------------
 # weights
 
-REPACK = os.environ.get("DLLAMA_REPACK", "1") != "0"   # DLLAMA_REPACK=0: keep the plain q40 layout
+REPACK = os.environ.get("DLLAMA_REPACK", "1") != "0"   # DLLAMA_REPACK=0: keep the plain q40 / q80 layouts
 
 
 def _aligned_empty(nbytes: int) -> np.ndarray:
@@ -60,11 +61,13 @@ def _aligned_empty(nbytes: int) -> np.ndarray:
 
 @dataclass
 class Matrix:
-    """One rank's slice of a weight matrix [rows, cols]: f32 row-major, or q40 repacked once at load
-    into the interleaved layout of kernels/repack.c (16 rows per SIMD pass; the repacked buffer
-    replaces the raw slice, so memory does not double). DLLAMA_REPACK=0 keeps plain q40 blocks."""
+    """One rank's slice of a weight matrix [rows, cols]: f32 / f16 row-major, q80 blocks, or q40
+    repacked once at load into the interleaved layout of kernels/repack.c (16 rows per SIMD pass;
+    the repacked buffer replaces the raw slice, so memory does not double); q80 likewise into the
+    q80r layout of kernels/matmul_q80.c. DLLAMA_REPACK=0 keeps plain blocks. q40 / q80 multiply the
+    q80 activations, f32 / f16 the f32 ones."""
 
-    data: np.ndarray   # f32 / plain q40: raw bytes (uint8) of the slice; q40r: the repacked buffer
+    data: np.ndarray   # f32 / f16 / q80 / plain q40: raw bytes of the slice; q40r: the repacked buffer
     rows: int
     cols: int
     ftype: int
@@ -72,31 +75,37 @@ class Matrix:
     repacked: bool = field(init=False, default=False)
 
     def __post_init__(self):
-        if self.ftype == Q40 and REPACK:
+        if self.ftype in (Q40, Q80) and REPACK:
+            q40 = self.ftype == Q40
             src = self.data
-            self.data = _aligned_empty(lib.dl_q40r_bytes(self.rows, self.cols))
-            lib.dl_repack_q40(ffi.cast("void *", self.data.ctypes.data),
-                              ffi.cast("dl_block_q40 *", src.ctypes.data), self.rows, self.cols)
+            size = lib.dl_q40r_bytes(self.rows, self.cols) if q40 else lib.dl_q80r_bytes(self.rows, self.cols)
+            self.data = _aligned_empty(size)
+            dst = ffi.cast("void *", self.data.ctypes.data)
+            if q40:
+                lib.dl_repack_q40(dst, ffi.cast("dl_block_q40 *", src.ctypes.data), self.rows, self.cols)
+            else:
+                lib.dl_repack_q80(dst, ffi.cast("dl_block_q80 *", src.ctypes.data), self.rows, self.cols)
             self.repacked = True
-            self.ptr = ffi.cast("void *", self.data.ctypes.data)
+            self.ptr = dst
+            self._kernel = "dl_matmul_q40r_q80" if q40 else "dl_matmul_q80r_q80"
+            self._quantized_input = True
             return
-        ctype = "dl_block_q40 *" if self.ftype == Q40 else "float *"
+        ctype = {Q40: "dl_block_q40 *", Q80: "dl_block_q80 *", F16: "uint16_t *", F32: "float *"}[self.ftype]
         self.ptr = ffi.cast(ctype, self.data.ctypes.data)
+        self._kernel = {Q40: "dl_matmul_q40_q80", Q80: "dl_matmul_q80_q80", F16: "dl_matmul_f16_f32",
+                        F32: "dl_matmul_f32"}[self.ftype]
+        self._quantized_input = self.ftype in (Q40, Q80)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of weights read by one matmul (the q40 payload, without repacking padding)."""
-        return self.rows * self.cols * 4 if self.ftype != Q40 else self.rows * self.cols // BLOCK * 18
+        """Bytes of weights read by one matmul (the payload, without repacking padding)."""
+        return tensor_nbytes(self.ftype, self.rows, self.cols)
 
     def matmul(self, out, xq, xf, batch: int) -> None:
-        """out[batch, rows] = x[batch, cols] · selfᵀ (cffi pointers); q40 takes the q80 input xq,
-        f32 the f32 input xf."""
-        if self.repacked:
-            lib.dl_matmul_q40r_q80(out, self.ptr, xq, self.rows, self.cols, batch)
-        elif self.ftype == Q40:
-            lib.dl_matmul_q40_q80(out, self.ptr, xq, self.rows, self.cols, batch)
-        else:
-            lib.dl_matmul_f32(out, self.ptr, xf, self.rows, self.cols, batch)
+        """out[batch, rows] = x[batch, cols] · selfᵀ (cffi pointers); q40 / q80 take the q80
+        input xq, f32 / f16 the f32 input xf."""
+        # looked up per call: the benchmark's profiler replaces the module's `lib` with a timing proxy
+        getattr(lib, self._kernel)(out, self.ptr, xq if self._quantized_input else xf, self.rows, self.cols, batch)
 
 
 def _drop_pages(model: ModelFile | None, t: TensorInfo) -> None:
@@ -156,7 +165,7 @@ def _slice_bytes(model: ModelFile, t: TensorInfo, plan: ShardPlan, rank: int) ->
     c0, c1 = plan.cols(t.name, rank)
     if (c0, c1) == (0, t.cols):
         return raw
-    unit, unit_bytes = (BLOCK, 18) if t.ftype == Q40 else (1, 4)
+    unit, unit_bytes = block_shape(t.ftype)
     rows = raw.reshape(t.rows, t.nbytes // t.rows)
     return np.ascontiguousarray(rows[:, c0 // unit * unit_bytes: c1 // unit * unit_bytes]).reshape(-1)
 
@@ -169,27 +178,41 @@ def _slice_shape(t: TensorInfo, plan: ShardPlan, rank: int) -> tuple[int, int]:
     return t.rows, c1 - c0
 
 
-def _row_displacements(t: TensorInfo, plan: ShardPlan, n: int) -> list[int] | None:
-    """Byte offsets of each rank's rows in the tensor when the row slices tile it in rank order
-    (no overlap: MPI forbids reading a Scatterv byte twice), else None."""
+def _row_displacements(t: TensorInfo, plan: ShardPlan, members: list) -> list[int] | None:
+    """Byte offsets of each member's rows in the tensor when the row slices tile it in rank order
+    (no overlap: MPI forbids reading a Scatterv byte twice), else None. A member that receives
+    nothing (None) gets offset 0."""
     if t.name not in ROW_SPLIT:
         return None
-    ranges = [plan.rows(t.name, r) for r in range(n)]
+    ranges = [plan.rows(t.name, m) for m in members if m is not None]
     if ranges[0][0] != 0 or ranges[-1][1] != t.rows or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
         return None
     row_bytes = t.nbytes // t.rows
-    return [r0 * row_bytes for r0, _ in ranges]
+    return [0 if m is None else plan.rows(t.name, m)[0] * row_bytes for m in members]
 
 
 def _slice_nbytes(t: TensorInfo, rows: int, cols: int) -> int:
-    return rows * cols * 4 if t.ftype == F32 else rows * cols // BLOCK * 18
+    return tensor_nbytes(t.ftype, rows, cols)
+
+
+@dataclass
+class Route:
+    """Who moves one tensor: the group that takes part, the shard plan its slices come from, and per
+    rank of the group the plan rank it loads as (None: it only sends, as the root does for a
+    pipeline stage it is not in)."""
+
+    comm: Comm
+    plan: ShardPlan
+    members: list
 
 
 def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardPlan,
-                 model: ModelFile | None, load: str = "scatter", progress=None) -> Weights:
+                 model: ModelFile | None, load: str = "scatter", progress=None, route=None) -> Weights:
     """Give every rank its slices. `scatter`: only the root reads the file and Scatterv's each
-    tensor (one tensor of extra memory at a time); `local`: every rank maps the file itself."""
-    rank, n = comm.rank, comm.size
+    tensor (one tensor of extra memory at a time); `local`: every rank maps the file itself.
+    `route(t)` (pipeline stages) says which group loads a tensor (None: this rank has no part in
+    it); by default every rank of comm, with plan."""
+    everyone = Route(comm, plan, list(range(comm.size)))
     layers: dict[int, dict] = {}
     embed = norm = wcls = None
     for t in tensor_layout(header, header_size):
@@ -199,32 +222,41 @@ def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardP
             if comm.is_root:
                 embed = model.f32(t)
             continue
+        r = everyone if route is None else route(t)
+        if r is None:
+            continue
+        g, tplan, me = r.comm, r.plan, r.members[r.comm.rank]
         if t.ftype == F32 and t.name not in ROW_SPLIT + COL_SPLIT:
             # small replicated vectors (norms) and the MoE router: copy (aligned) and broadcast
             arr = np.empty((t.rows, t.cols), np.float32)
-            if comm.is_root or load == "local":
+            if g.is_root or load == "local":
                 arr[...] = model.f32(t)
-            if load != "local":
-                comm.bcast_array(arr)
+            if load != "local" and g.size > 1:
+                g.bcast_array(arr)
+            if me is None:
+                continue   # the root sent another pipeline stage's vector
             value = arr if t.rows > 1 else arr.reshape(-1)
         else:
-            rows, cols = _slice_shape(t, plan, rank)
-            if n == 1:
+            if g.size == 1:
                 data = model.raw(t)
             elif load == "local":
-                data = np.array(_slice_bytes(model, t, plan, rank))
+                data = np.array(_slice_bytes(model, t, tplan, me))
             else:
-                counts = [_slice_nbytes(t, *_slice_shape(t, plan, r)) for r in range(n)]
-                displs = _row_displacements(t, plan, n)
+                counts = [0 if m is None else _slice_nbytes(t, *_slice_shape(t, tplan, m)) for m in r.members]
+                displs = _row_displacements(t, tplan, r.members)
                 send = None
-                if comm.is_root:
+                if g.is_root:
                     # row slices that tile the tensor go straight from the map; column slices (and
                     # replicated KV rows) are packed into one tensor-sized buffer first
                     send = model.raw(t) if displs is not None else \
-                        np.concatenate([_slice_bytes(model, t, plan, r) for r in range(n)])
-                data = np.empty(counts[rank], np.uint8)
-                comm.scatterv(send, counts, data, displs)
+                        np.concatenate([_slice_bytes(model, t, tplan, m) for m in r.members if m is not None])
+                data = np.empty(counts[g.rank], np.uint8)
+                g.scatterv(send, counts, data, displs)
                 del send
+            if me is None:
+                _drop_pages(model, t)   # the root sent another stage's slices: not its memory
+                continue
+            rows, cols = _slice_shape(t, tplan, me)
             if t.ftype == F32:
                 data = data.view(np.float32) if data.ctypes.data % 4 == 0 else np.array(data).view(np.float32)
             value = Matrix(data, rows, cols, t.ftype)
@@ -243,7 +275,7 @@ def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardP
         else:
             slot[t.name] = value
     out = []
-    for l in range(header.n_layers):
+    for l in sorted(layers):   # every layer, or a pipeline stage's range
         d = layers[l]
         experts = [(e["w1"], e["w2"], e["w3"]) for _, e in sorted(d.pop("experts").items())]
         out.append(Layer(experts=experts, **d))
@@ -270,13 +302,75 @@ def rope_freqs(h: ModelHeader) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------
+# the control packet
+
+# per logit row: the id of the largest logit; every logit; or log-probability statistics (the argmax,
+# log Z, the log-probability of a target id, the top STATS_TOPK) from a distributed log-softmax
+LOGITS_ARGMAX, LOGITS_FULL, LOGITS_STATS = 0, 1, 2
+STATS_TOPK = 20          # the most top log-probabilities a row reports (OpenAI's top_logprobs limit)
+STATS_LEN = 3 + 2 * STATS_TOPK
+
+
+@dataclass
+class TokenStats:
+    """Log-probabilities of one logits row at some temperature: of the `target` id (None when there is
+    none) and of the `top` ids (largest first, lower id first among equals); `argmax` = top[0] id."""
+
+    argmax: int
+    log_z: float
+    target: float | None
+    top: list            # [(id, logprob)] * STATS_TOPK
+
+
+def row_stats(logits: np.ndarray, inv_t: float = 1.0, target: int = -1) -> TokenStats:
+    """TokenStats of a whole logits row (the root, when it has gathered the row anyway)."""
+    rec = np.empty(STATS_LEN, np.float64)
+    lib.dl_logit_stats(ffi.cast("double *", rec.ctypes.data), fptr(np.ascontiguousarray(logits, np.float32)),
+                       logits.size, inv_t, target, STATS_TOPK)
+    return _merge_stats(rec.reshape(1, STATS_LEN), target >= 0)
+
+
+class Control:
+    """The root's instructions for one pass, in one fixed-size int32 buffer (no pickling): which rows
+    (page-table slot, position, cache row for the new K/V), which rows need logits and how, and the
+    page-table updates and page copies to apply first. Every field is a numpy view of `buf`, laid
+    out from max_batch alone, so every rank can read it."""
+
+    HEADER = 8          # cmd, n_rows, n_logits, flags, n_updates, n_copies, 2 spare
+    MAX_COPIES = 16
+
+    def __init__(self, max_batch: int):
+        self.max_updates = max(64, 2 * max_batch)
+        B, U, K = max_batch, self.max_updates, self.MAX_COPIES
+        self.buf = np.zeros(self.HEADER + 7 * B + 3 * U + 2 * K, np.int32)
+        o = self.HEADER
+        self.slot, self.pos, self.kvrow = self.buf[o:o + B], self.buf[o + B:o + 2 * B], self.buf[o + 2 * B:o + 3 * B]
+        o += 3 * B
+        self.logit_row, self.logit_mode = self.buf[o:o + B], self.buf[o + B:o + 2 * B]
+        self.logit_target = self.buf[o + 2 * B:o + 3 * B]              # LOGITS_STATS: id to score, or -1
+        self.logit_inv_t = self.buf[o + 3 * B:o + 4 * B].view(np.float32)  # LOGITS_STATS: 1 / temperature
+        o += 4 * B
+        self.updates = self.buf[o:o + 3 * U].reshape(U, 3)
+        self.copies = self.buf[o + 3 * U:o + 3 * U + 2 * K].reshape(K, 2)
+
+    @property
+    def cmd(self) -> int:
+        return int(self.buf[0])
+
+    def header(self, cmd: int, n_rows: int = 0, n_logits: int = 0, n_updates: int = 0, n_copies: int = 0) -> None:
+        self.buf[:6] = (cmd, n_rows, n_logits, 0, n_updates, n_copies)
+
+
+# ------------------------------------------------------------------------------------------------
 # run state
 
 class RunState:
-    """Every activation buffer, allocated once for `max_batch` rows."""
+    """Every activation buffer, allocated once for `max_batch` rows, and the paged KV cache."""
 
-    def __init__(self, h: ModelHeader, plan: ShardPlan, rank: int, max_seq: int, max_batch: int, is_root: bool):
+    def __init__(self, h: ModelHeader, plan: ShardPlan, rank: int, kv: KVPlan, max_batch: int,
+                 max_logit_rows: int, is_root: bool, n_layers: int | None = None):
         s = plan[rank]
+        n_layers = h.n_layers if n_layers is None else n_layers   # a pipeline stage: its own layers
         hd = h.head_size
         B = max_batch
         self.q_loc, self.kv_loc, self.ffn_loc = s.n_heads * hd, s.n_kv_heads * hd, s.n_ffn
@@ -285,29 +379,47 @@ class RunState:
         self.xb = np.zeros((B, h.dim), np.float32)         # normed residual
         self.xq = qb(h.dim)
         self.q = np.zeros((B, self.q_loc), np.float32)
+        self.k = np.zeros((B, self.kv_loc), np.float32)    # this pass's new K/V rows, then scattered
+        self.v = np.zeros((B, self.kv_loc), np.float32)    # into their cache rows
         self.z = np.zeros((B, self.q_loc), np.float32)     # attention output (this rank's heads)
         self.zq = qb(self.q_loc)
         self.partial = np.zeros((B, h.dim), np.float32)    # this rank's share of wo / w2 output
         self.h1 = np.zeros((B, self.ffn_loc), np.float32)
         self.h3 = np.zeros((B, self.ffn_loc), np.float32)
         self.hq = qb(self.ffn_loc)
-        self.key_cache = np.zeros((h.n_layers, max_seq, self.kv_loc), np.float32)
-        self.value_cache = np.zeros((h.n_layers, max_seq, self.kv_loc), np.float32)
+        # K/V pages of every layer: zeroed address space that the OS commits page by page as rows
+        # are first written, so memory follows the pages in use, not the pool size
+        self.key_cache = np.zeros((n_layers, kv.n_tokens, self.kv_loc), np.float32)
+        self.value_cache = np.zeros((n_layers, kv.n_tokens, self.kv_loc), np.float32)
+        self.tables = np.zeros((kv.n_slots, kv.table_stride), np.int32)   # the same on every rank
         if h.is_moe:
             self.router = np.zeros(h.n_experts, np.float32)
             self.expert_out = np.zeros(h.dim, np.float32)
-        # one row: logits are computed for the row being sampled (all rows, one at a time, on request)
-        self.logits_local = np.zeros(s.n_vocab, np.float32)
-        self.logits = np.zeros(h.vocab_size, np.float32) if is_root else None
-        self.ctrl = np.zeros(C.CONTROL_LEN, np.int32)
-        self.best = np.zeros(2, np.float64)                       # (largest logit, its id) of this rank
-        self.all_best = np.zeros((plan.n_nodes, 2), np.float64)   # every rank's, on the root
+        # logits of up to max_logit_rows rows at a time (rows that sample, not every prompt row)
+        L = max_logit_rows
+        self.xl = np.zeros((L, h.dim), np.float32)
+        self.xlq = np.zeros(max(L * h.dim // BLOCK, 1) * Q80_BYTES, np.uint8)
+        self.logits_local = np.zeros((L, s.n_vocab), np.float32)
+        self.logits = np.zeros((L, h.vocab_size), np.float32) if is_root else None
+        self.gathered = np.zeros(L * h.vocab_size, np.float32) if is_root and plan.n_nodes > 1 else None
+        self.best = np.zeros((L, 2), np.float64)                       # (largest logit, its id) per row
+        self.all_best = np.zeros(plan.n_nodes * L * 2, np.float64) if is_root else None
+        self.stats = np.zeros((L, STATS_LEN), np.float64)              # LOGITS_STATS summaries per row
+        self.all_stats = np.zeros(plan.n_nodes * L * STATS_LEN, np.float64) if is_root else None
+        self.ctrl = Control(max_batch)
         self.p_x, self.p_xb, self.p_q, self.p_z = fptr(self.x), fptr(self.xb), fptr(self.q), fptr(self.z)
+        self.p_k, self.p_v = fptr(self.k), fptr(self.v)
         self.p_partial, self.p_h1, self.p_h3 = fptr(self.partial), fptr(self.h1), fptr(self.h3)
         self.p_xq, self.p_zq, self.p_hq = qptr(self.xq), qptr(self.zq), qptr(self.hq)
-        self.p_k = [fptr(c) for c in self.key_cache]
-        self.p_v = [fptr(c) for c in self.value_cache]
+        self.p_xl, self.p_xlq = fptr(self.xl), qptr(self.xlq)
+        self.p_key = [fptr(c) for c in self.key_cache]
+        self.p_value = [fptr(c) for c in self.value_cache]
         self.p_logits_local = fptr(self.logits_local)
+        c = self.ctrl
+        self.p_slot, self.p_pos, self.p_kvrow = (ffi.cast("int32_t *", a.ctypes.data) for a in (c.slot, c.pos, c.kvrow))
+        self.kv_pages = ffi.new("dl_kv_pages *", {"tables": ffi.cast("int32_t *", self.tables.ctypes.data),
+                                                  "table_stride": kv.table_stride, "page_size": kv.page_size,
+                                                  "ring_pages": 0})
         if h.is_moe:
             self.p_router, self.p_expert_out = fptr(self.router), fptr(self.expert_out)
 
@@ -320,113 +432,240 @@ class Stats:
     sync_seconds: float = 0.0
 
 
+@dataclass
+class Rows:
+    """What the root asks of one pass: per row a token, the page-table slot of its sequence and its
+    position; the rows whose logits are wanted (with LOGITS_ARGMAX or LOGITS_FULL each)."""
+
+    tokens: list
+    slots: list
+    positions: list
+    logit_rows: list = field(default_factory=list)
+    logit_modes: list = field(default_factory=list)
+    logit_targets: list | None = None    # LOGITS_STATS rows: the id to score (-1: none)
+    logit_inv_t: list | None = None      # LOGITS_STATS rows: 1 / temperature (1.0: the model's distribution)
+
+
 class Engine:
-    """One rank's part of the model. The root calls `forward`; workers run `serve()`."""
+    """One rank's part of the model. The root calls `step` (or `forward`); workers run `serve()`."""
+
+    depth = 1   # passes the root may have in flight (pipeline stages: pipeline.StageEngine)
 
     def __init__(self, comm: Comm, header: ModelHeader, plan: ShardPlan, weights: Weights,
                  max_seq_len: int, max_batch: int = DEFAULT_BATCH, buffer_type: str = "q80",
-                 sync: str = "ring"):
+                 sync: str = "ring", kv: KVPlan | None = None):
         self.comm, self.h, self.plan, self.w = comm, header, plan, weights
+        self.world = comm   # the whole job (a pipeline stage's engine: every stage)
         self.max_seq_len, self.max_batch = max_seq_len, max_batch
         self.buffer_type, self.sync_scheme = buffer_type, sync
-        self.st = RunState(header, plan, comm.rank, max_seq_len, max_batch, comm.is_root)
+        self.kv_plan = kv or plan_kv(kv_row_bytes(header, plan), max_seq_len, 1)
+        self.max_logit_rows = min(max_batch, max(self.kv_plan.n_slots, 8))
+        self.st = RunState(header, plan, comm.rank, self.kv_plan, max_batch, self.max_logit_rows, comm.is_root,
+                           len(weights.layers))
+        self.kv = KVCache(self.kv_plan) if comm.is_root else None   # the root's page bookkeeping
         self.sync = PartialSum(comm, plan, header.dim, max_batch, buffer_type, sync)
         self.kv_of_q = np.array(plan.kv_of_q(comm.rank), np.int32)
         self.freqs = rope_freqs(header)
         self.p_kv_of_q = ffi.cast("int32_t *", self.kv_of_q.ctypes.data)
         self.p_freqs = fptr(self.freqs)
-        self.p_norm = fptr(weights.norm)
+        self.p_norm = fptr(weights.norm) if weights.norm is not None else None   # None: not the last stage
         self.rope_type = 1 if header.effective_rope_type == 1 else 0
         self.eps = header.eps
-        self.quantized = header.weights_float_type == Q40
-        shard = plan[comm.rank]
+        self.attn_scale_div = float(np.sqrt(np.float32(header.head_size)))
+        self.quantized = header.quantized   # some matrix reads the q80 activations
         counts = [plan[r].n_vocab for r in range(comm.size)]
         self.vocab_counts = np.array(counts, np.int64)
         self.vocab_displs = np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.int64)
-        self.vocab_local = shard.n_vocab
+        self.vocab0 = plan[comm.rank].vocab[0]
         self.stats = Stats()
-        self.pos = 0  # next position the root will fill (informational)
+        self._direct = None   # the sequence `forward` works on
 
     # ---- the root's entry points ----------------------------------------------------------
 
+    def step(self, rows: Rows, updates=(), copies=(), out_full=None) -> list:
+        """Root: one forward pass over rows of any sequences (at most max_batch). `updates` (slot,
+        index, page) and `copies` (src page, dst page) are applied first on every rank. Returns, per
+        logit row, the argmax id (LOGITS_ARGMAX), its logits (LOGITS_FULL: a view reused by the next
+        pass, or a row of out_full when given) or its TokenStats (LOGITS_STATS)."""
+        b = self._begin(rows, updates, copies)
+        n_full = sum(1 for m in rows.logit_modes if m == LOGITS_FULL)
+        if out_full is None and n_full > self.max_logit_rows:   # more than one group: no shared buffer
+            out_full = np.empty((n_full, self.h.vocab_size), np.float32)
+        return self._pass(b, out_full)
+
+    def _begin(self, rows: Rows, updates, copies) -> int:
+        """Root: the control packet of a pass (tables applied here and sent to the workers) and the
+        embedding rows in st.x; returns the row count."""
+        b = len(rows.tokens)
+        if not 0 < b <= self.max_batch:
+            raise ValueError(f"a pass takes 1..{self.max_batch} rows, got {b}")
+        st, c = self.st, self.st.ctrl
+        toks = np.asarray(rows.tokens)
+        if toks.min() < 0 or toks.max() >= self.h.vocab_size:
+            self.check_tokens(rows.tokens)
+        updates, copies = list(updates), list(copies)
+        while len(updates) > c.max_updates or len(copies) > c.MAX_COPIES:   # a long shared prefix
+            self._send_tables(updates[:c.max_updates], copies[:c.MAX_COPIES])
+            updates, copies = updates[c.max_updates:], copies[c.MAX_COPIES:]
+        n_logits = len(rows.logit_rows)
+        c.header(C.CMD_FORWARD, b, n_logits, len(updates), len(copies))
+        c.slot[:b], c.pos[:b] = rows.slots, rows.positions
+        c.logit_row[:n_logits], c.logit_mode[:n_logits] = rows.logit_rows, rows.logit_modes
+        c.logit_target[:n_logits] = rows.logit_targets if rows.logit_targets is not None else -1
+        c.logit_inv_t[:n_logits] = rows.logit_inv_t if rows.logit_inv_t is not None else 1.0
+        if updates:
+            c.updates[:len(updates)] = updates
+        if copies:
+            c.copies[:len(copies)] = copies
+        self._apply_tables()
+        ps = self.kv_plan.page_size
+        if int(c.pos[:b].max()) >= self.max_seq_len:
+            raise ConfigError(f"context is full: position {int(c.pos[:b].max())} needed, max_seq_len is {self.max_seq_len}")
+        c.kvrow[:b] = st.tables[c.slot[:b], c.pos[:b] // ps] * ps + c.pos[:b] % ps
+        self.comm.send_control(c.buf)
+        np.take(self.w.embed, toks, axis=0, out=st.x[:b])
+        return b
+
     def forward(self, tokens, pos: int, all_logits: bool = False, argmax: bool = False):
-        """Root: evaluate tokens at positions pos.. and return the logits of the last row
-        ([vocab], a buffer reused by the next call), of every row ([batch, vocab]) with
-        all_logits, or only the id of the last row's largest logit with argmax (greedy decoding:
-        each rank sends its best (value, id) instead of its vocabulary slice)."""
-        tokens = list(tokens)
+        """Root, one sequence (its pages in the root's KVCache): evaluate tokens at positions pos..
+        (the cache keeps positions < pos from earlier calls) and return the logits of the last row
+        ([vocab], reused by the next call), of every row ([n, vocab]) with all_logits, or the id of
+        the last row's largest logit with argmax (each rank sends its best (value, id) instead of its
+        vocabulary slice)."""
+        tokens = [int(t) for t in tokens]
         if not tokens:
             raise ValueError("forward() needs at least one token")
         if pos + len(tokens) > self.max_seq_len:
             raise ConfigError(f"context is full: {pos + len(tokens)} positions needed, max_seq_len is {self.max_seq_len}")
-        for t in tokens:   # before any worker starts: a bad id must not leave them mid-pass
-            if not 0 <= t < self.h.vocab_size:
-                raise ConfigError(f"token id {t} is outside the vocabulary (size {self.h.vocab_size})")
+        self.check_tokens(tokens)
+        kv = self.kv
+        if self._direct is None:
+            self._direct = kv.admit([], 0)
+            if self._direct is None:
+                raise ConfigError("no free sequence slot in the KV cache")
+        seq = self._direct
+        if pos > len(seq.tokens):
+            raise ValueError(f"forward at position {pos}, but the cache holds {len(seq.tokens)} rows")
+        kv.truncate(seq, pos)
+        if self.kv_plan.n_tokens < pos + len(tokens):
+            raise ConfigError(f"the KV cache holds {self.kv_plan.n_tokens} tokens; {pos + len(tokens)} needed "
+                              f"(raise --kv-memory)")
         out = np.zeros((len(tokens), self.h.vocab_size), np.float32) if all_logits else None
-        flags = (C.FLAG_ALL_LOGITS if all_logits else 0) | (C.FLAG_ARGMAX if argmax else 0)
-        best = None
+        mode = LOGITS_ARGMAX if argmax else LOGITS_FULL
+        result = None
         for i in range(0, len(tokens), self.max_batch):
             chunk = tokens[i:i + self.max_batch]
             b = len(chunk)
-            ctrl = self.st.ctrl
-            ctrl[:] = (C.CMD_FORWARD, pos + i, b, flags)
-            self.comm.send_control(ctrl)
-            for j, t in enumerate(chunk):
-                self.st.x[j] = self.w.embed[t]
-            best = self._forward(pos + i, b, out[i:i + b] if all_logits else None, argmax)
-        self.pos = pos + len(tokens)
+            kv.ensure(seq, pos + i + b)
+            want = list(range(b)) if all_logits else ([b - 1] if i + b == len(tokens) else [])
+            rows = Rows(chunk, [seq.slot] * b, list(range(pos + i, pos + i + b)), want, [mode] * len(want))
+            result = self.step(rows, *kv.take_commands(), out_full=out[i:i + b] if all_logits else None)
+            kv.written(seq, chunk)
         if all_logits:
             return out
-        return best if argmax else self.st.logits
+        return result[-1]
+
+    def forget(self) -> None:
+        """Root: end the sequence `forward` works on (its pages stay cached, its slot is free)."""
+        if self._direct is not None:
+            self.kv.release(self._direct)
+            self._direct = None
+
+    def check_tokens(self, tokens) -> None:
+        """Before any worker starts a pass: a bad id must not leave them mid-pass."""
+        v = self.h.vocab_size
+        for t in tokens:
+            if not 0 <= t < v:
+                raise ConfigError(f"token id {t} is outside the vocabulary (size {v})")
 
     def stop_workers(self) -> None:
         if self.comm.is_root and self.comm.size > 1:
-            ctrl = self.st.ctrl
-            ctrl[:] = (C.CMD_STOP, 0, 0, 0)
-            self.comm.send_control(ctrl)
+            self.st.ctrl.header(C.CMD_STOP)
+            self.comm.send_control(self.st.ctrl.buf)
+
+    def _send_tables(self, updates, copies) -> None:
+        c = self.st.ctrl
+        c.header(C.CMD_TABLES, 0, 0, len(updates), len(copies))
+        if updates:
+            c.updates[:len(updates)] = updates
+        if copies:
+            c.copies[:len(copies)] = copies
+        self._apply_tables()
+        self.comm.send_control(c.buf)
+
+    # ---- per-rank counters (GET /metrics), collected between passes -------------------------
+
+    RANK_STATS = ("compute_seconds", "wait_seconds", "forward_passes", "tokens")
+
+    def rank_stats(self) -> np.ndarray:
+        """This rank's counters, in RANK_STATS order: time in forward passes outside collectives,
+        time waiting in collectives, passes, rows evaluated."""
+        s = self.stats
+        return np.array([s.seconds - s.sync_seconds, self.comm.wait_seconds, s.forward_calls, s.tokens],
+                        np.float64)
+
+    def gather_rank_stats(self) -> np.ndarray:
+        """Root, between passes: every rank's rank_stats() as [size, len(RANK_STATS)] (one control
+        packet, CMD_STATS, then a gather of a few floats; workers answer it in serve())."""
+        if self.comm.size > 1:
+            self.st.ctrl.header(C.CMD_STATS)
+            self.comm.send_control(self.st.ctrl.buf)
+        return self.world.gather_floats(self.rank_stats())
 
     # ---- the workers' loop -----------------------------------------------------------------
 
     def serve(self) -> None:
-        """Worker: follow the root's forward passes until it says stop."""
-        ctrl = self.st.ctrl
+        """Worker: follow the root's passes until it says stop."""
+        c = self.st.ctrl
         while True:
-            self.comm.wait_control(ctrl)
-            if ctrl[0] == C.CMD_STOP:
+            self.comm.wait_control(c.buf)
+            cmd = c.cmd
+            if cmd == C.CMD_STOP:
                 return
-            b, flags = int(ctrl[2]), int(ctrl[3])
-            self._forward(int(ctrl[1]), b, [None] * b if flags & C.FLAG_ALL_LOGITS else None,
-                          bool(flags & C.FLAG_ARGMAX))
+            if cmd == C.CMD_STATS:
+                self.world.gather_floats(self.rank_stats())
+                continue
+            self._apply_tables()
+            if cmd == C.CMD_FORWARD:
+                self._pass(int(c.buf[1]), None)
 
     # ---- the pass itself ------------------------------------------------------------------
 
-    def _forward(self, pos: int, b: int, all_rows=None, argmax: bool = False):
-        """One pass over b rows at positions pos..; logits of the last row into st.logits, or of
-        every row into all_rows[r] (root; workers pass placeholders), or (argmax) only the id of the
-        last row's largest logit, returned on the root."""
+    def _apply_tables(self) -> None:
+        """Page-table updates and page copies of the current control packet (every rank)."""
+        st, c = self.st, self.st.ctrl
+        n_up, n_cp = int(c.buf[4]), int(c.buf[5])
+        if n_up:
+            u = c.updates[:n_up]
+            st.tables[u[:, 0], u[:, 1]] = u[:, 2]
+        ps = self.kv_plan.page_size
+        for src, dst in c.copies[:n_cp]:
+            s0, d0 = int(src) * ps, int(dst) * ps
+            st.key_cache[:, d0:d0 + ps] = st.key_cache[:, s0:s0 + ps]
+            st.value_cache[:, d0:d0 + ps] = st.value_cache[:, s0:s0 + ps]
+
+    def _pass(self, b: int, out_full):
+        """One pass over the b rows of the control packet; then the logits it asks for."""
         t0 = time.perf_counter()
         w0 = self.comm.wait_seconds
         st = self.st
         self.comm.bcast_f32(st.x[:b])
-        for l, layer in enumerate(self.w.layers):
-            self._attention(l, layer, pos, b)
-            if layer.experts:
-                self._moe(layer, b)
-            else:
-                self._ffn(layer, b)
-        best = None
-        if argmax:
-            best = self._argmax(b - 1)
-        elif all_rows is None:
-            self._logits(b - 1, self.st.logits)
-        else:
-            for r in range(b):
-                self._logits(r, all_rows[r])
+        self._layers(b)
+        result = self._logits(out_full)
         self.stats.forward_calls += 1
         self.stats.tokens += b
         self.stats.seconds += time.perf_counter() - t0
         self.stats.sync_seconds += self.comm.wait_seconds - w0
-        return best
+        return result
+
+    def _layers(self, b: int) -> None:
+        """Every layer this rank holds (all of them, or a pipeline stage's range) over st.x[:b]."""
+        for l, layer in enumerate(self.w.layers):
+            self._attention(l, layer, b)
+            if layer.experts:
+                self._moe(layer, b)
+            else:
+                self._ffn(layer, b)
 
     def _norm_quant(self, p_norm, b: int) -> None:
         """xb = rmsnorm(x); xq = q80(xb) when the weights are quantized."""
@@ -435,21 +674,22 @@ class Engine:
         if self.quantized:
             lib.dl_quantize_q80(st.p_xq, st.p_xb, b * self.h.dim)
 
-    def _attention(self, l: int, layer: Layer, pos: int, b: int) -> None:
+    def _attention(self, l: int, layer: Layer, b: int) -> None:
         st, hd = self.st, self.h.head_size
         self._norm_quant(layer.p_attn_norm, b)
-        k = st.p_k[l] + pos * st.kv_loc                     # k, v go straight into the cache
-        v = st.p_v[l] + pos * st.kv_loc
         layer.wq.matmul(st.p_q, st.p_xq, st.p_xb, b)
-        layer.wk.matmul(k, st.p_xq, st.p_xb, b)
-        layer.wv.matmul(v, st.p_xq, st.p_xb, b)
+        layer.wk.matmul(st.p_k, st.p_xq, st.p_xb, b)
+        layer.wv.matmul(st.p_v, st.p_xq, st.p_xb, b)
         n_q, n_kv = st.q_loc // hd, st.kv_loc // hd
         if layer.p_q_norm is not None:  # Qwen3: per-head RMSNorm of q and k before rope
             lib.dl_rmsnorm(st.p_q, st.p_q, layer.p_q_norm, hd, self.eps, b * n_q)
-            lib.dl_rmsnorm(k, k, layer.p_k_norm, hd, self.eps, b * n_kv)
-        lib.dl_rope(st.p_q, n_q, hd, pos, b, self.rope_type, self.p_freqs)
-        lib.dl_rope(k, n_kv, hd, pos, b, self.rope_type, self.p_freqs)
-        lib.dl_attention(st.p_z, st.p_q, st.p_k[l], st.p_v[l], self.p_kv_of_q, n_q, n_kv, hd, pos, b)
+            lib.dl_rmsnorm(st.p_k, st.p_k, layer.p_k_norm, hd, self.eps, b * n_kv)
+        lib.dl_rope(st.p_q, n_q, hd, st.p_pos, b, self.rope_type, self.p_freqs)
+        lib.dl_rope(st.p_k, n_kv, hd, st.p_pos, b, self.rope_type, self.p_freqs)
+        lib.dl_scatter_rows(st.p_key[l], st.p_k, st.p_kvrow, b, st.kv_loc)
+        lib.dl_scatter_rows(st.p_value[l], st.p_v, st.p_kvrow, b, st.kv_loc)
+        lib.dl_attention(st.p_z, st.p_q, st.p_key[l], st.p_value[l], self.p_kv_of_q, n_q, n_kv, hd,
+                         st.p_pos, st.p_slot, b, st.kv_pages, 0, self.attn_scale_div)
         if self.quantized:
             lib.dl_quantize_q80(st.p_zq, st.p_z, b * st.q_loc)
         layer.wo.matmul(st.p_partial, st.p_zq, st.p_z, b)
@@ -460,7 +700,7 @@ class Engine:
         self._norm_quant(layer.p_ffn_norm, b)
         layer.w1.matmul(st.p_h1, st.p_xq, st.p_xb, b)
         layer.w3.matmul(st.p_h3, st.p_xq, st.p_xb, b)
-        lib.dl_silu_mul(st.p_h1, st.p_h1, st.p_h3, b * st.ffn_loc)
+        lib.dl_silu_mul(st.p_h1, st.p_h1, st.p_h3, st.ffn_loc, b)
         if self.quantized:
             lib.dl_quantize_q80(st.p_hq, st.p_h1, b * st.ffn_loc)
         layer.w2.matmul(st.p_partial, st.p_hq, st.p_h1, b)
@@ -484,62 +724,166 @@ class Engine:
                 w1, w2, w3 = layer.experts[e]
                 w1.matmul(st.p_h1, xq, xf, 1)
                 w3.matmul(st.p_h3, xq, xf, 1)
-                lib.dl_silu_mul(st.p_h1, st.p_h1, st.p_h3, st.ffn_loc)
+                lib.dl_silu_mul(st.p_h1, st.p_h1, st.p_h3, st.ffn_loc, 1)
                 if self.quantized:
                     lib.dl_quantize_q80(st.p_hq, st.p_h1, st.ffn_loc)
                 w2.matmul(st.p_expert_out, st.p_hq, st.p_h1, 1)
                 out += np.float32(we) * st.expert_out
         self.sync(st.x, st.partial, b)
 
-    def _local_logits(self, r: int) -> None:
-        """This rank's vocabulary slice of the logits of batch row r, into st.logits_local."""
-        st, h = self.st, self.h
-        lib.dl_rmsnorm(st.p_xb, st.p_x + r * h.dim, self.p_norm, h.dim, self.eps, 1)
+    def _logits(self, out_full) -> list:
+        """The logit rows of the control packet, max_logit_rows at a time: each rank its vocabulary
+        slice of every row in one matmul; argmax rows reduce (value, id) pairs across ranks, full rows
+        are gathered on the root."""
+        c = self.st.ctrl
+        n = int(c.buf[2])
+        rows, modes = c.logit_row[:n], c.logit_mode[:n]
+        result = [None] * n if self.comm.is_root else None
+        done_full = 0
+        for g in range(0, n, self.max_logit_rows):
+            grp = slice(g, min(n, g + self.max_logit_rows))
+            self._local_logits(rows[grp])
+            gm = modes[grp]
+            am = np.flatnonzero(gm == LOGITS_ARGMAX)
+            fm = np.flatnonzero(gm == LOGITS_FULL)
+            sm = np.flatnonzero(gm == LOGITS_STATS)
+            if am.size:
+                ids = self._argmax(am)
+                if result is not None:
+                    for j, i in zip(am, ids):
+                        result[g + j] = i
+            if sm.size:
+                stats = self._stats(sm, c.logit_target[grp][sm], c.logit_inv_t[grp][sm])
+                if result is not None:
+                    for j, x in zip(sm, stats):
+                        result[g + j] = x
+            if fm.size:
+                full = self._gather(fm, None if out_full is None else out_full[done_full:done_full + fm.size])
+                if result is not None:
+                    for k, j in enumerate(fm):
+                        result[g + j] = full[k]
+                done_full += fm.size
+        return result
+
+    def _local_logits(self, rows) -> None:
+        """This rank's vocabulary slice of the logits of the given rows, into logits_local[:n]."""
+        st, h, n = self.st, self.h, len(rows)
+        np.take(st.x, rows, axis=0, out=st.xl[:n])
+        lib.dl_rmsnorm(st.p_xl, st.p_xl, self.p_norm, h.dim, self.eps, n)
         if self.quantized:
-            lib.dl_quantize_q80(st.p_xq, st.p_xb, h.dim)
-        self.w.wcls.matmul(st.p_logits_local, st.p_xq, st.p_xb, 1)
+            lib.dl_quantize_q80(st.p_xlq, st.p_xl, n * h.dim)
+        self.w.wcls.matmul(st.p_logits_local, st.p_xlq, st.p_xl, n)
 
-    def _logits(self, r: int, out) -> None:
-        """logits of batch row r: every rank its vocabulary rows, gathered on the root into out."""
+    def _argmax(self, which) -> list | None:
+        """Greedy decoding needs one id per row, not the vocabulary: each rank sends its best
+        (value, id) per row (16 bytes instead of 4·vocab/N), the root takes the largest value,
+        lowest id on ties."""
         st = self.st
-        self._local_logits(r)
-        if self.comm.size == 1:
-            out[:] = st.logits_local
+        n = len(which)
+        local = st.logits_local[which]
+        if local.shape[1]:
+            i = np.argmax(local, axis=1)
+            vals = local[np.arange(n), i]
         else:
-            self.comm.gatherv_f32(st.logits_local, out if self.comm.is_root else None,
-                                  self.vocab_counts, self.vocab_displs)
-
-    def _argmax(self, r: int):
-        """Greedy decoding needs one id, not the vocabulary: each rank sends its best (value, id)
-        (16 bytes instead of 4·vocab/N), the root takes the largest value, lowest id on ties."""
-        st = self.st
-        self._local_logits(r)
-        i = int(np.argmax(st.logits_local)) if st.logits_local.size else 0
+            i, vals = np.zeros(n, np.int64), np.full(n, -np.inf)
         if self.comm.size == 1:
-            return i
-        st.best[0] = st.logits_local[i] if st.logits_local.size else -np.inf
-        st.best[1] = self.plan[self.comm.rank].vocab[0] + i
-        self.comm.gather_f64(st.best, st.all_best)
+            return [int(x) for x in i]
+        best = st.best[:n]
+        best[:, 0], best[:, 1] = vals, i + self.vocab0
+        allb = st.all_best[:self.comm.size * n * 2] if self.comm.is_root else None
+        self.comm.gather_f64(best.reshape(-1), allb)
         if not self.comm.is_root:
             return None
-        top = st.all_best[:, 0].max()
-        return int(st.all_best[st.all_best[:, 0] == top, 1].min())
+        allb = allb.reshape(self.comm.size, n, 2)
+        top = allb[:, :, 0].max(axis=0)
+        ids = np.where(allb[:, :, 0] == top, allb[:, :, 1], np.inf).min(axis=0)
+        return [int(x) for x in ids]
+
+    def _stats(self, which, targets, inv_t) -> list | None:
+        """A distributed log-softmax: each rank summarises its vocabulary slice of each row (max,
+        log-sum-exp, the target's logit, its top STATS_TOPK) in STATS_LEN numbers, the root combines
+        them; nobody sends a vocabulary slice."""
+        st, n = self.st, len(which)
+        rec = st.stats[:n]
+        p = ffi.cast("double *", rec.ctypes.data)
+        v0, nv = self.vocab0, st.logits_local.shape[1]
+        for k, (row, t, it) in enumerate(zip(which, targets, inv_t)):
+            local_t = int(t) - v0 if t >= 0 else -1
+            lib.dl_logit_stats(p + k * STATS_LEN, st.p_logits_local + int(row) * nv, nv, float(it), local_t,
+                               STATS_TOPK)
+        ids = rec[:, 4::2]
+        ids[ids >= 0] += v0
+        if self.comm.size == 1:
+            return [_merge_stats(rec[k:k + 1], targets[k] >= 0) for k in range(n)]
+        allr = st.all_stats[:self.comm.size * n * STATS_LEN] if self.comm.is_root else None
+        self.comm.gather_f64(rec.reshape(-1), allr)
+        if not self.comm.is_root:
+            return None
+        allr = allr.reshape(self.comm.size, n, STATS_LEN)
+        return [_merge_stats(allr[:, k], targets[k] >= 0) for k in range(n)]
+
+    def _gather(self, which, out):
+        """Full logits of the given rows on the root ([n, vocab]: a view of st.logits, or out)."""
+        st = self.st
+        n = len(which)
+        dst = out if out is not None else (st.logits[:n] if self.comm.is_root else None)
+        if self.comm.size == 1:
+            np.take(st.logits_local, which, axis=0, out=dst)
+            return dst
+        send = np.ascontiguousarray(st.logits_local[which])
+        recv = st.gathered[:n * self.h.vocab_size] if self.comm.is_root else None
+        self.comm.gatherv_f32(send.reshape(-1), recv, self.vocab_counts * n, self.vocab_displs * n)
+        if not self.comm.is_root:
+            return None
+        for r in range(self.comm.size):   # rank-major [rank][row][its slice] -> [row][vocab]
+            d, k = int(self.vocab_displs[r]), int(self.vocab_counts[r])
+            dst[:, d:d + k] = recv[n * d:n * (d + k)].reshape(n, k)
+        return dst
+
+
+def _merge_stats(recs: np.ndarray, has_target: bool) -> TokenStats:
+    """TokenStats from the per-rank summaries of one row ([ranks, STATS_LEN])."""
+    log_z = float(np.logaddexp.reduce(recs[:, 1]))
+    pairs = recs[:, 3:].reshape(-1, 2)
+    pairs = pairs[pairs[:, 1] >= 0]
+    order = np.lexsort((pairs[:, 1], -pairs[:, 0]))[:STATS_TOPK]
+    top = [(int(pairs[i, 1]), float(pairs[i, 0]) - log_z) for i in order]
+    target = float(recs[:, 2].max()) - log_z if has_target else None
+    return TokenStats(top[0][0] if top else 0, log_z, target, top)
+
+
+def kv_row_bytes(h: ModelHeader, plan: ShardPlan) -> int:
+    """Bytes of K + V for one cache row on the rank that stores the most KV heads (f32, all layers)."""
+    return 2 * 4 * h.n_layers * h.head_size * max(plan[r].n_kv_heads for r in range(plan.n_nodes))
 
 
 # ------------------------------------------------------------------------------------------------
 # building an engine on every rank
 
+BUFFER_TYPES = ("q80", "f32")
+
+
 def check_options(h: ModelHeader, buffer_type: str) -> None:
-    if h.weights_float_type not in (F32, Q40):
-        raise ConfigError(f"{float_type_name(h.weights_float_type)} weights are not supported (use q40 or f32)")
+    """Every weight type (f32, f16, q40, q80, mixed per matrix) runs with q80 or f32 buffers: q40 /
+    q80 matrices always multiply q80-quantized activations, f32 / f16 ones the f32 activations; the
+    buffer type is the format of the synchronised partial sums."""
+    for t in h.matrix_types:
+        if t not in FLOAT_NAMES:
+            raise ConfigError(f"{float_type_name(t)} weights are not supported (supported: f32, f16, q40, q80)")
+    if buffer_type not in BUFFER_TYPES:
+        raise ConfigError(f"--buffer-float-type {buffer_type} is not supported (supported: q80, f32)")
+    if h.is_gemma3:   # the format and converters exist (FORMATS-EXT.md); the forward pass comes next
+        raise ConfigError("gemma3 models are not supported by the forward pass yet")
     if buffer_type == "q80" and h.dim % BLOCK:
         raise ConfigError(f"--buffer-float-type q80 needs dim % 32 == 0 (dim is {h.dim})")
 
 
 def build_engine(comm: Comm, model_path: str | None, *, max_seq_len: int | None = None,
                  buffer_type: str = "auto", sync: str = "ring", load: str = "scatter",
-                 max_batch: int = DEFAULT_BATCH, progress=None) -> Engine:
-    """Collective: the root opens the model, every rank gets the header, the plan and its slices."""
+                 max_batch: int = DEFAULT_BATCH, progress=None, n_slots: int = 1,
+                 kv_memory: int | None = None, pp: int = 1, split="even", quiet: bool = False) -> Engine:
+    """Collective: the root opens the model, every rank gets the header, the plan and its slices.
+    `pp` pipeline stages and `split` weights ('even', 'auto' or one weight per rank): pipeline.py."""
     from .formats import open_model
 
     model = None
@@ -552,7 +896,7 @@ def build_engine(comm: Comm, model_path: str | None, *, max_seq_len: int | None 
     header_bytes = comm.bcast_bytes(header_bytes) if comm.size > 1 else header_bytes
     h, header_size = read_model_header(model_path or "<root>", header_bytes, len(header_bytes))
     if buffer_type in (None, "auto"):
-        buffer_type = "q80" if h.weights_float_type == Q40 else "f32"
+        buffer_type = "q80" if h.quantized else "f32"
     check_options(h, buffer_type)
     if max_seq_len is not None:
         if max_seq_len <= 0:
@@ -560,6 +904,14 @@ def build_engine(comm: Comm, model_path: str | None, *, max_seq_len: int | None 
         if max_seq_len > h.max_seq_len:
             raise ConfigError(f"--max-seq-len {max_seq_len} is beyond the model's context ({h.max_seq_len})")
     seq = min(max_seq_len or h.max_seq_len, h.max_seq_len)
+    if pp != 1 or split != "even":
+        from .pipeline import build_stages, parse_split
+
+        return build_stages(comm, h, header_size, model, pp=pp, split=parse_split(split, comm.size)
+                            if isinstance(split, str) else split, seq=seq, buffer_type=buffer_type, sync=sync,
+                            load=load, max_batch=max_batch, progress=progress, n_slots=n_slots,
+                            kv_memory=kv_memory, quiet=quiet)
     plan = make_plan(h, comm.size)
+    kv = plan_kv(kv_row_bytes(h, plan), seq, n_slots, kv_memory)
     weights = load_weights(comm, h, header_size, plan, model, load, progress)
-    return Engine(comm, h, plan, weights, seq, max_batch, buffer_type, sync)
+    return Engine(comm, h, plan, weights, seq, max_batch, buffer_type, sync, kv)

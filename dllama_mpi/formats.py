@@ -1,12 +1,14 @@
 """Distributed Llama's file formats: `.m` models and `.t` tokenizers (../spec/FORMATS.md §1–§3).
 
-This module is the only place that knows byte layouts. Readers memory-map the model (nothing is
+dllama-mpi's extensions (the Gemma 3 arch, SentencePiece token types) are in FORMATS-EXT.md beside
+this file. This module is the only place that knows byte layouts. Readers memory-map the model (nothing is
 copied until a tensor is asked for) and validate everything against the file length; every problem
 is a one-line ModelFormatError / TokenizerFormatError naming the file and the field.
 """
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -23,7 +25,9 @@ MODEL_MAGIC = 0x0A00ABCD
 OLD_MODEL_MAGICS = (0x00ABCD00, 0x00ABCD01)
 
 ARCH_LLAMA, ARCH_QWEN3, ARCH_QWEN3_MOE = 0xABCD00, 0xABCD01, 0xABCD02
-ARCH_NAMES = {ARCH_LLAMA: "llama", ARCH_QWEN3: "qwen3", ARCH_QWEN3_MOE: "qwen3_moe"}
+# dllama-mpi's own archs (FORMATS-EXT.md) count from 0xABCD80, away from Distributed Llama's next ids
+ARCH_GEMMA3 = 0xABCD80
+ARCH_NAMES = {ARCH_LLAMA: "llama", ARCH_QWEN3: "qwen3", ARCH_QWEN3_MOE: "qwen3_moe", ARCH_GEMMA3: "gemma3"}
 
 ACT_GELU, ACT_SILU = 0, 1
 ROPE_LLAMA, ROPE_FALCON, ROPE_LLAMA3_1 = 0, 1, 2
@@ -34,23 +38,26 @@ FLOAT_NAMES = {F32: "f32", F16: "f16", Q40: "q40", Q80: "q80"}
 FLOAT_BY_NAME = {v: k for k, v in FLOAT_NAMES.items()}
 BLOCK = 32
 Q40_BYTES, Q80_BYTES = 18, 34
+# (values, bytes) of one storage unit per float type: slices and sizes are whole units
+TYPE_BLOCK = {F32: (1, 4), F16: (1, 2), Q40: (BLOCK, Q40_BYTES), Q80: (BLOCK, Q80_BYTES)}
+QUANTIZED = (Q40, Q80)
 
 
 def float_type_name(ftype: int) -> str:
     return FLOAT_NAMES.get(ftype, f"unknown({ftype})")
 
 
+def block_shape(ftype: int) -> tuple[int, int]:
+    """(values, bytes) of one block of this float type (1 value for f32 / f16)."""
+    try:
+        return TYPE_BLOCK[ftype]
+    except KeyError:
+        raise ValueError(f"unknown float type {ftype}") from None
+
+
 def tensor_nbytes(ftype: int, rows: int, cols: int) -> int:
-    n = rows * cols
-    if ftype == F32:
-        return 4 * n
-    if ftype == F16:
-        return 2 * n
-    if ftype == Q40:
-        return Q40_BYTES * n // BLOCK
-    if ftype == Q80:
-        return Q80_BYTES * n // BLOCK
-    raise ValueError(f"unknown float type {ftype}")
+    values, nbytes = block_shape(ftype)
+    return rows * cols // values * nbytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,9 +71,14 @@ HEADER_KEYS = {
     15: "rope_scaling_low_freq_factor", 16: "rope_scaling_high_freq_factor",
     17: "rope_scaling_orig_max_seq_len", 18: "rope_type", 19: "head_dim", 20: "norm_epsilon",
     21: "moe_hidden_dim",
+    22: "n_tensor_types",   # dllama-mpi extension (FORMATS-EXT.md, "Per-matrix float types"): per-matrix type table follows
+    # Gemma 3 extension (FORMATS-EXT.md "Gemma 3"): keys 64.. are only valid with arch gemma3
+    64: "sliding_window", 65: "sliding_window_pattern", 66: "rope_theta_local",
+    67: "query_pre_attn_scalar", 68: "rope_linear_factor",
 }
+GEMMA3_KEYS = (64, 65, 66, 67, 68)
 HEADER_KEY_OF = {v: k for k, v in HEADER_KEYS.items()}
-HEADER_WRITE_ORDER = [0, 1, 11, 2, 3, 4, 5, 6, 13, 10, 9, 7, 8, 12, 14, 15, 16, 17, 18, 19, 20, 21]
+HEADER_WRITE_ORDER = [0, 1, 11, 2, 3, 4, 5, 6, 13, 10, 9, 7, 8, 12, 14, 15, 16, 17, 18, 19, 20, 21, 22, *GEMMA3_KEYS]
 REQUIRED_KEYS = ("arch_type", "dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads",
                  "vocab_size", "max_seq_len", "weights_float_type")
 
@@ -97,6 +109,13 @@ class ModelHeader:
     head_dim: int = 0          # 0 = dim / n_heads
     norm_epsilon: int = 5      # coded: 5 -> 1e-5, 6 -> 1e-6
     moe_hidden_dim: int = 0
+    n_tensor_types: int = 0    # extension: entries of the per-matrix type table (0 = none)
+    tensor_types: tuple = ()   # extension: the type of every matrix ("W" tensor) in file order
+    sliding_window: int = 0            # gemma3: local layers attend to the last N positions (0 = none)
+    sliding_window_pattern: int = 6    # gemma3: layer l is global iff l % pattern == pattern - 1
+    rope_theta_local: int = 10000      # gemma3: rope base of the local (sliding-window) layers
+    query_pre_attn_scalar: int = 0     # gemma3: attention scale is query_pre_attn_scalar^-1/2 (0 = head_dim)
+    rope_linear_factor: int = 1        # gemma3: global layers divide their rope frequencies by this
     present: tuple = field(default=(), repr=False, compare=False)  # keys the file had, in order
 
     @property
@@ -106,6 +125,39 @@ class ModelHeader:
     @property
     def is_qwen3(self) -> bool:
         return self.arch_type in (ARCH_QWEN3, ARCH_QWEN3_MOE)
+
+    @property
+    def is_gemma3(self) -> bool:
+        return self.arch_type == ARCH_GEMMA3
+
+    @property
+    def has_qk_norm(self) -> bool:
+        """Per-head RMSNorm of q and k before rope (q_norm / k_norm tensors)."""
+        return self.is_qwen3 or self.is_gemma3
+
+    def is_global_layer(self, layer: int) -> bool:
+        """gemma3: full attention on this layer (else a sliding window); every layer of other archs."""
+        if not self.is_gemma3 or self.sliding_window == 0:
+            return True
+        return layer % self.sliding_window_pattern == self.sliding_window_pattern - 1
+
+    def rope_of_layer(self, layer: int) -> tuple[int, float]:
+        """(rope base, frequency multiplier) of a layer: gemma3's local layers use rope_theta_local
+        unscaled, its global layers rope_theta with 1/rope_linear_factor; other archs rope_theta."""
+        if not self.is_gemma3:
+            return self.rope_theta, 1.0
+        if self.is_global_layer(layer):
+            return self.rope_theta, 1.0 / self.rope_linear_factor
+        return self.rope_theta_local, 1.0
+
+    def window_of_layer(self, layer: int) -> int:
+        """Positions a query of this layer attends to (itself included); 0 = all previous ones."""
+        return 0 if self.is_global_layer(layer) else self.sliding_window
+
+    @property
+    def attn_scale(self) -> float:
+        """The factor of q·k in attention: 1/sqrt(head_dim), or gemma3's query_pre_attn_scalar^-1/2."""
+        return 1.0 / math.sqrt(self.query_pre_attn_scalar or self.head_size)
 
     @property
     def is_moe(self) -> bool:
@@ -134,26 +186,63 @@ class ModelHeader:
 
     @property
     def effective_rope_type(self) -> int:
-        """Qwen3 archs always use FALCON (half-split) rope, whatever the header says."""
-        return ROPE_FALCON if self.is_qwen3 else self.rope_type
+        """Qwen3 and Gemma 3 always use FALCON (half-split) rope, whatever the header says."""
+        return ROPE_FALCON if self.is_qwen3 or self.is_gemma3 else self.rope_type
+
+    @property
+    def n_matrices(self) -> int:
+        """Tensors of type W (§1.4): 7 per dense layer, 4 + 3 per expert per MoE layer, plus wcls."""
+        per_layer = 7 if self.n_experts == 0 else 4 + 3 * self.n_experts
+        return self.n_layers * per_layer + 1
+
+    @property
+    def matrix_types(self) -> tuple:
+        """The distinct float types of the matrices (one, unless the file has a type table)."""
+        return tuple(sorted(set(self.tensor_types))) if self.tensor_types else (self.weights_float_type,)
+
+    @property
+    def weights_name(self) -> str:
+        """'q80', or the types of a mixed file ('q40+q80')."""
+        return "+".join(float_type_name(t) for t in self.matrix_types)
+
+    @property
+    def quantized(self) -> bool:
+        """Some matrix is q40 / q80: its input is the q80 activation buffer."""
+        return any(t in QUANTIZED for t in self.matrix_types)
 
     def to_pairs(self) -> list[tuple[int, int]]:
-        """(key, value) pairs in the converter's order; optional keys only if present/meaningful."""
-        keys = self.present or tuple(HEADER_WRITE_ORDER)
-        order = [k for k in HEADER_WRITE_ORDER if k in keys]
-        return [(k, int(getattr(self, HEADER_KEYS[k]))) for k in order]
+        """(key, value) pairs in the converter's order; optional keys only if present/meaningful.
+        Key 22 (the type table's length) is written when, and only when, there is a table, last."""
+        keys = self.present or tuple(k for k in HEADER_WRITE_ORDER if k not in GEMMA3_KEYS or self.is_gemma3)
+        order = [k for k in HEADER_WRITE_ORDER if k in keys and k != 22]
+        pairs = [(k, int(getattr(self, HEADER_KEYS[k]))) for k in order]
+        if self.tensor_types:
+            pairs.append((22, len(self.tensor_types)))
+        return pairs
+
+    def header_nbytes(self) -> int:
+        """header_size of this header: magic, size, pairs, then the padded type table if any."""
+        return 8 + 8 * len(self.to_pairs()) + _pad8(len(self.tensor_types))
+
+
+def _pad8(n: int) -> int:
+    return (n + 7) // 8 * 8
 
 
 def _int_fields():
-    return {f.name for f in fields(ModelHeader) if f.name != "present"}
+    return {f.name for f in fields(ModelHeader) if f.name not in ("present", "tensor_types")}
 
 
 # ---------------------------------------------------------------------------------------------
 # tensor layout (§1.4)
 
+# the tensors of type W (weights_float_type, or their entry of the per-matrix type table)
+MATRIX_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "wcls")
+
 @dataclass(frozen=True)
 class TensorInfo:
-    name: str          # embed, wq, wk, wv, wo, w1, w2, w3, router, q_norm, k_norm, attn_norm, ffn_norm, norm, wcls
+    name: str          # embed, wq, wk, wv, wo, w1, w2, w3, router, q_norm, k_norm, attn_norm, ffn_norm,
+                       # attn_post_norm, ffn_post_norm (gemma3), norm, wcls
     layer: int         # -1 for global tensors
     expert: int        # -1 unless an MoE expert matrix
     ftype: int
@@ -171,10 +260,13 @@ def tensor_layout(h: ModelHeader, header_size: int) -> list[TensorInfo]:
     """The tensors of a model in file order, with their offsets."""
     out: list[TensorInfo] = []
     off = header_size
-    W = h.weights_float_type
+    W = None   # a matrix: the header's weights_float_type, or its entry of the type table
+    types = iter(h.tensor_types) if h.tensor_types else None
 
     def add(name, ftype, rows, cols, layer=-1, expert=-1):
         nonlocal off
+        if ftype is None:
+            ftype = next(types) if types is not None else h.weights_float_type
         n = tensor_nbytes(ftype, rows, cols)
         out.append(TensorInfo(name, layer, expert, ftype, rows, cols, off, n))
         off += n
@@ -195,11 +287,14 @@ def tensor_layout(h: ModelHeader, header_size: int) -> list[TensorInfo]:
                 add("w1", W, h.moe_hidden_dim, h.dim, l, e)
                 add("w2", W, h.dim, h.moe_hidden_dim, l, e)
                 add("w3", W, h.moe_hidden_dim, h.dim, l, e)
-        if h.is_qwen3:
+        if h.has_qk_norm:
             add("q_norm", F32, 1, h.head_size, l)
             add("k_norm", F32, 1, h.head_size, l)
         add("attn_norm", F32, 1, h.dim, l)
         add("ffn_norm", F32, 1, h.dim, l)
+        if h.is_gemma3:                        # sandwich norms: after attention, after the FFN
+            add("attn_post_norm", F32, 1, h.dim, l)
+            add("ffn_post_norm", F32, 1, h.dim, l)
     add("norm", F32, 1, h.dim)
     add("wcls", W, h.vocab_size, h.dim)
     return out
@@ -207,7 +302,11 @@ def tensor_layout(h: ModelHeader, header_size: int) -> list[TensorInfo]:
 
 def model_nbytes(h: ModelHeader, header_size: int) -> int:
     """The file size `tensor_layout` describes, computed without listing the tensors (a damaged
-    header may claim billions of layers: check the size first, then build the table)."""
+    header may claim billions of layers: check the size first, then build the table). With a type
+    table (whose length the header bytes bound) the list is short enough to build."""
+    if h.tensor_types:
+        last = tensor_layout(h, header_size)[-1]
+        return last.offset + last.nbytes
     W = h.weights_float_type
     per_layer = (tensor_nbytes(W, h.q_dim, h.dim) + 2 * tensor_nbytes(W, h.kv_dim, h.dim)
                  + tensor_nbytes(W, h.dim, h.q_dim) + 2 * tensor_nbytes(F32, 1, h.dim))
@@ -216,8 +315,10 @@ def model_nbytes(h: ModelHeader, header_size: int) -> int:
     else:
         per_layer += tensor_nbytes(F32, h.n_experts, h.dim) + h.n_experts * (
             2 * tensor_nbytes(W, h.moe_hidden_dim, h.dim) + tensor_nbytes(W, h.dim, h.moe_hidden_dim))
-    if h.is_qwen3:
+    if h.has_qk_norm:
         per_layer += 2 * tensor_nbytes(F32, 1, h.head_size)
+    if h.is_gemma3:
+        per_layer += 2 * tensor_nbytes(F32, 1, h.dim)
     return (header_size + tensor_nbytes(F32, h.vocab_size, h.dim) + h.n_layers * per_layer
             + tensor_nbytes(F32, 1, h.dim) + tensor_nbytes(W, h.vocab_size, h.dim))
 
@@ -259,10 +360,36 @@ def _validate_header(path: str, h: ModelHeader) -> None:
             h.rope_scaling_orig_max_seq_len <= 0
             or h.rope_scaling_high_freq_factor == h.rope_scaling_low_freq_factor):
         bad("llama3 rope scaling (key 14) without a valid original length / low / high freq factors")
-    if h.weights_float_type in (Q40, Q80):
+    if h.is_gemma3:
+        _validate_gemma3(bad, h)
+    elif any(k in h.present for k in GEMMA3_KEYS):
+        k = next(k for k in h.present if k in GEMMA3_KEYS)
+        bad(f"header key {k} ({HEADER_KEYS[k]}) is only defined for arch gemma3, not {h.arch_name}")
+    if h.tensor_types:
+        if h.n_tensor_types != h.n_matrices:
+            bad(f"header key 22 (n_tensor_types) is {h.n_tensor_types}, the model has {h.n_matrices} matrices")
+        for i, t in enumerate(h.tensor_types):
+            if t not in FLOAT_NAMES:
+                bad(f"tensor type table entry {i} has unknown float type {t}")
+    if h.quantized:
+        q = next(t for t in h.matrix_types if t in QUANTIZED)
         for name, n in (("dim", h.dim), ("q_dim", h.q_dim), ("ffn_dim", h.ffn_dim)):
             if n % BLOCK:
-                bad(f"{name} {n} is not a multiple of {BLOCK}, required for {float_type_name(h.weights_float_type)} weights")
+                bad(f"{name} {n} is not a multiple of {BLOCK}, required for {float_type_name(q)} weights")
+
+
+def _validate_gemma3(bad, h: ModelHeader) -> None:
+    if h.hidden_act != ACT_GELU:
+        bad(f"gemma3 model with hidden_act {h.hidden_act} (key 11); gemma3 uses GELU (0, tanh approximation)")
+    if h.n_experts:
+        bad(f"gemma3 model with n_experts {h.n_experts} (key 7); gemma3 is dense")
+    if h.rope_scaling_factor != 1:
+        bad("gemma3 model with llama3 rope scaling (key 14); gemma3 scales with rope_linear_factor (key 68)")
+    for key in GEMMA3_KEYS:
+        name = HEADER_KEYS[key]
+        v = getattr(h, name)
+        if v < 0 or (v == 0 and name in ("sliding_window_pattern", "rope_theta_local", "rope_linear_factor")):
+            bad(f"header key {key} ({name}) is {v}, must be positive")
 
 
 @dataclass
@@ -319,21 +446,29 @@ def read_model_header(path: str, data: bytes | mmap.mmap, file_size: int) -> tup
         raise ModelFormatError(f"{path}: header_size {header_size} is not 8 + 8 x pairs")
     if header_size > file_size:
         raise ModelFormatError(f"{path}: header_size {header_size} is larger than the file ({file_size} bytes)")
-    n_pairs = (header_size - 8) // 8
     values: dict[str, int] = {}
     present = []
-    for i in range(n_pairs):
-        key, value = struct.unpack_from("<ii", data, 8 + 8 * i)
+    types: tuple = ()
+    pos = 8
+    while pos < header_size:
+        key, value = struct.unpack_from("<ii", data, pos)
+        pos += 8
         if key not in HEADER_KEYS:
             raise ModelFormatError(f"{path}: unknown header key {key} (value {value})")
         if key in present:
             raise ModelFormatError(f"{path}: header key {key} ({HEADER_KEYS[key]}) appears twice")
         present.append(key)
         values[HEADER_KEYS[key]] = value
+        if key == 22:   # extension: the last pair; its table of one byte per matrix ends the header
+            if value <= 0 or pos + _pad8(value) != header_size:
+                raise ModelFormatError(f"{path}: header key 22 (n_tensor_types) is {value} but the header has "
+                                       f"{header_size - pos} bytes after it (the padded type table must end the header)")
+            types = tuple(data[pos:pos + value])
+            break
     for name in REQUIRED_KEYS:
         if name not in values:
             raise ModelFormatError(f"{path}: header has no key {HEADER_KEY_OF[name]} ({name})")
-    h = ModelHeader(**values, present=tuple(present))
+    h = ModelHeader(**values, tensor_types=types, present=tuple(present))
     _validate_header(path, h)
     return h, header_size
 
@@ -367,9 +502,12 @@ def open_model(path: str | os.PathLike) -> ModelFile:
 
 def write_model_header(f, h: ModelHeader) -> None:
     pairs = h.to_pairs()
-    f.write(struct.pack("<ii", MODEL_MAGIC, 8 + 8 * len(pairs)))
+    f.write(struct.pack("<ii", MODEL_MAGIC, h.header_nbytes()))
     for k, v in pairs:
         f.write(struct.pack("<ii", k, v))
+    if h.tensor_types:
+        table = bytes(h.tensor_types)
+        f.write(table + b"\0" * (_pad8(len(table)) - len(table)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,7 +517,12 @@ TOKENIZER_MAGIC = 0x567124
 TOKENIZER_MAGIC_OLD = 0x567123
 TOK_KEYS = {0: "version", 1: "vocab_size", 2: "max_token_length", 3: "bos_id", 4: "eos_id",
             5: "pad_id", 6: "chat_eos_id", 7: "chat_template", 8: "chat_stop", 9: "n_eos_tokens",
-            10: "add_bos"}
+            10: "add_bos",
+            # SentencePiece extension (FORMATS-EXT.md "SentencePiece tokenizers")
+            11: "token_types", 12: "add_space_prefix"}
+
+# token types of a SentencePiece vocabulary: GGUF's tokenizer.ggml.token_type values
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
 
 @dataclass
@@ -391,6 +534,9 @@ class TokenizerData:
     add_bos: bool
     chat_template: str | None
     max_token_length: int = 0
+    # SentencePiece vocabularies (key 11): one TOKEN_* type per token, uint8; None = byte-level BPE
+    token_types: np.ndarray | None = None
+    add_space_prefix: bool = False
 
     @property
     def vocab_size(self) -> int:
@@ -418,6 +564,8 @@ def read_tokenizer(path: str | os.PathLike) -> TokenizerData:
     eos_ids: list[int] = []
     template = None
     add_bos = True
+    token_types = None
+    add_space_prefix = False
     if magic == TOKENIZER_MAGIC_OLD:
         need(4, 20, "legacy header")
         vocab_size, max_len, bos_id, eos_id, _pad = struct.unpack_from("<IIiii", data, 4)
@@ -463,6 +611,18 @@ def read_tokenizer(path: str | os.PathLike) -> TokenizerData:
             if legacy in vals and vals[legacy] >= 0 and vals[legacy] not in eos_ids:
                 eos_ids.append(vals[legacy])
         add_bos = bool(vals.get("add_bos", 1))
+        if "token_types" in vals:
+            if vals["token_types"] != vocab_size:
+                bad(f"header key 11 (token_types) is {vals['token_types']}, expected vocab_size {vocab_size}")
+            need(pos, vocab_size, "token types")
+            token_types = np.frombuffer(data, dtype=np.uint8, count=vocab_size, offset=pos).copy()
+            pos += vocab_size
+            wrong = np.flatnonzero((token_types < TOKEN_NORMAL) | (token_types > TOKEN_BYTE))
+            if wrong.size:
+                bad(f"token {wrong[0]} has unknown type {token_types[wrong[0]]} (expected 1..6)")
+        elif "add_space_prefix" in vals:
+            bad("header key 12 (add_space_prefix) without key 11 (token_types)")
+        add_space_prefix = bool(vals.get("add_space_prefix", 0))
     else:
         bad(f"not a .t tokenizer file (magic {magic & 0xffffffff:#x})")
 
@@ -492,22 +652,31 @@ def read_tokenizer(path: str | os.PathLike) -> TokenizerData:
     for e in eos_ids:
         if not 0 <= e < vocab_size:
             bad(f"eos id {e} is outside the vocabulary (size {vocab_size})")
-    return TokenizerData(vocab, scores, bos_id, eos_ids, add_bos, template, max_len)
+    if token_types is not None:
+        for i in np.flatnonzero(token_types == TOKEN_BYTE):
+            if len(vocab[i]) != 1:
+                bad(f"byte token {i} is {len(vocab[i])} bytes long, expected 1")
+    return TokenizerData(vocab, scores, bos_id, eos_ids, add_bos, template, max_len, token_types, add_space_prefix)
 
 
 def write_tokenizer(path: str | os.PathLike, t: TokenizerData) -> None:
-    """Write a current-format .t file (keys in the converter's order 3, 0, 1, 2, (7), 9, 10)."""
+    """Write a current-format .t file (keys in the converter's order 3, 0, 1, 2, (7), 9, 10; then
+    11, 12 for a SentencePiece vocabulary with token types, FORMATS-EXT.md)."""
     template = t.chat_template.encode("utf-8") if t.chat_template is not None else None
     max_len = max(len(v) for v in t.vocab)
     pairs = [(3, t.bos_id), (0, 1), (1, len(t.vocab)), (2, max_len)]
     if template is not None:
         pairs.append((7, len(template)))
     pairs += [(9, len(t.eos_ids)), (10, 1 if t.add_bos else 0)]
+    if t.token_types is not None:
+        pairs += [(11, len(t.vocab)), (12, 1 if t.add_space_prefix else 0)]
     parts = [struct.pack("<ii", TOKENIZER_MAGIC, 8 + 8 * len(pairs))]
     parts += [struct.pack("<ii", k, v) for k, v in pairs]
     if template is not None:
         parts.append(template)
     parts.append(struct.pack(f"<{len(t.eos_ids)}i", *t.eos_ids))
+    if t.token_types is not None:
+        parts.append(np.asarray(t.token_types, dtype=np.uint8).tobytes())
     for tok, score in zip(t.vocab, t.scores):
         parts.append(struct.pack("<fI", float(score), len(tok)))
         parts.append(tok)

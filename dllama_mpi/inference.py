@@ -48,7 +48,7 @@ def inference(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max
                 sys.stdout.flush()
         st = gen.last
         summary = {"prompt": prompt, "prompt_ids": ids, "generated_ids": ids_out, "text": "".join(pieces),
-                   "nodes": comm.size, "nthreads": nthreads, "buffer_float_type": engine.buffer_type,
+                   "nodes": comm.size, "nthreads": engine.nthreads, "buffer_float_type": engine.buffer_type,
                    "sync": engine.sync.scheme, "load_seconds": round(engine.load_seconds, 3), **st.as_dict()}
         if as_json:
             print(json.dumps(summary))

@@ -22,7 +22,8 @@ __all__ = [
     "ISA_SCALAR", "ISA_AVX2", "ISA_AVX512", "ISA_NEON", "ISA_NEON_DOTPROD", "ALL_ISAS", "set_threads", "n_threads", "isa_name",
     "set_isa", "get_isa", "isa_supported", "supported_isas", "f32_to_f16", "f16_to_f32",
     "quantize_q80", "dequantize_q80", "quantize_q40", "dequantize_q40", "matmul_q40_q80",
-    "matmul_f32", "rmsnorm", "silu_mul", "add", "add_q80", "softmax", "rope", "attention",
+    "matmul_q80_q80", "matmul_f16_f32", "matmul_f32", "rmsnorm", "silu_mul", "add", "add_q80", "softmax", "rope",
+    "attention", "attention_paged",
 ]
 
 QK = 32
@@ -239,6 +240,28 @@ def matmul_q40_q80(w_bytes, x_q80_bytes, rows: int, cols: int, batch: int = 1) -
     return out
 
 
+def matmul_q80_q80(w_bytes, x_q80_bytes, rows: int, cols: int, batch: int = 1) -> np.ndarray:
+    """out[batch, rows] = W (q80 [rows, cols]) @ x (q80 [batch, cols])."""
+    w, x = _u8(w_bytes), _u8(x_q80_bytes)
+    if cols % QK or w.size < rows * cols // QK * Q80_BLOCK_BYTES or \
+            x.size < batch * cols // QK * Q80_BLOCK_BYTES:
+        raise ValueError("matmul_q80_q80: bad shapes")
+    out = np.empty((batch, rows), dtype=np.float32)
+    lib.dl_matmul_q80_q80(ptr(out), ptr(w, "dl_block_q80"), ptr(x, "dl_block_q80"), rows, cols, batch)
+    return out
+
+
+def matmul_f16_f32(w_f16, x, rows: int, cols: int, batch: int = 1) -> np.ndarray:
+    """out[batch, rows] = W (f16 bits [rows, cols]) @ x (f32 [batch, cols])."""
+    w = np.ascontiguousarray(w_f16).view(np.uint16).reshape(-1)
+    x = _f32(x).reshape(-1)
+    if w.size < rows * cols or x.size < batch * cols:
+        raise ValueError("matmul_f16_f32: bad shapes")
+    out = np.empty((batch, rows), dtype=np.float32)
+    lib.dl_matmul_f16_f32(ptr(out), ptr(w, "uint16_t"), ptr(x), rows, cols, batch)
+    return out
+
+
 def matmul_f32(w, x, rows: int | None = None, cols: int | None = None, batch: int | None = None) -> np.ndarray:
     w = _f32(w)
     x = _f32(x)
@@ -260,11 +283,27 @@ def rmsnorm(x, w, eps: float) -> np.ndarray:
     return out
 
 
-def silu_mul(gate, up) -> np.ndarray:
+def silu_mul(gate, up, n: int | None = None) -> np.ndarray:
+    """silu(gate) * up on rows of n values (default: one row)."""
+    g, u = _f32(gate), _f32(up)
+    n = g.size if n is None else n
+    out = np.empty_like(g)
+    lib.dl_silu_mul(ptr(out), ptr(g), ptr(u), n, g.size // n if n else 0)
+    return out
+
+
+def gelu_mul(gate, up) -> np.ndarray:
+    """GeGLU: gelu_tanh(gate) * up."""
     g, u = _f32(gate), _f32(up)
     out = np.empty_like(g)
-    lib.dl_silu_mul(ptr(out), ptr(g), ptr(u), g.size)
+    lib.dl_gelu_mul(ptr(out), ptr(g), ptr(u), g.size)
     return out
+
+
+def scale(x, s: float) -> np.ndarray:
+    o = _f32(x).copy()
+    lib.dl_scale(ptr(o), s, o.size)
+    return o
 
 
 def add(out, a) -> np.ndarray:
@@ -287,21 +326,50 @@ def softmax(x) -> np.ndarray:
     return o
 
 
-def rope(x, n_heads: int, head_dim: int, pos0: int, rope_type: int, freqs) -> np.ndarray:
+def _positions(pos, batch: int) -> np.ndarray:
+    """Per-row positions: an int is the first row's position (rows follow one another)."""
+    if np.ndim(pos) == 0:
+        return np.arange(int(pos), int(pos) + batch, dtype=np.int32)
+    p = np.ascontiguousarray(pos, dtype=np.int32)
+    if p.size != batch:
+        raise ValueError(f"{p.size} positions for {batch} rows")
+    return p
+
+
+def rope(x, n_heads: int, head_dim: int, pos, rope_type: int, freqs) -> np.ndarray:
+    """RoPE on rows of n_heads * head_dim; pos: the first row's position, or one per row."""
     o = _f32(x).copy()
     f = _f32(freqs)
     batch = o.size // (n_heads * head_dim)
-    lib.dl_rope(ptr(o), n_heads, head_dim, pos0, batch, rope_type, ptr(f))
+    p = _positions(pos, batch)
+    lib.dl_rope(ptr(o), n_heads, head_dim, ptr(p, "int32_t"), batch, rope_type, ptr(f))
     return o
 
 
-def attention(q, k_cache, v_cache, kv_of_q, n_q_heads: int, n_kv_heads: int, head_dim: int,
-              pos0: int) -> np.ndarray:
+def attention_paged(q, k_cache, v_cache, kv_of_q, n_q_heads: int, n_kv_heads: int, head_dim: int,
+                    pos, slot, tables, page_size: int, ring_pages: int = 0, window: int = 0,
+                    scale_div: float | None = None) -> np.ndarray:
+    """Attention of q's rows over a paged cache (see dl_attention in kernels/dllama.h)."""
     q = _f32(q)
     k, v = _f32(k_cache), _f32(v_cache)
     m = np.ascontiguousarray(kv_of_q, dtype=np.int32)
     batch = q.size // (n_q_heads * head_dim)
+    p = _positions(pos, batch)
+    s = np.ascontiguousarray(np.broadcast_to(slot, (batch,)), dtype=np.int32)
+    t = np.ascontiguousarray(tables, dtype=np.int32)
+    t = t.reshape(1, -1) if t.ndim == 1 else t
+    kv = ffi.new("dl_kv_pages *", {"tables": ptr(t, "int32_t"), "table_stride": t.shape[1],
+                                  "page_size": page_size, "ring_pages": ring_pages})
     out = np.empty_like(q)
-    lib.dl_attention(ptr(out), ptr(q), ptr(k), ptr(v), ptr(m, "int32_t"), n_q_heads, n_kv_heads,
-                     head_dim, pos0, batch)
+    lib.dl_attention(ptr(out), ptr(q), ptr(k), ptr(v), ptr(m, "int32_t"), n_q_heads, n_kv_heads, head_dim,
+                     ptr(p, "int32_t"), ptr(s, "int32_t"), batch, kv, window,
+                     float(np.sqrt(np.float32(head_dim))) if scale_div is None else scale_div)
     return out
+
+
+def attention(q, k_cache, v_cache, kv_of_q, n_q_heads: int, n_kv_heads: int, head_dim: int,
+              pos0: int) -> np.ndarray:
+    """Attention over a contiguous cache (rows = positions): one page holding every row."""
+    rows = np.asarray(k_cache).size // (n_kv_heads * head_dim)
+    return attention_paged(q, k_cache, v_cache, kv_of_q, n_q_heads, n_kv_heads, head_dim, pos0, 0,
+                           np.zeros(1, np.int32), max(rows, 1))

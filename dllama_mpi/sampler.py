@@ -11,7 +11,8 @@ MASK64 = (1 << 64) - 1
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, temperature: float = 0.8, topp: float = 0.9, seed: int | None = None):
+    def __init__(self, vocab_size: int, temperature: float = 0.8, topp: float = 0.9, seed: int | None = None,
+                 state: int | None = None):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if not 0 <= topp <= 1:
@@ -21,6 +22,10 @@ class Sampler:
         self.topp = float(topp)
         self.seed = int(seed) if seed is not None else int(time.time())
         self.state = (self.seed & MASK64) or 0x9E3779B97F4A7C15
+        if state is not None:   # resume a stream where it was (serve re-submits a request after a restart)
+            if not 0 < state <= MASK64:
+                raise ValueError(f"sampler state must be in 1..2^64-1, got {state}")
+            self.state = int(state)
         self.probs = np.zeros(vocab_size, np.float32)  # reused every step
 
     def random_f32(self) -> float:

@@ -3,7 +3,8 @@
 Computed once from the header and the group size; the loader, the forward pass and the sync all read
 their ranges from here (FORMATS.md §7), so no slicing arithmetic is scattered around:
 
-- query heads are split as evenly as possible (whole heads per rank); each rank holds the KV heads
+- query heads are split as evenly as possible (whole heads per rank), or in proportion to per-rank
+  weights (`--split`, pipeline.py); each rank holds the KV heads
   its query heads use, so with more ranks than KV heads (or uneven splits) a KV head is replicated
   on the ranks that share it (Distributed Llama refuses N > n_kv_heads);
 - FFN rows (w1/w3, and the matching w2 columns) are split on 32-element block boundaries;
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .formats import BLOCK, F32, ModelHeader, float_type_name
+from .formats import BLOCK, QUANTIZED, ModelHeader, float_type_name
 
 
 def even_split(n: int, parts: int, unit: int = 1) -> list[tuple[int, int]]:
@@ -26,6 +27,25 @@ def even_split(n: int, parts: int, unit: int = 1) -> list[tuple[int, int]]:
     bounds = [0]
     for i in range(parts):
         bounds.append(bounds[-1] + units // parts + (1 if i < units % parts else 0))
+    return [(a * unit, b * unit) for a, b in zip(bounds, bounds[1:])]
+
+
+def weighted_split(n: int, weights, unit: int = 1) -> list[tuple[int, int]]:
+    """Split range(n) into contiguous ranges of whole `unit`s, part i getting a share of the units
+    proportional to weights[i] (largest remainder; ties go to earlier parts, so equal weights give
+    exactly even_split). A zero weight gets nothing."""
+    units = n // unit
+    total = float(sum(weights))
+    if total <= 0 or min(weights) < 0:
+        raise ValueError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
+    quota = [units * float(w) / total for w in weights]
+    sizes = [int(q) for q in quota]
+    order = sorted(range(len(weights)), key=lambda i: (-(quota[i] - sizes[i]), i))
+    for i in order[:units - sum(sizes)]:
+        sizes[i] += 1
+    bounds = [0]
+    for s in sizes:
+        bounds.append(bounds[-1] + s)
     return [(a * unit, b * unit) for a, b in zip(bounds, bounds[1:])]
 
 
@@ -103,16 +123,16 @@ ROW_SPLIT = ("wq", "wk", "wv", "w1", "w3", "wcls")
 COL_SPLIT = ("wo", "w2")
 
 
-def make_plan(h: ModelHeader, n_nodes: int) -> ShardPlan:
+def make_plan(h: ModelHeader, n_nodes: int, weights=None) -> ShardPlan:
     """The plan for `n_nodes` ranks, or a ConfigError saying why the model cannot be split so.
 
     Slices may be uneven, and a rank may own no head or no FFN column of a small model (it then
     adds a zero partial sum): what must hold is that every slice of a quantized matrix is made of
-    whole 32-value blocks."""
+    whole 32-value blocks. `weights` (one per rank, e.g. measured speeds) share heads, FFN rows and
+    vocabulary rows in proportion instead of evenly; the residual chunks of the ring sync stay even."""
     if n_nodes < 1:
         raise ConfigError(f"node count must be >= 1, got {n_nodes}")
-    quantized = h.weights_float_type != F32
-    unit = BLOCK if quantized else 1          # column slices of quantized matrices: whole blocks
+    unit = BLOCK if h.quantized else 1        # column slices of quantized matrices: whole blocks
     hd = h.head_size
     heads_unit = 1                            # heads per indivisible group (whole wo blocks)
     while (heads_unit * hd) % unit:
@@ -120,17 +140,21 @@ def make_plan(h: ModelHeader, n_nodes: int) -> ShardPlan:
     if h.n_heads % heads_unit:
         raise ConfigError(
             f"cannot split the model: head_dim {hd} x {h.n_heads} heads cannot be cut into slices "
-            f"of whole {BLOCK}-value {float_type_name(h.weights_float_type)} blocks")
-    if n_nodes > h.n_heads // heads_unit:
+            f"of whole {BLOCK}-value {'/'.join(float_type_name(t) for t in h.matrix_types if t in QUANTIZED)} blocks")
+    split = even_split if weights is None else (lambda n, parts, unit=1: weighted_split(n, weights, unit))
+    if weights is not None and len(weights) != n_nodes:
+        raise ConfigError(f"{len(weights)} split weights for {n_nodes} nodes")
+    busy = n_nodes if weights is None else sum(1 for w in weights if w > 0)
+    if busy > h.n_heads // heads_unit:
         raise ConfigError(
             f"cannot split the model over {n_nodes} nodes: its {h.n_heads} attention heads (head_dim {hd}) "
             f"give at most {h.n_heads // heads_unit} slices of wo columns that are a multiple of {unit}")
     head_ranges = [(a // heads_unit * heads_unit, b // heads_unit * heads_unit)
-                   for a, b in even_split(h.n_heads, n_nodes, heads_unit)]
+                   for a, b in split(h.n_heads, n_nodes, heads_unit)]
     if h.ffn_dim % unit:
         raise ConfigError(f"FFN size {h.ffn_dim} is not a multiple of {unit}")
-    ffn_ranges = even_split(h.ffn_dim, n_nodes, unit)
-    vocab_ranges = even_split(h.vocab_size, n_nodes)
+    ffn_ranges = split(h.ffn_dim, n_nodes, unit)
+    vocab_ranges = split(h.vocab_size, n_nodes)
     dim_unit = BLOCK if h.dim % BLOCK == 0 else 1
     dim_ranges = even_split(h.dim, n_nodes, dim_unit)
     g = h.n_heads // h.n_kv_heads

@@ -66,6 +66,14 @@ def _sync_timeout_option(ctx, param, value):
     return value
 
 
+def _store(key: str):
+    """A click callback that keeps the option's value in _options[key]."""
+    def callback(ctx, param, value):
+        _options[key] = value
+        return value
+    return callback
+
+
 def model_options(fn):
     opts = [
         # paths are checked in resolve_model (one line, once on the root), not by click on every rank
@@ -73,15 +81,34 @@ def model_options(fn):
                      help="Distributed Llama .m model (default: the SmolLM2-135M-Instruct model, downloaded on first use)."),
         click.option("--tokenizer", "tokenizer_path", type=click.Path(readable=False), default=None,
                      help="Distributed Llama .t tokenizer (default: the one next to the default model)."),
-        click.option("--nthreads", type=int, default=1, show_default=True, help="Threads per rank (C thread pool)."),
+        click.option("--nthreads", type=int, default=None,
+                     help="Threads per rank (C thread pool) [default: the cores this rank may use / the ranks on its host]."),
         click.option("--buffer-float-type", type=click.Choice(["q80", "f32"]), default=None,
-                     help="Format of synchronised activations [default: q80 for q40 weights, f32 for f32]."),
+                     help="Format of synchronised activations [default: q80 for q40 / q80 weights, f32 for f16 / f32]."),
         click.option("--max-seq-len", type=int, default=None, help="Cap the context (KV-cache rows)."),
-        click.option("--sync", "sync_scheme", type=click.Choice(["ring", "dllama"]), default="ring", show_default=True,
-                     help="ring: reduce-scatter + all-gather; dllama: all-gather of every partial (Distributed Llama's numerics)."),
+        click.option("--sync", "sync_scheme", type=click.Choice(["ring", "dllama", "auto"]), default="ring", show_default=True,
+                     help="ring: reduce-scatter + all-gather; dllama: all-gather of every partial (Distributed Llama's "
+                          "numerics); auto: ring, or dllama when collective waits poll (one round per sync instead "
+                          "of two: a napping rank's wake-up is not on the ring's critical path twice; for throttled "
+                          "or oversubscribed ranks). The default stays ring so a job's numbers do not depend on how "
+                          "many cores its machines happen to have."),
         click.option("--load", type=click.Choice(["scatter", "local"]), default="scatter", show_default=True,
                      help="scatter: only rank 0 reads the model; local: every rank maps its own slices (shared storage)."),
         click.option("--batch", "max_batch", type=int, default=32, show_default=True, help="Prompt positions per forward pass."),
+        click.option("--kv-memory", default=None, expose_value=False, callback=_store("kv_memory"),
+                     help="KV cache pool per rank, e.g. 512MiB or 4GiB (the rank holding the most KV heads) "
+                          "[default: every sequence slot's full context, at most 1/4 of the memory]."),
+        click.option("--pp", type=int, default=1, show_default=True, expose_value=False, callback=_store("pp"),
+                     help="Pipeline stages: the ranks form this many stages, each a contiguous range of layers "
+                          "with tensor parallelism over its ranks; passes of different sequences overlap."),
+        click.option("--split", default="even", show_default=True, expose_value=False, callback=_store("split"),
+                     help="How layers and tensor slices are shared: even, auto (measure each rank's speed and "
+                          "free memory at start-up) or one weight per rank, e.g. 3,1."),
+        click.option("--wait", type=click.Choice(["auto", "spin", "poll"]), default="auto", show_default=True,
+                     expose_value=False, callback=_store("wait"),
+                     help="How ranks wait in a pass's collectives: spin (fastest when every rank has its cores), "
+                          "poll (leave the core: ranks sharing cores, or held to a CPU quota); auto: poll when "
+                          "some rank's host has fewer cores (or CPU quota) than its ranks' threads."),
         click.option("--sync-timeout", type=float, default=None, expose_value=False, callback=_sync_timeout_option,
                      help="Abort the job (exit 3) when a rank waits longer than this many seconds in one "
                           "collective of a forward pass (a stopped or wedged peer) [default: wait forever]."),
@@ -100,6 +127,92 @@ def sampling_options(fn):
     for o in reversed(opts):
         fn = o(fn)
     return fn
+
+
+def read_text_file(path: str) -> str:
+    """A UTF-8 text file given on the command line, or one ConfigError line naming it."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def default_threads(cores: int, local_ranks: int) -> int:
+    """Threads per rank when --nthreads is not given: the cores a rank may use shared among the
+    ranks on its host (each rank a persistent pool), at least one."""
+    return max(1, cores // max(local_ranks, 1))
+
+
+def choose_threads(comm, nthreads: int | None) -> tuple[int, str]:
+    """This rank's thread count and why (collective: every rank asks MPI how many ranks share its
+    host). An explicit --nthreads wins."""
+    local = comm.local_size()
+    if nthreads is not None:
+        return nthreads, f"{_plural(nthreads, 'thread')}: --nthreads {nthreads}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = default_threads(cores, local)
+    return n, f"{_plural(n, 'thread')}: {_plural(cores, 'core')} available / {_plural(local, 'rank')} on this host"
+
+
+def cpu_quota_cores() -> float | None:
+    """The CPU quota of this process's cgroup in cores (cgroup v1 cpu.cfs_quota_us / period, or v2
+    cpu.max), None when there is none."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [l.strip().split(":", 2) for l in f if l.strip()]
+    except OSError:
+        return None
+    for _, ctrls, path in lines:
+        names = ctrls.split(",")
+        candidates = []
+        if "cpu" in names:
+            candidates.append(("v1", f"/sys/fs/cgroup/cpu{path}", f"/sys/fs/cgroup/cpu,cpuacct{path}"))
+        if ctrls == "":
+            candidates.append(("v2", f"/sys/fs/cgroup{path}", f"/sys/fs/cgroup/unified{path}"))
+        for kind, *dirs in candidates:
+            for d in dirs:
+                try:
+                    if kind == "v1":
+                        quota = int(open(f"{d}/cpu.cfs_quota_us").read())
+                        period = int(open(f"{d}/cpu.cfs_period_us").read())
+                    else:
+                        q, p = open(f"{d}/cpu.max").read().split()
+                        if q == "max":
+                            continue
+                        quota, period = int(q), int(p)
+                except (OSError, ValueError):
+                    continue
+                if quota > 0 and period > 0:
+                    return quota / period
+    return None
+
+
+def wants_poll(mode: str, nthreads: int, local_ranks: int) -> tuple[bool, str]:
+    """Whether this rank asks for poll waits (--wait), and why."""
+    if mode != "auto":
+        return mode == "poll", f"--wait {mode}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if local_ranks * nthreads > cores:
+        return True, f"{local_ranks} ranks x {_plural(nthreads, 'thread')} on {_plural(cores, 'core')}"
+    quota = cpu_quota_cores()
+    if quota is not None and quota < nthreads:
+        return True, f"a CPU quota of {quota:.2f} cores for {_plural(nthreads, 'thread')}"
+    return False, "every rank has its cores"
+
+
+def threads_line(choices: list[tuple[int, str]]) -> str:
+    """The start-up line from every rank's (threads, why): one reason when all ranks agree."""
+    whys = [why for _, why in choices]
+    if all(w == whys[0] for w in whys):
+        return whys[0]
+    return "; ".join(f"rank {r}: {w}" for r, w in enumerate(whys))
 
 
 def resolve_model(model_path, tokenizer_path):
@@ -123,20 +236,32 @@ def resolve_model(model_path, tokenizer_path):
 
 
 def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme,
-          load, max_batch, quiet=False):
-    """Collective start-up: returns (engine, tokenizer or None on workers)."""
+          load, max_batch, quiet=False, n_slots: int = 1):
+    """Collective start-up: returns (engine, tokenizer or None on workers). n_slots: sequences the
+    KV cache keeps at once (--parallel)."""
+    from .engine import kv_row_bytes
+    from .kvcache import parse_size, plan_kv
+
     from . import kernels
     from .engine import build_engine
     from .formats import open_model
-    from .shard import make_plan
+    from .pipeline import kv_row_bytes as layout_kv_row_bytes
+    from .pipeline import make_layout, parse_split
     from .tokenizer import Tokenizer
 
     tokenizer = None
     bft = buffer_float_type
+    pp = _options.get("pp") or 1
+    try:   # the root checks it (and says why); the others use what it accepted
+        split = parse_split(_options.get("split"), comm.size)
+    except ConfigError:
+        if comm.is_root:
+            raise
+        split = "even"
     # Every check runs on the root only, before the first collective: the root prints the one
     # line and aborts the job while the workers are still waiting for the model header.
     if comm.is_root:
-        if nthreads < 1:
+        if nthreads is not None and nthreads < 1:
             raise ConfigError(f"--nthreads must be >= 1, got {nthreads}")
         if max_batch < 1:
             raise ConfigError(f"--batch must be >= 1, got {max_batch}")
@@ -148,10 +273,42 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
         if tokenizer.vocab_size != h.vocab_size:
             raise ConfigError(f"{tokenizer_path}: tokenizer has {tokenizer.vocab_size} tokens but the model "
                               f"{model_path} has vocab_size {h.vocab_size}")
-        make_plan(h, comm.size)  # an impossible node count fails here, before any weight moves
+        # an impossible node count or layout fails here, before any weight moves (auto: with even
+        # weights; the measured ones can still be refused after the measurement)
+        layout = make_layout(h, comm.size, pp, None if split in ("even", "auto") else split)
+        shards = layout.stages[0].plan
         if max_seq_len is not None and not 0 < max_seq_len <= h.max_seq_len:
             raise ConfigError(f"--max-seq-len must be in 1..{h.max_seq_len} (the model's context), got {max_seq_len}")
-    kernels.set_threads(max(nthreads, 1))
+        if n_slots < 1:
+            raise ConfigError(f"--parallel must be >= 1, got {n_slots}")
+        if n_slots > max_batch:
+            raise ConfigError(f"--parallel {n_slots} is more than --batch {max_batch}: every running sequence "
+                              f"needs a row of each pass")
+        if _options.get("kv_memory"):
+            row = kv_row_bytes(h, shards) if layout.n_stages == 1 else layout_kv_row_bytes(h, layout)
+            plan_kv(row, min(max_seq_len or h.max_seq_len, h.max_seq_len), n_slots, parse_size(_options["kv_memory"]))
+    kv_memory = _options.get("kv_memory")
+    if kv_memory:
+        try:   # the root checks it (and says why); the others use the value it accepted
+            kv_memory = parse_size(kv_memory)
+        except ConfigError:
+            if comm.is_root:
+                raise
+            kv_memory = None
+    nthreads, why = choose_threads(comm, nthreads)
+    kernels.set_threads(nthreads)
+    choices = comm.gather_object((nthreads, why)) if comm.size > 1 else [(nthreads, why)]
+    if comm.is_root and not quiet:
+        log(threads_line(choices))
+    if comm.size > 1:   # one choice for the whole job (blocking and non-blocking collectives do not match)
+        poll, poll_why = wants_poll(_options.get("wait") or "auto", nthreads, comm.local_size())
+        comm.set_poll(bool(comm.allgather_floats([1.0 if poll else 0.0])[:, 0].max()))
+        whys = comm.gather_object((poll, poll_why))
+        if comm.is_root and not quiet and comm.poll:
+            asked = [(r, w) for r, (p, w) in enumerate(whys) if p]
+            log("collective waits poll (leave the core while waiting): "
+                + (f"every rank: {asked[0][1]}" if len(asked) == comm.size and len({w for _, w in asked}) == 1
+                   else "; ".join(f"rank {r}: {w}" for r, w in asked)))
     if comm.size > 1:
         # MPICH's report of a lost rank names its pid and host only ("BAD TERMINATION ... PID 123
         # RUNNING AT host"): say which rank each pid is, so that report identifies the rank.
@@ -167,15 +324,20 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
         progress = lambda t: bar.update(t.nbytes)  # noqa: E731
     t0 = time.perf_counter()
     engine = build_engine(comm, model_path if (comm.is_root or load == "local") else None,
-                          max_seq_len=max_seq_len, buffer_type=bft or "auto", sync=sync_scheme,
-                          load=load, max_batch=max_batch, progress=progress)
+                          max_seq_len=max_seq_len, buffer_type=bft or "auto",
+                          sync=sync_scheme if sync_scheme not in (None, "auto") else ("dllama" if comm.poll else "ring"),
+                          load=load, max_batch=max_batch, progress=progress, n_slots=n_slots,
+                          kv_memory=kv_memory, pp=pp, split=split, quiet=quiet or not comm.is_root)
     if bar is not None:
         bar.close()
     engine.load_seconds = time.perf_counter() - t0
+    engine.nthreads = nthreads
     if comm.is_root and not quiet:
         h = engine.h
         log(f"model {model_path}: {h.arch_name}, dim {h.dim}, {h.n_layers} layers, {h.n_heads} heads / "
-            f"{h.n_kv_heads} kv heads, vocab {h.vocab_size}, weights {('f32', 'f16', 'q40', 'q80')[h.weights_float_type]}, "
-            f"buffers {engine.buffer_type}, sync {engine.sync.scheme}, {comm.size} node(s) x {nthreads} thread(s), "
+            f"{h.n_kv_heads} kv heads, vocab {h.vocab_size}, weights {h.weights_name}, "
+            f"buffers {engine.buffer_type}, sync {engine.sync.scheme}, {comm.size} node(s) x {nthreads} thread(s)"
+            f"{f', {pp} pipeline stages' if pp > 1 else ''}, "
             f"loaded in {engine.load_seconds:.2f} s")
+        log(engine.kv_plan.describe())
     return engine, tokenizer

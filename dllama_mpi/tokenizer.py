@@ -13,6 +13,10 @@ vectors. This encoder does what HF does:
    ties; converted HF files store ``score = -id``, so the rank is the id (= merge order).
    For ``llama3`` a piece that is itself a token is emitted as is (HF ``ignore_merges``).
 
+``pretokenizer="spm"`` (chosen whenever the `.t` file carries token types, FORMATS-EXT.md) is
+llama.cpp's SentencePiece tokenizer (``tokenizer.ggml.model = llama``, e.g. Gemma 3), see
+`SentencePiece`.
+
 ``pretokenizer="dllama"`` instead copies dllama's exact algorithm (§4.2: specials = ids >= bos_id
 matched first-in-id-order, no split, no NFC, merges across words) to reproduce its ids.
 
@@ -72,7 +76,7 @@ QWEN2_PATTERN = (
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 DIGIT_PATTERN = r"\p{N}"
 
-PRETOKENIZERS = ("llama3", "qwen2", "smollm", "gpt2", "none", "dllama")
+PRETOKENIZERS = ("llama3", "qwen2", "smollm", "gpt2", "none", "dllama", "spm")
 
 _CONTROL_RE = regex.compile(r"<\|[^\s]+\|>|<｜[^\s]+｜>")
 _ANGLE_RE = regex.compile(r"<[^\s<>]+>")
@@ -90,6 +94,8 @@ def _text(b: bytes) -> str | None:
 
 def detect_pretokenizer(data: TokenizerData) -> str:
     """The pre-tokenizer kind for a vocabulary (rules in the module docstring)."""
+    if data.token_types is not None:
+        return "spm"
     vocab = data.vocab
     present = {b"<|begin_of_text|>": False, b"<|im_start|>": False, b"<|endoftext|>": False}
     for tok in vocab:
@@ -151,13 +157,28 @@ class Tokenizer:
         self.chat_template = data.chat_template
         n = self.vocab_size
 
-        if pretokenizer == "dllama":
+        self._spm = None
+        if pretokenizer == "spm":
+            if data.token_types is None:
+                raise ConfigError("pre-tokenizer 'spm' needs a tokenizer file with token types (FORMATS-EXT.md)")
+            self._spm = SentencePiece(data)
+            self._special = self._spm.special_ids
+        elif pretokenizer == "dllama":
             self._special = set(range(max(data.bos_id, 0), n)) if data.bos_id >= 0 else set()
         else:
             self._special = _special_ids(data)
         self._special_flags = np.zeros(n, dtype=bool)
         if self._special:
             self._special_flags[np.fromiter(self._special, dtype=np.int64)] = True
+
+        self._decode_bytes: list[bytes] = list(data.vocab)
+        if 0 <= self.bos_id < n:
+            self._decode_bytes[self.bos_id] = b""
+        sflags = self._special_flags.tolist()
+        self._decode_bytes_skip = [b"" if sflags[i] else tok for i, tok in enumerate(self._decode_bytes)]
+        if self._spm is not None:
+            self._lookup = self._spm.lookup
+            return
 
         # Rank of every token: higher score first, lower id on ties (dllama mode: score only, the
         # leftmost pair wins ties, which the merge loop already does for equal ranks).
@@ -183,7 +204,6 @@ class Tokenizer:
         self._all_bytes = all(self._byte_tokens)
         # All tokens: bytes -> lowest id (token_to_id).
         self._lookup: dict[bytes, int] = dict(zip(reversed(vocab), range(n - 1, -1, -1)))
-        sflags = self._special_flags.tolist()
 
         # Special tokens matched in text.
         specials = []
@@ -210,11 +230,6 @@ class Tokenizer:
                    "gpt2": GPT2_PATTERN}.get(pretokenizer)
         self._split_re = regex.compile(pattern) if pattern else None
         self._cache: dict[bytes, tuple[int, ...]] = {}
-
-        self._decode_bytes: list[bytes] = list(data.vocab)
-        if 0 <= self.bos_id < n:
-            self._decode_bytes[self.bos_id] = b""
-        self._decode_bytes_skip = [b"" if sflags[i] else tok for i, tok in enumerate(self._decode_bytes)]
 
     @classmethod
     def load(cls, path: str | os.PathLike, pretokenizer: str | None = None) -> "Tokenizer":
@@ -266,6 +281,9 @@ class Tokenizer:
         out: list[int] = []
         if add_bos and 0 <= self.bos_id < self.vocab_size:
             out.append(self.bos_id)
+        if self._spm is not None:
+            self._spm.encode(text, parse_special, out)
+            return out
         if self.pretokenizer == "dllama":
             self._encode_dllama(text, parse_special, out)
             return out
@@ -440,6 +458,147 @@ class Tokenizer:
 
     def stream_decoder(self, skip_special: bool = False) -> "StreamDecoder":
         return StreamDecoder(self, skip_special)
+
+
+class SentencePiece:
+    """llama.cpp's SentencePiece ("SPM", ``tokenizer.ggml.model = llama``) encoder, exactly
+    (llama-vocab.cpp: tokenizer_st_partition, then llm_tokenizer_spm_session per text fragment):
+
+    1. partition: every CONTROL / UNKNOWN token (only when ``parse_special``) and every
+       USER_DEFINED token (always: Gemma's runs of spaces, tabs and newlines, HTML tags) is cut out
+       of the raw text, longest token text first, each one's occurrences left to right;
+    2. each remaining fragment gets a space in front when ``add_space_prefix`` and it starts the
+       text or follows a cut-out token; spaces become U+2581 ("▁");
+    3. the fragment is split into characters and the adjacent pair whose concatenation is a token
+       of highest score is merged, leftmost on ties, until no pair forms a token (merges by score,
+       not by BPE rank);
+    4. a final piece that is a token is emitted; one that is not (a single character) becomes its
+       UTF-8 bytes as byte tokens ``<0xNN>`` (byte fallback).
+
+    llama.cpp looks token texts up as the GGUF stores them; the `.t` file stores decoded bytes
+    (FORMATS-EXT.md), so they are rebuilt here: BYTE tokens are ``<0xNN>``, NORMAL / UNKNOWN /
+    UNUSED ones have their spaces turned back into "▁", CONTROL / USER_DEFINED ones are verbatim.
+    llama.cpp sorts the partition tokens with an unstable sort by length; equal-length tokens are
+    kept in id order here (no two of Gemma 3's overlap, so the order among them cannot matter).
+    """
+
+    _VERBATIM = (3, 4)          # TOKEN_CONTROL, TOKEN_USER_DEFINED
+
+    def __init__(self, data: TokenizerData):
+        types = np.asarray(data.token_types, dtype=np.uint8)
+        n = len(data.vocab)
+        self.add_space_prefix = bool(data.add_space_prefix)
+        texts = []
+        for i, (tok, t) in enumerate(zip(data.vocab, types.tolist())):
+            if t == 6:                                   # TOKEN_BYTE
+                texts.append(f"<0x{tok[0]:02X}>")
+                continue
+            try:
+                s = tok.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ConfigError(f"token {i} of the SentencePiece vocabulary is not valid UTF-8") from None
+            texts.append(s if t in self._VERBATIM else s.replace(" ", "\u2581"))
+        self.texts = texts
+        self.text_to_id = {s: i for i, s in enumerate(texts)}    # a later duplicate wins, as in llama.cpp
+        self.scores = np.asarray(data.scores, dtype=np.float32).tolist()
+        self.byte_ids = []
+        for b in range(256):
+            i = self.text_to_id.get(f"<0x{b:02X}>")
+            if i is None:
+                i = self.text_to_id.get(chr(b)) if b < 128 else None
+            self.byte_ids.append(i)
+        part = [i for i in range(n) if types[i] in (2, 3, 4)]          # UNKNOWN, CONTROL, USER_DEFINED
+        part.sort(key=lambda i: -len(texts[i].encode("utf-8")))          # stable: id order on ties
+        self.partition = [(texts[i], i, types[i] != 4) for i in part if texts[i]]
+        self.special_ids = {i for i in range(n) if types[i] in (2, 3, 5)}  # skipped by decode(skip_special)
+        # bytes -> id for token_to_id: non-byte tokens first (lowest id), byte tokens fill the gaps
+        self.lookup: dict[bytes, int] = {}
+        for i in range(n - 1, -1, -1):
+            if types[i] != 6:
+                self.lookup[data.vocab[i]] = i
+        for i in np.flatnonzero(types == 6).tolist():
+            self.lookup.setdefault(data.vocab[i], i)
+
+    def encode(self, text: str, parse_special: bool, out: list[int]) -> None:
+        frags: list = [text]
+        for tok, tid, special in self.partition:
+            if special and not parse_special:
+                continue
+            if not any(type(f) is str and tok in f for f in frags):
+                continue
+            nxt = []
+            for f in frags:
+                if type(f) is not str or tok not in f:
+                    nxt.append(f)
+                    continue
+                pieces = f.split(tok)
+                for j, p in enumerate(pieces):
+                    if j:
+                        nxt.append(tid)
+                    if p:
+                        nxt.append(p)
+            frags = nxt
+        prev_special = True
+        for f in frags:
+            if type(f) is str:
+                if self.add_space_prefix and prev_special:
+                    f = " " + f
+                self._encode_fragment(f.replace(" ", "\u2581"), out)
+                prev_special = False
+            else:
+                out.append(f)
+                prev_special = True
+
+    def _encode_fragment(self, text: str, out: list[int]) -> None:
+        """llm_tokenizer_spm_session::tokenize on one fragment (spaces already escaped)."""
+        sym = list(text)
+        n = len(sym)
+        nxt = list(range(1, n + 1))
+        prv = list(range(-1, n - 1))
+        t2i, scores = self.text_to_id, self.scores
+        heap = []
+
+        def add(left, right):
+            if left < 0 or right >= n:
+                return
+            s = sym[left] + sym[right]
+            i = t2i.get(s)
+            if i is not None:
+                heap.append((-scores[i], left, len(s)))    # best score first, then leftmost
+
+        for i in range(n - 1):
+            add(i, i + 1)
+        heapq.heapify(heap)
+        push = heapq.heappush
+        while heap:
+            _, left, size = heapq.heappop(heap)
+            right = nxt[left]
+            if not sym[left] or right >= n or not sym[right] or len(sym[left]) + len(sym[right]) != size:
+                continue                                     # stale: one side merged since
+            sym[left] += sym[right]
+            sym[right] = ""
+            nxt[left] = nxt[right]
+            if nxt[right] < n:
+                prv[nxt[right]] = left
+            for a, b in ((prv[left], left), (left, nxt[left])):
+                if a >= 0 and b < n:
+                    s = sym[a] + sym[b]
+                    i = t2i.get(s)
+                    if i is not None:
+                        push(heap, (-scores[i], a, len(s)))
+        i = 0
+        while i < n:
+            piece = sym[i]
+            tid = t2i.get(piece)
+            if tid is not None:
+                out.append(tid)
+            else:
+                for b in piece.encode("utf-8"):
+                    bid = self.byte_ids[b]
+                    if bid is None:
+                        raise ConfigError(f"cannot encode byte {b:#04x}: the vocabulary has no byte token for it")
+                    out.append(bid)
+            i = nxt[i]
 
 
 class StreamDecoder:

@@ -22,6 +22,10 @@ int dl_isa_active = -1;
     (k)->add_q80 = dl_add_q80_##sfx; \
     (k)->dot = dl_dot_##sfx; \
     (k)->axpy = dl_axpy_##sfx; \
+    (k)->gelu_mul = dl_gelu_mul_##sfx; \
+    (k)->scale = dl_scale_##sfx; \
+    (k)->matmul_q80_q80_rows = dl_matmul_q80_q80_rows_##sfx; \
+    (k)->matmul_f16_rows = dl_matmul_f16_rows_##sfx; \
 } while (0)
 
 void dl_fill_table(dl_kernels *k, int isa) {

@@ -61,6 +61,13 @@ typedef struct {
     void (*add_q80)(float *out, const dl_block_q80 *parts, int nparts, int64_t n);
     float (*dot)(const float *a, const float *b, int n);
     void (*axpy)(float *y, float a, const float *x, int n);      /* y += a * x */
+    void (*gelu_mul)(float *out, const float *gate, const float *up, int64_t n);   /* Gemma's GeGLU */
+    void (*scale)(float *x, float s, int64_t n);                 /* x *= s */
+    /* q80 x q80 on a row range (matmul_q80.c); reads xprep when needs_xprep, like the q40 one */
+    void (*matmul_q80_q80_rows)(float *out, const dl_block_q80 *w, const dl_block_q80 *x,
+                                const void *xprep, int r0, int r1, int rows, int cols, int batch);
+    void (*matmul_f16_rows)(float *out, const uint16_t *w, const float *x,
+                            int r0, int r1, int rows, int cols, int batch);   /* matmul_f16.c */
 } dl_kernels;
 
 extern dl_kernels dl_k;      /* the active table */
@@ -69,9 +76,46 @@ extern int dl_isa_active;
 /* Tables per ISA (defined in dispatch.c from the per-family functions). */
 void dl_fill_table(dl_kernels *k, int isa);
 
-/* Preparation of q80 activations for the matmul kernels. Layout per batch row (see matmul.c). */
+/* Preparation of q80 activations for the matmul kernels (x86 paths of matmul.c, matmul_q80.c).
+ * Per batch row: the int8 values of all blocks back to back, per block 8 int32 corrections
+ * -8 * (sum of each group of 4 values), per block f32(d); row stride rounded up to 64 bytes. */
 size_t dl_xprep_bytes(int cols, int batch);
 void   dl_xprep(void *dst, const dl_block_q80 *x, int cols, int batch);
+static inline size_t xprep_stride(int cols) {
+    size_t nb = (size_t)cols / DL_QK;
+    size_t s = (size_t)cols + nb * 32 + nb * 4;
+    return (s + 63) & ~(size_t)63;
+}
+#define XP_QS(base, cols, b)   ((const int8_t *)((const uint8_t *)(base) + (size_t)(b) * xprep_stride(cols)))
+#define XP_CORR(base, cols, b) ((const int32_t *)((const uint8_t *)(base) + (size_t)(b) * xprep_stride(cols) + (size_t)(cols)))
+#define XP_DX(base, cols, b)   ((const float *)((const uint8_t *)(base) + (size_t)(b) * xprep_stride(cols) + (size_t)(cols) + (size_t)(cols) / DL_QK * 32))
+
+/* The run-time tile-size switch of the matmul kernels: fn(args..., R, B) for R, B in 1..4, so that
+ * each combination is compiled with constant bounds (registers, unrolled loops). */
+#define DL_TILE_SWITCH(fn, R, B, ...) do { \
+    switch ((R) * 8 + (B)) { \
+    case 1 * 8 + 1: fn(__VA_ARGS__, 1, 1); break; case 1 * 8 + 2: fn(__VA_ARGS__, 1, 2); break; \
+    case 1 * 8 + 3: fn(__VA_ARGS__, 1, 3); break; case 1 * 8 + 4: fn(__VA_ARGS__, 1, 4); break; \
+    case 2 * 8 + 1: fn(__VA_ARGS__, 2, 1); break; case 2 * 8 + 2: fn(__VA_ARGS__, 2, 2); break; \
+    case 2 * 8 + 3: fn(__VA_ARGS__, 2, 3); break; case 2 * 8 + 4: fn(__VA_ARGS__, 2, 4); break; \
+    case 3 * 8 + 1: fn(__VA_ARGS__, 3, 1); break; case 3 * 8 + 2: fn(__VA_ARGS__, 3, 2); break; \
+    case 3 * 8 + 3: fn(__VA_ARGS__, 3, 3); break; case 3 * 8 + 4: fn(__VA_ARGS__, 3, 4); break; \
+    case 4 * 8 + 1: fn(__VA_ARGS__, 4, 1); break; case 4 * 8 + 2: fn(__VA_ARGS__, 4, 2); break; \
+    case 4 * 8 + 3: fn(__VA_ARGS__, 4, 3); break; case 4 * 8 + 4: fn(__VA_ARGS__, 4, 4); break; \
+    } } while (0)
+
+static inline uint16_t dl_ld16(const void *p) { uint16_t v; __builtin_memcpy(&v, p, 2); return v; }
+
+#if DL_X86
+#include <immintrin.h>
+/* horizontal sum of 8 floats (the AVX2 tiles of matmul_q80.c / matmul_f16.c) */
+DL_INLINE DL_TARGET_AVX2 float dl_hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
 
 #define DL_DECL_ALL(sfx) \
     void dl_quantize_q80_##sfx(dl_block_q80 *y, const float *x, int64_t n); \
@@ -86,6 +130,13 @@ void   dl_xprep(void *dst, const dl_block_q80 *x, int cols, int batch);
     void dl_add_q80_##sfx(float *out, const dl_block_q80 *parts, int nparts, int64_t n); \
     float dl_dot_##sfx(const float *a, const float *b, int n); \
     void dl_axpy_##sfx(float *y, float a, const float *x, int n); \
+    void dl_gelu_mul_##sfx(float *out, const float *gate, const float *up, int64_t n); \
+    void dl_scale_##sfx(float *x, float s, int64_t n); \
+    void dl_matmul_q80_q80_rows_##sfx(float *out, const dl_block_q80 *w, const dl_block_q80 *x, \
+                                      const void *xprep, \
+                                      int r0, int r1, int rows, int cols, int batch); \
+    void dl_matmul_f16_rows_##sfx(float *out, const uint16_t *w, const float *x, \
+                                  int r0, int r1, int rows, int cols, int batch); \
 
 DL_DECL_ALL(scalar)
 #if DL_X86

@@ -68,24 +68,65 @@ int  dl_q40r_split(int n);
 /* memory read bandwidth probe: reads n bytes over the thread pool, returns a checksum */
 uint64_t dl_read_bytes(const void *p, size_t n);
 
+/* ---- 8- and 16-bit weights (kernels/matmul_q80.c, kernels/matmul_f16.c); same out/batch layout.
+ * q80 x q80: per block integer dot times f16(d_w) * f16(d_x), summed in float; x from
+ * dl_quantize_q80 (values -127..127). f16 x f32: any cols; w may be unaligned. ---- */
+void dl_matmul_q80_q80(float *out, const dl_block_q80 *w, const dl_block_q80 *x, int rows, int cols, int batch);
+void dl_matmul_f16_f32(float *out, const uint16_t *w, const float *x, int rows, int cols, int batch);
+
+/* ---- interleaved ("repacked") q80, layout in kernels/matmul_q80.c: as q40r, repack once at load,
+ * then dl_matmul_q80r_q80 (same result as dl_matmul_q80_q80 up to float summation order; the
+ * scalar path is bit-identical). ---- */
+#define DL_Q80R_ROWS 16
+size_t dl_q80r_bytes(int rows, int cols);
+void dl_repack_q80(void *dst, const dl_block_q80 *src, int rows, int cols);
+void dl_unpack_q80r(dl_block_q80 *dst, const void *src, int rows, int cols);
+void dl_matmul_q80r_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
+
 /* ---- elementwise / norms (batch rows of n, contiguous) ---- */
 void dl_rmsnorm(float *out, const float *x, const float *w, int n, float eps, int batch);
-void dl_silu_mul(float *out, const float *gate, const float *up, int64_t n);  /* out = silu(gate) * up */
+void dl_silu_mul(float *out, const float *gate, const float *up, int n, int batch); /* out = silu(gate) * up, rows of n */
 void dl_add(float *out, const float *a, int64_t n);                           /* out += a */
 void dl_softmax(float *x, int n);
 /* out += sum_p dequant(parts[p]) for p = 0..nparts-1, parts are consecutive q80 arrays of n values */
 void dl_add_q80(float *out, const dl_block_q80 *parts, int nparts, int64_t n);
 
-/* ---- RoPE in place on x[batch][n_heads * head_dim]; row b is at position pos0 + b.
+/* ---- RoPE in place on x[batch][n_heads * head_dim]; row b is at position pos[b].
  * freqs[head_dim/2] are the (already scaled) inverse frequencies. ---- */
-void dl_rope(float *x, int n_heads, int head_dim, int pos0, int batch, int rope_type, const float *freqs);
+void dl_rope(float *x, int n_heads, int head_dim, const int32_t *pos, int batch, int rope_type, const float *freqs);
 
-/* ---- causal attention with GQA over a KV cache.
- * q, out: [batch][n_q_heads * head_dim]; row b is at position pos0 + b and attends to 0..pos0+b.
- * k_cache, v_cache: [max_seq][n_kv_heads * head_dim] (already holding the rows up to pos0+batch-1).
- * kv_of_q[h] = local kv head used by local query head h. Scale 1/sqrt(head_dim). ---- */
+/* ---- paged KV cache.
+ * K and V of one layer are each [n_pages * page_size][n_kv_heads * head_dim] rows ("cache rows").
+ * A sequence's table (row `slot` of tables, table_stride entries) lists its pages: position t is
+ * cache row tables[slot][t / page_size] * page_size + t % page_size; with ring_pages > 0 (a
+ * sliding-window layer keeping only a ring of pages) the table index is (t / page_size) % ring_pages. */
+typedef struct {
+    const int32_t *tables;
+    int table_stride, page_size, ring_pages;
+} dl_kv_pages;
+
+/* dst[rows[i]] = src[i] for rows of row_len floats (new K/V rows into their cache rows) */
+void dl_scatter_rows(float *dst, const float *src, const int32_t *rows, int n, int row_len);
+
+/* ---- causal attention with GQA over the paged KV cache.
+ * q, out: [batch][n_q_heads * head_dim]; row b is at position pos[b] of the sequence whose table is
+ * slot[b], and attends to its positions 0..pos[b] (window > 0: the last `window` of them), whose K/V
+ * rows are already in the cache. kv_of_q[h] = local kv head used by local query head h.
+ * Scores are q.k / scale_div (sqrt(head_dim) for Llama). ---- */
 void dl_attention(float *out, const float *q, const float *k_cache, const float *v_cache,
                   const int32_t *kv_of_q, int n_q_heads, int n_kv_heads, int head_dim,
-                  int pos0, int batch);
+                  const int32_t *pos, const int32_t *slot, int batch, const dl_kv_pages *kv,
+                  int window, float scale_div);
+
+/* ---- log-probabilities (kernels/logits.c): one rank's summary of its slice of a logits row.
+ * out[3 + 2k]: max of y = x * inv_t, log-sum-exp of y, y[target] (-inf if target is outside [0, n)),
+ * then the k largest (y, index) pairs, largest first, lower index first among equals. ---- */
+void dl_logit_stats(double *out, const float *x, int n, float inv_t, int target, int k);
+
+/* ---- Gemma 3 ----
+ * GeGLU: out = gelu_tanh(gate) * up (transformers' gelu_pytorch_tanh), any n; out may alias gate.
+ * scale: x *= s (the embedding's sqrt(dim); q when query_pre_attn_scalar != head_dim). ---- */
+void dl_gelu_mul(float *out, const float *gate, const float *up, int64_t n);
+void dl_scale(float *x, float s, int64_t n);
 
 #endif

@@ -43,16 +43,7 @@ void *dl_scratch(size_t bytes) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* prepared x layout */
-
-static inline size_t xprep_stride(int cols) {
-    size_t nb = (size_t)cols / DL_QK;
-    size_t s = (size_t)cols + nb * 32 + nb * 4;
-    return (s + 63) & ~(size_t)63;
-}
-#define XP_QS(base, cols, b)   ((const int8_t *)((const uint8_t *)(base) + (size_t)(b) * xprep_stride(cols)))
-#define XP_CORR(base, cols, b) ((const int32_t *)((const uint8_t *)(base) + (size_t)(b) * xprep_stride(cols) + (size_t)(cols)))
-#define XP_DX(base, cols, b)   ((const float *)((const uint8_t *)(base) + (size_t)(b) * xprep_stride(cols) + (size_t)(cols) + (size_t)(cols) / DL_QK * 32))
+/* prepared x layout (macros in dl_internal.h) */
 
 size_t dl_xprep_bytes(int cols, int batch) { return xprep_stride(cols) * (size_t)batch; }
 
@@ -168,18 +159,6 @@ DL_INLINE DL_TARGET_AVX2 void q40_tile_avx2(float *out, const uint8_t *w, size_t
     for (int i = 0; i < R; i++)
         for (int j = 0; j < B; j++) out[(size_t)(b + j) * rows + r + i] = hsum256(acc[i][j]);
 }
-
-#define DL_TILE_SWITCH(fn, R, B, ...) do { \
-    switch ((R) * 8 + (B)) { \
-    case 1 * 8 + 1: fn(__VA_ARGS__, 1, 1); break; case 1 * 8 + 2: fn(__VA_ARGS__, 1, 2); break; \
-    case 1 * 8 + 3: fn(__VA_ARGS__, 1, 3); break; case 1 * 8 + 4: fn(__VA_ARGS__, 1, 4); break; \
-    case 2 * 8 + 1: fn(__VA_ARGS__, 2, 1); break; case 2 * 8 + 2: fn(__VA_ARGS__, 2, 2); break; \
-    case 2 * 8 + 3: fn(__VA_ARGS__, 2, 3); break; case 2 * 8 + 4: fn(__VA_ARGS__, 2, 4); break; \
-    case 3 * 8 + 1: fn(__VA_ARGS__, 3, 1); break; case 3 * 8 + 2: fn(__VA_ARGS__, 3, 2); break; \
-    case 3 * 8 + 3: fn(__VA_ARGS__, 3, 3); break; case 3 * 8 + 4: fn(__VA_ARGS__, 3, 4); break; \
-    case 4 * 8 + 1: fn(__VA_ARGS__, 4, 1); break; case 4 * 8 + 2: fn(__VA_ARGS__, 4, 2); break; \
-    case 4 * 8 + 3: fn(__VA_ARGS__, 4, 3); break; case 4 * 8 + 4: fn(__VA_ARGS__, 4, 4); break; \
-    } } while (0)
 
 DL_TARGET_AVX2 void dl_matmul_q40_q80_rows_avx2(float *out, const dl_block_q40 *w, const dl_block_q80 *x,
                                                 const void *xprep, int r0, int r1, int rows, int cols,

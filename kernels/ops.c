@@ -386,7 +386,14 @@ void dl_rmsnorm(float *out, const float *x, const float *w, int n, float eps, in
     for (int b = 0; b < batch; b++) dl_k.rmsnorm(out + (size_t)b * n, x + (size_t)b * n, w, n, eps);
 }
 
-void dl_silu_mul(float *out, const float *gate, const float *up, int64_t n) { dl_k.silu_mul(out, gate, up, n); }
+/* Per row: Distributed Llama's tail rule (libm exp on the last n % 8 values) applies to each row, so
+ * a row's values do not depend on how many rows share the call (batch invariance). */
+void dl_silu_mul(float *out, const float *gate, const float *up, int n, int batch) {
+    for (int b = 0; b < batch; b++) {
+        const size_t o = (size_t)b * n;
+        dl_k.silu_mul(out + o, gate + o, up + o, n);
+    }
+}
 void dl_add(float *out, const float *a, int64_t n) { dl_k.add(out, a, n); }
 void dl_add_q80(float *out, const dl_block_q80 *parts, int nparts, int64_t n) { dl_k.add_q80(out, parts, nparts, n); }
 
@@ -414,16 +421,18 @@ void dl_softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] *= inv;
 }
 
-void dl_rope(float *x, int n_heads, int head_dim, int pos0, int batch, int rope_type, const float *freqs) {
+/* RoPE; row b is at position pos[b]. cos/sin are computed per row from pos * freq, so a row's
+ * result does not depend on the other rows of the call. */
+void dl_rope(float *x, int n_heads, int head_dim, const int32_t *pos, int batch, int rope_type, const float *freqs) {
     const int half = head_dim / 2;
     float cbuf[256], sbuf[256];
     float *cs = half <= 256 ? cbuf : (float *)malloc(sizeof(float) * (size_t)half);
     float *sn = half <= 256 ? sbuf : (float *)malloc(sizeof(float) * (size_t)half);
     if (!cs || !sn) { if (cs != cbuf) free(cs); if (sn != sbuf) free(sn); return; }
     for (int b = 0; b < batch; b++) {
-        const float pos = (float)(pos0 + b);
+        const float p = (float)pos[b];
         for (int i = 0; i < half; i++) {
-            const float a = pos * freqs[i];
+            const float a = p * freqs[i];
             cs[i] = cosf(a);
             sn[i] = sinf(a);
         }
@@ -444,45 +453,239 @@ void dl_rope(float *x, int n_heads, int head_dim, int pos0, int batch, int rope_
     if (sn != sbuf) free(sn);
 }
 
-/* Causal attention, two passes like Distributed Llama's multiheadAtt: scores = q.k_t / sqrt(hd) for
- * t = 0..pos, dl_softmax, then out = sum_t a_t v_t in order. One (b, h) pair per task. */
+/* ------------------------------------------------------------------------------------------ */
+/* paged KV cache */
+
+void dl_scatter_rows(float *dst, const float *src, const int32_t *rows, int n, int row_len) {
+    for (int i = 0; i < n; i++)
+        memcpy(dst + (size_t)rows[i] * row_len, src + (size_t)i * row_len, sizeof(float) * (size_t)row_len);
+}
+
+/* Causal attention over a paged KV cache, two passes like Distributed Llama's multiheadAtt:
+ * scores = q.k_t / scale_div for the positions t the row sees, dl_softmax, then out = sum_t a_t v_t
+ * in position order. Row b (at position pos[b], sequence table slot[b]) sees t = t0..pos[b] with
+ * t0 = 0, or pos[b] - window + 1 with a sliding window. One (b, h) pair per task: a row's result
+ * depends only on its own sequence's K/V rows, never on the other rows of the pass. */
 typedef struct {
     float *out;
     const float *q, *k, *v;
-    const int32_t *kv_of_q;
-    int n_q_heads, n_kv_heads, head_dim, pos0;
+    const int32_t *kv_of_q, *pos, *slot;
+    const dl_kv_pages *kv;
+    int n_q_heads, n_kv_heads, head_dim, window;
+    float scale_div;
     float (*dot)(const float *, const float *, int);
     void (*axpy)(float *, float, const float *, int);
 } attn_ctx;
 
+/* the first K/V row (cache row index) of the page holding position t of a sequence */
+static inline size_t page_row(const dl_kv_pages *kv, const int32_t *table, int t) {
+    int idx = t / kv->page_size;
+    if (kv->ring_pages) idx %= kv->ring_pages;
+    return (size_t)table[idx] * (size_t)kv->page_size;
+}
+
 static void attn_range(void *vctx, int64_t s, int64_t e) {
     const attn_ctx *c = (const attn_ctx *)vctx;
-    const int hd = c->head_dim;
+    const dl_kv_pages *kv = c->kv;
+    const int hd = c->head_dim, ps = kv->page_size;
     const size_t kv_stride = (size_t)c->n_kv_heads * hd;
-    const float sq = sqrtf((float)hd);
-    const int max_pos = c->pos0 + (int)((e - 1) / c->n_q_heads);
     float sbuf[4096];
-    float *att = max_pos < 4096 ? sbuf : (float *)malloc(sizeof(float) * (size_t)(max_pos + 1));
-    if (!att) return;
+    float *att = sbuf;
+    int att_cap = 4096;
     for (int64_t task = s; task < e; task++) {
         const int b = (int)(task / c->n_q_heads), h = (int)(task % c->n_q_heads);
-        const int pos = c->pos0 + b;
+        const int pos = c->pos[b];
+        const int t0 = c->window > 0 && pos - c->window + 1 > 0 ? pos - c->window + 1 : 0;
+        const int n = pos - t0 + 1;
+        if (n > att_cap) {
+            if (att != sbuf) free(att);
+            att = (float *)malloc(sizeof(float) * (size_t)n);
+            if (!att) return;
+            att_cap = n;
+        }
+        const int32_t *table = kv->tables + (size_t)c->slot[b] * kv->table_stride;
         const int kvh = c->kv_of_q[h];
         const float *qh = c->q + ((size_t)b * c->n_q_heads + h) * hd;
         const float *kb = c->k + (size_t)kvh * hd, *vb = c->v + (size_t)kvh * hd;
-        for (int t = 0; t <= pos; t++) att[t] = c->dot(qh, kb + (size_t)t * kv_stride, hd) / sq;
-        dl_softmax(att, pos + 1);
+        for (int t = t0; t <= pos;) {     /* page by page: one table lookup per page */
+            const size_t r0 = page_row(kv, table, t);
+            const int end = (t / ps + 1) * ps - 1 < pos ? (t / ps + 1) * ps - 1 : pos;
+            for (; t <= end; t++)
+                att[t - t0] = c->dot(qh, kb + (r0 + (size_t)(t % ps)) * kv_stride, hd) / c->scale_div;
+        }
+        dl_softmax(att, n);
         float *o = c->out + ((size_t)b * c->n_q_heads + h) * hd;
         memset(o, 0, sizeof(float) * (size_t)hd);
-        for (int t = 0; t <= pos; t++) c->axpy(o, att[t], vb + (size_t)t * kv_stride, hd);
+        for (int t = t0; t <= pos;) {
+            const size_t r0 = page_row(kv, table, t);
+            const int end = (t / ps + 1) * ps - 1 < pos ? (t / ps + 1) * ps - 1 : pos;
+            for (; t <= end; t++) c->axpy(o, att[t - t0], vb + (r0 + (size_t)(t % ps)) * kv_stride, hd);
+        }
     }
     if (att != sbuf) free(att);
 }
 
 void dl_attention(float *out, const float *q, const float *k_cache, const float *v_cache,
                   const int32_t *kv_of_q, int n_q_heads, int n_kv_heads, int head_dim,
-                  int pos0, int batch) {
-    attn_ctx c = {out, q, k_cache, v_cache, kv_of_q, n_q_heads, n_kv_heads, head_dim, pos0,
-                  dl_k.dot, dl_k.axpy};
+                  const int32_t *pos, const int32_t *slot, int batch, const dl_kv_pages *kv,
+                  int window, float scale_div) {
+    attn_ctx c = {out, q, k_cache, v_cache, kv_of_q, pos, slot, kv, n_q_heads, n_kv_heads, head_dim,
+                  window, scale_div, dl_k.dot, dl_k.axpy};
     dl_parallel_for((int64_t)batch * n_q_heads, 1, attn_range, &c);
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* Gemma 3: GeGLU (gelu_mul) and scale. Appended as new functions; the ops above are untouched.
+ *
+ * gelu_mul: out = gelu_tanh(gate) * up, with transformers' gelu_pytorch_tanh
+ *   gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) = x / (1 + exp(-2 sqrt(2/pi) (x + 0.044715 x^3)))
+ * (the sigmoid form: no cancellation for negative x, no tanh needed). exp is Cephes' expf
+ * (Cody-Waite reduction by ln 2, degree-5 polynomial, relative error about 1e-7): much closer than
+ * Distributed Llama's degree-4 exp, which Gemma has no reason to reproduce. Every path runs the same
+ * operation sequence with explicit fused multiply-adds, so all paths compute the same bits. */
+#define GX_LOG2E 1.44269504088896341f
+#define GX_LN2_HI 0.693359375f
+#define GX_LN2_LO -2.12194440e-4f
+#define GX_P0 1.9875691500e-4f
+#define GX_P1 1.3981999507e-3f
+#define GX_P2 8.3334519073e-3f
+#define GX_P3 4.1665795894e-2f
+#define GX_P4 1.6666665459e-1f
+#define GX_P5 5.0000001201e-1f
+#define GX_K0 1.5957691216057308f          /* 2 sqrt(2/pi) */
+#define GX_K1 0.071354816272869f           /* 2 sqrt(2/pi) * 0.044715 */
+
+static float dl_exp_cephes_scalar(float x) {
+    x = fminf(fmaxf(x, -87.0f), 88.0f);
+    const float n = nearbyintf(x * GX_LOG2E);
+    float r = fmaf(n, -GX_LN2_HI, x);
+    r = fmaf(n, -GX_LN2_LO, r);
+    float p = fmaf(GX_P0, r, GX_P1);
+    p = fmaf(p, r, GX_P2);
+    p = fmaf(p, r, GX_P3);
+    p = fmaf(p, r, GX_P4);
+    p = fmaf(p, r, GX_P5);
+    const float y = fmaf(p, r * r, r) + 1.0f;
+    union { uint32_t u; float f; } two_n = {(uint32_t)((int)n + 127) << 23};
+    return y * two_n.f;
+}
+
+void dl_gelu_mul_scalar(float *out, const float *gate, const float *up, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        const float g = gate[i];
+        const float z = -(g * fmaf(GX_K1, g * g, GX_K0));
+        out[i] = (g / (1.0f + dl_exp_cephes_scalar(z))) * up[i];
+    }
+}
+
+void dl_scale_scalar(float *x, float s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] *= s;
+}
+
+#if DL_X86
+DL_INLINE DL_TARGET_AVX2 __m256 exp_cephes256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(GX_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-GX_LN2_HI), x);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(-GX_LN2_LO), r);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(GX_P0), r, _mm256_set1_ps(GX_P1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(GX_P2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(GX_P3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(GX_P4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(GX_P5));
+    const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+DL_TARGET_AVX2 void dl_gelu_mul_avx2(float *out, const float *gate, const float *up, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f), k0 = _mm256_set1_ps(GX_K0), k1 = _mm256_set1_ps(GX_K1);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 z = _mm256_xor_ps(_mm256_mul_ps(g, _mm256_fmadd_ps(k1, _mm256_mul_ps(g, g), k0)), sign);
+        const __m256 s = _mm256_div_ps(g, _mm256_add_ps(one, exp_cephes256(z)));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(s, _mm256_loadu_ps(up + i)));
+    }
+    if (i < n) dl_gelu_mul_scalar(out + i, gate + i, up + i, n - i);
+}
+
+DL_TARGET_AVX2 void dl_scale_avx2(float *x, float s, int64_t n) {
+    const __m256 v = _mm256_set1_ps(s);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), v));
+    for (; i < n; i++) x[i] *= s;
+}
+
+DL_INLINE DL_TARGET_AVX512 __m512 exp_cephes512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(GX_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-GX_LN2_HI), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(-GX_LN2_LO), r);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(GX_P0), r, _mm512_set1_ps(GX_P1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(GX_P2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(GX_P3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(GX_P4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(GX_P5));
+    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+DL_TARGET_AVX512 void dl_gelu_mul_avx512(float *out, const float *gate, const float *up, int64_t n) {
+    const __m512 one = _mm512_set1_ps(1.0f), k0 = _mm512_set1_ps(GX_K0), k1 = _mm512_set1_ps(GX_K1);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = tailmask(n - i);
+        const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
+        const __m512 z = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(g, _mm512_fmadd_ps(k1, _mm512_mul_ps(g, g), k0)));
+        const __m512 s = _mm512_div_ps(g, _mm512_add_ps(one, exp_cephes512(z)));
+        _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, up + i)));
+    }
+}
+
+DL_TARGET_AVX512 void dl_scale_avx512(float *x, float s, int64_t n) {
+    const __m512 v = _mm512_set1_ps(s);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = tailmask(n - i);
+        _mm512_mask_storeu_ps(x + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), v));
+    }
+}
+#endif /* DL_X86 */
+
+#if DL_NEON
+static inline float32x4_t exp_cephes_neon(float32x4_t x) {
+    x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.0f)), vdupq_n_f32(88.0f));
+    const float32x4_t n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(GX_LOG2E)));
+    float32x4_t r = vfmaq_f32(x, n, vdupq_n_f32(-GX_LN2_HI));         /* x + n * -ln2_hi */
+    r = vfmaq_f32(r, n, vdupq_n_f32(-GX_LN2_LO));
+    float32x4_t p = vfmaq_f32(vdupq_n_f32(GX_P1), vdupq_n_f32(GX_P0), r);
+    p = vfmaq_f32(vdupq_n_f32(GX_P2), p, r);
+    p = vfmaq_f32(vdupq_n_f32(GX_P3), p, r);
+    p = vfmaq_f32(vdupq_n_f32(GX_P4), p, r);
+    p = vfmaq_f32(vdupq_n_f32(GX_P5), p, r);
+    const float32x4_t y = vaddq_f32(vfmaq_f32(r, p, vmulq_f32(r, r)), vdupq_n_f32(1.0f));
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vmulq_f32(y, vreinterpretq_f32_s32(e));
+}
+
+void dl_gelu_mul_neon(float *out, const float *gate, const float *up, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t g = vld1q_f32(gate + i);
+        const float32x4_t z = vnegq_f32(vmulq_f32(g, vfmaq_f32(vdupq_n_f32(GX_K0), vdupq_n_f32(GX_K1), vmulq_f32(g, g))));
+        const float32x4_t s = vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0f), exp_cephes_neon(z)));
+        vst1q_f32(out + i, vmulq_f32(s, vld1q_f32(up + i)));
+    }
+    if (i < n) dl_gelu_mul_scalar(out + i, gate + i, up + i, n - i);
+}
+
+void dl_scale_neon(float *x, float s, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(x + i, vmulq_n_f32(vld1q_f32(x + i), s));
+    for (; i < n; i++) x[i] *= s;
+}
+#endif /* DL_NEON */
+
+void dl_gelu_mul(float *out, const float *gate, const float *up, int64_t n) { dl_k.gelu_mul(out, gate, up, n); }
+void dl_scale(float *x, float s, int64_t n) { dl_k.scale(x, s, n); }

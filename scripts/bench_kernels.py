@@ -1,6 +1,8 @@
-"""Kernel timings: q40 x q80 matvec GB/s (weight bytes read) and batched matmul tokens/s-equivalent.
+"""Kernel timings: matvec GB/s (weight bytes read) and batched matmul tokens/s-equivalent.
 
 Usage: python scripts/bench_kernels.py [--rows 2048] [--cols 8192] [--batch 32] [--isa NAME]
+                                       [--type q40,q40r,q80,q80r,f16]  (default q40)
+plus the read-bandwidth probe (dl_read_bytes) on the same bytes, the ceiling of a matvec.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dllama_mpi import kernels as K
-from dllama_mpi.kernels import lib, ptr
+from dllama_mpi.kernels import ffi, lib, ptr
 
 
 def bench(fn, trials=7, min_time=0.1):
@@ -40,41 +42,72 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--isa", default=None)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--type", default="q40", help="comma-separated: q40, q40r (repacked), q80, q80r, f16")
     a = ap.parse_args()
     isas = [a.isa] if a.isa else [K.isa_name(i) for i in K.supported_isas()]
     r = np.random.default_rng(0)
     rows, cols = a.rows, a.cols
-    # several copies of the matrix so it is read from memory, not from the cache
-    ncopy = max(1, int(256e6 // (rows * cols // 32 * 18)))
-    ncopy = min(ncopy, 8)
-    w = [K.quantize_q40(r.standard_normal(rows * cols).astype(np.float32)) for _ in range(1)]
-    w = [w[0].copy() for _ in range(ncopy)]
-    wbytes = w[0].size
-    x1 = K.quantize_q80(r.standard_normal(cols).astype(np.float32))
-    xb = K.quantize_q80(r.standard_normal(a.batch * cols).astype(np.float32))
+    vals = r.standard_normal(rows * cols).astype(np.float32)
+    x1f = r.standard_normal(cols).astype(np.float32)
+    xbf = r.standard_normal(a.batch * cols).astype(np.float32)
+    x1, xb = K.quantize_q80(x1f), K.quantize_q80(xbf)
     out = np.empty((a.batch, rows), dtype=np.float32)
-    wp = [ptr(m, "dl_block_q40") for m in w]
     x1p, xbp, op = ptr(x1, "dl_block_q80"), ptr(xb, "dl_block_q80"), ptr(out)
-    print(f"q40 matrix {rows}x{cols} = {wbytes / 1e6:.1f} MB ({ncopy} copies rotated)")
-    for isa in isas:
-        K.set_isa(isa)
-        for nt in [int(t) for t in a.threads.split(",")]:
-            K.set_threads(nt)
-            i = [0]
+    x1fp, xbfp = ptr(x1f), ptr(xbf)
+    for wtype in a.type.split(","):
+        if wtype in ("q40", "q40r"):
+            base = K.quantize_q40(vals)
+        elif wtype in ("q80", "q80r"):
+            base = K.quantize_q80(vals)
+        elif wtype == "f16":
+            base = vals.astype(np.float16).view(np.uint8)
+        else:
+            raise SystemExit(f"unknown --type {wtype}")
+        wbytes = base.size
+        if wtype == "q40r":
+            rb = np.empty(lib.dl_q40r_bytes(rows, cols) + 64, np.uint8)
+            rb = rb[(-rb.ctypes.data) % 64:][:lib.dl_q40r_bytes(rows, cols)]
+            lib.dl_repack_q40(ptr(rb, "void"), ptr(base, "dl_block_q40"), rows, cols)
+            base = rb
+        if wtype == "q80r":
+            rb = np.empty(lib.dl_q80r_bytes(rows, cols) + 64, np.uint8)
+            rb = rb[(-rb.ctypes.data) % 64:][:lib.dl_q80r_bytes(rows, cols)]
+            lib.dl_repack_q80(ptr(rb, "void"), ptr(base, "dl_block_q80"), rows, cols)
+            base = rb
+        # several copies of the matrix so it is read from memory, not from the cache
+        ncopy = min(8, max(1, int(256e6 // wbytes)))
+        w = [base.copy() for _ in range(ncopy)]
+        ctype = {"q40": "dl_block_q40", "q40r": "void", "q80": "dl_block_q80", "q80r": "void",
+                 "f16": "uint16_t"}[wtype]
+        wp = [ptr(m, ctype) for m in w]
+        fn = {"q40": lambda o, m, b: lib.dl_matmul_q40_q80(o, m, x1p if b == 1 else xbp, rows, cols, b),
+              "q40r": lambda o, m, b: lib.dl_matmul_q40r_q80(o, m, x1p if b == 1 else xbp, rows, cols, b),
+              "q80": lambda o, m, b: lib.dl_matmul_q80_q80(o, m, x1p if b == 1 else xbp, rows, cols, b),
+              "q80r": lambda o, m, b: lib.dl_matmul_q80r_q80(o, m, x1p if b == 1 else xbp, rows, cols, b),
+              "f16": lambda o, m, b: lib.dl_matmul_f16_f32(o, m, x1fp if b == 1 else xbfp, rows, cols, b)}[wtype]
+        print(f"{wtype} matrix {rows}x{cols} = {wbytes / 1e6:.1f} MB ({ncopy} copies rotated)")
+        for isa in isas:
+            K.set_isa(isa)
+            for nt in [int(t) for t in a.threads.split(",")]:
+                K.set_threads(nt)
+                i = [0]
 
-            def mv():
-                lib.dl_matmul_q40_q80(op, wp[i[0] % ncopy], x1p, rows, cols, 1)
-                i[0] += 1
+                def mv():
+                    fn(op, wp[i[0] % ncopy], 1)
+                    i[0] += 1
 
-            def mb():
-                lib.dl_matmul_q40_q80(op, wp[i[0] % ncopy], xbp, rows, cols, a.batch)
-                i[0] += 1
+                def mb():
+                    fn(op, wp[i[0] % ncopy], a.batch)
+                    i[0] += 1
 
-            t1 = bench(mv)
-            tb = bench(mb)
-            print(f"{isa:7s} threads={nt}: matvec {t1 * 1e3:7.3f} ms = {wbytes / t1 / 1e9:6.2f} GB/s | "
-                  f"batch {a.batch}: {tb * 1e3:7.3f} ms = {a.batch / tb:8.1f} rows/s "
-                  f"({t1 * a.batch / tb:5.1f}x the matvec rate)")
+                def rd():
+                    lib.dl_read_bytes(ffi.cast("void *", w[i[0] % ncopy].ctypes.data), wbytes)
+                    i[0] += 1
+
+                t1, tb, tr = bench(mv), bench(mb), bench(rd)
+                print(f"{isa:7s} threads={nt}: matvec {t1 * 1e3:7.3f} ms = {wbytes / t1 / 1e9:6.2f} GB/s "
+                      f"(read probe {wbytes / tr / 1e9:6.2f} GB/s) | batch {a.batch}: {tb * 1e3:7.3f} ms = "
+                      f"{a.batch / tb:8.1f} rows/s ({t1 * a.batch / tb:5.1f}x the matvec rate)")
     K.set_threads(1)
 
 

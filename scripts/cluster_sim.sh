@@ -135,28 +135,32 @@ if [ $rc -ne 0 ]; then
   echo "cluster_sim.sh: benchmark failed (exit $rc), log: $tmp.log" >&2
   exit $rc
 fi
-# stdout may start with UCX log lines (UCX_LOG_LEVEL=info logs to stdout): move them to the log
+# stdout may have UCX log lines around the JSON (UCX logs to stdout): move them to the log
 sync="$("$bin/python" - "$tmp.json" "$tmp.log" <<'PY'
 import json, sys
 lines = open(sys.argv[1]).read().splitlines(True)
 i = next(k for k, l in enumerate(lines) if l.startswith("{"))
-if i:
-    open(sys.argv[2], "a").writelines(lines[:i]); open(sys.argv[1], "w").writelines(lines[i:])
-print(json.loads("".join(lines[i:]))["config"]["sync"])
+text = "".join(lines[i:])
+doc, end = json.JSONDecoder().raw_decode(text)      # UCX may log after the document too
+open(sys.argv[2], "a").writelines(lines[:i] + [text[end:].lstrip("\n")])
+open(sys.argv[1], "w").write(text[:end] + "\n")
+c = doc["config"]
+print(c["sync"] + ("" if c.get("pp", 1) == 1 else f"-pp{c['pp']}"))
 PY
 )"
 name="n$n-$rate-$sync"
 mv "$tmp.json" "$out/$name.json"; mv "$tmp.log" "$out/$name.log"
 paste <(echo "$before") <(echo "$after") | awk -F'\t' 'BEGIN{print "host\ttx_bytes\trx_bytes"} {print $1 "\t" $5-$2 "\t" $6-$3}' > "$out/$name.net.tsv"
 
-[ -s "$out/summary.tsv" ] || printf "nodes\trate\tsync\tdecode_tok_s\tdecode_ms_per_token\tsync_wait_ms_max\tbytes_sent_per_token_min\tbytes_sent_per_token_max\twire_tx_MB_max\tjson\n" > "$out/summary.tsv"
+[ -s "$out/summary.tsv" ] || printf "nodes\trate\tsync\tpp\tdecode_tok_s\tdecode_ms_per_token\tsync_wait_ms_max\tbytes_sent_per_token_min\tbytes_sent_per_token_max\twire_tx_MB_max\tmessage_rounds_per_token\tone_way_us\tparallel_streams\taggregate_decode_tok_s\tjson\n" > "$out/summary.tsv"
 "$bin/python" - "$out/$name.json" "$out/$name.net.tsv" "$rate" >> "$out/summary.tsv" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1])); s = d["summary"]; c = d["config"]; pr = d["per_rank"]
 wait = max(r["mpi_wait_ms_uninstrumented"] for r in pr)
 b = [r["bytes_sent_per_token"] for r in pr]
 tx = max(int(l.split("\t")[1]) for l in open(sys.argv[2]).read().splitlines()[1:])
-print(f"{c['nodes']}\t{sys.argv[3]}\t{c['sync']}\t{s['decode_tok_s']}\t{s['decode_ms_per_token']}\t{wait:.3f}\t{min(b)}\t{max(b)}\t{tx / 1e6:.1f}\t{sys.argv[1]}")
+par = d.get("parallel") or [{}]
+print(f"{c['nodes']}\t{sys.argv[3]}\t{c['sync']}\t{c.get('pp', 1)}\t{s['decode_tok_s']}\t{s['decode_ms_per_token']}\t{wait:.3f}\t{min(b)}\t{max(b)}\t{tx / 1e6:.1f}\t{s.get('message_rounds_per_token', '-')}\t{s.get('one_way_us', '-')}\t{par[-1].get('streams', '-')}\t{par[-1].get('aggregate_decode_tok_s', '-')}\t{sys.argv[1]}")
 PY
 tail -n 1 "$out/summary.tsv" >&2
 echo "$out/$name.json"

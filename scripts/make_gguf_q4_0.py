@@ -9,6 +9,10 @@ dummy "gpt2" (byte-level) vocabulary: enough for llama.cpp to load the model and
 llama-bench, which feeds random tokens; it cannot tokenize real text meaningfully.
 
     .venv/bin/python scripts/make_gguf_q4_0.py /tmp/llama3.2-1b-q4_0-random.gguf
+
+`--type f16` writes F16 matrices instead (N(0, 0.02) values): the source for `llama-quantize ... Q8_0`,
+whose output `dllama-mpi convert gguf` turns into a q80 .m with the very same Q8_0 blocks (the q80 vs
+llama.cpp Q8_0 decode comparison, scripts/bench_q80.sh).
 """
 from __future__ import annotations
 
@@ -61,14 +65,16 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--rope-theta", type=float, default=500000.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--type", choices=["q4_0", "f16"], default="q4_0", help="type of the matrices")
     a = ap.parse_args()
+    f16 = a.type == "f16"
 
     rng = np.random.default_rng(a.seed)
     head_dim = a.dim // a.heads
     kv_dim = head_dim * a.kv_heads
 
     w = gguf.GGUFWriter(a.out, "llama")
-    w.add_name("random-llama3.2-1b-q4_0")
+    w.add_name(f"random-llama3.2-1b-{a.type}")
     w.add_context_length(a.ctx)
     w.add_embedding_length(a.dim)
     w.add_feed_forward_length(a.hidden)
@@ -79,7 +85,7 @@ def main() -> int:
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(a.vocab)
     w.add_rope_dimension_count(head_dim)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)  # 2
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.MOSTLY_Q4_0)
 
     # Minimal byte-level BPE vocabulary.
     byte_toks = bytes_to_unicode()
@@ -123,7 +129,9 @@ def main() -> int:
     plan.append(("output_norm.weight", (a.dim,), "n"))  # tied: no output.weight
 
     for name, shape, kind in plan:
-        if kind == "q":
+        if kind == "q" and f16:
+            w.add_tensor_info(name, shape, np.dtype(np.float16), shape[0] * shape[1] * 2)
+        elif kind == "q":
             rows, cols = shape
             nbytes = rows * (cols // QK) * BLOCK_BYTES
             # byte shape + uint8 dtype -> writer converts to the element shape
@@ -137,7 +145,9 @@ def main() -> int:
     w.write_ti_data_to_file()
     total = 0
     for name, shape, kind in plan:
-        if kind == "q":
+        if kind == "q" and f16:
+            t = (rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)).astype(np.float16)
+        elif kind == "q":
             t = q4_0_random(shape[0], shape[1], rng)
         else:
             t = rng.uniform(0.8, 1.2, size=shape).astype(np.float32)

@@ -1,6 +1,7 @@
 """Finding the processes a test started (mpiexec, hydra proxies, ranks) through /proc."""
 
 import os
+import time
 from pathlib import Path
 
 
@@ -17,6 +18,17 @@ def our_processes(marker: str) -> list[int]:
             except OSError:
                 pass
     return pids
+
+
+def left_after(marker: str, grace: float = 5.0) -> list[int]:
+    """our_processes(marker) once they are gone, or after `grace` seconds (mpiexec may return a
+    moment before the ranks it aborted have exited)."""
+    deadline = time.time() + grace
+    while True:
+        left = our_processes(marker)
+        if not left or time.time() > deadline:
+            return left
+        time.sleep(0.05)
 
 
 def descendants(pid: int) -> list[int]:

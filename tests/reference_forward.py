@@ -2,7 +2,8 @@
 
 llama2.c style, FORMATS §5 without the q80 details: whole sequence at once with a causal mask.
 Weights come from `dllama_mpi.formats.open_model`; q/k rows are already in DL's (converter-permuted)
-order, so rope rotates adjacent pairs (x[2i], x[2i+1]) (§5.3, LLAMA rope, no llama3 scaling).
+order, so rope rotates adjacent pairs (x[2i], x[2i+1]) (§5.3, LLAMA rope, llama3 frequency scaling
+when the header has it).
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ import numpy as np
 from dllama_mpi.formats import ARCH_LLAMA, F32, open_model
 
 
-class ReferenceLlama:
+class ReferenceModel:
+    """An f32 `.m` file's tensors as float64 (read per use) and the RMSNorm every arch shares."""
+
     def __init__(self, path):
         self.m = open_model(path)
-        h = self.h = self.m.header
-        if h.arch_type != ARCH_LLAMA or h.n_experts or h.weights_float_type != F32:
-            raise ValueError("reference forward: dense llama models with f32 weights only")
-        if getattr(h, "rope_scaling_factor", 1) not in (0, 1):
-            raise ValueError("reference forward: llama3 rope scaling is not implemented")
+        self.h = self.m.header
+        if self.h.weights_float_type != F32:
+            raise ValueError("reference forward: f32 weights only")
+
+    def close(self):
+        self.m.close()
 
     def w(self, name, layer=-1):
         t = self.m.info(name, layer)
@@ -29,11 +33,31 @@ class ReferenceLlama:
     def rmsnorm(self, x, w):
         return w * x / np.sqrt((x * x).mean(-1, keepdims=True) + self.h.eps)
 
+
+class ReferenceLlama(ReferenceModel):
+    def __init__(self, path):
+        super().__init__(path)
+        h = self.h
+        if h.arch_type != ARCH_LLAMA or h.n_experts:
+            raise ValueError("reference forward: dense llama models with f32 weights only")
+
+    def freqs(self):
+        """1 / theta^(2i/hd), with llama3 scaling (FORMATS §5.3) when rope_scaling_factor != 1."""
+        h, hd = self.h, self.h.head_size
+        freq = 1.0 / float(h.rope_theta) ** (np.arange(0, hd, 2) / hd)
+        if h.rope_scaling_factor in (0, 1):
+            return freq
+        L, lo, hi, fac = (h.rope_scaling_orig_max_seq_len, h.rope_scaling_low_freq_factor,
+                          h.rope_scaling_high_freq_factor, h.rope_scaling_factor)
+        wl = 2 * np.pi / freq
+        s = (L / wl - lo) / (hi - lo)
+        return np.where(wl < L / hi, freq, np.where(wl > L / lo, freq / fac, (1 - s) * freq / fac + s * freq))
+
     def rope(self, x, n_heads, pos0):
         """x [T, n_heads * hd]; rotate each adjacent pair (2i, 2i+1) of each head by pos * freq_i."""
         hd = self.h.head_size
         T = x.shape[0]
-        freq = 1.0 / float(self.h.rope_theta) ** (np.arange(0, hd, 2) / hd)      # [hd/2]
+        freq = self.freqs()                                                       # [hd/2]
         ang = (pos0 + np.arange(T))[:, None] * freq[None, :]                      # [T, hd/2]
         cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
         p = x.reshape(T, n_heads, hd // 2, 2)

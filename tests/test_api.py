@@ -40,8 +40,8 @@ DEFAULTS = {"temperature": 0.8, "top_p": 0.9, "seed": None}
 
 def test_parse_common_defaults_and_limits():
     p = parse_common({}, 1024, DEFAULTS)
-    assert p == {"stream": False, "include_usage": False, "max_tokens": None, "temperature": 0.8, "top_p": 0.9,
-                 "seed": None, "stop": []}
+    assert p == {"n": 1, "logprobs": None, "echo": False, "token_ids": False, "stream": False, "include_usage": False,
+                 "max_tokens": None, "temperature": 0.8, "top_p": 0.9, "seed": None, "stop": []}
     p = parse_common({"max_completion_tokens": 7, "max_tokens": 9, "stop": "x", "stream": True,
                       "stream_options": {"include_usage": True}, "seed": 3, "temperature": 0}, 1024, DEFAULTS)
     assert (p["max_tokens"], p["stop"], p["stream"], p["include_usage"], p["seed"], p["temperature"]) == \
@@ -49,7 +49,8 @@ def test_parse_common_defaults_and_limits():
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"n": 2}, "n"), ({"n": "1"}, "n"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 1025}, "max_tokens"),
+    ({"n": 9}, "n"), ({"n": 0}, "n"), ({"n": "1"}, "n"), ({"logprobs": 1}, "logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 1025}, "max_tokens"),
     ({"max_tokens": 1.5}, "max_tokens"), ({"max_tokens": True}, "max_tokens"),
     ({"max_completion_tokens": -1}, "max_completion_tokens"), ({"temperature": "hot"}, "temperature"),
     ({"temperature": 3}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"seed": "x"}, "seed"),
@@ -85,6 +86,48 @@ def test_parse_messages_and_prompt():
     for bad in ({}, {"prompt": ""}, {"prompt": ["a", "b"]}, {"prompt": 3}):
         with pytest.raises(ApiError):
             parse_prompt(bad)
+
+
+def test_metrics_module_rank_stats_between_passes():
+    """The per-rank numbers are gathered by whoever runs the passes (here a thread standing in for
+    the generation thread's loop): a scrape nobody answers returns after its timeout without them."""
+    import asyncio
+
+    import numpy as np
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dllama_mpi.metrics import Metrics, RankStats
+
+    m = Metrics()
+    rows = np.array([[1.5, 0.25, 3, 7], [1.0, 0.75, 3, 7]])
+    rs = RankStats(lambda: rows, ("compute_seconds", "wait_seconds", "forward_passes", "tokens"))
+    m.set_rank_stats(rs)
+    m.gauge("queue_depth", "waiting", lambda: 2)
+    m.gauge("kv_cache_used_bytes", "per rank", lambda: {(0,): 10, (1,): 20}, ("rank",))
+    m.request_done("/v1/completions", 200)
+    text = asyncio.run(m.render(refresh_timeout=0.05)).decode()
+    assert "dllama_rank_" not in text and rs.count == 0
+    stop = threading.Event()
+
+    def passes():
+        while not stop.is_set():
+            rs.poll()
+            time.sleep(0.005)
+
+    t = threading.Thread(target=passes)
+    t.start()
+    try:
+        text = asyncio.run(m.render(refresh_timeout=30)).decode()
+    finally:
+        stop.set()
+        t.join()
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert got[("dllama_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))] == 1
+    assert got[("dllama_queue_depth", ())] == 2
+    assert got[("dllama_kv_cache_used_bytes", (("rank", "1"),))] == 20
+    assert got[("dllama_rank_wait_seconds_total", (("rank", "1"),))] == 0.75
+    assert got[("dllama_rank_tokens_total", (("rank", "0"),))] == 7 and rs.count >= 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -154,7 +197,7 @@ class ApiServer:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = ApiServer(tmp_path_factory.mktemp("api") / "server.log", extra=["--api-key", KEY])
+    s = ApiServer(tmp_path_factory.mktemp("api") / "server.log", extra=["--api-key", KEY, "--no-web-ui"])
     yield s
     s.stop()
 
@@ -191,6 +234,71 @@ def chat_msgs(text="Hello there"):
 def test_models(client):
     ids = [m.id for m in client.models.list().data]
     assert ids == [MODEL_ID]
+
+
+def scrape(server, key=KEY) -> dict:
+    """GET /metrics parsed by prometheus_client's own parser: {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    req = urllib.request.Request(server.url + "/metrics", headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain"), r.headers
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def metric(m: dict, name: str, **labels) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics(server, client):
+    from dllama_mpi.formats import open_model
+    from dllama_mpi.shard import make_plan
+
+    assert http(server, "GET", "/metrics", key=None)[0] == 401   # like every endpoint but /health
+    before = scrape(server)
+    r = client.chat.completions.create(model=MODEL_ID, messages=chat_msgs("count me"), max_tokens=5, temperature=0)
+    u = r.usage
+    evaluated = u.model_extra["evaluated_prompt_tokens"]
+    after = scrape(server)
+    delta = lambda name, **kw: metric(after, name, **kw) - metric(before, name, **kw)  # noqa: E731
+    assert delta("dllama_requests_total", endpoint="/v1/chat/completions", status="200") == 1
+    assert delta("dllama_requests_total", endpoint="/metrics", status="200") == 1   # the first scrape
+    assert metric(after, "dllama_requests_total", endpoint="/metrics", status="401") >= 1
+    assert delta("dllama_generations_total", finish_reason="length") == 1
+    assert delta("dllama_generated_tokens_total") == 5
+    assert delta("dllama_prompt_tokens_total") == u.prompt_tokens
+    assert delta("dllama_prompt_evaluated_tokens_total") == evaluated
+    assert delta("dllama_generation_seconds_total") > 0
+    assert metric(after, "dllama_tokens_per_second", phase="generation") > 0
+    assert metric(after, "dllama_queue_depth") == 0 and metric(after, "dllama_running_sequences") == 0
+    # the request ended: its pages (the prompt and every generated token but the last) stay cached
+    # for reuse, none is held; capacity is --parallel (4) contexts of the model; bytes from its shape
+    m = open_model(str(MODEL))
+    h = m.header
+    m.close()
+    plan = make_plan(h, 2)
+    ctx = metric(after, "dllama_kv_cache_capacity_tokens")
+    assert ctx == 4 * 1024 and metric(after, "dllama_kv_cache_used_tokens") == 0
+    assert metric(after, "dllama_kv_cache_pages", state="in_use") == 0
+    assert metric(after, "dllama_kv_cache_pages", state="cached") >= -(-(u.prompt_tokens + 5 - 1) // 16)
+    for rank in (0, 1):
+        per_token = 2 * 4 * h.n_layers * plan[rank].n_kv_heads * h.head_size   # K and V rows, f32
+        assert metric(after, "dllama_kv_cache_used_bytes", rank=str(rank)) == 0
+        assert metric(after, "dllama_kv_cache_free_bytes", rank=str(rank)) == ctx * per_token
+        # per-rank counters come from every rank: one pass per prompt batch of 32, one per token after the first
+        assert delta("dllama_rank_forward_passes_total", rank=str(rank)) == -(-evaluated // 32) + 4
+        assert delta("dllama_rank_tokens_total", rank=str(rank)) == evaluated + 4
+        assert delta("dllama_rank_compute_seconds_total", rank=str(rank)) > 0
+        assert delta("dllama_rank_wait_seconds_total", rank=str(rank)) > 0
+
+
+def test_no_web_ui(server):
+    """--no-web-ui: no chat page, / is a 404 like any unknown path."""
+    for path in ("/", "/web/app.js"):
+        got, err = http(server, "GET", path)
+        assert got == 404 and err["error"]["message"].endswith("Not Found"), (path, err)
 
 
 def test_chat_non_stream_length(client):
@@ -277,7 +385,7 @@ def test_concurrent_clients(client):
 
 
 @pytest.mark.parametrize("body,status,param", [
-    ({"messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 9}, 400, "n"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10 ** 6}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1020}, 400, "max_tokens"),
@@ -413,3 +521,249 @@ def test_smollm2_capital_of_france(smollm2):
                                   max_tokens=40, temperature=0)
     assert "Paris" in r.choices[0].message.content, r.choices[0].message.content
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+# ------------------------------------------------------------------------------------------------
+# continuous batching: --parallel 4 with a KV pool that holds about two requests at a time
+
+POOL_PAGES = 6   # pages of 16 tokens, 1 kB per token and rank for this model on 2 ranks
+
+
+@pytest.fixture(scope="module")
+def batch_server(tmp_path_factory):
+    s = ApiServer(tmp_path_factory.mktemp("batch") / "server.log",
+                  extra=["--parallel", "4", "--kv-memory", f"{POOL_PAGES * 16}KiB"])
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def pipeline_server(tmp_path_factory):
+    """The same server as two pipeline stages (one rank each): passes of different requests in flight."""
+    s = ApiServer(tmp_path_factory.mktemp("pipeline") / "server.log",
+                  extra=["--parallel", "4", "--kv-memory", f"{POOL_PAGES * 16}KiB", "--pp", "2"])
+    yield s
+    s.stop()
+
+
+def _answers(client, prompts, max_tokens=24, concurrent=False, stream=False):
+    """Greedy answers to the prompts, asked one after another or all at once from threads."""
+    out, errors = {}, []
+
+    def ask(i):
+        try:
+            kw = dict(model=MODEL_ID, messages=chat_msgs(prompts[i]), max_tokens=max_tokens, temperature=0)
+            if stream and i % 2:
+                out[i] = "".join(c.choices[0].delta.content or "" for c in
+                                 client.chat.completions.create(stream=True, **kw) if c.choices)
+            else:
+                out[i] = client.chat.completions.create(**kw).choices[0].message.content
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    if concurrent:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    else:
+        for i in range(len(prompts)):
+            ask(i)
+    assert not errors, errors
+    return [out[i] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("which", ["batch_server", "pipeline_server"])
+def test_eight_clients_each_get_the_text_they_get_alone(request, which):
+    """8 concurrent greedy clients on --parallel 4 with a pool for ~2: they wait for pages, are
+    decoded together (with --pp 2: in passes in flight on the two stages), and each gets exactly
+    its text alone."""
+    batch_server = request.getfixturevalue(which)
+    openai = pytest.importorskip("openai")
+    c = openai.OpenAI(base_url=batch_server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    prompts = [f"Tell me about the number {i}" for i in range(8)]
+    alone = _answers(c, prompts)
+    together = _answers(c, prompts, concurrent=True, stream=True)
+    assert together == alone
+    h = health(batch_server)
+    assert h["running"] == 0 and h["queued"] == 0 and h["kv_pages"]["in_use"] == 0
+    assert h["kv_pages"]["total"] == POOL_PAGES and h["waited_for_pages"] > 0
+
+
+@pytest.mark.parametrize("which", ["batch_server", "pipeline_server"])
+def test_a_cancelled_stream_does_not_change_the_others(request, which):
+    batch_server = request.getfixturevalue(which)
+    openai = pytest.importorskip("openai")
+    c = openai.OpenAI(base_url=batch_server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    prompts = ["first question", "second question"]
+    alone = _answers(c, prompts, max_tokens=30)
+    body = json.dumps({"messages": chat_msgs("this one goes away"), "max_tokens": 60, "temperature": 0,
+                       "stream": True}).encode()
+    results = {}
+
+    def others():
+        results["got"] = _answers(c, prompts, max_tokens=30, concurrent=True)
+
+    with socket.create_connection(("127.0.0.1", batch_server.port), timeout=30) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        t = threading.Thread(target=others)
+        t.start()
+        got = b""
+        while got.count(b"data:") < 3:
+            chunk = s.recv(4096)
+            assert chunk, got
+            got += chunk
+    t.join(120)
+    assert results["got"] == alone
+
+
+def test_a_request_the_pool_can_never_hold_is_refused(batch_server):
+    got, err = http(batch_server, "POST", "/v1/chat/completions",
+                    {"messages": chat_msgs("hi"), "max_tokens": POOL_PAGES * 16 + 10}, key=None)
+    assert got == 400 and "raise --kv-memory" in err["error"]["message"], err
+    assert err["error"]["code"] == "context_length_exceeded"
+
+
+def test_pipeline_metrics_gather_every_stage(pipeline_server):
+    """Per-rank counters travel through the stages (CMD_STATS) between passes."""
+    _answers(openai_client(pipeline_server), ["count the stages"], max_tokens=4)
+    req = urllib.request.Request(pipeline_server.url + "/metrics")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        text = r.read().decode()
+    passes = [l for l in text.splitlines() if l.startswith("dllama_rank_forward_passes_total")]
+    assert len(passes) == 2 and all(float(l.split()[-1]) > 0 for l in passes), passes
+
+
+def openai_client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+# ------------------------------------------------------------------------------------------------
+# log-probabilities and n choices (an f32 model: its logits at 2 ranks are those of 1 rank to ~1e-6)
+
+F32_MODEL = TINY / "m" / "dllama_model_tiny_llama_f32.m"
+F32_TOK = TINY / "t" / "dllama_tokenizer_tiny_llama3.t"
+F32_ID = "dllama_model_tiny_llama_f32"
+
+
+@pytest.fixture(scope="module")
+def lp_server(tmp_path_factory):
+    s = ApiServer(tmp_path_factory.mktemp("lp") / "server.log", model=F32_MODEL, tokenizer=F32_TOK)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def lp_client(lp_server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=lp_server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Teacher-forced logits of a one-rank engine: log_softmax(ids, inv_t) -> [len(ids), vocab]."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from dllama_mpi.comm import Comm
+    from dllama_mpi.engine import build_engine
+    from dllama_mpi.tokenizer import Tokenizer
+
+    eng = build_engine(Comm(MPI.COMM_SELF), str(F32_MODEL))
+    tok = Tokenizer.load(F32_TOK)
+
+    def log_softmax(ids, inv_t=1.0):
+        y = eng.forward(ids, 0, all_logits=True).astype(np.float64) * inv_t
+        m = y.max(axis=1, keepdims=True)
+        return y - (m + np.log(np.exp(y - m).sum(axis=1, keepdims=True)))
+    return tok, log_softmax
+
+
+@pytest.mark.parametrize("temperature", [0, 0.8])
+def test_completion_logprobs_equal_an_independent_log_softmax(lp_client, reference, temperature):
+    tok, log_softmax = reference
+    prompt = "The quick brown fox"
+    r = lp_client.completions.create(model=F32_ID, prompt=prompt, max_tokens=8, temperature=temperature, seed=3,
+                                     logprobs=5, extra_body={"return_tokens_as_token_ids": True})
+    lp = r.choices[0].logprobs
+    prompt_ids = tok.encode(prompt)
+    tid = lambda s: int(s.split(":")[1])  # noqa: E731 ("token_id:N")
+    ids = prompt_ids + [tid(t) for t in lp.tokens]
+    ref = log_softmax(ids, 1 / temperature if temperature else 1.0)
+    n = len(prompt_ids)
+    for i, (t, chosen, top) in enumerate(zip(ids[n:], lp.token_logprobs, lp.top_logprobs)):
+        row = ref[n - 1 + i]
+        assert abs(chosen - row[t]) < 1e-4
+        vals = list(top.values())
+        assert vals == sorted(vals, reverse=True) and len(vals) == 5
+        best = sorted(range(row.size), key=lambda j: (-row[j], j))[:5]
+        assert [tid(s) for s in top] == best
+        assert max(abs(v - row[j]) for v, j in zip(vals, best)) < 1e-4
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    plain = lp_client.completions.create(model=F32_ID, prompt=prompt, max_tokens=8, temperature=temperature, seed=3,
+                                         logprobs=5).choices[0]
+    assert plain.text == r.choices[0].text and plain.logprobs.token_logprobs == lp.token_logprobs
+    assert "".join(plain.logprobs.tokens) == plain.text or "\ufffd" in "".join(plain.logprobs.tokens)
+
+
+def test_echo_scores_a_text_without_generating(lp_client, reference):
+    import math
+
+    tok, log_softmax = reference
+    text = "Once upon a time, in a land far away, there lived a tiny model."
+    r = lp_client.completions.create(model=F32_ID, prompt=text, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    c = r.choices[0]
+    ids = tok.encode(text)
+    assert c.text.endswith(text) and r.usage.completion_tokens == 0
+    assert c.logprobs.token_logprobs[0] is None and c.logprobs.top_logprobs[0] is None
+    assert len(c.logprobs.tokens) == len(ids)
+    ref = log_softmax(ids)
+    want = [ref[j - 1][ids[j]] for j in range(1, len(ids))]
+    got = c.logprobs.token_logprobs[1:]
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
+    # their mean is the log-likelihood per token a perplexity run computes on the same tokens
+    assert abs(math.exp(-sum(got) / len(got)) / math.exp(-sum(want) / len(want)) - 1) < 1e-5
+    # streamed: the same text and scores
+    chunks = list(lp_client.completions.create(model=F32_ID, prompt=text, max_tokens=0, echo=True, logprobs=2,
+                                               temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.text
+    streamed = [x for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for x in ch.choices[0].logprobs.token_logprobs]
+    assert streamed == c.logprobs.token_logprobs
+
+
+def test_chat_logprobs_shape_stream_and_not(lp_client):
+    kw = dict(model=F32_ID, messages=chat_msgs("Hi"), max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    r = lp_client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    for e in content:
+        assert e.bytes == list(e.token.encode()) or "\ufffd" in e.token
+        tops = [t.logprob for t in e.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True)
+        assert e.logprob == e.top_logprobs[0].logprob and e.token == e.top_logprobs[0].token   # greedy
+    streamed = [e for ch in lp_client.chat.completions.create(stream=True, **kw)
+                if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    plain = lp_client.chat.completions.create(model=F32_ID, messages=chat_msgs("Hi"), max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+
+
+def test_n_choices_with_a_seed_repeat(lp_client):
+    kw = dict(model=F32_ID, messages=chat_msgs("Tell me a story"), max_tokens=12, temperature=0.9, seed=11, n=3)
+    a = lp_client.chat.completions.create(**kw)
+    b = lp_client.chat.completions.create(**kw)
+    texts = [c.message.content for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2] and len(set(texts)) > 1
+    assert texts == [c.message.content for c in b.choices]
+    assert 3 <= a.usage.completion_tokens <= 36 and a.usage.prompt_tokens == b.usage.prompt_tokens
+    streamed = {}
+    for ch in lp_client.chat.completions.create(stream=True, **kw):
+        for c in ch.choices:
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+    assert [streamed[i] for i in range(3)] == texts
+    c = lp_client.completions.create(model=F32_ID, prompt="Once", max_tokens=5, n=2, seed=1, temperature=1.0)
+    assert len(c.choices) == 2 and c.usage.completion_tokens == 10

@@ -90,6 +90,16 @@ def _build_files(d: Path) -> dict[str, Path]:
     put("version.m", _set_key(_model_bytes(), 0, 3))
     put("dim0.m", _set_key(_model_bytes(), 2, 0))
     put("kvheads.m", _set_key(_model_bytes(), 6, 3))
+    window = _model_bytes()
+    struct.pack_into("<ii", window, 8, 64, 512)      # the version pair becomes gemma3's sliding_window
+    put("window.m", window)
+    # the per-matrix type table (FORMATS-EXT.md, "Per-matrix float types") with 28 entries for tiny_llama's 29 matrices
+    hsize = struct.unpack_from("<i", m, 4)[0]
+    table = bytearray(m[:4] + struct.pack("<i", hsize + 8 + 32) + m[8:hsize] + struct.pack("<ii", 22, 28)
+                      + bytes([2] * 28) + b"\0" * 4 + m[hsize:])
+    put("types28.m", table)
+    (d / "short.txt").write_text("In the beginning God created the heaven and the earth.\n")
+    f["short.txt"] = d / "short.txt"
 
     # tokenizers
     data, first, t = _tok_records()
@@ -186,6 +196,7 @@ CASES = [
     ("header-bad-version", lambda f, o: inf(f["version.m"]), ["version.m", "version", "is 3"]),
     ("header-zero-dim", lambda f, o: inf(f["dim0.m"]), ["dim0.m", "(dim) is 0"]),
     ("header-heads-not-multiple", lambda f, o: inf(f["kvheads.m"]), ["kvheads.m", "n_kv_heads 3"]),
+    ("header-gemma3-key-on-llama", lambda f, o: inf(f["window.m"]), ["window.m", "key 64 (sliding_window)", "gemma3"]),
     ("tokenizer-empty", lambda f, o: inf(LLAMA_Q40, f["empty.t"]), ["empty.t", "magic", "truncated"]),
     ("tokenizer-wrong-magic", lambda f, o: inf(LLAMA_Q40, f["magic.t"]), ["magic.t", "not a .t tokenizer file"]),
     ("tokenizer-truncated", lambda f, o: inf(LLAMA_Q40, f["trunc.t"]), ["trunc.t", "token 511", "truncated"]),
@@ -213,6 +224,15 @@ CASES = [
      ["chat template", "boom here"]),
     ("api-bad-port", lambda f, o: ["api", "--model", str(QWEN_Q40), "--tokenizer", str(TOK_QWEN), "--port", "0"],
      ["--port", "got 0"]),
+    ("model-type-table-wrong-length", lambda f, o: inf(f["types28.m"]),
+     ["types28.m", "header key 22 (n_tensor_types) is 28, the model has 29 matrices"]),
+    ("perplexity-text-too-short", lambda f, o: ["perplexity", "--model", str(LLAMA_Q40), "--tokenizer", str(TOK_LLAMA),
+                                                "--file", str(f["short.txt"]), "--ctx", "64"],
+     ["short.txt tokenizes to only", "at least 128 are needed for --ctx 64"]),
+    ("perplexity-kld-without-base", lambda f, o: ["perplexity", "--model", str(LLAMA_Q40), "--tokenizer",
+                                                  str(TOK_LLAMA), "--kl-divergence"],
+     ["--kl-divergence needs --kl-divergence-base FILE"]),
+    ("tokenize-no-text", lambda f, o: ["tokenize", "--tokenizer", str(TOK_LLAMA)], ["give exactly one of --text and --file"]),
     ("gguf-missing", lambda f, o: ["convert", "gguf", str(o / "nope.gguf"), "--out-model", str(o / "o.m")],
      ["nope.gguf", "file not found"]),
     ("gguf-not-gguf", lambda f, o: ["convert", "gguf", str(f["junk.gguf"]), "--out-model", str(o / "o.m")],

@@ -38,21 +38,30 @@ class FakeComm:
 
 
 class FakeEngine:
-    """Logits from a seeded generator; records what the generator evaluates."""
+    """Logits from a seeded generator; records what each pass evaluates. It has what the scheduler
+    uses of an engine: the root's KVCache and `step`."""
 
     def __init__(self, vocab: int, max_seq_len: int, favour: int | None = None):
+        from dllama_mpi.kvcache import KVCache, plan_kv
+
         self.comm, self.max_seq_len, self.vocab = FakeComm(), max_seq_len, vocab
+        self.max_batch = 4096
+        self.kv_plan = plan_kv(64, max_seq_len, 1)
+        self.kv = KVCache(self.kv_plan)
         self.favour = favour
         self.evaluated = []
 
-    def forward(self, tokens, pos, all_logits=False, argmax=False):
-        assert pos + len(tokens) <= self.max_seq_len
-        self.evaluated.append((pos, list(tokens)))
-        rng = np.random.default_rng(pos + len(tokens))
-        logits = rng.standard_normal(self.vocab).astype(np.float32)
-        if self.favour is not None:
-            logits[self.favour] = 100.0
-        return int(np.argmax(logits)) if argmax else logits
+    def step(self, rows, updates=(), copies=(), out_full=None):
+        assert rows.positions[-1] < self.max_seq_len
+        self.evaluated.append((rows.positions[0], list(rows.tokens)))
+        out = []
+        for r, mode in zip(rows.logit_rows, rows.logit_modes):
+            rng = np.random.default_rng(rows.positions[r] + 1)
+            logits = rng.standard_normal(self.vocab).astype(np.float32)
+            if self.favour is not None:
+                logits[self.favour] = 100.0
+            out.append(int(np.argmax(logits)) if mode == 0 else logits)
+        return out
 
 
 class FakeTerm(Terminal):

@@ -47,7 +47,7 @@ def test_render_matches_transformers(templates, case):
 
 def test_expected_file_covers_the_families():
     ids = {c["template"] for c in EXPECTED["cases"]}
-    assert {"llama3_real", "llama3_tiny", "qwen3_real", "qwen3_tiny", "chatml", "smollm2", "deepseek-r1"} <= ids
+    assert {"llama3_real", "llama3_tiny", "qwen3_real", "qwen3_tiny", "chatml", "smollm2", "deepseek-r1", "gemma3"} <= ids
     assert "transformers" in EXPECTED["recorded_with"]
 
 

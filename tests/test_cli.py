@@ -131,3 +131,45 @@ def test_command_modules_do_not_import_cli():
             "assert 'dllama_mpi.cli' not in sys.modules, 'a command module imported cli'\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# --nthreads default: the cores a rank may use, shared by the ranks on its host
+
+def test_nthreads_default_rule(monkeypatch):
+    from mpi4py import MPI
+
+    from dllama_mpi.comm import Comm
+    from dllama_mpi.startup import choose_threads, default_threads
+
+    assert [default_threads(c, k) for c, k in ((8, 1), (8, 3), (2, 2), (2, 4), (1, 1), (16, 5))] == [8, 2, 1, 1, 1, 3]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5, 7})   # this rank may use 4 cores
+    one = Comm(MPI.COMM_SELF)
+    assert one.local_size() == 1
+    assert choose_threads(one, None) == (4, "4 threads: 4 cores available / 1 rank on this host")
+    assert choose_threads(one, 3) == (3, "3 threads: --nthreads 3")   # an explicit value wins
+
+
+def _threads_line(stderr: str) -> str:
+    lines = [l for l in stderr.splitlines() if "available /" in l or ": --nthreads" in l]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("cpus,extra", [(None, []), ("0", []), (None, ["--nthreads", "2"])])
+def test_nthreads_startup_line_under_mpiexec(cpus, extra):
+    """Under mpiexec -n 2 on one host each rank gets its share of the cores it may use (taskset
+    narrows them; ranks inherit it); the root's start-up line says what was chosen and why."""
+    cores = 1 if cpus else len(os.sched_getaffinity(0))
+    prefix = ["taskset", "-c", cpus] if cpus else []
+    cmd = prefix + [MPIEXEC, "-n", "2"] + DLLAMA + inference(LLAMA_F32, TOK_LLAMA, "--steps", "1", "--json", *extra)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    if extra:
+        n, why = 2, "2 threads: --nthreads 2"
+    else:
+        n = max(1, cores // 2)
+        why = f"{n} thread{'s' if n > 1 else ''}: {cores} core{'s' if cores > 1 else ''} available / 2 ranks on this host"
+    assert _threads_line(r.stderr) == why
+    assert f"2 node(s) x {n} thread(s)" in r.stderr
+    assert json.loads(r.stdout)["nthreads"] == n

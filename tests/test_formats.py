@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dllama_mpi.errors import ModelFormatError, TokenizerFormatError
-from dllama_mpi.formats import (ARCH_LLAMA, ARCH_QWEN3_MOE, F32, Q40, open_model, read_tokenizer,
+from dllama_mpi.formats import (ARCH_LLAMA, ARCH_QWEN3_MOE, FLOAT_BY_NAME, open_model, read_tokenizer,
                                 write_model_header, write_tokenizer)
 
 from conftest import TINY
@@ -21,7 +21,7 @@ def test_fixture_models_read(path):
     last = m.tensors[-1]
     assert last.offset + last.nbytes == path.stat().st_size
     assert m.info("embed").offset == m.header_size
-    assert h.weights_float_type == (F32 if "f32" in path.name else Q40)
+    assert h.weights_float_type == FLOAT_BY_NAME[path.stem.rsplit("_", 1)[1]] and not h.tensor_types
     m.close()
 
 

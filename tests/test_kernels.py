@@ -278,6 +278,116 @@ def test_matmul_f32(isa):
 
 
 # ---------------------------------------------------------------------------------------------
+# q80 x q80 and f16 x f32 matmuls (8- and 16-bit weights)
+
+def ref_matmul_q80_q80(w: np.ndarray, x: np.ndarray, rows: int, cols: int, batch: int):
+    """float64 sum over blocks of idot * float32(dw * dx); sum of |terms|; the integer dots."""
+    wq, wd = q80_parts(w, rows, cols)
+    xq, xd = q80_parts(x, batch, cols)
+    idot = np.einsum("rkj,bkj->brk", wq.reshape(rows, -1, 32), xq.reshape(batch, -1, 32))
+    s = (wd[None, :, :] * xd[:, None, :]).astype(np.float32)
+    terms = idot.astype(np.float64) * s.astype(np.float64)
+    return terms.sum(axis=2), np.abs(terms).sum(axis=2), idot.sum(axis=2)
+
+
+def test_matmul_q80_q80_scalar_vs_numpy():
+    use(K.ISA_SCALAR)
+    r = rng(60)
+    for rows, cols, batch in SHAPES[::2]:
+        w, x = random_q80(r, rows, cols), random_q80(r, batch, cols)
+        ref, mag, _ = ref_matmul_q80_q80(w, x, rows, cols, batch)
+        got = K.matmul_q80_q80(w, x, rows, cols, batch)
+        assert np.all(np.abs(got - ref) <= 1e-6 * mag + 1e-30), (rows, cols, batch)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_matmul_q80_q80_exact_integer_dot(isa):
+    """All scales 1.0, extreme values (weights -128..127, activations -127..127 as dl_quantize_q80
+    makes them): every path returns the exact integer dot, at 1 and 2 threads."""
+    r = rng(61)
+    rows, cols, batch = 19, 2080, 5
+    w = np.empty(rows * cols // 32, dtype=K.q80_dtype)
+    w["d"] = 0x3C00
+    w["qs"] = r.integers(-128, 128, (w.size, 32))
+    w["qs"][:65, :] = -128
+    x = np.empty(batch * cols // 32, dtype=K.q80_dtype)
+    x["d"] = 0x3C00
+    x["qs"] = r.integers(-127, 128, (x.size, 32))
+    x["qs"][:65:2, :] = -127
+    x["qs"][1:65:2, :] = 127
+    wb, xb = w.view(np.uint8), x.view(np.uint8)
+    _, _, idot = ref_matmul_q80_q80(wb, xb, rows, cols, batch)
+    assert np.abs(idot).max() < 2 ** 24
+    for threads in (1, 2):
+        use(isa, threads)
+        assert np.array_equal(K.matmul_q80_q80(wb, xb, rows, cols, batch), idot.astype(np.float32))
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+def test_matmul_q80_q80_simd_vs_scalar(isa):
+    r = rng(62)
+    for rows, cols, batch in SHAPES + [(64, 2048, 32)]:
+        w, x = random_q80(r, rows, cols), random_q80(r, batch, cols)
+        use(K.ISA_SCALAR)
+        ref = K.matmul_q80_q80(w, x, rows, cols, batch)
+        _, mag, _ = ref_matmul_q80_q80(w, x, rows, cols, batch)
+        outs = []
+        for threads in (1, 2, 3):
+            use(isa, threads)
+            outs.append(K.matmul_q80_q80(w, x, rows, cols, batch))
+        assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2]), "depends on threads"
+        assert np.all(np.abs(outs[0] - ref) <= 1e-5 * mag + 1e-30), (rows, cols, batch)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_matmul_q80_q80_batch_equals_rows_and_unaligned(isa):
+    r = rng(63)
+    rows, cols, batch = 37, 320, 6
+    w, x = random_q80(r, rows, cols), random_q80(r, batch, cols)
+    use(isa, 2)
+    full = K.matmul_q80_q80(w, x, rows, cols, batch)
+    _, mag, _ = ref_matmul_q80_q80(w, x, rows, cols, batch)
+    for b in range(batch):
+        one = K.matmul_q80_q80(w, x[b * cols // 32 * 34:(b + 1) * cols // 32 * 34], rows, cols, 1)
+        assert np.all(np.abs(one[0] - full[b]) <= 1e-5 * mag[b] + 1e-30)
+    wbuf = np.zeros(w.size + 3, dtype=np.uint8)
+    wbuf[3:] = w
+    out = np.empty((batch, rows), dtype=np.float32)
+    lib.dl_matmul_q80_q80(ptr(out), ffi.cast("dl_block_q80 *", wbuf.ctypes.data + 3), ptr(x, "dl_block_q80"),
+                          rows, cols, batch)
+    assert np.array_equal(out, full)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_matmul_f16_f32(isa):
+    """Against float64 numpy on the f16 values (any cols, batch tails, unaligned weights); SIMD
+    paths against the scalar one; identical bits at 1, 2, 3 threads."""
+    r = rng(64)
+    for rows, cols, batch in F32_SHAPES + [(64, 2048, 32)]:
+        w = r.standard_normal((rows, cols)).astype(np.float16)
+        special = np.array([65504, -6e-8, 0], np.float16)           # largest, subnormal, zero
+        w.reshape(-1)[:3] = special[:min(3, w.size)]
+        x = r.standard_normal((batch, cols)).astype(np.float32)
+        ref = x.astype(np.float64) @ w.astype(np.float64).T
+        mag = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T
+        use(K.ISA_SCALAR)
+        scalar = K.matmul_f16_f32(w, x, rows, cols, batch)
+        bound = 6e-8 * (cols + 2) * mag + 1e-30                      # float32 summation of cols terms
+        assert np.all(np.abs(scalar - ref) <= bound), (rows, cols, batch)
+        outs = []
+        for threads in (1, 2, 3):
+            use(isa, threads)
+            outs.append(K.matmul_f16_f32(w, x, rows, cols, batch))
+        assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+        assert np.all(np.abs(outs[0] - scalar) <= 2 * bound), (rows, cols, batch)
+    wbuf = np.zeros(w.size * 2 + 1, np.uint8)
+    wbuf[1:] = w.view(np.uint8).reshape(-1)
+    out = np.empty((batch, rows), np.float32)
+    lib.dl_matmul_f16_f32(ptr(out), ffi.cast("uint16_t *", wbuf.ctypes.data + 1), ptr(x), rows, cols, batch)
+    assert np.array_equal(out, outs[0])
+
+
+# ---------------------------------------------------------------------------------------------
 # elementwise ops
 
 @pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
@@ -320,6 +430,49 @@ def test_silu_mul(isa):
         use(K.ISA_SCALAR)
         assert np.array_equal(got, K.silu_mul(g, u))  # every path computes the same bits
         use(isa)
+
+
+def ref_gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """transformers' gelu_pytorch_tanh in float64."""
+    x = x.astype(np.float64)
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_gelu_mul(isa):
+    use(isa)
+    r = rng(21)
+    for n in (1, 3, 8, 15, 16, 17, 2048 + 5):
+        g = (r.standard_normal(n) * 4).astype(np.float32)
+        u = r.standard_normal(n).astype(np.float32)
+        special = np.float32([-100, 100, 0, -10, 10, -3.5, 1e-30, -1e-30, 60, -60])
+        g[:min(n, special.size)] = special[:min(n, special.size)]
+        got = K.gelu_mul(g, u)
+        ref = ref_gelu_tanh(g) * u.astype(np.float64)
+        # relative to the larger of |result| and |up| * 1e-6: gelu of very negative inputs is
+        # ~1e-40 scaled noise around 0 in float32 as in float64
+        err = np.abs(got - ref) / np.maximum(np.abs(ref), 1e-6 * np.abs(u) + 1e-38)
+        assert err.max() <= 2e-6, (n, float(err.max()), g[err.argmax()])
+        assert got[g == 0].tolist() == [0.0] * int((g == 0).sum())
+        use(K.ISA_SCALAR)
+        assert np.array_equal(got, K.gelu_mul(g, u))      # every path computes the same bits
+        use(isa)
+    # in place (out = gate), as the forward pass calls it
+    g = r.standard_normal(40).astype(np.float32)
+    u = r.standard_normal(40).astype(np.float32)
+    want = K.gelu_mul(g, u)
+    lib.dl_gelu_mul(ptr(g), ptr(g), ptr(u), 40)
+    assert np.array_equal(g, want)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_scale(isa):
+    use(isa)
+    r = rng(22)
+    for n in (1, 7, 8, 16, 17, 640):
+        x = r.standard_normal(n).astype(np.float32)
+        s = np.float32(np.sqrt(640.0))
+        assert np.array_equal(K.scale(x, float(s)), x * s)    # one float32 multiply, exactly
 
 
 @pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
@@ -424,6 +577,107 @@ def test_attention(isa):
         assert np.array_equal(outs[0], outs[1])
         # the polynomial exp (relative error <= 6e-5) bounds the agreement with float64
         assert np.allclose(outs[0], ref, rtol=2e-4, atol=2e-4), (hd, nq, nkv, pos0, batch)
+
+
+def _paged(kc, vc, page_size, r, extra_pages=3):
+    """The contiguous cache rows scattered into shuffled pages of a pool (NaN everywhere else), and
+    the table mapping the sequence's pages to them."""
+    rows, width = kc.shape
+    n_seq_pages = -(-rows // page_size)
+    n_pages = n_seq_pages + extra_pages
+    table = r.permutation(n_pages)[:n_seq_pages].astype(np.int32)
+    kp = np.full((n_pages * page_size, width), np.nan, np.float32)
+    vp = kp.copy()
+    for t in range(rows):
+        row = table[t // page_size] * page_size + t % page_size
+        kp[row], vp[row] = kc[t], vc[t]
+    return kp, vp, table
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_paged_attention_equals_contiguous(isa):
+    """Pages in any order give the same bits as one contiguous cache."""
+    use(isa)
+    r = rng(17)
+    for hd, nq, nkv, pos0, batch in ATTN_CASES:
+        kv_of_q = np.array([min(h * nkv // nq, nkv - 1) for h in range(nq)], dtype=np.int32)
+        q = (r.standard_normal((batch, nq * hd)) * 2).astype(np.float32)
+        kc = r.standard_normal((pos0 + batch, nkv * hd)).astype(np.float32)
+        vc = r.standard_normal((pos0 + batch, nkv * hd)).astype(np.float32)
+        want = K.attention(q, kc, vc, kv_of_q, nq, nkv, hd, pos0)
+        for ps in (1, 4, 16):
+            kp, vp, table = _paged(kc, vc, ps, r)
+            got = K.attention_paged(q, kp, vp, kv_of_q, nq, nkv, hd, pos0, 0, table, ps)
+            assert np.array_equal(got, want), (hd, nq, nkv, pos0, batch, ps)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_attention_rows_of_several_sequences_are_batch_invariant(isa):
+    """Rows of different sequences (own tables, own positions) in one call give each row the bits it
+    gets alone."""
+    use(isa, 2)
+    r = rng(18)
+    hd, nq, nkv, ps = 32, 4, 2, 4
+    kv_of_q = np.array([0, 0, 1, 1], np.int32)
+    n_pages = 40
+    kp = r.standard_normal((n_pages * ps, nkv * hd)).astype(np.float32)
+    vp = r.standard_normal((n_pages * ps, nkv * hd)).astype(np.float32)
+    tables = np.stack([r.permutation(n_pages)[:10] for _ in range(3)]).astype(np.int32)
+    pos = np.array([0, 17, 5, 6, 39, 21], np.int32)
+    slot = np.array([1, 0, 2, 2, 1, 0], np.int32)
+    q = r.standard_normal((len(pos), nq * hd)).astype(np.float32)
+    together = K.attention_paged(q, kp, vp, kv_of_q, nq, nkv, hd, pos, slot, tables, ps)
+    for b in range(len(pos)):
+        alone = K.attention_paged(q[b:b + 1], kp, vp, kv_of_q, nq, nkv, hd, pos[b:b + 1], slot[b:b + 1], tables, ps)
+        assert np.array_equal(together[b], alone[0]), b
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_sliding_window_attention_over_a_ring(isa):
+    """window > 0: a row sees its last `window` positions; with ring_pages the table is a ring."""
+    use(isa)
+    r = rng(19)
+    hd, nq, nkv, ps, window = 16, 2, 1, 4, 6
+    kv_of_q = np.zeros(nq, np.int32)
+    T = 23
+    kc = r.standard_normal((T, nkv * hd)).astype(np.float32)
+    vc = r.standard_normal((T, nkv * hd)).astype(np.float32)
+    ring = 3                                            # (window + 1 row) / 4 rounded up, + 1
+    table = np.array([7, 2, 5], np.int32)
+    kp = np.full((8 * ps, nkv * hd), np.nan, np.float32)
+    vp = kp.copy()
+    for pos in range(T):
+        row = table[(pos // ps) % ring] * ps + pos % ps  # the ring overwrites the oldest page
+        kp[row], vp[row] = kc[pos], vc[pos]
+        q = r.standard_normal((1, nq * hd)).astype(np.float32)
+        got = K.attention_paged(q, kp, vp, kv_of_q, nq, nkv, hd, pos, 0, table, ps, ring_pages=ring, window=window)
+        t0 = max(0, pos - window + 1)
+        want = K.attention(q, kc[t0:pos + 1], vc[t0:pos + 1], kv_of_q, nq, nkv, hd, pos - t0)
+        assert np.array_equal(got, want), pos
+
+
+def test_rope_rows_at_their_own_positions():
+    r = rng(20)
+    hd, nh = 64, 3
+    freqs = (1.0 / (10000.0 ** (np.arange(0, hd, 2) / hd))).astype(np.float32)
+    pos = np.array([9, 0, 300, 9, 4], np.int32)
+    x = r.standard_normal((len(pos), nh * hd)).astype(np.float32)
+    together = K.rope(x, nh, hd, pos, K.ROPE_HALF, freqs)
+    for b, p in enumerate(pos):
+        assert np.array_equal(together[b], K.rope(x[b:b + 1], nh, hd, int(p), K.ROPE_HALF, freqs)[0])
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_silu_mul_rows_are_batch_invariant(isa):
+    """Distributed Llama's libm tail applies per row: a row gets the same bits in any batch."""
+    use(isa)
+    r = rng(21)
+    n, batch = 45, 3
+    g = (r.standard_normal((batch, n)) * 4).astype(np.float32)
+    u = r.standard_normal((batch, n)).astype(np.float32)
+    together = K.silu_mul(g, u, n)
+    for b in range(batch):
+        assert np.array_equal(together[b], K.silu_mul(g[b], u[b]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,3 +827,138 @@ def test_q40r_matvec_streams_and_prefetch_do_not_change_results(isa):
     finally:
         lib.dl_q40r_split(0)        # back to the defaults
         lib.dl_q40r_prefetch(-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# repacked q80 (q80r)
+
+def repack_q80(w: np.ndarray, rows: int, cols: int, misalign: int = 0) -> np.ndarray:
+    n = lib.dl_q80r_bytes(rows, cols)
+    buf = np.full(n + 64 + misalign, 0xAB, np.uint8)
+    off = (-buf.ctypes.data) % 64 + misalign
+    out = buf[off:off + n]
+    lib.dl_repack_q80(ffi.cast("void *", out.ctypes.data), ptr(w, "dl_block_q80"), rows, cols)
+    return out
+
+
+def matmul_q80r(wr: np.ndarray, x: np.ndarray, rows: int, cols: int, batch: int) -> np.ndarray:
+    out = np.full((batch, rows), np.nan, np.float32)
+    lib.dl_matmul_q80r_q80(ptr(out), ffi.cast("void *", wr.ctypes.data), ptr(x, "dl_block_q80"),
+                           rows, cols, batch)
+    return out
+
+
+def test_q80r_layout_roundtrip_and_size():
+    r = rng(70)
+    for rows, cols, _ in Q40R_SHAPES:
+        w = random_q80(r, rows, cols)
+        nb = cols // 32
+        assert lib.dl_q80r_bytes(rows, cols) == (rows + 15) // 16 * (((nb * 32 + 63) // 64) * 64 + nb * 512)
+        for threads in (1, 2):
+            use(K.ISA_SCALAR, threads)
+            back = np.zeros_like(w)
+            wr = repack_q80(w, rows, cols)      # kept alive while C reads it
+            lib.dl_unpack_q80r(ptr(back, "dl_block_q80"), ffi.cast("void *", wr.ctypes.data), rows, cols)
+            assert np.array_equal(back, w)
+
+
+def test_q80r_scalar_bitwise_equals_plain_scalar():
+    r = rng(71)
+    use(K.ISA_SCALAR)
+    for rows, cols, batch in Q40R_SHAPES:
+        w, x = random_q80(r, rows, cols), random_q80(r, batch, cols)
+        assert np.array_equal(matmul_q80r(repack_q80(w, rows, cols), x, rows, cols, batch),
+                              K.matmul_q80_q80(w, x, rows, cols, batch))
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_q80r_exact_integer_dot(isa):
+    r = rng(72)
+    rows, cols, batch = 19, 2080, 5
+    w = np.empty(rows * cols // 32, dtype=K.q80_dtype)
+    w["d"] = 0x3C00
+    w["qs"] = r.integers(-128, 128, (w.size, 32))
+    w["qs"][:65, :] = -128
+    x = np.empty(batch * cols // 32, dtype=K.q80_dtype)
+    x["d"] = 0x3C00
+    x["qs"] = r.integers(-127, 128, (x.size, 32))
+    x["qs"][:65:2, :] = -127
+    x["qs"][1:65:2, :] = 127
+    wb, xb = w.view(np.uint8), x.view(np.uint8)
+    _, _, idot = ref_matmul_q80_q80(wb, xb, rows, cols, batch)
+    wr = repack_q80(wb, rows, cols)
+    for threads in (1, 2):
+        use(isa, threads)
+        assert np.array_equal(matmul_q80r(wr, xb, rows, cols, batch), idot.astype(np.float32))
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+def test_q80r_simd_vs_plain_and_threads(isa):
+    r = rng(73)
+    for rows, cols, batch in Q40R_SHAPES + [(2048, 2048, 1), (512, 4096, 32)]:
+        w, x = random_q80(r, rows, cols), random_q80(r, batch, cols)
+        use(K.ISA_SCALAR)
+        ref = K.matmul_q80_q80(w, x, rows, cols, batch)
+        _, mag, _ = ref_matmul_q80_q80(w, x, rows, cols, batch)
+        wr = repack_q80(w, rows, cols, misalign=3)
+        outs = []
+        for threads in (1, 2, 3):
+            use(isa, threads)
+            outs.append(matmul_q80r(wr, x, rows, cols, batch))
+        assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+        assert np.all(np.abs(outs[0] - ref) <= 1e-5 * mag + 1e-30), (rows, cols, batch)
+        for b in (0, batch - 1):
+            one = matmul_q80r(wr, x[b * cols // 32 * 34:(b + 1) * cols // 32 * 34], rows, cols, 1)
+            assert np.array_equal(one[0], outs[0][b])
+    rows, cols, batch = 21, 64, 3      # rows beyond `rows` are never written
+    w, x = random_q80(r, rows, cols), random_q80(r, batch, cols)
+    big = np.full((batch, 32), -7.0, np.float32)
+    wr = repack_q80(w, rows, cols)
+    use(isa, 2)
+    lib.dl_matmul_q80r_q80(ptr(big), ffi.cast("void *", wr.ctypes.data), ptr(x, "dl_block_q80"), rows, cols, batch)
+    assert np.all(big.reshape(-1)[batch * rows:] == -7.0)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_matmul_rows_are_batch_invariant(isa):
+    """Continuous batching needs each output row to get the same bits whatever rows share the call:
+    every row of a batched f32 / q40 / repacked q40 matmul equals that row computed alone."""
+    r = rng(45)
+    use(isa, 2)
+    for rows, cols, batch in ((37, 96, 13), (64, 2048, 9)):
+        w32 = r.standard_normal((rows, cols)).astype(np.float32)
+        x32 = r.standard_normal((batch, cols)).astype(np.float32)
+        together = K.matmul_f32(w32, x32, rows, cols, batch)
+        for b in range(batch):
+            assert np.array_equal(together[b], K.matmul_f32(w32, x32[b], rows, cols, 1)[0]), ("f32", b)
+        w, x = random_q40(r, rows, cols), random_q80(r, batch, cols)
+        row_bytes = cols // 32 * 34
+        wr = repack_q40(w, rows, cols)
+        t_plain = K.matmul_q40_q80(w, x, rows, cols, batch)
+        t_rep = matmul_q40r(wr, x, rows, cols, batch)
+        for b in range(batch):
+            xb = x[b * row_bytes:(b + 1) * row_bytes]
+            assert np.array_equal(t_plain[b], K.matmul_q40_q80(w, xb, rows, cols, 1)[0]), ("q40", b)
+            assert np.array_equal(t_rep[b], matmul_q40r(wr, xb, rows, cols, 1)[0]), ("q40r", b)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_q80_f16_matmul_rows_are_batch_invariant(isa):
+    """The same for the 8- and 16-bit weight kernels: q80, repacked q80 and f16 rows of a batched
+    call equal the row alone, bit for bit."""
+    r = rng(74)
+    use(isa, 2)
+    for rows, cols, batch in ((37, 96, 13), (64, 2048, 9)):
+        w, x = random_q80(r, rows, cols), random_q80(r, batch, cols)
+        row_bytes = cols // 32 * 34
+        wr = repack_q80(w, rows, cols)
+        t_plain = K.matmul_q80_q80(w, x, rows, cols, batch)
+        t_rep = matmul_q80r(wr, x, rows, cols, batch)
+        w16 = r.standard_normal((rows, cols)).astype(np.float16)
+        x32 = r.standard_normal((batch, cols)).astype(np.float32)
+        t16 = K.matmul_f16_f32(w16, x32, rows, cols, batch)
+        for b in range(batch):
+            xb = x[b * row_bytes:(b + 1) * row_bytes]
+            assert np.array_equal(t_plain[b], K.matmul_q80_q80(w, xb, rows, cols, 1)[0]), ("q80", b)
+            assert np.array_equal(t_rep[b], matmul_q80r(wr, xb, rows, cols, 1)[0]), ("q80r", b)
+            assert np.array_equal(t16[b], K.matmul_f16_f32(w16, x32[b], rows, cols, 1)[0]), ("f16", b)

@@ -54,6 +54,7 @@ TEMPLATES = {
     "smollm2": {"builtin": "smollm2", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"},
     "deepseek-r1": {"builtin": "deepseek-r1", "bos_token": "<｜begin▁of▁sentence｜>",
                     "eos_token": "<｜end▁of▁sentence｜>"},
+    "gemma3": {"builtin": "gemma3", "bos_token": "<bos>", "eos_token": "<eos>"},
 }
 
 U = [{"role": "user", "content": "What is the capital of France?"}]
@@ -88,6 +89,11 @@ LLAMA_TOOL_CALL = [
     {"role": "tool", "content": "18°C, sunny"},
 ]
 NONE_CONTENT_KEY = [{"role": "user", "content": "hi", "name": None}]
+CONTENT_PARTS = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                 {"role": "user", "content": [{"type": "text", "text": "  Name a colour. "},
+                                              {"type": "text", "text": "One word."}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": "Blue.\n"}]},
+                 {"role": "user", "content": "Another?"}]
 
 COMMON = [("single user turn", U, {}), ("system + user", SU, {}), ("multi-turn", MULTI, {}),
           ("unicode", UNICODE, {})]
@@ -111,6 +117,8 @@ for tid in TEMPLATES:
         CASES.append((tid, "tools in system message", SU,
                       {**DATE, "tools": TOOLS, "tools_in_user_message": False}, True))
         CASES.append((tid, "tool call and result", LLAMA_TOOL_CALL, DATE, True))
+    if family == "gemma3":
+        CASES.append((tid, "content as text parts", CONTENT_PARTS, {}, True))
     if family == "deepseek-r1":
         CASES.append((tid, "last assistant with <think>", THINK_LAST, {}, False))
 
