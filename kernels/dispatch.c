@@ -41,6 +41,7 @@ void dl_fill_table(dl_kernels *k, int isa) {
         DL_FILL(k, neon);
 #if DL_HAVE_DOTPROD
         k->matmul_q40_q80_rows = dl_matmul_q40_q80_rows_neon_dotprod;
+        k->matmul_q80_q80_rows = dl_matmul_q80_q80_rows_neon_dotprod;
 #endif
         k->needs_xprep = 0;
         break;

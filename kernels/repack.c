@@ -185,8 +185,6 @@ static void q40r_groups_scalar(float *out, const uint8_t *w, const dl_block_q80 
 }
 
 #if DL_X86
-static inline int32_t ld32(const void *p) { int32_t v; memcpy(&v, p, 4); return v; }
-
 /* matvec streams: a thread's groups [g0, g0 + NS * per) read as NS runs of `per` groups side by
  * side; step i of stream s is group g0 + s * per + i */
 typedef struct { float *outs[4]; int valid[4]; const uint8_t *wgs[4]; } q40r_streams;
@@ -233,14 +231,14 @@ DL_INLINE DL_TARGET_AVX512 void q40r_group_avx512(float *out, const uint8_t *wg,
         for (int j = 0; j < B; j++) {
             const uint8_t *xq = xp + (size_t)(b0 + j) * xs + (size_t)k * DL_QK;
             const int32_t *cd = (const int32_t *)(xp + (size_t)(b0 + j) * xs + cols) + 2 * k;
-            __m512i s0 = _mm512_dpbusd_epi32(_mm512_set1_epi32(cd[0]), l0, _mm512_set1_epi32(ld32(xq + 0)));
-            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), h0, _mm512_set1_epi32(ld32(xq + 16)));
-            s0 = _mm512_dpbusd_epi32(s0, l1, _mm512_set1_epi32(ld32(xq + 4)));
-            s1 = _mm512_dpbusd_epi32(s1, h1, _mm512_set1_epi32(ld32(xq + 20)));
-            s0 = _mm512_dpbusd_epi32(s0, l2, _mm512_set1_epi32(ld32(xq + 8)));
-            s1 = _mm512_dpbusd_epi32(s1, h2, _mm512_set1_epi32(ld32(xq + 24)));
-            s0 = _mm512_dpbusd_epi32(s0, l3, _mm512_set1_epi32(ld32(xq + 12)));
-            s1 = _mm512_dpbusd_epi32(s1, h3, _mm512_set1_epi32(ld32(xq + 28)));
+            __m512i s0 = _mm512_dpbusd_epi32(_mm512_set1_epi32(cd[0]), l0, _mm512_set1_epi32(dl_ld32(xq + 0)));
+            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), h0, _mm512_set1_epi32(dl_ld32(xq + 16)));
+            s0 = _mm512_dpbusd_epi32(s0, l1, _mm512_set1_epi32(dl_ld32(xq + 4)));
+            s1 = _mm512_dpbusd_epi32(s1, h1, _mm512_set1_epi32(dl_ld32(xq + 20)));
+            s0 = _mm512_dpbusd_epi32(s0, l2, _mm512_set1_epi32(dl_ld32(xq + 8)));
+            s1 = _mm512_dpbusd_epi32(s1, h2, _mm512_set1_epi32(dl_ld32(xq + 24)));
+            s0 = _mm512_dpbusd_epi32(s0, l3, _mm512_set1_epi32(dl_ld32(xq + 12)));
+            s1 = _mm512_dpbusd_epi32(s1, h3, _mm512_set1_epi32(dl_ld32(xq + 28)));
             const __m512 s = _mm512_mul_ps(dw, _mm512_set1_ps(((const float *)cd)[1]));
             acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), s, acc[j]);
         }
@@ -257,14 +255,14 @@ DL_INLINE DL_TARGET_AVX512 __m512 q40r_block_b1_avx512(__m512 acc, const uint8_t
     const __m512i v1 = _mm512_loadu_si512((const void *)(p + 64));
     const __m512i v2 = _mm512_loadu_si512((const void *)(p + 128));
     const __m512i v3 = _mm512_loadu_si512((const void *)(p + 192));
-    __m512i s0 = _mm512_dpbusd_epi32(_mm512_set1_epi32(cd[0]), _mm512_and_si512(v0, m4), _mm512_set1_epi32(ld32(xq + 0)));
-    __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4), _mm512_set1_epi32(ld32(xq + 16)));
-    s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v1, m4), _mm512_set1_epi32(ld32(xq + 4)));
-    s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4), _mm512_set1_epi32(ld32(xq + 20)));
-    s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v2, m4), _mm512_set1_epi32(ld32(xq + 8)));
-    s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v2, 4), m4), _mm512_set1_epi32(ld32(xq + 24)));
-    s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v3, m4), _mm512_set1_epi32(ld32(xq + 12)));
-    s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v3, 4), m4), _mm512_set1_epi32(ld32(xq + 28)));
+    __m512i s0 = _mm512_dpbusd_epi32(_mm512_set1_epi32(cd[0]), _mm512_and_si512(v0, m4), _mm512_set1_epi32(dl_ld32(xq + 0)));
+    __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4), _mm512_set1_epi32(dl_ld32(xq + 16)));
+    s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v1, m4), _mm512_set1_epi32(dl_ld32(xq + 4)));
+    s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4), _mm512_set1_epi32(dl_ld32(xq + 20)));
+    s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v2, m4), _mm512_set1_epi32(dl_ld32(xq + 8)));
+    s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v2, 4), m4), _mm512_set1_epi32(dl_ld32(xq + 24)));
+    s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v3, m4), _mm512_set1_epi32(dl_ld32(xq + 12)));
+    s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v3, 4), m4), _mm512_set1_epi32(dl_ld32(xq + 28)));
     const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wg + (size_t)k * 32)));
     const __m512 s = _mm512_mul_ps(dw, _mm512_set1_ps(((const float *)cd)[1]));
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), s, acc);
@@ -362,8 +360,8 @@ DL_INLINE DL_TARGET_AVX2 void q40r_block_b1_avx2(__m256 *acc0, __m256 *acc1, con
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
     for (int i = 0; i < 4; i++) {
-        const __m256i xl = _mm256_set1_epi32(ld32(xq + 4 * i));
-        const __m256i xh = _mm256_set1_epi32(ld32(xq + 16 + 4 * i));
+        const __m256i xl = _mm256_set1_epi32(dl_ld32(xq + 4 * i));
+        const __m256i xh = _mm256_set1_epi32(dl_ld32(xq + 16 + 4 * i));
         const __m256i v0 = _mm256_loadu_si256((const __m256i *)(p + 64 * i));
         const __m256i v1 = _mm256_loadu_si256((const __m256i *)(p + 64 * i + 32));
         s0 = add16_ordered(s0, _mm256_maddubs_epi16(_mm256_and_si256(v0, m4), xl));
@@ -427,8 +425,8 @@ DL_INLINE DL_TARGET_AVX2 void q40r_half_avx2(float *out, const uint8_t *wg, cons
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
             for (int j = 0; j < B; j++) {
                 const uint8_t *x = xq[j] + (size_t)k * DL_QK + 4 * i;
-                s[j] = add16_ordered(s[j], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(ld32(x))));
-                s[j] = add16_ordered(s[j], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ld32(x + 16))));
+                s[j] = add16_ordered(s[j], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(dl_ld32(x))));
+                s[j] = add16_ordered(s[j], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(dl_ld32(x + 16))));
             }
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + (size_t)k * 32 + 16 * h)));
@@ -510,21 +508,13 @@ static DL_TARGET_AVX2 void q40r_groups_avx2(float *out, const uint8_t *w, const 
  * lane over a block: |sum| <= 15360, no overflow), pairwise widened to one int32 per row.
  * Dotprod (ARMv8.2): sdot by element, the block's 16 + 16 activations held in two registers. */
 
-static inline int32_t ld32n(const void *p) { int32_t v; memcpy(&v, p, 4); return v; }
-
-static inline float32x4_t ld_f16x4(const uint8_t *p) {   /* 4 f16 scales -> f32 (exact) */
-    uint16_t h[4];
-    memcpy(h, p, 8);
-    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h)));
-}
-
 /* integer dots of quad q's 4 rows with one block of x (codes of the block at p) */
 DL_INLINE int32x4_t q40r_quad_neon(const uint8_t *p, int q, const uint8_t *xq, int32_t corr) {
     const uint8x16_t m4 = vdupq_n_u8(0x0F);
     int16x8_t a01 = vdupq_n_s16(0), a23 = vdupq_n_s16(0);
     for (int i = 0; i < 4; i++) {
-        const int8x16_t xl = vreinterpretq_s8_s32(vdupq_n_s32(ld32n(xq + 4 * i)));
-        const int8x16_t xh = vreinterpretq_s8_s32(vdupq_n_s32(ld32n(xq + 16 + 4 * i)));
+        const int8x16_t xl = vreinterpretq_s8_s32(vdupq_n_s32(dl_ld32(xq + 4 * i)));
+        const int8x16_t xh = vreinterpretq_s8_s32(vdupq_n_s32(dl_ld32(xq + 16 + 4 * i)));
         const uint8x16_t v = vld1q_u8(p + 64 * i + 16 * q);
         const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(v, m4));
         const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
@@ -552,75 +542,16 @@ DL_INLINE DL_TARGET_DOTPROD int32x4_t q40r_quad_dotprod(const uint8_t *p, int q,
 }
 #endif
 
-static inline void store4_neon(float *o, float32x4_t v, int valid) {
-    if (valid >= 4) {
-        vst1q_f32(o, v);
-    } else {
-        float tmp[4];
-        vst1q_f32(tmp, v);
-        for (int r = 0; r < valid; r++) o[r] = tmp[r];
-    }
-}
-
-/* The kernels, written once for both integer dots (QUAD = q40r_quad_neon / q40r_quad_dotprod).
- * Matvec: one group per pass, all 4 quads per block (one sequential stream). Batched: quad q of
- * one group x up to 8 batch rows per pass (the group's codes re-read from cache per quad). */
-#define Q40R_NEON_GROUPS(QUAD) do { \
-    (void)x; \
-    const int nb = cols / DL_QK; \
-    const size_t gs = group_stride(nb), sc = sc_bytes(nb), xs = xr_stride(cols); \
-    for (int g = g0; g < g1; g++) { \
-        const uint8_t *wg = w + (size_t)g * gs; \
-        const int row0 = g * G; \
-        if (batch == 1) { \
-            const int32_t *cd = (const int32_t *)(xp + cols); \
-            float32x4_t sum[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)}; \
-            for (int k = 0; k < nb; k++) { \
-                const uint8_t *p = wg + sc + (size_t)k * 256; \
-                float dx; \
-                memcpy(&dx, cd + 2 * k + 1, 4); \
-                for (int q = 0; q < 4; q++) { \
-                    const int32x4_t d = QUAD(p, q, xp + (size_t)k * DL_QK, cd[2 * k]); \
-                    const float32x4_t s = vmulq_n_f32(ld_f16x4(wg + (size_t)k * 32 + 8 * q), dx); \
-                    sum[q] = vaddq_f32(sum[q], vmulq_f32(vcvtq_f32_s32(d), s)); \
-                } \
-            } \
-            for (int q = 0; q < 4; q++) store4_neon(out + row0 + 4 * q, sum[q], rows - row0 - 4 * q); \
-            continue; \
-        } \
-        for (int b0 = 0; b0 < batch; b0 += 8) { \
-            const int B = batch - b0 < 8 ? batch - b0 : 8; \
-            for (int q = 0; q < 4 && row0 + 4 * q < rows; q++) { \
-                float32x4_t sum[8]; \
-                for (int j = 0; j < B; j++) sum[j] = vdupq_n_f32(0.0f); \
-                for (int k = 0; k < nb; k++) { \
-                    const uint8_t *p = wg + sc + (size_t)k * 256; \
-                    const float32x4_t dw = ld_f16x4(wg + (size_t)k * 32 + 8 * q); \
-                    for (int j = 0; j < B; j++) { \
-                        const uint8_t *xb = xp + (size_t)(b0 + j) * xs; \
-                        const int32_t *cd = (const int32_t *)(xb + cols) + 2 * k; \
-                        float dx; \
-                        memcpy(&dx, cd + 1, 4); \
-                        const int32x4_t d = QUAD(p, q, xb + (size_t)k * DL_QK, cd[0]); \
-                        sum[j] = vaddq_f32(sum[j], vmulq_f32(vcvtq_f32_s32(d), vmulq_n_f32(dw, dx))); \
-                    } \
-                } \
-                for (int j = 0; j < B; j++) \
-                    store4_neon(out + (size_t)(b0 + j) * rows + row0 + 4 * q, sum[j], rows - row0 - 4 * q); \
-            } \
-        } \
-    } } while (0)
-
 static void q40r_groups_neon(float *out, const uint8_t *w, const dl_block_q80 *x, const uint8_t *xp,
                              int g0, int g1, int rows, int cols, int batch) {
-    Q40R_NEON_GROUPS(q40r_quad_neon);
+    DL_R16_NEON_GROUPS(q40r_quad_neon, 256);
 }
 
 #if DL_HAVE_DOTPROD
 static DL_TARGET_DOTPROD void q40r_groups_dotprod(float *out, const uint8_t *w, const dl_block_q80 *x,
                                                   const uint8_t *xp, int g0, int g1, int rows, int cols,
                                                   int batch) {
-    Q40R_NEON_GROUPS(q40r_quad_dotprod);
+    DL_R16_NEON_GROUPS(q40r_quad_dotprod, 256);
 }
 #endif
 #endif /* DL_NEON */

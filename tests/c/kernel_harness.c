@@ -15,8 +15,9 @@
  * Adding a kernel: write its setup and run (a few lines with the helpers below), add a line.
  *
  *   kernel_harness [--only NAME] [--require ISA,..] [--forbid ISA,..]   run the tests
+ *   kernel_harness --list             the kernel entries, one a line
  *   kernel_harness --print-isa        the ISA the dispatch picked (honours DLLAMA_ISA)
- *   kernel_harness --force-isa ISA    run one q40r matmul on ISA even if unsupported (a probe:
+ *   kernel_harness --force-isa ISA    run the q40 and q80 matmuls on ISA even if unsupported (a probe:
  *                                     dotprod code on a CPU without it must die with SIGILL)
  * Exit status 0 when every comparison passed.
  */
@@ -51,9 +52,10 @@ static float rnd_normal(void) {   /* Box-Muller */
 
 #define MAX_ALLOCS 16
 typedef struct {
-    char desc[96];                   /* shape and flavour, printed on failure */
+    char desc[128];                   /* shape and flavour, printed on failure */
     int rows, cols, batch, n, flavour, opt;
-    void *in[4];                     /* inputs (meaning per entry) */
+    void *in[8];                     /* inputs (meaning per entry) */
+    int prm[8];                      /* more shape parameters (meaning per entry) */
     size_t out_bytes;                /* bytes the kernel writes */
     double *mag;                     /* per output float: sum of |terms| (tolerance entries) */
     void *allocs[MAX_ALLOCS];
@@ -115,6 +117,22 @@ static dl_block_q80 *make_q80(tcase *c, int batch, int cols, int flavour) {
     return x;
 }
 
+/* q80 weights [rows, cols]: any int8 (-128 too), scales by flavour; x of the q80 matmuls comes from
+ * make_q80 with -128 replaced (dl_quantize_q80 never makes it: the AVX2 sign trick relies on it) */
+static dl_block_q80 *make_q80w(tcase *c, int rows, int cols, int flavour) {
+    dl_block_q80 *w = make_q80(c, rows, cols, flavour);
+    const int nb = cols / DL_QK;
+    if (flavour == FL_MAX_CODES)   /* -128 or +127 everywhere */
+        for (int64_t i = 0; i < (int64_t)rows * nb; i++) memset(w[i].qs, rnd() & 1 ? 0x80 : 0x7F, 32);
+    if (flavour == FL_INF_SCALE) w[(rows / 2) * nb].d = 0x7C00;
+    return w;
+}
+
+static void no_minus_128(dl_block_q80 *x, int64_t nblocks) {
+    for (int64_t i = 0; i < nblocks; i++)
+        for (int j = 0; j < 32; j++) if (x[i].qs[j] == -128) x[i].qs[j] = -127;
+}
+
 static float *make_f32(tcase *c, size_t n, float scale) {
     float *v = case_alloc(c, sizeof(float) * n);
     for (size_t i = 0; i < n; i++) v[i] = rnd_normal() * scale;
@@ -138,6 +156,35 @@ static double *mag_q40_q80(tcase *c, const dl_block_q40 *w, const dl_block_q80 *
                             llabs((int64_t)((wb->qs[j] >> 4) - 8) * xb->qs[j + 16]);
                 s += (double)adot * fabs((double)dl_f16_to_f32(wb->d) * dl_f16_to_f32(xb->d));
             }
+            m[(size_t)b * rows + r] = s;
+        }
+    return m;
+}
+
+static double *mag_q80_q80(tcase *c, const dl_block_q80 *w, const dl_block_q80 *x, int rows, int cols, int batch) {
+    const int nb = cols / DL_QK;
+    double *m = case_alloc(c, sizeof(double) * (size_t)rows * batch);
+    for (int b = 0; b < batch; b++)
+        for (int r = 0; r < rows; r++) {
+            double s = 0;
+            for (int k = 0; k < nb; k++) {
+                const dl_block_q80 *wb = w + (size_t)r * nb + k, *xb = x + (size_t)b * nb + k;
+                int64_t adot = 0;
+                for (int j = 0; j < 32; j++) adot += llabs((int64_t)wb->qs[j] * xb->qs[j]);
+                s += (double)adot * fabs((double)dl_f16_to_f32(wb->d) * dl_f16_to_f32(xb->d));
+            }
+            m[(size_t)b * rows + r] = s;
+        }
+    return m;
+}
+
+/* dense [rows, cols] x [batch, cols]: sum of |w x| per output */
+static double *mag_dense(tcase *c, const float *w, const float *x, int rows, int cols, int batch) {
+    double *m = case_alloc(c, sizeof(double) * (size_t)rows * batch);
+    for (int b = 0; b < batch; b++)
+        for (int r = 0; r < rows; r++) {
+            double s = 0;
+            for (int k = 0; k < cols; k++) s += fabs((double)w[(size_t)r * cols + k] * x[(size_t)b * cols + k]);
             m[(size_t)b * rows + r] = s;
         }
     return m;
@@ -233,6 +280,61 @@ static void setup_quant(tcase *c, int i) {
 }
 static void run_quant(tcase *c, void *out) { dl_quantize_q80(out, c->in[0], c->n); }
 
+/* q80 x q80, plain and repacked (q80r: repacked once by the scalar path, as q40r) */
+static void setup_q80(tcase *c, int i) {
+    const int *s = MM_SHAPES[i % N_MM_SHAPES];
+    c->rows = s[0]; c->cols = s[1]; c->batch = s[2];
+    c->flavour = i / N_MM_SHAPES;
+    c->in[0] = make_q80w(c, c->rows, c->cols, c->flavour);
+    c->in[1] = make_q80(c, c->batch, c->cols, c->flavour);
+    no_minus_128(c->in[1], (int64_t)c->batch * (c->cols / DL_QK));
+    c->mag = mag_q80_q80(c, c->in[0], c->in[1], c->rows, c->cols, c->batch);
+    c->out_bytes = sizeof(float) * (size_t)c->rows * c->batch;
+    snprintf(c->desc, sizeof c->desc, "rows %d cols %d batch %d %s", c->rows, c->cols, c->batch, flavour_name[c->flavour]);
+}
+static void run_q80(tcase *c, void *out) { dl_matmul_q80_q80(out, c->in[0], c->in[1], c->rows, c->cols, c->batch); }
+
+static void setup_q80r(tcase *c, int i) {
+    setup_q80(c, i);
+    c->in[2] = case_alloc(c, dl_q80r_bytes(c->rows, c->cols));
+    dl_repack_q80(c->in[2], c->in[0], c->rows, c->cols);   /* the driver runs setups on scalar, 1 thread */
+}
+static void run_q80r(tcase *c, void *out) { dl_matmul_q80r_q80(out, c->in[2], c->in[1], c->rows, c->cols, c->batch); }
+
+/* repack -> unpack gives the q80 input back */
+static void setup_repack_q80(tcase *c, int i) {
+    setup_q80(c, i);
+    c->mag = NULL;
+    c->out_bytes = sizeof(dl_block_q80) * (size_t)c->rows * (c->cols / DL_QK);
+}
+static void run_repack_q80(tcase *c, void *out) {
+    void *r = malloc(dl_q80r_bytes(c->rows, c->cols));
+    dl_repack_q80(r, c->in[0], c->rows, c->cols);
+    dl_unpack_q80r(out, r, c->rows, c->cols);
+    free(r);
+}
+static int check_repack_q80(tcase *c, const void *ref) { return memcmp(ref, c->in[0], c->out_bytes) == 0; }
+
+/* f16 x f32: any cols (tails of every vector width), weights from normals, some f16 subnormals */
+static void setup_f16mm(tcase *c, int i) {
+    static const int sh[][3] = {{1, 1, 1}, {3, 7, 2}, {17, 33, 3}, {33, 100, 7}, {16, 2080, 1}, {5, 264, 9}, {9, 64, 17}};
+    const int *s = sh[i];
+    c->rows = s[0]; c->cols = s[1]; c->batch = s[2];
+    const size_t nw = (size_t)c->rows * c->cols;
+    uint16_t *w = case_alloc(c, sizeof(uint16_t) * nw);
+    float *wf = case_alloc(c, sizeof(float) * nw);
+    for (size_t j = 0; j < nw; j++) {
+        w[j] = j % 37 == 5 ? extreme_f16[rnd() % 8] & 0x83FF : dl_f32_to_f16(rnd_normal());   /* subnormals, zeros */
+        wf[j] = dl_f16_to_f32(w[j]);
+    }
+    float *x = make_f32(c, (size_t)c->batch * c->cols, 1.0f);
+    c->in[0] = w; c->in[1] = x;
+    c->mag = mag_dense(c, wf, x, c->rows, c->cols, c->batch);
+    c->out_bytes = sizeof(float) * (size_t)c->rows * c->batch;
+    snprintf(c->desc, sizeof c->desc, "rows %d cols %d batch %d", c->rows, c->cols, c->batch);
+}
+static void run_f16mm(tcase *c, void *out) { dl_matmul_f16_f32(out, c->in[0], c->in[1], c->rows, c->cols, c->batch); }
+
 /* f32 matmul: cols that are no multiple of any vector width */
 static void setup_f32mm(tcase *c, int i) {
     static const int sh[][3] = {{1, 1, 1}, {3, 5, 2}, {17, 33, 3}, {33, 100, 7}, {16, 2080, 1}, {5, 257, 9}};
@@ -240,13 +342,7 @@ static void setup_f32mm(tcase *c, int i) {
     c->rows = s[0]; c->cols = s[1]; c->batch = s[2];
     float *w = make_f32(c, (size_t)c->rows * c->cols, 1.0f), *x = make_f32(c, (size_t)c->batch * c->cols, 1.0f);
     c->in[0] = w; c->in[1] = x;
-    c->mag = case_alloc(c, sizeof(double) * (size_t)c->rows * c->batch);
-    for (int b = 0; b < c->batch; b++)
-        for (int r = 0; r < c->rows; r++) {
-            double m = 0;
-            for (int k = 0; k < c->cols; k++) m += fabs((double)w[(size_t)r * c->cols + k] * x[(size_t)b * c->cols + k]);
-            c->mag[(size_t)b * c->rows + r] = m;
-        }
+    c->mag = mag_dense(c, w, x, c->rows, c->cols, c->batch);
     c->out_bytes = sizeof(float) * (size_t)c->rows * c->batch;
     snprintf(c->desc, sizeof c->desc, "rows %d cols %d batch %d", c->rows, c->cols, c->batch);
 }
@@ -269,7 +365,27 @@ static void run_add(tcase *c, void *out) {
     memcpy(out, c->in[1], c->out_bytes);
     dl_add(out, c->in[0], (int64_t)c->n * c->batch);
 }
-static void run_silu(tcase *c, void *out) { dl_silu_mul(out, c->in[0], c->in[1], (int64_t)c->n * c->batch); }
+static void run_silu(tcase *c, void *out) { dl_silu_mul(out, c->in[0], c->in[1], c->n, c->batch); }
+
+/* Gemma's GeGLU and scale: gate values across the exp range and its clamps */
+static void setup_gelu(tcase *c, int i) {
+    setup_ew(c, i);
+    static const float special[] = {-100.0f, 100.0f, 0.0f, -10.0f, 10.0f, -3.5f, 1e-30f, -60.0f};
+    float *g = c->in[0];
+    for (int j = 0; j < c->n * c->batch; j++) g[j] *= 4.0f;
+    for (int j = 0; j < c->n && j < 8; j++) g[j] = special[j];
+}
+static void run_gelu(tcase *c, void *out) { dl_gelu_mul(out, c->in[0], c->in[1], (int64_t)c->n * c->batch); }
+static void run_scale(tcase *c, void *out) {
+    memcpy(out, c->in[0], c->out_bytes);
+    dl_scale(out, 25.298221f, (int64_t)c->n * c->batch);
+}
+
+/* softmax in place (scalar code on every ISA: dl_attention's) */
+static void run_softmax(tcase *c, void *out) {
+    memcpy(out, c->in[0], c->out_bytes);
+    for (int b = 0; b < c->batch; b++) dl_softmax((float *)out + (size_t)b * c->n, c->n);
+}
 static void setup_rmsnorm(tcase *c, int i) {
     setup_ew(c, i);
     c->mag = case_alloc(c, sizeof(double) * (size_t)c->n * c->batch);   /* relative to |out| */
@@ -322,30 +438,84 @@ static void run_add_q80(tcase *c, void *out) {
     dl_add_q80(out, c->in[0], c->opt, c->n);
 }
 
-/* attention (thin entry: its signature changes with the paged KV cache; only this setup/run
- * follow it). Tolerance relative to max |v|. */
+/* paged attention: rows of several sequences (decode rows, a prefill run of consecutive positions),
+ * pages listed out of order, GQA, sliding windows over a ring of pages, a row longer than the
+ * kernel's 4096-score stack buffer. Scalar code calling dl_k.dot / axpy: tolerance relative to
+ * max |v| (scores move by the dot's rounding). */
 static void setup_attn(tcase *c, int i) {
-    static const int sh[][5] = {{16, 3, 1, 0, 1}, {32, 4, 2, 7, 3}, {64, 6, 3, 40, 2}, {128, 2, 2, 0, 5}, {8, 8, 2, 9, 4}};
+    static const int sh[][8] = {   /* hd, nq, nkv, page size, ring pages, window, batch, max pos */
+        {16, 3, 1, 4, 0, 0, 1, 0}, {32, 4, 2, 16, 0, 0, 3, 40}, {64, 6, 3, 4, 0, 0, 5, 77},
+        {128, 2, 2, 16, 0, 0, 4, 100}, {8, 8, 2, 4, 0, 0, 6, 30}, {64, 4, 2, 4, 3, 8, 4, 60},
+        {32, 2, 1, 16, 2, 17, 3, 200}, {8, 1, 1, 16, 0, 0, 2, 4500}};
     const int *s = sh[i];
-    const int hd = s[0], nq = s[1], nkv = s[2], pos0 = s[3], batch = s[4], T = pos0 + batch;
-    c->rows = hd; c->cols = nq; c->n = nkv; c->opt = pos0; c->batch = batch;
+    const int hd = s[0], nq = s[1], nkv = s[2], ps = s[3], ring = s[4], window = s[5], batch = s[6], maxpos = s[7];
+    const int nseq = 3, stride = ring ? ring : maxpos / ps + 1, npages = nseq * stride + 2;
+    const size_t kvrow = (size_t)nkv * hd, cache = (size_t)npages * ps * kvrow;
+    int32_t *tables = case_alloc(c, sizeof(int32_t) * (size_t)nseq * stride);
+    int32_t *perm = case_alloc(c, sizeof(int32_t) * (size_t)npages);
+    for (int j = 0; j < npages; j++) perm[j] = j;
+    for (int j = npages - 1; j > 0; j--) { const int k = rnd_int(0, j), t = perm[j]; perm[j] = perm[k]; perm[k] = t; }
+    for (int j = 0; j < nseq * stride; j++) tables[j] = perm[j];   /* distinct pages, shuffled */
+    int32_t *pos = case_alloc(c, sizeof(int32_t) * (size_t)batch), *slot = case_alloc(c, sizeof(int32_t) * (size_t)batch);
+    const int run = batch / 2, p0 = rnd_int(0, maxpos - run > 0 ? maxpos - run : 0);
+    for (int b = 0; b < batch; b++) {
+        if (b < run) { slot[b] = 0; pos[b] = p0 + b; }                 /* a prefill chunk of sequence 0 */
+        else { slot[b] = rnd_int(0, nseq - 1); pos[b] = b == batch - 1 ? maxpos : rnd_int(0, maxpos); }
+    }
+    int32_t *kv_of_q = case_alloc(c, sizeof(int32_t) * (size_t)nq);
+    for (int h = 0; h < nq; h++) kv_of_q[h] = h * nkv / nq;
+    dl_kv_pages *kv = case_alloc(c, sizeof(dl_kv_pages));
+    kv->tables = tables; kv->table_stride = stride; kv->page_size = ps; kv->ring_pages = ring;
+    float *v = make_f32(c, cache, 1.0f);
     c->in[0] = make_f32(c, (size_t)batch * nq * hd, 2.0f);
-    c->in[1] = make_f32(c, (size_t)T * nkv * hd, 1.0f);
-    float *v = make_f32(c, (size_t)T * nkv * hd, 1.0f);
-    c->in[2] = v;
-    int32_t *kv = case_alloc(c, sizeof(int32_t) * (size_t)nq);
-    for (int h = 0; h < nq; h++) kv[h] = (h * 7) % nkv;
-    c->in[3] = kv;
+    c->in[1] = make_f32(c, cache, 1.0f);
+    c->in[2] = v; c->in[3] = kv_of_q; c->in[4] = pos; c->in[5] = slot; c->in[6] = kv;
+    c->rows = hd; c->cols = nq; c->n = nkv; c->batch = batch; c->opt = window;
     float vmax = 0;
-    for (int j = 0; j < T * nkv * hd; j++) vmax = fabsf(v[j]) > vmax ? fabsf(v[j]) : vmax;
+    for (size_t j = 0; j < cache; j++) vmax = fabsf(v[j]) > vmax ? fabsf(v[j]) : vmax;
     c->out_bytes = sizeof(float) * (size_t)batch * nq * hd;
     c->mag = case_alloc(c, sizeof(double) * (size_t)batch * nq * hd);
     for (int j = 0; j < batch * nq * hd; j++) c->mag[j] = vmax;
-    snprintf(c->desc, sizeof c->desc, "hd %d nq %d nkv %d pos0 %d batch %d", hd, nq, nkv, pos0, batch);
+    snprintf(c->desc, sizeof c->desc, "hd %d nq %d nkv %d page %d ring %d window %d batch %d pos <= %d",
+             hd, nq, nkv, ps, ring, window, batch, maxpos);
 }
 static void run_attn(tcase *c, void *out) {
-    dl_attention(out, c->in[0], c->in[1], c->in[2], c->in[3], c->cols, c->n, c->rows, c->opt, c->batch);
+    dl_attention(out, c->in[0], c->in[1], c->in[2], c->in[3], c->cols, c->n, c->rows, c->in[4], c->in[5],
+                 c->batch, c->in[6], c->opt, sqrtf((float)c->rows));
 }
+
+/* RoPE with per-row positions (both layouts; head_dim 512 takes the heap path) */
+static void setup_rope(tcase *c, int i) {
+    static const int sh[][3] = {{2, 1, 1}, {8, 3, 4}, {64, 4, 3}, {128, 2, 5}, {512, 1, 2}};   /* hd, heads, batch */
+    const int *s = sh[i % 5];
+    c->rows = s[0]; c->cols = s[1]; c->batch = s[2]; c->opt = i / 5 ? DL_ROPE_HALF : DL_ROPE_INTERLEAVED;
+    c->in[0] = make_f32(c, (size_t)c->batch * c->cols * c->rows, 1.0f);
+    int32_t *pos = case_alloc(c, sizeof(int32_t) * (size_t)c->batch);
+    for (int b = 0; b < c->batch; b++) pos[b] = b == 0 ? 0 : rnd_int(0, 131071);
+    float *freqs = case_alloc(c, sizeof(float) * (size_t)c->rows / 2);
+    for (int j = 0; j < c->rows / 2; j++) freqs[j] = powf(500000.0f, -2.0f * j / c->rows);
+    c->in[1] = pos; c->in[2] = freqs;
+    c->out_bytes = sizeof(float) * (size_t)c->batch * c->cols * c->rows;
+    snprintf(c->desc, sizeof c->desc, "hd %d heads %d batch %d %s", c->rows, c->cols, c->batch, c->opt ? "half" : "interleaved");
+}
+static void run_rope(tcase *c, void *out) {
+    memcpy(out, c->in[0], c->out_bytes);
+    dl_rope(out, c->cols, c->rows, c->in[1], c->batch, c->opt, c->in[2]);
+}
+
+/* log-probability summary of a logits slice (doubles out): ties, a target inside and outside */
+static void setup_logits(tcase *c, int i) {
+    static const int ns[] = {1, 7, 100, 2081};
+    c->n = ns[i % 4];
+    c->opt = (int[]){0, 1, 5, 20}[i % 4];   /* k */
+    float *x = make_f32(c, (size_t)c->n, 3.0f);
+    for (int j = 0; j + 3 < c->n; j += 7) x[j + 3] = x[j];   /* equal values */
+    c->in[0] = x;
+    c->prm[0] = i < 4 ? rnd_int(0, c->n - 1) : c->n + 3;    /* target */
+    c->out_bytes = sizeof(double) * (size_t)(3 + 2 * c->opt);
+    snprintf(c->desc, sizeof c->desc, "n %d k %d target %d", c->n, c->opt, c->prm[0]);
+}
+static void run_logits(tcase *c, void *out) { dl_logit_stats(out, c->in[0], c->n, 0.7f, c->prm[0], c->opt); }
 
 /* the pool's read-bandwidth probe: a checksum */
 static void setup_readbytes(tcase *c, int i) {
@@ -388,14 +558,23 @@ static const ktest TESTS[] = {
     {"matmul_q40r_q80", N_MM_SHAPES * N_FLAVOURS, setup_q40r,     run_q40r,       BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
     {"q40r_matvec_split", 16,                  setup_q40r_split,  run_q40r_split, BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
     {"repack_q40",     N_MM_SHAPES,            setup_repack,      run_repack,     ALL_ISAS,      0, check_repack},
+    {"matmul_q80_q80", N_MM_SHAPES * N_FLAVOURS, setup_q80,       run_q80,        BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
+    {"matmul_q80r_q80", N_MM_SHAPES * N_FLAVOURS, setup_q80r,     run_q80r,       BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
+    {"repack_q80",     N_MM_SHAPES,            setup_repack_q80,  run_repack_q80, ALL_ISAS,      0, check_repack_q80},
+    {"matmul_f16_f32", 7,                      setup_f16mm,       run_f16mm,      BIT(DL_ISA_SCALAR), 2e-6, NULL},
     {"matmul_f32",     6,                      setup_f32mm,       run_f32mm,      BIT(DL_ISA_SCALAR), 2e-6, NULL},
     {"rmsnorm",        2 * N_EW,               setup_rmsnorm,     run_rmsnorm,    BIT(DL_ISA_SCALAR), 2e-6, NULL},
     {"add",            N_EW,                   setup_ew,          run_add,        ALL_ISAS,      0, NULL},
     {"add_q80",        3 * 3,                  setup_add_q80,     run_add_q80,    ALL_ISAS,      0, NULL},
     {"dot_axpy",       N_EW,                   setup_dot,         run_dot,        BIT(DL_ISA_SCALAR), 2e-6, NULL},
-    /* the lead's ops.c functions (signatures change with continuous batching): thin entries */
     {"silu_mul",       2 * N_EW,               setup_ew,          run_silu,       ALL_ISAS,      0, NULL},
-    {"attention",      5,                      setup_attn,        run_attn,       BIT(DL_ISA_SCALAR), 1e-5, NULL},
+    {"gelu_mul",       2 * N_EW,               setup_gelu,        run_gelu,       ALL_ISAS,      0, NULL},
+    {"scale",          N_EW,                   setup_ew,          run_scale,      ALL_ISAS,      0, NULL},
+    /* scalar code on every ISA (attention through dl_k.dot / axpy) */
+    {"softmax",        2 * N_EW,               setup_ew,          run_softmax,    ALL_ISAS,      0, NULL},
+    {"attention",      8,                      setup_attn,        run_attn,       BIT(DL_ISA_SCALAR), 1e-5, NULL},
+    {"rope",           10,                     setup_rope,        run_rope,       ALL_ISAS,      0, NULL},
+    {"logit_stats",    8,                      setup_logits,      run_logits,     ALL_ISAS,      0, NULL},
     {"read_bytes",     3,                      setup_readbytes,   run_readbytes,  ALL_ISAS,      0, check_readbytes},
 };
 #define N_TESTS ((int)(sizeof(TESTS) / sizeof(TESTS[0])))
@@ -503,6 +682,10 @@ int main(int argc, char **argv) {
     const char *only = NULL;
     unsigned require = 0, forbid = 0;
     for (int a = 1; a < argc; a++) {
+        if (!strcmp(argv[a], "--list")) {   /* the kernels, one name a line */
+            for (int i = 0; i < N_TESTS; i++) printf("%s\n", TESTS[i].name);
+            return 0;
+        }
         if (!strcmp(argv[a], "--print-isa")) { printf("%s\n", dl_isa_name(dl_get_isa())); return 0; }
         if (!strcmp(argv[a], "--force-isa") && a + 1 < argc) {   /* probe: skips the support check */
             const char *s = argv[++a];
@@ -518,13 +701,21 @@ int main(int argc, char **argv) {
             float *out = case_alloc(&c, c.out_bytes);
             run_q40r(&c, out);
             run_q40(&c, out);
+            tcase c8;
+            memset(&c8, 0, sizeof c8);
+            setup_q80r(&c8, 4);
+            dl_fill_table(&dl_k, isa);
+            dl_isa_active = isa;
+            float *out8 = case_alloc(&c8, c8.out_bytes);
+            run_q80r(&c8, out8);
+            run_q80(&c8, out8);
             printf("ran %s\n", s);
             return 0;
         }
         if (!strcmp(argv[a], "--only") && a + 1 < argc) { only = argv[++a]; continue; }
         if (!strcmp(argv[a], "--require") && a + 1 < argc) { require = isa_list(argv[++a]); continue; }
         if (!strcmp(argv[a], "--forbid") && a + 1 < argc) { forbid = isa_list(argv[++a]); continue; }
-        fprintf(stderr, "usage: %s [--only NAME] [--require ISA,..] [--forbid ISA,..] | --print-isa | --force-isa ISA\n", argv[0]);
+        fprintf(stderr, "usage: %s [--only NAME] [--require ISA,..] [--forbid ISA,..] | --list | --print-isa | --force-isa ISA\n", argv[0]);
         return 2;
     }
     unsigned isas = 0;
