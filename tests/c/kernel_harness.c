@@ -11,7 +11,9 @@
  *     ISAs), else |got - ref| <= tol * mag[e] (mag = the sum of |terms| of that output, made by
  *     the setup; a non-finite reference (an inf scale) wants a non-finite result: inf or NaN
  *     depends on how partial sums meet the inf),
- *   - leave the bytes past the output untouched (every output buffer has a guard tail).
+ *   - leave the bytes past the output untouched (every output buffer has a guard tail),
+ *   - matmuls: give every batch row the bits that row gets alone (batch invariance: continuous
+ *     batching puts rows of different sequences in one call).
  * Adding a kernel: write its setup and run (a few lines with the helpers below), add a line.
  *
  *   kernel_harness [--only NAME] [--require ISA,..] [--forbid ISA,..]   run the tests
@@ -57,6 +59,8 @@ typedef struct {
     void *in[8];                     /* inputs (meaning per entry) */
     int prm[8];                      /* more shape parameters (meaning per entry) */
     size_t out_bytes;                /* bytes the kernel writes */
+    size_t xrow_bytes;               /* matmuls: in[1] holds `batch` rows of x of this size, out is
+                                        [batch][rows]: every output row must equal its row alone */
     double *mag;                     /* per output float: sum of |terms| (tolerance entries) */
     void *allocs[MAX_ALLOCS];
     int nallocs;
@@ -205,6 +209,7 @@ static void setup_mm(tcase *c, int i, int min_batch) {
     c->in[0] = make_q40(c, c->rows, c->cols, c->flavour);
     c->in[1] = make_q80(c, c->batch, c->cols, c->flavour);
     c->mag = mag_q40_q80(c, c->in[0], c->in[1], c->rows, c->cols, c->batch);
+    c->xrow_bytes = sizeof(dl_block_q80) * (size_t)(c->cols / DL_QK);
     c->out_bytes = sizeof(float) * (size_t)c->rows * c->batch;
     snprintf(c->desc, sizeof c->desc, "rows %d cols %d batch %d %s", c->rows, c->cols, c->batch, flavour_name[c->flavour]);
 }
@@ -248,6 +253,7 @@ static void run_q40r_split(tcase *c, void *out) {
 /* repack -> unpack gives the input back (bytes; repack runs over the pool) */
 static void setup_repack(tcase *c, int i) {
     setup_mm(c, i, 1);
+    c->xrow_bytes = 0;
     c->out_bytes = sizeof(dl_block_q40) * (size_t)c->rows * (c->cols / DL_QK);
 }
 static void run_repack(tcase *c, void *out) {
@@ -289,6 +295,7 @@ static void setup_q80(tcase *c, int i) {
     c->in[1] = make_q80(c, c->batch, c->cols, c->flavour);
     no_minus_128(c->in[1], (int64_t)c->batch * (c->cols / DL_QK));
     c->mag = mag_q80_q80(c, c->in[0], c->in[1], c->rows, c->cols, c->batch);
+    c->xrow_bytes = sizeof(dl_block_q80) * (size_t)(c->cols / DL_QK);
     c->out_bytes = sizeof(float) * (size_t)c->rows * c->batch;
     snprintf(c->desc, sizeof c->desc, "rows %d cols %d batch %d %s", c->rows, c->cols, c->batch, flavour_name[c->flavour]);
 }
@@ -305,6 +312,7 @@ static void run_q80r(tcase *c, void *out) { dl_matmul_q80r_q80(out, c->in[2], c-
 static void setup_repack_q80(tcase *c, int i) {
     setup_q80(c, i);
     c->mag = NULL;
+    c->xrow_bytes = 0;
     c->out_bytes = sizeof(dl_block_q80) * (size_t)c->rows * (c->cols / DL_QK);
 }
 static void run_repack_q80(tcase *c, void *out) {
@@ -330,6 +338,7 @@ static void setup_f16mm(tcase *c, int i) {
     float *x = make_f32(c, (size_t)c->batch * c->cols, 1.0f);
     c->in[0] = w; c->in[1] = x;
     c->mag = mag_dense(c, wf, x, c->rows, c->cols, c->batch);
+    c->xrow_bytes = sizeof(float) * (size_t)c->cols;
     c->out_bytes = sizeof(float) * (size_t)c->rows * c->batch;
     snprintf(c->desc, sizeof c->desc, "rows %d cols %d batch %d", c->rows, c->cols, c->batch);
 }
@@ -343,6 +352,7 @@ static void setup_f32mm(tcase *c, int i) {
     float *w = make_f32(c, (size_t)c->rows * c->cols, 1.0f), *x = make_f32(c, (size_t)c->batch * c->cols, 1.0f);
     c->in[0] = w; c->in[1] = x;
     c->mag = mag_dense(c, w, x, c->rows, c->cols, c->batch);
+    c->xrow_bytes = sizeof(float) * (size_t)c->cols;
     c->out_bytes = sizeof(float) * (size_t)c->rows * c->batch;
     snprintf(c->desc, sizeof c->desc, "rows %d cols %d batch %d", c->rows, c->cols, c->batch);
 }
@@ -623,6 +633,29 @@ static int64_t compare(const ktest *t, const tcase *c, const uint8_t *got, const
     return -1;
 }
 
+/* batch invariance (continuous batching relies on it): each batch row of a matmul run alone gives
+ * the bits that row got in the batched call */
+static int check_rows_alone(const ktest *t, tcase *c, const uint8_t *got, int isa) {
+    if (!c->xrow_bytes || c->batch < 2) return 0;
+    const int batch = c->batch;
+    const size_t row_out = c->out_bytes / (size_t)batch;
+    uint8_t *x0 = c->in[1], *alone = malloc(row_out);
+    int fails = 0;
+    c->batch = 1;
+    for (int b = 0; b < batch && !fails; b++) {
+        c->in[1] = x0 + (size_t)b * c->xrow_bytes;
+        t->run(c, alone);
+        if (memcmp(alone, got + (size_t)b * row_out, row_out) != 0) {
+            printf("FAIL %-18s %-12s %s: batch row %d differs from the row alone\n", t->name, dl_isa_name(isa), c->desc, b);
+            fails++;
+        }
+    }
+    c->batch = batch;
+    c->in[1] = x0;
+    free(alone);
+    return fails;
+}
+
 static int run_test(const ktest *t, unsigned isas) {
     int fails = 0;
     unsigned ran = 0;
@@ -662,6 +695,7 @@ static int run_test(const ktest *t, unsigned isas) {
                         printf("\n");
                         fails++;
                     }
+                    fails += check_rows_alone(t, &c, got, isa);
                 } else if (memcmp(got, first, c.out_bytes + GUARD) != 0) {
                     printf("FAIL %-18s %-12s %s: %d threads differ from 1 thread\n", t->name, dl_isa_name(isa), c.desc, th);
                     fails++;
