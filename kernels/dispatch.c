@@ -26,6 +26,9 @@ int dl_isa_active = -1;
     (k)->scale = dl_scale_##sfx; \
     (k)->matmul_q80_q80_rows = dl_matmul_q80_q80_rows_##sfx; \
     (k)->matmul_f16_rows = dl_matmul_f16_rows_##sfx; \
+    (k)->softmax = dl_softmax_##sfx; \
+    (k)->dot_rows = dl_dot_rows_##sfx; \
+    (k)->axpy_rows = dl_axpy_rows_##sfx; \
 } while (0)
 
 void dl_fill_table(dl_kernels *k, int isa) {

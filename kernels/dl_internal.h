@@ -68,6 +68,10 @@ typedef struct {
                                 const void *xprep, int r0, int r1, int rows, int cols, int batch);
     void (*matmul_f16_rows)(float *out, const uint16_t *w, const float *x,
                             int r0, int r1, int rows, int cols, int batch);   /* matmul_f16.c */
+    void (*softmax)(float *x, int n);                            /* the same bits on every path */
+    /* the attention's: dot / axpy over n rows at `stride` floats, bits of dot / axpy row by row (ops.c) */
+    void (*dot_rows)(float *out, const float *q, const float *rows, size_t stride, int n, int hd);
+    void (*axpy_rows)(float *y, const float *a, const float *rows, size_t stride, int n, int hd);
 } dl_kernels;
 
 extern dl_kernels dl_k;      /* the active table */
@@ -218,6 +222,9 @@ static inline void dl_store4_neon(float *o, float32x4_t v, int valid) {
                                       int r0, int r1, int rows, int cols, int batch); \
     void dl_matmul_f16_rows_##sfx(float *out, const uint16_t *w, const float *x, \
                                   int r0, int r1, int rows, int cols, int batch); \
+    void dl_softmax_##sfx(float *x, int n); \
+    void dl_dot_rows_##sfx(float *out, const float *q, const float *rows, size_t stride, int n, int hd); \
+    void dl_axpy_rows_##sfx(float *y, const float *a, const float *rows, size_t stride, int n, int hd); \
 
 DL_DECL_ALL(scalar)
 #if DL_X86

@@ -391,7 +391,7 @@ static void run_scale(tcase *c, void *out) {
     dl_scale(out, 25.298221f, (int64_t)c->n * c->batch);
 }
 
-/* softmax in place (scalar code on every ISA: dl_attention's) */
+/* softmax in place (dl_attention's; SIMD paths compute the scalar bits) */
 static void run_softmax(tcase *c, void *out) {
     memcpy(out, c->in[0], c->out_bytes);
     for (int b = 0; b < c->batch; b++) dl_softmax((float *)out + (size_t)b * c->n, c->n);
@@ -425,6 +425,53 @@ static void run_dot(tcase *c, void *out) {
     memcpy(o, c->in[1], c->out_bytes);
     dl_k.axpy(o, 0.37f, c->in[0], c->n);          /* o = b + 0.37 a ... */
     o[0] = dl_k.dot(c->in[0], c->in[1], c->n);    /* ... and o[0] = a . b */
+}
+
+/* the attention's row kernels: n rows at a stride (head_dim floats out of a wider cache row).
+ * They must give the bits of dot / axpy called row by row on the same ISA: run() computes both
+ * and poisons the output with NaN where they differ, so any ISA fails its comparison then. */
+static void setup_rows(tcase *c, int i) {
+    static const int sh[][3] = {{1, 1, 1}, {5, 7, 9}, {16, 64, 512}, {3, 100, 128}, {17, 128, 256}, {2, 33, 40},
+                                {9, 40, 64}, {4, 17, 20}, {6, 76, 80}};   /* n, hd, stride: every width's tail */
+    const int *s = sh[i];
+    c->n = s[0]; c->rows = s[1]; c->opt = s[2];
+    c->in[0] = make_f32(c, (size_t)c->rows, 1.0f);                    /* q */
+    c->in[1] = make_f32(c, (size_t)c->n * c->opt, 1.0f);              /* rows */
+    c->in[2] = make_f32(c, (size_t)c->n, 0.3f);                       /* a */
+    c->in[3] = make_f32(c, (size_t)c->rows, 1.0f);                    /* y start */
+    c->out_bytes = sizeof(float) * (size_t)(c->n + c->rows);          /* n dots, then y */
+    c->mag = case_alloc(c, sizeof(double) * (size_t)(c->n + c->rows));
+    const float *q = c->in[0], *r = c->in[1], *a = c->in[2], *y = c->in[3];
+    for (int j = 0; j < c->n; j++) {
+        double m = 0;
+        for (int k = 0; k < c->rows; k++) m += fabs((double)q[k] * r[(size_t)j * c->opt + k]);
+        c->mag[j] = m;
+    }
+    for (int k = 0; k < c->rows; k++) {
+        double m = fabs(y[k]);
+        for (int j = 0; j < c->n; j++) m += fabs((double)a[j] * r[(size_t)j * c->opt + k]);
+        c->mag[c->n + k] = m;
+    }
+    snprintf(c->desc, sizeof c->desc, "n %d hd %d stride %d", c->n, c->rows, c->opt);
+}
+static void run_rows(tcase *c, void *out) {
+    float *o = out, *y = o + c->n, *yr = malloc(sizeof(float) * (size_t)c->rows);
+    const float *q = c->in[0], *r = c->in[1], *a = c->in[2];
+    dl_k.dot_rows(o, q, r, (size_t)c->opt, c->n, c->rows);
+    memcpy(y, c->in[3], sizeof(float) * (size_t)c->rows);
+    memcpy(yr, c->in[3], sizeof(float) * (size_t)c->rows);
+    dl_k.axpy_rows(y, a, r, (size_t)c->opt, c->n, c->rows);
+    for (int j = 0; j < c->n; j++) {
+        const float d = dl_k.dot(q, r + (size_t)j * c->opt, c->rows);
+        if (memcmp(&d, o + j, 4)) o[j] = NAN;
+        dl_k.axpy(yr, a[j], r + (size_t)j * c->opt, c->rows);
+    }
+    for (int k = 0; k < c->rows; k++) if (memcmp(yr + k, y + k, 4)) y[k] = NAN;
+    free(yr);
+}
+static int check_rows(tcase *c, const void *ref) {   /* the scalar reference was not poisoned */
+    for (size_t e = 0; e < c->out_bytes / 4; e++) if (isnan(((const float *)ref)[e])) return 0;
+    return 1;
 }
 
 /* q80 parts added into f32 */
@@ -577,11 +624,12 @@ static const ktest TESTS[] = {
     {"add",            N_EW,                   setup_ew,          run_add,        ALL_ISAS,      0, NULL},
     {"add_q80",        3 * 3,                  setup_add_q80,     run_add_q80,    ALL_ISAS,      0, NULL},
     {"dot_axpy",       N_EW,                   setup_dot,         run_dot,        BIT(DL_ISA_SCALAR), 2e-6, NULL},
+    {"dot_axpy_rows",  9,                      setup_rows,        run_rows,       BIT(DL_ISA_SCALAR), 2e-6, check_rows},
     {"silu_mul",       2 * N_EW,               setup_ew,          run_silu,       ALL_ISAS,      0, NULL},
     {"gelu_mul",       2 * N_EW,               setup_gelu,        run_gelu,       ALL_ISAS,      0, NULL},
     {"scale",          N_EW,                   setup_ew,          run_scale,      ALL_ISAS,      0, NULL},
-    /* scalar code on every ISA (attention through dl_k.dot / axpy) */
     {"softmax",        2 * N_EW,               setup_ew,          run_softmax,    ALL_ISAS,      0, NULL},
+    /* scalar code on every ISA (attention through dl_k.dot_rows / axpy_rows / softmax) */
     {"attention",      8,                      setup_attn,        run_attn,       BIT(DL_ISA_SCALAR), 1e-5, NULL},
     {"rope",           10,                     setup_rope,        run_rope,       ALL_ISAS,      0, NULL},
     {"logit_stats",    8,                      setup_logits,      run_logits,     ALL_ISAS,      0, NULL},
