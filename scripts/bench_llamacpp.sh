@@ -4,12 +4,18 @@
 #
 #   scripts/bench_llamacpp.sh [OUT_DIR]               # native: the best ISA this CPU has
 #   ISA=avx2 scripts/bench_llamacpp.sh [OUT_DIR]      # AVX2 on any AVX2 host, even one with AVX-512
+#   ISA=avx512 scripts/bench_llamacpp.sh [OUT_DIR]    # AVX-512 (F/BW/VL/DQ/VNNI), no AMX
 #
 # 1. builds llama-bench (CPU only) from the llama.cpp vendored in a llama-cpp-python sdist
 #    (default /tmp/lcp/llama_cpp_python-0.3.36.tar.gz; get one with
-#    `pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`): ISA=native builds with
-#    -DGGML_NATIVE=ON, ISA=avx2 with GGML_NATIVE=OFF, AVX/AVX2/FMA/F16C/BMI2 on and every AVX-512,
-#    AVX-VNNI and AMX option off (what an AVX2-only CPU such as Zen 2/3 runs);
+#    `pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`), always with
+#    GGML_NATIVE=OFF and the ISA named flag by flag, AMX off: -DGGML_NATIVE=ON (-march=native)
+#    turns AMX on wherever /proc/cpuinfo lists amx_tile, and on VMs that list it without granting
+#    the tile state (such as the one these numbers were taken on) llama-bench dies with SIGILL in
+#    the prompt pass. ISA=avx2: AVX/AVX2/FMA/F16C/BMI2 on, every AVX-512 and AVX-VNNI option off
+#    (what an AVX2-only CPU such as Zen 2/3 runs); ISA=avx512: AVX-512 F/BW/VL/DQ/VNNI, plus VBMI
+#    and BF16 where the CPU has them; ISA=native: avx512 where the CPU has what dllama-mpi's
+#    AVX-512 path needs, else avx2 (non-x86 hosts: GGML_NATIVE=ON, AMX is x86 only);
 # 2. writes a random-weight Q4_0 GGUF with the Llama-3.2-1B shape (scripts/make_gguf_q4_0.py);
 # 3. runs, ROUNDS times, alternating: llama-bench t=1,2 with repacking on, the same with
 #    --repack 0 (REPACK0=0 skips it), then dllama-mpi benchmark 1 rank x 1 thread, 1 x 2,
@@ -20,9 +26,11 @@
 #    roofline: weight bytes per token over the read bandwidth the dllama-mpi benchmark measured
 #    in the same run (BANDWIDTH=GB/s fixes it instead).
 #
-# env: ISA (native|avx2), SDIST, LCP_SRC (an unpacked sdist instead), LCP_BUILD (build dir, default
+# env: ISA (native|avx512|avx2), SDIST, LCP_SRC (an unpacked sdist instead), LCP_BUILD (build dir, default
 #      $WORK/build-$ISA; an existing build is reused), WORK (default /tmp/lcp-bench), ROUNDS (3),
-#      REPS (3), REPACK0 (1), MODEL_M, TOKENIZER_T, BANDWIDTH, SKIP_BUILD=1.
+#      REPS (3), REPACK0 (1), MODEL_M, TOKENIZER_T, BANDWIDTH, SKIP_BUILD=1,
+#      QUIET_LOAD (e.g. 1.0: before each round wait until the 1-minute load average is below it),
+#      FIRST_ROUND (1: number of the first round; later calls with the same OUT_DIR add rounds).
 # Keep the machine otherwise idle while it measures (and say so when it was not).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -38,14 +46,24 @@ bin="$here/.venv/bin"
 gguf_file="$work/llama3.2-1b-q4_0-random.gguf"
 mkdir -p "$work" "$out"
 
+cpu_flags=" $(grep -m1 -E '^(flags|Features)' /proc/cpuinfo | cut -d: -f2) "
+has() { case "$cpu_flags" in *" $1 "*) return 0 ;; esac; return 1; }
+onoff() { if has "$1"; then echo ON; else echo OFF; fi; }
+if [ "$isa" = native ] && [ "$(uname -m)" = x86_64 ]; then
+  if has avx512f && has avx512bw && has avx512vl && has avx512dq && has avx512_vnni; then isa=avx512
+  else isa=avx2; fi
+fi
+x86_common=(-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+            -DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
 case "$isa" in
   native) isa_flags=(-DGGML_NATIVE=ON) ;;
-  avx2)   isa_flags=(-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
-                     -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF
-                     -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF
-                     -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+  avx512) isa_flags=("${x86_common[@]}" -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON
+                     -DGGML_AVX512_VBMI="$(onoff avx512vbmi)" -DGGML_AVX512_BF16="$(onoff avx512_bf16)")
+          export DLLAMA_ISA=avx512 ;;
+  avx2)   isa_flags=("${x86_common[@]}" -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF
+                     -DGGML_AVX512_BF16=OFF)
           export DLLAMA_ISA=avx2 ;;
-  *) echo "error: ISA must be native or avx2, not '$isa'" >&2; exit 2 ;;
+  *) echo "error: ISA must be native, avx512 or avx2, not '$isa'" >&2; exit 2 ;;
 esac
 
 # ---- 1. build llama-bench -------------------------------------------------------------
@@ -68,9 +86,13 @@ fi
 ours=(benchmark --model "$model_m" --tokenizer "$tok_t" --synthetic 128 --steps 32 --repeat "$reps")
 [ -n "${BANDWIDTH:-}" ] && ours+=(--bandwidth "$BANDWIDTH")
 { echo "# $(date -Is) $(uname -n) nproc=$(nproc) ISA=$isa DLLAMA_ISA=${DLLAMA_ISA:-} load: $(cut -d' ' -f1-3 /proc/loadavg)"
-  lscpu | grep -i "model name"; "$lb" --version 2>&1 | tail -2; } > "$out/env.txt"
-for r in $(seq 1 "$rounds"); do
-  echo "== round $r/$rounds ($isa)" >&2
+  lscpu | grep -i "model name"; "$lb" --version 2>&1 | tail -2; } >> "$out/env.txt"
+first="${FIRST_ROUND:-1}"
+for r in $(seq "$first" $((first + rounds - 1))); do
+  if [ -n "${QUIET_LOAD:-}" ]; then
+    while awk -v q="$QUIET_LOAD" '{exit !($1 >= q)}' /proc/loadavg; do sleep 15; done
+  fi
+  echo "== round $r ($isa, load $(cut -d' ' -f1 /proc/loadavg))" | tee -a "$out/env.txt" >&2
   "$lb" -m "$gguf_file" -t 1,2 -p 128 -n 32 -r "$reps" -o json > "$out/lcp_repack1_r$r.json"
   [ "${REPACK0:-1}" = 1 ] &&
     "$lb" -m "$gguf_file" -t 1,2 -p 128 -n 32 -r "$reps" --repack 0 -o json > "$out/lcp_repack0_r$r.json"

@@ -1,6 +1,7 @@
 """Summary of a scripts/bench_llamacpp.sh run: python scripts/summarize_llamacpp.py OUT_DIR
 
-Medians per configuration over the rounds (llama-bench: the median of each run's samples first),
+Medians per configuration over the rounds (llama-bench: the median of each run's samples first) and
+the fastest round of each (on a shared host other load only ever slows a run down),
 the ratios of dllama-mpi to llama.cpp (repacking on) on the same number of cores, and both
 engines' share of the bandwidth roofline: weight bytes per token / the read bandwidth that
 dllama-mpi's benchmark measured (or was given) for that configuration in the same run; llama.cpp's
@@ -18,11 +19,21 @@ import sys
 med = st.median
 
 
+def _load(path: str):
+    """A result file, or None (with a note) when it is unfinished or broken (a round in progress)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        print(f"note: skipped {os.path.basename(path)} (unreadable or unfinished)", file=sys.stderr)
+        return None
+
+
 def main(out: str) -> None:
     rows: dict[str, dict] = {}
     for f in sorted(glob.glob(os.path.join(out, "lcp_repack*_r*.json"))):
         rp = "repack" if "repack1" in f else "no repack"
-        for t in json.load(open(f)):
+        for t in _load(f) or []:
             kind = "pp" if t["n_prompt"] > 0 else "tg"
             d = rows.setdefault(f"llama.cpp t={t['n_threads']} ({rp})", {"pp": [], "tg": [], "cores": t["n_threads"]})
             d[kind].append(med(t["samples_ts"]))
@@ -30,7 +41,9 @@ def main(out: str) -> None:
     for cfg, lab, cores in (("1x1", "dllama-mpi 1 rank x 1 thr", 1), ("1x2", "dllama-mpi 1 rank x 2 thr", 2),
                             ("2x1", "dllama-mpi 2 ranks x 1 thr", 2)):
         for f in sorted(glob.glob(os.path.join(out, f"dl_{cfg}_r*.json"))):
-            doc = json.load(open(f))
+            doc = _load(f)
+            if doc is None:
+                continue
             s = doc["summary"]
             d = rows.setdefault(lab, {"pp": [], "tg": [], "pct": [], "ceil": [], "bw": [], "cores": cores})
             d["pp"].append(s["prefill_tok_s"])
@@ -44,8 +57,10 @@ def main(out: str) -> None:
     m = {k: (med(v["pp"]), med(v["tg"])) for k, v in rows.items() if v["pp"] and v["tg"]}
     ref = {c: m.get(f"llama.cpp t={c} (repack)") for c in (1, 2)}
     print(f"dllama-mpi kernel ISA: {', '.join(sorted(isa)) or '?'}")
-    print("| config | pp128 tok/s | tg32 tok/s | pp / llama.cpp | tg / llama.cpp | % of roofline (GB/s) | tg per round |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    best = {k: (max(v["pp"]), max(v["tg"])) for k, v in rows.items() if v["pp"] and v["tg"]}
+    bref = {c: best.get(f"llama.cpp t={c} (repack)") for c in (1, 2)}
+    print("| config | pp128 tok/s | tg32 tok/s | pp / llama.cpp | tg / llama.cpp | % of roofline (GB/s) | best round pp / tg (ratios) | tg per round |")
+    print("|---|---:|---:|---:|---:|---:|---|---|")
     for k, (pp, tg) in m.items():
         v = rows[k]
         r = ref.get(v["cores"])
@@ -57,9 +72,13 @@ def main(out: str) -> None:
         else:
             roof = ""
         runs = ", ".join(f"{x:.2f}" for x in v["tg"])
-        print(f"| {k} | {pp:.2f} | {tg:.2f} | {rat} | {roof} | {runs} |")
-    print("\nratios: dllama-mpi vs llama.cpp (repack on) on the same number of cores; roofline: weight bytes "
-          "per token / measured read bandwidth (llama.cpp: against dllama-mpi's 1-rank ceiling on as many cores)")
+        bp, bt = best[k]
+        br = bref.get(v["cores"])
+        bs = f"{bp:.1f} / {bt:.2f}" + (f" ({bp / br[0]:.2f} / {bt / br[1]:.2f})" if br and k.startswith("dllama") else "")
+        print(f"| {k} | {pp:.2f} | {tg:.2f} | {rat} | {roof} | {bs} | {runs} |")
+    print("\nmedians over rounds; ratios: dllama-mpi vs llama.cpp (repack on) on the same number of cores; "
+          "roofline: weight bytes per token / measured read bandwidth (llama.cpp: against dllama-mpi's 1-rank "
+          "ceiling on as many cores); best round: the fastest round of each (other load only slows a run down)")
 
 
 if __name__ == "__main__":
