@@ -393,8 +393,9 @@ def _parallel_run(sched, prompts: list[list[int]], steps: int) -> dict:
     t0 = pc()
     for r in reqs:
         sched.submit(r)
-    dec_tokens, dec_seconds = 0, 0.0
+    dec_tokens, dec_seconds, peak_pages = 0, 0.0, 0
     while any(not r.done for r in reqs):
+        peak_pages = max(peak_pages, sched.kv.pages_in_use)
         decode_only = not sched.waiting and all(r.state == DECODE for r in sched.running)
         g0 = sched.tokens_generated    # a pipelined step collects one pass: a share of the streams
         t = pc()
@@ -410,7 +411,16 @@ def _parallel_run(sched, prompts: list[list[int]], steps: int) -> dict:
             "per_stream_decode_tok_s": _stats([r.stats.generate_tps for r in reqs]),
             "ttft_s": {"p50": round(float(np.percentile([r.stats.ttft_seconds for r in reqs], 50)), 4),
                        "p99": round(float(np.percentile([r.stats.ttft_seconds for r in reqs], 99)), 4)},
-            "wall_seconds": round(wall, 3)}
+            "wall_seconds": round(wall, 3),
+            # the most KV pages held at once, and their bytes on each rank (the full-attention layers)
+            "kv_pages_peak": peak_pages,
+            "kv_bytes_peak_per_rank": [peak_pages * sched.kv.ps * b for b in _kv_bytes_per_token(sched.engine)]}
+
+
+def _kv_bytes_per_token(engine) -> list[int]:
+    from .api import engine_kv_bytes_per_token
+
+    return engine_kv_bytes_per_token(engine)
 
 
 def _parallel_list(spec: str | None) -> list[int]:

@@ -26,7 +26,7 @@ import numpy as np
 from . import comm as C
 from .comm import Comm
 from .errors import ConfigError
-from .formats import (BLOCK, F16, F32, FLOAT_NAMES, Q40, Q80, Q80_BYTES, ModelFile, ModelHeader, TensorInfo,
+from .formats import (ACT_GELU, BLOCK, F16, F32, FLOAT_NAMES, Q40, Q80, Q80_BYTES, ModelFile, ModelHeader, TensorInfo,
                       block_shape, float_type_name, read_model_header, tensor_layout, tensor_nbytes)
 from .kernels import ffi, lib
 from .kvcache import KVCache, KVPlan, plan_kv
@@ -139,11 +139,15 @@ class Layer:
     k_norm: np.ndarray | None = None
     router: np.ndarray | None = None                 # [n_experts, dim] f32 (replicated)
     experts: list = field(default_factory=list)      # [(w1, w2, w3)] per expert
+    attn_post_norm: np.ndarray | None = None         # gemma3: sandwich norms of the attention and FFN
+    ffn_post_norm: np.ndarray | None = None          # outputs, before they join the residual
+    index: int = 0                                   # the layer's number in the model
 
     def __post_init__(self):
         p = lambda a: None if a is None else fptr(a)  # noqa: E731
         self.p_attn_norm, self.p_ffn_norm = p(self.attn_norm), p(self.ffn_norm)
         self.p_q_norm, self.p_k_norm, self.p_router = p(self.q_norm), p(self.k_norm), p(self.router)
+        self.p_attn_post_norm, self.p_ffn_post_norm = p(self.attn_post_norm), p(self.ffn_post_norm)
 
 
 @dataclass
@@ -278,17 +282,21 @@ def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardP
     for l in sorted(layers):   # every layer, or a pipeline stage's range
         d = layers[l]
         experts = [(e["w1"], e["w2"], e["w3"]) for _, e in sorted(d.pop("experts").items())]
-        out.append(Layer(experts=experts, **d))
+        out.append(Layer(experts=experts, index=l, **d))
     return Weights(embed, out, norm, wcls)
 
 
 # ------------------------------------------------------------------------------------------------
 # rope
 
-def rope_freqs(h: ModelHeader) -> np.ndarray:
-    """Inverse frequencies per pair, float32, with llama3 scaling when the header asks for it."""
+def rope_freqs(h: ModelHeader, layer: int = 0) -> np.ndarray:
+    """Inverse frequencies per pair of a layer, float32, with llama3 scaling when the header asks for
+    it (gemma3: its local and global layers have their own base, the global ones a linear factor)."""
     hd = h.head_size
-    freqs = (1.0 / (np.float32(h.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(np.float32)
+    theta, mult = h.rope_of_layer(layer)
+    freqs = (1.0 / (np.float32(theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(np.float32)
+    if mult != 1.0:
+        freqs = (freqs * np.float32(mult)).astype(np.float32)
     if h.rope_scaling_factor != 1 and not h.is_qwen3:
         factor = float(h.rope_scaling_factor)
         low, high = float(h.rope_scaling_low_freq_factor), float(h.rope_scaling_high_freq_factor)
@@ -336,13 +344,13 @@ class Control:
     page-table updates and page copies to apply first. Every field is a numpy view of `buf`, laid
     out from max_batch alone, so every rank can read it."""
 
-    HEADER = 8          # cmd, n_rows, n_logits, flags, n_updates, n_copies, 2 spare
+    HEADER = 8          # cmd, n_rows, n_logits, flags, n_updates, n_copies, n_ring_copies, 1 spare
     MAX_COPIES = 16
 
     def __init__(self, max_batch: int):
         self.max_updates = max(64, 2 * max_batch)
         B, U, K = max_batch, self.max_updates, self.MAX_COPIES
-        self.buf = np.zeros(self.HEADER + 7 * B + 3 * U + 2 * K, np.int32)
+        self.buf = np.zeros(self.HEADER + 8 * B + 3 * U + 4 * K, np.int32)
         o = self.HEADER
         self.slot, self.pos, self.kvrow = self.buf[o:o + B], self.buf[o + B:o + 2 * B], self.buf[o + 2 * B:o + 3 * B]
         o += 3 * B
@@ -352,13 +360,17 @@ class Control:
         o += 4 * B
         self.updates = self.buf[o:o + 3 * U].reshape(U, 3)
         self.copies = self.buf[o + 3 * U:o + 3 * U + 2 * K].reshape(K, 2)
+        o += 3 * U + 2 * K
+        self.ring_copies = self.buf[o:o + 2 * K].reshape(K, 2)   # (src slot, dst slot): a fork's ring
+        self.kvring = self.buf[o + 2 * K:o + 2 * K + B]          # ring row of each row's new K/V
 
     @property
     def cmd(self) -> int:
         return int(self.buf[0])
 
-    def header(self, cmd: int, n_rows: int = 0, n_logits: int = 0, n_updates: int = 0, n_copies: int = 0) -> None:
-        self.buf[:6] = (cmd, n_rows, n_logits, 0, n_updates, n_copies)
+    def header(self, cmd: int, n_rows: int = 0, n_logits: int = 0, n_updates: int = 0, n_copies: int = 0,
+               n_ring_copies: int = 0) -> None:
+        self.buf[:7] = (cmd, n_rows, n_logits, 0, n_updates, n_copies, n_ring_copies)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -368,9 +380,10 @@ class RunState:
     """Every activation buffer, allocated once for `max_batch` rows, and the paged KV cache."""
 
     def __init__(self, h: ModelHeader, plan: ShardPlan, rank: int, kv: KVPlan, max_batch: int,
-                 max_logit_rows: int, is_root: bool, n_layers: int | None = None):
+                 max_logit_rows: int, is_root: bool, windows: list[int] | None = None):
         s = plan[rank]
-        n_layers = h.n_layers if n_layers is None else n_layers   # a pipeline stage: its own layers
+        # the window of each layer this rank runs (all, or a pipeline stage's); 0 = full attention
+        windows = [h.window_of_layer(l) for l in range(h.n_layers)] if windows is None else windows
         hd = h.head_size
         B = max_batch
         self.q_loc, self.kv_loc, self.ffn_loc = s.n_heads * hd, s.n_kv_heads * hd, s.n_ffn
@@ -384,14 +397,23 @@ class RunState:
         self.z = np.zeros((B, self.q_loc), np.float32)     # attention output (this rank's heads)
         self.zq = qb(self.q_loc)
         self.partial = np.zeros((B, h.dim), np.float32)    # this rank's share of wo / w2 output
+        self.attn_out = np.zeros((B, h.dim), np.float32)   # the summed wo / w2 output (post-norm models)
         self.h1 = np.zeros((B, self.ffn_loc), np.float32)
         self.h3 = np.zeros((B, self.ffn_loc), np.float32)
         self.hq = qb(self.ffn_loc)
-        # K/V pages of every layer: zeroed address space that the OS commits page by page as rows
-        # are first written, so memory follows the pages in use, not the pool size
-        self.key_cache = np.zeros((n_layers, kv.n_tokens, self.kv_loc), np.float32)
-        self.value_cache = np.zeros((n_layers, kv.n_tokens, self.kv_loc), np.float32)
+        # K/V pages of the full-attention layers: zeroed address space that the OS commits page by
+        # page as rows are first written, so memory follows the pages in use, not the pool size
+        n_pool = sum(1 for w in windows if w == 0)
+        self.key_cache = np.zeros((n_pool, kv.n_tokens, self.kv_loc), np.float32)
+        self.value_cache = np.zeros((n_pool, kv.n_tokens, self.kv_loc), np.float32)
         self.tables = np.zeros((kv.n_slots, kv.table_stride), np.int32)   # the same on every rank
+        # sliding-window layers: each slot's ring of kv.ring_pages pages (slot s owns ring pages
+        # s * R .. s * R + R - 1), position t in ring page (t / page_size) % R
+        n_ring = len(windows) - n_pool
+        R, ps = kv.ring_pages, kv.page_size
+        self.key_ring = np.zeros((n_ring, kv.n_slots * R * ps, self.kv_loc), np.float32)
+        self.value_ring = np.zeros((n_ring, kv.n_slots * R * ps, self.kv_loc), np.float32)
+        self.ring_tables = np.arange(kv.n_slots * max(R, 1), dtype=np.int32).reshape(kv.n_slots, max(R, 1))
         if h.is_moe:
             self.router = np.zeros(h.n_experts, np.float32)
             self.expert_out = np.zeros(h.dim, np.float32)
@@ -410,16 +432,30 @@ class RunState:
         self.p_x, self.p_xb, self.p_q, self.p_z = fptr(self.x), fptr(self.xb), fptr(self.q), fptr(self.z)
         self.p_k, self.p_v = fptr(self.k), fptr(self.v)
         self.p_partial, self.p_h1, self.p_h3 = fptr(self.partial), fptr(self.h1), fptr(self.h3)
+        self.p_attn_out = fptr(self.attn_out)
         self.p_xq, self.p_zq, self.p_hq = qptr(self.xq), qptr(self.zq), qptr(self.hq)
         self.p_xl, self.p_xlq = fptr(self.xl), qptr(self.xlq)
-        self.p_key = [fptr(c) for c in self.key_cache]
-        self.p_value = [fptr(c) for c in self.value_cache]
         self.p_logits_local = fptr(self.logits_local)
         c = self.ctrl
-        self.p_slot, self.p_pos, self.p_kvrow = (ffi.cast("int32_t *", a.ctypes.data) for a in (c.slot, c.pos, c.kvrow))
+        self.p_slot, self.p_pos, self.p_kvrow, self.p_kvring = (
+            ffi.cast("int32_t *", a.ctypes.data) for a in (c.slot, c.pos, c.kvrow, c.kvring))
         self.kv_pages = ffi.new("dl_kv_pages *", {"tables": ffi.cast("int32_t *", self.tables.ctypes.data),
                                                   "table_stride": kv.table_stride, "page_size": kv.page_size,
                                                   "ring_pages": 0})
+        self.ring_pages = ffi.new("dl_kv_pages *", {"tables": ffi.cast("int32_t *", self.ring_tables.ctypes.data),
+                                                    "table_stride": max(R, 1), "page_size": ps, "ring_pages": R})
+        # per layer: its K/V arrays, where this pass's rows go, and how attention finds them
+        self.layer_kv = []
+        i_pool = i_ring = 0
+        for w in windows:
+            if w == 0:
+                self.layer_kv.append((fptr(self.key_cache[i_pool]), fptr(self.value_cache[i_pool]),
+                                      self.p_kvrow, self.kv_pages))
+                i_pool += 1
+            else:
+                self.layer_kv.append((fptr(self.key_ring[i_ring]), fptr(self.value_ring[i_ring]),
+                                      self.p_kvring, self.ring_pages))
+                i_ring += 1
         if h.is_moe:
             self.p_router, self.p_expert_out = fptr(self.router), fptr(self.expert_out)
 
@@ -461,17 +497,28 @@ class Engine:
         self.kv_plan = kv or plan_kv(kv_row_bytes(header, plan), max_seq_len, 1)
         self.max_logit_rows = min(max_batch, max(self.kv_plan.n_slots, 8))
         self.st = RunState(header, plan, comm.rank, self.kv_plan, max_batch, self.max_logit_rows, comm.is_root,
-                           len(weights.layers))
+                           [header.window_of_layer(layer.index) for layer in weights.layers])
         self.kv = KVCache(self.kv_plan) if comm.is_root else None   # the root's page bookkeeping
         self.sync = PartialSum(comm, plan, header.dim, max_batch, buffer_type, sync)
         self.kv_of_q = np.array(plan.kv_of_q(comm.rank), np.int32)
-        self.freqs = rope_freqs(header)
+        # per layer: rope frequencies (one table per distinct base) and the attention window
+        tables = {}
+        for layer in weights.layers:
+            key = header.rope_of_layer(layer.index)
+            if key not in tables:
+                tables[key] = rope_freqs(header, layer.index)
+            layer.freqs = tables[key]
+            layer.p_freqs = fptr(layer.freqs)
+            layer.window = header.window_of_layer(layer.index)
         self.p_kv_of_q = ffi.cast("int32_t *", self.kv_of_q.ctypes.data)
-        self.p_freqs = fptr(self.freqs)
         self.p_norm = fptr(weights.norm) if weights.norm is not None else None   # None: not the last stage
         self.rope_type = 1 if header.effective_rope_type == 1 else 0
         self.eps = header.eps
-        self.attn_scale_div = float(np.sqrt(np.float32(header.head_size)))
+        # scores are q.k / attn_scale_div: sqrt(head_dim) (gemma3: sqrt(query_pre_attn_scalar))
+        self.attn_scale_div = float(np.sqrt(np.float32(header.query_pre_attn_scalar or header.head_size)))
+        self.gelu = header.hidden_act == ACT_GELU
+        # gemma3 scales the embedding rows by sqrt(dim) (in float32, as transformers and llama.cpp do)
+        self.embed_scale = float(np.sqrt(np.float32(header.dim))) if header.is_gemma3 else None
         self.quantized = header.quantized   # some matrix reads the q80 activations
         counts = [plan[r].n_vocab for r in range(comm.size)]
         self.vocab_counts = np.array(counts, np.int64)
@@ -504,11 +551,15 @@ class Engine:
         if toks.min() < 0 or toks.max() >= self.h.vocab_size:
             self.check_tokens(rows.tokens)
         updates, copies = list(updates), list(copies)
-        while len(updates) > c.max_updates or len(copies) > c.MAX_COPIES:   # a long shared prefix
-            self._send_tables(updates[:c.max_updates], copies[:c.MAX_COPIES])
-            updates, copies = updates[c.max_updates:], copies[c.MAX_COPIES:]
+        ring = [x for x in copies if x[0] == "ring"]   # (ring, src slot, dst slot): a fork's ring
+        copies = [x for x in copies if x[0] != "ring"]
+        while len(updates) > c.max_updates or len(copies) > c.MAX_COPIES or len(ring) > c.MAX_COPIES:
+            self._send_tables(updates[:c.max_updates], copies[:c.MAX_COPIES], ring[:c.MAX_COPIES])
+            updates, copies, ring = updates[c.max_updates:], copies[c.MAX_COPIES:], ring[c.MAX_COPIES:]
         n_logits = len(rows.logit_rows)
-        c.header(C.CMD_FORWARD, b, n_logits, len(updates), len(copies))
+        c.header(C.CMD_FORWARD, b, n_logits, len(updates), len(copies), len(ring))
+        if ring:
+            c.ring_copies[:len(ring)] = [(src, dst) for _, src, dst in ring]
         c.slot[:b], c.pos[:b] = rows.slots, rows.positions
         c.logit_row[:n_logits], c.logit_mode[:n_logits] = rows.logit_rows, rows.logit_modes
         c.logit_target[:n_logits] = rows.logit_targets if rows.logit_targets is not None else -1
@@ -522,8 +573,13 @@ class Engine:
         if int(c.pos[:b].max()) >= self.max_seq_len:
             raise ConfigError(f"context is full: position {int(c.pos[:b].max())} needed, max_seq_len is {self.max_seq_len}")
         c.kvrow[:b] = st.tables[c.slot[:b], c.pos[:b] // ps] * ps + c.pos[:b] % ps
+        R = self.kv_plan.ring_pages
+        if R:
+            c.kvring[:b] = (c.slot[:b] * R + (c.pos[:b] // ps) % R) * ps + c.pos[:b] % ps
         self.comm.send_control(c.buf)
         np.take(self.w.embed, toks, axis=0, out=st.x[:b])
+        if self.embed_scale is not None:
+            lib.dl_scale(st.p_x, self.embed_scale, b * self.h.dim)
         return b
 
     def forward(self, tokens, pos: int, all_logits: bool = False, argmax: bool = False):
@@ -583,13 +639,15 @@ class Engine:
             self.st.ctrl.header(C.CMD_STOP)
             self.comm.send_control(self.st.ctrl.buf)
 
-    def _send_tables(self, updates, copies) -> None:
+    def _send_tables(self, updates, copies, ring=()) -> None:
         c = self.st.ctrl
-        c.header(C.CMD_TABLES, 0, 0, len(updates), len(copies))
+        c.header(C.CMD_TABLES, 0, 0, len(updates), len(copies), len(ring))
         if updates:
             c.updates[:len(updates)] = updates
         if copies:
             c.copies[:len(copies)] = copies
+        if ring:
+            c.ring_copies[:len(ring)] = [(src, dst) for _, src, dst in ring]
         self._apply_tables()
         self.comm.send_control(c.buf)
 
@@ -643,6 +701,11 @@ class Engine:
             s0, d0 = int(src) * ps, int(dst) * ps
             st.key_cache[:, d0:d0 + ps] = st.key_cache[:, s0:s0 + ps]
             st.value_cache[:, d0:d0 + ps] = st.value_cache[:, s0:s0 + ps]
+        n = self.kv_plan.ring_pages * ps   # rows of one slot's ring
+        for src, dst in c.ring_copies[:int(c.buf[6])]:
+            s0, d0 = int(src) * n, int(dst) * n
+            st.key_ring[:, d0:d0 + n] = st.key_ring[:, s0:s0 + n]
+            st.value_ring[:, d0:d0 + n] = st.value_ring[:, s0:s0 + n]
 
     def _pass(self, b: int, out_full):
         """One pass over the b rows of the control packet; then the logits it asks for."""
@@ -681,30 +744,46 @@ class Engine:
         layer.wk.matmul(st.p_k, st.p_xq, st.p_xb, b)
         layer.wv.matmul(st.p_v, st.p_xq, st.p_xb, b)
         n_q, n_kv = st.q_loc // hd, st.kv_loc // hd
-        if layer.p_q_norm is not None:  # Qwen3: per-head RMSNorm of q and k before rope
+        if layer.p_q_norm is not None:  # Qwen3, Gemma 3: per-head RMSNorm of q and k before rope
             lib.dl_rmsnorm(st.p_q, st.p_q, layer.p_q_norm, hd, self.eps, b * n_q)
             lib.dl_rmsnorm(st.p_k, st.p_k, layer.p_k_norm, hd, self.eps, b * n_kv)
-        lib.dl_rope(st.p_q, n_q, hd, st.p_pos, b, self.rope_type, self.p_freqs)
-        lib.dl_rope(st.p_k, n_kv, hd, st.p_pos, b, self.rope_type, self.p_freqs)
-        lib.dl_scatter_rows(st.p_key[l], st.p_k, st.p_kvrow, b, st.kv_loc)
-        lib.dl_scatter_rows(st.p_value[l], st.p_v, st.p_kvrow, b, st.kv_loc)
-        lib.dl_attention(st.p_z, st.p_q, st.p_key[l], st.p_value[l], self.p_kv_of_q, n_q, n_kv, hd,
-                         st.p_pos, st.p_slot, b, st.kv_pages, 0, self.attn_scale_div)
+        lib.dl_rope(st.p_q, n_q, hd, st.p_pos, b, self.rope_type, layer.p_freqs)
+        lib.dl_rope(st.p_k, n_kv, hd, st.p_pos, b, self.rope_type, layer.p_freqs)
+        p_key, p_value, p_rows, pages = st.layer_kv[l]   # the page pool, or a sliding window's ring
+        lib.dl_scatter_rows(p_key, st.p_k, p_rows, b, st.kv_loc)
+        lib.dl_scatter_rows(p_value, st.p_v, p_rows, b, st.kv_loc)
+        lib.dl_attention(st.p_z, st.p_q, p_key, p_value, self.p_kv_of_q, n_q, n_kv, hd,
+                         st.p_pos, st.p_slot, b, pages, layer.window, self.attn_scale_div)
         if self.quantized:
             lib.dl_quantize_q80(st.p_zq, st.p_z, b * st.q_loc)
         layer.wo.matmul(st.p_partial, st.p_zq, st.p_z, b)
-        self.sync(st.x, st.partial, b)
+        self._residual(layer.p_attn_post_norm, b)
 
     def _ffn(self, layer: Layer, b: int) -> None:
         st = self.st
         self._norm_quant(layer.p_ffn_norm, b)
         layer.w1.matmul(st.p_h1, st.p_xq, st.p_xb, b)
         layer.w3.matmul(st.p_h3, st.p_xq, st.p_xb, b)
-        lib.dl_silu_mul(st.p_h1, st.p_h1, st.p_h3, st.ffn_loc, b)
+        if self.gelu:   # GeGLU (Gemma 3; tanh-approximated GELU)
+            lib.dl_gelu_mul(st.p_h1, st.p_h1, st.p_h3, b * st.ffn_loc)
+        else:
+            lib.dl_silu_mul(st.p_h1, st.p_h1, st.p_h3, st.ffn_loc, b)
         if self.quantized:
             lib.dl_quantize_q80(st.p_hq, st.p_h1, b * st.ffn_loc)
         layer.w2.matmul(st.p_partial, st.p_hq, st.p_h1, b)
-        self.sync(st.x, st.partial, b)
+        self._residual(layer.p_ffn_post_norm, b)
+
+    def _residual(self, p_post_norm, b: int) -> None:
+        """x += the sum over ranks of partial; with a post-norm (Gemma 3's sandwich norms) the sum is
+        normed first, which needs the whole sum: it is reduced into a zeroed buffer, normed, added."""
+        st = self.st
+        if p_post_norm is None:
+            self.sync(st.x, st.partial, b)
+            return
+        st.attn_out[:b].fill(0.0)
+        self.sync(st.attn_out, st.partial, b)
+        lib.dl_rmsnorm(st.p_attn_out, st.p_attn_out, p_post_norm, self.h.dim, self.eps, b)
+        lib.dl_add(st.p_x, st.p_attn_out, b * self.h.dim)
 
     def _moe(self, layer: Layer, b: int) -> None:
         """Qwen3-MoE: every rank routes its own copy of y (same result everywhere) and computes its
@@ -852,9 +931,23 @@ def _merge_stats(recs: np.ndarray, has_target: bool) -> TokenStats:
     return TokenStats(top[0][0] if top else 0, log_z, target, top)
 
 
-def kv_row_bytes(h: ModelHeader, plan: ShardPlan) -> int:
-    """Bytes of K + V for one cache row on the rank that stores the most KV heads (f32, all layers)."""
-    return 2 * 4 * h.n_layers * h.head_size * max(plan[r].n_kv_heads for r in range(plan.n_nodes))
+def kv_row_bytes(h: ModelHeader, plan: ShardPlan, layers=None) -> int:
+    """Bytes of K + V for one cache row on the rank that stores the most KV heads (f32), of the
+    full-attention layers (of `layers`, default all); ring_row_bytes: the sliding-window ones."""
+    layers = range(h.n_layers) if layers is None else layers
+    n = sum(1 for l in layers if h.window_of_layer(l) == 0)
+    return 2 * 4 * n * h.head_size * max(plan[r].n_kv_heads for r in range(plan.n_nodes))
+
+
+def ring_row_bytes(h: ModelHeader, plan: ShardPlan, layers=None) -> int:
+    layers = range(h.n_layers) if layers is None else layers
+    n = sum(1 for l in layers if h.window_of_layer(l) > 0)
+    return 2 * 4 * n * h.head_size * max(plan[r].n_kv_heads for r in range(plan.n_nodes))
+
+
+def kv_ring(h: ModelHeader, max_batch: int, ring_bytes: int):
+    """plan_kv's `ring` argument: (window, max_batch, ring row bytes), or None without such layers."""
+    return (h.sliding_window, max_batch, ring_bytes) if ring_bytes and h.sliding_window else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -872,8 +965,6 @@ def check_options(h: ModelHeader, buffer_type: str) -> None:
             raise ConfigError(f"{float_type_name(t)} weights are not supported (supported: f32, f16, q40, q80)")
     if buffer_type not in BUFFER_TYPES:
         raise ConfigError(f"--buffer-float-type {buffer_type} is not supported (supported: q80, f32)")
-    if h.is_gemma3:   # the format and converters exist (FORMATS-EXT.md); the forward pass comes next
-        raise ConfigError("gemma3 models are not supported by the forward pass yet")
     if buffer_type == "q80" and h.dim % BLOCK:
         raise ConfigError(f"--buffer-float-type q80 needs dim % 32 == 0 (dim is {h.dim})")
 
@@ -912,6 +1003,6 @@ def build_engine(comm: Comm, model_path: str | None, *, max_seq_len: int | None 
                             load=load, max_batch=max_batch, progress=progress, n_slots=n_slots,
                             kv_memory=kv_memory, quiet=quiet)
     plan = make_plan(h, comm.size)
-    kv = plan_kv(kv_row_bytes(h, plan), seq, n_slots, kv_memory)
+    kv = plan_kv(kv_row_bytes(h, plan), seq, n_slots, kv_memory, ring=kv_ring(h, max_batch, ring_row_bytes(h, plan)))
     weights = load_weights(comm, h, header_size, plan, model, load, progress)
     return Engine(comm, h, plan, weights, seq, max_batch, buffer_type, sync, kv)

@@ -43,6 +43,9 @@ class KVPlan:
     n_slots: int          # sequences resident at once (one page table each)
     table_stride: int     # entries per page table: the most pages one sequence can use
     row_bytes: int        # bytes of K + V per cache row on the rank that stores the most KV heads
+    ring_pages: int = 0   # sliding-window layers: pages of each slot's ring (0: no such layers)
+    window: int = 0       # ... and the window they attend over
+    ring_row_bytes: int = 0   # bytes of K + V per ring row (the sliding-window layers)
 
     @property
     def n_tokens(self) -> int:
@@ -50,12 +53,14 @@ class KVPlan:
 
     @property
     def bytes(self) -> int:
-        return self.n_tokens * self.row_bytes
+        return self.n_tokens * self.row_bytes + self.n_slots * self.ring_pages * self.page_size * self.ring_row_bytes
 
     def describe(self) -> str:
+        ring = (f"; sliding-window layers: a ring of {self.ring_pages} pages per slot "
+                f"({self.ring_pages * self.page_size} rows for a {self.window}-token window)" if self.ring_pages else "")
         return (f"KV cache: {self.n_pages} pages of {self.page_size} tokens ({self.n_tokens} tokens, "
                 f"{self.bytes / 2**20:.0f} MiB on the rank holding the most KV heads), {self.n_slots} "
-                f"sequence slot(s)")
+                f"sequence slot(s){ring}")
 
 
 def parse_size(text: str) -> int:
@@ -90,12 +95,21 @@ def _mem_total() -> int:
     return meminfo("MemTotal", 16 << 30)
 
 
+def ring_pages(window: int, max_batch: int, page_size: int = PAGE_SIZE) -> int:
+    """Pages a sliding-window layer's ring needs: a pass writes up to max_batch rows of a sequence
+    before its attention reads, and its first row reads `window` rows back, so the ring must hold
+    window + max_batch - 1 consecutive positions however they fall on page boundaries."""
+    return -(-(window + max_batch - 1) // page_size) + 1
+
+
 def plan_kv(row_bytes: int, max_seq_len: int, n_slots: int, kv_memory: int | None = None,
-            page_size: int = PAGE_SIZE) -> KVPlan:
+            page_size: int = PAGE_SIZE, ring: tuple[int, int, int] | None = None) -> KVPlan:
     """Pool size: `kv_memory` bytes on the rank that holds the most KV heads, or by default room for
     n_slots full contexts, capped at a quarter of this machine's memory (the pool is allocated
     zeroed and the OS commits its pages only when they are first written, so an unused pool costs
-    address space, not memory; the cap keeps that address space sane for 128k-context models)."""
+    address space, not memory; the cap keeps that address space sane for 128k-context models).
+    ring = (window, max_batch, ring_row_bytes): the model has sliding-window layers, whose K/V live in
+    a ring of ring_pages(window, max_batch) pages per slot instead (row_bytes counts the others)."""
     if n_slots < 1:
         raise ConfigError(f"--parallel must be >= 1, got {n_slots}")
     row_bytes = max(row_bytes, 1)
@@ -107,7 +121,11 @@ def plan_kv(row_bytes: int, max_seq_len: int, n_slots: int, kv_memory: int | Non
         if n_pages < 1:
             raise ConfigError(f"--kv-memory {kv_memory} bytes holds no page of {page_size} tokens "
                               f"({row_bytes * page_size} bytes each)")
-    return KVPlan(page_size, int(n_pages), n_slots, min(per_seq, int(n_pages)), row_bytes)
+    if ring is None or not ring[0]:
+        return KVPlan(page_size, int(n_pages), n_slots, min(per_seq, int(n_pages)), row_bytes)
+    window, max_batch, ring_row = ring
+    return KVPlan(page_size, int(n_pages), n_slots, min(per_seq, int(n_pages)), row_bytes,
+                  ring_pages(window, max_batch, page_size), window, ring_row)
 
 
 @dataclass
@@ -137,6 +155,11 @@ class KVCache:
         self.updates: list[tuple[int, int, int]] = []   # (slot, table index, page) for the next pass
         self.copies: list[tuple[int, int]] = []         # (src page, dst page) for the next pass
         self._copy_holds: list[int] = []                # copy sources held until the pass has them
+        # sliding-window models: each slot's ring holds the last rows its sequence wrote; a new
+        # sequence can start from a cached prefix only in a slot whose ring still holds the rows
+        # that prefix's last window needs (the tokens of the sequence that wrote them, per slot)
+        self.ring_pages, self.window = plan.ring_pages, plan.window
+        self.slot_ring: list[list | None] = [None] * plan.n_slots
 
     # ---- what the pool can still promise ------------------------------------------------------
 
@@ -240,11 +263,18 @@ class KVCache:
         if not self.free_slots:
             return None
         shared, partial, parent = self._match(tokens) if share else ([], None, _ROOT_HASH)
+        slot = self.free_slots[-1]
+        if self.ring_pages and (shared or partial):
+            k = len(shared) * self.ps + (partial[1] if partial else 0)
+            slot = next((s for s in reversed(self.free_slots) if self._ring_holds(self.slot_ring[s], tokens, k)), None)
+            if slot is None:   # no ring holds the prefix's window: evaluate the whole prompt
+                shared, partial, slot = [], None, self.free_slots[-1]
         need = self.pages_for(max_rows) - len(shared)
         from_evictable = sum(1 for p in shared if self.ref[p] == 0)
         if need + from_evictable > self.available:
             return None
-        seq = SeqKV(self.free_slots.pop())
+        self.free_slots.remove(slot)
+        seq = SeqKV(slot)
         for idx, page in enumerate(shared):
             self._hold(page)
             seq.pages.append(page)
@@ -274,7 +304,17 @@ class KVCache:
                 self._copy_holds.append(src)
             seq.tokens += tokens[len(seq.tokens):len(seq.tokens) + rows]
         seq.shared_tokens = len(seq.tokens)
+        self.slot_ring[slot] = seq.tokens
         return seq
+
+    def _ring_holds(self, ring: list | None, tokens: list[int], k: int) -> bool:
+        """Whether a slot whose ring was written by a sequence with these `ring` tokens holds what a
+        sequence starting from tokens[:k] reads next: its rows k - window + 1 .. k - 1, not yet
+        overwritten (position t is in ring page (t / page_size) % ring_pages)."""
+        if ring is None or len(ring) < k or ring[:k] != list(tokens[:k]):
+            return False
+        first = k - self.window + 1
+        return first <= 0 or first // self.ps >= (len(ring) - 1) // self.ps - self.ring_pages + 1
 
     def fork(self, seq: SeqKV, max_rows: int) -> SeqKV | None:
         """A new sequence holding seq's rows: its full pages shared, its partial last page copied;
@@ -287,6 +327,9 @@ class KVCache:
         if need > self.available:
             return None
         new = SeqKV(self.free_slots.pop(), tokens=list(seq.tokens), hashes=list(seq.hashes[:n_full]))
+        if self.ring_pages:   # the sliding-window layers' rows: a copy of the leader's ring
+            self.copies.append(("ring", seq.slot, new.slot))
+            self.slot_ring[new.slot] = new.tokens
         for idx in range(n_full):
             page = seq.pages[idx]
             self._hold(page)
@@ -337,7 +380,10 @@ class KVCache:
         """Forget rows from n_rows on (a private page that held some is reused for the new ones)."""
         if n_rows >= len(seq.tokens):
             return
-        seq.tokens = seq.tokens[:n_rows]
+        if self.ring_pages and not self._ring_holds(seq.tokens, seq.tokens, n_rows):
+            raise ConfigError(f"a sliding-window model cannot go back from position {len(seq.tokens)} to "
+                              f"{n_rows}: its ring no longer holds the rows before {n_rows}")
+        del seq.tokens[n_rows:]
         seq.hashes = seq.hashes[:n_rows // self.ps]
         keep = self.pages_for(n_rows)
         for idx in range(len(seq.pages) - 1, keep - 1, -1):
@@ -371,6 +417,7 @@ class KVCache:
         seq.pages = []
         self.reserved -= seq.reserve
         seq.reserve = 0
+        self.slot_ring[seq.slot] = list(seq.tokens) if keep else None
         self.free_slots.append(seq.slot)
 
     def drop_cached(self) -> None:

@@ -24,9 +24,11 @@ PREFIX = "dllama_"
 
 
 def kv_bytes_per_token(header, plan) -> list[int]:
-    """KV-cache bytes one position costs on each rank: K and V, f32, every layer, the KV heads the
-    rank stores (a KV head shared by ranks is stored on each of them)."""
-    return [2 * 4 * header.n_layers * plan[r].n_kv_heads * header.head_size for r in range(plan.n_nodes)]
+    """KV-cache bytes one position costs on each rank: K and V, f32, every full-attention layer (the
+    sliding-window ones keep a fixed ring per slot), the KV heads the rank stores (a KV head shared
+    by ranks is stored on each of them)."""
+    n = sum(1 for l in range(header.n_layers) if header.window_of_layer(l) == 0)
+    return [2 * 4 * n * plan[r].n_kv_heads * header.head_size for r in range(plan.n_nodes)]
 
 
 class RankStats:

@@ -271,7 +271,10 @@ def perplexity(comm, model_path, tokenizer_path, nthreads, buffer_float_type, ma
 
 
 def _perplexity(engine, tokenizer, text_file, ctx, chunks, bos, kld_base, out) -> dict:
-    tokens = tokenizer.encode(read_text_file(text_file), parse_special=False)
+    text = read_text_file(text_file)
+    if text.endswith("\n"):   # as llama.cpp's -f does: its numbers count the same tokens
+        text = text[:-1]
+    tokens = tokenizer.encode(text, parse_special=False)
     n_chunk = chunk_tokens(tokens, ctx, chunks, text_file)
     log(f"perplexity: {len(tokens)} tokens, {n_chunk} chunks of {ctx} (scoring the last {ctx - 1 - ctx // 2} of each)")
     save = None

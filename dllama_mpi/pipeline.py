@@ -212,17 +212,27 @@ def make_layout(h: ModelHeader, n_ranks: int, pp: int, weights=None, memory=None
 
 
 def kv_row_bytes(h: ModelHeader, layout: Layout) -> int:
-    """Bytes of K + V per cache row on the rank that stores the most (its stage's layers, its KV heads)."""
-    return max(2 * 4 * s.n_layers * h.head_size * max(s.plan[r].n_kv_heads for r in range(len(s.ranks)))
-               for s in layout.stages)
+    """Bytes of K + V per page-pool row on the rank that stores the most (its stage's full-attention
+    layers, its KV heads)."""
+    from .engine import kv_row_bytes as stage_bytes
+
+    return max(stage_bytes(h, s.plan, range(*s.layers)) for s in layout.stages)
+
+
+def ring_row_bytes(h: ModelHeader, layout: Layout) -> int:
+    """The same for the sliding-window layers' rings."""
+    from .engine import ring_row_bytes as stage_bytes
+
+    return max(stage_bytes(h, s.plan, range(*s.layers)) for s in layout.stages)
 
 
 def kv_bytes_per_token(h: ModelHeader, layout: Layout) -> list[int]:
-    """KV bytes one position costs on each rank (metrics)."""
+    """KV bytes one more position costs on each rank (metrics: the page pool's layers)."""
     out = []
     for r in range(layout.n_ranks):
         s = layout.stage_of_rank(r)
-        out.append(2 * 4 * s.n_layers * s.plan[s.ranks.index(r)].n_kv_heads * h.head_size)
+        n = sum(1 for l in range(*s.layers) if h.window_of_layer(l) == 0)
+        out.append(2 * 4 * n * s.plan[s.ranks.index(r)].n_kv_heads * h.head_size)
     return out
 
 
@@ -331,7 +341,9 @@ def build_stages(world: Comm, h: ModelHeader, header_size: int, model, *, pp: in
     if world.is_root and not quiet:
         for line in describe(h, layout, hosts):
             print(line, file=__import__("sys").stderr, flush=True)
-    kv = plan_kv(kv_row_bytes(h, layout), seq, n_slots, kv_memory)
+    from .engine import kv_ring
+
+    kv = plan_kv(kv_row_bytes(h, layout), seq, n_slots, kv_memory, ring=kv_ring(h, max_batch, ring_row_bytes(h, layout)))
     me = layout.stage_of_rank(world.rank)
     if layout.n_stages == 1:      # weighted tensor parallelism alone: the plain engine
         weights = load_weights(world, h, header_size, me.plan, model, load, progress)

@@ -43,6 +43,7 @@ import json
 import os
 import queue
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -348,7 +349,8 @@ class Backend:
         self.tree: dict[int, tuple[str, int]] = {}
         self.labels: dict[int, tuple[str, int | None, str | None]] = {}
         self.gone: tuple[str, int | None, str | None] | None = None   # the first of them seen to vanish
-        self._killing = threading.Event()
+        self._exit_seen = threading.Event()      # the watcher saw a first exit and settles its verdict
+        self._watcher: threading.Thread | None = None
         self.on_message = lambda backend, msg: None   # the supervisor's, once it takes this launch
 
     def _receive(self, msg) -> None:
@@ -385,16 +387,45 @@ class Backend:
         ranks = {pid: r for pid, (r, _) in rank_map(self.output()).items()}
         ranks[self.pid] = 0
         self.labels = job_labels(self.tree, self.hosts, ranks)
-        threading.Thread(target=self._watch, name="backend-watch", daemon=True).start()
+        self._wake_r, self._wake_w = os.pipe()   # stops the watcher
+        self._watcher = threading.Thread(target=self._watch, name="backend-watch", daemon=True)
+        self._watcher.start()
 
     def _watch(self) -> None:
-        watched = {pid: self.tree[pid][0] for pid in self.labels}
-        while not self._killing.wait(0.05):
-            gone = [pid for pid, started in watched.items() if _start_time(pid) != started]
-            if gone:   # a host's proxy before a rank: when a host goes, both go within one look
-                pid = min(gone, key=lambda p: self.labels[p][1] is not None)
-                self.gone = self.labels[pid]
-                return
+        """Wait on a pidfd per watched process, so each exit is seen when it happens and in order
+        (a poll every few ms lost the race to mpiexec, whose own exit a host's loss triggers at
+        once). Exits within 50 ms of the first count as one event, in which a proxy outranks a
+        rank: a host that goes takes both, and its rank may be reaped first."""
+        fds, order = {}, []
+        for pid in self.labels:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                order.append(pid)
+                continue
+            if _start_time(pid) != self.tree[pid][0]:   # gone (or reused) before we looked
+                os.close(fd)
+                order.append(pid)
+            else:
+                fds[fd] = pid
+        deadline = time.monotonic() + 0.05 if order else None
+        try:
+            while fds:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready, _, _ = select.select([*fds, self._wake_r], [], [], wait)
+                if self._wake_r in ready or not ready:
+                    break
+                for fd in ready:
+                    order.append(fds.pop(fd))
+                    os.close(fd)
+                if deadline is None:
+                    deadline = time.monotonic() + 0.05
+                    self._exit_seen.set()
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if order:
+            self.gone = self.labels[min(order, key=lambda p: (self.labels[p][1] is not None, order.index(p)))]
 
     def kill(self, grace: float = 2.0) -> None:
         """Let mpiexec finish its own report for up to `grace` seconds, then kill whatever is left
@@ -403,7 +434,15 @@ class Backend:
             self.proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             pass
-        self._killing.set()
+        if self._watcher is not None:
+            if self._exit_seen.is_set() or self.proc.returncode is not None:
+                self._watcher.join(timeout=0.2)   # let it name the first to go
+            os.write(self._wake_w, b"x")
+            self._watcher.join(timeout=1)
+            if not self._watcher.is_alive():
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._watcher = None
         # walk from mpiexec only while it is unreaped (a reaped pid may belong to anyone by now)
         now = process_tree(self.proc.pid) if self.proc.returncode is None else {}
         for pid, (started, _) in {**self.tree, **now}.items():

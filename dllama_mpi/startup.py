@@ -239,13 +239,14 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
           load, max_batch, quiet=False, n_slots: int = 1):
     """Collective start-up: returns (engine, tokenizer or None on workers). n_slots: sequences the
     KV cache keeps at once (--parallel)."""
-    from .engine import kv_row_bytes
+    from .engine import kv_ring, kv_row_bytes, ring_row_bytes
     from .kvcache import parse_size, plan_kv
 
     from . import kernels
     from .engine import build_engine
     from .formats import open_model
     from .pipeline import kv_row_bytes as layout_kv_row_bytes
+    from .pipeline import ring_row_bytes as layout_ring_row_bytes
     from .pipeline import make_layout, parse_split
     from .tokenizer import Tokenizer
 
@@ -286,7 +287,9 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
                               f"needs a row of each pass")
         if _options.get("kv_memory"):
             row = kv_row_bytes(h, shards) if layout.n_stages == 1 else layout_kv_row_bytes(h, layout)
-            plan_kv(row, min(max_seq_len or h.max_seq_len, h.max_seq_len), n_slots, parse_size(_options["kv_memory"]))
+            ring = ring_row_bytes(h, shards) if layout.n_stages == 1 else layout_ring_row_bytes(h, layout)
+            plan_kv(row, min(max_seq_len or h.max_seq_len, h.max_seq_len), n_slots, parse_size(_options["kv_memory"]),
+                    ring=kv_ring(h, max_batch, ring))
     kv_memory = _options.get("kv_memory")
     if kv_memory:
         try:   # the root checks it (and says why); the others use the value it accepted

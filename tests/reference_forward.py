@@ -10,24 +10,49 @@ from __future__ import annotations
 
 import numpy as np
 
-from dllama_mpi.formats import ARCH_LLAMA, F32, open_model
+from dllama_mpi.formats import ARCH_LLAMA, F16, F32, Q40, Q80, open_model
+
+
+def dequantize(m, t) -> np.ndarray:
+    """A tensor of any weight type as float32 [rows, cols], decoded here with numpy from FORMATS §1.3
+    (not with the engine's kernels): f32 as stored, f16, q80 (f16 scale d, 32 int8: q * d), q40 (f16
+    d, 16 bytes: low nibbles are values 0-15, high nibbles 16-31, (code - 8) * d)."""
+    if t.ftype == F32:
+        return m.f32(t)
+    raw = m.raw(t)
+    if t.ftype == F16:
+        return raw.view("<f2").astype(np.float32).reshape(t.rows, t.cols)
+    if t.ftype == Q80:
+        b = raw.reshape(-1, 34)
+        d = b[:, :2].copy().view("<f2").astype(np.float32)
+        return (b[:, 2:].view(np.int8).astype(np.float32) * d).reshape(t.rows, t.cols)
+    if t.ftype == Q40:
+        b = raw.reshape(-1, 18)
+        d = b[:, :2].copy().view("<f2").astype(np.float32)
+        qs = b[:, 2:]
+        codes = np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.float32) - 8
+        return (codes * d).reshape(t.rows, t.cols)
+    raise ValueError(f"reference forward: unknown float type {t.ftype}")
 
 
 class ReferenceModel:
-    """An f32 `.m` file's tensors as float64 (read per use) and the RMSNorm every arch shares."""
+    """A `.m` file's tensors as float64 (read per use; quantized ones decoded exactly, so the
+    reference differs from the engine only by the engine's own arithmetic: q80 activations, float32
+    sums) and the RMSNorm every arch shares."""
 
     def __init__(self, path):
         self.m = open_model(path)
         self.h = self.m.header
-        if self.h.weights_float_type != F32:
-            raise ValueError("reference forward: f32 weights only")
 
     def close(self):
         self.m.close()
 
+    def dense(self, name, layer=-1) -> np.ndarray:
+        return dequantize(self.m, self.m.info(name, layer))
+
     def w(self, name, layer=-1):
         t = self.m.info(name, layer)
-        a = self.m.f32(t).astype(np.float64)
+        a = dequantize(self.m, t).astype(np.float64)
         return a[0] if t.rows == 1 else a
 
     def rmsnorm(self, x, w):
@@ -39,7 +64,7 @@ class ReferenceLlama(ReferenceModel):
         super().__init__(path)
         h = self.h
         if h.arch_type != ARCH_LLAMA or h.n_experts:
-            raise ValueError("reference forward: dense llama models with f32 weights only")
+            raise ValueError("reference forward: dense llama models only")
 
     def freqs(self):
         """1 / theta^(2i/hd), with llama3 scaling (FORMATS §5.3) when rope_scaling_factor != 1."""

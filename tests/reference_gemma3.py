@@ -98,18 +98,23 @@ class ReferenceGemma3(ReferenceModel):
 
     def logits(self, hidden):
         """hidden [T, dim] -> logits [T, vocab], the head read in float64 blocks of rows."""
-        t = self.m.info("wcls")
-        wcls = self.m.f32(t)
-        out = np.empty((hidden.shape[0], t.rows))
-        for r0 in range(0, t.rows, VOCAB_CHUNK):
+        wcls = self.head()
+        out = np.empty((hidden.shape[0], wcls.shape[0]))
+        for r0 in range(0, wcls.shape[0], VOCAB_CHUNK):
             out[:, r0:r0 + VOCAB_CHUNK] = hidden @ wcls[r0:r0 + VOCAB_CHUNK].astype(np.float64).T
         return out
+
+    def head(self) -> np.ndarray:
+        """The output matrix as float32 (decoded once)."""
+        if getattr(self, "_head", None) is None:
+            self._head = self.dense("wcls")
+        return self._head
 
     def argmax(self, hidden, candidates: int = 32) -> np.ndarray:
         """argmax of the float64 logits of each row of hidden, without the 1.3 GB float64 head: a
         float32 product finds each row's top `candidates`, whose logits are then recomputed in
         float64 (float32's error, ~1e-5, is far below the gap to the 32nd logit)."""
-        wcls = self.m.f32(self.m.info("wcls"))
+        wcls = self.head()
         approx = hidden.astype(np.float32) @ wcls.T
         top = np.argpartition(-approx, candidates, axis=1)[:, :candidates]
         exact = np.einsum("rd,rkd->rk", hidden, wcls[top].astype(np.float64))

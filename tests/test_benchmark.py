@@ -115,3 +115,18 @@ def test_make_synthetic_small(tmp_path):
                "--bandwidth", "1"])
     assert r.returncode == 0, r.stderr
     assert set(ms.PRESETS) == {"llama3.2-1b", "llama3.1-8b", "qwen3-0.6b", "qwen3-30b-a3b-like"}
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_benchmark_parallel_sweep(n):
+    r = bench(["--model", LLAMA_Q40, "--tokenizer", TOK_LLAMA, "--synthetic", "9", "--steps", "6", "--repeat", "1",
+               "--warmup", "0", "--bandwidth", "10", "--parallel", "1,3"], n=n)
+    assert r.returncode == 0, r.stderr
+    sweep = json.loads(r.stdout)["parallel"]
+    assert [p["streams"] for p in sweep] == [1, 3]
+    for p in sweep:
+        assert p["aggregate_decode_tok_s"] > 0 and p["aggregate_tok_s"] > 0
+        assert p["per_stream_decode_tok_s"]["n"] == p["streams"] and p["ttft_s"]["p99"] >= p["ttft_s"]["p50"] > 0
+        # every stream holds ceil((9 + 6) / 16) = 1 page at most
+        assert p["kv_pages_peak"] == p["streams"] and len(p["kv_bytes_peak_per_rank"]) == n
+    assert "aggregate decode tok/s" in r.stderr

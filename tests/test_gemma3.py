@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from conftest import DATA, TINY
-from dllama_mpi.errors import ConfigError, ConvertError, ModelFormatError, TokenizerFormatError
-from dllama_mpi.formats import (ACT_GELU, ARCH_GEMMA3, F32, Q40, TokenizerData, open_model, read_tokenizer,
+from dllama_mpi.errors import ConvertError, ModelFormatError, TokenizerFormatError
+from dllama_mpi.formats import (ACT_GELU, ARCH_GEMMA3, F16, F32, Q40, TokenizerData, open_model, read_tokenizer,
                                 write_tokenizer)
 from reference_gemma3 import ReferenceGemma3, reference_logits
 
@@ -289,14 +289,37 @@ def test_gemma3_key_on_llama_file(tmp_path):
         open_model(p)
 
 
-def test_engine_refuses_gemma3_for_now(tiny_m):
+@pytest.mark.parametrize("batch", [40, 7, 1])
+def test_engine_equals_reference_and_transformers(tiny_m, batch):
+    """The engine's Gemma 3 forward pass (embedding scale, sandwich norms, q/k norms, per-layer rope
+    bases, the sliding window, GeGLU, the attention scale) on the tiny checkpoint: transformers'
+    logits, in passes of 40, 7 and 1 rows."""
     from mpi4py import MPI
 
     from dllama_mpi.comm import Comm
     from dllama_mpi.engine import build_engine
 
-    with pytest.raises(ConfigError, match="gemma3"):
-        build_engine(Comm(MPI.COMM_SELF), str(tiny_m))
+    ref = np.load(HF_REF)
+    engine = build_engine(Comm(MPI.COMM_SELF), str(tiny_m), max_batch=batch)
+    got = engine.forward(ref["ids"].tolist(), 0, all_logits=True)
+    want = reference_logits(tiny_m, ref["ids"].tolist())
+    assert np.abs(got - want).max() < 1e-3 and np.abs(got - ref["logits"]).max() < 1e-3
+    assert np.array_equal(got.argmax(1), want.argmax(1))
+
+
+def test_gemma3_rows_of_many_sequences_are_batch_invariant(tiny_m):
+    from mpi4py import MPI
+
+    from dllama_mpi.comm import Comm
+    from dllama_mpi.engine import build_engine
+    from goldens import SEQS, rows_logits
+
+    engine = build_engine(Comm(MPI.COMM_SELF), str(tiny_m), n_slots=len(SEQS))
+    alone = rows_logits(engine, SEQS, [[(s, p) for p in range(i, min(i + 32, len(t)))]
+                                       for s, t in enumerate(SEQS) for i in range(0, len(t), 32)])
+    order = [(s, p) for p in range(max(map(len, SEQS))) for s in range(len(SEQS)) if p < len(SEQS[s])]
+    mixed = rows_logits(engine, SEQS, [order[i:i + 32] for i in range(0, len(order), 32)])
+    assert all(np.array_equal(alone[k], mixed[k]) for k in alone)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,7 +432,7 @@ def test_real_header(gemma_model):
                 h.max_seq_len) == ("gemma3", 640, 2048, 18, 4, 1, 256, 262144, 32768)
         assert (h.sliding_window, h.sliding_window_pattern, h.rope_theta, h.rope_theta_local,
                 h.query_pre_attn_scalar, h.rope_linear_factor, h.eps, h.weights_float_type) == \
-            (512, 6, 1000000, 10000, 256, 1, 1e-6, F32)
+            (512, 6, 1000000, 10000, 256, 1, 1e-6, F16)
         assert [l for l in range(18) if h.is_global_layer(l)] == [5, 11, 17]
         # llama.cpp's GGUF stores Gemma's norms as 1 + w: the 270M's are far from 0
         assert m.f32(m.info("attn_norm", 0)).mean() > 2
@@ -462,3 +485,96 @@ def test_reference_completes_like_llamacpp(gemma_model, gemma_tokenizer):
             assert g.tolist() == ids, c["prompt"]
     finally:
         ref.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine on the real 270M (the default f16 import)
+
+@has_gemma
+def test_real_engine_matches_the_float64_reference(gemma_model, gemma_tokenizer):
+    """Teacher-forced over a paragraph of Pride and Prejudice: the engine's logits equal the float64
+    numpy reference's (both read the same f16 weights) to ~1e-4, the argmax at every position."""
+    from mpi4py import MPI
+
+    from dllama_mpi.comm import Comm
+    from dllama_mpi.engine import build_engine
+
+    text = (DATA / "texts" / "pride_and_prejudice_1-4.txt").read_text(encoding="utf-8")[:1500]
+    ids = gemma_tokenizer.encode(text)[:300]
+    engine = build_engine(Comm(MPI.COMM_SELF), gemma_model, max_seq_len=512)
+    got = engine.forward(ids, 0, all_logits=True)
+    ref = ReferenceGemma3(gemma_model)
+    try:
+        hidden = ref.hidden(ids)
+        agree = float(np.mean(ref.argmax(hidden) == got.argmax(axis=1)))
+        assert agree >= 0.99, f"argmax agrees on {agree:.1%} of {len(ids)} positions"
+        rows = np.arange(0, len(ids), 25)
+        err = float(np.abs(ref.logits(hidden[rows]) - got[rows]).max())
+        assert err < 2e-3, err
+    finally:
+        ref.close()
+
+
+@has_gemma
+@pytest.mark.parametrize("n", [1, 2])
+def test_real_model_completes_what_llamacpp_completes(gemma_model, gemma_tokenizer, tmp_path, n):
+    """The factual prompts llama.cpp's greedy decoding answers right on the same GGUF, through
+    `batch` (all in one job, decoded together) at 1 and 2 ranks: every answer is there."""
+    cases = json.loads((DATA / "gemma3_llamacpp_completions.json").read_text(encoding="utf-8"))["cases"]
+    used = {i: c for i, c in enumerate(cases) if c["correct"]}
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": c["prompt"], "max_tokens": 12, "temperature": 0})
+                               + "\n" for i, c in used.items()))
+    mpiexec = [str(BIN / "mpiexec"), "-n", str(n)] if n > 1 else []
+    tok = str(Path(gemma_model).with_name("tokenizer.t"))
+    r = subprocess.run([*mpiexec, *DLLAMA, "batch", "--model", gemma_model, "--tokenizer", tok, "--prompts",
+                        str(prompts), "--out", str(out), "--parallel", "8"],
+                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = {json.loads(line)["id"]: json.loads(line)["text"] for line in out.read_text().splitlines()}
+    wrong = [(used[i]["prompt"], t) for i, t in got.items() if used[i]["answer"] not in t]
+    assert len(got) == len(used) and not wrong, wrong
+
+
+def test_sliding_window_ring_prefix_reuse_and_choices(tiny_m):
+    """The local layers keep a ring of pages per slot: a follow-up that continues a finished
+    sequence reuses its pages (and its slot's ring), a prompt whose shared prefix's window is no
+    longer in any ring is evaluated in full, forked choices copy the ring; every result equals the
+    same request computed from scratch."""
+    from mpi4py import MPI
+
+    from dllama_mpi.comm import Comm
+    from dllama_mpi.engine import build_engine
+    from dllama_mpi.sampler import Sampler
+    from dllama_mpi.scheduler import Request, Scheduler, run_to_completion
+    from dllama_mpi.tokenizer import Tokenizer
+
+    engine = build_engine(Comm(MPI.COMM_SELF), str(tiny_m), n_slots=3, max_batch=16)
+    plan = engine.kv_plan
+    assert plan.window == 8 and plan.ring_pages == 3                 # ceil((8 + 16 - 1) / 16) + 1
+    assert engine.st.key_ring.shape[1] == 3 * 3 * 16 and engine.st.key_cache.shape[0] == 1   # layer 5 is global
+    tok = Tokenizer(_spm_data())
+    req = lambda p, n=20, seed=None, t=0.0: Request(p, n, Sampler(256, t, 0.9, seed), ignore_eos=True)  # noqa: E731
+    sched = Scheduler(engine, tok)
+
+    def fresh(r):
+        engine.kv.drop_cached()
+        out = req(r.prompt, r.max_tokens, r.sampler.seed, r.sampler.temperature)
+        run_to_completion(sched, [out])
+        return out.generated
+
+    a = req([(7 * i) % 250 + 1 for i in range(40)])
+    run_to_completion(sched, [a])
+    b = req(a.rows + [3, 4, 5])                                      # the next turn of a's conversation
+    run_to_completion(sched, [b])
+    assert b.stats.evaluated_prompt_tokens < 20
+    c = req(a.prompt[:10] + [9, 9, 9, 9])                            # a's first 10 tokens: window gone
+    run_to_completion(sched, [c])
+    assert c.stats.evaluated_prompt_tokens == len(c.prompt)
+    kids = [req(a.prompt, 15, 5 + i, 0.9) for i in range(1, 3)]
+    lead = Request(a.prompt, 15, Sampler(256, 0.9, 0.9, 5), ignore_eos=True, followers=kids)
+    run_to_completion(sched, [lead])
+    while sched.busy:
+        sched.step()
+    results = [b.generated, c.generated, lead.generated] + [k.generated for k in kids]
+    assert results == [fresh(r) for r in (b, c, lead, *kids)]

@@ -342,3 +342,36 @@ def test_pipeline_logprobs_and_choices_equal_one_rank(world):
             len(q1) == len(q2) and all((a is None) == (b is None) and (a is None or close(a[0], b[0]))
                                        for a, b in zip(q1, q2))
     verdict(world, ok, (ref, got) if world.is_root else None)
+
+
+def test_gemma3_tiny_matches_transformers(world, tmp_path):
+    """Gemma 3's forward pass split over the ranks (the post-norms see the whole sum): transformers'
+    logits of the tiny checkpoint, and rows of several sequences bitwise those run alone."""
+    from dllama_mpi.convert.hf import convert_hf_model
+    from dllama_mpi.engine import build_engine
+
+    from conftest import TINY
+    from goldens import SEQS, rows_logits
+
+    path = None
+    if world.is_root:
+        path = str(tmp_path / "tiny_gemma3.m")
+        convert_hf_model(TINY / "hf" / "tiny_gemma3", path, "f32", quiet=True)
+    engine = build_engine(world, path, n_slots=len(SEQS))
+    ok, detail = None, None
+    if not world.is_root:
+        engine.serve()
+    else:
+        try:
+            ref = np.load(TINY / "gemma3_hf_reference.npz")
+            err = float(np.abs(engine.forward(ref["ids"].tolist(), 0, all_logits=True) - ref["logits"]).max())
+            engine.forget()
+            alone = rows_logits(engine, SEQS, [[(s, p) for p in range(i, min(i + 32, len(t)))]
+                                               for s, t in enumerate(SEQS) for i in range(0, len(t), 32)])
+            order = [(s, p) for p in range(max(map(len, SEQS))) for s in range(len(SEQS)) if p < len(SEQS[s])]
+            mixed = rows_logits(engine, SEQS, [order[i:i + 32] for i in range(0, len(order), 32)])
+            bad = [k for k in alone if not np.array_equal(alone[k], mixed[k])]
+            ok, detail = err < 1e-3 and not bad, (err, bad)
+        finally:
+            engine.stop_workers()
+    verdict(world, ok, detail)
