@@ -20,6 +20,8 @@ stderr. How each number is measured (also in the JSON's "method"):
 - bytes sent per token per rank: counted by `Comm` over the decode tokens (`bytes_sent`), next to
   the model `sync.bytes_per_sync() x syncs per token + argmax pair (16 B) + x broadcast`. Decoding
   is greedy through the engine's distributed argmax (what `inference --temperature 0` runs).
+- kernel ISA: the SIMD path each rank's kernels run (`per_rank[].kernel_isa`; summary: all of them,
+  "/"-joined when ranks differ); DLLAMA_ISA=scalar|avx2|avx512|neon|neon-dotprod forces one.
 - bandwidth ceiling: weight bytes read per token (q40 payload of every matrix slice, MoE experts
   scaled by active/total) / aggregate read bandwidth (every rank reading a 512 MB buffer at the
   same time with its thread pool, best of 3; or --bandwidth GB/s).
@@ -611,6 +613,8 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
 
     # ---- memory, bandwidth, weights ----
     rss = comm.gather_floats(np.array([_peak_rss_mb()], np.float64))
+    from . import kernels as K
+    isa_all = comm.gather_floats(np.array([K.get_isa()], np.float64))   # ranks may differ (mixed CPUs)
     wbytes = comm.gather_floats(np.array([_weight_bytes(engine)], np.float64))
     bw_rank = _measure_bandwidth(comm) if bandwidth is None else 0.0
     bw_all = comm.gather_floats(np.array([bw_rank], np.float64))
@@ -641,7 +645,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
         py = max(py_raw - 1000 * ovh * calls_i / n_i, 0.0)
         row = {
             "rank": r, "stage": stage_of[r], "layers": f"{layers_of[r][0]}-{layers_of[r][1] - 1}",
-            "decode_tokens": int(n_b),
+            "kernel_isa": K.isa_name(int(isa_all[r, 0])), "decode_tokens": int(n_b),
             "ms_per_token_instrumented": round(tok_ms, 3),
             "c_ms": round(c_ms, 3), "mpi_wait_ms": round(mpi_ms, 3),
             "python_ms": round(py, 3), "python_ms_raw": round(py_raw, 3),
@@ -693,6 +697,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                     "decode_ms_per_token": round(1000 / dec, 3) if dec else None,
                     "ceiling_tok_s": round(ceiling, 2),
                     "pct_of_bandwidth_ceiling": round(100 * dec / ceiling, 1) if ceiling else None,
+                    "kernel_isa": "/".join(sorted({r["kernel_isa"] for r in per_rank})),
                     "python_pct_max": max(r["python_pct"] for r in per_rank),
                     # latency: message rounds on a decode token's critical path x one link's one-way time
                     "message_rounds_per_token": message_rounds(engine), "one_way_us": round(one_way_us, 1)},
@@ -735,7 +740,7 @@ def _table(doc: dict) -> None:
             log(f"{p['streams']:>8} {agg if agg is not None else '-':>23} {p['aggregate_tok_s']:>17.2f} "
                 f"{p['per_stream_decode_tok_s']['median']:>20.2f} {p['ttft_s']['p50']:>8.3f} / {p['ttft_s']['p99']:.3f}"
                 "   CPU/wall per rank " + " ".join(f"{x['cpu_per_wall']:.2f}" for x in p.get("per_rank", [])))
-    log(f"decode {s['decode_tok_s']:.2f} tok/s = {s['pct_of_bandwidth_ceiling']}% of the bandwidth ceiling "
+    log(f"decode {s['decode_tok_s']:.2f} tok/s ({s['kernel_isa']} kernels) = {s['pct_of_bandwidth_ceiling']}% of the bandwidth ceiling "
         f"{s['ceiling_tok_s']:.1f} tok/s ({doc['system']['bandwidth_gbps']} GB/s "
         f"{doc['system']['bandwidth_source']}); prefill {s['prefill_tok_s']:.1f} tok/s")
 

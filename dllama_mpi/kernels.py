@@ -19,7 +19,7 @@ import numpy as np
 
 __all__ = [
     "ffi", "lib", "ptr", "Q40_BLOCK_BYTES", "Q80_BLOCK_BYTES", "QK", "q40_dtype", "q80_dtype",
-    "ISA_SCALAR", "ISA_AVX2", "ISA_AVX512", "ISA_NEON", "set_threads", "n_threads", "isa_name",
+    "ISA_SCALAR", "ISA_AVX2", "ISA_AVX512", "ISA_NEON", "ISA_NEON_DOTPROD", "ALL_ISAS", "set_threads", "n_threads", "isa_name",
     "set_isa", "get_isa", "isa_supported", "supported_isas", "f32_to_f16", "f16_to_f32",
     "quantize_q80", "dequantize_q80", "quantize_q40", "dequantize_q40", "matmul_q40_q80",
     "matmul_q80_q80", "matmul_f16_f32", "matmul_f32", "rmsnorm", "silu_mul", "add", "add_q80", "softmax", "rope",
@@ -114,8 +114,9 @@ _mod = _load()
 ffi = _mod.ffi
 lib = _mod.lib
 
-ISA_SCALAR, ISA_AVX2, ISA_AVX512, ISA_NEON = (lib.DL_ISA_SCALAR, lib.DL_ISA_AVX2, lib.DL_ISA_AVX512,
-                                              lib.DL_ISA_NEON)
+ISA_SCALAR, ISA_AVX2, ISA_AVX512, ISA_NEON, ISA_NEON_DOTPROD = (
+    lib.DL_ISA_SCALAR, lib.DL_ISA_AVX2, lib.DL_ISA_AVX512, lib.DL_ISA_NEON, lib.DL_ISA_NEON_DOTPROD)
+ALL_ISAS = (ISA_SCALAR, ISA_AVX2, ISA_AVX512, ISA_NEON, ISA_NEON_DOTPROD)
 ROPE_INTERLEAVED, ROPE_HALF = lib.DL_ROPE_INTERLEAVED, lib.DL_ROPE_HALF
 
 
@@ -145,12 +146,12 @@ def isa_supported(isa: int) -> bool:
 
 
 def supported_isas() -> list[int]:
-    return [i for i in (ISA_SCALAR, ISA_AVX2, ISA_AVX512, ISA_NEON) if lib.dl_isa_supported(i)]
+    return [i for i in ALL_ISAS if lib.dl_isa_supported(i)]
 
 
 def set_isa(isa: int | str) -> None:
     if isinstance(isa, str):
-        names = {isa_name(i): i for i in (ISA_SCALAR, ISA_AVX2, ISA_AVX512, ISA_NEON)}
+        names = {isa_name(i): i for i in ALL_ISAS}
         if isa not in names:
             raise ValueError(f"unknown ISA {isa!r}")
         isa = names[isa]

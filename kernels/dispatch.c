@@ -2,6 +2,12 @@
 #include "dl_internal.h"
 #include <stdlib.h>
 #include <string.h>
+#if DL_NEON && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1UL << 20)   /* <asm/hwcap.h>, Linux 4.15+ */
+#endif
+#endif
 
 dl_kernels dl_k;
 int dl_isa_active = -1;
@@ -20,6 +26,9 @@ int dl_isa_active = -1;
     (k)->scale = dl_scale_##sfx; \
     (k)->matmul_q80_q80_rows = dl_matmul_q80_q80_rows_##sfx; \
     (k)->matmul_f16_rows = dl_matmul_f16_rows_##sfx; \
+    (k)->softmax = dl_softmax_##sfx; \
+    (k)->dot_rows = dl_dot_rows_##sfx; \
+    (k)->axpy_rows = dl_axpy_rows_##sfx; \
 } while (0)
 
 void dl_fill_table(dl_kernels *k, int isa) {
@@ -31,6 +40,14 @@ void dl_fill_table(dl_kernels *k, int isa) {
 #endif
 #if DL_NEON
     case DL_ISA_NEON:   DL_FILL(k, neon);   k->needs_xprep = 0; break;
+    case DL_ISA_NEON_DOTPROD:
+        DL_FILL(k, neon);
+#if DL_HAVE_DOTPROD
+        k->matmul_q40_q80_rows = dl_matmul_q40_q80_rows_neon_dotprod;
+        k->matmul_q80_q80_rows = dl_matmul_q80_q80_rows_neon_dotprod;
+#endif
+        k->needs_xprep = 0;
+        break;
 #endif
     default:            DL_FILL(k, scalar); k->needs_xprep = 0; break;
     }
@@ -42,8 +59,13 @@ int dl_isa_supported(int isa) {
 #if DL_X86
     case DL_ISA_AVX2:
         __builtin_cpu_init();
+#if defined(__clang__) && __clang_major__ < 17
+        /* older clang cannot query f16c; every AVX2 CPU (Haswell, Zen and later) has it */
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                __builtin_cpu_supports("f16c");
+#endif
     case DL_ISA_AVX512:
         __builtin_cpu_init();
         return dl_isa_supported(DL_ISA_AVX2) && __builtin_cpu_supports("avx512f") &&
@@ -52,19 +74,30 @@ int dl_isa_supported(int isa) {
 #endif
 #if DL_NEON
     case DL_ISA_NEON: return 1;   /* Advanced SIMD is mandatory on AArch64 */
+    case DL_ISA_NEON_DOTPROD:
+#if !DL_HAVE_DOTPROD
+        return 0;   /* this compiler cannot build the sdot paths */
+#elif defined(__linux__)
+        return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#elif defined(__APPLE__)
+        return 1;   /* every Apple arm64 core (M1 = ARMv8.5) has it */
+#else
+        return 0;
+#endif
 #endif
     default: return 0;
     }
 }
 
 static int dl_best_isa(void) {
-    const char *env = getenv("DLLAMA_ISA");   /* optional override: scalar, avx2, avx512, neon */
+    const char *env = getenv("DLLAMA_ISA");   /* optional override: scalar, avx2, avx512, neon, neon-dotprod */
     if (env) {
-        for (int i = 0; i <= DL_ISA_NEON; i++)
+        for (int i = 0; i <= DL_ISA_NEON_DOTPROD; i++)
             if (strcmp(env, dl_isa_name(i)) == 0 && dl_isa_supported(i)) return i;
     }
     if (dl_isa_supported(DL_ISA_AVX512)) return DL_ISA_AVX512;
     if (dl_isa_supported(DL_ISA_AVX2)) return DL_ISA_AVX2;
+    if (dl_isa_supported(DL_ISA_NEON_DOTPROD)) return DL_ISA_NEON_DOTPROD;
     if (dl_isa_supported(DL_ISA_NEON)) return DL_ISA_NEON;
     return DL_ISA_SCALAR;
 }
@@ -95,6 +128,7 @@ const char *dl_isa_name(int isa) {
     case DL_ISA_AVX2:   return "avx2";
     case DL_ISA_AVX512: return "avx512";
     case DL_ISA_NEON:   return "neon";
+    case DL_ISA_NEON_DOTPROD: return "neon-dotprod";
     default:            return "unknown";
     }
 }

@@ -14,6 +14,19 @@
 #endif
 #if defined(__aarch64__)
 #define DL_NEON 1
+/* sdot (ARMv8.2 dotprod) on functions only: the rest of the build stays ARMv8.0. GCC's arm_neon.h
+ * declares the intrinsics for any function with the target attribute; clang before 17 only when
+ * the whole file is built for dotprod (then the paths are left out unless -march enables it). */
+#if defined(__ARM_FEATURE_DOTPROD) || !defined(__clang__) || __clang_major__ >= 17
+#define DL_HAVE_DOTPROD 1
+#else
+#define DL_HAVE_DOTPROD 0
+#endif
+#if defined(__clang__)
+#define DL_TARGET_DOTPROD __attribute__((target("dotprod")))
+#else
+#define DL_TARGET_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
+#endif
 #else
 #define DL_NEON 0
 #endif
@@ -55,6 +68,10 @@ typedef struct {
                                 const void *xprep, int r0, int r1, int rows, int cols, int batch);
     void (*matmul_f16_rows)(float *out, const uint16_t *w, const float *x,
                             int r0, int r1, int rows, int cols, int batch);   /* matmul_f16.c */
+    void (*softmax)(float *x, int n);                            /* the same bits on every path */
+    /* the attention's: dot / axpy over n rows at `stride` floats, bits of dot / axpy row by row (ops.c) */
+    void (*dot_rows)(float *out, const float *q, const float *rows, size_t stride, int n, int hd);
+    void (*axpy_rows)(float *y, const float *a, const float *rows, size_t stride, int n, int hd);
 } dl_kernels;
 
 extern dl_kernels dl_k;      /* the active table */
@@ -92,6 +109,7 @@ static inline size_t xprep_stride(int cols) {
     } } while (0)
 
 static inline uint16_t dl_ld16(const void *p) { uint16_t v; __builtin_memcpy(&v, p, 2); return v; }
+static inline int32_t dl_ld32(const void *p) { int32_t v; __builtin_memcpy(&v, p, 4); return v; }
 
 #if DL_X86
 #include <immintrin.h>
@@ -102,6 +120,86 @@ DL_INLINE DL_TARGET_AVX2 float dl_hsum256(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+#endif
+
+#if DL_NEON
+#include <arm_neon.h>
+#include <string.h>
+/* NEON pieces of the 16-row repacked layouts, q40r (repack.c) and q80r (matmul_q80.c). Both keep,
+ * per group of 16 rows, round_up(32 * nb, 64) bytes of scales (block k: the 16 rows' f16 at
+ * 32 * k) then BLOCK_BYTES per block of values in 64-byte runs of 16 rows x 4 bytes, so a 16-byte
+ * load at 64 * i + 16 * q holds quad q (rows 4q..4q+3) x 4 bytes. Prepared activations (both files
+ * prepare them the same way): per batch row the int8 values of all blocks, then per block
+ * {int32 correction, float d}, stride round_up(cols + 8 * nb, 64). */
+static inline float32x4_t dl_ld_f16x4(const uint8_t *p) {   /* 4 f16 scales -> f32 (exact) */
+    uint16_t h[4];
+    memcpy(h, p, 8);
+    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h)));
+}
+
+static inline void dl_store4_neon(float *o, float32x4_t v, int valid) {
+    if (valid >= 4) {
+        vst1q_f32(o, v);
+    } else {
+        float tmp[4];
+        vst1q_f32(tmp, v);
+        for (int r = 0; r < valid; r++) o[r] = tmp[r];
+    }
+}
+
+/* The group loop, written once for every integer dot: QUAD(p, q, xq, corr) gives quad q's 4 exact
+ * int32 dots with one block of x (values at xq, the block's correction corr). Per output the float
+ * operations are the scalar references' (cvt, dw * dx, multiply, add, blocks in order: no FMA), so
+ * results are bit-identical to them, matvec or batched, whatever the thread count.
+ * Matvec: one group per pass, all 4 quads per block (one sequential stream). Batched: quad q of
+ * one group x up to 8 batch rows per pass (the group's values re-read from cache per quad).
+ * Expects out, w, x, xp, g0, g1, rows, cols, batch in scope. */
+#define DL_R16_NEON_GROUPS(QUAD, BLOCK_BYTES) do { \
+    (void)x; \
+    const int nb = cols / DL_QK; \
+    const size_t sc = ((size_t)nb * 32 + 63) & ~(size_t)63, gs = sc + (size_t)nb * (BLOCK_BYTES); \
+    const size_t xs = ((size_t)cols + (size_t)nb * 8 + 63) & ~(size_t)63; \
+    for (int g = g0; g < g1; g++) { \
+        const uint8_t *wg = w + (size_t)g * gs; \
+        const int row0 = g * 16; \
+        if (batch == 1) { \
+            const int32_t *cd = (const int32_t *)(xp + cols); \
+            float32x4_t sum[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)}; \
+            for (int k = 0; k < nb; k++) { \
+                const uint8_t *p = wg + sc + (size_t)k * (BLOCK_BYTES); \
+                float dx; \
+                memcpy(&dx, cd + 2 * k + 1, 4); \
+                for (int q = 0; q < 4; q++) { \
+                    const int32x4_t d = QUAD(p, q, xp + (size_t)k * DL_QK, cd[2 * k]); \
+                    const float32x4_t s = vmulq_n_f32(dl_ld_f16x4(wg + (size_t)k * 32 + 8 * q), dx); \
+                    sum[q] = vaddq_f32(sum[q], vmulq_f32(vcvtq_f32_s32(d), s)); \
+                } \
+            } \
+            for (int q = 0; q < 4; q++) dl_store4_neon(out + row0 + 4 * q, sum[q], rows - row0 - 4 * q); \
+            continue; \
+        } \
+        for (int b0 = 0; b0 < batch; b0 += 8) { \
+            const int B = batch - b0 < 8 ? batch - b0 : 8; \
+            for (int q = 0; q < 4 && row0 + 4 * q < rows; q++) { \
+                float32x4_t sum[8]; \
+                for (int j = 0; j < B; j++) sum[j] = vdupq_n_f32(0.0f); \
+                for (int k = 0; k < nb; k++) { \
+                    const uint8_t *p = wg + sc + (size_t)k * (BLOCK_BYTES); \
+                    const float32x4_t dw = dl_ld_f16x4(wg + (size_t)k * 32 + 8 * q); \
+                    for (int j = 0; j < B; j++) { \
+                        const uint8_t *xb = xp + (size_t)(b0 + j) * xs; \
+                        const int32_t *cd = (const int32_t *)(xb + cols) + 2 * k; \
+                        float dx; \
+                        memcpy(&dx, cd + 1, 4); \
+                        const int32x4_t d = QUAD(p, q, xb + (size_t)k * DL_QK, cd[0]); \
+                        sum[j] = vaddq_f32(sum[j], vmulq_f32(vcvtq_f32_s32(d), vmulq_n_f32(dw, dx))); \
+                    } \
+                } \
+                for (int j = 0; j < B; j++) \
+                    dl_store4_neon(out + (size_t)(b0 + j) * rows + row0 + 4 * q, sum[j], rows - row0 - 4 * q); \
+            } \
+        } \
+    } } while (0)
 #endif
 
 #define DL_DECL_ALL(sfx) \
@@ -124,6 +222,9 @@ DL_INLINE DL_TARGET_AVX2 float dl_hsum256(__m256 v) {
                                       int r0, int r1, int rows, int cols, int batch); \
     void dl_matmul_f16_rows_##sfx(float *out, const uint16_t *w, const float *x, \
                                   int r0, int r1, int rows, int cols, int batch); \
+    void dl_softmax_##sfx(float *x, int n); \
+    void dl_dot_rows_##sfx(float *out, const float *q, const float *rows, size_t stride, int n, int hd); \
+    void dl_axpy_rows_##sfx(float *y, const float *a, const float *rows, size_t stride, int n, int hd); \
 
 DL_DECL_ALL(scalar)
 #if DL_X86
@@ -132,6 +233,11 @@ DL_DECL_ALL(avx512)
 #endif
 #if DL_NEON
 DL_DECL_ALL(neon)
+/* the dotprod ISA = the NEON table with these replaced */
+void dl_matmul_q40_q80_rows_neon_dotprod(float *out, const dl_block_q40 *w, const dl_block_q80 *x,
+                                         const void *xprep, int r0, int r1, int rows, int cols, int batch);
+void dl_matmul_q80_q80_rows_neon_dotprod(float *out, const dl_block_q80 *w, const dl_block_q80 *x,
+                                         const void *xprep, int r0, int r1, int rows, int cols, int batch);
 #endif
 
 #endif

@@ -7,7 +7,7 @@
  *     pointers into a memory-mapped .m file can be unaligned: kernels use unaligned loads.
  *   - batched calls: `batch` rows of input (x[b] stride = cols) and output (out[b] stride = rows).
  * Every public function dispatches at run time to the best path the CPU has (AVX-512, AVX2+FMA,
- * NEON, scalar); dl_set_isa() forces one so tests can compare each path with the scalar one.
+ * NEON with dotprod, NEON, scalar); dl_set_isa() forces one so tests can compare each path with the scalar one.
  */
 #ifndef DLLAMA_H
 #define DLLAMA_H
@@ -19,7 +19,9 @@
 typedef struct { uint16_t d; uint8_t qs[16]; } dl_block_q40;  /* 18 bytes */
 typedef struct { uint16_t d; int8_t  qs[32]; } dl_block_q80;  /* 34 bytes */
 
-enum { DL_ISA_SCALAR = 0, DL_ISA_AVX2 = 1, DL_ISA_AVX512 = 2, DL_ISA_NEON = 3 };
+/* DL_ISA_NEON_DOTPROD: NEON plus the ARMv8.2 sdot instructions (Cortex-A55/A76+, Apple, Graviton 2+),
+ * detected at run time (getauxval HWCAP_ASIMDDP on Linux); the same binary runs plain NEON elsewhere. */
+enum { DL_ISA_SCALAR = 0, DL_ISA_AVX2 = 1, DL_ISA_AVX512 = 2, DL_ISA_NEON = 3, DL_ISA_NEON_DOTPROD = 4 };
 enum { DL_ROPE_INTERLEAVED = 0, DL_ROPE_HALF = 1 };
 
 /* ---- CPU features and dispatch ---- */
@@ -57,8 +59,12 @@ size_t dl_q40r_bytes(int rows, int cols);
 void dl_repack_q40(void *dst, const dl_block_q40 *src, int rows, int cols);
 void dl_unpack_q40r(dl_block_q40 *dst, const void *src, int rows, int cols);
 void dl_matmul_q40r_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
-int  dl_q40r_prefetch(int bytes);     /* software prefetch distance (bytes, 0 = off); < 0: just query */
-int  dl_q40r_split(int n);           /* matvec: rows read as n side-by-side streams per thread (1..4, default 4); < 0 queries */
+/* matvec tuning (results never change): software prefetch distance in bytes (0 = off; -2 = back to
+ * the default: DLLAMA_Q40R_PF or the ISA's; -1 just queries) and rows read as n side-by-side
+ * streams per thread (1..4; 0 = back to the ISA's default; < 0 just queries). Both return the
+ * value in effect for the current ISA. */
+int  dl_q40r_prefetch(int bytes);
+int  dl_q40r_split(int n);
 /* memory read bandwidth probe: reads n bytes over the thread pool, returns a checksum */
 uint64_t dl_read_bytes(const void *p, size_t n);
 

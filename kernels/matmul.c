@@ -326,43 +326,63 @@ DL_TARGET_AVX512 void dl_matmul_f32_rows_avx512(float *out, const float *w, cons
 
 #if DL_NEON
 /* ------------------------------------------------------------------------------------------ */
-/* NEON: per (row, batch row) block loop; same float summation order as the scalar path. */
+/* NEON: per (row, batch row) block loop; the same float operations in the same order as the scalar
+ * path (multiply, then add: this file is built without contraction), so the results are
+ * bit-identical to it. The dotprod variant differs only in the integer dot (exact either way). */
 
 static inline int32_t neon_block_dot(const dl_block_q40 *wb, const dl_block_q80 *xb) {
     const uint8x16_t q = vld1q_u8(wb->qs);
     const int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0F))), vdupq_n_s8(8));
     const int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(q, 4)), vdupq_n_s8(8));
     const int8x16_t x0 = vld1q_s8(xb->qs), x1 = vld1q_s8(xb->qs + 16);
-#if defined(__ARM_FEATURE_DOTPROD)
-    int32x4_t acc = vdotq_s32(vdupq_n_s32(0), lo, x0);
-    acc = vdotq_s32(acc, hi, x1);
-    return vaddvq_s32(acc);
-#else
     int16x8_t p0 = vmull_s8(vget_low_s8(lo), vget_low_s8(x0));
-    p0 = vmlal_s8(p0, vget_high_s8(lo), vget_high_s8(x0));
+    p0 = vmlal_high_s8(p0, lo, x0);
     int16x8_t p1 = vmull_s8(vget_low_s8(hi), vget_low_s8(x1));
-    p1 = vmlal_s8(p1, vget_high_s8(hi), vget_high_s8(x1));
+    p1 = vmlal_high_s8(p1, hi, x1);
     return vaddvq_s32(vaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1)));
-#endif
 }
+
+#if DL_HAVE_DOTPROD
+DL_INLINE DL_TARGET_DOTPROD int32_t neon_block_dot_dotprod(const dl_block_q40 *wb, const dl_block_q80 *xb) {
+    const uint8x16_t q = vld1q_u8(wb->qs);
+    const int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0F))), vdupq_n_s8(8));
+    const int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(q, 4)), vdupq_n_s8(8));
+    int32x4_t acc = vdotq_s32(vdupq_n_s32(0), lo, vld1q_s8(xb->qs));
+    acc = vdotq_s32(acc, hi, vld1q_s8(xb->qs + 16));
+    return vaddvq_s32(acc);
+}
+
+#endif
+
+#define DL_NEON_Q40_ROWS(DOT) do { \
+    const int nb = cols / DL_QK; \
+    for (int r = r0; r < r1; r++) { \
+        const dl_block_q40 *wr = w + (size_t)r * nb; \
+        for (int b = 0; b < batch; b++) { \
+            const dl_block_q80 *xb = x + (size_t)b * nb; \
+            float sum = 0.0f; \
+            for (int k = 0; k < nb; k++) { \
+                const float s = dl_f16_to_f32_scalar(wr[k].d) * dl_f16_to_f32_scalar(xb[k].d); \
+                sum += (float)DOT(wr + k, xb + k) * s; \
+            } \
+            out[(size_t)b * rows + r] = sum; \
+        } \
+    } } while (0)
 
 void dl_matmul_q40_q80_rows_neon(float *out, const dl_block_q40 *w, const dl_block_q80 *x,
                                  const void *xprep, int r0, int r1, int rows, int cols, int batch) {
     (void)xprep;
-    const int nb = cols / DL_QK;
-    for (int r = r0; r < r1; r++) {
-        const dl_block_q40 *wr = w + (size_t)r * nb;
-        for (int b = 0; b < batch; b++) {
-            const dl_block_q80 *xb = x + (size_t)b * nb;
-            float sum = 0.0f;
-            for (int k = 0; k < nb; k++) {
-                const float s = dl_f16_to_f32_scalar(wr[k].d) * dl_f16_to_f32_scalar(xb[k].d);
-                sum += (float)neon_block_dot(wr + k, xb + k) * s;
-            }
-            out[(size_t)b * rows + r] = sum;
-        }
-    }
+    DL_NEON_Q40_ROWS(neon_block_dot);
 }
+
+#if DL_HAVE_DOTPROD
+DL_TARGET_DOTPROD void dl_matmul_q40_q80_rows_neon_dotprod(float *out, const dl_block_q40 *w,
+                                                           const dl_block_q80 *x, const void *xprep,
+                                                           int r0, int r1, int rows, int cols, int batch) {
+    (void)xprep;
+    DL_NEON_Q40_ROWS(neon_block_dot_dotprod);
+}
+#endif
 
 void dl_matmul_f32_rows_neon(float *out, const float *w, const float *x,
                              int r0, int r1, int rows, int cols, int batch) {

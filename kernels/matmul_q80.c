@@ -11,7 +11,7 @@
  *     the accumulator starts at -128 * (sum of each group of 4 x values) (16 x the -8 * sum
  *     corrections of dl_xprep): exact for every int8 value.
  *   AVX2: maddubs(|w|, sign(x, w)) (products of at most 128 * 127, pairs below 2^15), madd to int32.
- *   NEON: sdot where the CPU has it, else widening multiplies.
+ *   NEON: widening multiplies; sdot where the CPU has ARMv8.2 dotprod (run-time choice).
  *
  * q80r, the load-time repack (as q40r, kernels/repack.c): rows in groups of DL_Q80R_ROWS = 16 (the
  * last padded with zero rows: scale 0, never stored); per group SC = round_up(32 * nb, 64) bytes of
@@ -203,23 +203,19 @@ DL_TARGET_AVX512 void dl_matmul_q80_q80_rows_avx512(float *out, const dl_block_q
 
 #if DL_NEON
 /* ------------------------------------------------------------------------------------------ */
-/* NEON: per (row, batch row) block loop; same float summation order as the scalar path. */
+/* NEON: per (row, batch row) block loop, the scalar path's float operations in its order (this file
+ * is built without contraction): bit-identical to it. The dotprod variant (ARMv8.2 sdot, chosen at
+ * run time) differs only in how the exact integer dot is formed. */
 
 static inline int32_t q80_neon_block_dot(const dl_block_q80 *wb, const dl_block_q80 *xb) {
     const int8x16_t w0 = vld1q_s8(wb->qs), w1 = vld1q_s8(wb->qs + 16);
     const int8x16_t x0 = vld1q_s8(xb->qs), x1 = vld1q_s8(xb->qs + 16);
-#if defined(__ARM_FEATURE_DOTPROD)
-    int32x4_t acc = vdotq_s32(vdupq_n_s32(0), w0, x0);
-    acc = vdotq_s32(acc, w1, x1);
-    return vaddvq_s32(acc);
-#else
     /* pairs of products of at most 128 * 127: no int16 overflow (x is never -128) */
     int16x8_t p0 = vmull_s8(vget_low_s8(w0), vget_low_s8(x0));
-    p0 = vmlal_s8(p0, vget_high_s8(w0), vget_high_s8(x0));
+    p0 = vmlal_high_s8(p0, w0, x0);
     int16x8_t p1 = vmull_s8(vget_low_s8(w1), vget_low_s8(x1));
-    p1 = vmlal_s8(p1, vget_high_s8(w1), vget_high_s8(x1));
+    p1 = vmlal_high_s8(p1, w1, x1);
     return vaddvq_s32(vaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1)));
-#endif
 }
 
 void dl_matmul_q80_q80_rows_neon(float *out, const dl_block_q80 *w, const dl_block_q80 *x,
@@ -227,6 +223,21 @@ void dl_matmul_q80_q80_rows_neon(float *out, const dl_block_q80 *w, const dl_blo
     (void)xprep;
     q80_rows_loop(out, w, x, r0, r1, rows, cols, batch, q80_neon_block_dot);
 }
+
+#if DL_HAVE_DOTPROD
+DL_INLINE DL_TARGET_DOTPROD int32_t q80_dotprod_block_dot(const dl_block_q80 *wb, const dl_block_q80 *xb) {
+    int32x4_t acc = vdotq_s32(vdupq_n_s32(0), vld1q_s8(wb->qs), vld1q_s8(xb->qs));
+    acc = vdotq_s32(acc, vld1q_s8(wb->qs + 16), vld1q_s8(xb->qs + 16));
+    return vaddvq_s32(acc);
+}
+
+DL_TARGET_DOTPROD void dl_matmul_q80_q80_rows_neon_dotprod(float *out, const dl_block_q80 *w,
+                                                           const dl_block_q80 *x, const void *xprep,
+                                                           int r0, int r1, int rows, int cols, int batch) {
+    (void)xprep;
+    q80_rows_loop(out, w, x, r0, r1, rows, cols, batch, q80_dotprod_block_dot);
+}
+#endif
 #endif
 
 /* ------------------------------------------------------------------------------------------ */
@@ -343,8 +354,6 @@ static void q80r_groups_scalar(float *out, const uint8_t *w, const dl_block_q80 
 }
 
 #if DL_X86
-static inline int32_t r80_ld32(const void *p) { int32_t v; memcpy(&v, p, 4); return v; }
-
 /* AVX-512 VNNI: one group (16 rows) x B batch rows, all blocks */
 DL_INLINE DL_TARGET_AVX512 void q80r_group_avx512(float *out, const uint8_t *wg, const uint8_t *xp,
                                                   int nb, int cols, int rows, int row0, int b0,
@@ -360,14 +369,14 @@ DL_INLINE DL_TARGET_AVX512 void q80r_group_avx512(float *out, const uint8_t *wg,
         for (int j = 0; j < B; j++) {
             const uint8_t *xq = xp + (size_t)(b0 + j) * xs + (size_t)k * DL_QK;
             const int32_t *cd = (const int32_t *)(xp + (size_t)(b0 + j) * xs + cols) + 2 * k;
-            __m512i s0 = _mm512_dpbusd_epi32(_mm512_set1_epi32(cd[0]), v[0], _mm512_set1_epi32(r80_ld32(xq + 0)));
-            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[1], _mm512_set1_epi32(r80_ld32(xq + 4)));
-            s0 = _mm512_dpbusd_epi32(s0, v[2], _mm512_set1_epi32(r80_ld32(xq + 8)));
-            s1 = _mm512_dpbusd_epi32(s1, v[3], _mm512_set1_epi32(r80_ld32(xq + 12)));
-            s0 = _mm512_dpbusd_epi32(s0, v[4], _mm512_set1_epi32(r80_ld32(xq + 16)));
-            s1 = _mm512_dpbusd_epi32(s1, v[5], _mm512_set1_epi32(r80_ld32(xq + 20)));
-            s0 = _mm512_dpbusd_epi32(s0, v[6], _mm512_set1_epi32(r80_ld32(xq + 24)));
-            s1 = _mm512_dpbusd_epi32(s1, v[7], _mm512_set1_epi32(r80_ld32(xq + 28)));
+            __m512i s0 = _mm512_dpbusd_epi32(_mm512_set1_epi32(cd[0]), v[0], _mm512_set1_epi32(dl_ld32(xq + 0)));
+            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[1], _mm512_set1_epi32(dl_ld32(xq + 4)));
+            s0 = _mm512_dpbusd_epi32(s0, v[2], _mm512_set1_epi32(dl_ld32(xq + 8)));
+            s1 = _mm512_dpbusd_epi32(s1, v[3], _mm512_set1_epi32(dl_ld32(xq + 12)));
+            s0 = _mm512_dpbusd_epi32(s0, v[4], _mm512_set1_epi32(dl_ld32(xq + 16)));
+            s1 = _mm512_dpbusd_epi32(s1, v[5], _mm512_set1_epi32(dl_ld32(xq + 20)));
+            s0 = _mm512_dpbusd_epi32(s0, v[6], _mm512_set1_epi32(dl_ld32(xq + 24)));
+            s1 = _mm512_dpbusd_epi32(s1, v[7], _mm512_set1_epi32(dl_ld32(xq + 28)));
             const __m512 s = _mm512_mul_ps(dw, _mm512_set1_ps(((const float *)cd)[1]));
             acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), s, acc[j]);
         }
@@ -426,7 +435,7 @@ DL_INLINE DL_TARGET_AVX2 void q80r_group_avx2(float *out, const uint8_t *wg, con
                 const int32_t *cd = (const int32_t *)(xp + (size_t)(b0 + j) * xs + cols) + 2 * k;
                 __m256i s32 = _mm256_setzero_si256();
                 for (int i = 0; i < 8; i++) {
-                    const __m256i xv = _mm256_set1_epi32(r80_ld32(xq + 4 * i));
+                    const __m256i xv = _mm256_set1_epi32(dl_ld32(xq + 4 * i));
                     s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(
                         _mm256_maddubs_epi16(wa[i], _mm256_sign_epi8(xv, wv[i])), ones));
                 }
@@ -466,6 +475,54 @@ static DL_TARGET_AVX2 void q80r_groups_avx2(float *out, const uint8_t *w, const 
 }
 #endif /* DL_X86 */
 
+#if DL_NEON
+/* NEON: quads of 4 rows as in q40r (DL_R16_NEON_GROUPS, dl_internal.h): a 16-byte load at
+ * 64 * i + 16 * q is 4 rows x values 4i..4i+3, stored w ^ 0x80 and flipped back to int8 (sdot and
+ * smull are signed x signed; no correction). Plain NEON: smull + smlal of two value groups (each
+ * product |w x| <= 128 * 127, two below 2^15), then pairwise accumulated into int32 (sadalp).
+ * Dotprod: sdot by element, the block's 32 activations in two registers. */
+DL_INLINE int32x4_t q80r_quad_neon(const uint8_t *p, int q, const uint8_t *xq, int32_t corr) {
+    (void)corr;
+    const int8x16_t flip = vdupq_n_s8(-128);
+    int32x4_t a01 = vdupq_n_s32(0), a23 = vdupq_n_s32(0);
+    for (int i = 0; i < 8; i += 2) {
+        const int8x16_t v0 = veorq_s8(vld1q_s8((const int8_t *)p + 64 * i + 16 * q), flip);
+        const int8x16_t v1 = veorq_s8(vld1q_s8((const int8_t *)p + 64 * (i + 1) + 16 * q), flip);
+        const int8x16_t x0 = vreinterpretq_s8_s32(vdupq_n_s32(dl_ld32(xq + 4 * i)));
+        const int8x16_t x1 = vreinterpretq_s8_s32(vdupq_n_s32(dl_ld32(xq + 4 * i + 4)));
+        a01 = vpadalq_s16(a01, vmlal_s8(vmull_s8(vget_low_s8(v0), vget_low_s8(x0)), vget_low_s8(v1), vget_low_s8(x1)));
+        a23 = vpadalq_s16(a23, vmlal_high_s8(vmull_high_s8(v0, x0), v1, x1));
+    }
+    return vpaddq_s32(a01, a23);   /* [row 4q .. 4q+3] */
+}
+
+static void q80r_groups_neon(float *out, const uint8_t *w, const dl_block_q80 *x, const uint8_t *xp,
+                             int g0, int g1, int rows, int cols, int batch) {
+    DL_R16_NEON_GROUPS(q80r_quad_neon, 512);
+}
+
+#if DL_HAVE_DOTPROD
+#define Q80R_SDOT(acc, i, xv, lane) \
+    acc = vdotq_laneq_s32(acc, veorq_s8(vld1q_s8((const int8_t *)p + 64 * (i) + 16 * q), flip), xv, lane)
+
+DL_INLINE DL_TARGET_DOTPROD int32x4_t q80r_quad_dotprod(const uint8_t *p, int q, const uint8_t *xq, int32_t corr) {
+    (void)corr;
+    const int8x16_t flip = vdupq_n_s8(-128);
+    const int8x16_t xlo = vld1q_s8((const int8_t *)xq), xhi = vld1q_s8((const int8_t *)xq + 16);
+    int32x4_t a = vdupq_n_s32(0), b = vdupq_n_s32(0);   /* two chains: sdot latency */
+    Q80R_SDOT(a, 0, xlo, 0); Q80R_SDOT(b, 1, xlo, 1); Q80R_SDOT(a, 2, xlo, 2); Q80R_SDOT(b, 3, xlo, 3);
+    Q80R_SDOT(a, 4, xhi, 0); Q80R_SDOT(b, 5, xhi, 1); Q80R_SDOT(a, 6, xhi, 2); Q80R_SDOT(b, 7, xhi, 3);
+    return vaddq_s32(a, b);
+}
+
+static DL_TARGET_DOTPROD void q80r_groups_dotprod(float *out, const uint8_t *w, const dl_block_q80 *x,
+                                                  const uint8_t *xp, int g0, int g1, int rows, int cols,
+                                                  int batch) {
+    DL_R16_NEON_GROUPS(q80r_quad_dotprod, 512);
+}
+#endif
+#endif /* DL_NEON */
+
 typedef void (*q80r_fn)(float *, const uint8_t *, const dl_block_q80 *, const uint8_t *, int, int, int, int, int);
 
 typedef struct {
@@ -486,18 +543,25 @@ void dl_matmul_q80r_q80(float *out, const void *w, const dl_block_q80 *x, int ro
     if (rows <= 0 || batch <= 0) return;
     q80r_ctx c = {out, (const uint8_t *)w, x, NULL, rows, cols, batch, q80r_groups_scalar};
     const int isa = dl_get_isa();
+    q80r_fn fn = NULL;
 #if DL_X86
-    if (isa == DL_ISA_AVX512 || isa == DL_ISA_AVX2) {
+    if (isa == DL_ISA_AVX512) fn = q80r_groups_avx512;
+    if (isa == DL_ISA_AVX2) fn = q80r_groups_avx2;
+#endif
+#if DL_NEON
+    if (isa == DL_ISA_NEON) fn = q80r_groups_neon;
+#if DL_HAVE_DOTPROD
+    if (isa == DL_ISA_NEON_DOTPROD) fn = q80r_groups_dotprod;
+#endif
+#endif
+    if (fn) {   /* SIMD paths read prepared activations (out of memory: the scalar reference) */
         uint8_t *xp = (uint8_t *)dl_scratch(r80_xstride(cols) * (size_t)batch);
         if (xp) {
             r80_xprep(xp, x, cols, batch);
             c.xp = xp;
-            c.fn = isa == DL_ISA_AVX512 ? q80r_groups_avx512 : q80r_groups_avx2;
+            c.fn = fn;
         }
     }
-#else
-    (void)isa;   /* NEON and others: the scalar reference on the repacked layout */
-#endif
     dl_parallel_for((rows + G80 - 1) / G80, 1, q80r_range, &c);
 }
 

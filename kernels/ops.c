@@ -399,8 +399,11 @@ void dl_add_q80(float *out, const dl_block_q80 *parts, int nparts, int64_t n) { 
 
 /* Softmax as Distributed Llama's AVX2 softmax_F32 computes it: the polynomial exp on the first
  * n - n % 8 values, summed in 8 lanes and reduced like its horizontalSum, libm expf on the tail,
- * then one multiplication by 1/sum. */
-void dl_softmax(float *x, int n) {
+ * then one multiplication by 1/sum. The SIMD paths compute the same bits: the exp polynomial is
+ * the same on every path, lane j of the 8 sums x[j], x[j + 8], ... in order either way, the
+ * reduction and the tail are the scalar ones (the scalar exp costs libm calls for its
+ * round-to-nearest and fmas: a third of the attention's time at short contexts). */
+void dl_softmax_scalar(float *x, int n) {
     if (n <= 0) return;
     float m = x[0];
     for (int i = 1; i < n; i++) if (x[i] > m) m = x[i];
@@ -420,6 +423,169 @@ void dl_softmax(float *x, int n) {
     const float inv = 1.0f / sum;
     for (int i = 0; i < n; i++) x[i] *= inv;
 }
+
+/* the scalar tail of the SIMD paths: expf on x[vec_end..n) added to sum in order, those values
+ * scaled by 1/sum; returns 1/sum (the callers scale the vector part) */
+static inline float softmax_tail(float *x, int vec_end, int n, float m, float sum) {
+    for (int i = vec_end; i < n; i++) {
+        x[i] = expf(x[i] - m);
+        sum += x[i];
+    }
+    if (sum == 0.0f) sum = 0.000001f;
+    const float inv = 1.0f / sum;
+    for (int i = vec_end; i < n; i++) x[i] *= inv;
+    return inv;
+}
+
+static inline float max_tail(const float *x, int from, int n, float m) {
+    for (int i = from; i < n; i++) if (x[i] > m) m = x[i];
+    return m;
+}
+
+#if DL_X86
+DL_INLINE DL_TARGET_AVX2 void softmax_avx2_body(float *x, int n) {
+    if (n <= 0) return;
+    const int vec_end = n - n % 8;
+    float m = x[0];
+    if (vec_end) {   /* the maximum does not depend on the order it is searched in */
+        __m256 vm = _mm256_loadu_ps(x);
+        for (int i = 8; i < vec_end; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
+        float t[8];
+        _mm256_storeu_ps(t, vm);
+        m = max_tail(t, 0, 8, m);
+    }
+    m = max_tail(x, vec_end, n, m);
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < vec_end; i += 8) {
+        const __m256 e = exp_dllama256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
+        _mm256_storeu_ps(x + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));   /* h0..h3 */
+    const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));                                     /* h0+h2, h1+h3 */
+    const float sum = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+    const __m256 inv = _mm256_set1_ps(softmax_tail(x, vec_end, n, m, sum));
+    for (int i = 0; i < vec_end; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
+}
+
+DL_TARGET_AVX2 void dl_softmax_avx2(float *x, int n) { softmax_avx2_body(x, n); }
+/* 8 lanes on AVX-512 too: 16 would change the sums' order */
+DL_TARGET_AVX512 void dl_softmax_avx512(float *x, int n) { softmax_avx2_body(x, n); }
+#endif
+
+#if DL_NEON
+void dl_softmax_neon(float *x, int n) {   /* lanes 0-3 in lo, 4-7 in hi */
+    if (n <= 0) return;
+    const int vec_end = n - n % 8;
+    float m = x[0];
+    if (vec_end) {
+        float32x4_t vm = vmaxq_f32(vld1q_f32(x), vld1q_f32(x + 4));
+        for (int i = 8; i < vec_end; i += 8) vm = vmaxq_f32(vm, vmaxq_f32(vld1q_f32(x + i), vld1q_f32(x + i + 4)));
+        m = vmaxvq_f32(vm);   /* x[0] is among them */
+    }
+    m = max_tail(x, vec_end, n, m);
+    const float32x4_t vm = vdupq_n_f32(m);
+    float32x4_t lo = vdupq_n_f32(0.0f), hi = vdupq_n_f32(0.0f);
+    for (int i = 0; i < vec_end; i += 8) {
+        const float32x4_t e0 = exp_neon(vsubq_f32(vld1q_f32(x + i), vm));
+        const float32x4_t e1 = exp_neon(vsubq_f32(vld1q_f32(x + i + 4), vm));
+        vst1q_f32(x + i, e0);
+        vst1q_f32(x + i + 4, e1);
+        lo = vaddq_f32(lo, e0);
+        hi = vaddq_f32(hi, e1);
+    }
+    const float32x4_t h = vaddq_f32(lo, hi);   /* h0..h3 */
+    const float sum = (vgetq_lane_f32(h, 0) + vgetq_lane_f32(h, 2)) + (vgetq_lane_f32(h, 1) + vgetq_lane_f32(h, 3));
+    const float inv = softmax_tail(x, vec_end, n, m, sum);
+    for (int i = 0; i < vec_end; i += 4) vst1q_f32(x + i, vmulq_n_f32(vld1q_f32(x + i), inv));
+}
+#endif
+
+void dl_softmax(float *x, int n) { dl_k.softmax(x, n); }
+
+/* ------------------------------------------------------------------------------------------ */
+/* the attention's row kernels: out[i] = dot(q, rows[i * stride], hd) and y += a[i] * rows[i * stride]
+ * for i in order, with each path's own dot / axpy arithmetic (so the bits of calling dot / axpy row
+ * by row), but the axpy's y stays in registers over the rows: row by row, every row's axpy waited
+ * for the previous one's stores of y (most of the attention's time at short contexts). */
+void dl_dot_rows_scalar(float *out, const float *q, const float *rows, size_t stride, int n, int hd) {
+    for (int i = 0; i < n; i++) out[i] = dl_dot_scalar(q, rows + (size_t)i * stride, hd);
+}
+
+void dl_axpy_rows_scalar(float *y, const float *a, const float *rows, size_t stride, int n, int hd) {
+    for (int i = 0; i < n; i++) dl_axpy_scalar(y, a[i], rows + (size_t)i * stride, hd);
+}
+
+/* the fused paths: y[j] = fma(a[i], row_i[j], y[j]) for every element, whatever the vector width */
+#if DL_X86
+DL_INLINE DL_TARGET_AVX2 void axpy_rows_avx2_body(float *y, const float *a, const float *rows, size_t stride,
+                                                  int n, int hd) {
+    int c = 0;
+    for (; c + 32 <= hd; c += 32) {
+        __m256 y0 = _mm256_loadu_ps(y + c), y1 = _mm256_loadu_ps(y + c + 8);
+        __m256 y2 = _mm256_loadu_ps(y + c + 16), y3 = _mm256_loadu_ps(y + c + 24);
+        for (int i = 0; i < n; i++) {
+            const float *r = rows + (size_t)i * stride + c;
+            const __m256 va = _mm256_set1_ps(a[i]);
+            y0 = _mm256_fmadd_ps(va, _mm256_loadu_ps(r), y0);
+            y1 = _mm256_fmadd_ps(va, _mm256_loadu_ps(r + 8), y1);
+            y2 = _mm256_fmadd_ps(va, _mm256_loadu_ps(r + 16), y2);
+            y3 = _mm256_fmadd_ps(va, _mm256_loadu_ps(r + 24), y3);
+        }
+        _mm256_storeu_ps(y + c, y0); _mm256_storeu_ps(y + c + 8, y1);
+        _mm256_storeu_ps(y + c + 16, y2); _mm256_storeu_ps(y + c + 24, y3);
+    }
+    for (; c + 8 <= hd; c += 8) {
+        __m256 y0 = _mm256_loadu_ps(y + c);
+        for (int i = 0; i < n; i++) y0 = _mm256_fmadd_ps(_mm256_set1_ps(a[i]), _mm256_loadu_ps(rows + (size_t)i * stride + c), y0);
+        _mm256_storeu_ps(y + c, y0);
+    }
+    for (; c < hd; c++)
+        for (int i = 0; i < n; i++) y[c] = fmaf(a[i], rows[(size_t)i * stride + c], y[c]);
+}
+
+DL_TARGET_AVX2 void dl_dot_rows_avx2(float *out, const float *q, const float *rows, size_t stride, int n, int hd) {
+    for (int i = 0; i < n; i++) out[i] = dl_dot_avx2(q, rows + (size_t)i * stride, hd);
+}
+DL_TARGET_AVX2 void dl_axpy_rows_avx2(float *y, const float *a, const float *rows, size_t stride, int n, int hd) {
+    axpy_rows_avx2_body(y, a, rows, stride, n, hd);
+}
+DL_TARGET_AVX512 void dl_dot_rows_avx512(float *out, const float *q, const float *rows, size_t stride, int n, int hd) {
+    for (int i = 0; i < n; i++) out[i] = dl_dot_avx512(q, rows + (size_t)i * stride, hd);
+}
+DL_TARGET_AVX512 void dl_axpy_rows_avx512(float *y, const float *a, const float *rows, size_t stride, int n, int hd) {
+    axpy_rows_avx2_body(y, a, rows, stride, n, hd);
+}
+#endif
+
+#if DL_NEON
+void dl_dot_rows_neon(float *out, const float *q, const float *rows, size_t stride, int n, int hd) {
+    for (int i = 0; i < n; i++) out[i] = dl_dot_neon(q, rows + (size_t)i * stride, hd);
+}
+
+void dl_axpy_rows_neon(float *y, const float *a, const float *rows, size_t stride, int n, int hd) {
+    int c = 0;
+    for (; c + 16 <= hd; c += 16) {
+        float32x4_t y0 = vld1q_f32(y + c), y1 = vld1q_f32(y + c + 4), y2 = vld1q_f32(y + c + 8), y3 = vld1q_f32(y + c + 12);
+        for (int i = 0; i < n; i++) {
+            const float *r = rows + (size_t)i * stride + c;
+            y0 = vfmaq_n_f32(y0, vld1q_f32(r), a[i]);
+            y1 = vfmaq_n_f32(y1, vld1q_f32(r + 4), a[i]);
+            y2 = vfmaq_n_f32(y2, vld1q_f32(r + 8), a[i]);
+            y3 = vfmaq_n_f32(y3, vld1q_f32(r + 12), a[i]);
+        }
+        vst1q_f32(y + c, y0); vst1q_f32(y + c + 4, y1); vst1q_f32(y + c + 8, y2); vst1q_f32(y + c + 12, y3);
+    }
+    for (; c + 4 <= hd; c += 4) {
+        float32x4_t y0 = vld1q_f32(y + c);
+        for (int i = 0; i < n; i++) y0 = vfmaq_n_f32(y0, vld1q_f32(rows + (size_t)i * stride + c), a[i]);
+        vst1q_f32(y + c, y0);
+    }
+    for (; c < hd; c++)
+        for (int i = 0; i < n; i++) y[c] = fmaf(a[i], rows[(size_t)i * stride + c], y[c]);
+}
+#endif
 
 /* RoPE; row b is at position pos[b]. cos/sin are computed per row from pos * freq, so a row's
  * result does not depend on the other rows of the call. */
@@ -473,8 +639,8 @@ typedef struct {
     const dl_kv_pages *kv;
     int n_q_heads, n_kv_heads, head_dim, window;
     float scale_div;
-    float (*dot)(const float *, const float *, int);
-    void (*axpy)(float *, float, const float *, int);
+    void (*dot_rows)(float *, const float *, const float *, size_t, int, int);
+    void (*axpy_rows)(float *, const float *, const float *, size_t, int, int);
 } attn_ctx;
 
 /* the first K/V row (cache row index) of the page holding position t of a sequence */
@@ -510,16 +676,18 @@ static void attn_range(void *vctx, int64_t s, int64_t e) {
         for (int t = t0; t <= pos;) {     /* page by page: one table lookup per page */
             const size_t r0 = page_row(kv, table, t);
             const int end = (t / ps + 1) * ps - 1 < pos ? (t / ps + 1) * ps - 1 : pos;
-            for (; t <= end; t++)
-                att[t - t0] = c->dot(qh, kb + (r0 + (size_t)(t % ps)) * kv_stride, hd) / c->scale_div;
+            c->dot_rows(att + (t - t0), qh, kb + (r0 + (size_t)(t % ps)) * kv_stride, kv_stride, end - t + 1, hd);
+            t = end + 1;
         }
+        for (int i = 0; i < n; i++) att[i] /= c->scale_div;
         dl_softmax(att, n);
         float *o = c->out + ((size_t)b * c->n_q_heads + h) * hd;
         memset(o, 0, sizeof(float) * (size_t)hd);
         for (int t = t0; t <= pos;) {
             const size_t r0 = page_row(kv, table, t);
             const int end = (t / ps + 1) * ps - 1 < pos ? (t / ps + 1) * ps - 1 : pos;
-            for (; t <= end; t++) c->axpy(o, att[t - t0], vb + (r0 + (size_t)(t % ps)) * kv_stride, hd);
+            c->axpy_rows(o, att + (t - t0), vb + (r0 + (size_t)(t % ps)) * kv_stride, kv_stride, end - t + 1, hd);
+            t = end + 1;
         }
     }
     if (att != sbuf) free(att);
@@ -530,7 +698,7 @@ void dl_attention(float *out, const float *q, const float *k_cache, const float 
                   const int32_t *pos, const int32_t *slot, int batch, const dl_kv_pages *kv,
                   int window, float scale_div) {
     attn_ctx c = {out, q, k_cache, v_cache, kv_of_q, pos, slot, kv, n_q_heads, n_kv_heads, head_dim,
-                  window, scale_div, dl_k.dot, dl_k.axpy};
+                  window, scale_div, dl_k.dot_rows, dl_k.axpy_rows};
     dl_parallel_for((int64_t)batch * n_q_heads, 1, attn_range, &c);
 }
 

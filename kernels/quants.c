@@ -64,6 +64,8 @@ void dl_quantize_q80_scalar(dl_block_q80 *y, const float *x, int64_t n) {
 }
 
 #if DL_X86
+#define DL_ROUND_NEAREST (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)   /* a constant: clang wants one */
+
 DL_TARGET_AVX2 void dl_quantize_q80_avx2(dl_block_q80 *y, const float *x, int64_t n) {
     const int64_t nb = n / DL_QK;
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -82,11 +84,10 @@ DL_TARGET_AVX2 void dl_quantize_q80_avx2(dl_block_q80 *y, const float *x, int64_
         const float inv = d != 0.0f ? 1.0f / d : 0.0f;
         y[i].d = dl_f32_to_f16_scalar(d);
         const __m256 vi = _mm256_set1_ps(inv);
-        const int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-        __m256i i0 = _mm256_cvttps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, vi), r));
-        __m256i i1 = _mm256_cvttps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, vi), r));
-        __m256i i2 = _mm256_cvttps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, vi), r));
-        __m256i i3 = _mm256_cvttps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, vi), r));
+        __m256i i0 = _mm256_cvttps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, vi), DL_ROUND_NEAREST));
+        __m256i i1 = _mm256_cvttps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, vi), DL_ROUND_NEAREST));
+        __m256i i2 = _mm256_cvttps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, vi), DL_ROUND_NEAREST));
+        __m256i i3 = _mm256_cvttps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, vi), DL_ROUND_NEAREST));
         i0 = _mm256_packs_epi32(i0, i1);
         i2 = _mm256_packs_epi32(i2, i3);
         i0 = _mm256_packs_epi16(i0, i2);
@@ -105,9 +106,8 @@ DL_TARGET_AVX512 void dl_quantize_q80_avx512(dl_block_q80 *y, const float *x, in
         const float inv = d != 0.0f ? 1.0f / d : 0.0f;
         y[i].d = dl_f32_to_f16_scalar(d);
         const __m512 vi = _mm512_set1_ps(inv);
-        const int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-        __m512i i0 = _mm512_cvttps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v0, vi), r));
-        __m512i i1 = _mm512_cvttps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v1, vi), r));
+        __m512i i0 = _mm512_cvttps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v0, vi), DL_ROUND_NEAREST));
+        __m512i i1 = _mm512_cvttps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v1, vi), DL_ROUND_NEAREST));
         _mm_storeu_si128((__m128i *)y[i].qs, _mm512_cvtsepi32_epi8(i0));
         _mm_storeu_si128((__m128i *)(y[i].qs + 16), _mm512_cvtsepi32_epi8(i1));
     }

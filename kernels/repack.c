@@ -30,6 +30,9 @@
 #if DL_X86
 #include <immintrin.h>
 #endif
+#if DL_NEON
+#include <arm_neon.h>
+#endif
 
 #define G DL_Q40R_ROWS
 
@@ -84,10 +87,41 @@ void dl_unpack_q40r(dl_block_q40 *dst, const void *src, int rows, int cols) {
     }
 }
 
-static int q40r_pf = -1;
-int dl_q40r_prefetch(int bytes) { if (bytes >= 0) q40r_pf = bytes; return q40r_pf; }
-static int q40r_split = 4;   /* matvec streams per thread (1..4); 4 measured best on Zen 4 */
-int dl_q40r_split(int n) { if (n >= 0) q40r_split = n; return q40r_split; }
+/* Matvec tuning. Settings: q40r_pf_set (-1: DLLAMA_Q40R_PF or the ISA's default), q40r_split_set
+ * (0: the ISA's default); the kernels read the values in effect, fixed per call before the pool
+ * starts (q40r_tune). Defaults per ISA, measured: AVX-512 4 streams, no software prefetch (Zen 4);
+ * AVX2 2 streams (4 spill its 16 ymm registers: 20 % less compute) and prefetch Q40R_PF_AVX2 bytes
+ * ahead. */
+#define Q40R_PF_AVX2 1024
+static int q40r_pf_set = -1, q40r_split_set = 0;
+static int q40r_pf, q40r_split = 4;
+
+static int q40r_pf_default(int isa) {
+    static int env = -2;   /* -2: not read yet, -1: unset */
+    if (env == -2) {
+        const char *e = getenv("DLLAMA_Q40R_PF");
+        env = e && atoi(e) >= 0 ? atoi(e) : -1;
+    }
+    if (env >= 0) return env;
+    return isa == DL_ISA_AVX2 ? Q40R_PF_AVX2 : 0;
+}
+
+static void q40r_tune(int isa) {
+    q40r_pf = q40r_pf_set >= 0 ? q40r_pf_set : q40r_pf_default(isa);
+    q40r_split = q40r_split_set > 0 ? q40r_split_set : isa == DL_ISA_AVX2 ? 2 : 4;
+}
+
+int dl_q40r_prefetch(int bytes) {
+    if (bytes >= 0 || bytes == -2) q40r_pf_set = bytes >= 0 ? bytes : -1;
+    q40r_tune(dl_get_isa());
+    return q40r_pf;
+}
+
+int dl_q40r_split(int n) {
+    if (n >= 0) q40r_split_set = n > 4 ? 4 : n;
+    q40r_tune(dl_get_isa());
+    return q40r_split;
+}
 
 /* ------------------------------------------------------------------------------------------ */
 /* prepared activations: per batch row, the int8 values of all blocks back to back, then per block
@@ -151,16 +185,19 @@ static void q40r_groups_scalar(float *out, const uint8_t *w, const dl_block_q80 
 }
 
 #if DL_X86
-   /* bytes ahead to software-prefetch (0 = off); DLLAMA_Q40R_PF overrides */
-static int q40r_prefetch(void) {
-    if (q40r_pf < 0) {
-        const char *e = getenv("DLLAMA_Q40R_PF");
-        q40r_pf = e ? atoi(e) : 0;
-    }
-    return q40r_pf;
-}
+/* matvec streams: a thread's groups [g0, g0 + NS * per) read as NS runs of `per` groups side by
+ * side; step i of stream s is group g0 + s * per + i */
+typedef struct { float *outs[4]; int valid[4]; const uint8_t *wgs[4]; } q40r_streams;
 
-static inline int32_t ld32(const void *p) { int32_t v; memcpy(&v, p, 4); return v; }
+static inline void q40r_streams_at(q40r_streams *st, float *out, const uint8_t *w, size_t gs, int rows,
+                                   int g_first, int per, int NS) {
+    for (int s = 0; s < NS; s++) {
+        const int g = g_first + s * per;
+        st->outs[s] = out + (size_t)g * G;
+        st->valid[s] = rows - g * G < G ? rows - g * G : G;
+        st->wgs[s] = w + (size_t)g * gs;
+    }
+}
 
 /* ------------------------------------------------------------------------------------------ */
 /* AVX-512 VNNI: one group (16 rows) x B batch rows, all blocks */
@@ -194,14 +231,14 @@ DL_INLINE DL_TARGET_AVX512 void q40r_group_avx512(float *out, const uint8_t *wg,
         for (int j = 0; j < B; j++) {
             const uint8_t *xq = xp + (size_t)(b0 + j) * xs + (size_t)k * DL_QK;
             const int32_t *cd = (const int32_t *)(xp + (size_t)(b0 + j) * xs + cols) + 2 * k;
-            __m512i s0 = _mm512_dpbusd_epi32(_mm512_set1_epi32(cd[0]), l0, _mm512_set1_epi32(ld32(xq + 0)));
-            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), h0, _mm512_set1_epi32(ld32(xq + 16)));
-            s0 = _mm512_dpbusd_epi32(s0, l1, _mm512_set1_epi32(ld32(xq + 4)));
-            s1 = _mm512_dpbusd_epi32(s1, h1, _mm512_set1_epi32(ld32(xq + 20)));
-            s0 = _mm512_dpbusd_epi32(s0, l2, _mm512_set1_epi32(ld32(xq + 8)));
-            s1 = _mm512_dpbusd_epi32(s1, h2, _mm512_set1_epi32(ld32(xq + 24)));
-            s0 = _mm512_dpbusd_epi32(s0, l3, _mm512_set1_epi32(ld32(xq + 12)));
-            s1 = _mm512_dpbusd_epi32(s1, h3, _mm512_set1_epi32(ld32(xq + 28)));
+            __m512i s0 = _mm512_dpbusd_epi32(_mm512_set1_epi32(cd[0]), l0, _mm512_set1_epi32(dl_ld32(xq + 0)));
+            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), h0, _mm512_set1_epi32(dl_ld32(xq + 16)));
+            s0 = _mm512_dpbusd_epi32(s0, l1, _mm512_set1_epi32(dl_ld32(xq + 4)));
+            s1 = _mm512_dpbusd_epi32(s1, h1, _mm512_set1_epi32(dl_ld32(xq + 20)));
+            s0 = _mm512_dpbusd_epi32(s0, l2, _mm512_set1_epi32(dl_ld32(xq + 8)));
+            s1 = _mm512_dpbusd_epi32(s1, h2, _mm512_set1_epi32(dl_ld32(xq + 24)));
+            s0 = _mm512_dpbusd_epi32(s0, l3, _mm512_set1_epi32(dl_ld32(xq + 12)));
+            s1 = _mm512_dpbusd_epi32(s1, h3, _mm512_set1_epi32(dl_ld32(xq + 28)));
             const __m512 s = _mm512_mul_ps(dw, _mm512_set1_ps(((const float *)cd)[1]));
             acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), s, acc[j]);
         }
@@ -218,14 +255,14 @@ DL_INLINE DL_TARGET_AVX512 __m512 q40r_block_b1_avx512(__m512 acc, const uint8_t
     const __m512i v1 = _mm512_loadu_si512((const void *)(p + 64));
     const __m512i v2 = _mm512_loadu_si512((const void *)(p + 128));
     const __m512i v3 = _mm512_loadu_si512((const void *)(p + 192));
-    __m512i s0 = _mm512_dpbusd_epi32(_mm512_set1_epi32(cd[0]), _mm512_and_si512(v0, m4), _mm512_set1_epi32(ld32(xq + 0)));
-    __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4), _mm512_set1_epi32(ld32(xq + 16)));
-    s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v1, m4), _mm512_set1_epi32(ld32(xq + 4)));
-    s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4), _mm512_set1_epi32(ld32(xq + 20)));
-    s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v2, m4), _mm512_set1_epi32(ld32(xq + 8)));
-    s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v2, 4), m4), _mm512_set1_epi32(ld32(xq + 24)));
-    s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v3, m4), _mm512_set1_epi32(ld32(xq + 12)));
-    s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v3, 4), m4), _mm512_set1_epi32(ld32(xq + 28)));
+    __m512i s0 = _mm512_dpbusd_epi32(_mm512_set1_epi32(cd[0]), _mm512_and_si512(v0, m4), _mm512_set1_epi32(dl_ld32(xq + 0)));
+    __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4), _mm512_set1_epi32(dl_ld32(xq + 16)));
+    s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v1, m4), _mm512_set1_epi32(dl_ld32(xq + 4)));
+    s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4), _mm512_set1_epi32(dl_ld32(xq + 20)));
+    s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v2, m4), _mm512_set1_epi32(dl_ld32(xq + 8)));
+    s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v2, 4), m4), _mm512_set1_epi32(dl_ld32(xq + 24)));
+    s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v3, m4), _mm512_set1_epi32(dl_ld32(xq + 12)));
+    s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v3, 4), m4), _mm512_set1_epi32(dl_ld32(xq + 28)));
     const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wg + (size_t)k * 32)));
     const __m512 s = _mm512_mul_ps(dw, _mm512_set1_ps(((const float *)cd)[1]));
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), s, acc);
@@ -263,18 +300,11 @@ static DL_TARGET_AVX512 void q40r_groups_avx512(float *out, const uint8_t *w, co
         const int NS = q40r_split > 4 ? 4 : q40r_split;
         const int per = (g1 - g0) / NS;
         for (int i = 0; i < per; i++) {
-            float *outs[4];
-            int valid[4];
-            const uint8_t *wgs[4];
-            for (int s = 0; s < NS; s++) {
-                const int g = g0 + s * per + i;
-                outs[s] = out + (size_t)g * G;
-                valid[s] = rows - g * G < G ? rows - g * G : G;
-                wgs[s] = w + (size_t)g * gs;
-            }
-            if (NS == 4) q40r_ngroups_b1_avx512(outs, valid, wgs, xp, nb, cols, 4);
-            else if (NS == 3) q40r_ngroups_b1_avx512(outs, valid, wgs, xp, nb, cols, 3);
-            else q40r_ngroups_b1_avx512(outs, valid, wgs, xp, nb, cols, 2);
+            q40r_streams st;
+            q40r_streams_at(&st, out, w, gs, rows, g0 + i, per, NS);
+            if (NS == 4) q40r_ngroups_b1_avx512(st.outs, st.valid, st.wgs, xp, nb, cols, 4);
+            else if (NS == 3) q40r_ngroups_b1_avx512(st.outs, st.valid, st.wgs, xp, nb, cols, 3);
+            else q40r_ngroups_b1_avx512(st.outs, st.valid, st.wgs, xp, nb, cols, 2);
         }
         g0 += NS * per;   /* the remainder below */
     }
@@ -297,55 +327,123 @@ static DL_TARGET_AVX512 void q40r_groups_avx512(float *out, const uint8_t *w, co
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* AVX2: each group as two halves of 8 rows (32 bytes of every 64); maddubs (u8 x s8 -> s16) summed
- * in 16 bits over a block (8 products of at most 15 * 128 * 2 = 3840: |sum| <= 30720, no
- * saturation), then one madd to 32 bits. */
+/* 16-bit accumulate in program order: the empty asm stops GCC from reassociating the sums into
+ * a tree of stack-spilled partial products */
+DL_INLINE DL_TARGET_AVX2 __m256i add16_ordered(__m256i acc, __m256i v) {
+    acc = _mm256_add_epi16(acc, v);
+    __asm__("" : "+x"(acc));
+    return acc;
+}
 
-DL_INLINE DL_TARGET_AVX2 void q40r_group_avx2(float *out, const uint8_t *wg, const uint8_t *xp,
-                                              int nb, int cols, int rows, int row0, int b0,
-                                              const int B) {
-    const size_t sc = sc_bytes(nb), xs = xr_stride(cols);
+/* AVX2: a group is two halves of 8 rows (32 bytes of every 64: 8 rows x 4 bytes per 256-bit
+ * register); maddubs (u8 x s8 -> s16 pairs) summed in 16 bits over a block (8 products of at most
+ * 15 * 128 * 2 = 3840 per lane: |sum| <= 30720, no saturation), then one madd to 32 bits.
+ * Integer sums are exact, so the matvec and batched kernels below give the same bits per output
+ * (same float operations per block: cvt, dw * dx, fma) whatever the loop order. */
+
+DL_INLINE DL_TARGET_AVX2 void store16_avx2(float *o, __m256 a0, __m256 a1, int valid) {
+    if (valid >= G) {
+        _mm256_storeu_ps(o, a0);
+        _mm256_storeu_ps(o + 8, a1);
+    } else {
+        float tmp[16];
+        _mm256_storeu_ps(tmp, a0);
+        _mm256_storeu_ps(tmp + 8, a1);
+        for (int r = 0; r < valid; r++) o[r] = tmp[r];
+    }
+}
+
+/* matvec: one block (256 bytes of codes at p) of one group, both halves */
+DL_INLINE DL_TARGET_AVX2 void q40r_block_b1_avx2(__m256 *acc0, __m256 *acc1, const uint8_t *wg,
+                                                 const uint8_t *p, int k, const uint8_t *xq,
+                                                 const int32_t *cd) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[2][4];
-    for (int j = 0; j < B; j++) acc[0][j] = acc[1][j] = _mm256_setzero_ps();
-    const uint8_t *nibs = wg + sc;
+    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+    for (int i = 0; i < 4; i++) {
+        const __m256i xl = _mm256_set1_epi32(dl_ld32(xq + 4 * i));
+        const __m256i xh = _mm256_set1_epi32(dl_ld32(xq + 16 + 4 * i));
+        const __m256i v0 = _mm256_loadu_si256((const __m256i *)(p + 64 * i));
+        const __m256i v1 = _mm256_loadu_si256((const __m256i *)(p + 64 * i + 32));
+        s0 = add16_ordered(s0, _mm256_maddubs_epi16(_mm256_and_si256(v0, m4), xl));
+        s1 = add16_ordered(s1, _mm256_maddubs_epi16(_mm256_and_si256(v1, m4), xl));
+        s0 = add16_ordered(s0, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), m4), xh));
+        s1 = add16_ordered(s1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), m4), xh));
+    }
+    const __m256i ones = _mm256_set1_epi16(1), corr = _mm256_set1_epi32(cd[0]);
+    const __m256 dx = _mm256_set1_ps(((const float *)cd)[1]);
+    const __m256i d0 = _mm256_add_epi32(_mm256_madd_epi16(s0, ones), corr);
+    const __m256i d1 = _mm256_add_epi32(_mm256_madd_epi16(s1, ones), corr);
+    const __m256 dw0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + (size_t)k * 32)));
+    const __m256 dw1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + (size_t)k * 32 + 16)));
+    *acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(dw0, dx), *acc0);
+    *acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_mul_ps(dw1, dx), *acc1);
+}
+
+/* matvec: NS groups read side by side (NS independent sequential streams, as on AVX-512) */
+DL_INLINE DL_TARGET_AVX2 void q40r_ngroups_b1_avx2(float *const *outs, const int *valid,
+                                                   const uint8_t *const *wgs, const uint8_t *xp, int nb,
+                                                   int cols, const int NS) {
+    const size_t sc = sc_bytes(nb);
+    const int pf = q40r_pf;
+    __m256 acc[4][2];
+    for (int s = 0; s < NS; s++) acc[s][0] = acc[s][1] = _mm256_setzero_ps();
+    const int32_t *cd = (const int32_t *)(xp + cols);
     for (int k = 0; k < nb; k++) {
-        const uint8_t *p = nibs + (size_t)k * 256;
-        const __m256 dw0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + (size_t)k * 32)));
-        const __m256 dw1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + (size_t)k * 32 + 16)));
-        for (int j = 0; j < B; j++) {
-            const uint8_t *xq = xp + (size_t)(b0 + j) * xs + (size_t)k * DL_QK;
-            const int32_t *cd = (const int32_t *)(xp + (size_t)(b0 + j) * xs + cols) + 2 * k;
-            __m256i s16[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-            for (int i = 0; i < 4; i++) {
-                const __m256i xl = _mm256_set1_epi32(ld32(xq + 4 * i));
-                const __m256i xh = _mm256_set1_epi32(ld32(xq + 16 + 4 * i));
-                for (int h = 0; h < 2; h++) {
-                    const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 64 * i + 32 * h));
-                    s16[h] = _mm256_add_epi16(s16[h], _mm256_maddubs_epi16(_mm256_and_si256(v, m4), xl));
-                    s16[h] = _mm256_add_epi16(s16[h], _mm256_maddubs_epi16(
-                        _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), xh));
-                }
-            }
-            const __m256i corr = _mm256_set1_epi32(cd[0]);
-            const __m256 dx = _mm256_set1_ps(((const float *)cd)[1]);
-            const __m256i d0 = _mm256_add_epi32(_mm256_madd_epi16(s16[0], ones), corr);
-            const __m256i d1 = _mm256_add_epi32(_mm256_madd_epi16(s16[1], ones), corr);
-            acc[0][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(dw0, dx), acc[0][j]);
-            acc[1][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_mul_ps(dw1, dx), acc[1][j]);
+        for (int s = 0; s < NS; s++) {
+            const uint8_t *p = wgs[s] + sc + (size_t)k * 256;
+            if (pf)
+                for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)p + pf + l, _MM_HINT_T0);
+            q40r_block_b1_avx2(&acc[s][0], &acc[s][1], wgs[s], p, k, xp + (size_t)k * DL_QK, cd + 2 * k);
         }
     }
-    const int valid = rows - row0 < G ? rows - row0 : G;
+    for (int s = 0; s < NS; s++) store16_avx2(outs[s], acc[s][0], acc[s][1], valid[s]);
+}
+
+/* batched: half h (8 rows) of one group x B batch rows. Each 32-byte register of codes is split
+ * into nibbles once and used for all B rows (the group's codes are re-read per half and per chunk
+ * of B rows from L1/L2: prefill is compute-bound). 2 + 2B registers live: B = 6 (measured best of
+ * 2..6; the 16-bit sums stay in order, see add16_ordered). */
+DL_INLINE DL_TARGET_AVX2 void q40r_half_avx2(float *out, const uint8_t *wg, const uint8_t *xp, int nb,
+                                             int cols, int rows, int row0, int h, int b0, const int B) {
+    const size_t sc = sc_bytes(nb), xs = xr_stride(cols);
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[6];
+    const uint8_t *xq[6];
+    const int32_t *cd[6];
     for (int j = 0; j < B; j++) {
-        float *o = out + (size_t)(b0 + j) * rows + row0;
-        if (valid == G) {
-            _mm256_storeu_ps(o, acc[0][j]);
-            _mm256_storeu_ps(o + 8, acc[1][j]);
+        acc[j] = _mm256_setzero_ps();
+        xq[j] = xp + (size_t)(b0 + j) * xs;
+        cd[j] = (const int32_t *)(xq[j] + cols);
+    }
+    for (int k = 0; k < nb; k++) {
+        const uint8_t *p = wg + sc + (size_t)k * 256 + 32 * h;
+        __m256i s[6];
+        for (int j = 0; j < B; j++) s[j] = _mm256_setzero_si256();
+        for (int i = 0; i < 4; i++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 64 * i));
+            const __m256i lo = _mm256_and_si256(v, m4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            for (int j = 0; j < B; j++) {
+                const uint8_t *x = xq[j] + (size_t)k * DL_QK + 4 * i;
+                s[j] = add16_ordered(s[j], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(dl_ld32(x))));
+                s[j] = add16_ordered(s[j], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(dl_ld32(x + 16))));
+            }
+        }
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + (size_t)k * 32 + 16 * h)));
+        for (int j = 0; j < B; j++) {
+            const __m256i d = _mm256_add_epi32(_mm256_madd_epi16(s[j], ones), _mm256_set1_epi32(cd[j][2 * k]));
+            const __m256 dx = _mm256_set1_ps(((const float *)cd[j])[2 * k + 1]);
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(dw, dx), acc[j]);
+        }
+    }
+    const int valid = rows - row0 - 8 * h;
+    for (int j = 0; j < B; j++) {
+        float *o = out + (size_t)(b0 + j) * rows + row0 + 8 * h;
+        if (valid >= 8) {
+            _mm256_storeu_ps(o, acc[j]);
         } else {
-            float tmp[16];
-            _mm256_storeu_ps(tmp, acc[0][j]);
-            _mm256_storeu_ps(tmp + 8, acc[1][j]);
+            float tmp[8];
+            _mm256_storeu_ps(tmp, acc[j]);
             for (int r = 0; r < valid; r++) o[r] = tmp[r];
         }
     }
@@ -357,20 +455,106 @@ static DL_TARGET_AVX2 void q40r_groups_avx2(float *out, const uint8_t *w, const 
     (void)x;
     const int nb = cols / DL_QK;
     const size_t gs = group_stride(nb);
+    if (batch == 1) {
+        const int NS = q40r_split > 4 ? 4 : q40r_split < 1 ? 1 : q40r_split;
+        const int per = (g1 - g0) / NS;
+        if (NS > 1) {   /* the range cut into NS parts read side by side */
+            for (int i = 0; i < per; i++) {
+                q40r_streams st;
+                q40r_streams_at(&st, out, w, gs, rows, g0 + i, per, NS);
+                if (NS == 4) q40r_ngroups_b1_avx2(st.outs, st.valid, st.wgs, xp, nb, cols, 4);
+                else if (NS == 3) q40r_ngroups_b1_avx2(st.outs, st.valid, st.wgs, xp, nb, cols, 3);
+                else q40r_ngroups_b1_avx2(st.outs, st.valid, st.wgs, xp, nb, cols, 2);
+            }
+            g0 += NS * per;
+        }
+        for (int g = g0; g < g1; g++) {   /* the remainder, one group at a time */
+            float *o = out + (size_t)g * G;
+            const int valid = rows - g * G;
+            const uint8_t *wg = w + (size_t)g * gs;
+            q40r_ngroups_b1_avx2(&o, &valid, &wg, xp, nb, cols, 1);
+        }
+        return;
+    }
     for (int g = g0; g < g1; g++) {
         const uint8_t *wg = w + (size_t)g * gs;
-        for (int b = 0; b < batch; b += 4) {
-            const int B = batch - b < 4 ? batch - b : 4;
-            switch (B) {
-            case 1: q40r_group_avx2(out, wg, xp, nb, cols, rows, g * G, b, 1); break;
-            case 2: q40r_group_avx2(out, wg, xp, nb, cols, rows, g * G, b, 2); break;
-            case 3: q40r_group_avx2(out, wg, xp, nb, cols, rows, g * G, b, 3); break;
-            default: q40r_group_avx2(out, wg, xp, nb, cols, rows, g * G, b, 4); break;
+        const int halves = rows - g * G > 8 ? 2 : 1;   /* a padded half computes nothing */
+        for (int b = 0; b < batch; b += 6) {
+            const int B = batch - b < 6 ? batch - b : 6;
+            for (int h = 0; h < halves; h++) {
+                switch (B) {
+                case 1: q40r_half_avx2(out, wg, xp, nb, cols, rows, g * G, h, b, 1); break;
+                case 2: q40r_half_avx2(out, wg, xp, nb, cols, rows, g * G, h, b, 2); break;
+                case 3: q40r_half_avx2(out, wg, xp, nb, cols, rows, g * G, h, b, 3); break;
+                case 4: q40r_half_avx2(out, wg, xp, nb, cols, rows, g * G, h, b, 4); break;
+                case 5: q40r_half_avx2(out, wg, xp, nb, cols, rows, g * G, h, b, 5); break;
+                default: q40r_half_avx2(out, wg, xp, nb, cols, rows, g * G, h, b, 6); break;
+                }
             }
         }
     }
 }
 #endif /* DL_X86 */
+
+#if DL_NEON
+/* ------------------------------------------------------------------------------------------ */
+/* NEON: a group is 4 quads of 4 rows (16 bytes of every 64: 4 rows x 4 bytes per 128-bit
+ * register). Unsigned codes 0..15 are valid non-negative int8, so signed products with the
+ * -8 * sum(x) correction give the exact (code - 8) dot, as on x86. Per output the float
+ * operations are the scalar path's (cvt, dw * dx, multiply, add: no FMA), so every NEON q40r
+ * result is bit-identical to the scalar reference, matvec or batched, whatever the thread count.
+ *
+ * Plain NEON (ARMv8.0): smull/smlal of 8 bytes into 16 bits (8 products of at most 15 * 128 per
+ * lane over a block: |sum| <= 15360, no overflow), pairwise widened to one int32 per row.
+ * Dotprod (ARMv8.2): sdot by element, the block's 16 + 16 activations held in two registers. */
+
+/* integer dots of quad q's 4 rows with one block of x (codes of the block at p) */
+DL_INLINE int32x4_t q40r_quad_neon(const uint8_t *p, int q, const uint8_t *xq, int32_t corr) {
+    const uint8x16_t m4 = vdupq_n_u8(0x0F);
+    int16x8_t a01 = vdupq_n_s16(0), a23 = vdupq_n_s16(0);
+    for (int i = 0; i < 4; i++) {
+        const int8x16_t xl = vreinterpretq_s8_s32(vdupq_n_s32(dl_ld32(xq + 4 * i)));
+        const int8x16_t xh = vreinterpretq_s8_s32(vdupq_n_s32(dl_ld32(xq + 16 + 4 * i)));
+        const uint8x16_t v = vld1q_u8(p + 64 * i + 16 * q);
+        const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(v, m4));
+        const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+        a01 = vmlal_s8(a01, vget_low_s8(lo), vget_low_s8(xl));
+        a23 = vmlal_high_s8(a23, lo, xl);
+        a01 = vmlal_s8(a01, vget_low_s8(hi), vget_low_s8(xh));
+        a23 = vmlal_high_s8(a23, hi, xh);
+    }
+    return vaddq_s32(vpaddq_s32(vpaddlq_s16(a01), vpaddlq_s16(a23)), vdupq_n_s32(corr));
+}
+
+#if DL_HAVE_DOTPROD
+#define Q40R_SDOT(acc, v, xlo, xhi, i) do { \
+    acc = vdotq_laneq_s32(acc, vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F))), xlo, i); \
+    acc = vdotq_laneq_s32(acc, vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), xhi, i); } while (0)
+
+DL_INLINE DL_TARGET_DOTPROD int32x4_t q40r_quad_dotprod(const uint8_t *p, int q, const uint8_t *xq, int32_t corr) {
+    const int8x16_t xlo = vld1q_s8((const int8_t *)xq), xhi = vld1q_s8((const int8_t *)xq + 16);
+    int32x4_t acc = vdupq_n_s32(corr);
+    Q40R_SDOT(acc, vld1q_u8(p + 0 + 16 * q), xlo, xhi, 0);
+    Q40R_SDOT(acc, vld1q_u8(p + 64 + 16 * q), xlo, xhi, 1);
+    Q40R_SDOT(acc, vld1q_u8(p + 128 + 16 * q), xlo, xhi, 2);
+    Q40R_SDOT(acc, vld1q_u8(p + 192 + 16 * q), xlo, xhi, 3);
+    return acc;
+}
+#endif
+
+static void q40r_groups_neon(float *out, const uint8_t *w, const dl_block_q80 *x, const uint8_t *xp,
+                             int g0, int g1, int rows, int cols, int batch) {
+    DL_R16_NEON_GROUPS(q40r_quad_neon, 256);
+}
+
+#if DL_HAVE_DOTPROD
+static DL_TARGET_DOTPROD void q40r_groups_dotprod(float *out, const uint8_t *w, const dl_block_q80 *x,
+                                                  const uint8_t *xp, int g0, int g1, int rows, int cols,
+                                                  int batch) {
+    DL_R16_NEON_GROUPS(q40r_quad_dotprod, 256);
+}
+#endif
+#endif /* DL_NEON */
 
 /* ------------------------------------------------------------------------------------------ */
 /* entry point: whole groups per thread (16 rows = 64 bytes of output per batch row: with a 64-byte
@@ -396,36 +580,54 @@ void dl_matmul_q40r_q80(float *out, const void *w, const dl_block_q80 *x, int ro
     if (rows <= 0 || batch <= 0) return;
     q40r_ctx c = {out, (const uint8_t *)w, x, NULL, rows, cols, batch, q40r_groups_scalar};
     const int isa = dl_get_isa();
+    q40r_fn fn = NULL;
 #if DL_X86
-    if (isa == DL_ISA_AVX512 || isa == DL_ISA_AVX2) {
+    if (isa == DL_ISA_AVX512) fn = q40r_groups_avx512;
+    if (isa == DL_ISA_AVX2) fn = q40r_groups_avx2;
+#endif
+#if DL_NEON
+    if (isa == DL_ISA_NEON) fn = q40r_groups_neon;
+#if DL_HAVE_DOTPROD
+    if (isa == DL_ISA_NEON_DOTPROD) fn = q40r_groups_dotprod;
+#endif
+#endif
+    if (fn) {   /* SIMD paths read prepared activations (out of memory: the scalar reference) */
         uint8_t *xp = (uint8_t *)dl_scratch(xr_stride(cols) * (size_t)batch);
         if (xp) {
             xr_prep(xp, x, cols, batch);
             c.xp = xp;
-            c.fn = isa == DL_ISA_AVX512 ? q40r_groups_avx512 : q40r_groups_avx2;
-            q40r_prefetch();
+            c.fn = fn;
+            q40r_tune(isa);
         }
     }
-#else
-    (void)isa;   /* NEON and others: the scalar reference on the repacked layout */
-#endif
     dl_parallel_for((rows + G - 1) / G, 1, q40r_range, &c);
 }
 
 /* ------------------------------------------------------------------------------------------ */
 /* read bandwidth probe: sums n bytes (64-bit words) over the pool; returns the sum so the reads
- * cannot be optimised away */
+ * cannot be optimised away. Each thread reads its chunk as 4 streams side by side with a software
+ * prefetch 1 KiB ahead, as the matvec kernels read weights: on the Xeon VM of the README's numbers
+ * one plain sequential stream read 8 GB/s on one core where this reads 11 (and the q40r matvec
+ * ~10), so a sequential probe put the kernels above "100 %" of a ceiling that was none. */
 
 typedef struct { const uint64_t *p; _Alignas(64) uint64_t part[256 * 8]; } bw_ctx;
 
 static void bw_range(void *vctx, int64_t s, int64_t e) {
     bw_ctx *c = (bw_ctx *)vctx;
-    uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-    int64_t i = s;
-    for (; i + 4 <= e; i += 4) { a0 += c->p[i]; a1 += c->p[i + 1]; a2 += c->p[i + 2]; a3 += c->p[i + 3]; }
-    for (; i < e; i++) a0 += c->p[i];
+    const int64_t per = (e - s) / 4 / 8 * 8;   /* whole 64-byte lines per stream */
+    uint64_t a[4][8] = {{0}};
+    for (int64_t o = 0; o < per; o += 8)
+        for (int st = 0; st < 4; st++) {
+            const uint64_t *q = c->p + s + st * per + o;
+            __builtin_prefetch((const char *)q + 1024);
+            for (int l = 0; l < 8; l++) a[st][l] += q[l];
+        }
+    uint64_t t = 0;
+    for (int64_t i = s + 4 * per; i < e; i++) t += c->p[i];
+    for (int st = 0; st < 4; st++)
+        for (int l = 0; l < 8; l++) t += a[st][l];
     const int slot = (int)((s * 256) / (e > 0 ? e : 1)) & 255;   /* any slot: only the total matters */
-    __atomic_fetch_add(&c->part[slot * 8], a0 + a1 + a2 + a3, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&c->part[slot * 8], t, __ATOMIC_RELAXED);
 }
 
 uint64_t dl_read_bytes(const void *p, size_t n) {

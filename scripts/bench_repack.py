@@ -1,6 +1,8 @@
 """Plain q40 vs repacked q40r kernels side by side: matvec GB/s (weight bytes) and batched rows/s.
 
 Usage: python scripts/bench_repack.py [--rows 2048] [--cols 8192] [--batch 32] [--threads 1,2]
+       [--isa avx2] [--split 0,1,2,4] [--prefetch -2,0,512,1024]   (matvec tuning sweeps: every
+       combination is measured; split 0 / prefetch -2 = the ISA's default)
 Each figure is the median of --trials short trials; both layouts run alternately in the same
 window, rotating over several copies of the matrix (~256 MB) so weights come from memory.
 """
@@ -50,7 +52,12 @@ def main():
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--trials", type=int, default=9)
     ap.add_argument("--copies", type=int, default=0, help="matrix copies rotated (default: ~256 MB worth)")
+    ap.add_argument("--isa", default=None, help="kernel path (default: the best this CPU has)")
+    ap.add_argument("--split", default="0", help="matvec streams per thread, comma list (0 = ISA default)")
+    ap.add_argument("--prefetch", default="-2", help="prefetch bytes, comma list (-2 = ISA default)")
     a = ap.parse_args()
+    if a.isa:
+        K.set_isa(a.isa)
     r = np.random.default_rng(0)
     rows, cols = a.rows, a.cols
     w0 = K.quantize_q40(r.standard_normal(rows * cols).astype(np.float32))
@@ -83,16 +90,23 @@ def main():
                     i[0] += 1
             return f
 
-        res = {k: [] for k in ("plain1", "q40r1", "plainB", "q40rB")}
-        for _ in range(a.trials):
-            res["plain1"].append(timeit(run("plain", 1)))
-            res["q40r1"].append(timeit(run("q40r", 1)))
-            res["plainB"].append(timeit(run("plain", a.batch)))
-            res["q40rB"].append(timeit(run("q40r", a.batch)))
-        m = {k: statistics.median(v) for k, v in res.items()}
-        print(f"threads={nt}: matvec plain {wbytes / m['plain1'] / 1e9:6.2f} GB/s  q40r {wbytes / m['q40r1'] / 1e9:6.2f} GB/s"
-              f" | batch {a.batch}: plain {a.batch / m['plainB']:8.0f} rows/s  q40r {a.batch / m['q40rB']:8.0f} rows/s"
-              f" ({m['q40r1'] * a.batch / m['q40rB']:.1f}x its matvec)")
+        combos = [(int(sp), int(pf)) for sp in a.split.split(",") for pf in a.prefetch.split(",")]
+        for sp, pf in combos:
+            lib.dl_q40r_split(sp)
+            lib.dl_q40r_prefetch(pf)
+            res = {k: [] for k in ("plain1", "q40r1", "plainB", "q40rB")}
+            for _ in range(a.trials):
+                res["plain1"].append(timeit(run("plain", 1)))
+                res["q40r1"].append(timeit(run("q40r", 1)))
+                res["plainB"].append(timeit(run("plain", a.batch)))
+                res["q40rB"].append(timeit(run("q40r", a.batch)))
+            m = {k: statistics.median(v) for k, v in res.items()}
+            tune = f" split {lib.dl_q40r_split(-1)} prefetch {lib.dl_q40r_prefetch(-1)}" if len(combos) > 1 else ""
+            print(f"threads={nt}{tune}: matvec plain {wbytes / m['plain1'] / 1e9:6.2f} GB/s  q40r {wbytes / m['q40r1'] / 1e9:6.2f} GB/s"
+                  f" | batch {a.batch}: plain {a.batch / m['plainB']:8.0f} rows/s  q40r {a.batch / m['q40rB']:8.0f} rows/s"
+                  f" ({m['q40r1'] * a.batch / m['q40rB']:.1f}x its matvec)")
+        lib.dl_q40r_split(0)
+        lib.dl_q40r_prefetch(-2)
     K.set_threads(1)
 
 

@@ -5,9 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# the browser test (tests/test_webui.py) drives Debian's headless chromium through selenium
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v chromedriver >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+# apt packages the tests need, as root with apt (CI, Debian/Ubuntu containers; elsewhere those tests
+# skip): headless chromium for tests/test_webui.py (selenium), the aarch64 cross compiler and
+# qemu-user for tests/test_neon.py (the NEON kernels run under qemu-aarch64)
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    pkgs=()
+    command -v chromedriver >/dev/null || pkgs+=(chromium chromium-driver)
+    { command -v aarch64-linux-gnu-gcc && command -v qemu-aarch64; } >/dev/null ||
+        pkgs+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user)
+    if [ ${#pkgs[@]} -gt 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
+    fi
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip

@@ -2,6 +2,7 @@
 model generator (scripts/make_synthetic.py)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,15 +22,21 @@ TOK_LLAMA = str(TINY / "t" / "dllama_tokenizer_tiny_llama3.t")
 TOK_QWEN = str(TINY / "t" / "dllama_tokenizer_tiny_qwen3.t")
 
 
-def bench(args, n=1, timeout=120):
+def bench(args, n=1, timeout=120, env=None):
     cmd = ([MPIEXEC, "-n", str(n)] if n > 1 else []) + DLLAMA + ["benchmark"] + args
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                          env=None if env is None else {**os.environ, **env})
 
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_benchmark_json(n):
+    from dllama_mpi import kernels as K
+
+    # 2 ranks: the kernels' ISA forced through the environment (every rank reports it)
+    isa = K.isa_name() if n == 1 else "scalar"
     r = bench(["--model", LLAMA_Q40, "--tokenizer", TOK_LLAMA, "--synthetic", "5,9", "--steps", "4",
-               "--repeat", "2", "--warmup", "1", "--bandwidth", "10", "--profile"], n=n)
+               "--repeat", "2", "--warmup", "1", "--bandwidth", "10", "--profile"], n=n,
+              env=None if n == 1 else {"DLLAMA_ISA": "scalar"})
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["schema"] == "dllama-mpi-benchmark/1"
@@ -49,6 +56,8 @@ def test_benchmark_json(n):
     assert d["system"]["bandwidth_gbps"] == 10 and d["system"]["bandwidth_source"] == "option"
     assert sum(p["weight_bytes_per_token"] for p in d["per_rank"]) == d["model"]["weight_bytes_per_token"]
     assert "decode" in r.stderr and "rank" in r.stderr    # the human table
+    assert [pr["kernel_isa"] for pr in d["per_rank"]] == [isa] * n and d["summary"]["kernel_isa"] == isa
+    assert d["summary"]["pct_of_bandwidth_ceiling"] > 0 and f"({isa} kernels)" in r.stderr
 
 
 def test_benchmark_prompts_file_moe(tmp_path):

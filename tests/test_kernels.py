@@ -8,7 +8,7 @@ import pytest
 from dllama_mpi import kernels as K
 from dllama_mpi.kernels import ffi, lib, ptr
 
-ISAS = [i for i in (K.ISA_AVX2, K.ISA_AVX512, K.ISA_NEON) if lib.dl_isa_supported(i)]
+ISAS = [i for i in K.ALL_ISAS if i != K.ISA_SCALAR and lib.dl_isa_supported(i)]
 ALL_ISAS = [K.ISA_SCALAR] + ISAS
 ISA_IDS = [K.isa_name(i) for i in ISAS]
 
@@ -503,12 +503,18 @@ def test_add_q80_scalar_reference():
     assert np.array_equal(K.add_q80(o, parts, 3), ref)
 
 
-def test_softmax():
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_softmax(isa):
     r = rng(14)
-    for n in (1, 5, 100):
+    for n in (1, 5, 8, 9, 100, 1003):
         x = (r.standard_normal(n) * 5).astype(np.float32)
+        x[:min(n, 2)] = np.float32([-120, 30])[:min(n, 2)]   # below the exp's -87 cut-off after - max
         e = np.exp(x.astype(np.float64) - x.max())
-        assert np.allclose(K.softmax(x), e / e.sum(), rtol=1e-4, atol=1e-9)
+        use(isa)
+        got = K.softmax(x)
+        assert np.allclose(got, e / e.sum(), rtol=1e-4, atol=1e-9)
+        use(K.ISA_SCALAR)
+        assert np.array_equal(got, K.softmax(x))   # every path computes the same bits
 
 
 @pytest.mark.parametrize("rope_type", [K.ROPE_INTERLEAVED, K.ROPE_HALF])
@@ -814,7 +820,6 @@ def test_q40r_matvec_streams_and_prefetch_do_not_change_results(isa):
     rows, cols = 16 * 37 + 5, 320
     w, x = random_q40(r, rows, cols), random_q80(r, 1, cols)
     wr = repack_q40(w, rows, cols)
-    split, pf = lib.dl_q40r_split(-1), lib.dl_q40r_prefetch(-1)
     try:
         outs = []
         for threads in (1, 2):
@@ -826,8 +831,8 @@ def test_q40r_matvec_streams_and_prefetch_do_not_change_results(isa):
                     outs.append(matmul_q40r(wr, x, rows, cols, 1))
         assert all(np.array_equal(o, outs[0]) for o in outs)
     finally:
-        lib.dl_q40r_split(split)
-        lib.dl_q40r_prefetch(max(pf, 0))
+        lib.dl_q40r_split(0)        # back to the defaults
+        lib.dl_q40r_prefetch(-2)
 
 
 # ---------------------------------------------------------------------------------------------
