@@ -265,12 +265,15 @@ def mem_available() -> float:
 
 
 def measure_speed(h: ModelHeader, n_ranks: int, windows: int = 5, window_seconds: float = 0.05,
-                  buffer_bytes: int = 48 << 20) -> float:
+                  buffer_bytes: int = 48 << 20, ready=None) -> float:
     """GB/s of weights this rank multiplies: w1-shaped slices of an n_ranks-way split (rows ffn/N,
     cols dim; q40 repacked or f32 as the model), enough distinct ones to exceed the caches, cycled
     through single-row matmuls (decoding). The best of `windows` windows of `window_seconds` (as the
     benchmark's bandwidth is a best of 3): a CPU quota (10 ms periods) averages out inside a window,
-    while a burst of someone else's load on a shared host slows some windows, not the best one."""
+    while a burst of someone else's load on a shared host slows some windows, not the best one.
+    `ready()` (a barrier) runs between the set-up and the windows: the ranks of a host measure
+    together, and none measures while a slower one still builds its buffers (copying 48 MB halved
+    a fast rank's figure when a throttled rank was still at it)."""
     from .engine import Matrix
 
     q40 = h.weights_float_type == Q40
@@ -296,6 +299,8 @@ def measure_speed(h: ModelHeader, n_ranks: int, windows: int = 5, window_seconds
     lib.dl_quantize_q80(pxq, px, cols)
     for m in mats:                                     # warm: page in every buffer once
         m.matmul(pout, pxq, px, 1)
+    if ready is not None:
+        ready()
     speeds, k = [], 0
     for _ in range(windows):
         done, t0 = 0, time.perf_counter()
@@ -317,9 +322,9 @@ def gather_layout(world: Comm, h: ModelHeader, pp: int, split) -> tuple[Layout, 
     weights = memory = speeds = None
     if split == "auto":
         local = {hh: hosts.count(hh) for hh in hosts}
-        if n > 1:
-            world.barrier()          # measure together: ranks on one host share its memory bus
-        mine = [measure_speed(h, n), mem_available() / local[hosts[world.rank]]]
+        # measure together (ranks on one host share its memory bus), once every rank is set up
+        mine = [measure_speed(h, n, ready=world.barrier if n > 1 else None),
+                mem_available() / local[hosts[world.rank]]]
         both = world.allgather_floats(mine) if n > 1 else np.array([mine])
         speeds, memory = [float(v) for v in both[:, 0]], [float(v) for v in both[:, 1]]
         weights = speeds
