@@ -84,14 +84,6 @@ void dl_axpy_scalar(float *y, float a, const float *x, int n) {
 /* ------------------------------------------------------------------------------------------ */
 /* AVX2 + FMA */
 
-
-DL_INLINE DL_TARGET_AVX2 float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 DL_TARGET_AVX2 float dl_dot_avx2(const float *a, const float *b, int n) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     int i = 0;
@@ -100,7 +92,7 @@ DL_TARGET_AVX2 float dl_dot_avx2(const float *a, const float *b, int n) {
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), a1);
     }
     for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
-    float s = hsum8(_mm256_add_ps(a0, a1));
+    float s = dl_hsum256(_mm256_add_ps(a0, a1));
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
@@ -121,7 +113,7 @@ DL_TARGET_AVX2 void dl_rmsnorm_avx2(float *out, const float *x, const float *w, 
         a0 = _mm256_fmadd_ps(v0, v0, a0);
         a1 = _mm256_fmadd_ps(v1, v1, a1);
     }
-    float ss = hsum8(_mm256_add_ps(a0, a1));
+    float ss = dl_hsum256(_mm256_add_ps(a0, a1));
     for (; i < n; i++) ss += x[i] * x[i];
     const float inv = 1.0f / sqrtf(ss / (float)n + eps);
     const __m256 vi = _mm256_set1_ps(inv);
