@@ -229,26 +229,26 @@ def dequantize_q40(buf, n: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # matmuls and ops (allocating convenience wrappers; inputs are not modified unless stated)
 
+def _matmul_x_q80(name: str, w_block: str, w_block_bytes: int, w_bytes, x_q80_bytes, rows: int, cols: int,
+                  batch: int) -> np.ndarray:
+    """out[batch, rows] = W (blocks of `w_block` [rows, cols]) @ x (q80 [batch, cols]) by lib.dl_<name>."""
+    w, x = _u8(w_bytes), _u8(x_q80_bytes)
+    if cols % QK or w.size < rows * cols // QK * w_block_bytes or \
+            x.size < batch * cols // QK * Q80_BLOCK_BYTES:
+        raise ValueError(f"{name}: bad shapes")
+    out = np.empty((batch, rows), dtype=np.float32)
+    getattr(lib, f"dl_{name}")(ptr(out), ptr(w, w_block), ptr(x, "dl_block_q80"), rows, cols, batch)
+    return out
+
+
 def matmul_q40_q80(w_bytes, x_q80_bytes, rows: int, cols: int, batch: int = 1) -> np.ndarray:
     """out[batch, rows] = W (q40 [rows, cols]) @ x (q80 [batch, cols])."""
-    w, x = _u8(w_bytes), _u8(x_q80_bytes)
-    if cols % QK or w.size < rows * cols // QK * Q40_BLOCK_BYTES or \
-            x.size < batch * cols // QK * Q80_BLOCK_BYTES:
-        raise ValueError("matmul_q40_q80: bad shapes")
-    out = np.empty((batch, rows), dtype=np.float32)
-    lib.dl_matmul_q40_q80(ptr(out), ptr(w, "dl_block_q40"), ptr(x, "dl_block_q80"), rows, cols, batch)
-    return out
+    return _matmul_x_q80("matmul_q40_q80", "dl_block_q40", Q40_BLOCK_BYTES, w_bytes, x_q80_bytes, rows, cols, batch)
 
 
 def matmul_q80_q80(w_bytes, x_q80_bytes, rows: int, cols: int, batch: int = 1) -> np.ndarray:
     """out[batch, rows] = W (q80 [rows, cols]) @ x (q80 [batch, cols])."""
-    w, x = _u8(w_bytes), _u8(x_q80_bytes)
-    if cols % QK or w.size < rows * cols // QK * Q80_BLOCK_BYTES or \
-            x.size < batch * cols // QK * Q80_BLOCK_BYTES:
-        raise ValueError("matmul_q80_q80: bad shapes")
-    out = np.empty((batch, rows), dtype=np.float32)
-    lib.dl_matmul_q80_q80(ptr(out), ptr(w, "dl_block_q80"), ptr(x, "dl_block_q80"), rows, cols, batch)
-    return out
+    return _matmul_x_q80("matmul_q80_q80", "dl_block_q80", Q80_BLOCK_BYTES, w_bytes, x_q80_bytes, rows, cols, batch)
 
 
 def matmul_f16_f32(w_f16, x, rows: int, cols: int, batch: int = 1) -> np.ndarray:
