@@ -23,8 +23,9 @@ stderr. How each number is measured (also in the JSON's "method"):
 - kernel ISA: the SIMD path each rank's kernels run (`per_rank[].kernel_isa`; summary: all of them,
   "/"-joined when ranks differ); DLLAMA_ISA=scalar|avx2|avx512|neon|neon-dotprod forces one.
 - bandwidth ceiling: weight bytes read per token (q40 payload of every matrix slice, MoE experts
-  scaled by active/total) / aggregate read bandwidth (every rank reading a 512 MB buffer at the
-  same time with its thread pool, best of 3; or --bandwidth GB/s).
+  scaled by active/total) / aggregate read bandwidth (every rank reading its own weight buffers
+  at the same time with its thread pool, in the fastest of several read patterns: the median of
+  3 passes right before and 3 right after the timed runs; or --bandwidth GB/s).
 """
 
 from __future__ import annotations
@@ -211,35 +212,73 @@ def _synthetic_lengths(spec: str) -> list[int]:
     return lens
 
 
+def _weight_matrices(engine) -> list:
+    """The matrices one rank reads per decode token (MoE: as many experts as are active)."""
+    h = engine.h
+    out = [engine.w.wcls] if engine.w.wcls is not None else []   # None: not the last stage
+    for layer in engine.w.layers:
+        out += [m for m in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w1, layer.w2, layer.w3) if m is not None]
+        for e in layer.experts[:h.n_active_experts] if layer.experts else ():
+            out += list(e)
+    return out
+
+
 def _weight_bytes(engine) -> int:
     """Weight bytes one rank reads per decode token (its matrix slices)."""
-    h = engine.h
-    total = engine.w.wcls.nbytes if engine.w.wcls is not None else 0   # None: not the last stage
-    for layer in engine.w.layers:
-        for m in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w1, layer.w2, layer.w3):
-            if m is not None:
-                total += m.nbytes
-        if layer.experts:
-            per = sum(m.nbytes for m in layer.experts[0])
-            total += per * h.n_active_experts
-    return int(total)
+    return int(sum(m.nbytes for m in _weight_matrices(engine)))
 
 
-def _measure_bandwidth(comm, mb: int = 512) -> float:
-    """GB/s this rank reads while every rank reads at the same time (best of 3)."""
-    from .kernels import ffi, lib
+# read patterns the probe tries: (streams per thread, software prefetch bytes ahead)
+PROBE_PATTERNS = ((1, 0), (2, 0), (4, 0), (4, 512), (8, 0), (8, 512))
 
-    buf = np.ones(mb << 20, np.uint8)
-    p = ffi.cast("void *", buf.ctypes.data)
-    lib.dl_read_bytes(p, buf.size)
-    best = 0.0
-    for _ in range(3):
-        comm.barrier()
+
+class _BandwidthProbe:
+    """GB/s this rank reads its own weight buffers (every matrix a decode token reads, as one job
+    over its thread pool) while every rank does the same, each pass timed from a barrier to the end
+    of the slowest rank's. The weights themselves, not a scratch buffer: on the VMs measured here
+    a buffer's read bandwidth depends on where its pages landed (one core: 14 to 26 GB/s over fresh
+    buffers of 384-896 MB). `choose` keeps the fastest of several read patterns (which one wins
+    differs between machines); `passes` reads with it, called right before and right after the
+    timed decode runs, and the ceiling is the median of those passes: this host's bandwidth drifts
+    by tens of percent within minutes, so it is measured in the decode's own window. Collective."""
+
+    def __init__(self, comm, engine):
+        from .kernels import ffi
+
+        self.comm = comm
+        bufs = [m.data for m in _weight_matrices(engine)]
+        self.ptrs = ffi.new("void *[]", [ffi.cast("void *", b.ctypes.data) for b in bufs])
+        self.sizes = ffi.new("size_t[]", [int(b.nbytes) for b in bufs])
+        self.n = len(bufs)
+        self.total = sum(int(b.nbytes) // 8 * 8 for b in bufs)
+        self.pattern = PROBE_PATTERNS[0]
+        self.samples: list[float] = []
+
+    def _pass(self, streams: int, prefetch: int) -> float:
+        from .kernels import lib
+
+        self.comm.barrier()
         t = time.perf_counter()
-        lib.dl_read_bytes(p, buf.size)
-        best = max(best, buf.size / (time.perf_counter() - t) / 1e9)
-    del buf
-    return best
+        lib.dl_read_spans(self.ptrs, self.sizes, self.n, streams, prefetch)
+        self.comm.barrier()   # until the slowest rank is done: no rank reads alone
+        return self.total / (time.perf_counter() - t) / 1e9
+
+    def choose(self) -> None:
+        if not self.total:
+            return
+        self._pass(*self.pattern)
+        best = 0.0
+        for pat in PROBE_PATTERNS:
+            g = statistics.median([self._pass(*pat) for _ in range(2)])
+            if g > best:
+                best, self.pattern = g, pat
+
+    def passes(self, k: int = 3) -> None:
+        if self.total:
+            self.samples += [self._pass(*self.pattern) for _ in range(k)]
+
+    def gbps(self) -> float:
+        return statistics.median(self.samples) if self.samples else 0.0
 
 
 def _cpu_info() -> dict:
@@ -531,6 +570,10 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     else:
         engine.serve()
     comm.barrier()
+    probe = _BandwidthProbe(comm, engine) if bandwidth is None else None
+    if probe:
+        probe.choose()
+        probe.passes()
     rec.reset()
     comm.bytes_sent = 0
 
@@ -558,6 +601,8 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     else:
         engine.serve()
     base = np.array([rec.n, rec.seconds, rec.wait, rec.bytes], np.float64)
+    if probe:
+        probe.passes()
     base_all = comm.gather_floats(base)
 
     # ---- phase 1b: concurrent streams (--parallel), one phase per count: each rank's compute, wait
@@ -616,8 +661,9 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     from . import kernels as K
     isa_all = comm.gather_floats(np.array([K.get_isa()], np.float64))   # ranks may differ (mixed CPUs)
     wbytes = comm.gather_floats(np.array([_weight_bytes(engine)], np.float64))
-    bw_rank = _measure_bandwidth(comm) if bandwidth is None else 0.0
-    bw_all = comm.gather_floats(np.array([bw_rank], np.float64))
+    bw_rank = [probe.gbps(), min(probe.samples, default=0.0), max(probe.samples, default=0.0),
+               *probe.pattern] if probe else [0.0] * 5
+    bw_all = comm.gather_floats(np.array(bw_rank, np.float64))
     model_bytes_all = comm.gather_floats(np.array([_decode_bytes_model(engine)], np.float64))
     stage_of = [0] * comm.size
     layers_of = [(0, h.n_layers)] * comm.size
@@ -657,6 +703,11 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
             "peak_rss_mb": round(float(rss[r, 0]), 1),
             "weight_bytes_per_token": int(wbytes[r, 0]),
             "bandwidth_gbps": round(float(bw_all[r, 0]), 2) if bandwidth is None else None,
+            # the probe's passes around the timed runs (min, max) and its read pattern
+            "bandwidth_range_gbps": [round(float(bw_all[r, 1]), 2), round(float(bw_all[r, 2]), 2)]
+            if bandwidth is None else None,
+            "bandwidth_pattern": {"streams": int(bw_all[r, 3]), "prefetch": int(bw_all[r, 4])}
+            if bandwidth is None else None,
         }
         if prof is not None:
             row["c_ms_by_function"] = {nm: round(1000 * float(prof[r, i]) / n_i, 3) for i, nm in enumerate(names)

@@ -108,6 +108,15 @@ class Matrix:
         getattr(lib, self._kernel)(out, self.ptr, xq if self._quantized_input else xf, self.rows, self.cols, batch)
 
 
+def _fused(st, mats, outs):
+    """(outs, weights, rows, cols): the arguments of dl_matmul_q40r_q80_n over `mats` (all repacked q40 of
+    the same width), or None: then each matrix is called alone."""
+    if any(m is None or not m.repacked or m.ftype != Q40 for m in mats) or len({m.cols for m in mats}) != 1:
+        return None
+    return (ffi.new("float *[]", list(outs)), ffi.new("void *[]", [m.ptr for m in mats]),
+            ffi.new("int[]", [m.rows for m in mats]), mats[0].cols)
+
+
 def _drop_pages(model: ModelFile | None, t: TensorInfo) -> None:
     """After a repack copied a tensor out of the root's map, let the kernel drop its file pages
     (they would otherwise count in the root's RSS next to the repacked copy)."""
@@ -142,6 +151,8 @@ class Layer:
     attn_post_norm: np.ndarray | None = None         # gemma3: sandwich norms of the attention and FFN
     ffn_post_norm: np.ndarray | None = None          # outputs, before they join the residual
     index: int = 0                                   # the layer's number in the model
+    qkv: tuple | None = None                         # set by the Engine: the fused q/k/v call (_fused)
+    w13: tuple | None = None                         # ... and the fused gate/up call
 
     def __post_init__(self):
         p = lambda a: None if a is None else fptr(a)  # noqa: E731
@@ -526,6 +537,12 @@ class Engine:
         self.vocab0 = plan[comm.rank].vocab[0]
         self.stats = Stats()
         self._direct = None   # the sequence `forward` works on
+        # q, k, v (and gate, up) read the same activations: where all are repacked q40, one C call
+        # and one parallel job for the set (dl_matmul_q40r_q80_n), not one per matrix
+        st = self.st
+        for layer in weights.layers:
+            layer.qkv = _fused(st, (layer.wq, layer.wk, layer.wv), (st.p_q, st.p_k, st.p_v))
+            layer.w13 = _fused(st, (layer.w1, layer.w3), (st.p_h1, st.p_h3))
 
     # ---- the root's entry points ----------------------------------------------------------
 
@@ -740,9 +757,12 @@ class Engine:
     def _attention(self, l: int, layer: Layer, b: int) -> None:
         st, hd = self.st, self.h.head_size
         self._norm_quant(layer.p_attn_norm, b)
-        layer.wq.matmul(st.p_q, st.p_xq, st.p_xb, b)
-        layer.wk.matmul(st.p_k, st.p_xq, st.p_xb, b)
-        layer.wv.matmul(st.p_v, st.p_xq, st.p_xb, b)
+        if layer.qkv is not None:
+            lib.dl_matmul_q40r_q80_n(3, *layer.qkv[:3], st.p_xq, layer.qkv[3], b)
+        else:
+            layer.wq.matmul(st.p_q, st.p_xq, st.p_xb, b)
+            layer.wk.matmul(st.p_k, st.p_xq, st.p_xb, b)
+            layer.wv.matmul(st.p_v, st.p_xq, st.p_xb, b)
         n_q, n_kv = st.q_loc // hd, st.kv_loc // hd
         if layer.p_q_norm is not None:  # Qwen3, Gemma 3: per-head RMSNorm of q and k before rope
             lib.dl_rmsnorm(st.p_q, st.p_q, layer.p_q_norm, hd, self.eps, b * n_q)
@@ -762,8 +782,11 @@ class Engine:
     def _ffn(self, layer: Layer, b: int) -> None:
         st = self.st
         self._norm_quant(layer.p_ffn_norm, b)
-        layer.w1.matmul(st.p_h1, st.p_xq, st.p_xb, b)
-        layer.w3.matmul(st.p_h3, st.p_xq, st.p_xb, b)
+        if layer.w13 is not None:
+            lib.dl_matmul_q40r_q80_n(2, *layer.w13[:3], st.p_xq, layer.w13[3], b)
+        else:
+            layer.w1.matmul(st.p_h1, st.p_xq, st.p_xb, b)
+            layer.w3.matmul(st.p_h3, st.p_xq, st.p_xb, b)
         if self.gelu:   # GeGLU (Gemma 3; tanh-approximated GELU)
             lib.dl_gelu_mul(st.p_h1, st.p_h1, st.p_h3, b * st.ffn_loc)
         else:

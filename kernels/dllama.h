@@ -59,14 +59,22 @@ size_t dl_q40r_bytes(int rows, int cols);
 void dl_repack_q40(void *dst, const dl_block_q40 *src, int rows, int cols);
 void dl_unpack_q40r(dl_block_q40 *dst, const void *src, int rows, int cols);
 void dl_matmul_q40r_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
+/* n repacked matrices [rows[i], cols] times the same x in one parallel job (x prepared once):
+ * out[i] as dl_matmul_q40r_q80(out[i], w[i], x, rows[i], cols, batch) gives it */
+void dl_matmul_q40r_q80_n(int n, float *const *out, const void *const *w, const int *rows,
+                          const dl_block_q80 *x, int cols, int batch);
 /* matvec tuning (results never change): software prefetch distance in bytes (0 = off; -2 = back to
  * the default: DLLAMA_Q40R_PF or the ISA's; -1 just queries) and rows read as n side-by-side
  * streams per thread (1..4; 0 = back to the ISA's default; < 0 just queries). Both return the
  * value in effect for the current ISA. */
 int  dl_q40r_prefetch(int bytes);
 int  dl_q40r_split(int n);
-/* memory read bandwidth probe: reads n bytes over the thread pool, returns a checksum */
+int  dl_q40r_guided(int n);
+/* memory read bandwidth probe: reads n bytes (their whole 64-bit words) over the thread pool,
+ * returns the sum of the words; dl_read_spans reads n buffers as one job, each thread's share as
+ * `streams` runs side by side (1..8) with a software prefetch `prefetch` bytes ahead (0: none) */
 uint64_t dl_read_bytes(const void *p, size_t n);
+uint64_t dl_read_spans(const void *const *ptrs, const size_t *bytes, int n, int streams, int prefetch);
 
 /* ---- 8- and 16-bit weights (kernels/matmul_q80.c, kernels/matmul_f16.c); same out/batch layout.
  * q80 x q80: per block integer dot times f16(d_w) * f16(d_x), summed in float; x from

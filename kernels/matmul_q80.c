@@ -14,9 +14,9 @@
  *   NEON: widening multiplies; sdot where the CPU has ARMv8.2 dotprod (run-time choice).
  *
  * q80r, the load-time repack (as q40r, kernels/repack.c): rows in groups of DL_Q80R_ROWS = 16 (the
- * last padded with zero rows: scale 0, never stored); per group SC = round_up(32 * nb, 64) bytes of
- * scales (block k: the 16 rows' f16 d at 32 * k), then 512 * nb bytes of values: block k at
- * SC + 512 * k holds [i = 0..7][row r = 0..15][m = 0..3] = qs[4 * i + m] of row r, stored as
+ * last padded with zero rows: scale 0, never stored); per group blocks in pairs as in q40r
+ * (dl_internal.h, dl_r16_*): 64 bytes of scales (the 16 rows' f16 d of block 2j, then 2j+1), then
+ * 512 bytes of values per block: [i = 0..7][row r = 0..15][m = 0..3] = qs[4 * i + m] of row r, stored as
  * qs ^ 0x80 (= qs + 128 as u8). So one 64-byte load is 16 rows x 4 values: one vpdpbusd against 4
  * activations broadcast to every lane, the accumulator starting at -128 * sum(block of x); the
  * scales of 16 rows are one vector. Measured (scripts/bench_kernels.py --type q80,q80r): the plain
@@ -245,8 +245,9 @@ DL_TARGET_DOTPROD void dl_matmul_q80_q80_rows_neon_dotprod(float *out, const dl_
 
 #define G80 DL_Q80R_ROWS
 
-static inline size_t r80_sc_bytes(int nb) { return ((size_t)nb * 32 + 63) & ~(size_t)63; }
-static inline size_t r80_group_stride(int nb) { return r80_sc_bytes(nb) + (size_t)nb * 512; }
+static inline size_t r80_group_stride(int nb) { return dl_r16_stride(nb, 512); }
+#define SCALES80(k) dl_r16_scales((k), 512)   /* offsets in a group of block k's scales and codes */
+#define CODES80(k) dl_r16_codes((k), 512)
 
 size_t dl_q80r_bytes(int rows, int cols) {
     if (rows <= 0 || cols <= 0) return 0;
@@ -258,18 +259,18 @@ typedef struct { const dl_block_q80 *src; uint8_t *dst; int rows, nb; } r80_repa
 static void r80_repack_range(void *vctx, int64_t g0, int64_t g1) {
     r80_repack_ctx *c = (r80_repack_ctx *)vctx;
     const int nb = c->nb;
-    const size_t gs = r80_group_stride(nb), sc = r80_sc_bytes(nb);
+    const size_t gs = r80_group_stride(nb);
     for (int64_t g = g0; g < g1; g++) {
         uint8_t *dg = c->dst + (size_t)g * gs;
-        memset(dg, 0, sc);
-        memset(dg + sc, 0x80, gs - sc);          /* padded rows: value 0 (stored 0 ^ 0x80) */
+        memset(dg, 0x80, gs);                    /* padded rows: value 0 (stored 0 ^ 0x80) */
+        for (int k = 0; k < nb; k++) memset(dg + SCALES80(k), 0, 32);   /* ... and scale 0 */
         for (int r = 0; r < G80; r++) {
             const int64_t row = g * G80 + r;
             if (row >= c->rows) break;
             const dl_block_q80 *wr = c->src + (size_t)row * nb;
             for (int k = 0; k < nb; k++) {
-                memcpy(dg + (size_t)k * 32 + 2 * r, &wr[k].d, 2);
-                uint8_t *v = dg + sc + (size_t)k * 512 + r * 4;
+                memcpy(dg + SCALES80(k) + 2 * r, &wr[k].d, 2);
+                uint8_t *v = dg + CODES80(k) + r * 4;
                 for (int i = 0; i < 8; i++)
                     for (int m = 0; m < 4; m++) v[i * 64 + m] = (uint8_t)wr[k].qs[4 * i + m] ^ 0x80;
             }
@@ -285,14 +286,14 @@ void dl_repack_q80(void *dst, const dl_block_q80 *src, int rows, int cols) {
 
 void dl_unpack_q80r(dl_block_q80 *dst, const void *src, int rows, int cols) {
     const int nb = cols / DL_QK;
-    const size_t gs = r80_group_stride(nb), sc = r80_sc_bytes(nb);
+    const size_t gs = r80_group_stride(nb);
     for (int row = 0; row < rows; row++) {
         const uint8_t *sg = (const uint8_t *)src + (size_t)(row / G80) * gs;
         const int r = row % G80;
         for (int k = 0; k < nb; k++) {
             dl_block_q80 *b = dst + (size_t)row * nb + k;
-            memcpy(&b->d, sg + (size_t)k * 32 + 2 * r, 2);
-            const uint8_t *v = sg + sc + (size_t)k * 512 + r * 4;
+            memcpy(&b->d, sg + SCALES80(k) + 2 * r, 2);
+            const uint8_t *v = sg + CODES80(k) + r * 4;
             for (int i = 0; i < 8; i++)
                 for (int m = 0; m < 4; m++) b->qs[4 * i + m] = (int8_t)(v[i * 64 + m] ^ 0x80);
         }
@@ -328,7 +329,7 @@ static void q80r_groups_scalar(float *out, const uint8_t *w, const dl_block_q80 
                                int g0, int g1, int rows, int cols, int batch) {
     (void)xp;
     const int nb = cols / DL_QK;
-    const size_t gs = r80_group_stride(nb), sc = r80_sc_bytes(nb);
+    const size_t gs = r80_group_stride(nb);
     for (int g = g0; g < g1; g++) {
         const uint8_t *wg = w + (size_t)g * gs;
         for (int r = 0; r < G80; r++) {
@@ -338,12 +339,12 @@ static void q80r_groups_scalar(float *out, const uint8_t *w, const dl_block_q80 
                 const dl_block_q80 *xb = x + (size_t)b * nb;
                 float sum = 0.0f;
                 for (int k = 0; k < nb; k++) {
-                    const uint8_t *v = wg + sc + (size_t)k * 512 + r * 4;
+                    const uint8_t *v = wg + CODES80(k) + r * 4;
                     int32_t idot = 0;
                     for (int i = 0; i < 8; i++)
                         for (int m = 0; m < 4; m++)
                             idot += (int32_t)(int8_t)(v[i * 64 + m] ^ 0x80) * xb[k].qs[4 * i + m];
-                    const float s = dl_f16_to_f32_scalar(dl_ld16(wg + (size_t)k * 32 + 2 * r)) *
+                    const float s = dl_f16_to_f32_scalar(dl_ld16(wg + SCALES80(k) + 2 * r)) *
                                     dl_f16_to_f32_scalar(xb[k].d);
                     sum += (float)idot * s;
                 }
@@ -358,14 +359,14 @@ static void q80r_groups_scalar(float *out, const uint8_t *w, const dl_block_q80 
 DL_INLINE DL_TARGET_AVX512 void q80r_group_avx512(float *out, const uint8_t *wg, const uint8_t *xp,
                                                   int nb, int cols, int rows, int row0, int b0,
                                                   const int B) {
-    const size_t sc = r80_sc_bytes(nb), xs = r80_xstride(cols);
+    const size_t xs = r80_xstride(cols);
     __m512 acc[8];
     for (int j = 0; j < B; j++) acc[j] = _mm512_setzero_ps();
     for (int k = 0; k < nb; k++) {
-        const uint8_t *p = wg + sc + (size_t)k * 512;
+        const uint8_t *p = wg + CODES80(k);
         __m512i v[8];
         for (int i = 0; i < 8; i++) v[i] = _mm512_loadu_si512((const void *)(p + 64 * i));
-        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wg + (size_t)k * 32)));
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wg + SCALES80(k))));
         for (int j = 0; j < B; j++) {
             const uint8_t *xq = xp + (size_t)(b0 + j) * xs + (size_t)k * DL_QK;
             const int32_t *cd = (const int32_t *)(xp + (size_t)(b0 + j) * xs + cols) + 2 * k;
@@ -415,15 +416,15 @@ static DL_TARGET_AVX512 void q80r_groups_avx512(float *out, const uint8_t *w, co
 DL_INLINE DL_TARGET_AVX2 void q80r_group_avx2(float *out, const uint8_t *wg, const uint8_t *xp,
                                               int nb, int cols, int rows, int row0, int b0,
                                               const int B) {
-    const size_t sc = r80_sc_bytes(nb), xs = r80_xstride(cols);
+    const size_t xs = r80_xstride(cols);
     const __m256i flip = _mm256_set1_epi8((char)0x80);
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[2][4];
     for (int j = 0; j < B; j++) acc[0][j] = acc[1][j] = _mm256_setzero_ps();
     for (int k = 0; k < nb; k++) {
-        const uint8_t *p = wg + sc + (size_t)k * 512;
-        const __m256 dw0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + (size_t)k * 32)));
-        const __m256 dw1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + (size_t)k * 32 + 16)));
+        const uint8_t *p = wg + CODES80(k);
+        const __m256 dw0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES80(k))));
+        const __m256 dw1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES80(k) + 16)));
         for (int h = 0; h < 2; h++) {
             __m256i wv[8], wa[8];
             for (int i = 0; i < 8; i++) {

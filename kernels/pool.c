@@ -26,6 +26,8 @@ typedef struct {
     _Alignas(CL) dl_range_fn fn;
     void *ctx;
     int64_t n, align;
+    int guided;                          /* 0: one static chunk per thread; 1: guided (next) */
+    _Alignas(CL) atomic_llong next;      /* guided: the first unit not yet taken */
     _Alignas(CL) atomic_uint gen;        /* job generation */
     _Alignas(CL) atomic_int done;        /* workers finished with the current generation */
     _Alignas(CL) atomic_int sleepers;    /* workers waiting on the condvar */
@@ -49,6 +51,20 @@ static inline int64_t now_us(void) {
 static void run_chunk(dl_pool *p, int tid) {
     int64_t n = p->n, a = p->align, nt = p->nthreads;
     int64_t units = (n + a - 1) / a;
+    if (p->guided) {   /* take remaining / (2 nt) units at a time (at least one): big, then small */
+        for (;;) {
+            long long cur = atomic_load_explicit(&p->next, memory_order_relaxed);
+            if (cur >= units) return;
+            int64_t take = (units - cur) / (2 * nt);
+            if (take < 1) take = 1;
+            if (!atomic_compare_exchange_weak_explicit(&p->next, &cur, cur + take, memory_order_relaxed,
+                                                       memory_order_relaxed))
+                continue;
+            int64_t s = cur * a, e = (cur + take) * a;
+            if (e > n) e = n;
+            p->fn(p->ctx, s, e);
+        }
+    }
     int64_t u0 = units * tid / nt, u1 = units * (tid + 1) / nt;
     int64_t s = u0 * a, e = u1 * a;
     if (e > n) e = n;
@@ -135,7 +151,17 @@ int dl_pool_init(int nthreads) {
 
 int dl_pool_nthreads(void) { return g_pool ? g_pool->nthreads : 1; }
 
-void dl_parallel_for(int64_t n, int64_t align, dl_range_fn fn, void *ctx) {
+static void parallel_for(int64_t n, int64_t align, dl_range_fn fn, void *ctx, int guided);
+
+void dl_parallel_for(int64_t n, int64_t align, dl_range_fn fn, void *ctx) { parallel_for(n, align, fn, ctx, 0); }
+
+/* the same over units of `align`, handed out guided: each thread takes remaining / (2 nthreads)
+ * units at a time, so a thread that runs slower (its core or memory busier) takes less of the
+ * tail instead of holding the others at the join. For kernels whose output per unit does not
+ * depend on which thread or range computes it. */
+void dl_parallel_for_guided(int64_t n, int64_t align, dl_range_fn fn, void *ctx) { parallel_for(n, align, fn, ctx, 1); }
+
+static void parallel_for(int64_t n, int64_t align, dl_range_fn fn, void *ctx, int guided) {
     if (n <= 0) return;
     if (align < 1) align = 1;
     dl_pool *p = g_pool;
@@ -144,7 +170,8 @@ void dl_parallel_for(int64_t n, int64_t align, dl_range_fn fn, void *ctx) {
         fn(ctx, 0, n);
         return;
     }
-    p->fn = fn; p->ctx = ctx; p->n = n; p->align = align;
+    p->fn = fn; p->ctx = ctx; p->n = n; p->align = align; p->guided = guided;
+    atomic_store_explicit(&p->next, 0, memory_order_relaxed);
     atomic_store_explicit(&p->done, 0, memory_order_relaxed);
     atomic_fetch_add(&p->gen, 1);                      /* seq_cst: pairs with the sleeper check */
     if (atomic_load(&p->sleepers) > 0) {

@@ -5,18 +5,19 @@
  *
  *   rows are cut into groups of DL_Q40R_ROWS = 16 (the last group padded with zero rows: scale 0,
  *   codes 0, so padded rows compute exact zeros and are never stored);
- *   per group, SC = round_up(32 * nb, 64) bytes of scales: for block k, the 16 rows' f16 scales
- *   (32 bytes at 32 * k), then 256 * nb bytes of codes: block k at SC + 256 * k holds
- *   [i = 0..3][row r = 0..15][m = 0..3] = qs[4 * i + m] of row r (one byte = two 4-bit codes: low
- *   nibble = value 4i+m, high nibble = value 16+4i+m).
- *   Group stride = SC + 256 * nb (a multiple of 64), total = ceil(rows / 16) * stride bytes.
+ *   per group, blocks in pairs (dl_internal.h, dl_r16_*): pair j = 64 bytes of scales (block 2j's
+ *   16 rows' f16 scales, then block 2j+1's), then 256 bytes of codes per block: block k's codes
+ *   hold [i = 0..3][row r = 0..15][m = 0..3] = qs[4 * i + m] of row r (one byte = two 4-bit
+ *   codes: low nibble = value 4i+m, high nibble = value 16+4i+m).
+ *   Group stride = 576 * ceil(nb / 2) (a multiple of 64), total = ceil(rows / 16) * stride bytes.
  *
  * So 64 bytes = 16 rows x 4 bytes: one 512-bit vpdpbusd per 4 columns (low nibbles) and one per the
  * 4 columns 16 further (high nibbles), with the activations' 4 int8 broadcast to every lane.
  * Unsigned codes 0..15 feed u8 x s8 directly; the accumulator starts at -8 * sum(block of x) which
  * turns sum(code * x) into sum((code - 8) * x) exactly. Then one f32 convert and one FMA per block
  * with the per-row f16 scale times the block's activation scale. A group's data is one contiguous
- * stream, a thread's row range (whole groups) too: the hardware prefetcher sees sequential reads.
+ * stream (scales inline), a thread's row range (whole groups) too: the hardware prefetcher sees
+ * sequential reads.
  *
  * Results per output element: float sum over blocks of (float)idot * (d_w * d_x); the scalar path
  * does exactly what the plain scalar q40 x q80 kernel does (bit-identical), the SIMD paths sum in
@@ -36,8 +37,9 @@
 
 #define G DL_Q40R_ROWS
 
-static inline size_t sc_bytes(int nb) { return ((size_t)nb * 32 + 63) & ~(size_t)63; }
-static inline size_t group_stride(int nb) { return sc_bytes(nb) + (size_t)nb * 256; }
+static inline size_t group_stride(int nb) { return dl_r16_stride(nb, 256); }
+#define SCALES(k) dl_r16_scales((k), 256)   /* offsets in a group of block k's scales and codes */
+#define CODES(k) dl_r16_codes((k), 256)
 
 size_t dl_q40r_bytes(int rows, int cols) {
     if (rows <= 0 || cols <= 0) return 0;
@@ -50,7 +52,7 @@ typedef struct { const dl_block_q40 *src; uint8_t *dst; int rows, nb; } repack_c
 static void repack_range(void *vctx, int64_t g0, int64_t g1) {
     repack_ctx *c = (repack_ctx *)vctx;
     const int nb = c->nb;
-    const size_t gs = group_stride(nb), sc = sc_bytes(nb);
+    const size_t gs = group_stride(nb);
     for (int64_t g = g0; g < g1; g++) {
         uint8_t *dg = c->dst + (size_t)g * gs;
         memset(dg, 0, gs);
@@ -59,8 +61,8 @@ static void repack_range(void *vctx, int64_t g0, int64_t g1) {
             if (row >= c->rows) break;
             const dl_block_q40 *wr = c->src + (size_t)row * nb;
             for (int k = 0; k < nb; k++) {
-                memcpy(dg + (size_t)k * 32 + 2 * r, &wr[k].d, 2);
-                uint8_t *nib = dg + sc + (size_t)k * 256;
+                memcpy(dg + SCALES(k) + 2 * r, &wr[k].d, 2);
+                uint8_t *nib = dg + CODES(k);
                 for (int i = 0; i < 4; i++) memcpy(nib + i * 64 + r * 4, wr[k].qs + 4 * i, 4);
             }
         }
@@ -75,26 +77,27 @@ void dl_repack_q40(void *dst, const dl_block_q40 *src, int rows, int cols) {
 
 void dl_unpack_q40r(dl_block_q40 *dst, const void *src, int rows, int cols) {
     const int nb = cols / DL_QK;
-    const size_t gs = group_stride(nb), sc = sc_bytes(nb);
+    const size_t gs = group_stride(nb);
     for (int row = 0; row < rows; row++) {
         const uint8_t *sg = (const uint8_t *)src + (size_t)(row / G) * gs;
         const int r = row % G;
         for (int k = 0; k < nb; k++) {
             dl_block_q40 *b = dst + (size_t)row * nb + k;
-            memcpy(&b->d, sg + (size_t)k * 32 + 2 * r, 2);
-            for (int i = 0; i < 4; i++) memcpy(b->qs + 4 * i, sg + sc + (size_t)k * 256 + i * 64 + r * 4, 4);
+            memcpy(&b->d, sg + SCALES(k) + 2 * r, 2);
+            for (int i = 0; i < 4; i++) memcpy(b->qs + 4 * i, sg + CODES(k) + i * 64 + r * 4, 4);
         }
     }
 }
 
 /* Matvec tuning. Settings: q40r_pf_set (-1: DLLAMA_Q40R_PF or the ISA's default), q40r_split_set
  * (0: the ISA's default); the kernels read the values in effect, fixed per call before the pool
- * starts (q40r_tune). Defaults per ISA, measured: AVX-512 4 streams, no software prefetch (Zen 4);
- * AVX2 2 streams (4 spill its 16 ymm registers: 20 % less compute) and prefetch Q40R_PF_AVX2 bytes
- * ahead. */
-#define Q40R_PF_AVX2 1024
+ * starts (q40r_tune). Defaults, measured on Zen 4 (2026-12-02) with the pair layout: no software
+ * prefetch (it cost 15-25 % on every split there); AVX2 one stream per thread (at 2 threads 1
+ * stream read at the probe's rate, 4 streams 20-30 % below it; at 1 thread all within noise),
+ * AVX-512 4 streams (1, 2 and 4 within noise). The earlier layout (scales in a region ahead of the
+ * codes) needed several streams and a prefetch to hide its restarts. */
 static int q40r_pf_set = -1, q40r_split_set = 0;
-static int q40r_pf, q40r_split = 4;
+static int q40r_pf, q40r_split = 4, q40r_guided = 1;
 
 static int q40r_pf_default(int isa) {
     static int env = -2;   /* -2: not read yet, -1: unset */
@@ -103,12 +106,13 @@ static int q40r_pf_default(int isa) {
         env = e && atoi(e) >= 0 ? atoi(e) : -1;
     }
     if (env >= 0) return env;
-    return isa == DL_ISA_AVX2 ? Q40R_PF_AVX2 : 0;
+    (void)isa;
+    return 0;
 }
 
 static void q40r_tune(int isa) {
     q40r_pf = q40r_pf_set >= 0 ? q40r_pf_set : q40r_pf_default(isa);
-    q40r_split = q40r_split_set > 0 ? q40r_split_set : isa == DL_ISA_AVX2 ? 2 : 4;
+    q40r_split = q40r_split_set > 0 ? q40r_split_set : isa == DL_ISA_AVX2 ? 1 : 4;
 }
 
 int dl_q40r_prefetch(int bytes) {
@@ -116,6 +120,7 @@ int dl_q40r_prefetch(int bytes) {
     q40r_tune(dl_get_isa());
     return q40r_pf;
 }
+
 
 int dl_q40r_split(int n) {
     if (n >= 0) q40r_split_set = n > 4 ? 4 : n;
@@ -156,7 +161,7 @@ static void q40r_groups_scalar(float *out, const uint8_t *w, const dl_block_q80 
                                int g0, int g1, int rows, int cols, int batch) {
     (void)xp;
     const int nb = cols / DL_QK;
-    const size_t gs = group_stride(nb), sc = sc_bytes(nb);
+    const size_t gs = group_stride(nb);
     for (int g = g0; g < g1; g++) {
         const uint8_t *wg = w + (size_t)g * gs;
         for (int r = 0; r < G; r++) {
@@ -166,7 +171,7 @@ static void q40r_groups_scalar(float *out, const uint8_t *w, const dl_block_q80 
                 const dl_block_q80 *xb = x + (size_t)b * nb;
                 float sum = 0.0f;
                 for (int k = 0; k < nb; k++) {
-                    const uint8_t *nib = wg + sc + (size_t)k * 256 + r * 4;
+                    const uint8_t *nib = wg + CODES(k) + r * 4;
                     int32_t idot = 0;
                     for (int i = 0; i < 4; i++)
                         for (int m = 0; m < 4; m++) {
@@ -175,7 +180,7 @@ static void q40r_groups_scalar(float *out, const uint8_t *w, const dl_block_q80 
                             idot += ((int32_t)(q >> 4) - 8) * xb[k].qs[16 + 4 * i + m];
                         }
                     uint16_t dw;
-                    memcpy(&dw, wg + (size_t)k * 32 + 2 * r, 2);
+                    memcpy(&dw, wg + SCALES(k) + 2 * r, 2);
                     sum += (float)idot * (dl_f16_to_f32_scalar(dw) * dl_f16_to_f32_scalar(xb[k].d));
                 }
                 out[(size_t)b * rows + row] = sum;
@@ -205,14 +210,13 @@ static inline void q40r_streams_at(q40r_streams *st, float *out, const uint8_t *
 DL_INLINE DL_TARGET_AVX512 void q40r_group_avx512(float *out, const uint8_t *wg, const uint8_t *xp,
                                                   int nb, int cols, int rows, int row0, int b0,
                                                   const int B) {
-    const size_t sc = sc_bytes(nb), xs = xr_stride(cols);
+    const size_t xs = xr_stride(cols);
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const int pf = q40r_pf;
     __m512 acc[8];
     for (int j = 0; j < B; j++) acc[j] = _mm512_setzero_ps();
-    const uint8_t *nibs = wg + sc;
     for (int k = 0; k < nb; k++) {
-        const uint8_t *p = nibs + (size_t)k * 256;
+        const uint8_t *p = wg + CODES(k);
         if (pf) {
             _mm_prefetch((const char *)p + pf, _MM_HINT_T0);
             _mm_prefetch((const char *)p + pf + 64, _MM_HINT_T0);
@@ -227,7 +231,7 @@ DL_INLINE DL_TARGET_AVX512 void q40r_group_avx512(float *out, const uint8_t *wg,
         const __m512i l1 = _mm512_and_si512(v1, m4), h1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
         const __m512i l2 = _mm512_and_si512(v2, m4), h2 = _mm512_and_si512(_mm512_srli_epi16(v2, 4), m4);
         const __m512i l3 = _mm512_and_si512(v3, m4), h3 = _mm512_and_si512(_mm512_srli_epi16(v3, 4), m4);
-        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wg + (size_t)k * 32)));
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wg + SCALES(k))));
         for (int j = 0; j < B; j++) {
             const uint8_t *xq = xp + (size_t)(b0 + j) * xs + (size_t)k * DL_QK;
             const int32_t *cd = (const int32_t *)(xp + (size_t)(b0 + j) * xs + cols) + 2 * k;
@@ -263,7 +267,7 @@ DL_INLINE DL_TARGET_AVX512 __m512 q40r_block_b1_avx512(__m512 acc, const uint8_t
     s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v2, 4), m4), _mm512_set1_epi32(dl_ld32(xq + 24)));
     s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v3, m4), _mm512_set1_epi32(dl_ld32(xq + 12)));
     s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v3, 4), m4), _mm512_set1_epi32(dl_ld32(xq + 28)));
-    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wg + (size_t)k * 32)));
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wg + SCALES(k))));
     const __m512 s = _mm512_mul_ps(dw, _mm512_set1_ps(((const float *)cd)[1]));
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), s, acc);
 }
@@ -272,7 +276,6 @@ DL_INLINE DL_TARGET_AVX512 __m512 q40r_block_b1_avx512(__m512 acc, const uint8_t
 DL_INLINE DL_TARGET_AVX512 void q40r_ngroups_b1_avx512(float *const *outs, const int *valid,
                                                        const uint8_t *const *wgs, const uint8_t *xp, int nb,
                                                        int cols, const int NS) {
-    const size_t sc = sc_bytes(nb);
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const int pf = q40r_pf;
     __m512 acc[4];
@@ -280,7 +283,7 @@ DL_INLINE DL_TARGET_AVX512 void q40r_ngroups_b1_avx512(float *const *outs, const
     const int32_t *cd = (const int32_t *)(xp + cols);
     for (int k = 0; k < nb; k++) {
         for (int s = 0; s < NS; s++) {
-            const uint8_t *p = wgs[s] + sc + (size_t)k * 256;
+            const uint8_t *p = wgs[s] + CODES(k);
             if (pf)
                 for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)p + pf + l, _MM_HINT_T0);
             acc[s] = q40r_block_b1_avx512(acc[s], wgs[s], p, k, xp + (size_t)k * DL_QK, cd + 2 * k, m4);
@@ -373,27 +376,34 @@ DL_INLINE DL_TARGET_AVX2 void q40r_block_b1_avx2(__m256 *acc0, __m256 *acc1, con
     const __m256 dx = _mm256_set1_ps(((const float *)cd)[1]);
     const __m256i d0 = _mm256_add_epi32(_mm256_madd_epi16(s0, ones), corr);
     const __m256i d1 = _mm256_add_epi32(_mm256_madd_epi16(s1, ones), corr);
-    const __m256 dw0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + (size_t)k * 32)));
-    const __m256 dw1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + (size_t)k * 32 + 16)));
+    const __m256 dw0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES(k))));
+    const __m256 dw1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES(k) + 16)));
     *acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(dw0, dx), *acc0);
     *acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_mul_ps(dw1, dx), *acc1);
 }
 
-/* matvec: NS groups read side by side (NS independent sequential streams, as on AVX-512) */
+/* matvec: NS groups read side by side (NS independent sequential streams, as on AVX-512), KC
+ * blocks of one stream at a time: only that stream's two accumulators are live, so 4 streams do
+ * not spill AVX2's 16 ymm registers (each switch stores and reloads two of them) */
 DL_INLINE DL_TARGET_AVX2 void q40r_ngroups_b1_avx2(float *const *outs, const int *valid,
                                                    const uint8_t *const *wgs, const uint8_t *xp, int nb,
                                                    int cols, const int NS) {
-    const size_t sc = sc_bytes(nb);
-    const int pf = q40r_pf;
+    const int pf = q40r_pf, KC = 2;   /* blocks of a stream per turn */
     __m256 acc[4][2];
     for (int s = 0; s < NS; s++) acc[s][0] = acc[s][1] = _mm256_setzero_ps();
     const int32_t *cd = (const int32_t *)(xp + cols);
-    for (int k = 0; k < nb; k++) {
+    for (int k0 = 0; k0 < nb; k0 += KC) {
+        const int k1 = k0 + KC < nb ? k0 + KC : nb;
         for (int s = 0; s < NS; s++) {
-            const uint8_t *p = wgs[s] + sc + (size_t)k * 256;
-            if (pf)
-                for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)p + pf + l, _MM_HINT_T0);
-            q40r_block_b1_avx2(&acc[s][0], &acc[s][1], wgs[s], p, k, xp + (size_t)k * DL_QK, cd + 2 * k);
+            __m256 a0 = acc[s][0], a1 = acc[s][1];
+            for (int k = k0; k < k1; k++) {
+                const uint8_t *p = wgs[s] + CODES(k);
+                if (pf)
+                    for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)p + pf + l, _MM_HINT_T0);
+                q40r_block_b1_avx2(&a0, &a1, wgs[s], p, k, xp + (size_t)k * DL_QK, cd + 2 * k);
+            }
+            acc[s][0] = a0;
+            acc[s][1] = a1;
         }
     }
     for (int s = 0; s < NS; s++) store16_avx2(outs[s], acc[s][0], acc[s][1], valid[s]);
@@ -405,7 +415,7 @@ DL_INLINE DL_TARGET_AVX2 void q40r_ngroups_b1_avx2(float *const *outs, const int
  * 2..6; the 16-bit sums stay in order, see add16_ordered). */
 DL_INLINE DL_TARGET_AVX2 void q40r_half_avx2(float *out, const uint8_t *wg, const uint8_t *xp, int nb,
                                              int cols, int rows, int row0, int h, int b0, const int B) {
-    const size_t sc = sc_bytes(nb), xs = xr_stride(cols);
+    const size_t xs = xr_stride(cols);
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     __m256 acc[6];
     const uint8_t *xq[6];
@@ -416,7 +426,7 @@ DL_INLINE DL_TARGET_AVX2 void q40r_half_avx2(float *out, const uint8_t *wg, cons
         cd[j] = (const int32_t *)(xq[j] + cols);
     }
     for (int k = 0; k < nb; k++) {
-        const uint8_t *p = wg + sc + (size_t)k * 256 + 32 * h;
+        const uint8_t *p = wg + CODES(k) + 32 * h;
         __m256i s[6];
         for (int j = 0; j < B; j++) s[j] = _mm256_setzero_si256();
         for (int i = 0; i < 4; i++) {
@@ -429,7 +439,7 @@ DL_INLINE DL_TARGET_AVX2 void q40r_half_avx2(float *out, const uint8_t *wg, cons
                 s[j] = add16_ordered(s[j], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(dl_ld32(x + 16))));
             }
         }
-        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + (size_t)k * 32 + 16 * h)));
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES(k) + 16 * h)));
         for (int j = 0; j < B; j++) {
             const __m256i d = _mm256_add_epi32(_mm256_madd_epi16(s[j], ones), _mm256_set1_epi32(cd[j][2 * k]));
             const __m256 dx = _mm256_set1_ps(((const float *)cd[j])[2 * k + 1]);
@@ -562,23 +572,50 @@ static DL_TARGET_DOTPROD void q40r_groups_dotprod(float *out, const uint8_t *w, 
 
 typedef void (*q40r_fn)(float *, const uint8_t *, const dl_block_q80 *, const uint8_t *, int, int, int, int, int);
 
+#define Q40R_MAX_N 4   /* matrices of one dl_matmul_q40r_q80_n call */
+
 typedef struct {
-    float *out;
-    const uint8_t *w;
+    float *out[Q40R_MAX_N];
+    const uint8_t *w[Q40R_MAX_N];
+    int rows[Q40R_MAX_N];
+    int64_t first[Q40R_MAX_N + 1];   /* matrix i holds groups [first[i], first[i + 1]) of the job */
+    int n;
     const dl_block_q80 *x;
     const uint8_t *xp;
-    int rows, cols, batch;
+    int cols, batch;
     q40r_fn fn;
 } q40r_ctx;
 
 static void q40r_range(void *vctx, int64_t s, int64_t e) {
     q40r_ctx *c = (q40r_ctx *)vctx;
-    c->fn(c->out, c->w, c->x, c->xp, (int)s, (int)e, c->rows, c->cols, c->batch);
+    for (int i = 0; i < c->n && s < e; i++) {
+        const int64_t a = s > c->first[i] ? s : c->first[i];
+        const int64_t b = e < c->first[i + 1] ? e : c->first[i + 1];
+        if (a < b)
+            c->fn(c->out[i], c->w[i], c->x, c->xp, (int)(a - c->first[i]), (int)(b - c->first[i]), c->rows[i],
+                  c->cols, c->batch);
+    }
 }
 
-void dl_matmul_q40r_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch) {
-    if (rows <= 0 || batch <= 0) return;
-    q40r_ctx c = {out, (const uint8_t *)w, x, NULL, rows, cols, batch, q40r_groups_scalar};
+/* n matrices with the same input x (q, k and v; gate and up): one parallel job over all their
+ * groups, x prepared once. Each output is what dl_matmul_q40r_q80 gives for its matrix alone. */
+void dl_matmul_q40r_q80_n(int n, float *const *out, const void *const *w, const int *rows,
+                          const dl_block_q80 *x, int cols, int batch) {
+    if (n <= 0 || batch <= 0) return;
+    if (n > Q40R_MAX_N) {   /* in parts */
+        dl_matmul_q40r_q80_n(Q40R_MAX_N, out, w, rows, x, cols, batch);
+        dl_matmul_q40r_q80_n(n - Q40R_MAX_N, out + Q40R_MAX_N, w + Q40R_MAX_N, rows + Q40R_MAX_N, x, cols, batch);
+        return;
+    }
+    q40r_ctx c = {.n = n, .x = x, .xp = NULL, .cols = cols, .batch = batch, .fn = q40r_groups_scalar};
+    c.first[0] = 0;
+    for (int i = 0; i < n; i++) {
+        c.out[i] = out[i];
+        c.w[i] = (const uint8_t *)w[i];
+        c.rows[i] = rows[i] > 0 ? rows[i] : 0;
+        c.first[i + 1] = c.first[i] + (c.rows[i] + G - 1) / G;
+    }
+    if (c.first[n] == 0) return;
     const int isa = dl_get_isa();
     q40r_fn fn = NULL;
 #if DL_X86
@@ -600,42 +637,84 @@ void dl_matmul_q40r_q80(float *out, const void *w, const dl_block_q80 *x, int ro
             q40r_tune(isa);
         }
     }
-    dl_parallel_for((rows + G - 1) / G, 1, q40r_range, &c);
+    (q40r_guided ? dl_parallel_for_guided : dl_parallel_for)(c.first[n], 1, q40r_range, &c);
 }
 
-/* ------------------------------------------------------------------------------------------ */
-/* read bandwidth probe: sums n bytes (64-bit words) over the pool; returns the sum so the reads
- * cannot be optimised away. Each thread reads its chunk as 4 streams side by side with a software
- * prefetch 1 KiB ahead, as the matvec kernels read weights: on the Xeon VM of the README's numbers
- * one plain sequential stream read 8 GB/s on one core where this reads 11 (and the q40r matvec
- * ~10), so a sequential probe put the kernels above "100 %" of a ceiling that was none. */
+void dl_matmul_q40r_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch) {
+    dl_matmul_q40r_q80_n(1, &out, &w, &rows, x, cols, batch);
+}
 
-typedef struct { const uint64_t *p; _Alignas(64) uint64_t part[256 * 8]; } bw_ctx;
+int dl_q40r_guided(int n) { if (n >= 0) q40r_guided = n; return q40r_guided; }
+
+/* ------------------------------------------------------------------------------------------ */
+/* read bandwidth probe: sums a set of buffers ("spans") as 256-bit words over the pool, one job cut
+ * into equal byte ranges per thread; returns the sum so the reads cannot be optimised away. Each
+ * thread reads its range as `streams` runs side by side (1..8), with a software prefetch
+ * `prefetch` bytes ahead (0: none). Which pattern reads fastest depends on the machine (on the
+ * Xeon VM of the README's 2026-12-01 numbers 4 streams with a 1 KiB prefetch; on the Zen 4 VM of
+ * 2026-12-02 2 streams without), so the benchmark tries several and keeps the best: a ceiling
+ * no access pattern it knows beats. It reads the weight buffers themselves: on these VMs a
+ * buffer's read bandwidth depends on where its pages landed (one core: 14 to 26 GB/s over fresh
+ * buffers of 384-896 MB, not monotonic in size). */
+
+typedef uint64_t dl_u64x4 __attribute__((vector_size(32), aligned(8)));
+
+typedef struct {
+    const uint64_t *const *p;
+    const int64_t *start;   /* span i holds words [start[i], start[i + 1]) of the whole */
+    int n, streams, prefetch;
+    _Alignas(64) uint64_t part[256 * 8];
+} bw_ctx;
+
+/* n words at p: whole 64-byte lines as `ns` runs side by side, then the rest one word at a time */
+static uint64_t bw_piece(const uint64_t *p, int64_t n, int ns, int pf) {
+    const int64_t per = n / 8 / ns;   /* lines per run */
+    dl_u64x4 a[8];
+    memset(a, 0, sizeof(a));
+    for (int64_t o = 0; o < per; o++)
+        for (int st = 0; st < ns; st++) {
+            const uint64_t *q = p + (st * per + o) * 8;
+            if (pf) __builtin_prefetch((const char *)q + pf);
+            dl_u64x4 v0, v1;
+            memcpy(&v0, q, 32);
+            memcpy(&v1, q + 4, 32);
+            a[st] += v0 + v1;
+        }
+    uint64_t t = 0;
+    for (int64_t i = (int64_t)ns * per * 8; i < n; i++) t += p[i];
+    for (int st = 0; st < ns; st++) t += a[st][0] + a[st][1] + a[st][2] + a[st][3];
+    return t;
+}
 
 static void bw_range(void *vctx, int64_t s, int64_t e) {
     bw_ctx *c = (bw_ctx *)vctx;
-    const int64_t per = (e - s) / 4 / 8 * 8;   /* whole 64-byte lines per stream */
-    uint64_t a[4][8] = {{0}};
-    for (int64_t o = 0; o < per; o += 8)
-        for (int st = 0; st < 4; st++) {
-            const uint64_t *q = c->p + s + st * per + o;
-            __builtin_prefetch((const char *)q + 1024);
-            for (int l = 0; l < 8; l++) a[st][l] += q[l];
-        }
     uint64_t t = 0;
-    for (int64_t i = s + 4 * per; i < e; i++) t += c->p[i];
-    for (int st = 0; st < 4; st++)
-        for (int l = 0; l < 8; l++) t += a[st][l];
+    for (int i = 0; i < c->n && s < e; i++) {
+        const int64_t a = s > c->start[i] ? s : c->start[i];
+        const int64_t b = e < c->start[i + 1] ? e : c->start[i + 1];
+        if (a < b) t += bw_piece(c->p[i] + (a - c->start[i]), b - a, c->streams, c->prefetch);
+    }
     const int slot = (int)((s * 256) / (e > 0 ? e : 1)) & 255;   /* any slot: only the total matters */
     __atomic_fetch_add(&c->part[slot * 8], t, __ATOMIC_RELAXED);
 }
 
-uint64_t dl_read_bytes(const void *p, size_t n) {
+uint64_t dl_read_spans(const void *const *ptrs, const size_t *bytes, int n, int streams, int prefetch) {
     static bw_ctx c;
+    int64_t *start = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n + 1));
+    if (!start) return 0;
+    start[0] = 0;
+    for (int i = 0; i < n; i++) start[i + 1] = start[i] + (int64_t)(bytes[i] / 8);   /* whole words */
     memset(c.part, 0, sizeof(c.part));
-    c.p = (const uint64_t *)p;
-    dl_parallel_for((int64_t)(n / 8), 512, bw_range, &c);
+    c.p = (const uint64_t *const *)ptrs;
+    c.start = start;
+    c.n = n;
+    c.streams = streams < 1 ? 1 : streams > 8 ? 8 : streams;
+    c.prefetch = prefetch < 0 ? 0 : prefetch;
+    dl_parallel_for(start[n], 512, bw_range, &c);
+    free(start);
     uint64_t t = 0;
     for (int i = 0; i < 256; i++) t += c.part[i * 8];
     return t;
 }
+
+uint64_t dl_read_bytes(const void *p, size_t n) { return dl_read_spans(&p, &n, 1, 4, 1024); }

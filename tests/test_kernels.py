@@ -728,19 +728,64 @@ Q40R_SHAPES = [(1, 32, 1), (15, 64, 2), (16, 32, 1), (17, 96, 3), (37, 320, 9), 
                (100, 256, 17), (5, 64, 33)]
 
 
+def check_r16_positions(wr: np.ndarray, w: np.ndarray, rows: int, cols: int, bb: int) -> None:
+    """The documented layout (dl_internal.h): per group, pairs of blocks = 64 bytes of f16 scales
+    (16 rows of block 2j, then of 2j+1), then bb bytes of codes per block, [i][row][4 bytes]."""
+    nb, pair = cols // 32, 64 + 2 * bb
+    stride = (nb + 1) // 2 * pair
+    per_i = bb // 64   # 4-byte groups of a row per block: 4 (q40: 16 bytes), 8 (q80: 32 bytes)
+    raw = w.view(np.uint8).reshape(rows, nb, -1)   # [row, block, (d, qs)]
+    for row in {0, rows - 1, rows // 2}:
+        g, r = divmod(row, 16)
+        for k in {0, nb - 1, nb // 2}:
+            base = g * stride + (k // 2) * pair
+            assert bytes(wr[base + (k % 2) * 32 + 2 * r:][:2]) == bytes(raw[row, k, :2])
+            codes = wr[base + 64 + (k % 2) * bb:][:bb].reshape(per_i, 16, 4)[:, r, :].reshape(-1)
+            qs = raw[row, k, 2:]
+            assert np.array_equal(codes, qs if bb == 256 else qs ^ 0x80)
+
+
 def test_q40r_layout_roundtrip_and_size():
     r = rng(40)
     for rows, cols, _ in Q40R_SHAPES:
         w = random_q40(r, rows, cols)
         nb = cols // 32
         groups = (rows + 15) // 16
-        assert lib.dl_q40r_bytes(rows, cols) == groups * (((nb * 32 + 63) // 64) * 64 + nb * 256)
+        assert lib.dl_q40r_bytes(rows, cols) == groups * ((nb + 1) // 2) * 576
         for threads in (1, 2):
             use(K.ISA_SCALAR, threads)
             wr = repack_q40(w, rows, cols)
+            check_r16_positions(wr, w, rows, cols, 256)
             back = np.zeros_like(w)
             lib.dl_unpack_q40r(ptr(back, "dl_block_q40"), ffi.cast("void *", wr.ctypes.data), rows, cols)
             assert np.array_equal(back, w)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+@pytest.mark.parametrize("guided", [1, 0])
+def test_q40r_n_equals_each_matrix_alone(isa, guided):
+    """One job over several matrices with the same x (q/k/v, gate/up), static or guided thread
+    split: every output bit-identical to that matrix's own call."""
+    r = rng(44)
+    lib.dl_q40r_guided(guided)
+    try:
+        for rows_list, cols, batch in [((64, 16, 16), 256, 1), ((33, 1, 47), 96, 3), ((48, 21), 2080, 1),
+                                       ((17, 100, 5, 64), 64, 9)]:
+            ws = [random_q40(r, rows, cols) for rows in rows_list]
+            wrs = [repack_q40(w, rows, cols) for w, rows in zip(ws, rows_list)]
+            x = random_q80(r, batch, cols)
+            for threads in (1, 2, 3):
+                use(isa, threads)
+                alone = [matmul_q40r(wr, x, rows, cols, batch) for wr, rows in zip(wrs, rows_list)]
+                outs = [np.full((batch, rows), np.nan, np.float32) for rows in rows_list]
+                n = len(rows_list)
+                lib.dl_matmul_q40r_q80_n(n, ffi.new("float *[]", [ptr(o) for o in outs]),
+                                         ffi.new("void *[]", [ffi.cast("void *", w.ctypes.data) for w in wrs]),
+                                         ffi.new("int[]", list(rows_list)), ptr(x, "dl_block_q80"), cols, batch)
+                for o, a in zip(outs, alone):
+                    assert np.array_equal(o, a)
+    finally:
+        lib.dl_q40r_guided(1)
 
 
 def test_q40r_scalar_bitwise_equals_plain_scalar():
@@ -859,11 +904,12 @@ def test_q80r_layout_roundtrip_and_size():
     for rows, cols, _ in Q40R_SHAPES:
         w = random_q80(r, rows, cols)
         nb = cols // 32
-        assert lib.dl_q80r_bytes(rows, cols) == (rows + 15) // 16 * (((nb * 32 + 63) // 64) * 64 + nb * 512)
+        assert lib.dl_q80r_bytes(rows, cols) == (rows + 15) // 16 * ((nb + 1) // 2) * 1088
         for threads in (1, 2):
             use(K.ISA_SCALAR, threads)
             back = np.zeros_like(w)
             wr = repack_q80(w, rows, cols)      # kept alive while C reads it
+            check_r16_positions(wr, w, rows, cols, 512)
             lib.dl_unpack_q80r(ptr(back, "dl_block_q80"), ffi.cast("void *", wr.ctypes.data), rows, cols)
             assert np.array_equal(back, w)
 

@@ -594,6 +594,37 @@ static int check_readbytes(tcase *c, const void *ref) {
     return s == r;
 }
 
+/* the probe over several spans (the benchmark's weights): every stream count 1..8 (and out of
+ * range), prefetch on and off; spans of odd word counts, one empty */
+static void setup_readspans(tcase *c, int i) {
+    static const int words[5] = {4099, 1, 0, 777, 10007};
+    c->n = 0;
+    for (int k = 0; k < 5; k++) {
+        uint64_t *a = case_alloc(c, sizeof(uint64_t) * (size_t)(words[k] + 1));
+        for (int j = 0; j < words[k]; j++) a[j] = rnd();
+        c->in[k] = a;
+        c->prm[k] = words[k];
+        c->n += words[k];
+    }
+    c->opt = i;   /* streams = i % 10 (0 and 9: clamped to 1 and 8), prefetch on for odd i */
+    c->out_bytes = 8;
+    snprintf(c->desc, sizeof c->desc, "5 spans streams %d prefetch %d", i % 10, i & 1 ? 512 : 0);
+}
+static void run_readspans(tcase *c, void *out) {
+    const void *p[5];
+    size_t n[5];
+    for (int k = 0; k < 5; k++) { p[k] = c->in[k]; n[k] = (size_t)c->prm[k] * 8; }
+    const uint64_t s = dl_read_spans(p, n, 5, c->opt % 10, c->opt & 1 ? 512 : 0);
+    memcpy(out, &s, 8);
+}
+static int check_readspans(tcase *c, const void *ref) {
+    uint64_t s = 0, r;
+    for (int k = 0; k < 5; k++)
+        for (int j = 0; j < c->prm[k]; j++) s += ((const uint64_t *)c->in[k])[j];
+    memcpy(&r, ref, 8);
+    return s == r;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* the table */
 
@@ -634,6 +665,7 @@ static const ktest TESTS[] = {
     {"rope",           10,                     setup_rope,        run_rope,       ALL_ISAS,      0, NULL},
     {"logit_stats",    8,                      setup_logits,      run_logits,     ALL_ISAS,      0, NULL},
     {"read_bytes",     3,                      setup_readbytes,   run_readbytes,  ALL_ISAS,      0, check_readbytes},
+    {"read_spans",     20,                     setup_readspans,   run_readspans,  ALL_ISAS,      0, check_readspans},
 };
 #define N_TESTS ((int)(sizeof(TESTS) / sizeof(TESTS[0])))
 
