@@ -109,11 +109,12 @@ class Matrix:
 
 
 def _fused(st, mats, outs):
-    """(outs, weights, rows, cols): the arguments of dl_matmul_q40r_q80_n over `mats` (all repacked q40 of
-    the same width), or None: then each matrix is called alone."""
-    if any(m is None or not m.repacked or m.ftype != Q40 for m in mats) or len({m.cols for m in mats}) != 1:
+    """(kernel, outs, weights, rows, cols): one dl_matmul_q40r_q80_n / dl_matmul_q80r_q80_n call over
+    `mats` (all repacked, of one type and width), or None: then each matrix is called alone."""
+    if any(m is None or not m.repacked for m in mats) or len({(m.ftype, m.cols) for m in mats}) != 1:
         return None
-    return (ffi.new("float *[]", list(outs)), ffi.new("void *[]", [m.ptr for m in mats]),
+    kernel = "dl_matmul_q40r_q80_n" if mats[0].ftype == Q40 else "dl_matmul_q80r_q80_n"
+    return (kernel, ffi.new("float *[]", list(outs)), ffi.new("void *[]", [m.ptr for m in mats]),
             ffi.new("int[]", [m.rows for m in mats]), mats[0].cols)
 
 
@@ -537,8 +538,8 @@ class Engine:
         self.vocab0 = plan[comm.rank].vocab[0]
         self.stats = Stats()
         self._direct = None   # the sequence `forward` works on
-        # q, k, v (and gate, up) read the same activations: where all are repacked q40, one C call
-        # and one parallel job for the set (dl_matmul_q40r_q80_n), not one per matrix
+        # q, k, v (and gate, up) read the same activations: where all are repacked q40 (or q80), one C call
+        # and one parallel job for the set (dl_matmul_q40r_q80_n / _q80r_), not one per matrix
         st = self.st
         for layer in weights.layers:
             layer.qkv = _fused(st, (layer.wq, layer.wk, layer.wv), (st.p_q, st.p_k, st.p_v))
@@ -750,15 +751,17 @@ class Engine:
     def _norm_quant(self, p_norm, b: int) -> None:
         """xb = rmsnorm(x); xq = q80(xb) when the weights are quantized."""
         st = self.st
-        lib.dl_rmsnorm(st.p_xb, st.p_x, p_norm, self.h.dim, self.eps, b)
         if self.quantized:
-            lib.dl_quantize_q80(st.p_xq, st.p_xb, b * self.h.dim)
+            lib.dl_rmsnorm_q80(st.p_xq, st.p_xb, st.p_x, p_norm, self.h.dim, self.eps, b)
+        else:
+            lib.dl_rmsnorm(st.p_xb, st.p_x, p_norm, self.h.dim, self.eps, b)
 
     def _attention(self, l: int, layer: Layer, b: int) -> None:
         st, hd = self.st, self.h.head_size
         self._norm_quant(layer.p_attn_norm, b)
         if layer.qkv is not None:
-            lib.dl_matmul_q40r_q80_n(3, *layer.qkv[:3], st.p_xq, layer.qkv[3], b)
+            kernel, outs, ws, rows, cols = layer.qkv
+            getattr(lib, kernel)(3, outs, ws, rows, st.p_xq, cols, b)
         else:
             layer.wq.matmul(st.p_q, st.p_xq, st.p_xb, b)
             layer.wk.matmul(st.p_k, st.p_xq, st.p_xb, b)
@@ -767,11 +770,9 @@ class Engine:
         if layer.p_q_norm is not None:  # Qwen3, Gemma 3: per-head RMSNorm of q and k before rope
             lib.dl_rmsnorm(st.p_q, st.p_q, layer.p_q_norm, hd, self.eps, b * n_q)
             lib.dl_rmsnorm(st.p_k, st.p_k, layer.p_k_norm, hd, self.eps, b * n_kv)
-        lib.dl_rope(st.p_q, n_q, hd, st.p_pos, b, self.rope_type, layer.p_freqs)
-        lib.dl_rope(st.p_k, n_kv, hd, st.p_pos, b, self.rope_type, layer.p_freqs)
+        lib.dl_rope_qk(st.p_q, n_q, st.p_k, n_kv, hd, st.p_pos, b, self.rope_type, layer.p_freqs)
         p_key, p_value, p_rows, pages = st.layer_kv[l]   # the page pool, or a sliding window's ring
-        lib.dl_scatter_rows(p_key, st.p_k, p_rows, b, st.kv_loc)
-        lib.dl_scatter_rows(p_value, st.p_v, p_rows, b, st.kv_loc)
+        lib.dl_scatter_kv(p_key, p_value, st.p_k, st.p_v, p_rows, b, st.kv_loc)
         lib.dl_attention(st.p_z, st.p_q, p_key, p_value, self.p_kv_of_q, n_q, n_kv, hd,
                          st.p_pos, st.p_slot, b, pages, layer.window, self.attn_scale_div)
         if self.quantized:
@@ -783,16 +784,19 @@ class Engine:
         st = self.st
         self._norm_quant(layer.p_ffn_norm, b)
         if layer.w13 is not None:
-            lib.dl_matmul_q40r_q80_n(2, *layer.w13[:3], st.p_xq, layer.w13[3], b)
+            kernel, outs, ws, rows, cols = layer.w13
+            getattr(lib, kernel)(2, outs, ws, rows, st.p_xq, cols, b)
         else:
             layer.w1.matmul(st.p_h1, st.p_xq, st.p_xb, b)
             layer.w3.matmul(st.p_h3, st.p_xq, st.p_xb, b)
         if self.gelu:   # GeGLU (Gemma 3; tanh-approximated GELU)
             lib.dl_gelu_mul(st.p_h1, st.p_h1, st.p_h3, b * st.ffn_loc)
+            if self.quantized:
+                lib.dl_quantize_q80(st.p_hq, st.p_h1, b * st.ffn_loc)
+        elif self.quantized:
+            lib.dl_silu_mul_q80(st.p_hq, st.p_h1, st.p_h1, st.p_h3, st.ffn_loc, b)
         else:
             lib.dl_silu_mul(st.p_h1, st.p_h1, st.p_h3, st.ffn_loc, b)
-        if self.quantized:
-            lib.dl_quantize_q80(st.p_hq, st.p_h1, b * st.ffn_loc)
         layer.w2.matmul(st.p_partial, st.p_hq, st.p_h1, b)
         self._residual(layer.p_ffn_post_norm, b)
 

@@ -70,6 +70,15 @@ class PartialSum:
             self.p_acc, self.p_mine, self.p_gathered = _fptr(self.acc), _qptr(self.mine), _qptr(self.gathered)
             self.tmp = np.zeros(max_batch * dim, np.float32)
             self._per_batch = {}
+            self.one_round = self.n == 2 and self.q80
+            if self.one_round:
+                # two ranks: the ring's reduce-scatter and all-gather move the same bytes as one
+                # all-gather of the whole partials; each rank then sums both chunks itself, in rank
+                # order, and quantizes the sum as the chunk's owner would: the ring's bits, one
+                # message round instead of two (24 -> 9 us per sync on one host, dim 2048)
+                self.both = np.zeros(2 * max_batch * self.row_bytes, np.uint8)
+                self.acc2 = np.zeros(max_batch * dim, np.float32)
+                self.p_both, self.p_acc2 = _qptr(self.both), _fptr(self.acc2)
         self.p_send, self.p_full, self.p_recv = _qptr(self.send), _qptr(self.full), _qptr(self.recv)
         self._x = self._partial = None
 
@@ -101,6 +110,9 @@ class PartialSum:
         if partial is not self._partial:
             self._partial, self._pp = partial, _fptr(partial)
         px, pp = self._px, self._pp
+        if self.q80 and self.n == 1:   # one rank: x += the q80 round trip of its partial, one call
+            lib.dl_add_via_q80(px, self.p_send, pp, n_vals)
+            return
         if self.q80:
             lib.dl_quantize_q80(self.p_send, pp, n_vals)
         else:
@@ -121,6 +133,14 @@ class PartialSum:
         self._ring(x, batch)
 
     def _ring(self, x: np.ndarray, batch: int) -> None:
+        if self.one_round:
+            n_vals, nbytes = batch * self.dim, batch * self.row_bytes
+            self.comm.allgather(self.send[:nbytes], self.both[:2 * nbytes])
+            self.acc2[:n_vals].fill(0.0)
+            lib.dl_add_q80(self.p_acc2, self.p_both, 2, n_vals)
+            lib.dl_quantize_q80(self.p_full, self.p_acc2, n_vals)   # q80 blocks never straddle chunks
+            lib.dl_add_q80(self._px, self.p_full, 1, n_vals)
+            return
         idx, inv, sizes, displs, recv_counts, recv_displs = self._layout(batch)
         ub = self.unit_bytes
         total_units = batch * self.units

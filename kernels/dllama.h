@@ -90,6 +90,8 @@ size_t dl_q80r_bytes(int rows, int cols);
 void dl_repack_q80(void *dst, const dl_block_q80 *src, int rows, int cols);
 void dl_unpack_q80r(dl_block_q80 *dst, const void *src, int rows, int cols);
 void dl_matmul_q80r_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
+void dl_matmul_q80r_q80_n(int n, float *const *out, const void *const *w, const int *rows,
+                          const dl_block_q80 *x, int cols, int batch);   /* as dl_matmul_q40r_q80_n */
 
 /* ---- elementwise / norms (batch rows of n, contiguous) ---- */
 void dl_rmsnorm(float *out, const float *x, const float *w, int n, float eps, int batch);
@@ -135,6 +137,16 @@ void dl_logit_stats(double *out, const float *x, int n, float inv_t, int target,
  * GeGLU: out = gelu_tanh(gate) * up (transformers' gelu_pytorch_tanh), any n; out may alias gate.
  * scale: x *= s (the embedding's sqrt(dim); q when query_pre_attn_scalar != head_dim). ---- */
 void dl_gelu_mul(float *out, const float *gate, const float *up, int64_t n);
+
+/* two kernels the engine calls back to back, in one call (the same bits as the two calls):
+ * rmsnorm then q80 of its output; silu_mul then q80 of its output; x += q80 round trip of partial
+ * (one rank's residual sync, tmp: n / 32 blocks); rope of q and of k; K and V rows into the cache */
+void dl_rmsnorm_q80(dl_block_q80 *yq, float *out, const float *x, const float *w, int n, float eps, int batch);
+void dl_silu_mul_q80(dl_block_q80 *yq, float *out, const float *gate, const float *up, int n, int batch);
+void dl_add_via_q80(float *x, dl_block_q80 *tmp, const float *partial, int64_t n);
+void dl_rope_qk(float *q, int n_q_heads, float *k, int n_kv_heads, int head_dim, const int32_t *pos, int batch,
+                int rope_type, const float *freqs);
+void dl_scatter_kv(float *k_dst, float *v_dst, const float *k, const float *v, const int32_t *rows, int n, int row_len);
 void dl_scale(float *x, float s, int64_t n);
 
 #endif

@@ -914,6 +914,25 @@ def test_q80r_layout_roundtrip_and_size():
             assert np.array_equal(back, w)
 
 
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_q80r_n_equals_each_matrix_alone(isa):
+    """q80r's multi-matrix job (guided split): every output bit-identical to its matrix alone."""
+    r = rng(74)
+    for rows_list, cols, batch in [((64, 16, 16), 256, 1), ((33, 1, 47), 96, 3), ((17, 100, 5, 64, 9), 64, 5)]:
+        ws = [random_q80(r, rows, cols) for rows in rows_list]
+        wrs = [repack_q80(w, rows, cols) for w, rows in zip(ws, rows_list)]
+        x = random_q80(r, batch, cols)
+        for threads in (1, 2, 3):
+            use(isa, threads)
+            alone = [matmul_q80r(wr, x, rows, cols, batch) for wr, rows in zip(wrs, rows_list)]
+            outs = [np.full((batch, rows), np.nan, np.float32) for rows in rows_list]
+            lib.dl_matmul_q80r_q80_n(len(rows_list), ffi.new("float *[]", [ptr(o) for o in outs]),
+                                     ffi.new("void *[]", [ffi.cast("void *", w.ctypes.data) for w in wrs]),
+                                     ffi.new("int[]", list(rows_list)), ptr(x, "dl_block_q80"), cols, batch)
+            for o, a in zip(outs, alone):
+                assert np.array_equal(o, a)
+
+
 def test_q80r_scalar_bitwise_equals_plain_scalar():
     r = rng(71)
     use(K.ISA_SCALAR)
@@ -1014,3 +1033,47 @@ def test_q80_f16_matmul_rows_are_batch_invariant(isa):
             assert np.array_equal(t_plain[b], K.matmul_q80_q80(w, xb, rows, cols, 1)[0]), ("q80", b)
             assert np.array_equal(t_rep[b], matmul_q80r(wr, xb, rows, cols, 1)[0]), ("q80r", b)
             assert np.array_equal(t16[b], K.matmul_f16_f32(w16, x32[b], rows, cols, 1)[0]), ("f16", b)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_fused_pairs_equal_the_two_calls(isa):
+    """dl_rmsnorm_q80, dl_silu_mul_q80, dl_add_via_q80, dl_rope_qk, dl_scatter_kv: the same bits as
+    the two kernels called one after the other."""
+    use(isa, 2)
+    r = rng(90)
+    n, batch = 320, 3
+    f = lambda a: ptr(a)  # noqa: E731
+    q80 = lambda a: ptr(a, "dl_block_q80")  # noqa: E731
+    x, w = r.standard_normal(n * batch).astype(np.float32), r.standard_normal(n).astype(np.float32)
+    yq_a, yq_b = np.zeros(n * batch // 32 * 34, np.uint8), np.zeros(n * batch // 32 * 34, np.uint8)
+    out_a, out_b = np.zeros(n * batch, np.float32), np.zeros(n * batch, np.float32)
+    lib.dl_rmsnorm(f(out_a), f(x), f(w), n, 1e-5, batch)
+    lib.dl_quantize_q80(q80(yq_a), f(out_a), n * batch)
+    lib.dl_rmsnorm_q80(q80(yq_b), f(out_b), f(x), f(w), n, 1e-5, batch)
+    assert np.array_equal(out_a, out_b) and np.array_equal(yq_a, yq_b)
+    up = r.standard_normal(n * batch).astype(np.float32)
+    lib.dl_silu_mul(f(out_a), f(x), f(up), n, batch)
+    lib.dl_quantize_q80(q80(yq_a), f(out_a), n * batch)
+    lib.dl_silu_mul_q80(q80(yq_b), f(out_b), f(x), f(up), n, batch)
+    assert np.array_equal(out_a, out_b) and np.array_equal(yq_a, yq_b)
+    acc_a, acc_b = up.copy(), up.copy()
+    lib.dl_quantize_q80(q80(yq_a), f(x), n * batch)
+    lib.dl_add_q80(f(acc_a), q80(yq_a), 1, n * batch)
+    lib.dl_add_via_q80(f(acc_b), q80(yq_b), f(x), n * batch)
+    assert np.array_equal(acc_a, acc_b)
+    hd, nq, nkv = 64, 4, 2
+    pos = np.array([3, 17, 200], np.int32)
+    freqs = (1.0 / 10000 ** (np.arange(0, hd, 2) / hd)).astype(np.float32)
+    for rope_type in (0, 1):
+        qa, ka = r.standard_normal(batch * nq * hd).astype(np.float32), r.standard_normal(batch * nkv * hd).astype(np.float32)
+        qb, kb = qa.copy(), ka.copy()
+        p_pos = ffi.cast("int32_t *", pos.ctypes.data)
+        lib.dl_rope(f(qa), nq, hd, p_pos, batch, rope_type, f(freqs))
+        lib.dl_rope(f(ka), nkv, hd, p_pos, batch, rope_type, f(freqs))
+        lib.dl_rope_qk(f(qb), nq, f(kb), nkv, hd, p_pos, batch, rope_type, f(freqs))
+        assert np.array_equal(qa, qb) and np.array_equal(ka, kb)
+    rows = np.array([5, 0, 9], np.int32)
+    kc, vc = np.zeros((10, 32), np.float32), np.zeros((10, 32), np.float32)
+    k, v = r.standard_normal((batch, 32)).astype(np.float32), r.standard_normal((batch, 32)).astype(np.float32)
+    lib.dl_scatter_kv(f(kc), f(vc), f(k), f(v), ffi.cast("int32_t *", rows.ctypes.data), batch, 32)
+    assert np.array_equal(kc[rows], k) and np.array_equal(vc[rows], v) and not kc[[1, 2, 3, 4, 6, 7, 8]].any()

@@ -140,6 +140,38 @@ def test_moe_runs_and_tracks_one_node(world):
     verdict(world, ok, detail)
 
 
+def test_two_rank_ring_in_one_round_gives_the_ring_bits():
+    """At 2 ranks the q80 ring runs as one all-gather plus local sums (PartialSum.one_round): x must
+    come out bit-identical to the two-round reduce-scatter + all-gather, for 1 and several rows."""
+    from dllama_mpi.formats import open_model
+    from dllama_mpi.shard import make_plan
+    from dllama_mpi.sync import PartialSum
+
+    world = MPI.COMM_WORLD
+    sub = world.Split(0 if world.rank < 2 else MPI.UNDEFINED)
+    ok, detail = True, ""
+    if sub != MPI.COMM_NULL:
+        comm = Comm(sub)
+        h = open_model(model_path("tiny_llama_q40")).header
+        plan = make_plan(h, 2)
+        r = np.random.default_rng(comm.rank)
+        for batch in (1, 3):
+            part = r.standard_normal((4, h.dim)).astype(np.float32)
+            x0 = np.random.default_rng(7).standard_normal((4, h.dim)).astype(np.float32)
+            got = []
+            for one in (True, False):
+                ps = PartialSum(comm, plan, h.dim, 4, "q80", "ring")
+                assert ps.one_round
+                ps.one_round = one
+                x = x0.copy()
+                ps(x, part, batch)
+                got.append(x)
+            same = np.array_equal(got[0], got[1])
+            ok, detail = ok and same, (detail, batch, same)
+        sub.Free()
+    verdict(Comm(world), ok, detail)
+
+
 def test_ring_sends_at_most_half_of_dllama_from_four_nodes(world):
     from dllama_mpi.formats import Q40, ModelHeader
     from dllama_mpi.shard import make_plan
