@@ -118,6 +118,17 @@ def _fused(st, mats, outs):
             ffi.new("int[]", [m.rows for m in mats]), mats[0].cols)
 
 
+def _matmuls(fused, mats, outs, st, b: int) -> None:
+    """mats[i] times the layer input into outs[i]: one fused call (_fused), or one call each."""
+    if fused is not None:
+        kernel, p_outs, p_ws, p_rows, cols = fused
+        # looked up per call, as in Matrix.matmul (the benchmark's profiler swaps `lib`)
+        getattr(lib, kernel)(len(mats), p_outs, p_ws, p_rows, st.p_xq, cols, b)
+        return
+    for m, out in zip(mats, outs):
+        m.matmul(out, st.p_xq, st.p_xb, b)
+
+
 def _drop_pages(model: ModelFile | None, t: TensorInfo) -> None:
     """After a repack copied a tensor out of the root's map, let the kernel drop its file pages
     (they would otherwise count in the root's RSS next to the repacked copy)."""
@@ -759,13 +770,7 @@ class Engine:
     def _attention(self, l: int, layer: Layer, b: int) -> None:
         st, hd = self.st, self.h.head_size
         self._norm_quant(layer.p_attn_norm, b)
-        if layer.qkv is not None:
-            kernel, outs, ws, rows, cols = layer.qkv
-            getattr(lib, kernel)(3, outs, ws, rows, st.p_xq, cols, b)
-        else:
-            layer.wq.matmul(st.p_q, st.p_xq, st.p_xb, b)
-            layer.wk.matmul(st.p_k, st.p_xq, st.p_xb, b)
-            layer.wv.matmul(st.p_v, st.p_xq, st.p_xb, b)
+        _matmuls(layer.qkv, (layer.wq, layer.wk, layer.wv), (st.p_q, st.p_k, st.p_v), st, b)
         n_q, n_kv = st.q_loc // hd, st.kv_loc // hd
         if layer.p_q_norm is not None:  # Qwen3, Gemma 3: per-head RMSNorm of q and k before rope
             lib.dl_rmsnorm(st.p_q, st.p_q, layer.p_q_norm, hd, self.eps, b * n_q)
@@ -783,12 +788,7 @@ class Engine:
     def _ffn(self, layer: Layer, b: int) -> None:
         st = self.st
         self._norm_quant(layer.p_ffn_norm, b)
-        if layer.w13 is not None:
-            kernel, outs, ws, rows, cols = layer.w13
-            getattr(lib, kernel)(2, outs, ws, rows, st.p_xq, cols, b)
-        else:
-            layer.w1.matmul(st.p_h1, st.p_xq, st.p_xb, b)
-            layer.w3.matmul(st.p_h3, st.p_xq, st.p_xb, b)
+        _matmuls(layer.w13, (layer.w1, layer.w3), (st.p_h1, st.p_h3), st, b)
         if self.gelu:   # GeGLU (Gemma 3; tanh-approximated GELU)
             lib.dl_gelu_mul(st.p_h1, st.p_h1, st.p_h3, b * st.ffn_loc)
             if self.quantized:

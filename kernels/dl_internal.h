@@ -122,6 +122,18 @@ static inline size_t dl_r16_stride(int nb, size_t bb) { return (size_t)((nb + 1)
 static inline size_t dl_r16_scales(int k, size_t bb) { return (size_t)(k >> 1) * dl_r16_pair(bb) + (size_t)(k & 1) * 32; }
 static inline size_t dl_r16_codes(int k, size_t bb) { return (size_t)(k >> 1) * dl_r16_pair(bb) + 64 + (size_t)(k & 1) * bb; }
 
+/* One parallel job over the groups of up to DL_R16_MAX_N repacked matrices that multiply the same
+ * x (q, k and v; gate and up), handed out guided or static (kernels/repack.c). `group` computes
+ * groups [g0, g1) of one matrix; with `simd` set, x is first prepared into a scratch buffer of
+ * xp_bytes by `prep` and `simd` runs instead of `scalar` (out of memory: the scalar reference). */
+#define DL_R16_MAX_N 4
+typedef void (*dl_r16_group_fn)(float *, const uint8_t *, const dl_block_q80 *, const uint8_t *, int, int, int,
+                                int, int);
+typedef void (*dl_r16_prep_fn)(uint8_t *, const dl_block_q80 *, int, int);
+void dl_r16_matmul_n(int n, float *const *out, const void *const *w, const int *rows, const dl_block_q80 *x,
+                     int cols, int batch, dl_r16_group_fn scalar, dl_r16_group_fn simd, dl_r16_prep_fn prep,
+                     size_t xp_bytes, int guided);
+
 static inline uint16_t dl_ld16(const void *p) { uint16_t v; __builtin_memcpy(&v, p, 2); return v; }
 static inline int32_t dl_ld32(const void *p) { int32_t v; __builtin_memcpy(&v, p, 4); return v; }
 

@@ -524,53 +524,11 @@ static DL_TARGET_DOTPROD void q80r_groups_dotprod(float *out, const uint8_t *w, 
 #endif
 #endif /* DL_NEON */
 
-typedef void (*q80r_fn)(float *, const uint8_t *, const dl_block_q80 *, const uint8_t *, int, int, int, int, int);
-
-#define Q80R_MAX_N 4   /* matrices of one dl_matmul_q80r_q80_n call */
-
-typedef struct {
-    float *out[Q80R_MAX_N];
-    const uint8_t *w[Q80R_MAX_N];
-    int rows[Q80R_MAX_N];
-    int64_t first[Q80R_MAX_N + 1];   /* matrix i holds groups [first[i], first[i + 1]) of the job */
-    int n;
-    const dl_block_q80 *x;
-    const uint8_t *xp;
-    int cols, batch;
-    q80r_fn fn;
-} q80r_ctx;
-
-static void q80r_range(void *vctx, int64_t s, int64_t e) {
-    q80r_ctx *c = (q80r_ctx *)vctx;
-    for (int i = 0; i < c->n && s < e; i++) {
-        const int64_t a = s > c->first[i] ? s : c->first[i];
-        const int64_t b = e < c->first[i + 1] ? e : c->first[i + 1];
-        if (a < b)
-            c->fn(c->out[i], c->w[i], c->x, c->xp, (int)(a - c->first[i]), (int)(b - c->first[i]), c->rows[i],
-                  c->cols, c->batch);
-    }
-}
-
 /* as dl_matmul_q40r_q80_n (kernels/repack.c): n matrices with the same x in one guided job */
 void dl_matmul_q80r_q80_n(int n, float *const *out, const void *const *w, const int *rows,
                           const dl_block_q80 *x, int cols, int batch) {
-    if (n <= 0 || batch <= 0) return;
-    if (n > Q80R_MAX_N) {   /* in parts */
-        dl_matmul_q80r_q80_n(Q80R_MAX_N, out, w, rows, x, cols, batch);
-        dl_matmul_q80r_q80_n(n - Q80R_MAX_N, out + Q80R_MAX_N, w + Q80R_MAX_N, rows + Q80R_MAX_N, x, cols, batch);
-        return;
-    }
-    q80r_ctx c = {.n = n, .x = x, .xp = NULL, .cols = cols, .batch = batch, .fn = q80r_groups_scalar};
-    c.first[0] = 0;
-    for (int i = 0; i < n; i++) {
-        c.out[i] = out[i];
-        c.w[i] = (const uint8_t *)w[i];
-        c.rows[i] = rows[i] > 0 ? rows[i] : 0;
-        c.first[i + 1] = c.first[i] + (c.rows[i] + G80 - 1) / G80;
-    }
-    if (c.first[n] == 0) return;
     const int isa = dl_get_isa();
-    q80r_fn fn = NULL;
+    dl_r16_group_fn fn = NULL;
 #if DL_X86
     if (isa == DL_ISA_AVX512) fn = q80r_groups_avx512;
     if (isa == DL_ISA_AVX2) fn = q80r_groups_avx2;
@@ -581,15 +539,8 @@ void dl_matmul_q80r_q80_n(int n, float *const *out, const void *const *w, const 
     if (isa == DL_ISA_NEON_DOTPROD) fn = q80r_groups_dotprod;
 #endif
 #endif
-    if (fn) {   /* SIMD paths read prepared activations (out of memory: the scalar reference) */
-        uint8_t *xp = (uint8_t *)dl_scratch(r80_xstride(cols) * (size_t)batch);
-        if (xp) {
-            r80_xprep(xp, x, cols, batch);
-            c.xp = xp;
-            c.fn = fn;
-        }
-    }
-    dl_parallel_for_guided(c.first[n], 1, q80r_range, &c);
+    dl_r16_matmul_n(n, out, w, rows, x, cols, batch, q80r_groups_scalar, fn, r80_xprep,
+                    r80_xstride(cols) * (size_t)(batch > 0 ? batch : 0), 1);
 }
 
 void dl_matmul_q80r_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch) {

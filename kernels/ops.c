@@ -511,52 +511,26 @@ void dl_axpy_rows_scalar(float *y, const float *a, const float *rows, size_t str
 
 /* the fused paths: y[j] = fma(a[i], row_i[j], y[j]) for every element, whatever the vector width */
 #if DL_X86
+/* W registers (8 columns each) of y kept over all n rows: W independent FMA chains (the chains'
+ * latency, not the FMA ports, bounds this loop: a 64-wide head in one pass of 8, not two of 4) */
+DL_INLINE DL_TARGET_AVX2 void axpy_cols_avx2(float *y, const float *a, const float *rows, size_t stride, int n,
+                                            const int W) {
+    __m256 acc[8];
+    for (int j = 0; j < W; j++) acc[j] = _mm256_loadu_ps(y + 8 * j);
+    for (int i = 0; i < n; i++) {
+        const float *r = rows + (size_t)i * stride;
+        const __m256 va = _mm256_set1_ps(a[i]);
+        for (int j = 0; j < W; j++) acc[j] = _mm256_fmadd_ps(va, _mm256_loadu_ps(r + 8 * j), acc[j]);
+    }
+    for (int j = 0; j < W; j++) _mm256_storeu_ps(y + 8 * j, acc[j]);
+}
+
 DL_INLINE DL_TARGET_AVX2 void axpy_rows_avx2_body(float *y, const float *a, const float *rows, size_t stride,
                                                   int n, int hd) {
     int c = 0;
-    /* 64 columns at a time: 8 independent FMA chains (the chains' latency, not the FMA ports, bounds
-     * this loop: with 4 chains a 64-wide head took two passes over the rows) */
-    for (; c + 64 <= hd; c += 64) {
-        __m256 y0 = _mm256_loadu_ps(y + c), y1 = _mm256_loadu_ps(y + c + 8);
-        __m256 y2 = _mm256_loadu_ps(y + c + 16), y3 = _mm256_loadu_ps(y + c + 24);
-        __m256 y4 = _mm256_loadu_ps(y + c + 32), y5 = _mm256_loadu_ps(y + c + 40);
-        __m256 y6 = _mm256_loadu_ps(y + c + 48), y7 = _mm256_loadu_ps(y + c + 56);
-        for (int i = 0; i < n; i++) {
-            const float *r = rows + (size_t)i * stride + c;
-            const __m256 va = _mm256_set1_ps(a[i]);
-            y0 = _mm256_fmadd_ps(va, _mm256_loadu_ps(r), y0);
-            y1 = _mm256_fmadd_ps(va, _mm256_loadu_ps(r + 8), y1);
-            y2 = _mm256_fmadd_ps(va, _mm256_loadu_ps(r + 16), y2);
-            y3 = _mm256_fmadd_ps(va, _mm256_loadu_ps(r + 24), y3);
-            y4 = _mm256_fmadd_ps(va, _mm256_loadu_ps(r + 32), y4);
-            y5 = _mm256_fmadd_ps(va, _mm256_loadu_ps(r + 40), y5);
-            y6 = _mm256_fmadd_ps(va, _mm256_loadu_ps(r + 48), y6);
-            y7 = _mm256_fmadd_ps(va, _mm256_loadu_ps(r + 56), y7);
-        }
-        _mm256_storeu_ps(y + c, y0); _mm256_storeu_ps(y + c + 8, y1);
-        _mm256_storeu_ps(y + c + 16, y2); _mm256_storeu_ps(y + c + 24, y3);
-        _mm256_storeu_ps(y + c + 32, y4); _mm256_storeu_ps(y + c + 40, y5);
-        _mm256_storeu_ps(y + c + 48, y6); _mm256_storeu_ps(y + c + 56, y7);
-    }
-    for (; c + 32 <= hd; c += 32) {
-        __m256 y0 = _mm256_loadu_ps(y + c), y1 = _mm256_loadu_ps(y + c + 8);
-        __m256 y2 = _mm256_loadu_ps(y + c + 16), y3 = _mm256_loadu_ps(y + c + 24);
-        for (int i = 0; i < n; i++) {
-            const float *r = rows + (size_t)i * stride + c;
-            const __m256 va = _mm256_set1_ps(a[i]);
-            y0 = _mm256_fmadd_ps(va, _mm256_loadu_ps(r), y0);
-            y1 = _mm256_fmadd_ps(va, _mm256_loadu_ps(r + 8), y1);
-            y2 = _mm256_fmadd_ps(va, _mm256_loadu_ps(r + 16), y2);
-            y3 = _mm256_fmadd_ps(va, _mm256_loadu_ps(r + 24), y3);
-        }
-        _mm256_storeu_ps(y + c, y0); _mm256_storeu_ps(y + c + 8, y1);
-        _mm256_storeu_ps(y + c + 16, y2); _mm256_storeu_ps(y + c + 24, y3);
-    }
-    for (; c + 8 <= hd; c += 8) {
-        __m256 y0 = _mm256_loadu_ps(y + c);
-        for (int i = 0; i < n; i++) y0 = _mm256_fmadd_ps(_mm256_set1_ps(a[i]), _mm256_loadu_ps(rows + (size_t)i * stride + c), y0);
-        _mm256_storeu_ps(y + c, y0);
-    }
+    for (; c + 64 <= hd; c += 64) axpy_cols_avx2(y + c, a, rows + c, stride, n, 8);
+    for (; c + 32 <= hd; c += 32) axpy_cols_avx2(y + c, a, rows + c, stride, n, 4);
+    for (; c + 8 <= hd; c += 8) axpy_cols_avx2(y + c, a, rows + c, stride, n, 1);
     for (; c < hd; c++)
         for (int i = 0; i < n; i++) y[c] = fmaf(a[i], rows[(size_t)i * stride + c], y[c]);
 }

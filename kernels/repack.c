@@ -581,24 +581,19 @@ static DL_TARGET_DOTPROD void q40r_groups_dotprod(float *out, const uint8_t *w, 
 /* entry point: whole groups per thread (16 rows = 64 bytes of output per batch row: with a 64-byte
  * aligned `out` no two threads write the same cache line) */
 
-typedef void (*q40r_fn)(float *, const uint8_t *, const dl_block_q80 *, const uint8_t *, int, int, int, int, int);
-
-#define Q40R_MAX_N 4   /* matrices of one dl_matmul_q40r_q80_n call */
-
 typedef struct {
-    float *out[Q40R_MAX_N];
-    const uint8_t *w[Q40R_MAX_N];
-    int rows[Q40R_MAX_N];
-    int64_t first[Q40R_MAX_N + 1];   /* matrix i holds groups [first[i], first[i + 1]) of the job */
-    int n;
+    float *out[DL_R16_MAX_N];
+    const uint8_t *w[DL_R16_MAX_N];
+    int rows[DL_R16_MAX_N];
+    int64_t first[DL_R16_MAX_N + 1];   /* matrix i holds groups [first[i], first[i + 1]) of the job */
+    int n, cols, batch;
     const dl_block_q80 *x;
     const uint8_t *xp;
-    int cols, batch;
-    q40r_fn fn;
-} q40r_ctx;
+    dl_r16_group_fn fn;
+} r16_job;
 
-static void q40r_range(void *vctx, int64_t s, int64_t e) {
-    q40r_ctx *c = (q40r_ctx *)vctx;
+static void r16_range(void *vctx, int64_t s, int64_t e) {
+    r16_job *c = (r16_job *)vctx;
     for (int i = 0; i < c->n && s < e; i++) {
         const int64_t a = s > c->first[i] ? s : c->first[i];
         const int64_t b = e < c->first[i + 1] ? e : c->first[i + 1];
@@ -608,17 +603,17 @@ static void q40r_range(void *vctx, int64_t s, int64_t e) {
     }
 }
 
-/* n matrices with the same input x (q, k and v; gate and up): one parallel job over all their
- * groups, x prepared once. Each output is what dl_matmul_q40r_q80 gives for its matrix alone. */
-void dl_matmul_q40r_q80_n(int n, float *const *out, const void *const *w, const int *rows,
-                          const dl_block_q80 *x, int cols, int batch) {
+void dl_r16_matmul_n(int n, float *const *out, const void *const *w, const int *rows, const dl_block_q80 *x,
+                     int cols, int batch, dl_r16_group_fn scalar, dl_r16_group_fn simd, dl_r16_prep_fn prep,
+                     size_t xp_bytes, int guided) {
     if (n <= 0 || batch <= 0) return;
-    if (n > Q40R_MAX_N) {   /* in parts */
-        dl_matmul_q40r_q80_n(Q40R_MAX_N, out, w, rows, x, cols, batch);
-        dl_matmul_q40r_q80_n(n - Q40R_MAX_N, out + Q40R_MAX_N, w + Q40R_MAX_N, rows + Q40R_MAX_N, x, cols, batch);
+    if (n > DL_R16_MAX_N) {   /* in parts */
+        dl_r16_matmul_n(DL_R16_MAX_N, out, w, rows, x, cols, batch, scalar, simd, prep, xp_bytes, guided);
+        dl_r16_matmul_n(n - DL_R16_MAX_N, out + DL_R16_MAX_N, w + DL_R16_MAX_N, rows + DL_R16_MAX_N, x, cols,
+                        batch, scalar, simd, prep, xp_bytes, guided);
         return;
     }
-    q40r_ctx c = {.n = n, .x = x, .xp = NULL, .cols = cols, .batch = batch, .fn = q40r_groups_scalar};
+    r16_job c = {.n = n, .cols = cols, .batch = batch, .x = x, .xp = NULL, .fn = scalar};
     c.first[0] = 0;
     for (int i = 0; i < n; i++) {
         c.out[i] = out[i];
@@ -627,8 +622,23 @@ void dl_matmul_q40r_q80_n(int n, float *const *out, const void *const *w, const 
         c.first[i + 1] = c.first[i] + (c.rows[i] + G - 1) / G;
     }
     if (c.first[n] == 0) return;
+    if (simd) {
+        uint8_t *xp = (uint8_t *)dl_scratch(xp_bytes);
+        if (xp) {
+            prep(xp, x, cols, batch);
+            c.xp = xp;
+            c.fn = simd;
+        }
+    }
+    (guided ? dl_parallel_for_guided : dl_parallel_for)(c.first[n], 1, r16_range, &c);
+}
+
+/* n matrices with the same input x (q, k and v; gate and up): one parallel job over all their
+ * groups, x prepared once. Each output is what dl_matmul_q40r_q80 gives for its matrix alone. */
+void dl_matmul_q40r_q80_n(int n, float *const *out, const void *const *w, const int *rows,
+                          const dl_block_q80 *x, int cols, int batch) {
     const int isa = dl_get_isa();
-    q40r_fn fn = NULL;
+    dl_r16_group_fn fn = NULL;
 #if DL_X86
     if (isa == DL_ISA_AVX512) fn = q40r_groups_avx512;
     if (isa == DL_ISA_AVX2) fn = q40r_groups_avx2;
@@ -639,16 +649,9 @@ void dl_matmul_q40r_q80_n(int n, float *const *out, const void *const *w, const 
     if (isa == DL_ISA_NEON_DOTPROD) fn = q40r_groups_dotprod;
 #endif
 #endif
-    if (fn) {   /* SIMD paths read prepared activations (out of memory: the scalar reference) */
-        uint8_t *xp = (uint8_t *)dl_scratch(xr_stride(cols) * (size_t)batch);
-        if (xp) {
-            xr_prep(xp, x, cols, batch);
-            c.xp = xp;
-            c.fn = fn;
-            q40r_tune(isa);
-        }
-    }
-    (q40r_guided ? dl_parallel_for_guided : dl_parallel_for)(c.first[n], 1, q40r_range, &c);
+    if (fn) q40r_tune(isa);   /* SIMD paths read prepared activations */
+    dl_r16_matmul_n(n, out, w, rows, x, cols, batch, q40r_groups_scalar, fn, xr_prep,
+                    xr_stride(cols) * (size_t)(batch > 0 ? batch : 0), q40r_guided);
 }
 
 void dl_matmul_q40r_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch) {

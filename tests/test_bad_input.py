@@ -282,15 +282,26 @@ def _unreadable_prefix():
     return [setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}"]
 
 
-def _our_processes(tag: str, grace: float = 5.0) -> list[int]:
+def _our_processes(tag: str, grace: float = 15.0) -> list[int]:
     """Live processes started with DLLAMA_TEST_TAG=tag, after waiting up to `grace` s for them to go
-    (mpiexec may return a moment before hydra's proxies are reaped)."""
+    (mpiexec may return a moment before hydra's proxies are reaped; on a 2-core CI host busy with
+    the rest of the suite one once took longer than 5 s)."""
     deadline = time.time() + grace
     while True:
         left = _tagged(tag)
         if not left or time.time() > deadline:
             return left
         time.sleep(0.05)
+
+
+def _describe(pid: int) -> str:
+    """pid, state and command line, for a failure message"""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+        return f"{pid} [{stat}] {cmd[:200]}"
+    except OSError:
+        return f"{pid} (gone)"
 
 
 def _tagged(tag: str) -> list[int]:
@@ -316,7 +327,7 @@ def run_case(argv, n, tmp, prefix=(), stdin=subprocess.DEVNULL, timeout=40):
     r = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=stdin, env=env, cwd=tmp)
     dt = time.time() - t
     left = _our_processes(tag)
-    assert not left, f"processes left behind: {left}"
+    assert not left, f"processes left behind: {[_describe(p) for p in left]}"
     return r, dt
 
 

@@ -762,26 +762,28 @@ def test_q40r_layout_roundtrip_and_size():
 
 
 @pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
-@pytest.mark.parametrize("guided", [1, 0])
-def test_q40r_n_equals_each_matrix_alone(isa, guided):
-    """One job over several matrices with the same x (q/k/v, gate/up), static or guided thread
-    split: every output bit-identical to that matrix's own call."""
+@pytest.mark.parametrize("wtype,guided", [("q40", 1), ("q40", 0), ("q80", 1)])
+def test_multi_matrix_job_equals_each_matrix_alone(isa, wtype, guided):
+    """One job over several matrices with the same x (q/k/v, gate/up: dl_matmul_q40r_q80_n and
+    _q80r_), static or guided thread split, more matrices than one job takes: every output
+    bit-identical to that matrix's own call."""
     r = rng(44)
+    make, repack, alone_fn = ((random_q40, repack_q40, matmul_q40r) if wtype == "q40" else
+                              (random_q80, repack_q80, matmul_q80r))
+    multi = lib.dl_matmul_q40r_q80_n if wtype == "q40" else lib.dl_matmul_q80r_q80_n
     lib.dl_q40r_guided(guided)
     try:
         for rows_list, cols, batch in [((64, 16, 16), 256, 1), ((33, 1, 47), 96, 3), ((48, 21), 2080, 1),
-                                       ((17, 100, 5, 64), 64, 9)]:
-            ws = [random_q40(r, rows, cols) for rows in rows_list]
-            wrs = [repack_q40(w, rows, cols) for w, rows in zip(ws, rows_list)]
+                                       ((17, 100, 5, 64, 9), 64, 9)]:
+            wrs = [repack(make(r, rows, cols), rows, cols) for rows in rows_list]
             x = random_q80(r, batch, cols)
             for threads in (1, 2, 3):
                 use(isa, threads)
-                alone = [matmul_q40r(wr, x, rows, cols, batch) for wr, rows in zip(wrs, rows_list)]
+                alone = [alone_fn(wr, x, rows, cols, batch) for wr, rows in zip(wrs, rows_list)]
                 outs = [np.full((batch, rows), np.nan, np.float32) for rows in rows_list]
-                n = len(rows_list)
-                lib.dl_matmul_q40r_q80_n(n, ffi.new("float *[]", [ptr(o) for o in outs]),
-                                         ffi.new("void *[]", [ffi.cast("void *", w.ctypes.data) for w in wrs]),
-                                         ffi.new("int[]", list(rows_list)), ptr(x, "dl_block_q80"), cols, batch)
+                multi(len(rows_list), ffi.new("float *[]", [ptr(o) for o in outs]),
+                      ffi.new("void *[]", [ffi.cast("void *", w.ctypes.data) for w in wrs]),
+                      ffi.new("int[]", list(rows_list)), ptr(x, "dl_block_q80"), cols, batch)
                 for o, a in zip(outs, alone):
                     assert np.array_equal(o, a)
     finally:
@@ -912,25 +914,6 @@ def test_q80r_layout_roundtrip_and_size():
             check_r16_positions(wr, w, rows, cols, 512)
             lib.dl_unpack_q80r(ptr(back, "dl_block_q80"), ffi.cast("void *", wr.ctypes.data), rows, cols)
             assert np.array_equal(back, w)
-
-
-@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
-def test_q80r_n_equals_each_matrix_alone(isa):
-    """q80r's multi-matrix job (guided split): every output bit-identical to its matrix alone."""
-    r = rng(74)
-    for rows_list, cols, batch in [((64, 16, 16), 256, 1), ((33, 1, 47), 96, 3), ((17, 100, 5, 64, 9), 64, 5)]:
-        ws = [random_q80(r, rows, cols) for rows in rows_list]
-        wrs = [repack_q80(w, rows, cols) for w, rows in zip(ws, rows_list)]
-        x = random_q80(r, batch, cols)
-        for threads in (1, 2, 3):
-            use(isa, threads)
-            alone = [matmul_q80r(wr, x, rows, cols, batch) for wr, rows in zip(wrs, rows_list)]
-            outs = [np.full((batch, rows), np.nan, np.float32) for rows in rows_list]
-            lib.dl_matmul_q80r_q80_n(len(rows_list), ffi.new("float *[]", [ptr(o) for o in outs]),
-                                     ffi.new("void *[]", [ffi.cast("void *", w.ctypes.data) for w in wrs]),
-                                     ffi.new("int[]", list(rows_list)), ptr(x, "dl_block_q80"), cols, batch)
-            for o, a in zip(outs, alone):
-                assert np.array_equal(o, a)
 
 
 def test_q80r_scalar_bitwise_equals_plain_scalar():
