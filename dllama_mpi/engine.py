@@ -108,7 +108,7 @@ class Matrix:
         getattr(lib, self._kernel)(out, self.ptr, xq if self._quantized_input else xf, self.rows, self.cols, batch)
 
 
-def _fused(st, mats, outs):
+def _fused(mats, outs):
     """(kernel, outs, weights, rows, cols): one dl_matmul_q40r_q80_n / dl_matmul_q80r_q80_n call over
     `mats` (all repacked, of one type and width), or None: then each matrix is called alone."""
     if any(m is None or not m.repacked for m in mats) or len({(m.ftype, m.cols) for m in mats}) != 1:
@@ -553,8 +553,8 @@ class Engine:
         # and one parallel job for the set (dl_matmul_q40r_q80_n / _q80r_), not one per matrix
         st = self.st
         for layer in weights.layers:
-            layer.qkv = _fused(st, (layer.wq, layer.wk, layer.wv), (st.p_q, st.p_k, st.p_v))
-            layer.w13 = _fused(st, (layer.w1, layer.w3), (st.p_h1, st.p_h3))
+            layer.qkv = _fused((layer.wq, layer.wk, layer.wv), (st.p_q, st.p_k, st.p_v))
+            layer.w13 = _fused((layer.w1, layer.w3), (st.p_h1, st.p_h3))
 
     # ---- the root's entry points ----------------------------------------------------------
 

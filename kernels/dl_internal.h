@@ -122,10 +122,11 @@ static inline size_t dl_r16_stride(int nb, size_t bb) { return (size_t)((nb + 1)
 static inline size_t dl_r16_scales(int k, size_t bb) { return (size_t)(k >> 1) * dl_r16_pair(bb) + (size_t)(k & 1) * 32; }
 static inline size_t dl_r16_codes(int k, size_t bb) { return (size_t)(k >> 1) * dl_r16_pair(bb) + 64 + (size_t)(k & 1) * bb; }
 
-/* One parallel job over the groups of up to DL_R16_MAX_N repacked matrices that multiply the same
- * x (q, k and v; gate and up), handed out guided or static (kernels/repack.c). `group` computes
- * groups [g0, g1) of one matrix; with `simd` set, x is first prepared into a scratch buffer of
- * xp_bytes by `prep` and `simd` runs instead of `scalar` (out of memory: the scalar reference). */
+/* One parallel job over the groups of n repacked matrices that multiply the same x (q, k and v;
+ * gate and up; more than DL_R16_MAX_N run as several jobs), handed out guided or static
+ * (kernels/repack.c). `scalar` / `simd` compute groups [g0, g1) of one matrix; with `simd` set, x
+ * is first prepared into a scratch buffer of xp_bytes by `prep` and `simd` runs instead of `scalar`
+ * (scratch out of memory: the scalar reference). */
 #define DL_R16_MAX_N 4
 typedef void (*dl_r16_group_fn)(float *, const uint8_t *, const dl_block_q80 *, const uint8_t *, int, int, int,
                                 int, int);

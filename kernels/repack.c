@@ -95,20 +95,18 @@ void dl_unpack_q40r(dl_block_q40 *dst, const void *src, int rows, int cols) {
  * prefetch (it cost 15-25 % on every split there); AVX2 one stream per thread (at 2 threads 1
  * stream read at the probe's rate, 4 streams 20-30 % below it; at 1 thread all within noise),
  * AVX-512 4 streams (1, 2 and 4 within noise; at 2 ranks x 1 thread AVX2 with 1, 2 and 4 streams
- * too). DLLAMA_Q40R_PF and DLLAMA_Q40R_SPLIT override the defaults. The earlier layout (scales in a region ahead of the
- * codes) needed several streams and a prefetch to hide its restarts. */
+ * too). DLLAMA_Q40R_PF and DLLAMA_Q40R_SPLIT override the defaults. The earlier layout (scales in
+ * a region ahead of the codes) needed several streams and a prefetch to hide its restarts. */
 static int q40r_pf_set = -1, q40r_split_set = 0;
 static int q40r_pf, q40r_split = 4, q40r_guided = 1;
 
-static int q40r_pf_default(int isa) {
+static int q40r_pf_default(void) {
     static int env = -2;   /* -2: not read yet, -1: unset */
     if (env == -2) {
         const char *e = getenv("DLLAMA_Q40R_PF");
         env = e && atoi(e) >= 0 ? atoi(e) : -1;
     }
-    if (env >= 0) return env;
-    (void)isa;
-    return 0;
+    return env >= 0 ? env : 0;
 }
 
 static int q40r_split_default(int isa) {
@@ -122,7 +120,7 @@ static int q40r_split_default(int isa) {
 }
 
 static void q40r_tune(int isa) {
-    q40r_pf = q40r_pf_set >= 0 ? q40r_pf_set : q40r_pf_default(isa);
+    q40r_pf = q40r_pf_set >= 0 ? q40r_pf_set : q40r_pf_default();
     q40r_split = q40r_split_set > 0 ? q40r_split_set : q40r_split_default(isa);
 }
 
@@ -131,7 +129,6 @@ int dl_q40r_prefetch(int bytes) {
     q40r_tune(dl_get_isa());
     return q40r_pf;
 }
-
 
 int dl_q40r_split(int n) {
     if (n >= 0) q40r_split_set = n > 4 ? 4 : n;
