@@ -19,7 +19,38 @@ collect_ignore = [] if any(v in os.environ for v in ("PMI_RANK", "PMI_SIZE", "OM
     else ["test_mpi.py"]
 
 
+# The float32 tiny models are not kept in git (tests/data stays under ~10 MB): they are made from the
+# tiny HF checkpoints by this project's converter on first use, and must hash to Distributed Llama's
+# own convert-hf.py output (commit 8d624a7), which is what tests/data once held.
+F32_MODELS = {"tiny_llama": "a02163353b0922f550c1db547225e117f8773b17e868b618639ebfba93bd226a",
+              "tiny_qwen3": "6d2fe676b448b64208779e51a5a03810b8d69dc323c09624d10e826baf1dfa6c"}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def ensure_f32_models() -> None:
+    from dllama_mpi.convert.hf import convert_hf_model
+
+    for name, want in F32_MODELS.items():
+        dst = TINY / "m" / f"dllama_model_{name}_f32.m"
+        if dst.exists() and _sha256(dst) == want:
+            continue
+        # each process (every rank of an mpiexec run) writes its own file, then renames: same bytes
+        tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
+        convert_hf_model(TINY / "hf" / name, tmp, "f32", quiet=True)
+        got = _sha256(tmp)
+        if got != want:
+            tmp.unlink()
+            raise pytest.UsageError(f"{dst.name}: made from tests/data/tiny/hf/{name} it hashes to {got}, "
+                                    f"not to Distributed Llama's {want}")
+        os.replace(tmp, dst)
+
+
 def pytest_configure(config):
+    ensure_f32_models()
     # Under mpiexec every rank is a full pytest session: give each rank its own basetemp, or they
     # race while cleaning the shared one (MPI.md §3).
     if not _under_mpiexec():

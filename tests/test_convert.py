@@ -19,17 +19,20 @@ from dllama_mpi.convert.hf import convert_hf, convert_hf_model, convert_hf_token
 from dllama_mpi.errors import ConvertError
 from dllama_mpi.formats import ARCH_LLAMA, F16, FLOAT_BY_NAME, Q40, Q80, open_model, read_tokenizer
 
+from conftest import F32_MODELS
+
 TINY = Path(__file__).parent / "data" / "tiny"
 HF = TINY / "hf"
 M = TINY / "m"
 T = TINY / "t"
 
-MODELS = [("tiny_llama", "q40"), ("tiny_llama", "f32"), ("tiny_qwen3", "q40"), ("tiny_qwen3", "f32"),
-          ("tiny_qwen3_moe", "q40"), ("tiny_llama", "q80"), ("tiny_llama", "f16")]
+MODELS = [("tiny_llama", "q40"), ("tiny_qwen3", "q40"), ("tiny_qwen3_moe", "q40"), ("tiny_llama", "q80"),
+          ("tiny_llama", "f16")]
 # sha256 of Distributed Llama's convert-hf.py output (commit 8d624a7, torch 2.14, numpy 2.4) for the
-# q80 / f16 models whose files are not kept in tests/data (tests/data/README.md)
+# models whose files are not kept in tests/data (tests/data/README.md); the f32 ones conftest makes
 DL_SHA256 = {("tiny_qwen3", "q80"): "4b5c090028b4f2510c6e157cbd2cad5810bc19b9ec5ac4ab5ad788f1bccbd2f1",
-             ("tiny_qwen3", "f16"): "58fa5b5d37e0f067f9f94f548e7698a0dc3c6786e87a183d10e8480661c048fc"}
+             ("tiny_qwen3", "f16"): "58fa5b5d37e0f067f9f94f548e7698a0dc3c6786e87a183d10e8480661c048fc",
+             **{(name, "f32"): sha for name, sha in F32_MODELS.items()}}
 TOKENIZERS = [("tiny_llama", "llama3"), ("tiny_qwen3", "qwen3")]
 
 
