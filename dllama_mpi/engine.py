@@ -789,10 +789,10 @@ class Engine:
         st = self.st
         self._norm_quant(layer.p_ffn_norm, b)
         _matmuls(layer.w13, (layer.w1, layer.w3), (st.p_h1, st.p_h3), st, b)
-        if self.gelu:   # GeGLU (Gemma 3; tanh-approximated GELU)
+        if self.gelu and self.quantized:   # GeGLU (Gemma 3; tanh-approximated GELU)
+            lib.dl_gelu_mul_q80(st.p_hq, st.p_h1, st.p_h1, st.p_h3, b * st.ffn_loc)
+        elif self.gelu:
             lib.dl_gelu_mul(st.p_h1, st.p_h1, st.p_h3, b * st.ffn_loc)
-            if self.quantized:
-                lib.dl_quantize_q80(st.p_hq, st.p_h1, b * st.ffn_loc)
         elif self.quantized:
             lib.dl_silu_mul_q80(st.p_hq, st.p_h1, st.p_h1, st.p_h3, st.ffn_loc, b)
         else:

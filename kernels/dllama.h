@@ -139,10 +139,11 @@ void dl_logit_stats(double *out, const float *x, int n, float inv_t, int target,
 void dl_gelu_mul(float *out, const float *gate, const float *up, int64_t n);
 
 /* two kernels the engine calls back to back, in one call (the same bits as the two calls):
- * rmsnorm then q80 of its output; silu_mul then q80 of its output; x += q80 round trip of partial
+ * rmsnorm then q80 of its output; silu_mul (gelu_mul) then q80 of its output; x += q80 round trip of partial
  * (one rank's residual sync, tmp: n / 32 blocks); rope of q and of k; K and V rows into the cache */
 void dl_rmsnorm_q80(dl_block_q80 *yq, float *out, const float *x, const float *w, int n, float eps, int batch);
 void dl_silu_mul_q80(dl_block_q80 *yq, float *out, const float *gate, const float *up, int n, int batch);
+void dl_gelu_mul_q80(dl_block_q80 *yq, float *out, const float *gate, const float *up, int64_t n);
 void dl_add_via_q80(float *x, dl_block_q80 *tmp, const float *partial, int64_t n);
 void dl_rope_qk(float *q, int n_q_heads, float *k, int n_kv_heads, int head_dim, const int32_t *pos, int batch,
                 int rope_type, const float *freqs);

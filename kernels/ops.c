@@ -904,6 +904,11 @@ void dl_silu_mul_q80(dl_block_q80 *yq, float *out, const float *gate, const floa
     dl_quantize_q80(yq, out, (int64_t)n * batch);
 }
 
+void dl_gelu_mul_q80(dl_block_q80 *yq, float *out, const float *gate, const float *up, int64_t n) {
+    dl_gelu_mul(out, gate, up, n);
+    dl_quantize_q80(yq, out, n);
+}
+
 void dl_add_via_q80(float *x, dl_block_q80 *tmp, const float *partial, int64_t n) {
     dl_quantize_q80(tmp, partial, n);
     dl_add_q80(x, tmp, 1, n);

@@ -1020,7 +1020,7 @@ def test_q80_f16_matmul_rows_are_batch_invariant(isa):
 
 @pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
 def test_fused_pairs_equal_the_two_calls(isa):
-    """dl_rmsnorm_q80, dl_silu_mul_q80, dl_add_via_q80, dl_rope_qk, dl_scatter_kv: the same bits as
+    """dl_rmsnorm_q80, dl_silu_mul_q80, dl_gelu_mul_q80, dl_add_via_q80, dl_rope_qk, dl_scatter_kv: the same bits as
     the two kernels called one after the other."""
     use(isa, 2)
     r = rng(90)
@@ -1038,6 +1038,10 @@ def test_fused_pairs_equal_the_two_calls(isa):
     lib.dl_silu_mul(f(out_a), f(x), f(up), n, batch)
     lib.dl_quantize_q80(q80(yq_a), f(out_a), n * batch)
     lib.dl_silu_mul_q80(q80(yq_b), f(out_b), f(x), f(up), n, batch)
+    assert np.array_equal(out_a, out_b) and np.array_equal(yq_a, yq_b)
+    lib.dl_gelu_mul(f(out_a), f(x), f(up), n * batch)
+    lib.dl_quantize_q80(q80(yq_a), f(out_a), n * batch)
+    lib.dl_gelu_mul_q80(q80(yq_b), f(out_b), f(x), f(up), n * batch)
     assert np.array_equal(out_a, out_b) and np.array_equal(yq_a, yq_b)
     acc_a, acc_b = up.copy(), up.copy()
     lib.dl_quantize_q80(q80(yq_a), f(x), n * batch)
