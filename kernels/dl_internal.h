@@ -97,6 +97,15 @@ static inline size_t xprep_stride(int cols) {
 
 /* The run-time tile-size switch of the matmul kernels: fn(args..., R, B) for R, B in 1..4, so that
  * each combination is compiled with constant bounds (registers, unrolled loops). */
+/* Rows per tile of an f32 / f16 matvec (batch 1) on x86. A tile of R rows reads R streams side by
+ * side; when a row is shorter than a 4 KiB page but the tile spans more than 1 KiB, those streams
+ * interleave inside one page and the hardware prefetcher loses them. On the Zen 4 VM of the README,
+ * f16 4-row tiles read 8-12 GB/s at 256-1536 columns (Gemma 3's 640-column output matrix: 9 GB/s),
+ * one row at a time 20-23 GB/s, and f32 the same between 128 and 1024 columns; at longer and
+ * shorter rows the 4-row tile is as fast or faster. Each output is summed in the same order
+ * whatever the tile, so the choice changes no bits. */
+DL_INLINE int dl_matvec_tile_rows(size_t row_bytes) { return row_bytes > 256 && row_bytes < 4096 ? 1 : 4; }
+
 #define DL_TILE_SWITCH(fn, R, B, ...) do { \
     switch ((R) * 8 + (B)) { \
     case 1 * 8 + 1: fn(__VA_ARGS__, 1, 1); break; case 1 * 8 + 2: fn(__VA_ARGS__, 1, 2); break; \

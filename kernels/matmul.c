@@ -200,9 +200,9 @@ DL_INLINE DL_TARGET_AVX2 void f32_tile_avx2(float *out, const float *w, const fl
 
 DL_TARGET_AVX2 void dl_matmul_f32_rows_avx2(float *out, const float *w, const float *x,
                                             int r0, int r1, int rows, int cols, int batch) {
-    const int BT = batch == 1 ? 1 : 2;
-    for (int r = r0; r < r1; r += 4) {
-        const int R = r1 - r < 4 ? r1 - r : 4;
+    const int BT = batch == 1 ? 1 : 2, RT = batch == 1 ? dl_matvec_tile_rows((size_t)cols * 4) : 4;
+    for (int r = r0; r < r1; r += RT) {
+        const int R = r1 - r < RT ? r1 - r : RT;
         for (int b = 0; b < batch; b += BT) {
             const int B = batch - b < BT ? batch - b : BT;
             DL_TILE_SWITCH(f32_tile_avx2, R, B, out, w, x, cols, rows, r, b);
@@ -314,8 +314,9 @@ DL_INLINE DL_TARGET_AVX512 void f32_tile_avx512(float *out, const float *w, cons
 
 DL_TARGET_AVX512 void dl_matmul_f32_rows_avx512(float *out, const float *w, const float *x,
                                                 int r0, int r1, int rows, int cols, int batch) {
-    for (int r = r0; r < r1; r += 4) {
-        const int R = r1 - r < 4 ? r1 - r : 4;
+    const int RT = batch == 1 ? dl_matvec_tile_rows((size_t)cols * 4) : 4;
+    for (int r = r0; r < r1; r += RT) {
+        const int R = r1 - r < RT ? r1 - r : RT;
         for (int b = 0; b < batch; b += 4) {
             const int B = batch - b < 4 ? batch - b : 4;
             DL_TILE_SWITCH(f32_tile_avx512, R, B, out, w, x, cols, rows, r, b);

@@ -32,14 +32,6 @@ void dl_matmul_f16_rows_scalar(float *out, const uint16_t *w, const float *x,
 }
 
 #if DL_X86
-/* Rows per tile in a matvec (batch 1). A tile of R rows reads R streams side by side; when rows are
- * shorter than a 4 KiB page but the tile spans more than 1 KiB, those streams interleave inside one
- * page and the hardware prefetcher loses them: on the Zen 4 VM of the README a 4-row tile read
- * 8-12 GB/s at 256-1536 columns (Gemma 3's 640-column output matrix: 9 GB/s), one row at a time
- * 20-23 GB/s; at >= 2048 columns and at <= 128 the 4-row tile is as fast or faster. Each output is
- * summed in the same order whatever the tile, so the choice changes no bits. */
-DL_INLINE int f16_matvec_rows(int cols) { return cols > 128 && cols < 2048 ? 1 : 4; }
-
 /* ------------------------------------------------------------------------------------------ */
 /* AVX2 + FMA + F16C: R rows x B batch rows, 8 columns per step */
 
@@ -70,7 +62,7 @@ DL_INLINE DL_TARGET_AVX2 void f16_tile_avx2(float *out, const uint16_t *w, const
 
 DL_TARGET_AVX2 void dl_matmul_f16_rows_avx2(float *out, const uint16_t *w, const float *x,
                                             int r0, int r1, int rows, int cols, int batch) {
-    const int BT = batch == 1 ? 1 : 2, RT = batch == 1 ? f16_matvec_rows(cols) : 4;
+    const int BT = batch == 1 ? 1 : 2, RT = batch == 1 ? dl_matvec_tile_rows((size_t)cols * 2) : 4;
     for (int r = r0; r < r1; r += RT) {
         const int R = r1 - r < RT ? r1 - r : RT;
         for (int b = 0; b < batch; b += BT) {
@@ -104,7 +96,7 @@ DL_INLINE DL_TARGET_AVX512 void f16_tile_avx512(float *out, const uint16_t *w, c
 
 DL_TARGET_AVX512 void dl_matmul_f16_rows_avx512(float *out, const uint16_t *w, const float *x,
                                                 int r0, int r1, int rows, int cols, int batch) {
-    const int RT = batch == 1 ? f16_matvec_rows(cols) : 4;
+    const int RT = batch == 1 ? dl_matvec_tile_rows((size_t)cols * 2) : 4;
     for (int r = r0; r < r1; r += RT) {
         const int R = r1 - r < RT ? r1 - r : RT;
         for (int b = 0; b < batch; b += 4) {

@@ -258,7 +258,8 @@ def test_matmul_q40_q80_batch_equals_rows_and_unaligned(isa):
 # ---------------------------------------------------------------------------------------------
 # f32 matmul
 
-F32_SHAPES = [(r, c, b) for r in (1, 3, 17, 33) for c in (1, 5, 32, 33, 100, 2080) for b in (1, 3, 7)]
+# 100 and 640 columns: the matvec's one-row tiles (dl_matvec_tile_rows) for f32 and for f16
+F32_SHAPES = [(r, c, b) for r in (1, 3, 17, 33) for c in (1, 5, 32, 33, 100, 640, 2080) for b in (1, 3, 7)]
 
 
 @pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
@@ -997,12 +998,13 @@ def test_matmul_rows_are_batch_invariant(isa):
 
 
 @pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
-def test_q80_f16_matmul_rows_are_batch_invariant(isa):
-    """The same for the 8- and 16-bit weight kernels: q80, repacked q80 and f16 rows of a batched
-    call equal the row alone, bit for bit."""
+def test_q80_f16_f32_matmul_rows_are_batch_invariant(isa):
+    """The same for the 8- and 16-bit and f32 weight kernels: q80, repacked q80, f16 and f32 rows of
+    a batched call equal the row alone, bit for bit (640 columns: one-row matvec tiles for f16 and
+    f32, 4-row tiles in the batched call)."""
     r = rng(74)
     use(isa, 2)
-    for rows, cols, batch in ((37, 96, 13), (64, 2048, 9)):
+    for rows, cols, batch in ((37, 96, 13), (37, 640, 5), (64, 2048, 9)):
         w, x = random_q80(r, rows, cols), random_q80(r, batch, cols)
         row_bytes = cols // 32 * 34
         wr = repack_q80(w, rows, cols)
@@ -1011,11 +1013,14 @@ def test_q80_f16_matmul_rows_are_batch_invariant(isa):
         w16 = r.standard_normal((rows, cols)).astype(np.float16)
         x32 = r.standard_normal((batch, cols)).astype(np.float32)
         t16 = K.matmul_f16_f32(w16, x32, rows, cols, batch)
+        w32 = r.standard_normal((rows, cols)).astype(np.float32)
+        t32 = K.matmul_f32(w32, x32, rows, cols, batch)
         for b in range(batch):
             xb = x[b * row_bytes:(b + 1) * row_bytes]
             assert np.array_equal(t_plain[b], K.matmul_q80_q80(w, xb, rows, cols, 1)[0]), ("q80", b)
             assert np.array_equal(t_rep[b], matmul_q80r(wr, xb, rows, cols, 1)[0]), ("q80r", b)
             assert np.array_equal(t16[b], K.matmul_f16_f32(w16, x32[b], rows, cols, 1)[0]), ("f16", b)
+            assert np.array_equal(t32[b], K.matmul_f32(w32, x32[b:b + 1], rows, cols, 1)[0]), ("f32", b)
 
 
 @pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
