@@ -95,8 +95,6 @@ static inline size_t xprep_stride(int cols) {
 #define XP_CORR(base, cols, b) ((const int32_t *)((const uint8_t *)(base) + (size_t)(b) * xprep_stride(cols) + (size_t)(cols)))
 #define XP_DX(base, cols, b)   ((const float *)((const uint8_t *)(base) + (size_t)(b) * xprep_stride(cols) + (size_t)(cols) + (size_t)(cols) / DL_QK * 32))
 
-/* The run-time tile-size switch of the matmul kernels: fn(args..., R, B) for R, B in 1..4, so that
- * each combination is compiled with constant bounds (registers, unrolled loops). */
 /* Rows per tile of an f32 / f16 matvec (batch 1) on x86. A tile of R rows reads R streams side by
  * side; when a row is shorter than a 4 KiB page but the tile spans more than 1 KiB, those streams
  * interleave inside one page and the hardware prefetcher loses them. On the Zen 4 VM of the README,
@@ -106,6 +104,8 @@ static inline size_t xprep_stride(int cols) {
  * whatever the tile, so the choice changes no bits. */
 DL_INLINE int dl_matvec_tile_rows(size_t row_bytes) { return row_bytes > 256 && row_bytes < 4096 ? 1 : 4; }
 
+/* The run-time tile-size switch of the matmul kernels: fn(args..., R, B) for R, B in 1..4, so that
+ * each combination is compiled with constant bounds (registers, unrolled loops). */
 #define DL_TILE_SWITCH(fn, R, B, ...) do { \
     switch ((R) * 8 + (B)) { \
     case 1 * 8 + 1: fn(__VA_ARGS__, 1, 1); break; case 1 * 8 + 2: fn(__VA_ARGS__, 1, 2); break; \

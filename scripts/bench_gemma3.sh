@@ -32,9 +32,9 @@ for r in $(seq 1 "$rounds"); do
     done
 done
 "$bin/python" - "$out" <<'PY'
-import glob, json, statistics, sys
+import glob, json, sys
+from statistics import median as med
 out = sys.argv[1]
-med = lambda xs: statistics.median(xs)  # noqa: E731
 rows = {}
 for f in sorted(glob.glob(f"{out}/lcp_r*.jsonl")):
     for line in open(f):

@@ -32,12 +32,12 @@ def _sha256(path: Path) -> str:
 
 
 def ensure_f32_models() -> None:
-    from dllama_mpi.convert.hf import convert_hf_model
-
     for name, want in F32_MODELS.items():
         dst = TINY / "m" / f"dllama_model_{name}_f32.m"
         if dst.exists() and _sha256(dst) == want:
             continue
+        from dllama_mpi.convert.hf import convert_hf_model   # only when a model is missing
+
         # each process (every rank of an mpiexec run) writes its own file, then renames: same bytes
         tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
         convert_hf_model(TINY / "hf" / name, tmp, "f32", quiet=True)

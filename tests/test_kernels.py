@@ -1025,8 +1025,8 @@ def test_q80_f16_f32_matmul_rows_are_batch_invariant(isa):
 
 @pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
 def test_fused_pairs_equal_the_two_calls(isa):
-    """dl_rmsnorm_q80, dl_silu_mul_q80, dl_gelu_mul_q80, dl_add_via_q80, dl_rope_qk, dl_scatter_kv: the same bits as
-    the two kernels called one after the other."""
+    """dl_rmsnorm_q80, dl_silu_mul_q80, dl_gelu_mul_q80, dl_add_via_q80, dl_rope_qk, dl_scatter_kv: the
+    same bits as the two kernels called one after the other."""
     use(isa, 2)
     r = rng(90)
     n, batch = 320, 3
