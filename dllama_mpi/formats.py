@@ -33,14 +33,37 @@ ACT_GELU, ACT_SILU = 0, 1
 ROPE_LLAMA, ROPE_FALCON, ROPE_LLAMA3_1 = 0, 1, 2
 ROPE_NAMES = {ROPE_LLAMA: "llama", ROPE_FALCON: "falcon", ROPE_LLAMA3_1: "llama3.1"}
 
+# Weight types. Distributed Llama's four (FORMATS §1.3) are 0-3; dllama-mpi's extension (FORMATS-EXT.md
+# "Weight types") adds the GGUF block types as 32 + their GGML type id, for the per-matrix type table
+# (key 22) and the embedding (key 23). Q4_0 and Q8_0 are DL's q40 and q80 blocks byte for byte.
 F32, F16, Q40, Q80 = 0, 1, 2, 3
-FLOAT_NAMES = {F32: "f32", F16: "f16", Q40: "q40", Q80: "q80"}
+GGML_BASE = 32
+Q4_1, Q5_0, Q5_1 = GGML_BASE + 3, GGML_BASE + 6, GGML_BASE + 7
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = (GGML_BASE + g for g in (10, 11, 12, 13, 14))
+IQ4_NL, IQ4_XS, BF16 = GGML_BASE + 20, GGML_BASE + 23, GGML_BASE + 30
+FLOAT_NAMES = {F32: "f32", F16: "f16", Q40: "q40", Q80: "q80", BF16: "bf16", Q4_1: "q4_1", Q5_0: "q5_0",
+               Q5_1: "q5_1", Q2_K: "q2_k", Q3_K: "q3_k", Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k",
+               IQ4_NL: "iq4_nl", IQ4_XS: "iq4_xs"}
 FLOAT_BY_NAME = {v: k for k, v in FLOAT_NAMES.items()}
+DL_TYPES = (F32, F16, Q40, Q80)          # the types Distributed Llama's own files use
 BLOCK = 32
 Q40_BYTES, Q80_BYTES = 18, 34
-# (values, bytes) of one storage unit per float type: slices and sizes are whole units
-TYPE_BLOCK = {F32: (1, 4), F16: (1, 2), Q40: (BLOCK, Q40_BYTES), Q80: (BLOCK, Q80_BYTES)}
-QUANTIZED = (Q40, Q80)
+# (values, bytes) of one storage unit per type: slices and sizes are whole units
+TYPE_BLOCK = {F32: (1, 4), F16: (1, 2), Q40: (BLOCK, Q40_BYTES), Q80: (BLOCK, Q80_BYTES), BF16: (1, 2),
+              Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q2_K: (256, 84), Q3_K: (256, 110),
+              Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210), IQ4_NL: (32, 18), IQ4_XS: (256, 136)}
+FLOAT_TYPES = (F32, F16, BF16)           # multiplied with f32 activations
+QUANTIZED = tuple(t for t in TYPE_BLOCK if t not in FLOAT_TYPES)   # block types: q80 activations
+
+
+def ggml_to_type(ggml_type: int) -> int | None:
+    """The weight type of a GGML type id (gguf's GGMLQuantizationType), None if not in TYPE_BLOCK."""
+    t = {0: F32, 1: F16, 2: Q40, 8: Q80}.get(ggml_type, GGML_BASE + ggml_type)
+    return t if t in TYPE_BLOCK else None
+
+
+def type_to_ggml(t: int) -> int:
+    return {F32: 0, F16: 1, Q40: 2, Q80: 8}.get(t, t - GGML_BASE)
 
 
 def float_type_name(ftype: int) -> str:
@@ -72,6 +95,7 @@ HEADER_KEYS = {
     17: "rope_scaling_orig_max_seq_len", 18: "rope_type", 19: "head_dim", 20: "norm_epsilon",
     21: "moe_hidden_dim",
     22: "n_tensor_types",   # dllama-mpi extension (FORMATS-EXT.md, "Per-matrix float types"): per-matrix type table follows
+    23: "embed_type",       # dllama-mpi extension (FORMATS-EXT.md, "Weight types"): the embedding's type (default f32)
     # Gemma 3 extension (FORMATS-EXT.md "Gemma 3"): keys 64.. are only valid with arch gemma3
     64: "sliding_window", 65: "sliding_window_pattern", 66: "rope_theta_local",
     67: "query_pre_attn_scalar", 68: "rope_linear_factor",
@@ -111,6 +135,7 @@ class ModelHeader:
     moe_hidden_dim: int = 0
     n_tensor_types: int = 0    # extension: entries of the per-matrix type table (0 = none)
     tensor_types: tuple = ()   # extension: the type of every matrix ("W" tensor) in file order
+    embed_type: int = F32      # extension (key 23): the token embedding's type
     sliding_window: int = 0            # gemma3: local layers attend to the last N positions (0 = none)
     sliding_window_pattern: int = 6    # gemma3: layer l is global iff l % pattern == pattern - 1
     rope_theta_local: int = 10000      # gemma3: rope base of the local (sliding-window) layers
@@ -207,14 +232,30 @@ class ModelHeader:
 
     @property
     def quantized(self) -> bool:
-        """Some matrix is q40 / q80: its input is the q80 activation buffer."""
+        """Some matrix is a block type: its input is the q80 activation buffer."""
         return any(t in QUANTIZED for t in self.matrix_types)
+
+    def matrix_type_list(self) -> list[int]:
+        """The type of every matrix in file order (the table, or weights_float_type for each)."""
+        return list(self.tensor_types) if self.tensor_types else [self.weights_float_type] * self.n_matrices
+
+    def matrix_names(self) -> list[str]:
+        """The name (wq ... w3, wcls) of every matrix in file order, as matrix_type_list."""
+        per_layer = ("wq", "wk", "wv", "wo") + ("w1", "w2", "w3") * max(self.n_experts, 1)
+        return [n for _ in range(self.n_layers) for n in per_layer] + ["wcls"]
+
+    def types_of(self, name: str) -> set[int]:
+        """The types of the matrices called `name` (e.g. every layer's wo)."""
+        return {t for n, t in zip(self.matrix_names(), self.matrix_type_list()) if n == name}
 
     def to_pairs(self) -> list[tuple[int, int]]:
         """(key, value) pairs in the converter's order; optional keys only if present/meaningful.
-        Key 22 (the type table's length) is written when, and only when, there is a table, last."""
+        Key 23 (the embedding's type) is written when, and only when, it is not f32; key 22 (the type
+        table's length) when, and only when, there is a table, last."""
         keys = self.present or tuple(k for k in HEADER_WRITE_ORDER if k not in GEMMA3_KEYS or self.is_gemma3)
         order = [k for k in HEADER_WRITE_ORDER if k in keys and k != 22]
+        if self.embed_type != F32:
+            order.append(23)
         pairs = [(k, int(getattr(self, HEADER_KEYS[k]))) for k in order]
         if self.tensor_types:
             pairs.append((22, len(self.tensor_types)))
@@ -223,6 +264,41 @@ class ModelHeader:
     def header_nbytes(self) -> int:
         """header_size of this header: magic, size, pairs, then the padded type table if any."""
         return 8 + 8 * len(self.to_pairs()) + _pad8(len(self.tensor_types))
+
+
+def norm_epsilon_code(eps: float) -> int | None:
+    """RMSNorm epsilon -> its header code (key 20: 5 = 1e-5, 6 = 1e-6), exact or equal as float32
+    (GGUF stores it as f32); None for any other epsilon."""
+    for code, ref in ((5, 1e-5), (6, 1e-6)):
+        if eps == ref or np.float32(eps) == np.float32(ref):
+            return code
+    return None
+
+
+def set_matrix_types(h: ModelHeader, types: list[int]) -> None:
+    """Give every matrix (file order) its type: one type is key 13 alone, several the per-matrix
+    table (key 22) with the most common one in key 13."""
+    if len(set(types)) == 1:
+        h.weights_float_type, h.tensor_types, h.n_tensor_types = types[0], (), 0
+    else:
+        h.weights_float_type = max(set(types), key=lambda t: (types.count(t), -t))
+        h.tensor_types, h.n_tensor_types = tuple(types), len(types)
+
+
+def drop_pages(mm, offset: int, nbytes: int) -> None:
+    """madvise(DONTNEED) on the whole pages of [offset, offset + nbytes) of a read-only map: after the
+    root copied (repacked) or sent a tensor, its file pages would otherwise count in its RSS next to
+    the copy. A page shared with a neighbour tensor stays."""
+    if mm is None or not hasattr(mm, "madvise"):
+        return
+    page = mmap.PAGESIZE
+    start = -(-offset // page) * page
+    end = min(offset + nbytes, len(mm)) // page * page
+    if end > start:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (OSError, ValueError):
+            pass
 
 
 def _pad8(n: int) -> int:
@@ -271,7 +347,7 @@ def tensor_layout(h: ModelHeader, header_size: int) -> list[TensorInfo]:
         out.append(TensorInfo(name, layer, expert, ftype, rows, cols, off, n))
         off += n
 
-    add("embed", F32, h.vocab_size, h.dim)
+    add("embed", h.embed_type, h.vocab_size, h.dim)
     for l in range(h.n_layers):
         add("wq", W, h.q_dim, h.dim, l)
         add("wk", W, h.kv_dim, h.dim, l)
@@ -319,11 +395,11 @@ def model_nbytes(h: ModelHeader, header_size: int) -> int:
         per_layer += 2 * tensor_nbytes(F32, 1, h.head_size)
     if h.is_gemma3:
         per_layer += 2 * tensor_nbytes(F32, 1, h.dim)
-    return (header_size + tensor_nbytes(F32, h.vocab_size, h.dim) + h.n_layers * per_layer
+    return (header_size + tensor_nbytes(h.embed_type, h.vocab_size, h.dim) + h.n_layers * per_layer
             + tensor_nbytes(F32, 1, h.dim) + tensor_nbytes(W, h.vocab_size, h.dim))
 
 
-def _validate_header(path: str, h: ModelHeader) -> None:
+def validate_header(path: str, h: ModelHeader) -> None:
     def bad(msg):
         raise ModelFormatError(f"{path}: {msg}")
 
@@ -337,6 +413,8 @@ def _validate_header(path: str, h: ModelHeader) -> None:
         bad(f"header key 18 (rope_type) has unknown value {h.rope_type}")
     if h.weights_float_type not in FLOAT_NAMES:
         bad(f"header key 13 (weights_float_type) has unknown value {h.weights_float_type}")
+    if h.embed_type not in FLOAT_NAMES:
+        bad(f"header key 23 (embed_type) has unknown value {h.embed_type}")
     if h.norm_epsilon not in (5, 6):
         bad(f"header key 20 (norm_epsilon) is {h.norm_epsilon}, expected 5 (1e-5) or 6 (1e-6)")
     for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
@@ -376,6 +454,23 @@ def _validate_header(path: str, h: ModelHeader) -> None:
         for name, n in (("dim", h.dim), ("q_dim", h.q_dim), ("ffn_dim", h.ffn_dim)):
             if n % BLOCK:
                 bad(f"{name} {n} is not a multiple of {BLOCK}, required for {float_type_name(q)} weights")
+    if h.dim % TYPE_BLOCK[h.embed_type][0]:
+        bad(f"dim {h.dim} is not a multiple of {TYPE_BLOCK[h.embed_type][0]}, required for a "
+            f"{float_type_name(h.embed_type)} embedding")
+    if any(TYPE_BLOCK[t][0] > BLOCK for t in h.matrix_types):
+        # 256-value block types: each matrix of such a type needs whole blocks per row. Without a
+        # type table every matrix has the one type (and n_layers may be anything yet: no list)
+        cols = {"wq": h.dim, "wk": h.dim, "wv": h.dim, "wo": h.q_dim, "w1": h.dim, "w2": h.ffn_dim, "w3": h.dim,
+                "wcls": h.dim}
+        if h.tensor_types:
+            named = zip(h.matrix_names(), h.tensor_types)
+        else:
+            named = ((n, h.weights_float_type) for n in cols)
+        for i, (name, t) in enumerate(named):
+            if cols[name] % TYPE_BLOCK[t][0]:
+                where = f"matrix {i} ({name})" if h.tensor_types else name
+                bad(f"{where} is {float_type_name(t)}, whose {TYPE_BLOCK[t][0]}-value blocks do not divide its "
+                    f"{cols[name]} columns")
 
 
 def _validate_gemma3(bad, h: ModelHeader) -> None:
@@ -402,6 +497,7 @@ class ModelFile:
     tensors: list[TensorInfo]
     _mm: mmap.mmap | None = field(default=None, repr=False)
     _by_key: dict = field(default_factory=dict, repr=False)
+    notes = ()   # nothing is converted when it loads (a GGUFModel's notes say what is)
 
     def __post_init__(self):
         self._by_key = {t.key: t for t in self.tensors}
@@ -418,6 +514,20 @@ class ModelFile:
         row_bytes = t.nbytes // t.rows
         return np.frombuffer(self._mm, dtype=np.uint8, count=(r1 - r0) * row_bytes,
                              offset=t.offset + r0 * row_bytes)
+
+    def stored_rows(self, key: tuple, r0: int, r1: int):
+        """(bytes of rows [r0, r1) of the tensor `key`: a view of the map, its type, None): the
+        model-source interface weights.py reads both .m and GGUF files through."""
+        return self.rows_raw(self._by_key[key], r0, r1), self._by_key[key].ftype, None
+
+    def drop(self, key: tuple) -> None:
+        """Let the kernel drop the file pages of a tensor the root has copied or sent."""
+        t = self._by_key[key]
+        drop_pages(self._mm, t.offset, t.nbytes)
+
+    def header_bytes(self) -> bytes:
+        """The header as the file has it (what the root broadcasts)."""
+        return bytes(self._mm[:self.header_size])
 
     def f32(self, t: TensorInfo) -> np.ndarray:
         """An F32 tensor as a [rows, cols] float32 view (may be unaligned; copy small ones)."""
@@ -469,7 +579,7 @@ def read_model_header(path: str, data: bytes | mmap.mmap, file_size: int) -> tup
         if name not in values:
             raise ModelFormatError(f"{path}: header has no key {HEADER_KEY_OF[name]} ({name})")
     h = ModelHeader(**values, tensor_types=types, present=tuple(present))
-    _validate_header(path, h)
+    validate_header(path, h)
     return h, header_size
 
 

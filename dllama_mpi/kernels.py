@@ -14,8 +14,11 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
+
+from .formats import BF16, F16, F32, Q40, Q80, Q4_1, Q4_K, Q5_0, Q6_K
 
 __all__ = [
     "ffi", "lib", "ptr", "Q40_BLOCK_BYTES", "Q80_BLOCK_BYTES", "QK", "q40_dtype", "q80_dtype",
@@ -23,7 +26,8 @@ __all__ = [
     "set_isa", "get_isa", "isa_supported", "supported_isas", "f32_to_f16", "f16_to_f32",
     "quantize_q80", "dequantize_q80", "quantize_q40", "dequantize_q40", "matmul_q40_q80",
     "matmul_q80_q80", "matmul_f16_f32", "matmul_f32", "rmsnorm", "silu_mul", "add", "add_q80", "softmax", "rope",
-    "attention", "attention_paged",
+    "attention", "attention_paged", "Matmul", "MATMUL", "MATMUL_PLAIN", "dequantize_rows", "fptr", "qptr",
+    "random_blocks",
 ]
 
 QK = 32
@@ -114,6 +118,34 @@ _mod = _load()
 ffi = _mod.ffi
 lib = _mod.lib
 
+@dataclass(frozen=True)
+class Matmul:
+    """How the kernels multiply one weight type: `kernel` (out, w, x, rows, cols, batch); for the
+    block types the slice is first repacked (`repack`, into `nbytes(rows, cols)` bytes) and several
+    matrices with the same input run as one job (`fused`, the kernel's _n form); `q80_input`: x is
+    the q80 activation buffer, else f32."""
+
+    kernel: str
+    repack: str | None = None
+    nbytes: str | None = None
+    fused: str | None = None
+    q80_input: bool = True
+
+
+def _rx(name: str) -> Matmul:
+    return Matmul(f"dl_matmul_{name}r_q80", f"dl_repack_{name}", f"dl_{name}r_bytes", f"dl_matmul_{name}r_q80_n")
+
+
+# the weight types a kernel multiplies as they are stored (formats.TYPE_BLOCK has more: those are
+# converted to q80 at load)
+MATMUL = {F32: Matmul("dl_matmul_f32", q80_input=False), F16: Matmul("dl_matmul_f16_f32", q80_input=False),
+          BF16: Matmul("dl_matmul_bf16_f32", q80_input=False),
+          Q40: Matmul("dl_matmul_q40r_q80", "dl_repack_q40", "dl_q40r_bytes", "dl_matmul_q40r_q80_n"),
+          Q80: Matmul("dl_matmul_q80r_q80", "dl_repack_q80", "dl_q80r_bytes", "dl_matmul_q80r_q80_n"),
+          Q4_1: _rx("q41"), Q5_0: _rx("q50"), Q4_K: _rx("q4k"), Q6_K: _rx("q6k")}
+# DLLAMA_REPACK=0: q40 / q80 in their plain blocks (the repacked layouts' reference)
+MATMUL_PLAIN = {Q40: Matmul("dl_matmul_q40_q80"), Q80: Matmul("dl_matmul_q80_q80")}
+
 ISA_SCALAR, ISA_AVX2, ISA_AVX512, ISA_NEON, ISA_NEON_DOTPROD = (
     lib.DL_ISA_SCALAR, lib.DL_ISA_AVX2, lib.DL_ISA_AVX512, lib.DL_ISA_NEON, lib.DL_ISA_NEON_DOTPROD)
 ALL_ISAS = (ISA_SCALAR, ISA_AVX2, ISA_AVX512, ISA_NEON, ISA_NEON_DOTPROD)
@@ -168,6 +200,16 @@ def ptr(arr: np.ndarray, ctype: str = "float"):
     return ffi.cast(ctype + " *", arr.ctypes.data)
 
 
+# cffi pointers are made once per buffer (numpy's .ctypes costs microseconds); a token's kernel
+# calls pass them, with cheap pointer arithmetic for offsets.
+def fptr(a: np.ndarray):
+    return ffi.cast("float *", a.ctypes.data)
+
+
+def qptr(a: np.ndarray):
+    return ffi.cast("dl_block_q80 *", a.ctypes.data)
+
+
 def _f32(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
@@ -206,6 +248,49 @@ def dequantize_q80(buf, n: int) -> np.ndarray:
     out = np.empty(n, dtype=np.float32)
     lib.dl_dequantize_q80(ptr(out), ptr(b, "dl_block_q80"), n)
     return out
+
+
+def dequantize_rows(ftype: int, raw, rows: int, cols: int, ids=None) -> np.ndarray:
+    """Rows of a [*, cols] matrix of any formats.TYPE_BLOCK type as float32 [n, cols] (all rows, or
+    the rows `ids`): what the embedding lookup does per token."""
+    b = _u8(raw)
+    idx = None if ids is None else np.ascontiguousarray(ids, dtype=np.int32)
+    n = rows if idx is None else idx.size
+    out = np.empty((n, cols), dtype=np.float32)
+    need = lib.dl_type_row_bytes(ftype, cols) * (rows if idx is None else int(idx.max(initial=-1)) + 1)
+    if lib.dl_type_row_bytes(ftype, cols) == 0 or b.size < need:
+        raise ValueError(f"dequantize_rows: type {ftype} cannot hold [{rows}, {cols}] in {b.size} bytes")
+    lib.dl_dequantize_rows(ftype, ptr(out), ffi.cast("void *", b.ctypes.data),
+                           ffi.NULL if idx is None else ptr(idx, "int32_t"), n, cols)
+    return out
+
+
+# where each block type keeps its f16 scales (byte offsets in a block): what random_blocks keeps finite
+_F16_FIELDS = {"q40": (0,), "q80": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q2_k": (80, 82),
+               "q3_k": (108,), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,), "iq4_nl": (0,), "iq4_xs": (0,)}
+
+
+def random_blocks(rng: np.random.Generator, ftype: int, rows: int, cols: int, scale: float = 0.01) -> np.ndarray:
+    """A [rows, cols] matrix of weight type `ftype` (formats.TYPE_BLOCK) in its file layout: random
+    codes and finite random f16 scales (normal, times `scale`), as uint8 [rows, row bytes]; f32 /
+    f16 / bf16 from normal values. For tests and benchmarks of the kernels."""
+    from .formats import TYPE_BLOCK, float_type_name
+
+    name = float_type_name(ftype)
+    values, nbytes = TYPE_BLOCK[ftype]
+    if values == 1:
+        v = rng.standard_normal((rows, cols)).astype(np.float32)
+        if name == "f16":
+            return v.astype(np.float16).view(np.uint8)
+        if name == "bf16":
+            return (v.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+        return v.view(np.uint8)
+    nb = cols // values
+    out = rng.integers(0, 256, size=(rows, nb, nbytes), dtype=np.uint8)
+    for at in _F16_FIELDS[name]:
+        d = (rng.standard_normal((rows, nb)) * scale).astype(np.float16)
+        out[:, :, at:at + 2] = d.view(np.uint8).reshape(rows, nb, 2)
+    return np.ascontiguousarray(out.reshape(rows, nb * nbytes))
 
 
 def quantize_q40(x) -> np.ndarray:

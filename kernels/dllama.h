@@ -45,6 +45,18 @@ void dl_dequantize_q80(float *y, const dl_block_q80 *x, int64_t n);
 void dl_quantize_q40(dl_block_q40 *y, const float *x, int64_t n);   /* Distributed Llama converter rule */
 void dl_dequantize_q40(float *y, const dl_block_q40 *x, int64_t n);
 
+/* ---- weight types: the values of the .m per-matrix type table (dllama_mpi/FORMATS-EXT.md) are
+ * Distributed Llama's 0-3, and 32 + the GGML type id for the other GGUF block types ---- */
+enum { DL_T_F32 = 0, DL_T_F16 = 1, DL_T_Q40 = 2, DL_T_Q80 = 3, DL_T_GGML = 32,
+       DL_T_Q4_1 = 35, DL_T_Q5_0 = 38, DL_T_Q5_1 = 39, DL_T_Q2_K = 42, DL_T_Q3_K = 43, DL_T_Q4_K = 44,
+       DL_T_Q5_K = 45, DL_T_Q6_K = 46, DL_T_IQ4_NL = 52, DL_T_IQ4_XS = 55, DL_T_BF16 = 62 };
+int    dl_type_block_values(int type);       /* values per block (1 for f32 / f16 / bf16); 0 = unknown */
+int    dl_type_block_bytes(int type);
+size_t dl_type_row_bytes(int type, int cols);   /* 0: unknown type, or cols not whole blocks */
+/* out[i] = row ids[i] (ids NULL: row i) of a [*, cols] matrix of that type, dequantized as ggml and
+ * gguf-py do (kernels/dequant.c); returns -1 for an unknown type */
+int    dl_dequantize_rows(int type, float *out, const void *src, const int32_t *ids, int n, int cols);
+
 /* ---- matmul: out[b, r] = sum_c w[r, c] * x[b, c] ---- */
 void dl_matmul_q40_q80(float *out, const dl_block_q40 *w, const dl_block_q80 *x,
                        int rows, int cols, int batch);
@@ -92,6 +104,40 @@ void dl_unpack_q80r(dl_block_q80 *dst, const void *src, int rows, int cols);
 void dl_matmul_q80r_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
 void dl_matmul_q80r_q80_n(int n, float *const *out, const void *const *w, const int *rows,
                           const dl_block_q80 *x, int cols, int batch);   /* as dl_matmul_q40r_q80_n */
+
+/* ---- bf16 x f32 (kernels/matmul_f16.c): as dl_matmul_f16_f32, bf16 weights ---- */
+void dl_matmul_bf16_f32(float *out, const uint16_t *w, const float *x, int rows, int cols, int batch);
+
+/* ---- the GGUF block types as 16-row interleaved layouts ("rx", kernels/matmul_rx.c): repacked once
+ * at load from the file's blocks (the same bytes, rearranged: a slice's size does not change beyond
+ * padding its last group to 16 rows), multiplied by q80 activations. Per type NAME:
+ *   dl_NAMEr_bytes(rows, cols), dl_repack_NAME(dst, src blocks, rows, cols), dl_unpack_NAMEr (the
+ *   inverse, for tests), dl_matmul_NAMEr_q80 (as dl_matmul_q40r_q80) and its _n form (as
+ *   dl_matmul_q40r_q80_n). cols: whole blocks (32 values; 256 for the K types). ---- */
+size_t dl_q41r_bytes(int rows, int cols);
+void dl_repack_q41(void *dst, const void *src, int rows, int cols);
+void dl_unpack_q41r(void *dst, const void *src, int rows, int cols);
+void dl_matmul_q41r_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
+void dl_matmul_q41r_q80_n(int n, float *const *out, const void *const *w, const int *rows,
+                          const dl_block_q80 *x, int cols, int batch);
+size_t dl_q50r_bytes(int rows, int cols);
+void dl_repack_q50(void *dst, const void *src, int rows, int cols);
+void dl_unpack_q50r(void *dst, const void *src, int rows, int cols);
+void dl_matmul_q50r_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
+void dl_matmul_q50r_q80_n(int n, float *const *out, const void *const *w, const int *rows,
+                          const dl_block_q80 *x, int cols, int batch);
+size_t dl_q4kr_bytes(int rows, int cols);
+void dl_repack_q4k(void *dst, const void *src, int rows, int cols);
+void dl_unpack_q4kr(void *dst, const void *src, int rows, int cols);
+void dl_matmul_q4kr_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
+void dl_matmul_q4kr_q80_n(int n, float *const *out, const void *const *w, const int *rows,
+                          const dl_block_q80 *x, int cols, int batch);
+size_t dl_q6kr_bytes(int rows, int cols);
+void dl_repack_q6k(void *dst, const void *src, int rows, int cols);
+void dl_unpack_q6kr(void *dst, const void *src, int rows, int cols);
+void dl_matmul_q6kr_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
+void dl_matmul_q6kr_q80_n(int n, float *const *out, const void *const *w, const int *rows,
+                          const dl_block_q80 *x, int cols, int batch);
 
 /* ---- elementwise / norms (batch rows of n, contiguous) ---- */
 void dl_rmsnorm(float *out, const float *x, const float *w, int n, float eps, int batch);

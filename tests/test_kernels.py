@@ -1069,3 +1069,127 @@ def test_fused_pairs_equal_the_two_calls(isa):
     k, v = r.standard_normal((batch, 32)).astype(np.float32), r.standard_normal((batch, 32)).astype(np.float32)
     lib.dl_scatter_kv(f(kc), f(vc), f(k), f(v), ffi.cast("int32_t *", rows.ctypes.data), batch, 32)
     assert np.array_equal(kc[rows], k) and np.array_equal(vc[rows], v) and not kc[[1, 2, 3, 4, 6, 7, 8]].any()
+
+
+# ---------------------------------------------------------------------------------------------
+# the GGUF block types: row dequantization (the embedding) and the rx matmuls, against gguf-py's own
+# dequantization of the same blocks (an implementation that is not ours)
+
+from dllama_mpi.formats import (BF16, F16, F32, FLOAT_NAMES, Q40, Q80, TYPE_BLOCK, Q4_1,  # noqa: E402
+                                Q4_K, Q5_0, Q6_K, type_to_ggml)
+
+RX_TYPES = {Q4_1: "q41", Q5_0: "q50", Q4_K: "q4k", Q6_K: "q6k"}
+
+
+def gguf_dequantize(raw: np.ndarray, ftype: int, rows: int, cols: int) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    return np.asarray(dequantize(raw.reshape(rows, -1), GGMLQuantizationType(type_to_ggml(ftype))),
+                      np.float32).reshape(rows, cols)
+
+
+def edge_blocks(r, ftype: int, rows: int, cols: int) -> np.ndarray:
+    """Random blocks, then edge cases: all-zero and all-ones code bytes, zero / extreme / subnormal
+    f16 scales (the ones random_blocks keeps finite), a row of zero bytes."""
+    w = K.random_blocks(r, ftype, rows, cols).reshape(rows, -1).copy()
+    values, nbytes = TYPE_BLOCK[ftype]
+    if values == 1:
+        return w
+    blocks = w.reshape(rows, -1, nbytes)
+    blocks[0, 0] = 0
+    blocks[-1, -1] = 0xFF                                     # every code at its largest ...
+    for at in K._F16_FIELDS[FLOAT_NAMES[ftype]]:
+        blocks[-1, -1, at:at + 2] = (0x00, 0x3C)              # ... with finite (1.0) scales
+    for at in K._F16_FIELDS[FLOAT_NAMES[ftype]]:
+        for i, h in enumerate((0x7BFF, 0x0001, 0x03FF, 0x8001, 0x0000)):   # max, subnormals, -sub, zero
+            b = blocks[(1 + i) % rows, i % blocks.shape[1]]
+            b[at:at + 2] = np.frombuffer(np.uint16(h).tobytes(), np.uint8)
+    return w
+
+
+@pytest.mark.parametrize("ftype", sorted(TYPE_BLOCK), ids=[FLOAT_NAMES[t] for t in sorted(TYPE_BLOCK)])
+def test_dequantize_rows_equals_gguf(ftype):
+    """The embedding lookup decodes every type exactly as gguf-py (ggml's reference) does: the same
+    float32 bits, rows picked by id in any order."""
+    r = rng(60 + ftype)
+    values = TYPE_BLOCK[ftype][0]
+    rows, cols = 7, (2 * values if values > 1 else 37)
+    w = edge_blocks(r, ftype, rows, cols)
+    want = gguf_dequantize(w, ftype, rows, cols)
+    ids = np.array([3, 0, 6, 3, 1], np.int32)
+    got = K.dequantize_rows(ftype, w, rows, cols, ids)
+    assert np.array_equal(got.view(np.uint32), want[ids].view(np.uint32))
+
+
+def rx_call(name: str, w: np.ndarray, xq: np.ndarray, rows: int, cols: int, batch: int) -> np.ndarray:
+    out = np.empty((batch, rows), np.float32)
+    getattr(lib, f"dl_matmul_{name}r_q80")(ptr(out), ffi.cast("void *", w.ctypes.data), ptr(xq, "dl_block_q80"),
+                                            rows, cols, batch)
+    return out
+
+
+def rx_repack(name: str, raw: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    rp = np.empty(getattr(lib, f"dl_{name}r_bytes")(rows, cols), np.uint8)
+    getattr(lib, f"dl_repack_{name}")(ffi.cast("void *", rp.ctypes.data), ffi.cast("void *", raw.ctypes.data), rows, cols)
+    return rp
+
+
+@pytest.mark.parametrize("ftype", sorted(RX_TYPES), ids=[FLOAT_NAMES[t] for t in sorted(RX_TYPES)])
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_rx_matmul_vs_gguf(ftype, isa):
+    """The repacked GGUF blocks times q80 activations: within float rounding of gguf-py's values times
+    the dequantized activations (float64), matvec and batched; a row's bits are the same alone as in
+    any batch, on 1 and 2 threads; the repacked buffer is exactly the file's bytes (plus padding rows)
+    and unpacks back to them."""
+    name = RX_TYPES[ftype]
+    values, nbytes = TYPE_BLOCK[ftype]
+    r = rng(70 + ftype)
+    for rows, blocks, batch in ((1, 1, 1), (17, 2, 3), (33, 3, 9), (16, 1, 17)):
+        cols = blocks * max(values, 64)
+        raw = edge_blocks(r, ftype, rows, cols)
+        rp = rx_repack(name, raw, rows, cols)
+        assert rp.size == -(-rows // 16) * 16 * raw.shape[1]
+        back = np.empty_like(raw)
+        getattr(lib, f"dl_unpack_{name}r")(ffi.cast("void *", back.ctypes.data), ffi.cast("void *", rp.ctypes.data),
+                                            rows, cols)
+        assert np.array_equal(back, raw)
+        wf = gguf_dequantize(raw, ftype, rows, cols).astype(np.float64)
+        xq = random_q80(r, batch, cols)
+        xf = K.dequantize_q80(xq, batch * cols).reshape(batch, cols).astype(np.float64)
+        ref = xf @ wf.T
+        mag = np.abs(xf) @ np.abs(wf).T + np.abs(xf).sum(1, keepdims=True) * np.abs(wf).max() + 1e-30
+        use(isa)
+        got = rx_call(name, rp, xq, rows, cols, batch)
+        assert np.all(np.abs(got - ref) <= 1e-5 * mag), (rows, cols, batch, float(np.abs(got - ref).max()))
+        use(isa, 2)
+        assert np.array_equal(rx_call(name, rp, xq, rows, cols, batch), got)
+        row = cols // 32 * 34
+        for b in range(batch):
+            alone = rx_call(name, rp, np.ascontiguousarray(xq[b * row:(b + 1) * row]), rows, cols, 1)
+            assert np.array_equal(alone[0], got[b]), (rows, cols, batch, b)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_bf16_matmul(isa):
+    r = rng(80)
+    rows, cols, batch = 9, 100, 5
+    w = K.random_blocks(r, BF16, rows, cols).view(np.uint16).reshape(rows, cols)
+    wf = (w.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    x = r.standard_normal((batch, cols)).astype(np.float32)
+    use(isa)
+    out = np.empty((batch, rows), np.float32)
+    lib.dl_matmul_bf16_f32(ptr(out), ptr(w, "uint16_t"), ptr(x), rows, cols, batch)
+    ref = x.astype(np.float64) @ wf.T
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_matmul_table_covers_native_types():
+    """Every type a kernel runs has its entry points in the C library; the block types are repacked."""
+    from dllama_mpi.kernels import MATMUL
+
+    assert set(MATMUL) == {F32, F16, BF16, Q40, Q80, Q4_1, Q5_0, Q4_K, Q6_K}
+    for t, m in MATMUL.items():
+        for fn in (m.kernel, m.repack, m.nbytes, m.fused):
+            assert fn is None or hasattr(lib, fn), (FLOAT_NAMES[t], fn)
+        assert (m.repack is not None) == m.q80_input

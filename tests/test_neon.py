@@ -62,7 +62,9 @@ def arm_harness(tmp_path_factory) -> Path:
 # the harness's stated tolerance of each entry
 NEON_EXACT = {"quantize_q80", "matmul_q40_q80", "matmul_q40r_q80", "q40r_matvec_split", "repack_q40",
               "matmul_q80_q80", "matmul_q80r_q80", "repack_q80", "add", "add_q80", "silu_mul",
-              "gelu_mul", "scale", "softmax", "rope", "logit_stats", "read_bytes", "read_spans"}
+              "gelu_mul", "scale", "softmax", "rope", "logit_stats", "read_bytes", "read_spans",
+              "matmul_q41r_q80", "matmul_q50r_q80", "matmul_q4kr_q80", "matmul_q6kr_q80",
+              "repack_q41", "repack_q50", "repack_q4k", "repack_q6k"}
 
 
 def _kernels(exe: list[str]) -> list[str]:
@@ -87,8 +89,8 @@ def _assert_passed(r: subprocess.CompletedProcess, isas: list[str], kernels: lis
 
 def test_neon_dotprod_and_neon_vs_scalar_qemu_max(arm_harness):
     kernels = _kernels([QEMU, "-cpu", "max", str(arm_harness)])
-    assert {"matmul_q80_q80", "matmul_q80r_q80", "matmul_f16_f32", "gelu_mul", "scale", "attention",
-            "rope", "logit_stats"} <= set(kernels) and NEON_EXACT <= set(kernels)
+    assert {"matmul_q80_q80", "matmul_q80r_q80", "matmul_f16_f32", "matmul_bf16_f32", "gelu_mul", "scale",
+            "attention", "rope", "logit_stats"} <= set(kernels) and NEON_EXACT <= set(kernels)
     r = _run([QEMU, "-cpu", "max", str(arm_harness), "--require", "neon,neon-dotprod"])
     seen = _assert_passed(r, ["neon", "neon-dotprod"], kernels)
     for k in kernels:   # bit-identical where the claim is made, and only there

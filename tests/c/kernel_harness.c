@@ -358,6 +358,134 @@ static void setup_f32mm(tcase *c, int i) {
 }
 static void run_f32mm(tcase *c, void *out) { dl_matmul_f32(out, c->in[0], c->in[1], c->rows, c->cols, c->batch); }
 
+/* bf16 x f32: the f16 shapes, weights from normals (their top 16 bits), some tiny and zero ones */
+static void setup_bf16mm(tcase *c, int i) {
+    setup_f16mm(c, i);
+    const size_t nw = (size_t)c->rows * c->cols;
+    uint16_t *w = c->in[0];
+    float *wf = case_alloc(c, sizeof(float) * nw);
+    for (size_t j = 0; j < nw; j++) {
+        float v = j % 29 == 3 ? 1e-39f * (float)(j % 5) : rnd_normal();   /* subnormals and zeros too */
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        w[j] = (uint16_t)(u >> 16);
+        u = (uint32_t)w[j] << 16;
+        memcpy(&wf[j], &u, 4);
+    }
+    c->mag = mag_dense(c, wf, c->in[1], c->rows, c->cols, c->batch);
+}
+static void run_bf16mm(tcase *c, void *out) { dl_matmul_bf16_f32(out, c->in[0], c->in[1], c->rows, c->cols, c->batch); }
+
+/* ------------------------------------------------------------------------------------------ */
+/* the GGUF block types on the rx layouts (kernels/matmul_rx.c): blocks of random bytes with finite
+ * f16 scales (random, extreme or zero by flavour), repacked by the scalar path */
+
+typedef struct {
+    const char *name;
+    int type, values, bytes;                 /* DL_T_*, values and bytes of one block (unit) */
+    int f16_at[2];                           /* f16 scale fields of a block (-1: none) */
+    int codes_at, codes_len;                 /* the code bytes: zeroed, they leave the block's offset */
+    int affine;
+    size_t (*nbytes)(int, int);
+    void (*repack)(void *, const void *, int, int);
+    void (*unpack)(void *, const void *, int, int);
+    void (*matmul)(float *, const void *, const dl_block_q80 *, int, int, int);
+} rx_type;
+
+static const rx_type RX_TYPES[] = {
+    {"q41", DL_T_Q4_1, 32, 20, {0, 2}, 4, 16, 1, dl_q41r_bytes, dl_repack_q41, dl_unpack_q41r, dl_matmul_q41r_q80},
+    {"q50", DL_T_Q5_0, 32, 22, {0, -1}, 2, 20, 0, dl_q50r_bytes, dl_repack_q50, dl_unpack_q50r, dl_matmul_q50r_q80},
+    {"q4k", DL_T_Q4_K, 256, 144, {0, 2}, 16, 128, 1, dl_q4kr_bytes, dl_repack_q4k, dl_unpack_q4kr, dl_matmul_q4kr_q80},
+    {"q6k", DL_T_Q6_K, 256, 210, {208, -1}, 0, 192, 0, dl_q6kr_bytes, dl_repack_q6k, dl_unpack_q6kr, dl_matmul_q6kr_q80},
+};
+
+static const int RX_SHAPES[][3] = {   /* rows, blocks per row, batch: group tails, matvec, batched */
+    {1, 1, 1}, {3, 2, 2}, {16, 1, 1}, {17, 3, 3}, {33, 2, 9}, {40, 4, 1}, {5, 1, 17}, {48, 2, 5}};
+#define N_RX_SHAPES ((int)(sizeof(RX_SHAPES) / sizeof(RX_SHAPES[0])))
+
+static uint8_t *make_rx(tcase *c, const rx_type *t, int rows, int cols, int flavour) {
+    const int64_t nb = (int64_t)rows * (cols / t->values);
+    uint8_t *w = case_alloc(c, (size_t)nb * t->bytes);
+    for (int64_t i = 0; i < nb; i++) {
+        uint8_t *b = w + i * t->bytes;
+        for (int j = 0; j < t->bytes; j++) b[j] = (uint8_t)rnd();
+        for (int f = 0; f < 2; f++) {
+            if (t->f16_at[f] < 0) continue;
+            uint16_t d;
+            switch (flavour) {
+            case FL_EXTREME:     d = extreme_f16[rnd() % 8]; break;
+            case FL_ZERO_SCALES: d = rnd() % 3 ? 0 : dl_f32_to_f16(rnd_normal() * 0.01f); break;
+            case FL_MAX_CODES:   d = 0x3C00; memset(b + t->codes_at, 0xFF, (size_t)t->codes_len); break;
+            default:             d = dl_f32_to_f16(rnd_normal() * 0.01f); break;
+            }
+            memcpy(b + t->f16_at[f], &d, 2);
+        }
+    }
+    return w;
+}
+
+/* per output: sum over values of (|w| + 2 |offset|) * |x|, the offset being what the value is with its
+ * code zeroed (the affine types' float term: SIMD and scalar round the two terms apart) */
+static double *mag_rx(tcase *c, const rx_type *t, const uint8_t *w, const dl_block_q80 *x, int rows, int cols, int batch) {
+    const size_t rb = (size_t)(cols / t->values) * t->bytes;
+    float *wv = malloc(sizeof(float) * (size_t)cols), *ov = malloc(sizeof(float) * (size_t)cols), *xv = malloc(sizeof(float) * (size_t)cols);
+    uint8_t *zero = malloc(rb);
+    double *m = case_alloc(c, sizeof(double) * (size_t)rows * batch);
+    for (int r = 0; r < rows; r++) {
+        dl_dequantize_rows(t->type, wv, w + (size_t)r * rb, NULL, 1, cols);
+        memcpy(zero, w + (size_t)r * rb, rb);
+        for (int k = 0; k < cols / t->values; k++) memset(zero + (size_t)k * t->bytes + t->codes_at, 0, (size_t)t->codes_len);
+        dl_dequantize_rows(t->type, ov, zero, NULL, 1, cols);
+        for (int b = 0; b < batch; b++) {
+            dl_dequantize_q80(xv, x + (size_t)b * (cols / DL_QK), cols);
+            double s = 0;
+            for (int j = 0; j < cols; j++)
+                s += (fabs((double)wv[j]) + (t->affine ? 2 * fabs((double)ov[j]) : 0)) * fabs((double)xv[j]);
+            m[(size_t)b * rows + r] = s;
+        }
+    }
+    free(wv); free(ov); free(xv); free(zero);
+    return m;
+}
+
+static void setup_rx(tcase *c, int i, const rx_type *t) {
+    const int *s = RX_SHAPES[i % N_RX_SHAPES];
+    c->rows = s[0]; c->cols = s[1] * (t->values > 32 ? t->values : 64); c->batch = s[2];
+    c->flavour = i / N_RX_SHAPES;
+    uint8_t *w = make_rx(c, t, c->rows, c->cols, c->flavour);
+    c->in[0] = w;
+    c->in[1] = make_q80(c, c->batch, c->cols, c->flavour);
+    no_minus_128(c->in[1], (int64_t)c->batch * (c->cols / DL_QK));
+    c->in[2] = case_alloc(c, t->nbytes(c->rows, c->cols));
+    t->repack(c->in[2], w, c->rows, c->cols);          /* the driver runs setups on scalar, 1 thread */
+    c->mag = mag_rx(c, t, w, c->in[1], c->rows, c->cols, c->batch);
+    c->xrow_bytes = sizeof(dl_block_q80) * (size_t)(c->cols / DL_QK);
+    c->out_bytes = sizeof(float) * (size_t)c->rows * c->batch;
+    snprintf(c->desc, sizeof c->desc, "%s rows %d cols %d batch %d %s", t->name, c->rows, c->cols, c->batch,
+             flavour_name[c->flavour]);
+}
+
+#define RX_ENTRY(k, T) \
+    static void setup_##k(tcase *c, int i) { setup_rx(c, i, &RX_TYPES[T]); } \
+    static void run_##k(tcase *c, void *out) { RX_TYPES[T].matmul(out, c->in[2], c->in[1], c->rows, c->cols, c->batch); } \
+    static void setup_repack_##k(tcase *c, int i) { \
+        setup_rx(c, i, &RX_TYPES[T]); \
+        c->mag = NULL; \
+        c->xrow_bytes = 0; \
+        c->out_bytes = (size_t)c->rows * (c->cols / RX_TYPES[T].values) * RX_TYPES[T].bytes; \
+    } \
+    static void run_repack_##k(tcase *c, void *out) { \
+        void *r = malloc(RX_TYPES[T].nbytes(c->rows, c->cols)); \
+        RX_TYPES[T].repack(r, c->in[0], c->rows, c->cols); \
+        RX_TYPES[T].unpack(out, r, c->rows, c->cols); \
+        free(r); \
+    } \
+    static int check_repack_##k(tcase *c, const void *ref) { return memcmp(ref, c->in[0], c->out_bytes) == 0; }
+RX_ENTRY(q41, 0)
+RX_ENTRY(q50, 1)
+RX_ENTRY(q4k, 2)
+RX_ENTRY(q6k, 3)
+
 /* elementwise: n with every tail length */
 static const int EW_N[] = {1, 3, 7, 8, 17, 32, 100, 2080};
 #define N_EW ((int)(sizeof(EW_N) / sizeof(EW_N[0])))
@@ -650,6 +778,15 @@ static const ktest TESTS[] = {
     {"matmul_q80r_q80", N_MM_SHAPES * N_FLAVOURS, setup_q80r,     run_q80r,       BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
     {"repack_q80",     N_MM_SHAPES,            setup_repack_q80,  run_repack_q80, ALL_ISAS,      0, check_repack_q80},
     {"matmul_f16_f32", 7,                      setup_f16mm,       run_f16mm,      BIT(DL_ISA_SCALAR), 2e-6, NULL},
+    {"matmul_bf16_f32", 7,                     setup_bf16mm,      run_bf16mm,     BIT(DL_ISA_SCALAR), 2e-6, NULL},
+    {"matmul_q41r_q80", N_RX_SHAPES * N_FLAVOURS, setup_q41,      run_q41,        BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
+    {"matmul_q50r_q80", N_RX_SHAPES * N_FLAVOURS, setup_q50,      run_q50,        BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
+    {"matmul_q4kr_q80", N_RX_SHAPES * N_FLAVOURS, setup_q4k,      run_q4k,        BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
+    {"matmul_q6kr_q80", N_RX_SHAPES * N_FLAVOURS, setup_q6k,      run_q6k,        BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
+    {"repack_q41",     N_RX_SHAPES,            setup_repack_q41,  run_repack_q41, ALL_ISAS,      0, check_repack_q41},
+    {"repack_q50",     N_RX_SHAPES,            setup_repack_q50,  run_repack_q50, ALL_ISAS,      0, check_repack_q50},
+    {"repack_q4k",     N_RX_SHAPES,            setup_repack_q4k,  run_repack_q4k, ALL_ISAS,      0, check_repack_q4k},
+    {"repack_q6k",     N_RX_SHAPES,            setup_repack_q6k,  run_repack_q6k, ALL_ISAS,      0, check_repack_q6k},
     {"matmul_f32",     6,                      setup_f32mm,       run_f32mm,      BIT(DL_ISA_SCALAR), 2e-6, NULL},
     {"rmsnorm",        2 * N_EW,               setup_rmsnorm,     run_rmsnorm,    BIT(DL_ISA_SCALAR), 2e-6, NULL},
     {"add",            N_EW,                   setup_ew,          run_add,        ALL_ISAS,      0, NULL},

@@ -1,0 +1,537 @@
+/* The GGUF block types Q4_1, Q5_0, Q4_K and Q6_K, multiplied as they are in the file ("rx").
+ *
+ * At load every rank repacks its slice of a matrix into groups of 16 rows (the last group padded
+ * with zero rows), keeping every bit of the file's blocks but rearranged so that one SIMD pass
+ * covers 16 rows (kernels/rx_engine.h, which holds the matmul written once for all of them):
+ *   - the codes of each 32-value block: 4 chunks of 64 bytes, chunk i = [row r][m = 0..3] =
+ *     value 4i + m of row r in the low nibble, value 16 + 4i + m in the high nibble (q40r's
+ *     layout), plus the type's extra bits beside them (Q5_0: one bit, Q6_K: two);
+ *   - the scales of the 16 rows side by side ahead of the codes they belong to, so a group's
+ *     data, and a thread's run of groups, is one sequential stream.
+ * A group's unit is 16 times the file's unit (a block, or a 256-value super-block for the K types)
+ * to the byte: a slice takes the memory of its file bytes plus at most 15 padding rows.
+ *
+ * Activations are q80 blocks of 32 (kernels/matmul.c), prepared once per call (rx_xprep): the int8
+ * values, and per block the integer sums of each half and of the whole, its f32 scale dx, and
+ * dx times each sum (exact in f32: a sum has at most 13 bits, dx 11).
+ */
+#include "dl_internal.h"
+#include <string.h>
+#if DL_X86
+#include <immintrin.h>
+#endif
+#if DL_NEON
+#include <arm_neon.h>
+#endif
+
+typedef struct {
+    int32_t xs0, xs1, xs;          /* sums of the block's values 0..15, 16..31, all */
+    float dx, fx0, fx1, fx;        /* the block's scale, and dx times each sum */
+    float pad;
+} rx_xblock;
+
+/* per batch row: cols int8 values, then one rx_xblock per block; stride a multiple of 64 bytes */
+static inline size_t rx_xstride(int cols) {
+    return ((size_t)cols + (size_t)(cols / DL_QK) * sizeof(rx_xblock) + 63) & ~(size_t)63;
+}
+
+static void rx_xprep(uint8_t *dst, const dl_block_q80 *x, int cols, int batch) {
+    const int nb = cols / DL_QK;
+    const size_t st = rx_xstride(cols);
+    for (int b = 0; b < batch; b++) {
+        uint8_t *qs = dst + (size_t)b * st;
+        rx_xblock *xb = (rx_xblock *)(qs + cols);
+        const dl_block_q80 *src = x + (size_t)b * nb;
+        for (int k = 0; k < nb; k++) {
+            int32_t s0 = 0, s1 = 0;
+            for (int j = 0; j < 16; j++) {
+                s0 += src[k].qs[j];
+                s1 += src[k].qs[j + 16];
+            }
+            memcpy(qs + (size_t)k * DL_QK, src[k].qs, DL_QK);
+            const float dx = dl_f16_to_f32_scalar(src[k].d);
+            xb[k] = (rx_xblock){s0, s1, s0 + s1, dx, dx * (float)s0, dx * (float)s1, dx * (float)(s0 + s1), 0.0f};
+        }
+    }
+}
+
+typedef struct { const uint8_t *src; uint8_t *dst; int rows, cols; } rx_repack_ctx;
+
+static int rx_streams = 1;   /* matvec: groups read side by side per thread (set per call) */
+
+static inline float rx_f16(const uint8_t *p) { return dl_f16_to_f32_scalar(dl_ld16(p)); }
+
+/* q40r-style codes of 32 values v[0..31] (each < 16) of row r into a block's 4 x 64 bytes */
+static inline void rx_put_nibbles(uint8_t *codes, int r, const uint8_t *v) {
+    for (int i = 0; i < 4; i++)
+        for (int m = 0; m < 4; m++) codes[64 * i + 4 * r + m] = (uint8_t)((v[4 * i + m] & 15) | (v[16 + 4 * i + m] & 15) << 4);
+}
+
+static inline void rx_get_nibbles(uint8_t *v, const uint8_t *codes, int r) {
+    for (int i = 0; i < 4; i++)
+        for (int m = 0; m < 4; m++) {
+            const uint8_t b = codes[64 * i + 4 * r + m];
+            v[4 * i + m] = b & 15;
+            v[16 + 4 * i + m] = b >> 4;
+        }
+}
+
+#if DL_X86
+DL_INLINE DL_TARGET_AVX512 void rx_nibbles_avx512(const uint8_t *codes, __m512i *u) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    for (int i = 0; i < 4; i++) {
+        const __m512i v = _mm512_loadu_si512((const void *)(codes + 64 * i));
+        u[i] = _mm512_and_si512(v, m4);
+        u[4 + i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+    }
+}
+
+DL_INLINE DL_TARGET_AVX2 void rx_nibbles_avx2(const uint8_t *codes, int h, __m256i *u) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int i = 0; i < 4; i++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(codes + 64 * i + 32 * h));
+        u[i] = _mm256_and_si256(v, m4);
+        u[4 + i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    }
+}
+#endif
+
+#if DL_NEON
+static inline void rx_nibbles_neon(const uint8_t *codes, int q, int8x16_t *u) {
+    for (int i = 0; i < 4; i++) {
+        const uint8x16_t v = vld1q_u8(codes + 64 * i + 16 * q);
+        u[i] = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F)));
+        u[4 + i] = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+    }
+}
+
+/* 4 bytes (one per row of a quad) widened to floats */
+static inline float32x4_t rx_u8x4_f32(uint8x8_t v) { return vcvtq_f32_u32(vmovl_u16(vget_low_u16(vmovl_u8(v)))); }
+static inline float32x4_t rx_s8x4_f32(int8x8_t v) { return vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(v)))); }
+static inline uint8x8_t rx_ld4_u8(const uint8_t *p) { return vreinterpret_u8_u32(vdup_n_u32((uint32_t)dl_ld32(p))); }
+#endif
+
+/* ========================================================================================== */
+/* Q4_1: 32 values, d and m (f16), value = d * nibble + m.
+ * unit (16 rows, 320 bytes): [0, 32) d of each row, [32, 64) m, [64, 320) codes */
+
+static void q41_repack_unit(uint8_t *dst, const uint8_t *const *src, int valid) {
+    for (int r = 0; r < valid; r++) {
+        const uint8_t *b = src[r];
+        uint8_t v[32];
+        memcpy(dst + 2 * r, b, 2);
+        memcpy(dst + 32 + 2 * r, b + 2, 2);
+        for (int j = 0; j < 16; j++) {
+            v[j] = b[4 + j] & 15;
+            v[j + 16] = b[4 + j] >> 4;
+        }
+        rx_put_nibbles(dst + 64, r, v);
+    }
+}
+
+static void q41_unpack_unit(uint8_t *const *dst, const uint8_t *src, int valid) {
+    for (int r = 0; r < valid; r++) {
+        uint8_t *b = dst[r], v[32];
+        memcpy(b, src + 2 * r, 2);
+        memcpy(b + 2, src + 32 + 2 * r, 2);
+        rx_get_nibbles(v, src + 64, r);
+        for (int j = 0; j < 16; j++) b[4 + j] = (uint8_t)(v[j] | v[j + 16] << 4);
+    }
+}
+
+static inline void q41_dec_scalar(const uint8_t *unit, int kk, int r, uint8_t *u, float *s, float *o) {
+    (void)kk;
+    s[0] = rx_f16(unit + 2 * r);
+    o[0] = rx_f16(unit + 32 + 2 * r);
+    rx_get_nibbles(u, unit + 64, r);
+}
+
+#if DL_X86
+DL_INLINE DL_TARGET_AVX512 void q41_dec_avx512(const uint8_t *unit, int kk, __m512i *u, __m512 *s, __m512 *o) {
+    (void)kk;
+    rx_nibbles_avx512(unit + 64, u);
+    s[0] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)unit));
+    o[0] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(unit + 32)));
+}
+
+DL_INLINE DL_TARGET_AVX2 void q41_dec_avx2(const uint8_t *unit, int kk, int h, __m256i *u, __m256 *s, __m256 *o) {
+    (void)kk;
+    rx_nibbles_avx2(unit + 64, h, u);
+    s[0] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(unit + 16 * h)));
+    o[0] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(unit + 32 + 16 * h)));
+}
+#endif
+
+#if DL_NEON
+static inline void q41_dec_neon(const uint8_t *unit, int kk, int q, int8x16_t *u, float32x4_t *s, float32x4_t *o) {
+    (void)kk;
+    rx_nibbles_neon(unit + 64, q, u);
+    s[0] = dl_ld_f16x4(unit + 8 * q);
+    o[0] = dl_ld_f16x4(unit + 32 + 8 * q);
+}
+#endif
+
+#define RX q41
+#define RX_UNIT 20
+#define RX_BPU 1
+#define RX_HALVES 1
+#define RX_AFFINE 1
+#define RX_C 0
+#include "rx_engine.h"
+
+/* ========================================================================================== */
+/* Q5_0: 32 values, d (f16), value = d * ((nibble | high bit << 4) - 16).
+ * unit (16 rows, 352 bytes): [0, 32) d of each row; [32, 96) the high bits as 8 masks of 64 bits,
+ * mask 4h + i holding bit 4r + m = high bit of value 16h + 4i + m of row r (one lane of a chunk
+ * each: AVX-512 adds 16 under the mask); [96, 352) codes */
+
+static void q50_repack_unit(uint8_t *dst, const uint8_t *const *src, int valid) {
+    for (int r = 0; r < valid; r++) {
+        const uint8_t *b = src[r];
+        const uint32_t qh = (uint32_t)dl_ld32(b + 2);
+        uint8_t v[32];
+        memcpy(dst + 2 * r, b, 2);
+        for (int j = 0; j < 16; j++) {
+            v[j] = b[6 + j] & 15;
+            v[j + 16] = b[6 + j] >> 4;
+        }
+        rx_put_nibbles(dst + 96, r, v);
+        for (int j = 0; j < 32; j++)
+            if ((qh >> j) & 1) {
+                const int bit = 4 * r + j % 4;
+                dst[32 + 8 * (4 * (j / 16) + (j % 16) / 4) + bit / 8] |= (uint8_t)(1u << (bit % 8));
+            }
+    }
+}
+
+static inline int q50_high_bit(const uint8_t *unit, int r, int j) {
+    const int bit = 4 * r + j % 4;
+    return (unit[32 + 8 * (4 * (j / 16) + (j % 16) / 4) + bit / 8] >> (bit % 8)) & 1;
+}
+
+static void q50_unpack_unit(uint8_t *const *dst, const uint8_t *src, int valid) {
+    for (int r = 0; r < valid; r++) {
+        uint8_t *b = dst[r], v[32];
+        uint32_t qh = 0;
+        memcpy(b, src + 2 * r, 2);
+        rx_get_nibbles(v, src + 96, r);
+        for (int j = 0; j < 16; j++) b[6 + j] = (uint8_t)(v[j] | v[j + 16] << 4);
+        for (int j = 0; j < 32; j++) qh |= (uint32_t)q50_high_bit(src, r, j) << j;
+        memcpy(b + 2, &qh, 4);
+    }
+}
+
+static inline void q50_dec_scalar(const uint8_t *unit, int kk, int r, uint8_t *u, float *s, float *o) {
+    (void)kk;
+    (void)o;
+    s[0] = rx_f16(unit + 2 * r);
+    rx_get_nibbles(u, unit + 96, r);
+    for (int j = 0; j < 32; j++) u[j] |= (uint8_t)(q50_high_bit(unit, r, j) << 4);
+}
+
+#if DL_X86
+DL_INLINE DL_TARGET_AVX512 void q50_dec_avx512(const uint8_t *unit, int kk, __m512i *u, __m512 *s, __m512 *o) {
+    (void)kk;
+    (void)o;
+    const __m512i bit4 = _mm512_set1_epi8(0x10);
+    rx_nibbles_avx512(unit + 96, u);
+    for (int i = 0; i < 8; i++) {
+        uint64_t m;
+        memcpy(&m, unit + 32 + 8 * i, 8);   /* mask 4h + i for u[4h + i] */
+        u[i] = _mm512_mask_add_epi8(u[i], _cvtu64_mask64(m), u[i], bit4);
+    }
+    s[0] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)unit));
+}
+
+/* 32 mask bits -> 32 bytes, 0x10 where the bit is set */
+DL_INLINE DL_TARGET_AVX2 __m256i rx_bits_avx2(uint32_t m) {
+    const __m256i idx = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                         2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    const __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)m), idx), sel);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(v, sel), _mm256_set1_epi8(0x10));
+}
+
+DL_INLINE DL_TARGET_AVX2 void q50_dec_avx2(const uint8_t *unit, int kk, int h, __m256i *u, __m256 *s, __m256 *o) {
+    (void)kk;
+    (void)o;
+    rx_nibbles_avx2(unit + 96, h, u);
+    for (int i = 0; i < 8; i++) u[i] = _mm256_or_si256(u[i], rx_bits_avx2((uint32_t)dl_ld32(unit + 32 + 8 * i + 4 * h)));
+    s[0] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(unit + 16 * h)));
+}
+#endif
+
+#if DL_NEON
+static inline void q50_dec_neon(const uint8_t *unit, int kk, int q, int8x16_t *u, float32x4_t *s, float32x4_t *o) {
+    (void)kk;
+    (void)o;
+    static const uint8_t sel_bytes[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+    const uint8x16_t sel = vld1q_u8(sel_bytes);
+    rx_nibbles_neon(unit + 96, q, u);
+    for (int i = 0; i < 8; i++) {
+        const uint8_t *m = unit + 32 + 8 * i + 2 * q;
+        const uint8x16_t bits = vandq_u8(vtstq_u8(vcombine_u8(vdup_n_u8(m[0]), vdup_n_u8(m[1])), sel), vdupq_n_u8(0x10));
+        u[i] = vreinterpretq_s8_u8(vorrq_u8(vreinterpretq_u8_s8(u[i]), bits));
+    }
+    s[0] = dl_ld_f16x4(unit + 8 * q);
+}
+#endif
+
+#define RX q50
+#define RX_UNIT 22
+#define RX_BPU 1
+#define RX_HALVES 1
+#define RX_AFFINE 0
+#define RX_C 16
+#include "rx_engine.h"
+
+/* ========================================================================================== */
+/* Q4_K: 256-value super-blocks of 8 blocks, d and dmin (f16) and 6-bit scales sc[j] and mins m[j]
+ * packed in 12 bytes; value = d * sc[j] * nibble - dmin * m[j].
+ * unit (16 rows, 2304 bytes): [0, 32) d of each row, [32, 64) dmin, [64, 256) the 12 scale bytes,
+ * byte b of row r at 64 + 16 b + r; [256 + 256 kk, ...) the codes of block kk */
+
+static void q4k_repack_unit(uint8_t *dst, const uint8_t *const *src, int valid) {
+    for (int r = 0; r < valid; r++) {
+        const uint8_t *b = src[r], *qs = b + 16;
+        memcpy(dst + 2 * r, b, 2);
+        memcpy(dst + 32 + 2 * r, b + 2, 2);
+        for (int k = 0; k < 12; k++) dst[64 + 16 * k + r] = b[4 + k];
+        for (int kk = 0; kk < 8; kk++) {   /* block kk: the low (even kk) or high nibbles of qs[32 (kk / 2) ..] */
+            uint8_t v[32];
+            for (int l = 0; l < 32; l++) v[l] = (qs[32 * (kk / 2) + l] >> (4 * (kk % 2))) & 15;
+            rx_put_nibbles(dst + 256 + 256 * kk, r, v);
+        }
+    }
+}
+
+static void q4k_unpack_unit(uint8_t *const *dst, const uint8_t *src, int valid) {
+    for (int r = 0; r < valid; r++) {
+        uint8_t *b = dst[r], *qs = b + 16;
+        memcpy(b, src + 2 * r, 2);
+        memcpy(b + 2, src + 32 + 2 * r, 2);
+        for (int k = 0; k < 12; k++) b[4 + k] = src[64 + 16 * k + r];
+        memset(qs, 0, 128);
+        for (int kk = 0; kk < 8; kk++) {
+            uint8_t v[32];
+            rx_get_nibbles(v, src + 256 + 256 * kk, r);
+            for (int l = 0; l < 32; l++) qs[32 * (kk / 2) + l] |= (uint8_t)(v[l] << (4 * (kk % 2)));
+        }
+    }
+}
+
+static inline void q4k_dec_scalar(const uint8_t *unit, int kk, int r, uint8_t *u, float *s, float *o) {
+    const uint8_t *sb = unit + 64 + r;   /* scale byte k at sb[16 k] */
+    int sc, m;
+    if (kk < 4) {
+        sc = sb[16 * kk] & 63;
+        m = sb[16 * (kk + 4)] & 63;
+    } else {
+        sc = (sb[16 * (kk + 4)] & 15) | (sb[16 * (kk - 4)] >> 6) << 4;
+        m = (sb[16 * (kk + 4)] >> 4) | (sb[16 * kk] >> 6) << 4;
+    }
+    s[0] = rx_f16(unit + 2 * r) * (float)sc;
+    o[0] = -(rx_f16(unit + 32 + 2 * r) * (float)m);
+    rx_get_nibbles(u, unit + 256 + 256 * kk, r);
+}
+
+#if DL_X86
+/* the 6-bit scales and mins of block kk for the 16 rows (scale byte k of row r at sb + 16 k + r);
+ * load(k) gives 16 (AVX-512) or 8 (AVX2) rows' byte k */
+#define Q4K_SCALES(load, and_, or_, srl, set1, sc, m) do { \
+    if (kk < 4) { \
+        sc = and_(load(kk), set1(63)); \
+        m = and_(load(kk + 4), set1(63)); \
+    } else { \
+        const __m128i hi = load(kk + 4); \
+        sc = or_(and_(hi, set1(15)), and_(srl(load(kk - 4), 2), set1(0x30))); \
+        m = or_(and_(srl(hi, 4), set1(15)), and_(srl(load(kk), 2), set1(0x30))); \
+    } } while (0)
+
+DL_INLINE DL_TARGET_AVX512 void q4k_dec_avx512(const uint8_t *unit, int kk, __m512i *u, __m512 *s, __m512 *o) {
+    __m128i sc, m;
+#define Q4K_LD(k) _mm_loadu_si128((const __m128i *)(unit + 64 + 16 * (k)))
+    Q4K_SCALES(Q4K_LD, _mm_and_si128, _mm_or_si128, _mm_srli_epi16, _mm_set1_epi8, sc, m);
+#undef Q4K_LD
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)unit));
+    const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(unit + 32)));
+    s[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc)));
+    o[0] = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(_mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m)))),
+                                                _mm512_set1_epi32((int)0x80000000u)));
+    rx_nibbles_avx512(unit + 256 + 256 * kk, u);
+}
+
+DL_INLINE DL_TARGET_AVX2 void q4k_dec_avx2(const uint8_t *unit, int kk, int h, __m256i *u, __m256 *s, __m256 *o) {
+    __m128i sc, m;
+#define Q4K_LD(k) _mm_loadl_epi64((const __m128i *)(unit + 64 + 16 * (k) + 8 * h))
+    Q4K_SCALES(Q4K_LD, _mm_and_si128, _mm_or_si128, _mm_srli_epi16, _mm_set1_epi8, sc, m);
+#undef Q4K_LD
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(unit + 16 * h)));
+    const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(unit + 32 + 16 * h)));
+    s[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc)));
+    o[0] = _mm256_xor_ps(_mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m))), _mm256_set1_ps(-0.0f));
+    rx_nibbles_avx2(unit + 256 + 256 * kk, h, u);
+}
+#undef Q4K_SCALES
+#endif
+
+#if DL_NEON
+static inline void q4k_dec_neon(const uint8_t *unit, int kk, int q, int8x16_t *u, float32x4_t *s, float32x4_t *o) {
+#define Q4K_LD(k) rx_ld4_u8(unit + 64 + 16 * (k) + 4 * q)
+    uint8x8_t sc, m;
+    if (kk < 4) {
+        sc = vand_u8(Q4K_LD(kk), vdup_n_u8(63));
+        m = vand_u8(Q4K_LD(kk + 4), vdup_n_u8(63));
+    } else {
+        const uint8x8_t hi = Q4K_LD(kk + 4);
+        sc = vorr_u8(vand_u8(hi, vdup_n_u8(15)), vshl_n_u8(vshr_n_u8(Q4K_LD(kk - 4), 6), 4));
+        m = vorr_u8(vshr_n_u8(hi, 4), vshl_n_u8(vshr_n_u8(Q4K_LD(kk), 6), 4));
+    }
+#undef Q4K_LD
+    s[0] = vmulq_f32(dl_ld_f16x4(unit + 8 * q), rx_u8x4_f32(sc));
+    o[0] = vnegq_f32(vmulq_f32(dl_ld_f16x4(unit + 32 + 8 * q), rx_u8x4_f32(m)));
+    rx_nibbles_neon(unit + 256 + 256 * kk, q, u);
+}
+#endif
+
+#define RX q4k
+#define RX_UNIT 144
+#define RX_BPU 8
+#define RX_HALVES 1
+#define RX_AFFINE 1
+#define RX_C 0
+#include "rx_engine.h"
+
+/* ========================================================================================== */
+/* Q6_K: 256-value super-blocks, d (f16) and an int8 scale per 16 values; value = d * sc * (q - 32)
+ * with q = 6 bits (4 low in ql, 2 high in qh).
+ * unit (16 rows, 3360 bytes): [0, 32) d of each row, [32, 288) the 16 scales, scale j of row r at
+ * 32 + 16 j + r; then per block kk at 288 + 384 kk: the codes of the low 4 bits (256 bytes), then
+ * two 64-byte chunks of high bits: byte 4r + m of chunk h holds, at bits 2i and 2i + 1, the high
+ * bits of value 16h + 4i + m of row r */
+
+static inline int q6k_value(const uint8_t *b, int v) {   /* the 6-bit code of value v of a super-block */
+    const int n = v / 128, t = (v % 128) / 32, l = v % 32;
+    const int lo = (b[64 * n + l + 32 * (t & 1)] >> (4 * (t >> 1))) & 15;
+    const int hi = (b[128 + 32 * n + l] >> (2 * t)) & 3;
+    return lo | hi << 4;
+}
+
+static void q6k_repack_unit(uint8_t *dst, const uint8_t *const *src, int valid) {
+    for (int r = 0; r < valid; r++) {
+        const uint8_t *b = src[r];
+        memcpy(dst + 2 * r, b + 208, 2);
+        for (int j = 0; j < 16; j++) dst[32 + 16 * j + r] = b[192 + j];
+        for (int kk = 0; kk < 8; kk++) {
+            uint8_t *blk = dst + 288 + 384 * kk, v[32];
+            for (int l = 0; l < 32; l++) v[l] = (uint8_t)q6k_value(b, 32 * kk + l);
+            rx_put_nibbles(blk, r, v);
+            for (int h = 0; h < 2; h++)
+                for (int m = 0; m < 4; m++) {
+                    uint8_t hb = 0;
+                    for (int i = 0; i < 4; i++) hb |= (uint8_t)((v[16 * h + 4 * i + m] >> 4) << (2 * i));
+                    blk[256 + 64 * h + 4 * r + m] = hb;
+                }
+        }
+    }
+}
+
+static inline void q6k_codes(uint8_t *v, const uint8_t *blk, int r) {
+    rx_get_nibbles(v, blk, r);
+    for (int j = 0; j < 32; j++) {
+        const int h = j / 16, i = (j % 16) / 4, m = j % 4;
+        v[j] |= (uint8_t)(((blk[256 + 64 * h + 4 * r + m] >> (2 * i)) & 3) << 4);
+    }
+}
+
+static void q6k_unpack_unit(uint8_t *const *dst, const uint8_t *src, int valid) {
+    for (int r = 0; r < valid; r++) {
+        uint8_t *b = dst[r];
+        memset(b, 0, 192);
+        memcpy(b + 208, src + 2 * r, 2);
+        for (int j = 0; j < 16; j++) b[192 + j] = src[32 + 16 * j + r];
+        for (int kk = 0; kk < 8; kk++) {
+            uint8_t v[32];
+            q6k_codes(v, src + 288 + 384 * kk, r);
+            for (int l = 0; l < 32; l++) {
+                const int vv = 32 * kk + l, n = vv / 128, t = (vv % 128) / 32, ll = vv % 32;
+                b[64 * n + ll + 32 * (t & 1)] |= (uint8_t)((v[l] & 15) << (4 * (t >> 1)));
+                b[128 + 32 * n + ll] |= (uint8_t)((v[l] >> 4) << (2 * t));
+            }
+        }
+    }
+}
+
+static inline void q6k_dec_scalar(const uint8_t *unit, int kk, int r, uint8_t *u, float *s, float *o) {
+    (void)o;
+    const float d = rx_f16(unit + 2 * r);
+    s[0] = d * (float)(int8_t)unit[32 + 16 * (2 * kk) + r];
+    s[1] = d * (float)(int8_t)unit[32 + 16 * (2 * kk + 1) + r];
+    q6k_codes(u, unit + 288 + 384 * kk, r);
+}
+
+#if DL_X86
+DL_INLINE DL_TARGET_AVX512 void q6k_dec_avx512(const uint8_t *unit, int kk, __m512i *u, __m512 *s, __m512 *o) {
+    (void)o;
+    const uint8_t *blk = unit + 288 + 384 * kk;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+    const __m512i h0 = _mm512_loadu_si512((const void *)(blk + 256)), h1 = _mm512_loadu_si512((const void *)(blk + 320));
+    /* the two high bits of step i at bits 4-5: shifted by 4 - 2i (16-bit shifts: what crosses a byte is masked off) */
+    const __m512i sh0[4] = {_mm512_slli_epi16(h0, 4), _mm512_slli_epi16(h0, 2), h0, _mm512_srli_epi16(h0, 2)};
+    const __m512i sh1[4] = {_mm512_slli_epi16(h1, 4), _mm512_slli_epi16(h1, 2), h1, _mm512_srli_epi16(h1, 2)};
+    for (int i = 0; i < 4; i++) {
+        const __m512i v = _mm512_loadu_si512((const void *)(blk + 64 * i));
+        /* (a & c) | b: the high bits under the 0x30 mask, or the low nibble */
+        u[i] = _mm512_ternarylogic_epi32(sh0[i], _mm512_and_si512(v, m4), m30, 0xEC);
+        u[4 + i] = _mm512_ternarylogic_epi32(sh1[i], _mm512_and_si512(_mm512_srli_epi16(v, 4), m4), m30, 0xEC);
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)unit));
+    s[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(unit + 32 + 32 * kk)))));
+    s[1] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(unit + 48 + 32 * kk)))));
+}
+
+DL_INLINE DL_TARGET_AVX2 void q6k_dec_avx2(const uint8_t *unit, int kk, int h, __m256i *u, __m256 *s, __m256 *o) {
+    (void)o;
+    const uint8_t *blk = unit + 288 + 384 * kk;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+    const __m256i h0 = _mm256_loadu_si256((const __m256i *)(blk + 256 + 32 * h));
+    const __m256i h1 = _mm256_loadu_si256((const __m256i *)(blk + 320 + 32 * h));
+    const __m256i sh0[4] = {_mm256_slli_epi16(h0, 4), _mm256_slli_epi16(h0, 2), h0, _mm256_srli_epi16(h0, 2)};
+    const __m256i sh1[4] = {_mm256_slli_epi16(h1, 4), _mm256_slli_epi16(h1, 2), h1, _mm256_srli_epi16(h1, 2)};
+    for (int i = 0; i < 4; i++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 64 * i + 32 * h));
+        u[i] = _mm256_or_si256(_mm256_and_si256(v, m4), _mm256_and_si256(sh0[i], m30));
+        u[4 + i] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), _mm256_and_si256(sh1[i], m30));
+    }
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(unit + 16 * h)));
+    s[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(unit + 32 + 32 * kk + 8 * h)))));
+    s[1] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(unit + 48 + 32 * kk + 8 * h)))));
+}
+#endif
+
+#if DL_NEON
+static inline void q6k_dec_neon(const uint8_t *unit, int kk, int q, int8x16_t *u, float32x4_t *s, float32x4_t *o) {
+    (void)o;
+    const uint8_t *blk = unit + 288 + 384 * kk;
+    const uint8x16_t m30 = vdupq_n_u8(0x30);
+    const uint8x16_t h0 = vld1q_u8(blk + 256 + 16 * q), h1 = vld1q_u8(blk + 320 + 16 * q);
+    const uint8x16_t sh0[4] = {vshlq_n_u8(h0, 4), vshlq_n_u8(h0, 2), h0, vshrq_n_u8(h0, 2)};
+    const uint8x16_t sh1[4] = {vshlq_n_u8(h1, 4), vshlq_n_u8(h1, 2), h1, vshrq_n_u8(h1, 2)};
+    for (int i = 0; i < 4; i++) {
+        const uint8x16_t v = vld1q_u8(blk + 64 * i + 16 * q);
+        u[i] = vreinterpretq_s8_u8(vbslq_u8(m30, sh0[i], vandq_u8(v, vdupq_n_u8(0x0F))));
+        u[4 + i] = vreinterpretq_s8_u8(vbslq_u8(m30, sh1[i], vshrq_n_u8(v, 4)));
+    }
+    const float32x4_t d = dl_ld_f16x4(unit + 8 * q);
+    s[0] = vmulq_f32(d, rx_s8x4_f32(vreinterpret_s8_u8(rx_ld4_u8(unit + 32 + 32 * kk + 4 * q))));
+    s[1] = vmulq_f32(d, rx_s8x4_f32(vreinterpret_s8_u8(rx_ld4_u8(unit + 48 + 32 * kk + 4 * q))));
+}
+#endif
+
+#define RX q6k
+#define RX_UNIT 210
+#define RX_BPU 8
+#define RX_HALVES 2
+#define RX_AFFINE 0
+#define RX_C 32
+#include "rx_engine.h"
