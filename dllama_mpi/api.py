@@ -880,4 +880,7 @@ def _model_id(model_path: str | None) -> str:
     if not model_path:
         return "smollm2-135m-instruct"
     base = os.path.basename(model_path)
-    return base[:-2] if base.endswith(".m") else base
+    for ext in (".m", ".gguf"):
+        if base.endswith(ext):
+            return base[:-len(ext)]
+    return base

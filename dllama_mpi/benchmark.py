@@ -52,7 +52,7 @@ SCHEMA = "dllama-mpi-benchmark/1"
 # instrumentation
 
 class _TimedLib:
-    """Stands in for the cffi `lib` in engine/sync for one run: times every dl_* call."""
+    """Stands in for the cffi `lib` in engine / sync / weights for one run: times every dl_* call."""
 
     def __init__(self, lib):
         self._lib = lib
@@ -154,26 +154,29 @@ class _Recorder:
         return best
 
 
+_TIMED_MODULES = ("engine", "sync", "weights")   # the modules whose C calls a profile times
+
+
 def _install_proxy(rec: _Recorder):
-    from . import engine as E
-    from . import sync as S
+    import importlib
+
     from .kernels import lib
 
     p = _TimedLib(lib)
     p.active = False
-    E.lib = p
-    S.lib = p
+    for name in _TIMED_MODULES:
+        importlib.import_module(f"dllama_mpi.{name}").lib = p
     rec.timed = p
     return p
 
 
 def _remove_proxy(rec: _Recorder):
-    from . import engine as E
-    from . import sync as S
+    import importlib
+
     from .kernels import lib
 
-    E.lib = lib
-    S.lib = lib
+    for name in _TIMED_MODULES:
+        importlib.import_module(f"dllama_mpi.{name}").lib = lib
     rec.timed = None
 
 
@@ -526,9 +529,9 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     if max_seq_len is None:
         need = np.zeros(1, np.int64)
         if comm.is_root and model_path:
-            from .formats import open_model
+            from .weights import open_model_file
 
-            m = open_model(model_path)
+            m = open_model_file(model_path)
             want = (max(lens) + steps + 1) if lens else 4096
             need[0] = min(m.header.max_seq_len, want)
             m.close()

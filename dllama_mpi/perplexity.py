@@ -234,11 +234,11 @@ def perplexity(comm, model_path, tokenizer_path, nthreads, buffer_float_type, ma
             ctx = base[0]
         elif ctx < 4:
             raise ConfigError(f"--ctx must be >= 4, got {ctx}")
-        from .formats import open_model
         from .startup import resolve_model
+        from .weights import open_model_file
 
         model_path, tokenizer_path = resolve_model(model_path, tokenizer_path)
-        m = open_model(model_path)
+        m = open_model_file(model_path)
         m.close()
         if ctx > m.header.max_seq_len:
             raise ConfigError(f"--ctx {ctx} is beyond the model's context ({m.header.max_seq_len})")

@@ -44,12 +44,13 @@ import numpy as np
 
 from . import comm as C
 from .comm import Comm
-from .engine import LOGITS_ARGMAX, LOGITS_FULL, LOGITS_STATS, STATS_TOPK, Engine, Route, Rows, TokenStats, load_weights
+from .engine import LOGITS_ARGMAX, LOGITS_FULL, LOGITS_STATS, STATS_TOPK, Engine, Rows, TokenStats
 from .errors import ConfigError
 from .formats import BLOCK, F32, Q40, Q80_BYTES, ModelHeader, tensor_layout
 from .kernels import ffi, lib
 from .kvcache import meminfo, plan_kv
-from .shard import ShardPlan, even_split, make_plan, weighted_split
+from .shard import ShardPlan, even_split, fit_types, make_plan, weighted_split
+from .weights import Matrix, Route, load_weights
 
 TAG_FORWARD, TAG_RESULT = 21, 22     # [control | rows] between stage roots; [ids | stats | logits] to rank 0
 STATS_REC = 4 + 2 * STATS_TOPK       # a TokenStats in float64: argmax, log Z, target, n top, (id, logprob)s
@@ -274,7 +275,6 @@ def measure_speed(h: ModelHeader, n_ranks: int, windows: int = 5, window_seconds
     `ready()` (a barrier) runs between the set-up and the windows: the ranks of a host measure
     together, and none measures while a slower one still builds its buffers (copying 48 MB halved
     a fast rank's figure when a throttled rank was still at it)."""
-    from .engine import Matrix
 
     q40 = h.weights_float_type == Q40
     cols = max(h.dim // BLOCK * BLOCK, BLOCK)
@@ -315,8 +315,10 @@ def measure_speed(h: ModelHeader, n_ranks: int, windows: int = 5, window_seconds
     return float(max(speeds))
 
 
-def gather_layout(world: Comm, h: ModelHeader, pp: int, split) -> tuple[Layout, list[str]]:
-    """Collective: the layout (every rank computes the same one) and every rank's host name."""
+def gather_layout(world: Comm, h: ModelHeader, pp: int, split) -> tuple[Layout, list[str], ModelHeader, str | None]:
+    """Collective: the layout (every rank computes the same one), every rank's host name, the header
+    it needs (shard.fit_types: 256-value wo / w2 matrices it cannot cut become q80) and the note
+    saying so (None if none)."""
     n = world.size
     hosts = world.comm.allgather(world.host()) if n > 1 else [world.host()]
     weights = memory = speeds = None
@@ -332,7 +334,8 @@ def gather_layout(world: Comm, h: ModelHeader, pp: int, split) -> tuple[Layout, 
             memory = None
     elif split != "even":
         weights = split
-    return make_layout(h, n, pp, weights, memory, speeds), hosts
+    h, layout, note = fit_types(h, lambda hh: make_layout(hh, n, pp, weights, memory, speeds))
+    return layout, hosts, h, note
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,9 +345,9 @@ def build_stages(world: Comm, h: ModelHeader, header_size: int, model, *, pp: in
                  buffer_type: str, sync: str, load: str, max_batch: int, progress, n_slots: int,
                  kv_memory: int | None, quiet: bool = False) -> Engine:
     """Collective: the layout, the stage sub-groups, this rank's stage weights, its engine."""
-    layout, hosts = gather_layout(world, h, pp, split)
+    layout, hosts, h, note = gather_layout(world, h, pp, split)
     if world.is_root and not quiet:
-        for line in describe(h, layout, hosts):
+        for line in describe(h, layout, hosts) + ([note] if note else []):
             print(line, file=__import__("sys").stderr, flush=True)
     from .engine import kv_ring
 

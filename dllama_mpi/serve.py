@@ -999,8 +999,9 @@ class Supervisor(Server):
 def _backend_args(model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme, load, max_batch,
                   parallel, kv_memory, sync_timeout) -> list[str]:
     """The api --backend options: everything rank 0 and the workers need to load and run the model."""
-    args = ["--model", model_path, "--tokenizer", tokenizer_path, "--sync", sync_scheme, "--load", load,
-            "--batch", str(max_batch), "--parallel", str(parallel), "--sync-timeout", f"{sync_timeout:g}"]
+    args = ["--model", model_path, *(["--tokenizer", tokenizer_path] if tokenizer_path else []), "--sync",
+            sync_scheme, "--load", load, "--batch", str(max_batch), "--parallel", str(parallel), "--sync-timeout",
+            f"{sync_timeout:g}"]
     from .startup import _options
 
     for opt, v in (("--nthreads", nthreads), ("--buffer-float-type", buffer_float_type),
@@ -1058,10 +1059,9 @@ def _serve(model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
            probe_timeout, start_timeout) -> int:
     from .api import _model_id
     from .chat import template_for
-    from .formats import open_model
-    from .shard import make_plan
-    from .startup import _options, resolve_model
-    from .tokenizer import Tokenizer
+    from .shard import fit_types, make_plan
+    from .startup import _options, load_tokenizer, resolve_model
+    from .weights import open_model_file, runtime_header
 
     check_server_options(port, max_body_bytes, max_n)
     for name, v in (("--max-restarts", max_restarts), ("--restart-window", restart_window),
@@ -1074,17 +1074,17 @@ def _serve(model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
     if n_ranks < 1:
         raise ConfigError(f"-n must be >= 1, got {n_ranks}")
     model_file, tokenizer_file = resolve_model(model_path, tokenizer_path)
-    tokenizer = Tokenizer.load(tokenizer_file)
-    m = open_model(model_file)
-    header = m.header
+    tokenizer = load_tokenizer(model_file, tokenizer_file)
+    m = open_model_file(model_file)
+    header, _ = runtime_header(m)
     m.close()
     if tokenizer.vocab_size != header.vocab_size:
-        raise ConfigError(f"{tokenizer_file}: tokenizer has {tokenizer.vocab_size} tokens but the model "
-                          f"{model_file} has vocab_size {header.vocab_size}")
-    make_plan(header, n_ranks)   # an impossible split fails here, before anything starts
+        raise ConfigError(f"{tokenizer_file or model_file}: tokenizer has {tokenizer.vocab_size} tokens but the "
+                          f"model {model_file} has vocab_size {header.vocab_size}")
+    fit_types(header, lambda h: make_plan(h, n_ranks))   # an impossible split fails here, before anything starts
     template = template_for(tokenizer, chat_template)
     sync_timeout = _options.get("sync_timeout") or 20.0
-    backend_args = _backend_args(os.path.abspath(model_file), os.path.abspath(tokenizer_file), nthreads,
+    backend_args = _backend_args(os.path.abspath(model_file), tokenizer_file and os.path.abspath(tokenizer_file), nthreads,
                                  buffer_float_type, max_seq_len, sync_scheme, load, max_batch, parallel,
                                  _options.get("kv_memory"), sync_timeout)
     mpiexec = [mpiexec_path or default_mpiexec(), *shlex.split(mpiexec_args)]

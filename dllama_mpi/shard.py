@@ -7,17 +7,20 @@ their ranges from here (FORMATS.md §7), so no slicing arithmetic is scattered a
   weights (`--split`, pipeline.py); each rank holds the KV heads
   its query heads use, so with more ranks than KV heads (or uneven splits) a KV head is replicated
   on the ranks that share it (Distributed Llama refuses N > n_kv_heads);
-- FFN rows (w1/w3, and the matching w2 columns) are split on 32-element block boundaries;
+- FFN rows (w1/w3, and the matching w2 columns) are split on the block boundaries of w2's type (32
+  values, 256 for the GGUF K types), the heads likewise on whole blocks of wo's columns;
 - vocabulary rows (wcls) are split evenly; the residual `dim` is cut into per-rank chunks of whole
   q80 blocks for the reduce-scatter of the `ring` sync.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .formats import BLOCK, QUANTIZED, ModelHeader, float_type_name
+from .formats import BLOCK, Q80, TYPE_BLOCK, ModelHeader, float_type_name, set_matrix_types
 
 
 def even_split(n: int, parts: int, unit: int = 1) -> list[tuple[int, int]]:
@@ -123,24 +126,34 @@ ROW_SPLIT = ("wq", "wk", "wv", "w1", "w3", "wcls")
 COL_SPLIT = ("wo", "w2")
 
 
+def column_unit(h: ModelHeader, name: str) -> int:
+    """Columns of a column-split matrix (wo, w2) come in whole blocks of its types: 32 values for q40,
+    q80 and the 32-value GGUF types, 256 for the K types; with any block-type matrix the q80
+    activations they multiply need whole 32-value blocks too (1: all f32 / f16)."""
+    unit = BLOCK if h.quantized else 1
+    for t in h.types_of(name):
+        unit = math.lcm(unit, TYPE_BLOCK[t][0])
+    return unit
+
+
 def make_plan(h: ModelHeader, n_nodes: int, weights=None) -> ShardPlan:
     """The plan for `n_nodes` ranks, or a ConfigError saying why the model cannot be split so.
 
     Slices may be uneven, and a rank may own no head or no FFN column of a small model (it then
-    adds a zero partial sum): what must hold is that every slice of a quantized matrix is made of
-    whole 32-value blocks. `weights` (one per rank, e.g. measured speeds) share heads, FFN rows and
-    vocabulary rows in proportion instead of evenly; the residual chunks of the ring sync stay even."""
+    adds a zero partial sum): what must hold is that every column slice of wo and w2 is made of
+    whole blocks of their types (column_unit: 32 or 256 values), so the head and FFN boundaries
+    move to the nearest block. `weights` (one per rank, e.g. measured speeds) share heads, FFN rows
+    and vocabulary rows in proportion instead of evenly; the residual chunks of the ring sync stay
+    even. fit_types turns the 256-value matrices that no split can cut into q80 ones."""
     if n_nodes < 1:
         raise ConfigError(f"node count must be >= 1, got {n_nodes}")
-    unit = BLOCK if h.quantized else 1        # column slices of quantized matrices: whole blocks
+    unit, ffn_unit = column_unit(h, "wo"), column_unit(h, "w2")
     hd = h.head_size
-    heads_unit = 1                            # heads per indivisible group (whole wo blocks)
-    while (heads_unit * hd) % unit:
-        heads_unit += 1
+    heads_unit = unit // math.gcd(unit, hd)   # heads per indivisible group (whole wo blocks)
     if h.n_heads % heads_unit:
         raise ConfigError(
             f"cannot split the model: head_dim {hd} x {h.n_heads} heads cannot be cut into slices "
-            f"of whole {BLOCK}-value {'/'.join(float_type_name(t) for t in h.matrix_types if t in QUANTIZED)} blocks")
+            f"of whole {unit}-value {'/'.join(float_type_name(t) for t in sorted(h.types_of('wo')))} blocks")
     split = even_split if weights is None else (lambda n, parts, unit=1: weighted_split(n, weights, unit))
     if weights is not None and len(weights) != n_nodes:
         raise ConfigError(f"{len(weights)} split weights for {n_nodes} nodes")
@@ -151,9 +164,9 @@ def make_plan(h: ModelHeader, n_nodes: int, weights=None) -> ShardPlan:
             f"give at most {h.n_heads // heads_unit} slices of wo columns that are a multiple of {unit}")
     head_ranges = [(a // heads_unit * heads_unit, b // heads_unit * heads_unit)
                    for a, b in split(h.n_heads, n_nodes, heads_unit)]
-    if h.ffn_dim % unit:
-        raise ConfigError(f"FFN size {h.ffn_dim} is not a multiple of {unit}")
-    ffn_ranges = split(h.ffn_dim, n_nodes, unit)
+    if h.ffn_dim % ffn_unit:
+        raise ConfigError(f"FFN size {h.ffn_dim} is not a multiple of {ffn_unit}")
+    ffn_ranges = split(h.ffn_dim, n_nodes, ffn_unit)
     vocab_ranges = split(h.vocab_size, n_nodes)
     dim_unit = BLOCK if h.dim % BLOCK == 0 else 1
     dim_ranges = even_split(h.dim, n_nodes, dim_unit)
@@ -164,3 +177,30 @@ def make_plan(h: ModelHeader, n_nodes: int, weights=None) -> ShardPlan:
         kv = (h0 // g, (h1 - 1) // g + 1) if h1 > h0 else (0, 0)
         shards.append(RankShard(r, (h0, h1), kv, ffn_ranges[r], vocab_ranges[r], dim_ranges[r]))
     return ShardPlan(h, n_nodes, tuple(shards))
+
+
+def fit_types(h: ModelHeader, make):
+    """(header, make(header), note): `make` (a plan or a pipeline layout of h) as it is, or, when it
+    cannot cut the wo (then wo and w2) matrices of a 256-value block type (more ranks than their
+    blocks allow slices), make() of the header with those matrices converted to q80 at load
+    (32-value blocks); the note says so (None when nothing changed). Deterministic: every rank
+    computes the same."""
+    try:
+        return h, make(h), None
+    except ConfigError as e:
+        error = e
+    for names in (("wo",), COL_SPLIT):
+        wide = [(n, t) for n, t in zip(h.matrix_names(), h.matrix_type_list()) if n in names and TYPE_BLOCK[t][0] > BLOCK]
+        if not wide:
+            continue
+        h2 = copy.copy(h)
+        set_matrix_types(h2, [Q80 if n in names and TYPE_BLOCK[t][0] > BLOCK else t
+                              for n, t in zip(h.matrix_names(), h.matrix_type_list())])
+        try:
+            result = make(h2)
+        except ConfigError:
+            continue
+        kinds = sorted({float_type_name(t) for _, t in wide})
+        return h2, result, (f"the {len(wide)} {' / '.join(names)} matrices of {'/'.join(kinds)} (256-value blocks) "
+                            f"cannot be cut into this many column slices: converted to q80 at load")
+    raise error

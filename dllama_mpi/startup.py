@@ -102,9 +102,11 @@ def model_options(fn):
     opts = [
         # paths are checked in resolve_model (one line, once on the root), not by click on every rank
         click.option("--model", "model_path", type=click.Path(readable=False), default=None,
-                     help="Distributed Llama .m model (default: the SmolLM2-135M-Instruct model, downloaded on first use)."),
+                     help="A GGUF file (llama.cpp's, run as it is) or a Distributed Llama .m model "
+                          "[default: SmolLM2-135M-Instruct's Q4_1 GGUF, installed on first use]."),
         click.option("--tokenizer", "tokenizer_path", type=click.Path(readable=False), default=None,
-                     help="Distributed Llama .t tokenizer (default: the one next to the default model)."),
+                     help="A Distributed Llama .t tokenizer, or a GGUF to take the vocabulary from "
+                          "[default: the GGUF model's own; required with a .m model]."),
         click.option("--nthreads", type=int, default=None,
                      help="Threads per rank (C thread pool) [default: the cores this rank may use / the ranks on its host]."),
         click.option("--buffer-float-type", type=click.Choice(["q80", "f32"]), default=None,
@@ -240,23 +242,44 @@ def threads_line(choices: list[tuple[int, str]]) -> str:
 
 
 def resolve_model(model_path, tokenizer_path):
-    """The default model when --model is omitted (root only; installs it on first use)."""
+    """(model, tokenizer or None) after checking both paths (root only): the default model (the
+    SmolLM2 GGUF, installed on first use) when --model is omitted. A GGUF carries its tokenizer, so
+    --tokenizer is only required with a .m model."""
+    from .gguf import is_gguf
+
     if model_path is None:
         from .convert.smollm2 import default_models_dir, ensure_default_model
 
         model_path, default_tok = ensure_default_model(default_models_dir())
         log(f"no --model given: using the default model {model_path}")
         tokenizer_path = tokenizer_path or default_tok
-    if tokenizer_path is None:
-        raise ConfigError("--tokenizer is required with --model")
     for what, p in (("model", model_path), ("tokenizer", tokenizer_path)):
+        if p is None:
+            continue
         if os.path.isdir(p):
             raise ConfigError(f"{p}: the {what} path is a directory, not a file")
         if not os.path.isfile(p):
             raise ConfigError(f"{p}: {what} file not found")
         if not os.access(p, os.R_OK):
             raise ConfigError(f"{p}: {what} file is not readable (permission denied)")
+    if tokenizer_path is None and not is_gguf(model_path):
+        raise ConfigError("--tokenizer is required with a .m model (a GGUF model carries its own)")
     return model_path, tokenizer_path
+
+
+def load_tokenizer(model_path, tokenizer_path):
+    """The tokenizer of --tokenizer (a .t file, or a GGUF's vocabulary), else the GGUF model's own."""
+    from .gguf import GGUFFile, is_gguf, tokenizer_of
+    from .tokenizer import Tokenizer
+
+    path = tokenizer_path or model_path
+    if not is_gguf(path):
+        return Tokenizer.load(path)
+    g = GGUFFile(path)
+    try:
+        return tokenizer_of(g)
+    finally:
+        g.close()
 
 
 def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme,
@@ -268,11 +291,11 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
 
     from . import kernels
     from .engine import build_engine
-    from .formats import open_model
     from .pipeline import kv_row_bytes as layout_kv_row_bytes
     from .pipeline import ring_row_bytes as layout_ring_row_bytes
     from .pipeline import make_layout, parse_split
-    from .tokenizer import Tokenizer
+    from .shard import fit_types
+    from .weights import open_model_file, runtime_header
 
     tokenizer = None
     bft = buffer_float_type
@@ -291,16 +314,17 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
         if max_batch < 1:
             raise ConfigError(f"--batch must be >= 1, got {max_batch}")
         model_path, tokenizer_path = resolve_model(model_path, tokenizer_path)
-        model = open_model(model_path)
-        h = model.header
+        model = open_model_file(model_path)
+        h, _ = runtime_header(model)
         model.close()
-        tokenizer = Tokenizer.load(tokenizer_path)
+        tokenizer = load_tokenizer(model_path, tokenizer_path)
         if tokenizer.vocab_size != h.vocab_size:
-            raise ConfigError(f"{tokenizer_path}: tokenizer has {tokenizer.vocab_size} tokens but the model "
-                              f"{model_path} has vocab_size {h.vocab_size}")
+            raise ConfigError(f"{tokenizer_path or model_path}: tokenizer has {tokenizer.vocab_size} tokens but the "
+                              f"model {model_path} has vocab_size {h.vocab_size}")
         # an impossible node count or layout fails here, before any weight moves (auto: with even
         # weights; the measured ones can still be refused after the measurement)
-        layout = make_layout(h, comm.size, pp, None if split in ("even", "auto") else split)
+        h, layout, _ = fit_types(h, lambda hh: make_layout(hh, comm.size, pp,
+                                                           None if split in ("even", "auto") else split))
         shards = layout.stages[0].plan
         if max_seq_len is not None and not 0 < max_seq_len <= h.max_seq_len:
             raise ConfigError(f"--max-seq-len must be in 1..{h.max_seq_len} (the model's context), got {max_seq_len}")
@@ -342,6 +366,8 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
         pids = comm.rank_pids()
         if comm.is_root and not quiet:
             log("ranks: " + ", ".join(f"{r} = pid {pid} on {host}" for r, (pid, host) in enumerate(pids)))
+    if load == "local" and comm.size > 1:   # every rank maps the file the root resolved (the default model too)
+        model_path = os.fsdecode(comm.bcast_bytes(os.fsencode(model_path) if comm.is_root else None))
     progress, bar = None, None
     if comm.is_root and not quiet:
         from tqdm import tqdm

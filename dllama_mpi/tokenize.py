@@ -12,6 +12,7 @@ Runs on the root only (no model is loaded); under mpiexec the other ranks just e
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -33,7 +34,9 @@ def format_tokens(ids, pieces: list[bytes], ids_only: bool, show_count: bool) ->
 
 @click.command()
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(readable=False), default=None,
-              help="Distributed Llama .t tokenizer (default: the default model's).")
+              help="A Distributed Llama .t tokenizer or a GGUF model (its vocabulary) [default: the default model's].")
+@click.option("--model", "model_path", type=click.Path(readable=False), default=None,
+              help="A GGUF model: tokenize with its vocabulary (as --tokenizer FILE.gguf).")
 @click.option("--text", default=None, help="Text to tokenize.")
 @click.option("--file", "text_file", type=click.Path(readable=False), default=None, help="UTF-8 file to tokenize.")
 @click.option("--ids", "ids_only", is_flag=True, help="Print only the ids, as a list like [1, 2, 3].")
@@ -42,21 +45,25 @@ def format_tokens(ids, pieces: list[bytes], ids_only: bool, show_count: bool) ->
 @click.option("--show-count", is_flag=True, help="Print the number of tokens at the end.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document: ids, pieces, count.")
 @spmd
-def tokenize(comm, tokenizer_path, text, text_file, ids_only, no_bos, no_parse_special, show_count, as_json):
+def tokenize(comm, tokenizer_path, model_path, text, text_file, ids_only, no_bos, no_parse_special, show_count,
+             as_json):
     """Print the token ids and pieces of --text or --file (llama-tokenize's format)."""
     if not comm.is_root:
         return
-    from .tokenizer import Tokenizer
+    from .startup import load_tokenizer
 
     if (text is None) == (text_file is None):
         raise ConfigError("give exactly one of --text and --file")
     if text_file is not None:
         text = read_text_file(text_file)
-    if tokenizer_path is None:
+    path = tokenizer_path or model_path
+    if path is None:
         from .convert.smollm2 import default_models_dir, ensure_default_model
 
-        _, tokenizer_path = ensure_default_model(default_models_dir())
-    tok = Tokenizer.load(tokenizer_path)
+        path = ensure_default_model(default_models_dir())[0]
+    elif not os.path.isfile(path):
+        raise ConfigError(f"{path}: tokenizer file not found")
+    tok = load_tokenizer(path, None)
     ids = tok.encode(text, add_bos=False if no_bos else None, parse_special=not no_parse_special)
     pieces = [tok.token_bytes(i) for i in ids]
     if as_json:

@@ -12,7 +12,8 @@ llama-bench, which feeds random tokens; it cannot tokenize real text meaningfull
 
 `--type f16` writes F16 matrices instead (N(0, 0.02) values): the source for `llama-quantize ... Q8_0`,
 whose output `dllama-mpi convert gguf` turns into a q80 .m with the very same Q8_0 blocks (the q80 vs
-llama.cpp Q8_0 decode comparison, scripts/bench_q80.sh).
+llama.cpp Q8_0 decode comparison, scripts/bench_q80.sh). `--type bf16` writes the same values as BF16:
+the source `llama-quantize` turns into any quant type (scripts/bench_gguf.sh: Q4_K_M, Q6_K ...).
 """
 from __future__ import annotations
 
@@ -65,9 +66,9 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--rope-theta", type=float, default=500000.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--type", choices=["q4_0", "f16"], default="q4_0", help="type of the matrices")
+    ap.add_argument("--type", choices=["q4_0", "f16", "bf16"], default="q4_0", help="type of the matrices")
     a = ap.parse_args()
-    f16 = a.type == "f16"
+    f16 = a.type in ("f16", "bf16")
 
     rng = np.random.default_rng(a.seed)
     head_dim = a.dim // a.heads
@@ -85,7 +86,8 @@ def main() -> int:
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(a.vocab)
     w.add_rope_dimension_count(head_dim)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.MOSTLY_Q4_0)
+    w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                     "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[a.type])
 
     # Minimal byte-level BPE vocabulary.
     byte_toks = bytes_to_unicode()
@@ -129,7 +131,10 @@ def main() -> int:
     plan.append(("output_norm.weight", (a.dim,), "n"))  # tied: no output.weight
 
     for name, shape, kind in plan:
-        if kind == "q" and f16:
+        if kind == "q" and a.type == "bf16":
+            w.add_tensor_info(name, shape, np.dtype(np.uint16), shape[0] * shape[1] * 2,
+                              raw_dtype=gguf.GGMLQuantizationType.BF16)
+        elif kind == "q" and f16:
             w.add_tensor_info(name, shape, np.dtype(np.float16), shape[0] * shape[1] * 2)
         elif kind == "q":
             rows, cols = shape
@@ -146,7 +151,10 @@ def main() -> int:
     total = 0
     for name, shape, kind in plan:
         if kind == "q" and f16:
-            t = (rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)).astype(np.float16)
+            t = (rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02))
+            # bf16: round to nearest even of the top 16 bits (gguf-py's rule)
+            t = gguf.quants.quantize(t, gguf.GGMLQuantizationType.BF16).view(np.uint16) if a.type == "bf16" \
+                else t.astype(np.float16)
         elif kind == "q":
             t = q4_0_random(shape[0], shape[1], rng)
         else:

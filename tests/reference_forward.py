@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from dllama_mpi.formats import ARCH_LLAMA, F16, F32, Q40, Q80, open_model
+from dllama_mpi.formats import ARCH_LLAMA, F16, F32, Q40, Q80
 
 
 def dequantize(m, t) -> np.ndarray:
     """A tensor of any weight type as float32 [rows, cols], decoded here with numpy from FORMATS §1.3
     (not with the engine's kernels): f32 as stored, f16, q80 (f16 scale d, 32 int8: q * d), q40 (f16
-    d, 16 bytes: low nibbles are values 0-15, high nibbles 16-31, (code - 8) * d)."""
+    d, 16 bytes: low nibbles are values 0-15, high nibbles 16-31, (code - 8) * d); a GGUF's tensors
+    by gguf-py's dequantization of the stored blocks, whatever their type."""
+    if hasattr(m, "src"):   # a GGUFModel
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize as gguf_dequantize
+
+        raw, _, ggml_type = m.stored_rows(t.key, 0, t.rows)
+        a = gguf_dequantize(np.asarray(raw).reshape(t.rows, -1), GGMLQuantizationType(ggml_type))
+        return np.asarray(a, np.float32).reshape(t.rows, t.cols)
     if t.ftype == F32:
         return m.f32(t)
     raw = m.raw(t)
@@ -41,7 +49,9 @@ class ReferenceModel:
     sums) and the RMSNorm every arch shares."""
 
     def __init__(self, path):
-        self.m = open_model(path)
+        from dllama_mpi.weights import open_model_file
+
+        self.m = open_model_file(path)     # a .m, or a GGUF (its stored values, as gguf-py decodes them)
         self.h = self.m.header
 
     def close(self):
@@ -54,6 +64,25 @@ class ReferenceModel:
         t = self.m.info(name, layer)
         a = dequantize(self.m, t).astype(np.float64)
         return a[0] if t.rows == 1 else a
+
+    def embed(self, tokens) -> np.ndarray:
+        """The embedding rows of tokens as float64 [T, dim] (only those rows decoded)."""
+        t = self.m.info("embed")
+        if t.ftype == F32 and not hasattr(self.m, "src"):
+            return self.m.f32(t)[np.asarray(tokens)].astype(np.float64)
+        rows = np.asarray(tokens)
+        uniq, inv = np.unique(rows, return_inverse=True)
+        if hasattr(self.m, "src"):
+            from gguf import GGMLQuantizationType
+            from gguf.quants import dequantize as gguf_dequantize
+
+            row_bytes = self.m.src[t.key].nbytes // t.rows
+            raw, _, ggml_type = self.m.stored_rows(t.key, 0, t.rows)
+            blocks = np.asarray(raw).reshape(t.rows, row_bytes)[uniq]
+            out = np.asarray(gguf_dequantize(blocks, GGMLQuantizationType(ggml_type)), np.float64).reshape(-1, t.cols)
+        else:
+            out = dequantize(self.m, t)[uniq].astype(np.float64)
+        return out[inv]
 
     def rmsnorm(self, x, w):
         return w * x / np.sqrt((x * x).mean(-1, keepdims=True) + self.h.eps)
@@ -93,7 +122,7 @@ class ReferenceLlama(ReferenceModel):
         """Logits [len(tokens), vocab] (float64) of tokens at positions 0, 1, ..."""
         h = self.h
         T, hd, nh, nkv = len(tokens), h.head_size, h.n_heads, h.n_kv_heads
-        x = self.m.f32(self.m.info("embed"))[np.asarray(tokens)].astype(np.float64)   # [T, dim]
+        x = self.embed(tokens)   # [T, dim]
         mask = np.triu(np.full((T, T), -np.inf), 1)
         for l in range(h.n_layers):
             y = self.rmsnorm(x, self.w("attn_norm", l))

@@ -1,4 +1,4 @@
-"""A plain numpy float64 forward pass of a Gemma 3 `.m` model with f32 weights (test-only).
+"""A plain numpy float64 forward pass of a Gemma 3 model, `.m` or GGUF (test-only).
 
 Written from the model's definition (transformers' modeling_gemma3.py, llama.cpp's
 src/models/gemma3.cpp), not from the engine; FORMATS-EXT.md "Gemma 3" says how the file stores it:
@@ -74,7 +74,7 @@ class ReferenceGemma3(ReferenceModel):
         pos = np.concatenate([np.arange(len(s), dtype=np.float64) for s in sequences])
         seq = np.concatenate([np.full(len(s), i) for i, s in enumerate(sequences)])
         T = len(tokens)
-        x = self.m.f32(self.m.info("embed"))[tokens].astype(np.float64) * np.sqrt(h.dim)
+        x = self.embed(tokens) * np.sqrt(h.dim)
         scale = float(h.query_pre_attn_scalar or hd) ** -0.5
         for l in range(h.n_layers):
             y = self.rmsnorm(x, self.w("attn_norm", l))

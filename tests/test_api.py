@@ -148,8 +148,8 @@ class ApiServer:
         env = dict(os.environ, DLLAMA_TEST_MARKER=self.marker, PYTHONPATH=str(ROOT))
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [MPIEXEC, "-n", "2", *DLLAMA, "api", "--model", str(model), "--tokenizer", str(tokenizer),
-             "--port", str(self.port), *extra],
+            [MPIEXEC, "-n", "2", *DLLAMA, "api", "--model", str(model),
+             *(["--tokenizer", str(tokenizer)] if tokenizer is not None else []), "--port", str(self.port), *extra],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=ROOT,
             start_new_session=True)
         deadline = time.time() + 120

@@ -137,7 +137,7 @@ def _build_files(d: Path) -> dict[str, Path]:
 def _build_convert_inputs(d: Path) -> dict[str, Path]:
     import gguf
 
-    from test_convert import _copy_folder, _load_st, _save_st, write_q8k_gguf, write_tiny_gguf
+    from test_convert import _copy_folder, _load_st, _save_st, write_q81_gguf, write_tiny_gguf
 
     f = {}
     p = d / "gpt2.gguf"
@@ -146,10 +146,24 @@ def _build_convert_inputs(d: Path) -> dict[str, Path]:
     wr.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
     wr.write_header_to_file(); wr.write_kv_data_to_file(); wr.write_tensors_to_file(); wr.close()
     f["gpt2.gguf"] = p
-    p2 = write_q8k_gguf(write_tiny_gguf(HF / "tiny_llama", d / "ok.gguf"), d / "q8k.gguf")
-    f["q8k.gguf"] = p2
+    ok = write_tiny_gguf(HF / "tiny_llama", d / "ok.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
+    f["ok.gguf"] = ok
+    f["q81.gguf"] = write_q81_gguf(ok, d / "q81.gguf")
     (d / "junk.gguf").write_bytes(b"not a gguf at all")
     f["junk.gguf"] = d / "junk.gguf"
+    data = ok.read_bytes()
+    last = max(gguf.GGUFReader(str(ok)).tensors, key=lambda t: t.data_offset)
+    (d / "trunc.gguf").write_bytes(data[:last.data_offset + 100])                 # the last tensor cut short
+    f["trunc.gguf"] = d / "trunc.gguf"
+    (d / "huge.gguf").write_bytes(data[:8] + struct.pack("<Q", 1 << 60) + data[16:])   # 2^60 tensors claimed
+    f["huge.gguf"] = d / "huge.gguf"
+    key = b"llama.block_count"
+    i = data.index(key) + len(key)   # u32 value type 4 (UINT32) -> 8 (STRING): the value's bytes become a length
+    (d / "badmeta.gguf").write_bytes(data[:i] + struct.pack("<I", 8) + data[i + 4:])
+    f["badmeta.gguf"] = d / "badmeta.gguf"
+    nameless = data.replace(b"blk.1.ffn_up.weight", b"blk.1.ffn_up.weighs")
+    (d / "missing.gguf").write_bytes(nameless)
+    f["missing.gguf"] = d / "missing.gguf"
     f["hf_noconfig"] = _copy_folder(HF / "tiny_qwen3", d / "hf_noconfig", skip={"config.json"})
     miss = _copy_folder(HF / "tiny_qwen3", d / "hf_missing", skip={"model.safetensors"})
     w = _load_st(HF / "tiny_qwen3" / "model.safetensors")
@@ -166,6 +180,11 @@ def inf(model, tok=TOK_LLAMA, *extra, prompt=PROMPT):
     return ["inference", "--model", str(model), "--tokenizer", str(tok), "--prompt", prompt, "--steps", "4", *extra]
 
 
+def gguf_inf(model, *extra):
+    """inference on a GGUF model (its own tokenizer)"""
+    return ["inference", "--model", str(model), "--prompt", PROMPT, "--steps", "4", *extra]
+
+
 # (id, args(files, out_dir) -> argv, needles in the error line, how many ranks: "12" = alone and -n 2)
 CASES = [
     ("model-missing", lambda f, o: inf(o / "missing.m"), ["missing.m", "model file not found"]),
@@ -179,7 +198,7 @@ CASES = [
     ("model-too-short", lambda f, o: inf(f["short.m"]), ["short.m", "6 bytes, too short"]),
     ("model-wrong-magic", lambda f, o: inf(f["magic.m"]), ["magic.m", "not a .m model file", "magic 0x78563412"]),
     ("model-old-magic", lambda f, o: inf(f["old.m"]), ["old.m", "old Distributed Llama model format", "0xabcd00"]),
-    ("model-is-gguf", lambda f, o: inf(f["gguf.m"]), ["gguf.m", "not a .m model file"]),
+    ("model-is-gguf", lambda f, o: inf(f["gguf.m"]), ["gguf.m", "GGUF version", "is not supported"]),
     ("header-size-not-pairs", lambda f, o: inf(f["hsize_odd.m"]), ["hsize_odd.m", "header_size 13"]),
     ("header-size-beyond-file", lambda f, o: inf(f["hsize_big.m"]), ["hsize_big.m", "header_size 1073741824", "larger"]),
     ("header-size-lies", lambda f, o: inf(f["hsize_lie.m"]), ["hsize_lie.m", "header describes", "bytes"]),
@@ -233,14 +252,28 @@ CASES = [
                                                   str(TOK_LLAMA), "--kl-divergence"],
      ["--kl-divergence needs --kl-divergence-base FILE"]),
     ("tokenize-no-text", lambda f, o: ["tokenize", "--tokenizer", str(TOK_LLAMA)], ["give exactly one of --text and --file"]),
+    # a GGUF as the model: the reader runs on every start (the header, metadata and tensor table
+    # checked against the file before anything moves)
+    ("gguf-model-truncated", lambda f, o: gguf_inf(f["trunc.gguf"]),
+     ["trunc.gguf", "tensor output.weight", "ends past the end of the file", "truncated?"]),
+    ("gguf-model-huge-count", lambda f, o: gguf_inf(f["huge.gguf"]),
+     ["huge.gguf", "1152921504606846976 tensors", "more than"]),
+    ("gguf-model-bad-metadata", lambda f, o: gguf_inf(f["badmeta.gguf"]), ["badmeta.gguf", "metadata llama.block_count"]),
+    ("gguf-model-missing-tensor", lambda f, o: gguf_inf(f["missing.gguf"]),
+     ["missing.gguf", "tensor blk.1.ffn_up.weight not found"]),
+    ("gguf-model-unsupported-arch", lambda f, o: gguf_inf(f["gpt2.gguf"]), ["gpt2.gguf", "unsupported architecture 'gpt2'"]),
+    ("gguf-model-unreadable-type", lambda f, o: gguf_inf(f["q81.gguf"]),
+     ["q81.gguf", "tensor blk.1.ffn_up.weight is Q8_1, which neither dllama-mpi nor gguf can read"]),
+    ("gguf-model-vocab-mismatch", lambda f, o: gguf_inf(f["ok.gguf"], "--tokenizer", str(f["small.t"])),
+     ["small.t", "500 tokens", "vocab_size 512"]),
     ("gguf-missing", lambda f, o: ["convert", "gguf", str(o / "nope.gguf"), "--out-model", str(o / "o.m")],
      ["nope.gguf", "file not found"]),
     ("gguf-not-gguf", lambda f, o: ["convert", "gguf", str(f["junk.gguf"]), "--out-model", str(o / "o.m")],
-     ["junk.gguf", "cannot read GGUF file"]),
+     ["junk.gguf", "not a GGUF file"]),
     ("gguf-unsupported-arch", lambda f, o: ["convert", "gguf", str(f["gpt2.gguf"]), "--out-model", str(o / "o.m")],
      ["gpt2.gguf", "unsupported architecture 'gpt2'"]),
-    ("gguf-unsupported-tensor-type", lambda f, o: ["convert", "gguf", str(f["q8k.gguf"]), "--out-model", str(o / "o.m")],
-     ["q8k.gguf", "blk.1.ffn_up.weight", "unsupported type Q8_K"]),
+    ("gguf-unsupported-tensor-type", lambda f, o: ["convert", "gguf", str(f["q81.gguf"]), "--out-model", str(o / "o.m")],
+     ["q81.gguf", "blk.1.ffn_up.weight", "is Q8_1, which neither dllama-mpi nor gguf can read"]),
     ("hf-no-config", lambda f, o: ["convert", "hf", str(f["hf_noconfig"]), "--out-model", str(o / "o.m")],
      ["config.json", "file not found"]),
     ("hf-missing-tensor", lambda f, o: ["convert", "hf", str(f["hf_missing"]), "--out-model", str(o / "o.m")],
@@ -252,7 +285,7 @@ SPLIT_CASES = [
     ("nodes-cannot-split-4", 4, lambda f, o: inf(LLAMA_Q40), ["cannot split the model over 4 nodes"]),
 ]
 # converters are not MPI programs: one process (under mpiexec -n 2 every rank would convert)
-SINGLE_ONLY = {c[0] for c in CASES if c[0].startswith(("gguf-", "hf-"))}
+SINGLE_ONLY = {c[0] for c in CASES if c[0].startswith(("gguf-", "hf-")) and not c[0].startswith("gguf-model-")}
 # mode 000 stops a reader only without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH
 UNREADABLE_ROWS = {"model-unreadable", "tokenizer-unreadable"}
 

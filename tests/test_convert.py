@@ -16,7 +16,7 @@ from dllama_mpi.convert import common
 from dllama_mpi.convert.common import dequantize_q40, quantize_q40
 from dllama_mpi.convert.gguf import convert_gguf
 from dllama_mpi.convert.hf import convert_hf, convert_hf_model, convert_hf_tokenizer
-from dllama_mpi.errors import ConvertError
+from dllama_mpi.errors import ConvertError, ModelFormatError
 from dllama_mpi.formats import ARCH_LLAMA, F16, FLOAT_BY_NAME, Q40, Q80, open_model, read_tokenizer
 
 from conftest import F32_MODELS
@@ -379,8 +379,8 @@ def _llama3_rope_freqs(cfg):
     return np.array(out, dtype=np.float32)
 
 
-def write_q8k_gguf(src: Path, path: Path) -> Path:
-    """A copy of the GGUF src whose blk.1.ffn_up.weight is Q8_K, a type gguf cannot dequantize."""
+def write_q81_gguf(src: Path, path: Path) -> Path:
+    """A copy of the GGUF src whose blk.1.ffn_up.weight is Q8_1, a type gguf cannot dequantize."""
     import gguf
 
     r = gguf.GGUFReader(str(src))
@@ -394,11 +394,12 @@ def write_q8k_gguf(src: Path, path: Path) -> Path:
         else:
             wr.add_key_value(f.name, f.contents(), vt)
     for t in r.tensors:
-        if t.name == "blk.1.ffn_up.weight":
-            # Q8_K blocks are 256 wide (292 bytes): a [192, 256] stand-in
-            wr.add_tensor(t.name, np.zeros((192, 292), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_K)
-        else:
+        if t.name == "blk.1.ffn_up.weight":   # [192, 64]: two 40-byte Q8_1 blocks per row
+            wr.add_tensor(t.name, np.zeros((192, 80), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_1)
+        elif t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             wr.add_tensor(t.name, np.asarray(t.data))
+        else:
+            wr.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
     wr.write_header_to_file(); wr.write_kv_data_to_file(); wr.write_tensors_to_file(); wr.close()
     return path
 
@@ -526,19 +527,19 @@ def test_gguf_errors(tmp_path):
     wr.add_block_count(1)
     wr.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
     wr.write_header_to_file(); wr.write_kv_data_to_file(); wr.write_tensors_to_file(); wr.close()
-    with pytest.raises(ConvertError, match=r"gpt2\.gguf: unsupported architecture 'gpt2'"):
+    with pytest.raises(ModelFormatError, match=r"gpt2\.gguf: unsupported architecture 'gpt2'"):
         convert_gguf(p, tmp_path / "o.m", None, "q40", quiet=True)
 
-    # a tensor type gguf cannot dequantize (Q8_K)
-    p2 = write_q8k_gguf(write_tiny_gguf(HF / "tiny_llama", tmp_path / "ok.gguf"), tmp_path / "q8k.gguf")
-    with pytest.raises(ConvertError, match=r"blk\.1\.ffn_up\.weight has unsupported type Q8_K"):
+    # a tensor type neither the kernels nor gguf can dequantize (Q8_1): named, and no output left
+    p2 = write_q81_gguf(write_tiny_gguf(HF / "tiny_llama", tmp_path / "ok.gguf"), tmp_path / "q81.gguf")
+    with pytest.raises(ConvertError, match=r"blk\.1\.ffn_up\.weight is Q8_1, which neither dllama-mpi nor gguf"):
         convert_gguf(p2, tmp_path / "o.m", None, "q40", quiet=True)
     assert not (tmp_path / "o.m").exists()
 
     with pytest.raises(ConvertError, match="not found"):
         convert_gguf(tmp_path / "nope.gguf", tmp_path / "o.m", None, "q40", quiet=True)
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
-    with pytest.raises(ConvertError, match=r"junk\.gguf: cannot read GGUF"):
+    with pytest.raises(ModelFormatError, match=r"junk\.gguf: not a GGUF file"):
         convert_gguf(tmp_path / "junk.gguf", tmp_path / "o.m", None, "q40", quiet=True)
 
 
@@ -704,7 +705,7 @@ def test_gguf_llama3_rope_freqs_fit(tmp_path, which, factor):
 
 def test_gguf_llama3_fit_prefers_integer_triple(tmp_path, monkeypatch):
     # only the half-scaled triple is offered first: it is scaled back to integers
-    from dllama_mpi.convert import gguf as G
+    from dllama_mpi import gguf as G
     d = llama3_folder(tmp_path, "llama3.2")
     g = G.GGUFFile(write_tiny_gguf(d, tmp_path / "m.gguf"))
     real = G._llama3_rope_factors
@@ -751,7 +752,11 @@ def test_smollm2_default_model(tmp_path, monkeypatch):
 
     monkeypatch.setenv("DLLAMA_MPI_MODELS", str(tmp_path / "models"))
     assert default_models_dir() == tmp_path / "models"
-    mp, tp = ensure_default_model(default_models_dir(), quiet=True)
+    # the default is the GGUF itself: nothing converted, nothing written
+    gp, none = ensure_default_model(default_models_dir(), quiet=True)
+    assert gp.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and none is None and not (tmp_path / "models").exists()
+    # a .m conversion on request (the tests' f32 reference, or users who want DL files)
+    mp, tp = ensure_default_model(default_models_dir(), quiet=True, weights="q80")
     assert mp == str(tmp_path / "models" / "smollm2-135m-instruct" / "model_q80.m")
     m = open_model(mp)
     try:
@@ -771,4 +776,4 @@ def test_smollm2_default_model(tmp_path, monkeypatch):
     assert "<|im_start|>" in t.chat_template
     assert t.vocab[17] == b"!" and t.scores[100] == -100.0
     mtime = os.path.getmtime(mp)
-    assert ensure_default_model(default_models_dir()) == (mp, tp) and os.path.getmtime(mp) == mtime
+    assert ensure_default_model(default_models_dir(), weights="q80") == (mp, tp) and os.path.getmtime(mp) == mtime

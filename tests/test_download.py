@@ -321,6 +321,11 @@ def test_gemma3_gguf_assembled_once_and_checked(tmp_path, monkeypatch):
     assert g3.gemma3_gguf(tmp_path) == p and len(calls) == 2          # already there: not again
 
 
+def test_gguf_command_has_no_tokenizer():
+    got = dl.Downloaded("smollm2-135m-instruct", "/p/SmolLM2.Q4_1.gguf", None, None, ())
+    assert got.command() == 'mpiexec -n 2 dllama-mpi inference --model /p/SmolLM2.Q4_1.gguf --prompt "Hello" --steps 64'
+
+
 def test_smollm2_goes_through_ensure_default_model(tmp_path, monkeypatch):
     import dllama_mpi.convert.smollm2 as sm
 

@@ -2,7 +2,7 @@
 `.t` reader, the GGUF import and the tokenizer. Only the documented error type may escape:
 
     .m      ModelFormatError        .t      TokenizerFormatError
-    GGUF    ConvertError            encode  ConfigError (lone surrogates only); decode never raises
+    GGUF    ModelFormatError        encode  ConfigError (lone surrogates only); decode never raises
                                             for ids in range, ValueError for ids out of range
 
 Each test runs its property a modest number of times here (the suite must stay fast) and prints
@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dllama_mpi.errors import ConfigError, ConvertError, ModelFormatError, TokenizerFormatError
+from dllama_mpi.errors import ConfigError, ModelFormatError, TokenizerFormatError
 from dllama_mpi.formats import HEADER_KEYS, MODEL_MAGIC, TOK_KEYS, TOKENIZER_MAGIC, open_model, read_model_header, \
     read_tokenizer
 
@@ -158,25 +158,83 @@ def gguf_bytes() -> bytes:
     return _GGUF[0]
 
 
-def prop_gguf(data: bytes) -> None:
-    """Open a (damaged) GGUF and read everything the converter reads before the weights: header,
-    tokenizer, and the first rows of each tensor."""
-    from dllama_mpi.convert.gguf import GGUFFile, gguf_header, gguf_tokenizer_data
-    from dllama_mpi.formats import Q40
+def _gguf_regions(data: bytes) -> list[tuple[int, int]]:
+    """[start, end) of the GGUF's header counts, its metadata and its tensor infos (where a mutation
+    reaches the reader's checks; the data section only matters to its bounds)."""
+    from dllama_mpi.gguf import GGUFFile
 
     with tempfile.NamedTemporaryFile(suffix=".gguf", delete=False) as f:
         f.write(data)
     try:
         g = GGUFFile(f.name)
-        gguf_header(g, Q40)
-        gguf_tokenizer_data(g)
-        for name in list(g.tensors)[:6]:
-            s = g.source(name)
-            s.read(0, min(s.rows, 2))
-    except ConvertError as e:
-        assert "\n" not in str(e)
+        first = min(t.offset for t in g.tensors.values())
+        infos = data.index(next(iter(g.tensors)).encode()) - 8   # the first tensor name's length field
+        g.close()
     finally:
         os.unlink(f.name)
+    return [(4, 24), (24, infos), (infos, first)]
+
+
+INTERESTING64 = st.sampled_from([0, 1, 2, 4, 31, 32, 255, 1 << 16, 1 << 31, (1 << 32) - 1, 1 << 32, 1 << 40,
+                                 (1 << 62), (1 << 63) - 1, 1 << 63, (1 << 64) - 1])
+
+
+def gguf_edits(size: int, regions):
+    """Edits of a GGUF: u64 and u32 writes inside its counts, metadata and tensor infos (lengths,
+    counts, types, dimensions, offsets), byte writes anywhere, truncation, extension."""
+    at = st.one_of(*[st.integers(a, max(a, b - 8)) for a, b in regions], st.integers(0, max(size - 8, 0)))
+    one = st.one_of(
+        st.tuples(st.just("u64"), at, st.one_of(INTERESTING64, st.integers(0, 1 << 20))),
+        st.tuples(st.just("u32"), at, st.one_of(INTERESTING64.map(lambda v: v & 0xFFFFFFFF), st.integers(0, 64))),
+        st.tuples(st.just("byte"), st.integers(0, max(size - 1, 0)), st.integers(0, 255)),
+        st.tuples(st.just("cut"), st.integers(0, size), st.just(0)),
+        st.tuples(st.just("grow"), st.just(0), st.binary(max_size=64)),
+    )
+    return st.lists(one, min_size=1, max_size=4)
+
+
+def apply_gguf(data: bytes, ops) -> bytes:
+    b = bytearray(data)
+    for kind, at, v in ops:
+        if kind == "u64" and at + 8 <= len(b):
+            struct.pack_into("<Q", b, at, v)
+        elif kind == "u32" and at + 4 <= len(b):
+            struct.pack_into("<I", b, at, v)
+        else:
+            b = bytearray(apply(bytes(b), [(kind, at, v)]))
+    return bytes(b)
+
+
+def prop_gguf(data: bytes) -> None:
+    """Open a (damaged) GGUF as `--model` does and read what a start reads: the header, the
+    tokenizer, the types the ranks run, and the first rows of every tensor (converted where the
+    runtime type differs). Only one-line ModelFormatErrors may escape, and nothing allocates much
+    more than the file (a damaged count or length must not reach an allocation)."""
+    import tracemalloc
+
+    from dllama_mpi.formats import tensor_layout
+    from dllama_mpi.gguf import open_gguf_model, tokenizer_data
+    from dllama_mpi.weights import runtime_header, tensor_rows
+
+    with tempfile.NamedTemporaryFile(suffix=".gguf", delete=False) as f:
+        f.write(data)
+    tracemalloc.start()
+    try:
+        m = open_gguf_model(f.name)
+        try:
+            tokenizer_data(m.g)
+            h, _ = runtime_header(m)
+            for t in tensor_layout(h, 0):
+                tensor_rows(m, t, 0, min(t.rows, 2))
+        finally:
+            m.close()
+    except ModelFormatError as e:
+        assert "\n" not in str(e)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        os.unlink(f.name)
+    assert peak < 20 * len(data) + (4 << 20), (peak, len(data))
 
 
 _TOKENIZERS: dict = {}
@@ -243,7 +301,8 @@ PROPERTIES = {
         struct.pack("<ii", TOKENIZER_MAGIC, 8 + 8 * len(kv)) + b"".join(struct.pack("<ii", *p) for p in kv)
         + _TOK_BYTES[_TOK_HSIZE:]),
         lambda: st.lists(st.tuples(st.one_of(st.sampled_from(sorted(TOK_KEYS)), INT32), VALUES), max_size=12)),
-    "gguf-mutations": (lambda ops: prop_gguf(apply(gguf_bytes(), ops)), lambda: edits(len(gguf_bytes()), 4096)),
+    "gguf-mutations": (lambda ops: prop_gguf(apply_gguf(gguf_bytes(), ops)),
+                       lambda: gguf_edits(len(gguf_bytes()), _gguf_regions(gguf_bytes()))),
     "gguf-random": (prop_gguf, lambda: st.binary(max_size=128).map(lambda b: b"GGUF" + struct.pack("<I", 3) + b)),
     "tok-round-trip-llama3": (lambda s: prop_round_trip(tokenizer("llama3"), s), lambda: st.text()),
     "tok-round-trip-qwen3": (lambda s: prop_round_trip(tokenizer("qwen3"), s), lambda: st.text()),

