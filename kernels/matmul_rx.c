@@ -15,7 +15,9 @@
  * values, and per block the integer sums of each half and of the whole, its f32 scale dx, and
  * dx times each sum (exact in f32: a sum has at most 13 bits, dx 11).
  */
+#define _POSIX_C_SOURCE 200809L
 #include "dl_internal.h"
+#include <stdlib.h>
 #include <string.h>
 #if DL_X86
 #include <immintrin.h>
@@ -58,6 +60,23 @@ static void rx_xprep(uint8_t *dst, const dl_block_q80 *x, int cols, int batch) {
 typedef struct { const uint8_t *src; uint8_t *dst; int rows, cols; } rx_repack_ctx;
 
 static int rx_streams = 1;   /* matvec: groups read side by side per thread (set per call) */
+
+/* A thread's buffer for one group's decoded blocks (batched calls: decoded once, used by every pass
+ * of batch rows): per block RX_TILE_BLOCK bytes, 64-byte aligned. Its own, not dl_scratch: the
+ * calling thread's scratch holds the prepared activations of the same call. */
+#define RX_TILE_BLOCK (8 * 64 + 4 * 64)
+static uint8_t *rx_tile(size_t bytes) {
+    static _Thread_local uint8_t *buf = NULL;
+    static _Thread_local size_t size = 0;
+    if (bytes > size) {
+        free(buf);
+        buf = NULL;
+        size = 0;
+        if (posix_memalign((void **)&buf, 64, bytes) != 0) return NULL;
+        size = bytes;
+    }
+    return buf;
+}
 
 static inline float rx_f16(const uint8_t *p) { return dl_f16_to_f32_scalar(dl_ld16(p)); }
 

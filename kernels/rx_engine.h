@@ -160,15 +160,26 @@ DL_INLINE DL_TARGET_AVX512 __m512 RXF(block_avx512)(__m512 acc, const __m512i *u
     return acc;
 }
 
+/* a group's blocks decoded once for several passes of batch rows (tile: per block 8 code vectors, then
+ * s0, s1, o0, o1; the thread's own buffer, rx_tile) or, tile NULL, decoded as they are used */
 DL_INLINE DL_TARGET_AVX512 void RXF(group_avx512)(float *out, const uint8_t *wg, const uint8_t *xp, int nb, int cols,
-                                                  int rows, int row0, int b0, const int B) {
+                                                  int rows, int row0, int b0, const uint8_t *tile, const int B) {
     const size_t xs = rx_xstride(cols), us = (size_t)16 * RX_UNIT;
     __m512 acc[8];
     for (int j = 0; j < B; j++) acc[j] = _mm512_setzero_ps();
     for (int k = 0; k < nb; k++) {
         __m512i u[8];
         __m512 s[2], o[2];
-        RXF(dec_avx512)(wg + (size_t)(k / RX_BPU) * us, k % RX_BPU, u, s, o);
+        if (tile) {
+            const uint8_t *t = tile + (size_t)k * RX_TILE_BLOCK;
+            for (int i = 0; i < 8; i++) u[i] = _mm512_load_si512((const void *)(t + 64 * i));
+            s[0] = _mm512_load_ps(t + 512);
+            s[1] = _mm512_load_ps(t + 576);
+            o[0] = _mm512_load_ps(t + 640);
+            o[1] = _mm512_load_ps(t + 704);
+        } else {
+            RXF(dec_avx512)(wg + (size_t)(k / RX_BPU) * us, k % RX_BPU, u, s, o);
+        }
         for (int j = 0; j < B; j++) {
             const uint8_t *xr = xp + (size_t)(b0 + j) * xs;
             acc[j] = RXF(block_avx512)(acc[j], u, s, o, xr + (size_t)k * DL_QK, (const rx_xblock *)(xr + cols) + k);
@@ -218,18 +229,33 @@ static DL_TARGET_AVX512 void RXF(groups_avx512)(float *out, const uint8_t *w, co
         }
         g0 += NS * per;   /* the remainder below */
     }
+    /* more than one pass of 8 batch rows: decode each block once into the thread's tile */
+    uint8_t *tile = batch > 8 ? rx_tile((size_t)nb * RX_TILE_BLOCK) : NULL;
+    const size_t us = (size_t)16 * RX_UNIT;
     for (int g = g0; g < g1; g++) {
         const uint8_t *wg = w + (size_t)g * gs;
+        if (tile)
+            for (int k = 0; k < nb; k++) {
+                __m512i u[8];
+                __m512 s[2], o[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+                uint8_t *t = tile + (size_t)k * RX_TILE_BLOCK;
+                RXF(dec_avx512)(wg + (size_t)(k / RX_BPU) * us, k % RX_BPU, u, s, o);
+                for (int i = 0; i < 8; i++) _mm512_store_si512((void *)(t + 64 * i), u[i]);
+                _mm512_store_ps(t + 512, s[0]);
+                _mm512_store_ps(t + 576, RX_HALVES == 2 ? s[1] : s[0]);
+                _mm512_store_ps(t + 640, o[0]);
+                _mm512_store_ps(t + 704, RX_HALVES == 2 ? o[1] : o[0]);
+            }
         for (int b = 0; b < batch; b += 8) {
             switch (batch - b < 8 ? batch - b : 8) {
-            case 1: RXF(group_avx512)(out, wg, xp, nb, cols, rows, g * 16, b, 1); break;
-            case 2: RXF(group_avx512)(out, wg, xp, nb, cols, rows, g * 16, b, 2); break;
-            case 3: RXF(group_avx512)(out, wg, xp, nb, cols, rows, g * 16, b, 3); break;
-            case 4: RXF(group_avx512)(out, wg, xp, nb, cols, rows, g * 16, b, 4); break;
-            case 5: RXF(group_avx512)(out, wg, xp, nb, cols, rows, g * 16, b, 5); break;
-            case 6: RXF(group_avx512)(out, wg, xp, nb, cols, rows, g * 16, b, 6); break;
-            case 7: RXF(group_avx512)(out, wg, xp, nb, cols, rows, g * 16, b, 7); break;
-            default: RXF(group_avx512)(out, wg, xp, nb, cols, rows, g * 16, b, 8); break;
+            case 1: RXF(group_avx512)(out, wg, xp, nb, cols, rows, g * 16, b, tile, 1); break;
+            case 2: RXF(group_avx512)(out, wg, xp, nb, cols, rows, g * 16, b, tile, 2); break;
+            case 3: RXF(group_avx512)(out, wg, xp, nb, cols, rows, g * 16, b, tile, 3); break;
+            case 4: RXF(group_avx512)(out, wg, xp, nb, cols, rows, g * 16, b, tile, 4); break;
+            case 5: RXF(group_avx512)(out, wg, xp, nb, cols, rows, g * 16, b, tile, 5); break;
+            case 6: RXF(group_avx512)(out, wg, xp, nb, cols, rows, g * 16, b, tile, 6); break;
+            case 7: RXF(group_avx512)(out, wg, xp, nb, cols, rows, g * 16, b, tile, 7); break;
+            default: RXF(group_avx512)(out, wg, xp, nb, cols, rows, g * 16, b, tile, 8); break;
             }
         }
     }
@@ -267,15 +293,26 @@ DL_INLINE DL_TARGET_AVX2 __m256 RXF(block_avx2)(__m256 acc, const __m256i *u, co
     return acc;
 }
 
+/* half h of a group x B batch rows; the blocks from the thread's tile (decoded once per group, as
+ * on AVX-512: per block and half 8 code vectors, then s0, s1, o0, o1) or, tile NULL, decoded here */
 DL_INLINE DL_TARGET_AVX2 void RXF(half_avx2)(float *out, const uint8_t *wg, const uint8_t *xp, int nb, int cols,
-                                             int rows, int row0, int h, int b0, const int B) {
+                                             int rows, int row0, int h, int b0, const uint8_t *tile, const int B) {
     const size_t xs = rx_xstride(cols), us = (size_t)16 * RX_UNIT;
     __m256 acc[4];
     for (int j = 0; j < B; j++) acc[j] = _mm256_setzero_ps();
     for (int k = 0; k < nb; k++) {
         __m256i u[8];
         __m256 s[2], o[2];
-        RXF(dec_avx2)(wg + (size_t)(k / RX_BPU) * us, k % RX_BPU, h, u, s, o);
+        if (tile) {
+            const uint8_t *t = tile + (size_t)k * RX_TILE_BLOCK + (size_t)h * (RX_TILE_BLOCK / 2);
+            for (int i = 0; i < 8; i++) u[i] = _mm256_load_si256((const __m256i *)(t + 32 * i));
+            s[0] = _mm256_load_ps((const float *)(t + 256));
+            s[1] = _mm256_load_ps((const float *)(t + 288));
+            o[0] = _mm256_load_ps((const float *)(t + 320));
+            o[1] = _mm256_load_ps((const float *)(t + 352));
+        } else {
+            RXF(dec_avx2)(wg + (size_t)(k / RX_BPU) * us, k % RX_BPU, h, u, s, o);
+        }
         for (int j = 0; j < B; j++) {
             const uint8_t *xr = xp + (size_t)(b0 + j) * xs;
             acc[j] = RXF(block_avx2)(acc[j], u, s, o, xr + (size_t)k * DL_QK, (const rx_xblock *)(xr + cols) + k);
@@ -336,17 +373,32 @@ static DL_TARGET_AVX2 void RXF(groups_avx2)(float *out, const uint8_t *w, const 
         }
         g0 += NS * per;
     }
+    uint8_t *tile = batch > 4 ? rx_tile((size_t)nb * RX_TILE_BLOCK) : NULL;
+    const size_t us = (size_t)16 * RX_UNIT;
     for (int g = g0; g < g1; g++) {
         const uint8_t *wg = w + (size_t)g * gs;
         const int halves = rows - g * 16 > 8 ? 2 : 1;   /* a padded half computes nothing */
+        if (tile)
+            for (int k = 0; k < nb; k++)
+                for (int h = 0; h < halves; h++) {
+                    __m256i u[8];
+                    __m256 s[2], o[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+                    uint8_t *t = tile + (size_t)k * RX_TILE_BLOCK + (size_t)h * (RX_TILE_BLOCK / 2);
+                    RXF(dec_avx2)(wg + (size_t)(k / RX_BPU) * us, k % RX_BPU, h, u, s, o);
+                    for (int i = 0; i < 8; i++) _mm256_store_si256((__m256i *)(t + 32 * i), u[i]);
+                    _mm256_store_ps((float *)(t + 256), s[0]);
+                    _mm256_store_ps((float *)(t + 288), RX_HALVES == 2 ? s[1] : s[0]);
+                    _mm256_store_ps((float *)(t + 320), o[0]);
+                    _mm256_store_ps((float *)(t + 352), RX_HALVES == 2 ? o[1] : o[0]);
+                }
         for (int b = 0; b < batch; b += 4) {
             const int B = batch - b < 4 ? batch - b : 4;
             for (int h = 0; h < halves; h++) {
                 switch (B) {
-                case 1: RXF(half_avx2)(out, wg, xp, nb, cols, rows, g * 16, h, b, 1); break;
-                case 2: RXF(half_avx2)(out, wg, xp, nb, cols, rows, g * 16, h, b, 2); break;
-                case 3: RXF(half_avx2)(out, wg, xp, nb, cols, rows, g * 16, h, b, 3); break;
-                default: RXF(half_avx2)(out, wg, xp, nb, cols, rows, g * 16, h, b, 4); break;
+                case 1: RXF(half_avx2)(out, wg, xp, nb, cols, rows, g * 16, h, b, tile, 1); break;
+                case 2: RXF(half_avx2)(out, wg, xp, nb, cols, rows, g * 16, h, b, tile, 2); break;
+                case 3: RXF(half_avx2)(out, wg, xp, nb, cols, rows, g * 16, h, b, tile, 3); break;
+                default: RXF(half_avx2)(out, wg, xp, nb, cols, rows, g * 16, h, b, tile, 4); break;
                 }
             }
         }
