@@ -328,6 +328,21 @@ def _peak_rss_mb() -> float:
     return kb / 1024.0 if sys.platform != "darwin" else kb / 2 ** 20
 
 
+def _rss_now_mb() -> tuple[float, float]:
+    """(anonymous, file-backed) resident MB now (Linux /proc/self/status; 0 elsewhere): after the
+    runs, the weight copies, KV pages and Python against the model file's pages still mapped."""
+    out = {"RssAnon:": 0.0, "RssFile:": 0.0}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                k = line.split(":")[0] + ":"
+                if k in out:
+                    out[k] = float(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return out["RssAnon:"], out["RssFile:"]
+
+
 def _phase_counters(engine) -> np.ndarray:
     """This rank's running totals: compute seconds (passes outside collectives), wait seconds,
     process CPU seconds (every thread), passes."""
@@ -660,10 +675,11 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     prof = comm.gather_floats(np.array([proxy.by_name.get(n, 0.0) for n in names], np.float64)) if profile else None
 
     # ---- memory, bandwidth, weights ----
-    rss = comm.gather_floats(np.array([_peak_rss_mb()], np.float64))
+    rss = comm.gather_floats(np.array([_peak_rss_mb(), *_rss_now_mb()], np.float64))
     from . import kernels as K
     isa_all = comm.gather_floats(np.array([K.get_isa()], np.float64))   # ranks may differ (mixed CPUs)
     wbytes = comm.gather_floats(np.array([_weight_bytes(engine)], np.float64))
+    held = comm.gather_floats(np.array([engine.w.nbytes(), engine.w.share], np.float64))
     bw_rank = [probe.gbps(), min(probe.samples, default=0.0), max(probe.samples, default=0.0),
                *probe.pattern] if probe else [0.0] * 5
     bw_all = comm.gather_floats(np.array(bw_rank, np.float64))
@@ -704,7 +720,13 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
             "bytes_sent_per_token": int(round(by_b / max(n_b, 1))),
             "bytes_sent_per_token_model": int(model_bytes_all[r, 0]),
             "peak_rss_mb": round(float(rss[r, 0]), 1),
+            "rss_anon_mb": round(float(rss[r, 1]), 1), "rss_file_mb": round(float(rss[r, 2]), 1),
             "weight_bytes_per_token": int(wbytes[r, 0]),
+            # the weights this rank holds (slices as repacked, the root's embedding as mapped) and
+            # its share of the model's tensor bytes in their stored types (their ratio: what
+            # repacking adds, padding each matrix slice to whole 16-row groups)
+            "weights_held_mb": round(float(held[r, 0]) / 2**20, 1),
+            "weights_share_mb": round(float(held[r, 1]) / 2**20, 1),
             "bandwidth_gbps": round(float(bw_all[r, 0]), 2) if bandwidth is None else None,
             # the probe's passes around the timed runs (min, max) and its read pattern
             "bandwidth_range_gbps": [round(float(bw_all[r, 1]), 2), round(float(bw_all[r, 2]), 2)]
@@ -777,12 +799,13 @@ def _table(doc: dict) -> None:
         log(f"{r['prompt_tokens']:>8} {p['median']:>10.1f} ({p['min']:.1f}-{p['max']:.1f}) "
             f"{d['median']:>14.2f} ({d['p10']:.2f}-{d['p90']:.2f}) {r['decode_ms_per_token']['median']:>9.2f}")
     log(f"{'rank':>4} {'stage':>5} {'layers':>7} {'ms/tok':>7} {'C':>7} {'MPI':>7} {'Python':>7} {'Py %':>5} "
-        f"{'kB sent/tok':>11} {'RSS MB':>8} {'GB/s':>6}")
+        f"{'kB sent/tok':>11} {'RSS MB':>8} {'GB/s':>6} {'weights MiB (share)':>20}")
     for r in doc["per_rank"]:
         bw = r["bandwidth_gbps"]
         log(f"{r['rank']:>4} {r['stage']:>5} {r['layers']:>7} {r['ms_per_token_instrumented']:>7.2f} {r['c_ms']:>7.2f} {r['mpi_wait_ms']:>7.2f} "
             f"{r['python_ms']:>7.2f} {r['python_pct']:>5.1f} {r['bytes_sent_per_token'] / 1e3:>11.1f} "
-            f"{r['peak_rss_mb']:>8.0f} {bw if bw is not None else '-':>6}")
+            f"{r['peak_rss_mb']:>8.0f} {bw if bw is not None else '-':>6} "
+            f"{r['weights_held_mb']:>11.1f} ({r['weights_share_mb']:.1f})")
         if "c_ms_by_function" in r:
             for nm, v in sorted(r["c_ms_by_function"].items(), key=lambda kv: -kv[1]):
                 log(f"{'':>6}{nm:<28} {v:8.3f} ms/token")

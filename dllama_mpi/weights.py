@@ -138,10 +138,22 @@ class Matrix:
         if spec.repack is not None:
             src = self.data
             self.data = _aligned_empty(getattr(lib, spec.nbytes)(self.rows, self.cols))
-            getattr(lib, spec.repack)(ffi.cast("void *", self.data.ctypes.data), ffi.cast("void *", src.ctypes.data),
-                                      self.rows, self.cols)
             self.repacked = True
+            if src is not None:
+                self.fill(0, src, self.rows)
         self.ptr = ffi.cast("void *", self.data.ctypes.data)
+
+    @classmethod
+    def filled_by_rows(cls, rows: int, cols: int, ftype: int) -> "Matrix":
+        """A repacked matrix whose rows come later, in chunks (`fill`): a slice then never needs its
+        raw bytes and its repacked copy in memory at once."""
+        return cls(None, rows, cols, ftype)
+
+    def fill(self, r0: int, src: np.ndarray, n: int) -> None:
+        """Repack rows [r0, r0 + n) from their stored blocks (r0: a multiple of the 16-row groups)."""
+        dst = self.data[getattr(lib, self.spec.nbytes)(r0, self.cols) if r0 else 0:]
+        getattr(lib, self.spec.repack)(ffi.cast("void *", dst.ctypes.data), ffi.cast("void *", src.ctypes.data),
+                                       n, self.cols)
 
     @property
     def nbytes(self) -> int:
@@ -209,6 +221,7 @@ class Weights:
     layers: list[Layer]
     norm: np.ndarray
     wcls: Matrix
+    share: int = 0            # bytes of this rank's share of the model's tensors, in their types
 
     def nbytes(self) -> int:
         """Bytes of weights this rank holds (slices as repacked, the embedding as mapped)."""
@@ -263,6 +276,44 @@ def _row_displacements(t: TensorInfo, plan: ShardPlan, members: list) -> list[in
     return [0 if m is None else plan.rows(t.name, m)[0] * row_bytes for m in members]
 
 
+CHUNK_BYTES = 16 << 20   # row slices above this arrive in chunks of about this size (scatter loading)
+
+
+def _chunked(t: TensorInfo, plan: ShardPlan, members: list) -> bool:
+    """Whether a tensor goes out in row chunks: a row-split matrix of a repacked type whose row
+    slices tile it and whose largest slice is above CHUNK_BYTES (the vocabulary matrices, mostly)."""
+    spec = MATMUL.get(t.ftype)
+    if t.name not in ROW_SPLIT or spec is None or spec.repack is None or not REPACK:
+        return False
+    if _row_displacements(t, plan, members) is None:
+        return False
+    row = t.nbytes // t.rows
+    return max((b - a) * row for a, b in (plan.rows(t.name, m) for m in members if m is not None)) > CHUNK_BYTES
+
+
+def _scatter_rows_chunked(g: Comm, model, t: TensorInfo, plan: ShardPlan, members: list) -> Matrix | None:
+    """A row-split matrix scattered in chunks of whole 16-row groups, each repacked into its place as
+    it arrives: a rank holds its repacked slice plus one chunk, never the slice twice (the root
+    sends straight from the file's map). Returns this rank's Matrix (None: it only sends)."""
+    row = t.nbytes // t.rows
+    step = max(16, CHUNK_BYTES // row // 16 * 16)
+    ranges = [None if m is None else plan.rows(t.name, m) for m in members]
+    n_chunks = max(-(-(b - a) // step) for a, b in (x for x in ranges if x is not None))
+    me = members[g.rank]
+    mine = ranges[g.rank]
+    value = Matrix.filled_by_rows(mine[1] - mine[0], t.cols, t.ftype) if me is not None else None
+    send = tensor_rows(model, t) if g.is_root else None
+    for i in range(n_chunks):
+        part = [(0, 0) if x is None else (min(x[0] + i * step, x[1]), min(x[0] + (i + 1) * step, x[1])) for x in ranges]
+        counts = [(b - a) * row for a, b in part]
+        displs = [a * row for a, _ in part]
+        buf = np.empty(counts[g.rank], np.uint8)
+        g.scatterv(send, counts, buf, displs)
+        if value is not None and counts[g.rank]:
+            value.fill(i * step, buf, part[g.rank][1] - part[g.rank][0])
+    return value
+
+
 @dataclass
 class Route:
     """Who moves one tensor: the group that takes part, the shard plan its slices come from, and per
@@ -284,12 +335,14 @@ def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardP
     everyone = Route(comm, plan, list(range(comm.size)))
     layers: dict[int, dict] = {}
     embed = norm = wcls = None
+    share = 0
     for t in tensor_layout(header, header_size):
         if progress is not None:
             progress(t)
         if t.name == "embed":
             if comm.is_root:
                 embed = Embedding(tensor_rows(model, t), t.rows, t.cols, t.ftype)
+                share += t.nbytes
             continue
         r = everyone if route is None else route(t)
         if r is None:
@@ -305,11 +358,21 @@ def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardP
             if me is None:
                 continue   # the root sent another pipeline stage's vector
             value = arr if t.rows > 1 else arr.reshape(-1)
+            share += t.nbytes
         else:
             if g.size == 1:
                 data = tensor_rows(model, t)
             elif load == "local":
                 data = np.array(_slice_bytes(model, t, tplan, me))
+            elif _chunked(t, tplan, r.members):
+                value = _scatter_rows_chunked(g, model, t, tplan, r.members)
+                share += tensor_nbytes(t.ftype, value.rows, value.cols) if value is not None else 0
+                if value is None:
+                    model.drop(t.key)   # the root sent another stage's slices: not its memory
+                    continue
+                if model is not None:
+                    model.drop(t.key)
+                data = None
             else:
                 counts = [0 if m is None else tensor_nbytes(t.ftype, *_slice_shape(t, tplan, m)) for m in r.members]
                 displs = _row_displacements(t, tplan, r.members)
@@ -322,16 +385,18 @@ def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardP
                 data = np.empty(counts[g.rank], np.uint8)
                 g.scatterv(send, counts, data, displs)
                 del send
-            if me is None:
-                model.drop(t.key)   # the root sent another stage's slices: not its memory
-                continue
-            rows, cols = _slice_shape(t, tplan, me)
-            if t.ftype == F32:
-                data = data.view(np.float32) if data.ctypes.data % 4 == 0 else np.array(data).view(np.float32)
-            value = Matrix(data, rows, cols, t.ftype)
-            if value.repacked and model is not None:
-                del data
-                model.drop(t.key)
+            if data is not None:
+                if me is None:
+                    model.drop(t.key)   # the root sent another stage's slices: not its memory
+                    continue
+                rows, cols = _slice_shape(t, tplan, me)
+                share += tensor_nbytes(t.ftype, rows, cols)
+                if t.ftype == F32:
+                    data = data.view(np.float32) if data.ctypes.data % 4 == 0 else np.array(data).view(np.float32)
+                value = Matrix(data, rows, cols, t.ftype)
+                if value.repacked and model is not None:
+                    del data
+                    model.drop(t.key)
         if t.layer < 0:
             if t.name == "norm":
                 norm = value
@@ -348,7 +413,7 @@ def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardP
         d = layers[l]
         experts = [(e["w1"], e["w2"], e["w3"]) for _, e in sorted(d.pop("experts").items())]
         out.append(Layer(experts=experts, index=l, **d))
-    return Weights(embed, out, norm, wcls)
+    return Weights(embed, out, norm, wcls, share)
 
 
 __all__ = ["Embedding", "Layer", "Matrix", "REPACK", "Route", "Weights", "convert_rows", "load_weights",
