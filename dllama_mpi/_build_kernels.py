@@ -2,7 +2,9 @@
 
 Used by setup.py (`cffi_modules=["dllama_mpi/_build_kernels.py:ffibuilder"]`) at install time and by
 dllama_mpi/kernels.py to rebuild into a cache directory when the installed module is missing or
-stale. Run directly (`python dllama_mpi/_build_kernels.py`) to build in place next to the sources.
+stale. `python -m dllama_mpi._build_kernels` builds in place next to the sources (not `python
+dllama_mpi/_build_kernels.py`: that puts dllama_mpi/ first on sys.path, where tokenize.py hides the
+standard library's).
 
 Flags: plain -O3 (no -march=native: the SIMD paths carry their own target attributes and are picked
 at run time), no -ffast-math (IEEE numerics), -ffp-contract=off (no silent FMA contraction, so the

@@ -82,6 +82,9 @@ void dl_matmul_q40r_q80_n(int n, float *const *out, const void *const *w, const 
 int  dl_q40r_prefetch(int bytes);
 int  dl_q40r_split(int n);
 int  dl_q40r_guided(int n);
+/* the GGUF block types' (rx) matvec: groups read as n side-by-side streams per thread (1..4; 0 = back
+ * to the default, DLLAMA_RX_SPLIT or 4; < 0 just queries); returns the value in effect */
+int  dl_rx_split(int n);
 /* memory read bandwidth probe: reads n bytes (their whole 64-bit words) over the thread pool,
  * returns the sum of the words; dl_read_spans reads n buffers as one job, each thread's share as
  * `streams` runs side by side (1..8) with a software prefetch `prefetch` bytes ahead (0: none) */

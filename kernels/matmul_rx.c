@@ -59,7 +59,28 @@ static void rx_xprep(uint8_t *dst, const dl_block_q80 *x, int cols, int batch) {
 
 typedef struct { const uint8_t *src; uint8_t *dst; int rows, cols; } rx_repack_ctx;
 
-static int rx_streams = 1;   /* matvec: groups read side by side per thread (set per call) */
+/* Matvec: groups read side by side per thread (set per call from rx_split). The rx kernels decode
+ * more per byte than q40r, so one stream per thread leaves the core waiting on memory: measured on
+ * an Intel Xeon (Sapphire Rapids class) VM, 2026-12-06, 1 thread, an 8192 x 2048 matrix, AVX2: Q4_K
+ * 11.1 GB/s with 1 stream, 18.3 with 2, 19.8 with 4 (Q6_K 9.8 / 13.2 / 15.1; q40r 20.4 / 21.2 /
+ * 20.1), and the Llama-3.2-1B shape's Q4_K_M decode 10.1-10.4 -> 14.4-14.7 tok/s; AVX-512 reads
+ * 4 streams as q40r does. Default 4 on every x86 ISA; DLLAMA_RX_SPLIT (1..4) or dl_rx_split
+ * override it. Results never depend on it. */
+static int rx_streams = 4, rx_split_set = 0;
+
+static int rx_split_default(void) {
+    static int env = -2;   /* -2: not read yet, 0: unset */
+    if (env == -2) {
+        const char *e = getenv("DLLAMA_RX_SPLIT");
+        env = e && atoi(e) >= 1 && atoi(e) <= 4 ? atoi(e) : 0;
+    }
+    return env ? env : 4;
+}
+
+int dl_rx_split(int n) {
+    if (n >= 0) rx_split_set = n > 4 ? 4 : n;
+    return rx_split_set > 0 ? rx_split_set : rx_split_default();
+}
 
 /* A thread's buffer for one group's decoded blocks (batched calls: decoded once, used by every pass
  * of batch rows): per block RX_TILE_BLOCK bytes, 64-byte aligned. Its own, not dl_scratch: the

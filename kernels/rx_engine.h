@@ -191,7 +191,7 @@ DL_INLINE DL_TARGET_AVX512 void RXF(group_avx512)(float *out, const uint8_t *wg,
 }
 
 /* matvec: NS groups read side by side (g_first + s * per, s < NS): independent sequential streams,
- * which this VM's memory reads faster than one (the q40r split, dl_q40r_split) */
+ * which keep more reads in flight than one (rx_streams: dl_rx_split) */
 DL_INLINE DL_TARGET_AVX512 void RXF(streams_avx512)(float *out, const uint8_t *w, const uint8_t *xp, int g_first,
                                                     int per, int nb, int cols, int rows, const int NS) {
     const size_t us = (size_t)16 * RX_UNIT, gs = RXF(group_stride)(cols);
@@ -496,7 +496,7 @@ void RX_JOIN3(dl_matmul_, RX, r_q80_n)(int n, float *const *out, const void *con
                                         const dl_block_q80 *x, int cols, int batch) {
     const int isa = dl_get_isa();
     dl_r16_group_fn fn = NULL;
-    rx_streams = dl_q40r_split(-1);   /* the q40r matvec split of this ISA (DLLAMA_Q40R_SPLIT) */
+    rx_streams = dl_rx_split(-1);   /* the matvec's streams per thread (DLLAMA_RX_SPLIT) */
 #if DL_X86
     if (isa == DL_ISA_AVX512) fn = RXF(groups_avx512);
     if (isa == DL_ISA_AVX2) fn = RXF(groups_avx2);

@@ -1170,6 +1170,29 @@ def test_rx_matmul_vs_gguf(ftype, isa):
             assert np.array_equal(alone[0], got[b]), (rows, cols, batch, b)
 
 
+@pytest.mark.parametrize("ftype", sorted(RX_TYPES), ids=[FLOAT_NAMES[t] for t in sorted(RX_TYPES)])
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_rx_matvec_streams_do_not_change_results(ftype, isa):
+    """The matvec reads 1-4 groups side by side per thread (dl_rx_split): the same bits for every
+    split and thread count, including the groups left over when a thread's share does not divide."""
+    name = RX_TYPES[ftype]
+    r = rng(90 + ftype)
+    rows, cols = 16 * 23 + 7, 2 * max(TYPE_BLOCK[ftype][0], 64)
+    rp = rx_repack(name, edge_blocks(r, ftype, rows, cols), rows, cols)
+    xq = random_q80(r, 1, cols)
+    try:
+        outs = []
+        for threads in (1, 2):
+            use(isa, threads)
+            for s in (1, 2, 3, 4):
+                assert lib.dl_rx_split(s) == s
+                outs.append(rx_call(name, rp, xq, rows, cols, 1))
+        assert all(np.array_equal(o, outs[0]) for o in outs)
+    finally:
+        lib.dl_rx_split(0)          # back to the default
+    assert lib.dl_rx_split(-1) in (1, 2, 3, 4)
+
+
 @pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
 def test_bf16_matmul(isa):
     r = rng(80)
