@@ -110,7 +110,7 @@ def model_options(fn):
         click.option("--nthreads", type=int, default=None,
                      help="Threads per rank (C thread pool) [default: the cores this rank may use / the ranks on its host]."),
         click.option("--buffer-float-type", type=click.Choice(["q80", "f32"]), default=None,
-                     help="Format of synchronised activations [default: q80 for q40 / q80 weights, f32 for f16 / f32]."),
+                     help="Format of synchronised activations [default: q80 when some matrix is a block type (q40, q80, Q4_K, ...), f32 for f16 / bf16 / f32 weights]."),
         click.option("--max-seq-len", type=int, default=None, help="Cap the context (KV-cache rows)."),
         click.option("--sync", "sync_scheme", type=click.Choice(["ring", "dllama", "auto"]), default="ring", show_default=True,
                      help="ring: reduce-scatter + all-gather; dllama: all-gather of every partial (Distributed Llama's "

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .comm import Comm
-from .errors import ConfigError, ModelFormatError
-from .formats import (F32, MATRIX_NAMES, Q80, TYPE_BLOCK, ModelHeader, TensorInfo, block_shape, float_type_name,
-                      set_matrix_types, tensor_layout, tensor_nbytes)
+from .errors import ModelFormatError
+from .formats import (F32, MATRIX_NAMES, Q80, ModelHeader, TensorInfo, block_shape, float_type_name, set_matrix_types,
+                      tensor_layout, tensor_nbytes)
 from .kernels import MATMUL, MATMUL_PLAIN, ffi, fptr, lib
-from .shard import COL_SPLIT, ROW_SPLIT, ShardPlan
+from .shard import ROW_SPLIT, ShardPlan
 
 REPACK = os.environ.get("DLLAMA_REPACK", "1") != "0"   # DLLAMA_REPACK=0: keep the plain q40 / q80 layouts
 

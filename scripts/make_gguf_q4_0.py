@@ -29,18 +29,12 @@ BLOCK_BYTES = 18   # f16 scale + 16 bytes of packed nibbles
 
 
 def bytes_to_unicode() -> list[str]:
-    """GPT-2 byte-level alphabet: one printable character per byte value."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, cs))
-    return [chr(table[b]) for b in range(256)]
+    """GPT-2 byte-level alphabet: one printable character per byte value (the GGUF reader's table,
+    inverted)."""
+    from dllama_mpi.gguf import gpt2_unicode_to_bytes
+
+    by_byte = {b: c for c, b in gpt2_unicode_to_bytes().items()}
+    return [by_byte[b] for b in range(256)]
 
 
 def q4_0_random(rows: int, cols: int, rng: np.random.Generator,
