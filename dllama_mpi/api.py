@@ -208,17 +208,6 @@ def parse_prompt(body: dict) -> str:
 # ------------------------------------------------------------------------------------------------
 # the app
 
-def engine_kv_bytes_per_token(engine) -> list[int]:
-    """KV-cache bytes one position costs on each rank of this engine's job."""
-    if engine.depth > 1:   # pipeline stages: each rank stores its stage's layers
-        from .pipeline import kv_bytes_per_token
-
-        return kv_bytes_per_token(engine.h, engine.layout)
-    from .metrics import kv_bytes_per_token
-
-    return kv_bytes_per_token(engine.h, engine.plan)
-
-
 class Server:
     def __init__(self, engine, tokenizer, model_id: str, template, defaults: dict, api_key: str | None,
                  max_body_bytes: int, cors_origins: list[str], web_ui: bool = True, max_n: int = 8):
@@ -227,6 +216,8 @@ class Server:
 
         self.engine = engine
         self.scheduler = Scheduler(engine, tokenizer)
+        from .metrics import engine_kv_bytes_per_token
+
         per_token = engine_kv_bytes_per_token(engine)
         self.init_front(tokenizer, model_id, template, defaults, api_key, max_body_bytes, cors_origins, web_ui,
                         max_n, engine.max_seq_len, engine.kv_plan, per_token,
@@ -860,7 +851,7 @@ def register(group) -> None:
             return
         try:
             if backend is not None:
-                from .serve import run_backend
+                from .backend import run_backend
 
                 run_backend(engine, tokenizer, backend)
                 return

@@ -475,7 +475,7 @@ def _parallel_run(sched, prompts: list[list[int]], steps: int) -> dict:
 
 
 def _kv_bytes_per_token(engine) -> list[int]:
-    from .api import engine_kv_bytes_per_token
+    from .metrics import engine_kv_bytes_per_token
 
     return engine_kv_bytes_per_token(engine)
 

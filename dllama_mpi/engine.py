@@ -24,12 +24,12 @@ import numpy as np
 from . import comm as C
 from .comm import Comm
 from .errors import ConfigError
-from .formats import ACT_GELU, BLOCK, Q80_BYTES, ModelHeader, float_type_name, read_model_header, write_model_header
+from .formats import ACT_GELU, BLOCK, Q80_BYTES, ModelHeader, float_type_name
 from .kernels import ffi, fptr, lib, qptr
 from .kvcache import KVCache, KVPlan, plan_kv
-from .shard import ShardPlan, fit_types, make_plan
+from .shard import ShardPlan
 from .sync import PartialSum
-from .weights import Layer, Weights, load_weights, open_model_file, runtime_header
+from .weights import Layer, Weights
 
 DEFAULT_BATCH = 32  # prompt positions per forward pass (Distributed Llama uses 32 too)
 
@@ -741,61 +741,3 @@ def check_options(h: ModelHeader, buffer_type: str) -> None:
         raise ConfigError(f"--buffer-float-type {buffer_type} is not supported (supported: q80, f32)")
     if buffer_type == "q80" and h.dim % BLOCK:
         raise ConfigError(f"--buffer-float-type q80 needs dim % 32 == 0 (dim is {h.dim})")
-
-
-def header_bytes(h: ModelHeader) -> bytes:
-    """A header as the bytes of a .m header (what the root broadcasts)."""
-    import io
-
-    b = io.BytesIO()
-    write_model_header(b, h)
-    return b.getvalue()
-
-
-def build_engine(comm: Comm, model_path: str | None, *, max_seq_len: int | None = None,
-                 buffer_type: str = "auto", sync: str = "ring", load: str = "scatter",
-                 max_batch: int = DEFAULT_BATCH, progress=None, n_slots: int = 1,
-                 kv_memory: int | None = None, pp: int = 1, split="even", quiet: bool = False) -> Engine:
-    """Collective: the root opens the model (.m or GGUF) and decides the types the ranks run
-    (weights.runtime_header), every rank gets that header, the plan and its slices. `pp` pipeline
-    stages and `split` weights ('even', 'auto' or one weight per rank): pipeline.py."""
-    model = None
-    raw_header = b""
-    if comm.is_root or load == "local":
-        model = open_model_file(model_path)
-    if comm.is_root:
-        h, notes = runtime_header(model)
-        raw_header = header_bytes(h)
-        if not quiet:
-            for line in notes:
-                _log(f"{model_path}: {line}")
-    raw_header = comm.bcast_bytes(raw_header) if comm.size > 1 else raw_header
-    h, header_size = read_model_header(model_path or "<root>", raw_header, len(raw_header))
-    if buffer_type in (None, "auto"):
-        buffer_type = "q80" if h.quantized else "f32"
-    check_options(h, buffer_type)
-    if max_seq_len is not None:
-        if max_seq_len <= 0:
-            raise ConfigError(f"--max-seq-len must be positive, got {max_seq_len}")
-        if max_seq_len > h.max_seq_len:
-            raise ConfigError(f"--max-seq-len {max_seq_len} is beyond the model's context ({h.max_seq_len})")
-    seq = min(max_seq_len or h.max_seq_len, h.max_seq_len)
-    if pp != 1 or split != "even":
-        from .pipeline import build_stages, parse_split
-
-        return build_stages(comm, h, header_size, model, pp=pp, split=parse_split(split, comm.size)
-                            if isinstance(split, str) else split, seq=seq, buffer_type=buffer_type, sync=sync,
-                            load=load, max_batch=max_batch, progress=progress, n_slots=n_slots,
-                            kv_memory=kv_memory, quiet=quiet)
-    h, plan, note = fit_types(h, lambda hh: make_plan(hh, comm.size))
-    if note and comm.is_root and not quiet:
-        _log(note)
-    kv = plan_kv(kv_row_bytes(h, plan), seq, n_slots, kv_memory, ring=kv_ring(h, max_batch, ring_row_bytes(h, plan)))
-    weights = load_weights(comm, h, header_size, plan, model, load, progress)
-    return Engine(comm, h, plan, weights, seq, max_batch, buffer_type, sync, kv)
-
-
-def _log(msg: str) -> None:
-    import sys
-
-    print(msg, file=sys.stderr, flush=True)

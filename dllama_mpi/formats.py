@@ -525,10 +525,6 @@ class ModelFile:
         t = self._by_key[key]
         drop_pages(self._mm, t.offset, t.nbytes)
 
-    def header_bytes(self) -> bytes:
-        """The header as the file has it (what the root broadcasts)."""
-        return bytes(self._mm[:self.header_size])
-
     def f32(self, t: TensorInfo) -> np.ndarray:
         """An F32 tensor as a [rows, cols] float32 view (may be unaligned; copy small ones)."""
         if t.ftype != F32:
@@ -618,6 +614,16 @@ def write_model_header(f, h: ModelHeader) -> None:
     if h.tensor_types:
         table = bytes(h.tensor_types)
         f.write(table + b"\0" * (_pad8(len(table)) - len(table)))
+
+
+def model_header_bytes(h: ModelHeader) -> bytes:
+    """A header as the bytes of a .m header (what the root broadcasts: every rank derives the layout
+    from it)."""
+    import io
+
+    b = io.BytesIO()
+    write_model_header(b, h)
+    return b.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,8 +35,7 @@ import numpy as np
 from .errors import ModelFormatError
 from .formats import (ACT_GELU, ACT_SILU, ARCH_GEMMA3, ARCH_LLAMA, ARCH_QWEN3, ARCH_QWEN3_MOE, F32, HEADER_KEY_OF,
                       MATRIX_NAMES, Q80, ROPE_LLAMA3_1, TOKEN_NORMAL, ModelHeader, TensorInfo, TokenizerData,
-                      drop_pages, ggml_to_type, norm_epsilon_code, set_matrix_types, tensor_layout, validate_header,
-                      write_model_header)
+                      drop_pages, ggml_to_type, norm_epsilon_code, set_matrix_types, tensor_layout, validate_header)
 
 MAGIC = b"GGUF"
 ARCHS = {"llama": ARCH_LLAMA, "qwen3": ARCH_QWEN3, "qwen3moe": ARCH_QWEN3_MOE, "gemma3": ARCH_GEMMA3}
@@ -595,14 +594,6 @@ class GGUFModel:
         if not hasattr(self, "_layout"):
             self._layout = {t.key: t for t in tensor_layout(self.header, 0)}
         return self._layout[(name, layer, expert)]
-
-    def header_bytes(self) -> bytes:
-        """The header as a .m header (what the root broadcasts: every rank derives the layout from it)."""
-        import io
-
-        b = io.BytesIO()
-        write_model_header(b, self.header)
-        return b.getvalue()
 
     def stored_rows(self, key: tuple, r0: int, r1: int):
         """(bytes of rows [r0, r1) as stored: a view of the map, their weight type or None, the GGML type)."""

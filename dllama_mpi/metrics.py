@@ -31,6 +31,15 @@ def kv_bytes_per_token(header, plan) -> list[int]:
     return [2 * 4 * n * plan[r].n_kv_heads * header.head_size for r in range(plan.n_nodes)]
 
 
+def engine_kv_bytes_per_token(engine) -> list[int]:
+    """KV-cache bytes one position costs on each rank of this engine's job."""
+    if engine.depth > 1:   # pipeline stages: each rank stores its stage's layers
+        from .pipeline import kv_bytes_per_token as stage_kv_bytes_per_token
+
+        return stage_kv_bytes_per_token(engine.h, engine.layout)
+    return kv_bytes_per_token(engine.h, engine.plan)
+
+
 class RankStats:
     """Per-rank counters gathered on the root by a collective (`gather`, run on the generation
     thread). `refresh` (asyncio side) asks and waits a little; `poll` (generation thread, between

@@ -31,7 +31,7 @@ final norm and wcls. Per pass (message flow, `StageEngine`):
 Residual rows travel as f32, or q80 with `--buffer-float-type q80`. Every wait for a message between
 stages polls (Test + sleep, MPI.md §4): a stage root waiting for its next input is idle; the root
 waiting for results is under the --sync-timeout watchdog. With one stage (`--pp 1`) none of this
-exists: build_engine makes the plain Engine (with a weighted plan if --split says so).
+exists: startup.build_engine makes the plain Engine (with a weighted plan if --split says so).
 """
 
 from __future__ import annotations

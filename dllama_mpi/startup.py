@@ -282,6 +282,57 @@ def load_tokenizer(model_path, tokenizer_path):
         g.close()
 
 
+def build_engine(comm, model_path: str | None, *, max_seq_len: int | None = None,
+                 buffer_type: str = "auto", sync: str = "ring", load: str = "scatter",
+                 max_batch: int | None = None, progress=None, n_slots: int = 1,
+                 kv_memory: int | None = None, pp: int = 1, split="even", quiet: bool = False):
+    """Collective: the root opens the model (.m or GGUF) and decides the types the ranks run
+    (weights.runtime_header), every rank gets that header, the plan and its slices: an Engine, or with
+    `pp` pipeline stages or a `split` ('even', 'auto' or one weight per rank) pipeline.py's stage."""
+    from .engine import DEFAULT_BATCH, Engine, check_options, kv_ring, kv_row_bytes, ring_row_bytes
+    from .formats import model_header_bytes, read_model_header
+    from .kvcache import plan_kv
+    from .shard import fit_types, make_plan
+    from .weights import load_weights, open_model_file, runtime_header
+
+    if max_batch is None:
+        max_batch = DEFAULT_BATCH
+    model = None
+    raw_header = b""
+    if comm.is_root or load == "local":
+        model = open_model_file(model_path)
+    if comm.is_root:
+        h, notes = runtime_header(model)
+        raw_header = model_header_bytes(h)
+        if not quiet:
+            for line in notes:
+                log(f"{model_path}: {line}")
+    raw_header = comm.bcast_bytes(raw_header) if comm.size > 1 else raw_header
+    h, header_size = read_model_header(model_path or "<root>", raw_header, len(raw_header))
+    if buffer_type in (None, "auto"):
+        buffer_type = "q80" if h.quantized else "f32"
+    check_options(h, buffer_type)
+    if max_seq_len is not None:
+        if max_seq_len <= 0:
+            raise ConfigError(f"--max-seq-len must be positive, got {max_seq_len}")
+        if max_seq_len > h.max_seq_len:
+            raise ConfigError(f"--max-seq-len {max_seq_len} is beyond the model's context ({h.max_seq_len})")
+    seq = min(max_seq_len or h.max_seq_len, h.max_seq_len)
+    if pp != 1 or split != "even":
+        from .pipeline import build_stages, parse_split
+
+        return build_stages(comm, h, header_size, model, pp=pp, split=parse_split(split, comm.size)
+                            if isinstance(split, str) else split, seq=seq, buffer_type=buffer_type, sync=sync,
+                            load=load, max_batch=max_batch, progress=progress, n_slots=n_slots,
+                            kv_memory=kv_memory, quiet=quiet)
+    h, plan, note = fit_types(h, lambda hh: make_plan(hh, comm.size))
+    if note and comm.is_root and not quiet:
+        log(note)
+    kv = plan_kv(kv_row_bytes(h, plan), seq, n_slots, kv_memory, ring=kv_ring(h, max_batch, ring_row_bytes(h, plan)))
+    weights = load_weights(comm, h, header_size, plan, model, load, progress)
+    return Engine(comm, h, plan, weights, seq, max_batch, buffer_type, sync, kv)
+
+
 def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme,
           load, max_batch, quiet=False, n_slots: int = 1):
     """Collective start-up: returns (engine, tokenizer or None on workers). n_slots: sequences the
@@ -290,7 +341,6 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
     from .kvcache import parse_size, plan_kv
 
     from . import kernels
-    from .engine import build_engine
     from .pipeline import kv_row_bytes as layout_kv_row_bytes
     from .pipeline import ring_row_bytes as layout_ring_row_bytes
     from .pipeline import make_layout, parse_split

@@ -5,7 +5,7 @@ import json
 import numpy as np
 
 from dllama_mpi.comm import Comm
-from dllama_mpi.engine import build_engine
+from dllama_mpi.startup import build_engine
 
 from conftest import TINY
 

@@ -669,7 +669,7 @@ def reference():
     from mpi4py import MPI
 
     from dllama_mpi.comm import Comm
-    from dllama_mpi.engine import build_engine
+    from dllama_mpi.startup import build_engine
     from dllama_mpi.tokenizer import Tokenizer
 
     eng = build_engine(Comm(MPI.COMM_SELF), str(F32_MODEL))

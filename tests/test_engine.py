@@ -93,7 +93,7 @@ def test_mixed_type_model_runs(comm, tmp_path):
     import gguf
 
     from dllama_mpi.convert.gguf import convert_gguf
-    from dllama_mpi.engine import build_engine
+    from dllama_mpi.startup import build_engine
     from test_convert import HF, write_tiny_gguf
 
     Q = gguf.GGMLQuantizationType

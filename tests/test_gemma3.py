@@ -297,7 +297,7 @@ def test_engine_equals_reference_and_transformers(tiny_m, batch):
     from mpi4py import MPI
 
     from dllama_mpi.comm import Comm
-    from dllama_mpi.engine import build_engine
+    from dllama_mpi.startup import build_engine
 
     ref = np.load(HF_REF)
     engine = build_engine(Comm(MPI.COMM_SELF), str(tiny_m), max_batch=batch)
@@ -311,7 +311,7 @@ def test_gemma3_rows_of_many_sequences_are_batch_invariant(tiny_m):
     from mpi4py import MPI
 
     from dllama_mpi.comm import Comm
-    from dllama_mpi.engine import build_engine
+    from dllama_mpi.startup import build_engine
     from goldens import SEQS, rows_logits
 
     engine = build_engine(Comm(MPI.COMM_SELF), str(tiny_m), n_slots=len(SEQS))
@@ -525,7 +525,7 @@ def test_real_engine_matches_the_float64_reference(gemma_f16, gemma_tokenizer):
     from mpi4py import MPI
 
     from dllama_mpi.comm import Comm
-    from dllama_mpi.engine import build_engine
+    from dllama_mpi.startup import build_engine
 
     text = (DATA / "texts" / "pride_and_prejudice_1-4.txt").read_text(encoding="utf-8")[:1500]
     ids = gemma_tokenizer.encode(text)[:300]
@@ -553,7 +553,7 @@ def test_gguf_engine_tracks_the_float64_reference(gemma_gguf, gemma_tokenizer):
     from mpi4py import MPI
 
     from dllama_mpi.comm import Comm
-    from dllama_mpi.engine import build_engine
+    from dllama_mpi.startup import build_engine
 
     text = (DATA / "texts" / "pride_and_prejudice_1-4.txt").read_text(encoding="utf-8")[:1500]
     cases = json.loads((DATA / "gemma3_llamacpp_completions.json").read_text(encoding="utf-8"))["cases"]
@@ -590,7 +590,7 @@ def test_native_conversion_is_the_gguf(gemma_gguf, gemma_tokenizer, tmp_path):
 
     from dllama_mpi.comm import Comm
     from dllama_mpi.convert.gguf import convert_gguf
-    from dllama_mpi.engine import build_engine
+    from dllama_mpi.startup import build_engine
 
     native = tmp_path / "native.m"
     convert_gguf(gemma_gguf, native, None, "native", quiet=True)
@@ -640,7 +640,7 @@ def test_sliding_window_ring_prefix_reuse_and_choices(tiny_m):
     from mpi4py import MPI
 
     from dllama_mpi.comm import Comm
-    from dllama_mpi.engine import build_engine
+    from dllama_mpi.startup import build_engine
     from dllama_mpi.sampler import Sampler
     from dllama_mpi.scheduler import Request, Scheduler, run_to_completion
     from dllama_mpi.tokenizer import Tokenizer

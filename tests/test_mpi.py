@@ -116,7 +116,7 @@ def test_workers_never_open_the_model_in_scatter_mode(world, monkeypatch):
         def refuse(*a, **k):
             raise AssertionError("a worker opened the model file")
         monkeypatch.setattr(formats, "open_model", refuse)
-    from dllama_mpi.engine import build_engine
+    from dllama_mpi.startup import build_engine
 
     engine = build_engine(world, path if world.is_root else None, buffer_type="q80")
     with open("/proc/self/maps") as f:
@@ -197,7 +197,7 @@ def test_q80_f16_weights_within_noise_of_f32(world, tmp_path, wtype, buffer_type
     tiny_llama's head_dim 16 allows 2), converted on the root by our converter (byte-identical to
     Distributed Llama's, test_convert)."""
     from dllama_mpi.convert.hf import convert_hf_model
-    from dllama_mpi.engine import build_engine
+    from dllama_mpi.startup import build_engine
     from test_engine import within_weight_noise
 
     family = "tiny_llama" if SIZE <= 2 else "tiny_qwen3"
@@ -315,7 +315,7 @@ def test_pipeline_local_load_equals_scatter(world):
 
 def test_pipeline_ranks_receive_only_their_stage(world):
     """Each rank holds only its stage's layers (and the last stage wcls), with --load scatter."""
-    from dllama_mpi.engine import build_engine
+    from dllama_mpi.startup import build_engine
 
     engine = build_engine(world, model_path("tiny_llama_f32") if world.is_root else None, pp=PP[-1])
     held = (engine.stage.layers, len(engine.w.layers), engine.w.wcls is not None, engine.w.embed is not None)
@@ -333,7 +333,7 @@ def test_pipeline_ranks_receive_only_their_stage(world):
 def _logprobs_and_choices(comm: Comm, **kw):
     """Root: one request with log-probabilities (generated and prompt tokens, temperature 0.7) and
     one with a second choice (a follower), run together; their tokens and log-probabilities."""
-    from dllama_mpi.engine import build_engine
+    from dllama_mpi.startup import build_engine
     from dllama_mpi.sampler import Sampler
     from dllama_mpi.scheduler import Request, Scheduler, run_to_completion
     from dllama_mpi.tokenizer import Tokenizer
@@ -380,7 +380,7 @@ def test_gemma3_tiny_matches_transformers(world, tmp_path):
     """Gemma 3's forward pass split over the ranks (the post-norms see the whole sum): transformers'
     logits of the tiny checkpoint, and rows of several sequences bitwise those run alone."""
     from dllama_mpi.convert.hf import convert_hf_model
-    from dllama_mpi.engine import build_engine
+    from dllama_mpi.startup import build_engine
 
     from conftest import TINY
     from goldens import SEQS, rows_logits
@@ -434,7 +434,7 @@ def _gguf_path(which: str) -> str:
 
 
 def _logits(comm: Comm, path, ids, **kw):
-    from dllama_mpi.engine import build_engine
+    from dllama_mpi.startup import build_engine
 
     engine = build_engine(comm, path if comm.is_root or kw.get("load") == "local" else None, quiet=True, **kw)
     if not comm.is_root:

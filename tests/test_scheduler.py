@@ -8,7 +8,7 @@ import numpy as np
 from mpi4py import MPI
 
 from dllama_mpi.comm import Comm
-from dllama_mpi.engine import build_engine
+from dllama_mpi.startup import build_engine
 from dllama_mpi.kvcache import KVCache, KVPlan, parse_size, plan_kv
 from dllama_mpi.errors import ConfigError
 from dllama_mpi.sampler import Sampler

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import pytest
 
-from dllama_mpi.serve import Link, RestartPolicy, describe_loss, parse_hostfile, rank_map
+from dllama_mpi.backend import Link
+from dllama_mpi.serve import RestartPolicy, describe_loss, parse_hostfile, rank_map
 
 from procs import descendants, environ, left_after, our_processes
 

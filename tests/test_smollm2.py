@@ -85,7 +85,7 @@ def test_f32_engine_matches_float64_reference(f32_model):
     from mpi4py import MPI
 
     from dllama_mpi.comm import Comm
-    from dllama_mpi.engine import build_engine
+    from dllama_mpi.startup import build_engine
     from dllama_mpi.tokenizer import Tokenizer
     from reference_forward import reference_logits
 
@@ -150,7 +150,7 @@ def _logits(path, ids):
     from mpi4py import MPI
 
     from dllama_mpi.comm import Comm
-    from dllama_mpi.engine import build_engine
+    from dllama_mpi.startup import build_engine
 
     engine = build_engine(Comm(MPI.COMM_SELF), path, max_seq_len=512, quiet=True)
     return np.array(engine.forward(ids, 0, all_logits=True))
