@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Gemma 3 270M decode / prefill next to llama.cpp on the same Q4_K_M GGUF (README "Gemma 3"):
+# Gemma 3 270M decode / prefill next to llama.cpp on the same Q4_K_M GGUF (scripts/BENCHMARKS.md, earlier records):
 #
 #   LCP_BIN=/path/to/llama.cpp/bin scripts/bench_gemma3.sh [OUT_DIR]
 #

@@ -2,7 +2,7 @@
 # Perplexity / KL divergence of SmolLM2-135M-Instruct imported from its Q4_1 GGUF as f32, f16, q80 and
 # q40, on tests/data/text/kjv_genesis_1-6.txt (n_ctx 512, llama.cpp's method), plus llama.cpp's own
 # llama-perplexity on the same GGUF and text. Usage: scripts/ppl_smollm2.sh OUT_DIR [LLAMA_BIN_DIR]
-# (the README table "8- and 16-bit weights"). Writes OUT/<variant>.json and OUT/llamacpp.txt.
+# (scripts/BENCHMARKS.md, earlier records: "8- and 16-bit weights"). Writes OUT/<variant>.json and OUT/llamacpp.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?out dir}; LCP=${2:-}
