@@ -579,9 +579,8 @@ def read_model_header(path: str, data: bytes | mmap.mmap, file_size: int) -> tup
     return h, header_size
 
 
-def open_model(path: str | os.PathLike) -> ModelFile:
-    """Memory-map and validate a .m file. Raises ModelFormatError with a one-line message."""
-    path = os.fspath(path)
+def map_model_file(path: str) -> tuple[mmap.mmap, int]:
+    """(a read-only map of the whole file, its size) of a model file, .m or GGUF; one-line errors."""
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -590,7 +589,13 @@ def open_model(path: str | os.PathLike) -> ModelFile:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             raise ModelFormatError(f"{path}: model file is empty")
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), size
+
+
+def open_model(path: str | os.PathLike) -> ModelFile:
+    """Memory-map and validate a .m file. Raises ModelFormatError with a one-line message."""
+    path = os.fspath(path)
+    mm, size = map_model_file(path)
     try:
         h, header_size = read_model_header(path, mm, size)
         expected = model_nbytes(h, header_size)

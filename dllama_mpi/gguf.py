@@ -25,7 +25,6 @@ the same permutation (convert/gguf.py says why).
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ import numpy as np
 from .errors import ModelFormatError
 from .formats import (ACT_GELU, ACT_SILU, ARCH_GEMMA3, ARCH_LLAMA, ARCH_QWEN3, ARCH_QWEN3_MOE, F32, HEADER_KEY_OF,
                       MATRIX_NAMES, Q80, ROPE_LLAMA3_1, TOKEN_NORMAL, ModelHeader, TensorInfo, TokenizerData,
-                      drop_pages, ggml_to_type, norm_epsilon_code, set_matrix_types, tensor_layout, validate_header)
+                      drop_pages, ggml_to_type, map_model_file, norm_epsilon_code, set_matrix_types, tensor_layout, validate_header)
 
 MAGIC = b"GGUF"
 ARCHS = {"llama": ARCH_LLAMA, "qwen3": ARCH_QWEN3, "qwen3moe": ARCH_QWEN3_MOE, "gemma3": ARCH_GEMMA3}
@@ -176,15 +175,7 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        try:
-            f = open(self.path, "rb")
-        except OSError as e:
-            raise ModelFormatError(f"{self.path}: cannot open model file: {e.strerror}") from None
-        with f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                raise ModelFormatError(f"{self.path}: model file is empty")
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._mm, size = map_model_file(self.path)
         try:
             self._parse(size)
         except Exception:

@@ -241,12 +241,14 @@ class Weights:
 # ------------------------------------------------------------------------------------------------
 # loading
 
-def _slice_bytes(model, t: TensorInfo, plan: ShardPlan, rank: int) -> np.ndarray:
-    """The bytes of rank's slice of a matrix: a view for row ranges, a packed copy for columns."""
+def _slice_bytes(model, t: TensorInfo, plan: ShardPlan, rank: int, whole: np.ndarray | None = None) -> np.ndarray:
+    """The bytes of rank's slice of a matrix: a view for row ranges, a packed copy for columns (cut
+    from `whole`, the tensor in its runtime type, when the caller has it: a stored type converted at
+    load is then converted once for all ranks)."""
     if t.name in ROW_SPLIT:
         r0, r1 = plan.rows(t.name, rank)
         return tensor_rows(model, t, r0, r1)
-    raw = tensor_rows(model, t)
+    raw = whole if whole is not None else tensor_rows(model, t)
     c0, c1 = plan.cols(t.name, rank)
     if (c0, c1) == (0, t.cols):
         return raw
@@ -380,8 +382,10 @@ def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardP
                 if g.is_root:
                     # row slices that tile the tensor go straight from the map; column slices (and
                     # replicated KV rows) are packed into one tensor-sized buffer first
-                    send = tensor_rows(model, t) if displs is not None else \
-                        np.concatenate([_slice_bytes(model, t, tplan, m) for m in r.members if m is not None])
+                    whole = tensor_rows(model, t) if displs is not None or t.name not in ROW_SPLIT else None
+                    send = whole if displs is not None else \
+                        np.concatenate([_slice_bytes(model, t, tplan, m, whole) for m in r.members if m is not None])
+                    del whole
                 data = np.empty(counts[g.rank], np.uint8)
                 g.scatterv(send, counts, data, displs)
                 del send

@@ -18,6 +18,22 @@ import numpy as np
 HF = Path(__file__).parent / "data" / "tiny" / "hf"
 
 
+def add_bpe_tokenizer(wr, folder: Path) -> tuple[dict, int]:
+    """A tiny HF folder's byte-level BPE tokenizer into a GGUFWriter as llama.cpp stores it (tokens,
+    types: the 16 specials from id 496 are control tokens, merges); returns (tokenizer_config.json, the number of tokens)."""
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    vocab = dict(tj["model"]["vocab"])
+    vocab.update({t["content"]: t["id"] for t in tj["added_tokens"]})
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    wr.add_tokenizer_model("gpt2")
+    wr.add_token_list(tokens)
+    wr.add_token_types([3 if i >= 496 else 1 for i in range(len(tokens))])
+    wr.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]])
+    return json.loads((folder / "tokenizer_config.json").read_text()), len(tokens)
+
+
 def write_random_gguf(path: Path, types=None, *, dim=256, hidden=512, layers=2, heads=8, kv_heads=4,
                       seed=1, tied=False) -> Path:
     """types: {GGUF tensor name suffix (attn_q, ffn_down, output, token_embd...): formats weight type},
@@ -29,14 +45,6 @@ def write_random_gguf(path: Path, types=None, *, dim=256, hidden=512, layers=2, 
 
     types = types or {}
     rng = np.random.default_rng(seed)
-    folder = HF / "tiny_llama"
-    tj = json.loads((folder / "tokenizer.json").read_text())
-    tc = json.loads((folder / "tokenizer_config.json").read_text())
-    vocab = dict(tj["model"]["vocab"])
-    vocab.update({t["content"]: t["id"] for t in tj["added_tokens"]})
-    tokens = [None] * len(vocab)
-    for t, i in vocab.items():
-        tokens[i] = t
     hd = dim // heads
     wr = gguf.GGUFWriter(str(path), "llama")
     wr.add_block_count(layers)
@@ -48,11 +56,8 @@ def write_random_gguf(path: Path, types=None, *, dim=256, hidden=512, layers=2, 
     wr.add_rope_freq_base(10000.0)
     wr.add_layer_norm_rms_eps(1e-5)
     wr.add_rope_dimension_count(hd)
-    wr.add_vocab_size(len(tokens))
-    wr.add_tokenizer_model("gpt2")
-    wr.add_token_list(tokens)
-    wr.add_token_types([3 if i >= 496 else 1 for i in range(len(tokens))])
-    wr.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]])
+    tc, n_vocab = add_bpe_tokenizer(wr, HF / "tiny_llama")
+    wr.add_vocab_size(n_vocab)
     wr.add_bos_token_id(496)
     wr.add_eos_token_id(497)
     wr.add_add_bos_token(True)
@@ -76,7 +81,6 @@ def write_random_gguf(path: Path, types=None, *, dim=256, hidden=512, layers=2, 
         raw = K.random_blocks(rng, t, rows, cols, scale=0.5 / np.sqrt(cols) / 16)
         wr.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType(type_to_ggml(t)))
 
-    n_vocab = len(tokens)
     add("token_embd.weight", n_vocab, dim, "token_embd")
     for l in range(layers):
         b = f"blk.{l}."

@@ -424,18 +424,9 @@ def write_tiny_gguf(folder: Path, path: Path, qtype=None, tied=False):
     wr.add_value_length(cfg["head_dim"])
     wr.add_rope_dimension_count(cfg["head_dim"])
     wr.add_vocab_size(cfg["vocab_size"])
-    # tokenizer (byte-level BPE, as llama.cpp stores it)
-    tj = json.loads((folder / "tokenizer.json").read_text())
-    tc = json.loads((folder / "tokenizer_config.json").read_text())
-    vocab = dict(tj["model"]["vocab"])
-    vocab.update({t["content"]: t["id"] for t in tj["added_tokens"]})
-    tokens = [None] * len(vocab)
-    for t, i in vocab.items():
-        tokens[i] = t
-    wr.add_tokenizer_model("gpt2")
-    wr.add_token_list(tokens)
-    wr.add_token_types([3 if i >= 496 else 1 for i in range(len(tokens))])
-    wr.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]])
+    from gguf_models import add_bpe_tokenizer
+
+    tc = add_bpe_tokenizer(wr, folder)[0]   # byte-level BPE, as llama.cpp stores it
     eos = cfg["eos_token_id"] if isinstance(cfg["eos_token_id"], list) else [cfg["eos_token_id"]]
     wr.add_bos_token_id(cfg["bos_token_id"])
     wr.add_eos_token_id(eos[0])

@@ -197,7 +197,6 @@ def test_q80_f16_weights_within_noise_of_f32(world, tmp_path, wtype, buffer_type
     tiny_llama's head_dim 16 allows 2), converted on the root by our converter (byte-identical to
     Distributed Llama's, test_convert)."""
     from dllama_mpi.convert.hf import convert_hf_model
-    from dllama_mpi.startup import build_engine
     from test_engine import within_weight_noise
 
     family = "tiny_llama" if SIZE <= 2 else "tiny_qwen3"
@@ -209,18 +208,8 @@ def test_q80_f16_weights_within_noise_of_f32(world, tmp_path, wtype, buffer_type
         path = str(tmp_path / f"{family}_{wtype}.m")
         convert_hf_model(TINY / "hf" / family, path, wtype, quiet=True)
 
-    def run(comm):
-        engine = build_engine(comm, path if comm.is_root else None, buffer_type=buffer_type, max_batch=8)
-        if not comm.is_root:
-            engine.serve()
-            return None
-        try:
-            return engine.forward(ids, 0, all_logits=True)
-        finally:
-            engine.stop_workers()
-
-    one = run(Comm(MPI.COMM_SELF)) if world.is_root else None
-    logits = run(world)
+    one = _logits(Comm(MPI.COMM_SELF), path, ids, buffer_type=buffer_type, max_batch=8) if world.is_root else None
+    logits = _logits(world, path, ids, buffer_type=buffer_type, max_batch=8)
     ok, detail = True, ""
     if world.is_root:
         ok, detail = within_weight_noise(logits, gold, f"tiny_llama_{wtype}", buffer_type)
@@ -499,4 +488,34 @@ def test_k_quant_gguf_on_many_ranks_tracks_one_rank(world, tmp_path):
         d = np.abs(many - one)
         ok, detail = bool(np.mean(many.argmax(1) == one.argmax(1)) >= 0.9 and d.mean() < 0.05 * np.abs(one).mean()), \
             (float(d.mean()), float(np.abs(one).mean()))
+    verdict(world, ok, detail)
+
+
+def test_types_without_a_kernel_become_q80_at_load(world, tmp_path):
+    """Q5_K, Q3_K, Q5_1, Q2_K and IQ4_NL matrices (no kernel of their own yet) run as q80, converted
+    at load with one line per type: the same bits whether the root converts and scatters the slices
+    or every rank converts its own (--load local), and the logits track the one-rank run."""
+    from gguf_models import write_random_gguf
+
+    from dllama_mpi.formats import IQ4_NL, Q2_K, Q3_K, Q5_1, Q5_K, Q80
+    from dllama_mpi.weights import open_model_file, runtime_header
+
+    # every rank writes the same file (same seed): --load local reads its own copy
+    path = str(write_random_gguf(tmp_path / "other.gguf", {"attn_output": Q5_K, "ffn_down": Q3_K, "attn_q": Q5_1,
+                                                           "ffn_up": Q2_K, "attn_k": IQ4_NL, "token_embd": Q5_K}))
+    ok_types = True
+    if world.is_root:
+        h, notes = runtime_header(open_model_file(path))
+        want = [f"{name}: no kernel multiplies it yet, 2 matrices converted to q80 at load"
+                for name in ("q5_1", "q2_k", "q3_k", "q5_k", "iq4_nl")]
+        ok_types = sorted(notes) == sorted(want) and Q80 in h.matrix_type_list() and h.embed_type == Q5_K
+    ids = [496, 12, 200, 7, 33, 41, 300, 2, 18, 99, 5, 401]
+    many = _logits(world, path, ids)
+    local = _logits(world, path, ids, load="local")
+    one = _logits(Comm(MPI.COMM_SELF), path, ids) if world.is_root else None
+    ok, detail = False, None
+    if world.is_root:
+        d = np.abs(many - one)
+        ok, detail = bool(ok_types and np.array_equal(many, local) and np.mean(many.argmax(1) == one.argmax(1)) >= 0.9
+                          and d.mean() < 0.05 * np.abs(one).mean()), (ok_types, float(d.mean()), float(np.abs(one).mean()))
     verdict(world, ok, detail)
