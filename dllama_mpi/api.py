@@ -794,7 +794,7 @@ def server_options(fn):
         click.option("--max-n", type=int, default=8, show_default=True,
                      help="Most choices one request may ask for ('n'); they share the prompt's KV pages."),
         click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on."),
-        click.option("--port", type=int, default=9990, show_default=True),
+        click.option("--port", type=int, default=9990, show_default=True, help="TCP port to listen on."),
         click.option("--api-key", default=None, envvar="DLLAMA_API_KEY",
                      help="Require 'Authorization: Bearer KEY' on every endpoint but /health (env DLLAMA_API_KEY)."),
         click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True, help="Largest request body."),

@@ -885,10 +885,11 @@ def register(group) -> None:
                   help="MPICH hostfile (host[:slots] per line). The first host must be this machine: rank 0 talks "
                        "to the supervisor over a unix socket. Hosts that do not start are left out of a relaunch.")
     @click.option("--mpiexec", "mpiexec_path", default=None, help="mpiexec to run [default: the venv's, else PATH's].")
-    @click.option("--mpiexec-args", default="", help="More mpiexec options, e.g. '-launcher ssh -launcher-exec X'.")
+    @click.option("--mpiexec-args", default="", help="More mpiexec options, e.g. '-launcher ssh -launcher-exec X' [default: none].")
     @click.option("--max-restarts", type=int, default=10, show_default=True,
                   help="Give up after this many relaunches within --restart-window seconds.")
-    @click.option("--restart-window", type=float, default=600.0, show_default=True)
+    @click.option("--restart-window", type=float, default=600.0, show_default=True,
+                  help="The window, in seconds, that --max-restarts counts relaunches in.")
     @click.option("--probe-timeout", type=float, default=10.0, show_default=True,
                   help="Seconds a host of the hostfile may take to start a probe process.")
     @click.option("--start-timeout", type=float, default=600.0, show_default=True,

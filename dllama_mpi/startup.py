@@ -111,7 +111,7 @@ def model_options(fn):
                      help="Threads per rank (C thread pool) [default: the cores this rank may use / the ranks on its host]."),
         click.option("--buffer-float-type", type=click.Choice(["q80", "f32"]), default=None,
                      help="Format of synchronised activations [default: q80 when some matrix is a block type (q40, q80, Q4_K, ...), f32 for f16 / bf16 / f32 weights]."),
-        click.option("--max-seq-len", type=int, default=None, help="Cap the context (KV-cache rows)."),
+        click.option("--max-seq-len", type=int, default=None, help="Cap the context (KV-cache rows) [default: the model's context length]."),
         click.option("--sync", "sync_scheme", type=click.Choice(["ring", "dllama", "auto"]), default="ring", show_default=True,
                      help="ring: reduce-scatter + all-gather; dllama: all-gather of every partial (Distributed Llama's "
                           "numerics); auto: ring, or dllama when collective waits poll (one round per sync instead "
@@ -146,8 +146,10 @@ def model_options(fn):
 
 def sampling_options(fn):
     opts = [
-        click.option("--temperature", type=float, default=0.8, show_default=True),
-        click.option("--topp", type=float, default=0.9, show_default=True),
+        click.option("--temperature", type=float, default=0.8, show_default=True,
+                     help="Sampling temperature (0 = greedy)."),
+        click.option("--topp", type=float, default=0.9, show_default=True,
+                     help="Nucleus sampling: the smallest set of tokens whose probabilities reach P."),
         click.option("--seed", type=int, default=None, help="Sampler seed (default: time)."),
     ]
     for o in reversed(opts):
