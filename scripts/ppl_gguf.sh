@@ -9,7 +9,8 @@
 # TEXT (tests/data/text/kjv_genesis_1-6.txt), CTX (512), CHUNKS (all; llama.cpp's KL file stores
 # vocab x 2 bytes per scored token, so cap it for big vocabularies), BYTES (the text's first N bytes:
 # the random-weight models' perplexity is large and slow to converge, 8000 keeps them short),
-# NP (2: MPI ranks for dllama-mpi; llama.cpp uses 2 threads).
+# NP (2: MPI ranks for dllama-mpi; llama.cpp uses 2 threads). LCP_ONLY=1 runs llama.cpp's side
+# alone; LCP_REUSE=1 then takes its outputs already in OUT_DIR (so the two sides can run apart).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:?OUT_DIR}"; shift
@@ -23,14 +24,18 @@ chunks=(); [ -n "${CHUNKS:-}" ] && chunks=(--chunks "$CHUNKS")
 echo "# $(date -Is) $(uname -n) text=$text ctx=${CTX:-512} chunks=${CHUNKS:-all}" >> "$out/env.txt"
 for g in "$@"; do
     n=$(basename "$g" .gguf)
-    "$lcp/llama-perplexity" -m "$g" -f "$text" -c "${CTX:-512}" -t 2 "${chunks[@]}" \
-        --kl-divergence-base "$out/$n.lcp.kld" > "$out/$n.lcp.txt" 2>&1
+    if [ -z "${LCP_REUSE:-}" ] || [ ! -s "$out/$n.lcp.kld" ]; then
+        "$lcp/llama-perplexity" -m "$g" -f "$text" -c "${CTX:-512}" -t 2 "${chunks[@]}" \
+            --kl-divergence-base "$out/$n.lcp.kld" > "$out/$n.lcp.txt" 2>&1
+    fi
+    [ -n "${LCP_ONLY:-}" ] && continue
     "$bin/mpiexec" -n "${NP:-2}" "$bin/dllama-mpi" perplexity --model "$g" --file "$text" --ctx "${CTX:-512}" \
         "${chunks[@]}" --nthreads 1 --json > "$out/$n.ours.json"
     "$bin/mpiexec" -n "${NP:-2}" "$bin/dllama-mpi" perplexity --model "$g" --nthreads 1 --kl-divergence \
         --kl-divergence-base "$out/$n.lcp.kld" "${chunks[@]}" --json > "$out/$n.kld.json"
     rm -f "$out/$n.lcp.kld"
 done
+[ -n "${LCP_ONLY:-}" ] && exit 0
 "$bin/python" - "$out" "$@" <<'PY' | tee "$out/summary.md"
 import json, os, re, sys
 
