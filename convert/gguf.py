@@ -60,12 +60,12 @@ class GGUFFile(G.GGUFFile):
         name = s.tensor.name + (f"[{t.expert}]" if t.expert >= 0 else "")
 
         def raw(r0, r1):
-            return bytes(self.data(s.offset + r0 * row_bytes, (r1 - r0) * row_bytes))
+            return bytes(self.data(s.tensor.part, s.offset + r0 * row_bytes, (r1 - r0) * row_bytes))
 
         def read(r0, r1):
             from dllama_mpi.weights import convert_rows
 
-            data = self.data(s.offset + r0 * row_bytes, (r1 - r0) * row_bytes)
+            data = self.data(s.tensor.part, s.offset + r0 * row_bytes, (r1 - r0) * row_bytes)
             try:
                 out = convert_rows(data, stored, ggml_type, r1 - r0, cols, F32, f"{self.path}: tensor {name}")
             except DllamaError as e:

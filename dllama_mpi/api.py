@@ -870,7 +870,9 @@ def register(group) -> None:
 def _model_id(model_path: str | None) -> str:
     if not model_path:
         return "smollm2-135m-instruct"
-    base = os.path.basename(model_path)
+    from .gguf import SPLIT_SUFFIX
+
+    base = SPLIT_SUFFIX.sub(".gguf", os.path.basename(model_path))   # a split GGUF's name without its part
     for ext in (".m", ".gguf"):
         if base.endswith(ext):
             return base[:-len(ext)]

@@ -515,6 +515,11 @@ class ModelFile:
         return np.frombuffer(self._mm, dtype=np.uint8, count=(r1 - r0) * row_bytes,
                              offset=t.offset + r0 * row_bytes)
 
+    @property
+    def paths(self) -> list[str]:
+        """The files of the model (one; a split GGUF has several)."""
+        return [self.path]
+
     def stored_rows(self, key: tuple, r0: int, r1: int):
         """(bytes of rows [r0, r1) of the tensor `key`: a view of the map, its type, None): the
         model-source interface weights.py reads both .m and GGUF files through."""

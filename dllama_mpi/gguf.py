@@ -16,6 +16,10 @@ type + u64 count + elements); the tensor infos (name, u32 dimension count, u64 d
 row length first, u32 GGML type, u64 offset into the data section); zero padding to
 `general.alignment` (default 32); the data section.
 
+A split GGUF (llama.cpp's gguf-split: `NAME-00001-of-00003.gguf` ...) is one model wherever a GGUF
+is opened (GGUFFile): `--model` may name any part, every part is mapped and checked, and each tensor
+is read from the part that holds it.
+
 Architectures: `llama` (Llama, SmolLM2, Mistral-style), `qwen3`, `qwen3moe`, `gemma3`
 (FORMATS-EXT.md; llama.cpp already stores Gemma's norms as 1 + w and keeps q/k rows unpermuted).
 Q/K rows of llama GGUFs are in Distributed Llama's rope order already: llama.cpp's converter applies
@@ -26,8 +30,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -71,8 +76,9 @@ class GGUFTensor:
     name: str
     dims: tuple          # GGUF order: the row length (columns) first
     ggml_type: int
-    offset: int          # absolute byte offset in the file
+    offset: int          # absolute byte offset in the file (the part) that holds it
     nbytes: int
+    part: int = 0        # a split GGUF's part that holds it (GGUFFile.parts)
 
     @property
     def type_name(self) -> str:
@@ -170,23 +176,26 @@ class _Strings(list):
         return out
 
 
-class GGUFFile:
-    """A parsed, memory-mapped GGUF file: `fields` (key -> value) and `tensors` (name -> GGUFTensor)."""
+class _Part:
+    """One GGUF file, mapped and parsed: its metadata (`fields`) and tensors (offsets in this file)."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        self._mm, size = map_model_file(self.path)
+    def __init__(self, path: str):
+        self.path = path
+        self.mm, self.size = map_model_file(path)
         try:
-            self._parse(size)
+            self._parse(self.size)
         except Exception:
             self.close()
             raise
 
+    def bad(self, msg: str):
+        raise ModelFormatError(_one_line(f"{self.path}: {msg}"))
+
     def _parse(self, size: int) -> None:
-        p = _Parser(self.path, self._mm, size)
+        p = _Parser(self.path, self.mm, size)
         p.need(4, "magic")
-        if self._mm[:4] != MAGIC:
-            p.bad(f"not a GGUF file (magic {bytes(self._mm[:4])!r}, expected {MAGIC!r})")
+        if self.mm[:4] != MAGIC:
+            p.bad(f"not a GGUF file (magic {bytes(self.mm[:4])!r}, expected {MAGIC!r})")
         p.pos = 4
         self.version = p.unpack("I", "version")
         if self.version not in (2, 3):
@@ -236,6 +245,104 @@ class GGUFFile:
                 p.bad(f"tensor {name} ({nbytes} bytes at offset {start}) ends past the end of the file "
                       f"({size} bytes; truncated?)")
             self.tensors[name] = GGUFTensor(name, dims, ggml_type, start, nbytes)
+
+    def split_int(self, key: str, default=None) -> int:
+        """A split.* value: an integer, required unless a default is given."""
+        v = self.fields.get(key, default)
+        if v is None:
+            self.bad(f"missing metadata {key} (every part of a split GGUF has it)")
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            self.bad(f"metadata {key} is {_describe(v)}, expected an integer")
+        return int(v)
+
+    def close(self):
+        mm, self.mm = getattr(self, "mm", None), None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:   # views still alive; the map goes with them
+                pass
+
+
+# Split GGUFs, as llama.cpp's gguf-split writes them and its model loader reads them
+# (tools/gguf-split/gguf-split.cpp, src/llama-model-loader.cpp): part i (from 0) of n is the file
+# llama_split_path(PREFIX, i, n) = PREFIX-{i+1:05d}-of-{n:05d}.gguf, a whole GGUF holding the next
+# tensors in its own data section; the first part holds all the metadata, and every part the keys
+# split.no (u16, i), split.count (u16, n) and split.tensors.count (i32, the tensors of all parts).
+SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS = "split.no", "split.count", "split.tensors.count"
+SPLIT_SUFFIX = re.compile(r"-\d{5}-of-\d{5}\.gguf$")   # what a part's name adds to the model's
+
+
+def split_part_path(prefix: str, no: int, count: int) -> str:
+    """The file of part `no` (from 0) of `count` (llama.cpp's llama_split_path)."""
+    return f"{prefix}-{no + 1:05d}-of-{count:05d}.gguf"
+
+
+class GGUFFile:
+    """A parsed, memory-mapped GGUF model: `fields` (key -> value) and `tensors` (name -> GGUFTensor).
+
+    A split GGUF is one model: `path` may name any of its parts; every part is mapped and checked
+    against the one named (its number, the part count, the total tensor count, no tensor twice),
+    `fields` are the first part's metadata, and each tensor is read from the map of the part that
+    holds it (`GGUFTensor.part`, an index into `parts`). `path` is the first part's."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.parts: list[_Part] = []
+        try:
+            self.parts.append(_Part(os.fspath(path)))
+            self._open_other_parts()
+            self.tensors: dict[str, GGUFTensor] = {}
+            for i, part in enumerate(self.parts):
+                for name, t in part.tensors.items():
+                    if name in self.tensors:
+                        part.bad(f"tensor {name} is also in {self.parts[self.tensors[name].part].path}")
+                    self.tensors[name] = t if t.part == i else replace(t, part=i)
+            if len(self.parts) > 1 and len(self.tensors) != self.parts[0].split_int(SPLIT_TENSORS):
+                self.parts[0].bad(f"the {len(self.parts)} parts hold {len(self.tensors)} tensors, but "
+                                  f"{SPLIT_TENSORS} is {self.parts[0].split_int(SPLIT_TENSORS)}")
+        except Exception:
+            self.close()
+            raise
+        first = self.parts[0]
+        self.path, self.version, self.fields = first.path, first.version, first.fields
+
+    def _open_other_parts(self) -> None:
+        """A split GGUF's other parts, found by the named one's file name, and `parts` in their order."""
+        named = self.parts[0]
+        count = named.split_int(SPLIT_COUNT, 1)
+        if count <= 1:
+            return
+        no, total = named.split_int(SPLIT_NO), named.split_int(SPLIT_TENSORS)
+        if not 0 <= no < count:
+            named.bad(f"{SPLIT_NO} is {no}, but {SPLIT_COUNT} is {count}")
+        suffix = split_part_path("", no, count)
+        prefix = named.path[:-len(suffix)]
+        if not named.path.endswith(suffix) or not os.path.basename(prefix):
+            named.bad(f"part {no + 1} of a {count}-part split GGUF must be named PREFIX{suffix} (llama.cpp's "
+                      f"gguf-split names), to find the other parts")
+        by_no = {no: named}
+        for i in range(count):
+            if i == no:
+                continue
+            path = split_part_path(prefix, i, count)
+            if not os.path.isfile(path):
+                raise ModelFormatError(_one_line(f"{path}: part {i + 1} of the {count}-part GGUF {named.path} "
+                                                 f"is missing"))
+            part = _Part(path)
+            self.parts.append(part)
+            if part.split_int(SPLIT_COUNT, 1) != count:
+                part.bad(f"{SPLIT_COUNT} is {part.split_int(SPLIT_COUNT, 1)}, but {named.path} says {count}")
+            if part.split_int(SPLIT_NO) != i:
+                part.bad(f"{SPLIT_NO} is {part.split_int(SPLIT_NO)}, expected {i} (part {i + 1} by its name)")
+            if part.split_int(SPLIT_TENSORS) != total:
+                part.bad(f"{SPLIT_TENSORS} is {part.split_int(SPLIT_TENSORS)}, but {named.path} says {total} "
+                         f"(a part of another model?)")
+            by_no[i] = part
+        self.parts = [by_no[i] for i in range(count)]
+
+    @property
+    def paths(self) -> list[str]:
+        return [p.path for p in self.parts]
 
     # -- metadata ---------------------------------------------------------------------------
 
@@ -297,17 +404,17 @@ class GGUFFile:
             self.bad(f"tensor {name} not found")
         return t
 
-    def data(self, offset: int, nbytes: int) -> np.ndarray:
-        """The bytes [offset, offset + nbytes) of the file: a read-only view of the map."""
-        return np.frombuffer(self._mm, dtype=np.uint8, count=nbytes, offset=offset)
+    def data(self, part: int, offset: int, nbytes: int) -> np.ndarray:
+        """The bytes [offset, offset + nbytes) of part `part` (a tensor's `part`): a read-only view of its map."""
+        return np.frombuffer(self.parts[part].mm, dtype=np.uint8, count=nbytes, offset=offset)
+
+    def drop(self, part: int, offset: int, nbytes: int) -> None:
+        """formats.drop_pages on part `part`'s map."""
+        drop_pages(self.parts[part].mm, offset, nbytes)
 
     def close(self):
-        mm, self._mm = getattr(self, "_mm", None), None
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:   # views still alive; the map goes with them
-                pass
+        for part in getattr(self, "parts", ()):
+            part.close()
 
 
 def _describe(v) -> str:
@@ -359,7 +466,7 @@ def _fit_llama3_scaling(g: GGUFFile, head_dim: int, theta: float):
     t = g.tensor("rope_freqs.weight")
     if t.ggml_type != 0 or t.nbytes != 4 * (head_dim // 2):
         g.bad(f"rope_freqs.weight is {t.type_name} {list(t.dims)}, expected F32 [{head_dim // 2}]")
-    rf = g.data(t.offset, t.nbytes).view("<f4").astype(np.float64)
+    rf = g.data(t.part, t.offset, t.nbytes).view("<f4").astype(np.float64)
     if np.allclose(rf, 1.0):
         return None
     factor = float(rf.max())
@@ -590,13 +697,18 @@ class GGUFModel:
         """(bytes of rows [r0, r1) as stored: a view of the map, their weight type or None, the GGML type)."""
         s = self.src[key]
         row = s.nbytes // s.rows
-        return self.g.data(s.offset + r0 * row, (r1 - r0) * row), s.ftype, s.tensor.ggml_type
+        return self.g.data(s.tensor.part, s.offset + r0 * row, (r1 - r0) * row), s.ftype, s.tensor.ggml_type
+
+    @property
+    def paths(self) -> list[str]:
+        """The files of the model (a split GGUF's parts)."""
+        return self.g.paths
 
     def drop(self, key: tuple) -> None:
         """Let the kernel drop the file pages of a tensor the root has copied or sent (they would
         otherwise count in its RSS next to the copies)."""
         s = self.src[key]
-        drop_pages(self.g._mm, s.offset, s.nbytes)
+        self.g.drop(s.tensor.part, s.offset, s.nbytes)
 
     def close(self):
         self.g.close()
@@ -621,9 +733,6 @@ def open_gguf_model(path: str | os.PathLike) -> GGUFModel:
     g = GGUFFile(path)
     try:
         h = header_from_gguf(g)
-        split = g.int("split.count", 1)
-        if split and split > 1:
-            g.bad(f"split GGUF (split.count {split}): merge the parts with llama-gguf-split --merge first")
         src = sources(g, h)
         unknown: dict = {}
         types = []

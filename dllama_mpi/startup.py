@@ -368,6 +368,7 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
         model_path, tokenizer_path = resolve_model(model_path, tokenizer_path)
         model = open_model_file(model_path)
         h, _ = runtime_header(model)
+        model_bytes = sum(os.path.getsize(p) for p in model.paths)   # every part of a split GGUF
         model.close()
         tokenizer = load_tokenizer(model_path, tokenizer_path)
         if tokenizer.vocab_size != h.vocab_size:
@@ -424,7 +425,7 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
     if comm.is_root and not quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=os.path.getsize(model_path), unit="B", unit_scale=True, desc="loading",
+        bar = tqdm(total=model_bytes, unit="B", unit_scale=True, desc="loading",
                    file=sys.stderr, disable=not sys.stderr.isatty())
         progress = lambda t: bar.update(t.nbytes)  # noqa: E731
     t0 = time.perf_counter()

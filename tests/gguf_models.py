@@ -101,3 +101,52 @@ def write_random_gguf(path: Path, types=None, *, dim=256, hidden=512, layers=2, 
     wr.write_tensors_to_file()
     wr.close()
     return path
+
+
+def split_gguf(src: Path, prefix: Path, max_tensors: int, *, empty_first=False, keys=None) -> list[Path]:
+    """Split a GGUF as llama.cpp's `gguf-split --split-max-tensors N` does (tools/gguf-split): part i of
+    n is PREFIX-{i+1:05d}-of-{n:05d}.gguf, a whole GGUF (the source's version) with the next N tensors in
+    file order (`empty_first`: none in part 1, as --no-tensor-first-split), each tensor's bytes copied
+    and padded to 32; part 1 holds all the source's metadata, every part then split.no (u16),
+    split.tensors.count (i32) and split.count (u16). Byte for byte llama-gguf-split's output. `keys` {part index: {split key: value}} overrides
+    those values, to make broken splits. Returns the parts' paths."""
+    import struct
+
+    import gguf
+
+    r = gguf.GGUFReader(str(src))
+    data = np.memmap(src, dtype=np.uint8, mode="r")
+    meta = [b"".join(bytes(p) for p in f.parts) for name, f in r.fields.items()
+            if not name.startswith(("GGUF.", "split."))]
+    align = int(r.fields["general.alignment"].parts[-1][0]) if "general.alignment" in r.fields else 32
+    tensors = list(r.tensors)
+    shares = ([[]] if empty_first else []) + [tensors[i:i + max_tensors] for i in range(0, len(tensors), max_tensors)]
+    n_parts = len(shares)
+
+    def kv(key: str, vtype: int, fmt: str, value) -> bytes:
+        k = key.encode()
+        return struct.pack("<Q", len(k)) + k + struct.pack("<I" + fmt, vtype, value)
+
+    paths = []
+    for i, share in enumerate(shares):
+        split = {"split.no": i, "split.count": n_parts, "split.tensors.count": len(tensors), **(keys or {}).get(i, {})}
+        # gguf-split's order: split.count is set last (its final value once the parts are known)
+        pairs = (meta if i == 0 else []) + [kv("split.no", 2, "H", split["split.no"]),
+                                            kv("split.tensors.count", 5, "i", split["split.tensors.count"]),
+                                            kv("split.count", 2, "H", split["split.count"])]
+        infos, blobs, offset = [], [], 0
+        for t in share:
+            name = t.name.encode()
+            dims = [int(d) for d in t.shape]       # gguf-py's shape: GGUF order, the row length first
+            infos.append(struct.pack("<Q", len(name)) + name + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims,
+                                                                            int(t.tensor_type), offset))
+            blob = data[t.data_offset:t.data_offset + t.n_bytes].tobytes()
+            blobs.append(blob + b"\0" * (-len(blob) % 32))
+            offset += len(blobs[-1])
+        head = b"GGUF" + struct.pack("<IQQ", r.fields["GGUF.version"].parts[-1][0], len(share), len(pairs))
+        head += b"".join(pairs) + b"".join(infos)
+        part_align = align if i == 0 else 32       # the later parts have no general.alignment of their own
+        path = Path(f"{prefix}-{i + 1:05d}-of-{n_parts:05d}.gguf")
+        path.write_bytes(head + b"\0" * (-len(head) % part_align) + b"".join(blobs))
+        paths.append(path)
+    return paths

@@ -164,12 +164,33 @@ def _build_convert_inputs(d: Path) -> dict[str, Path]:
     nameless = data.replace(b"blk.1.ffn_up.weight", b"blk.1.ffn_up.weighs")
     (d / "missing.gguf").write_bytes(nameless)
     f["missing.gguf"] = d / "missing.gguf"
+    f.update(_broken_splits(d, ok))
     f["hf_noconfig"] = _copy_folder(HF / "tiny_qwen3", d / "hf_noconfig", skip={"config.json"})
     miss = _copy_folder(HF / "tiny_qwen3", d / "hf_missing", skip={"model.safetensors"})
     w = _load_st(HF / "tiny_qwen3" / "model.safetensors")
     del w["model.layers.2.mlp.down_proj.weight"]
     _save_st(w, miss / "model.safetensors")
     f["hf_missing"] = miss
+    return f
+
+
+def _broken_splits(d: Path, ok: Path) -> dict[str, list[Path]]:
+    """ok.gguf split as gguf-split does, in 3 parts, each folder broken one way."""
+    import gguf
+
+    from gguf_models import split_gguf
+    from test_convert import write_tiny_gguf
+
+    per_part = -(-len(gguf.GGUFReader(str(ok)).tensors) // 3)
+    f = {}
+    for name, keys in (("split-missing", None), ("split-count", {1: {"split.count": 4}}),
+                       ("split-no", {2: {"split.no": 1}}), ("split-other", None)):
+        (d / name).mkdir()
+        f[name] = split_gguf(ok, d / name / "ok", per_part, keys=keys)
+    f["split-missing"][2].unlink()
+    tied = write_tiny_gguf(HF / "tiny_llama", d / "tied.gguf", qtype=gguf.GGMLQuantizationType.Q8_0, tied=True)
+    (d / "tied").mkdir()
+    shutil.copy(split_gguf(tied, d / "tied" / "ok", per_part)[1], f["split-other"][1])   # one tensor fewer
     return f
 
 
@@ -266,6 +287,15 @@ CASES = [
      ["q81.gguf", "tensor blk.1.ffn_up.weight is Q8_1, which neither dllama-mpi nor gguf can read"]),
     ("gguf-model-vocab-mismatch", lambda f, o: gguf_inf(f["ok.gguf"], "--tokenizer", str(f["small.t"])),
      ["small.t", "500 tokens", "vocab_size 512"]),
+    # a split GGUF (llama.cpp's gguf-split) is one model: every part is found and checked
+    ("gguf-model-split-part-missing", lambda f, o: gguf_inf(f["split-missing"][0]),
+     ["split-missing/ok-00003-of-00003.gguf: part 3 of the 3-part GGUF", "split-missing/ok-00001-of-00003.gguf is missing"]),
+    ("gguf-model-split-count-differs", lambda f, o: gguf_inf(f["split-count"][0]),
+     ["split-count/ok-00002-of-00003.gguf: split.count is 4, but", "split-count/ok-00001-of-00003.gguf says 3"]),
+    ("gguf-model-split-wrong-number", lambda f, o: gguf_inf(f["split-no"][1]),
+     ["split-no/ok-00003-of-00003.gguf: split.no is 1, expected 2 (part 3 by its name)"]),
+    ("gguf-model-split-other-model", lambda f, o: gguf_inf(f["split-other"][0]),
+     ["split-other/ok-00002-of-00003.gguf: split.tensors.count is", "(a part of another model?)"]),
     ("gguf-missing", lambda f, o: ["convert", "gguf", str(o / "nope.gguf"), "--out-model", str(o / "o.m")],
      ["nope.gguf", "file not found"]),
     ("gguf-not-gguf", lambda f, o: ["convert", "gguf", str(f["junk.gguf"]), "--out-model", str(o / "o.m")],

@@ -519,3 +519,22 @@ def test_types_without_a_kernel_become_q80_at_load(world, tmp_path):
         ok, detail = bool(ok_types and np.array_equal(many, local) and np.mean(many.argmax(1) == one.argmax(1)) >= 0.9
                           and d.mean() < 0.05 * np.abs(one).mean()), (ok_types, float(d.mean()), float(np.abs(one).mean()))
     verdict(world, ok, detail)
+
+
+def test_split_gguf_equals_the_single_file(world, tmp_path):
+    """A gguf-split copy in 3 parts, --model naming part 2: the single file's logits bit for bit on this
+    many ranks, whether the root scatters the slices (reading each from its part) or every rank maps
+    every part itself (--load local)."""
+    from gguf_models import split_gguf, write_random_gguf
+
+    from dllama_mpi.formats import Q4_K, Q6_K, Q80
+
+    # every rank writes the same files (same seed): --load local reads its own copy
+    single = write_random_gguf(tmp_path / "m.gguf", {"attn_output": Q4_K, "ffn_down": Q6_K, "output": Q80})
+    part2 = str(split_gguf(single, tmp_path / "m", 8)[1])
+    ids = [496, 12, 200, 7, 33, 41, 300, 2, 18, 99, 5, 401]
+    want = _logits(world, str(single), ids)
+    scatter = _logits(world, part2, ids)
+    local = _logits(world, part2, ids, load="local")
+    ok = world.is_root and all(np.array_equal(want.view(np.uint32), x.view(np.uint32)) for x in (scatter, local))
+    verdict(world, ok)
