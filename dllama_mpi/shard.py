@@ -8,7 +8,7 @@ their ranges from here (FORMATS.md §7), so no slicing arithmetic is scattered a
   its query heads use, so with more ranks than KV heads (or uneven splits) a KV head is replicated
   on the ranks that share it (Distributed Llama refuses N > n_kv_heads);
 - FFN rows (w1/w3, and the matching w2 columns) are split on the block boundaries of w2's type (32
-  values, 256 for the GGUF K types), the heads likewise on whole blocks of wo's columns;
+  values, 256 for the GGUF K types and IQ4_XS), the heads likewise on whole blocks of wo's columns;
 - vocabulary rows (wcls) are split evenly; the residual `dim` is cut into per-rank chunks of whole
   q80 blocks for the reduce-scatter of the `ring` sync.
 """
@@ -128,7 +128,7 @@ COL_SPLIT = ("wo", "w2")
 
 def column_unit(h: ModelHeader, name: str) -> int:
     """Columns of a column-split matrix (wo, w2) come in whole blocks of its types: 32 values for q40,
-    q80 and the 32-value GGUF types, 256 for the K types; with any block-type matrix the q80
+    q80 and the 32-value GGUF types, 256 for the K types and IQ4_XS; with any block-type matrix the q80
     activations they multiply need whole 32-value blocks too (1: all f32 / f16)."""
     unit = BLOCK if h.quantized else 1
     for t in h.types_of(name):

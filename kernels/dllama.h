@@ -116,7 +116,7 @@ void dl_matmul_bf16_f32(float *out, const uint16_t *w, const float *x, int rows,
  * padding its last group to 16 rows), multiplied by q80 activations. Per type NAME:
  *   dl_NAMEr_bytes(rows, cols), dl_repack_NAME(dst, src blocks, rows, cols), dl_unpack_NAMEr (the
  *   inverse, for tests), dl_matmul_NAMEr_q80 (as dl_matmul_q40r_q80) and its _n form (as
- *   dl_matmul_q40r_q80_n). cols: whole blocks (32 values; 256 for the K types). ---- */
+ *   dl_matmul_q40r_q80_n). cols: whole blocks (32 values; 256 for the K types and IQ4_XS). ---- */
 size_t dl_q41r_bytes(int rows, int cols);
 void dl_repack_q41(void *dst, const void *src, int rows, int cols);
 void dl_unpack_q41r(void *dst, const void *src, int rows, int cols);
@@ -141,6 +141,24 @@ void dl_unpack_q6kr(void *dst, const void *src, int rows, int cols);
 void dl_matmul_q6kr_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
 void dl_matmul_q6kr_q80_n(int n, float *const *out, const void *const *w, const int *rows,
                           const dl_block_q80 *x, int cols, int batch);
+size_t dl_q2kr_bytes(int rows, int cols);
+void dl_repack_q2k(void *dst, const void *src, int rows, int cols);
+void dl_unpack_q2kr(void *dst, const void *src, int rows, int cols);
+void dl_matmul_q2kr_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
+void dl_matmul_q2kr_q80_n(int n, float *const *out, const void *const *w, const int *rows,
+                          const dl_block_q80 *x, int cols, int batch);
+size_t dl_iq4nlr_bytes(int rows, int cols);
+void dl_repack_iq4nl(void *dst, const void *src, int rows, int cols);
+void dl_unpack_iq4nlr(void *dst, const void *src, int rows, int cols);
+void dl_matmul_iq4nlr_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
+void dl_matmul_iq4nlr_q80_n(int n, float *const *out, const void *const *w, const int *rows,
+                            const dl_block_q80 *x, int cols, int batch);
+size_t dl_iq4xsr_bytes(int rows, int cols);
+void dl_repack_iq4xs(void *dst, const void *src, int rows, int cols);
+void dl_unpack_iq4xsr(void *dst, const void *src, int rows, int cols);
+void dl_matmul_iq4xsr_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
+void dl_matmul_iq4xsr_q80_n(int n, float *const *out, const void *const *w, const int *rows,
+                            const dl_block_q80 *x, int cols, int batch);
 
 /* ---- elementwise / norms (batch rows of n, contiguous) ---- */
 void dl_rmsnorm(float *out, const float *x, const float *w, int n, float eps, int batch);

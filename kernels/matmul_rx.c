@@ -1,14 +1,16 @@
-/* The GGUF block types Q4_1, Q5_0, Q4_K and Q6_K, multiplied as they are in the file ("rx").
+/* The GGUF block types Q4_1, Q5_0, Q4_K, Q6_K, Q2_K, IQ4_NL and IQ4_XS, multiplied as they are in
+ * the file ("rx").
  *
  * At load every rank repacks its slice of a matrix into groups of 16 rows (the last group padded
  * with zero rows), keeping every bit of the file's blocks but rearranged so that one SIMD pass
  * covers 16 rows (kernels/rx_engine.h, which holds the matmul written once for all of them):
  *   - the codes of each 32-value block: 4 chunks of 64 bytes, chunk i = [row r][m = 0..3] =
  *     value 4i + m of row r in the low nibble, value 16 + 4i + m in the high nibble (q40r's
- *     layout), plus the type's extra bits beside them (Q5_0: one bit, Q6_K: two);
+ *     layout), plus the type's extra bits beside them (Q5_0: one bit, Q6_K: two); Q2_K's 2-bit
+ *     codes four to a byte instead (2 chunks of 64 bytes);
  *   - the scales of the 16 rows side by side ahead of the codes they belong to, so a group's
  *     data, and a thread's run of groups, is one sequential stream.
- * A group's unit is 16 times the file's unit (a block, or a 256-value super-block for the K types)
+ * A group's unit is 16 times the file's unit (a block, or a 256-value super-block: K types, IQ4_XS)
  * to the byte: a slice takes the memory of its file bytes plus at most 15 padding rows.
  *
  * Activations are q80 blocks of 32 (kernels/matmul.c), prepared once per call (rx_xprep): the int8
@@ -574,4 +576,324 @@ static inline void q6k_dec_neon(const uint8_t *unit, int kk, int q, int8x16_t *u
 #define RX_HALVES 2
 #define RX_AFFINE 0
 #define RX_C 32
+#include "rx_engine.h"
+
+/* ========================================================================================== */
+/* Q2_K: 256-value super-blocks, a scale and a min (4 bits each) per 16 values, d and dmin (f16);
+ * value = d * sc * q - dmin * m with q = 2 bits.
+ * unit (16 rows, 1344 bytes): [0, 32) d of each row, [32, 64) dmin, [64, 320) the 16 scale bytes,
+ * byte j of row r at 64 + 16 j + r; then per block kk at 320 + 128 kk two 64-byte chunks of codes:
+ * byte 4r + m of chunk h holds, at bits 2i and 2i + 1, value 16h + 4i + m of row r (as Q6_K's high
+ * bits) */
+
+static inline int q2k_value(const uint8_t *b, int v) {   /* the 2-bit code of value v of a super-block */
+    return (b[16 + 32 * (v / 128) + v % 32] >> (2 * ((v % 128) / 32))) & 3;
+}
+
+static void q2k_repack_unit(uint8_t *dst, const uint8_t *const *src, int valid) {
+    for (int r = 0; r < valid; r++) {
+        const uint8_t *b = src[r];
+        memcpy(dst + 2 * r, b + 80, 2);
+        memcpy(dst + 32 + 2 * r, b + 82, 2);
+        for (int j = 0; j < 16; j++) dst[64 + 16 * j + r] = b[j];
+        for (int kk = 0; kk < 8; kk++)
+            for (int h = 0; h < 2; h++)
+                for (int m = 0; m < 4; m++) {
+                    uint8_t c = 0;
+                    for (int i = 0; i < 4; i++) c |= (uint8_t)(q2k_value(b, 32 * kk + 16 * h + 4 * i + m) << (2 * i));
+                    dst[320 + 128 * kk + 64 * h + 4 * r + m] = c;
+                }
+    }
+}
+
+static inline int q2k_code(const uint8_t *unit, int kk, int r, int j) {   /* value j of block kk of row r */
+    return (unit[320 + 128 * kk + 64 * (j / 16) + 4 * r + j % 4] >> (2 * ((j % 16) / 4))) & 3;
+}
+
+static void q2k_unpack_unit(uint8_t *const *dst, const uint8_t *src, int valid) {
+    for (int r = 0; r < valid; r++) {
+        uint8_t *b = dst[r];
+        for (int j = 0; j < 16; j++) b[j] = src[64 + 16 * j + r];
+        memset(b + 16, 0, 64);
+        for (int v = 0; v < 256; v++)
+            b[16 + 32 * (v / 128) + v % 32] |= (uint8_t)(q2k_code(src, v / 32, r, v % 32) << (2 * ((v % 128) / 32)));
+        memcpy(b + 80, src + 2 * r, 2);
+        memcpy(b + 82, src + 32 + 2 * r, 2);
+    }
+}
+
+static inline void q2k_dec_scalar(const uint8_t *unit, int kk, int r, uint8_t *u, float *s, float *o) {
+    const float d = rx_f16(unit + 2 * r), dmin = rx_f16(unit + 32 + 2 * r);
+    for (int h = 0; h < 2; h++) {
+        const int sc = unit[64 + 16 * (2 * kk + h) + r];
+        s[h] = d * (float)(sc & 15);
+        o[h] = -(dmin * (float)(sc >> 4));
+    }
+    for (int j = 0; j < 32; j++) u[j] = (uint8_t)q2k_code(unit, kk, r, j);
+}
+
+#if DL_X86
+DL_INLINE DL_TARGET_AVX512 void q2k_dec_avx512(const uint8_t *unit, int kk, __m512i *u, __m512 *s, __m512 *o) {
+    const uint8_t *blk = unit + 320 + 128 * kk;
+    const __m512i m3 = _mm512_set1_epi8(3);
+    for (int h = 0; h < 2; h++) {
+        const __m512i c = _mm512_loadu_si512((const void *)(blk + 64 * h));
+        u[4 * h] = _mm512_and_si512(c, m3);
+        u[4 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(c, 2), m3);
+        u[4 * h + 2] = _mm512_and_si512(_mm512_srli_epi16(c, 4), m3);
+        u[4 * h + 3] = _mm512_and_si512(_mm512_srli_epi16(c, 6), m3);
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)unit));
+    const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(unit + 32)));
+    const __m128i m4 = _mm_set1_epi8(15);
+    for (int h = 0; h < 2; h++) {
+        const __m128i sc = _mm_loadu_si128((const __m128i *)(unit + 64 + 16 * (2 * kk + h)));
+        s[h] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(sc, m4))));
+        o[h] = _mm512_castsi512_ps(_mm512_xor_si512(
+            _mm512_castps_si512(_mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(sc, 4), m4))))),
+            _mm512_set1_epi32((int)0x80000000u)));
+    }
+}
+
+DL_INLINE DL_TARGET_AVX2 void q2k_dec_avx2(const uint8_t *unit, int kk, int h, __m256i *u, __m256 *s, __m256 *o) {
+    const uint8_t *blk = unit + 320 + 128 * kk;
+    const __m256i m3 = _mm256_set1_epi8(3);
+    for (int c2 = 0; c2 < 2; c2++) {
+        const __m256i c = _mm256_loadu_si256((const __m256i *)(blk + 64 * c2 + 32 * h));
+        u[4 * c2] = _mm256_and_si256(c, m3);
+        u[4 * c2 + 1] = _mm256_and_si256(_mm256_srli_epi16(c, 2), m3);
+        u[4 * c2 + 2] = _mm256_and_si256(_mm256_srli_epi16(c, 4), m3);
+        u[4 * c2 + 3] = _mm256_and_si256(_mm256_srli_epi16(c, 6), m3);
+    }
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(unit + 16 * h)));
+    const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(unit + 32 + 16 * h)));
+    const __m128i m4 = _mm_set1_epi8(15);
+    for (int j = 0; j < 2; j++) {
+        const __m128i sc = _mm_loadl_epi64((const __m128i *)(unit + 64 + 16 * (2 * kk + j) + 8 * h));
+        s[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(sc, m4))));
+        o[j] = _mm256_xor_ps(_mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(sc, 4), m4)))),
+                             _mm256_set1_ps(-0.0f));
+    }
+}
+#endif
+
+#if DL_NEON
+static inline void q2k_dec_neon(const uint8_t *unit, int kk, int q, int8x16_t *u, float32x4_t *s, float32x4_t *o) {
+    const uint8_t *blk = unit + 320 + 128 * kk;
+    const uint8x16_t m3 = vdupq_n_u8(3);
+    for (int h = 0; h < 2; h++) {
+        const uint8x16_t c = vld1q_u8(blk + 64 * h + 16 * q);
+        u[4 * h] = vreinterpretq_s8_u8(vandq_u8(c, m3));
+        u[4 * h + 1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(c, 2), m3));
+        u[4 * h + 2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(c, 4), m3));
+        u[4 * h + 3] = vreinterpretq_s8_u8(vshrq_n_u8(c, 6));
+    }
+    const float32x4_t d = dl_ld_f16x4(unit + 8 * q), dmin = dl_ld_f16x4(unit + 32 + 8 * q);
+    for (int h = 0; h < 2; h++) {
+        const uint8x8_t sc = rx_ld4_u8(unit + 64 + 16 * (2 * kk + h) + 4 * q);
+        s[h] = vmulq_f32(d, rx_u8x4_f32(vand_u8(sc, vdup_n_u8(15))));
+        o[h] = vnegq_f32(vmulq_f32(dmin, rx_u8x4_f32(vshr_n_u8(sc, 4))));
+    }
+}
+#endif
+
+#define RX q2k
+#define RX_UNIT 84
+#define RX_BPU 8
+#define RX_HALVES 2
+#define RX_AFFINE 1
+#define RX_C 0
+#include "rx_engine.h"
+
+/* ========================================================================================== */
+/* IQ4_NL and IQ4_XS: 4-bit indices into a 16-entry codebook of int8 values (ggml's kvalues_iq4nl),
+ * value = scale * book[q]. Their codes are the book's values (RX_SIGNED): a table lookup of the
+ * nibbles (pshufb / tbl), which on AVX-512 gives the values plus 128 (rx_engine.h). */
+
+static const int8_t RX_IQ4_BOOK[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+static inline void rx_iq4_codes(int8_t *u, const uint8_t *codes, int r) {
+    uint8_t v[32];
+    rx_get_nibbles(v, codes, r);
+    for (int j = 0; j < 32; j++) u[j] = RX_IQ4_BOOK[v[j]];
+}
+
+#if DL_X86
+static const uint8_t RX_IQ4_BOOK_U[16] = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};   /* + 128 */
+
+DL_INLINE DL_TARGET_AVX512 void rx_iq4_avx512(const uint8_t *codes, __m512i *u) {
+    const __m512i book = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)RX_IQ4_BOOK_U));
+    rx_nibbles_avx512(codes, u);
+    for (int i = 0; i < 8; i++) u[i] = _mm512_shuffle_epi8(book, u[i]);
+}
+
+DL_INLINE DL_TARGET_AVX2 void rx_iq4_avx2(const uint8_t *codes, int h, __m256i *u) {
+    const __m256i book = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)RX_IQ4_BOOK));
+    rx_nibbles_avx2(codes, h, u);
+    for (int i = 0; i < 8; i++) u[i] = _mm256_shuffle_epi8(book, u[i]);
+}
+#endif
+
+#if DL_NEON
+static inline void rx_iq4_neon(const uint8_t *codes, int q, int8x16_t *u) {
+    const int8x16_t book = vld1q_s8(RX_IQ4_BOOK);
+    rx_nibbles_neon(codes, q, u);
+    for (int i = 0; i < 8; i++) u[i] = vqtbl1q_s8(book, vreinterpretq_u8_s8(u[i]));
+}
+#endif
+
+/* IQ4_NL: 32 values, d (f16), then the nibbles as Q4_0's.
+ * unit (16 rows, 288 bytes): [0, 32) d of each row, [32, 288) codes */
+
+static void iq4nl_repack_unit(uint8_t *dst, const uint8_t *const *src, int valid) {
+    for (int r = 0; r < valid; r++) {
+        const uint8_t *b = src[r];
+        uint8_t v[32];
+        memcpy(dst + 2 * r, b, 2);
+        for (int j = 0; j < 16; j++) {
+            v[j] = b[2 + j] & 15;
+            v[j + 16] = b[2 + j] >> 4;
+        }
+        rx_put_nibbles(dst + 32, r, v);
+    }
+}
+
+static void iq4nl_unpack_unit(uint8_t *const *dst, const uint8_t *src, int valid) {
+    for (int r = 0; r < valid; r++) {
+        uint8_t *b = dst[r], v[32];
+        memcpy(b, src + 2 * r, 2);
+        rx_get_nibbles(v, src + 32, r);
+        for (int j = 0; j < 16; j++) b[2 + j] = (uint8_t)(v[j] | v[j + 16] << 4);
+    }
+}
+
+static inline void iq4nl_dec_scalar(const uint8_t *unit, int kk, int r, int8_t *u, float *s, float *o) {
+    (void)kk;
+    (void)o;
+    s[0] = rx_f16(unit + 2 * r);
+    rx_iq4_codes(u, unit + 32, r);
+}
+
+#if DL_X86
+DL_INLINE DL_TARGET_AVX512 void iq4nl_dec_avx512(const uint8_t *unit, int kk, __m512i *u, __m512 *s, __m512 *o) {
+    (void)kk;
+    (void)o;
+    rx_iq4_avx512(unit + 32, u);
+    s[0] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)unit));
+}
+
+DL_INLINE DL_TARGET_AVX2 void iq4nl_dec_avx2(const uint8_t *unit, int kk, int h, __m256i *u, __m256 *s, __m256 *o) {
+    (void)kk;
+    (void)o;
+    rx_iq4_avx2(unit + 32, h, u);
+    s[0] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(unit + 16 * h)));
+}
+#endif
+
+#if DL_NEON
+static inline void iq4nl_dec_neon(const uint8_t *unit, int kk, int q, int8x16_t *u, float32x4_t *s, float32x4_t *o) {
+    (void)kk;
+    (void)o;
+    rx_iq4_neon(unit + 32, q, u);
+    s[0] = dl_ld_f16x4(unit + 8 * q);
+}
+#endif
+
+#define RX iq4nl
+#define RX_UNIT 18
+#define RX_BPU 1
+#define RX_HALVES 1
+#define RX_AFFINE 0
+#define RX_C 0
+#define RX_SIGNED 1
+#include "rx_engine.h"
+
+/* IQ4_XS: 256-value super-blocks, d (f16) and a 6-bit scale ls per 32 values (the low 4 bits in
+ * scales_l[4], nibble kk; the high 2 in the u16 scales_h, bits 2 kk and 2 kk + 1); value =
+ * d * (ls - 32) * book[q], block kk's nibbles laid out as IQ4_NL's.
+ * unit (16 rows, 2176 bytes): [0, 32) d of each row, [32, 64) scales_h, byte b of row r at
+ * 32 + 16 b + r; [64, 128) scales_l, byte b of row r at 64 + 16 b + r; [128 + 256 kk, ...) the
+ * codes of block kk */
+
+static void iq4xs_repack_unit(uint8_t *dst, const uint8_t *const *src, int valid) {
+    for (int r = 0; r < valid; r++) {
+        const uint8_t *b = src[r];
+        memcpy(dst + 2 * r, b, 2);
+        for (int k = 0; k < 6; k++) dst[32 + 16 * k + r] = b[2 + k];   /* scales_h, then scales_l */
+        for (int kk = 0; kk < 8; kk++) {
+            uint8_t v[32];
+            for (int j = 0; j < 16; j++) {
+                v[j] = b[8 + 16 * kk + j] & 15;
+                v[j + 16] = b[8 + 16 * kk + j] >> 4;
+            }
+            rx_put_nibbles(dst + 128 + 256 * kk, r, v);
+        }
+    }
+}
+
+static void iq4xs_unpack_unit(uint8_t *const *dst, const uint8_t *src, int valid) {
+    for (int r = 0; r < valid; r++) {
+        uint8_t *b = dst[r];
+        memcpy(b, src + 2 * r, 2);
+        for (int k = 0; k < 6; k++) b[2 + k] = src[32 + 16 * k + r];
+        for (int kk = 0; kk < 8; kk++) {
+            uint8_t v[32];
+            rx_get_nibbles(v, src + 128 + 256 * kk, r);
+            for (int j = 0; j < 16; j++) b[8 + 16 * kk + j] = (uint8_t)(v[j] | v[j + 16] << 4);
+        }
+    }
+}
+
+static inline void iq4xs_dec_scalar(const uint8_t *unit, int kk, int r, int8_t *u, float *s, float *o) {
+    (void)o;
+    const int lo = (unit[64 + 16 * (kk / 2) + r] >> (4 * (kk % 2))) & 15;
+    const int hi = (unit[32 + 16 * (kk / 4) + r] >> (2 * (kk % 4))) & 3;
+    s[0] = rx_f16(unit + 2 * r) * (float)((lo | hi << 4) - 32);
+    rx_iq4_codes(u, unit + 128 + 256 * kk, r);
+}
+
+#if DL_X86
+/* the 6-bit scales of block kk, as bytes, from 16-byte loads of the rows' scales_l / scales_h byte
+ * (16-bit shifts: what crosses a byte is masked off) */
+#define IQ4XS_LS(lo, hi) _mm_or_si128(_mm_and_si128(_mm_srl_epi16(lo, _mm_cvtsi32_si128(4 * (kk % 2))), _mm_set1_epi8(15)), \
+                                      _mm_slli_epi16(_mm_and_si128(_mm_srl_epi16(hi, _mm_cvtsi32_si128(2 * (kk % 4))), _mm_set1_epi8(3)), 4))
+
+DL_INLINE DL_TARGET_AVX512 void iq4xs_dec_avx512(const uint8_t *unit, int kk, __m512i *u, __m512 *s, __m512 *o) {
+    (void)o;
+    const __m128i ls = IQ4XS_LS(_mm_loadu_si128((const __m128i *)(unit + 64 + 16 * (kk / 2))),
+                                _mm_loadu_si128((const __m128i *)(unit + 32 + 16 * (kk / 4))));
+    const __m512i sc = _mm512_sub_epi32(_mm512_cvtepu8_epi32(ls), _mm512_set1_epi32(32));
+    s[0] = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)unit)), _mm512_cvtepi32_ps(sc));
+    rx_iq4_avx512(unit + 128 + 256 * kk, u);
+}
+
+DL_INLINE DL_TARGET_AVX2 void iq4xs_dec_avx2(const uint8_t *unit, int kk, int h, __m256i *u, __m256 *s, __m256 *o) {
+    (void)o;
+    const __m128i ls = IQ4XS_LS(_mm_loadl_epi64((const __m128i *)(unit + 64 + 16 * (kk / 2) + 8 * h)),
+                                _mm_loadl_epi64((const __m128i *)(unit + 32 + 16 * (kk / 4) + 8 * h)));
+    const __m256i sc = _mm256_sub_epi32(_mm256_cvtepu8_epi32(ls), _mm256_set1_epi32(32));
+    s[0] = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(unit + 16 * h))), _mm256_cvtepi32_ps(sc));
+    rx_iq4_avx2(unit + 128 + 256 * kk, h, u);
+}
+#undef IQ4XS_LS
+#endif
+
+#if DL_NEON
+static inline void iq4xs_dec_neon(const uint8_t *unit, int kk, int q, int8x16_t *u, float32x4_t *s, float32x4_t *o) {
+    (void)o;
+    const uint8x8_t lo = vand_u8(vshl_u8(rx_ld4_u8(unit + 64 + 16 * (kk / 2) + 4 * q), vdup_n_s8((int8_t)(-4 * (kk % 2)))), vdup_n_u8(15));
+    const uint8x8_t hi = vand_u8(vshl_u8(rx_ld4_u8(unit + 32 + 16 * (kk / 4) + 4 * q), vdup_n_s8((int8_t)(-2 * (kk % 4)))), vdup_n_u8(3));
+    const int32x4_t ls = vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(vmovl_u8(vorr_u8(lo, vshl_n_u8(hi, 4))))));
+    s[0] = vmulq_f32(dl_ld_f16x4(unit + 8 * q), vcvtq_f32_s32(vsubq_s32(ls, vdupq_n_s32(32))));
+    rx_iq4_neon(unit + 128 + 256 * kk, q, u);
+}
+#endif
+
+#define RX iq4xs
+#define RX_UNIT 136
+#define RX_BPU 8
+#define RX_HALVES 1
+#define RX_AFFINE 0
+#define RX_C 0
+#define RX_SIGNED 1
 #include "rx_engine.h"

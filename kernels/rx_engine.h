@@ -1,19 +1,27 @@
 /* The rx engine: the 16-row group matmul of one GGUF block type over q80 activations, written once
  * and instantiated per type by kernels/matmul_rx.c, which defines before each #include:
  *
- *   RX         the type's short name (q41, q50, q4k, q6k): prefix of every function made here
+ *   RX         the type's short name (q41, q50, q4k, q6k, q2k, iq4nl, iq4xs): prefix of every
+ *              function made here
  *   RX_UNIT    bytes of one row's unit in the file: a 32-value block, or a 256-value super-block
- *   RX_BPU     32-value blocks per unit (1, or 8 for the K types)
+ *   RX_BPU     32-value blocks per unit (1, or 8 for the 256-value types)
  *   RX_HALVES  1: one scale per 32 values; 2: one per 16 (Q6_K, Q3_K, Q2_K)
- *   RX_AFFINE  1: value = s * u + o (a float offset beside each scale, Q4_1, Q4_K);
+ *   RX_AFFINE  1: value = s * u + o (a float offset beside each scale, Q4_1, Q4_K, Q2_K);
  *              0: value = s * (u - RX_C) (a symmetric type; RX_C is its code offset)
  *   RX_C       see RX_AFFINE (0 for the affine types)
+ *   RX_SIGNED  optional, default 0. 1: the codes are signed values, -127..127 (IQ4_NL / IQ4_XS:
+ *              their codebook entries), RX_C 0. The AVX-512 decoder gives them plus 128 (vpdpbusd
+ *              takes unsigned weights; its int32 sums cannot saturate) and the engine subtracts 128
+ *              times the x sum there; AVX2 multiplies |u| by x given u's sign (maddubs, as ggml's
+ *              IQ4 dots do) and plain NEON widens every two products: codes this large overflow the
+ *              16-bit sums the unsigned types use
  * and the type's functions, static, named RX_repack_unit, RX_unpack_unit and one decoder per path,
  * RX_dec_scalar / RX_dec_avx512 / RX_dec_avx2 / RX_dec_neon: each turns 32 values (block kk of a
- * unit) of the group's 16 rows (x86 AVX2: 8 rows, half h; NEON: 4 rows, quad q) into unsigned codes
- * u (0..63) and float scales s[h] and offsets o[h]. In the vectors, byte 4 r + m of u[i] is value
- * 4 i + m of row r (the layout every type's codes are stored in, so a 4-byte activation broadcast
- * multiplies 16 rows at once: vpdpbusd, maddubs, sdot); lane r of s and o is row r.
+ * unit) of the group's 16 rows (x86 AVX2: 8 rows, half h; NEON: 4 rows, quad q) into codes u
+ * (unsigned, 0..63; or signed, RX_SIGNED) and float scales s[h] and offsets o[h]. In the vectors,
+ * byte 4 r + m of u[i] is value 4 i + m of row r (the layout every type's codes are stored in, so a
+ * 4-byte activation broadcast multiplies 16 rows at once: vpdpbusd, maddubs, sdot); lane r of s and
+ * o is row r.
  *
  * Per output and block, integers are exact (isum = sum of u * x over a half, minus RX_C times the
  * sum of its x), then floats in this order, on every path (prep: fx = dx * (float)xsum, exact):
@@ -24,6 +32,17 @@
  * AVX-512 fuse each multiply-add (one rounding less). Matvec and batched calls, and every thread
  * count, give every output the same bits: batch invariance.
  */
+
+#ifndef RX_SIGNED
+#define RX_SIGNED 0
+#endif
+#if RX_SIGNED
+#define RX_CODE int8_t
+#define RX_C512 128            /* the AVX-512 codes: u + 128 */
+#else
+#define RX_CODE uint8_t
+#define RX_C512 RX_C
+#endif
 
 #define RX_PASTE2(a, b) a##_##b
 #define RX_JOIN2(a, b) RX_PASTE2(a, b)
@@ -89,7 +108,7 @@ static void RXF(groups_scalar)(float *out, const uint8_t *w, const dl_block_q80 
                 const dl_block_q80 *xb = x + (size_t)b * nb;
                 float sum = 0.0f;
                 for (int k = 0; k < nb; k++) {
-                    uint8_t u[32];
+                    RX_CODE u[32];
                     float s[2] = {0.0f, 0.0f}, o[2] = {0.0f, 0.0f};
                     RXF(dec_scalar)(wg + (size_t)(k / RX_BPU) * us, k % RX_BPU, r, u, s, o);
                     int32_t d0 = 0, d1 = 0, x0 = 0, x1 = 0;
@@ -140,7 +159,7 @@ DL_INLINE DL_TARGET_AVX512 __m512 RXF(block_avx512)(__m512 acc, const __m512i *u
                                                     const uint8_t *xq, const rx_xblock *xb) {
 #define RX_BC(p) _mm512_set1_epi32(dl_ld32(p))
 #if RX_HALVES == 1
-    __m512i a = _mm512_dpbusd_epi32(_mm512_set1_epi32(-RX_C * xb->xs), u[0], RX_BC(xq));
+    __m512i a = _mm512_dpbusd_epi32(_mm512_set1_epi32(-RX_C512 * xb->xs), u[0], RX_BC(xq));
     __m512i b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[1], RX_BC(xq + 4));
     a = _mm512_dpbusd_epi32(a, u[2], RX_BC(xq + 8));
     b = _mm512_dpbusd_epi32(b, u[3], RX_BC(xq + 12));
@@ -153,8 +172,8 @@ DL_INLINE DL_TARGET_AVX512 __m512 RXF(block_avx512)(__m512 acc, const __m512i *u
     acc = _mm512_fmadd_ps(o[0], _mm512_set1_ps(xb->fx), acc);
 #endif
 #else
-    __m512i a = _mm512_dpbusd_epi32(_mm512_set1_epi32(-RX_C * xb->xs0), u[0], RX_BC(xq));
-    __m512i b = _mm512_dpbusd_epi32(_mm512_set1_epi32(-RX_C * xb->xs1), u[4], RX_BC(xq + 16));
+    __m512i a = _mm512_dpbusd_epi32(_mm512_set1_epi32(-RX_C512 * xb->xs0), u[0], RX_BC(xq));
+    __m512i b = _mm512_dpbusd_epi32(_mm512_set1_epi32(-RX_C512 * xb->xs1), u[4], RX_BC(xq + 16));
     a = _mm512_dpbusd_epi32(a, u[1], RX_BC(xq + 4));
     b = _mm512_dpbusd_epi32(b, u[5], RX_BC(xq + 20));
     a = _mm512_dpbusd_epi32(a, u[2], RX_BC(xq + 8));
@@ -267,13 +286,21 @@ static DL_TARGET_AVX512 void RXF(groups_avx512)(float *out, const uint8_t *w, co
 }
 
 /* ---- AVX2: each group as two halves of 8 rows; maddubs (u <= 63: a pair of products is at most
- * 2 * 63 * 128 and two pairs add below 2^15), then madd to one int32 per row ---- */
+ * 2 * 63 * 128 and two pairs add below 2^15), then madd to one int32 per row. Signed codes
+ * (RX_SIGNED): maddubs(|u|, x signed as u), a pair at most 2 * 127 * 127 < 2^15 (q80 x is
+ * -127..127), each madd'ed alone ---- */
 
 DL_INLINE DL_TARGET_AVX2 __m256 RXF(block_avx2)(__m256 acc, const __m256i *u, const __m256 *s, const __m256 *o,
                                                 const uint8_t *xq, const rx_xblock *xb) {
     const __m256i ones = _mm256_set1_epi16(1);
+#if RX_SIGNED
+#define RX_MB(i) _mm256_maddubs_epi16(_mm256_sign_epi8(u[i], u[i]), \
+                                      _mm256_sign_epi8(_mm256_set1_epi32(dl_ld32(xq + 4 * (i))), u[i]))
+#define RX_PAIR(i) _mm256_add_epi32(_mm256_madd_epi16(RX_MB(i), ones), _mm256_madd_epi16(RX_MB((i) + 1), ones))
+#else
 #define RX_MB(i) _mm256_maddubs_epi16(u[i], _mm256_set1_epi32(dl_ld32(xq + 4 * (i))))
 #define RX_PAIR(i) _mm256_madd_epi16(_mm256_add_epi16(RX_MB(i), RX_MB((i) + 1)), ones)
+#endif
     const __m256 dx = _mm256_set1_ps(xb->dx);
 #if RX_HALVES == 1
     __m256i a = _mm256_add_epi32(RX_PAIR(0), RX_PAIR(2));
@@ -409,13 +436,25 @@ static DL_TARGET_AVX2 void RXF(groups_avx2)(float *out, const uint8_t *w, const 
  * element. Floats as the scalar path (multiply, then add; no FMA): the same bits. ---- */
 
 static inline int32x4_t RXF(dot4_neon)(const int8x16_t *u, const uint8_t *xq) {   /* u[0..3] x 16 values */
+#define RX_XV(i) vreinterpretq_s8_s32(vdupq_n_s32(dl_ld32(xq + 4 * (i))))
+#if RX_SIGNED   /* codes up to 127: two products per 16-bit lane (2 * 127 * 128 < 2^15), then widened */
+    int32x4_t a01 = vdupq_n_s32(0), a23 = vdupq_n_s32(0);
+    for (int i = 0; i < 4; i += 2) {
+        const int8x16_t x0 = RX_XV(i), x1 = RX_XV(i + 1);
+        a01 = vpadalq_s16(a01, vmlal_s8(vmull_s8(vget_low_s8(u[i]), vget_low_s8(x0)), vget_low_s8(u[i + 1]), vget_low_s8(x1)));
+        a23 = vpadalq_s16(a23, vmlal_high_s8(vmull_high_s8(u[i], x0), u[i + 1], x1));
+    }
+    return vpaddq_s32(a01, a23);
+#else
     int16x8_t a01 = vdupq_n_s16(0), a23 = vdupq_n_s16(0);
     for (int i = 0; i < 4; i++) {
-        const int8x16_t xv = vreinterpretq_s8_s32(vdupq_n_s32(dl_ld32(xq + 4 * i)));
+        const int8x16_t xv = RX_XV(i);
         a01 = vmlal_s8(a01, vget_low_s8(u[i]), vget_low_s8(xv));
         a23 = vmlal_high_s8(a23, u[i], xv);
     }
     return vpaddq_s32(vpaddlq_s16(a01), vpaddlq_s16(a23));
+#endif
+#undef RX_XV
 }
 
 #if DL_HAVE_DOTPROD
@@ -519,4 +558,7 @@ void RX_JOIN3(dl_matmul_, RX, r_q80)(float *out, const void *w, const dl_block_q
 #undef RX_HALVES
 #undef RX_AFFINE
 #undef RX_C
+#undef RX_SIGNED
+#undef RX_CODE
+#undef RX_C512
 #undef RX_STREAMS

@@ -5,7 +5,9 @@ tensor name (K types need 256-value rows: the default shape has dim 256, FFN 512
 llama3 tokenizer of tests/data/tiny/hf/tiny_llama (512 tokens) in its metadata, so every command
 runs it as `--model FILE.gguf`. The blocks are random codes with random finite scales
 (kernels.random_blocks), the float tensors normal values: a model for checking mechanics and
-numerics against a reference, not for its text.
+numerics against a reference, not for its text. A GGML type formats has no code for (a
+gguf.GGMLQuantizationType such as TQ2_0) is gguf-py's quantization of normal values; `dequantized`
+writes the same model with every block tensor as F32, gguf-py's dequantization of its blocks.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ def add_bpe_tokenizer(wr, folder: Path) -> tuple[dict, int]:
 
 
 def write_random_gguf(path: Path, types=None, *, dim=256, hidden=512, layers=2, heads=8, kv_heads=4,
-                      seed=1, tied=False) -> Path:
-    """types: {GGUF tensor name suffix (attn_q, ffn_down, output, token_embd...): formats weight type},
-    default f32 for anything not named."""
+                      seed=1, tied=False, dequantized=False) -> Path:
+    """types: {GGUF tensor name suffix (attn_q, ffn_down, output, token_embd...): formats weight type
+    or a gguf.GGMLQuantizationType}, default f32 for anything not named."""
     import gguf
+    from gguf.quants import dequantize, quantize
 
     from dllama_mpi import kernels as K
     from dllama_mpi.formats import F32, TYPE_BLOCK, type_to_ggml
@@ -63,8 +66,17 @@ def write_random_gguf(path: Path, types=None, *, dim=256, hidden=512, layers=2, 
     wr.add_add_bos_token(True)
     wr.add_chat_template(tc["chat_template"])
 
+    def add_blocks(name, raw, qtype):
+        if dequantized:
+            wr.add_tensor(name, np.asarray(dequantize(raw, qtype), np.float32))
+        else:
+            wr.add_tensor(name, raw, raw_dtype=qtype)
+
     def add(name, rows, cols, kind):
         t = types.get(kind, F32)
+        if isinstance(t, gguf.GGMLQuantizationType):
+            add_blocks(name, quantize((rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32), t), t)
+            return
         if rows == 1:
             wr.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(cols)).astype(np.float32))
             return
@@ -79,7 +91,7 @@ def write_random_gguf(path: Path, types=None, *, dim=256, hidden=512, layers=2, 
                 wr.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType(type_to_ggml(t)))
             return
         raw = K.random_blocks(rng, t, rows, cols, scale=0.5 / np.sqrt(cols) / 16)
-        wr.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType(type_to_ggml(t)))
+        add_blocks(name, raw, gguf.GGMLQuantizationType(type_to_ggml(t)))
 
     add("token_embd.weight", n_vocab, dim, "token_embd")
     for l in range(layers):

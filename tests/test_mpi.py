@@ -467,19 +467,23 @@ def test_gguf_local_load_equals_scatter(world):
     verdict(world, world.is_root and np.array_equal(a, b))
 
 
-def test_k_quant_gguf_on_many_ranks_tracks_one_rank(world, tmp_path):
+@pytest.mark.parametrize("mix", ["k", "q2k-iq4"])
+def test_k_quant_gguf_on_many_ranks_tracks_one_rank(world, tmp_path, mix):
     """A random model whose wo / w2 are Q4_K / Q6_K, q / k Q5_0 / Q4_1, v BF16, FFN gate Q4_K, up F16,
-    output Q8_0 and the embedding Q6_K: on this many ranks (wo turned to q80 where no split can cut
-    its 256-value blocks, shard.fit_types) the logits track the one-rank run within q80 noise."""
+    output Q8_0 and the embedding Q6_K (or the types Q2_K / IQ4_NL / IQ4_XS throughout): on this many
+    ranks (wo turned to q80 where no split can cut its 256-value blocks, shard.fit_types) the logits
+    track the one-rank run within q80 noise."""
     from gguf_models import write_random_gguf
 
-    from dllama_mpi.formats import BF16, F16, Q4_1, Q4_K, Q5_0, Q6_K, Q80
+    from dllama_mpi.formats import BF16, F16, IQ4_NL, IQ4_XS, Q2_K, Q4_1, Q4_K, Q5_0, Q6_K, Q80
 
+    types = {"k": {"attn_output": Q4_K, "ffn_down": Q6_K, "attn_q": Q5_0, "attn_k": Q4_1, "attn_v": BF16,
+                   "ffn_gate": Q4_K, "ffn_up": F16, "output": Q80, "token_embd": Q6_K},
+             "q2k-iq4": {"attn_output": Q2_K, "ffn_down": IQ4_XS, "attn_q": IQ4_NL, "attn_k": Q2_K, "attn_v": IQ4_XS,
+                         "ffn_gate": IQ4_NL, "ffn_up": Q2_K, "output": IQ4_NL, "token_embd": Q2_K}}[mix]
     path = None
     if world.is_root:
-        path = str(write_random_gguf(tmp_path / "k.gguf", {"attn_output": Q4_K, "ffn_down": Q6_K, "attn_q": Q5_0,
-                                                           "attn_k": Q4_1, "attn_v": BF16, "ffn_gate": Q4_K,
-                                                           "ffn_up": F16, "output": Q80, "token_embd": Q6_K}))
+        path = str(write_random_gguf(tmp_path / "k.gguf", types))
     ids = [496, 12, 200, 7, 33, 41, 300, 2, 18, 99, 5, 401]
     many = _logits(world, path, ids)
     one = _logits(Comm(MPI.COMM_SELF), path, ids) if world.is_root else None
@@ -492,22 +496,24 @@ def test_k_quant_gguf_on_many_ranks_tracks_one_rank(world, tmp_path):
 
 
 def test_types_without_a_kernel_become_q80_at_load(world, tmp_path):
-    """Q5_K, Q3_K, Q5_1, Q2_K and IQ4_NL matrices (no kernel of their own yet) run as q80, converted
-    at load with one line per type: the same bits whether the root converts and scatters the slices
-    or every rank converts its own (--load local), and the logits track the one-rank run."""
+    """TQ1_0, TQ2_0 and MXFP4 matrices (GGML types without a kernel, which gguf-py dequantizes) run as
+    q80, converted at load with one line per type: the same bits whether the root converts and
+    scatters the slices or every rank converts its own (--load local), and the logits track the
+    one-rank run."""
+    from gguf import GGMLQuantizationType as G
     from gguf_models import write_random_gguf
 
-    from dllama_mpi.formats import IQ4_NL, Q2_K, Q3_K, Q5_1, Q5_K, Q80
+    from dllama_mpi.formats import Q5_K, Q80
     from dllama_mpi.weights import open_model_file, runtime_header
 
     # every rank writes the same file (same seed): --load local reads its own copy
-    path = str(write_random_gguf(tmp_path / "other.gguf", {"attn_output": Q5_K, "ffn_down": Q3_K, "attn_q": Q5_1,
-                                                           "ffn_up": Q2_K, "attn_k": IQ4_NL, "token_embd": Q5_K}))
+    path = str(write_random_gguf(tmp_path / "other.gguf", {"attn_output": G.TQ2_0, "ffn_down": G.TQ1_0,
+                                                           "attn_q": G.MXFP4, "token_embd": Q5_K}))
     ok_types = True
     if world.is_root:
         h, notes = runtime_header(open_model_file(path))
-        want = [f"{name}: no kernel multiplies it yet, 2 matrices converted to q80 at load"
-                for name in ("q5_1", "q2_k", "q3_k", "q5_k", "iq4_nl")]
+        want = [f"{name}: no kernel reads it, 2 tensor(s) converted to q80 at load (blk.0.{t}.weight, ...)"
+                for name, t in (("TQ2_0", "attn_output"), ("TQ1_0", "ffn_down"), ("MXFP4", "attn_q"))]
         ok_types = sorted(notes) == sorted(want) and Q80 in h.matrix_type_list() and h.embed_type == Q5_K
     ids = [496, 12, 200, 7, 33, 41, 300, 2, 18, 99, 5, 401]
     many = _logits(world, path, ids)

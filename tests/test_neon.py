@@ -64,7 +64,8 @@ NEON_EXACT = {"quantize_q80", "matmul_q40_q80", "matmul_q40r_q80", "q40r_matvec_
               "matmul_q80_q80", "matmul_q80r_q80", "repack_q80", "add", "add_q80", "silu_mul",
               "gelu_mul", "scale", "softmax", "rope", "logit_stats", "read_bytes", "read_spans",
               "matmul_q41r_q80", "matmul_q50r_q80", "matmul_q4kr_q80", "matmul_q6kr_q80",
-              "repack_q41", "repack_q50", "repack_q4k", "repack_q6k"}
+              "matmul_q2kr_q80", "matmul_iq4nlr_q80", "matmul_iq4xsr_q80",
+              "repack_q41", "repack_q50", "repack_q4k", "repack_q6k", "repack_q2k", "repack_iq4nl", "repack_iq4xs"}
 
 
 def _kernels(exe: list[str]) -> list[str]:

@@ -397,6 +397,9 @@ static const rx_type RX_TYPES[] = {
     {"q50", DL_T_Q5_0, 32, 22, {0, -1}, 2, 20, 0, dl_q50r_bytes, dl_repack_q50, dl_unpack_q50r, dl_matmul_q50r_q80},
     {"q4k", DL_T_Q4_K, 256, 144, {0, 2}, 16, 128, 1, dl_q4kr_bytes, dl_repack_q4k, dl_unpack_q4kr, dl_matmul_q4kr_q80},
     {"q6k", DL_T_Q6_K, 256, 210, {208, -1}, 0, 192, 0, dl_q6kr_bytes, dl_repack_q6k, dl_unpack_q6kr, dl_matmul_q6kr_q80},
+    {"q2k", DL_T_Q2_K, 256, 84, {80, 82}, 16, 64, 1, dl_q2kr_bytes, dl_repack_q2k, dl_unpack_q2kr, dl_matmul_q2kr_q80},
+    {"iq4nl", DL_T_IQ4_NL, 32, 18, {0, -1}, 2, 16, 0, dl_iq4nlr_bytes, dl_repack_iq4nl, dl_unpack_iq4nlr, dl_matmul_iq4nlr_q80},
+    {"iq4xs", DL_T_IQ4_XS, 256, 136, {0, -1}, 8, 128, 0, dl_iq4xsr_bytes, dl_repack_iq4xs, dl_unpack_iq4xsr, dl_matmul_iq4xsr_q80},
 };
 
 static const int RX_SHAPES[][3] = {   /* rows, blocks per row, batch: group tails, matvec, batched */
@@ -485,6 +488,9 @@ RX_ENTRY(q41, 0)
 RX_ENTRY(q50, 1)
 RX_ENTRY(q4k, 2)
 RX_ENTRY(q6k, 3)
+RX_ENTRY(q2k, 4)
+RX_ENTRY(iq4nl, 5)
+RX_ENTRY(iq4xs, 6)
 
 /* elementwise: n with every tail length */
 static const int EW_N[] = {1, 3, 7, 8, 17, 32, 100, 2080};
@@ -783,10 +789,16 @@ static const ktest TESTS[] = {
     {"matmul_q50r_q80", N_RX_SHAPES * N_FLAVOURS, setup_q50,      run_q50,        BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
     {"matmul_q4kr_q80", N_RX_SHAPES * N_FLAVOURS, setup_q4k,      run_q4k,        BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
     {"matmul_q6kr_q80", N_RX_SHAPES * N_FLAVOURS, setup_q6k,      run_q6k,        BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
+    {"matmul_q2kr_q80", N_RX_SHAPES * N_FLAVOURS, setup_q2k,      run_q2k,        BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
+    {"matmul_iq4nlr_q80", N_RX_SHAPES * N_FLAVOURS, setup_iq4nl,  run_iq4nl,      BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
+    {"matmul_iq4xsr_q80", N_RX_SHAPES * N_FLAVOURS, setup_iq4xs,  run_iq4xs,      BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
     {"repack_q41",     N_RX_SHAPES,            setup_repack_q41,  run_repack_q41, ALL_ISAS,      0, check_repack_q41},
     {"repack_q50",     N_RX_SHAPES,            setup_repack_q50,  run_repack_q50, ALL_ISAS,      0, check_repack_q50},
     {"repack_q4k",     N_RX_SHAPES,            setup_repack_q4k,  run_repack_q4k, ALL_ISAS,      0, check_repack_q4k},
     {"repack_q6k",     N_RX_SHAPES,            setup_repack_q6k,  run_repack_q6k, ALL_ISAS,      0, check_repack_q6k},
+    {"repack_q2k",     N_RX_SHAPES,            setup_repack_q2k,  run_repack_q2k, ALL_ISAS,      0, check_repack_q2k},
+    {"repack_iq4nl",   N_RX_SHAPES,            setup_repack_iq4nl, run_repack_iq4nl, ALL_ISAS,  0, check_repack_iq4nl},
+    {"repack_iq4xs",   N_RX_SHAPES,            setup_repack_iq4xs, run_repack_iq4xs, ALL_ISAS,  0, check_repack_iq4xs},
     {"matmul_f32",     6,                      setup_f32mm,       run_f32mm,      BIT(DL_ISA_SCALAR), 2e-6, NULL},
     {"rmsnorm",        2 * N_EW,               setup_rmsnorm,     run_rmsnorm,    BIT(DL_ISA_SCALAR), 2e-6, NULL},
     {"add",            N_EW,                   setup_ew,          run_add,        ALL_ISAS,      0, NULL},
