@@ -189,13 +189,15 @@ class Grammars:
 
     def _build(self):
         llg = _lib()
-        tok = self.tokenizer
+        tok, n_vocab = self.tokenizer, self.n_vocab
         eos = [i for i in tok.eos_ids if 0 <= i < self.n_vocab]
         if not eos:
             raise GrammarError("structured output needs an end-of-sequence token; the tokenizer has none")
 
         class Vocab:   # what llguidance.TokenizerWrapper reads
-            tokens = [b"\xff" + v if tok.is_special(i) else v for i, v in enumerate(tok.vocab)]
+            # ids past the tokenizer's (logits rows may be wider) are special: no grammar allows them
+            tokens = [b"\xff" + v if tok.is_special(i) else v for i, v in enumerate(tok.vocab)] + \
+                [b"\xff<|pad %d|>" % i for i in range(tok.vocab_size, n_vocab)]
             eos_token_id = eos[0]
             bos_token_id = tok.bos_id if 0 <= tok.bos_id < tok.vocab_size else None
             special_token_ids = tok.special_ids
@@ -203,7 +205,10 @@ class Grammars:
             def __call__(self, b: bytes) -> list[int]:
                 return tok.encode(b.decode("utf-8", errors="replace"), add_bos=False, parse_special=False)
 
-        return llg.LLTokenizer(llg.TokenizerWrapper(Vocab()), n_vocab=self.n_vocab, eos_token=eos)
+        lt = llg.LLTokenizer(llg.TokenizerWrapper(Vocab()), n_vocab=n_vocab, eos_token=eos)
+        if lt.vocab_size != n_vocab:
+            raise GrammarError(f"llguidance built a vocabulary of {lt.vocab_size} tokens for {n_vocab} logits")
+        return lt
 
     def limits(self):
         return _lib().LLParserLimits(**LIMITS)

@@ -409,8 +409,8 @@ class Scheduler:
                                                         value.top[:req.logprobs or 0]))
                 continue
             for f in req.followers:   # the n choices of one request: same prompt, same logits
-                self._fork(req, f, now)
-                self._sample(f, value, now)
+                if self._fork(req, f, now):
+                    self._sample(f, value, now)
             req.followers = []
             self._sample(req, value, now)
         for req, first, n in fed:
@@ -434,18 +434,21 @@ class Scheduler:
                 lp = TokenLogprob(token, s.target, s.top[:req.logprobs])
         self._on_token(req, token, now, lp)
 
-    def _fork(self, leader: Request, req: Request, now: float) -> None:
-        """A follower takes the leader's evaluated prompt (shared full pages, a copy of the last)."""
+    def _fork(self, leader: Request, req: Request, now: float) -> bool:
+        """A follower takes the leader's evaluated prompt (shared full pages, a copy of the last);
+        False when there is no room now: it queues first in line, shares the cached prompt later
+        and samples its first token from its own pass then."""
         seq = self.kv.fork(leader.seq, min(req.max_rows, self.max_seq_len))
-        if seq is None:   # no room now: it queues first in line and shares the cached prompt later
+        if seq is None:
             self.waiting.appendleft(req)
-            return
+            return False
         req.seq, req.state = seq, PREFILL
         req._t_admit = now
         req.stats.queue_seconds = now - req._t_submit
         req.stats.evaluated_prompt_tokens = 0
         req.prompt_logprobs = leader.prompt_logprobs
         self.running.append(req)
+        return True
 
     # ---- admission, tokens, ends ------------------------------------------------------------
 
