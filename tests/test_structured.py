@@ -346,5 +346,35 @@ def test_inference_json_schema_same_tokens_on_one_rank_two_ranks_and_two_stages(
     assert out.returncode == 2 and "--json-schema" in out.stderr and "admits no value" in out.stderr
 
 
+def test_batch_lines_with_response_format(smollm2_api, tmp_path):
+    """A batch file mixing constrained and free lines: the constrained results validate; a line whose
+    schema cannot be compiled stops the job before any token, naming its line."""
+    rf = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}
+    lines = [{"id": "a", "messages": [{"role": "user", "content": "A person?"}], "response_format": rf,
+              "temperature": 1, "seed": 4},
+             {"id": "b", "prompt": "Once upon a time", "max_tokens": 8},
+             {"id": "c", "prompt": "Colour:", "response_format": {"type": "json_schema", "json_schema": {
+                 "name": "c", "schema": SCHEMAS["top-level enum"]}}, "temperature": 0}]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cmd = [*DLLAMA, "batch", "--model", str(smollm2_api.model), "--prompts", str(src), "--out", str(out),
+           "--max-tokens", str(MAX_TOKENS)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    got = {d["id"]: d for d in map(json.loads, out.read_text().splitlines())}
+    assert got["a"]["finish_reason"] == got["c"]["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(got["a"]["text"]), PERSON)
+    assert json.loads(got["c"]["text"]) in ("red", "green", "blue")
+    assert got["b"]["completion_tokens"] == 8
+    lines[1]["response_format"] = {"type": "json_schema", "json_schema": {"name": "h", "schema": HOSTILE["unknown type"]}}
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out.unlink()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 2 and "line 2" in r.stderr and "banana" in r.stderr and not out.exists()
+    src.write_text(json.dumps({"id": 1, "prompt": "x", "response_format": {"type": "yaml"}}) + "\n")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 2 and "in.jsonl:1" in r.stderr and "response_format.type" in r.stderr
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
