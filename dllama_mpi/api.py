@@ -57,6 +57,7 @@ class Job:
     n: int = 1                       # choices
     logprobs: int | None = None      # top alternatives per token, None: no log-probabilities
     echo: bool = False               # /v1/completions: the prompt's own log-probabilities too
+    grammar: object = None           # grammar.Grammar of response_format (None: free text)
     generated: dict = field(default_factory=dict)   # choice -> token ids
 
     def send(self, item) -> None:
@@ -160,6 +161,22 @@ def parse_common(body: dict, max_seq_len: int, defaults: dict, max_n: int = 8, c
     return out
 
 
+def parse_response_format(body: dict) -> dict | None:
+    """The request's response_format ({type: text | json_object | json_schema}; vLLM's `guided_json`
+    schema is read as a json_schema one), None when it asks for none. Checked by grammar.schema_of."""
+    rf, guided = body.get("response_format"), body.get("guided_json")
+    if rf is None and guided is not None:
+        if isinstance(guided, str):
+            try:
+                guided = json.loads(guided)
+            except ValueError as e:
+                raise ApiError(400, f"'guided_json' is not JSON: {e}", "guided_json") from None
+        rf = {"type": "json_schema", "json_schema": {"name": "guided_json", "schema": guided}}
+    if rf is None or (isinstance(rf, dict) and rf.get("type") == "text"):
+        return None
+    return rf
+
+
 def parse_messages(body: dict) -> list[dict]:
     msgs = body.get("messages")
     if msgs is None:
@@ -214,6 +231,8 @@ class Server:
         from .metrics import RankStats
         from .scheduler import Scheduler
 
+        from .grammar import Grammars
+
         self.engine = engine
         self.scheduler = Scheduler(engine, tokenizer)
         from .metrics import engine_kv_bytes_per_token
@@ -222,6 +241,7 @@ class Server:
         self.init_front(tokenizer, model_id, template, defaults, api_key, max_body_bytes, cors_origins, web_ui,
                         max_n, engine.max_seq_len, engine.kv_plan, per_token,
                         RankStats(engine.gather_rank_stats, engine.RANK_STATS))
+        self.grammars = Grammars(tokenizer, engine.h.vocab_size)
 
     def init_front(self, tokenizer, model_id, template, defaults, api_key, max_body_bytes, cors_origins, web_ui,
                    max_n: int, max_seq_len: int, kv_plan, kv_bytes_per_token: list[int], rank_stats) -> None:
@@ -231,6 +251,7 @@ class Server:
         from .metrics import Metrics
 
         self.tokenizer = tokenizer
+        self.grammars = None   # grammar.Grammars where response_format is served (Server sets it)
         self.model_id = model_id
         self.template = template
         self.defaults = defaults
@@ -314,7 +335,8 @@ class Server:
             reqs = [Request(job.prompt_ids, job.max_tokens,
                             Sampler(self.tokenizer.vocab_size, job.temperature, job.top_p, seeds[i]), job.stop,
                             cancelled_by=job.cancel, logprobs=job.logprobs,
-                            prompt_logprobs=job.echo and job.logprobs is not None and i == 0)
+                            prompt_logprobs=job.echo and job.logprobs is not None and i == 0,
+                            grammar=job.grammar.matcher() if job.grammar is not None else None)
                     for i in range(job.n)]
             for i, r in enumerate(reqs):
                 r.sink = lambda kind, value, job=job, i=i, r=r: self._on_event(job, i, r, kind, value)
@@ -506,6 +528,7 @@ class Server:
         except TemplateError as e:
             raise ApiError(400, str(e), "messages") from None
         ids = self.history.encode(text)
+        params["grammar"] = await self.grammar(body)
         return await self.respond(request, params, text, ids, chat=True)
 
     async def completions(self, request):
@@ -513,7 +536,25 @@ class Server:
         params = parse_common(body, self.max_seq_len, self.defaults, self.max_n, chat=False)
         prompt = parse_prompt(body)
         ids = self.tokenizer.encode(prompt)
+        params["grammar"] = await self.grammar(body)
         return await self.respond(request, params, None, ids, chat=False)
+
+    async def grammar(self, body: dict):
+        """The compiled grammar of the request's response_format (None: free text), or a 400 naming
+        what cannot be compiled, before the request is queued. Compiled on a worker thread (under
+        grammar.py's caps), so that a large schema does not hold up other requests."""
+        from .grammar import GrammarError
+
+        rf = parse_response_format(body)
+        if rf is None:
+            return None
+        if self.grammars is None:
+            raise ApiError(400, "'response_format' (structured output) is served by `dllama-mpi api`, "
+                                "not yet by `serve`", "response_format")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self.grammars.compile, rf)
+        except GrammarError as e:
+            raise ApiError(400, str(e), "response_format", "invalid_response_format") from None
 
     def token_str(self, tid: int, as_id: bool = False) -> tuple[str, list[int]]:
         """A token's text (bytes that are not UTF-8 on their own show as U+FFFD) and its bytes;
@@ -551,7 +592,7 @@ class Server:
         loop = asyncio.get_running_loop()
         n, want_lp, echo, as_id = params["n"], params["logprobs"], params["echo"], params["token_ids"]
         job = Job(text, ids, max_tokens, params["temperature"], params["top_p"], params["seed"], params["stop"],
-                  loop, asyncio.Queue(), n=n, logprobs=want_lp, echo=echo)
+                  loop, asyncio.Queue(), n=n, logprobs=want_lp, echo=echo, grammar=params.get("grammar"))
         self.jobs.put(job)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())

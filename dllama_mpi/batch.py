@@ -2,8 +2,9 @@
 
 Input: JSONL, one request per line: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]}
 (rendered with the model's chat template), optionally "max_tokens", "temperature", "top_p", "seed",
-"stop" (a string or a list). The whole file is checked before the model loads: a bad line is one
-`error:` naming its line number.
+"stop" (a string or a list), "response_format" (as in the API: json_object or json_schema; the text
+is then a JSON value valid under the schema). The whole file is checked before the model loads, and
+its schemas are compiled before the first token: a bad line is one `error:` naming its line number.
 
 Output: one JSON line per request as it finishes (so not in input order): id, text, token counts,
 finish_reason, timings. Each line is written whole and flushed; a rerun with the same --out skips
@@ -23,7 +24,7 @@ import click
 from .errors import ConfigError
 from .startup import log, model_options, sampling_options, spmd, start
 
-FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop"}
+FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "response_format"}
 
 
 def read_requests(path: str) -> list[dict]:
@@ -81,6 +82,13 @@ def read_requests(path: str) -> list[dict]:
                 d["stop"] = [stop]
             elif stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
                 raise ConfigError(f"{where}: 'stop' must be a string or a list of strings")
+            if d.get("response_format") is not None:
+                from .grammar import GrammarError, schema_of
+
+                try:
+                    schema_of(d["response_format"])
+                except GrammarError as e:
+                    raise ConfigError(f"{where}: {e}") from None
             d["_line"] = no
             out.append(d)
     if not out:
@@ -110,7 +118,7 @@ def done_ids(out_path: str) -> set[str]:
 @model_options
 @sampling_options
 @click.option("--prompts", "prompts_path", required=True, type=click.Path(dir_okay=False),
-              help="JSONL requests: id, prompt or messages, optional max_tokens/temperature/top_p/seed/stop.")
+              help="JSONL requests: id, prompt or messages, optional max_tokens/temperature/top_p/seed/stop/response_format.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
               help="JSONL results, appended; ids already there are skipped (resume).")
 @click.option("--parallel", type=int, default=8, show_default=True, help="Sequences decoded together.")
@@ -150,6 +158,7 @@ def _run(engine, tokenizer, todo, out_path, parallel, defaults, chat_template) -
     from .scheduler import Request, RequestError, Scheduler
 
     sched = Scheduler(engine, tokenizer)
+    grammars = _compile_formats(engine, tokenizer, todo)
     template = None
     bar = tqdm(total=len(todo), unit="req", file=sys.stderr, dynamic_ncols=True,
                disable=None if sys.stderr.isatty() else True)
@@ -185,8 +194,10 @@ def _run(engine, tokenizer, todo, out_path, parallel, defaults, chat_template) -
             else:
                 ids = tokenizer.encode(d["prompt"])
             get = lambda k: d[k] if d.get(k) is not None else defaults[k]  # noqa: E731
+            g = grammars.get(d["_line"])
             req = Request(ids, get("max_tokens"), Sampler(tokenizer.vocab_size, get("temperature"), get("top_p"),
-                                                          get("seed")), d.get("stop") or ())
+                                                          get("seed")), d.get("stop") or (),
+                          grammar=g.matcher() if g is not None else None)
             req.pieces = []
 
             def sink(kind, value, d=d, req=req):
@@ -212,6 +223,28 @@ def _run(engine, tokenizer, todo, out_path, parallel, defaults, chat_template) -
     dt = time.perf_counter() - t0
     log(f"{counts['done']} requests, {counts['tokens']} tokens in {dt:.1f} s "
         f"({counts['tokens'] / dt if dt else 0:.1f} tok/s) -> {out_path}")
+
+
+def _compile_formats(engine, tokenizer, todo) -> dict:
+    """line -> compiled grammar of every line with a response_format (each distinct one compiled
+    once), before any token; ConfigError naming the first line whose schema cannot be compiled."""
+    from .grammar import GrammarError, Grammars
+
+    out, seen, grammars = {}, {}, None
+    for d in todo:
+        rf = d.get("response_format")
+        if rf is None:
+            continue
+        grammars = grammars or Grammars(tokenizer, engine.h.vocab_size)
+        key = json.dumps(rf, sort_keys=True)
+        try:
+            if key not in seen:
+                seen[key] = grammars.compile(rf)
+        except GrammarError as e:
+            raise ConfigError(f"line {d['_line']}: {e}") from None
+        if seen[key] is not None:
+            out[d["_line"]] = seen[key]
+    return out
 
 
 def register(group) -> None:

@@ -196,6 +196,9 @@ class Comm:
             if self.is_root:
                 self.bytes_sent += arr.nbytes * (self.size - 1)
 
+    # any array: MPI sends the array's own type (the int32 words of grammar masks)
+    bcast_masks = bcast_f32
+
     def allgather(self, send: np.ndarray, recv: np.ndarray) -> None:
         t = time.perf_counter()
         self._arm()

@@ -112,13 +112,13 @@ class Control:
     page-table updates and page copies to apply first. Every field is a numpy view of `buf`, laid
     out from max_batch alone, so every rank can read it."""
 
-    HEADER = 8          # cmd, n_rows, n_logits, flags, n_updates, n_copies, n_ring_copies, 1 spare
+    HEADER = 8          # cmd, n_rows, n_logits, n_masks, n_updates, n_copies, n_ring_copies, 1 spare
     MAX_COPIES = 16
 
     def __init__(self, max_batch: int):
         self.max_updates = max(64, 2 * max_batch)
         B, U, K = max_batch, self.max_updates, self.MAX_COPIES
-        self.buf = np.zeros(self.HEADER + 8 * B + 3 * U + 4 * K, np.int32)
+        self.buf = np.zeros(self.HEADER + 9 * B + 3 * U + 4 * K, np.int32)
         o = self.HEADER
         self.slot, self.pos, self.kvrow = self.buf[o:o + B], self.buf[o + B:o + 2 * B], self.buf[o + 2 * B:o + 3 * B]
         o += 3 * B
@@ -131,14 +131,15 @@ class Control:
         o += 3 * U + 2 * K
         self.ring_copies = self.buf[o:o + 2 * K].reshape(K, 2)   # (src slot, dst slot): a fork's ring
         self.kvring = self.buf[o + 2 * K:o + 2 * K + B]          # ring row of each row's new K/V
+        self.logit_mask = self.buf[o + 2 * K + B:o + 2 * K + 2 * B]   # per logit row: its grammar mask, or -1
 
     @property
     def cmd(self) -> int:
         return int(self.buf[0])
 
     def header(self, cmd: int, n_rows: int = 0, n_logits: int = 0, n_updates: int = 0, n_copies: int = 0,
-               n_ring_copies: int = 0) -> None:
-        self.buf[:7] = (cmd, n_rows, n_logits, 0, n_updates, n_copies, n_ring_copies)
+               n_ring_copies: int = 0, n_masks: int = 0) -> None:
+        self.buf[:7] = (cmd, n_rows, n_logits, n_masks, n_updates, n_copies, n_ring_copies)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,6 +197,8 @@ class RunState:
         self.all_best = np.zeros(plan.n_nodes * L * 2, np.float64) if is_root else None
         self.stats = np.zeros((L, STATS_LEN), np.float64)              # LOGITS_STATS summaries per row
         self.all_stats = np.zeros(plan.n_nodes * L * STATS_LEN, np.float64) if is_root else None
+        # grammar masks of the pass's constrained logit rows (int32 words, bit i = token i allowed)
+        self.masks = np.zeros((max_batch, (h.vocab_size + 31) // 32), np.int32)
         self.ctrl = Control(max_batch)
         self.p_x, self.p_xb, self.p_q, self.p_z = fptr(self.x), fptr(self.xb), fptr(self.q), fptr(self.z)
         self.p_k, self.p_v = fptr(self.k), fptr(self.v)
@@ -248,6 +251,10 @@ class Rows:
     logit_modes: list = field(default_factory=list)
     logit_targets: list | None = None    # LOGITS_STATS rows: the id to score (-1: none)
     logit_inv_t: list | None = None      # LOGITS_STATS rows: 1 / temperature (1.0: the model's distribution)
+    # constrained decoding (grammar.py): per logit row the index of its mask in masks, or -1; masks is
+    # (wait, int32 [n_masks, words]): wait() returns once the root's mask computation has filled them
+    logit_masks: list | None = None
+    masks: tuple | None = None
 
 
 class Engine:
@@ -294,6 +301,7 @@ class Engine:
         self.vocab0 = plan[comm.rank].vocab[0]
         self.stats = Stats()
         self._direct = None   # the sequence `forward` works on
+        self._pass_masks = None   # the root's Rows.masks of the pass being run
         # q, k, v (and gate, up) read the same activations: where all are repacked q40 (or q80), one C call
         # and one parallel job for the set (dl_matmul_q40r_q80_n / _q80r_), not one per matrix
         st = self.st
@@ -331,7 +339,10 @@ class Engine:
             self._send_tables(updates[:c.max_updates], copies[:c.MAX_COPIES], ring[:c.MAX_COPIES])
             updates, copies, ring = updates[c.max_updates:], copies[c.MAX_COPIES:], ring[c.MAX_COPIES:]
         n_logits = len(rows.logit_rows)
-        c.header(C.CMD_FORWARD, b, n_logits, len(updates), len(copies), len(ring))
+        n_masks = len(rows.masks[1]) if rows.masks is not None else 0
+        c.header(C.CMD_FORWARD, b, n_logits, len(updates), len(copies), len(ring), n_masks)
+        c.logit_mask[:n_logits] = rows.logit_masks if n_masks else -1
+        self._pass_masks = rows.masks
         if ring:
             c.ring_copies[:len(ring)] = [(src, dst) for _, src, dst in ring]
         c.slot[:b], c.pos[:b] = rows.slots, rows.positions
@@ -590,10 +601,13 @@ class Engine:
         n = int(c.buf[2])
         rows, modes = c.logit_row[:n], c.logit_mode[:n]
         result = [None] * n if self.comm.is_root else None
+        masks = self._masks(int(c.buf[3])) if c.buf[3] else None
         done_full = 0
         for g in range(0, n, self.max_logit_rows):
             grp = slice(g, min(n, g + self.max_logit_rows))
             self._local_logits(rows[grp])
+            if masks is not None:
+                self._apply_masks(c.logit_mask[grp], masks)
             gm = modes[grp]
             am = np.flatnonzero(gm == LOGITS_ARGMAX)
             fm = np.flatnonzero(gm == LOGITS_FULL)
@@ -615,6 +629,28 @@ class Engine:
                         result[g + j] = full[k]
                 done_full += fm.size
         return result
+
+    def _masks(self, n: int) -> np.ndarray:
+        """The pass's n grammar masks on every rank of the group: the root waits for its mask
+        computation (it ran beside the layers), then one broadcast (a mask is vocab/8 bytes)."""
+        buf = self._root_masks(n) if self.comm.is_root else self.st.masks[:n]
+        if self.comm.size > 1:
+            self.comm.bcast_masks(buf)
+        return buf
+
+    def _root_masks(self, n: int) -> np.ndarray:
+        wait, masks = self._pass_masks
+        wait()
+        return masks[:n]
+
+    def _apply_masks(self, which, masks: np.ndarray) -> None:
+        """Masked-out tokens of the constrained rows of logits_local become -inf (this rank's slice)."""
+        st = self.st
+        nv = st.logits_local.shape[1]
+        for k, m in enumerate(which):
+            if m >= 0 and nv:
+                lib.dl_apply_token_mask(st.p_logits_local + k * nv, nv,
+                                        ffi.cast("uint32_t *", masks[int(m)].ctypes.data), self.vocab0)
 
     def _local_logits(self, rows) -> None:
         """This rank's vocabulary slice of the logits of the given rows, into logits_local[:n]."""

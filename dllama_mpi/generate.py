@@ -32,12 +32,13 @@ class Generator:
 
     def stream(self, prompt_ids: Sequence[int], max_tokens: int, sampler: Sampler,
                stop: Sequence[str] = (), ignore_eos: bool = False,
-               should_abort=None) -> Iterator[Piece]:
+               should_abort=None, grammar=None) -> Iterator[Piece]:
         """Evaluate the prompt (reusing what the cache holds of it), then yield one Piece per
-        generated token. `self.last` holds the stats and finish_reason afterwards."""
+        generated token (constrained by `grammar`, a grammar.Matcher, when given). `self.last`
+        holds the stats and finish_reason afterwards."""
         pieces: list[Piece] = []
         req = Request(prompt_ids, max_tokens, sampler, stop, ignore_eos,
-                      sink=lambda kind, v: pieces.append(v) if kind == "piece" else None)
+                      sink=lambda kind, v: pieces.append(v) if kind == "piece" else None, grammar=grammar)
         try:
             self.scheduler.submit(req)
         except RequestError as e:

@@ -18,15 +18,19 @@ from .startup import log, model_options, sampling_options, spmd, start
 @click.option("--steps", type=int, default=64, show_default=True, help="Number of tokens to generate.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating after an end-of-sequence token.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (with the text) on stdout instead of the text.")
+@click.option("--json-schema", "json_schema", type=click.Path(dir_okay=False), default=None,
+              help="A JSON schema file: the output is a JSON value valid under it (constrained decoding; "
+                   "default: free text).")
 @spmd
 def inference(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme, load,
-              max_batch, temperature, topp, seed, prompt, steps, ignore_eos, as_json):
+              max_batch, temperature, topp, seed, prompt, steps, ignore_eos, as_json, json_schema):
     """Generate text from a prompt."""
     from .generate import Generator
     from .sampler import Sampler
 
     if comm.is_root and steps < 0:
         raise ConfigError(f"--steps must be >= 0, got {steps}")
+    schema = read_schema(json_schema) if comm.is_root and json_schema else None
     engine, tokenizer = start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
                               sync_scheme, load, max_batch)
     if not comm.is_root:
@@ -38,9 +42,17 @@ def inference(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max
             raise ConfigError(f"prompt has {len(ids)} tokens, more than the context ({engine.max_seq_len}); "
                               f"raise --max-seq-len or shorten the prompt")
         sampler = Sampler(tokenizer.vocab_size, temperature, topp, seed)
+        grammar = None
+        if schema is not None:
+            from .grammar import Grammars, GrammarError
+
+            try:
+                grammar = Grammars(tokenizer, engine.h.vocab_size).compile_schema(schema).matcher()
+            except GrammarError as e:
+                raise ConfigError(f"--json-schema {json_schema}: {e}") from None
         gen = Generator(engine, tokenizer)
         pieces, ids_out = [], []
-        for piece in gen.stream(ids, steps, sampler, ignore_eos=ignore_eos):
+        for piece in gen.stream(ids, steps, sampler, ignore_eos=ignore_eos, grammar=grammar):
             ids_out.append(piece.token)
             pieces.append(piece.text)
             if not as_json:
@@ -64,3 +76,16 @@ def inference(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max
 
 def register(group) -> None:
     group.add_command(inference)
+
+
+def read_schema(path: str) -> dict:
+    """A JSON schema file (--json-schema): ConfigError naming the file unless it holds a JSON object."""
+    from .startup import read_text_file
+
+    try:
+        schema = json.loads(read_text_file(path))
+    except ValueError as e:
+        raise ConfigError(f"--json-schema {path}: not JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise ConfigError(f"--json-schema {path}: a JSON schema must be a JSON object")
+    return schema

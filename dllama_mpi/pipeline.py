@@ -28,6 +28,10 @@ final norm and wcls. Per pass (message flow, `StageEngine`):
     last stage:  logits of the logit rows (distributed argmax or gathered rows inside the stage),
                  [ids | full rows] -> rank 0 (Isend), which collects the oldest pass when it needs it
 
+A pass with grammar-constrained rows (grammar.py) also sends their masks from rank 0 straight to the
+last stage's root (TAG_MASK, once stage 0's layers are done: the masks are computed beside them),
+which broadcasts them in its stage before the logits.
+
 Residual rows travel as f32, or q80 with `--buffer-float-type q80`. Every wait for a message between
 stages polls (Test + sleep, MPI.md §4): a stage root waiting for its next input is idle; the root
 waiting for results is under the --sync-timeout watchdog. With one stage (`--pp 1`) none of this
@@ -53,6 +57,7 @@ from .shard import ShardPlan, even_split, fit_types, make_plan, weighted_split
 from .weights import Matrix, Route, load_weights
 
 TAG_FORWARD, TAG_RESULT = 21, 22     # [control | rows] between stage roots; [ids | stats | logits] to rank 0
+TAG_MASK = 23                        # a pass's grammar masks, rank 0 -> the last stage's root
 STATS_REC = 4 + 2 * STATS_TOPK       # a TokenStats in float64: argmax, log Z, target, n top, (id, logprob)s
 MEMORY_USE = 0.9                     # share of a rank's free memory `auto` may fill with weights
 
@@ -526,14 +531,21 @@ class StageEngine(Engine):
         self._result_i = (i + 1) % self.depth
         buf = self._results[i]
         req = self.link.irecv(buf[:self._result_size(modes)], self.layout.stages[-1].root, TAG_RESULT)
-        self.inflight.append((buf, req, modes))
         self._pass(b, None)
+        mask_req = None
+        if rows.masks is not None:   # computed meanwhile; the buffer is the scheduler's, one per pass
+            wait, masks = rows.masks
+            wait()
+            mask_req = self._isend(masks, self.layout.stages[-1].root, TAG_MASK)
+        self.inflight.append((buf, req, modes, mask_req))
 
     def collect(self) -> list:
         """Root: the results of the oldest pass in flight, as Engine.step returns them (full rows are
         views reused `depth` passes later)."""
-        buf, req, modes = self.inflight.popleft()
+        buf, req, modes, mask_req = self.inflight.popleft()
         self._wait(req)
+        if mask_req is not None:
+            self._wait(mask_req)
         ids, stats, full = self._result_views(buf, modes)
         out, k, q = [], 0, 0
         for j, m in enumerate(modes):
@@ -653,3 +665,9 @@ class StageEngine(Engine):
 
     def _logits(self, out_full) -> list:
         return super()._logits(out_full) if self.last else None
+
+    def _root_masks(self, n: int) -> np.ndarray:
+        """The last stage's root: the pass's masks from rank 0 (sent once stage 0 had run)."""
+        buf = self.st.masks[:n]
+        self._wait(self.link.irecv(buf, 0, TAG_MASK))
+        return buf

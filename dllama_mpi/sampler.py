@@ -49,7 +49,10 @@ class Sampler:
         if 0 < self.topp < 1:
             return self._topp(p, r)
         cdf = np.cumsum(p)
-        return int(min(np.searchsorted(cdf, r, side="right"), self.vocab_size - 1))
+        k = int(min(np.searchsorted(cdf, r, side="right"), self.vocab_size - 1))
+        if p[k] == 0:   # r past the rounded total: the last token that has a probability (never a masked one)
+            k = int(np.flatnonzero(p)[-1])
+        return k
 
     def _topp(self, p: np.ndarray, r: float) -> int:
         # candidates below (1 - topp) / (n - 1) cannot be part of the nucleus

@@ -15,10 +15,13 @@ thread (it only sets a flag that the next step reads).
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
+
+import numpy as np
 
 from .engine import LOGITS_ARGMAX, LOGITS_FULL, LOGITS_STATS, Engine, Rows, TokenStats, row_stats
 from .errors import DllamaError
@@ -132,11 +135,15 @@ class Request:
     after the first, in `prompt_logprobs` (the prompt is then evaluated in full: no cached pages).
     followers: requests with the same prompt and parameters but their own samplers (the n choices of
     one API request): they take over this request's pages when its prompt is evaluated (one page
-    copy) and sample their first token from the same logits."""
+    copy) and sample their first token from the same logits.
+    grammar: a grammar.Matcher (constrained decoding; each follower its own copy, made before the
+    first token): every sampled row is masked by it, and the sequence stops ("stop") once the grammar
+    is complete."""
 
     def __init__(self, prompt: Sequence[int], max_tokens: int, sampler: Sampler, stop: Sequence[str] = (),
                  ignore_eos: bool = False, sink: Callable | None = None, tag=None, cancelled_by=None,
-                 logprobs: int | None = None, prompt_logprobs: bool = False, followers: Sequence = ()):
+                 logprobs: int | None = None, prompt_logprobs: bool = False, followers: Sequence = (),
+                 grammar=None):
         self.prompt = [int(t) for t in prompt]
         self.max_tokens = int(max_tokens)
         self.sampler = sampler
@@ -151,6 +158,7 @@ class Request:
         self.logprobs = logprobs
         self.prompt_logprobs: list | None = [None] if prompt_logprobs else None
         self.followers = list(followers)
+        self.grammar = grammar
         self.waited_for_pages = False
         self._cancel = False
         self._cancel_event = cancelled_by      # a threading.Event another thread may set
@@ -325,6 +333,7 @@ class Scheduler:
         logit_rows, logit_modes, logit_targets, logit_inv_t = [], [], [], []
         logit_kind = []                           # per logit row: "sample" or "prompt" (a prompt logprob)
         fed: list[tuple[Request, int, int]] = []   # (request, first row, n rows) per sequence
+        logit_masks, constrained = [], []          # per logit row its mask (-1: none); the matchers
 
         def want(row, req, mode, target=-1, kind="sample"):
             logit_rows.append(row)
@@ -332,6 +341,11 @@ class Scheduler:
             logit_targets.append(target)
             logit_inv_t.append(req.inv_t)
             logit_kind.append(kind)
+            if kind == "sample" and req.grammar is not None:
+                logit_masks.append(len(constrained))
+                constrained.append(req.grammar)
+            else:
+                logit_masks.append(-1)
 
         budget = self.max_batch
         decodes = 0
@@ -372,6 +386,10 @@ class Scheduler:
         for req, first, n in fed:
             self.kv.ensure(req.seq, positions[first + n - 1] + 1)
         rows = Rows(tokens, slots, positions, logit_rows, logit_modes, logit_targets, logit_inv_t)
+        if constrained:   # their masks are computed on a helper thread while the pass runs
+            masks = np.empty((len(constrained), constrained[0].grammars.words), np.int32)
+            done = constrained[0].grammars.fill_async(constrained, masks)
+            rows.logit_masks, rows.masks = logit_masks, (done.result, masks)
         return _Pass(rows, rows_req, fed, logit_kind)
 
     def _hand_out(self, p: "_Pass", out) -> None:
@@ -391,8 +409,8 @@ class Scheduler:
                                                         value.top[:req.logprobs or 0]))
                 continue
             for f in req.followers:   # the n choices of one request: same prompt, same logits
-                self._fork(req, f, now)
-                self._sample(f, value, now)
+                if self._fork(req, f, now):
+                    self._sample(f, value, now)
             req.followers = []
             self._sample(req, value, now)
         for req, first, n in fed:
@@ -416,18 +434,21 @@ class Scheduler:
                 lp = TokenLogprob(token, s.target, s.top[:req.logprobs])
         self._on_token(req, token, now, lp)
 
-    def _fork(self, leader: Request, req: Request, now: float) -> None:
-        """A follower takes the leader's evaluated prompt (shared full pages, a copy of the last)."""
+    def _fork(self, leader: Request, req: Request, now: float) -> bool:
+        """A follower takes the leader's evaluated prompt (shared full pages, a copy of the last);
+        False when there is no room now: it queues first in line, shares the cached prompt later
+        and samples its first token from its own pass then."""
         seq = self.kv.fork(leader.seq, min(req.max_rows, self.max_seq_len))
-        if seq is None:   # no room now: it queues first in line and shares the cached prompt later
+        if seq is None:
             self.waiting.appendleft(req)
-            return
+            return False
         req.seq, req.state = seq, PREFILL
         req._t_admit = now
         req.stats.queue_seconds = now - req._t_submit
         req.stats.evaluated_prompt_tokens = 0
         req.prompt_logprobs = leader.prompt_logprobs
         self.running.append(req)
+        return True
 
     # ---- admission, tokens, ends ------------------------------------------------------------
 
@@ -468,7 +489,18 @@ class Scheduler:
             req.sink("piece", Piece(token, tail + req.matcher.flush(), lp))
             self._finish(req, "stop")
             return
+        if req.grammar is not None and not req.grammar.consume(token):   # the mask makes this unreachable
+            print(f"grammar: token {token} was refused ({req.grammar.error}); the sequence ends",
+                  file=sys.stderr, flush=True)
+            req.sink("piece", Piece(token, "", lp))
+            self._finish(req, "abort")
+            return
         text, stopped = req.matcher.push(req.decoder.push(token))
+        if req.grammar is not None and req.grammar.stopped and not stopped:   # the value is complete
+            tail = req.matcher.push(req.decoder.flush())[0] + req.matcher.flush()
+            req.sink("piece", Piece(token, text + tail, lp))
+            self._finish(req, "stop")
+            return
         if stopped:
             req.sink("piece", Piece(token, text, lp))
             self._finish(req, "stop")

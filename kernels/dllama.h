@@ -199,6 +199,8 @@ void dl_attention(float *out, const float *q, const float *k_cache, const float 
  * out[3 + 2k]: max of y = x * inv_t, log-sum-exp of y, y[target] (-inf if target is outside [0, n)),
  * then the k largest (y, index) pairs, largest first, lower index first among equals. ---- */
 void dl_logit_stats(double *out, const float *x, int n, float inv_t, int target, int k);
+/* a grammar's token mask on a slice of a logits row: x[i] = -inf unless bit id0 + i of words is set */
+void dl_apply_token_mask(float *x, int n, const uint32_t *words, int id0);
 
 /* ---- Gemma 3 ----
  * GeGLU: out = gelu_tanh(gate) * up (transformers' gelu_pytorch_tanh), any n; out may alias gate.

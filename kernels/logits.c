@@ -6,7 +6,8 @@
  * (computed as max + log sum exp(y - max), in double), out[2] = y[target] (-inf when target is not in
  * [0, n)), then the k largest (value, index) pairs in decreasing value order, lowest index first among
  * equal values (the argmax rule of the sampler), -inf / -1 where the slice has fewer than k values.
- * One scalar path: it reads a row once and is bound by that read and the exps. */
+ * One scalar path: it reads a row once and is bound by that read and the exps. A slice whose values
+ * are all -inf (masked out by a grammar) has log sum exp -inf, not NaN. */
 #include "dl_internal.h"
 #include <math.h>
 
@@ -31,9 +32,19 @@ void dl_logit_stats(double *out, const float *x, int n, float inv_t, int target,
         }
     }
     double s = 0.0;
-    if (n > 0)
+    if (m > neg_inf)
         for (int i = 0; i < n; i++) s += exp((double)x[i] * inv_t - m);
     out[0] = m;
-    out[1] = n > 0 ? m + log(s) : neg_inf;
+    out[1] = m > neg_inf ? m + log(s) : neg_inf;
     out[2] = target >= 0 && target < n ? (double)x[target] * inv_t : neg_inf;
+}
+
+/* A grammar's token mask on one rank's slice of a logits row: x[i] (token id0 + i) becomes -inf
+ * unless bit (id0 + i) of `words` is set (bit j of the mask is bit j % 32 of word j / 32, llguidance's
+ * layout). Applied before temperature, top-p, sampling and log-probabilities. */
+void dl_apply_token_mask(float *x, int n, const uint32_t *words, int id0) {
+    for (int i = 0; i < n; i++) {
+        const unsigned id = (unsigned)(id0 + i);
+        if (!((words[id >> 5] >> (id & 31)) & 1u)) x[i] = -INFINITY;
+    }
 }
