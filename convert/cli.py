@@ -90,7 +90,7 @@ def hf_cmd(folder, out_model, out_tokenizer, weights, quiet):
                    "auto = rmse for tensors the GGUF already stores quantized, dllama for float ones.")
 @one_line(interrupted=None)
 def gguf_cmd(file, out_model, out_tokenizer, weights, quiet, q40_method):
-    """Convert a GGUF FILE (llama / qwen3 / qwen3moe / gemma3 architecture, any tensor type) to .m / .t
+    """Convert a GGUF FILE (llama / qwen2 / qwen3 / qwen3moe / gemma3 architecture, any tensor type) to .m / .t
     files. Not needed to run it: every command takes --model FILE.gguf."""
     from .gguf import convert_gguf
 

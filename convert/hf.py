@@ -20,13 +20,15 @@ import struct
 import numpy as np
 
 from dllama_mpi.errors import ConvertError
-from dllama_mpi.formats import (ACT_GELU, ACT_SILU, ARCH_GEMMA3, ARCH_LLAMA, ARCH_QWEN3, ARCH_QWEN3_MOE, HEADER_KEY_OF,
-                                ROPE_LLAMA3_1, ModelHeader, TokenizerData, tensor_layout, write_tokenizer)
+from dllama_mpi.formats import (ACT_GELU, ACT_SILU, ARCH_GEMMA3, ARCH_LLAMA, ARCH_QWEN2, ARCH_QWEN3, ARCH_QWEN3_MOE,
+                                HEADER_KEY_OF, ROPE_LLAMA3_1, ModelHeader, TokenizerData, tensor_layout,
+                                write_tokenizer)
 
 from .common import (TensorSource, byte_level_token_bytes, check_header_for_weights, parse_weights_type,
                      permute_rows_source, sentencepiece_token_bytes, write_model)
 
-ARCHS = {"llama": ARCH_LLAMA, "mistral": ARCH_LLAMA, "qwen3": ARCH_QWEN3, "qwen3_moe": ARCH_QWEN3_MOE}
+ARCHS = {"llama": ARCH_LLAMA, "mistral": ARCH_LLAMA, "qwen2": ARCH_QWEN2, "qwen3": ARCH_QWEN3,
+         "qwen3_moe": ARCH_QWEN3_MOE}
 ACTS = {"gelu": ACT_GELU, "silu": ACT_SILU}
 
 
@@ -76,6 +78,9 @@ def header_from_config(config: dict, weights_float_type: int, where: str = "conf
                            f"only the text model (Gemma3ForCausalLM, model_type 'gemma3_text') is supported")
     if model_type not in ARCHS:
         raise ConvertError(f"{where}: unsupported model_type {model_type!r} (supported: {', '.join(ARCHS)})")
+    if model_type == "qwen2" and config.get("use_sliding_window"):
+        raise ConvertError(f"{where}: field 'use_sliding_window' is true; Qwen2's sliding-window attention is not "
+                           f"supported (the released Qwen2 / Qwen2.5 models have it off)")
     act = config.get("hidden_act", config.get("hidden_activation"))
     if act not in ACTS:
         raise ConvertError(f"{where}: unsupported hidden_act {act!r} (supported: gelu, silu)")
@@ -356,6 +361,8 @@ HF_LAYER_NAMES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "sel
                   "router": "mlp.gate", "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm",
                   "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 HF_EXPERT_NAMES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+# Qwen2's attention biases
+HF_BIAS_NAMES = {"q_bias": "self_attn.q_proj.bias", "k_bias": "self_attn.k_proj.bias", "v_bias": "self_attn.v_proj.bias"}
 # Gemma 3's four norms per layer: HF's post_attention_layernorm is the norm *after* attention
 GEMMA3_LAYER_NAMES = {**HF_LAYER_NAMES, "attn_post_norm": "post_attention_layernorm",
                       "ffn_norm": "pre_feedforward_layernorm", "ffn_post_norm": "post_feedforward_layernorm"}
@@ -380,6 +387,8 @@ def hf_sources(ck: Checkpoint, h: ModelHeader):
             yield ck.source("lm_head.weight", "model.embed_tokens.weight")     # tied: DL's fallback
         elif t.expert >= 0:
             yield ck.source(f"model.layers.{t.layer}.mlp.experts.{t.expert}.{HF_EXPERT_NAMES[t.name]}.weight")
+        elif t.name in HF_BIAS_NAMES:
+            yield ck.source(f"model.layers.{t.layer}.{HF_BIAS_NAMES[t.name]}")
         else:
             names = GEMMA3_LAYER_NAMES if h.is_gemma3 else HF_LAYER_NAMES
             src = ck.source(f"model.layers.{t.layer}.{names[t.name]}.weight")

@@ -512,8 +512,8 @@ def register(group) -> None:
     @sampling_options
     @click.option("--system", default=None, help="System prompt.")
     @click.option("--chat-template", default=None,
-                  help="Override the tokenizer's chat template: a built-in name (llama3, chatml, smollm2, qwen3, "
-                       "deepseek-r1) or Jinja source.")
+                  help="Override the tokenizer's chat template: a built-in name (llama3, chatml, smollm2, qwen2.5, "
+                       "qwen3, deepseek-r1, gemma3) or Jinja source.")
     @click.option("--think", type=click.Choice(["show", "hide"]), default="show", show_default=True,
                   help="Show or hide the <think>...</think> part of thinking models (Qwen3, DeepSeek-R1).")
     @click.option("--stop", multiple=True, help="Stop an answer at this text (repeatable).")

@@ -527,6 +527,10 @@ class Engine:
         st, hd = self.st, self.h.head_size
         self._norm_quant(layer.p_attn_norm, b)
         _matmuls(layer.qkv, (layer.wq, layer.wk, layer.wv), (st.p_q, st.p_k, st.p_v), st, b)
+        if layer.q_bias is not None:    # Qwen2: this rank's slices of the biases, over every row
+            np.add(st.q[:b], layer.q_bias, out=st.q[:b])
+            np.add(st.k[:b], layer.k_bias, out=st.k[:b])
+            np.add(st.v[:b], layer.v_bias, out=st.v[:b])
         n_q, n_kv = st.q_loc // hd, st.kv_loc // hd
         if layer.p_q_norm is not None:  # Qwen3, Gemma 3: per-head RMSNorm of q and k before rope
             lib.dl_rmsnorm(st.p_q, st.p_q, layer.p_q_norm, hd, self.eps, b * n_q)

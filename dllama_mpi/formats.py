@@ -1,6 +1,6 @@
 """Distributed Llama's file formats: `.m` models and `.t` tokenizers (../spec/FORMATS.md §1–§3).
 
-dllama-mpi's extensions (the Gemma 3 arch, SentencePiece token types) are in FORMATS-EXT.md beside
+dllama-mpi's extensions (the Gemma 3 and Qwen2 archs, SentencePiece token types) are in FORMATS-EXT.md beside
 this file. This module is the only place that knows byte layouts. Readers memory-map the model (nothing is
 copied until a tensor is asked for) and validate everything against the file length; every problem
 is a one-line ModelFormatError / TokenizerFormatError naming the file and the field.
@@ -26,8 +26,9 @@ OLD_MODEL_MAGICS = (0x00ABCD00, 0x00ABCD01)
 
 ARCH_LLAMA, ARCH_QWEN3, ARCH_QWEN3_MOE = 0xABCD00, 0xABCD01, 0xABCD02
 # dllama-mpi's own archs (FORMATS-EXT.md) count from 0xABCD80, away from Distributed Llama's next ids
-ARCH_GEMMA3 = 0xABCD80
-ARCH_NAMES = {ARCH_LLAMA: "llama", ARCH_QWEN3: "qwen3", ARCH_QWEN3_MOE: "qwen3_moe", ARCH_GEMMA3: "gemma3"}
+ARCH_GEMMA3, ARCH_QWEN2 = 0xABCD80, 0xABCD81
+ARCH_NAMES = {ARCH_LLAMA: "llama", ARCH_QWEN3: "qwen3", ARCH_QWEN3_MOE: "qwen3_moe", ARCH_GEMMA3: "gemma3",
+              ARCH_QWEN2: "qwen2"}
 
 ACT_GELU, ACT_SILU = 0, 1
 ROPE_LLAMA, ROPE_FALCON, ROPE_LLAMA3_1 = 0, 1, 2
@@ -156,6 +157,11 @@ class ModelHeader:
         return self.arch_type == ARCH_GEMMA3
 
     @property
+    def has_qkv_bias(self) -> bool:
+        """Qwen2: biases added to q, k and v after their matmuls (q_bias / k_bias / v_bias tensors)."""
+        return self.arch_type == ARCH_QWEN2
+
+    @property
     def has_qk_norm(self) -> bool:
         """Per-head RMSNorm of q and k before rope (q_norm / k_norm tensors)."""
         return self.is_qwen3 or self.is_gemma3
@@ -211,8 +217,8 @@ class ModelHeader:
 
     @property
     def effective_rope_type(self) -> int:
-        """Qwen3 and Gemma 3 always use FALCON (half-split) rope, whatever the header says."""
-        return ROPE_FALCON if self.is_qwen3 or self.is_gemma3 else self.rope_type
+        """Qwen2, Qwen3 and Gemma 3 always use FALCON (half-split) rope, whatever the header says."""
+        return ROPE_FALCON if self.is_qwen3 or self.is_gemma3 or self.has_qkv_bias else self.rope_type
 
     @property
     def n_matrices(self) -> int:
@@ -318,7 +324,7 @@ MATRIX_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "wcls")
 @dataclass(frozen=True)
 class TensorInfo:
     name: str          # embed, wq, wk, wv, wo, w1, w2, w3, router, q_norm, k_norm, attn_norm, ffn_norm,
-                       # attn_post_norm, ffn_post_norm (gemma3), norm, wcls
+                       # attn_post_norm, ffn_post_norm (gemma3), q_bias, k_bias, v_bias (qwen2), norm, wcls
     layer: int         # -1 for global tensors
     expert: int        # -1 unless an MoE expert matrix
     ftype: int
@@ -371,6 +377,10 @@ def tensor_layout(h: ModelHeader, header_size: int) -> list[TensorInfo]:
         if h.is_gemma3:                        # sandwich norms: after attention, after the FFN
             add("attn_post_norm", F32, 1, h.dim, l)
             add("ffn_post_norm", F32, 1, h.dim, l)
+        if h.has_qkv_bias:                     # qwen2: added to q, k, v after their matmuls
+            add("q_bias", F32, 1, h.q_dim, l)
+            add("k_bias", F32, 1, h.kv_dim, l)
+            add("v_bias", F32, 1, h.kv_dim, l)
     add("norm", F32, 1, h.dim)
     add("wcls", W, h.vocab_size, h.dim)
     return out
@@ -395,6 +405,8 @@ def model_nbytes(h: ModelHeader, header_size: int) -> int:
         per_layer += 2 * tensor_nbytes(F32, 1, h.head_size)
     if h.is_gemma3:
         per_layer += 2 * tensor_nbytes(F32, 1, h.dim)
+    if h.has_qkv_bias:
+        per_layer += tensor_nbytes(F32, 1, h.q_dim) + 2 * tensor_nbytes(F32, 1, h.kv_dim)
     return (header_size + tensor_nbytes(h.embed_type, h.vocab_size, h.dim) + h.n_layers * per_layer
             + tensor_nbytes(F32, 1, h.dim) + tensor_nbytes(W, h.vocab_size, h.dim))
 
@@ -428,6 +440,10 @@ def validate_header(path: str, h: ModelHeader) -> None:
         bad(f"dim {h.dim} is not a multiple of n_heads {h.n_heads} and head_dim is absent")
     if h.head_size % 2:
         bad(f"head_dim {h.head_size} must be even for rope")
+    if h.has_qkv_bias and h.n_experts:
+        bad(f"qwen2 model with n_experts {h.n_experts} (key 7); qwen2 is dense")
+    if h.has_qkv_bias and h.rope_scaling_factor != 1:
+        bad(f"qwen2 model with llama3 rope scaling (key 14 is {h.rope_scaling_factor}); qwen2 has no rope scaling")
     if h.arch_type == ARCH_QWEN3_MOE and (h.n_experts == 0 or h.moe_hidden_dim == 0):
         bad("qwen3_moe model without n_experts (key 7) or moe_hidden_dim (key 21)")
     if h.n_experts and not 0 < h.n_active_experts <= h.n_experts:

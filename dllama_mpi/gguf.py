@@ -20,8 +20,10 @@ A split GGUF (llama.cpp's gguf-split: `NAME-00001-of-00003.gguf` ...) is one mod
 is opened (GGUFFile): `--model` may name any part, every part is mapped and checked, and each tensor
 is read from the part that holds it.
 
-Architectures: `llama` (Llama, SmolLM2, Mistral-style), `qwen3`, `qwen3moe`, `gemma3`
-(FORMATS-EXT.md; llama.cpp already stores Gemma's norms as 1 + w and keeps q/k rows unpermuted).
+Architectures: `llama` (Llama, SmolLM2, Mistral-style), `qwen2` (Qwen2 / Qwen2.5, QwQ,
+DeepSeek-R1-Distill-Qwen: q/k/v biases, FORMATS-EXT.md), `qwen3`, `qwen3moe`, `gemma3`
+(FORMATS-EXT.md; llama.cpp already stores Gemma's norms as 1 + w and keeps q/k rows unpermuted;
+qwen2's too: NeoX rope, which is Distributed Llama's FALCON rope).
 Q/K rows of llama GGUFs are in Distributed Llama's rope order already: llama.cpp's converter applies
 the same permutation (convert/gguf.py says why).
 """
@@ -37,12 +39,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .errors import ModelFormatError
-from .formats import (ACT_GELU, ACT_SILU, ARCH_GEMMA3, ARCH_LLAMA, ARCH_QWEN3, ARCH_QWEN3_MOE, F32, HEADER_KEY_OF,
+from .formats import (ACT_GELU, ACT_SILU, ARCH_GEMMA3, ARCH_LLAMA, ARCH_QWEN2, ARCH_QWEN3, ARCH_QWEN3_MOE, F32,
+                      HEADER_KEY_OF,
                       MATRIX_NAMES, Q80, ROPE_LLAMA3_1, TOKEN_NORMAL, ModelHeader, TensorInfo, TokenizerData,
                       drop_pages, ggml_to_type, map_model_file, norm_epsilon_code, set_matrix_types, tensor_layout, validate_header)
 
 MAGIC = b"GGUF"
-ARCHS = {"llama": ARCH_LLAMA, "qwen3": ARCH_QWEN3, "qwen3moe": ARCH_QWEN3_MOE, "gemma3": ARCH_GEMMA3}
+ARCHS = {"llama": ARCH_LLAMA, "qwen2": ARCH_QWEN2, "qwen3": ARCH_QWEN3, "qwen3moe": ARCH_QWEN3_MOE,
+         "gemma3": ARCH_GEMMA3}
 MAX_DIMS = 4
 MAX_ARRAY_DEPTH = 4
 
@@ -616,9 +620,11 @@ def header_from_gguf(g: GGUFFile) -> ModelHeader:
         present.append("moe_hidden_dim")
     if a == "gemma3":
         _gemma3_keys(g, v, present, hd)
+    # qwen2's q/k/v biases are tensors of its layout (checked with the others); no arch has more
+    allowed = ("attn_q.bias", "attn_k.bias", "attn_v.bias") if a == "qwen2" else ()
     for bias in ("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias"):
-        if f"blk.0.{bias}" in g.tensors:
-            g.bad(f"tensor blk.0.{bias} (attention bias) is not supported")
+        if f"blk.0.{bias}" in g.tensors and bias not in allowed:
+            g.bad(f"tensor blk.0.{bias} (attention bias) is not supported for architecture {a}")
     return ModelHeader(**v, present=tuple(HEADER_KEY_OF[n] for n in present))
 
 
@@ -627,6 +633,7 @@ LAYER_NAMES = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_outpu
                "w2": "ffn_down", "w3": "ffn_up", "router": "ffn_gate_inp", "q_norm": "attn_q_norm",
                "k_norm": "attn_k_norm", "attn_norm": "attn_norm", "ffn_norm": "ffn_norm",
                "attn_post_norm": "post_attention_norm", "ffn_post_norm": "post_ffw_norm"}
+BIAS_NAMES = {"q_bias": "attn_q", "k_bias": "attn_k", "v_bias": "attn_v"}   # qwen2: blk.N.attn_q.bias ...
 
 
 def gguf_name(t: TensorInfo, tensors) -> str:
@@ -637,6 +644,8 @@ def gguf_name(t: TensorInfo, tensors) -> str:
         return "output_norm.weight"
     if t.name == "wcls":
         return "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    if t.name in BIAS_NAMES:
+        return f"blk.{t.layer}.{BIAS_NAMES[t.name]}.bias"
     suffix = "_exps" if t.expert >= 0 else ""
     return f"blk.{t.layer}.{LAYER_NAMES[t.name]}{suffix}.weight"
 
@@ -848,8 +857,12 @@ def _bpe_scores(tokens: list[str], merges: list[str] | None) -> np.ndarray:
 
 
 # llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) -> tokenizer.PRETOKENIZERS; others: detected
-PRETOKENIZER_NAMES = {"llama-bpe": "llama3", "llama3": "llama3", "qwen2": "qwen2", "smollm": "smollm",
-                      "gpt-2": "gpt2", "gpt2": "gpt2"}
+PRETOKENIZER_NAMES = {"llama-bpe": "llama3", "llama3": "llama3", "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2",
+                      "smollm": "smollm", "gpt-2": "gpt2", "gpt2": "gpt2"}
+# without tokenizer.ggml.add_bos_token llama.cpp (llama-vocab.cpp) adds bos for SentencePiece
+# vocabularies and these BPE pre-tokenizers only: not for qwen2, smollm, gpt2 ...
+ADD_BOS_PRETOKENIZERS = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                         "jina-v5-nano", "tekken", "chameleon")
 
 
 def tokenizer_data(g: GGUFFile) -> TokenizerData:
@@ -893,8 +906,9 @@ def tokenizer_data(g: GGUFFile) -> TokenizerData:
         if not 0 <= i < n:
             g.bad(f"tokenizer {what} id {i} is outside the vocabulary (size {n})")
     add_bos = g.get("tokenizer.ggml.add_bos_token")
-    data = TokenizerData(vocab=vocab, scores=scores, bos_id=bos, eos_ids=eos,
-                         add_bos=True if add_bos is None else bool(add_bos),
+    if add_bos is None:
+        add_bos = model == "llama" or g.str("tokenizer.ggml.pre") in ADD_BOS_PRETOKENIZERS
+    data = TokenizerData(vocab=vocab, scores=scores, bos_id=bos, eos_ids=eos, add_bos=bool(add_bos),
                          chat_template=g.str("tokenizer.chat_template"), max_token_length=max(len(t) for t in vocab))
     if model == "llama":            # llama.cpp's SPM defaults: add_space_prefix unless the file says no
         data.token_types = token_types

@@ -204,6 +204,9 @@ class Layer:
     experts: list = field(default_factory=list)      # [(w1, w2, w3)] per expert
     attn_post_norm: np.ndarray | None = None         # gemma3: sandwich norms of the attention and FFN
     ffn_post_norm: np.ndarray | None = None          # outputs, before they join the residual
+    q_bias: np.ndarray | None = None                 # qwen2: this rank's slices of the q, k, v biases
+    k_bias: np.ndarray | None = None
+    v_bias: np.ndarray | None = None
     index: int = 0                                   # the layer's number in the model
     qkv: tuple | None = None                         # set by the Engine: the fused q/k/v call (engine._fused)
     w13: tuple | None = None                         # ... and the fused gate/up call
@@ -233,13 +236,16 @@ class Weights:
                       *(m for e in layer.experts for m in e)):
                 total += m.data.nbytes if m is not None else 0
             for v in (layer.attn_norm, layer.ffn_norm, layer.q_norm, layer.k_norm, layer.router,
-                      layer.attn_post_norm, layer.ffn_post_norm):
+                      layer.attn_post_norm, layer.ffn_post_norm, layer.q_bias, layer.k_bias, layer.v_bias):
                 total += v.nbytes if v is not None else 0
         return total
 
 
 # ------------------------------------------------------------------------------------------------
 # loading
+
+# qwen2's biases: each rank keeps the entries of its rows of the matrix the bias follows
+BIAS_OF = {"q_bias": "wq", "k_bias": "wk", "v_bias": "wv"}
 
 def _slice_bytes(model, t: TensorInfo, plan: ShardPlan, rank: int, whole: np.ndarray | None = None) -> np.ndarray:
     """The bytes of rank's slice of a matrix: a view for row ranges, a packed copy for columns (cut
@@ -351,7 +357,7 @@ def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardP
             continue
         g, tplan, me = r.comm, r.plan, r.members[r.comm.rank]
         if t.name not in MATRIX_NAMES:
-            # small replicated vectors (norms) and the MoE router: copy (aligned) and broadcast
+            # small vectors (norms, biases) and the MoE router: copy (aligned) and broadcast
             arr = np.empty((t.rows, t.cols), np.float32)
             if g.is_root or load == "local":
                 arr[...] = tensor_rows(model, t).view(np.float32).reshape(t.rows, t.cols)
@@ -360,7 +366,10 @@ def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardP
             if me is None:
                 continue   # the root sent another pipeline stage's vector
             value = arr if t.rows > 1 else arr.reshape(-1)
-            share += t.nbytes
+            if t.name in BIAS_OF:   # the whole bias is a few KB: sent whole, kept in part
+                r0, r1 = tplan.rows(BIAS_OF[t.name], me)
+                value = value[r0:r1].copy()
+            share += value.nbytes
         else:
             if g.size == 1:
                 data = tensor_rows(model, t)

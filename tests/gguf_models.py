@@ -162,3 +162,64 @@ def split_gguf(src: Path, prefix: Path, max_tensors: int, *, empty_first=False, 
         path.write_bytes(head + b"\0" * (-len(head) % part_align) + b"".join(blobs))
         paths.append(path)
     return paths
+
+
+def hf_bf16_tensors(folder: Path) -> dict[str, np.ndarray]:
+    """A tiny HF checkpoint's bf16 tensors (model.safetensors) as float32, read from the bytes."""
+    import struct
+
+    raw = (folder / "model.safetensors").read_bytes()
+    (n,) = struct.unpack_from("<Q", raw, 0)
+    out = {}
+    for name, info in json.loads(raw[8:8 + n]).items():
+        if name == "__metadata__":
+            continue
+        assert info["dtype"] == "BF16", (name, info["dtype"])
+        b0, b1 = info["data_offsets"]
+        u16 = np.frombuffer(raw, dtype="<u2", count=(b1 - b0) // 2, offset=8 + n + b0)
+        out[name] = (u16.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+    return out
+
+
+# Hugging Face Qwen2 names inside a layer -> GGUF names inside blk.N (llama.cpp's tensor mapping)
+QWEN2_GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+                    "post_attention_layernorm": "ffn_norm"}
+
+
+def write_tiny_qwen2_gguf(path: Path, dtype=np.float32, zero_biases: bool = False) -> Path:
+    """tests/data/tiny/hf/tiny_qwen2 as llama.cpp's convert_hf_to_gguf.py writes a qwen2 GGUF: its
+    keys, tensor names (blk.N.attn_q.bias ...), q/k rows not permuted (NeoX rope), tied output (no
+    output.weight), matrices in `dtype` (float32 or float16), norms and biases float32. No
+    tokenizer (the engine does not need one). zero_biases: the same model without its biases."""
+    import gguf
+
+    folder = HF / "tiny_qwen2"
+    cfg = json.loads((folder / "config.json").read_text())
+    wr = gguf.GGUFWriter(str(path), "qwen2")
+    wr.add_context_length(cfg["max_position_embeddings"])
+    wr.add_embedding_length(cfg["hidden_size"])
+    wr.add_block_count(cfg["num_hidden_layers"])
+    wr.add_feed_forward_length(cfg["intermediate_size"])
+    wr.add_head_count(cfg["num_attention_heads"])
+    wr.add_head_count_kv(cfg["num_key_value_heads"])
+    wr.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    wr.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    for name, a in sorted(hf_bf16_tensors(folder).items()):
+        if name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        else:
+            layer, rest = name[len("model.layers."):].split(".", 1)
+            stem, kind = rest.rsplit(".", 1)
+            gname = f"blk.{layer}.{QWEN2_GGUF_NAMES[stem]}.{kind}"
+        if name.endswith(".bias") and zero_biases:
+            a = np.zeros_like(a)
+        wr.add_tensor(gname, a if a.ndim == 1 else a.astype(dtype))
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return path

@@ -47,14 +47,15 @@ def test_render_matches_transformers(templates, case):
 
 def test_expected_file_covers_the_families():
     ids = {c["template"] for c in EXPECTED["cases"]}
-    assert {"llama3_real", "llama3_tiny", "qwen3_real", "qwen3_tiny", "chatml", "smollm2", "deepseek-r1", "gemma3"} <= ids
+    assert {"llama3_real", "llama3_tiny", "qwen3_real", "qwen3_tiny", "chatml", "smollm2", "qwen2.5", "deepseek-r1",
+            "gemma3"} <= ids
     assert "transformers" in EXPECTED["recorded_with"]
 
 
 def test_builtins_equal_the_stored_templates(real_tokenizers):
     assert read_tokenizer(real_tokenizers["llama3"]).chat_template == BUILTIN_TEMPLATES["llama3"]
     assert read_tokenizer(real_tokenizers["qwen2"]).chat_template == BUILTIN_TEMPLATES["qwen3"]
-    assert set(BUILTIN_TEMPLATES) >= {"llama3", "chatml", "qwen3", "deepseek-r1"}
+    assert set(BUILTIN_TEMPLATES) >= {"llama3", "chatml", "qwen2.5", "qwen3", "deepseek-r1"}
 
 
 def test_llama3_uses_strftime_now_for_today():

@@ -398,6 +398,35 @@ def test_gemma3_tiny_matches_transformers(world, tmp_path):
     verdict(world, ok, detail)
 
 
+@pytest.mark.parametrize("layout", ["even", "pp2", "uneven"])
+@pytest.mark.parametrize("source", ["hf", "gguf-f32", "gguf-f16"])
+def test_qwen2_tiny_matches_transformers(world, tmp_path, source, layout):
+    """Qwen2's q/k/v biases split with the heads (each rank the entries of its rows; KV heads shared by
+    ranks at 4 ranks and with uneven splits) and over pipeline stages (--pp 2): transformers' logits of
+    the tiny checkpoint, from `convert hf`'s .m and from the f32 and f16 GGUFs as they are."""
+    from conftest import TINY
+    from gguf_models import write_tiny_qwen2_gguf
+
+    path = None
+    if world.is_root:
+        if source == "hf":
+            from dllama_mpi.convert.hf import convert_hf_model
+
+            path = str(tmp_path / "tiny_qwen2.m")
+            convert_hf_model(TINY / "hf" / "tiny_qwen2", path, "f32", quiet=True)
+        else:
+            path = str(write_tiny_qwen2_gguf(tmp_path / "tiny_qwen2.gguf",
+                                             np.float16 if source == "gguf-f16" else np.float32))
+    kw = {"even": {}, "pp2": {"pp": 2}, "uneven": {"split": UNEVEN}}[layout]
+    ref = np.load(TINY / "qwen2_hf_reference.npz")
+    got = _logits(world, path, ref["ids"].tolist(), max_batch=16, **kw)
+    ok, detail = None, None
+    if world.is_root:
+        err = float(np.abs(got - ref["logits"]).max())
+        ok, detail = err < 1e-3 and np.array_equal(got.argmax(1), ref["logits"].argmax(1)), err
+    verdict(world, ok, detail)
+
+
 # ------------------------------------------------------------------------------------------------
 # GGUF files run as they are
 

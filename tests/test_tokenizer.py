@@ -323,3 +323,79 @@ def test_long_piece_uses_heap_merge_consistently(toks):
         _, i = min(cands)
         parts[i:i + 2] = [parts[i] + parts[i + 1]]
     assert list(fast) == [t._encoder[p] for p in parts]
+
+
+# ---------------------------------------------------------------- a Qwen2 GGUF's tokenizer
+
+# tokenizer.chat_template of llama.cpp's models/ggml-vocab-qwen2.gguf
+QWEN2_VOCAB_GGUF_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def qwen2_gguf(real_tokenizers, tmp_path_factory):
+    """llama.cpp's vocab-only Qwen2 GGUF (models/ggml-vocab-qwen2.gguf, whose .inp/.out vectors are
+    in tests/data: 5.9 MB, so not the file itself) rebuilt from the Qwen2 .t with gguf-py: the same
+    151936 token texts (byte-level, GPT-2's alphabet), types (3 control tokens, 290 user-defined
+    [PAD...] tokens), pre-tokenizer `qwen2`, bos = eos = 151643 and no add_bos key. Its merges (in id
+    order, one per regular token past the 256 bytes) are left out: in id order they mean `score = -id`,
+    which a file without merges gets too."""
+    import gguf
+
+    from dllama_mpi.formats import read_tokenizer
+    from dllama_mpi.gguf import gpt2_unicode_to_bytes
+
+    t = read_tokenizer(real_tokenizers["qwen2"])
+    to_char = {b: c for c, b in gpt2_unicode_to_bytes().items()}
+    n_regular = 151643
+    tokens = ["".join(to_char[b] for b in v) for v in t.vocab[:n_regular]]
+    tokens += [v.decode() for v in t.vocab[n_regular:]] + [f"[PAD{i}]" for i in range(len(t.vocab), 151936)]
+    path = tmp_path_factory.mktemp("qwen2_vocab") / "ggml-vocab-qwen2.gguf"
+    wr = gguf.GGUFWriter(str(path), "qwen2")
+    wr.add_tokenizer_model("gpt2")
+    wr.add_tokenizer_pre("qwen2")
+    wr.add_token_list(tokens)
+    wr.add_token_types([1] * n_regular + [3] * (len(t.vocab) - n_regular) + [4] * (151936 - len(t.vocab)))
+    wr.add_eos_token_id(151643)
+    wr.add_pad_token_id(151643)
+    wr.add_bos_token_id(151643)
+    wr.add_chat_template(QWEN2_VOCAB_GGUF_TEMPLATE)
+    wr.write_header_to_file(); wr.write_kv_data_to_file(); wr.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen2_gguf_tok(qwen2_gguf):
+    from dllama_mpi.gguf import GGUFFile, tokenizer_of
+
+    g = GGUFFile(qwen2_gguf)
+    try:
+        return tokenizer_of(g)
+    finally:
+        g.close()
+
+
+def test_qwen2_gguf_metadata(qwen2_gguf_tok, toks):
+    """The pre-tokenizer named in the file (not detected); no bos, as llama.cpp decides for a qwen2
+    vocabulary without add_bos_token; the .t file's token bytes."""
+    t = qwen2_gguf_tok
+    assert t.pretokenizer == "qwen2" and not t.add_bos and t.bos_id == 151643 and t.eos_ids == [151643]
+    assert t.vocab_size == 151936 and t.data.vocab[:151646] == toks["qwen2"].data.vocab
+    assert t.data.chat_template == QWEN2_VOCAB_GGUF_TEMPLATE
+
+
+@pytest.mark.parametrize("case", range(46))
+def test_qwen2_gguf_llamacpp_vectors(qwen2_gguf_tok, case):
+    text, expected = _vectors("qwen2")[case]
+    assert qwen2_gguf_tok.encode(text, parse_special=False) == expected
+
+
+def test_qwen2_gguf_chat_markup(qwen2_gguf_tok):
+    t = qwen2_gguf_tok
+    ids = t.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert ids[0] == 151644 and ids.count(151644) == 2 and ids.count(151645) == 1
+    assert t.encode("x<|endoftext|>y")[1] == 151643
+    assert 151644 not in t.encode("<|im_start|>", parse_special=False)

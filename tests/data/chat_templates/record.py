@@ -49,6 +49,7 @@ TEMPLATES = {
     "qwen3_real": {"tokenizer": "tests/data/tokenizers/dllama_tokenizer_qwen2.t.xz", "eos_token": "<|im_end|>"},
     "qwen3_tiny": {"tokenizer": "tests/data/tiny/t/dllama_tokenizer_tiny_qwen3.t", "eos_token": "<|im_end|>"},
     "llama3": {"builtin": "llama3", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+    "qwen2.5": {"builtin": "qwen2.5", "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"},
     "qwen3": {"builtin": "qwen3", "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"},
     "chatml": {"builtin": "chatml", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"},
     "smollm2": {"builtin": "smollm2", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"},
@@ -117,6 +118,10 @@ for tid in TEMPLATES:
         CASES.append((tid, "tools in system message", SU,
                       {**DATE, "tools": TOOLS, "tools_in_user_message": False}, True))
         CASES.append((tid, "tool call and result", LLAMA_TOOL_CALL, DATE, True))
+    if family == "qwen2.5":
+        CASES.append((tid, "tools", SU, {"tools": TOOLS}, True))
+        CASES.append((tid, "tools, default system prompt", U, {"tools": TOOLS}, True))
+        CASES.append((tid, "tool call and result", LLAMA_TOOL_CALL, {"tools": TOOLS}, True))
     if family == "gemma3":
         CASES.append((tid, "content as text parts", CONTENT_PARTS, {}, True))
     if family == "deepseek-r1":
