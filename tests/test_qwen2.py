@@ -146,7 +146,7 @@ def test_gguf_bias_rules(tmp_path, tiny_gguf):
                              "attention.layer_norm_rms_epsilon": "add_layer_norm_rms_eps"}[k[6:]])(f)
         for name, t in src.tensors.items():
             if name not in drop:
-                a = src.data(t.offset, t.nbytes).view(np.float32).reshape(tuple(reversed(t.dims)))
+                a = src.data(t.part, t.offset, t.nbytes).view(np.float32).reshape(tuple(reversed(t.dims)))
                 wr.add_tensor(name, a.reshape(-1) if len(t.dims) == 1 else a)
         for name, n in add:
             wr.add_tensor(name, np.zeros(n, np.float32))
