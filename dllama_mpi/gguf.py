@@ -918,12 +918,13 @@ def tokenizer_data(g: GGUFFile) -> TokenizerData:
 
 def tokenizer_of(g: GGUFFile):
     """A tokenizer.Tokenizer of the file's vocabulary, with llama.cpp's pre-tokenizer when the file
-    names one we know (else detected from the vocabulary, as for .t files)."""
+    names one we know (else detected from the vocabulary, as for .t files), and as llama.cpp no
+    Unicode normalisation (a .t of a Qwen2 model NFC-normalises, as Hugging Face's tokenizer does)."""
     from .tokenizer import Tokenizer
 
     data = tokenizer_data(g)
     pre = None if data.token_types is not None else PRETOKENIZER_NAMES.get(g.str("tokenizer.ggml.pre") or "")
-    return Tokenizer(data, pretokenizer=pre)
+    return Tokenizer(data, pretokenizer=pre, nfc=False)   # llama.cpp's ids: it normalises nothing
 
 
 __all__ = ["GGUFFile", "GGUFModel", "GGUFTensor", "ggml_name", "header_from_gguf", "is_gguf",

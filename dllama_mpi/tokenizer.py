@@ -142,7 +142,7 @@ def _special_ids(data: TokenizerData) -> set[int]:
 class Tokenizer:
     """Encoder/decoder over a `.t` vocabulary. See the module docstring for the rules."""
 
-    def __init__(self, data: TokenizerData, pretokenizer: str | None = None):
+    def __init__(self, data: TokenizerData, pretokenizer: str | None = None, nfc: bool | None = None):
         if pretokenizer is None:
             pretokenizer = detect_pretokenizer(data)
         if pretokenizer not in PRETOKENIZERS:
@@ -224,7 +224,9 @@ class Tokenizer:
             self._special_re = re.compile("|".join(re.escape(s) for s in alts)) if alts else None
 
         self._ignore_merges = pretokenizer == "llama3"
-        self._nfc = pretokenizer == "qwen2"
+        # NFC as Hugging Face's Qwen2 tokenizer does (the default); a GGUF's tokenizer passes False,
+        # since llama.cpp does not normalise and its ids are what that file is expected to give
+        self._nfc = pretokenizer == "qwen2" if nfc is None else nfc
         self._digits_re = regex.compile(DIGIT_PATTERN) if pretokenizer == "smollm" else None
         pattern = {"llama3": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN, "smollm": GPT2_PATTERN,
                    "gpt2": GPT2_PATTERN}.get(pretokenizer)

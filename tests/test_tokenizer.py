@@ -399,3 +399,16 @@ def test_qwen2_gguf_chat_markup(qwen2_gguf_tok):
     assert ids[0] == 151644 and ids.count(151644) == 2 and ids.count(151645) == 1
     assert t.encode("x<|endoftext|>y")[1] == 151643
     assert 151644 not in t.encode("<|im_start|>", parse_special=False)
+
+
+# llama-tokenize -m models/ggml-vocab-qwen2.gguf -p TEXT --ids (llama.cpp of llama-cpp-python 0.3.36,
+# 2026-12-06): decomposed accents stay decomposed, as llama.cpp does not normalise
+QWEN2_DECOMPOSED = {"cafe\u0301 na\u0131\u0308ve": [924, 1859, 53839, 4317, 3777, 136, 230, 586],
+                    "A\u030angstro\u0308m": [32, 136, 232, 968, 95941, 136, 230, 76]}
+
+
+@pytest.mark.parametrize("text", sorted(QWEN2_DECOMPOSED))
+def test_qwen2_gguf_does_not_normalise_as_llama_cpp(qwen2_gguf_tok, real_tokenizers, text):
+    assert qwen2_gguf_tok.encode(text, add_bos=False) == QWEN2_DECOMPOSED[text]
+    # the .t of the same vocabulary normalises (Hugging Face's Qwen2 tokenizer): other ids
+    assert Tokenizer.load(real_tokenizers["qwen2"]).encode(text, add_bos=False) != QWEN2_DECOMPOSED[text]
