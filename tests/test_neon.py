@@ -64,7 +64,8 @@ NEON_EXACT = {"quantize_q80", "matmul_q40_q80", "matmul_q40r_q80", "q40r_matvec_
               "matmul_q80_q80", "matmul_q80r_q80", "repack_q80", "add", "add_q80", "silu_mul",
               "gelu_mul", "scale", "softmax", "rope", "logit_stats", "read_bytes", "read_spans",
               "matmul_q41r_q80", "matmul_q50r_q80", "matmul_q4kr_q80", "matmul_q6kr_q80",
-              "repack_q41", "repack_q50", "repack_q4k", "repack_q6k"}
+              "matmul_q51r_q80", "matmul_q3kr_q80", "matmul_q5kr_q80",
+              "repack_q41", "repack_q50", "repack_q4k", "repack_q6k", "repack_q51", "repack_q3k", "repack_q5k"}
 
 
 def _kernels(exe: list[str]) -> list[str]:

@@ -397,6 +397,9 @@ static const rx_type RX_TYPES[] = {
     {"q50", DL_T_Q5_0, 32, 22, {0, -1}, 2, 20, 0, dl_q50r_bytes, dl_repack_q50, dl_unpack_q50r, dl_matmul_q50r_q80},
     {"q4k", DL_T_Q4_K, 256, 144, {0, 2}, 16, 128, 1, dl_q4kr_bytes, dl_repack_q4k, dl_unpack_q4kr, dl_matmul_q4kr_q80},
     {"q6k", DL_T_Q6_K, 256, 210, {208, -1}, 0, 192, 0, dl_q6kr_bytes, dl_repack_q6k, dl_unpack_q6kr, dl_matmul_q6kr_q80},
+    {"q51", DL_T_Q5_1, 32, 24, {0, 2}, 4, 20, 1, dl_q51r_bytes, dl_repack_q51, dl_unpack_q51r, dl_matmul_q51r_q80},
+    {"q3k", DL_T_Q3_K, 256, 110, {108, -1}, 0, 96, 0, dl_q3kr_bytes, dl_repack_q3k, dl_unpack_q3kr, dl_matmul_q3kr_q80},
+    {"q5k", DL_T_Q5_K, 256, 176, {0, 2}, 16, 160, 1, dl_q5kr_bytes, dl_repack_q5k, dl_unpack_q5kr, dl_matmul_q5kr_q80},
 };
 
 static const int RX_SHAPES[][3] = {   /* rows, blocks per row, batch: group tails, matvec, batched */
@@ -485,6 +488,9 @@ RX_ENTRY(q41, 0)
 RX_ENTRY(q50, 1)
 RX_ENTRY(q4k, 2)
 RX_ENTRY(q6k, 3)
+RX_ENTRY(q51, 4)
+RX_ENTRY(q3k, 5)
+RX_ENTRY(q5k, 6)
 
 /* elementwise: n with every tail length */
 static const int EW_N[] = {1, 3, 7, 8, 17, 32, 100, 2080};
@@ -783,10 +789,16 @@ static const ktest TESTS[] = {
     {"matmul_q50r_q80", N_RX_SHAPES * N_FLAVOURS, setup_q50,      run_q50,        BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
     {"matmul_q4kr_q80", N_RX_SHAPES * N_FLAVOURS, setup_q4k,      run_q4k,        BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
     {"matmul_q6kr_q80", N_RX_SHAPES * N_FLAVOURS, setup_q6k,      run_q6k,        BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
+    {"matmul_q51r_q80", N_RX_SHAPES * N_FLAVOURS, setup_q51,      run_q51,        BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
+    {"matmul_q3kr_q80", N_RX_SHAPES * N_FLAVOURS, setup_q3k,      run_q3k,        BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
+    {"matmul_q5kr_q80", N_RX_SHAPES * N_FLAVOURS, setup_q5k,      run_q5k,        BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
     {"repack_q41",     N_RX_SHAPES,            setup_repack_q41,  run_repack_q41, ALL_ISAS,      0, check_repack_q41},
     {"repack_q50",     N_RX_SHAPES,            setup_repack_q50,  run_repack_q50, ALL_ISAS,      0, check_repack_q50},
     {"repack_q4k",     N_RX_SHAPES,            setup_repack_q4k,  run_repack_q4k, ALL_ISAS,      0, check_repack_q4k},
     {"repack_q6k",     N_RX_SHAPES,            setup_repack_q6k,  run_repack_q6k, ALL_ISAS,      0, check_repack_q6k},
+    {"repack_q51",     N_RX_SHAPES,            setup_repack_q51,  run_repack_q51, ALL_ISAS,      0, check_repack_q51},
+    {"repack_q3k",     N_RX_SHAPES,            setup_repack_q3k,  run_repack_q3k, ALL_ISAS,      0, check_repack_q3k},
+    {"repack_q5k",     N_RX_SHAPES,            setup_repack_q5k,  run_repack_q5k, ALL_ISAS,      0, check_repack_q5k},
     {"matmul_f32",     6,                      setup_f32mm,       run_f32mm,      BIT(DL_ISA_SCALAR), 2e-6, NULL},
     {"rmsnorm",        2 * N_EW,               setup_rmsnorm,     run_rmsnorm,    BIT(DL_ISA_SCALAR), 2e-6, NULL},
     {"add",            N_EW,                   setup_ew,          run_add,        ALL_ISAS,      0, NULL},
