@@ -7,7 +7,7 @@
  *   - the codes of each 32-value block: 4 chunks of 64 bytes, chunk i = [row r][m = 0..3] =
  *     value 4i + m of row r in the low nibble, value 16 + 4i + m in the high nibble (q40r's
  *     layout), plus the type's extra bits beside them (Q5_0, Q5_1, Q5_K: one bit, Q6_K: two);
- *     Q3_K's 2-bit low codes take 2 chunks, 4 values a byte, beside a plane of their high bits;
+ *     Q3_K's 3-bit codes take 3 chunks, 8 values in 3 bytes;
  *   - the scales of the 16 rows side by side ahead of the codes they belong to, so a group's
  *     data, and a thread's run of groups, is one sequential stream.
  * A group's unit is 16 times the file's unit (a block, or a 256-value super-block for the K types)
@@ -153,36 +153,23 @@ static inline float32x4_t rx_s8x4_f32(int8x8_t v) { return vcvtq_f32_s32(vmovl_s
 static inline uint8x8_t rx_ld4_u8(const uint8_t *p) { return vreinterpret_u8_u32(vdup_n_u32((uint32_t)dl_ld32(p))); }
 #endif
 
-/* One bit per value of a 32-value block of 16 rows in 64 bytes (Q5_1 and Q5_K: the 5th bit; Q3_K:
- * the 3rd): byte 4r + m, bit 4h + i = the bit of value 16h + 4i + m of row r, i.e. of byte 4r + m
- * of code vector u[4h + i]. One load serves all 8 vectors; each takes its bit by one shift (AVX2,
- * NEON) or one vptestmb (AVX-512). */
-static inline void rx_put_plane(uint8_t *plane, int r, const uint8_t *v, int bit) {
-    for (int j = 0; j < 32; j++)
-        plane[4 * r + j % 4] |= (uint8_t)(((v[j] >> bit) & 1) << (4 * (j / 16) + (j % 16) / 4));
-}
-
-static inline void rx_get_plane(uint8_t *v, const uint8_t *plane, int r, int bit) {
-    for (int j = 0; j < 32; j++)
-        v[j] |= (uint8_t)(((plane[4 * r + j % 4] >> (4 * (j / 16) + (j % 16) / 4)) & 1) << bit);
-}
-
-/* the plane shifted so that the bit of u[b] lands at bit 4 (AT4) or bit 2 (AT2) of each byte, for
- * b = 0..7 (16-bit shifts on AVX2: what crosses into a byte is masked off by the caller) */
-#define RX_PLANE_AT4(sll, srl, p) {sll(p, 4), sll(p, 3), sll(p, 2), sll(p, 1), p, srl(p, 1), srl(p, 2), srl(p, 3)}
-#define RX_PLANE_AT2(sll, srl, p) {sll(p, 2), sll(p, 1), p, srl(p, 1), srl(p, 2), srl(p, 3), srl(p, 4), srl(p, 5)}
-
-/* 5-bit codes of a block (Q5_1, Q5_K): the low nibbles as rx_put_nibbles (256 bytes), then the
- * plane of the 5th bits (64 bytes) */
+/* 5-bit codes of a block (Q5_1, Q5_K): the low nibbles as rx_put_nibbles (256 bytes), then a plane
+ * of the 5th bits (64 bytes): byte 4r + m, bit 4h + i = the 5th bit of value 16h + 4i + m of row r,
+ * i.e. of byte 4r + m of code vector u[4h + i]. One load serves all 8 vectors; each takes its bit
+ * by one shift (AVX2, NEON) or one vptestmb (AVX-512). */
 static inline void rx_put_q5(uint8_t *blk, int r, const uint8_t *v) {
     rx_put_nibbles(blk, r, v);
-    rx_put_plane(blk + 256, r, v, 4);
+    for (int j = 0; j < 32; j++) blk[256 + 4 * r + j % 4] |= (uint8_t)((v[j] >> 4) << (4 * (j / 16) + (j % 16) / 4));
 }
 
 static inline void rx_get_q5(uint8_t *v, const uint8_t *blk, int r) {
     rx_get_nibbles(v, blk, r);
-    rx_get_plane(v, blk + 256, r, 4);
+    for (int j = 0; j < 32; j++) v[j] |= (uint8_t)(((blk[256 + 4 * r + j % 4] >> (4 * (j / 16) + (j % 16) / 4)) & 1) << 4);
 }
+
+/* the plane shifted so that the bit of u[b] lands at bit 4 of each byte, for b = 0..7 (16-bit shifts
+ * on AVX2: what crosses into a byte is masked off by the caller) */
+#define RX_PLANE_AT4(sll, srl, p) {sll(p, 4), sll(p, 3), sll(p, 2), sll(p, 1), p, srl(p, 1), srl(p, 2), srl(p, 3)}
 
 #if DL_X86
 /* AVX-512: bit b of the plane's bytes as a mask (vptestmb), then 16 added under it: no shifts, which
@@ -813,18 +800,34 @@ static inline void q6k_dec_neon(const uint8_t *unit, int kk, int q, int8x16_t *u
  * scale j in byte j % 8 at bit 4 (j / 8), high 2 in byte 8 + j % 4 at bit 2 (j / 4)); value =
  * d * (sc - 32) * (q - 4), q = 2 low bits (qs) | the hmask bit << 2.
  * unit (16 rows, 1760 bytes): [0, 32) d of each row, [32, 224) the 12 scale bytes, byte b of row r
- * at 32 + 16 b + r; then per block kk at 224 + 192 kk the 3-bit codes: two 64-byte chunks of the
- * low bits (byte 4r + m of chunk h holds, at bits 2i and 2i + 1, those of value 16h + 4i + m of row
- * r), then the plane of the high bits (rx_put_plane, bit 2) */
+ * at 32 + 16 b + r; then per block kk at 224 + 192 kk the 3-bit codes in three 64-byte chunks A, B,
+ * C: byte 4r + m of each holds those of byte 4r + m of the code vectors u[0..7] (value 16h + 4i + m
+ * of row r in u[4h + i]) whole where they fit, u[7] split:
+ *   A = u0 | u1 << 3 | (u6 & 3) << 6,  B = u2 | u3 << 3 | (u7 & 3) << 6,
+ *   C = u4 | u5 << 3 | (u6 >> 2) << 6 | (u7 >> 2) << 7,
+ * so six vectors take an and (and a shift), the last two four operations: 20 per block on AVX-512
+ * where a plane of high bits beside 2-bit chunks took 30 */
 
 static inline void rx_put_q3(uint8_t *blk, int r, const uint8_t *v) {
-    for (int j = 0; j < 32; j++) blk[64 * (j / 16) + 4 * r + j % 4] |= (uint8_t)((v[j] & 3) << (2 * ((j % 16) / 4)));
-    rx_put_plane(blk + 128, r, v, 2);
+    for (int j = 0; j < 32; j++) {
+        const int b = 4 * (j / 16) + (j % 16) / 4, at = 4 * r + j % 4;
+        if (b < 6) {
+            blk[64 * (b / 2) + at] |= (uint8_t)(v[j] << (3 * (b % 2)));
+        } else {
+            blk[64 * (b - 6) + at] |= (uint8_t)((v[j] & 3) << 6);
+            blk[128 + at] |= (uint8_t)((v[j] >> 2) << b);
+        }
+    }
 }
 
 static inline void rx_get_q3(uint8_t *v, const uint8_t *blk, int r) {
-    for (int j = 0; j < 32; j++) v[j] = (blk[64 * (j / 16) + 4 * r + j % 4] >> (2 * ((j % 16) / 4))) & 3;
-    rx_get_plane(v, blk + 128, r, 2);
+    for (int j = 0; j < 32; j++) {
+        const int b = 4 * (j / 16) + (j % 16) / 4, at = 4 * r + j % 4;
+        if (b < 6)
+            v[j] = (blk[64 * (b / 2) + at] >> (3 * (b % 2))) & 7;
+        else
+            v[j] = (uint8_t)((blk[64 * (b - 6) + at] >> 6) | ((blk[128 + at] >> b) & 1) << 2);
+    }
 }
 
 static void q3k_repack_unit(uint8_t *dst, const uint8_t *const *src, int valid) {
@@ -888,17 +891,19 @@ DL_INLINE DL_TARGET_AVX2 void q3k_scales_x86(const uint8_t *sb, int kk, __m128i 
 DL_INLINE DL_TARGET_AVX512 void q3k_dec_avx512(const uint8_t *unit, int kk, __m512i *u, __m512 *s, __m512 *o) {
     (void)o;
     const uint8_t *blk = unit + 224 + 192 * kk;
-    const __m512i m3 = _mm512_set1_epi8(3), m4 = _mm512_set1_epi8(4);
-    const __m512i p = _mm512_loadu_si512((const void *)(blk + 128));
-    for (int h = 0; h < 2; h++) {   /* the high bits as masks, as rx_q5_avx512 */
-        const __m512i c = _mm512_loadu_si512((const void *)(blk + 64 * h));
-        const __m512i lo[4] = {c, _mm512_srli_epi16(c, 2), _mm512_srli_epi16(c, 4), _mm512_srli_epi16(c, 6)};
-        for (int i = 0; i < 4; i++) {
-            const __m512i l = _mm512_and_si512(lo[i], m3);
-            const __mmask64 hb = _mm512_test_epi8_mask(p, _mm512_set1_epi8((char)(1 << (4 * h + i))));
-            u[4 * h + i] = _mm512_mask_add_epi8(l, hb, l, m4);
-        }
-    }
+    const __m512i m7 = _mm512_set1_epi8(7), m3 = _mm512_set1_epi8(3), m4 = _mm512_set1_epi8(4);
+    const __m512i a = _mm512_loadu_si512((const void *)blk), b = _mm512_loadu_si512((const void *)(blk + 64));
+    const __m512i c = _mm512_loadu_si512((const void *)(blk + 128));
+    u[0] = _mm512_and_si512(a, m7);
+    u[1] = _mm512_and_si512(_mm512_srli_epi16(a, 3), m7);
+    u[2] = _mm512_and_si512(b, m7);
+    u[3] = _mm512_and_si512(_mm512_srli_epi16(b, 3), m7);
+    u[4] = _mm512_and_si512(c, m7);
+    u[5] = _mm512_and_si512(_mm512_srli_epi16(c, 3), m7);
+    /* u6, u7: the low 2 bits, plus 4 under C's bit 6 / 7 as a mask (no third shift on port 0) */
+    const __m512i l6 = _mm512_and_si512(_mm512_srli_epi16(a, 6), m3), l7 = _mm512_and_si512(_mm512_srli_epi16(b, 6), m3);
+    u[6] = _mm512_mask_add_epi8(l6, _mm512_test_epi8_mask(c, _mm512_set1_epi8(0x40)), l6, m4);
+    u[7] = _mm512_mask_add_epi8(l7, _mm512_test_epi8_mask(c, _mm512_set1_epi8((char)0x80)), l7, m4);
     __m128i sc[2];
     q3k_scales_x86(unit + 32, kk, sc);
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)unit));
@@ -908,16 +913,18 @@ DL_INLINE DL_TARGET_AVX512 void q3k_dec_avx512(const uint8_t *unit, int kk, __m5
 
 DL_INLINE DL_TARGET_AVX2 void q3k_dec_avx2(const uint8_t *unit, int kk, int h, __m256i *u, __m256 *s, __m256 *o) {
     (void)o;
-    const uint8_t *blk = unit + 224 + 192 * kk;
-    const __m256i m3 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(4);
-    const __m256i p = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
-    const __m256i sh[8] = RX_PLANE_AT2(_mm256_slli_epi16, _mm256_srli_epi16, p);
-    for (int c = 0; c < 2; c++) {
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 64 * c + 32 * h));
-        const __m256i lo[4] = {v, _mm256_srli_epi16(v, 2), _mm256_srli_epi16(v, 4), _mm256_srli_epi16(v, 6)};
-        for (int i = 0; i < 4; i++)
-            u[4 * c + i] = _mm256_or_si256(_mm256_and_si256(lo[i], m3), _mm256_and_si256(sh[4 * c + i], m4));
-    }
+    const uint8_t *blk = unit + 224 + 192 * kk + 32 * h;
+    const __m256i m7 = _mm256_set1_epi8(7), m3 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(4);
+    const __m256i a = _mm256_loadu_si256((const __m256i *)blk), b = _mm256_loadu_si256((const __m256i *)(blk + 64));
+    const __m256i c = _mm256_loadu_si256((const __m256i *)(blk + 128));
+    u[0] = _mm256_and_si256(a, m7);
+    u[1] = _mm256_and_si256(_mm256_srli_epi16(a, 3), m7);
+    u[2] = _mm256_and_si256(b, m7);
+    u[3] = _mm256_and_si256(_mm256_srli_epi16(b, 3), m7);
+    u[4] = _mm256_and_si256(c, m7);
+    u[5] = _mm256_and_si256(_mm256_srli_epi16(c, 3), m7);
+    u[6] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 6), m3), _mm256_and_si256(_mm256_srli_epi16(c, 4), m4));
+    u[7] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 6), m3), _mm256_and_si256(_mm256_srli_epi16(c, 5), m4));
     __m128i sc[2];
     q3k_scales_x86(unit + 32 + 8 * h, kk, sc);
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(unit + 16 * h)));
@@ -929,15 +936,13 @@ DL_INLINE DL_TARGET_AVX2 void q3k_dec_avx2(const uint8_t *unit, int kk, int h, _
 #if DL_NEON
 static inline void q3k_dec_neon(const uint8_t *unit, int kk, int q, int8x16_t *u, float32x4_t *s, float32x4_t *o) {
     (void)o;
-    const uint8_t *blk = unit + 224 + 192 * kk;
-    const uint8x16_t m3 = vdupq_n_u8(3), m4 = vdupq_n_u8(4), p = vld1q_u8(blk + 128 + 16 * q);
-    const uint8x16_t sh[8] = RX_PLANE_AT2(vshlq_n_u8, vshrq_n_u8, p);
-    for (int c = 0; c < 2; c++) {
-        const uint8x16_t v = vld1q_u8(blk + 64 * c + 16 * q);
-        const uint8x16_t lo[4] = {vandq_u8(v, m3), vandq_u8(vshrq_n_u8(v, 2), m3), vandq_u8(vshrq_n_u8(v, 4), m3),
-                                  vshrq_n_u8(v, 6)};
-        for (int i = 0; i < 4; i++) u[4 * c + i] = vreinterpretq_s8_u8(vbslq_u8(m4, sh[4 * c + i], lo[i]));
-    }
+    const uint8_t *blk = unit + 224 + 192 * kk + 16 * q;
+    const uint8x16_t m7 = vdupq_n_u8(7), m4 = vdupq_n_u8(4);
+    const uint8x16_t a = vld1q_u8(blk), b = vld1q_u8(blk + 64), c = vld1q_u8(blk + 128);
+    const uint8x16_t v[8] = {vandq_u8(a, m7), vandq_u8(vshrq_n_u8(a, 3), m7), vandq_u8(b, m7), vandq_u8(vshrq_n_u8(b, 3), m7),
+                             vandq_u8(c, m7), vandq_u8(vshrq_n_u8(c, 3), m7),
+                             vbslq_u8(m4, vshrq_n_u8(c, 4), vshrq_n_u8(a, 6)), vbslq_u8(m4, vshrq_n_u8(c, 5), vshrq_n_u8(b, 6))};
+    for (int i = 0; i < 8; i++) u[i] = vreinterpretq_s8_u8(v[i]);
     const int8x8_t ls = vdup_n_s8((int8_t)(-4 * (kk / 4))), hs = vdup_n_s8((int8_t)(-2 * (kk / 2)));
     const float32x4_t d = dl_ld_f16x4(unit + 8 * q);
     for (int hh = 0; hh < 2; hh++) {
