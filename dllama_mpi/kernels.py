@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .formats import BF16, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q40, Q80, Q4_1, Q4_K, Q5_0, Q6_K
+from .formats import (BF16, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q40, Q80, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
+                      Q6_K)
 
 __all__ = [
     "ffi", "lib", "ptr", "Q40_BLOCK_BYTES", "Q80_BLOCK_BYTES", "QK", "q40_dtype", "q80_dtype",
@@ -142,8 +143,8 @@ MATMUL = {F32: Matmul("dl_matmul_f32", q80_input=False), F16: Matmul("dl_matmul_
           BF16: Matmul("dl_matmul_bf16_f32", q80_input=False),
           Q40: Matmul("dl_matmul_q40r_q80", "dl_repack_q40", "dl_q40r_bytes", "dl_matmul_q40r_q80_n"),
           Q80: Matmul("dl_matmul_q80r_q80", "dl_repack_q80", "dl_q80r_bytes", "dl_matmul_q80r_q80_n"),
-          Q4_1: _rx("q41"), Q5_0: _rx("q50"), Q4_K: _rx("q4k"), Q6_K: _rx("q6k"), Q2_K: _rx("q2k"),
-          IQ4_NL: _rx("iq4nl"), IQ4_XS: _rx("iq4xs")}
+          Q4_1: _rx("q41"), Q5_0: _rx("q50"), Q5_1: _rx("q51"), Q2_K: _rx("q2k"), Q3_K: _rx("q3k"),
+          Q4_K: _rx("q4k"), Q5_K: _rx("q5k"), Q6_K: _rx("q6k"), IQ4_NL: _rx("iq4nl"), IQ4_XS: _rx("iq4xs")}
 # DLLAMA_REPACK=0: q40 / q80 in their plain blocks (the repacked layouts' reference)
 MATMUL_PLAIN = {Q40: Matmul("dl_matmul_q40_q80"), Q80: Matmul("dl_matmul_q80_q80")}
 

@@ -129,11 +129,23 @@ void dl_unpack_q50r(void *dst, const void *src, int rows, int cols);
 void dl_matmul_q50r_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
 void dl_matmul_q50r_q80_n(int n, float *const *out, const void *const *w, const int *rows,
                           const dl_block_q80 *x, int cols, int batch);
+size_t dl_q51r_bytes(int rows, int cols);
+void dl_repack_q51(void *dst, const void *src, int rows, int cols);
+void dl_unpack_q51r(void *dst, const void *src, int rows, int cols);
+void dl_matmul_q51r_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
+void dl_matmul_q51r_q80_n(int n, float *const *out, const void *const *w, const int *rows,
+                          const dl_block_q80 *x, int cols, int batch);
 size_t dl_q4kr_bytes(int rows, int cols);
 void dl_repack_q4k(void *dst, const void *src, int rows, int cols);
 void dl_unpack_q4kr(void *dst, const void *src, int rows, int cols);
 void dl_matmul_q4kr_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
 void dl_matmul_q4kr_q80_n(int n, float *const *out, const void *const *w, const int *rows,
+                          const dl_block_q80 *x, int cols, int batch);
+size_t dl_q5kr_bytes(int rows, int cols);
+void dl_repack_q5k(void *dst, const void *src, int rows, int cols);
+void dl_unpack_q5kr(void *dst, const void *src, int rows, int cols);
+void dl_matmul_q5kr_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
+void dl_matmul_q5kr_q80_n(int n, float *const *out, const void *const *w, const int *rows,
                           const dl_block_q80 *x, int cols, int batch);
 size_t dl_q6kr_bytes(int rows, int cols);
 void dl_repack_q6k(void *dst, const void *src, int rows, int cols);
@@ -159,6 +171,12 @@ void dl_unpack_iq4xsr(void *dst, const void *src, int rows, int cols);
 void dl_matmul_iq4xsr_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
 void dl_matmul_iq4xsr_q80_n(int n, float *const *out, const void *const *w, const int *rows,
                             const dl_block_q80 *x, int cols, int batch);
+size_t dl_q3kr_bytes(int rows, int cols);
+void dl_repack_q3k(void *dst, const void *src, int rows, int cols);
+void dl_unpack_q3kr(void *dst, const void *src, int rows, int cols);
+void dl_matmul_q3kr_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch);
+void dl_matmul_q3kr_q80_n(int n, float *const *out, const void *const *w, const int *rows,
+                          const dl_block_q80 *x, int cols, int batch);
 
 /* ---- elementwise / norms (batch rows of n, contiguous) ---- */
 void dl_rmsnorm(float *out, const float *x, const float *w, int n, float eps, int batch);

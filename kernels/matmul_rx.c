@@ -1,13 +1,14 @@
-/* The GGUF block types Q4_1, Q5_0, Q4_K, Q6_K, Q2_K, IQ4_NL and IQ4_XS, multiplied as they are in
- * the file ("rx").
+/* The GGUF block types Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL and IQ4_XS, multiplied
+ * as they are in the file ("rx").
  *
  * At load every rank repacks its slice of a matrix into groups of 16 rows (the last group padded
  * with zero rows), keeping every bit of the file's blocks but rearranged so that one SIMD pass
  * covers 16 rows (kernels/rx_engine.h, which holds the matmul written once for all of them):
  *   - the codes of each 32-value block: 4 chunks of 64 bytes, chunk i = [row r][m = 0..3] =
  *     value 4i + m of row r in the low nibble, value 16 + 4i + m in the high nibble (q40r's
- *     layout), plus the type's extra bits beside them (Q5_0: one bit, Q6_K: two); Q2_K's 2-bit
- *     codes four to a byte instead (2 chunks of 64 bytes);
+ *     layout), plus the type's extra bits beside them (Q5_0, Q5_1, Q5_K: one bit, Q6_K: two);
+ *     Q2_K's 2-bit codes four to a byte instead (2 chunks of 64 bytes); Q3_K's 3-bit codes take
+ *     3 chunks, 8 values in 3 bytes;
  *   - the scales of the 16 rows side by side ahead of the codes they belong to, so a group's
  *     data, and a thread's run of groups, is one sequential stream.
  * A group's unit is 16 times the file's unit (a block, or a 256-value super-block: K types, IQ4_XS)
@@ -151,6 +152,62 @@ static inline void rx_nibbles_neon(const uint8_t *codes, int q, int8x16_t *u) {
 static inline float32x4_t rx_u8x4_f32(uint8x8_t v) { return vcvtq_f32_u32(vmovl_u16(vget_low_u16(vmovl_u8(v)))); }
 static inline float32x4_t rx_s8x4_f32(int8x8_t v) { return vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(v)))); }
 static inline uint8x8_t rx_ld4_u8(const uint8_t *p) { return vreinterpret_u8_u32(vdup_n_u32((uint32_t)dl_ld32(p))); }
+#endif
+
+/* 5-bit codes of a block (Q5_1, Q5_K): the low nibbles as rx_put_nibbles (256 bytes), then a plane
+ * of the 5th bits (64 bytes): byte 4r + m, bit 4h + i = the 5th bit of value 16h + 4i + m of row r,
+ * i.e. of byte 4r + m of code vector u[4h + i]. One load serves all 8 vectors; each takes its bit
+ * by one shift (AVX2, NEON) or one vptestmb (AVX-512). */
+static inline void rx_put_q5(uint8_t *blk, int r, const uint8_t *v) {
+    rx_put_nibbles(blk, r, v);
+    for (int j = 0; j < 32; j++) blk[256 + 4 * r + j % 4] |= (uint8_t)((v[j] >> 4) << (4 * (j / 16) + (j % 16) / 4));
+}
+
+static inline void rx_get_q5(uint8_t *v, const uint8_t *blk, int r) {
+    rx_get_nibbles(v, blk, r);
+    for (int j = 0; j < 32; j++) v[j] |= (uint8_t)(((blk[256 + 4 * r + j % 4] >> (4 * (j / 16) + (j % 16) / 4)) & 1) << 4);
+}
+
+/* the plane shifted so that the bit of u[b] lands at bit 4 of each byte, for b = 0..7 (16-bit shifts
+ * on AVX2: what crosses into a byte is masked off by the caller) */
+#define RX_PLANE_AT4(sll, srl, p) {sll(p, 4), sll(p, 3), sll(p, 2), sll(p, 1), p, srl(p, 1), srl(p, 2), srl(p, 3)}
+
+#if DL_X86
+/* AVX-512: bit b of the plane's bytes as a mask (vptestmb), then 16 added under it: no shifts, which
+ * would share port 0 with vpdpbusd */
+DL_INLINE DL_TARGET_AVX512 void rx_q5_avx512(const uint8_t *blk, __m512i *u) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m10 = _mm512_set1_epi8(0x10);
+    const __m512i p = _mm512_loadu_si512((const void *)(blk + 256));
+    for (int i = 0; i < 4; i++) {
+        const __m512i v = _mm512_loadu_si512((const void *)(blk + 64 * i));
+        const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        u[i] = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(p, _mm512_set1_epi8((char)(1 << i))), lo, m10);
+        u[4 + i] = _mm512_mask_add_epi8(hi, _mm512_test_epi8_mask(p, _mm512_set1_epi8((char)(16 << i))), hi, m10);
+    }
+}
+
+DL_INLINE DL_TARGET_AVX2 void rx_q5_avx2(const uint8_t *blk, int h, __m256i *u) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m10 = _mm256_set1_epi8(0x10);
+    const __m256i p = _mm256_loadu_si256((const __m256i *)(blk + 256 + 32 * h));
+    const __m256i sh[8] = RX_PLANE_AT4(_mm256_slli_epi16, _mm256_srli_epi16, p);
+    for (int i = 0; i < 4; i++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 64 * i + 32 * h));
+        u[i] = _mm256_or_si256(_mm256_and_si256(v, m4), _mm256_and_si256(sh[i], m10));
+        u[4 + i] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), _mm256_and_si256(sh[4 + i], m10));
+    }
+}
+#endif
+
+#if DL_NEON
+static inline void rx_q5_neon(const uint8_t *blk, int q, int8x16_t *u) {
+    const uint8x16_t m10 = vdupq_n_u8(0x10), p = vld1q_u8(blk + 256 + 16 * q);
+    const uint8x16_t sh[8] = RX_PLANE_AT4(vshlq_n_u8, vshrq_n_u8, p);
+    for (int i = 0; i < 4; i++) {
+        const uint8x16_t v = vld1q_u8(blk + 64 * i + 16 * q);
+        u[i] = vreinterpretq_s8_u8(vbslq_u8(m10, sh[i], vandq_u8(v, vdupq_n_u8(0x0F))));
+        u[4 + i] = vreinterpretq_s8_u8(vbslq_u8(m10, sh[4 + i], vshrq_n_u8(v, 4)));
+    }
+}
 #endif
 
 /* ========================================================================================== */
@@ -328,6 +385,79 @@ static inline void q50_dec_neon(const uint8_t *unit, int kk, int q, int8x16_t *u
 #include "rx_engine.h"
 
 /* ========================================================================================== */
+/* Q5_1: 32 values, d and m (f16), value = d * (nibble | high bit << 4) + m (Q4_1's scale, Q5_0's
+ * codes). unit (16 rows, 384 bytes): [0, 32) d of each row, [32, 64) m, [64, 384) the 5-bit codes
+ * (rx_put_q5) */
+
+static void q51_repack_unit(uint8_t *dst, const uint8_t *const *src, int valid) {
+    for (int r = 0; r < valid; r++) {
+        const uint8_t *b = src[r];
+        const uint32_t qh = (uint32_t)dl_ld32(b + 4);
+        uint8_t v[32];
+        memcpy(dst + 2 * r, b, 2);
+        memcpy(dst + 32 + 2 * r, b + 2, 2);
+        for (int j = 0; j < 16; j++) {
+            v[j] = (uint8_t)((b[8 + j] & 15) | ((qh >> j) & 1) << 4);
+            v[j + 16] = (uint8_t)((b[8 + j] >> 4) | ((qh >> (j + 16)) & 1) << 4);
+        }
+        rx_put_q5(dst + 64, r, v);
+    }
+}
+
+static void q51_unpack_unit(uint8_t *const *dst, const uint8_t *src, int valid) {
+    for (int r = 0; r < valid; r++) {
+        uint8_t *b = dst[r], v[32];
+        uint32_t qh = 0;
+        memcpy(b, src + 2 * r, 2);
+        memcpy(b + 2, src + 32 + 2 * r, 2);
+        rx_get_q5(v, src + 64, r);
+        for (int j = 0; j < 16; j++) b[8 + j] = (uint8_t)((v[j] & 15) | (v[j + 16] & 15) << 4);
+        for (int j = 0; j < 32; j++) qh |= (uint32_t)(v[j] >> 4) << j;
+        memcpy(b + 4, &qh, 4);
+    }
+}
+
+static inline void q51_dec_scalar(const uint8_t *unit, int kk, int r, uint8_t *u, float *s, float *o) {
+    (void)kk;
+    s[0] = rx_f16(unit + 2 * r);
+    o[0] = rx_f16(unit + 32 + 2 * r);
+    rx_get_q5(u, unit + 64, r);
+}
+
+#if DL_X86
+DL_INLINE DL_TARGET_AVX512 void q51_dec_avx512(const uint8_t *unit, int kk, __m512i *u, __m512 *s, __m512 *o) {
+    (void)kk;
+    rx_q5_avx512(unit + 64, u);
+    s[0] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)unit));
+    o[0] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(unit + 32)));
+}
+
+DL_INLINE DL_TARGET_AVX2 void q51_dec_avx2(const uint8_t *unit, int kk, int h, __m256i *u, __m256 *s, __m256 *o) {
+    (void)kk;
+    rx_q5_avx2(unit + 64, h, u);
+    s[0] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(unit + 16 * h)));
+    o[0] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(unit + 32 + 16 * h)));
+}
+#endif
+
+#if DL_NEON
+static inline void q51_dec_neon(const uint8_t *unit, int kk, int q, int8x16_t *u, float32x4_t *s, float32x4_t *o) {
+    (void)kk;
+    rx_q5_neon(unit + 64, q, u);
+    s[0] = dl_ld_f16x4(unit + 8 * q);
+    o[0] = dl_ld_f16x4(unit + 32 + 8 * q);
+}
+#endif
+
+#define RX q51
+#define RX_UNIT 24
+#define RX_BPU 1
+#define RX_HALVES 1
+#define RX_AFFINE 1
+#define RX_C 0
+#include "rx_engine.h"
+
+/* ========================================================================================== */
 /* Q4_K: 256-value super-blocks of 8 blocks, d and dmin (f16) and 6-bit scales sc[j] and mins m[j]
  * packed in 12 bytes; value = d * sc[j] * nibble - dmin * m[j].
  * unit (16 rows, 2304 bytes): [0, 32) d of each row, [32, 64) dmin, [64, 256) the 12 scale bytes,
@@ -362,7 +492,9 @@ static void q4k_unpack_unit(uint8_t *const *dst, const uint8_t *src, int valid) 
     }
 }
 
-static inline void q4k_dec_scalar(const uint8_t *unit, int kk, int r, uint8_t *u, float *s, float *o) {
+/* Q4_K / Q5_K: block kk's scale d * sc and offset -dmin * m from a unit's [0, 256) (d, dmin, the
+ * 12 scale bytes): row r (scalar), the 16 rows (AVX-512), half h (AVX2), quad q (NEON) */
+static inline void q4k_scale_scalar(const uint8_t *unit, int kk, int r, float *s, float *o) {
     const uint8_t *sb = unit + 64 + r;   /* scale byte k at sb[16 k] */
     int sc, m;
     if (kk < 4) {
@@ -374,6 +506,10 @@ static inline void q4k_dec_scalar(const uint8_t *unit, int kk, int r, uint8_t *u
     }
     s[0] = rx_f16(unit + 2 * r) * (float)sc;
     o[0] = -(rx_f16(unit + 32 + 2 * r) * (float)m);
+}
+
+static inline void q4k_dec_scalar(const uint8_t *unit, int kk, int r, uint8_t *u, float *s, float *o) {
+    q4k_scale_scalar(unit, kk, r, s, o);
     rx_get_nibbles(u, unit + 256 + 256 * kk, r);
 }
 
@@ -390,7 +526,7 @@ static inline void q4k_dec_scalar(const uint8_t *unit, int kk, int r, uint8_t *u
         m = or_(and_(srl(hi, 4), set1(15)), and_(srl(load(kk), 2), set1(0x30))); \
     } } while (0)
 
-DL_INLINE DL_TARGET_AVX512 void q4k_dec_avx512(const uint8_t *unit, int kk, __m512i *u, __m512 *s, __m512 *o) {
+DL_INLINE DL_TARGET_AVX512 void q4k_scale_avx512(const uint8_t *unit, int kk, __m512 *s, __m512 *o) {
     __m128i sc, m;
 #define Q4K_LD(k) _mm_loadu_si128((const __m128i *)(unit + 64 + 16 * (k)))
     Q4K_SCALES(Q4K_LD, _mm_and_si128, _mm_or_si128, _mm_srli_epi16, _mm_set1_epi8, sc, m);
@@ -400,10 +536,9 @@ DL_INLINE DL_TARGET_AVX512 void q4k_dec_avx512(const uint8_t *unit, int kk, __m5
     s[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc)));
     o[0] = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(_mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m)))),
                                                 _mm512_set1_epi32((int)0x80000000u)));
-    rx_nibbles_avx512(unit + 256 + 256 * kk, u);
 }
 
-DL_INLINE DL_TARGET_AVX2 void q4k_dec_avx2(const uint8_t *unit, int kk, int h, __m256i *u, __m256 *s, __m256 *o) {
+DL_INLINE DL_TARGET_AVX2 void q4k_scale_avx2(const uint8_t *unit, int kk, int h, __m256 *s, __m256 *o) {
     __m128i sc, m;
 #define Q4K_LD(k) _mm_loadl_epi64((const __m128i *)(unit + 64 + 16 * (k) + 8 * h))
     Q4K_SCALES(Q4K_LD, _mm_and_si128, _mm_or_si128, _mm_srli_epi16, _mm_set1_epi8, sc, m);
@@ -412,13 +547,22 @@ DL_INLINE DL_TARGET_AVX2 void q4k_dec_avx2(const uint8_t *unit, int kk, int h, _
     const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(unit + 32 + 16 * h)));
     s[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc)));
     o[0] = _mm256_xor_ps(_mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m))), _mm256_set1_ps(-0.0f));
-    rx_nibbles_avx2(unit + 256 + 256 * kk, h, u);
 }
 #undef Q4K_SCALES
+
+DL_INLINE DL_TARGET_AVX512 void q4k_dec_avx512(const uint8_t *unit, int kk, __m512i *u, __m512 *s, __m512 *o) {
+    q4k_scale_avx512(unit, kk, s, o);
+    rx_nibbles_avx512(unit + 256 + 256 * kk, u);
+}
+
+DL_INLINE DL_TARGET_AVX2 void q4k_dec_avx2(const uint8_t *unit, int kk, int h, __m256i *u, __m256 *s, __m256 *o) {
+    q4k_scale_avx2(unit, kk, h, s, o);
+    rx_nibbles_avx2(unit + 256 + 256 * kk, h, u);
+}
 #endif
 
 #if DL_NEON
-static inline void q4k_dec_neon(const uint8_t *unit, int kk, int q, int8x16_t *u, float32x4_t *s, float32x4_t *o) {
+static inline void q4k_scale_neon(const uint8_t *unit, int kk, int q, float32x4_t *s, float32x4_t *o) {
 #define Q4K_LD(k) rx_ld4_u8(unit + 64 + 16 * (k) + 4 * q)
     uint8x8_t sc, m;
     if (kk < 4) {
@@ -432,12 +576,86 @@ static inline void q4k_dec_neon(const uint8_t *unit, int kk, int q, int8x16_t *u
 #undef Q4K_LD
     s[0] = vmulq_f32(dl_ld_f16x4(unit + 8 * q), rx_u8x4_f32(sc));
     o[0] = vnegq_f32(vmulq_f32(dl_ld_f16x4(unit + 32 + 8 * q), rx_u8x4_f32(m)));
+}
+
+static inline void q4k_dec_neon(const uint8_t *unit, int kk, int q, int8x16_t *u, float32x4_t *s, float32x4_t *o) {
+    q4k_scale_neon(unit, kk, q, s, o);
     rx_nibbles_neon(unit + 256 + 256 * kk, q, u);
 }
 #endif
 
 #define RX q4k
 #define RX_UNIT 144
+#define RX_BPU 8
+#define RX_HALVES 1
+#define RX_AFFINE 1
+#define RX_C 0
+#include "rx_engine.h"
+
+/* ========================================================================================== */
+/* Q5_K: Q4_K with a 5th bit per value (qh: bit kk of qh[l] for value l of block kk).
+ * unit (16 rows, 2816 bytes): [0, 256) as Q4_K's; [256 + 320 kk, ...) the 5-bit codes of block kk
+ * (rx_put_q5: 256 bytes of nibbles, 64 of 5th bits) */
+
+static void q5k_repack_unit(uint8_t *dst, const uint8_t *const *src, int valid) {
+    for (int r = 0; r < valid; r++) {
+        const uint8_t *b = src[r], *qh = b + 16, *qs = b + 48;
+        memcpy(dst + 2 * r, b, 2);
+        memcpy(dst + 32 + 2 * r, b + 2, 2);
+        for (int k = 0; k < 12; k++) dst[64 + 16 * k + r] = b[4 + k];
+        for (int kk = 0; kk < 8; kk++) {
+            uint8_t v[32];
+            for (int l = 0; l < 32; l++)
+                v[l] = (uint8_t)(((qs[32 * (kk / 2) + l] >> (4 * (kk % 2))) & 15) | ((qh[l] >> kk) & 1) << 4);
+            rx_put_q5(dst + 256 + 320 * kk, r, v);
+        }
+    }
+}
+
+static void q5k_unpack_unit(uint8_t *const *dst, const uint8_t *src, int valid) {
+    for (int r = 0; r < valid; r++) {
+        uint8_t *b = dst[r], *qh = b + 16, *qs = b + 48;
+        memcpy(b, src + 2 * r, 2);
+        memcpy(b + 2, src + 32 + 2 * r, 2);
+        for (int k = 0; k < 12; k++) b[4 + k] = src[64 + 16 * k + r];
+        memset(qh, 0, 160);
+        for (int kk = 0; kk < 8; kk++) {
+            uint8_t v[32];
+            rx_get_q5(v, src + 256 + 320 * kk, r);
+            for (int l = 0; l < 32; l++) {
+                qs[32 * (kk / 2) + l] |= (uint8_t)((v[l] & 15) << (4 * (kk % 2)));
+                qh[l] |= (uint8_t)((v[l] >> 4) << kk);
+            }
+        }
+    }
+}
+
+static inline void q5k_dec_scalar(const uint8_t *unit, int kk, int r, uint8_t *u, float *s, float *o) {
+    q4k_scale_scalar(unit, kk, r, s, o);
+    rx_get_q5(u, unit + 256 + 320 * kk, r);
+}
+
+#if DL_X86
+DL_INLINE DL_TARGET_AVX512 void q5k_dec_avx512(const uint8_t *unit, int kk, __m512i *u, __m512 *s, __m512 *o) {
+    q4k_scale_avx512(unit, kk, s, o);
+    rx_q5_avx512(unit + 256 + 320 * kk, u);
+}
+
+DL_INLINE DL_TARGET_AVX2 void q5k_dec_avx2(const uint8_t *unit, int kk, int h, __m256i *u, __m256 *s, __m256 *o) {
+    q4k_scale_avx2(unit, kk, h, s, o);
+    rx_q5_avx2(unit + 256 + 320 * kk, h, u);
+}
+#endif
+
+#if DL_NEON
+static inline void q5k_dec_neon(const uint8_t *unit, int kk, int q, int8x16_t *u, float32x4_t *s, float32x4_t *o) {
+    q4k_scale_neon(unit, kk, q, s, o);
+    rx_q5_neon(unit + 256 + 320 * kk, q, u);
+}
+#endif
+
+#define RX q5k
+#define RX_UNIT 176
 #define RX_BPU 8
 #define RX_HALVES 1
 #define RX_AFFINE 1
@@ -896,4 +1114,171 @@ static inline void iq4xs_dec_neon(const uint8_t *unit, int kk, int q, int8x16_t 
 #define RX_AFFINE 0
 #define RX_C 0
 #define RX_SIGNED 1
+#include "rx_engine.h"
+
+/* Q3_K: 256-value super-blocks, d (f16) and a 6-bit scale per 16 values (12 bytes: low 4 bits of
+ * scale j in byte j % 8 at bit 4 (j / 8), high 2 in byte 8 + j % 4 at bit 2 (j / 4)); value =
+ * d * (sc - 32) * (q - 4), q = 2 low bits (qs) | the hmask bit << 2.
+ * unit (16 rows, 1760 bytes): [0, 32) d of each row, [32, 224) the 12 scale bytes, byte b of row r
+ * at 32 + 16 b + r; then per block kk at 224 + 192 kk the 3-bit codes in three 64-byte chunks A, B,
+ * C: byte 4r + m of each holds those of byte 4r + m of the code vectors u[0..7] (value 16h + 4i + m
+ * of row r in u[4h + i]) whole where they fit, u[7] split:
+ *   A = u0 | u1 << 3 | (u6 & 3) << 6,  B = u2 | u3 << 3 | (u7 & 3) << 6,
+ *   C = u4 | u5 << 3 | (u6 >> 2) << 6 | (u7 >> 2) << 7,
+ * so six vectors take an and (and a shift), the last two four operations: 20 per block on AVX-512
+ * where a plane of high bits beside 2-bit chunks took 30 */
+
+static inline void rx_put_q3(uint8_t *blk, int r, const uint8_t *v) {
+    for (int j = 0; j < 32; j++) {
+        const int b = 4 * (j / 16) + (j % 16) / 4, at = 4 * r + j % 4;
+        if (b < 6) {
+            blk[64 * (b / 2) + at] |= (uint8_t)(v[j] << (3 * (b % 2)));
+        } else {
+            blk[64 * (b - 6) + at] |= (uint8_t)((v[j] & 3) << 6);
+            blk[128 + at] |= (uint8_t)((v[j] >> 2) << b);
+        }
+    }
+}
+
+static inline void rx_get_q3(uint8_t *v, const uint8_t *blk, int r) {
+    for (int j = 0; j < 32; j++) {
+        const int b = 4 * (j / 16) + (j % 16) / 4, at = 4 * r + j % 4;
+        if (b < 6)
+            v[j] = (blk[64 * (b / 2) + at] >> (3 * (b % 2))) & 7;
+        else
+            v[j] = (uint8_t)((blk[64 * (b - 6) + at] >> 6) | ((blk[128 + at] >> b) & 1) << 2);
+    }
+}
+
+static void q3k_repack_unit(uint8_t *dst, const uint8_t *const *src, int valid) {
+    for (int r = 0; r < valid; r++) {
+        const uint8_t *b = src[r], *hm = b, *qs = b + 32;
+        memcpy(dst + 2 * r, b + 108, 2);
+        for (int k = 0; k < 12; k++) dst[32 + 16 * k + r] = b[96 + k];
+        for (int kk = 0; kk < 8; kk++) {
+            uint8_t v[32];
+            for (int l = 0; l < 32; l++)
+                v[l] = (uint8_t)(((qs[32 * (kk / 4) + l] >> (2 * (kk % 4))) & 3) | ((hm[l] >> kk) & 1) << 2);
+            rx_put_q3(dst + 224 + 192 * kk, r, v);
+        }
+    }
+}
+
+static void q3k_unpack_unit(uint8_t *const *dst, const uint8_t *src, int valid) {
+    for (int r = 0; r < valid; r++) {
+        uint8_t *b = dst[r], *hm = b, *qs = b + 32;
+        memset(b, 0, 96);
+        memcpy(b + 108, src + 2 * r, 2);
+        for (int k = 0; k < 12; k++) b[96 + k] = src[32 + 16 * k + r];
+        for (int kk = 0; kk < 8; kk++) {
+            uint8_t v[32];
+            rx_get_q3(v, src + 224 + 192 * kk, r);
+            for (int l = 0; l < 32; l++) {
+                qs[32 * (kk / 4) + l] |= (uint8_t)((v[l] & 3) << (2 * (kk % 4)));
+                hm[l] |= (uint8_t)((v[l] >> 2) << kk);
+            }
+        }
+    }
+}
+
+static inline void q3k_dec_scalar(const uint8_t *unit, int kk, int r, uint8_t *u, float *s, float *o) {
+    (void)o;
+    const uint8_t *sb = unit + 32 + r;   /* scale byte k at sb[16 k] */
+    const float d = rx_f16(unit + 2 * r);
+    for (int hh = 0; hh < 2; hh++) {   /* the scale of values 16 hh.. of the block: sub-block 2 kk + hh */
+        const int j = 2 * kk + hh;
+        const int lo = (sb[16 * (j % 8)] >> (4 * (kk / 4))) & 15, hi = (sb[16 * (8 + j % 4)] >> (2 * (kk / 2))) & 3;
+        s[hh] = d * (float)((lo | hi << 4) - 32);
+    }
+    rx_get_q3(u, unit + 224 + 192 * kk, r);
+}
+
+#if DL_X86
+/* block kk's two scales (sc - 32, int8) of 16 rows (AVX-512) or 8 (AVX2: the low 8 bytes), from
+ * the scale bytes at sb (byte k of a row at sb + 16 k) */
+DL_INLINE DL_TARGET_AVX2 void q3k_scales_x86(const uint8_t *sb, int kk, __m128i *sc) {
+    const __m128i ls = _mm_cvtsi32_si128(4 * (kk / 4)), hs = _mm_cvtsi32_si128(2 * (kk / 2));
+    for (int hh = 0; hh < 2; hh++) {
+        const int j = 2 * kk + hh;
+        const __m128i bl = _mm_loadu_si128((const __m128i *)(sb + 16 * (j % 8)));
+        const __m128i bh = _mm_loadu_si128((const __m128i *)(sb + 16 * (8 + j % 4)));
+        const __m128i lo = _mm_and_si128(_mm_srl_epi16(bl, ls), _mm_set1_epi8(15));
+        const __m128i hi = _mm_and_si128(_mm_srl_epi16(bh, hs), _mm_set1_epi8(3));
+        sc[hh] = _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), _mm_set1_epi8(32));
+    }
+}
+
+DL_INLINE DL_TARGET_AVX512 void q3k_dec_avx512(const uint8_t *unit, int kk, __m512i *u, __m512 *s, __m512 *o) {
+    (void)o;
+    const uint8_t *blk = unit + 224 + 192 * kk;
+    const __m512i m7 = _mm512_set1_epi8(7), m3 = _mm512_set1_epi8(3), m4 = _mm512_set1_epi8(4);
+    const __m512i a = _mm512_loadu_si512((const void *)blk), b = _mm512_loadu_si512((const void *)(blk + 64));
+    const __m512i c = _mm512_loadu_si512((const void *)(blk + 128));
+    u[0] = _mm512_and_si512(a, m7);
+    u[1] = _mm512_and_si512(_mm512_srli_epi16(a, 3), m7);
+    u[2] = _mm512_and_si512(b, m7);
+    u[3] = _mm512_and_si512(_mm512_srli_epi16(b, 3), m7);
+    u[4] = _mm512_and_si512(c, m7);
+    u[5] = _mm512_and_si512(_mm512_srli_epi16(c, 3), m7);
+    /* u6, u7: the low 2 bits, plus 4 under C's bit 6 / 7 as a mask (no third shift on port 0) */
+    const __m512i l6 = _mm512_and_si512(_mm512_srli_epi16(a, 6), m3), l7 = _mm512_and_si512(_mm512_srli_epi16(b, 6), m3);
+    u[6] = _mm512_mask_add_epi8(l6, _mm512_test_epi8_mask(c, _mm512_set1_epi8(0x40)), l6, m4);
+    u[7] = _mm512_mask_add_epi8(l7, _mm512_test_epi8_mask(c, _mm512_set1_epi8((char)0x80)), l7, m4);
+    __m128i sc[2];
+    q3k_scales_x86(unit + 32, kk, sc);
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)unit));
+    s[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc[0])));
+    s[1] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc[1])));
+}
+
+DL_INLINE DL_TARGET_AVX2 void q3k_dec_avx2(const uint8_t *unit, int kk, int h, __m256i *u, __m256 *s, __m256 *o) {
+    (void)o;
+    const uint8_t *blk = unit + 224 + 192 * kk + 32 * h;
+    const __m256i m7 = _mm256_set1_epi8(7), m3 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(4);
+    const __m256i a = _mm256_loadu_si256((const __m256i *)blk), b = _mm256_loadu_si256((const __m256i *)(blk + 64));
+    const __m256i c = _mm256_loadu_si256((const __m256i *)(blk + 128));
+    u[0] = _mm256_and_si256(a, m7);
+    u[1] = _mm256_and_si256(_mm256_srli_epi16(a, 3), m7);
+    u[2] = _mm256_and_si256(b, m7);
+    u[3] = _mm256_and_si256(_mm256_srli_epi16(b, 3), m7);
+    u[4] = _mm256_and_si256(c, m7);
+    u[5] = _mm256_and_si256(_mm256_srli_epi16(c, 3), m7);
+    u[6] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 6), m3), _mm256_and_si256(_mm256_srli_epi16(c, 4), m4));
+    u[7] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 6), m3), _mm256_and_si256(_mm256_srli_epi16(c, 5), m4));
+    __m128i sc[2];
+    q3k_scales_x86(unit + 32 + 8 * h, kk, sc);
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(unit + 16 * h)));
+    s[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc[0])));
+    s[1] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc[1])));
+}
+#endif
+
+#if DL_NEON
+static inline void q3k_dec_neon(const uint8_t *unit, int kk, int q, int8x16_t *u, float32x4_t *s, float32x4_t *o) {
+    (void)o;
+    const uint8_t *blk = unit + 224 + 192 * kk + 16 * q;
+    const uint8x16_t m7 = vdupq_n_u8(7), m4 = vdupq_n_u8(4);
+    const uint8x16_t a = vld1q_u8(blk), b = vld1q_u8(blk + 64), c = vld1q_u8(blk + 128);
+    const uint8x16_t v[8] = {vandq_u8(a, m7), vandq_u8(vshrq_n_u8(a, 3), m7), vandq_u8(b, m7), vandq_u8(vshrq_n_u8(b, 3), m7),
+                             vandq_u8(c, m7), vandq_u8(vshrq_n_u8(c, 3), m7),
+                             vbslq_u8(m4, vshrq_n_u8(c, 4), vshrq_n_u8(a, 6)), vbslq_u8(m4, vshrq_n_u8(c, 5), vshrq_n_u8(b, 6))};
+    for (int i = 0; i < 8; i++) u[i] = vreinterpretq_s8_u8(v[i]);
+    const int8x8_t ls = vdup_n_s8((int8_t)(-4 * (kk / 4))), hs = vdup_n_s8((int8_t)(-2 * (kk / 2)));
+    const float32x4_t d = dl_ld_f16x4(unit + 8 * q);
+    for (int hh = 0; hh < 2; hh++) {
+        const int j = 2 * kk + hh;
+        const uint8x8_t lo = vand_u8(vshl_u8(rx_ld4_u8(unit + 32 + 16 * (j % 8) + 4 * q), ls), vdup_n_u8(15));
+        const uint8x8_t hi = vand_u8(vshl_u8(rx_ld4_u8(unit + 32 + 16 * (8 + j % 4) + 4 * q), hs), vdup_n_u8(3));
+        const int8x8_t sc = vsub_s8(vreinterpret_s8_u8(vorr_u8(lo, vshl_n_u8(hi, 4))), vdup_n_s8(32));
+        s[hh] = vmulq_f32(d, rx_s8x4_f32(sc));
+    }
+}
+#endif
+
+#define RX q3k
+#define RX_UNIT 110
+#define RX_BPU 8
+#define RX_HALVES 2
+#define RX_AFFINE 0
+#define RX_C 4
 #include "rx_engine.h"

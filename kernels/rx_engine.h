@@ -1,12 +1,12 @@
 /* The rx engine: the 16-row group matmul of one GGUF block type over q80 activations, written once
  * and instantiated per type by kernels/matmul_rx.c, which defines before each #include:
  *
- *   RX         the type's short name (q41, q50, q4k, q6k, q2k, iq4nl, iq4xs): prefix of every
- *              function made here
+ *   RX         the type's short name (q41, q50, q51, q2k, q3k, q4k, q5k, q6k, iq4nl, iq4xs): prefix
+ *              of every function made here
  *   RX_UNIT    bytes of one row's unit in the file: a 32-value block, or a 256-value super-block
  *   RX_BPU     32-value blocks per unit (1, or 8 for the 256-value types)
  *   RX_HALVES  1: one scale per 32 values; 2: one per 16 (Q6_K, Q3_K, Q2_K)
- *   RX_AFFINE  1: value = s * u + o (a float offset beside each scale, Q4_1, Q4_K, Q2_K);
+ *   RX_AFFINE  1: value = s * u + o (a float offset beside each scale: Q4_1, Q5_1, Q2_K, Q4_K, Q5_K);
  *              0: value = s * (u - RX_C) (a symmetric type; RX_C is its code offset)
  *   RX_C       see RX_AFFINE (0 for the affine types)
  *   RX_SIGNED  optional, default 0. 1: the codes are signed values, -127..127 (IQ4_NL / IQ4_XS:

@@ -2,8 +2,9 @@
 
 Usage: python scripts/bench_kernels.py [--rows 2048] [--cols 8192] [--batch 32] [--isa NAME]
                                        [--type q40,q40r,q80,q80r,f16,bf16,q41r,q50r,q4kr,q6kr,...]
-(default q40; the GGUF types q41r / q50r / q2kr / q4kr / q6kr / iq4nlr / iq4xsr are Q4_1 / Q5_0 / Q2_K
-/ Q4_K / Q6_K / IQ4_NL / IQ4_XS blocks of random codes and scales, repacked as the engine does)
+(default q40; the GGUF types q41r / q50r / q51r / q2kr / q3kr / q4kr / q5kr / q6kr / iq4nlr / iq4xsr are
+Q4_1 / Q5_0 / Q5_1 / Q2_K / Q3_K / Q4_K / Q5_K / Q6_K / IQ4_NL / IQ4_XS blocks of random codes and
+scales, repacked as the engine does)
 plus the read-bandwidth probe (dl_read_bytes) on the same bytes, the ceiling of a matvec.
 """
 
@@ -22,8 +23,8 @@ from dllama_mpi.kernels import ffi, lib, ptr
 
 
 # the GGUF block types on their repacked (rx) layouts, as the engine runs them
-RX = {"q41r": "q4_1", "q50r": "q5_0", "q4kr": "q4_k", "q6kr": "q6_k", "q2kr": "q2_k", "iq4nlr": "iq4_nl",
-      "iq4xsr": "iq4_xs"}
+RX = {"q41r": "q4_1", "q50r": "q5_0", "q51r": "q5_1", "q2kr": "q2_k", "q3kr": "q3_k", "q4kr": "q4_k",
+      "q5kr": "q5_k", "q6kr": "q6_k", "iq4nlr": "iq4_nl", "iq4xsr": "iq4_xs"}
 
 
 def bench(fn, trials=7, min_time=0.1):
@@ -50,7 +51,7 @@ def main():
     ap.add_argument("--isa", default=None)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--type", default="q40", help="comma-separated: q40, q40r (repacked), q80, q80r, f16, bf16, "
-                                                  "q41r, q50r, q2kr, q4kr, q6kr, iq4nlr, iq4xsr")
+                                                  "q41r, q50r, q51r, q2kr, q3kr, q4kr, q5kr, q6kr, iq4nlr, iq4xsr")
     a = ap.parse_args()
     isas = [a.isa] if a.isa else [K.isa_name(i) for i in K.supported_isas()]
     r = np.random.default_rng(0)

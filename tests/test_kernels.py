@@ -1075,10 +1075,11 @@ def test_fused_pairs_equal_the_two_calls(isa):
 # the GGUF block types: row dequantization (the embedding) and the rx matmuls, against gguf-py's own
 # dequantization of the same blocks (an implementation that is not ours)
 
-from dllama_mpi.formats import (BF16, F16, F32, FLOAT_NAMES, IQ4_NL, IQ4_XS, Q2_K, Q40, Q80,  # noqa: E402
-                                TYPE_BLOCK, Q4_1, Q4_K, Q5_0, Q6_K, type_to_ggml)
+from dllama_mpi.formats import (BF16, F16, F32, FLOAT_NAMES, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q40,  # noqa: E402
+                                Q80, TYPE_BLOCK, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, type_to_ggml)
 
-RX_TYPES = {Q4_1: "q41", Q5_0: "q50", Q4_K: "q4k", Q6_K: "q6k", Q2_K: "q2k", IQ4_NL: "iq4nl", IQ4_XS: "iq4xs"}
+RX_TYPES = {Q4_1: "q41", Q5_0: "q50", Q5_1: "q51", Q2_K: "q2k", Q3_K: "q3k", Q4_K: "q4k", Q5_K: "q5k",
+            Q6_K: "q6k", IQ4_NL: "iq4nl", IQ4_XS: "iq4xs"}
 
 
 def gguf_dequantize(raw: np.ndarray, ftype: int, rows: int, cols: int) -> np.ndarray:
@@ -1211,7 +1212,8 @@ def test_matmul_table_covers_native_types():
     """Every type a kernel runs has its entry points in the C library; the block types are repacked."""
     from dllama_mpi.kernels import MATMUL
 
-    assert set(MATMUL) == {F32, F16, BF16, Q40, Q80, Q4_1, Q5_0, Q4_K, Q6_K, Q2_K, IQ4_NL, IQ4_XS}
+    assert set(MATMUL) == {F32, F16, BF16, Q40, Q80, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL,
+                           IQ4_XS}
     for t, m in MATMUL.items():
         for fn in (m.kernel, m.repack, m.nbytes, m.fused):
             assert fn is None or hasattr(lib, fn), (FLOAT_NAMES[t], fn)

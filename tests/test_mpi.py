@@ -524,6 +524,43 @@ def test_k_quant_gguf_on_many_ranks_tracks_one_rank(world, tmp_path, mix):
     verdict(world, ok, detail)
 
 
+def test_q5_1_q3_k_q5_k_gguf_runs_natively_close_to_f32(world, tmp_path):
+    """A random model whose matrices are Q5_1 / Q3_K / Q5_K (wo and w2 too: column slices of 32- and
+    256-value blocks; the output Q3_K, the embedding Q5_1) runs them through their own kernels,
+    nothing converted at load: on this many ranks its logits are those of the same file converted to
+    f32 (gguf-py's values, f32 activations) within q80 noise (mean and largest difference), and track
+    the one-rank run."""
+    from gguf_models import write_random_gguf
+
+    from dllama_mpi.convert.gguf import convert_gguf
+    from dllama_mpi.formats import Q3_K, Q5_1, Q5_K
+    from dllama_mpi.weights import open_model_file, runtime_header
+
+    gguf = f32 = None
+    ok_types = True
+    if world.is_root:   # FFN 1024: w2 rows of 4 super-blocks, cut on up to 4 ranks
+        gguf = str(write_random_gguf(tmp_path / "q5q3.gguf", {
+            "attn_q": Q5_1, "attn_k": Q5_K, "attn_v": Q3_K, "attn_output": Q5_1, "ffn_gate": Q3_K,
+            "ffn_up": Q5_K, "ffn_down": Q5_K, "output": Q3_K, "token_embd": Q5_1}, hidden=1024))
+        h, notes = runtime_header(open_model_file(gguf))
+        ok_types = not notes and set(h.matrix_type_list()) == {Q5_1, Q3_K, Q5_K} and h.embed_type == Q5_1
+        f32 = str(tmp_path / "f32.m")
+        convert_gguf(gguf, f32, None, "f32", quiet=True)
+    ids = [496, 12, 200, 7, 33, 41, 300, 2, 18, 99, 5, 401]
+    many = _logits(world, gguf, ids)
+    one = _logits(Comm(MPI.COMM_SELF), gguf, ids) if world.is_root else None
+    ref = _logits(Comm(MPI.COMM_SELF), f32, ids) if world.is_root else None
+    ok, detail = False, None
+    if world.is_root:
+        def close(a, b):   # q80 noise (near-ties of a random model's logits may flip its argmax)
+            return bool(np.abs(a - b).mean() < 0.05 * np.abs(b).mean() and np.abs(a - b).max() < 0.1 * np.abs(b).max())
+
+        ok = ok_types and close(many, ref) and close(many, one)
+        detail = (ok_types, float(np.abs(many - ref).mean()), float(np.abs(many - one).mean()), float(np.abs(ref).mean()),
+                  float(np.abs(many - ref).max()), float(np.abs(many - one).max()), float(np.abs(ref).max()))
+    verdict(world, ok, detail)
+
+
 def test_types_without_a_kernel_become_q80_at_load(world, tmp_path):
     """TQ1_0, TQ2_0 and MXFP4 matrices (GGML types without a kernel, which gguf-py dequantizes) run as
     q80, converted at load with one line per type: the same bits whether the root converts and

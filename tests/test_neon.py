@@ -65,7 +65,9 @@ NEON_EXACT = {"quantize_q80", "matmul_q40_q80", "matmul_q40r_q80", "q40r_matvec_
               "gelu_mul", "scale", "softmax", "rope", "logit_stats", "read_bytes", "read_spans",
               "matmul_q41r_q80", "matmul_q50r_q80", "matmul_q4kr_q80", "matmul_q6kr_q80",
               "matmul_q2kr_q80", "matmul_iq4nlr_q80", "matmul_iq4xsr_q80",
-              "repack_q41", "repack_q50", "repack_q4k", "repack_q6k", "repack_q2k", "repack_iq4nl", "repack_iq4xs"}
+              "matmul_q51r_q80", "matmul_q3kr_q80", "matmul_q5kr_q80",
+              "repack_q41", "repack_q50", "repack_q4k", "repack_q6k", "repack_q2k", "repack_iq4nl", "repack_iq4xs",
+              "repack_q51", "repack_q3k", "repack_q5k"}
 
 
 def _kernels(exe: list[str]) -> list[str]:

@@ -400,6 +400,9 @@ static const rx_type RX_TYPES[] = {
     {"q2k", DL_T_Q2_K, 256, 84, {80, 82}, 16, 64, 1, dl_q2kr_bytes, dl_repack_q2k, dl_unpack_q2kr, dl_matmul_q2kr_q80},
     {"iq4nl", DL_T_IQ4_NL, 32, 18, {0, -1}, 2, 16, 0, dl_iq4nlr_bytes, dl_repack_iq4nl, dl_unpack_iq4nlr, dl_matmul_iq4nlr_q80},
     {"iq4xs", DL_T_IQ4_XS, 256, 136, {0, -1}, 8, 128, 0, dl_iq4xsr_bytes, dl_repack_iq4xs, dl_unpack_iq4xsr, dl_matmul_iq4xsr_q80},
+    {"q51", DL_T_Q5_1, 32, 24, {0, 2}, 4, 20, 1, dl_q51r_bytes, dl_repack_q51, dl_unpack_q51r, dl_matmul_q51r_q80},
+    {"q3k", DL_T_Q3_K, 256, 110, {108, -1}, 0, 96, 0, dl_q3kr_bytes, dl_repack_q3k, dl_unpack_q3kr, dl_matmul_q3kr_q80},
+    {"q5k", DL_T_Q5_K, 256, 176, {0, 2}, 16, 160, 1, dl_q5kr_bytes, dl_repack_q5k, dl_unpack_q5kr, dl_matmul_q5kr_q80},
 };
 
 static const int RX_SHAPES[][3] = {   /* rows, blocks per row, batch: group tails, matvec, batched */
@@ -491,6 +494,9 @@ RX_ENTRY(q6k, 3)
 RX_ENTRY(q2k, 4)
 RX_ENTRY(iq4nl, 5)
 RX_ENTRY(iq4xs, 6)
+RX_ENTRY(q51, 7)
+RX_ENTRY(q3k, 8)
+RX_ENTRY(q5k, 9)
 
 /* elementwise: n with every tail length */
 static const int EW_N[] = {1, 3, 7, 8, 17, 32, 100, 2080};
@@ -792,6 +798,9 @@ static const ktest TESTS[] = {
     {"matmul_q2kr_q80", N_RX_SHAPES * N_FLAVOURS, setup_q2k,      run_q2k,        BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
     {"matmul_iq4nlr_q80", N_RX_SHAPES * N_FLAVOURS, setup_iq4nl,  run_iq4nl,      BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
     {"matmul_iq4xsr_q80", N_RX_SHAPES * N_FLAVOURS, setup_iq4xs,  run_iq4xs,      BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
+    {"matmul_q51r_q80", N_RX_SHAPES * N_FLAVOURS, setup_q51,      run_q51,        BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
+    {"matmul_q3kr_q80", N_RX_SHAPES * N_FLAVOURS, setup_q3k,      run_q3k,        BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
+    {"matmul_q5kr_q80", N_RX_SHAPES * N_FLAVOURS, setup_q5k,      run_q5k,        BIT(DL_ISA_SCALAR) | NEON_ISAS, 1e-5, NULL},
     {"repack_q41",     N_RX_SHAPES,            setup_repack_q41,  run_repack_q41, ALL_ISAS,      0, check_repack_q41},
     {"repack_q50",     N_RX_SHAPES,            setup_repack_q50,  run_repack_q50, ALL_ISAS,      0, check_repack_q50},
     {"repack_q4k",     N_RX_SHAPES,            setup_repack_q4k,  run_repack_q4k, ALL_ISAS,      0, check_repack_q4k},
@@ -799,6 +808,9 @@ static const ktest TESTS[] = {
     {"repack_q2k",     N_RX_SHAPES,            setup_repack_q2k,  run_repack_q2k, ALL_ISAS,      0, check_repack_q2k},
     {"repack_iq4nl",   N_RX_SHAPES,            setup_repack_iq4nl, run_repack_iq4nl, ALL_ISAS,  0, check_repack_iq4nl},
     {"repack_iq4xs",   N_RX_SHAPES,            setup_repack_iq4xs, run_repack_iq4xs, ALL_ISAS,  0, check_repack_iq4xs},
+    {"repack_q51",     N_RX_SHAPES,            setup_repack_q51,  run_repack_q51, ALL_ISAS,      0, check_repack_q51},
+    {"repack_q3k",     N_RX_SHAPES,            setup_repack_q3k,  run_repack_q3k, ALL_ISAS,      0, check_repack_q3k},
+    {"repack_q5k",     N_RX_SHAPES,            setup_repack_q5k,  run_repack_q5k, ALL_ISAS,      0, check_repack_q5k},
     {"matmul_f32",     6,                      setup_f32mm,       run_f32mm,      BIT(DL_ISA_SCALAR), 2e-6, NULL},
     {"rmsnorm",        2 * N_EW,               setup_rmsnorm,     run_rmsnorm,    BIT(DL_ISA_SCALAR), 2e-6, NULL},
     {"add",            N_EW,                   setup_ew,          run_add,        ALL_ISAS,      0, NULL},
