@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import click
 
-from .startup import log, model_options, sampling_options, spmd, start
+from .startup import log, model_options, sampling_options, spec_config, spec_options, spmd, start
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 4
@@ -227,14 +227,14 @@ def parse_prompt(body: dict) -> str:
 
 class Server:
     def __init__(self, engine, tokenizer, model_id: str, template, defaults: dict, api_key: str | None,
-                 max_body_bytes: int, cors_origins: list[str], web_ui: bool = True, max_n: int = 8):
+                 max_body_bytes: int, cors_origins: list[str], web_ui: bool = True, max_n: int = 8, spec=None):
         from .metrics import RankStats
         from .scheduler import Scheduler
 
         from .grammar import Grammars
 
         self.engine = engine
-        self.scheduler = Scheduler(engine, tokenizer)
+        self.scheduler = Scheduler(engine, tokenizer, spec=spec)
         from .metrics import engine_kv_bytes_per_token
 
         per_token = engine_kv_bytes_per_token(engine)
@@ -868,6 +868,7 @@ def register(group) -> None:
     @click.command()
     @model_options
     @sampling_options
+    @spec_options
     @server_options
     @click.option("--backend", default=None, hidden=True, metavar="SOCKET",
                   help="Internal (dllama-mpi serve): rank 0 takes requests from the supervisor listening on this "
@@ -885,6 +886,7 @@ def register(group) -> None:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         elif backend is None:
             check_server_options(port, max_body_bytes, max_n)
+        spec = spec_config() if comm.is_root else None
         engine, tokenizer = start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
                                   sync_scheme, load, max_batch, n_slots=parallel)
         if not comm.is_root:
@@ -894,13 +896,13 @@ def register(group) -> None:
             if backend is not None:
                 from .backend import run_backend
 
-                run_backend(engine, tokenizer, backend)
+                run_backend(engine, tokenizer, backend, spec)
                 return
             template = template_for(tokenizer, chat_template)
             name = model_name or _model_id(model_path)
             server = Server(engine, tokenizer, name, template, {"temperature": temperature, "top_p": topp,
                                                                "seed": seed},
-                            api_key, max_body_bytes, list(cors_origin), web_ui=not no_web_ui, max_n=max_n)
+                            api_key, max_body_bytes, list(cors_origin), web_ui=not no_web_ui, max_n=max_n, spec=spec)
             serve_http(server, host, port, verbose)
         finally:
             engine.stop_workers()
