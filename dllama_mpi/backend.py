@@ -111,7 +111,8 @@ def run_backend(engine, tokenizer, path: str, spec=None) -> None:
             sampler = Sampler(tokenizer.vocab_size, msg["temperature"], msg["top_p"], msg["seed"], msg.get("state"))
             req = Request(msg["prompt"], msg["max_tokens"], sampler,
                           sink=lambda kind, value: on_event(rid, kind, value), logprobs=msg.get("logprobs"),
-                          prompt_logprobs=bool(msg.get("prompt_logprobs")))
+                          prompt_logprobs=bool(msg.get("prompt_logprobs")),
+                          spec=sched.spec.with_draft(*msg["draft"]) if msg.get("draft") else None)
             requests[rid] = req
             sched.submit(req)
         except (RequestError, ValueError) as e:

@@ -707,7 +707,7 @@ class Supervisor(Server):
             "t": "req", "id": f.rid, "prompt": list(job.prompt_ids) + list(f.generated),
             "max_tokens": job.max_tokens - len(f.generated), "temperature": job.temperature,
             "top_p": job.top_p, "seed": f.seed, "state": f.state, "logprobs": job.logprobs,
-            "prompt_logprobs": want_plp})
+            "prompt_logprobs": want_plp, "draft": job.draft})
         f.backend_done = False
 
     def _reap_cancelled(self) -> None:

@@ -42,6 +42,16 @@ class SpecConfig:
     def on(self) -> bool:
         return self.method != "none"
 
+    def with_draft(self, n_max: int | None, n_min: int | None) -> "SpecConfig":
+        """A request's own draft sizes (llama.cpp server's speculative.n_max / n_min): n_max 0 turns
+        speculation off for it; the method stays the server's (--spec none: none)."""
+        if not self.on or (n_max is None and n_min is None):
+            return self
+        if n_max == 0:
+            return SpecConfig()
+        n_max = self.draft_max if n_max is None else n_max
+        return SpecConfig(self.method, n_max, min(self.draft_min if n_min is None else n_min, n_max))
+
 
 def check_spec(method: str, draft_max: int, draft_min: int) -> None:
     if method not in SPEC_METHODS:

