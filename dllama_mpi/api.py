@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 
 import click
 
-from .startup import log, model_options, sampling_options, spmd, start
+from .startup import log, model_options, sampling_options, spec_config, spec_options, spmd, start
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 4
+MAX_DRAFT = 256   # speculative.n_max / n_min of a request
 
 
 
@@ -58,6 +59,7 @@ class Job:
     logprobs: int | None = None      # top alternatives per token, None: no log-probabilities
     echo: bool = False               # /v1/completions: the prompt's own log-probabilities too
     grammar: object = None           # grammar.Grammar of response_format (None: free text)
+    draft: tuple | None = None       # (speculative.n_max, speculative.n_min) of the request, either may be None
     generated: dict = field(default_factory=dict)   # choice -> token ids
 
     def send(self, item) -> None:
@@ -158,6 +160,13 @@ def parse_common(body: dict, max_seq_len: int, defaults: dict, max_n: int = 8, c
     else:
         raise ApiError(400, "'stop' must be a string or a list of strings", "stop")
     out["stop"] = [s for s in stop if s]
+    draft = [body.get("speculative.n_max"), body.get("speculative.n_min")]   # llama.cpp server's names
+    for i, key in enumerate(("speculative.n_max", "speculative.n_min")):
+        if draft[i] is not None and (not _is_int(draft[i]) or not 0 <= draft[i] <= MAX_DRAFT):
+            raise ApiError(400, f"'{key}' must be an integer from 0 to {MAX_DRAFT}", key)
+    if None not in draft and draft[0] and draft[1] > draft[0]:
+        raise ApiError(400, "'speculative.n_min' must not exceed 'speculative.n_max'", "speculative.n_min")
+    out["draft"] = None if draft == [None, None] else tuple(draft)
     return out
 
 
@@ -227,14 +236,14 @@ def parse_prompt(body: dict) -> str:
 
 class Server:
     def __init__(self, engine, tokenizer, model_id: str, template, defaults: dict, api_key: str | None,
-                 max_body_bytes: int, cors_origins: list[str], web_ui: bool = True, max_n: int = 8):
+                 max_body_bytes: int, cors_origins: list[str], web_ui: bool = True, max_n: int = 8, spec=None):
         from .metrics import RankStats
         from .scheduler import Scheduler
 
         from .grammar import Grammars
 
         self.engine = engine
-        self.scheduler = Scheduler(engine, tokenizer)
+        self.scheduler = Scheduler(engine, tokenizer, spec=spec)
         from .metrics import engine_kv_bytes_per_token
 
         per_token = engine_kv_bytes_per_token(engine)
@@ -336,7 +345,8 @@ class Server:
                             Sampler(self.tokenizer.vocab_size, job.temperature, job.top_p, seeds[i]), job.stop,
                             cancelled_by=job.cancel, logprobs=job.logprobs,
                             prompt_logprobs=job.echo and job.logprobs is not None and i == 0,
-                            grammar=job.grammar.matcher() if job.grammar is not None else None)
+                            grammar=job.grammar.matcher() if job.grammar is not None else None,
+                            spec=self.scheduler.spec.with_draft(*job.draft) if job.draft else None)
                     for i in range(job.n)]
             for i, r in enumerate(reqs):
                 r.sink = lambda kind, value, job=job, i=i, r=r: self._on_event(job, i, r, kind, value)
@@ -592,7 +602,8 @@ class Server:
         loop = asyncio.get_running_loop()
         n, want_lp, echo, as_id = params["n"], params["logprobs"], params["echo"], params["token_ids"]
         job = Job(text, ids, max_tokens, params["temperature"], params["top_p"], params["seed"], params["stop"],
-                  loop, asyncio.Queue(), n=n, logprobs=want_lp, echo=echo, grammar=params.get("grammar"))
+                  loop, asyncio.Queue(), n=n, logprobs=want_lp, echo=echo, grammar=params.get("grammar"),
+                  draft=params.get("draft"))
         self.jobs.put(job)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -868,6 +879,7 @@ def register(group) -> None:
     @click.command()
     @model_options
     @sampling_options
+    @spec_options
     @server_options
     @click.option("--backend", default=None, hidden=True, metavar="SOCKET",
                   help="Internal (dllama-mpi serve): rank 0 takes requests from the supervisor listening on this "
@@ -885,6 +897,7 @@ def register(group) -> None:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         elif backend is None:
             check_server_options(port, max_body_bytes, max_n)
+        spec = spec_config() if comm.is_root else None
         engine, tokenizer = start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
                                   sync_scheme, load, max_batch, n_slots=parallel)
         if not comm.is_root:
@@ -894,13 +907,13 @@ def register(group) -> None:
             if backend is not None:
                 from .backend import run_backend
 
-                run_backend(engine, tokenizer, backend)
+                run_backend(engine, tokenizer, backend, spec)
                 return
             template = template_for(tokenizer, chat_template)
             name = model_name or _model_id(model_path)
             server = Server(engine, tokenizer, name, template, {"temperature": temperature, "top_p": topp,
                                                                "seed": seed},
-                            api_key, max_body_bytes, list(cors_origin), web_ui=not no_web_ui, max_n=max_n)
+                            api_key, max_body_bytes, list(cors_origin), web_ui=not no_web_ui, max_n=max_n, spec=spec)
             serve_http(server, host, port, verbose)
         finally:
             engine.stop_workers()

@@ -60,14 +60,14 @@ class Link:
 # ------------------------------------------------------------------------------------------------
 # the backend: rank 0 of `dllama-mpi api --backend SOCKET`
 
-def run_backend(engine, tokenizer, path: str) -> None:
+def run_backend(engine, tokenizer, path: str, spec=None) -> None:
     """Take requests from the supervisor at `path`, run them through the scheduler (continuous
     batching, as `api` does), and send back every token with the sampler's state after it. Returns
     when the supervisor says stop or goes away, or on SIGTERM/SIGINT; the caller stops the workers."""
     from .sampler import Sampler
     from .scheduler import Request, RequestError, Scheduler
 
-    sched = Scheduler(engine, tokenizer)
+    sched = Scheduler(engine, tokenizer, spec=spec)
     inbox: queue.Queue = queue.Queue()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -111,7 +111,8 @@ def run_backend(engine, tokenizer, path: str) -> None:
             sampler = Sampler(tokenizer.vocab_size, msg["temperature"], msg["top_p"], msg["seed"], msg.get("state"))
             req = Request(msg["prompt"], msg["max_tokens"], sampler,
                           sink=lambda kind, value: on_event(rid, kind, value), logprobs=msg.get("logprobs"),
-                          prompt_logprobs=bool(msg.get("prompt_logprobs")))
+                          prompt_logprobs=bool(msg.get("prompt_logprobs")),
+                          spec=sched.spec.with_draft(*msg["draft"]) if msg.get("draft") else None)
             requests[rid] = req
             sched.submit(req)
         except (RequestError, ValueError) as e:

@@ -22,7 +22,7 @@ import time
 import click
 
 from .errors import ConfigError
-from .startup import log, model_options, sampling_options, spmd, start
+from .startup import log, model_options, sampling_options, spec_config, spec_options, spmd, start
 
 FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "response_format"}
 
@@ -117,6 +117,7 @@ def done_ids(out_path: str) -> set[str]:
 @click.command("batch")
 @model_options
 @sampling_options
+@spec_options
 @click.option("--prompts", "prompts_path", required=True, type=click.Path(dir_okay=False),
               help="JSONL requests: id, prompt or messages, optional max_tokens/temperature/top_p/seed/stop/response_format.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
@@ -130,6 +131,7 @@ def batch(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
     """Run a JSONL file of prompts, writing one result line per prompt as it finishes."""
     todo = []
     if comm.is_root:
+        spec = spec_config()
         if max_tokens < 1:
             raise ConfigError(f"--max-tokens must be >= 1, got {max_tokens}")
         requests = read_requests(prompts_path)
@@ -144,12 +146,12 @@ def batch(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
         return
     try:
         _run(engine, tokenizer, todo, out_path, parallel,
-             {"max_tokens": max_tokens, "temperature": temperature, "top_p": topp, "seed": seed}, chat_template)
+             {"max_tokens": max_tokens, "temperature": temperature, "top_p": topp, "seed": seed}, chat_template, spec)
     finally:
         engine.stop_workers()
 
 
-def _run(engine, tokenizer, todo, out_path, parallel, defaults, chat_template) -> None:
+def _run(engine, tokenizer, todo, out_path, parallel, defaults, chat_template, spec=None) -> None:
     from tqdm import tqdm
 
     from .chat import template_for
@@ -157,7 +159,7 @@ def _run(engine, tokenizer, todo, out_path, parallel, defaults, chat_template) -
     from .sampler import Sampler
     from .scheduler import Request, RequestError, Scheduler
 
-    sched = Scheduler(engine, tokenizer)
+    sched = Scheduler(engine, tokenizer, spec=spec)
     grammars = _compile_formats(engine, tokenizer, todo)
     template = None
     bar = tqdm(total=len(todo), unit="req", file=sys.stderr, dynamic_ncols=True,
@@ -174,7 +176,8 @@ def _run(engine, tokenizer, todo, out_path, parallel, defaults, chat_template) -
                 "timings": {"queue_s": round(st.queue_seconds, 4), "prompt_s": round(st.prompt_seconds, 4),
                             "generate_s": round(st.generate_seconds, 4),
                             "time_to_first_token_s": round(st.ttft_seconds, 4),
-                            "generation_tokens_per_s": round(st.generate_tps, 3)}},
+                            "generation_tokens_per_s": round(st.generate_tps, 3),
+                            "tokens_per_pass": round(st.tokens_per_pass, 4), "acceptance": round(st.acceptance, 4)}},
                 ensure_ascii=False) + "\n")
             out.flush()
             counts["done"] += 1

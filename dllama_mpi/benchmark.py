@@ -42,7 +42,7 @@ import click
 import numpy as np
 
 from .errors import ConfigError
-from .startup import log, model_options, spmd, start
+from .startup import log, model_options, spec_config, spec_options, spmd, start
 
 SCHEMA = "dllama-mpi-benchmark/1"
 
@@ -425,16 +425,23 @@ def _split_text() -> str:
 # ------------------------------------------------------------------------------------------------
 # the root's runs
 
-def _one_run(sched, ids: list[int], steps: int) -> tuple[float, list[float]]:
+def _one_run(sched, ids: list[int], steps: int):
     """One greedy request (what `inference --temperature 0` runs): prefill ids, then `steps` tokens;
-    (prefill seconds = time to the first token, per-token seconds after it)."""
+    (prefill seconds = time to the first token, per-token seconds after it, its RunStats). With
+    speculation a pass gives several tokens at one instant: each gets an equal share of the pass."""
     from .sampler import Sampler
     from .scheduler import Request, run_to_completion
 
     req = Request(ids, steps + 1, Sampler(sched.engine.h.vocab_size, 0.0), ignore_eos=True)
     sched.kv.drop_cached()   # every run evaluates its whole prompt
     run_to_completion(sched, [req])
-    return req.stats.prompt_seconds, [ms / 1000 for ms in req.stats.token_ms]
+    per, k = [], 0
+    for ms in req.stats.token_ms + [1.0]:   # a pass = a token after a gap and those at the same instant
+        if ms > 0 and per:
+            per[k:] = [per[k] / (len(per) - k)] * (len(per) - k)
+            k = len(per)
+        per.append(ms / 1000)
+    return req.stats.prompt_seconds, per[:-1], req.stats
 
 
 def _parallel_run(sched, prompts: list[list[int]], steps: int) -> dict:
@@ -446,6 +453,7 @@ def _parallel_run(sched, prompts: list[list[int]], steps: int) -> dict:
 
     reqs = [Request(p, steps + 1, Sampler(sched.engine.h.vocab_size, 0.0), ignore_eos=True) for p in prompts]
     sched.kv.drop_cached()
+    d0, a0 = sched.draft_tokens, sched.accepted_tokens
     pc = time.perf_counter
     t0 = pc()
     for r in reqs:
@@ -469,9 +477,16 @@ def _parallel_run(sched, prompts: list[list[int]], steps: int) -> dict:
             "ttft_s": {"p50": round(float(np.percentile([r.stats.ttft_seconds for r in reqs], 50)), 4),
                        "p99": round(float(np.percentile([r.stats.ttft_seconds for r in reqs], 99)), 4)},
             "wall_seconds": round(wall, 3),
+            "tokens_per_pass": round(sum(r.stats.generated_tokens - 1 for r in reqs) /
+                                     max(sum(r.stats.decode_passes for r in reqs), 1), 4),
+            "acceptance": round((sched.accepted_tokens - a0) / max(sched.draft_tokens - d0, 1), 4),
             # the most KV pages held at once, and their bytes on each rank (the full-attention layers)
             "kv_pages_peak": peak_pages,
             "kv_bytes_peak_per_rank": [peak_pages * sched.kv.ps * b for b in _kv_bytes_per_token(sched.engine)]}
+
+
+def _spec_doc(spec) -> dict:
+    return {"method": spec.method, "draft_max": spec.draft_max, "draft_min": spec.draft_min}
 
 
 def _kv_bytes_per_token(engine) -> list[int]:
@@ -499,6 +514,7 @@ def register(group) -> None:
 
     @click.command("benchmark")
     @model_options
+    @spec_options
     @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None,
                   help="JSONL ({\"prompt\": ...} per line) or plain text, one prompt per line.")
     @click.option("--synthetic", default=None, help="Prompt lengths in tokens, comma-separated (default 128).")
@@ -537,6 +553,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
         raise ConfigError("give --prompts or --synthetic, not both")
     lens = _synthetic_lengths(synthetic or "128") if not prompts_path else None
     parallel = _parallel_list(parallel_spec)
+    spec = spec_config()
     if prompts_path and comm.is_root and not os.path.isfile(prompts_path):
         raise ConfigError(f"{prompts_path}: prompts file not found")
 
@@ -563,7 +580,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     if comm.is_root:
         from .scheduler import Scheduler
 
-        sched = Scheduler(engine, tokenizer)
+        sched = Scheduler(engine, tokenizer, spec=spec)
 
     # ---- phase 0: prompts and warm-up (workers follow; every phase ends with stop_workers) ----
     prompt_sets = []
@@ -600,11 +617,13 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     if comm.is_root:
         try:
             for kind, what, ids in prompt_sets:
-                pre, per = [], []
+                pre, per, tpp, acc = [], [], [], []
                 for _ in range(repeat):
-                    p_s, d_s = _one_run(sched, ids, steps)
+                    p_s, d_s, st = _one_run(sched, ids, steps)
                     pre.append(len(ids) / p_s)
                     per.extend(d_s)
+                    tpp.append(st.tokens_per_pass)
+                    acc.append(st.acceptance)
                 tps = [1.0 / s for s in per]
                 runs.append({
                     "prompt": what if kind == "prompt" else None, "prompt_tokens": len(ids), "steps": steps,
@@ -613,6 +632,8 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                     "decode_tok_s": _stats(tps),
                     "decode_tok_s_mean": round(len(per) / sum(per), 3),
                     "decode_ms_per_token": _stats([1000 * s for s in per]),
+                    "tokens_per_pass": round(statistics.mean(tpp), 4),
+                    "acceptance": round(statistics.mean(acc), 4),
                 })
         finally:
             engine.stop_workers()
@@ -660,7 +681,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     try:
         if comm.is_root:
             try:
-                _, per = _one_run(sched, prompt_sets[0][2], steps)
+                _, per, _ = _one_run(sched, prompt_sets[0][2], steps)
                 root_wall = sum(per)
             finally:
                 engine.stop_workers()
@@ -756,6 +777,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                    "nthreads": engine.nthreads, "buffer_float_type": engine.buffer_type,
                    "sync": engine.sync.scheme, "batch": engine.max_batch, "load": load,
                    "max_seq_len": engine.max_seq_len, "steps": steps, "warmup": warmup, "repeat": repeat,
+                   "spec": _spec_doc(spec),
                    "repack": bool(getattr(engine.w.layers[0].wq, "repacked", False))},
         "system": {"versions": _versions(), "cpu": _cpu_info(), "hostname": platform.node(),
                    "bandwidth_gbps": round(agg_bw, 2), "bandwidth_source": "option" if bandwidth else "measured"},
@@ -793,11 +815,14 @@ def _table(doc: dict) -> None:
         f"repack {c['repack']}, load {doc['load_seconds']:.2f} s"
         + (f" (Scatterv {doc['scatter']['bytes'] / 1e6:.0f} MB at {doc['scatter']['gbps']:.1f} GB/s)"
            if doc["scatter"]["gbps"] else ""))
-    log(f"{'prompt':>8} {'prefill tok/s':>22} {'decode tok/s (p10-p90)':>28} {'ms/token':>9}")
+    spec = c.get("spec", {}).get("method", "none") != "none"
+    log(f"{'prompt':>8} {'prefill tok/s':>22} {'decode tok/s (p10-p90)':>28} {'ms/token':>9}"
+        + (f" {'tok/pass':>8} {'accepted':>8}" if spec else ""))
     for r in doc["runs"]:
         p, d = r["prefill_tok_s"], r["decode_tok_s"]
         log(f"{r['prompt_tokens']:>8} {p['median']:>10.1f} ({p['min']:.1f}-{p['max']:.1f}) "
-            f"{d['median']:>14.2f} ({d['p10']:.2f}-{d['p90']:.2f}) {r['decode_ms_per_token']['median']:>9.2f}")
+            f"{d['median']:>14.2f} ({d['p10']:.2f}-{d['p90']:.2f}) {r['decode_ms_per_token']['median']:>9.2f}"
+            + (f" {r['tokens_per_pass']:>8.2f} {100 * r['acceptance']:>7.0f}%" if spec else ""))
     log(f"{'rank':>4} {'stage':>5} {'layers':>7} {'ms/tok':>7} {'C':>7} {'MPI':>7} {'Python':>7} {'Py %':>5} "
         f"{'kB sent/tok':>11} {'RSS MB':>8} {'GB/s':>6} {'weights MiB (share)':>20}")
     for r in doc["per_rank"]:
@@ -816,6 +841,7 @@ def _table(doc: dict) -> None:
             agg = p["aggregate_decode_tok_s"]
             log(f"{p['streams']:>8} {agg if agg is not None else '-':>23} {p['aggregate_tok_s']:>17.2f} "
                 f"{p['per_stream_decode_tok_s']['median']:>20.2f} {p['ttft_s']['p50']:>8.3f} / {p['ttft_s']['p99']:.3f}"
+                + (f"   {p['tokens_per_pass']:.2f} tok/pass" if spec else "") +
                 "   CPU/wall per rank " + " ".join(f"{x['cpu_per_wall']:.2f}" for x in p.get("per_rank", [])))
     log(f"decode {s['decode_tok_s']:.2f} tok/s ({s['kernel_isa']} kernels) = {s['pct_of_bandwidth_ceiling']}% of the bandwidth ceiling "
         f"{s['ceiling_tok_s']:.1f} tok/s ({doc['system']['bandwidth_gbps']} GB/s "

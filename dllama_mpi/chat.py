@@ -26,7 +26,7 @@ import threading
 import click
 
 from .errors import ConfigError, DllamaError
-from .startup import model_options, sampling_options, spmd, start
+from .startup import model_options, sampling_options, spec_config, spec_options, spmd, start
 
 
 
@@ -231,11 +231,11 @@ class ChatSession:
     """The root's side of `dllama-mpi chat`."""
 
     def __init__(self, engine, tokenizer, term: Terminal, settings: dict, ignore_eos: bool = False,
-                 autosave: str | None = None):
+                 autosave: str | None = None, spec=None):
         from .generate import Generator
 
         self.engine, self.tokenizer, self.term = engine, tokenizer, term
-        self.gen = Generator(engine, tokenizer)
+        self.gen = Generator(engine, tokenizer, spec=spec)
         self.history = PromptHistory(tokenizer)
         self.settings = dict(settings)
         self.ignore_eos = ignore_eos
@@ -376,7 +376,9 @@ class ChatSession:
         return (f"prompt: {st.prompt_tokens} tokens ({st.evaluated_prompt_tokens} evaluated, "
                 f"{st.prompt_tokens - st.evaluated_prompt_tokens} from the cache), {st.prompt_tps:.2f} tok/s | "
                 f"answer: {st.generated_tokens} tokens, {st.generate_tps:.2f} tok/s, {d['ms_per_token']:.2f} ms/token "
-                f"| finish: {st.finish_reason} | context: {len(self.gen.cached)}/{self.engine.max_seq_len}")
+                f"| finish: {st.finish_reason} | context: {len(self.gen.cached)}/{self.engine.max_seq_len}"
+                + (f" | spec: {st.tokens_per_pass:.2f} tokens/pass, {100 * st.acceptance:.0f} % of "
+                   f"{st.draft_tokens} drafted accepted" if self.gen.scheduler.spec.on else ""))
 
     def save(self, path: str, messages: list[dict] | None = None) -> None:
         """Write the conversation (or `messages`) and the settings as JSON, atomically: a new file
@@ -510,6 +512,7 @@ def register(group) -> None:
     @click.command()
     @model_options
     @sampling_options
+    @spec_options
     @click.option("--system", default=None, help="System prompt.")
     @click.option("--chat-template", default=None,
                   help="Override the tokenizer's chat template: a built-in name (llama3, chatml, smollm2, qwen2.5, "
@@ -538,6 +541,7 @@ def register(group) -> None:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         elif resume is not None and not os.path.isfile(resume):
             raise ConfigError(f"--resume {resume}: no such file")
+        spec = spec_config() if comm.is_root else None
         engine, tokenizer = start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
                                   sync_scheme, load, max_batch)
         if not comm.is_root:
@@ -549,7 +553,7 @@ def register(group) -> None:
                         "max_tokens": max_tokens, "stop": list(stop), "think": think, "chat_template": chat_template,
                         "context_overflow": context_overflow}
             session = ChatSession(engine, tokenizer, term, settings, ignore_eos=ignore_eos,
-                                  autosave=autosave or resume)
+                                  autosave=autosave or resume, spec=spec)
             signal.signal(signal.SIGTERM, session.on_sigterm)
             session.run(resume)
         finally:

@@ -302,6 +302,7 @@ class Engine:
         self.stats = Stats()
         self._direct = None   # the sequence `forward` works on
         self._pass_masks = None   # the root's Rows.masks of the pass being run
+        self._out_full = None     # the root's full logit rows when a pass has several groups of logit rows
         # q, k, v (and gate, up) read the same activations: where all are repacked q40 (or q80), one C call
         # and one parallel job for the set (dl_matmul_q40r_q80_n / _q80r_), not one per matrix
         st = self.st
@@ -318,8 +319,12 @@ class Engine:
         pass, or a row of out_full when given) or its TokenStats (LOGITS_STATS)."""
         b = self._begin(rows, updates, copies)
         n_full = sum(1 for m in rows.logit_modes if m == LOGITS_FULL)
-        if out_full is None and n_full > self.max_logit_rows:   # more than one group: no shared buffer
-            out_full = np.empty((n_full, self.h.vocab_size), np.float32)
+        if out_full is None and n_full and len(rows.logit_rows) > self.max_logit_rows:
+            # logits come in groups of max_logit_rows, each gathered into st.logits: full rows of
+            # several groups need a buffer of their own (kept for the next such pass)
+            if self._out_full is None or len(self._out_full) < n_full:
+                self._out_full = np.empty((max(n_full, self.max_logit_rows), self.h.vocab_size), np.float32)
+            out_full = self._out_full[:n_full]
         return self._pass(b, out_full)
 
     def _begin(self, rows: Rows, updates, copies) -> int:

@@ -16,10 +16,10 @@ __all__ = ["Generator", "Piece", "RunStats", "StopMatcher"]
 
 
 class Generator:
-    def __init__(self, engine: Engine, tokenizer, scheduler: Scheduler | None = None):
+    def __init__(self, engine: Engine, tokenizer, scheduler: Scheduler | None = None, spec=None):
         self.engine = engine
         self.tokenizer = tokenizer
-        self.scheduler = scheduler or Scheduler(engine, tokenizer)
+        self.scheduler = scheduler or Scheduler(engine, tokenizer, spec=spec)
         self.last = RunStats()
         self.cached: list[int] = []   # tokens whose K/V rows the last answer left in the cache
 

@@ -8,12 +8,13 @@ import sys
 import click
 
 from .errors import ConfigError
-from .startup import log, model_options, sampling_options, spmd, start
+from .startup import log, model_options, sampling_options, spec_config, spec_options, spmd, start
 
 
 @click.command()
 @model_options
 @sampling_options
+@spec_options
 @click.option("--prompt", required=True, help="Prompt text (special tokens such as <|im_start|> are parsed).")
 @click.option("--steps", type=int, default=64, show_default=True, help="Number of tokens to generate.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating after an end-of-sequence token.")
@@ -31,6 +32,7 @@ def inference(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max
     if comm.is_root and steps < 0:
         raise ConfigError(f"--steps must be >= 0, got {steps}")
     schema = read_schema(json_schema) if comm.is_root and json_schema else None
+    spec = spec_config() if comm.is_root else None
     engine, tokenizer = start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
                               sync_scheme, load, max_batch)
     if not comm.is_root:
@@ -50,7 +52,7 @@ def inference(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max
                 grammar = Grammars(tokenizer, engine.h.vocab_size).compile_schema(schema).matcher()
             except GrammarError as e:
                 raise ConfigError(f"--json-schema {json_schema}: {e}") from None
-        gen = Generator(engine, tokenizer)
+        gen = Generator(engine, tokenizer, spec=spec)
         pieces, ids_out = [], []
         for piece in gen.stream(ids, steps, sampler, ignore_eos=ignore_eos, grammar=grammar):
             ids_out.append(piece.token)
@@ -61,7 +63,8 @@ def inference(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max
         st = gen.last
         summary = {"prompt": prompt, "prompt_ids": ids, "generated_ids": ids_out, "text": "".join(pieces),
                    "nodes": comm.size, "nthreads": engine.nthreads, "buffer_float_type": engine.buffer_type,
-                   "sync": engine.sync.scheme, "load_seconds": round(engine.load_seconds, 3), **st.as_dict()}
+                   "sync": engine.sync.scheme, "load_seconds": round(engine.load_seconds, 3), "spec": spec.method,
+                   **st.as_dict()}
         if as_json:
             print(json.dumps(summary))
         else:
@@ -69,9 +72,15 @@ def inference(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max
             log(f"prompt: {st.evaluated_prompt_tokens} tokens, {st.prompt_tps:.2f} tok/s | generation: "
                 f"{st.generated_tokens} tokens, {st.generate_tps:.2f} tok/s, "
                 f"{summary['ms_per_token']:.2f} ms/token (compute {summary['ms_per_token_compute']:.2f} + "
-                f"sync {summary['ms_per_token_sync']:.2f}) | finish: {st.finish_reason}")
+                f"sync {summary['ms_per_token_sync']:.2f}){_spec_summary(st) if spec.on else ''} | "
+                f"finish: {st.finish_reason}")
     finally:
         engine.stop_workers()
+
+
+def _spec_summary(st) -> str:
+    return (f" | spec: {st.tokens_per_pass:.2f} tokens/pass, {st.accepted_tokens}/{st.draft_tokens} drafted "
+            f"accepted ({100 * st.acceptance:.0f} %)")
 
 
 def register(group) -> None:

@@ -138,6 +138,7 @@ class SeqKV:
     reserve: int = 0                              # pages promised but not taken yet
     hashes: list = field(default_factory=list)    # hash of each full page registered by/for this seq
     shared_tokens: int = 0                        # prompt tokens found in the cache at admission
+    written_to: int = 0                           # rows written, rejected speculative rows included
 
 
 class KVCache:
@@ -160,6 +161,7 @@ class KVCache:
         # that prefix's last window needs (the tokens of the sequence that wrote them, per slot)
         self.ring_pages, self.window = plan.ring_pages, plan.window
         self.slot_ring: list[list | None] = [None] * plan.n_slots
+        self.slot_written = [0] * plan.n_slots   # ... and how far that sequence wrote (its rejected drafts)
 
     # ---- what the pool can still promise ------------------------------------------------------
 
@@ -266,7 +268,8 @@ class KVCache:
         slot = self.free_slots[-1]
         if self.ring_pages and (shared or partial):
             k = len(shared) * self.ps + (partial[1] if partial else 0)
-            slot = next((s for s in reversed(self.free_slots) if self._ring_holds(self.slot_ring[s], tokens, k)), None)
+            slot = next((s for s in reversed(self.free_slots)
+                         if self._ring_holds(self.slot_ring[s], tokens, k, self.slot_written[s])), None)
             if slot is None:   # no ring holds the prefix's window: evaluate the whole prompt
                 shared, partial, slot = [], None, self.free_slots[-1]
         need = self.pages_for(max_rows) - len(shared)
@@ -307,14 +310,16 @@ class KVCache:
         self.slot_ring[slot] = seq.tokens
         return seq
 
-    def _ring_holds(self, ring: list | None, tokens: list[int], k: int) -> bool:
-        """Whether a slot whose ring was written by a sequence with these `ring` tokens holds what a
-        sequence starting from tokens[:k] reads next: its rows k - window + 1 .. k - 1, not yet
-        overwritten (position t is in ring page (t / page_size) % ring_pages)."""
+    def _ring_holds(self, ring: list | None, tokens: list[int], k: int, written: int = 0) -> bool:
+        """Whether a slot whose ring was written by a sequence with these `ring` tokens (and rejected
+        speculative rows up to position `written` - 1) holds what a sequence starting from tokens[:k]
+        reads next: its rows k - window + 1 .. k - 1, not yet overwritten (position t is in ring page
+        (t / page_size) % ring_pages)."""
         if ring is None or len(ring) < k or ring[:k] != list(tokens[:k]):
             return False
         first = k - self.window + 1
-        return first <= 0 or first // self.ps >= (len(ring) - 1) // self.ps - self.ring_pages + 1
+        last = max(len(ring), written) - 1
+        return first <= 0 or first // self.ps >= last // self.ps - self.ring_pages + 1
 
     def fork(self, seq: SeqKV, max_rows: int) -> SeqKV | None:
         """A new sequence holding seq's rows: its full pages shared, its partial last page copied;
@@ -376,11 +381,17 @@ class KVCache:
             self._register(seq.pages[i], parent, chunk, full=True)
             seq.hashes.append(hash((parent, chunk)))
 
+    def wrote_ahead(self, seq: SeqKV, n_rows: int) -> None:
+        """A pass writes positions < n_rows, some of which may be rejected (speculative rows): they
+        are never registered (only `written` rows are), but a sliding-window ring loses what they
+        overwrite, which later reuse of the slot must know."""
+        seq.written_to = max(seq.written_to, n_rows)
+
     def truncate(self, seq: SeqKV, n_rows: int) -> None:
         """Forget rows from n_rows on (a private page that held some is reused for the new ones)."""
         if n_rows >= len(seq.tokens):
             return
-        if self.ring_pages and not self._ring_holds(seq.tokens, seq.tokens, n_rows):
+        if self.ring_pages and not self._ring_holds(seq.tokens, seq.tokens, n_rows, seq.written_to):
             raise ConfigError(f"a sliding-window model cannot go back from position {len(seq.tokens)} to "
                               f"{n_rows}: its ring no longer holds the rows before {n_rows}")
         del seq.tokens[n_rows:]
@@ -418,6 +429,7 @@ class KVCache:
         self.reserved -= seq.reserve
         seq.reserve = 0
         self.slot_ring[seq.slot] = list(seq.tokens) if keep else None
+        self.slot_written[seq.slot] = seq.written_to
         self.free_slots.append(seq.slot)
 
     def drop_cached(self) -> None:

@@ -80,6 +80,10 @@ class Metrics:
         self.generated_tokens = Counter(p + "generated_tokens", "Tokens generated", registry=r)
         self.prompt_seconds = Counter(p + "prompt_seconds", "Seconds spent evaluating prompts", registry=r)
         self.generation_seconds = Counter(p + "generation_seconds", "Seconds spent generating", registry=r)
+        self.decode_passes = Counter(p + "decode_passes", "Forward passes that gave a sequence tokens after its "
+                                     "first, counted per sequence (generated tokens per pass: speculation)", registry=r)
+        self.draft_tokens = Counter(p + "spec_draft_tokens", "Speculative tokens drafted and verified", registry=r)
+        self.accepted_tokens = Counter(p + "spec_accepted_tokens", "Speculative tokens accepted", registry=r)
         self.last_tps = {"prompt": 0.0, "generation": 0.0}
         self._gauges: list[tuple[str, str, tuple, object]] = []
         self.rank_stats: RankStats | None = None
@@ -98,6 +102,9 @@ class Metrics:
         self.generated_tokens.inc(st.generated_tokens)
         self.prompt_seconds.inc(st.prompt_seconds)
         self.generation_seconds.inc(st.generate_seconds)
+        self.decode_passes.inc(st.decode_passes)
+        self.draft_tokens.inc(st.draft_tokens)
+        self.accepted_tokens.inc(st.accepted_tokens)
         if st.prompt_seconds > 0:
             self.last_tps["prompt"] = st.evaluated_prompt_tokens / st.prompt_seconds
         if st.generate_seconds > 0 and st.generated_tokens:

@@ -27,6 +27,7 @@ from .engine import LOGITS_ARGMAX, LOGITS_FULL, LOGITS_STATS, Engine, Rows, Toke
 from .errors import DllamaError
 from .kvcache import KVPlan
 from .sampler import Sampler
+from .speculative import SeqSpec, SpecConfig
 
 
 class RequestError(DllamaError):
@@ -60,6 +61,9 @@ class RunStats:
     sync_seconds: float = 0.0       # root's time in collectives from the first token to the last
     finish_reason: str = ""         # "stop" | "length" | "abort"
     token_ms: list = field(default_factory=list)
+    decode_passes: int = 0          # passes that gave this sequence tokens after its first
+    draft_tokens: int = 0           # speculative tokens verified ...
+    accepted_tokens: int = 0        # ... and accepted (each saved a pass)
 
     @property
     def prompt_tps(self) -> float:
@@ -74,6 +78,15 @@ class RunStats:
     def ttft_seconds(self) -> float:
         return self.queue_seconds + self.prompt_seconds
 
+    @property
+    def acceptance(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens per decode pass (the first token comes with the prompt): 1 without speculation."""
+        return (self.generated_tokens - 1) / self.decode_passes if self.decode_passes else 0.0
+
     def as_dict(self) -> dict:
         n = max(self.generated_tokens - 1, 1)
         return {
@@ -87,6 +100,10 @@ class RunStats:
             "ms_per_token_compute": round(1000 * (self.generate_seconds - self.sync_seconds) / n, 3),
             "time_to_first_token_s": round(self.ttft_seconds, 4),
             "queue_seconds": round(self.queue_seconds, 4),
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "acceptance": round(self.acceptance, 4),
+            "tokens_per_pass": round(self.tokens_per_pass, 4),
             "finish_reason": self.finish_reason,
         }
 
@@ -138,12 +155,13 @@ class Request:
     copy) and sample their first token from the same logits.
     grammar: a grammar.Matcher (constrained decoding; each follower its own copy, made before the
     first token): every sampled row is masked by it, and the sequence stops ("stop") once the grammar
-    is complete."""
+    is complete. A constrained sequence does not speculate.
+    spec: a speculative.SpecConfig for this request (None: the scheduler's)."""
 
     def __init__(self, prompt: Sequence[int], max_tokens: int, sampler: Sampler, stop: Sequence[str] = (),
                  ignore_eos: bool = False, sink: Callable | None = None, tag=None, cancelled_by=None,
                  logprobs: int | None = None, prompt_logprobs: bool = False, followers: Sequence = (),
-                 grammar=None):
+                 grammar=None, spec: SpecConfig | None = None):
         self.prompt = [int(t) for t in prompt]
         self.max_tokens = int(max_tokens)
         self.sampler = sampler
@@ -159,6 +177,8 @@ class Request:
         self.prompt_logprobs: list | None = [None] if prompt_logprobs else None
         self.followers = list(followers)
         self.grammar = grammar
+        self.spec = spec
+        self._spec: SeqSpec | None = None   # made at its first decode row when it speculates
         self.waited_for_pages = False
         self._cancel = False
         self._cancel_event = cancelled_by      # a threading.Event another thread may set
@@ -229,11 +249,13 @@ class _Pass:
     rows_req: list      # the request of each row
     fed: list           # (request, first row, n rows) per sequence
     logit_kind: list    # per logit row: "sample" or "prompt" (a prompt logprob)
+    drafts: dict        # request -> (its decode row, the drafted tokens in the rows after it)
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, tokenizer, max_batch: int | None = None):
+    def __init__(self, engine: Engine, tokenizer, max_batch: int | None = None, spec: SpecConfig | None = None):
         self.engine, self.tokenizer = engine, tokenizer
+        self.spec = spec or SpecConfig()
         self.kv = engine.kv
         self.max_batch = max_batch or engine.max_batch
         self.max_seq_len = engine.max_seq_len
@@ -246,6 +268,9 @@ class Scheduler:
         self.steps = 0
         self.tokens_generated = 0
         self.prompt_tokens_evaluated = 0
+        self.decode_passes = 0          # per sequence: passes that gave it tokens after its first
+        self.draft_tokens = 0           # speculative tokens verified, and accepted
+        self.accepted_tokens = 0
         self.waited_for_pages = 0      # requests that had to wait for KV pages (not for a slot)
         self.depth = getattr(engine, "depth", 1)   # passes in flight at once (pipeline stages)
         self.inflight: deque[_Pass] = deque()
@@ -327,7 +352,9 @@ class Scheduler:
 
     def _plan(self, candidates, decode_cap: int | None = None) -> "_Pass | None":
         """The rows of one pass: a decode row of each sequence that has sampled its next token (at
-        most decode_cap), then prefill chunks up to the token budget; pages ensured for them."""
+        most decode_cap), then prefill chunks up to the token budget; then, with rows to spare,
+        speculative drafts (each draft's tokens are rows after its sequence's decode row); pages
+        ensured for them."""
         rows_req: list[Request] = []
         tokens, slots, positions = [], [], []
         logit_rows, logit_modes, logit_targets, logit_inv_t = [], [], [], []
@@ -347,26 +374,35 @@ class Scheduler:
             else:
                 logit_masks.append(-1)
 
-        budget = self.max_batch
-        decodes = 0
-        for req in candidates:          # one decode row per running sequence
-            if req.state == DECODE and not req._pending and (decode_cap is None or decodes < decode_cap):
-                decodes += 1
-                n = len(req.seq.tokens)
-                tokens.append(req.generated[-1])
-                slots.append(req.seq.slot)
-                positions.append(n)
-                want(len(rows_req), req, req.sample_mode)
-                fed.append((req, len(rows_req), 1))
-                rows_req.append(req)
-                budget -= 1
-        for req in candidates:          # prefill chunks with what is left
+        decoding = [req for req in candidates if req.state == DECODE and not req._pending]
+        decoding = decoding[:decode_cap] if decode_cap is not None else decoding
+        budget = self.max_batch - len(decoding)
+        chunks = []                     # prefill chunks with what is left: (request, first position, rows)
+        for req in candidates:
             if budget <= 0:
                 break
             n0 = len(req.seq.tokens) + req._pending   # rows in flight come first
             if req.state != PREFILL or n0 >= len(req.prompt):
                 continue
             take = min(len(req.prompt) - n0, budget)
+            chunks.append((req, n0, take))
+            budget -= take
+        drafts = self._drafts(decoding, budget) if budget > 0 else {}
+        for req in decoding:            # one decode row per running sequence, and its draft's rows
+            draft = drafts.get(req, ())
+            n, first = len(req.seq.tokens), len(rows_req)
+            tokens.append(req.generated[-1])
+            tokens.extend(draft)
+            k = 1 + len(draft)
+            slots.extend([req.seq.slot] * k)
+            positions.extend(range(n, n + k))
+            for i in range(k):
+                want(first + i, req, req.sample_mode)
+            fed.append((req, first, k))
+            rows_req.extend([req] * k)
+            if draft:
+                drafts[req] = (first, draft)
+        for req, n0, take in chunks:
             first = len(rows_req)
             tokens.extend(req.prompt[n0:n0 + take])
             slots.extend([req.seq.slot] * take)
@@ -380,7 +416,6 @@ class Scheduler:
             if n0 + take == len(req.prompt) and req.max_tokens > 0:
                 # the prompt's last row: its logits give the first token
                 want(first + take - 1, req, req.sample_mode)
-            budget -= take
         if not fed:
             return None
         for req, first, n in fed:
@@ -390,20 +425,60 @@ class Scheduler:
             masks = np.empty((len(constrained), constrained[0].grammars.words), np.int32)
             done = constrained[0].grammars.fill_async(constrained, masks)
             rows.logit_masks, rows.masks = logit_masks, (done.result, masks)
-        return _Pass(rows, rows_req, fed, logit_kind)
+        return _Pass(rows, rows_req, fed, logit_kind, drafts)
+
+    def _drafts(self, decoding, budget: int) -> dict:
+        """Each speculating sequence's draft for this pass, within `budget` spare rows shared evenly
+        (so speculation shrinks, then stops, as concurrency and prompts fill the passes). A draft
+        never reaches past the request's last token (max_tokens - 1 more rows: the accepted run and
+        its last token fit the pages admission reserved) nor past the context."""
+        proposals = []
+        for req in decoding:
+            cfg = req.spec or self.spec
+            if not cfg.on or req.grammar is not None:
+                continue
+            if req._spec is None:
+                req._spec = SeqSpec(cfg)
+            n = len(req.seq.tokens)
+            cap = min(req.max_tokens - len(req.generated) - 1, self.max_seq_len - n - 1)
+            draft = req._spec.propose(req.prompt, req.generated, cap)
+            if draft:
+                proposals.append((req, draft))
+        out = {}
+        for i, (req, draft) in enumerate(proposals):
+            draft = draft[:budget // (len(proposals) - i)]
+            if len(draft) >= max(req._spec.cfg.draft_min, 1):
+                out[req] = draft
+                budget -= len(draft)
+                self.kv.wrote_ahead(req.seq, len(req.seq.tokens) + 1 + len(draft))
+        return out
 
     def _hand_out(self, p: "_Pass", out) -> None:
         """After a pass: the rows join their sequences' caches, logit rows give tokens (or prompt
         log-probabilities)."""
         rows_req, fed, tokens, positions = p.rows_req, p.fed, p.rows.tokens, p.rows.positions
-        logit_rows, logit_kind = p.rows.logit_rows, p.logit_kind
+        logit_rows, logit_kind, drafts = p.rows.logit_rows, p.logit_kind, p.drafts
         now = time.perf_counter()
         for req, first, n in fed:
-            self.kv.written(req.seq, tokens[first:first + n])
+            if req.state == DECODE:
+                req.stats.decode_passes += 1
+                self.decode_passes += 1
+            # a draft's rows join the cache one by one below, as they are verified
+            self.kv.written(req.seq, tokens[first:first + (1 if req in drafts else n)])
             if req.state == PREFILL:
                 self.prompt_tokens_evaluated += n
+        accepted = dict.fromkeys(drafts, 0)
         for row, value, kind in zip(logit_rows, out, logit_kind):
             req = rows_req[row]
+            if req in drafts and row > drafts[req][0]:
+                # verification: this row's token is the draft's; it counts (its K/V row is valid and its
+                # logits give the next token) only while every token drawn so far equalled the draft
+                j = row - drafts[req][0]
+                d = drafts[req][1][j - 1]
+                if req.done or accepted[req] != j - 1 or req.generated[-1] != d:
+                    continue
+                self.kv.written(req.seq, [d])
+                accepted[req] += 1
             if kind == "prompt":
                 req.prompt_logprobs.append(TokenLogprob(req.prompt[positions[row] + 1], value.target,
                                                         value.top[:req.logprobs or 0]))
@@ -413,6 +488,13 @@ class Scheduler:
                     self._sample(f, value, now)
             req.followers = []
             self._sample(req, value, now)
+        for req, (first, draft) in drafts.items():
+            a = accepted[req]
+            req.stats.draft_tokens += len(draft)
+            req.stats.accepted_tokens += a
+            self.draft_tokens += len(draft)
+            self.accepted_tokens += a
+            req._spec.verified(len(draft), a)
         for req, first, n in fed:
             if req.state == PREFILL and req.max_tokens == 0 and len(req.seq.tokens) == len(req.prompt):
                 req.stats.prompt_seconds = now - req._t_admit

@@ -60,7 +60,7 @@ import click
 from .api import ApiError, Job, Server, check_server_options, serve_http, server_options
 from .backend import Link
 from .errors import ConfigError
-from .startup import log, model_options, one_line, sampling_options
+from .startup import log, model_options, one_line, sampling_options, spec_config, spec_options
 
 # The supervisor uses request-level pieces of scheduler.py (RunStats, StopMatcher, check_request),
 # whose imports reach comm.py and so mpi4py. This process is not an MPI rank: importing mpi4py
@@ -707,7 +707,7 @@ class Supervisor(Server):
             "t": "req", "id": f.rid, "prompt": list(job.prompt_ids) + list(f.generated),
             "max_tokens": job.max_tokens - len(f.generated), "temperature": job.temperature,
             "top_p": job.top_p, "seed": f.seed, "state": f.state, "logprobs": job.logprobs,
-            "prompt_logprobs": want_plp})
+            "prompt_logprobs": want_plp, "draft": job.draft})
         f.backend_done = False
 
     def _reap_cancelled(self) -> None:
@@ -866,7 +866,9 @@ def _backend_args(model_path, tokenizer_path, nthreads, buffer_float_type, max_s
 
     for opt, v in (("--nthreads", nthreads), ("--buffer-float-type", buffer_float_type),
                    ("--max-seq-len", max_seq_len), ("--kv-memory", kv_memory), ("--pp", _options.get("pp")),
-                   ("--split", _options.get("split")), ("--wait", _options.get("wait"))):
+                   ("--split", _options.get("split")), ("--wait", _options.get("wait")),
+                   ("--spec", _options.get("spec")), ("--draft-max", _options.get("draft_max")),
+                   ("--draft-min", _options.get("draft_min"))):
         if v is not None:
             args += [opt, str(v)]
     return args
@@ -878,6 +880,7 @@ def register(group) -> None:
     @click.command()
     @model_options
     @sampling_options
+    @spec_options
     @server_options
     @click.option("-n", "--np", "n_ranks", type=int, default=None,
                   help="MPI ranks [default: the slots of --hostfile, else 1].")
@@ -925,6 +928,7 @@ def _serve(model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
     from .weights import open_model_file, runtime_header
 
     check_server_options(port, max_body_bytes, max_n)
+    spec_config()    # a bad --draft-max / --draft-min fails here, not in every launch
     for name, v in (("--max-restarts", max_restarts), ("--restart-window", restart_window),
                     ("--probe-timeout", probe_timeout), ("--start-timeout", start_timeout)):
         if v < (0 if name == "--max-restarts" else 1e-9):

@@ -157,6 +157,34 @@ def sampling_options(fn):
     return fn
 
 
+def spec_options(fn):
+    """Speculative decoding (speculative.py); the values are read on the root by spec_config()."""
+    from .speculative import DRAFT_MAX, DRAFT_MIN, SPEC_METHODS
+
+    opts = [
+        click.option("--spec", type=click.Choice(SPEC_METHODS), default="none", show_default=True,
+                     expose_value=False, callback=_store("spec"),
+                     help="Speculative decoding: ngram drafts a sequence's next tokens from its own prompt and "
+                          "output (prompt lookup) and verifies them in one pass; the output is plain decoding's, "
+                          "greedy or seeded."),
+        click.option("--draft-max", type=int, default=DRAFT_MAX, show_default=True, expose_value=False,
+                     callback=_store("draft_max"), help="Most tokens a sequence drafts per pass."),
+        click.option("--draft-min", type=int, default=DRAFT_MIN, show_default=True, expose_value=False,
+                     callback=_store("draft_min"), help="Shorter drafts are not verified (the pass decodes plainly)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def spec_config():
+    """The SpecConfig of the command line's --spec / --draft-max / --draft-min (ConfigError when bad)."""
+    from .speculative import DRAFT_MAX, DRAFT_MIN, SpecConfig
+
+    return SpecConfig(_options.get("spec") or "none", _options.get("draft_max", DRAFT_MAX),
+                      _options.get("draft_min", DRAFT_MIN))
+
+
 def read_text_file(path: str) -> str:
     """A UTF-8 text file given on the command line, or one ConfigError line naming it."""
     try:

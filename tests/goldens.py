@@ -142,3 +142,73 @@ def scheduled_alone_and_together(comm: Comm, name: str, steps: int = 10, **kw):
         return alone + [alone[1]], [r.generated for r in rs[:2]] + [r.generated for r in late]
     finally:
         engine.stop_workers()
+
+
+# ------------------------------------------------------------------------------------------------
+# speculative decoding
+
+class OracleSpec:
+    """A drafter that knows the answer: it drafts up to k tokens of `ref` (a plain run's tokens) after
+    what the sequence has generated, each token whose index is in `wrong` replaced by another; so a
+    test decides where drafts are accepted and where they are rejected. (SeqSpec's interface.)"""
+
+    def __init__(self, ref, k: int = 8, wrong=(), vocab: int = 512):
+        from dllama_mpi.speculative import SpecConfig
+
+        self.cfg = SpecConfig("ngram", draft_max=k)
+        self.ref, self.k, self.wrong, self.vocab = list(ref), k, set(wrong), vocab
+        self.drafts = []    # (index of the first drafted token, the draft, accepted) per verify pass
+
+    def propose(self, prompt, generated, k_cap):
+        i = len(generated)
+        draft = [(t + 1) % self.vocab if i + j in self.wrong else t
+                 for j, t in enumerate(self.ref[i:i + min(self.k, k_cap)])]
+        self.drafts.append([i, draft, None])
+        return draft
+
+    def verified(self, drafted, accepted):
+        self.drafts[-1][1:] = self.drafts[-1][1][:drafted], accepted
+
+
+def spec_equals_plain(comm: Comm, name: str, steps: int = 40, **kw):
+    """Root: [(plain tokens, spec tokens)] for greedy, seeded and logprob requests of SEQS run together
+    through the scheduler, with --spec none, with ngram, and with an oracle drafter that has drafts
+    rejected (every 5th token wrong) across page boundaries; and the tokens accepted by each
+    speculating run. Workers: None."""
+    from dllama_mpi.sampler import Sampler
+    from dllama_mpi.scheduler import Request, Scheduler, run_to_completion
+    from dllama_mpi.speculative import SpecConfig
+    from dllama_mpi.tokenizer import Tokenizer
+
+    engine = build_engine(comm, model_path(name) if comm.is_root else None, n_slots=6, **kw)
+    if not comm.is_root:
+        engine.serve()
+        return None
+    try:
+        tok = Tokenizer.load(TINY / "t" / ("dllama_tokenizer_tiny_qwen3.t" if "qwen" in name else
+                                           "dllama_tokenizer_tiny_llama3.t"))
+        settings = [(0.0, None, None), (0.9, 3, None), (0.7, 5, 3)] * 2   # temperature, seed, logprobs
+
+        def run(spec, oracle=None):
+            engine.kv.drop_cached()
+            sched = Scheduler(engine, tok, spec=SpecConfig(spec))
+            reqs = []
+            for i, (t, seed, lp) in enumerate(settings):
+                pieces = []
+                r = Request(SEQS[i % 3], steps, Sampler(engine.h.vocab_size, t, 0.9, seed), ignore_eos=True,
+                            logprobs=lp, sink=lambda k, v, pieces=pieces: pieces.append(v) if k == "piece" else None)
+                r.pieces = pieces
+                if oracle is not None:
+                    r._spec = OracleSpec(oracle[i], k=7, wrong=range(3, steps, 5), vocab=engine.h.vocab_size)
+                reqs.append(r)
+            run_to_completion(sched, reqs)
+            out = [(r.generated, [None if p.logprob is None else (p.logprob.logprob, p.logprob.top) for p in r.pieces])
+                   for r in reqs]
+            return out, sched.accepted_tokens
+
+        plain, _ = run("none")
+        ngram, acc_ngram = run("ngram")
+        oracle, acc_oracle = run("ngram", [g for g, _ in plain])
+        return plain, ngram, oracle, acc_ngram, acc_oracle
+    finally:
+        engine.stop_workers()

