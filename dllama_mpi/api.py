@@ -259,7 +259,7 @@ class Server:
         from .metrics import Metrics
 
         self.tokenizer = tokenizer
-        self.grammars = None   # grammar.Grammars where response_format is served (Server sets it)
+        self.grammars = None   # grammar.Grammars: response_format and tools (Server and Supervisor set it)
         self.model_id = model_id
         self.template = template
         self.defaults = defaults
@@ -575,9 +575,6 @@ class Server:
         """fn(*args) (a grammar compilation) on a worker thread; a GrammarError is a 400 naming `param`."""
         from .grammar import GrammarError
 
-        if self.grammars is None:
-            raise ApiError(400, f"'{param}' (constrained decoding) is served by `dllama-mpi api`, not yet by "
-                                "`serve`", param)
         try:
             return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
         except GrammarError as e:

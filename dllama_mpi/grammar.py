@@ -257,6 +257,11 @@ class Grammars:
             raise GrammarError(f"invalid {what}: {_first_line(e)}") from None
         return self._checked(grammar, what)
 
+    def from_text(self, text: str) -> Grammar:
+        """A grammar another process compiled (Grammar.text: llguidance's serialized grammar,
+        independent of the tokenizer), checked again here (serve's backend)."""
+        return self._checked(text, "grammar")
+
     def _checked(self, grammar: str, what: str) -> Grammar:
         """The grammar validated under the caps, its first mask computed (a grammar that admits no
         output, such as a $ref loop, fails there)."""
