@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import click
 
 from .startup import log, model_options, sampling_options, spec_config, spec_options, spmd, start
+from .tools import CallParser, ToolError, message_of, parse_tool_message
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 4
@@ -213,10 +214,17 @@ def parse_messages(body: dict) -> list[dict]:
             content = "".join(texts)
         if content is None and role == "assistant":
             content = ""
+        if content is None and role == "tool":
+            content = ""
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
                            f"messages[{i}].content")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        msg = {"role": "system" if role == "developer" else role, "content": content}
+        try:
+            parse_tool_message(i, m, msg)   # an assistant's tool_calls, a tool result's tool_call_id
+        except ToolError as e:
+            raise ApiError(400, str(e), e.param) from None
+        out.append(msg)
     return out
 
 
@@ -260,7 +268,7 @@ class Server:
         from .metrics import Metrics
 
         self.tokenizer = tokenizer
-        self.grammars = None   # grammar.Grammars where response_format is served (Server sets it)
+        self.grammars = None   # grammar.Grammars: response_format and tools (Server and Supervisor set it)
         self.model_id = model_id
         self.template = template
         self.defaults = defaults
@@ -530,15 +538,30 @@ class Server:
     async def chat_completions(self, request):
         from .errors import TemplateError
 
+        from .tools import compile_grammar, format_for, parse_tools, prompt_messages
+
         body = await self.read_json(request)
         params = parse_common(body, self.max_seq_len, self.defaults, self.max_n, chat=True)
         messages = parse_messages(body)
         try:
-            text = self.template.render(messages, add_generation_prompt=True)
+            tools = parse_tools(body)
+        except ToolError as e:
+            raise ApiError(400, str(e), e.param) from None
+        if tools is not None and parse_response_format(body) is not None:
+            raise ApiError(400, "'response_format' and 'tools' cannot be used together (unless 'tool_choice' is "
+                                "'none')", "response_format")
+        fmt = format_for(self.template)
+        messages, variables = prompt_messages(fmt, messages, tools)
+        try:
+            text = self.template.render(messages, add_generation_prompt=True, **variables)
         except TemplateError as e:
             raise ApiError(400, str(e), "messages") from None
         ids = self.history.encode(text)
-        params["grammar"] = await self.grammar(body)
+        if tools is not None:
+            params["grammar"] = await self.compiled("tools", compile_grammar, self.grammars, fmt, tools)
+            params["tools"] = fmt
+        else:
+            params["grammar"] = await self.grammar(body)
         return await self.respond(request, params, text, ids, chat=True)
 
     async def completions(self, request):
@@ -553,18 +576,19 @@ class Server:
         """The compiled grammar of the request's response_format (None: free text), or a 400 naming
         what cannot be compiled, before the request is queued. Compiled on a worker thread (under
         grammar.py's caps), so that a large schema does not hold up other requests."""
-        from .grammar import GrammarError
-
         rf = parse_response_format(body)
         if rf is None:
             return None
-        if self.grammars is None:
-            raise ApiError(400, "'response_format' (structured output) is served by `dllama-mpi api`, "
-                                "not yet by `serve`", "response_format")
+        return await self.compiled("response_format", lambda: self.grammars.compile(rf))
+
+    async def compiled(self, param: str, fn, *args):
+        """fn(*args) (a grammar compilation) on a worker thread; a GrammarError is a 400 naming `param`."""
+        from .grammar import GrammarError
+
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, self.grammars.compile, rf)
+            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
         except GrammarError as e:
-            raise ApiError(400, str(e), "response_format", "invalid_response_format") from None
+            raise ApiError(400, str(e), param, f"invalid_{param}") from None
 
     def token_str(self, tid: int, as_id: bool = False) -> tuple[str, list[int]]:
         """A token's text (bytes that are not UTF-8 on their own show as U+FFFD) and its bytes;
@@ -618,8 +642,12 @@ class Server:
                     "prompt_tokens_details": {"cached_tokens": st.prompt_tokens - st.evaluated_prompt_tokens},
                     "evaluated_prompt_tokens": st.evaluated_prompt_tokens}
 
-        def finish(st) -> str:
-            return "stop" if st.finish_reason == "stop" else "length"
+        tool_format = params.get("tools")   # tools.ToolFormat: answers are parsed into text and calls
+
+        def finish(st, parser=None) -> str:
+            if st.finish_reason != "stop":
+                return "length"
+            return "tool_calls" if parser is not None and parser.calls else "stop"
 
         def echo_part(prompt_lps):
             """The prompt's text and (with logprobs) its tokens' log-probabilities, first one unscored."""
@@ -657,10 +685,16 @@ class Server:
                 st, prompt_lps = done[i]
                 content = "".join(texts[i])
                 if chat:
-                    choices.append({"index": i, "message": {"role": "assistant", "content": content},
+                    message, parser = {"role": "assistant", "content": content}, None
+                    if tool_format is not None:
+                        parser = CallParser(tool_format)
+                        parser.push(content)
+                        parser.finish()
+                        message = message_of(parser)
+                    choices.append({"index": i, "message": message,
                                     "logprobs": None if want_lp is None else
                                     {"content": [self.chat_logprob(x, as_id) for x in lps[i]]},
-                                    "finish_reason": finish(st)})
+                                    "finish_reason": finish(st, parser)})
                     continue
                 head, head_lp = echo_part(prompt_lps) if echo else ("", None)
                 lp = None
@@ -688,8 +722,28 @@ class Server:
                 d["usage"] = usage(stats)
             return "data: " + json.dumps(d, ensure_ascii=False) + "\n\n"
 
+        def tool_chunks(i, events, lp):
+            """Chunks of a parser's events (tools.CallParser): text as content; a call's first delta
+            with its index, id, type and name, then its arguments' fragments (as the openai client's
+            stream helpers expect). The piece's log-probabilities go with the first."""
+            out = []
+            for ev in events:
+                if ev[0] == "content":
+                    delta = {"content": ev[1]}
+                elif ev[0] == "call":
+                    delta = {"tool_calls": [{"index": ev[1], "id": ev[2], "type": "function",
+                                             "function": {"name": ev[3], "arguments": ""}}]}
+                else:
+                    delta = {"tool_calls": [{"index": ev[1], "function": {"arguments": ev[2]}}]}
+                out.append(chunk(i, delta=delta, lp=lp))
+                lp = None
+            if lp is not None:
+                out.append(chunk(i, delta={}, lp=lp))
+            return out
+
         async def events():
             try:
+                parsers = [CallParser(tool_format) for _ in range(n)] if tool_format is not None else None
                 offsets = [0] * n
                 if chat:
                     for i in range(n):
@@ -711,11 +765,18 @@ class Server:
                         if val.logprob is not None:
                             lp = {"content": [self.chat_logprob(val.logprob, as_id)]} if chat else \
                                 self.completion_logprobs([(val.token, val.logprob)], offsets[i], as_id)
-                        yield chunk(i, delta={"content": val.text}, text=val.text, lp=lp)
+                        if parsers is not None:
+                            for c in tool_chunks(i, parsers[i].push(val.text), lp):
+                                yield c
+                        else:
+                            yield chunk(i, delta={"content": val.text}, text=val.text, lp=lp)
                         offsets[i] += len(val.text)
                     elif kind == "done":
                         done[i] = val[0]
-                        yield chunk(i, delta={}, finish_reason=finish(val[0]))
+                        if parsers is not None:
+                            for c in tool_chunks(i, parsers[i].finish(), None):
+                                yield c
+                        yield chunk(i, delta={}, finish_reason=finish(val[0], parsers[i] if parsers else None))
                 if len(done) == n and params["include_usage"]:
                     yield chunk(stats=[done[i] for i in range(n)], no_choices=True)
                 yield "data: [DONE]\n\n"

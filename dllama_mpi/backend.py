@@ -64,6 +64,7 @@ def run_backend(engine, tokenizer, path: str, spec=None) -> None:
     """Take requests from the supervisor at `path`, run them through the scheduler (continuous
     batching, as `api` does), and send back every token with the sampler's state after it. Returns
     when the supervisor says stop or goes away, or on SIGTERM/SIGINT; the caller stops the workers."""
+    from .grammar import GrammarError, Grammars
     from .sampler import Sampler
     from .scheduler import Request, RequestError, Scheduler
 
@@ -105,17 +106,37 @@ def run_backend(engine, tokenizer, path: str, spec=None) -> None:
     def plp(req) -> list:
         return [None if x is None else [x.token, x.logprob, x.top] for x in req.prompt_logprobs]
 
+    grammars = Grammars(tokenizer, engine.h.vocab_size)
+    compiled: dict[str, object] = {}   # grammar text -> grammar.Grammar, the most recent few
+
+    def matcher(msg: dict):
+        """The request's grammar matcher where the supervisor left it: a fresh one over the grammar
+        text, fed the tokens already generated (the end of the resubmitted prompt)."""
+        text = msg.get("grammar")
+        if text is None:
+            return None
+        g = compiled.pop(text, None) or grammars.from_text(text)
+        compiled[text] = g
+        while len(compiled) > 64:
+            compiled.pop(next(iter(compiled)))
+        m = g.matcher()
+        n = int(msg.get("consumed", 0))
+        for t in msg["prompt"][len(msg["prompt"]) - n:]:
+            if not m.consume(t):
+                raise ValueError(f"the tokens generated so far do not follow the request's grammar ({m.error})")
+        return m
+
     def submit(msg: dict) -> None:
         rid = int(msg["id"])
         try:
             sampler = Sampler(tokenizer.vocab_size, msg["temperature"], msg["top_p"], msg["seed"], msg.get("state"))
             req = Request(msg["prompt"], msg["max_tokens"], sampler,
                           sink=lambda kind, value: on_event(rid, kind, value), logprobs=msg.get("logprobs"),
-                          prompt_logprobs=bool(msg.get("prompt_logprobs")),
+                          prompt_logprobs=bool(msg.get("prompt_logprobs")), grammar=matcher(msg),
                           spec=sched.spec.with_draft(*msg["draft"]) if msg.get("draft") else None)
             requests[rid] = req
             sched.submit(req)
-        except (RequestError, ValueError) as e:
+        except (RequestError, ValueError, GrammarError) as e:
             requests.pop(rid, None)
             link.send({"t": "error", "id": rid, "message": str(e)})
 

@@ -27,6 +27,7 @@ from .errors import DllamaError
 
 MAX_SCHEMA_BYTES = 64 << 10      # a schema's JSON text; larger ones are refused before compiling
 MAX_SCHEMA_DEPTH = 64            # nesting of JSON objects/arrays in the schema document itself
+MAX_LARK_BYTES = 256 << 10       # a tool-call grammar (tools.py): every tool's parameters schema and the markup
 # a `pattern` whose counted repetitions expand past this many atoms, or that repeats a part with an
 # unbounded repetition more than MAX_REPEAT_OF_UNBOUNDED times ((.*){1000}), is refused: llguidance's
 # lexer would build its states lazily, token after token, and fail in the middle of an answer
@@ -129,6 +130,17 @@ def check_pattern(pattern: str) -> None:
     size(tree)
 
 
+def check_schema(schema: dict, what: str = "the JSON schema") -> None:
+    """GrammarError for a schema over the caps: its text size, its nesting, its patterns."""
+    text = json.dumps(schema, separators=(",", ":"))
+    if len(text) > MAX_SCHEMA_BYTES:
+        raise GrammarError(f"{what} is {len(text)} bytes; at most {MAX_SCHEMA_BYTES} are accepted")
+    if _depth(schema, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
+        raise GrammarError(f"{what} is nested more than {MAX_SCHEMA_DEPTH} levels deep")
+    for p in _patterns(schema):
+        check_pattern(p)
+
+
 def schema_of(response_format) -> dict | None:
     """The JSON schema a response_format asks for: None for {type: text} (no grammar), {type:
     object} for json_object, json_schema.schema for json_schema. GrammarError for anything else."""
@@ -223,30 +235,49 @@ class Grammars:
         return self.compile_schema(schema)
 
     def compile_schema(self, schema: dict) -> Grammar:
-        text = json.dumps(schema, separators=(",", ":"))
-        if len(text) > MAX_SCHEMA_BYTES:
-            raise GrammarError(f"the JSON schema is {len(text)} bytes; at most {MAX_SCHEMA_BYTES} are accepted")
-        if _depth(schema, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
-            raise GrammarError(f"the JSON schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
-        for p in _patterns(schema):
-            check_pattern(p)
+        check_schema(schema)
         llg = _lib()
+        text = json.dumps(schema, separators=(",", ":"))
         try:
             grammar = llg.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
         except (ValueError, RuntimeError) as e:
             raise GrammarError(f"invalid JSON schema: {_first_line(e)}") from None
+        return self._checked(grammar, "JSON schema")
+
+    def compile_lark(self, text: str, what: str) -> Grammar:
+        """A Lark grammar (llguidance's dialect: %json {...} inlines a schema), built by our own code
+        from checked parts (tools.py); `what` names it in errors."""
+        if len(text) > MAX_LARK_BYTES:
+            raise GrammarError(f"the {what} make a grammar of {len(text)} bytes; at most {MAX_LARK_BYTES} "
+                               f"are accepted")
+        llg = _lib()
+        try:
+            grammar = llg.LLMatcher.grammar_from_lark(text)
+        except (ValueError, RuntimeError) as e:
+            raise GrammarError(f"invalid {what}: {_first_line(e)}") from None
+        return self._checked(grammar, what)
+
+    def from_text(self, text: str) -> Grammar:
+        """A grammar another process compiled (Grammar.text: llguidance's serialized grammar,
+        independent of the tokenizer), checked again here (serve's backend)."""
+        return self._checked(text, "grammar")
+
+    def _checked(self, grammar: str, what: str) -> Grammar:
+        """The grammar validated under the caps, its first mask computed (a grammar that admits no
+        output, such as a $ref loop, fails there)."""
+        llg = _lib()
         lt, limits = self.lltokenizer, self.limits()
         err = llg.LLMatcher.validate_grammar(grammar, lt, limits=limits)
         if err:
-            raise GrammarError(f"unsupported JSON schema: {_first_line(err)}")
+            raise GrammarError(f"unsupported {what}: {_first_line(err)}")
         m = llg.LLMatcher(lt, grammar, log_level=0, limits=limits)
         if not m.is_error():   # the first mask: a schema no value satisfies (a $ref loop) fails here
             mask = np.zeros((1, self.words), np.int32)
             llg.numpy.fill_next_token_bitmask(m, mask, 0)
             if m.is_error() or m.is_stopped():
-                raise GrammarError(f"the JSON schema admits no value ({_first_line(m.get_error()) or 'empty'})")
+                raise GrammarError(f"the {what} admits no value ({_first_line(m.get_error()) or 'empty'})")
         if m.is_error():
-            raise GrammarError(f"unsupported JSON schema: {_first_line(m.get_error())}")
+            raise GrammarError(f"unsupported {what}: {_first_line(m.get_error())}")
         return Grammar(self, grammar, m)
 
     # ---- masks for a pass ------------------------------------------------------------------

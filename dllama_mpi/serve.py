@@ -28,8 +28,10 @@ every restart for the same result. The backend is not told the stop strings; whe
 sees one it cancels the request there (the backend may compute one more token, which is dropped).
 
 The wire: JSON lines over a unix socket (a private directory, 0700), a few dozen bytes per token.
-  supervisor -> rank 0:  req {id, prompt, max_tokens, temperature, top_p, seed, state} | cancel {id}
-                         | stats | stop
+  supervisor -> rank 0:  req {id, prompt, max_tokens, temperature, top_p, seed, state[, grammar,
+                         consumed]} | cancel {id} | stats | stop
+(grammar: the llguidance grammar of response_format / tools, as text; consumed: how many tokens at the
+end of the prompt were generated under it, which rank 0 feeds to a fresh matcher before the next token)
   rank 0 -> supervisor:  hello {pid, ranks, max_seq_len, kv_plan, kv_bytes_per_token, rank_stats,
                          load_seconds, gauges} | tok {id, tok, state[, first]} | done {id, reason}
                          | error {id, message} | gauges {gauges} | stats {values}
@@ -608,6 +610,11 @@ class Supervisor(Server):
                         max_n, h["max_seq_len"], KVPlan(**h["kv_plan"]), h["kv_bytes_per_token"],
                         RankStats(self._gather_rank_stats, tuple(h["rank_stats"])))
         self.stopping = launcher.stopping   # also ends a launch in progress
+        from .grammar import Grammars
+
+        # response_format and tools are compiled here (a 400 before queueing) and sent as text; the
+        # backend builds its matchers from that text, as wide as its logits
+        self.grammars = Grammars(tokenizer, tokenizer.vocab_size)
         self.restarts = Counter("dllama_backend_restarts", "Relaunches of the MPI job after it was lost",
                                 registry=self.metrics.registry)
         self.metrics.gauge("backend_up", "1 while the MPI job is up, 0 while it is being relaunched",
@@ -703,11 +710,13 @@ class Supervisor(Server):
         want_plp = job.echo and job.logprobs is not None and f.choice == 0 and f.prompt_logprobs is None
         if want_plp and f.generated:   # scores of the original prompt only: resubmit it as it was
             want_plp = False
-        f.sent = self.backend.link.send({
-            "t": "req", "id": f.rid, "prompt": list(job.prompt_ids) + list(f.generated),
-            "max_tokens": job.max_tokens - len(f.generated), "temperature": job.temperature,
-            "top_p": job.top_p, "seed": f.seed, "state": f.state, "logprobs": job.logprobs,
-            "prompt_logprobs": want_plp, "draft": job.draft})
+        msg = {"t": "req", "id": f.rid, "prompt": list(job.prompt_ids) + list(f.generated),
+               "max_tokens": job.max_tokens - len(f.generated), "temperature": job.temperature,
+               "top_p": job.top_p, "seed": f.seed, "state": f.state, "logprobs": job.logprobs,
+               "prompt_logprobs": want_plp, "draft": job.draft}
+        if job.grammar is not None:   # the backend replays the generated tokens into a fresh matcher
+            msg["grammar"], msg["consumed"] = job.grammar.text, len(f.generated)
+        f.sent = self.backend.link.send(msg)
         f.backend_done = False
 
     def _reap_cancelled(self) -> None:

@@ -30,6 +30,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -563,4 +564,69 @@ def test_logprobs_and_choices_through_the_supervisor(tmp_path):
         assert ask(s.url) == ask(a.url)
     finally:
         a.stop()
+        assert s.stop() == 0, s.output()[-3000:]
+
+
+def test_constrained_answers_resume_their_grammar_after_a_lost_worker(tmp_path, default_model):
+    """response_format and tools under serve: the supervisor compiles them (a bad schema is a 400)
+    and sends the grammar with each request; after the worker is SIGKILLed mid-answer the backend
+    replays the tokens generated so far into a fresh matcher, and every answer (a JSON schema, n = 2
+    sampled; forced tool calls, streamed) ends exactly as the undisturbed run of the same seed."""
+    import openai
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "story"],
+              "properties": {"name": {"type": "string", "maxLength": 12},
+                             "story": {"type": "string", "minLength": 100, "maxLength": 140}}}
+    tools = [{"type": "function", "function": {"name": "write", "parameters": {
+        "type": "object", "additionalProperties": False, "required": ["title", "text"],
+        "properties": {"title": {"type": "string", "maxLength": 12},
+                       "text": {"type": "string", "minLength": 100, "maxLength": 140}}}}}]
+    s = Serve(tmp_path, ["-n", "2", "--parallel", "4"])
+    try:
+        c, model = s.client(), "smollm2-135m-instruct"
+        msgs = [{"role": "user", "content": "Write a story about a lighthouse keeper."}]
+        progress = [0, 0]
+
+        def schema_answers():
+            r = c.chat.completions.create(model=model, messages=msgs, max_tokens=256, temperature=1, seed=3, n=2,
+                                          response_format={"type": "json_schema", "json_schema": {
+                                              "name": "s", "schema": schema}})
+            return [(ch.finish_reason, ch.message.content) for ch in r.choices]
+
+        def tool_answer():
+            calls, reason = [], None
+            for ch in c.chat.completions.create(model=model, messages=msgs, max_tokens=256, temperature=1, seed=4,
+                                                tools=tools, tool_choice="required", parallel_tool_calls=False,
+                                                stream=True):
+                for d in ch.choices[0].delta.tool_calls or []:
+                    progress[1] += 1
+                    if d.id:
+                        calls.append([d.function.name, ""])
+                    calls[-1][1] += d.function.arguments
+                reason = ch.choices[0].finish_reason or reason
+            return reason, calls
+
+        def both():
+            with ThreadPoolExecutor(2) as pool:
+                a, b = pool.submit(schema_answers), pool.submit(tool_answer)
+                if progress[0]:   # the killing run: once the tool call has streamed a few deltas
+                    deadline = time.time() + 60
+                    while progress[1] < 10 and time.time() < deadline:
+                        time.sleep(0.01)
+                    os.kill(s.rank_pid(1), signal.SIGKILL)
+                return a.result(), b.result()
+
+        ref = both()
+        for reason, text in ref[0]:
+            assert reason == "stop", text
+            json.loads(text)
+        assert ref[1][0] == "tool_calls" and len(json.loads(ref[1][1][0][1])["text"]) >= 100, ref[1]
+        progress[:] = [1, 0]
+        assert both() == ref
+        assert re.search(r"serve: recovered in [\d.]+ s .* [23] request\(s\) resubmitted", s.output()), s.output()[-3000:]
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model=model, messages=msgs, max_tokens=4, response_format={
+                "type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "banana"}}})
+        assert e.value.body["param"] == "response_format"
+    finally:
         assert s.stop() == 0, s.output()[-3000:]
