@@ -60,7 +60,7 @@ class Job:
     logprobs: int | None = None      # top alternatives per token, None: no log-probabilities
     echo: bool = False               # /v1/completions: the prompt's own log-probabilities too
     grammar: object = None           # grammar.Grammar of response_format (None: free text)
-    draft: tuple | None = None       # (speculative.n_max, speculative.n_min) of the request, either may be None
+    draft: tuple | None = None       # (speculative.n_max, n_min, p_min) of the request, any may be None
     generated: dict = field(default_factory=dict)   # choice -> token ids
 
     def send(self, item) -> None:
@@ -167,7 +167,11 @@ def parse_common(body: dict, max_seq_len: int, defaults: dict, max_n: int = 8, c
             raise ApiError(400, f"'{key}' must be an integer from 0 to {MAX_DRAFT}", key)
     if None not in draft and draft[0] and draft[1] > draft[0]:
         raise ApiError(400, "'speculative.n_min' must not exceed 'speculative.n_max'", "speculative.n_min")
-    out["draft"] = None if draft == [None, None] else tuple(draft)
+    p_min = body.get("speculative.p_min")
+    if p_min is not None and (not _is_num(p_min) or not 0 <= p_min <= 1):
+        raise ApiError(400, "'speculative.p_min' must be a number from 0 to 1", "speculative.p_min")
+    draft.append(p_min)
+    out["draft"] = None if draft == [None, None, None] else tuple(draft)
     return out
 
 

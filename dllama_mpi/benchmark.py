@@ -433,7 +433,7 @@ def _one_run(sched, ids: list[int], steps: int):
     from .scheduler import Request, run_to_completion
 
     req = Request(ids, steps + 1, Sampler(sched.engine.h.vocab_size, 0.0), ignore_eos=True)
-    sched.kv.drop_cached()   # every run evaluates its whole prompt
+    sched.drop_cached()   # every run evaluates its whole prompt
     run_to_completion(sched, [req])
     per, k = [], 0
     for ms in req.stats.token_ms + [1.0]:   # a pass = a token after a gap and those at the same instant
@@ -452,7 +452,7 @@ def _parallel_run(sched, prompts: list[list[int]], steps: int) -> dict:
     from .scheduler import DECODE, Request
 
     reqs = [Request(p, steps + 1, Sampler(sched.engine.h.vocab_size, 0.0), ignore_eos=True) for p in prompts]
-    sched.kv.drop_cached()
+    sched.drop_cached()
     d0, a0 = sched.draft_tokens, sched.accepted_tokens
     pc = time.perf_counter
     t0 = pc()
@@ -486,7 +486,10 @@ def _parallel_run(sched, prompts: list[list[int]], steps: int) -> dict:
 
 
 def _spec_doc(spec) -> dict:
-    return {"method": spec.method, "draft_max": spec.draft_max, "draft_min": spec.draft_min}
+    doc = {"method": spec.method, "draft_max": spec.draft_max, "draft_min": spec.draft_min}
+    if spec.method == "draft":
+        doc.update(draft_model=spec.draft_model, draft_p_min=spec.p_min)
+    return doc
 
 
 def _kv_bytes_per_token(engine) -> list[int]:

@@ -371,6 +371,12 @@ def world() -> Comm:
     return comm
 
 
+def solo() -> Comm:
+    """This rank alone (MPI.COMM_SELF): a model run whole on one rank, beside the job's own (the
+    speculative draft model, speculative.DraftModel); its passes never wait on another rank."""
+    return Comm(MPI.COMM_SELF)
+
+
 def _unlink_shm(comm: Comm) -> None:
     """Remove MPICH's shared-memory file(s) from /dev/shm as soon as every rank has mapped them.
     MPICH unlinks them only in MPI_Finalize, so every job that ends by MPI_Abort, a signal or a

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .engine import LOGITS_ARGMAX, LOGITS_FULL, LOGITS_STATS, Engine, Rows, TokenStats, row_stats
-from .errors import DllamaError
+from .errors import ConfigError, DllamaError
 from .kvcache import KVPlan
 from .sampler import Sampler
 from .speculative import SeqSpec, SpecConfig
@@ -257,6 +257,9 @@ class Scheduler:
         self.engine, self.tokenizer = engine, tokenizer
         self.spec = spec or SpecConfig()
         self.kv = engine.kv
+        self.draft = getattr(engine, "draft", None)   # speculative.DraftModel (--spec draft), loaded by start()
+        if self.spec.method == "draft" and self.draft is None:
+            raise ConfigError("--spec draft: no draft model was loaded (--draft-model)")
         self.max_batch = max_batch or engine.max_batch
         self.max_seq_len = engine.max_seq_len
         if engine.kv_plan.n_slots > self.max_batch:
@@ -431,8 +434,10 @@ class Scheduler:
         """Each speculating sequence's draft for this pass, within `budget` spare rows shared evenly
         (so speculation shrinks, then stops, as concurrency and prompts fill the passes). A draft
         never reaches past the request's last token (max_tokens - 1 more rows: the accepted run and
-        its last token fit the pages admission reserved) nor past the context."""
-        proposals = []
+        its last token fit the pages admission reserved) nor past the context. ngram drafts come
+        first and are cut to their share; a draft model's sequences get their share of rows first,
+        then are drafted together (DraftModel.draft)."""
+        wants = []   # (request, its ngram draft, or how many tokens the draft model may draft)
         for req in decoding:
             cfg = req.spec or self.spec
             if not cfg.on or req.grammar is not None:
@@ -441,16 +446,31 @@ class Scheduler:
                 req._spec = SeqSpec(cfg)
             n = len(req.seq.tokens)
             cap = min(req.max_tokens - len(req.generated) - 1, self.max_seq_len - n - 1)
-            draft = req._spec.propose(req.prompt, req.generated, cap)
-            if draft:
-                proposals.append((req, draft))
-        out = {}
-        for i, (req, draft) in enumerate(proposals):
-            draft = draft[:budget // (len(proposals) - i)]
-            if len(draft) >= max(req._spec.cfg.draft_min, 1):
-                out[req] = draft
-                budget -= len(draft)
-                self.kv.wrote_ahead(req.seq, len(req.seq.tokens) + 1 + len(draft))
+            if req._spec.cfg.method == "draft":
+                want = req._spec.next_k(cap)
+            else:
+                want = req._spec.propose(req.prompt, req.generated, cap)
+            if want:
+                wants.append((req, want))
+        out, by_model = {}, []
+        for i, (req, want) in enumerate(wants):
+            share = budget // (len(wants) - i)
+            n = min(want if isinstance(want, int) else len(want), share)
+            if n < max(req._spec.cfg.draft_min, 1):
+                continue
+            budget -= n
+            if isinstance(want, int):
+                by_model.append((req, n))
+            else:
+                out[req] = want[:n]
+        if by_model:
+            drafted = self.draft.draft([(r._spec, r.prompt, r.generated, n, min(r.max_rows, self.max_seq_len),
+                                         r._spec.cfg.p_min) for r, n in by_model])
+            for (req, _), draft in zip(by_model, drafted):
+                if len(draft) >= max(req._spec.cfg.draft_min, 1):
+                    out[req] = draft
+        for req, draft in out.items():
+            self.kv.wrote_ahead(req.seq, len(req.seq.tokens) + 1 + len(draft))
         return out
 
     def _hand_out(self, p: "_Pass", out) -> None:
@@ -609,6 +629,8 @@ class Scheduler:
             req._rows_after = list(req.seq.tokens)
             self.kv.release(req.seq)
             req.seq = None
+        if req._spec is not None and self.draft is not None:
+            self.draft.release(req._spec)
         if req in self.running:
             self.running.remove(req)
         req.state = DONE
@@ -621,6 +643,13 @@ class Scheduler:
                 self._finish(r, "abort")
         for r in [r for r in self.running if r.cancelled and not r._pending]:   # none with rows in flight
             self._finish(r, "abort")
+
+    def drop_cached(self) -> None:
+        """Forget the cached pages nobody uses, the draft model's too (a benchmark's repeats must
+        evaluate their prompts, and a draft replayed from its cache would inflate acceptance)."""
+        self.kv.drop_cached()
+        if self.draft is not None:
+            self.draft.kv.drop_cached()
 
     def abort_all(self, reason: str = "abort") -> None:
         self.drain()

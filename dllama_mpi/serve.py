@@ -877,7 +877,8 @@ def _backend_args(model_path, tokenizer_path, nthreads, buffer_float_type, max_s
                    ("--max-seq-len", max_seq_len), ("--kv-memory", kv_memory), ("--pp", _options.get("pp")),
                    ("--split", _options.get("split")), ("--wait", _options.get("wait")),
                    ("--spec", _options.get("spec")), ("--draft-max", _options.get("draft_max")),
-                   ("--draft-min", _options.get("draft_min"))):
+                   ("--draft-min", _options.get("draft_min")), ("--draft-p-min", _options.get("draft_p_min")),
+                   ("--draft-model", _options.get("draft_model") and os.path.abspath(_options["draft_model"]))):
         if v is not None:
             args += [opt, str(v)]
     return args
@@ -937,7 +938,7 @@ def _serve(model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
     from .weights import open_model_file, runtime_header
 
     check_server_options(port, max_body_bytes, max_n)
-    spec_config()    # a bad --draft-max / --draft-min fails here, not in every launch
+    spec = spec_config()    # a bad --draft-max / --draft-min fails here, not in every launch
     for name, v in (("--max-restarts", max_restarts), ("--restart-window", restart_window),
                     ("--probe-timeout", probe_timeout), ("--start-timeout", start_timeout)):
         if v < (0 if name == "--max-restarts" else 1e-9):
@@ -955,6 +956,10 @@ def _serve(model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
     if tokenizer.vocab_size != header.vocab_size:
         raise ConfigError(f"{tokenizer_file or model_file}: tokenizer has {tokenizer.vocab_size} tokens but the "
                           f"model {model_file} has vocab_size {header.vocab_size}")
+    if spec.method == "draft":   # so does a bad --draft-model
+        from .speculative import check_draft_model
+
+        check_draft_model(spec.draft_model, header.vocab_size, tokenizer.vocab)
     fit_types(header, lambda h: make_plan(h, n_ranks))   # an impossible split fails here, before anything starts
     template = template_for(tokenizer, chat_template)
     sync_timeout = _options.get("sync_timeout") or 20.0

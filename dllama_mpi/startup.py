@@ -159,14 +159,22 @@ def sampling_options(fn):
 
 def spec_options(fn):
     """Speculative decoding (speculative.py); the values are read on the root by spec_config()."""
-    from .speculative import DRAFT_MAX, DRAFT_MIN, SPEC_METHODS
+    from .speculative import DRAFT_MAX, DRAFT_MIN, DRAFT_P_MIN, SPEC_METHODS
 
     opts = [
         click.option("--spec", type=click.Choice(SPEC_METHODS), default="none", show_default=True,
                      expose_value=False, callback=_store("spec"),
                      help="Speculative decoding: ngram drafts a sequence's next tokens from its own prompt and "
-                          "output (prompt lookup) and verifies them in one pass; the output is plain decoding's, "
-                          "greedy or seeded."),
+                          "output (prompt lookup), draft from --draft-model, and they are verified in one pass; "
+                          "the output is plain decoding's, greedy or seeded."),
+        # the path is checked on the root (one line), not by click on every rank
+        click.option("--draft-model", type=click.Path(readable=False), default=None, expose_value=False,
+                     callback=_store("draft_model"),
+                     help="--spec draft: a smaller or lower-precision model with the same vocabulary (GGUF or .m), "
+                          "run whole on rank 0."),
+        click.option("--draft-p-min", type=float, default=DRAFT_P_MIN, show_default=True, expose_value=False,
+                     callback=_store("draft_p_min"),
+                     help="--spec draft: the draft stops before a token the draft model gives a probability below this."),
         click.option("--draft-max", type=int, default=DRAFT_MAX, show_default=True, expose_value=False,
                      callback=_store("draft_max"), help="Most tokens a sequence drafts per pass."),
         click.option("--draft-min", type=int, default=DRAFT_MIN, show_default=True, expose_value=False,
@@ -178,11 +186,13 @@ def spec_options(fn):
 
 
 def spec_config():
-    """The SpecConfig of the command line's --spec / --draft-max / --draft-min (ConfigError when bad)."""
-    from .speculative import DRAFT_MAX, DRAFT_MIN, SpecConfig
+    """The SpecConfig of the command line's --spec / --draft-max / --draft-min / --draft-p-min /
+    --draft-model (ConfigError when bad)."""
+    from .speculative import DRAFT_MAX, DRAFT_MIN, DRAFT_P_MIN, SpecConfig
 
     return SpecConfig(_options.get("spec") or "none", _options.get("draft_max", DRAFT_MAX),
-                      _options.get("draft_min", DRAFT_MIN))
+                      _options.get("draft_min", DRAFT_MIN), _options.get("draft_p_min", DRAFT_P_MIN),
+                      _options.get("draft_model"))
 
 
 def read_text_file(path: str) -> str:
@@ -402,6 +412,11 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
         if tokenizer.vocab_size != h.vocab_size:
             raise ConfigError(f"{tokenizer_path or model_path}: tokenizer has {tokenizer.vocab_size} tokens but the "
                               f"model {model_path} has vocab_size {h.vocab_size}")
+        spec = spec_config()
+        if spec.method == "draft":
+            from .speculative import check_draft_model
+
+            check_draft_model(spec.draft_model, h.vocab_size, tokenizer.vocab)
         # an impossible node count or layout fails here, before any weight moves (auto: with even
         # weights; the measured ones can still be refused after the measurement)
         h, layout, _ = fit_types(h, lambda hh: make_layout(hh, comm.size, pp,
@@ -474,4 +489,10 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
             f"{f', {pp} pipeline stages' if pp > 1 else ''}, "
             f"loaded in {engine.load_seconds:.2f} s")
         log(engine.kv_plan.describe())
+    if comm.is_root and spec_config().method == "draft":   # checked above; rank 0 runs it whole
+        from .speculative import load_draft_model
+
+        engine.draft = load_draft_model(spec_config().draft_model, engine)
+        if not quiet:
+            log(engine.draft.describe())
     return engine, tokenizer

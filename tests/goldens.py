@@ -170,45 +170,79 @@ class OracleSpec:
         self.drafts[-1][1:] = self.drafts[-1][1][:drafted], accepted
 
 
+def _settings_runner(engine, name: str, steps: int):
+    """run(spec, oracle=None): greedy, seeded and logprob requests of SEQS run together through the
+    scheduler with a SpecConfig (an oracle drafter per request when given); returns
+    ([(tokens, logprobs)] per request, the requests)."""
+    from dllama_mpi.sampler import Sampler
+    from dllama_mpi.scheduler import Request, Scheduler, run_to_completion
+    from dllama_mpi.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(TINY / "t" / ("dllama_tokenizer_tiny_qwen3.t" if "qwen" in name else
+                                       "dllama_tokenizer_tiny_llama3.t"))
+    settings = [(0.0, None, None), (0.9, 3, None), (0.7, 5, 3)] * 2   # temperature, seed, logprobs
+
+    def run(spec, oracle=None):
+        sched = Scheduler(engine, tok, spec=spec)
+        sched.drop_cached()
+        reqs = []
+        for i, (t, seed, lp) in enumerate(settings):
+            pieces = []
+            r = Request(SEQS[i % 3], steps, Sampler(engine.h.vocab_size, t, 0.9, seed), ignore_eos=True,
+                        logprobs=lp, sink=lambda k, v, pieces=pieces: pieces.append(v) if k == "piece" else None)
+            r.pieces = pieces
+            if oracle is not None:
+                r._spec = OracleSpec(oracle[i], k=7, wrong=range(3, steps, 5), vocab=engine.h.vocab_size)
+            reqs.append(r)
+        run_to_completion(sched, reqs)
+        out = [(r.generated, [None if p.logprob is None else (p.logprob.logprob, p.logprob.top) for p in r.pieces])
+               for r in reqs]
+        return out, reqs
+
+    return run
+
+
 def spec_equals_plain(comm: Comm, name: str, steps: int = 40, **kw):
     """Root: [(plain tokens, spec tokens)] for greedy, seeded and logprob requests of SEQS run together
     through the scheduler, with --spec none, with ngram, and with an oracle drafter that has drafts
     rejected (every 5th token wrong) across page boundaries; and the tokens accepted by each
     speculating run. Workers: None."""
-    from dllama_mpi.sampler import Sampler
-    from dllama_mpi.scheduler import Request, Scheduler, run_to_completion
     from dllama_mpi.speculative import SpecConfig
-    from dllama_mpi.tokenizer import Tokenizer
 
     engine = build_engine(comm, model_path(name) if comm.is_root else None, n_slots=6, **kw)
     if not comm.is_root:
         engine.serve()
         return None
     try:
-        tok = Tokenizer.load(TINY / "t" / ("dllama_tokenizer_tiny_qwen3.t" if "qwen" in name else
-                                           "dllama_tokenizer_tiny_llama3.t"))
-        settings = [(0.0, None, None), (0.9, 3, None), (0.7, 5, 3)] * 2   # temperature, seed, logprobs
+        run = _settings_runner(engine, name, steps)
+        accepted = lambda reqs: sum(r.stats.accepted_tokens for r in reqs)  # noqa: E731
+        plain, _ = run(SpecConfig())
+        ngram, reqs = run(SpecConfig("ngram"))
+        oracle, oreqs = run(SpecConfig("ngram"), [g for g, _ in plain])
+        return plain, ngram, oracle, accepted(reqs), accepted(oreqs)
+    finally:
+        engine.stop_workers()
 
-        def run(spec, oracle=None):
-            engine.kv.drop_cached()
-            sched = Scheduler(engine, tok, spec=SpecConfig(spec))
-            reqs = []
-            for i, (t, seed, lp) in enumerate(settings):
-                pieces = []
-                r = Request(SEQS[i % 3], steps, Sampler(engine.h.vocab_size, t, 0.9, seed), ignore_eos=True,
-                            logprobs=lp, sink=lambda k, v, pieces=pieces: pieces.append(v) if k == "piece" else None)
-                r.pieces = pieces
-                if oracle is not None:
-                    r._spec = OracleSpec(oracle[i], k=7, wrong=range(3, steps, 5), vocab=engine.h.vocab_size)
-                reqs.append(r)
-            run_to_completion(sched, reqs)
-            out = [(r.generated, [None if p.logprob is None else (p.logprob.logprob, p.logprob.top) for p in r.pieces])
-                   for r in reqs]
-            return out, sched.accepted_tokens
 
-        plain, _ = run("none")
-        ngram, acc_ngram = run("ngram")
-        oracle, acc_oracle = run("ngram", [g for g, _ in plain])
-        return plain, ngram, oracle, acc_ngram, acc_oracle
+def draft_equals_plain(comm: Comm, name: str, draft_name: str, steps: int = 40, **kw):
+    """Root: (plain, [(p_min, outputs, [(drafted, accepted)] per request)]): the greedy, seeded and
+    logprob requests of SEQS run together with --spec none and with --spec draft (the model
+    `draft_name` whole on the root; --draft-p-min 0 and the default), and the draft model's pages
+    in use afterwards (0: every sequence gave them back). Workers: None."""
+    from dllama_mpi.speculative import DRAFT_P_MIN, SpecConfig, load_draft_model
+
+    engine = build_engine(comm, model_path(name) if comm.is_root else None, n_slots=6, **kw)
+    if not comm.is_root:
+        engine.serve()
+        return None
+    try:
+        engine.draft = load_draft_model(model_path(draft_name), engine)
+        run = _settings_runner(engine, name, steps)
+        plain, _ = run(SpecConfig())
+        drafted = []
+        for p_min in (0.0, DRAFT_P_MIN):
+            out, reqs = run(SpecConfig("draft", p_min=p_min, draft_model=model_path(draft_name)))
+            drafted.append((p_min, out, [(r.stats.draft_tokens, r.stats.accepted_tokens) for r in reqs]))
+        return plain, drafted, engine.draft.kv.pages_in_use
     finally:
         engine.stop_workers()

@@ -46,8 +46,9 @@ def test_parse_common_defaults_and_limits():
                       "stream_options": {"include_usage": True}, "seed": 3, "temperature": 0}, 1024, DEFAULTS)
     assert (p["max_tokens"], p["stop"], p["stream"], p["include_usage"], p["seed"], p["temperature"]) == \
         (7, ["x"], True, True, 3, 0.0)
-    assert parse_common({"speculative.n_max": 0}, 1024, DEFAULTS)["draft"] == (0, None)
-    assert parse_common({"speculative.n_max": 4, "speculative.n_min": 2}, 1024, DEFAULTS)["draft"] == (4, 2)
+    assert parse_common({"speculative.n_max": 0}, 1024, DEFAULTS)["draft"] == (0, None, None)
+    assert parse_common({"speculative.n_max": 4, "speculative.n_min": 2}, 1024, DEFAULTS)["draft"] == (4, 2, None)
+    assert parse_common({"speculative.p_min": 0.5}, 1024, DEFAULTS)["draft"] == (None, None, 0.5)
 
 
 @pytest.mark.parametrize("body,param", [
@@ -60,6 +61,7 @@ def test_parse_common_defaults_and_limits():
     ({"stream": "yes"}, "stream"), ({"stream_options": 1}, "stream_options"),
     ({"speculative.n_max": -1}, "speculative.n_max"), ({"speculative.n_min": "2"}, "speculative.n_min"),
     ({"speculative.n_max": 2, "speculative.n_min": 3}, "speculative.n_min"),
+    ({"speculative.p_min": 1.5}, "speculative.p_min"), ({"speculative.p_min": "0.5"}, "speculative.p_min"),
 ])
 def test_parse_common_rejects(body, param):
     with pytest.raises(ApiError) as e:

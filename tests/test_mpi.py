@@ -10,8 +10,8 @@ import pytest
 from mpi4py import MPI
 
 from dllama_mpi.comm import Comm
-from goldens import (SEQS, batch_invariance, golden, greedy_ids, model_path, rows_logits, scheduled_alone_and_together,
-                     spec_equals_plain, teacher_forced_logits)
+from goldens import (SEQS, batch_invariance, draft_equals_plain, golden, greedy_ids, model_path, rows_logits,
+                     scheduled_alone_and_together, spec_equals_plain, teacher_forced_logits)
 
 pytestmark = pytest.mark.mpi(min_size=2)
 SIZE = MPI.COMM_WORLD.size
@@ -647,3 +647,24 @@ def test_speculative_decoding_equals_plain(world, name, kw, pp):
     got = spec_equals_plain(world, name, pp=pp, **kw)
     ok = world.is_root and got[1] == got[0] and got[2] == got[0] and got[3] > 0 and got[4] > 100
     verdict(world, ok, got if world.is_root else None)
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+@pytest.mark.parametrize("name,draft,kw", [("tiny_llama_f32", "tiny_llama_q40", {}),
+                                           ("tiny_qwen3_q40", "tiny_qwen3_q40", {"buffer_type": "q80"})])
+def test_draft_model_equals_plain(world, name, draft, kw, pp):
+    """--spec draft at this rank count (the draft model whole on rank 0): plain decoding's tokens and
+    log-probabilities. The model drafting for itself has its confident greedy drafts (--draft-p-min
+    0.75) all accepted, not all of the others: the sharded model's q80 partial sums are not the whole
+    model's numerics, and the tiny model's top logits are close."""
+    got = draft_equals_plain(world, name, draft, pp=pp, **kw)
+    ok = world.is_root
+    if ok:
+        plain, drafted, pages_left = got
+        for p_min, out, counts in drafted:
+            ok = ok and out == plain and sum(a for _, a in counts) > 20
+            if draft == name:
+                ok = ok and all(counts[i][0] > 10 and counts[i][1] >= (counts[i][0] if p_min else counts[i][0] / 2)
+                                for i in (0, 3))
+        ok = ok and pages_left == 0
+    verdict(world, ok, [(p, c) for p, _, c in got[1]] if world.is_root else None)

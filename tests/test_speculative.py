@@ -20,12 +20,13 @@ from dllama_mpi.comm import Comm
 from dllama_mpi.errors import ConfigError
 from dllama_mpi.sampler import Sampler
 from dllama_mpi.scheduler import Request, Scheduler, run_to_completion
-from dllama_mpi.speculative import NgramDrafter, SeqSpec, SpecConfig
+from dllama_mpi.speculative import (DRAFT_P_MIN, NgramDrafter, SeqSpec, SpecConfig, check_draft_model,
+                                    load_draft_model)
 from dllama_mpi.startup import build_engine
 from dllama_mpi.tokenizer import Tokenizer
 
 from conftest import TINY
-from goldens import SEQS, OracleSpec, model_path, rows_logits, spec_equals_plain
+from goldens import SEQS, OracleSpec, draft_equals_plain, model_path, rows_logits, spec_equals_plain
 
 TOK = TINY / "t" / "dllama_tokenizer_tiny_llama3.t"
 
@@ -85,10 +86,17 @@ def test_seq_spec_adapts_k_and_backs_off():
     assert server.with_draft(4, None) == SpecConfig("ngram", 4, 2) and server.with_draft(1, None).draft_min == 1
     assert server.with_draft(None, 20) == SpecConfig("ngram", 16, 16)
     assert SpecConfig().with_draft(8, 1) == SpecConfig()       # --spec none: the server decides
+    assert server.with_draft(None, None, 0.5) == SpecConfig("ngram", 16, 2, 0.5)
     with pytest.raises(ConfigError, match="--draft-min"):
         SpecConfig("ngram", draft_max=4, draft_min=5)
     with pytest.raises(ConfigError, match="--spec"):
         SpecConfig("medusa")
+    with pytest.raises(ConfigError, match="--spec draft needs --draft-model FILE"):
+        SpecConfig("draft")
+    with pytest.raises(ConfigError, match="--draft-model is used by --spec draft only"):
+        SpecConfig("ngram", draft_model="d.gguf")
+    with pytest.raises(ConfigError, match="--draft-p-min must be in 0..1, got 1.5"):
+        SpecConfig("draft", p_min=1.5, draft_model="d.gguf")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,6 +131,86 @@ def test_spec_gives_plain_decodings_tokens_and_logprobs(name, kw):
     plain, ngram, oracle, acc_ngram, acc_oracle = spec_equals_plain(Comm(MPI.COMM_SELF), name, **kw)
     assert ngram == plain and oracle == plain
     assert acc_ngram > 0 and acc_oracle > 100
+
+
+# ------------------------------------------------------------------------------------------------
+# --spec draft: a draft model whole on the root
+
+@pytest.mark.parametrize("name,draft,kw", [("tiny_llama_f32", "tiny_llama_q40", {}),             # a q40 draft
+                                           ("tiny_llama_q40", "tiny_llama_f32", {"buffer_type": "q80"}),
+                                           ("tiny_llama_q40", "tiny_llama_q40", {"buffer_type": "q80"})])  # itself
+def test_draft_model_gives_plain_decodings_tokens_and_logprobs(name, draft, kw):
+    plain, drafted, pages_left = draft_equals_plain(Comm(MPI.COMM_SELF), name, draft, **kw)
+    for p_min, out, counts in drafted:
+        assert out == plain, p_min
+        assert sum(a for _, a in counts) > 20, (p_min, counts)
+        if draft == name:   # the model drafting for itself: every greedy draft is accepted
+            greedy = [counts[i] for i in (0, 3)]
+            assert all(d > 10 and a == d for d, a in greedy), greedy
+    assert [sum(d for d, _ in c) for _, _, c in drafted][1] < [sum(d for d, _ in c) for _, _, c in drafted][0]
+    assert pages_left == 0
+
+
+def greedy_continuation(eng, ids, n):
+    """The model's own greedy tokens after ids (one sequence, token by token)."""
+    out = [eng.forward(ids, 0, argmax=True)]
+    for i in range(n - 1):
+        out.append(eng.forward([out[-1]], len(ids) + i, argmax=True))
+    eng.forget()
+    return out
+
+
+def test_draft_model_drafts_its_own_greedy_tokens_in_shared_passes():
+    """DraftModel.draft for several sequences at once: each draft is the draft model's own greedy
+    continuation (its KV rows follow the accepted tokens: rejected ones truncated, accepted and
+    bonus ones caught up), the sequences share every draft pass, p_min cuts drafts."""
+    target = engine_for("tiny_llama_q40", n_slots=4, buffer_type="q80")
+    dm = load_draft_model(model_path("tiny_llama_f32"), target)
+    ref = engine_for("tiny_llama_f32")
+    states = [SeqSpec(SpecConfig("draft", draft_model="x")) for _ in range(3)]
+    prompts = [SEQS[i][:12] for i in range(3)]
+    gens = [[7], [9], [11]]
+    slots_per_pass = []
+    step = dm.engine.step
+    dm.engine.step = lambda rows, *a: (slots_per_pass.append(len(set(rows.slots))), step(rows, *a))[1]
+    for rnd in range(4):
+        wants = [(st, p, g, 5, 100, 0.0) for st, p, g in zip(states, prompts, gens)]
+        before = len(slots_per_pass)
+        drafts = dm.draft(wants)
+        for p, g, d in zip(prompts, gens, drafts):
+            assert d == greedy_continuation(ref, p + g, 5), rnd
+        assert len(slots_per_pass) - before == 5 and min(slots_per_pass[before:]) == 3
+        for i, d in enumerate(drafts):   # accept 0..5 of them, then a token of the sequence's own
+            a = (i + rnd) % 6
+            gens[i] = gens[i] + d[:a] + [(d[a] + 1) % 512 if a < len(d) else 3]
+    # p_min: the first token below it ends the draft (before it); 1.0 drafts nothing
+    full = dm.draft([(states[0], prompts[0], gens[0], 5, 100, 0.0)])[0]
+    assert dm.draft([(states[0], prompts[0], gens[0], 5, 100, 1.0)]) == [[]]
+    some = dm.draft([(states[0], prompts[0], gens[0], 5, 100, DRAFT_P_MIN)])[0]
+    assert some == full[:len(some)]
+    for st in states:
+        dm.release(st)
+    assert dm.kv.pages_in_use == 0 and len(dm.kv.free_slots) == 4
+
+
+def test_check_draft_model(tmp_path):
+    from test_convert import HF, write_tiny_gguf
+    from gguf_models import write_tiny_qwen2_gguf
+
+    tok = Tokenizer.load(TOK)
+    check_draft_model(model_path("tiny_llama_f32"), 512, tok.vocab)     # a .m: its size is what it tells
+    ok = write_tiny_gguf(HF / "tiny_llama", tmp_path / "llama.gguf")
+    check_draft_model(str(ok), 512, tok.vocab)                           # a GGUF: every token's text too
+    qwen_tok = Tokenizer.load(TINY / "t" / "dllama_tokenizer_tiny_qwen3.t")
+    with pytest.raises(ConfigError, match=r"llama.gguf: its vocabulary differs from the model's at token \d+"):
+        check_draft_model(str(ok), 512, qwen_tok.vocab)
+    with pytest.raises(ConfigError, match="qwen2.gguf: its vocabulary has 256 tokens, the model's 512"):
+        check_draft_model(str(write_tiny_qwen2_gguf(tmp_path / "qwen2.gguf")), 512, tok.vocab)
+    with pytest.raises(ConfigError, match="nope.m: draft model file not found"):
+        check_draft_model(str(tmp_path / "nope.m"), 512, tok.vocab)
+    (tmp_path / "junk.m").write_bytes(b"junk")
+    with pytest.raises(ConfigError, match="--draft-model: .*junk.m"):
+        check_draft_model(str(tmp_path / "junk.m"), 512, tok.vocab)
 
 
 def pieces_of(req):
