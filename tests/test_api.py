@@ -580,6 +580,45 @@ def _answers(client, prompts, max_tokens=24, concurrent=False, stream=False):
     return [out[i] for i in range(len(prompts))]
 
 
+def test_draft_model_beside_continuous_batching(tmp_path):
+    """--spec draft (the model drafting for itself, whole on rank 0) under --parallel 4: 6 concurrent
+    clients, greedy and seeded, streamed and not, with log-probabilities, get exactly what each gets
+    with speculative.n_max 0 (plain decoding); the drafts are accepted (/metrics)."""
+    openai = pytest.importorskip("openai")
+    s = ApiServer(tmp_path / "server.log", extra=["--parallel", "4", "--spec", "draft", "--draft-model", str(MODEL)])
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+        def ask(i, plain):
+            kw = dict(model=MODEL_ID, messages=chat_msgs(f"Tell me about the number {i}"), max_tokens=24,
+                      logprobs=True, top_logprobs=2, extra_body={"speculative.n_max": 0} if plain else None,
+                      **(dict(temperature=0.8, seed=i) if i % 2 else dict(temperature=0)))
+            if i % 3:
+                ch = c.chat.completions.create(**kw).choices[0]
+                return ch.message.content, [(t.token, t.logprob) for t in ch.logprobs.content]
+            text, lps = "", []
+            for chunk in c.chat.completions.create(stream=True, **kw):
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+                    lp = chunk.choices[0].logprobs
+                    lps += [(t.token, t.logprob) for t in (lp.content if lp else None) or []]
+            return text, lps
+
+        out = {}
+        threads = [threading.Thread(target=lambda i=i, p=p: out.__setitem__((i, p), ask(i, p)))
+                   for i in range(6) for p in (False, True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(out) == 12
+        for i in range(6):
+            assert out[(i, False)] == out[(i, True)] and len(out[(i, False)][1]) > 5, i
+        assert metric(scrape(s), "dllama_spec_accepted_tokens_total") > 10
+    finally:
+        s.stop()
+
+
 @pytest.mark.parametrize("which", ["batch_server", "pipeline_server"])
 def test_eight_clients_each_get_the_text_they_get_alone(request, which):
     """8 concurrent greedy clients on --parallel 4 with a pool for ~2: they wait for pages, are

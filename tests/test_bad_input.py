@@ -149,6 +149,9 @@ def _build_convert_inputs(d: Path) -> dict[str, Path]:
     ok = write_tiny_gguf(HF / "tiny_llama", d / "ok.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
     f["ok.gguf"] = ok
     f["q81.gguf"] = write_q81_gguf(ok, d / "q81.gguf")
+    from gguf_models import write_tiny_qwen2_gguf
+
+    f["qwen2.gguf"] = write_tiny_qwen2_gguf(d / "qwen2.gguf")   # 256 tokens (tiny_llama has 512)
     (d / "junk.gguf").write_bytes(b"not a gguf at all")
     f["junk.gguf"] = d / "junk.gguf"
     data = ok.read_bytes()
@@ -259,6 +262,24 @@ CASES = [
      ["--draft-max", "got 0"]),
     ("draft-min-above-max", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, "--draft-max", "4", "--draft-min", "5"),
      ["--draft-min", "0..--draft-max (4)", "got 5"]),
+    # --spec draft: the draft model is checked on the root before any weight moves
+    ("spec-draft-without-model", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, "--spec", "draft"),
+     ["--spec draft needs --draft-model FILE"]),
+    ("draft-p-min-out-of-range", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, "--spec", "draft", "--draft-model",
+                                                  str(LLAMA_Q40), "--draft-p-min", "1.5"),
+     ["--draft-p-min must be in 0..1, got 1.5"]),
+    ("draft-model-missing", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, "--spec", "draft", "--draft-model",
+                                             str(o / "missing.m")),
+     ["--draft-model", "missing.m: draft model file not found"]),
+    ("draft-model-other-vocab-size", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, "--spec", "draft", "--draft-model",
+                                                      str(f["qwen2.gguf"])),
+     ["--draft-model", "qwen2.gguf: its vocabulary has 256 tokens, the model's 512"]),
+    ("draft-model-other-vocab-texts", lambda f, o: inf(QWEN_Q40, TOK_QWEN, "--spec", "draft", "--draft-model",
+                                                       str(f["ok.gguf"])),
+     ["--draft-model", "ok.gguf: its vocabulary differs from the model's at token"]),
+    ("draft-model-unsupported-arch", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, "--spec", "draft", "--draft-model",
+                                                      str(f["gpt2.gguf"])),
+     ["--draft-model: ", "gpt2.gguf", "unsupported architecture 'gpt2'"]),
     ("nthreads-zero", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, "--nthreads", "0"), ["--nthreads", "got 0"]),
     ("batch-zero", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, "--batch", "0"), ["--batch", "got 0"]),
     ("prompt-invalid-utf8", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, prompt=b"ab\xffcd"),

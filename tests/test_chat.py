@@ -292,6 +292,23 @@ def test_chat_two_turns_clear_eof(spawn_chat, tmp_path):
     finish_exit(c)
 
 
+def test_chat_with_a_draft_model(spawn_chat):
+    """--spec draft in chat: the model drafting for itself (whole on rank 0), two turns; /stats shows
+    several tokens per pass, most drafts accepted."""
+    c = spawn_chat("--max-tokens", "24", "--temperature", "0", "--ignore-eos", "--spec", "draft", "--draft-model",
+                   str(LLAMA[0]), "--draft-p-min", "0")
+    c.expect(r"draft model \S+dllama_model_tiny_llama_q40.m: llama, dim 64, 4 layers, weights q40, [\d.]+ MiB on rank 0")
+    c.expect("/help for commands")
+    for turn in ("Hello, who are you?", "Tell me more."):
+        c.sendline(turn)
+        c.sendline("/stats")
+        c.expect(r"answer: 24 tokens.*?\| spec: ([\d.]+) tokens/pass, (\d+) % of (\d+) drafted accepted")
+        tpp, acc, drafted = float(c.match.group(1)), int(c.match.group(2)), int(c.match.group(3))
+        assert tpp > 1.5 and acc > 50 and drafted > 10, (tpp, acc, drafted)
+    c.sendeof()
+    finish_exit(c)
+
+
 def test_chat_ctrl_c_stops_the_answer_not_the_program(spawn_chat):
     c = spawn_chat("--ignore-eos")   # answers run until the context is full unless stopped
     c.expect("/help for commands")

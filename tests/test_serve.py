@@ -463,12 +463,32 @@ def test_supervisor_killed_ends_the_job(tmp_path):
     assert gone, "the MPI job outlived its supervisor"
 
 
+def test_serve_with_a_draft_model(tmp_path):
+    """--spec draft through serve: the supervisor hands --draft-model (absolute) and --draft-p-min to
+    its backend, whose rank 0 loads it; answers equal speculative.n_max 0's."""
+    model = TINY_MODEL[TINY_MODEL.index("--model") + 1]
+    s = Serve(tmp_path, ["-n", "2", *TINY_MODEL, "--spec", "draft", "--draft-model", os.path.relpath(model),
+                         "--draft-p-min", "0"])
+    try:
+        c = s.client()
+        model_id = c.models.list().data[0].id
+        ask = lambda body: c.chat.completions.create(   # noqa: E731
+            model=model_id, messages=[{"role": "user", "content": "Count to twenty"}], max_tokens=32, temperature=0,
+            extra_body=body).choices[0].message.content
+        assert ask(None) == ask({"speculative.n_max": 0})
+        assert "draft model " + os.path.abspath(model) in s.output()
+    finally:
+        s.stop()
+
+
 def test_serve_bad_options(tmp_path):
     bad = tmp_path / "hosts"
     bad.write_text("node-a:0\n")
     for args, msg in ((["--hostfile", str(bad)], f"error: {bad}:1: expected host or host:slots"),
                       (["-n", "9"], "error: cannot split the model over 9 nodes"),
-                      (["--port", "0"], "error: --port must be in 1..65535")):
+                      (["--port", "0"], "error: --port must be in 1..65535"),
+                      (["--spec", "draft", "--draft-model", str(tmp_path / "nope.m")],
+                       f"error: --draft-model {tmp_path / 'nope.m'}: draft model file not found")):
         r = subprocess.run([*DLLAMA, "serve", *TINY_MODEL, *args], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and msg in r.stderr, (args, r.stderr)
 

@@ -191,6 +191,11 @@ def test_draft_model_drafts_its_own_greedy_tokens_in_shared_passes():
     for st in states:
         dm.release(st)
     assert dm.kv.pages_in_use == 0 and len(dm.kv.free_slots) == 4
+    # a released sequence's pages stay cached: the next turn of its conversation shares them
+    again = SeqSpec(SpecConfig("draft", draft_model="x"))
+    assert dm.draft([(again, prompts[0], gens[0] + [5], 3, 100, 0.0)])[0] == greedy_continuation(ref, prompts[0] + gens[0] + [5], 3)
+    assert again.draft_kv.shared_tokens >= 16
+    dm.release(again)
 
 
 def test_check_draft_model(tmp_path):
@@ -378,10 +383,19 @@ def cli(args, ranks=1):
                           cwd=ROOT)
 
 
+_plain = {}   # the --spec none runs, shared by the ngram and draft tests
+
+
 def inference(spec, ranks=1, extra=()):
+    key = (ranks, tuple(extra))
+    if spec == "none" and key in _plain:
+        return _plain[key]
     r = cli(["inference", "--prompt", CHAT_REPEAT, "--steps", "48", "--json", "--spec", spec, *extra], ranks)
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    out = json.loads(r.stdout)
+    if spec == "none":
+        _plain[key] = out
+    return out
 
 
 @smollm2
@@ -395,22 +409,49 @@ def test_inference_on_smollm2_equals_plain(ranks, extra):
     assert spec["acceptance"] > 0.2 and spec["tokens_per_pass"] > 1.5, spec
 
 
+@pytest.fixture(scope="session")
+def smollm2_drafts():
+    """Draft models for the default model: the same GGUF, and its q40 .m conversion (made once, cached
+    with the default model's other conversions)."""
+    from dllama_mpi.convert.smollm2 import default_models_dir, ensure_default_model
+
+    return {"self": ensure_default_model(default_models_dir(), quiet=True)[0],
+            "q40": ensure_default_model(default_models_dir(), quiet=True, weights="q40")[0]}
+
+
 @smollm2
-def test_batch_on_smollm2_equals_plain(tmp_path):
+@pytest.mark.parametrize("ranks,extra,draft", [(1, ["--temperature", "0"], "self"),
+                                               (1, ["--temperature", "0.8", "--seed", "5"], "q40"),
+                                               (2, ["--temperature", "0"], "q40"),
+                                               (2, ["--pp", "2", "--temperature", "0.8", "--seed", "5"], "self")])
+def test_inference_with_a_draft_model_on_smollm2_equals_plain(smollm2_drafts, ranks, extra, draft):
+    plain = inference("none", ranks, extra)
+    spec = inference("draft", ranks, [*extra, "--draft-model", smollm2_drafts[draft]])
+    assert spec["generated_ids"] == plain["generated_ids"] and spec["text"] == plain["text"]
+    assert spec["acceptance"] > 0.5 and spec["tokens_per_pass"] > 1.5, spec
+    if draft == "self" and ranks == 1:   # the model drafting for itself, at its own numerics
+        assert spec["acceptance"] == 1.0
+
+
+@smollm2
+def test_batch_on_smollm2_equals_plain(tmp_path, smollm2_drafts):
     lines = [{"id": "greedy", "prompt": CHAT_REPEAT, "temperature": 0},
              {"id": "seeded", "prompt": CHAT_REPEAT, "temperature": 0.8, "seed": 3},
              {"id": "chat", "messages": [{"role": "user", "content": "Name three colours."}], "temperature": 0}]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = {}
-    for spec in ("none", "ngram"):
+    q40 = smollm2_drafts["q40"]
+    for spec, extra in (("none", []), ("ngram", []), ("draft", ["--draft-model", q40])):
         r = cli(["batch", "--prompts", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / f"{spec}.jsonl"),
-                 "--max-tokens", "40", "--parallel", "3", "--spec", spec])
+                 "--max-tokens", "40", "--parallel", "3", "--spec", spec, *extra])
         assert r.returncode == 0, r.stderr
         out[spec] = {d["id"]: d for d in map(json.loads, (tmp_path / f"{spec}.jsonl").read_text().splitlines())}
-    for i in out["none"]:
-        assert out["ngram"][i]["text"] == out["none"][i]["text"], i
-        assert out["ngram"][i]["completion_tokens"] == out["none"][i]["completion_tokens"]
-    assert out["ngram"]["greedy"]["timings"]["acceptance"] > 0.2
+    for spec in ("ngram", "draft"):
+        for i in out["none"]:
+            assert out[spec][i]["text"] == out["none"][i]["text"], (spec, i)
+            assert out[spec][i]["completion_tokens"] == out["none"][i]["completion_tokens"]
+        assert out[spec]["greedy"]["timings"]["acceptance"] > 0.2
+    assert out["draft"]["chat"]["timings"]["acceptance"] > 0.2   # a draft model drafts open text too
 
 
 @smollm2
