@@ -189,7 +189,7 @@ class DraftModel:
 
     def release(self, state: SeqSpec) -> None:
         """A sequence ended: its draft pages stay cached (the next turn of a chat shares them)."""
-        if state.draft_kv is not None:
+        if getattr(state, "draft_kv", None) is not None:   # (a test's oracle drafter has none)
             self.kv.release(state.draft_kv)
             state.draft_kv = None
 
