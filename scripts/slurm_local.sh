@@ -18,8 +18,8 @@
 # Ranks beyond the CPUs: `srun --overcommit` / `sbatch --overcommit` (the tests' 4 ranks on 2 cores).
 set -euo pipefail
 dir="${DLLAMA_SLURM_DIR:-${TMPDIR:-/tmp}/dllama-slurm}"
-port="${DLLAMA_SLURM_PORT:-6817}"          # slurmctld; slurmd listens on port + 1
 conf="$dir/slurm.conf"
+HEADER="# written by scripts/slurm_local.sh: a one-node test cluster"
 sbin=/usr/sbin
 
 say() { echo "slurm_local: $*" >&2; }
@@ -38,15 +38,22 @@ install_slurm() {
 
 running() { [ -f "$dir/$1.pid" ] && kill -0 "$(cat "$dir/$1.pid")" 2>/dev/null; }
 
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
 write_config() {
-    local host cpus mem
+    local host cpus mem port
+    # slurmctld on port, slurmd on port + 1: Slurm's own 6817/6818 unless a Slurm of the host has them
+    port="${DLLAMA_SLURM_PORT:-6817}"
+    while [ -z "${DLLAMA_SLURM_PORT:-}" ] && { listening "$port" || listening $((port + 1)); }; do
+        port=$((port + 2))
+    done
     host=$(hostname -s)
     cpus=$(nproc --all)
     mem=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))   # MiB, leave 10 %
     mkdir -p "$dir/state" "$dir/spool" "$dir/munge"
     chmod 700 "$dir" "$dir/munge"
     cat > "$conf" <<EOF
-# written by scripts/slurm_local.sh: a one-node test cluster
+$HEADER
 ClusterName=dllama-local
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$port
@@ -127,11 +134,14 @@ stop() {
         for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -9 "$pid" 2>/dev/null || true
     done
-    # a job step still running after slurmd left (its slurmstepd and tasks); -f: whole command line
-    for pid in $(pgrep -f "slurmstepd: \[" || true); do
-        grep -qs "SLURM_CONF=$conf" "/proc/$pid/environ" 2>/dev/null && kill -9 "$pid" 2>/dev/null || true
+    # a job step still running after slurmd left: the slurmstepd processes of this cluster (they
+    # carry its SLURM_CONF), whose tasks then end too
+    for p in /proc/[0-9]*; do
+        [ "$(cat "$p/comm" 2>/dev/null)" = slurmstepd ] && grep -qsxz "SLURM_CONF=$conf" "$p/environ" \
+            && kill -9 "${p#/proc/}" 2>/dev/null || true
     done
-    rm -rf "$dir"
+    # the folder only when it is ours (DLLAMA_SLURM_DIR could name any folder)
+    if [ "$(head -n1 "$conf" 2>/dev/null)" = "$HEADER" ]; then rm -rf "$dir"; fi
 }
 
 case "${1:-}" in
