@@ -88,7 +88,7 @@ def _end_on_sigterm(comm) -> None:
                 continue
             if comm.is_root:
                 note = sigterm_note() if sigterm_note else ""
-                log("terminated by SIGTERM (scancel, a time limit or a kill): every rank stops"
+                log("terminated by SIGTERM (scancel, a time limit, a requeue or a kill): every rank stops"
                     + (f"; {note}" if note else ""))
             output_lock.acquire(timeout=2.0)
             os._exit(143)
