@@ -99,7 +99,7 @@ def test_inference_job_answers_and_says_what_slurm_gave(tmp_path):
     host = socket.gethostname().split(".")[0]
     assert f"slurm: job {job}.0, nodes {host}, 2 tasks, tasks per node 2, 1 CPUs per task, --mpi=pmi2" in out, out
     assert "1 thread: SLURM_CPUS_PER_TASK=1" in out, out
-    assert f"ranks: 0 = pid " in out and f", 1 = pid " in out and f" on {host}" in out, out
+    assert "ranks: 0 = pid " in out and ", 1 = pid " in out and f" on {host}" in out, out
 
 
 def test_failed_job_exit_code(tmp_path):
