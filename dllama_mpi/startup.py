@@ -69,31 +69,41 @@ def _end_on_sigterm(comm) -> None:
     A Python signal handler runs in the main thread between bytecodes, which a rank spinning in a
     blocking MPI collective does not reach before the SIGKILL: so the handler does nothing, and
     the signal's byte on the wakeup pipe (written by the C-level handler on arrival) wakes a thread
-    that ends the process. A command that installs its own SIGTERM handler later takes over."""
+    that ends the process. A command that installs its own SIGTERM handler later takes over. The pipe
+    and the thread are made once per process (tests run many commands in one)."""
+    global _sigterm_pipe, sigterm_note
     if threading.current_thread() is not threading.main_thread():
         return
-    r, w = os.pipe()
-    os.set_blocking(w, False)
+    _sigterm_comm[0] = comm
+    sigterm_note = None
+    if _sigterm_pipe is None:
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        _sigterm_pipe = w
+        threading.Thread(target=_sigterm_watch, args=(r,), name="dllama-sigterm", daemon=True).start()
+    signal.signal(signal.SIGTERM, _sigterm_noted)
+    signal.set_wakeup_fd(_sigterm_pipe, warn_on_full_buffer=False)
 
-    def noted(signum, frame):
-        pass
 
-    signal.signal(signal.SIGTERM, noted)
-    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+_sigterm_pipe: int | None = None
+_sigterm_comm: list = [None]
 
-    def watch():
-        while True:
-            got = os.read(r, 64)
-            if signal.SIGTERM.value not in got or signal.getsignal(signal.SIGTERM) is not noted:
-                continue
-            if comm.is_root:
-                note = sigterm_note() if sigterm_note else ""
-                log("terminated by SIGTERM (scancel, a time limit, a requeue or a kill): every rank stops"
-                    + (f"; {note}" if note else ""))
-            output_lock.acquire(timeout=2.0)
-            os._exit(143)
 
-    threading.Thread(target=watch, name="dllama-sigterm", daemon=True).start()
+def _sigterm_noted(signum, frame) -> None:
+    pass   # the work happens in _sigterm_watch
+
+
+def _sigterm_watch(r: int) -> None:
+    while True:
+        got = os.read(r, 64)
+        if signal.SIGTERM.value not in got or signal.getsignal(signal.SIGTERM) is not _sigterm_noted:
+            continue
+        if _sigterm_comm[0].is_root:
+            note = sigterm_note() if sigterm_note else ""
+            log("terminated by SIGTERM (scancel, a time limit, a requeue or a kill): every rank stops"
+                + (f"; {note}" if note else ""))
+        output_lock.acquire(timeout=2.0)
+        os._exit(143)
 
 
 def one_line(interrupted: str | None = "interrupted"):
