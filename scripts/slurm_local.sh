@@ -25,8 +25,8 @@ sbin=/usr/sbin
 say() { echo "slurm_local: $*" >&2; }
 
 install_slurm() {
-    command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
-        && command -v sbatch >/dev/null && return 0
+    [ -x "$sbin/slurmctld" ] && [ -x "$sbin/slurmd" ] && [ -x "$sbin/munged" ] && command -v sbatch >/dev/null \
+        && return 0
     if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
         say "Slurm is not installed, and installing it needs root and apt-get"; return 1
     fi
