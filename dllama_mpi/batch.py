@@ -21,6 +21,7 @@ import time
 
 import click
 
+from . import startup
 from .errors import ConfigError
 from .startup import log, model_options, sampling_options, spec_config, spec_options, spmd, start
 
@@ -166,9 +167,11 @@ def _run(engine, tokenizer, todo, out_path, parallel, defaults, chat_template, s
                disable=None if sys.stderr.isatty() else True)
     t0 = time.perf_counter()
     counts = {"done": 0, "tokens": 0}
+    startup.sigterm_note = lambda: (f"{counts['done']} result(s) written to {out_path} in this run, "
+                                    f"{len(todo) - counts['done']} to go: rerun with the same --out to resume")
     with open(out_path, "a", encoding="utf-8") as out:
         def finished(d, req, st):
-            out.write(json.dumps({
+            line = json.dumps({
                 "id": d["id"], "text": "".join(req.pieces), "prompt_tokens": st.prompt_tokens,
                 "completion_tokens": st.generated_tokens,
                 "cached_tokens": st.prompt_tokens - st.evaluated_prompt_tokens,
@@ -178,9 +181,11 @@ def _run(engine, tokenizer, todo, out_path, parallel, defaults, chat_template, s
                             "time_to_first_token_s": round(st.ttft_seconds, 4),
                             "generation_tokens_per_s": round(st.generate_tps, 3),
                             "tokens_per_pass": round(st.tokens_per_pass, 4), "acceptance": round(st.acceptance, 4)}},
-                ensure_ascii=False) + "\n")
-            out.flush()
-            counts["done"] += 1
+                ensure_ascii=False) + "\n"
+            with startup.output_lock:   # a SIGTERM waits for the whole line
+                out.write(line)
+                out.flush()
+                counts["done"] += 1
             counts["tokens"] += st.generated_tokens
             bar.update(1)
             bar.set_postfix_str(f"{counts['tokens'] / (time.perf_counter() - t0):.1f} tok/s")

@@ -310,8 +310,38 @@ def _versions() -> dict:
 
     from . import __version__ as ver
     from .comm import library_version
-    return {"dllama_mpi": ver, "python": platform.python_version(), "numpy": np.__version__,
-            "mpi4py": mpi4py.__version__, "mpi_library": library_version()}
+    return {"dllama_mpi": ver, "git_revision": _git_revision(), "python": platform.python_version(),
+            "numpy": np.__version__, "mpi4py": mpi4py.__version__, "mpi_library": library_version()}
+
+
+def _git_revision() -> str | None:
+    """The commit of the checkout this package runs from ('+dirty' with local changes), or None
+    (an installed copy, or no git)."""
+    import subprocess
+
+    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        rev = subprocess.run(["git", "-C", src, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", src, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def _slurm() -> dict | None:
+    """The Slurm job this run is a step of (None outside Slurm)."""
+    env = os.environ
+    if "SLURM_JOB_ID" not in env:
+        return None
+    keys = {"job_id": "SLURM_JOB_ID", "step_id": "SLURM_STEP_ID", "job_name": "SLURM_JOB_NAME",
+            "cluster": "SLURM_CLUSTER_NAME", "partition": "SLURM_JOB_PARTITION",
+            "nodelist": "SLURM_STEP_NODELIST", "job_nodelist": "SLURM_JOB_NODELIST",
+            "ntasks": "SLURM_STEP_NUM_TASKS", "tasks_per_node": "SLURM_STEP_TASKS_PER_NODE",
+            "cpus_per_task": "SLURM_CPUS_PER_TASK", "mpi_type": "SLURM_MPI_TYPE"}
+    return {k: env[v] for k, v in keys.items() if v in env}
 
 
 def _stats(xs: list[float]) -> dict:
@@ -715,6 +745,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
             for k in st.ranks:
                 stage_of[k], layers_of[k] = st.index, st.layers
     scatter = comm.gather_floats(np.array([comm.scatter_seconds, comm.scatter_bytes], np.float64))
+    hosts = comm.gather_object(platform.node())
     one_way_us = _one_way_us(comm)
 
     if not comm.is_root:
@@ -733,7 +764,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
         py_raw = tok_ms - c_ms - mpi_ms
         py = max(py_raw - 1000 * ovh * calls_i / n_i, 0.0)
         row = {
-            "rank": r, "stage": stage_of[r], "layers": f"{layers_of[r][0]}-{layers_of[r][1] - 1}",
+            "rank": r, "host": hosts[r], "stage": stage_of[r], "layers": f"{layers_of[r][0]}-{layers_of[r][1] - 1}",
             "kernel_isa": K.isa_name(int(isa_all[r, 0])), "decode_tokens": int(n_b),
             "ms_per_token_instrumented": round(tok_ms, 3),
             "c_ms": round(c_ms, 3), "mpi_wait_ms": round(mpi_ms, 3),
@@ -783,6 +814,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                    "spec": _spec_doc(spec),
                    "repack": bool(getattr(engine.w.layers[0].wq, "repacked", False))},
         "system": {"versions": _versions(), "cpu": _cpu_info(), "hostname": platform.node(),
+                   "hosts": sorted(set(hosts)), "slurm": _slurm(),
                    "bandwidth_gbps": round(agg_bw, 2), "bandwidth_source": "option" if bandwidth else "measured"},
         "load_seconds": round(getattr(engine, "load_seconds", 0.0), 3),
         # weight slices through Scatterv (0 with --load local or one rank): bytes every rank
@@ -875,7 +907,7 @@ def plot(files, out_path: str) -> None:
         docs.append(d)
     labels = [f"{d['config']['nodes']}x{d['config']['nthreads']}\n{os.path.basename(d['model']['path'] or '')[:18]}"
               for d in docs]
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4.8))
     x = np.arange(len(docs))
     dec = [d["summary"]["decode_tok_s"] for d in docs]
     ceil = [d["summary"]["ceiling_tok_s"] for d in docs]
@@ -902,6 +934,36 @@ def plot(files, out_path: str) -> None:
     ax[2].set_xticks(xs, names, rotation=60, fontsize=7)
     ax[2].set_title("ms per decode token, per rank")
     ax[2].legend()
+    # scaling (a sweep's files): decode tok/s against ranks, one line per threads per rank
+    lines: dict[int, list] = {}
+    for d in docs:
+        lines.setdefault(d["config"]["nthreads"], []).append((d["config"]["nodes"], d["summary"]["decode_tok_s"]))
+    for t, pts in sorted(lines.items()):
+        pts.sort()
+        ax[3].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{t} thread{'s' if t > 1 else ''} per rank")
+    ax[3].set_xticks(sorted({d["config"]["nodes"] for d in docs}))
+    ax[3].set_xlabel("ranks")
+    ax[3].set_title("decode tok/s scaling")
+    ax[3].legend()
+    fig.suptitle(_where(docs), fontsize=9)
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     log(f"wrote {out_path}")
+
+
+def _where(docs: list[dict]) -> str:
+    """Where the runs were made (host, MPI library, Slurm job, git revision), each when the files
+    agree on it, for the chart's title."""
+    def common(get):
+        vals = {get(d) for d in docs}
+        return vals.pop() if len(vals) == 1 else None
+
+    hosts = common(lambda d: ",".join(d["system"].get("hosts") or [d["system"]["hostname"]]))
+    mpi = common(lambda d: " ".join(d["system"]["versions"]["mpi_library"].split(",")[0].split()))
+    job = common(lambda d: (d["system"].get("slurm") or {}).get("job_id"))
+    rev = common(lambda d: d["system"]["versions"].get("git_revision"))
+    isa = common(lambda d: d["summary"]["kernel_isa"])
+    parts = [f"host {hosts}" if hosts else None, f"{isa} kernels" if isa else None, mpi,
+             f"Slurm job {job}" if job else None, f"git {rev[:12]}{'+dirty' if rev.endswith('+dirty') else ''}"
+             if rev else None]
+    return " | ".join(p for p in parts if p)

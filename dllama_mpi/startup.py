@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -32,6 +34,7 @@ def spmd(fn):
         from .comm import world
 
         comm = world()
+        _end_on_sigterm(comm)
         try:
             comm.set_sync_timeout(_options.get("sync_timeout"))
             return fn(comm, *args, **kwargs)
@@ -51,6 +54,56 @@ def spmd(fn):
             comm.abort(1)
 
     return wrapper
+
+
+# SIGTERM: what a job gets from `scancel`, a Slurm time limit (then SIGKILL after KillWait) or a kill
+# that mpiexec forwards to every rank. Commands that stop cleanly on it (chat, api) install their own
+# handler; for the others `sigterm_note` adds to the root's one line (batch: where to resume), and
+# `output_lock` is held while a command writes a result line, so a rank never dies mid-line.
+sigterm_note = None          # callable -> str, or None
+output_lock = threading.Lock()
+
+
+def _end_on_sigterm(comm) -> None:
+    """On SIGTERM end this rank at once with exit code 143 (128 + 15), the root with one line.
+    A Python signal handler runs in the main thread between bytecodes, which a rank spinning in a
+    blocking MPI collective does not reach before the SIGKILL: so the handler does nothing, and
+    the signal's byte on the wakeup pipe (written by the C-level handler on arrival) wakes a thread
+    that ends the process. A command that installs its own SIGTERM handler later takes over. The pipe
+    and the thread are made once per process (tests run many commands in one)."""
+    global _sigterm_pipe, sigterm_note
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _sigterm_comm[0] = comm
+    sigterm_note = None
+    if _sigterm_pipe is None:
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        _sigterm_pipe = w
+        threading.Thread(target=_sigterm_watch, args=(r,), name="dllama-sigterm", daemon=True).start()
+    signal.signal(signal.SIGTERM, _sigterm_noted)
+    signal.set_wakeup_fd(_sigterm_pipe, warn_on_full_buffer=False)
+
+
+_sigterm_pipe: int | None = None
+_sigterm_comm: list = [None]
+
+
+def _sigterm_noted(signum, frame) -> None:
+    pass   # the work happens in _sigterm_watch
+
+
+def _sigterm_watch(r: int) -> None:
+    while True:
+        got = os.read(r, 64)
+        if signal.SIGTERM.value not in got or signal.getsignal(signal.SIGTERM) is not _sigterm_noted:
+            continue
+        if _sigterm_comm[0].is_root:
+            note = sigterm_note() if sigterm_note else ""
+            log("terminated by SIGTERM (scancel, a time limit, a requeue or a kill): every rank stops"
+                + (f"; {note}" if note else ""))
+        output_lock.acquire(timeout=2.0)
+        os._exit(143)
 
 
 def one_line(interrupted: str | None = "interrupted"):
@@ -216,15 +269,51 @@ def default_threads(cores: int, local_ranks: int) -> int:
     return max(1, cores // max(local_ranks, 1))
 
 
+def host_cores() -> tuple[int, str]:
+    """The cores this host's ranks of the job may use, and what says so: in a Slurm job the CPUs
+    Slurm gave the job on this node (SLURM_CPUS_ON_NODE; without cgroups or binding the CPU affinity
+    is the whole node, which other jobs share), otherwise this rank's CPU affinity."""
+    slurm = os.environ.get("SLURM_CPUS_ON_NODE", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        return int(slurm), f"{_plural(int(slurm), 'CPU')} Slurm gave this node"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores, f"{_plural(cores, 'core')} available"
+
+
 def choose_threads(comm, nthreads: int | None) -> tuple[int, str]:
     """This rank's thread count and why (collective: every rank asks MPI how many ranks share its
-    host). An explicit --nthreads wins."""
+    host). An explicit --nthreads wins, then Slurm's --cpus-per-task (SLURM_CPUS_PER_TASK)."""
     local = comm.local_size()
     if nthreads is not None:
         return nthreads, f"{_plural(nthreads, 'thread')}: --nthreads {nthreads}"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and int(per_task) > 0:
+        return int(per_task), f"{_plural(int(per_task), 'thread')}: SLURM_CPUS_PER_TASK={per_task}"
+    cores, what = host_cores()
     n = default_threads(cores, local)
-    return n, f"{_plural(n, 'thread')}: {_plural(cores, 'core')} available / {_plural(local, 'rank')} on this host"
+    return n, f"{_plural(n, 'thread')}: {what} / {_plural(local, 'rank')} on this host"
+
+
+def slurm_line() -> str | None:
+    """What Slurm gave this job step (the root's start-up log), None outside Slurm."""
+    env = os.environ
+    if "SLURM_JOB_ID" not in env:
+        return None
+    job = env["SLURM_JOB_ID"] + (f".{env['SLURM_STEP_ID']}" if "SLURM_STEP_ID" in env else "")
+    parts = [f"slurm: job {job}"]
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if nodes:
+        parts.append(f"nodes {nodes}")
+    tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
+    if tasks:
+        parts.append(f"{tasks} tasks")
+    if env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE"):
+        parts.append(f"tasks per node {env.get('SLURM_STEP_TASKS_PER_NODE') or env['SLURM_TASKS_PER_NODE']}")
+    if env.get("SLURM_CPUS_PER_TASK"):
+        parts.append(f"{env['SLURM_CPUS_PER_TASK']} CPUs per task")
+    if env.get("SLURM_MPI_TYPE"):
+        parts.append(f"--mpi={env['SLURM_MPI_TYPE']}")
+    return ", ".join(parts)
 
 
 def cpu_quota_cores() -> float | None:
@@ -264,9 +353,9 @@ def wants_poll(mode: str, nthreads: int, local_ranks: int) -> tuple[bool, str]:
     """Whether this rank asks for poll waits (--wait), and why."""
     if mode != "auto":
         return mode == "poll", f"--wait {mode}"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores, what = host_cores()
     if local_ranks * nthreads > cores:
-        return True, f"{local_ranks} ranks x {_plural(nthreads, 'thread')} on {_plural(cores, 'core')}"
+        return True, f"{local_ranks} ranks x {_plural(nthreads, 'thread')} on {what}"
     quota = cpu_quota_cores()
     if quota is not None and quota < nthreads:
         return True, f"a CPU quota of {quota:.2f} cores for {_plural(nthreads, 'thread')}"
@@ -442,6 +531,8 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
             if comm.is_root:
                 raise
             kv_memory = None
+    if comm.is_root and not quiet and slurm_line():
+        log(slurm_line())
     nthreads, why = choose_threads(comm, nthreads)
     kernels.set_threads(nthreads)
     choices = comm.gather_object((nthreads, why)) if comm.size > 1 else [(nthreads, why)]

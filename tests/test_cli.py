@@ -143,11 +143,42 @@ def test_nthreads_default_rule(monkeypatch):
     from dllama_mpi.startup import choose_threads, default_threads
 
     assert [default_threads(c, k) for c, k in ((8, 1), (8, 3), (2, 2), (2, 4), (1, 1), (16, 5))] == [8, 2, 1, 1, 1, 3]
+    for k in [k for k in os.environ if k.startswith("SLURM_")]:   # (the suite run inside a Slurm job)
+        monkeypatch.delenv(k)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5, 7})   # this rank may use 4 cores
     one = Comm(MPI.COMM_SELF)
     assert one.local_size() == 1
     assert choose_threads(one, None) == (4, "4 threads: 4 cores available / 1 rank on this host")
     assert choose_threads(one, 3) == (3, "3 threads: --nthreads 3")   # an explicit value wins
+
+
+def test_nthreads_under_slurm(monkeypatch):
+    """In a Slurm job: --cpus-per-task, else the CPUs Slurm gave the node (not the affinity, which
+    is the whole node without cgroups); --wait auto counts the same CPUs."""
+    from mpi4py import MPI
+
+    from dllama_mpi.comm import Comm
+    from dllama_mpi import startup
+    from dllama_mpi.startup import choose_threads, slurm_line, wants_poll
+
+    for k in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(startup, "cpu_quota_cores", lambda: None)   # (a container's CPU quota)
+    assert slurm_line() is None
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    one = Comm(MPI.COMM_SELF)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "6")
+    assert choose_threads(one, None) == (6, "6 threads: 6 CPUs Slurm gave this node / 1 rank on this host")
+    assert wants_poll("auto", 8, 1) == (True, "1 ranks x 8 threads on 6 CPUs Slurm gave this node")
+    assert wants_poll("auto", 6, 1) == (False, "every rank has its cores")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    assert choose_threads(one, None) == (3, "3 threads: SLURM_CPUS_PER_TASK=3")
+    assert choose_threads(one, 2) == (2, "2 threads: --nthreads 2")
+    for k, v in (("SLURM_STEP_ID", "0"), ("SLURM_STEP_NODELIST", "n[1-2]"), ("SLURM_STEP_NUM_TASKS", "2"),
+                 ("SLURM_STEP_TASKS_PER_NODE", "1(x2)"), ("SLURM_MPI_TYPE", "pmi2")):
+        monkeypatch.setenv(k, v)
+    assert slurm_line() == "slurm: job 77.0, nodes n[1-2], 2 tasks, tasks per node 1(x2), 3 CPUs per task, --mpi=pmi2"
 
 
 def _threads_line(stderr: str) -> str:

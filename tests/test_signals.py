@@ -3,7 +3,8 @@
 - SIGKILL of the worker during prompt evaluation, during decoding, and while idle in `chat` and
   `api`: every rank is gone within 5 s, the exit status is non-zero, and the user is told which
   rank was lost (MPICH hydra's "BAD TERMINATION ... RANK 1" block).
-- SIGTERM / SIGINT to `mpiexec`: `inference` exits non-zero without hanging; `chat` and `api` exit 0.
+- SIGTERM / SIGINT to `mpiexec`: `inference` exits non-zero without hanging (SIGTERM: with one line
+  from the root); `chat` and `api` exit 0.
 - `--sync-timeout`: a SIGSTOPped worker ends the job within timeout + 5 s with one line naming
   the stuck rank.
 - In every case: no process of the job is left, and no MPICH file of the job in /dev/shm."""
@@ -258,6 +259,9 @@ def test_signal_to_mpiexec_during_inference(sig):
     job.ended_within(5)
     assert job.p.returncode != 0
     assert "Traceback" not in job.stderr
+    if sig == signal.SIGTERM:   # mpiexec forwards it to every rank (as Slurm's scancel sends it): one line
+        said = [l for l in job.stderr.splitlines() if "SIGTERM" in l]
+        assert len(said) == 1 and said[0].startswith("terminated by SIGTERM"), job.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
