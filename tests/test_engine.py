@@ -112,7 +112,7 @@ def test_mixed_type_model_runs(comm, tmp_path):
     assert np.isfinite(logits).all() and np.abs(logits - gold).mean() < 2.0 and same > 0.5, same
 
 
-@pytest.mark.parametrize("mix", ["q4k-q6k-q50-q41", "q2k-iq4"])
+@pytest.mark.parametrize("mix", ["q4k-q6k-q50-q41", "q2k-iq4", "q51-q3k-q5k"])
 def test_gguf_block_types_track_their_f32_values(comm, tmp_path, mix):
     """A random GGUF whose matrices and embedding are GGUF block types with kernels of their own
     (multiplied as stored, q80 activations) gives logits close to the same model written as F32:
@@ -120,13 +120,15 @@ def test_gguf_block_types_track_their_f32_values(comm, tmp_path, mix):
     of the activations, nothing the kernels read from the blocks."""
     from gguf_models import write_random_gguf
 
-    from dllama_mpi.formats import IQ4_NL, IQ4_XS, Q2_K, Q4_1, Q4_K, Q5_0, Q6_K
+    from dllama_mpi.formats import IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K
     from dllama_mpi.startup import build_engine
 
     types = {"q4k-q6k-q50-q41": {"attn_output": Q4_K, "ffn_down": Q6_K, "attn_q": Q5_0, "attn_k": Q4_1,
                                  "attn_v": Q4_K, "ffn_gate": Q6_K, "ffn_up": Q5_0, "output": Q4_1, "token_embd": Q4_K},
              "q2k-iq4": {"attn_output": Q2_K, "ffn_down": IQ4_XS, "attn_q": IQ4_NL, "attn_k": Q2_K, "attn_v": IQ4_XS,
-                         "ffn_gate": IQ4_NL, "ffn_up": Q2_K, "output": IQ4_XS, "token_embd": IQ4_NL}}[mix]
+                         "ffn_gate": IQ4_NL, "ffn_up": Q2_K, "output": IQ4_XS, "token_embd": IQ4_NL},
+             "q51-q3k-q5k": {"attn_output": Q5_K, "ffn_down": Q3_K, "attn_q": Q5_1, "attn_k": Q3_K, "attn_v": Q5_K,
+                             "ffn_gate": Q5_1, "ffn_up": Q3_K, "output": Q5_K, "token_embd": Q5_1}}[mix]
     ids = [496, 12, 200, 7, 33, 41, 300, 2, 18, 99, 5, 401]
     logits = []
     for f32 in (False, True):
