@@ -305,18 +305,3 @@ def check_draft_model(path: str, vocab_size: int, vocab: list[bytes] | None) -> 
                 raise ConfigError(f"--draft-model {path}: its vocabulary differs from the model's at token {i} "
                                   f"({a.decode('utf-8', 'replace')!r}, the model's "
                                   f"{b.decode('utf-8', 'replace')!r}); a draft model needs the model's vocabulary")
-
-
-def load_draft_model(path: str, target) -> DraftModel:
-    """Root: the draft model, whole on this rank, sized for the target engine's sequence slots,
-    batch and context (its own context if shorter)."""
-    from .comm import solo
-    from .startup import build_engine
-    from .weights import open_model_file
-
-    m = open_model_file(path)
-    ctx = m.header.max_seq_len
-    m.close()
-    engine = build_engine(solo(), path, max_seq_len=min(target.max_seq_len, ctx), max_batch=target.max_batch,
-                          n_slots=target.kv_plan.n_slots, quiet=True)
-    return DraftModel(engine, path)

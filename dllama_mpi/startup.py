@@ -411,6 +411,22 @@ def load_tokenizer(model_path, tokenizer_path):
         g.close()
 
 
+def load_draft_model(path: str, target):
+    """Root: the draft model (speculative.py), whole on this rank, sized for the target engine's
+    sequence slots, batch and context (its own context if shorter). Built here, beside build_engine,
+    so that speculative.py does not import startup."""
+    from .comm import solo
+    from .speculative import DraftModel
+    from .weights import open_model_file
+
+    m = open_model_file(path)
+    ctx = m.header.max_seq_len
+    m.close()
+    engine = build_engine(solo(), path, max_seq_len=min(target.max_seq_len, ctx), max_batch=target.max_batch,
+                          n_slots=target.kv_plan.n_slots, quiet=True)
+    return DraftModel(engine, path)
+
+
 def build_engine(comm, model_path: str | None, *, max_seq_len: int | None = None,
                  buffer_type: str = "auto", sync: str = "ring", load: str = "scatter",
                  max_batch: int | None = None, progress=None, n_slots: int = 1,
@@ -581,8 +597,6 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
             f"loaded in {engine.load_seconds:.2f} s")
         log(engine.kv_plan.describe())
     if comm.is_root and spec_config().method == "draft":   # checked above; rank 0 runs it whole
-        from .speculative import load_draft_model
-
         engine.draft = load_draft_model(spec_config().draft_model, engine)
         if not quiet:
             log(engine.draft.describe())

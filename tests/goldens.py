@@ -229,7 +229,8 @@ def draft_equals_plain(comm: Comm, name: str, draft_name: str, steps: int = 40, 
     logprob requests of SEQS run together with --spec none and with --spec draft (the model
     `draft_name` whole on the root; --draft-p-min 0 and the default), and the draft model's pages
     in use afterwards (0: every sequence gave them back). Workers: None."""
-    from dllama_mpi.speculative import DRAFT_P_MIN, SpecConfig, load_draft_model
+    from dllama_mpi.speculative import DRAFT_P_MIN, SpecConfig
+    from dllama_mpi.startup import load_draft_model
 
     engine = build_engine(comm, model_path(name) if comm.is_root else None, n_slots=6, **kw)
     if not comm.is_root:

@@ -20,9 +20,8 @@ from dllama_mpi.comm import Comm
 from dllama_mpi.errors import ConfigError
 from dllama_mpi.sampler import Sampler
 from dllama_mpi.scheduler import Request, Scheduler, run_to_completion
-from dllama_mpi.speculative import (DRAFT_P_MIN, NgramDrafter, SeqSpec, SpecConfig, check_draft_model,
-                                    load_draft_model)
-from dllama_mpi.startup import build_engine
+from dllama_mpi.speculative import DRAFT_P_MIN, NgramDrafter, SeqSpec, SpecConfig, check_draft_model
+from dllama_mpi.startup import build_engine, load_draft_model
 from dllama_mpi.tokenizer import Tokenizer
 
 from conftest import TINY
