@@ -65,6 +65,17 @@ def pytest_configure(config):
         config.option.basetemp = os.path.join(parent, f"rank{c.rank}")
 
 
+def default_smollm2_or_skip() -> tuple[str, str]:
+    """The default model's (model, tokenizer) paths, installed by the install command; the test
+    skips where neither the network nor a cached copy has it."""
+    try:
+        from dllama_mpi.convert.smollm2 import default_models_dir, ensure_default_model
+
+        return ensure_default_model(default_models_dir())
+    except Exception as e:  # noqa: BLE001 (no network and no cached copy)
+        pytest.skip(f"the default SmolLM2 model is not available: {e}")
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA

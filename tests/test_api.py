@@ -21,6 +21,7 @@ import pytest
 
 from dllama_mpi.api import ApiError, parse_common, parse_messages, parse_prompt
 
+from conftest import default_smollm2_or_skip
 from procs import our_processes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -508,12 +509,7 @@ def test_shutdown_exit_code(tmp_path, target, sig):
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    try:
-        from dllama_mpi.convert.smollm2 import default_models_dir, ensure_default_model
-
-        model, tokenizer = ensure_default_model(default_models_dir())
-    except Exception as e:  # noqa: BLE001 (no network and no cached copy)
-        pytest.skip(f"the default SmolLM2 model is not available: {e}")
+    model, tokenizer = default_smollm2_or_skip()
     s = ApiServer(tmp_path_factory.mktemp("smollm2") / "server.log", model=model, tokenizer=tokenizer)
     yield s
     s.stop()

@@ -20,6 +20,7 @@ from dllama_mpi.kernels import ffi, lib
 from dllama_mpi.sampler import Sampler
 from dllama_mpi.tokenizer import Tokenizer
 
+from conftest import default_smollm2_or_skip
 from test_api import DLLAMA, MPIEXEC, ROOT, ApiServer
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -189,12 +190,7 @@ MAX_TOKENS = 60
 
 @pytest.fixture(scope="module")
 def smollm2_api(tmp_path_factory):
-    try:
-        from dllama_mpi.convert.smollm2 import default_models_dir, ensure_default_model
-
-        model, tokenizer = ensure_default_model(default_models_dir())
-    except Exception as e:  # noqa: BLE001 (no network and no cached copy)
-        pytest.skip(f"the default SmolLM2 model is not available: {e}")
+    model, tokenizer = default_smollm2_or_skip()
     s = ApiServer(tmp_path_factory.mktemp("structured") / "server.log", model=model, tokenizer=tokenizer,
                   extra=["--parallel", "8", "--no-web-ui"])
     openai = pytest.importorskip("openai")

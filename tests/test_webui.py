@@ -13,6 +13,7 @@ import urllib.request
 
 import pytest
 
+from conftest import default_smollm2_or_skip
 from test_api import ApiServer, health
 
 KEY = "browser-key-42"
@@ -33,12 +34,7 @@ def _need_browser():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     _need_browser()
-    try:
-        from dllama_mpi.convert.smollm2 import default_models_dir, ensure_default_model
-
-        model, tokenizer = ensure_default_model(default_models_dir())
-    except Exception as e:  # noqa: BLE001 (no network and no cached copy)
-        pytest.skip(f"the default SmolLM2 model is not available: {e}")
+    model, tokenizer = default_smollm2_or_skip()
     s = ApiServer(tmp_path_factory.mktemp("webui") / "server.log", model=model, tokenizer=tokenizer,
                   extra=["--api-key", KEY])
     yield s
