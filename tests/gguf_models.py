@@ -188,6 +188,16 @@ QWEN2_GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", 
                     "post_attention_layernorm": "ffn_norm"}
 
 
+def add_hf_shape(wr, cfg: dict) -> None:
+    """The shape keys convert_hf_to_gguf.py writes from an HF config.json (every arch we test)."""
+    wr.add_context_length(cfg["max_position_embeddings"])
+    wr.add_embedding_length(cfg["hidden_size"])
+    wr.add_block_count(cfg["num_hidden_layers"])
+    wr.add_feed_forward_length(cfg["intermediate_size"])
+    wr.add_head_count(cfg["num_attention_heads"])
+    wr.add_head_count_kv(cfg["num_key_value_heads"])
+
+
 def write_tiny_qwen2_gguf(path: Path, dtype=np.float32, zero_biases: bool = False) -> Path:
     """tests/data/tiny/hf/tiny_qwen2 as llama.cpp's convert_hf_to_gguf.py writes a qwen2 GGUF: its
     keys, tensor names (blk.N.attn_q.bias ...), q/k rows not permuted (NeoX rope), tied output (no
@@ -198,12 +208,7 @@ def write_tiny_qwen2_gguf(path: Path, dtype=np.float32, zero_biases: bool = Fals
     folder = HF / "tiny_qwen2"
     cfg = json.loads((folder / "config.json").read_text())
     wr = gguf.GGUFWriter(str(path), "qwen2")
-    wr.add_context_length(cfg["max_position_embeddings"])
-    wr.add_embedding_length(cfg["hidden_size"])
-    wr.add_block_count(cfg["num_hidden_layers"])
-    wr.add_feed_forward_length(cfg["intermediate_size"])
-    wr.add_head_count(cfg["num_attention_heads"])
-    wr.add_head_count_kv(cfg["num_key_value_heads"])
+    add_hf_shape(wr, cfg)
     wr.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
     wr.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     for name, a in sorted(hf_bf16_tensors(folder).items()):

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA, TINY
+from gguf_models import add_hf_shape
 from dllama_mpi.errors import ConvertError, ModelFormatError, TokenizerFormatError
 from dllama_mpi.formats import (ACT_GELU, ARCH_GEMMA3, F16, F32, Q40, TokenizerData, open_model, read_tokenizer,
                                 write_tokenizer)
@@ -193,12 +194,7 @@ def _tiny_gguf(path: Path):
 
     cfg = json.loads((TINY_HF / "config.json").read_text())
     wr = gguf.GGUFWriter(str(path), "gemma3")
-    wr.add_context_length(cfg["max_position_embeddings"])
-    wr.add_embedding_length(cfg["hidden_size"])
-    wr.add_block_count(cfg["num_hidden_layers"])
-    wr.add_feed_forward_length(cfg["intermediate_size"])
-    wr.add_head_count(cfg["num_attention_heads"])
-    wr.add_head_count_kv(cfg["num_key_value_heads"])
+    add_hf_shape(wr, cfg)
     wr.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     wr.add_key_length(cfg["head_dim"])
     wr.add_value_length(cfg["head_dim"])
