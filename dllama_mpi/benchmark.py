@@ -41,7 +41,7 @@ import time
 import click
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, TemplateError
 from .startup import log, model_options, spec_config, spec_options, spmd, start
 
 SCHEMA = "dllama-mpi-benchmark/1"
@@ -183,7 +183,9 @@ def _remove_proxy(rec: _Recorder):
 # ------------------------------------------------------------------------------------------------
 # helpers
 
-def _read_prompts(path: str) -> list[str]:
+def _read_prompts(path: str) -> list:
+    """A prompt per line: plain text, {"prompt": text} or {"messages": [...]} (a chat, rendered later
+    with the model's chat template, as `batch` does)."""
     out = []
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -195,9 +197,12 @@ def _read_prompts(path: str) -> list[str]:
                     d = json.loads(s)
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"{path}: bad JSON line: {e}") from None
-                if "prompt" not in d:
-                    raise ConfigError(f"{path}: JSON line without a \"prompt\" key")
-                out.append(str(d["prompt"]))
+                if isinstance(d.get("messages"), list):
+                    out.append(d["messages"])
+                elif "prompt" in d:
+                    out.append(str(d["prompt"]))
+                else:
+                    raise ConfigError(f"{path}: JSON line without a \"prompt\" or \"messages\" key")
             else:
                 out.append(s)
     if not out:
@@ -549,7 +554,8 @@ def register(group) -> None:
     @model_options
     @spec_options
     @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None,
-                  help="JSONL ({\"prompt\": ...} per line) or plain text, one prompt per line.")
+                  help="JSONL ({\"prompt\": ...} or {\"messages\": [...]}, rendered with the model's chat "
+                       "template, per line) or plain text, one prompt per line.")
     @click.option("--synthetic", default=None, help="Prompt lengths in tokens, comma-separated (default 128).")
     @click.option("--steps", type=int, default=64, show_default=True, help="Decode steps per run.")
     @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs first.")
@@ -620,8 +626,19 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     if comm.is_root:
         try:
             if prompts_path:
+                template = None
                 for p in _read_prompts(prompts_path):
-                    prompt_sets.append(("prompt", p, tokenizer.encode(p)))
+                    if isinstance(p, list):   # a chat: the model's own template
+                        from .chat import template_for
+
+                        template = template or template_for(tokenizer, None)
+                        try:
+                            text = template.render(p, add_generation_prompt=True)
+                        except TemplateError as e:
+                            raise ConfigError(f"{prompts_path}: {e}") from None
+                        prompt_sets.append(("prompt", text, tokenizer.encode(text, add_bos=False)))
+                    else:
+                        prompt_sets.append(("prompt", p, tokenizer.encode(p)))
             else:
                 r = np.random.default_rng(0)
                 for n in lens:
@@ -797,8 +814,11 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     # ceiling: the slowest rank's share of the weights over its share of the bandwidth
     share_bw = agg_bw / comm.size
     ceiling = share_bw * 1e9 / weights_max_rank if weights_max_rank else 0.0
-    dec = statistics.median([r["decode_tok_s"]["median"] for r in runs])
+    # a speculative run's tokens come in bursts (a pass emits several, its time charged to the first):
+    # its speed is tokens over time, not the median of per-token rates
+    dec = statistics.median([r["decode_tok_s_mean"] if spec.on else r["decode_tok_s"]["median"] for r in runs])
     pre = statistics.median([r["prefill_tok_s"]["median"] for r in runs])
+    tpp = statistics.mean([r.get("tokens_per_pass") or 1.0 for r in runs])
     doc = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -832,8 +852,12 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                     "pct_of_bandwidth_ceiling": round(100 * dec / ceiling, 1) if ceiling else None,
                     "kernel_isa": "/".join(sorted({r["kernel_isa"] for r in per_rank})),
                     "python_pct_max": max(r["python_pct"] for r in per_rank),
-                    # latency: message rounds on a decode token's critical path x one link's one-way time
-                    "message_rounds_per_token": message_rounds(engine), "one_way_us": round(one_way_us, 1)},
+                    # latency: message rounds on a decode pass's critical path x one link's one-way time;
+                    # a speculative pass emits tokens_per_pass tokens for the rounds of one
+                    "message_rounds_per_pass": message_rounds(engine),
+                    "tokens_per_pass": round(tpp, 3),
+                    "message_rounds_per_token": round(message_rounds(engine) / tpp, 2),
+                    "one_way_us": round(one_way_us, 1)},
         "method": __doc__.split("\n\n", 1)[1].strip(),
     }
     print(json.dumps(doc, indent=1))
@@ -852,12 +876,13 @@ def _table(doc: dict) -> None:
            if doc["scatter"]["gbps"] else ""))
     spec = c.get("spec", {}).get("method", "none") != "none"
     log(f"{'prompt':>8} {'prefill tok/s':>22} {'decode tok/s (p10-p90)':>28} {'ms/token':>9}"
-        + (f" {'tok/pass':>8} {'accepted':>8}" if spec else ""))
+        + (f" {'tok/pass':>8} {'accepted':>8} {'tokens/s':>8}" if spec else ""))
     for r in doc["runs"]:
         p, d = r["prefill_tok_s"], r["decode_tok_s"]
         log(f"{r['prompt_tokens']:>8} {p['median']:>10.1f} ({p['min']:.1f}-{p['max']:.1f}) "
             f"{d['median']:>14.2f} ({d['p10']:.2f}-{d['p90']:.2f}) {r['decode_ms_per_token']['median']:>9.2f}"
-            + (f" {r['tokens_per_pass']:>8.2f} {100 * r['acceptance']:>7.0f}%" if spec else ""))
+            + (f" {r['tokens_per_pass']:>8.2f} {100 * r['acceptance']:>7.0f}% {r['decode_tok_s_mean']:>8.1f}"
+               if spec else ""))
     log(f"{'rank':>4} {'stage':>5} {'layers':>7} {'ms/tok':>7} {'C':>7} {'MPI':>7} {'Python':>7} {'Py %':>5} "
         f"{'kB sent/tok':>11} {'RSS MB':>8} {'GB/s':>6} {'weights MiB (share)':>20}")
     for r in doc["per_rank"]:

@@ -68,6 +68,21 @@ def test_benchmark_prompts_file_moe(tmp_path):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert [x["prompt"] for x in d["runs"]] == ["Hello there", "plain text line"]
+    assert d["summary"]["tokens_per_pass"] == 1 and d["summary"]["message_rounds_per_pass"] == 0
+
+
+def test_benchmark_prompts_file_messages_use_the_chat_template(tmp_path):
+    """{"messages": [...]} lines are rendered with the model's chat template (as `batch` renders them)."""
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"messages": [{"role": "user", "content": "Hello there"}]}\n')
+    r = bench(["--model", MOE_Q40, "--tokenizer", TOK_QWEN, "--prompts", str(p), "--steps", "2", "--repeat", "1",
+               "--warmup", "0", "--bandwidth", "5"])
+    assert r.returncode == 0, r.stderr
+    prompt = json.loads(r.stdout)["runs"][0]["prompt"]
+    assert "<|im_start|>user\nHello there<|im_end|>" in prompt and prompt.endswith("<|im_start|>assistant\n"), prompt
+    p.write_text('{"messages": "not a list"}\n')
+    r = bench(["--model", MOE_Q40, "--tokenizer", TOK_QWEN, "--prompts", str(p), "--bandwidth", "5"])
+    assert r.returncode == 2 and 'without a "prompt" or "messages" key' in r.stderr.strip().splitlines()[-1]
 
 
 def test_plot_draws_a_chart_from_saved_runs(tmp_path):
