@@ -521,7 +521,7 @@ def _parallel_run(sched, prompts: list[list[int]], steps: int) -> dict:
 
 
 def _spec_doc(spec) -> dict:
-    doc = {"method": spec.method, "draft_max": spec.draft_max, "draft_min": spec.draft_min}
+    doc = {"method": spec.method, "draft_max": spec.draft_max, "draft_min": spec.draft_min, "draft_fixed": spec.fixed}
     if spec.method == "draft":
         doc.update(draft_model=spec.draft_model, draft_p_min=spec.p_min)
     return doc

@@ -27,7 +27,7 @@ from .engine import LOGITS_ARGMAX, LOGITS_FULL, LOGITS_STATS, Engine, Rows, Toke
 from .errors import ConfigError, DllamaError
 from .kvcache import KVPlan
 from .sampler import Sampler
-from .speculative import SeqSpec, SpecConfig
+from .speculative import PassCost, SeqSpec, SpecConfig
 
 
 class RequestError(DllamaError):
@@ -277,6 +277,8 @@ class Scheduler:
         self.waited_for_pages = 0      # requests that had to wait for KV pages (not for a slot)
         self.depth = getattr(engine, "depth", 1)   # passes in flight at once (pipeline stages)
         self.inflight: deque[_Pass] = deque()
+        self.pass_cost = PassCost()    # decode passes' seconds by rows: what a drafted row costs
+        self._t_collect = 0.0          # (pipelined) when the last pass was collected
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -312,10 +314,19 @@ class Scheduler:
             return False
         p = self._plan(self.running)
         updates, copies = self.kv.take_commands()
+        t = time.perf_counter()
         out = self.engine.step(p.rows, updates, copies)
+        self._time_pass(p, time.perf_counter() - t)
         self.steps += 1
         self._hand_out(p, out)
         return True
+
+    def _time_pass(self, p: "_Pass", seconds: float) -> None:
+        """A pass of decode and verify rows only teaches PassCost what a row costs (prompt rows attend
+        over other lengths and come in large chunks: not the drafts' case)."""
+        if self.spec.on or p.drafts:
+            if all(req.state == DECODE for req, _, _ in p.fed):
+                self.pass_cost.observe(len(p.rows.tokens), seconds)
 
     def _step_pipelined(self) -> bool:
         """Pipeline stages: launch passes until `depth` are in flight, each on sequences that have no
@@ -341,8 +352,13 @@ class Scheduler:
         return True
 
     def _collect(self) -> None:
+        full = len(self.inflight) == self.depth
         p = self.inflight.popleft()
         out = self.engine.collect()
+        now = time.perf_counter()
+        if full and self._t_collect:   # stages busy: passes come out one pass time apart
+            self._time_pass(p, now - self._t_collect)
+        self._t_collect = now
         for req, _, n in p.fed:
             req._pending -= n
         self.steps += 1
@@ -431,13 +447,15 @@ class Scheduler:
         return _Pass(rows, rows_req, fed, logit_kind, drafts)
 
     def _drafts(self, decoding, budget: int) -> dict:
-        """Each speculating sequence's draft for this pass, within `budget` spare rows shared evenly
-        (so speculation shrinks, then stops, as concurrency and prompts fill the passes). A draft
+        """Each speculating sequence's draft for this pass: as long as it pays by the pass's Pace (its
+        acceptance rate against what a row costs, measured; the more sequences decode in the pass,
+        the less a draft adds), within `budget` spare rows shared evenly. A draft
         never reaches past the request's last token (max_tokens - 1 more rows: the accepted run and
         its last token fit the pages admission reserved) nor past the context. ngram drafts come
         first and are cut to their share; a draft model's sequences get their share of rows first,
         then are drafted together (DraftModel.draft)."""
         wants = []   # (request, its ngram draft, or how many tokens the draft model may draft)
+        pace = self.pass_cost.pace(len(decoding), self.draft.seconds_per_pass if self.draft else 0.0)
         for req in decoding:
             cfg = req.spec or self.spec
             if not cfg.on or req.grammar is not None:
@@ -447,9 +465,9 @@ class Scheduler:
             n = len(req.seq.tokens)
             cap = min(req.max_tokens - len(req.generated) - 1, self.max_seq_len - n - 1)
             if req._spec.cfg.method == "draft":
-                want = req._spec.next_k(cap)
+                want = req._spec.next_k(cap, pace)
             else:
-                want = req._spec.propose(req.prompt, req.generated, cap)
+                want = req._spec.propose(req.prompt, req.generated, cap, pace)
             if want:
                 wants.append((req, want))
         out, by_model = {}, []

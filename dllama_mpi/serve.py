@@ -881,6 +881,8 @@ def _backend_args(model_path, tokenizer_path, nthreads, buffer_float_type, max_s
                    ("--draft-model", _options.get("draft_model") and os.path.abspath(_options["draft_model"]))):
         if v is not None:
             args += [opt, str(v)]
+    if _options.get("draft_fixed"):
+        args.append("--draft-fixed")
     return args
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from dataclasses import dataclass
 
 from .errors import ConfigError, DllamaError
@@ -30,22 +31,33 @@ DRAFT_MAX = 16      # llama.cpp's --draft-max default
 DRAFT_MIN = 1       # a proposal shorter than this is not verified
 DRAFT_P_MIN = 0.75  # llama.cpp's --draft-p-min default (common_params_speculative.p_min)
 NGRAM_MIN, NGRAM_MAX = 1, 3   # lookup n-gram sizes (prompt lookup decoding's max_ngram_size 3)
-START_K = 4         # drafted tokens a sequence starts with; then +2 after a fully accepted draft, -1 otherwise
-MAX_BACKOFF = 16    # passes a sequence skips speculation after repeated drafts with nothing accepted
+# What a draft's next token is believed to be accepted with before the sequence has shown its own
+# rate, by source (0: the draft model; n: an n-gram match), and that belief's weight in tokens. A
+# 1-token match predicts little on open text; a 3-token one mostly repeats a passage.
+PRIOR_P = {0: 0.7, 1: 0.3, 2: 0.5, 3: 0.7}
+PRIOR_WEIGHT = 1.0  # the prior counts as one token
+FORGET = 0.5        # evidence kept per later draft of that source: the rate follows the text's regime
+IDLE_FORGET = 0.97  # ... per pass it decided not to draft: the belief drifts back to the prior (a probe)
+# An extra row's cost as a fraction of a one-row pass before passes of several rows are timed: 0.2-0.25
+# is the costliest case measured (SmolLM2 on 2 cores, compute-bound); memory- or network-bound passes
+# are cheaper per row, which PassCost learns from the verify passes themselves.
+ROW_COST_PRIOR = 0.2
 
 
 @dataclass(frozen=True)
 class SpecConfig:
     """How the scheduler speculates: method "none" (plain decoding), "ngram" or "draft" (the model of
     draft_model, loaded at start-up: startup.start); a sequence drafts at most draft_max tokens per
-    pass and verifies no proposal shorter than draft_min; a draft model stops drafting where its top
-    token's probability is below p_min."""
+    pass (as many as pay by the pass's Pace, or all of them when fixed) and verifies no proposal
+    shorter than draft_min; a draft model stops drafting where its top token's probability is below
+    p_min."""
 
     method: str = "none"
     draft_max: int = DRAFT_MAX
     draft_min: int = DRAFT_MIN
     p_min: float = DRAFT_P_MIN
     draft_model: str | None = None
+    fixed: bool = False   # draft draft_max tokens every pass (llama.cpp's, vLLM's rule), not what pays
 
     def __post_init__(self):
         check_spec(self.method, self.draft_max, self.draft_min, self.p_min, self.draft_model)
@@ -100,67 +112,167 @@ class NgramDrafter:
                 index[n][tuple(toks[end - n:end])] = end
             toks.append(int(t))
 
-    def propose(self, k: int) -> list[int]:
-        """k tokens that followed the most recent earlier occurrence of the longest matching suffix
-        (NGRAM_MAX down to NGRAM_MIN tokens); [] when none occurred before. Where that continuation
-        reaches the end of the context, the text is taken to repeat with the period it has (a loop)."""
+    def match(self) -> tuple[int, int]:
+        """(n, j): the longest suffix of n tokens (NGRAM_MAX down to NGRAM_MIN) that occurred before,
+        and the position j of what followed its most recent earlier occurrence; (0, -1) if none."""
         toks = self.tokens
         end = len(toks)
         for n in range(min(self.n_max, end), self.n_min - 1, -1):
             j = self.index[n].get(tuple(toks[end - n:end]))
             if j is not None:
-                if j + k <= end:
-                    return toks[j:j + k]
-                period = end - j
-                return [toks[j + m % period] for m in range(k)]
-        return []
+                return n, j
+        return 0, -1
+
+    def continuation(self, j: int, k: int) -> list[int]:
+        """k tokens from position j on; where they reach the end of the context, the text is taken to
+        repeat with the period it has (a loop)."""
+        toks = self.tokens
+        end = len(toks)
+        if j + k <= end:
+            return toks[j:j + k]
+        period = end - j
+        return [toks[j + m % period] for m in range(k)]
+
+    def propose(self, k: int) -> list[int]:
+        """k tokens that followed the most recent earlier occurrence of the longest matching suffix;
+        [] when none occurred before."""
+        n, j = self.match()
+        return self.continuation(j, k) if n else []
+
+
+def expected_accepted(p: float, k: int) -> float:
+    """Tokens accepted from a k-token draft whose tokens are each accepted with probability p, until
+    the first rejection: p + p^2 + ... + p^k."""
+    return float(k) if p >= 1 else p * (1 - p ** k) / (1 - p)
+
+
+class PassCost:
+    """Seconds per decode pass as a + b * (rows - 1), fitted over the recent passes that had no prompt
+    rows (weights decay by `forget` per pass), so that speculation weighs a draft's expected tokens
+    against what its rows cost on this engine, this host and these links: an extra row costs ~25 % of
+    a pass where the pass is compute-bound on a small model, a few % where it waits on memory or on
+    the network. Until passes of different sizes have been timed, b = ROW_COST_PRIOR * a."""
+
+    def __init__(self, forget: float = 0.98):
+        self.forget = forget
+        self.w = self.sr = self.st = self.srr = self.srt = 0.0
+        self.b_ratio = ROW_COST_PRIOR   # b / a: the last fit where rows varied enough, else the prior
+
+    def observe(self, rows: int, seconds: float) -> None:
+        f, x = self.forget, rows - 1
+        self.w = f * self.w + 1
+        self.sr = f * self.sr + x
+        self.st = f * self.st + seconds
+        self.srr = f * self.srr + x * x
+        self.srt = f * self.srt + x * seconds
+
+    def model(self) -> tuple[float, float]:
+        """(a, b): a one-row pass's seconds and an extra row's; (1, ROW_COST_PRIOR) before any pass."""
+        if self.w == 0:
+            return 1.0, ROW_COST_PRIOR
+        mr, mt = self.sr / self.w, self.st / self.w
+        var = self.srr / self.w - mr * mr
+        if var > 0.25:
+            b = (self.srt / self.w - mr * mt) / var
+            a = mt - b * mr
+            if a > 0:   # a noisy fit may say anything: keep the slope within 2 % .. 2x of a pass
+                self.b_ratio = min(max(b / a, 0.02), 2.0)
+        a = mt / (1 + self.b_ratio * mr)
+        return a, self.b_ratio * a
+
+    def pace(self, decode_rows: int, draft_seconds: float = 0.0) -> "Pace":
+        a, b = self.model()
+        return Pace(a, b, draft_seconds, decode_rows)
+
+
+class Pace:
+    """One pass's speculation budget: the sequences decide in turn how many tokens to draft, each
+    choosing k that maximises the pass's tokens per second, (tokens + E(k)) / (seconds + c * k),
+    where E(k) is the expected accepted tokens and c a drafted token's cost (its row, plus a draft
+    model's pass for --spec draft). So a draft is as long as it pays, shorter where acceptance is low
+    or rows are dear, and drafting fades out as concurrent sequences fill the pass (each of their
+    tokens raises the bar a draft must clear)."""
+
+    def __init__(self, a: float, b: float, draft_seconds: float, decode_rows: int):
+        self.b, self.draft_seconds = b, draft_seconds
+        self.seconds = a + b * max(decode_rows - 1, 0)
+        self.tokens = float(max(decode_rows, 1))
+
+    def choose(self, p: float, k_max: int, k_min: int = 1, draft_model: bool = False) -> int:
+        c = self.b + (self.draft_seconds if draft_model else 0.0)
+        best, best_rate = 0, self.tokens / self.seconds
+        for k in range(max(k_min, 1), k_max + 1):
+            rate = (self.tokens + expected_accepted(p, k)) / (self.seconds + c * k)
+            if rate > best_rate * (1 + 1e-9):
+                best, best_rate = k, rate
+        if best:
+            self.tokens += expected_accepted(p, best)
+            self.seconds += c * best
+        return best
 
 
 class SeqSpec:
     """One sequence's speculation state: its drafter (ngram: its n-gram index; draft: its pages in the
-    draft model's KV cache), how many tokens it drafts next (adaptive: +2 after a fully accepted
-    draft, -1 after a partly rejected one, as Hugging Face's assisted generation does), and a
-    back-off after drafts that had nothing accepted (the next 1, 2, 4 ... MAX_BACKOFF passes decode
-    plainly, so speculation that does not pay costs little)."""
+    draft model's KV cache) and its acceptance rate per draft source (the draft model, or the length
+    of the n-gram match), from the recent drafts it verified over a prior (PRIOR_P); each pass the
+    Pace of the pass turns that rate into how many tokens to draft (0: decode plainly)."""
 
     def __init__(self, cfg: SpecConfig):
         self.cfg = cfg
         self.drafter = NgramDrafter() if cfg.method == "ngram" else None
         self.draft_kv = None   # draft: this sequence's kvcache.SeqKV in the draft model's cache ...
         self.draft_synced = 0  # ... whose first rows are known to be the sequence's own tokens
-        self.k = min(START_K, cfg.draft_max)
-        self.skip = 0       # passes left without speculation
-        self.backoff = 0    # the next back-off after a draft with nothing accepted
+        self.evidence = {}     # source -> [accepted tokens, rejections], older drafts' weighing less
+        self.source = None     # the source of the draft now being verified
 
-    def next_k(self, k_cap: int) -> int:
-        """How many tokens to draft for the next pass (0: decode plainly)."""
-        if self.skip:
-            self.skip -= 1
+    def rate(self, source: int) -> float:
+        """The belief that a next drafted token from `source` is accepted: accepted tokens over tokens
+        tested (accepted + rejections: a draft's tokens after its first rejection were not tested),
+        recent drafts weighing most, with the prior."""
+        acc, rej = self.evidence.get(source, (0.0, 0.0))
+        return (acc + PRIOR_WEIGHT * PRIOR_P[source]) / (acc + rej + PRIOR_WEIGHT)
+
+    def _choose(self, source: int, k_cap: int, pace: "Pace | None") -> int:
+        k_cap = min(k_cap, self.cfg.draft_max)
+        k_min = max(self.cfg.draft_min, 1)
+        if k_cap < k_min:
             return 0
-        return max(min(self.k, k_cap), 0)
+        if self.cfg.fixed:
+            self.source = source
+            return k_cap
+        if pace is None:
+            pace = Pace(1.0, ROW_COST_PRIOR, 0.0, 1)
+        k = pace.choose(self.rate(source), k_cap, k_min, draft_model=source == 0)
+        if k == 0 and source in self.evidence:
+            self.evidence[source] = [x * IDLE_FORGET for x in self.evidence[source]]
+        self.source = source if k else None
+        return k
 
-    def propose(self, prompt, generated, k_cap: int) -> list[int]:
+    def next_k(self, k_cap: int, pace: "Pace | None" = None) -> int:
+        """draft: how many tokens the draft model drafts for the next pass (0: decode plainly)."""
+        return self._choose(0, k_cap, pace)
+
+    def propose(self, prompt, generated, k_cap: int, pace: "Pace | None" = None) -> list[int]:
         """ngram: the draft for the next pass (tokens after generated[-1]); [] to decode plainly."""
         d = self.drafter
         n_prompt = len(prompt)
         if len(d.tokens) < n_prompt:
             d.extend(prompt[len(d.tokens):])
         d.extend(generated[len(d.tokens) - n_prompt:])
-        k = self.next_k(k_cap)
-        draft = d.propose(k) if k > 0 else []
-        return draft if len(draft) >= max(self.cfg.draft_min, 1) else []
+        n, j = d.match()
+        if not n:
+            return []
+        k = self._choose(n, k_cap, pace)
+        return d.continuation(j, k) if k else []
 
     def verified(self, drafted: int, accepted: int) -> None:
-        """After a verify pass: adapt k, back off after a draft that had nothing accepted."""
-        if accepted == drafted:
-            self.k = min(self.k + 2, self.cfg.draft_max)
-        else:
-            self.k = max(self.k - 1, 1)
-        if accepted == 0:
-            self.backoff = min(max(2 * self.backoff, 1), MAX_BACKOFF)
-            self.skip = self.backoff
-        else:
-            self.backoff = 0
+        """After a verify pass: the draft's accepted tokens and its rejection (unless all were
+        accepted) join its source's evidence; what earlier drafts showed weighs FORGET times less."""
+        if self.source is None or drafted == 0:
+            return
+        acc, rej = self.evidence.get(self.source, (0.0, 0.0))
+        self.evidence[self.source] = [FORGET * acc + accepted, FORGET * rej + (accepted < drafted)]
+        self.source = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,6 +292,7 @@ class DraftModel:
         self.engine, self.path = engine, path
         self.kv = engine.kv
         self.passes = 0   # draft passes run (every row of the sequences drafting at once)
+        self.seconds_per_pass = 0.0   # recent mean: what drafting one more token costs (Pace)
 
     def describe(self) -> str:
         h, e = self.engine.h, self.engine
@@ -233,6 +346,7 @@ class DraftModel:
             wants[i] = (st, prompt, generated, k, max_rows, wants[i][5])
         want_stats = any(w[5] > 0 for w in wants)
         mode = LOGITS_STATS if want_stats else LOGITS_ARGMAX
+        t0, passes0 = time.perf_counter(), self.passes
         while feed:
             toks, slots, positions, logit_rows, logit_of, fed = [], [], [], [], [], []
             budget = eng.max_batch
@@ -268,6 +382,9 @@ class DraftModel:
                     del feed[i]
                 else:
                     feed[i] = [token]
+        if self.passes > passes0:
+            per = (time.perf_counter() - t0) / (self.passes - passes0)
+            self.seconds_per_pass = per if not self.seconds_per_pass else 0.8 * self.seconds_per_pass + 0.2 * per
         return out
 
 

@@ -232,6 +232,10 @@ def spec_options(fn):
                      callback=_store("draft_max"), help="Most tokens a sequence drafts per pass."),
         click.option("--draft-min", type=int, default=DRAFT_MIN, show_default=True, expose_value=False,
                      callback=_store("draft_min"), help="Shorter drafts are not verified (the pass decodes plainly)."),
+        click.option("--draft-fixed", is_flag=True, default=False, show_default=True, expose_value=False,
+                     callback=_store("draft_fixed"),
+                     help="Draft --draft-max tokens every pass (llama.cpp's and vLLM's rule) instead of as many as "
+                          "pay by the sequence's acceptance and the measured cost of a row."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -240,12 +244,12 @@ def spec_options(fn):
 
 def spec_config():
     """The SpecConfig of the command line's --spec / --draft-max / --draft-min / --draft-p-min /
-    --draft-model (ConfigError when bad)."""
+    --draft-model / --draft-fixed (ConfigError when bad)."""
     from .speculative import DRAFT_MAX, DRAFT_MIN, DRAFT_P_MIN, SpecConfig
 
     return SpecConfig(_options.get("spec") or "none", _options.get("draft_max", DRAFT_MAX),
                       _options.get("draft_min", DRAFT_MIN), _options.get("draft_p_min", DRAFT_P_MIN),
-                      _options.get("draft_model"))
+                      _options.get("draft_model"), bool(_options.get("draft_fixed")))
 
 
 def read_text_file(path: str) -> str:

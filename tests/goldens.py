@@ -159,7 +159,7 @@ class OracleSpec:
         self.ref, self.k, self.wrong, self.vocab = list(ref), k, set(wrong), vocab
         self.drafts = []    # (index of the first drafted token, the draft, accepted) per verify pass
 
-    def propose(self, prompt, generated, k_cap):
+    def propose(self, prompt, generated, k_cap, pace=None):   # drafts its k whatever a row costs
         i = len(generated)
         draft = [(t + 1) % self.vocab if i + j in self.wrong else t
                  for j, t in enumerate(self.ref[i:i + min(self.k, k_cap)])]
@@ -242,7 +242,8 @@ def draft_equals_plain(comm: Comm, name: str, draft_name: str, steps: int = 40, 
         plain, _ = run(SpecConfig())
         drafted = []
         for p_min in (0.0, DRAFT_P_MIN):
-            out, reqs = run(SpecConfig("draft", p_min=p_min, draft_model=model_path(draft_name)))
+            # fixed: a tiny draft model costs what the model does, so drafting by what pays would not draft
+            out, reqs = run(SpecConfig("draft", p_min=p_min, draft_model=model_path(draft_name), fixed=True))
             drafted.append((p_min, out, [(r.stats.draft_tokens, r.stats.accepted_tokens) for r in reqs]))
         return plain, drafted, engine.draft.kv.pages_in_use
     finally:

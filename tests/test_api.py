@@ -147,7 +147,7 @@ def free_port() -> int:
 
 
 class ApiServer:
-    def __init__(self, log_path: Path, model=MODEL, tokenizer=TOKENIZER, extra=()):
+    def __init__(self, log_path: Path, model=MODEL, tokenizer=TOKENIZER, extra=(), ranks=2):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.marker = uuid.uuid4().hex
@@ -155,7 +155,7 @@ class ApiServer:
         env = dict(os.environ, DLLAMA_TEST_MARKER=self.marker, PYTHONPATH=str(ROOT))
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [MPIEXEC, "-n", "2", *DLLAMA, "api", "--model", str(model),
+            [MPIEXEC, "-n", str(ranks), *DLLAMA, "api", "--model", str(model),
              *(["--tokenizer", str(tokenizer)] if tokenizer is not None else []), "--port", str(self.port), *extra],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=ROOT,
             start_new_session=True)

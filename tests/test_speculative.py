@@ -20,7 +20,8 @@ from dllama_mpi.comm import Comm
 from dllama_mpi.errors import ConfigError
 from dllama_mpi.sampler import Sampler
 from dllama_mpi.scheduler import Request, Scheduler, run_to_completion
-from dllama_mpi.speculative import DRAFT_P_MIN, NgramDrafter, SeqSpec, SpecConfig, check_draft_model
+from dllama_mpi.speculative import (DRAFT_P_MIN, PRIOR_P, ROW_COST_PRIOR, NgramDrafter, Pace, PassCost, SeqSpec,
+                                    SpecConfig, check_draft_model, expected_accepted)
 from dllama_mpi.startup import build_engine, load_draft_model
 from dllama_mpi.tokenizer import Tokenizer
 
@@ -68,18 +69,60 @@ def test_ngram_drafter_is_prompt_lookup():
             assert d.propose(6) == brute_force_lookup(toks[:i + 1], 6)
 
 
-def test_seq_spec_adapts_k_and_backs_off():
+def test_pace_drafts_what_pays():
+    """k maximises the pass's tokens per second: longer where acceptance is high or rows are cheap,
+    none where a row costs more than its expected tokens, fading as sequences fill the pass."""
+    assert expected_accepted(0.5, 3) == pytest.approx(0.875) and expected_accepted(1.0, 5) == 5
+    ks = [Pace(1.0, 0.2, 0.0, 1).choose(p, 16) for p in (0.1, 0.3, 0.5, 0.7, 0.9, 0.99)]
+    assert ks == sorted(ks) and ks[0] == 0 and ks[-1] >= 10, ks
+    assert Pace(1.0, 0.02, 0.0, 1).choose(0.7, 16) > Pace(1.0, 0.2, 0.0, 1).choose(0.7, 16)   # cheap rows
+    assert Pace(1.0, 0.2, 0.0, 16).choose(0.7, 16) < Pace(1.0, 0.2, 0.0, 1).choose(0.7, 16)   # a full pass
+    assert Pace(1.0, 0.02, 1.0, 1).choose(0.7, 16, draft_model=True) == 0   # a draft pass as dear as a pass
+    assert Pace(1.0, 0.02, 0.05, 1).choose(0.7, 16, draft_model=True) > 1   # a small draft model
+    assert Pace(1.0, 0.2, 0.0, 1).choose(0.99, 16, k_min=17) == 0
+    pace = Pace(1.0, 0.2, 0.0, 1)   # sequences in turn: each draft raises the bar for the next
+    assert pace.choose(0.9, 16) >= pace.choose(0.9, 16)
+    # PassCost: the slope of seconds over rows, once rows vary; the prior ratio until then
+    pc = PassCost()
+    assert pc.model() == (1.0, ROW_COST_PRIOR)
+    for _ in range(20):
+        pc.observe(1, 0.010)
+    a, b = pc.model()
+    assert a == pytest.approx(0.010) and b == pytest.approx(ROW_COST_PRIOR * 0.010)
+    for r in (1, 3, 5, 9) * 20:
+        pc.observe(r, 0.010 + 0.001 * (r - 1))
+    a, b = pc.model()
+    assert a == pytest.approx(0.010, rel=0.02) and b == pytest.approx(0.001, rel=0.05)
+
+
+def test_seq_spec_learns_its_acceptance():
     s = SeqSpec(SpecConfig("ngram", draft_max=8, draft_min=2))
     prompt = [5, 6, 7, 8] * 4
-    assert s.propose(prompt, [5], 16) == [6, 7, 8, 5]      # starts at 4 tokens
-    s.verified(4, 4)
+    first = s.propose(prompt, [5], 16)                     # a 3-token match: PRIOR_P[3]
+    assert 2 <= len(first) < 8 and first == [6, 7, 8, 5, 6, 7, 8, 5][:len(first)]
+    lengths = [len(first)]
+    for _ in range(4):
+        s.verified(len(first), len(first))                 # all accepted: the rate rises, drafts grow
+        assert s.rate(3) > PRIOR_P[3]
+        first = s.propose(prompt, [5], 16)
+        lengths.append(len(first))
+    assert lengths == sorted(lengths) and lengths[-1] >= 6 and first == [6, 7, 8, 5, 6, 7, 8, 5][:len(first)], lengths
+    assert s.propose(prompt, [5], 1) == []                 # capped below --draft-min
     g = [5, 6, 7, 8, 5]
-    assert s.propose(prompt, g, 16) == [6, 7, 8, 5, 6, 7]  # all accepted: +2
-    assert s.propose(prompt, g, 1) == []                   # capped below --draft-min
-    s.verified(6, 0)                                       # nothing accepted: k - 1, skip 1 pass
-    assert s.propose(prompt, g, 16) == [] and s.propose(prompt, g, 16) == [6, 7, 8, 5, 6]
-    s.verified(5, 0)
-    assert [s.propose(prompt, g, 16) for _ in range(3)] == [[], [], [6, 7, 8, 5]]   # then 2 passes
+    for rejected in range(1, 9):                           # nothing accepted, again and again ...
+        d = s.propose(prompt, g, 16)
+        if not d:
+            break
+        before = s.rate(3)
+        s.verified(len(d), 0)
+        assert s.rate(3) < before
+    assert rejected <= 7 and s.propose(prompt, g, 16) == []    # ... soon decodes plainly ...
+    for n in range(200):                                   # ... until the belief drifts back: a probe
+        if s.propose(prompt, g, 16):
+            break
+    assert 0 < n < 200
+    d = SeqSpec(SpecConfig("draft", draft_model="x", draft_max=16))   # the draft model: PRIOR_P[0]
+    assert d.next_k(16) > 1 and d.next_k(1) == 1 and d.next_k(0) == 0
     server = SpecConfig("ngram", draft_max=16, draft_min=2)   # a request's speculative.n_max / n_min
     assert server.with_draft(0, None) == SpecConfig() and server.with_draft(None, None) is server
     assert server.with_draft(4, None) == SpecConfig("ngram", 4, 2) and server.with_draft(1, None).draft_min == 1
@@ -425,7 +468,8 @@ def smollm2_drafts():
                                                (2, ["--pp", "2", "--temperature", "0.8", "--seed", "5"], "self")])
 def test_inference_with_a_draft_model_on_smollm2_equals_plain(smollm2_drafts, ranks, extra, draft):
     plain = inference("none", ranks, extra)
-    spec = inference("draft", ranks, [*extra, "--draft-model", smollm2_drafts[draft]])
+    # --draft-fixed: a draft as big as the model never pays on one host, so by default it would not draft
+    spec = inference("draft", ranks, [*extra, "--draft-model", smollm2_drafts[draft], "--draft-fixed", "--draft-max", "6"])
     assert spec["generated_ids"] == plain["generated_ids"] and spec["text"] == plain["text"]
     assert spec["acceptance"] > 0.5 and spec["tokens_per_pass"] > 1.5, spec
     if draft == "self" and ranks == 1:   # the model drafting for itself, at its own numerics
@@ -440,7 +484,7 @@ def test_batch_on_smollm2_equals_plain(tmp_path, smollm2_drafts):
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = {}
     q40 = smollm2_drafts["q40"]
-    for spec, extra in (("none", []), ("ngram", []), ("draft", ["--draft-model", q40])):
+    for spec, extra in (("none", []), ("ngram", []), ("draft", ["--draft-model", q40, "--draft-fixed"])):
         r = cli(["batch", "--prompts", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / f"{spec}.jsonl"),
                  "--max-tokens", "40", "--parallel", "3", "--spec", spec, *extra])
         assert r.returncode == 0, r.stderr

@@ -306,6 +306,59 @@ def test_free_streams_beside_constrained_ones_are_unchanged(smollm2_api):
     assert together == alone
 
 
+def test_four_ranks_schemas_and_a_forced_tool_call(tmp_path):
+    """`mpiexec -n 4 api` (vocabulary slices masked on four ranks): schema answers at temperatures 0
+    and 1, n = 3, streamed and not, all end with stop and validate; a required tool call validates
+    and streams as it answers; the greedy answers equal the 2-rank server's."""
+    model, tokenizer = default_smollm2_or_skip()
+    openai = pytest.importorskip("openai")
+    tools = [{"type": "function", "function": {
+        "name": "add", "parameters": {"type": "object", "additionalProperties": False, "required": ["a", "b"],
+                                      "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}]
+    names = list(SCHEMAS)[:3]
+    got = {}
+    for ranks in (4, 2):
+        s = ApiServer(tmp_path / f"server{ranks}.log", model=model, tokenizer=tokenizer, ranks=ranks,
+                      extra=["--parallel", "4", "--no-web-ui"])
+        try:
+            s.client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+            s.model_id = s.client.models.list().data[0].id
+            got[ranks] = [_ask(s, n, SCHEMAS[n], 0.0, False, 0) for n in names]
+            if ranks == 4:
+                for i, n in enumerate(names):
+                    for stream in (False, True):
+                        reasons, texts = _ask(s, n, SCHEMAS[n], 1.0, stream, 40 + i)
+                        assert reasons == ["stop"] * 3, (n, stream, texts)
+                        for t in texts:
+                            jsonschema.validate(json.loads(t), SCHEMAS[n])
+                calls = []
+                for stream in (False, True):
+                    kw = dict(model=s.model_id, messages=[{"role": "user", "content": "What is 2 + 3?"}], tools=tools,
+                              tool_choice="required", max_tokens=MAX_TOKENS, temperature=0)
+                    if not stream:
+                        c = s.client.chat.completions.create(**kw).choices[0]
+                        assert c.finish_reason == "tool_calls"
+                        calls.append((c.message.tool_calls[0].function.name, c.message.tool_calls[0].function.arguments))
+                    else:
+                        name, args, reason = None, "", None
+                        for chunk in s.client.chat.completions.create(stream=True, **kw):
+                            for d in chunk.choices[0].delta.tool_calls or []:
+                                name = name or d.function.name
+                                args += d.function.arguments or ""
+                            reason = chunk.choices[0].finish_reason or reason
+                        assert reason == "tool_calls"
+                        calls.append((name, args))
+                assert calls[0] == calls[1] and calls[0][0] == "add"
+                jsonschema.validate(json.loads(calls[0][1]), tools[0]["function"]["parameters"])
+        finally:
+            s.stop()
+    for (reasons, texts), n in zip(got[4], names):
+        assert reasons == ["stop"] * 3
+        for t in texts:
+            jsonschema.validate(json.loads(t), SCHEMAS[n])
+    assert got[4] == got[2]
+
+
 def _inference(model, schema_path, n, temperature, *extra):
     cmd = [*DLLAMA, "inference", "--model", str(model), "--json", "--json-schema", str(schema_path), "--steps",
            str(MAX_TOKENS), "--temperature", str(temperature), "--seed", "11", "--prompt",
