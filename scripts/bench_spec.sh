@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Speculative decoding on one host: `benchmark --spec none` next to `--spec ngram` (and `--spec draft`
-# with DRAFT), alternating, on input-grounded prompts (repeat a passage, rename a function) and open
+# with DRAFT), alternating (each round in another order), on input-grounded prompts (repeat a passage, rename a function) and open
 # chat prompts, rendered with the model's own chat template; greedy, 64 steps, at 1 rank x 2 threads
 # and 2 ranks x 1; with LCP_BIN, llama.cpp's llama-lookup (and llama-speculative-simple with DRAFT)
 # on the same files and prompt texts at 2 threads, and llama-bench's plain tg64 at the prompts'
@@ -66,8 +66,10 @@ common=(benchmark --model "$model" --steps "$steps" --repeat 2 --warmup 1)
 spec_args() { case "$1" in draft) echo "--spec draft --draft-model $DRAFT ${DRAFT_ARGS:-}" ;; *) echo "--spec $1" ;; esac; }
 for r in $(seq 1 "${ROUNDS:-3}"); do
     echo "== round $r (load $(cut -d' ' -f1 /proc/loadavg))" >&2
+    # each round starts with another setting, so that no setting always runs first (after a pause)
+    order=("${specs[@]:$(( (r - 1) % ${#specs[@]} ))}" "${specs[@]:0:$(( (r - 1) % ${#specs[@]} ))}")
     for set in grounded open; do
-        for spec in "${specs[@]}"; do
+        for spec in "${order[@]}"; do
             for cfg in ${CONFIGS:-1x2 2x1}; do
                 ranks="${cfg%x*}"; threads="${cfg#*x}"
                 launch=(); [ "$ranks" -gt 1 ] && launch=("$bin/mpiexec" -n "$ranks")
