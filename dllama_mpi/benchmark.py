@@ -556,6 +556,7 @@ def register(group) -> None:
     @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None,
                   help="JSONL ({\"prompt\": ...} or {\"messages\": [...]}, rendered with the model's chat "
                        "template, per line) or plain text, one prompt per line.")
+    @click.option("--chat-template", default=None, help="Override the tokenizer's chat template (for 'messages').")
     @click.option("--synthetic", default=None, help="Prompt lengths in tokens, comma-separated (default 128).")
     @click.option("--steps", type=int, default=64, show_default=True, help="Decode steps per run.")
     @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs first.")
@@ -578,7 +579,7 @@ def register(group) -> None:
 
 def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme, load,
                   max_batch, prompts_path, synthetic, steps, warmup, repeat, bandwidth, profile, parallel_spec,
-                  plot_path, json_files):
+                  plot_path, json_files, chat_template=None):
     """Measure prompt and decode speed (JSON on stdout, a table on stderr)."""
     if plot_path:
         if comm.is_root:
@@ -631,7 +632,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                     if isinstance(p, list):   # a chat: the model's own template
                         from .chat import template_for
 
-                        template = template or template_for(tokenizer, None)
+                        template = template or template_for(tokenizer, chat_template)
                         try:
                             text = template.render(p, add_generation_prompt=True)
                         except TemplateError as e:

@@ -10,7 +10,8 @@
 #   env: MODEL (default model), DRAFT (a draft model file: adds --spec draft / draft-simple),
 #        LCP_BIN (a llama.cpp bin folder with llama-lookup, llama-speculative-simple, llama-bench),
 #        DRAFT_ARGS (more options for --spec draft, e.g. "--draft-p-min 0 --draft-max 8"),
-#        ROUNDS (3), CONFIGS ("1x2 2x1"), STEPS (64)
+#        ROUNDS (3), CONFIGS ("1x2 2x1"), STEPS (64), TEMPLATE (a built-in chat template for a model
+#        file without one, e.g. gemma3)
 #
 # Prints per set and configuration the median over rounds of decode tok/s (each run's tokens over its
 # time), the ratio to --spec none, tokens per pass and acceptance; llama.cpp's rows below.
@@ -23,10 +24,11 @@ model="${MODEL:-$("$bin/python" -c "from dllama_mpi.convert.smollm2 import find_
 specs=(none ngram); [ -n "${DRAFT:-}" ] && specs+=(draft)
 lcp="${LCP_BIN:-}"
 mkdir -p "$out"
-# the prompt sets as chats (benchmark renders them with the model's template) and, for llama.cpp,
-# the same rendered texts without the leading BOS text (llama.cpp adds BOS itself)
+# the prompt sets as chats (benchmark renders them with the model's chat template, or TEMPLATE: a
+# built-in one for a GGUF without its own, e.g. gemma3) and, for llama.cpp, the same rendered texts
+# without the leading BOS text (llama.cpp adds BOS itself)
 "$bin/python" - "$out" "$here" "$model" <<'PY'
-import json, sys
+import json, os, sys
 out, here, model = sys.argv[1:4]
 from dllama_mpi.chat import template_for
 from dllama_mpi.startup import load_tokenizer
@@ -48,7 +50,7 @@ sets = {"grounded": [f"Repeat the following passage exactly, word for word.\n\n{
         "open": ["Write a short story about a lighthouse keeper who finds a message in a bottle.",
                  "What are three good habits for learning a new language? Explain each briefly."]}
 tok = load_tokenizer(model, None)
-template = template_for(tok, None)
+template = template_for(tok, os.environ.get("TEMPLATE") or None)
 bos = tok.token_bytes(tok.bos_id).decode() if tok.bos_id >= 0 else None
 for name, prompts in sets.items():
     with open(f"{out}/{name}.jsonl", "w") as f:
@@ -62,7 +64,7 @@ for name, prompts in sets.items():
             open(f"{out}/{name}_{i}.ntok", "w").write(str(len(tok.encode(text))))
 PY
 echo "# $(date -Is) $(uname -n) nproc=$(nproc) load: $(cut -d' ' -f1-3 /proc/loadavg) $(git -C "$here" rev-parse --short HEAD) model=$model draft=${DRAFT:-} ${DRAFT_ARGS:-}" >> "$out/env.txt"
-common=(benchmark --model "$model" --steps "$steps" --repeat 2 --warmup 1)
+common=(benchmark --model "$model" --steps "$steps" --repeat 2 --warmup 1 ${TEMPLATE:+--chat-template "$TEMPLATE"})
 spec_args() { case "$1" in draft) echo "--spec draft --draft-model $DRAFT ${DRAFT_ARGS:-}" ;; *) echo "--spec $1" ;; esac; }
 for r in $(seq 1 "${ROUNDS:-3}"); do
     echo "== round $r (load $(cut -d' ' -f1 /proc/loadavg))" >&2
