@@ -581,7 +581,8 @@ def test_draft_model_beside_continuous_batching(tmp_path):
     clients, greedy and seeded, streamed and not, with log-probabilities, get exactly what each gets
     with speculative.n_max 0 (plain decoding); the drafts are accepted (/metrics)."""
     openai = pytest.importorskip("openai")
-    s = ApiServer(tmp_path / "server.log", extra=["--parallel", "4", "--spec", "draft", "--draft-model", str(MODEL)])
+    s = ApiServer(tmp_path / "server.log", extra=["--parallel", "4", "--spec", "draft", "--draft-model", str(MODEL),
+                                                            "--draft-fixed"])
     try:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
 

@@ -149,14 +149,15 @@ def test_benchmark_parallel_sweep(n):
 
 def test_benchmark_with_a_draft_model():
     """--spec draft (the tiny model drafting for itself, rank 0 of 2): greedy runs and a parallel sweep,
-    the drafts accepted; the JSON names the draft model."""
+    the drafts accepted (--draft-fixed: the model drafting for itself never pays); the JSON names the draft
+    model."""
     r = bench(["--model", LLAMA_Q40, "--tokenizer", TOK_LLAMA, "--synthetic", "9", "--steps", "12", "--repeat", "1",
                "--warmup", "0", "--bandwidth", "10", "--parallel", "1,2", "--spec", "draft", "--draft-model", LLAMA_Q40,
-               "--draft-p-min", "0"], n=2)
+               "--draft-p-min", "0", "--draft-fixed"], n=2)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["config"]["spec"] == {"method": "draft", "draft_max": 16, "draft_min": 1, "draft_model": LLAMA_Q40,
-                                   "draft_p_min": 0.0}
+                                   "draft_p_min": 0.0, "draft_fixed": True}
     assert d["runs"][0]["tokens_per_pass"] > 1.5 and d["runs"][0]["acceptance"] > 0.5
     assert all(p["tokens_per_pass"] > 1.5 for p in d["parallel"])
     assert f"draft model {LLAMA_Q40}" in r.stderr and "MiB on rank 0" in r.stderr

@@ -296,7 +296,7 @@ def test_chat_with_a_draft_model(spawn_chat):
     """--spec draft in chat: the model drafting for itself (whole on rank 0), two turns; /stats shows
     several tokens per pass, most drafts accepted."""
     c = spawn_chat("--max-tokens", "24", "--temperature", "0", "--ignore-eos", "--spec", "draft", "--draft-model",
-                   str(LLAMA[0]), "--draft-p-min", "0")
+                   str(LLAMA[0]), "--draft-p-min", "0", "--draft-fixed", "--draft-max", "6")
     c.expect(r"draft model \S+dllama_model_tiny_llama_q40.m: llama, dim 64, 4 layers, weights q40, [\d.]+ MiB on rank 0")
     c.expect("/help for commands")
     for turn in ("Hello, who are you?", "Tell me more."):

@@ -464,11 +464,11 @@ def test_supervisor_killed_ends_the_job(tmp_path):
 
 
 def test_serve_with_a_draft_model(tmp_path):
-    """--spec draft through serve: the supervisor hands --draft-model (absolute) and --draft-p-min to
-    its backend, whose rank 0 loads it; answers equal speculative.n_max 0's."""
+    """--spec draft through serve: the supervisor hands --draft-model (absolute), --draft-p-min and
+    --draft-fixed to its backend, whose rank 0 loads it and drafts; answers equal speculative.n_max 0's."""
     model = TINY_MODEL[TINY_MODEL.index("--model") + 1]
     s = Serve(tmp_path, ["-n", "2", *TINY_MODEL, "--spec", "draft", "--draft-model", os.path.relpath(model),
-                         "--draft-p-min", "0"])
+                         "--draft-p-min", "0", "--draft-fixed"])
     try:
         c = s.client()
         model_id = c.models.list().data[0].id
