@@ -455,11 +455,13 @@ class Scheduler:
         first and are cut to their share; a draft model's sequences get their share of rows first,
         then are drafted together (DraftModel.draft)."""
         wants = []   # (request, its ngram draft, or how many tokens the draft model may draft)
-        pace = self.pass_cost.pace(len(decoding), self.draft.seconds_per_pass if self.draft else 0.0)
+        pace = None
         for req in decoding:
             cfg = req.spec or self.spec
             if not cfg.on or req.grammar is not None:
                 continue
+            if pace is None:
+                pace = self.pass_cost.pace(len(decoding), self.draft.seconds_per_pass if self.draft else 0.0)
             if req._spec is None:
                 req._spec = SeqSpec(cfg)
             n = len(req.seq.tokens)
