@@ -189,7 +189,6 @@ class Grammars:
         self.words = (self.n_vocab + 31) // 32        # int32 words of one mask
         self._lt = None
         self._lock = threading.Lock()
-        self._executor = None
         self._pool = None
 
     @property
@@ -283,11 +282,13 @@ class Grammars:
     # ---- masks for a pass ------------------------------------------------------------------
 
     def fill(self, matchers, out: np.ndarray) -> None:
-        """The next-token masks of matchers[i] into out[i] (int32 [n, words]), all at once."""
-        llg = _lib()
-        if self._executor is None:
-            self._executor = llg.LLExecutor(num_threads=2)
-        llg.numpy.fill_next_token_bitmask_par(self._executor, [(m.m, i) for i, m in enumerate(matchers)], out)
+        """The next-token masks of matchers[i] into out[i] (int32 [n, words]), one after the other on
+        the calling thread: a mask takes 10-300 µs, and llguidance's parallel fill runs a thread pool
+        whose idle workers spin, taking cores from the pass's own threads (SmolLM2, 8 constrained
+        streams at 2 ranks on 2 cores: 0.895 of the free streams' speed with it, see BENCHMARKS.md)."""
+        fill = _lib().numpy.fill_next_token_bitmask
+        for i, m in enumerate(matchers):
+            fill(m.m, out, i)
 
     def fill_async(self, matchers, out: np.ndarray) -> Future:
         """fill() on a helper thread (llguidance drops the GIL): the root computes the masks while the

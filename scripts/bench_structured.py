@@ -10,7 +10,7 @@ schema (response_format json_schema, bounded so every answer finishes), alternat
   what rank 0 computes while the pass runs): mean and p99 in microseconds.
 
     nice -n 19 .venv/bin/python scripts/bench_structured.py [--models smollm2,gemma3] [--ranks 2]
-        [--streams 1,8] [--rounds 3] [--max-tokens 64] [--json OUT]
+        [--streams 1,8] [--rounds 3] [--max-tokens 64] [--schema person|long] [--json OUT]
 
 A quick check of the script itself: --models smollm2 --streams 1,2 --rounds 1 --max-tokens 8.
 """
@@ -41,6 +41,11 @@ PERSON = {"type": "object", "additionalProperties": False, "required": ["name", 
                          "age": {"type": "integer", "minimum": 0, "maximum": 120},
                          "city": {"type": "string", "maxLength": 16},
                          "pets": {"type": "array", "maxItems": 3, "items": {"enum": ["cat", "dog", "fish"]}}}}
+# --schema long: a string no answer can close within max_tokens, so that constrained and free answers
+# decode the same number of tokens (both end with "length") and their speeds compare like for like
+LONG = {"type": "object", "additionalProperties": False, "required": ["story"],
+        "properties": {"story": {"type": "string", "minLength": 4000}}}
+SCHEMAS = {"person": PERSON, "long": LONG}
 RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
 PROMPT = "Describe a person you made up: name, age, city and pets."
 
@@ -143,9 +148,14 @@ def main() -> int:
     ap.add_argument("--streams", default="1,8", help="concurrent streams, comma-separated")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per configuration (free / schema alternate)")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--schema", choices=sorted(SCHEMAS), default="person",
+                    help="person: a bounded object (answers close early); long: answers run to --max-tokens on both sides")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--log", default="/tmp/bench_structured.log", help="the servers' output")
     args = ap.parse_args()
+    global RESPONSE_FORMAT
+    RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": args.schema, "schema": SCHEMAS[args.schema],
+                                                             "strict": True}}
     import openai
 
     from dllama_mpi.startup import load_tokenizer
@@ -178,7 +188,7 @@ def main() -> int:
             tok = load_tokenizer(model, tokenizer)
             for s in streams:
                 costs = np.array(mask_costs(tok, [r["ids"] for r in runs[(s, True)]])) * 1e6
-                row = {"model": name, "ranks": args.ranks, "streams": s}
+                row = {"model": name, "ranks": args.ranks, "streams": s, "schema": args.schema}
                 for constrained in (False, True):
                     key = "schema" if constrained else "free"
                     rates = [r["tok_s"] for r in runs[(s, constrained)] if np.isfinite(r["tok_s"])]

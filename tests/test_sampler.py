@@ -49,3 +49,33 @@ def test_bad_settings():
         Sampler(3, temperature=-1)
     with pytest.raises(ValueError):
         Sampler(3, topp=1.5)
+
+
+def _topp_by_sorting_all(topp, p, r):
+    """The definition (Distributed Llama's sample_topp): every candidate sorted by probability (ties in
+    index order), the nucleus up to the first cumulative sum over topp, r scaled to its total."""
+    idx = np.flatnonzero(p >= (1.0 - topp) / (len(p) - 1))
+    if idx.size == 0:
+        idx = np.array([int(np.argmax(p))])
+    order = idx[np.argsort(-p[idx], kind="stable")]
+    cum = np.cumsum(p[order], dtype=np.float64)
+    last = min(int(np.searchsorted(cum, topp, side="right")), len(order) - 1)
+    k = int(np.searchsorted(cum[:last + 1], r * cum[last], side="right"))
+    return int(order[min(k, last)])
+
+
+@pytest.mark.parametrize("vocab", [8, 3000, 49152])
+def test_topp_partial_sort_equals_sorting_every_candidate(vocab):
+    """The sampler sorts only the most likely candidates (growing until they hold topp): the same token
+    as sorting all, on spread, flat, tied (rounded logits) and masked (-inf) distributions."""
+    rng = np.random.default_rng(vocab)
+    for topp in (0.1, 0.9, 0.999999):
+        s = Sampler(vocab, 1.0, topp, seed=1)
+        for t in range(60):
+            x = [lambda: rng.normal(0, rng.uniform(0.1, 8), vocab), lambda: np.round(rng.normal(0, 3, vocab)),
+                 lambda: np.where(rng.random(vocab) < 0.7, -np.inf, rng.normal(0, 2, vocab))][t % 3]()
+            x[rng.integers(vocab)] = 0.0   # one token allowed at least
+            e = np.exp(x - x.max())
+            p = (e / e.sum()).astype(np.float32)
+            for r in (0.0, float(rng.random()), 0.999999):
+                assert s._topp(p, r) == _topp_by_sorting_all(topp, p, r), (topp, t, r)
