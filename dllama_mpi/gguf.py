@@ -865,6 +865,11 @@ ADD_BOS_PRETOKENIZERS = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h
                          "jina-v5-nano", "tekken", "chameleon")
 
 
+# A GGUF without a chat template of its own gets its family's where the family has one template for every
+# model (Gemma 3: google's pretrained uploads carry none; its instruction-tuned models all use this one).
+FAMILY_TEMPLATES = {"gemma3": "gemma3"}
+
+
 def tokenizer_data(g: GGUFFile) -> TokenizerData:
     """The vocabulary, specials and chat template, as a `.t` file would hold them (FORMATS §3,
     FORMATS-EXT.md for SentencePiece vocabularies)."""
@@ -908,8 +913,13 @@ def tokenizer_data(g: GGUFFile) -> TokenizerData:
     add_bos = g.get("tokenizer.ggml.add_bos_token")
     if add_bos is None:
         add_bos = model == "llama" or g.str("tokenizer.ggml.pre") in ADD_BOS_PRETOKENIZERS
+    template = g.str("tokenizer.chat_template")
+    if not template and g.str("general.architecture") in FAMILY_TEMPLATES:
+        from .chat_template import BUILTIN_TEMPLATES
+
+        template = BUILTIN_TEMPLATES[FAMILY_TEMPLATES[g.str("general.architecture")]]
     data = TokenizerData(vocab=vocab, scores=scores, bos_id=bos, eos_ids=eos, add_bos=bool(add_bos),
-                         chat_template=g.str("tokenizer.chat_template"), max_token_length=max(len(t) for t in vocab))
+                         chat_template=template, max_token_length=max(len(t) for t in vocab))
     if model == "llama":            # llama.cpp's SPM defaults: add_space_prefix unless the file says no
         data.token_types = token_types
         data.add_space_prefix = bool(g.get("tokenizer.ggml.add_space_prefix", True))

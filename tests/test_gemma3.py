@@ -471,7 +471,7 @@ def test_real_tokenizer(gemma_tokenizer):
     t = gemma_tokenizer
     assert t.pretokenizer == "spm" and t.vocab_size == 262144 and t.bos_id == 2 and t.add_bos
     assert t.eos_ids == [1, 106] and t.token_bytes(106) == b"<end_of_turn>"   # <eos>, then llama.cpp's EOT
-    assert t.chat_template is None and not t.data.add_space_prefix            # the base model
+    assert "<start_of_turn>" in t.chat_template and not t.data.add_space_prefix   # the base model: the family's
     assert t.is_special(105) and not t.is_special(t.id_of("\n\n"))           # user-defined: text
     assert t.decode(t.encode("<start_of_turn>user\nHi  there<end_of_turn>"), skip_special=True) == "user\nHi  there"
 
@@ -670,3 +670,21 @@ def test_sliding_window_ring_prefix_reuse_and_choices(tiny_m):
         sched.step()
     results = [b.generated, c.generated, lead.generated] + [k.generated for k in kids]
     assert results == [fresh(r) for r in (b, c, lead, *kids)]
+
+
+@has_gemma
+def test_a_gemma3_gguf_without_a_template_gets_the_familys(gemma_gguf, gemma_tokenizer):
+    """google's pretrained GGUF has no tokenizer.chat_template: chat, api, batch and benchmark use the
+    built-in gemma3 template (the instruction-tuned models' own) without --chat-template."""
+    from dllama_mpi.chat import template_for
+    from dllama_mpi.chat_template import BUILTIN_TEMPLATES
+    from dllama_mpi.gguf import GGUFFile
+
+    g = GGUFFile(gemma_gguf)
+    try:
+        assert not g.str("tokenizer.chat_template")
+    finally:
+        g.close()
+    assert gemma_tokenizer.chat_template == BUILTIN_TEMPLATES["gemma3"]
+    assert template_for(gemma_tokenizer, None).render([{"role": "user", "content": "hi"}]) == \
+        "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
