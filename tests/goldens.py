@@ -170,6 +170,19 @@ class OracleSpec:
         self.drafts[-1][1:] = self.drafts[-1][1][:drafted], accepted
 
 
+def _untimed_pass_cost():
+    from dllama_mpi.speculative import PassCost
+
+    class UntimedPassCost(PassCost):
+        """A row costs ROW_COST_PRIOR of a pass, always: the scheduler's drafts do not depend on how
+        fast this host runs the test (the tokens never do; what is drafted and accepted would)."""
+
+        def observe(self, rows, seconds):
+            pass
+
+    return UntimedPassCost
+
+
 def _settings_runner(engine, name: str, steps: int):
     """run(spec, oracle=None): greedy, seeded and logprob requests of SEQS run together through the
     scheduler with a SpecConfig (an oracle drafter per request when given); returns
@@ -180,10 +193,12 @@ def _settings_runner(engine, name: str, steps: int):
 
     tok = Tokenizer.load(TINY / "t" / ("dllama_tokenizer_tiny_qwen3.t" if "qwen" in name else
                                        "dllama_tokenizer_tiny_llama3.t"))
+    UntimedPassCost = _untimed_pass_cost()
     settings = [(0.0, None, None), (0.9, 3, None), (0.7, 5, 3)] * 2   # temperature, seed, logprobs
 
     def run(spec, oracle=None):
         sched = Scheduler(engine, tok, spec=spec)
+        sched.pass_cost = UntimedPassCost()   # the draft lengths "what pays" chooses, whatever the host's load
         sched.drop_cached()
         reqs = []
         for i, (t, seed, lp) in enumerate(settings):
