@@ -175,8 +175,8 @@ class PassCost:
         if var > 0.25:
             b = (self.srt / self.w - mr * mt) / var
             a = mt - b * mr
-            if a > 0:   # a noisy fit may say anything: keep the slope within 2 % .. 2x of a pass
-                self.b_ratio = min(max(b / a, 0.02), 2.0)
+            if a > 0:   # a noisy fit may say anything: an extra row costs 2 % .. 100 % of a one-row pass
+                self.b_ratio = min(max(b / a, 0.02), 1.0)   # (whose classifier, syncs, dispatch it shares)
         a = mt / (1 + self.b_ratio * mr)
         return a, self.b_ratio * a
 
