@@ -39,6 +39,8 @@ HELP = """commands:
   /save FILE    save the conversation and settings as JSON
   /load FILE    load a conversation saved with /save
   /stats        speed of the last answer
+  /json [FILE]  answer with JSON from now on: any JSON object, or a value valid under the JSON
+                schema in FILE (constrained decoding); /json off: free text again
 Ctrl-C stops the answer being generated."""
 
 
@@ -244,6 +246,8 @@ class ChatSession:
         self.answering = False               # inside a generation (workers are in the token loop)
         self.quit_requested = False          # SIGTERM arrived during an answer
         self.autosave = autosave             # --autosave FILE: written after every turn
+        self.grammars = None                 # grammar.Grammars, made at the first /json
+        self.json_grammar = None             # /json: the compiled grammar every answer follows
         self.apply_settings()
 
     def apply_settings(self) -> None:
@@ -321,8 +325,10 @@ class ChatSession:
         old = signal.signal(signal.SIGINT, self._on_sigint)
         self.answering = True
         try:
+            grammar = self.json_grammar.matcher() if self.json_grammar is not None else None
             for piece in self.gen.stream(ids, max_tokens, self.sampler, stop=self.settings.get("stop") or (),
-                                         ignore_eos=self.ignore_eos, should_abort=term.should_abort):
+                                         ignore_eos=self.ignore_eos, should_abort=term.should_abort,
+                                         grammar=grammar):
                 generated.append(piece.token)
                 pieces.append(piece.text)
                 out = filt.push(piece.text)
@@ -457,6 +463,8 @@ class ChatSession:
             self.say("(new conversation)")
         elif cmd == "/stats":
             self.say(self.stats_line())
+        elif cmd == "/json":
+            self.json_command(arg)
         elif cmd in ("/save", "/load"):
             if not arg:
                 self.say(f"usage: {cmd} FILE")
@@ -474,6 +482,27 @@ class ChatSession:
         else:
             self.say(f"unknown command {cmd}; /help lists the commands")
         return True
+
+    def json_command(self, arg: str) -> None:
+        """/json: any JSON object; /json FILE: the JSON schema in FILE; /json off: free text. A schema
+        that cannot be read or compiled is one line, and the mode stays as it was."""
+        if arg == "off":
+            self.json_grammar = None
+            self.say("(free text)")
+            return
+        from .grammar import GrammarError, Grammars, read_schema
+
+        try:
+            if self.grammars is None:
+                self.grammars = Grammars(self.tokenizer, self.engine.h.vocab_size)
+            if arg:
+                self.json_grammar = self.grammars.compile_schema(read_schema(arg, "/json"))
+            else:
+                self.json_grammar = self.grammars.compile({"type": "json_object"})
+        except (GrammarError, ConfigError) as e:
+            self.say(f"/json: {e}")
+            return
+        self.say(f"(answers are JSON{' valid under ' + arg if arg else ' objects'}; /json off for free text)")
 
     # --- the loop ----------------------------------------------------------------------------
 

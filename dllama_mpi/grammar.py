@@ -339,6 +339,23 @@ class Matcher:
         return _first_line(self.m.get_error()) if self.m.is_error() else ""
 
 
+def read_schema(path: str, what: str) -> dict:
+    """A JSON schema file (inference --json-schema, chat's /json): one ConfigError line naming the
+    option and the file unless it holds a JSON object."""
+    from .errors import ConfigError
+
+    try:
+        with open(path, "rb") as f:
+            schema = json.loads(f.read().decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot read: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{what} {path}: not JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise ConfigError(f"{what} {path}: a JSON schema must be a JSON object")
+    return schema
+
+
 def allowed(mask: np.ndarray, token: int) -> bool:
     """Whether a mask (int32 words) lets `token` through."""
     return bool((int(mask[token >> 5]) >> (token & 31)) & 1)

@@ -8,6 +8,7 @@ import sys
 import click
 
 from .errors import ConfigError
+from .grammar import read_schema
 from .startup import log, model_options, sampling_options, spec_config, spec_options, spmd, start
 
 
@@ -31,7 +32,7 @@ def inference(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max
 
     if comm.is_root and steps < 0:
         raise ConfigError(f"--steps must be >= 0, got {steps}")
-    schema = read_schema(json_schema) if comm.is_root and json_schema else None
+    schema = read_schema(json_schema, "--json-schema") if comm.is_root and json_schema else None
     spec = spec_config() if comm.is_root else None
     engine, tokenizer = start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
                               sync_scheme, load, max_batch)
@@ -85,16 +86,3 @@ def _spec_summary(st) -> str:
 
 def register(group) -> None:
     group.add_command(inference)
-
-
-def read_schema(path: str) -> dict:
-    """A JSON schema file (--json-schema): ConfigError naming the file unless it holds a JSON object."""
-    from .startup import read_text_file
-
-    try:
-        schema = json.loads(read_text_file(path))
-    except ValueError as e:
-        raise ConfigError(f"--json-schema {path}: not JSON ({e})") from None
-    if not isinstance(schema, dict):
-        raise ConfigError(f"--json-schema {path}: a JSON schema must be a JSON object")
-    return schema

@@ -100,6 +100,8 @@ def _build_files(d: Path) -> dict[str, Path]:
     put("types28.m", table)
     (d / "short.txt").write_text("In the beginning God created the heaven and the earth.\n")
     f["short.txt"] = d / "short.txt"
+    (d / "list.json").write_text("[1, 2]\n")
+    f["list.json"] = d / "list.json"
 
     # tokenizers
     data, first, t = _tok_records()
@@ -280,6 +282,10 @@ CASES = [
     ("draft-model-unsupported-arch", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, "--spec", "draft", "--draft-model",
                                                       str(f["gpt2.gguf"])),
      ["--draft-model: ", "gpt2.gguf", "unsupported architecture 'gpt2'"]),
+    ("json-schema-missing", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, "--json-schema", str(o / "none.json")),
+     ["--json-schema", "none.json: cannot read"]),
+    ("json-schema-not-an-object", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, "--json-schema", str(f["list.json"])),
+     ["--json-schema", "list.json: a JSON schema must be a JSON object"]),
     ("nthreads-zero", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, "--nthreads", "0"), ["--nthreads", "got 0"]),
     ("batch-zero", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, "--batch", "0"), ["--batch", "got 0"]),
     ("prompt-invalid-utf8", lambda f, o: inf(LLAMA_Q40, TOK_LLAMA, prompt=b"ab\xffcd"),

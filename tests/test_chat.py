@@ -309,6 +309,34 @@ def test_chat_with_a_draft_model(spawn_chat):
     finish_exit(c)
 
 
+def test_chat_json_answers(spawn_chat, tmp_path):
+    """/json FILE: the next answers are values valid under the schema (here one of three strings, with
+    the tiny random model); a bad schema file is one line and changes nothing; /json off: free text."""
+    (tmp_path / "answer.json").write_text(json.dumps({"enum": ["yes", "no", "maybe"]}))
+    (tmp_path / "bad.json").write_text("[1]")
+    c = spawn_chat("--max-tokens", "32", "--temperature", "0.9")
+    c.expect("/help for commands")
+    c.sendline("/json bad.json")
+    c.expect(r"/json: /json bad.json: a JSON schema must be a JSON object")
+    c.sendline("/json answer.json")
+    c.expect(r"\(answers are JSON valid under answer.json; /json off for free text\)")
+    for turn in ("Is it raining?", "Are you sure?"):
+        c.sendline(turn)
+        c.expect("\r?\n> ")
+        c.sendline("/stats")
+        c.expect(r"finish: (\w+)")
+        assert c.match.group(1) == "stop"
+    c.sendline("/save conv.json")
+    c.expect("saved 4 messages")
+    answers = [m["content"] for m in json.loads((tmp_path / "conv.json").read_text())["messages"]
+               if m["role"] == "assistant"]
+    assert len(answers) == 2 and all(json.loads(a) in ("yes", "no", "maybe") for a in answers), answers
+    c.sendline("/json off")
+    c.expect(r"\(free text\)")
+    c.sendeof()
+    finish_exit(c)
+
+
 def test_chat_ctrl_c_stops_the_answer_not_the_program(spawn_chat):
     c = spawn_chat("--ignore-eos")   # answers run until the context is full unless stopped
     c.expect("/help for commands")
