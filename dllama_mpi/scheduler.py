@@ -489,6 +489,8 @@ class Scheduler:
             for (req, _), draft in zip(by_model, drafted):
                 if len(draft) >= max(req._spec.cfg.draft_min, 1):
                     out[req] = draft
+                else:   # cut at --draft-p-min: counted as a rejection, so that a sequence whose drafts
+                    req._spec.verified(1, 0)   # keep stopping there stops paying for draft passes
         for req, draft in out.items():
             self.kv.wrote_ahead(req.seq, len(req.seq.tokens) + 1 + len(draft))
         return out
