@@ -20,6 +20,7 @@ from dllama_mpi.errors import ConvertError, ModelFormatError
 from dllama_mpi.formats import ARCH_LLAMA, F16, FLOAT_BY_NAME, Q40, Q80, open_model, read_tokenizer
 
 from conftest import F32_MODELS
+from gguf_models import add_hf_shape
 
 TINY = Path(__file__).parent / "data" / "tiny"
 HF = TINY / "hf"
@@ -412,12 +413,7 @@ def write_tiny_gguf(folder: Path, path: Path, qtype=None, tied=False):
     w = _load_st(folder / "model.safetensors")
     arch = {"llama": "llama", "qwen3": "qwen3"}[cfg["model_type"]]
     wr = gguf.GGUFWriter(str(path), arch)
-    wr.add_block_count(cfg["num_hidden_layers"])
-    wr.add_context_length(cfg["max_position_embeddings"])
-    wr.add_embedding_length(cfg["hidden_size"])
-    wr.add_feed_forward_length(cfg["intermediate_size"])
-    wr.add_head_count(cfg["num_attention_heads"])
-    wr.add_head_count_kv(cfg["num_key_value_heads"])
+    add_hf_shape(wr, cfg)
     wr.add_rope_freq_base(cfg["rope_theta"])
     wr.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     wr.add_key_length(cfg["head_dim"])
