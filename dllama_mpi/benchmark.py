@@ -820,6 +820,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     dec = statistics.median([r["decode_tok_s_mean"] if spec.on else r["decode_tok_s"]["median"] for r in runs])
     pre = statistics.median([r["prefill_tok_s"]["median"] for r in runs])
     tpp = statistics.mean([r.get("tokens_per_pass") or 1.0 for r in runs])
+    rounds = message_rounds(engine)
     doc = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -855,9 +856,9 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                     "python_pct_max": max(r["python_pct"] for r in per_rank),
                     # latency: message rounds on a decode pass's critical path x one link's one-way time;
                     # a speculative pass emits tokens_per_pass tokens for the rounds of one
-                    "message_rounds_per_pass": message_rounds(engine),
+                    "message_rounds_per_pass": rounds,
                     "tokens_per_pass": round(tpp, 3),
-                    "message_rounds_per_token": round(message_rounds(engine) / tpp, 2),
+                    "message_rounds_per_token": round(rounds / tpp, 2),
                     "one_way_us": round(one_way_us, 1)},
         "method": __doc__.split("\n\n", 1)[1].strip(),
     }

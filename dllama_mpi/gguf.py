@@ -913,11 +913,11 @@ def tokenizer_data(g: GGUFFile) -> TokenizerData:
     add_bos = g.get("tokenizer.ggml.add_bos_token")
     if add_bos is None:
         add_bos = model == "llama" or g.str("tokenizer.ggml.pre") in ADD_BOS_PRETOKENIZERS
-    template = g.str("tokenizer.chat_template")
-    if not template and g.str("general.architecture") in FAMILY_TEMPLATES:
+    template, family = g.str("tokenizer.chat_template"), FAMILY_TEMPLATES.get(g.str("general.architecture"))
+    if not template and family:
         from .chat_template import BUILTIN_TEMPLATES
 
-        template = BUILTIN_TEMPLATES[FAMILY_TEMPLATES[g.str("general.architecture")]]
+        template = BUILTIN_TEMPLATES[family]
     data = TokenizerData(vocab=vocab, scores=scores, bos_id=bos, eos_ids=eos, add_bos=bool(add_bos),
                          chat_template=template, max_token_length=max(len(t) for t in vocab))
     if model == "llama":            # llama.cpp's SPM defaults: add_space_prefix unless the file says no

@@ -343,12 +343,12 @@ def read_schema(path: str, what: str) -> dict:
     """A JSON schema file (inference --json-schema, chat's /json): one ConfigError line naming the
     option and the file unless it holds a JSON object."""
     from .errors import ConfigError
+    from .startup import read_text_file
 
     try:
-        with open(path, "rb") as f:
-            schema = json.loads(f.read().decode("utf-8"))
-    except OSError as e:
-        raise ConfigError(f"{what} {path}: cannot read: {e.strerror or e}") from None
+        schema = json.loads(read_text_file(path))
+    except ConfigError as e:   # unreadable, or not UTF-8: its line, under the option's name
+        raise ConfigError(f"{what} {e}") from None
     except ValueError as e:
         raise ConfigError(f"{what} {path}: not JSON ({e})") from None
     if not isinstance(schema, dict):

@@ -66,14 +66,11 @@ class Sampler:
         # hence the same token, as sorting every candidate.
         pc, m = p[idx], 256
         while True:
-            if 4 * m >= idx.size:   # a sort of all costs about what the partition would
-                order = idx[np.argsort(-pc, kind="stable")]
-                cum = np.cumsum(p[order], dtype=np.float64)
-                break
-            keep = pc >= -np.partition(-pc, m - 1)[m - 1]
-            order = idx[keep][np.argsort(-pc[keep], kind="stable")]
+            # (a sort of all costs about what the partition would once m nears the candidates)
+            sel = idx if 4 * m >= idx.size else idx[pc >= -np.partition(-pc, m - 1)[m - 1]]
+            order = sel[np.argsort(-p[sel], kind="stable")]
             cum = np.cumsum(p[order], dtype=np.float64)
-            if cum[-1] > self.topp:
+            if sel is idx or cum[-1] > self.topp:
                 break
             m *= 8
         last = int(np.searchsorted(cum, self.topp, side="right"))
