@@ -225,7 +225,8 @@ def _weight_matrices(engine) -> list:
     h = engine.h
     out = [engine.w.wcls] if engine.w.wcls is not None else []   # None: not the last stage
     for layer in engine.w.layers:
-        out += [m for m in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w1, layer.w2, layer.w3) if m is not None]
+        for m in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w1, layer.w2, layer.w3):
+            out += [] if m is None else getattr(m, "parts", [m])   # --as-nodes: wo / w2 as Pieces
         for e in layer.experts[:h.n_active_experts] if layer.experts else ():
             out += list(e)
     return out

@@ -29,7 +29,7 @@ from .kernels import ffi, fptr, lib, qptr
 from .kvcache import KVCache, KVPlan, plan_kv
 from .shard import ShardPlan
 from .sync import PartialSum
-from .weights import Layer, Weights
+from .weights import Layer, Pieces, Weights
 
 DEFAULT_BATCH = 32  # prompt positions per forward pass (Distributed Llama uses 32 too)
 
@@ -165,7 +165,14 @@ class RunState:
         self.v = np.zeros((B, self.kv_loc), np.float32)    # into their cache rows
         self.z = np.zeros((B, self.q_loc), np.float32)     # attention output (this rank's heads)
         self.zq = qb(self.q_loc)
-        self.partial = np.zeros((B, h.dim), np.float32)    # this rank's share of wo / w2 output
+        # this rank's share of wo / w2 output; with --as-nodes one per virtual node it computes
+        # (zero-width ones stay zero), and a scratch row block for a piece's columns of z / h
+        self.partials = np.zeros((max(len(s.pieces), 1), B, h.dim), np.float32)
+        self.partial = self.partials[0]
+        wide = max([b - a for ranges in (plan.piece_cols("wo", rank), plan.piece_cols("w2", rank))
+                    for a, b in ranges] if s.pieces else [0])
+        self.piece_x = np.zeros(B * wide, np.float32)
+        self.piece_xq = qb(wide)
         self.attn_out = np.zeros((B, h.dim), np.float32)   # the summed wo / w2 output (post-norm models)
         self.h1 = np.zeros((B, self.ffn_loc), np.float32)
         self.h3 = np.zeros((B, self.ffn_loc), np.float32)
@@ -203,6 +210,8 @@ class RunState:
         self.p_x, self.p_xb, self.p_q, self.p_z = fptr(self.x), fptr(self.xb), fptr(self.q), fptr(self.z)
         self.p_k, self.p_v = fptr(self.k), fptr(self.v)
         self.p_partial, self.p_h1, self.p_h3 = fptr(self.partial), fptr(self.h1), fptr(self.h3)
+        self.p_partials = [fptr(p) for p in self.partials]
+        self.p_piece_x, self.p_piece_xq = fptr(self.piece_x), qptr(self.piece_xq)
         self.p_attn_out = fptr(self.attn_out)
         self.p_xq, self.p_zq, self.p_hq = qptr(self.xq), qptr(self.zq), qptr(self.hq)
         self.p_xl, self.p_xlq = fptr(self.xl), qptr(self.xlq)
@@ -547,7 +556,10 @@ class Engine:
                          st.p_pos, st.p_slot, b, pages, layer.window, self.attn_scale_div)
         if self.quantized:
             lib.dl_quantize_q80(st.p_zq, st.p_z, b * st.q_loc)
-        layer.wo.matmul(st.p_partial, st.p_zq, st.p_z, b)
+        if isinstance(layer.wo, Pieces):
+            self._piece_matmuls(layer.wo, st.z, st.zq, b)
+        else:
+            layer.wo.matmul(st.p_partial, st.p_zq, st.p_z, b)
         self._residual(layer.p_attn_post_norm, b)
 
     def _ffn(self, layer: Layer, b: int) -> None:
@@ -562,18 +574,47 @@ class Engine:
             lib.dl_silu_mul_q80(st.p_hq, st.p_h1, st.p_h1, st.p_h3, st.ffn_loc, b)
         else:
             lib.dl_silu_mul(st.p_h1, st.p_h1, st.p_h3, st.ffn_loc, b)
-        layer.w2.matmul(st.p_partial, st.p_hq, st.p_h1, b)
+        if isinstance(layer.w2, Pieces):
+            self._piece_matmuls(layer.w2, st.h1, st.hq, b)
+        else:
+            layer.w2.matmul(st.p_partial, st.p_hq, st.p_h1, b)
         self._residual(layer.p_ffn_post_norm, b)
+
+    def _piece_matmuls(self, m: Pieces, xf: np.ndarray, xq: np.ndarray, b: int) -> None:
+        """--as-nodes: wo / w2 times this rank's z / h (f32 [B, width] and its q80), each virtual
+        node's columns into its own partial."""
+        st = self.st
+        width = xf.shape[1]
+        for part, (c0, c1), p_out in zip(m.parts, m.cols, st.p_partials):
+            if c1 == c0:
+                continue    # a virtual node without heads / FFN columns adds its zero partial
+            if part.spec.q80_input:
+                if b == 1:
+                    p_in = qptr(xq) + c0 // BLOCK
+                else:   # the kernels take whole rows: this piece's blocks of every row, packed
+                    rb = width // BLOCK * Q80_BYTES
+                    n = (c1 - c0) // BLOCK * Q80_BYTES
+                    st.piece_xq[:b * n].reshape(b, n)[...] = \
+                        xq[:b * rb].reshape(b, rb)[:, c0 // BLOCK * Q80_BYTES:c1 // BLOCK * Q80_BYTES]
+                    p_in = st.p_piece_xq
+                part.matmul(p_out, p_in, None, b)
+            else:
+                if b == 1:
+                    p_in = fptr(xf) + c0
+                else:
+                    st.piece_x[:b * (c1 - c0)].reshape(b, c1 - c0)[...] = xf[:b, c0:c1]
+                    p_in = st.p_piece_x
+                part.matmul(p_out, None, p_in, b)
 
     def _residual(self, p_post_norm, b: int) -> None:
         """x += the sum over ranks of partial; with a post-norm (Gemma 3's sandwich norms) the sum is
         normed first, which needs the whole sum: it is reduced into a zeroed buffer, normed, added."""
         st = self.st
         if p_post_norm is None:
-            self.sync(st.x, st.partial, b)
+            self.sync(st.x, st.partials if self.plan.as_nodes else st.partial, b)
             return
         st.attn_out[:b].fill(0.0)
-        self.sync(st.attn_out, st.partial, b)
+        self.sync(st.attn_out, st.partials if self.plan.as_nodes else st.partial, b)
         lib.dl_rmsnorm(st.p_attn_out, st.p_attn_out, p_post_norm, self.h.dim, self.eps, b)
         lib.dl_add(st.p_x, st.p_attn_out, b * self.h.dim)
 

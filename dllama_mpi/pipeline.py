@@ -155,9 +155,11 @@ def layer_bytes(h: ModelHeader) -> tuple[int, int, int]:
     return max(per_layer.values()), embed, head
 
 
-def make_layout(h: ModelHeader, n_ranks: int, pp: int, weights=None, memory=None, speeds=None) -> Layout:
+def make_layout(h: ModelHeader, n_ranks: int, pp: int, weights=None, memory=None, speeds=None,
+                as_nodes: int = 0) -> Layout:
     """The stages for n_ranks ranks and `pp` stages, layers and rows in proportion to `weights` (one
-    per rank; None = even), never above `memory` (bytes free per rank; None = no cap)."""
+    per rank; None = even), never above `memory` (bytes free per rank; None = no cap); as_nodes:
+    every stage's ranks compute that many virtual nodes (shard.make_plan)."""
     if pp < 1:
         raise ConfigError(f"--pp must be >= 1, got {pp}")
     if pp > n_ranks:
@@ -210,7 +212,7 @@ def make_layout(h: ModelHeader, n_ranks: int, pp: int, weights=None, memory=None
                 raise ConfigError(f"the layers of stage {i} ({stage_bytes / 2**30:.1f} GiB) do not fit "
                                   f"the free memory of its ranks {g[0]}-{g[-1]}")
             ws = shares
-        plan = make_plan(h, len(g), None if len(set(ws)) == 1 else ws)
+        plan = make_plan(h, len(g), None if len(set(ws)) == 1 else ws, as_nodes)
         stages.append(Stage(i, g, (l0, l0 + sizes[i]), plan, tuple(ws)))
         l0 += sizes[i]
     return Layout(n_ranks, tuple(stages), None if speeds is None else tuple(speeds),
@@ -320,7 +322,8 @@ def measure_speed(h: ModelHeader, n_ranks: int, windows: int = 5, window_seconds
     return float(max(speeds))
 
 
-def gather_layout(world: Comm, h: ModelHeader, pp: int, split) -> tuple[Layout, list[str], ModelHeader, str | None]:
+def gather_layout(world: Comm, h: ModelHeader, pp: int, split,
+                  as_nodes: int = 0) -> tuple[Layout, list[str], ModelHeader, str | None]:
     """Collective: the layout (every rank computes the same one), every rank's host name, the header
     it needs (shard.fit_types: 256-value wo / w2 matrices it cannot cut become q80) and the note
     saying so (None if none)."""
@@ -339,7 +342,7 @@ def gather_layout(world: Comm, h: ModelHeader, pp: int, split) -> tuple[Layout, 
             memory = None
     elif split != "even":
         weights = split
-    h, layout, note = fit_types(h, lambda hh: make_layout(hh, n, pp, weights, memory, speeds))
+    h, layout, note = fit_types(h, lambda hh: make_layout(hh, n, pp, weights, memory, speeds, as_nodes))
     return layout, hosts, h, note
 
 
@@ -348,9 +351,9 @@ def gather_layout(world: Comm, h: ModelHeader, pp: int, split) -> tuple[Layout, 
 
 def build_stages(world: Comm, h: ModelHeader, header_size: int, model, *, pp: int, split, seq: int,
                  buffer_type: str, sync: str, load: str, max_batch: int, progress, n_slots: int,
-                 kv_memory: int | None, quiet: bool = False) -> Engine:
+                 kv_memory: int | None, quiet: bool = False, as_nodes: int = 0) -> Engine:
     """Collective: the layout, the stage sub-groups, this rank's stage weights, its engine."""
-    layout, hosts, h, note = gather_layout(world, h, pp, split)
+    layout, hosts, h, note = gather_layout(world, h, pp, split, as_nodes)
     if world.is_root and not quiet:
         for line in describe(h, layout, hosts) + ([note] if note else []):
             print(line, file=__import__("sys").stderr, flush=True)

@@ -62,6 +62,9 @@ class RankShard:
     ffn: tuple[int, int]          # FFN rows of w1/w3 = columns of w2 (dense hidden or per expert)
     vocab: tuple[int, int]        # wcls rows
     dim_chunk: tuple[int, int]    # residual elements this rank reduces in the ring sync
+    # --as-nodes: the (heads, ffn) ranges of the virtual nodes this rank computes, in order; their
+    # wo / w2 partial sums stay apart until the sync adds all of them in virtual-node order
+    pieces: tuple = ()
 
     @property
     def n_heads(self) -> int:
@@ -85,6 +88,24 @@ class ShardPlan:
     header: ModelHeader
     n_nodes: int
     shards: tuple[RankShard, ...]
+    as_nodes: int = 0             # --as-nodes S (0: off): every rank computes whole virtual nodes of S
+
+    @property
+    def n_pieces(self) -> int:
+        """Partial sums of wo / w2 the sync adds, over all ranks: S virtual nodes, or one per rank."""
+        return self.as_nodes or self.n_nodes
+
+    def piece_cols(self, name: str, rank: int) -> list[tuple[int, int]]:
+        """Column ranges (absolute) of wo or w2 of each of rank's pieces: its virtual nodes under
+        --as-nodes, else its one slice."""
+        s, hd = self.shards[rank], self.header.head_size
+        if not s.pieces:
+            return [self.cols(name, rank)]
+        if name == "wo":
+            return [(a * hd, b * hd) for (a, b), _ in s.pieces]
+        if name == "w2":
+            return [ffn for _, ffn in s.pieces]
+        raise KeyError(name)
 
     def __getitem__(self, rank: int) -> RankShard:
         return self.shards[rank]
@@ -136,7 +157,7 @@ def column_unit(h: ModelHeader, name: str) -> int:
     return unit
 
 
-def make_plan(h: ModelHeader, n_nodes: int, weights=None) -> ShardPlan:
+def make_plan(h: ModelHeader, n_nodes: int, weights=None, as_nodes: int = 0) -> ShardPlan:
     """The plan for `n_nodes` ranks, or a ConfigError saying why the model cannot be split so.
 
     Slices may be uneven, and a rank may own no head or no FFN column of a small model (it then
@@ -144,9 +165,16 @@ def make_plan(h: ModelHeader, n_nodes: int, weights=None) -> ShardPlan:
     whole blocks of their types (column_unit: 32 or 256 values), so the head and FFN boundaries
     move to the nearest block. `weights` (one per rank, e.g. measured speeds) share heads, FFN rows
     and vocabulary rows in proportion instead of evenly; the residual chunks of the ring sync stay
-    even. fit_types turns the 256-value matrices that no split can cut into q80 ones."""
+    even. fit_types turns the 256-value matrices that no split can cut into q80 ones.
+
+    `as_nodes` S (--as-nodes): the slices are those of S virtual nodes (an even plan for S), each
+    rank computing a contiguous run of them (evenly, or by `weights`); RankShard.pieces keeps their
+    ranges so that the wo / w2 partial sums are the same sums, added in the same order, on any node
+    count up to S: the outputs are bit for bit those of one node run with the same S."""
     if n_nodes < 1:
         raise ConfigError(f"node count must be >= 1, got {n_nodes}")
+    if as_nodes:
+        return _virtual_plan(h, n_nodes, weights, as_nodes)
     unit, ffn_unit = column_unit(h, "wo"), column_unit(h, "w2")
     hd = h.head_size
     heads_unit = unit // math.gcd(unit, hd)   # heads per indivisible group (whole wo blocks)
@@ -177,6 +205,35 @@ def make_plan(h: ModelHeader, n_nodes: int, weights=None) -> ShardPlan:
         kv = (h0 // g, (h1 - 1) // g + 1) if h1 > h0 else (0, 0)
         shards.append(RankShard(r, (h0, h1), kv, ffn_ranges[r], vocab_ranges[r], dim_ranges[r]))
     return ShardPlan(h, n_nodes, tuple(shards))
+
+
+def _virtual_plan(h: ModelHeader, n_nodes: int, weights, as_nodes: int) -> ShardPlan:
+    if as_nodes < n_nodes:
+        raise ConfigError(f"--as-nodes {as_nodes} is below the node count {n_nodes}: every rank computes "
+                          f"at least one virtual node")
+    if h.is_moe:
+        raise ConfigError("--as-nodes: mixture-of-experts models are not supported (their expert sums are per rank)")
+    if weights is not None and len(weights) != n_nodes:
+        raise ConfigError(f"{len(weights)} split weights for {n_nodes} nodes")
+    try:
+        virtual = make_plan(h, as_nodes)
+    except ConfigError as e:
+        raise ConfigError(f"--as-nodes {as_nodes}: {e}") from None
+    groups = even_split(as_nodes, n_nodes) if weights is None else weighted_split(as_nodes, weights)
+    if any(b == a for a, b in groups):
+        raise ConfigError(f"--as-nodes {as_nodes}: split weights {list(weights)} leave a rank without a virtual node")
+    vocab_ranges = (even_split(h.vocab_size, n_nodes) if weights is None else weighted_split(h.vocab_size, weights))
+    dim_ranges = even_split(h.dim, n_nodes, BLOCK if h.dim % BLOCK == 0 else 1)
+    shards = []
+    for r, (a, b) in enumerate(groups):
+        vs = virtual.shards[a:b]
+        heads = (vs[0].heads[0], vs[-1].heads[1])
+        ffn = (vs[0].ffn[0], vs[-1].ffn[1])
+        g = h.n_heads // h.n_kv_heads
+        kv = (heads[0] // g, (heads[1] - 1) // g + 1) if heads[1] > heads[0] else (0, 0)
+        shards.append(RankShard(r, heads, kv, ffn, vocab_ranges[r], dim_ranges[r],
+                                tuple((v.heads, v.ffn) for v in vs)))
+    return ShardPlan(h, n_nodes, tuple(shards), as_nodes)
 
 
 def fit_types(h: ModelHeader, make):

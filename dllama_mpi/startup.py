@@ -180,6 +180,12 @@ def model_options(fn):
         click.option("--pp", type=int, default=1, show_default=True, expose_value=False, callback=_store("pp"),
                      help="Pipeline stages: the ranks form this many stages, each a contiguous range of layers "
                           "with tensor parallelism over its ranks; passes of different sequences overlap."),
+        click.option("--as-nodes", type=click.IntRange(min=0), default=0, show_default=True, expose_value=False,
+                     callback=_store("as_nodes"),
+                     help="Compute every layer as this many nodes would (each rank a share of them), so that "
+                          "outputs are the same bits on any node count up to it, one included: the same seed "
+                          "gives the same tokens on 1, 2 or 4 machines. Costs a little speed "
+                          "(more, smaller matmuls; an all-gather sync); 0: off."),
         click.option("--split", default="even", show_default=True, expose_value=False, callback=_store("split"),
                      help="How layers and tensor slices are shared: even, auto (measure each rank's speed and "
                           "free memory at start-up) or one weight per rank, e.g. 3,1."),
@@ -434,7 +440,8 @@ def load_draft_model(path: str, target):
 def build_engine(comm, model_path: str | None, *, max_seq_len: int | None = None,
                  buffer_type: str = "auto", sync: str = "ring", load: str = "scatter",
                  max_batch: int | None = None, progress=None, n_slots: int = 1,
-                 kv_memory: int | None = None, pp: int = 1, split="even", quiet: bool = False):
+                 kv_memory: int | None = None, pp: int = 1, split="even", quiet: bool = False,
+                 as_nodes: int = 0):
     """Collective: the root opens the model (.m or GGUF) and decides the types the ranks run
     (weights.runtime_header), every rank gets that header, the plan and its slices: an Engine, or with
     `pp` pipeline stages or a `split` ('even', 'auto' or one weight per rank) pipeline.py's stage."""
@@ -473,8 +480,8 @@ def build_engine(comm, model_path: str | None, *, max_seq_len: int | None = None
         return build_stages(comm, h, header_size, model, pp=pp, split=parse_split(split, comm.size)
                             if isinstance(split, str) else split, seq=seq, buffer_type=buffer_type, sync=sync,
                             load=load, max_batch=max_batch, progress=progress, n_slots=n_slots,
-                            kv_memory=kv_memory, quiet=quiet)
-    h, plan, note = fit_types(h, lambda hh: make_plan(hh, comm.size))
+                            kv_memory=kv_memory, quiet=quiet, as_nodes=as_nodes)
+    h, plan, note = fit_types(h, lambda hh: make_plan(hh, comm.size, as_nodes=as_nodes))
     if note and comm.is_root and not quiet:
         log(note)
     kv = plan_kv(kv_row_bytes(h, plan), seq, n_slots, kv_memory, ring=kv_ring(h, max_batch, ring_row_bytes(h, plan)))
@@ -499,6 +506,7 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
     tokenizer = None
     bft = buffer_float_type
     pp = _options.get("pp") or 1
+    as_nodes = _options.get("as_nodes") or 0
     try:   # the root checks it (and says why); the others use what it accepted
         split = parse_split(_options.get("split"), comm.size)
     except ConfigError:
@@ -529,7 +537,8 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
         # an impossible node count or layout fails here, before any weight moves (auto: with even
         # weights; the measured ones can still be refused after the measurement)
         h, layout, _ = fit_types(h, lambda hh: make_layout(hh, comm.size, pp,
-                                                           None if split in ("even", "auto") else split))
+                                                           None if split in ("even", "auto") else split,
+                                                           as_nodes=as_nodes))
         shards = layout.stages[0].plan
         if max_seq_len is not None and not 0 < max_seq_len <= h.max_seq_len:
             raise ConfigError(f"--max-seq-len must be in 1..{h.max_seq_len} (the model's context), got {max_seq_len}")
@@ -587,7 +596,8 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
                           max_seq_len=max_seq_len, buffer_type=bft or "auto",
                           sync=sync_scheme if sync_scheme not in (None, "auto") else ("dllama" if comm.poll else "ring"),
                           load=load, max_batch=max_batch, progress=progress, n_slots=n_slots,
-                          kv_memory=kv_memory, pp=pp, split=split, quiet=quiet or not comm.is_root)
+                          kv_memory=kv_memory, pp=pp, split=split, quiet=quiet or not comm.is_root,
+                          as_nodes=as_nodes)
     if bar is not None:
         bar.close()
     engine.load_seconds = time.perf_counter() - t0
@@ -597,6 +607,7 @@ def start(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
         log(f"model {model_path}: {h.arch_name}, dim {h.dim}, {h.n_layers} layers, {h.n_heads} heads / "
             f"{h.n_kv_heads} kv heads, vocab {h.vocab_size}, weights {h.weights_name}, "
             f"buffers {engine.buffer_type}, sync {engine.sync.scheme}, {comm.size} node(s) x {nthreads} thread(s)"
+            f"{f' computing as {as_nodes} nodes' if as_nodes else ''}"
             f"{f', {pp} pipeline stages' if pp > 1 else ''}, "
             f"loaded in {engine.load_seconds:.2f} s")
         log(engine.kv_plan.describe())

@@ -13,6 +13,11 @@ Two schemes (`--sync`), both on preallocated buffers:
 
 At N = 1 both reduce to Distributed Llama's single-node behaviour (q80 buffers: the partial is
 quantized once before it is added).
+
+With `--as-nodes S` (shard.make_plan) the partials are those of S virtual nodes, a rank holding one
+per virtual node it computes: `dllama` over virtual nodes. Every rank all-gathers the S partials
+(each quantized alone) and adds them to x in virtual-node order, so x gets the same bits on any node
+count up to S, one rank included. Sends (S/N)·dim values per rank per sync.
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ class PartialSum:
             raise ValueError(f"dim {dim} is not a multiple of {BLOCK}: use --buffer-float-type f32")
         self.n = comm.size
         self.scheme = scheme if self.n > 1 else "dllama"
+        self.n_local = [max(len(plan[r].pieces), 1) for r in range(self.n)]
+        self.n_pieces = plan.as_nodes   # 0: one partial per rank
+        if self.n_pieces:
+            self.scheme = "dllama"
         nb = dim // BLOCK
         self.row_bytes = nb * Q80_BYTES if self.q80 else 4 * dim
         # units: q80 blocks or f32 elements; the ring cuts the residual into per-rank chunks.
@@ -58,7 +67,10 @@ class PartialSum:
         self.units = nb if self.q80 else dim
         self.send = np.zeros(max_batch * self.row_bytes, np.uint8)
         self.full = np.zeros(max_batch * self.row_bytes, np.uint8)    # q80 of the whole row(s)
-        if self.scheme == "dllama":
+        if self.n_pieces:
+            self.send = np.zeros(self.n_local[comm.rank] * max_batch * self.row_bytes, np.uint8)
+            self.recv = np.zeros(self.n_pieces * max_batch * self.row_bytes, np.uint8)
+        elif self.scheme == "dllama":
             self.recv = np.zeros(self.n * max_batch * self.row_bytes, np.uint8)
         else:
             c0, c1 = self.chunks[comm.rank]
@@ -81,6 +93,7 @@ class PartialSum:
                 self.p_both, self.p_acc2 = _qptr(self.both), _fptr(self.acc2)
         self.p_send, self.p_full, self.p_recv = _qptr(self.send), _qptr(self.full), _qptr(self.recv)
         self._x = self._partial = None
+        self._per_batch = {}
 
     # -- the ring's per-batch-size layout (computed once per batch size, then reused) --
     def _layout(self, batch: int):
@@ -102,11 +115,15 @@ class PartialSum:
         return lay
 
     def __call__(self, x: np.ndarray, partial: np.ndarray, batch: int) -> None:
-        """x[:batch] += sum over ranks of partial[:batch] (both [max_batch, dim] f32)."""
+        """x[:batch] += sum over ranks of partial[:batch] (both [max_batch, dim] f32; with --as-nodes
+        partial is [pieces, max_batch, dim], this rank's virtual nodes' partials)."""
         n_vals = batch * self.dim
         nbytes = batch * self.row_bytes
         if x is not self._x:          # the engine passes the same two buffers every time
             self._x, self._px = x, _fptr(x)
+        if self.n_pieces:
+            self._pieces(partial, batch)
+            return
         if partial is not self._partial:
             self._partial, self._pp = partial, _fptr(partial)
         px, pp = self._px, self._pp
@@ -131,6 +148,29 @@ class PartialSum:
                     lib.dl_add(px, _fptr(src[r * nbytes:(r + 1) * nbytes]), n_vals)
             return
         self._ring(x, batch)
+
+    def _pieces(self, partials: np.ndarray, batch: int) -> None:
+        n_vals, nbytes = batch * self.dim, batch * self.row_bytes
+        mine = self.n_local[self.comm.rank]
+        for i in range(mine):   # each virtual node's partial quantized alone, as that node would
+            if self.q80:
+                lib.dl_quantize_q80(self.p_send + i * (nbytes // Q80_BYTES), _fptr(partials[i]), n_vals)
+            else:
+                self.send[i * nbytes:(i + 1) * nbytes] = partials[i].reshape(-1)[:n_vals].view(np.uint8)
+        if self.n > 1:
+            lay = self._per_batch.get(batch)
+            if lay is None:   # byte counts and offsets of every rank's partials, once per batch size
+                counts = np.array([k * nbytes for k in self.n_local], np.int64)
+                lay = self._per_batch[batch] = (counts, np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.int64))
+            self.comm.allgatherv(self.send[:mine * nbytes], self.recv[:self.n_pieces * nbytes], *lay)
+            src, p_src = self.recv, self.p_recv
+        else:
+            src, p_src = self.send, self.p_send
+        if self.q80:
+            lib.dl_add_q80(self._px, p_src, self.n_pieces, n_vals)
+        else:
+            for r in range(self.n_pieces):
+                lib.dl_add(self._px, _fptr(src[r * nbytes:(r + 1) * nbytes]), n_vals)
 
     def _ring(self, x: np.ndarray, batch: int) -> None:
         if self.one_round:

@@ -168,6 +168,35 @@ class Matrix:
 
 
 @dataclass
+class Pieces:
+    """A column-split matrix (wo, w2) kept as the column slices of this rank's virtual nodes
+    (--as-nodes): each multiplies its own columns of the input into its own partial sum, which the
+    sync adds in virtual-node order. cols: each part's columns within this rank's slice."""
+
+    parts: list
+    cols: list
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.parts)
+
+    @property
+    def held(self) -> int:
+        return sum(m.data.nbytes for m in self.parts)
+
+
+def _cut_pieces(data: np.ndarray, rows: int, ftype: int, cols: list) -> Pieces:
+    """Pieces of a rank's column slice `data` (its stored bytes, [rows, slice cols]) at `cols`."""
+    unit, unit_bytes = block_shape(ftype)
+    raw = data.view(np.uint8).reshape(rows, -1)
+    parts = []
+    for c0, c1 in cols:
+        part = np.ascontiguousarray(raw[:, c0 // unit * unit_bytes: c1 // unit * unit_bytes]).reshape(-1)
+        parts.append(Matrix(part.view(np.float32) if ftype == F32 else part, rows, c1 - c0, ftype))
+    return Pieces(parts, cols)
+
+
+@dataclass
 class Embedding:
     """The token embedding on the root, in its stored type (a view of the mapped file, never an f32
     copy): `lookup` dequantizes the rows of a pass's tokens."""
@@ -234,7 +263,7 @@ class Weights:
         for layer in self.layers:
             for m in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w1, layer.w2, layer.w3,
                       *(m for e in layer.experts for m in e)):
-                total += m.data.nbytes if m is not None else 0
+                total += 0 if m is None else m.held if isinstance(m, Pieces) else m.data.nbytes
             for v in (layer.attn_norm, layer.ffn_norm, layer.q_norm, layer.k_norm, layer.router,
                       layer.attn_post_norm, layer.ffn_post_norm, layer.q_bias, layer.k_bias, layer.v_bias):
                 total += v.nbytes if v is not None else 0
@@ -404,6 +433,14 @@ def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardP
                     continue
                 rows, cols = _slice_shape(t, tplan, me)
                 share += tensor_nbytes(t.ftype, rows, cols)
+                if t.name not in ROW_SPLIT and tplan[me].pieces:
+                    c0 = tplan.cols(t.name, me)[0]
+                    layers.setdefault(t.layer, {"experts": {}})[t.name] = _cut_pieces(
+                        data, rows, t.ftype, [(a - c0, b - c0) for a, b in tplan.piece_cols(t.name, me)])
+                    del data
+                    if model is not None:
+                        model.drop(t.key)
+                    continue
                 if t.ftype == F32:
                     data = data.view(np.float32) if data.ctypes.data % 4 == 0 else np.array(data).view(np.float32)
                 value = Matrix(data, rows, cols, t.ftype)
@@ -429,5 +466,5 @@ def load_weights(comm: Comm, header: ModelHeader, header_size: int, plan: ShardP
     return Weights(embed, out, norm, wcls, share)
 
 
-__all__ = ["Embedding", "Layer", "Matrix", "REPACK", "Route", "Weights", "convert_rows", "load_weights",
+__all__ = ["Embedding", "Layer", "Matrix", "Pieces", "REPACK", "Route", "Weights", "convert_rows", "load_weights",
            "open_model_file", "runtime_header", "tensor_rows"]
