@@ -62,7 +62,7 @@ import click
 from .api import ApiError, Job, Server, check_server_options, serve_http, server_options
 from .backend import Link
 from .errors import ConfigError
-from .startup import log, model_options, one_line, sampling_options, spec_config, spec_options
+from .startup import _options, log, model_options, one_line, sampling_options, spec_config, spec_options
 
 # The supervisor uses request-level pieces of scheduler.py (RunStats, StopMatcher, check_request),
 # whose imports reach comm.py and so mpi4py. This process is not an MPI rank: importing mpi4py
@@ -401,7 +401,7 @@ class Launcher:
             n = max(1, n - lost)
         while n > 1:   # the engine plans its split at start-up; pick a count it can split into
             try:
-                make_plan(self.header, n)
+                make_plan(self.header, n, as_nodes=_options.get("as_nodes") or 0)
                 break
             except ConfigError:
                 n -= 1
@@ -871,11 +871,10 @@ def _backend_args(model_path, tokenizer_path, nthreads, buffer_float_type, max_s
     args = ["--model", model_path, *(["--tokenizer", tokenizer_path] if tokenizer_path else []), "--sync",
             sync_scheme, "--load", load, "--batch", str(max_batch), "--parallel", str(parallel), "--sync-timeout",
             f"{sync_timeout:g}"]
-    from .startup import _options
-
     for opt, v in (("--nthreads", nthreads), ("--buffer-float-type", buffer_float_type),
                    ("--max-seq-len", max_seq_len), ("--kv-memory", kv_memory), ("--pp", _options.get("pp")),
                    ("--split", _options.get("split")), ("--wait", _options.get("wait")),
+                   ("--as-nodes", _options.get("as_nodes") or None),
                    ("--spec", _options.get("spec")), ("--draft-max", _options.get("draft_max")),
                    ("--draft-min", _options.get("draft_min")), ("--draft-p-min", _options.get("draft_p_min")),
                    ("--draft-model", _options.get("draft_model") and os.path.abspath(_options["draft_model"]))):
@@ -936,7 +935,7 @@ def _serve(model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
     from .api import _model_id
     from .chat import template_for
     from .shard import fit_types, make_plan
-    from .startup import _options, load_tokenizer, resolve_model
+    from .startup import load_tokenizer, resolve_model
     from .weights import open_model_file, runtime_header
 
     check_server_options(port, max_body_bytes, max_n)
@@ -962,7 +961,8 @@ def _serve(model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len,
         from .speculative import check_draft_model
 
         check_draft_model(spec.draft_model, header.vocab_size, tokenizer.vocab)
-    fit_types(header, lambda h: make_plan(h, n_ranks))   # an impossible split fails here, before anything starts
+    # an impossible split fails here, before anything starts
+    fit_types(header, lambda h: make_plan(h, n_ranks, as_nodes=_options.get("as_nodes") or 0))
     template = template_for(tokenizer, chat_template)
     sync_timeout = _options.get("sync_timeout") or 20.0
     backend_args = _backend_args(os.path.abspath(model_file), tokenizer_file and os.path.abspath(tokenizer_file), nthreads,

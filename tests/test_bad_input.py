@@ -335,6 +335,8 @@ CASES = [
      ["gpt2.gguf", "unsupported architecture 'gpt2'"]),
     ("gguf-unsupported-tensor-type", lambda f, o: ["convert", "gguf", str(f["q81.gguf"]), "--out-model", str(o / "o.m")],
      ["q81.gguf", "blk.1.ffn_up.weight", "is Q8_1, which neither dllama-mpi nor gguf can read"]),
+    ("as-nodes-cannot-split", lambda f, o: inf(LLAMA_Q40) + ["--as-nodes", "3"],
+     ["--as-nodes 3: cannot split the model over 3 nodes", "head_dim 16"]),
     ("hf-no-config", lambda f, o: ["convert", "hf", str(f["hf_noconfig"]), "--out-model", str(o / "o.m")],
      ["config.json", "file not found"]),
     ("hf-missing-tensor", lambda f, o: ["convert", "hf", str(f["hf_missing"]), "--out-model", str(o / "o.m")],
@@ -344,6 +346,8 @@ CASES = [
 SPLIT_CASES = [
     ("nodes-cannot-split", 3, lambda f, o: inf(LLAMA_Q40), ["cannot split the model over 3 nodes", "head_dim 16"]),
     ("nodes-cannot-split-4", 4, lambda f, o: inf(LLAMA_Q40), ["cannot split the model over 4 nodes"]),
+    ("as-nodes-below-node-count", 2, lambda f, o: inf(LLAMA_Q40) + ["--as-nodes", "1"],
+     ["--as-nodes 1 is below the node count 2"]),
 ]
 # converters are not MPI programs: one process (under mpiexec -n 2 every rank would convert)
 SINGLE_ONLY = {c[0] for c in CASES if c[0].startswith(("gguf-", "hf-")) and not c[0].startswith("gguf-model-")}

@@ -668,3 +668,63 @@ def test_draft_model_equals_plain(world, name, draft, kw, pp):
                                 for i in (0, 3))
         ok = ok and pages_left == 0
     verdict(world, ok, [(p, c) for p, _, c in got[1]] if world.is_root else None)
+
+
+def _prompt_and_steps(comm: Comm, path, ids, steps, **kw):
+    """Logits of a prompt (passes of several rows) and of `steps` one-row passes after it (root)."""
+    from dllama_mpi.startup import build_engine
+
+    engine = build_engine(comm, path if comm.is_root else None, quiet=True, max_batch=8, **kw)
+    if not comm.is_root:
+        engine.serve()
+        return None
+    try:
+        out = [engine.forward(ids, 0, all_logits=True)]
+        out += [engine.forward([t], len(ids) + i, all_logits=True) for i, t in enumerate(steps)]
+        return np.concatenate(out)
+    finally:
+        engine.stop_workers()
+
+
+@pytest.mark.parametrize("case", ["llama-f32", "qwen3-q40", "k-quants", "gemma3", "llama-f32-pp2"])
+def test_as_nodes_gives_one_rank_bits(world, tmp_path, case):
+    """--as-nodes S: on this many ranks (at most S) the logits of prompt rows and decode rows are
+    bit for bit those of one rank computing as S nodes: f32 weights and buffers (the f32-input
+    kernels), q40 weights with q80 buffers, 256-value K-quant blocks, Gemma 3's post-norms (the sum
+    normed whole), and 2 pipeline stages of tensor-parallel ranks (f32 buffers: stage boundaries
+    carry the residual unrounded)."""
+    from conftest import TINY
+    from gguf_models import write_random_gguf
+
+    from dllama_mpi.formats import BF16, F16, Q4_1, Q4_K, Q5_0, Q6_K, Q80
+
+    S, kw = {"llama-f32": (4, {"buffer_type": "f32"}), "qwen3-q40": (2, {"buffer_type": "q80"}),
+             "k-quants": (SIZE, {}), "gemma3": (SIZE, {}),
+             "llama-f32-pp2": (2, {"buffer_type": "f32", "pp": 2 if SIZE == 4 else 1})}[case]
+    path = model_path({"llama-f32": "tiny_llama_f32", "qwen3-q40": "tiny_qwen3_q40",
+                       "llama-f32-pp2": "tiny_llama_f32"}.get(case, "tiny_llama_f32"))
+    if world.is_root and case == "k-quants":
+        path = str(write_random_gguf(tmp_path / "k.gguf", {
+            "attn_output": Q4_K, "ffn_down": Q6_K, "attn_q": Q5_0, "attn_k": Q4_1, "attn_v": BF16,
+            "ffn_gate": Q4_K, "ffn_up": F16, "output": Q80, "token_embd": Q6_K}))
+    if world.is_root and case == "gemma3":
+        from dllama_mpi.convert.hf import convert_hf_model
+
+        path = str(tmp_path / "tiny_gemma3.m")
+        convert_hf_model(TINY / "hf" / "tiny_gemma3", path, "q40", quiet=True)
+    nodes = SIZE if kw.get("pp", 1) > 1 else min(SIZE, S)
+    sub = MPI.COMM_WORLD.Split(0 if world.rank < nodes else MPI.UNDEFINED)
+    ids, steps = [5, 41, 50, 2, 18, 99, 7, 33, 41, 12, 200, 3], [17, 4, 60]
+    ok, detail = True, None
+    if sub != MPI.COMM_NULL:
+        comm = Comm(sub)
+        many = _prompt_and_steps(comm, path, ids, steps, as_nodes=S, **kw)
+        if comm.is_root:
+            one_kw = {k: v for k, v in kw.items() if k != "pp"}
+            one = _prompt_and_steps(Comm(MPI.COMM_SELF), path, ids, steps, as_nodes=S, **one_kw)
+            plain = _prompt_and_steps(Comm(MPI.COMM_SELF), path, ids, steps, **one_kw)
+            # the one-rank run as S nodes is not the plain one-rank run (else this proves nothing)
+            ok, detail = np.array_equal(many, one) and not np.array_equal(one, plain), \
+                (float(np.abs(many - one).max()), float(np.abs(one - plain).max()))
+        sub.Free()
+    verdict(world, ok, detail)

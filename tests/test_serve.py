@@ -390,7 +390,8 @@ def test_lost_host_relaunch_with_one_rank_fewer(tmp_path):
     power cut does) and from then on it refuses connections (ssh's exit 255). The supervisor probes
     both hosts through mpiexec's own launcher, leaves node-b out, relaunches on node-a alone (the
     engine re-plans the split for 1 rank) and every stream completes with its full token count; a
-    request sent while the job is down waits in the queue and completes.
+    request sent while the job is down waits in the queue and completes. With --as-nodes 2 the
+    one-rank job computes the bits the two-rank job did: a seeded answer is the same after the loss.
 
     Why a fake ssh and not a deleted network namespace of scripts/cluster_sim.sh: the launch path
     is the same (hydra's ssh launcher, a failing `ssh` being how an unreachable host shows), while
@@ -402,10 +403,17 @@ def test_lost_host_relaunch_with_one_rank_fewer(tmp_path):
     hosts = tmp_path / "hosts"
     hosts.write_text("node-a:1\nnode-b:1\n")
     s = Serve(tmp_path, ["--hostfile", str(hosts), "--mpiexec-args", f"-launcher ssh -launcher-exec {FAKESSH}",
-                         "--probe-timeout", "20", *TINY_MODEL], env={"FAKESSH_DIR": str(fs)})
+                         "--probe-timeout", "20", "--as-nodes", "2", *TINY_MODEL], env={"FAKESSH_DIR": str(fs)})
+
+    def seeded():
+        r = client.chat.completions.create(model=TINY_ID, messages=[{"role": "user", "content": "Tell me more."}],
+                                           max_tokens=40, temperature=1, seed=3)
+        return r.choices[0].message.content
+
     try:
         assert s.health()["backend"]["ranks"] == 2
         client = s.client()
+        before = seeded()
         run = Streams(client, TINY_ID, [f"client {i}" for i in range(4)], 300)
         run.wait_chunks(10)
         (fs / "down").write_text("node-b\n")
@@ -424,6 +432,7 @@ def test_lost_host_relaunch_with_one_rank_fewer(tmp_path):
         assert re.search(r"serve: recovered in [\d.]+ s \(launch 2: 1 rank\(s\) on node-a:1", out), out[-3000:]
         h = s.health()
         assert h["status"] == "ok" and h["backend"]["ranks"] == 1 and h["backend"]["hosts"] == ["node-a"]
+        assert seeded() == before
     finally:
         assert s.stop() == 0, s.output()[-3000:]
 

@@ -3,7 +3,8 @@ kernels on vocabulary slices, the sampler on masked rows; then the default SmolL
 `mpiexec -n 2 dllama-mpi api` driven by the official openai client (JSON schemas at temperatures 0
 and 1, n = 3, streamed and not: every answer ends with "stop" and validates; `.parse()` with a
 Pydantic model; hostile schemas refused with a 400; free streams beside constrained ones unchanged),
-and `inference --json-schema` giving the same tokens at N = 1, N = 2 and with --pp 2."""
+`inference --json-schema` giving the same tokens at N = 1, N = 2 and with --pp 2, and seeded answers
+the same on 1, 2 and 4 ranks with --as-nodes."""
 
 from __future__ import annotations
 
@@ -306,10 +307,12 @@ def test_free_streams_beside_constrained_ones_are_unchanged(smollm2_api):
     assert together == alone
 
 
-def test_four_ranks_schemas_and_a_forced_tool_call(tmp_path):
+def test_four_ranks_schemas_tool_calls_and_the_same_seeded_tokens_on_one_two_and_four(tmp_path):
     """`mpiexec -n 4 api` (vocabulary slices masked on four ranks): schema answers at temperatures 0
     and 1, n = 3, streamed and not, all end with stop and validate; a required tool call validates
-    and streams as it answers; the greedy answers equal the 2-rank server's."""
+    and streams as it answers. With --as-nodes 4 the 4-, 2- and 1-rank servers compute the same bits,
+    so every answer, greedy and seeded (temperature 1), streamed or not, with its log-probabilities
+    and the tool calls, is the same on all three."""
     model, tokenizer = default_smollm2_or_skip()
     openai = pytest.importorskip("openai")
     tools = [{"type": "function", "function": {
@@ -317,46 +320,46 @@ def test_four_ranks_schemas_and_a_forced_tool_call(tmp_path):
                                       "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}]
     names = list(SCHEMAS)[:3]
     got = {}
-    for ranks in (4, 2):
+    for ranks in (4, 2, 1):
         s = ApiServer(tmp_path / f"server{ranks}.log", model=model, tokenizer=tokenizer, ranks=ranks,
-                      extra=["--parallel", "4", "--no-web-ui"])
+                      extra=["--parallel", "4", "--no-web-ui", "--as-nodes", "4"])
         try:
             s.client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=300)
             s.model_id = s.client.models.list().data[0].id
-            got[ranks] = [_ask(s, n, SCHEMAS[n], 0.0, False, 0) for n in names]
-            if ranks == 4:
-                for i, n in enumerate(names):
-                    for stream in (False, True):
-                        reasons, texts = _ask(s, n, SCHEMAS[n], 1.0, stream, 40 + i)
-                        assert reasons == ["stop"] * 3, (n, stream, texts)
-                        for t in texts:
-                            jsonschema.validate(json.loads(t), SCHEMAS[n])
-                calls = []
-                for stream in (False, True):
-                    kw = dict(model=s.model_id, messages=[{"role": "user", "content": "What is 2 + 3?"}], tools=tools,
-                              tool_choice="required", max_tokens=MAX_TOKENS, temperature=0)
-                    if not stream:
-                        c = s.client.chat.completions.create(**kw).choices[0]
-                        assert c.finish_reason == "tool_calls"
-                        calls.append((c.message.tool_calls[0].function.name, c.message.tool_calls[0].function.arguments))
-                    else:
-                        name, args, reason = None, "", None
-                        for chunk in s.client.chat.completions.create(stream=True, **kw):
-                            for d in chunk.choices[0].delta.tool_calls or []:
-                                name = name or d.function.name
-                                args += d.function.arguments or ""
-                            reason = chunk.choices[0].finish_reason or reason
-                        assert reason == "tool_calls"
-                        calls.append((name, args))
-                assert calls[0] == calls[1] and calls[0][0] == "add"
-                jsonschema.validate(json.loads(calls[0][1]), tools[0]["function"]["parameters"])
+            answers = [_ask(s, n, SCHEMAS[n], 0.0, False, 0) for n in names]
+            answers += [_ask(s, n, SCHEMAS[n], 1.0, stream, 40 + i) for i, n in enumerate(names) for stream in (False, True)]
+            r = s.client.chat.completions.create(model=s.model_id, messages=[{"role": "user", "content": "Hi!"}],
+                                                 max_tokens=24, temperature=1, seed=5, logprobs=True, top_logprobs=3)
+            answers.append([(x.token, x.logprob, [(t.token, t.logprob) for t in x.top_logprobs])
+                            for x in r.choices[0].logprobs.content])
+            calls = []
+            for stream, t in ((False, 0), (True, 0), (False, 1), (True, 1)):
+                kw = dict(model=s.model_id, messages=[{"role": "user", "content": "What is 2 + 3?"}], tools=tools,
+                          tool_choice="required", max_tokens=MAX_TOKENS, temperature=t, seed=9)
+                if not stream:
+                    c = s.client.chat.completions.create(**kw).choices[0]
+                    assert c.finish_reason == "tool_calls"
+                    calls.append((c.message.tool_calls[0].function.name, c.message.tool_calls[0].function.arguments))
+                else:
+                    name, args, reason = None, "", None
+                    for chunk in s.client.chat.completions.create(stream=True, **kw):
+                        for d in chunk.choices[0].delta.tool_calls or []:
+                            name = name or d.function.name
+                            args += d.function.arguments or ""
+                        reason = chunk.choices[0].finish_reason or reason
+                    assert reason == "tool_calls"
+                    calls.append((name, args))
+            assert calls[0] == calls[1] and calls[2] == calls[3] and calls[0][0] == "add"
+            for _, a in calls:
+                jsonschema.validate(json.loads(a), tools[0]["function"]["parameters"])
+            got[ranks] = answers + calls
         finally:
             s.stop()
-    for (reasons, texts), n in zip(got[4], names):
-        assert reasons == ["stop"] * 3
+    for (reasons, texts), n in zip(got[4][:9], names + [n for n in names for _ in (0, 1)]):
+        assert reasons == ["stop"] * 3, (n, texts)
         for t in texts:
             jsonschema.validate(json.loads(t), SCHEMAS[n])
-    assert got[4] == got[2]
+    assert got[4] == got[2] == got[1]
 
 
 def _inference(model, schema_path, n, temperature, *extra):
@@ -373,9 +376,9 @@ def _inference(model, schema_path, n, temperature, *extra):
 def test_inference_json_schema_same_tokens_on_one_rank_two_ranks_and_two_stages(smollm2_api, tmp_path):
     """Greedy: the same tokens on 1 rank, 2 ranks (vocabulary slices masked on each rank) and 2
     pipeline stages (masks sent from rank 0 to the last stage). Sampling (temperature 1, same seed):
-    the same tokens on 1 rank and 2 stages with f32 buffers, whose arithmetic is the same; 2
-    tensor-parallel ranks round their partial sums differently (free text too), so their draws may
-    part where two tokens are nearly equally likely."""
+    the same tokens on 1 rank and 2 stages with f32 buffers, whose arithmetic is the same, and on 1
+    and 2 tensor-parallel ranks with --as-nodes 2 (without it 2 ranks round their partial sums
+    differently, so draws may part where two tokens are nearly equally likely)."""
     path = tmp_path / "person.json"
     path.write_text(json.dumps(PERSON))
     m = smollm2_api.model
@@ -387,6 +390,9 @@ def test_inference_json_schema_same_tokens_on_one_rank_two_ranks_and_two_stages(
     f32 = ("--buffer-float-type", "f32")
     sampled = [_inference(m, path, 1, 1, *f32), _inference(m, path, 2, 1, "--pp", "2", *f32)]
     assert sampled[0]["generated_ids"] == sampled[1]["generated_ids"] != greedy[0]["generated_ids"]
+    as2 = ("--as-nodes", "2")
+    tp = [_inference(m, path, 1, 1, *as2), _inference(m, path, 2, 1, *as2)]
+    assert tp[0]["generated_ids"] == tp[1]["generated_ids"] != greedy[0]["generated_ids"]
     jsonschema.validate(json.loads(sampled[0]["text"]), PERSON)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(HOSTILE["recursive $ref"]))
