@@ -165,10 +165,12 @@ class RunState:
         self.v = np.zeros((B, self.kv_loc), np.float32)    # into their cache rows
         self.z = np.zeros((B, self.q_loc), np.float32)     # attention output (this rank's heads)
         self.zq = qb(self.q_loc)
-        # this rank's share of wo / w2 output; with --as-nodes one per virtual node it computes
-        # (zero-width ones stay zero), and a scratch row block for a piece's columns of z / h
-        self.partials = np.zeros((max(len(s.pieces), 1), B, h.dim), np.float32)
-        self.partial = self.partials[0]
+        # this rank's share of wo / w2 output; with --as-nodes one per virtual node it computes, a pass
+        # of b rows packing them as [piece][b][dim] (what the sync sends), and a scratch block for a
+        # piece's columns of z / h when b > 1 (the kernels take whole rows)
+        self.n_pieces = max(len(s.pieces), 1)
+        self.partials = np.zeros(self.n_pieces * B * h.dim, np.float32)
+        self.partial = self.partials[:B * h.dim].reshape(B, h.dim)
         wide = max([b - a for ranges in (plan.piece_cols("wo", rank), plan.piece_cols("w2", rank))
                     for a, b in ranges] if s.pieces else [0])
         self.piece_x = np.zeros(B * wide, np.float32)
@@ -210,7 +212,6 @@ class RunState:
         self.p_x, self.p_xb, self.p_q, self.p_z = fptr(self.x), fptr(self.xb), fptr(self.q), fptr(self.z)
         self.p_k, self.p_v = fptr(self.k), fptr(self.v)
         self.p_partial, self.p_h1, self.p_h3 = fptr(self.partial), fptr(self.h1), fptr(self.h3)
-        self.p_partials = [fptr(p) for p in self.partials]
         self.p_piece_x, self.p_piece_xq = fptr(self.piece_x), qptr(self.piece_xq)
         self.p_attn_out = fptr(self.attn_out)
         self.p_xq, self.p_zq, self.p_hq = qptr(self.xq), qptr(self.zq), qptr(self.hq)
@@ -284,6 +285,7 @@ class Engine:
                            [header.window_of_layer(layer.index) for layer in weights.layers])
         self.kv = KVCache(self.kv_plan) if comm.is_root else None   # the root's page bookkeeping
         self.sync = PartialSum(comm, plan, header.dim, max_batch, buffer_type, sync)
+        self._bind_pieces()
         self.kv_of_q = np.array(plan.kv_of_q(comm.rank), np.int32)
         # per layer: rope frequencies (one table per distinct base) and the attention window
         tables = {}
@@ -582,29 +584,41 @@ class Engine:
 
     def _piece_matmuls(self, m: Pieces, xf: np.ndarray, xq: np.ndarray, b: int) -> None:
         """--as-nodes: wo / w2 times this rank's z / h (f32 [B, width] and its q80), each virtual
-        node's columns into its own partial."""
-        st = self.st
+        node's columns into its own partial (piece i's b rows at st.partials[i * b * dim])."""
+        st, dim = self.st, self.h.dim
+        if b == 1:   # decoding: the calls were bound once (bind_pieces)
+            for kernel, out, w, x, rows, cols in m.calls:
+                getattr(lib, kernel)(out, w, x, rows, cols, 1)
+            for i in m.empty:
+                st.partials[i * dim:(i + 1) * dim] = 0.0
+            return
         width = xf.shape[1]
-        for part, (c0, c1), p_out in zip(m.parts, m.cols, st.p_partials):
-            if c1 == c0:
-                continue    # a virtual node without heads / FFN columns adds its zero partial
-            if part.spec.q80_input:
-                if b == 1:
-                    p_in = qptr(xq) + c0 // BLOCK
-                else:   # the kernels take whole rows: this piece's blocks of every row, packed
-                    rb = width // BLOCK * Q80_BYTES
-                    n = (c1 - c0) // BLOCK * Q80_BYTES
-                    st.piece_xq[:b * n].reshape(b, n)[...] = \
-                        xq[:b * rb].reshape(b, rb)[:, c0 // BLOCK * Q80_BYTES:c1 // BLOCK * Q80_BYTES]
-                    p_in = st.p_piece_xq
-                part.matmul(p_out, p_in, None, b)
+        p_out = fptr(st.partials)
+        for i, (part, (c0, c1)) in enumerate(zip(m.parts, m.cols)):
+            if c1 == c0:    # a virtual node without heads / FFN columns adds its zero partial
+                st.partials[i * b * dim:(i + 1) * b * dim] = 0.0
+            elif part.spec.q80_input:
+                rb, lo, hi = width // BLOCK * Q80_BYTES, c0 // BLOCK * Q80_BYTES, c1 // BLOCK * Q80_BYTES
+                st.piece_xq[:b * (hi - lo)].reshape(b, hi - lo)[...] = xq[:b * rb].reshape(b, rb)[:, lo:hi]
+                part.matmul(p_out + i * b * dim, st.p_piece_xq, None, b)
             else:
-                if b == 1:
-                    p_in = fptr(xf) + c0
-                else:
-                    st.piece_x[:b * (c1 - c0)].reshape(b, c1 - c0)[...] = xf[:b, c0:c1]
-                    p_in = st.p_piece_x
-                part.matmul(p_out, None, p_in, b)
+                st.piece_x[:b * (c1 - c0)].reshape(b, c1 - c0)[...] = xf[:b, c0:c1]
+                part.matmul(p_out + i * b * dim, None, st.p_piece_x, b)
+
+    def _bind_pieces(self) -> None:
+        """The decode-row calls of every Pieces matrix (inputs at fixed offsets of z / h), bound once."""
+        st, dim = self.st, self.h.dim
+        for layer in self.w.layers:
+            for m, xf, xq in ((layer.wo, st.z, st.zq), (layer.w2, st.h1, st.hq)):
+                if not isinstance(m, Pieces):
+                    continue
+                m.calls, m.empty = [], []
+                for i, (part, (c0, c1)) in enumerate(zip(m.parts, m.cols)):
+                    if c1 == c0:
+                        m.empty.append(i)
+                        continue
+                    x = qptr(xq) + c0 // BLOCK if part.spec.q80_input else fptr(xf) + c0
+                    m.calls.append((part.spec.kernel, fptr(st.partials) + i * dim, part.ptr, x, part.rows, part.cols))
 
     def _residual(self, p_post_norm, b: int) -> None:
         """x += the sum over ranks of partial; with a post-norm (Gemma 3's sandwich norms) the sum is

@@ -116,7 +116,7 @@ class PartialSum:
 
     def __call__(self, x: np.ndarray, partial: np.ndarray, batch: int) -> None:
         """x[:batch] += sum over ranks of partial[:batch] (both [max_batch, dim] f32; with --as-nodes
-        partial is [pieces, max_batch, dim], this rank's virtual nodes' partials)."""
+        partial is this rank's virtual nodes' partials, flat, packed as [piece][batch][dim])."""
         n_vals = batch * self.dim
         nbytes = batch * self.row_bytes
         if x is not self._x:          # the engine passes the same two buffers every time
@@ -152,11 +152,10 @@ class PartialSum:
     def _pieces(self, partials: np.ndarray, batch: int) -> None:
         n_vals, nbytes = batch * self.dim, batch * self.row_bytes
         mine = self.n_local[self.comm.rank]
-        for i in range(mine):   # each virtual node's partial quantized alone, as that node would
-            if self.q80:
-                lib.dl_quantize_q80(self.p_send + i * (nbytes // Q80_BYTES), _fptr(partials[i]), n_vals)
-            else:
-                self.send[i * nbytes:(i + 1) * nbytes] = partials[i].reshape(-1)[:n_vals].view(np.uint8)
+        if self.q80:   # each virtual node's partial quantized alone, as that node would (q80 blocks never straddle two)
+            lib.dl_quantize_q80(self.p_send, _fptr(partials), mine * n_vals)
+        else:
+            self.send[:mine * nbytes] = partials[:mine * n_vals].view(np.uint8)
         if self.n > 1:
             lay = self._per_batch.get(batch)
             if lay is None:   # byte counts and offsets of every rank's partials, once per batch size

@@ -175,6 +175,8 @@ class Pieces:
 
     parts: list
     cols: list
+    calls: list = field(default_factory=list)   # decode-row kernel calls, bound by the engine
+    empty: list = field(default_factory=list)   # parts without columns (their partial is zero)
 
     @property
     def nbytes(self) -> int:
