@@ -864,10 +864,13 @@ def test_read_bytes_probe():
 
 @pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
 def test_q40r_matvec_streams_and_prefetch_do_not_change_results(isa):
+    """The matvec's 1-4 streams per thread and 2-4 batch rows read as 2 streams (AVX-512), with and
+    without prefetch, 1 and 2 threads: the same bits, every row of a batch of 2-5 as alone."""
     r = rng(44)
     rows, cols = 16 * 37 + 5, 320
-    w, x = random_q40(r, rows, cols), random_q80(r, 1, cols)
+    w, x = random_q40(r, rows, cols), random_q80(r, 5, cols)
     wr = repack_q40(w, rows, cols)
+    row = cols // 32 * 34
     try:
         outs = []
         for threads in (1, 2):
@@ -876,7 +879,12 @@ def test_q40r_matvec_streams_and_prefetch_do_not_change_results(isa):
                 for p in (0, 1024):
                     lib.dl_q40r_split(s)
                     lib.dl_q40r_prefetch(p)
-                    outs.append(matmul_q40r(wr, x, rows, cols, 1))
+                    alone = np.concatenate([matmul_q40r(wr, np.ascontiguousarray(x[b * row:(b + 1) * row]), rows, cols, 1)
+                                            for b in range(5)])
+                    outs.append(alone)
+                    for batch in (2, 3, 4, 5):
+                        got = matmul_q40r(wr, np.ascontiguousarray(x[:batch * row]), rows, cols, batch)
+                        assert np.array_equal(got, alone[:batch]), (threads, s, p, batch)
         assert all(np.array_equal(o, outs[0]) for o in outs)
     finally:
         lib.dl_q40r_split(0)        # back to the defaults
@@ -1174,20 +1182,27 @@ def test_rx_matmul_vs_gguf(ftype, isa):
 @pytest.mark.parametrize("ftype", sorted(RX_TYPES), ids=[FLOAT_NAMES[t] for t in sorted(RX_TYPES)])
 @pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
 def test_rx_matvec_streams_do_not_change_results(ftype, isa):
-    """The matvec reads 1-4 groups side by side per thread (dl_rx_split): the same bits for every
-    split and thread count, including the groups left over when a thread's share does not divide."""
+    """The matvec reads 1-4 groups side by side per thread (dl_rx_split), and 2-4 batch rows read 2
+    (AVX-512): the same bits for every split and thread count, including the groups left over when
+    a thread's share does not divide, and every row of 2, 3, 4 or 5 the bits it has alone."""
     name = RX_TYPES[ftype]
     r = rng(90 + ftype)
     rows, cols = 16 * 23 + 7, 2 * max(TYPE_BLOCK[ftype][0], 64)
     rp = rx_repack(name, edge_blocks(r, ftype, rows, cols), rows, cols)
-    xq = random_q80(r, 1, cols)
+    xq = random_q80(r, 5, cols)
+    row = cols // 32 * 34
     try:
         outs = []
         for threads in (1, 2):
             use(isa, threads)
             for s in (1, 2, 3, 4):
                 assert lib.dl_rx_split(s) == s
-                outs.append(rx_call(name, rp, xq, rows, cols, 1))
+                alone = np.concatenate([rx_call(name, rp, np.ascontiguousarray(xq[b * row:(b + 1) * row]), rows, cols, 1)
+                                        for b in range(5)])
+                outs.append(alone)
+                for batch in (2, 3, 4, 5):
+                    got = rx_call(name, rp, np.ascontiguousarray(xq[:batch * row]), rows, cols, batch)
+                    assert np.array_equal(got, alone[:batch]), (threads, s, batch)
         assert all(np.array_equal(o, outs[0]) for o in outs)
     finally:
         lib.dl_rx_split(0)          # back to the default
