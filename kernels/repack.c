@@ -215,44 +215,49 @@ static inline void q40r_streams_at(q40r_streams *st, float *out, const uint8_t *
 /* ------------------------------------------------------------------------------------------ */
 /* AVX-512 VNNI: one group (16 rows) x B batch rows, all blocks */
 
+/* a block's codes for 16 rows (256 bytes at p) as 4 low- and 4 high-nibble registers */
+DL_INLINE DL_TARGET_AVX512 void q40r_unpack_avx512(const uint8_t *p, __m512i *lo, __m512i *hi) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    for (int i = 0; i < 4; i++) {
+        const __m512i v = _mm512_loadu_si512((const void *)(p + 64 * i));
+        lo[i] = _mm512_and_si512(v, m4);
+        hi[i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+    }
+}
+
+/* acc + the block's 16 row dots with one batch row's q80 block (codes xq; correction and scale cd),
+ * scaled by the rows' dw: the operation order of every batched q40r AVX-512 path */
+DL_INLINE DL_TARGET_AVX512 __m512 q40r_fma_avx512(__m512 acc, const __m512i *lo, const __m512i *hi, __m512 dw,
+                                                  const uint8_t *xq, const int32_t *cd) {
+    __m512i s0 = _mm512_dpbusd_epi32(_mm512_set1_epi32(cd[0]), lo[0], _mm512_set1_epi32(dl_ld32(xq + 0)));
+    __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi[0], _mm512_set1_epi32(dl_ld32(xq + 16)));
+    s0 = _mm512_dpbusd_epi32(s0, lo[1], _mm512_set1_epi32(dl_ld32(xq + 4)));
+    s1 = _mm512_dpbusd_epi32(s1, hi[1], _mm512_set1_epi32(dl_ld32(xq + 20)));
+    s0 = _mm512_dpbusd_epi32(s0, lo[2], _mm512_set1_epi32(dl_ld32(xq + 8)));
+    s1 = _mm512_dpbusd_epi32(s1, hi[2], _mm512_set1_epi32(dl_ld32(xq + 24)));
+    s0 = _mm512_dpbusd_epi32(s0, lo[3], _mm512_set1_epi32(dl_ld32(xq + 12)));
+    s1 = _mm512_dpbusd_epi32(s1, hi[3], _mm512_set1_epi32(dl_ld32(xq + 28)));
+    const __m512 s = _mm512_mul_ps(dw, _mm512_set1_ps(((const float *)cd)[1]));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), s, acc);
+}
+
 DL_INLINE DL_TARGET_AVX512 void q40r_group_avx512(float *out, const uint8_t *wg, const uint8_t *xp,
                                                   int nb, int cols, int rows, int row0, int b0,
                                                   const int B) {
     const size_t xs = xr_stride(cols);
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
     const int pf = q40r_pf;
     __m512 acc[8];
     for (int j = 0; j < B; j++) acc[j] = _mm512_setzero_ps();
     for (int k = 0; k < nb; k++) {
         const uint8_t *p = wg + CODES(k);
-        if (pf) {
-            _mm_prefetch((const char *)p + pf, _MM_HINT_T0);
-            _mm_prefetch((const char *)p + pf + 64, _MM_HINT_T0);
-            _mm_prefetch((const char *)p + pf + 128, _MM_HINT_T0);
-            _mm_prefetch((const char *)p + pf + 192, _MM_HINT_T0);
-        }
-        const __m512i v0 = _mm512_loadu_si512((const void *)(p + 0));
-        const __m512i v1 = _mm512_loadu_si512((const void *)(p + 64));
-        const __m512i v2 = _mm512_loadu_si512((const void *)(p + 128));
-        const __m512i v3 = _mm512_loadu_si512((const void *)(p + 192));
-        const __m512i l0 = _mm512_and_si512(v0, m4), h0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4);
-        const __m512i l1 = _mm512_and_si512(v1, m4), h1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
-        const __m512i l2 = _mm512_and_si512(v2, m4), h2 = _mm512_and_si512(_mm512_srli_epi16(v2, 4), m4);
-        const __m512i l3 = _mm512_and_si512(v3, m4), h3 = _mm512_and_si512(_mm512_srli_epi16(v3, 4), m4);
+        if (pf)
+            for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)p + pf + l, _MM_HINT_T0);
+        __m512i lo[4], hi[4];
+        q40r_unpack_avx512(p, lo, hi);
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wg + SCALES(k))));
         for (int j = 0; j < B; j++) {
-            const uint8_t *xq = xp + (size_t)(b0 + j) * xs + (size_t)k * DL_QK;
-            const int32_t *cd = (const int32_t *)(xp + (size_t)(b0 + j) * xs + cols) + 2 * k;
-            __m512i s0 = _mm512_dpbusd_epi32(_mm512_set1_epi32(cd[0]), l0, _mm512_set1_epi32(dl_ld32(xq + 0)));
-            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), h0, _mm512_set1_epi32(dl_ld32(xq + 16)));
-            s0 = _mm512_dpbusd_epi32(s0, l1, _mm512_set1_epi32(dl_ld32(xq + 4)));
-            s1 = _mm512_dpbusd_epi32(s1, h1, _mm512_set1_epi32(dl_ld32(xq + 20)));
-            s0 = _mm512_dpbusd_epi32(s0, l2, _mm512_set1_epi32(dl_ld32(xq + 8)));
-            s1 = _mm512_dpbusd_epi32(s1, h2, _mm512_set1_epi32(dl_ld32(xq + 24)));
-            s0 = _mm512_dpbusd_epi32(s0, l3, _mm512_set1_epi32(dl_ld32(xq + 12)));
-            s1 = _mm512_dpbusd_epi32(s1, h3, _mm512_set1_epi32(dl_ld32(xq + 28)));
-            const __m512 s = _mm512_mul_ps(dw, _mm512_set1_ps(((const float *)cd)[1]));
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), s, acc[j]);
+            const uint8_t *xr = xp + (size_t)(b0 + j) * xs;
+            acc[j] = q40r_fma_avx512(acc[j], lo, hi, dw, xr + (size_t)k * DL_QK, (const int32_t *)(xr + cols) + 2 * k);
         }
     }
     const int valid = rows - row0 < G ? rows - row0 : G;
@@ -308,7 +313,6 @@ DL_INLINE DL_TARGET_AVX512 void q40r_ngroups_b1_avx512(float *const *outs, const
 DL_INLINE DL_TARGET_AVX512 void q40r_2groups_avx512(const q40r_streams *st, const uint8_t *xp, int nb, int cols,
                                                     int rows, const int B) {
     const size_t xs = xr_stride(cols);
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
     const int pf = q40r_pf;
     __m512 acc[2][4];
     for (int g = 0; g < 2; g++)
@@ -318,28 +322,12 @@ DL_INLINE DL_TARGET_AVX512 void q40r_2groups_avx512(const q40r_streams *st, cons
             const uint8_t *p = st->wgs[g] + CODES(k);
             if (pf)
                 for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)p + pf + l, _MM_HINT_T0);
-            const __m512i v0 = _mm512_loadu_si512((const void *)(p + 0));
-            const __m512i v1 = _mm512_loadu_si512((const void *)(p + 64));
-            const __m512i v2 = _mm512_loadu_si512((const void *)(p + 128));
-            const __m512i v3 = _mm512_loadu_si512((const void *)(p + 192));
-            const __m512i l0 = _mm512_and_si512(v0, m4), h0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4);
-            const __m512i l1 = _mm512_and_si512(v1, m4), h1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
-            const __m512i l2 = _mm512_and_si512(v2, m4), h2 = _mm512_and_si512(_mm512_srli_epi16(v2, 4), m4);
-            const __m512i l3 = _mm512_and_si512(v3, m4), h3 = _mm512_and_si512(_mm512_srli_epi16(v3, 4), m4);
+            __m512i lo[4], hi[4];
+            q40r_unpack_avx512(p, lo, hi);
             const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(st->wgs[g] + SCALES(k))));
             for (int j = 0; j < B; j++) {
-                const uint8_t *xq = xp + (size_t)j * xs + (size_t)k * DL_QK;
-                const int32_t *cd = (const int32_t *)(xp + (size_t)j * xs + cols) + 2 * k;
-                __m512i s0 = _mm512_dpbusd_epi32(_mm512_set1_epi32(cd[0]), l0, _mm512_set1_epi32(dl_ld32(xq + 0)));
-                __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), h0, _mm512_set1_epi32(dl_ld32(xq + 16)));
-                s0 = _mm512_dpbusd_epi32(s0, l1, _mm512_set1_epi32(dl_ld32(xq + 4)));
-                s1 = _mm512_dpbusd_epi32(s1, h1, _mm512_set1_epi32(dl_ld32(xq + 20)));
-                s0 = _mm512_dpbusd_epi32(s0, l2, _mm512_set1_epi32(dl_ld32(xq + 8)));
-                s1 = _mm512_dpbusd_epi32(s1, h2, _mm512_set1_epi32(dl_ld32(xq + 24)));
-                s0 = _mm512_dpbusd_epi32(s0, l3, _mm512_set1_epi32(dl_ld32(xq + 12)));
-                s1 = _mm512_dpbusd_epi32(s1, h3, _mm512_set1_epi32(dl_ld32(xq + 28)));
-                const __m512 sc = _mm512_mul_ps(dw, _mm512_set1_ps(((const float *)cd)[1]));
-                acc[g][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), sc, acc[g][j]);
+                const uint8_t *xr = xp + (size_t)j * xs;
+                acc[g][j] = q40r_fma_avx512(acc[g][j], lo, hi, dw, xr + (size_t)k * DL_QK, (const int32_t *)(xr + cols) + 2 * k);
             }
         }
     for (int g = 0; g < 2; g++) {
