@@ -155,8 +155,7 @@ def batch(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq
 def _run(engine, tokenizer, todo, out_path, parallel, defaults, chat_template, spec=None) -> None:
     from tqdm import tqdm
 
-    from .chat import template_for
-    from .errors import TemplateError
+    from .chat import render_prompt, template_for
     from .sampler import Sampler
     from .scheduler import Request, RequestError, Scheduler
 
@@ -195,10 +194,7 @@ def _run(engine, tokenizer, todo, out_path, parallel, defaults, chat_template, s
             if "messages" in d:
                 if template is None:
                     template = template_for(tokenizer, chat_template)
-                try:
-                    ids = tokenizer.encode(template.render(d["messages"], add_generation_prompt=True), add_bos=False)
-                except TemplateError as e:
-                    raise ConfigError(f"line {d['_line']}: {e}") from None
+                ids = tokenizer.encode(render_prompt(template, d["messages"], f"line {d['_line']}"), add_bos=False)
             else:
                 ids = tokenizer.encode(d["prompt"])
             get = lambda k: d[k] if d.get(k) is not None else defaults[k]  # noqa: E731

@@ -41,7 +41,7 @@ import time
 import click
 import numpy as np
 
-from .errors import ConfigError, TemplateError
+from .errors import ConfigError
 from .startup import log, model_options, spec_config, spec_options, spmd, start
 
 SCHEMA = "dllama-mpi-benchmark/1"
@@ -631,13 +631,10 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                 template = None
                 for p in _read_prompts(prompts_path):
                     if isinstance(p, list):   # a chat: the model's own template
-                        from .chat import template_for
+                        from .chat import render_prompt, template_for
 
                         template = template or template_for(tokenizer, chat_template)
-                        try:
-                            text = template.render(p, add_generation_prompt=True)
-                        except TemplateError as e:
-                            raise ConfigError(f"{prompts_path}: {e}") from None
+                        text = render_prompt(template, p, prompts_path)
                         prompt_sets.append(("prompt", text, tokenizer.encode(text, add_bos=False)))
                     else:
                         prompt_sets.append(("prompt", p, tokenizer.encode(p)))

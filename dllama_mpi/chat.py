@@ -60,6 +60,17 @@ def template_for(tokenizer, override: str | None):
     return ChatTemplate.from_tokenizer(tokenizer.chat_template, bos, eos, override=override)
 
 
+def render_prompt(template, messages, where: str) -> str:
+    """A chat (batch lines, benchmark prompts) as the model's prompt text, the generation prompt
+    added; a chat the template cannot render is one ConfigError line starting with `where`."""
+    from .errors import TemplateError
+
+    try:
+        return template.render(messages, add_generation_prompt=True)
+    except TemplateError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 class PromptHistory:
     """The text and tokens of what the cache holds after recent answers (prompt + generated tokens,
     end-of-turn token included), so that a next prompt whose text extends one of them is tokenized
