@@ -168,8 +168,7 @@ class RunState:
         # this rank's share of wo / w2 output; with --as-nodes one per virtual node it computes, a pass
         # of b rows packing them as [piece][b][dim] (what the sync sends), and a scratch block for a
         # piece's columns of z / h when b > 1 (the kernels take whole rows)
-        self.n_pieces = max(len(s.pieces), 1)
-        self.partials = np.zeros(self.n_pieces * B * h.dim, np.float32)
+        self.partials = np.zeros(max(len(s.pieces), 1) * B * h.dim, np.float32)
         self.partial = self.partials[:B * h.dim].reshape(B, h.dim)
         wide = max([b - a for ranges in (plan.piece_cols("wo", rank), plan.piece_cols("w2", rank))
                     for a, b in ranges] if s.pieces else [0])
@@ -285,6 +284,7 @@ class Engine:
                            [header.window_of_layer(layer.index) for layer in weights.layers])
         self.kv = KVCache(self.kv_plan) if comm.is_root else None   # the root's page bookkeeping
         self.sync = PartialSum(comm, plan, header.dim, max_batch, buffer_type, sync)
+        self.sync_src = self.st.partials if plan.as_nodes else self.st.partial   # what the sync adds up
         self._bind_pieces()
         self.kv_of_q = np.array(plan.kv_of_q(comm.rank), np.int32)
         # per layer: rope frequencies (one table per distinct base) and the attention window
@@ -625,10 +625,10 @@ class Engine:
         normed first, which needs the whole sum: it is reduced into a zeroed buffer, normed, added."""
         st = self.st
         if p_post_norm is None:
-            self.sync(st.x, st.partials if self.plan.as_nodes else st.partial, b)
+            self.sync(st.x, self.sync_src, b)
             return
         st.attn_out[:b].fill(0.0)
-        self.sync(st.attn_out, st.partials if self.plan.as_nodes else st.partial, b)
+        self.sync(st.attn_out, self.sync_src, b)
         lib.dl_rmsnorm(st.p_attn_out, st.p_attn_out, p_post_norm, self.h.dim, self.eps, b)
         lib.dl_add(st.p_x, st.p_attn_out, b * self.h.dim)
 

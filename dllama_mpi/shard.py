@@ -90,11 +90,6 @@ class ShardPlan:
     shards: tuple[RankShard, ...]
     as_nodes: int = 0             # --as-nodes S (0: off): every rank computes whole virtual nodes of S
 
-    @property
-    def n_pieces(self) -> int:
-        """Partial sums of wo / w2 the sync adds, over all ranks: S virtual nodes, or one per rank."""
-        return self.as_nodes or self.n_nodes
-
     def piece_cols(self, name: str, rank: int) -> list[tuple[int, int]]:
         """Column ranges (absolute) of wo or w2 of each of rank's pieces: its virtual nodes under
         --as-nodes, else its one slice."""
@@ -173,8 +168,28 @@ def make_plan(h: ModelHeader, n_nodes: int, weights=None, as_nodes: int = 0) -> 
     count up to S: the outputs are bit for bit those of one node run with the same S."""
     if n_nodes < 1:
         raise ConfigError(f"node count must be >= 1, got {n_nodes}")
+    if weights is not None and len(weights) != n_nodes:
+        raise ConfigError(f"{len(weights)} split weights for {n_nodes} nodes")
+    split = even_split if weights is None else (lambda n, parts, unit=1: weighted_split(n, weights, unit))
     if as_nodes:
-        return _virtual_plan(h, n_nodes, weights, as_nodes)
+        head_ranges, ffn_ranges, pieces = _virtual_ranges(h, n_nodes, weights, split, as_nodes)
+    else:
+        head_ranges, ffn_ranges = _ranges(h, n_nodes, weights, split)
+        pieces = [()] * n_nodes
+    vocab_ranges = split(h.vocab_size, n_nodes)
+    dim_unit = BLOCK if h.dim % BLOCK == 0 else 1
+    dim_ranges = even_split(h.dim, n_nodes, dim_unit)
+    g = h.n_heads // h.n_kv_heads
+    shards = []
+    for r in range(n_nodes):
+        h0, h1 = head_ranges[r]
+        kv = (h0 // g, (h1 - 1) // g + 1) if h1 > h0 else (0, 0)
+        shards.append(RankShard(r, (h0, h1), kv, ffn_ranges[r], vocab_ranges[r], dim_ranges[r], pieces[r]))
+    return ShardPlan(h, n_nodes, tuple(shards), as_nodes)
+
+
+def _ranges(h: ModelHeader, n_nodes: int, weights, split) -> tuple[list, list]:
+    """Each rank's query heads and FFN rows: whole blocks of wo's and w2's column types."""
     unit, ffn_unit = column_unit(h, "wo"), column_unit(h, "w2")
     hd = h.head_size
     heads_unit = unit // math.gcd(unit, hd)   # heads per indivisible group (whole wo blocks)
@@ -182,9 +197,6 @@ def make_plan(h: ModelHeader, n_nodes: int, weights=None, as_nodes: int = 0) -> 
         raise ConfigError(
             f"cannot split the model: head_dim {hd} x {h.n_heads} heads cannot be cut into slices "
             f"of whole {unit}-value {'/'.join(float_type_name(t) for t in sorted(h.types_of('wo')))} blocks")
-    split = even_split if weights is None else (lambda n, parts, unit=1: weighted_split(n, weights, unit))
-    if weights is not None and len(weights) != n_nodes:
-        raise ConfigError(f"{len(weights)} split weights for {n_nodes} nodes")
     busy = n_nodes if weights is None else sum(1 for w in weights if w > 0)
     if busy > h.n_heads // heads_unit:
         raise ConfigError(
@@ -194,46 +206,27 @@ def make_plan(h: ModelHeader, n_nodes: int, weights=None, as_nodes: int = 0) -> 
                    for a, b in split(h.n_heads, n_nodes, heads_unit)]
     if h.ffn_dim % ffn_unit:
         raise ConfigError(f"FFN size {h.ffn_dim} is not a multiple of {ffn_unit}")
-    ffn_ranges = split(h.ffn_dim, n_nodes, ffn_unit)
-    vocab_ranges = split(h.vocab_size, n_nodes)
-    dim_unit = BLOCK if h.dim % BLOCK == 0 else 1
-    dim_ranges = even_split(h.dim, n_nodes, dim_unit)
-    g = h.n_heads // h.n_kv_heads
-    shards = []
-    for r in range(n_nodes):
-        h0, h1 = head_ranges[r]
-        kv = (h0 // g, (h1 - 1) // g + 1) if h1 > h0 else (0, 0)
-        shards.append(RankShard(r, (h0, h1), kv, ffn_ranges[r], vocab_ranges[r], dim_ranges[r]))
-    return ShardPlan(h, n_nodes, tuple(shards))
+    return head_ranges, split(h.ffn_dim, n_nodes, ffn_unit)
 
 
-def _virtual_plan(h: ModelHeader, n_nodes: int, weights, as_nodes: int) -> ShardPlan:
+def _virtual_ranges(h: ModelHeader, n_nodes: int, weights, split, as_nodes: int) -> tuple[list, list, list]:
+    """--as-nodes: each rank's heads and FFN rows are a contiguous run of the even plan's for
+    `as_nodes` virtual nodes, and its pieces those virtual nodes' (heads, ffn) ranges."""
     if as_nodes < n_nodes:
         raise ConfigError(f"--as-nodes {as_nodes} is below the node count {n_nodes}: every rank computes "
                           f"at least one virtual node")
     if h.is_moe:
         raise ConfigError("--as-nodes: mixture-of-experts models are not supported (their expert sums are per rank)")
-    if weights is not None and len(weights) != n_nodes:
-        raise ConfigError(f"{len(weights)} split weights for {n_nodes} nodes")
     try:
         virtual = make_plan(h, as_nodes)
     except ConfigError as e:
         raise ConfigError(f"--as-nodes {as_nodes}: {e}") from None
-    groups = even_split(as_nodes, n_nodes) if weights is None else weighted_split(as_nodes, weights)
+    groups = split(as_nodes, n_nodes)
     if any(b == a for a, b in groups):
         raise ConfigError(f"--as-nodes {as_nodes}: split weights {list(weights)} leave a rank without a virtual node")
-    vocab_ranges = (even_split(h.vocab_size, n_nodes) if weights is None else weighted_split(h.vocab_size, weights))
-    dim_ranges = even_split(h.dim, n_nodes, BLOCK if h.dim % BLOCK == 0 else 1)
-    shards = []
-    for r, (a, b) in enumerate(groups):
-        vs = virtual.shards[a:b]
-        heads = (vs[0].heads[0], vs[-1].heads[1])
-        ffn = (vs[0].ffn[0], vs[-1].ffn[1])
-        g = h.n_heads // h.n_kv_heads
-        kv = (heads[0] // g, (heads[1] - 1) // g + 1) if heads[1] > heads[0] else (0, 0)
-        shards.append(RankShard(r, heads, kv, ffn, vocab_ranges[r], dim_ranges[r],
-                                tuple((v.heads, v.ffn) for v in vs)))
-    return ShardPlan(h, n_nodes, tuple(shards), as_nodes)
+    runs = [virtual.shards[a:b] for a, b in groups]
+    return ([(vs[0].heads[0], vs[-1].heads[1]) for vs in runs], [(vs[0].ffn[0], vs[-1].ffn[1]) for vs in runs],
+            [tuple((v.heads, v.ffn) for v in vs) for vs in runs])
 
 
 def fit_types(h: ModelHeader, make):

@@ -65,10 +65,9 @@ class PartialSum:
         self.chunks = [((a // BLOCK, b // BLOCK) if self.q80 else (a, b)) for a, b in
                        (plan[r].dim_chunk for r in range(self.n))]
         self.units = nb if self.q80 else dim
-        self.send = np.zeros(max_batch * self.row_bytes, np.uint8)
+        self.send = np.zeros(self.n_local[comm.rank] * max_batch * self.row_bytes, np.uint8)
         self.full = np.zeros(max_batch * self.row_bytes, np.uint8)    # q80 of the whole row(s)
         if self.n_pieces:
-            self.send = np.zeros(self.n_local[comm.rank] * max_batch * self.row_bytes, np.uint8)
             self.recv = np.zeros(self.n_pieces * max_batch * self.row_bytes, np.uint8)
         elif self.scheme == "dllama":
             self.recv = np.zeros(self.n * max_batch * self.row_bytes, np.uint8)

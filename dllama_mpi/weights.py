@@ -187,13 +187,18 @@ class Pieces:
         return sum(m.data.nbytes for m in self.parts)
 
 
+def _cut_cols(raw: np.ndarray, rows: int, ftype: int, c0: int, c1: int) -> np.ndarray:
+    """The bytes of columns [c0, c1) of a [rows, cols] matrix stored in `ftype` (whole blocks), packed."""
+    unit, unit_bytes = block_shape(ftype)
+    by_row = raw.view(np.uint8).reshape(rows, -1)
+    return np.ascontiguousarray(by_row[:, c0 // unit * unit_bytes: c1 // unit * unit_bytes]).reshape(-1)
+
+
 def _cut_pieces(data: np.ndarray, rows: int, ftype: int, cols: list) -> Pieces:
     """Pieces of a rank's column slice `data` (its stored bytes, [rows, slice cols]) at `cols`."""
-    unit, unit_bytes = block_shape(ftype)
-    raw = data.view(np.uint8).reshape(rows, -1)
     parts = []
     for c0, c1 in cols:
-        part = np.ascontiguousarray(raw[:, c0 // unit * unit_bytes: c1 // unit * unit_bytes]).reshape(-1)
+        part = _cut_cols(data, rows, ftype, c0, c1)
         parts.append(Matrix(part.view(np.float32) if ftype == F32 else part, rows, c1 - c0, ftype))
     return Pieces(parts, cols)
 
@@ -289,9 +294,7 @@ def _slice_bytes(model, t: TensorInfo, plan: ShardPlan, rank: int, whole: np.nda
     c0, c1 = plan.cols(t.name, rank)
     if (c0, c1) == (0, t.cols):
         return raw
-    unit, unit_bytes = block_shape(t.ftype)
-    rows = raw.reshape(t.rows, t.nbytes // t.rows)
-    return np.ascontiguousarray(rows[:, c0 // unit * unit_bytes: c1 // unit * unit_bytes]).reshape(-1)
+    return _cut_cols(raw, t.rows, t.ftype, c0, c1)
 
 
 def _slice_shape(t: TensorInfo, plan: ShardPlan, rank: int) -> tuple[int, int]:
