@@ -63,6 +63,20 @@ def pytest_configure(config):
         parent = os.path.join(tempfile.gettempdir(), f"pytest-mpi-{job}")
         os.makedirs(parent, exist_ok=True)
         config.option.basetemp = os.path.join(parent, f"rank{c.rank}")
+        config._dllama_mpi_basetemp = config.option.basetemp
+
+
+def pytest_unconfigure(config):
+    # pytest keeps an explicit basetemp, and the job's directory above is never reused (a new pid each
+    # run): without this every collective run left its files for good (~600 MB, converted models, on
+    # rank 0) and repeated runs filled the disk. Each rank removes its own; the last one, the parent.
+    base = getattr(config, "_dllama_mpi_basetemp", None)
+    if base:
+        shutil.rmtree(base, ignore_errors=True)
+        try:
+            os.rmdir(os.path.dirname(base))
+        except OSError:   # another rank's directory is still there: that rank removes the parent
+            pass
 
 
 def default_smollm2_or_skip() -> tuple[str, str]:
