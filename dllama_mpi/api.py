@@ -310,6 +310,10 @@ class Server:
         m.gauge("kv_cache_pages", "KV pages by state: held by sequences, cached (reusable prefixes, evicted "
                 "when needed), free", lambda: {("in_use",): g()["kv_pages_in_use"], ("cached",): g()["kv_pages_cached"],
                                                ("free",): g()["kv_pages_free"]}, ("state",))
+        m.gauge("sampled_rows", "Sampled top-p rows since the engine started, by how the root got them: from "
+                "the ranks' summaries (no vocabulary slice sent) or gathered whole (a nucleus past the summaries; "
+                "one rank; pipeline stages)", lambda: {("summaries",): g()["sampled_rows_summarised"],
+                                                      ("whole",): g()["sampled_rows_whole"]}, ("way",))
         m.gauge("kv_cache_used_bytes", "KV-cache bytes held by running sequences, per rank", lambda: {
             (r,): used() * b for r, b in enumerate(self.kv_bytes_per_token)}, ("rank",))
         m.gauge("kv_cache_free_bytes", "KV-cache bytes free or reclaimable (cached prefixes), per rank", lambda: {

@@ -461,14 +461,35 @@ def _split_text() -> str:
 # ------------------------------------------------------------------------------------------------
 # the root's runs
 
+# how the runs sample (run_benchmark sets it from --temperature, --topp, --seed, --sampled-rows)
+SAMPLING = {"temperature": 0.0, "topp": 0.9, "seed": 1, "sampled_rows": "summaries"}
+
+
+def _request(sched, ids: list[int], steps: int):
+    """A run's request: greedy by default, else seeded sampling; with --sampled-rows whole its
+    top-p rows come back whole (what every sampled row did before the summaries)."""
+    from .engine import LOGITS_FULL, LOGITS_SAMPLE
+    from .sampler import Sampler
+    from .scheduler import Request
+
+    class WholeRowRequest(Request):
+        @property
+        def sample_mode(self) -> int:
+            m = super().sample_mode
+            return LOGITS_FULL if m == LOGITS_SAMPLE else m
+
+    cls = WholeRowRequest if SAMPLING["sampled_rows"] == "whole" else Request
+    sampler = Sampler(sched.engine.h.vocab_size, SAMPLING["temperature"], SAMPLING["topp"], SAMPLING["seed"])
+    return cls(ids, steps + 1, sampler, ignore_eos=True)
+
+
 def _one_run(sched, ids: list[int], steps: int):
-    """One greedy request (what `inference --temperature 0` runs): prefill ids, then `steps` tokens;
+    """One request (greedy: what `inference --temperature 0` runs): prefill ids, then `steps` tokens;
     (prefill seconds = time to the first token, per-token seconds after it, its RunStats). With
     speculation a pass gives several tokens at one instant: each gets an equal share of the pass."""
-    from .sampler import Sampler
-    from .scheduler import Request, run_to_completion
+    from .scheduler import run_to_completion
 
-    req = Request(ids, steps + 1, Sampler(sched.engine.h.vocab_size, 0.0), ignore_eos=True)
+    req = _request(sched, ids, steps)
     sched.drop_cached()   # every run evaluates its whole prompt
     run_to_completion(sched, [req])
     per, k = [], 0
@@ -481,13 +502,12 @@ def _one_run(sched, ids: list[int], steps: int):
 
 
 def _parallel_run(sched, prompts: list[list[int]], steps: int) -> dict:
-    """len(prompts) greedy streams submitted together, `steps` tokens each after the first. Decode
+    """len(prompts) streams (greedy unless --temperature) submitted together, `steps` tokens each after the first. Decode
     throughput counts only the passes in which every running sequence decodes (no prompt rows): the
     aggregate generation speed llama-batched-bench reports as S_TG."""
-    from .sampler import Sampler
-    from .scheduler import DECODE, Request
+    from .scheduler import DECODE
 
-    reqs = [Request(p, steps + 1, Sampler(sched.engine.h.vocab_size, 0.0), ignore_eos=True) for p in prompts]
+    reqs = [_request(sched, p, steps) for p in prompts]
     sched.drop_cached()
     d0, a0 = sched.draft_tokens, sched.accepted_tokens
     pc = time.perf_counter
@@ -567,6 +587,13 @@ def register(group) -> None:
     @click.option("--parallel", "parallel_spec", default=None,
                   help="Also sweep concurrent streams, e.g. 1,2,4,8,16: aggregate decode tok/s, per-stream tok/s "
                        "and time to first token at each count (greedy, one synthetic or file prompt per stream).")
+    @click.option("--temperature", type=float, default=0.0, show_default=True,
+                  help="Sample at this temperature (0: greedy, the speed usually quoted).")
+    @click.option("--topp", type=float, default=0.9, show_default=True, help="Top-p when sampling.")
+    @click.option("--seed", type=int, default=1, show_default=True, help="Every run's sampler seed.")
+    @click.option("--sampled-rows", type=click.Choice(["summaries", "whole"]), default="summaries", show_default=True,
+                  help="How sampled top-p rows reach rank 0: the ranks' summaries, or whole (to measure what the "
+                       "summaries save).")
     @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
                   help="Draw charts from the JSON files given as arguments into this PNG (no model run).")
     @click.argument("json_files", nargs=-1, type=click.Path(exists=True, dir_okay=False))
@@ -580,7 +607,8 @@ def register(group) -> None:
 
 def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type, max_seq_len, sync_scheme, load,
                   max_batch, prompts_path, synthetic, steps, warmup, repeat, bandwidth, profile, parallel_spec,
-                  plot_path, json_files, chat_template=None):
+                  plot_path, json_files, chat_template=None, temperature=0.0, topp=0.9, seed=1,
+                  sampled_rows="summaries"):
     """Measure prompt and decode speed (JSON on stdout, a table on stderr)."""
     if plot_path:
         if comm.is_root:
@@ -592,6 +620,9 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
         raise ConfigError("--steps and --repeat must be >= 1, --warmup >= 0")
     if prompts_path and synthetic:
         raise ConfigError("give --prompts or --synthetic, not both")
+    if temperature < 0 or not 0 <= topp <= 1:
+        raise ConfigError(f"--temperature must be >= 0 and --topp in [0, 1], got {temperature} and {topp}")
+    SAMPLING.update(temperature=temperature, topp=topp, seed=seed, sampled_rows=sampled_rows)
     lens = _synthetic_lengths(synthetic or "128") if not prompts_path else None
     parallel = _parallel_list(parallel_spec)
     spec = spec_config()
@@ -831,7 +862,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                    "nthreads": engine.nthreads, "buffer_float_type": engine.buffer_type,
                    "sync": engine.sync.scheme, "as_nodes": engine.plan.as_nodes, "batch": engine.max_batch, "load": load,
                    "max_seq_len": engine.max_seq_len, "steps": steps, "warmup": warmup, "repeat": repeat,
-                   "spec": _spec_doc(spec),
+                   "spec": _spec_doc(spec), "sampling": dict(SAMPLING),
                    "repack": bool(getattr(engine.w.layers[0].wq, "repacked", False))},
         "system": {"versions": _versions(), "cpu": _cpu_info(), "hostname": platform.node(),
                    "hosts": sorted(set(hosts)), "slurm": _slurm(),
@@ -857,7 +888,10 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                     "message_rounds_per_pass": rounds,
                     "tokens_per_pass": round(tpp, 3),
                     "message_rounds_per_token": round(rounds / tpp, 2),
-                    "one_way_us": round(one_way_us, 1)},
+                    "one_way_us": round(one_way_us, 1),
+                    # sampled top-p rows of every run (warm-up included): from summaries / whole
+                    "sampled_rows_summarised": getattr(engine, "sampled_rows_summarised", 0),
+                    "sampled_rows_whole": getattr(engine, "sampled_rows_whole", 0)},
         "method": __doc__.split("\n\n", 1)[1].strip(),
     }
     print(json.dumps(doc, indent=1))

@@ -27,6 +27,7 @@ from .errors import ConfigError
 from .formats import ACT_GELU, BLOCK, Q80_BYTES, ModelHeader, float_type_name
 from .kernels import ffi, fptr, lib, qptr
 from .kvcache import KVCache, KVPlan, plan_kv
+from .sampler import SAMPLE_LEN, SAMPLE_TOPK, nucleus
 from .shard import ShardPlan
 from .sync import PartialSum
 from .weights import Layer, Pieces, Weights
@@ -82,7 +83,8 @@ def rope_freqs(h: ModelHeader, layer: int = 0) -> np.ndarray:
 
 # per logit row: the id of the largest logit; every logit; or log-probability statistics (the argmax,
 # log Z, the log-probability of a target id, the top STATS_TOPK) from a distributed log-softmax
-LOGITS_ARGMAX, LOGITS_FULL, LOGITS_STATS = 0, 1, 2
+LOGITS_ARGMAX, LOGITS_FULL, LOGITS_STATS, LOGITS_SAMPLE = 0, 1, 2, 3
+FULL_MODES = (LOGITS_FULL, LOGITS_SAMPLE)   # the modes whose row may come back whole
 STATS_TOPK = 20          # the most top log-probabilities a row reports (OpenAI's top_logprobs limit)
 STATS_LEN = 3 + 2 * STATS_TOPK
 
@@ -124,7 +126,8 @@ class Control:
         o += 3 * B
         self.logit_row, self.logit_mode = self.buf[o:o + B], self.buf[o + B:o + 2 * B]
         self.logit_target = self.buf[o + 2 * B:o + 3 * B]              # LOGITS_STATS: id to score, or -1
-        self.logit_inv_t = self.buf[o + 3 * B:o + 4 * B].view(np.float32)  # LOGITS_STATS: 1 / temperature
+        self.logit_inv_t = self.buf[o + 3 * B:o + 4 * B].view(np.float32)  # STATS, SAMPLE: 1 / temperature
+        self.logit_topp = self.logit_target.view(np.float32)     # LOGITS_SAMPLE rows (no target): top-p
         o += 4 * B
         self.updates = self.buf[o:o + 3 * U].reshape(U, 3)
         self.copies = self.buf[o + 3 * U:o + 3 * U + 2 * K].reshape(K, 2)
@@ -205,6 +208,8 @@ class RunState:
         self.all_best = np.zeros(plan.n_nodes * L * 2, np.float64) if is_root else None
         self.stats = np.zeros((L, STATS_LEN), np.float64)              # LOGITS_STATS summaries per row
         self.all_stats = np.zeros(plan.n_nodes * L * STATS_LEN, np.float64) if is_root else None
+        self.sample_recs = np.zeros((L, SAMPLE_LEN), np.int64)         # LOGITS_SAMPLE summaries per row
+        self.all_sample_recs = np.zeros(plan.n_nodes * L * SAMPLE_LEN, np.int64)   # on every rank
         # grammar masks of the pass's constrained logit rows (int32 words, bit i = token i allowed)
         self.masks = np.zeros((max_batch, (h.vocab_size + 31) // 32), np.int32)
         self.ctrl = Control(max_batch)
@@ -260,6 +265,7 @@ class Rows:
     logit_modes: list = field(default_factory=list)
     logit_targets: list | None = None    # LOGITS_STATS rows: the id to score (-1: none)
     logit_inv_t: list | None = None      # LOGITS_STATS rows: 1 / temperature (1.0: the model's distribution)
+    logit_topp: list | None = None       # LOGITS_SAMPLE rows: top-p, in (0, 1)
     # constrained decoding (grammar.py): per logit row the index of its mask in masks, or -1; masks is
     # (wait, int32 [n_masks, words]): wait() returns once the root's mask computation has filled them
     logit_masks: list | None = None
@@ -280,6 +286,10 @@ class Engine:
         self.buffer_type, self.sync_scheme = buffer_type, sync
         self.kv_plan = kv or plan_kv(kv_row_bytes(header, plan), max_seq_len, 1)
         self.max_logit_rows = min(max_batch, max(self.kv_plan.n_slots, 8))
+        # sampled rows: per-rank summaries (one all-gather) where there are ranks to summarise for;
+        # a pipeline hands rows to rank 0 whole (PipelineEngine turns this off)
+        self.summarises_samples = comm.size > 1
+        self.sampled_rows_summarised = self.sampled_rows_whole = 0
         self.st = RunState(header, plan, comm.rank, self.kv_plan, max_batch, self.max_logit_rows, comm.is_root,
                            [header.window_of_layer(layer.index) for layer in weights.layers])
         self.kv = KVCache(self.kv_plan) if comm.is_root else None   # the root's page bookkeeping
@@ -329,7 +339,7 @@ class Engine:
         logit row, the argmax id (LOGITS_ARGMAX), its logits (LOGITS_FULL: a view reused by the next
         pass, or a row of out_full when given) or its TokenStats (LOGITS_STATS)."""
         b = self._begin(rows, updates, copies)
-        n_full = sum(1 for m in rows.logit_modes if m == LOGITS_FULL)
+        n_full = sum(1 for m in rows.logit_modes if m in FULL_MODES)
         if out_full is None and n_full and len(rows.logit_rows) > self.max_logit_rows:
             # logits come in groups of max_logit_rows, each gathered into st.logits: full rows of
             # several groups need a buffer of their own (kept for the next such pass)
@@ -365,6 +375,9 @@ class Engine:
         c.logit_row[:n_logits], c.logit_mode[:n_logits] = rows.logit_rows, rows.logit_modes
         c.logit_target[:n_logits] = rows.logit_targets if rows.logit_targets is not None else -1
         c.logit_inv_t[:n_logits] = rows.logit_inv_t if rows.logit_inv_t is not None else 1.0
+        if rows.logit_topp is not None:
+            sample = c.logit_mode[:n_logits] == LOGITS_SAMPLE
+            c.logit_topp[:n_logits][sample] = np.asarray(rows.logit_topp, np.float32)[sample]
         if updates:
             c.updates[:len(updates)] = updates
         if copies:
@@ -659,8 +672,9 @@ class Engine:
 
     def _logits(self, out_full) -> list:
         """The logit rows of the control packet, max_logit_rows at a time: each rank its vocabulary
-        slice of every row in one matmul; argmax rows reduce (value, id) pairs across ranks, full rows
-        are gathered on the root."""
+        slice of every row in one matmul; argmax rows reduce (value, id) pairs across ranks, stats and
+        sampled rows combine per-rank summaries, full rows (and sampled rows the summaries do not
+        decide) are gathered on the root."""
         c = self.st.ctrl
         n = int(c.buf[2])
         rows, modes = c.logit_row[:n], c.logit_mode[:n]
@@ -674,8 +688,11 @@ class Engine:
                 self._apply_masks(c.logit_mask[grp], masks)
             gm = modes[grp]
             am = np.flatnonzero(gm == LOGITS_ARGMAX)
-            fm = np.flatnonzero(gm == LOGITS_FULL)
             sm = np.flatnonzero(gm == LOGITS_STATS)
+            pm = np.flatnonzero(gm == LOGITS_SAMPLE) if self.summarises_samples else np.zeros(0, np.int64)
+            fm = np.flatnonzero((gm == LOGITS_FULL) | ((gm == LOGITS_SAMPLE) & (not self.summarises_samples)))
+            if not self.summarises_samples:
+                self.sampled_rows_whole += int(np.count_nonzero(gm == LOGITS_SAMPLE))
             if am.size:
                 ids = self._argmax(am)
                 if result is not None:
@@ -686,6 +703,14 @@ class Engine:
                 if result is not None:
                     for j, x in zip(sm, stats):
                         result[g + j] = x
+            if pm.size:
+                nucs = self._nuclei(pm, c.logit_inv_t[grp][pm], c.logit_topp[grp][pm])
+                for j, x in zip(pm, nucs):
+                    if x is None:
+                        fm = np.append(fm, j)
+                    elif result is not None:
+                        result[g + j] = x
+                fm.sort()
             if fm.size:
                 full = self._gather(fm, None if out_full is None else out_full[done_full:done_full + fm.size])
                 if result is not None:
@@ -772,6 +797,27 @@ class Engine:
             return None
         allr = allr.reshape(self.comm.size, n, STATS_LEN)
         return [_merge_stats(allr[:, k], targets[k] >= 0) for k in range(n)]
+
+    def _nuclei(self, which, inv_t, topp) -> list:
+        """Sampled rows without sending them: each rank summarises its vocabulary slice of each row
+        (sampler.SAMPLE_LEN int64: exact weight buckets and its largest logits), one all-gather, and
+        every rank merges them the same way (sampler.nucleus): per row its Nucleus, or None where the
+        summaries do not decide it (every rank then takes part in gathering that row whole)."""
+        st, n = self.st, len(which)
+        rec = st.sample_recs[:n]
+        p = ffi.cast("int64_t *", rec.ctypes.data)
+        nv = st.logits_local.shape[1]
+        for k, (row, it) in enumerate(zip(which, inv_t)):
+            lib.dl_sample_summary(p + k * SAMPLE_LEN, st.p_logits_local + int(row) * nv, nv, float(it),
+                                  self.vocab0, SAMPLE_TOPK)
+        allr = st.all_sample_recs[:self.comm.size * n * SAMPLE_LEN]
+        self.comm.allgather(rec.reshape(-1), allr)
+        allr = allr.reshape(self.comm.size, n, SAMPLE_LEN)
+        out = [nucleus(allr[:, k], float(topp[k]), self.h.vocab_size) for k in range(n)]
+        undecided = sum(x is None for x in out)
+        self.sampled_rows_summarised += n - undecided
+        self.sampled_rows_whole += undecided
+        return out
 
     def _gather(self, which, out):
         """Full logits of the given rows on the root ([n, vocab]: a view of st.logits, or out)."""

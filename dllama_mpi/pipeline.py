@@ -48,7 +48,7 @@ import numpy as np
 
 from . import comm as C
 from .comm import Comm
-from .engine import LOGITS_ARGMAX, LOGITS_FULL, LOGITS_STATS, STATS_TOPK, Engine, Rows, TokenStats
+from .engine import FULL_MODES, LOGITS_ARGMAX, LOGITS_SAMPLE, LOGITS_STATS, STATS_TOPK, Engine, Rows, TokenStats
 from .errors import ConfigError
 from .formats import BLOCK, F32, Q40, Q80_BYTES, ModelHeader, tensor_layout
 from .kernels import ffi, lib
@@ -430,6 +430,7 @@ class StageEngine(Engine):
         self.stage = layout.stage_of_rank(world.rank)
         super().__init__(stage_comm, h, self.stage.plan, weights, max_seq_len, max_batch, buffer_type, sync, kv)
         self.world, self.link = world, link
+        self.summarises_samples = False   # rank 0 samples from whole rows (the result message's layout)
         s = self.stage
         self.depth = layout.n_stages
         self.first, self.last = s.index == 0, s.index == layout.n_stages - 1
@@ -550,6 +551,7 @@ class StageEngine(Engine):
         if mask_req is not None:
             self._wait(mask_req)
         ids, stats, full = self._result_views(buf, modes)
+        self.sampled_rows_whole += modes.count(LOGITS_SAMPLE)
         out, k, q = [], 0, 0
         for j, m in enumerate(modes):
             if m == LOGITS_ARGMAX:
@@ -642,7 +644,7 @@ class StageEngine(Engine):
         buf = slot[0]
         c = self.st.ctrl
         modes = [int(m) for m in c.logit_mode[:int(c.buf[2])]]
-        n_full = modes.count(LOGITS_FULL)
+        n_full = sum(m in FULL_MODES for m in modes)
         ids, stats, full = self._result_views(buf, modes)
         result = super()._pass(b, full[:n_full] if n_full else None)
         q = 0
@@ -656,7 +658,7 @@ class StageEngine(Engine):
 
     def _result_size(self, modes) -> int:
         return 8 * len(modes) + 8 * STATS_REC * modes.count(LOGITS_STATS) + \
-            4 * self.h.vocab_size * modes.count(LOGITS_FULL)
+            4 * self.h.vocab_size * sum(m in FULL_MODES for m in modes)
 
     def _result_views(self, buf, modes):
         """A result message: per logit row its id (int64; -1 unless an argmax row), the TokenStats of

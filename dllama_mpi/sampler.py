@@ -1,13 +1,103 @@
 """Sampling on the root (FORMATS.md §4.3): greedy at temperature 0, else temperature + top-p with
-Distributed Llama's xorshift64* generator, so a given --seed gives the same tokens every run."""
+Distributed Llama's xorshift64* generator, so a given --seed gives the same tokens every run.
+
+The probabilities are computed so that N ranks can sample a row without sending it: a token's weight
+2^(x·inv_t·log2 e) is an exact integer M·2^(E−40) (kernels/logits.c), the normalisation an exact
+integer sum of them rounded once, so every slicing of the vocabulary gives the same bits. Top-p's
+candidates are ordered by logit (lower id first among equals) and summed in that order. A rank sends
+its slice's weight buckets and its SAMPLE_TOPK largest logits (`dl_sample_summary`); `nucleus` merges
+them and returns the nucleus (ids and cumulative sums) when the merged lists decide it, which they
+do unless it runs past some rank's list; then the row is gathered whole and `Sampler.sample` takes
+the same decisions from it, so both ways give the same token."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
+from .kernels import ffi, fptr, lib
+
 MASK64 = (1 << 64) - 1
+SAMPLE_TOPK = 64        # a slice's candidates in a summary (the nucleus of a sampled row is usually fewer)
+SAMPLE_BUCKETS = 64     # weights below 2^-63 of the row's largest count as 0
+SAMPLE_HEAD = 3 + SAMPLE_BUCKETS
+SAMPLE_LEN = SAMPLE_HEAD + 4 * SAMPLE_TOPK
+
+
+@dataclass
+class Nucleus:
+    """What a top-p draw needs of a row: the nucleus's ids in sampling order and the cumulative sums
+    of their probabilities."""
+
+    ids: np.ndarray
+    cum: np.ndarray
+
+
+def slice_summary(x: np.ndarray, inv_t: float, id0: int = 0, k: int = SAMPLE_TOPK,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """dl_sample_summary of one slice of a logits row (int64[SAMPLE_LEN])."""
+    out = np.zeros(SAMPLE_LEN, np.int64) if out is None else out
+    x = np.ascontiguousarray(x, np.float32)
+    lib.dl_sample_summary(ffi.cast("int64_t *", out.ctypes.data), fptr(x), x.size, inv_t, id0, k)
+    return out
+
+
+def _row_z(recs: np.ndarray) -> tuple[int, float] | None:
+    """The row's largest weight exponent and its exact weight sum (scaled by 2^(63 − E_max), rounded
+    once to a double) from its slices' buckets; None when every logit is -inf."""
+    live = recs[recs[:, 1] > 0]
+    if not len(live):
+        return None
+    e_max = int(live[:, 0].max())
+    z = 0
+    for r in live:
+        top = int(r[0]) - e_max + 63        # bucket j holds weights of exponent r[0] - j
+        for j in range(min(SAMPLE_BUCKETS, top + 1)):
+            b = int(r[3 + j])
+            if b:
+                z += b << (top - j)
+    return e_max, float(z)
+
+
+def nucleus(recs: np.ndarray, topp: float, vocab_size: int) -> Nucleus | None:
+    """The top-p nucleus of a row from its slices' summaries ([slices, SAMPLE_LEN], any cut of the
+    vocabulary), or None when they do not decide it (the row is needed whole)."""
+    ez = _row_z(recs)
+    if ez is None:
+        return None
+    e_max, z = ez
+    parts = [r[SAMPLE_HEAD:SAMPLE_HEAD + 4 * int(r[2])].reshape(-1, 4) for r in recs]
+    cand = np.concatenate(parts)
+    x, ids = cand[:, 0].view(np.float64), cand[:, 1]
+    order = np.lexsort((ids, -x))
+    x, ids, m, e = x[order], ids[order], cand[order, 2], cand[order, 3]
+    # the merged lists are the row's order up to the last record of any slice that sent only part
+    # of its candidates (what it did not send comes after that record)
+    known, cut = len(x), False
+    for r, part in zip(recs, parts):
+        if r[1] > r[2]:
+            bx, bid = part[-1, 0:1].view(np.float64)[0], part[-1, 1]
+            known = min(known, int(np.count_nonzero((x > bx) | ((x == bx) & (ids <= bid)))))
+            cut = True
+    p = _probs(m, e, e_max, z)
+    n_cand = int(np.count_nonzero(p >= (1.0 - topp) / (vocab_size - 1)))
+    if n_cand == 0:        # nothing reaches the cut-off: the most likely token
+        return Nucleus(ids[:1], p[:1])
+    cum = np.cumsum(p[:min(n_cand, known)])
+    last = int(np.searchsorted(cum, topp, side="right"))
+    if last >= len(cum):
+        if n_cand >= known and cut:
+            return None    # the candidates go on past what the slices sent
+        last = len(cum) - 1
+    return Nucleus(ids[:last + 1], cum[:last + 1])
+
+
+def _probs(m: np.ndarray, e: np.ndarray, e_max: int, z: float) -> np.ndarray:
+    """M·2^(E − E_max + 63) / z, 0 below the buckets: dl_sample_probs's arithmetic, op for op."""
+    shift = e - e_max + 63
+    return np.where(shift >= 0, np.ldexp(m.astype(np.float64), np.maximum(shift, 0).astype(np.int32)) / z, 0.0)
 
 
 class Sampler:
@@ -26,7 +116,8 @@ class Sampler:
             if not 0 < state <= MASK64:
                 raise ValueError(f"sampler state must be in 1..2^64-1, got {state}")
             self.state = int(state)
-        self.probs = np.zeros(vocab_size, np.float32)  # reused every step
+        self.probs = np.zeros(vocab_size, np.float64)  # reused every step
+        self._rec = np.zeros((1, SAMPLE_LEN), np.int64)
 
     def random_f32(self) -> float:
         s = self.state
@@ -37,44 +128,48 @@ class Sampler:
         u32 = ((s * 0x2545F4914F6CDD1D) & MASK64) >> 32
         return (u32 >> 8) / 16777216.0
 
+    @property
+    def inv_t(self) -> np.float32:
+        """1 / temperature as the engine's control packet carries it (float32)."""
+        return np.float32(1.0 / self.temperature)
+
     def sample(self, logits: np.ndarray) -> int:
+        """The next token from a whole logits row."""
         if self.temperature == 0:
             return int(np.argmax(logits))  # lowest index wins ties
-        p = self.probs
-        np.multiply(logits, np.float32(1.0 / self.temperature), out=p)
-        p -= p.max()
-        np.exp(p, out=p)
-        p /= p.sum()
-        r = self.random_f32()
+        x = np.ascontiguousarray(logits, np.float32)
         if 0 < self.topp < 1:
-            return self._topp(p, r)
+            nuc = nucleus(slice_summary(x, self.inv_t, out=self._rec[0])[None], self.topp, x.size)
+            return self.pick(nuc if nuc is not None else self._nucleus(x))
+        p = self._probs(x)
+        r = self.random_f32()
         cdf = np.cumsum(p)
-        k = int(min(np.searchsorted(cdf, r, side="right"), self.vocab_size - 1))
+        k = int(min(np.searchsorted(cdf, r, side="right"), x.size - 1))
         if p[k] == 0:   # r past the rounded total: the last token that has a probability (never a masked one)
             k = int(np.flatnonzero(p)[-1])
         return k
 
-    def _topp(self, p: np.ndarray, r: float) -> int:
-        # candidates below (1 - topp) / (n - 1) cannot be part of the nucleus
-        cutoff = (1.0 - self.topp) / (len(p) - 1)
-        idx = np.flatnonzero(p >= cutoff)
+    def pick(self, nuc: Nucleus) -> int:
+        """The top-p draw from a row's nucleus (one random number, as every sampled token takes)."""
+        r = self.random_f32()
+        k = int(np.searchsorted(nuc.cum, r * nuc.cum[-1], side="right"))
+        return int(nuc.ids[min(k, len(nuc.ids) - 1)])
+
+    def _probs(self, x: np.ndarray) -> np.ndarray:
+        slice_summary(x, self.inv_t, k=0, out=self._rec[0])
+        e_max, z = _row_z(self._rec)
+        p = self.probs if self.probs.size == x.size else np.zeros(x.size, np.float64)
+        lib.dl_sample_probs(ffi.cast("double *", p.ctypes.data), fptr(x), x.size, self.inv_t, e_max, z)
+        return p
+
+    def _nucleus(self, x: np.ndarray) -> Nucleus:
+        """The nucleus from the whole row, when the summary's candidates were too few: every
+        candidate, in the order and with the probabilities `nucleus` uses."""
+        p = self._probs(x)
+        idx = np.flatnonzero(p >= (1.0 - self.topp) / (x.size - 1))
         if idx.size == 0:
-            idx = np.array([int(np.argmax(p))])
-        # The nucleus is usually a few dozen tokens of thousands of candidates: sort only the m most
-        # likely (every candidate tied with the m-th included, in index order, so that the stable sort
-        # puts them where sorting all would), m x 8 until they hold more than topp. The same order,
-        # hence the same token, as sorting every candidate.
-        pc, m = p[idx], 256
-        while True:
-            # (a sort of all costs about what the partition would once m nears the candidates)
-            sel = idx if 4 * m >= idx.size else idx[pc >= -np.partition(-pc, m - 1)[m - 1]]
-            order = sel[np.argsort(-p[sel], kind="stable")]
-            cum = np.cumsum(p[order], dtype=np.float64)
-            if sel is idx or cum[-1] > self.topp:
-                break
-            m *= 8
-        last = int(np.searchsorted(cum, self.topp, side="right"))
-        last = min(last, len(order) - 1)
-        total = cum[last]
-        k = int(np.searchsorted(cum[:last + 1], r * total, side="right"))
-        return int(order[min(k, last)])
+            idx = np.array([int(np.argmax(x))])
+        order = idx[np.argsort(-x[idx], kind="stable")]
+        cum = np.cumsum(p[order])
+        last = min(int(np.searchsorted(cum, self.topp, side="right")), len(order) - 1)
+        return Nucleus(order[:last + 1], cum[:last + 1])

@@ -23,10 +23,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .engine import LOGITS_ARGMAX, LOGITS_FULL, LOGITS_STATS, Engine, Rows, TokenStats, row_stats
+from .engine import LOGITS_ARGMAX, LOGITS_FULL, LOGITS_SAMPLE, LOGITS_STATS, Engine, Rows, TokenStats, row_stats
 from .errors import ConfigError, DllamaError
 from .kvcache import KVPlan
-from .sampler import Sampler
+from .sampler import Nucleus, Sampler
 from .speculative import PassCost, SeqSpec, SpecConfig
 
 
@@ -212,7 +212,10 @@ class Request:
     def sample_mode(self) -> int:
         """How the engine returns the row this request samples from."""
         if not self.greedy:
-            return LOGITS_FULL
+            # top-p draws come from per-rank summaries (engine._nuclei); plain multinomial draws and
+            # sampled rows with log-probabilities take the row whole
+            s = self.sampler
+            return LOGITS_SAMPLE if 0 < s.topp < 1 and self.logprobs is None else LOGITS_FULL
         return LOGITS_STATS if self.logprobs is not None else LOGITS_ARGMAX
 
     @property
@@ -376,7 +379,7 @@ class Scheduler:
         ensured for them."""
         rows_req: list[Request] = []
         tokens, slots, positions = [], [], []
-        logit_rows, logit_modes, logit_targets, logit_inv_t = [], [], [], []
+        logit_rows, logit_modes, logit_targets, logit_inv_t, logit_topp = [], [], [], [], []
         logit_kind = []                           # per logit row: "sample" or "prompt" (a prompt logprob)
         fed: list[tuple[Request, int, int]] = []   # (request, first row, n rows) per sequence
         logit_masks, constrained = [], []          # per logit row its mask (-1: none); the matchers
@@ -386,6 +389,7 @@ class Scheduler:
             logit_modes.append(mode)
             logit_targets.append(target)
             logit_inv_t.append(req.inv_t)
+            logit_topp.append(req.sampler.topp)
             logit_kind.append(kind)
             if kind == "sample" and req.grammar is not None:
                 logit_masks.append(len(constrained))
@@ -439,7 +443,7 @@ class Scheduler:
             return None
         for req, first, n in fed:
             self.kv.ensure(req.seq, positions[first + n - 1] + 1)
-        rows = Rows(tokens, slots, positions, logit_rows, logit_modes, logit_targets, logit_inv_t)
+        rows = Rows(tokens, slots, positions, logit_rows, logit_modes, logit_targets, logit_inv_t, logit_topp)
         if constrained:   # their masks are computed on a helper thread while the pass runs
             masks = np.empty((len(constrained), constrained[0].grammars.words), np.int32)
             done = constrained[0].grammars.fill_async(constrained, masks)
@@ -551,6 +555,8 @@ class Scheduler:
                 lp = TokenLogprob(token, value.top[0][1], value.top[:req.logprobs])
         elif isinstance(value, int):
             token = value
+        elif isinstance(value, Nucleus):
+            token = req.sampler.pick(value)
         else:
             token = req.sampler.sample(value)
             if req.logprobs is not None:
@@ -689,7 +695,9 @@ class Scheduler:
                 "kv_pages_total": plan.n_pages, "kv_pages_in_use": kv.pages_in_use,
                 "kv_pages_cached": len(kv.evictable), "kv_pages_free": len(kv.free),
                 "kv_page_size": plan.page_size, "kv_bytes_per_token": plan.row_bytes,
-                "waited_for_pages": self.waited_for_pages}
+                "waited_for_pages": self.waited_for_pages,
+                "sampled_rows_summarised": getattr(self.engine, "sampled_rows_summarised", 0),
+                "sampled_rows_whole": getattr(self.engine, "sampled_rows_whole", 0)}
 
 
 def run_to_completion(scheduler: Scheduler, requests: Sequence[Request]) -> None:

@@ -217,6 +217,10 @@ void dl_attention(float *out, const float *q, const float *k_cache, const float 
  * out[3 + 2k]: max of y = x * inv_t, log-sum-exp of y, y[target] (-inf if target is outside [0, n)),
  * then the k largest (y, index) pairs, largest first, lower index first among equals. ---- */
 void dl_logit_stats(double *out, const float *x, int n, float inv_t, int target, int k);
+/* ---- sampling summaries (kernels/logits.c): one slice's exact sampling weights in 64 exponent buckets
+ * and its k largest logits as (x bits, id, M, E) records; and a whole row's probabilities. ---- */
+void dl_sample_summary(int64_t *out, const float *x, int n, float inv_t, int id0, int k);
+void dl_sample_probs(double *p, const float *x, int n, float inv_t, int64_t e_max, double z);
 /* a grammar's token mask on a slice of a logits row: x[i] = -inf unless bit id0 + i of words is set */
 void dl_apply_token_mask(float *x, int n, const uint32_t *words, int id0);
 

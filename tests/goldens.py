@@ -263,3 +263,27 @@ def draft_equals_plain(comm: Comm, name: str, draft_name: str, steps: int = 40, 
         return plain, drafted, engine.draft.kv.pages_in_use
     finally:
         engine.stop_workers()
+
+
+def sampled_tokens(comm: Comm, name: str, steps: int = 24, **kw):
+    """Root: (tokens of seeded top-p requests over SEQS at several temperatures and top-p values, run
+    together through the scheduler; sampled rows the engine took from per-rank summaries; those it
+    gathered whole). Workers: None."""
+    from dllama_mpi.sampler import Sampler
+    from dllama_mpi.scheduler import Request, Scheduler, run_to_completion
+    from dllama_mpi.tokenizer import Tokenizer
+
+    engine = build_engine(comm, model_path(name) if comm.is_root else None, n_slots=6, **kw)
+    if not comm.is_root:
+        engine.serve()
+        return None
+    try:
+        tok = Tokenizer.load(TINY / "t" / ("dllama_tokenizer_tiny_qwen3.t" if "qwen" in name else
+                                           "dllama_tokenizer_tiny_llama3.t"))
+        settings = [(0.8, 0.9), (1.5, 0.999), (0.5, 0.5), (1.0, 0.95), (3.0, 0.99), (0.7, 0.1)]
+        reqs = [Request(SEQS[i % 3], steps, Sampler(engine.h.vocab_size, t, p, 11 + i), ignore_eos=True)
+                for i, (t, p) in enumerate(settings)]
+        run_to_completion(Scheduler(engine, tok), reqs)
+        return [r.generated for r in reqs], engine.sampled_rows_summarised, engine.sampled_rows_whole
+    finally:
+        engine.stop_workers()

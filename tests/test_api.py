@@ -299,6 +299,13 @@ def test_metrics(server, client):
         assert delta("dllama_rank_tokens_total", rank=str(rank)) == evaluated + 4
         assert delta("dllama_rank_compute_seconds_total", rank=str(rank)) > 0
         assert delta("dllama_rank_wait_seconds_total", rank=str(rank)) > 0
+    # a sampled top-p answer: each of its rows drawn from the two ranks' summaries or taken whole
+    client.chat.completions.create(model=MODEL_ID, messages=chat_msgs("count me"), max_tokens=6, temperature=0.8,
+                                   top_p=0.9, seed=3)
+    last = scrape(server)
+    rows = {w: metric(last, "dllama_sampled_rows", way=w) - metric(after, "dllama_sampled_rows", way=w)
+            for w in ("summaries", "whole")}
+    assert rows["summaries"] + rows["whole"] == 6 and rows["summaries"] > 0, rows
 
 
 def test_no_web_ui(server):

@@ -11,7 +11,7 @@ from mpi4py import MPI
 
 from dllama_mpi.comm import Comm
 from goldens import (SEQS, batch_invariance, draft_equals_plain, golden, greedy_ids, model_path, rows_logits,
-                     scheduled_alone_and_together, spec_equals_plain, teacher_forced_logits)
+                     sampled_tokens, scheduled_alone_and_together, spec_equals_plain, teacher_forced_logits)
 
 pytestmark = pytest.mark.mpi(min_size=2)
 SIZE = MPI.COMM_WORLD.size
@@ -668,6 +668,18 @@ def test_draft_model_equals_plain(world, name, draft, kw, pp):
                                 for i in (0, 3))
         ok = ok and pages_left == 0
     verdict(world, ok, [(p, c) for p, _, c in got[1]] if world.is_root else None)
+
+
+@pytest.mark.parametrize("name,kw", [("tiny_llama_f32", {}), ("tiny_qwen3_q40", {"buffer_type": "q80"})])
+def test_sampled_rows_from_summaries_give_one_rank_tokens(world, name, kw):
+    """Seeded top-p requests (temperatures 0.5-3, top-p 0.1-0.999) on this many ranks computing as 4
+    nodes draw one rank's tokens: most sampled rows come from the ranks' summaries (no vocabulary
+    slice sent), the rows whose nucleus runs past them (hot, flat rows) are gathered whole, and both
+    ways draw what one rank draws from the whole row (which takes every sampled row whole)."""
+    got = sampled_tokens(world, name, as_nodes=4, **kw)
+    one = sampled_tokens(Comm(MPI.COMM_SELF), name, as_nodes=4, **kw) if world.is_root else None
+    ok = world.is_root and got[0] == one[0] and got[1] > 2 * got[2] > 0 and one[1] == 0 and one[2] == got[1] + got[2]
+    verdict(world, ok, (got[1:], one[1:]) if world.is_root else None)
 
 
 def _prompt_and_steps(comm: Comm, path, ids, steps, **kw):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dllama_mpi.sampler import Sampler
+from dllama_mpi.sampler import SAMPLE_TOPK, Sampler, nucleus, slice_summary
 
 
 def test_greedy_lowest_index_wins_ties():
@@ -51,31 +51,68 @@ def test_bad_settings():
         Sampler(3, topp=1.5)
 
 
-def _topp_by_sorting_all(topp, p, r):
-    """The definition (Distributed Llama's sample_topp): every candidate sorted by probability (ties in
-    index order), the nucleus up to the first cumulative sum over topp, r scaled to its total."""
-    idx = np.flatnonzero(p >= (1.0 - topp) / (len(p) - 1))
+def _rows(rng, vocab, n):
+    """Spread, flat, tied (rounded) and masked (-inf) logits rows; one token allowed at least."""
+    for t in range(n):
+        x = [lambda: rng.normal(0, rng.uniform(0.1, 8), vocab), lambda: np.round(rng.normal(0, 3, vocab)),
+             lambda: np.where(rng.random(vocab) < 0.7, -np.inf, rng.normal(0, 2, vocab)),
+             lambda: rng.normal(0, 0.05, vocab)][t % 4]()
+        x[rng.integers(vocab)] = 0.0
+        yield t, x.astype(np.float32)
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 1.7])
+def test_probabilities_are_the_softmax(temperature):
+    rng = np.random.default_rng(1)
+    s = Sampler(3000, temperature, 0.9, seed=1)
+    for _, x in _rows(rng, 3000, 8):
+        y = x.astype(np.float64) * np.float64(np.float32(1 / temperature))
+        e = np.exp(y - y.max())
+        p = s._probs(x)
+        assert np.allclose(p, e / e.sum(), rtol=1e-9, atol=2.0 ** -62)   # lighter than 2^-63 of the largest: 0
+        assert p[np.isneginf(x)].max(initial=0.0) == 0.0
+
+
+def _topp_by_sorting_all(s, x, r):
+    """The definition (Distributed Llama's sample_topp over this sampler's probabilities): every
+    candidate ordered by logit (ties in id order), the nucleus up to the first cumulative sum over topp,
+    r scaled to its total."""
+    p = s._probs(x)
+    idx = np.flatnonzero(p >= (1.0 - s.topp) / (len(p) - 1))
     if idx.size == 0:
-        idx = np.array([int(np.argmax(p))])
-    order = idx[np.argsort(-p[idx], kind="stable")]
-    cum = np.cumsum(p[order], dtype=np.float64)
-    last = min(int(np.searchsorted(cum, topp, side="right")), len(order) - 1)
+        idx = np.array([int(np.argmax(x))])
+    order = sorted(idx, key=lambda i: (-x[i], i))
+    cum = np.cumsum(p[order])
+    last = min(int(np.searchsorted(cum, s.topp, side="right")), len(order) - 1)
     k = int(np.searchsorted(cum[:last + 1], r * cum[last], side="right"))
     return int(order[min(k, last)])
 
 
 @pytest.mark.parametrize("vocab", [8, 3000, 49152])
-def test_topp_partial_sort_equals_sorting_every_candidate(vocab):
-    """The sampler sorts only the most likely candidates (growing until they hold topp): the same token
-    as sorting all, on spread, flat, tied (rounded logits) and masked (-inf) distributions."""
+def test_topp_is_the_definition_and_any_cut_of_the_vocabulary_gives_the_same_nucleus(vocab):
+    """The sampler's nucleus from a whole row is the definition's; the nucleus merged from the
+    summaries of 1-7 slices (any cut, empty slices included) is the same ids and the same bits of the
+    cumulative sums whenever the summaries decide it, and they decide it unless the candidates run past
+    a slice's list (the flat rows at topp near 1); whole rows decide every time."""
     rng = np.random.default_rng(vocab)
+    decided = undecided = 0
     for topp in (0.1, 0.9, 0.999999):
-        s = Sampler(vocab, 1.0, topp, seed=1)
-        for t in range(60):
-            x = [lambda: rng.normal(0, rng.uniform(0.1, 8), vocab), lambda: np.round(rng.normal(0, 3, vocab)),
-                 lambda: np.where(rng.random(vocab) < 0.7, -np.inf, rng.normal(0, 2, vocab))][t % 3]()
-            x[rng.integers(vocab)] = 0.0   # one token allowed at least
-            e = np.exp(x - x.max())
-            p = (e / e.sum()).astype(np.float32)
+        s = Sampler(vocab, 0.8, topp, seed=1)
+        for t, x in _rows(rng, vocab, 24):
+            whole = s._nucleus(x)
             for r in (0.0, float(rng.random()), 0.999999):
-                assert s._topp(p, r) == _topp_by_sorting_all(topp, p, r), (topp, t, r)
+                s.random_f32 = lambda r=r: r
+                assert s.pick(whole) == _topp_by_sorting_all(s, x, r), (topp, t, r)
+                assert s.sample(x) == s.pick(whole)
+            for n in (1, 2, 3, 7):
+                cuts = np.sort(rng.integers(0, vocab + 1, n - 1))
+                bounds = np.concatenate([[0], cuts, [vocab]])
+                recs = np.stack([slice_summary(x[a:b], s.inv_t, int(a)) for a, b in zip(bounds[:-1], bounds[1:])])
+                nuc = nucleus(recs, topp, vocab)
+                if nuc is None:
+                    undecided += 1
+                    assert n > 1 or vocab > SAMPLE_TOPK
+                    continue
+                decided += 1
+                assert np.array_equal(nuc.ids, whole.ids) and np.array_equal(nuc.cum, whole.cum), (topp, t, n)
+    assert decided > 0 and (undecided > 0) == (vocab > SAMPLE_TOPK)
