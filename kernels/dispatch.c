@@ -29,6 +29,7 @@ int dl_isa_active = -1;
     (k)->softmax = dl_softmax_##sfx; \
     (k)->dot_rows = dl_dot_rows_##sfx; \
     (k)->axpy_rows = dl_axpy_rows_##sfx; \
+    (k)->sample_me_chunk = dl_sample_me_chunk_##sfx; \
 } while (0)
 
 void dl_fill_table(dl_kernels *k, int isa) {

@@ -73,6 +73,8 @@ typedef struct {
     /* the attention's: dot / axpy over n rows at `stride` floats, bits of dot / axpy row by row (ops.c) */
     void (*dot_rows)(float *out, const float *q, const float *rows, size_t stride, int n, int hd);
     void (*axpy_rows)(float *y, const float *a, const float *rows, size_t stride, int n, int hd);
+    /* the sampler's exact weights M * 2^(E - 40) of c logits (logits.c), the same bits on every path */
+    void (*sample_me_chunk)(double *m, double *e, const float *x, int c, float inv_t, double lo);
 } dl_kernels;
 
 extern dl_kernels dl_k;      /* the active table */
@@ -261,6 +263,7 @@ static inline void dl_store4_neon(float *o, float32x4_t v, int valid) {
     void dl_softmax_##sfx(float *x, int n); \
     void dl_dot_rows_##sfx(float *out, const float *q, const float *rows, size_t stride, int n, int hd); \
     void dl_axpy_rows_##sfx(float *y, const float *a, const float *rows, size_t stride, int n, int hd); \
+    void dl_sample_me_chunk_##sfx(double *m, double *e, const float *x, int c, float inv_t, double lo); \
 
 DL_DECL_ALL(scalar)
 #if DL_X86

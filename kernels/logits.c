@@ -53,64 +53,139 @@ void dl_apply_token_mask(float *x, int n, const uint32_t *words, int id0) {
 /* Sampling from one rank's slice of a logits row, summarised so that the root samples exactly as it
  * would from the whole row, whatever the number of slices (dllama_mpi/sampler.py holds the rule).
  *
- * The weight of a scaled logit y = x * inv_t is 2^t, t = y * log2(e), held exactly as M * 2^(E - 40)
- * with E = floor(t) and M = rint(exp2(t - E) * 2^40) in [2^40, 2^41]: an integer per token, so sums
- * of weights are exact and do not depend on how the vocabulary is cut. The normalisation keeps the
- * weights of exponents E_max - 63 .. E_max (E_max: the row's largest E; lighter ones, under 2^-63 of
- * the largest, count as 0) in 64 integer buckets, one per exponent: a slice sends its buckets from
- * its own E_max down and the root drops those below the row's.
+ * The weight of a logit x at 1 / temperature inv_t is 2^t, t = x * inv_t * log2(e) (in that order, in
+ * double), held exactly as M * 2^(E - 40) with E = floor(t) and M = 2^(t - E) * 2^40 rounded to an
+ * integer in [2^40, 2^41]: an integer per token, so sums of weights are exact and do not depend on
+ * how the vocabulary is cut. 2^f is a fixed polynomial in plain double arithmetic (the build has
+ * -ffp-contract=off), not libm's exp2, so every host and build computes the same M. The
+ * normalisation keeps the weights of exponents E_max - 63 .. E_max (E_max: the row's largest E;
+ * lighter ones, under 2^-63 of the largest, count as 0) in 64 integer buckets, one per exponent: a
+ * slice sends its buckets from its own E_max down and the root drops those below the row's.
  *
  * out (int64): [0] E_max of the slice (INT64_MIN when it has no finite logit), [1] its finite logits,
  * [2] how many records follow (min(k, [1])), [3 .. 67) bucket j = sum of M over tokens with
  * E = E_max - j, then per record (the k largest x, decreasing, lowest id first among equals):
  * x as a double's bits, id0 + index, M, E. */
 #define SAMPLE_BUCKETS 64
+#define SAMPLE_CHUNK 256
+#define SAMPLE_MAX_K 256
 
-static inline void sample_weight(double y, int64_t *m, int64_t *e) {
-    const double t = y * 1.4426950408889634;    /* log2(e) */
-    const double fl = floor(t);
-    *e = (int64_t)fl;
-    *m = (int64_t)llrint(exp2(t - fl) * 1099511627776.0);   /* 2^40 */
+static inline double sample_t(float x, float inv_t) { return (double)x * (double)inv_t * 1.4426950408889634; }
+
+/* nearest integer (ties to even) of |v| < 2^51, as a double */
+static inline double round_near(double v) { return (v + 0x1.8p52) - 0x1.8p52; }
+
+/* M and E (as doubles, both exact integers) of t >= lo, where lo bounds t from below (a lower t is
+ * taken as lo: its weight falls below the buckets) */
+static inline void sample_me(double t, double lo, double *m, double *e) {
+    t = t > lo ? t : lo;                 /* also -inf and NaN logits */
+    double fl = round_near(t);
+    fl -= fl > t ? 1.0 : 0.0;            /* floor */
+    const double r = (t - fl - 0.5) * 0.6931471805599453;   /* 2^f = sqrt(2) e^r, |r| <= ln(2) / 2 */
+    double p = 1.0 / 479001600.0;        /* e^r's Taylor series to r^12 / 12!: error under 1e-15 */
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    *m = round_near(p * 1.4142135623730951 * 1099511627776.0);   /* x 2^40 */
+    *e = fl;
+}
+
+/* M and E of a chunk of logits: one loop of IEEE operations without contraction, which the compiler
+ * vectorises per ISA (the same bits in every lane width; tests/test_kernels.py compares them) */
+#define SAMPLE_ME_CHUNK_BODY \
+    for (int j = 0; j < c; j++) sample_me(sample_t(x[j], inv_t), lo, &m[j], &e[j]);
+void dl_sample_me_chunk_scalar(double *m, double *e, const float *x, int c, float inv_t, double lo) {
+    SAMPLE_ME_CHUNK_BODY
+}
+#if DL_X86
+DL_TARGET_AVX2 void dl_sample_me_chunk_avx2(double *m, double *e, const float *x, int c, float inv_t, double lo) {
+    SAMPLE_ME_CHUNK_BODY
+}
+DL_TARGET_AVX512 void dl_sample_me_chunk_avx512(double *m, double *e, const float *x, int c, float inv_t,
+                                                double lo) {
+    SAMPLE_ME_CHUNK_BODY
+}
+#endif
+#if DL_NEON
+void dl_sample_me_chunk_neon(double *m, double *e, const float *x, int c, float inv_t, double lo) {
+    SAMPLE_ME_CHUNK_BODY
+}
+#endif
+
+/* the k >= 1 largest finite x of x[0..n) by insertion, decreasing, lower index first among equals
+ * (strictly greater enters): blocks of 16 that hold nothing above the k-th are passed over with one
+ * vectorised test; returns how many (min(k, finite)) and counts the finite values */
+static int sample_top(const float *x, int n, int k, float *top_x, int *top_i, int *finite) {
+    int sent = 0, fin = 0;
+    float thr = -INFINITY;      /* what enters: more than the k-th, once there are k */
+    for (int i0 = 0; i0 < n; i0 += 16) {
+        const int c = n - i0 < 16 ? n - i0 : 16;
+        int any = 0, f = 0;
+        for (int q = 0; q < c; q++) { any |= x[i0 + q] > thr; f += x[i0 + q] > -INFINITY; }
+        fin += f;
+        if (!any) continue;
+        for (int q = 0; q < c; q++) {
+            const float v = x[i0 + q];
+            if (!(v > thr)) continue;
+            int t = sent < k ? sent++ : sent - 1;
+            while (t > 0 && v > top_x[t - 1]) { top_x[t] = top_x[t - 1]; top_i[t] = top_i[t - 1]; t--; }
+            top_x[t] = v;
+            top_i[t] = i0 + q;
+            if (sent == k) thr = top_x[k - 1];
+        }
+    }
+    *finite = fin;
+    return sent;
 }
 
 void dl_sample_summary(int64_t *out, const float *x, int n, float inv_t, int id0, int k) {
-    int64_t *bucket = out + 3, *rec = out + 3 + SAMPLE_BUCKETS;
-    for (int j = 0; j < SAMPLE_BUCKETS; j++) bucket[j] = 0;
-    /* the k largest finite x by insertion (strictly greater keeps the lower index first on ties) */
-    int sent = 0, finite = 0;
-    float top_x[256];
-    int top_i[256];
-    if (k > 256) k = 256;
-    float xmax = -INFINITY;
-    for (int i = 0; i < n; i++) {
-        const float v = x[i];
-        if (!(v > -INFINITY)) continue;
-        finite++;
-        if (v > xmax) xmax = v;
-        if (sent < k || v > top_x[sent - 1]) {
-            int j = sent < k ? sent++ : sent - 1;
-            while (j > 0 && v > top_x[j - 1]) { top_x[j] = top_x[j - 1]; top_i[j] = top_i[j - 1]; j--; }
-            top_x[j] = v;
-            top_i[j] = i;
-        }
-    }
+    int64_t bucket[4][SAMPLE_BUCKETS + 1] = {{0}};   /* [.][SAMPLE_BUCKETS]: weights below the buckets */
+    int64_t *rec = out + 3 + SAMPLE_BUCKETS;
+    float top_x[SAMPLE_MAX_K];
+    int top_i[SAMPLE_MAX_K];
+    if (k > SAMPLE_MAX_K) k = SAMPLE_MAX_K;
+    int finite;
+    const int found = sample_top(x, n, k > 0 ? k : 1, top_x, top_i, &finite);   /* top_x[0]: the max */
+    const int sent = found < k ? found : k;
     out[1] = finite;
     out[2] = sent;
-    if (!finite) { out[0] = INT64_MIN; return; }
-    int64_t m, e_max;
-    sample_weight((double)xmax * inv_t, &m, &e_max);
-    out[0] = e_max;
-    for (int i = 0; i < n; i++) {
-        if (!(x[i] > -INFINITY)) continue;
-        int64_t e;
-        sample_weight((double)x[i] * inv_t, &m, &e);
-        if (e_max - e < SAMPLE_BUCKETS) bucket[e_max - e] += m;
+    if (!found) {
+        out[0] = INT64_MIN;
+        for (int j = 0; j < SAMPLE_BUCKETS; j++) out[3 + j] = 0;
+        return;
     }
+    double m1, e_max;
+    sample_me(sample_t(top_x[0], inv_t), -INFINITY, &m1, &e_max);
+    const double lo = e_max - SAMPLE_BUCKETS;   /* E <= e_max - 64: the extra bucket */
+    double mv[SAMPLE_CHUNK], ev[SAMPLE_CHUNK];
+    for (int i0 = 0; i0 < n; i0 += SAMPLE_CHUNK) {
+        const int c = n - i0 < SAMPLE_CHUNK ? n - i0 : SAMPLE_CHUNK;
+        dl_k.sample_me_chunk(mv, ev, x + i0, c, inv_t, lo);
+        /* four bucket sets: neighbours mostly share an exponent, and one set would chain their adds */
+        int j = 0;
+        for (; j + 4 <= c; j += 4)
+            for (int q = 0; q < 4; q++) bucket[q][(int)(e_max - ev[j + q])] += (int64_t)mv[j + q];
+        for (; j < c; j++) bucket[0][(int)(e_max - ev[j])] += (int64_t)mv[j];
+    }
+    out[0] = (int64_t)e_max;
+    for (int j = 0; j < SAMPLE_BUCKETS; j++) out[3 + j] = bucket[0][j] + bucket[1][j] + bucket[2][j] + bucket[3][j];
     for (int j = 0; j < sent; j++) {
         const double v = (double)top_x[j];
+        double m, e;
+        sample_me(sample_t(top_x[j], inv_t), -INFINITY, &m, &e);
         memcpy(&rec[4 * j], &v, sizeof v);
         rec[4 * j + 1] = id0 + top_i[j];
-        sample_weight(v * inv_t, &rec[4 * j + 2], &rec[4 * j + 3]);
+        rec[4 * j + 2] = (int64_t)m;
+        rec[4 * j + 3] = (int64_t)e;
     }
 }
 
@@ -118,10 +193,14 @@ void dl_sample_summary(int64_t *out, const float *x, int n, float inv_t, int id0
  * M * 2^(E - e_max + 63) / z (z: the row's exact bucket sum, scaled so, rounded once to a double);
  * 0 for -inf logits and for weights below the buckets. */
 void dl_sample_probs(double *p, const float *x, int n, float inv_t, int64_t e_max, double z) {
-    for (int i = 0; i < n; i++) {
-        if (!(x[i] > -INFINITY)) { p[i] = 0.0; continue; }
-        int64_t m, e;
-        sample_weight((double)x[i] * inv_t, &m, &e);
-        p[i] = e_max - e < SAMPLE_BUCKETS ? ldexp((double)m, (int)(e - e_max + 63)) / z : 0.0;
+    double pow2[SAMPLE_BUCKETS + 1];
+    pow2[SAMPLE_BUCKETS] = 0.0;
+    for (int j = 0; j < SAMPLE_BUCKETS; j++) pow2[j] = ldexp(1.0, 63 - j);
+    const double em = (double)e_max, lo = em - SAMPLE_BUCKETS;
+    double mv[SAMPLE_CHUNK], ev[SAMPLE_CHUNK];
+    for (int i0 = 0; i0 < n; i0 += SAMPLE_CHUNK) {
+        const int c = n - i0 < SAMPLE_CHUNK ? n - i0 : SAMPLE_CHUNK;
+        dl_k.sample_me_chunk(mv, ev, x + i0, c, inv_t, lo);
+        for (int j = 0; j < c; j++) p[i0 + j] = mv[j] * pow2[(int)(em - ev[j])] / z;
     }
 }

@@ -1233,3 +1233,27 @@ def test_matmul_table_covers_native_types():
         for fn in (m.kernel, m.repack, m.nbytes, m.fused):
             assert fn is None or hasattr(lib, fn), (FLOAT_NAMES[t], fn)
         assert (m.repack is not None) == m.q80_input
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_sample_summary_and_probabilities(isa):
+    """The sampler's exact weights (dl_sample_summary's buckets and records, dl_sample_probs): the
+    same bits on every path as on the scalar one, at lengths around the vector widths and chunks,
+    with -inf (masked) and very light logits; the probabilities are the softmax."""
+    from dllama_mpi.sampler import Sampler, slice_summary
+
+    r = rng(15)
+    for n in (1, 7, 9, 255, 257, 1000, 4099):
+        x = (r.standard_normal(n) * r.uniform(0.5, 20)).astype(np.float32)
+        x[r.random(n) < 0.2] = -np.inf
+        x[r.integers(n)] = 3.0
+        for t in (0.05, 0.8, 2.0):
+            s = Sampler(n, t, 0.9, seed=1)
+            use(isa)
+            got = (slice_summary(x, s.inv_t, 5, k=40), s._probs(x).copy())
+            use(K.ISA_SCALAR)
+            assert np.array_equal(got[0], slice_summary(x, s.inv_t, 5, k=40)), (n, t)
+            assert np.array_equal(got[1], s._probs(x)), (n, t)
+            y = x.astype(np.float64) * np.float64(s.inv_t)
+            e = np.exp(y - y.max())
+            assert np.allclose(got[1], e / e.sum(), rtol=1e-9, atol=2.0 ** -62), (n, t)
