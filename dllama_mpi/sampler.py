@@ -110,6 +110,8 @@ class Sampler:
         self.vocab_size = vocab_size
         self.temperature = float(temperature)
         self.topp = float(topp)
+        # the nucleus rule reads top-p as float32, as the engine's control packet carries it to the ranks
+        self.topp_rule = float(np.float32(topp))
         self.seed = int(seed) if seed is not None else int(time.time())
         self.state = (self.seed & MASK64) or 0x9E3779B97F4A7C15
         if state is not None:   # resume a stream where it was (serve re-submits a request after a restart)
@@ -139,7 +141,7 @@ class Sampler:
             return int(np.argmax(logits))  # lowest index wins ties
         x = np.ascontiguousarray(logits, np.float32)
         if 0 < self.topp < 1:
-            nuc = nucleus(slice_summary(x, self.inv_t, out=self._rec[0])[None], self.topp, x.size)
+            nuc = nucleus(slice_summary(x, self.inv_t, out=self._rec[0])[None], self.topp_rule, x.size)
             return self.pick(nuc if nuc is not None else self._nucleus(x))
         p = self._probs(x)
         r = self.random_f32()
@@ -166,10 +168,10 @@ class Sampler:
         """The nucleus from the whole row, when the summary's candidates were too few: every
         candidate, in the order and with the probabilities `nucleus` uses."""
         p = self._probs(x)
-        idx = np.flatnonzero(p >= (1.0 - self.topp) / (x.size - 1))
+        idx = np.flatnonzero(p >= (1.0 - self.topp_rule) / (x.size - 1))
         if idx.size == 0:
             idx = np.array([int(np.argmax(x))])
         order = idx[np.argsort(-x[idx], kind="stable")]
         cum = np.cumsum(p[order])
-        last = min(int(np.searchsorted(cum, self.topp, side="right")), len(order) - 1)
+        last = min(int(np.searchsorted(cum, self.topp_rule, side="right")), len(order) - 1)
         return Nucleus(order[:last + 1], cum[:last + 1])
