@@ -813,7 +813,7 @@ class Engine:
         allr = st.all_sample_recs[:self.comm.size * n * SAMPLE_LEN]
         self.comm.allgather(rec.reshape(-1), allr)
         allr = allr.reshape(self.comm.size, n, SAMPLE_LEN)
-        out = [nucleus(allr[:, k], float(topp[k]), self.h.vocab_size) for k in range(n)]
+        out = [nucleus(allr[:, k], float(topp[k]), self.h.vocab_size, float(inv_t[k])) for k in range(n)]
         undecided = sum(x is None for x in out)
         self.sampled_rows_summarised += n - undecided
         self.sampled_rows_whole += undecided

@@ -12,6 +12,7 @@ the same decisions from it, so both ways give the same token."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -28,11 +29,31 @@ SAMPLE_LEN = SAMPLE_HEAD + 4 * SAMPLE_TOPK
 
 @dataclass
 class Nucleus:
-    """What a top-p draw needs of a row: the nucleus's ids in sampling order and the cumulative sums
-    of their probabilities."""
+    """What a top-p draw needs of a row: the nucleus's ids in sampling order, the cumulative sums of
+    their probabilities and their logits; and for log-probabilities (at the sampler's temperature)
+    its largest logits (`top_ids`, `top_x`: the first LOG_TOP in sampling order, the most likely
+    first) and ln(Z / w_top), the log of the weights' sum over the most likely token's weight."""
 
     ids: np.ndarray
     cum: np.ndarray
+    x: np.ndarray
+    inv_t: float
+    ln_rest: float
+    top_ids: np.ndarray
+    top_x: np.ndarray
+
+    def _lp(self, x: float) -> float:
+        # log p = (y - y_top) - ln(Z / w_top), y = x * inv_t in double (as kernels/logits.c scales):
+        # measured from the most likely token, a row with one allowed token gives it exactly 0
+        return float((x * self.inv_t - self.top_x[0] * self.inv_t) - self.ln_rest)
+
+    def logprob(self, token: int) -> float:
+        """The log-probability of a token of the nucleus."""
+        return self._lp(self.x[int(np.flatnonzero(self.ids == token)[0])])
+
+    def top(self, k: int) -> list:
+        """[(id, log-probability)] of the k most likely tokens, largest first."""
+        return [(int(i), self._lp(x)) for i, x in zip(self.top_ids[:k], self.top_x[:k])]
 
 
 def slice_summary(x: np.ndarray, inv_t: float, id0: int = 0, k: int = SAMPLE_TOPK,
@@ -61,9 +82,27 @@ def _row_z(recs: np.ndarray) -> tuple[int, float] | None:
     return e_max, float(z)
 
 
-def nucleus(recs: np.ndarray, topp: float, vocab_size: int) -> Nucleus | None:
-    """The top-p nucleus of a row from its slices' summaries ([slices, SAMPLE_LEN], any cut of the
-    vocabulary), or None when they do not decide it (the row is needed whole)."""
+LOG_TOP = 20   # the most top log-probabilities a row reports (OpenAI's top_logprobs limit; <= SAMPLE_TOPK)
+
+
+@dataclass
+class _Merged:
+    """A row's slices' summaries merged: the exponent and exact sum of its weights, its ln Z, and the
+    records of every slice in sampling order (logit, then lower id), of which the first `known` are
+    the row's own order (`cut`: some slice sent only part of its candidates)."""
+
+    e_max: int
+    z: float
+    ln_rest: float
+    x: np.ndarray
+    ids: np.ndarray
+    m: np.ndarray
+    e: np.ndarray
+    known: int
+    cut: bool
+
+
+def _merge(recs: np.ndarray) -> _Merged | None:
     ez = _row_z(recs)
     if ez is None:
         return None
@@ -72,7 +111,7 @@ def nucleus(recs: np.ndarray, topp: float, vocab_size: int) -> Nucleus | None:
     cand = np.concatenate(parts)
     x, ids = cand[:, 0].view(np.float64), cand[:, 1]
     order = np.lexsort((ids, -x))
-    x, ids, m, e = x[order], ids[order], cand[order, 2], cand[order, 3]
+    x, ids = x[order], ids[order]
     # the merged lists are the row's order up to the last record of any slice that sent only part
     # of its candidates (what it did not send comes after that record)
     known, cut = len(x), False
@@ -81,17 +120,31 @@ def nucleus(recs: np.ndarray, topp: float, vocab_size: int) -> Nucleus | None:
             bx, bid = part[-1, 0:1].view(np.float64)[0], part[-1, 1]
             known = min(known, int(np.count_nonzero((x > bx) | ((x == bx) & (ids <= bid)))))
             cut = True
-    p = _probs(m, e, e_max, z)
+    m, e = cand[order, 2], cand[order, 3]
+    ln_rest = math.log(z / _probs(m[:1], e[:1], e_max, 1.0)[0])   # ln(Z / the most likely token's weight)
+    return _Merged(e_max, z, ln_rest, x, ids, m, e, known, cut)
+
+
+def nucleus(recs: np.ndarray, topp: float, vocab_size: int, inv_t: float) -> Nucleus | None:
+    """The top-p nucleus of a row from its slices' summaries ([slices, SAMPLE_LEN], any cut of the
+    vocabulary; inv_t: the float32 1 / temperature they were made with), or None when they do not
+    decide it (the row is needed whole)."""
+    g = _merge(recs)
+    if g is None:
+        return None
+    x, ids, known = g.x, g.ids, g.known
+    p = _probs(g.m, g.e, g.e_max, g.z)
     n_cand = int(np.count_nonzero(p >= (1.0 - topp) / (vocab_size - 1)))
+    top = min(LOG_TOP, known)   # every slice sent at least LOG_TOP of its largest, or all it has
     if n_cand == 0:        # nothing reaches the cut-off: the most likely token
-        return Nucleus(ids[:1], p[:1])
+        return Nucleus(ids[:1], p[:1], x[:1], inv_t, g.ln_rest, ids[:top], x[:top])
     cum = np.cumsum(p[:min(n_cand, known)])
     last = int(np.searchsorted(cum, topp, side="right"))
     if last >= len(cum):
-        if n_cand >= known and cut:
+        if n_cand >= known and g.cut:
             return None    # the candidates go on past what the slices sent
         last = len(cum) - 1
-    return Nucleus(ids[:last + 1], cum[:last + 1])
+    return Nucleus(ids[:last + 1], cum[:last + 1], x[:last + 1], inv_t, g.ln_rest, ids[:top], x[:top])
 
 
 def _probs(m: np.ndarray, e: np.ndarray, e_max: int, z: float) -> np.ndarray:
@@ -119,7 +172,8 @@ class Sampler:
                 raise ValueError(f"sampler state must be in 1..2^64-1, got {state}")
             self.state = int(state)
         self.probs = np.zeros(vocab_size, np.float64)  # reused every step
-        self._rec = np.zeros((1, SAMPLE_LEN), np.int64)
+        self._rec = np.zeros((1, SAMPLE_LEN), np.int64)    # the row's summary (nucleus_of)
+        self._rec_z = np.zeros((1, SAMPLE_LEN), np.int64)  # its weights alone (_probs)
 
     def random_f32(self) -> float:
         s = self.state
@@ -141,8 +195,7 @@ class Sampler:
             return int(np.argmax(logits))  # lowest index wins ties
         x = np.ascontiguousarray(logits, np.float32)
         if 0 < self.topp < 1:
-            nuc = nucleus(slice_summary(x, self.inv_t, out=self._rec[0])[None], self.topp_rule, x.size)
-            return self.pick(nuc if nuc is not None else self._nucleus(x))
+            return self.pick(self.nucleus_of(x))
         p = self._probs(x)
         r = self.random_f32()
         cdf = np.cumsum(p)
@@ -151,6 +204,19 @@ class Sampler:
             k = int(np.flatnonzero(p)[-1])
         return k
 
+    def nucleus_of(self, logits: np.ndarray) -> Nucleus:
+        """The top-p nucleus of a whole row: its summary as one slice, and where that does not decide
+        it, every candidate (the same ids, sums and log-probabilities as from any cut's summaries)."""
+        x = np.ascontiguousarray(logits, np.float32)
+        rec = slice_summary(x, self.inv_t, out=self._rec[0])[None]
+        nuc = nucleus(rec, self.topp_rule, x.size, float(self.inv_t))
+        if nuc is not None:
+            return nuc
+        ids, cum = self._nucleus(x)
+        g = _merge(rec)    # ln Z and the largest logits
+        top = min(LOG_TOP, g.known)
+        return Nucleus(ids, cum, x[ids].astype(np.float64), float(self.inv_t), g.ln_rest, g.ids[:top], g.x[:top])
+
     def pick(self, nuc: Nucleus) -> int:
         """The top-p draw from a row's nucleus (one random number, as every sampled token takes)."""
         r = self.random_f32()
@@ -158,15 +224,15 @@ class Sampler:
         return int(nuc.ids[min(k, len(nuc.ids) - 1)])
 
     def _probs(self, x: np.ndarray) -> np.ndarray:
-        slice_summary(x, self.inv_t, k=0, out=self._rec[0])
-        e_max, z = _row_z(self._rec)
+        slice_summary(x, self.inv_t, k=0, out=self._rec_z[0])
+        e_max, z = _row_z(self._rec_z)
         p = self.probs if self.probs.size == x.size else np.zeros(x.size, np.float64)
         lib.dl_sample_probs(ffi.cast("double *", p.ctypes.data), fptr(x), x.size, self.inv_t, e_max, z)
         return p
 
-    def _nucleus(self, x: np.ndarray) -> Nucleus:
-        """The nucleus from the whole row, when the summary's candidates were too few: every
-        candidate, in the order and with the probabilities `nucleus` uses."""
+    def _nucleus(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The nucleus's ids and cumulative sums from the whole row, when the summary's candidates
+        were too few: every candidate, in the order and with the probabilities `nucleus` uses."""
         p = self._probs(x)
         idx = np.flatnonzero(p >= (1.0 - self.topp_rule) / (x.size - 1))
         if idx.size == 0:
@@ -174,4 +240,4 @@ class Sampler:
         order = idx[np.argsort(-x[idx], kind="stable")]
         cum = np.cumsum(p[order])
         last = min(int(np.searchsorted(cum, self.topp_rule, side="right")), len(order) - 1)
-        return Nucleus(order[:last + 1], cum[:last + 1])
+        return order[:last + 1], cum[:last + 1]

@@ -212,10 +212,9 @@ class Request:
     def sample_mode(self) -> int:
         """How the engine returns the row this request samples from."""
         if not self.greedy:
-            # top-p draws come from per-rank summaries (engine._nuclei); plain multinomial draws and
-            # sampled rows with log-probabilities take the row whole
-            s = self.sampler
-            return LOGITS_SAMPLE if 0 < s.topp < 1 and self.logprobs is None else LOGITS_FULL
+            # top-p draws (log-probabilities included) come from per-rank summaries (engine._nuclei);
+            # plain multinomial draws take the row whole
+            return LOGITS_SAMPLE if 0 < self.sampler.topp < 1 else LOGITS_FULL
         return LOGITS_STATS if self.logprobs is not None else LOGITS_ARGMAX
 
     @property
@@ -555,8 +554,13 @@ class Scheduler:
                 lp = TokenLogprob(token, value.top[0][1], value.top[:req.logprobs])
         elif isinstance(value, int):
             token = value
-        elif isinstance(value, Nucleus):
-            token = req.sampler.pick(value)
+        elif isinstance(value, Nucleus) or 0 < req.sampler.topp < 1:
+            # a top-p row: its nucleus from the ranks' summaries, or from the row where they did not
+            # decide it; log-probabilities from the same exact normalisation either way
+            nuc = value if isinstance(value, Nucleus) else req.sampler.nucleus_of(value)
+            token = req.sampler.pick(nuc)
+            if req.logprobs is not None:
+                lp = TokenLogprob(token, nuc.logprob(token), nuc.top(req.logprobs))
         else:
             token = req.sampler.sample(value)
             if req.logprobs is not None:

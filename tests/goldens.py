@@ -266,9 +266,9 @@ def draft_equals_plain(comm: Comm, name: str, draft_name: str, steps: int = 40, 
 
 
 def sampled_tokens(comm: Comm, name: str, steps: int = 24, **kw):
-    """Root: (tokens of seeded top-p requests over SEQS at several temperatures and top-p values, run
-    together through the scheduler; sampled rows the engine took from per-rank summaries; those it
-    gathered whole). Workers: None."""
+    """Root: ([(tokens, log-probabilities)] of seeded top-p requests over SEQS at several temperatures
+    and top-p values, some with log-probabilities, run together through the scheduler; sampled rows
+    the engine took from per-rank summaries; those it took whole). Workers: None."""
     from dllama_mpi.sampler import Sampler
     from dllama_mpi.scheduler import Request, Scheduler, run_to_completion
     from dllama_mpi.tokenizer import Tokenizer
@@ -280,10 +280,18 @@ def sampled_tokens(comm: Comm, name: str, steps: int = 24, **kw):
     try:
         tok = Tokenizer.load(TINY / "t" / ("dllama_tokenizer_tiny_qwen3.t" if "qwen" in name else
                                            "dllama_tokenizer_tiny_llama3.t"))
-        settings = [(0.8, 0.9), (1.5, 0.999), (0.5, 0.5), (1.0, 0.95), (3.0, 0.99), (0.7, 0.1)]
-        reqs = [Request(SEQS[i % 3], steps, Sampler(engine.h.vocab_size, t, p, 11 + i), ignore_eos=True)
-                for i, (t, p) in enumerate(settings)]
+        settings = [(0.8, 0.9, None), (1.5, 0.999, 5), (0.5, 0.5, None), (1.0, 0.95, 20), (3.0, 0.99, None),
+                    (0.7, 0.1, 2)]   # temperature, top-p, log-probabilities
+        reqs = []
+        for i, (t, p, lp) in enumerate(settings):
+            pieces = []
+            r = Request(SEQS[i % 3], steps, Sampler(engine.h.vocab_size, t, p, 11 + i), ignore_eos=True, logprobs=lp,
+                        sink=lambda k, v, pieces=pieces: pieces.append(v) if k == "piece" else None)
+            r.pieces = pieces
+            reqs.append(r)
         run_to_completion(Scheduler(engine, tok), reqs)
-        return [r.generated for r in reqs], engine.sampled_rows_summarised, engine.sampled_rows_whole
+        out = [(r.generated, [None if p.logprob is None else (p.logprob.logprob, p.logprob.top) for p in r.pieces])
+               for r in reqs]
+        return out, engine.sampled_rows_summarised, engine.sampled_rows_whole
     finally:
         engine.stop_workers()

@@ -672,10 +672,11 @@ def test_draft_model_equals_plain(world, name, draft, kw, pp):
 
 @pytest.mark.parametrize("name,kw", [("tiny_llama_f32", {}), ("tiny_qwen3_q40", {"buffer_type": "q80"})])
 def test_sampled_rows_from_summaries_give_one_rank_tokens(world, name, kw):
-    """Seeded top-p requests (temperatures 0.5-3, top-p 0.1-0.999) on this many ranks computing as 4
-    nodes draw one rank's tokens: most sampled rows come from the ranks' summaries (no vocabulary
-    slice sent), the rows whose nucleus runs past them (hot, flat rows) are gathered whole, and both
-    ways draw what one rank draws from the whole row (which takes every sampled row whole)."""
+    """Seeded top-p requests (temperatures 0.5-3, top-p 0.1-0.999, some with log-probabilities) on
+    this many ranks computing as 4 nodes draw one rank's tokens and report its log-probabilities bit
+    for bit: most sampled rows come from the ranks' summaries (no vocabulary slice sent), the rows
+    whose nucleus runs past them (hot, flat rows) are gathered whole, and both ways give what one
+    rank gives from the whole row (which takes every sampled row whole)."""
     got = sampled_tokens(world, name, as_nodes=4, **kw)
     one = sampled_tokens(Comm(MPI.COMM_SELF), name, as_nodes=4, **kw) if world.is_root else None
     ok = world.is_root and got[0] == one[0] and got[1] > 2 * got[2] > 0 and one[1] == 0 and one[2] == got[1] + got[2]

@@ -71,6 +71,13 @@ def test_probabilities_are_the_softmax(temperature):
         p = s._probs(x)
         assert np.allclose(p, e / e.sum(), rtol=1e-9, atol=2.0 ** -62)   # lighter than 2^-63 of the largest: 0
         assert p[np.isneginf(x)].max(initial=0.0) == 0.0
+        # log-probabilities: of the nucleus's tokens and the 20 most likely, the log-softmax's
+        lse = y.max() + np.log(e.sum())
+        nuc = s.nucleus_of(x)
+        assert np.allclose([nuc.logprob(i) for i in nuc.ids], y[nuc.ids] - lse, rtol=0, atol=1e-9)
+        top = nuc.top(20)
+        assert [i for i, _ in top] == sorted(range(3000), key=lambda i: (-x[i], i))[:20]
+        assert np.allclose([v for _, v in top], [y[i] - lse for i, _ in top], rtol=0, atol=1e-9)
 
 
 def _topp_by_sorting_all(s, x, r):
@@ -99,7 +106,7 @@ def test_topp_is_the_definition_and_any_cut_of_the_vocabulary_gives_the_same_nuc
     for topp in (0.1, 0.9, 0.999999):
         s = Sampler(vocab, 0.8, topp, seed=1)
         for t, x in _rows(rng, vocab, 24):
-            whole = s._nucleus(x)
+            whole = s.nucleus_of(x)
             for r in (0.0, float(rng.random()), 0.999999):
                 s.random_f32 = lambda r=r: r
                 assert s.pick(whole) == _topp_by_sorting_all(s, x, r), (topp, t, r)
@@ -108,11 +115,23 @@ def test_topp_is_the_definition_and_any_cut_of_the_vocabulary_gives_the_same_nuc
                 cuts = np.sort(rng.integers(0, vocab + 1, n - 1))
                 bounds = np.concatenate([[0], cuts, [vocab]])
                 recs = np.stack([slice_summary(x[a:b], s.inv_t, int(a)) for a, b in zip(bounds[:-1], bounds[1:])])
-                nuc = nucleus(recs, float(np.float32(topp)), vocab)   # as the ranks read it
+                nuc = nucleus(recs, float(np.float32(topp)), vocab, float(s.inv_t))   # as the ranks read it
                 if nuc is None:
                     undecided += 1
                     assert n > 1 or vocab > SAMPLE_TOPK
                     continue
                 decided += 1
                 assert np.array_equal(nuc.ids, whole.ids) and np.array_equal(nuc.cum, whole.cum), (topp, t, n)
+                assert nuc.ln_rest == whole.ln_rest and nuc.top(20) == whole.top(20), (topp, t, n)
+                assert [nuc.logprob(i) for i in nuc.ids] == [whole.logprob(i) for i in whole.ids]
     assert decided > 0 and (undecided > 0) == (vocab > SAMPLE_TOPK)
+
+
+def test_one_allowed_token_has_log_probability_zero():
+    """A row a grammar leaves one token: probability 1, log-probability exactly 0 (as the log-softmax
+    of one value), the others' -inf absent from the top."""
+    x = np.full(500, -np.inf, np.float32)
+    x[123] = 7.25
+    s = Sampler(500, 0.7, 0.9, seed=2)
+    nuc = s.nucleus_of(x)
+    assert s.pick(nuc) == 123 and nuc.logprob(123) == 0.0 and nuc.top(5) == [(123, 0.0)]
