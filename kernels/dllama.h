@@ -217,6 +217,10 @@ void dl_attention(float *out, const float *q, const float *k_cache, const float 
  * out[3 + 2k]: max of y = x * inv_t, log-sum-exp of y, y[target] (-inf if target is outside [0, n)),
  * then the k largest (y, index) pairs, largest first, lower index first among equals. ---- */
 void dl_logit_stats(double *out, const float *x, int n, float inv_t, int target, int k);
+/* the attention's dot products through the active ISA (tests): out[i] = dot(q, rows[i * stride]),
+ * each with dl_dot's bits */
+float dl_dot(const float *a, const float *b, int n);
+void dl_dot_rows(float *out, const float *q, const float *rows, size_t stride, int n, int hd);
 /* ---- sampling summaries (kernels/logits.c): one slice's exact sampling weights in 64 exponent buckets
  * and its k largest logits as (x bits, id, M, E) records; and a whole row's probabilities. ---- */
 void dl_sample_summary(int64_t *out, const float *x, int n, float inv_t, int id0, int k);

@@ -619,6 +619,11 @@ void dl_axpy_rows_neon(float *y, const float *a, const float *rows, size_t strid
 }
 #endif
 
+float dl_dot(const float *a, const float *b, int n) { return dl_k.dot(a, b, n); }
+void dl_dot_rows(float *out, const float *q, const float *rows, size_t stride, int n, int hd) {
+    dl_k.dot_rows(out, q, rows, stride, n, hd);
+}
+
 /* RoPE; row b is at position pos[b]. cos/sin are computed per row from pos * freq, so a row's
  * result does not depend on the other rows of the call. */
 void dl_rope(float *x, int n_heads, int head_dim, const int32_t *pos, int batch, int rope_type, const float *freqs) {

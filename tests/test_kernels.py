@@ -1257,3 +1257,21 @@ def test_sample_summary_and_probabilities(isa):
             y = x.astype(np.float64) * np.float64(s.inv_t)
             e = np.exp(y - y.max())
             assert np.allclose(got[1], e / e.sum(), rtol=1e-9, atol=2.0 ** -62), (n, t)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_attention_dot_rows_have_dot_bits(isa):
+    """The attention's scores: dot_rows (4 rows at a time) gives each row exactly dl_dot's bits (what
+    makes a row's attention independent of how its positions are grouped), at head sizes with and
+    without a tail and row counts around 4."""
+    r = rng(16)
+    use(isa)
+    for hd in (64, 128, 80, 256):
+        stride = hd * 3
+        for n in (1, 3, 4, 5, 8, 13):
+            rows = (r.standard_normal(n * stride) * 3).astype(np.float32)
+            q = r.standard_normal(hd).astype(np.float32)
+            out = np.zeros(n, np.float32)
+            lib.dl_dot_rows(K.fptr(out), K.fptr(q), K.fptr(rows), stride, n, hd)
+            one = [lib.dl_dot(K.fptr(q), K.fptr(rows[i * stride:]), hd) for i in range(n)]
+            assert np.array_equal(out, np.float32(one)), (hd, n)
