@@ -30,11 +30,11 @@ SPEC_METHODS = ("none", "ngram", "draft")
 DRAFT_MAX = 16      # llama.cpp's --draft-max default
 DRAFT_MIN = 1       # a proposal shorter than this is not verified
 DRAFT_P_MIN = 0.75  # llama.cpp's --draft-p-min default (common_params_speculative.p_min)
-NGRAM_MIN, NGRAM_MAX = 1, 3   # lookup n-gram sizes (prompt lookup decoding's max_ngram_size 3)
+NGRAM_MIN, NGRAM_MAX = 1, 4   # lookup n-gram sizes (llama.cpp's LLAMA_NGRAM_MAX; 4 beat 3 and 5: BENCHMARKS.md)
 # What a draft's next token is believed to be accepted with before the sequence has shown its own
 # rate, by source (0: the draft model; n: an n-gram match), and that belief's weight in tokens. A
 # 1-token match predicts little on open text; a 3-token one mostly repeats a passage.
-PRIOR_P = {0: 0.7, 1: 0.3, 2: 0.5, 3: 0.7}
+PRIOR_P = {0: 0.7, 1: 0.3, 2: 0.5, 3: 0.7, 4: 0.7}
 PRIOR_WEIGHT = 1.0  # the prior counts as one token
 FORGET = 0.5        # evidence kept per later draft of that source: the rate follows the text's regime
 IDLE_FORGET = 0.97  # ... per pass it decided not to draft: the belief drifts back to the prior (a probe)

@@ -20,7 +20,7 @@ from dllama_mpi.comm import Comm
 from dllama_mpi.errors import ConfigError
 from dllama_mpi.sampler import Sampler
 from dllama_mpi.scheduler import Request, Scheduler, run_to_completion
-from dllama_mpi.speculative import (DRAFT_P_MIN, PRIOR_P, ROW_COST_PRIOR, NgramDrafter, Pace, PassCost, SeqSpec,
+from dllama_mpi.speculative import (DRAFT_P_MIN, NGRAM_MAX, NGRAM_MIN, PRIOR_P, ROW_COST_PRIOR, NgramDrafter, Pace, PassCost, SeqSpec,
                                     SpecConfig, check_draft_model, expected_accepted)
 from dllama_mpi.startup import build_engine, load_draft_model
 from dllama_mpi.tokenizer import Tokenizer
@@ -34,7 +34,7 @@ TOK = TINY / "t" / "dllama_tokenizer_tiny_llama3.t"
 # ------------------------------------------------------------------------------------------------
 # the drafter
 
-def brute_force_lookup(tokens, k, n_min=1, n_max=3):
+def brute_force_lookup(tokens, k, n_min=NGRAM_MIN, n_max=NGRAM_MAX):
     """The definition: the longest suffix (n_max..n_min tokens) that occurred earlier, continued from
     its most recent earlier occurrence (periodically past the end)."""
     end = len(tokens)
@@ -98,12 +98,12 @@ def test_pace_drafts_what_pays():
 def test_seq_spec_learns_its_acceptance():
     s = SeqSpec(SpecConfig("ngram", draft_max=8, draft_min=2))
     prompt = [5, 6, 7, 8] * 4
-    first = s.propose(prompt, [5], 16)                     # a 3-token match: PRIOR_P[3]
+    first = s.propose(prompt, [5], 16)                     # a 4-token match: PRIOR_P[4]
     assert 2 <= len(first) < 8 and first == [6, 7, 8, 5, 6, 7, 8, 5][:len(first)]
     lengths = [len(first)]
     for _ in range(4):
         s.verified(len(first), len(first))                 # all accepted: the rate rises, drafts grow
-        assert s.rate(3) > PRIOR_P[3]
+        assert s.rate(4) > PRIOR_P[4]
         first = s.propose(prompt, [5], 16)
         lengths.append(len(first))
     assert lengths == sorted(lengths) and lengths[-1] >= 6 and first == [6, 7, 8, 5, 6, 7, 8, 5][:len(first)], lengths
@@ -113,9 +113,9 @@ def test_seq_spec_learns_its_acceptance():
         d = s.propose(prompt, g, 16)
         if not d:
             break
-        before = s.rate(3)
+        before = s.rate(4)
         s.verified(len(d), 0)
-        assert s.rate(3) < before
+        assert s.rate(4) < before
     assert rejected <= 7 and s.propose(prompt, g, 16) == []    # ... soon decodes plainly ...
     for n in range(200):                                   # ... until the belief drifts back: a probe
         if s.propose(prompt, g, 16):
