@@ -171,7 +171,7 @@ class Sampler:
             if not 0 < state <= MASK64:
                 raise ValueError(f"sampler state must be in 1..2^64-1, got {state}")
             self.state = int(state)
-        self.probs = np.zeros(vocab_size, np.float64)  # reused every step
+        self.probs: np.ndarray | None = None   # a row's probabilities (multinomial, fallback), made once
         self._rec = np.zeros((1, SAMPLE_LEN), np.int64)    # the row's summary (nucleus_of)
         self._rec_z = np.zeros((1, SAMPLE_LEN), np.int64)  # its weights alone (_probs)
 
@@ -226,7 +226,9 @@ class Sampler:
     def _probs(self, x: np.ndarray) -> np.ndarray:
         slice_summary(x, self.inv_t, k=0, out=self._rec_z[0])
         e_max, z = _row_z(self._rec_z)
-        p = self.probs if self.probs.size == x.size else np.zeros(x.size, np.float64)
+        if self.probs is None or self.probs.size != x.size:
+            self.probs = np.zeros(x.size, np.float64)
+        p = self.probs
         lib.dl_sample_probs(ffi.cast("double *", p.ctypes.data), fptr(x), x.size, self.inv_t, e_max, z)
         return p
 
