@@ -6,7 +6,9 @@ stderr. How each number is measured (also in the JSON's "method"):
 - prefill tok/s: prompt tokens / time from the request's admission to its first token (passes of
   --batch rows); decode tok/s: per generated token, wall time on the root between two tokens of one
   greedy request through the scheduler (what `inference --temperature 0` runs); median over every
-  token of every repeat, with p10/p90 and min/max.
+  token of every repeat, with p10/p90 and min/max. With --temperature T every run's request samples
+  instead (--topp, --seed; --sampled-rows whole sends each sampled top-p row to the root whole, as
+  before the ranks' summaries); "summary" counts the sampled rows taken each way.
 - --parallel P: P greedy streams submitted together (continuous batching); aggregate decode tok/s =
   rows of the passes in which every running sequence decodes / their wall time (llama-batched-bench's
   S_TG); end-to-end tok/s = all generated tokens / wall time; per-stream decode tok/s; time to first
