@@ -805,11 +805,11 @@ class Engine:
         summaries do not decide it (every rank then takes part in gathering that row whole)."""
         st, n = self.st, len(which)
         rec = st.sample_recs[:n]
-        p = ffi.cast("int64_t *", rec.ctypes.data)
+        rows = np.ascontiguousarray(which, np.int32)
+        its = np.ascontiguousarray(inv_t, np.float32)
         nv = st.logits_local.shape[1]
-        for k, (row, it) in enumerate(zip(which, inv_t)):
-            lib.dl_sample_summary(p + k * SAMPLE_LEN, st.p_logits_local + int(row) * nv, nv, float(it),
-                                  self.vocab0, SAMPLE_TOPK)
+        lib.dl_sample_summaries(ffi.cast("int64_t *", rec.ctypes.data), SAMPLE_LEN, st.p_logits_local, nv,
+                                ffi.cast("int32_t *", rows.ctypes.data), fptr(its), n, nv, self.vocab0, SAMPLE_TOPK)
         allr = st.all_sample_recs[:self.comm.size * n * SAMPLE_LEN]
         self.comm.allgather(rec.reshape(-1), allr)
         allr = allr.reshape(self.comm.size, n, SAMPLE_LEN)

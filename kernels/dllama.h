@@ -225,6 +225,10 @@ void dl_dot_rows(float *out, const float *q, const float *rows, size_t stride, i
  * and its k largest logits as (x bits, id, M, E) records; and a whole row's probabilities. ---- */
 void dl_sample_summary(int64_t *out, const float *x, int n, float inv_t, int id0, int k);
 void dl_sample_probs(double *p, const float *x, int n, float inv_t, int64_t e_max, double z);
+/* the summaries of rows rows[0..n_rows) of x (rows `stride` floats apart; inv_t per row) into
+ * out + i * len, over the thread pool */
+void dl_sample_summaries(int64_t *out, size_t len, const float *x, size_t stride, const int32_t *rows,
+                         const float *inv_t, int n_rows, int n, int id0, int k);
 /* a grammar's token mask on a slice of a logits row: x[i] = -inf unless bit id0 + i of words is set */
 void dl_apply_token_mask(float *x, int n, const uint32_t *words, int id0);
 

@@ -189,6 +189,32 @@ void dl_sample_summary(int64_t *out, const float *x, int n, float inv_t, int id0
     }
 }
 
+/* dl_sample_summary of several rows of logits_local (row rows[i] of x, `stride` floats apart, at
+ * 1 / temperature inv_t[i]) into out[i * len]: the rows shared out over the thread pool, each row's
+ * summary the one call's */
+typedef struct {
+    int64_t *out;
+    const float *x;
+    const int32_t *rows;
+    const float *inv_t;
+    size_t stride, len;
+    int n, id0, k;
+} summary_ctx;
+
+static void summary_range(void *vctx, int64_t s, int64_t e) {
+    const summary_ctx *c = (const summary_ctx *)vctx;
+    for (int64_t i = s; i < e; i++)
+        dl_sample_summary(c->out + (size_t)i * c->len, c->x + (size_t)c->rows[i] * c->stride, c->n, c->inv_t[i],
+                          c->id0, c->k);
+}
+
+void dl_sample_summaries(int64_t *out, size_t len, const float *x, size_t stride, const int32_t *rows,
+                         const float *inv_t, int n_rows, int n, int id0, int k) {
+    summary_ctx c = {out, x, rows, inv_t, stride, len, n, id0, k};
+    if (n_rows == 1) summary_range(&c, 0, 1);
+    else dl_parallel_for(n_rows, 1, summary_range, &c);
+}
+
 /* Every token's probability from a whole row, as the summaries' root computes it for its candidates:
  * M * 2^(E - e_max + 63) / z (z: the row's exact bucket sum, scaled so, rounded once to a double);
  * 0 for -inf logits and for weights below the buckets. */

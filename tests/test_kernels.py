@@ -1275,3 +1275,21 @@ def test_attention_dot_rows_have_dot_bits(isa):
             lib.dl_dot_rows(K.fptr(out), K.fptr(q), K.fptr(rows), stride, n, hd)
             one = [lib.dl_dot(K.fptr(q), K.fptr(rows[i * stride:]), hd) for i in range(n)]
             assert np.array_equal(out, np.float32(one)), (hd, n)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_sample_summaries_of_many_rows_are_each_rows_own(threads):
+    """dl_sample_summaries (the engine's sampled rows, shared out over the thread pool): each row's
+    record is dl_sample_summary's of that row alone, at its own temperature, whatever the threads."""
+    from dllama_mpi.sampler import SAMPLE_LEN, slice_summary
+
+    r = rng(17)
+    x = (r.standard_normal((7, 3001)) * 4).astype(np.float32)
+    rows = np.array([6, 0, 3, 3, 5], np.int32)
+    inv_t = np.float32([1.25, 0.5, 2.0, 1.0, 10.0])
+    use(lib.dl_get_isa(), threads)
+    out = np.zeros((len(rows), SAMPLE_LEN), np.int64)
+    lib.dl_sample_summaries(ffi.cast("int64_t *", out.ctypes.data), SAMPLE_LEN, K.fptr(x), 3001,
+                            ffi.cast("int32_t *", rows.ctypes.data), K.fptr(inv_t), len(rows), 3001, 77, 64)
+    for i, (row, it) in enumerate(zip(rows, inv_t)):
+        assert np.array_equal(out[i], slice_summary(x[row], it, 77)), i
