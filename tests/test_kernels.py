@@ -1281,7 +1281,7 @@ def test_attention_dot_rows_have_dot_bits(isa):
 def test_sample_summaries_of_many_rows_are_each_rows_own(threads):
     """dl_sample_summaries (the engine's sampled rows, shared out over the thread pool): each row's
     record is dl_sample_summary's of that row alone, at its own temperature, whatever the threads."""
-    from dllama_mpi.sampler import SAMPLE_LEN, slice_summary
+    from dllama_mpi.sampler import SAMPLE_LEN, SAMPLE_TOPK, slice_summary
 
     r = rng(17)
     x = (r.standard_normal((7, 3001)) * 4).astype(np.float32)
@@ -1290,6 +1290,6 @@ def test_sample_summaries_of_many_rows_are_each_rows_own(threads):
     use(lib.dl_get_isa(), threads)
     out = np.zeros((len(rows), SAMPLE_LEN), np.int64)
     lib.dl_sample_summaries(ffi.cast("int64_t *", out.ctypes.data), SAMPLE_LEN, K.fptr(x), 3001,
-                            ffi.cast("int32_t *", rows.ctypes.data), K.fptr(inv_t), len(rows), 3001, 77, 64)
+                            ffi.cast("int32_t *", rows.ctypes.data), K.fptr(inv_t), len(rows), 3001, 77, SAMPLE_TOPK)
     for i, (row, it) in enumerate(zip(rows, inv_t)):
         assert np.array_equal(out[i], slice_summary(x[row], it, 77)), i
