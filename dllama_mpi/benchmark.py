@@ -618,11 +618,12 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
         return
     if json_files:
         raise ConfigError("JSON file arguments are only read with --plot")
-    if steps < 1 or repeat < 1 or warmup < 0:
+    # the root checks (one line, then it aborts the job); the workers wait at the first collective
+    if comm.is_root and (steps < 1 or repeat < 1 or warmup < 0):
         raise ConfigError("--steps and --repeat must be >= 1, --warmup >= 0")
-    if prompts_path and synthetic:
+    if comm.is_root and prompts_path and synthetic:
         raise ConfigError("give --prompts or --synthetic, not both")
-    if temperature < 0 or not 0 <= topp <= 1:
+    if comm.is_root and (temperature < 0 or not 0 <= topp <= 1):
         raise ConfigError(f"--temperature must be >= 0 and --topp in [0, 1], got {temperature} and {topp}")
     SAMPLING.update(temperature=temperature, topp=topp, seed=seed, sampled_rows=sampled_rows)
     lens = _synthetic_lengths(synthetic or "128") if not prompts_path else None
