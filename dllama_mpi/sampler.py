@@ -130,8 +130,11 @@ def nucleus(recs: np.ndarray, topp: float, vocab_size: int, inv_t: float) -> Nuc
     vocabulary; inv_t: the float32 1 / temperature they were made with), or None when they do not
     decide it (the row is needed whole)."""
     g = _merge(recs)
-    if g is None:
-        return None
+    return None if g is None else _decide(g, topp, vocab_size, inv_t)
+
+
+def _decide(g: _Merged, topp: float, vocab_size: int, inv_t: float) -> Nucleus | None:
+    """`nucleus` from the merged summaries."""
     x, ids, known = g.x, g.ids, g.known
     p = _probs(g.m, g.e, g.e_max, g.z)
     n_cand = int(np.count_nonzero(p >= (1.0 - topp) / (vocab_size - 1)))
@@ -172,8 +175,7 @@ class Sampler:
                 raise ValueError(f"sampler state must be in 1..2^64-1, got {state}")
             self.state = int(state)
         self.probs: np.ndarray | None = None   # a row's probabilities (multinomial, fallback), made once
-        self._rec = np.zeros((1, SAMPLE_LEN), np.int64)    # the row's summary (nucleus_of)
-        self._rec_z = np.zeros((1, SAMPLE_LEN), np.int64)  # its weights alone (_probs)
+        self._rec = np.zeros((1, SAMPLE_LEN), np.int64)    # a whole row's summary
 
     def random_f32(self) -> float:
         s = self.state
@@ -185,6 +187,12 @@ class Sampler:
         return (u32 >> 8) / 16777216.0
 
     @property
+    def draws_nucleus(self) -> bool:
+        """Whether a token is drawn from the top-p nucleus (temperature > 0, 0 < top-p < 1), which the
+        ranks' summaries can decide; else greedy or a plain multinomial draw over the whole row."""
+        return self.temperature > 0 and 0 < self.topp < 1
+
+    @property
     def inv_t(self) -> np.float32:
         """1 / temperature as the engine's control packet carries it (float32)."""
         return np.float32(1.0 / self.temperature)
@@ -194,7 +202,7 @@ class Sampler:
         if self.temperature == 0:
             return int(np.argmax(logits))  # lowest index wins ties
         x = np.ascontiguousarray(logits, np.float32)
-        if 0 < self.topp < 1:
+        if self.draws_nucleus:
             return self.pick(self.nucleus_of(x))
         p = self._probs(x)
         r = self.random_f32()
@@ -208,13 +216,12 @@ class Sampler:
         """The top-p nucleus of a whole row: its summary as one slice, and where that does not decide
         it, every candidate (the same ids, sums and log-probabilities as from any cut's summaries)."""
         x = np.ascontiguousarray(logits, np.float32)
-        rec = slice_summary(x, self.inv_t, out=self._rec[0])[None]
-        nuc = nucleus(rec, self.topp_rule, x.size, float(self.inv_t))
+        g = _merge(slice_summary(x, self.inv_t, out=self._rec[0])[None])
+        nuc = _decide(g, self.topp_rule, x.size, float(self.inv_t))
         if nuc is not None:
             return nuc
-        ids, cum = self._nucleus(x)
-        g = _merge(rec)    # ln Z and the largest logits
-        top = min(LOG_TOP, g.known)
+        ids, cum = self._nucleus(x, g.e_max, g.z)
+        top = min(LOG_TOP, g.known)    # ln Z and the largest logits from the summary
         return Nucleus(ids, cum, x[ids].astype(np.float64), float(self.inv_t), g.ln_rest, g.ids[:top], g.x[:top])
 
     def pick(self, nuc: Nucleus) -> int:
@@ -223,19 +230,22 @@ class Sampler:
         k = int(np.searchsorted(nuc.cum, r * nuc.cum[-1], side="right"))
         return int(nuc.ids[min(k, len(nuc.ids) - 1)])
 
-    def _probs(self, x: np.ndarray) -> np.ndarray:
-        slice_summary(x, self.inv_t, k=0, out=self._rec_z[0])
-        e_max, z = _row_z(self._rec_z)
+    def _probs(self, x: np.ndarray, e_max: int | None = None, z: float | None = None) -> np.ndarray:
+        """Every token's probability (dl_sample_probs), with the row's E_max and weight sum when
+        known (else from the row's summary)."""
+        if e_max is None:
+            slice_summary(x, self.inv_t, k=0, out=self._rec[0])
+            e_max, z = _row_z(self._rec)
         if self.probs is None or self.probs.size != x.size:
             self.probs = np.zeros(x.size, np.float64)
         p = self.probs
         lib.dl_sample_probs(ffi.cast("double *", p.ctypes.data), fptr(x), x.size, self.inv_t, e_max, z)
         return p
 
-    def _nucleus(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _nucleus(self, x: np.ndarray, e_max: int, z: float) -> tuple[np.ndarray, np.ndarray]:
         """The nucleus's ids and cumulative sums from the whole row, when the summary's candidates
         were too few: every candidate, in the order and with the probabilities `nucleus` uses."""
-        p = self._probs(x)
+        p = self._probs(x, e_max, z)
         idx = np.flatnonzero(p >= (1.0 - self.topp_rule) / (x.size - 1))
         if idx.size == 0:
             idx = np.array([int(np.argmax(x))])

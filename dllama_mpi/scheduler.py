@@ -214,7 +214,7 @@ class Request:
         if not self.greedy:
             # top-p draws (log-probabilities included) come from per-rank summaries (engine._nuclei);
             # plain multinomial draws take the row whole
-            return LOGITS_SAMPLE if 0 < self.sampler.topp < 1 else LOGITS_FULL
+            return LOGITS_SAMPLE if self.sampler.draws_nucleus else LOGITS_FULL
         return LOGITS_STATS if self.logprobs is not None else LOGITS_ARGMAX
 
     @property
@@ -554,7 +554,7 @@ class Scheduler:
                 lp = TokenLogprob(token, value.top[0][1], value.top[:req.logprobs])
         elif isinstance(value, int):
             token = value
-        elif isinstance(value, Nucleus) or 0 < req.sampler.topp < 1:
+        elif isinstance(value, Nucleus) or req.sampler.draws_nucleus:
             # a top-p row: its nucleus from the ranks' summaries, or from the row where they did not
             # decide it; log-probabilities from the same exact normalisation either way
             nuc = value if isinstance(value, Nucleus) else req.sampler.nucleus_of(value)
