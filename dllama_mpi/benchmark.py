@@ -470,15 +470,8 @@ SAMPLING = {"temperature": 0.0, "topp": 0.9, "seed": 1, "sampled_rows": "summari
 def _request(sched, ids: list[int], steps: int):
     """A run's request: greedy by default, else seeded sampling; with --sampled-rows whole its
     top-p rows come back whole (what every sampled row did before the summaries)."""
-    from .engine import LOGITS_FULL, LOGITS_SAMPLE
     from .sampler import Sampler
-    from .scheduler import Request
-
-    class WholeRowRequest(Request):
-        @property
-        def sample_mode(self) -> int:
-            m = super().sample_mode
-            return LOGITS_FULL if m == LOGITS_SAMPLE else m
+    from .scheduler import Request, WholeRowRequest
 
     cls = WholeRowRequest if SAMPLING["sampled_rows"] == "whole" else Request
     sampler = Sampler(sched.engine.h.vocab_size, SAMPLING["temperature"], SAMPLING["topp"], SAMPLING["seed"])

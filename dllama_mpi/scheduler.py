@@ -228,6 +228,16 @@ class Request:
         return self.seq.tokens if self.seq is not None else self._rows_after
 
 
+class WholeRowRequest(Request):
+    """A Request whose sampled top-p rows come back whole, as every sampled row did before the ranks'
+    summaries (`benchmark --sampled-rows whole`, scripts/bench_sampled.py: what the summaries save)."""
+
+    @property
+    def sample_mode(self) -> int:
+        m = super().sample_mode
+        return LOGITS_FULL if m == LOGITS_SAMPLE else m
+
+
 def check_request(plan: KVPlan, max_seq_len: int, prompt_len: int, max_tokens: int) -> None:
     """RequestError when a request of this size could never run in a pool of this plan (context or
     KV pages). A function of the plan alone, so that serve's supervisor, which holds no engine,

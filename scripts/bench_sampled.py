@@ -14,22 +14,12 @@ import statistics
 
 from mpi4py import MPI
 
-from dllama_mpi import engine as E
 from dllama_mpi.chat import render_prompt, template_for
 from dllama_mpi.comm import Comm
 from dllama_mpi.sampler import Sampler
-from dllama_mpi.scheduler import Request, Scheduler, run_to_completion
+from dllama_mpi.scheduler import Request, Scheduler, WholeRowRequest, run_to_completion
 from dllama_mpi.speculative import SpecConfig
 from dllama_mpi.startup import resolve_model, start
-
-
-class WholeRequest(Request):
-    """A request whose sampled rows come back whole (the root decides each row's mode)."""
-
-    @property
-    def sample_mode(self) -> int:
-        m = super().sample_mode
-        return E.LOGITS_FULL if m == E.LOGITS_SAMPLE else m
 
 
 def main() -> None:
@@ -61,7 +51,7 @@ def main() -> None:
             order = ["summaries", "whole"] if rnd % 2 else ["whole", "summaries"]
             tokens = {}
             for way in order:
-                cls = Request if way == "summaries" else WholeRequest
+                cls = Request if way == "summaries" else WholeRowRequest
                 s0, g0 = engine.sampled_rows_summarised, engine.sampled_rows_whole
                 n_tok, seconds, out = 0, 0.0, []
                 for i, ids in enumerate(prompts):
