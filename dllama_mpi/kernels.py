@@ -435,8 +435,9 @@ def rope(x, n_heads: int, head_dim: int, pos, rope_type: int, freqs) -> np.ndarr
 
 def attention_paged(q, k_cache, v_cache, kv_of_q, n_q_heads: int, n_kv_heads: int, head_dim: int,
                     pos, slot, tables, page_size: int, ring_pages: int = 0, window: int = 0,
-                    scale_div: float | None = None) -> np.ndarray:
-    """Attention of q's rows over a paged cache (see dl_attention in kernels/dllama.h)."""
+                    scale_div: float | None = None, per_row: bool = False) -> np.ndarray:
+    """Attention of q's rows over a paged cache (see dl_attention in kernels/dllama.h); per_row:
+    dl_attention_rows, its one-task-per-(row, head) reference."""
     q = _f32(q)
     k, v = _f32(k_cache), _f32(v_cache)
     m = np.ascontiguousarray(kv_of_q, dtype=np.int32)
@@ -448,9 +449,10 @@ def attention_paged(q, k_cache, v_cache, kv_of_q, n_q_heads: int, n_kv_heads: in
     kv = ffi.new("dl_kv_pages *", {"tables": ptr(t, "int32_t"), "table_stride": t.shape[1],
                                   "page_size": page_size, "ring_pages": ring_pages})
     out = np.empty_like(q)
-    lib.dl_attention(ptr(out), ptr(q), ptr(k), ptr(v), ptr(m, "int32_t"), n_q_heads, n_kv_heads, head_dim,
-                     ptr(p, "int32_t"), ptr(s, "int32_t"), batch, kv, window,
-                     float(np.sqrt(np.float32(head_dim))) if scale_div is None else scale_div)
+    fn = lib.dl_attention_rows if per_row else lib.dl_attention
+    fn(ptr(out), ptr(q), ptr(k), ptr(v), ptr(m, "int32_t"), n_q_heads, n_kv_heads, head_dim,
+       ptr(p, "int32_t"), ptr(s, "int32_t"), batch, kv, window,
+       float(np.sqrt(np.float32(head_dim))) if scale_div is None else scale_div)
     return out
 
 

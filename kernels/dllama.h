@@ -212,6 +212,12 @@ void dl_attention(float *out, const float *q, const float *k_cache, const float 
                   const int32_t *kv_of_q, int n_q_heads, int n_kv_heads, int head_dim,
                   const int32_t *pos, const int32_t *slot, int batch, const dl_kv_pages *kv,
                   int window, float scale_div);
+/* the same, one task per (row, query head), each reading its K/V rows itself: dl_attention's
+ * reference (the same bits; tests and scripts/bench_attention.py) */
+void dl_attention_rows(float *out, const float *q, const float *k_cache, const float *v_cache,
+                       const int32_t *kv_of_q, int n_q_heads, int n_kv_heads, int head_dim,
+                       const int32_t *pos, const int32_t *slot, int batch, const dl_kv_pages *kv,
+                       int window, float scale_div);
 
 /* ---- log-probabilities (kernels/logits.c): one rank's summary of its slice of a logits row.
  * out[3 + 2k]: max of y = x * inv_t, log-sum-exp of y, y[target] (-inf if target is outside [0, n)),

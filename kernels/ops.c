@@ -730,13 +730,176 @@ static void attn_range(void *vctx, int64_t s, int64_t e) {
     if (att != sbuf) free(att);
 }
 
+void dl_attention_rows(float *out, const float *q, const float *k_cache, const float *v_cache,
+                       const int32_t *kv_of_q, int n_q_heads, int n_kv_heads, int head_dim,
+                       const int32_t *pos, const int32_t *slot, int batch, const dl_kv_pages *kv,
+                       int window, float scale_div) {
+    attn_ctx c = {out, q, k_cache, v_cache, kv_of_q, pos, slot, kv, n_q_heads, n_kv_heads, head_dim,
+                  window, scale_div, dl_k.dot_rows, dl_k.axpy_rows};
+    dl_parallel_for((int64_t)batch * n_q_heads, 1, attn_range, &c);
+}
+
+/* The same attention with the K/V rows read once per group of queries instead of once per (row,
+ * head): a group is some query heads of one KV head (GQA: SmolLM2 3 per KV head, Gemma 3 4) over
+ * a run of rows of one sequence at consecutive positions (a speculative verify pass, a prompt
+ * chunk). Page segment by page segment, every query of the group takes its dot products (and later
+ * its axpys) over the segment's rows while they are in L1, so the cache is streamed once per group;
+ * per row and head it is the per-row path's arithmetic: dot_rows gives each position dl_dot's bits
+ * however the positions are cut, the axpy is one FMA chain per element in position order, and the
+ * softmax sees the same scores. So dl_attention gives dl_attention_rows' bits (tests/test_kernels.py)
+ * and a row's result still depends only on its own sequence. */
+#define ATTN_MAX_QUERIES 16   /* queries per group task: their score rows and the K/V segment stay in L1/L2 */
+
+typedef struct {
+    int b0, nb;     /* rows b0 .. b0 + nb - 1: one sequence, consecutive positions */
+    int kvh;        /* their KV head ... */
+    int j0, nj;     /* ... and query heads heads[kvh][j0 .. j0 + nj - 1] */
+} attn_group;
+
+typedef struct {
+    const attn_ctx *c;
+    const attn_group *groups;
+    const int32_t *heads;     /* [n_kv_heads][heads_per_kv]: the query heads of each KV head */
+    const int32_t *n_heads;   /* [n_kv_heads] */
+    int heads_per_kv;
+} attn_grouped_ctx;
+
+static _Thread_local float *t_attn_buf = NULL;
+static _Thread_local size_t t_attn_cap = 0;
+
+static void attn_group_range(void *vctx, int64_t s, int64_t e) {
+    const attn_grouped_ctx *g = (const attn_grouped_ctx *)vctx;
+    const attn_ctx *c = g->c;
+    const dl_kv_pages *kv = c->kv;
+    const int hd = c->head_dim, ps = kv->page_size;
+    const size_t kv_stride = (size_t)c->n_kv_heads * hd;
+    for (int64_t task = s; task < e; task++) {
+        const attn_group *gr = &g->groups[task];
+        const int nq = gr->nb * gr->nj;
+        const float *qv[ATTN_MAX_QUERIES];
+        float *ov[ATTN_MAX_QUERIES];
+        int t0q[ATTN_MAX_QUERIES], posq[ATTN_MAX_QUERIES];
+        for (int i = 0; i < nq; i++) {
+            const int b = gr->b0 + i / gr->nj;
+            const int h = g->heads[(size_t)gr->kvh * g->heads_per_kv + gr->j0 + i % gr->nj];
+            const int p = c->pos[b];
+            posq[i] = p;
+            t0q[i] = c->window > 0 && p - c->window + 1 > 0 ? p - c->window + 1 : 0;
+            qv[i] = c->q + ((size_t)b * c->n_q_heads + h) * hd;
+            ov[i] = c->out + ((size_t)b * c->n_q_heads + h) * hd;
+        }
+        /* rows are in position order, so the first row starts the group's span and the last ends it */
+        const int T0 = t0q[0], T1 = posq[nq - 1], span = T1 - T0 + 1;
+        const size_t need = (size_t)nq * (size_t)span;
+        if (need > t_attn_cap) {
+            float *nb = (float *)realloc(t_attn_buf, sizeof(float) * need);
+            if (!nb) return;
+            t_attn_buf = nb;
+            t_attn_cap = need;
+        }
+        float *sc = t_attn_buf;   /* query i's score of position t at sc[i * span + t - T0] */
+        const int32_t *table = kv->tables + (size_t)c->slot[gr->b0] * kv->table_stride;
+        const float *kb = c->k + (size_t)gr->kvh * hd, *vb = c->v + (size_t)gr->kvh * hd;
+        for (int t = T0; t <= T1;) {
+            const size_t r0 = page_row(kv, table, t);
+            const int end = (t / ps + 1) * ps - 1 < T1 ? (t / ps + 1) * ps - 1 : T1;
+            for (int i = 0; i < nq; i++) {
+                const int lo = t > t0q[i] ? t : t0q[i], hi = end < posq[i] ? end : posq[i];
+                if (lo <= hi)
+                    c->dot_rows(sc + (size_t)i * span + (lo - T0), qv[i], kb + (r0 + (size_t)(lo % ps)) * kv_stride,
+                                kv_stride, hi - lo + 1, hd);
+            }
+            t = end + 1;
+        }
+        for (int i = 0; i < nq; i++) {
+            float *att = sc + (size_t)i * span + (t0q[i] - T0);
+            const int n = posq[i] - t0q[i] + 1;
+            for (int k = 0; k < n; k++) att[k] /= c->scale_div;
+            dl_softmax(att, n);
+            memset(ov[i], 0, sizeof(float) * (size_t)hd);
+        }
+        for (int t = T0; t <= T1;) {
+            const size_t r0 = page_row(kv, table, t);
+            const int end = (t / ps + 1) * ps - 1 < T1 ? (t / ps + 1) * ps - 1 : T1;
+            for (int i = 0; i < nq; i++) {
+                const int lo = t > t0q[i] ? t : t0q[i], hi = end < posq[i] ? end : posq[i];
+                if (lo <= hi)
+                    c->axpy_rows(ov[i], sc + (size_t)i * span + (lo - T0), vb + (r0 + (size_t)(lo % ps)) * kv_stride,
+                                 kv_stride, hi - lo + 1, hd);
+            }
+            t = end + 1;
+        }
+    }
+}
+
 void dl_attention(float *out, const float *q, const float *k_cache, const float *v_cache,
                   const int32_t *kv_of_q, int n_q_heads, int n_kv_heads, int head_dim,
                   const int32_t *pos, const int32_t *slot, int batch, const dl_kv_pages *kv,
                   int window, float scale_div) {
+    if (batch <= 0 || n_q_heads <= 0) return;
     attn_ctx c = {out, q, k_cache, v_cache, kv_of_q, pos, slot, kv, n_q_heads, n_kv_heads, head_dim,
                   window, scale_div, dl_k.dot_rows, dl_k.axpy_rows};
-    dl_parallel_for((int64_t)batch * n_q_heads, 1, attn_range, &c);
+    /* the query heads of each KV head */
+    int32_t hbuf[512], nbuf[128];
+    int per = 0;
+    int ok = n_kv_heads > 0 && n_kv_heads <= 128;
+    for (int kvh = 0; ok && kvh < n_kv_heads; kvh++) nbuf[kvh] = 0;
+    for (int h = 0; ok && h < n_q_heads; h++) {
+        const int kvh = kv_of_q[h];
+        ok = kvh >= 0 && kvh < n_kv_heads;
+        if (ok && ++nbuf[kvh] > per) per = nbuf[kvh];
+    }
+    if (!ok || (size_t)n_kv_heads * (size_t)per > 512) {   /* (no such model) */
+        dl_parallel_for((int64_t)batch * n_q_heads, 1, attn_range, &c);
+        return;
+    }
+    for (int kvh = 0; kvh < n_kv_heads; kvh++) nbuf[kvh] = 0;
+    for (int h = 0; h < n_q_heads; h++) {
+        const int kvh = kv_of_q[h];
+        hbuf[kvh * per + nbuf[kvh]++] = h;
+    }
+    /* tasks: runs of rows (one sequence, consecutive positions) cut into chunks of at most
+     * ATTN_MAX_QUERIES / per rows, times the KV heads; where that leaves threads idle or unevenly
+     * loaded, each KV head's query heads are split too (Gemma 3 decoding one row on 2 threads: 1 KV
+     * head, 2 tasks of 2 query heads; SmolLM2: 3 KV heads, 6 tasks of 1-2) */
+    const int rows_per = ATTN_MAX_QUERIES / per > 0 ? ATTN_MAX_QUERIES / per : 1;
+    int64_t n_chunks = 0;
+    for (int b = 0; b < batch;) {
+        int e = b + 1;
+        while (e < batch && slot[e] == slot[b] && pos[e] == pos[e - 1] + 1 && e - b < rows_per) e++;
+        n_chunks++;
+        b = e;
+    }
+    const int threads = dl_pool_nthreads();
+    int split = (per + ATTN_MAX_QUERIES - 1) / ATTN_MAX_QUERIES;   /* nj <= ATTN_MAX_QUERIES */
+    for (;;) {   /* the fewest splits that give every thread the same number of tasks, or two each */
+        const int64_t n = n_chunks * n_kv_heads * split;
+        if (split >= per || n % threads == 0 || n >= 2 * (int64_t)threads) break;
+        split++;
+    }
+    const int64_t n_tasks = n_chunks * n_kv_heads * split;
+    attn_group gbuf[256];
+    attn_group *groups = n_tasks <= 256 ? gbuf : (attn_group *)malloc(sizeof(attn_group) * (size_t)n_tasks);
+    if (!groups) {
+        dl_parallel_for((int64_t)batch * n_q_heads, 1, attn_range, &c);
+        return;
+    }
+    int64_t k = 0;
+    for (int b = 0; b < batch;) {
+        int e = b + 1;
+        while (e < batch && slot[e] == slot[b] && pos[e] == pos[e - 1] + 1 && e - b < rows_per) e++;
+        for (int kvh = 0; kvh < n_kv_heads; kvh++) {
+            const int nh = nbuf[kvh];
+            for (int sp = 0; sp < split; sp++) {
+                const int j0 = (int)((int64_t)nh * sp / split), j1 = (int)((int64_t)nh * (sp + 1) / split);
+                if (j1 > j0) groups[k++] = (attn_group){b, e - b, kvh, j0, j1 - j0};
+            }
+        }
+        b = e;
+    }
+    attn_grouped_ctx g = {&c, groups, hbuf, nbuf, per};
+    dl_parallel_for(k, 1, attn_group_range, &g);
+    if (groups != gbuf) free(groups);
 }
 
 /* ------------------------------------------------------------------------------------------ */

@@ -640,6 +640,57 @@ def test_attention_rows_of_several_sequences_are_batch_invariant(isa):
 
 
 @pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_grouped_attention_gives_the_per_row_bits(isa):
+    """dl_attention reads each KV head's rows once for a group of queries (the query heads of that
+    KV head over a run of rows of one sequence at consecutive positions); it must give every row and
+    head exactly dl_attention_rows' bits (one task per row and head): GQA 1..20 query heads per KV
+    head (over 16: the group is split), runs broken by another sequence or a gap in positions, long
+    runs (a prompt chunk: cut into several groups), sliding windows over a ring of pages, 1-3
+    threads. Cache rows no row may read are NaN."""
+    r = rng(23)
+    cases = [(64, 9, 3), (256, 4, 1), (32, 4, 2), (16, 6, 6), (16, 40, 2), (32, 8, 1)]
+    pos = np.array([0, 17, 18, 19, 20, 5, 6, 39, 21, 22, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70,
+                    71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 83, 9], np.int32)
+    slot = np.array([1, 0, 0, 0, 0, 2, 2, 1, 0, 0] + [1] * 23 + [2], np.int32)
+    ps, n_pages = 4, 90
+    for threads in (1, 2, 3):
+        use(isa, threads)
+        for hd, nq, nkv in cases:
+            kv_of_q = np.array([h * nkv // nq for h in range(nq)], np.int32)
+            tables = np.stack([r.permutation(n_pages)[:22] for _ in range(3)]).astype(np.int32)
+            kp = np.full((n_pages * ps, nkv * hd), np.nan, np.float32)
+            vp = kp.copy()
+            for s, p in zip(slot, pos):   # every position up to each row's own, of its sequence
+                for t in range(p + 1):
+                    row = tables[s][t // ps] * ps + t % ps
+                    if np.isnan(kp[row, 0]):
+                        kp[row] = r.standard_normal(nkv * hd)
+                        vp[row] = r.standard_normal(nkv * hd)
+            q = r.standard_normal((len(pos), nq * hd)).astype(np.float32)
+            for window in (0, 5):
+                got = K.attention_paged(q, kp, vp, kv_of_q, nq, nkv, hd, pos, slot, tables, ps, window=window)
+                want = K.attention_paged(q, kp, vp, kv_of_q, nq, nkv, hd, pos, slot, tables, ps, window=window,
+                                         per_row=True)
+                assert not np.isnan(want).any()
+                assert np.array_equal(got, want), (threads, hd, nq, nkv, window)
+    # a sliding window over a ring of pages, a run of 6 rows at the end of the window
+    hd, nq, nkv, window, ring = 32, 4, 1, 9, 5
+    kv_of_q = np.zeros(nq, np.int32)
+    table = np.array([3, 0, 6, 2, 5], np.int32)
+    kp = np.full((8 * ps, nkv * hd), np.nan, np.float32)
+    vp = kp.copy()
+    for t in range(40):
+        row = table[(t // ps) % ring] * ps + t % ps
+        kp[row], vp[row] = r.standard_normal(nkv * hd), r.standard_normal(nkv * hd)
+    pos = np.arange(34, 40, dtype=np.int32)
+    q = r.standard_normal((len(pos), nq * hd)).astype(np.float32)
+    got = K.attention_paged(q, kp, vp, kv_of_q, nq, nkv, hd, pos, 0, table, ps, ring_pages=ring, window=window)
+    want = K.attention_paged(q, kp, vp, kv_of_q, nq, nkv, hd, pos, 0, table, ps, ring_pages=ring, window=window,
+                             per_row=True)
+    assert not np.isnan(want).any() and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
 def test_sliding_window_attention_over_a_ring(isa):
     """window > 0: a row sees its last `window` positions; with ring_pages the table is a ring."""
     use(isa)
