@@ -37,7 +37,12 @@ void dl_fill_table(dl_kernels *k, int isa) {
     switch (isa) {
 #if DL_X86
     case DL_ISA_AVX2:   DL_FILL(k, avx2);   k->needs_xprep = 1; break;
-    case DL_ISA_AVX512: DL_FILL(k, avx512); k->needs_xprep = 1; break;
+    case DL_ISA_AVX512:
+        DL_FILL(k, avx512);
+        k->dot_rows2 = dl_dot_rows2_avx512;
+        k->axpy_rows2 = dl_axpy_rows2_avx512;
+        k->needs_xprep = 1;
+        break;
 #endif
 #if DL_NEON
     case DL_ISA_NEON:   DL_FILL(k, neon);   k->needs_xprep = 0; break;

@@ -73,6 +73,12 @@ typedef struct {
     /* the attention's: dot / axpy over n rows at `stride` floats, bits of dot / axpy row by row (ops.c) */
     void (*dot_rows)(float *out, const float *q, const float *rows, size_t stride, int n, int hd);
     void (*axpy_rows)(float *y, const float *a, const float *rows, size_t stride, int n, int hd);
+    /* the same for two queries over the same rows at once, each with the bits of the one-query
+     * kernels (NULL: call those twice); the grouped attention pairs the query heads of a row */
+    void (*dot_rows2)(float *out0, float *out1, const float *q0, const float *q1, const float *rows,
+                      size_t stride, int n, int hd);
+    void (*axpy_rows2)(float *y0, float *y1, const float *a0, const float *a1, const float *rows,
+                       size_t stride, int n, int hd);
     /* the sampler's exact weights M * 2^(E - 40) of c logits (logits.c), the same bits on every path */
     void (*sample_me_chunk)(double *m, double *e, const float *x, int c, float inv_t, double lo);
 } dl_kernels;
@@ -269,6 +275,10 @@ DL_DECL_ALL(scalar)
 #if DL_X86
 DL_DECL_ALL(avx2)
 DL_DECL_ALL(avx512)
+void dl_dot_rows2_avx512(float *out0, float *out1, const float *q0, const float *q1, const float *rows,
+                         size_t stride, int n, int hd);
+void dl_axpy_rows2_avx512(float *y0, float *y1, const float *a0, const float *a1, const float *rows,
+                          size_t stride, int n, int hd);
 #endif
 #if DL_NEON
 DL_DECL_ALL(neon)

@@ -589,6 +589,72 @@ DL_TARGET_AVX512 void dl_dot_rows_avx512(float *out, const float *q, const float
 DL_TARGET_AVX512 void dl_axpy_rows_avx512(float *y, const float *a, const float *rows, size_t stride, int n, int hd) {
     axpy_rows_avx2_body(y, a, rows, stride, n, hd);
 }
+
+/* Two queries over the same rows: each row's loads serve both, and twice the independent chains
+ * (the one-query loops wait on their FMAs' latency). Per query the bits of dl_dot_rows_avx512 (each
+ * position's dl_dot_avx512: one 16-lane accumulator over the head, then _mm512_reduce_add_ps) and of
+ * dl_axpy_rows_avx512 (y = fma(a_i, row_i, y) per element in row order). */
+DL_TARGET_AVX512 void dl_dot_rows2_avx512(float *out0, float *out1, const float *q0, const float *q1,
+                                          const float *rows, size_t stride, int n, int hd) {
+    int i = 0;
+    for (; i + 2 <= n; i += 2) {
+        const float *r0 = rows + (size_t)i * stride, *r1 = r0 + stride;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+        for (int j = 0; j < hd; j += 16) {
+            const __mmask16 m = tailmask(hd - j);
+            const __m512 x0 = _mm512_maskz_loadu_ps(m, r0 + j), x1 = _mm512_maskz_loadu_ps(m, r1 + j);
+            const __m512 u = _mm512_maskz_loadu_ps(m, q0 + j), v = _mm512_maskz_loadu_ps(m, q1 + j);
+            a0 = _mm512_fmadd_ps(u, x0, a0);
+            a1 = _mm512_fmadd_ps(u, x1, a1);
+            b0 = _mm512_fmadd_ps(v, x0, b0);
+            b1 = _mm512_fmadd_ps(v, x1, b1);
+        }
+        out0[i] = _mm512_reduce_add_ps(a0);
+        out0[i + 1] = _mm512_reduce_add_ps(a1);
+        out1[i] = _mm512_reduce_add_ps(b0);
+        out1[i + 1] = _mm512_reduce_add_ps(b1);
+    }
+    for (; i < n; i++) {
+        out0[i] = dl_dot_avx512(q0, rows + (size_t)i * stride, hd);
+        out1[i] = dl_dot_avx512(q1, rows + (size_t)i * stride, hd);
+    }
+}
+
+DL_TARGET_AVX512 void dl_axpy_rows2_avx512(float *y0, float *y1, const float *a0, const float *a1,
+                                           const float *rows, size_t stride, int n, int hd) {
+    int c = 0;
+    for (; c + 64 <= hd; c += 64) {   /* 4 registers of each query's y: 8 chains */
+        __m512 u0 = _mm512_loadu_ps(y0 + c), u1 = _mm512_loadu_ps(y0 + c + 16);
+        __m512 u2 = _mm512_loadu_ps(y0 + c + 32), u3 = _mm512_loadu_ps(y0 + c + 48);
+        __m512 v0 = _mm512_loadu_ps(y1 + c), v1 = _mm512_loadu_ps(y1 + c + 16);
+        __m512 v2 = _mm512_loadu_ps(y1 + c + 32), v3 = _mm512_loadu_ps(y1 + c + 48);
+        for (int i = 0; i < n; i++) {
+            const float *r = rows + (size_t)i * stride + c;
+            const __m512 s = _mm512_set1_ps(a0[i]), t = _mm512_set1_ps(a1[i]);
+            const __m512 x0 = _mm512_loadu_ps(r), x1 = _mm512_loadu_ps(r + 16);
+            const __m512 x2 = _mm512_loadu_ps(r + 32), x3 = _mm512_loadu_ps(r + 48);
+            u0 = _mm512_fmadd_ps(s, x0, u0); v0 = _mm512_fmadd_ps(t, x0, v0);
+            u1 = _mm512_fmadd_ps(s, x1, u1); v1 = _mm512_fmadd_ps(t, x1, v1);
+            u2 = _mm512_fmadd_ps(s, x2, u2); v2 = _mm512_fmadd_ps(t, x2, v2);
+            u3 = _mm512_fmadd_ps(s, x3, u3); v3 = _mm512_fmadd_ps(t, x3, v3);
+        }
+        _mm512_storeu_ps(y0 + c, u0); _mm512_storeu_ps(y0 + c + 16, u1);
+        _mm512_storeu_ps(y0 + c + 32, u2); _mm512_storeu_ps(y0 + c + 48, u3);
+        _mm512_storeu_ps(y1 + c, v0); _mm512_storeu_ps(y1 + c + 16, v1);
+        _mm512_storeu_ps(y1 + c + 32, v2); _mm512_storeu_ps(y1 + c + 48, v3);
+    }
+    for (; c < hd; c += 16) {
+        const __mmask16 m = tailmask(hd - c);
+        __m512 u = _mm512_maskz_loadu_ps(m, y0 + c), v = _mm512_maskz_loadu_ps(m, y1 + c);
+        for (int i = 0; i < n; i++) {
+            const __m512 x = _mm512_maskz_loadu_ps(m, rows + (size_t)i * stride + c);
+            u = _mm512_fmadd_ps(_mm512_set1_ps(a0[i]), x, u);
+            v = _mm512_fmadd_ps(_mm512_set1_ps(a1[i]), x, v);
+        }
+        _mm512_mask_storeu_ps(y0 + c, m, u);
+        _mm512_mask_storeu_ps(y1 + c, m, v);
+    }
+}
 #endif
 
 #if DL_NEON
@@ -773,6 +839,8 @@ static void attn_group_range(void *vctx, int64_t s, int64_t e) {
     const dl_kv_pages *kv = c->kv;
     const int hd = c->head_dim, ps = kv->page_size;
     const size_t kv_stride = (size_t)c->n_kv_heads * hd;
+    void (*pair_dot)(float *, float *, const float *, const float *, const float *, size_t, int, int) = dl_k.dot_rows2;
+    void (*pair_axpy)(float *, float *, const float *, const float *, const float *, size_t, int, int) = dl_k.axpy_rows2;
     for (int64_t task = s; task < e; task++) {
         const attn_group *gr = &g->groups[task];
         const int nq = gr->nb * gr->nj;
@@ -805,9 +873,15 @@ static void attn_group_range(void *vctx, int64_t s, int64_t e) {
             const int end = (t / ps + 1) * ps - 1 < T1 ? (t / ps + 1) * ps - 1 : T1;
             for (int i = 0; i < nq; i++) {
                 const int lo = t > t0q[i] ? t : t0q[i], hi = end < posq[i] ? end : posq[i];
-                if (lo <= hi)
-                    c->dot_rows(sc + (size_t)i * span + (lo - T0), qv[i], kb + (r0 + (size_t)(lo % ps)) * kv_stride,
-                                kv_stride, hi - lo + 1, hd);
+                if (lo > hi) continue;
+                const float *rk = kb + (r0 + (size_t)(lo % ps)) * kv_stride;
+                if (pair_dot && i + 1 < nq && t0q[i + 1] == t0q[i] && posq[i + 1] == posq[i]) {   /* a row's heads */
+                    pair_dot(sc + (size_t)i * span + (lo - T0), sc + (size_t)(i + 1) * span + (lo - T0), qv[i], qv[i + 1],
+                             rk, kv_stride, hi - lo + 1, hd);
+                    i++;
+                } else {
+                    c->dot_rows(sc + (size_t)i * span + (lo - T0), qv[i], rk, kv_stride, hi - lo + 1, hd);
+                }
             }
             t = end + 1;
         }
@@ -823,9 +897,15 @@ static void attn_group_range(void *vctx, int64_t s, int64_t e) {
             const int end = (t / ps + 1) * ps - 1 < T1 ? (t / ps + 1) * ps - 1 : T1;
             for (int i = 0; i < nq; i++) {
                 const int lo = t > t0q[i] ? t : t0q[i], hi = end < posq[i] ? end : posq[i];
-                if (lo <= hi)
-                    c->axpy_rows(ov[i], sc + (size_t)i * span + (lo - T0), vb + (r0 + (size_t)(lo % ps)) * kv_stride,
-                                 kv_stride, hi - lo + 1, hd);
+                if (lo > hi) continue;
+                const float *rv = vb + (r0 + (size_t)(lo % ps)) * kv_stride;
+                if (pair_axpy && i + 1 < nq && t0q[i + 1] == t0q[i] && posq[i + 1] == posq[i]) {
+                    pair_axpy(ov[i], ov[i + 1], sc + (size_t)i * span + (lo - T0), sc + (size_t)(i + 1) * span + (lo - T0),
+                              rv, kv_stride, hi - lo + 1, hd);
+                    i++;
+                } else {
+                    c->axpy_rows(ov[i], sc + (size_t)i * span + (lo - T0), rv, kv_stride, hi - lo + 1, hd);
+                }
             }
             t = end + 1;
         }

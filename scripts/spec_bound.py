@@ -1,0 +1,106 @@
+"""What n-gram speculation can give on a prompt set, whatever the kernels: a model's own greedy
+tokens (decoded plainly, one rank) replayed through this engine's drafter, with each pass costing
+1 + b x (its drafted rows) one-row passes, b being what an extra row costs relative to a one-row pass
+(the engine's PassCost fits it from the verify passes; ~0.3 for SmolLM2 on 2 cores, smaller where a
+pass waits on memory or on the network). For each b it prints the modeled speedup over plain decoding
+(tokens / pass costs) and tokens per pass for
+
+- the rule: the scheduler's own (speculative.SeqSpec + Pace with that b: how long a draft pays);
+- hindsight: every draft cut exactly where the model's tokens stop matching it (no rejected row is
+  ever paid for; the bound of any length rule on these proposals).
+
+So it separates what the proposals allow from what the rows cost: if hindsight is below a goal at
+the measured b, no draft-length rule reaches it on this host.
+
+    .venv/bin/python scripts/spec_bound.py PROMPTS.jsonl [--model FILE] [--chat-template NAME]
+                                           [--steps 64] [--row-cost 0.05,0.1,0.2,0.3]
+"""
+
+import argparse
+
+from dllama_mpi import kernels
+from dllama_mpi import speculative as S
+from dllama_mpi.benchmark import _read_prompts
+from dllama_mpi.chat import render_prompt, template_for
+from dllama_mpi.comm import solo
+from dllama_mpi.sampler import Sampler
+from dllama_mpi.scheduler import Request, Scheduler, run_to_completion
+from dllama_mpi.startup import resolve_model, start
+
+
+def replay_rule(prompt: list[int], out: list[int], b: float) -> tuple[float, int]:
+    """(cost in one-row passes, passes) of the scheduler's rule on these tokens."""
+    st = S.SeqSpec(S.SpecConfig(method="ngram"))
+    i = passes = 0
+    cost = 0.0
+    while i < len(out):
+        draft = st.propose(prompt, out[:i], len(out) - i, S.Pace(1.0, b, 0.0, 1))
+        acc = 0
+        while acc < len(draft) and i + acc < len(out) and draft[acc] == out[i + acc]:
+            acc += 1
+        st.verified(len(draft), acc)
+        i += min(acc + 1, len(out) - i)
+        passes += 1
+        cost += 1 + b * len(draft)
+    return cost, passes
+
+
+def replay_hindsight(prompt: list[int], out: list[int], b: float, k_max: int = S.DRAFT_MAX) -> tuple[float, int]:
+    """The same proposals, each cut where it stops matching (drafts that would be wholly rejected
+    are not made)."""
+    d = S.NgramDrafter()
+    i = passes = 0
+    cost = 0.0
+    while i < len(out):
+        seq = prompt + out[:i]
+        d.extend(seq[len(d.tokens):])
+        n, j = d.match()
+        prop = d.continuation(j, k_max) if n else []
+        acc = 0
+        while acc < len(prop) and i + acc < len(out) and prop[acc] == out[i + acc]:
+            acc += 1
+        i += min(acc + 1, len(out) - i)
+        passes += 1
+        cost += 1 + b * acc
+    return cost, passes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("prompts")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--chat-template", default=None)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--row-cost", default="0.05,0.1,0.2,0.3")
+    a = ap.parse_args()
+    model, _ = resolve_model(a.model, None)
+    kernels.set_threads(2)
+    engine, tok = start(solo(), model, None, 2, None, None, "ring", "scatter", 32, quiet=True, n_slots=1)
+    sched = Scheduler(engine, tok)
+    runs = []
+    template = None
+    for p in _read_prompts(a.prompts):
+        if isinstance(p, list):
+            template = template or template_for(tok, a.chat_template)
+            ids = tok.encode(render_prompt(template, p, a.prompts), add_bos=False)
+        else:
+            ids = tok.encode(p)
+        req = Request(ids, a.steps + 1, Sampler(engine.h.vocab_size, 0.0, 0.9, 0), ignore_eos=True)
+        run_to_completion(sched, [req])
+        runs.append((ids, list(req.generated[1:])))   # the first token comes from the prompt's pass
+    print(f"{model}: {len(runs)} prompts from {a.prompts}, {a.steps} greedy tokens each after the first")
+    print("| b (extra row / one-row pass) | rule: speedup (per prompt) | rule tok/pass | hindsight: speedup (per prompt) | hindsight tok/pass |")
+    print("|---|---|---|---|---|")
+    for b in (float(x) for x in a.row_cost.split(",")):
+        cols = []
+        for replay in (replay_rule, replay_hindsight):
+            res = [replay(ids[:], out, b) for ids, out in runs]
+            toks = sum(len(out) for _, out in runs)
+            speed = toks / sum(c for c, _ in res)
+            per = ", ".join(f"{len(out) / c:.2f}" for (c, _), (_, out) in zip(res, runs))
+            cols += [f"{speed:.2f}x ({per})", f"{toks / sum(p for _, p in res):.2f}"]
+        print(f"| {b:g} | " + " | ".join(cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
