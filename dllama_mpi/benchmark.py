@@ -549,6 +549,13 @@ def _kv_bytes_per_token(engine) -> list[int]:
     return engine_kv_bytes_per_token(engine)
 
 
+def _pass_cost(sched) -> dict | None:
+    if sched is None or sched.pass_cost.w == 0:
+        return None
+    a, b = sched.pass_cost.model()
+    return {"one_row": round(1000 * a, 3), "extra_row": round(1000 * b, 3), "extra_row_ratio": round(b / a, 3)}
+
+
 def _parallel_list(spec: str | None) -> list[int]:
     if not spec:
         return []
@@ -885,6 +892,9 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                     "tokens_per_pass": round(tpp, 3),
                     "message_rounds_per_token": round(rounds / tpp, 2),
                     "one_way_us": round(one_way_us, 1),
+                    # speculation's cost model as the scheduler fitted it from this job's verify passes
+                    # (speculative.PassCost): a one-row pass and each extra row, ms (scripts/spec_bound.py)
+                    "pass_cost_ms": _pass_cost(sched) if spec.on else None,
                     # sampled top-p rows of every run (warm-up included): from summaries / whole
                     "sampled_rows_summarised": getattr(engine, "sampled_rows_summarised", 0),
                     "sampled_rows_whole": getattr(engine, "sampled_rows_whole", 0)},

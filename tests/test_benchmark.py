@@ -69,6 +69,7 @@ def test_benchmark_prompts_file_moe(tmp_path):
     d = json.loads(r.stdout)
     assert [x["prompt"] for x in d["runs"]] == ["Hello there", "plain text line"]
     assert d["summary"]["tokens_per_pass"] == 1 and d["summary"]["message_rounds_per_pass"] == 0
+    assert d["summary"]["pass_cost_ms"] is None   # no speculation
 
 
 def test_benchmark_prompts_file_messages_use_the_chat_template(tmp_path):
@@ -161,3 +162,6 @@ def test_benchmark_with_a_draft_model():
     assert d["runs"][0]["tokens_per_pass"] > 1.5 and d["runs"][0]["acceptance"] > 0.5
     assert all(p["tokens_per_pass"] > 1.5 for p in d["parallel"])
     assert f"draft model {LLAMA_Q40}" in r.stderr and "MiB on rank 0" in r.stderr
+    # the scheduler's fitted cost of a pass and of each extra (verify) row, for scripts/spec_bound.py
+    pc = d["summary"]["pass_cost_ms"]
+    assert pc["one_row"] > 0 and 0 < pc["extra_row"] and 0.02 <= pc["extra_row_ratio"] <= 1   # (PassCost's clamp)
