@@ -207,7 +207,9 @@ void dl_scatter_rows(float *dst, const float *src, const int32_t *rows, int n, i
  * q, out: [batch][n_q_heads * head_dim]; row b is at position pos[b] of the sequence whose table is
  * slot[b], and attends to its positions 0..pos[b] (window > 0: the last `window` of them), whose K/V
  * rows are already in the cache. kv_of_q[h] = local kv head used by local query head h.
- * Scores are q.k / scale_div (sqrt(head_dim) for Llama). ---- */
+ * Scores are q.k / scale_div (sqrt(head_dim) for Llama). Each KV head's rows are read once for a
+ * group of queries (its query heads over a run of rows of one sequence at consecutive positions),
+ * with every row's and head's arithmetic that of dl_attention_rows below. ---- */
 void dl_attention(float *out, const float *q, const float *k_cache, const float *v_cache,
                   const int32_t *kv_of_q, int n_q_heads, int n_kv_heads, int head_dim,
                   const int32_t *pos, const int32_t *slot, int batch, const dl_kv_pages *kv,
