@@ -833,82 +833,84 @@ typedef struct {
 static _Thread_local float *t_attn_buf = NULL;
 static _Thread_local size_t t_attn_cap = 0;
 
-static void attn_group_range(void *vctx, int64_t s, int64_t e) {
-    const attn_grouped_ctx *g = (const attn_grouped_ctx *)vctx;
-    const attn_ctx *c = g->c;
+/* one group task's queries: query i is a row's head, sees positions t0[i] .. pos[i]; its score of
+ * position t is sc[i * span + t - T0] */
+typedef struct {
+    int nq, T0, T1, span;
+    const float *q[ATTN_MAX_QUERIES];
+    float *out[ATTN_MAX_QUERIES];
+    int t0[ATTN_MAX_QUERIES], pos[ATTN_MAX_QUERIES];
+    float *sc;
+} attn_queries;
+
+/* A sweep over the group's positions, page segment by page segment (each segment's K or V rows stay
+ * in L1 while every query takes its part of them): scores = dots against K, or out += scores x V.
+ * Two queries over the same positions (a row's heads) go through the ISA's pair kernel if it has one. */
+static void attn_sweep(const attn_ctx *c, const attn_queries *aq, const int32_t *table, const float *base,
+                       int values) {
     const dl_kv_pages *kv = c->kv;
     const int hd = c->head_dim, ps = kv->page_size;
     const size_t kv_stride = (size_t)c->n_kv_heads * hd;
-    void (*pair_dot)(float *, float *, const float *, const float *, const float *, size_t, int, int) = dl_k.dot_rows2;
-    void (*pair_axpy)(float *, float *, const float *, const float *, const float *, size_t, int, int) = dl_k.axpy_rows2;
+    const int paired = values ? dl_k.axpy_rows2 != NULL : dl_k.dot_rows2 != NULL;
+    for (int t = aq->T0; t <= aq->T1;) {
+        const size_t r0 = page_row(kv, table, t);
+        const int end = (t / ps + 1) * ps - 1 < aq->T1 ? (t / ps + 1) * ps - 1 : aq->T1;
+        for (int i = 0; i < aq->nq; i++) {
+            const int lo = t > aq->t0[i] ? t : aq->t0[i], hi = end < aq->pos[i] ? end : aq->pos[i];
+            if (lo > hi) continue;
+            const float *rows = base + (r0 + (size_t)(lo % ps)) * kv_stride;
+            float *si = aq->sc + (size_t)i * aq->span + (lo - aq->T0);
+            const int two = paired && i + 1 < aq->nq && aq->t0[i + 1] == aq->t0[i] && aq->pos[i + 1] == aq->pos[i];
+            float *sj = two ? si + aq->span : NULL;
+            if (values && two) dl_k.axpy_rows2(aq->out[i], aq->out[i + 1], si, sj, rows, kv_stride, hi - lo + 1, hd);
+            else if (values) c->axpy_rows(aq->out[i], si, rows, kv_stride, hi - lo + 1, hd);
+            else if (two) dl_k.dot_rows2(si, sj, aq->q[i], aq->q[i + 1], rows, kv_stride, hi - lo + 1, hd);
+            else c->dot_rows(si, aq->q[i], rows, kv_stride, hi - lo + 1, hd);
+            i += two;
+        }
+        t = end + 1;
+    }
+}
+
+static void attn_group_range(void *vctx, int64_t s, int64_t e) {
+    const attn_grouped_ctx *g = (const attn_grouped_ctx *)vctx;
+    const attn_ctx *c = g->c;
+    const int hd = c->head_dim;
     for (int64_t task = s; task < e; task++) {
         const attn_group *gr = &g->groups[task];
-        const int nq = gr->nb * gr->nj;
-        const float *qv[ATTN_MAX_QUERIES];
-        float *ov[ATTN_MAX_QUERIES];
-        int t0q[ATTN_MAX_QUERIES], posq[ATTN_MAX_QUERIES];
-        for (int i = 0; i < nq; i++) {
+        attn_queries aq;
+        aq.nq = gr->nb * gr->nj;
+        for (int i = 0; i < aq.nq; i++) {
             const int b = gr->b0 + i / gr->nj;
             const int h = g->heads[(size_t)gr->kvh * g->heads_per_kv + gr->j0 + i % gr->nj];
             const int p = c->pos[b];
-            posq[i] = p;
-            t0q[i] = c->window > 0 && p - c->window + 1 > 0 ? p - c->window + 1 : 0;
-            qv[i] = c->q + ((size_t)b * c->n_q_heads + h) * hd;
-            ov[i] = c->out + ((size_t)b * c->n_q_heads + h) * hd;
+            aq.pos[i] = p;
+            aq.t0[i] = c->window > 0 && p - c->window + 1 > 0 ? p - c->window + 1 : 0;
+            aq.q[i] = c->q + ((size_t)b * c->n_q_heads + h) * hd;
+            aq.out[i] = c->out + ((size_t)b * c->n_q_heads + h) * hd;
         }
         /* rows are in position order, so the first row starts the group's span and the last ends it */
-        const int T0 = t0q[0], T1 = posq[nq - 1], span = T1 - T0 + 1;
-        const size_t need = (size_t)nq * (size_t)span;
+        aq.T0 = aq.t0[0];
+        aq.T1 = aq.pos[aq.nq - 1];
+        aq.span = aq.T1 - aq.T0 + 1;
+        const size_t need = (size_t)aq.nq * (size_t)aq.span;
         if (need > t_attn_cap) {
             float *nb = (float *)realloc(t_attn_buf, sizeof(float) * need);
             if (!nb) return;
             t_attn_buf = nb;
             t_attn_cap = need;
         }
-        float *sc = t_attn_buf;   /* query i's score of position t at sc[i * span + t - T0] */
-        const int32_t *table = kv->tables + (size_t)c->slot[gr->b0] * kv->table_stride;
-        const float *kb = c->k + (size_t)gr->kvh * hd, *vb = c->v + (size_t)gr->kvh * hd;
-        for (int t = T0; t <= T1;) {
-            const size_t r0 = page_row(kv, table, t);
-            const int end = (t / ps + 1) * ps - 1 < T1 ? (t / ps + 1) * ps - 1 : T1;
-            for (int i = 0; i < nq; i++) {
-                const int lo = t > t0q[i] ? t : t0q[i], hi = end < posq[i] ? end : posq[i];
-                if (lo > hi) continue;
-                const float *rk = kb + (r0 + (size_t)(lo % ps)) * kv_stride;
-                if (pair_dot && i + 1 < nq && t0q[i + 1] == t0q[i] && posq[i + 1] == posq[i]) {   /* a row's heads */
-                    pair_dot(sc + (size_t)i * span + (lo - T0), sc + (size_t)(i + 1) * span + (lo - T0), qv[i], qv[i + 1],
-                             rk, kv_stride, hi - lo + 1, hd);
-                    i++;
-                } else {
-                    c->dot_rows(sc + (size_t)i * span + (lo - T0), qv[i], rk, kv_stride, hi - lo + 1, hd);
-                }
-            }
-            t = end + 1;
-        }
-        for (int i = 0; i < nq; i++) {
-            float *att = sc + (size_t)i * span + (t0q[i] - T0);
-            const int n = posq[i] - t0q[i] + 1;
+        aq.sc = t_attn_buf;
+        const int32_t *table = c->kv->tables + (size_t)c->slot[gr->b0] * c->kv->table_stride;
+        attn_sweep(c, &aq, table, c->k + (size_t)gr->kvh * hd, 0);
+        for (int i = 0; i < aq.nq; i++) {
+            float *att = aq.sc + (size_t)i * aq.span + (aq.t0[i] - aq.T0);
+            const int n = aq.pos[i] - aq.t0[i] + 1;
             for (int k = 0; k < n; k++) att[k] /= c->scale_div;
             dl_softmax(att, n);
-            memset(ov[i], 0, sizeof(float) * (size_t)hd);
+            memset(aq.out[i], 0, sizeof(float) * (size_t)hd);
         }
-        for (int t = T0; t <= T1;) {
-            const size_t r0 = page_row(kv, table, t);
-            const int end = (t / ps + 1) * ps - 1 < T1 ? (t / ps + 1) * ps - 1 : T1;
-            for (int i = 0; i < nq; i++) {
-                const int lo = t > t0q[i] ? t : t0q[i], hi = end < posq[i] ? end : posq[i];
-                if (lo > hi) continue;
-                const float *rv = vb + (r0 + (size_t)(lo % ps)) * kv_stride;
-                if (pair_axpy && i + 1 < nq && t0q[i + 1] == t0q[i] && posq[i + 1] == posq[i]) {
-                    pair_axpy(ov[i], ov[i + 1], sc + (size_t)i * span + (lo - T0), sc + (size_t)(i + 1) * span + (lo - T0),
-                              rv, kv_stride, hi - lo + 1, hd);
-                    i++;
-                } else {
-                    c->axpy_rows(ov[i], sc + (size_t)i * span + (lo - T0), rv, kv_stride, hi - lo + 1, hd);
-                }
-            }
-            t = end + 1;
-        }
+        attn_sweep(c, &aq, table, c->v + (size_t)gr->kvh * hd, 1);
     }
 }
 
