@@ -22,6 +22,9 @@ stderr. How each number is measured (also in the JSON's "method"):
 - bytes sent per token per rank: counted by `Comm` over the decode tokens (`bytes_sent`), next to
   the model `sync.bytes_per_sync() x syncs per token + argmax pair (16 B) + x broadcast`. Decoding
   is greedy through the engine's distributed argmax (what `inference --temperature 0` runs).
+- with --spec: tokens per pass and acceptance per run; `summary.pass_cost_ms`, the scheduler's fit of
+  a one-row decode pass and of each extra (verify) row from the job's passes (speculative.PassCost,
+  what its draft lengths weigh; scripts/spec_bound.py takes the ratio).
 - kernel ISA: the SIMD path each rank's kernels run (`per_rank[].kernel_isa`; summary: all of them,
   "/"-joined when ranks differ); DLLAMA_ISA=scalar|avx2|avx512|neon|neon-dotprod forces one.
 - bandwidth ceiling: weight bytes read per token (q40 payload of every matrix slice, MoE experts
