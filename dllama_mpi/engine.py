@@ -27,7 +27,7 @@ from .errors import ConfigError
 from .formats import ACT_GELU, BLOCK, Q80_BYTES, ModelHeader, float_type_name
 from .kernels import ffi, fptr, lib, qptr
 from .kvcache import KVCache, KVPlan, plan_kv
-from .sampler import SAMPLE_LEN, SAMPLE_TOPK, nucleus
+from .sampler import SAMPLE_LEN, SAMPLE_TOPK, STATS_TOPK, nucleus
 from .shard import ShardPlan
 from .sync import PartialSum
 from .weights import Layer, Pieces, Weights
@@ -85,7 +85,6 @@ def rope_freqs(h: ModelHeader, layer: int = 0) -> np.ndarray:
 # log Z, the log-probability of a target id, the top STATS_TOPK) from a distributed log-softmax
 LOGITS_ARGMAX, LOGITS_FULL, LOGITS_STATS, LOGITS_SAMPLE = 0, 1, 2, 3
 FULL_MODES = (LOGITS_FULL, LOGITS_SAMPLE)   # the modes whose row may come back whole
-STATS_TOPK = 20          # the most top log-probabilities a row reports (OpenAI's top_logprobs limit)
 STATS_LEN = 3 + 2 * STATS_TOPK
 
 

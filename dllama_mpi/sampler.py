@@ -22,6 +22,7 @@ from .kernels import ffi, fptr, lib
 
 MASK64 = (1 << 64) - 1
 SAMPLE_TOPK = 64        # a slice's candidates in a summary (the nucleus of a sampled row is usually fewer)
+STATS_TOPK = 20         # the most top log-probabilities a row reports (OpenAI's top_logprobs limit; <= SAMPLE_TOPK)
 SAMPLE_BUCKETS = 64     # weights below 2^-63 of the row's largest count as 0
 SAMPLE_HEAD = 3 + SAMPLE_BUCKETS
 SAMPLE_LEN = SAMPLE_HEAD + 4 * SAMPLE_TOPK
@@ -31,7 +32,7 @@ SAMPLE_LEN = SAMPLE_HEAD + 4 * SAMPLE_TOPK
 class Nucleus:
     """What a top-p draw needs of a row: the nucleus's ids in sampling order, the cumulative sums of
     their probabilities and their logits; and for log-probabilities (at the sampler's temperature)
-    its largest logits (`top_ids`, `top_x`: the first LOG_TOP in sampling order, the most likely
+    its largest logits (`top_ids`, `top_x`: the first STATS_TOPK in sampling order, the most likely
     first) and ln(Z / w_top), the log of the weights' sum over the most likely token's weight."""
 
     ids: np.ndarray
@@ -82,7 +83,6 @@ def _row_z(recs: np.ndarray) -> tuple[int, float] | None:
     return e_max, float(z)
 
 
-LOG_TOP = 20   # the most top log-probabilities a row reports (OpenAI's top_logprobs limit; <= SAMPLE_TOPK)
 
 
 @dataclass
@@ -137,8 +137,8 @@ def _decide(g: _Merged, topp: float, vocab_size: int, inv_t: float) -> Nucleus |
     """`nucleus` from the merged summaries."""
     x, ids, known = g.x, g.ids, g.known
     p = _probs(g.m, g.e, g.e_max, g.z)
-    n_cand = int(np.count_nonzero(p >= (1.0 - topp) / (vocab_size - 1)))
-    top = min(LOG_TOP, known)   # every slice sent at least LOG_TOP of its largest, or all it has
+    n_cand = int(np.count_nonzero(p >= _candidate_floor(topp, vocab_size)))
+    top = min(STATS_TOPK, known)   # every slice sent at least STATS_TOPK of its largest, or all it has
     if n_cand == 0:        # nothing reaches the cut-off: the most likely token
         return Nucleus(ids[:1], p[:1], x[:1], inv_t, g.ln_rest, ids[:top], x[:top])
     cum = np.cumsum(p[:min(n_cand, known)])
@@ -148,6 +148,12 @@ def _decide(g: _Merged, topp: float, vocab_size: int, inv_t: float) -> Nucleus |
             return None    # the candidates go on past what the slices sent
         last = len(cum) - 1
     return Nucleus(ids[:last + 1], cum[:last + 1], x[:last + 1], inv_t, g.ln_rest, ids[:top], x[:top])
+
+
+def _candidate_floor(topp: float, vocab_size: int) -> float:
+    """Distributed Llama's top-p pre-filter: a token below (1 - topp) / (n - 1) cannot be in the
+    nucleus."""
+    return (1.0 - topp) / (vocab_size - 1)
 
 
 def _probs(m: np.ndarray, e: np.ndarray, e_max: int, z: float) -> np.ndarray:
@@ -221,7 +227,7 @@ class Sampler:
         if nuc is not None:
             return nuc
         ids, cum = self._nucleus(x, g.e_max, g.z)
-        top = min(LOG_TOP, g.known)    # ln Z and the largest logits from the summary
+        top = min(STATS_TOPK, g.known)    # ln Z and the largest logits from the summary
         return Nucleus(ids, cum, x[ids].astype(np.float64), float(self.inv_t), g.ln_rest, g.ids[:top], g.x[:top])
 
     def pick(self, nuc: Nucleus) -> int:
@@ -246,7 +252,7 @@ class Sampler:
         """The nucleus's ids and cumulative sums from the whole row, when the summary's candidates
         were too few: every candidate, in the order and with the probabilities `nucleus` uses."""
         p = self._probs(x, e_max, z)
-        idx = np.flatnonzero(p >= (1.0 - self.topp_rule) / (x.size - 1))
+        idx = np.flatnonzero(p >= _candidate_floor(self.topp_rule, x.size))
         if idx.size == 0:
             idx = np.array([int(np.argmax(x))])
         order = idx[np.argsort(-x[idx], kind="stable")]

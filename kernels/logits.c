@@ -211,8 +211,7 @@ static void summary_range(void *vctx, int64_t s, int64_t e) {
 void dl_sample_summaries(int64_t *out, size_t len, const float *x, size_t stride, const int32_t *rows,
                          const float *inv_t, int n_rows, int n, int id0, int k) {
     summary_ctx c = {out, x, rows, inv_t, stride, len, n, id0, k};
-    if (n_rows == 1) summary_range(&c, 0, 1);
-    else dl_parallel_for(n_rows, 1, summary_range, &c);
+    dl_parallel_for(n_rows, 1, summary_range, &c);   /* (one row runs inline) */
 }
 
 /* Every token's probability from a whole row, as the summaries' root computes it for its candidates:
