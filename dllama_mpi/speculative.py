@@ -18,6 +18,7 @@ tokens are those of plain decoding, greedy or seeded; a drafter decides only how
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import os
@@ -35,6 +36,9 @@ NGRAM_MIN, NGRAM_MAX = 1, 4   # lookup n-gram sizes (llama.cpp's LLAMA_NGRAM_MAX
 # rate, by source (0: the draft model; n: an n-gram match), and that belief's weight in tokens. A
 # 1-token match predicts little on open text; a 3-token one mostly repeats a passage.
 PRIOR_P = {0: 0.7, 1: 0.3, 2: 0.5, 3: 0.7, 4: 0.7}
+# How far before / after the place a sequence copies from an n-gram's occurrence may lie to be taken
+# for the copy resuming (NgramDrafter): a word or two skipped back, a sentence dropped ahead.
+COPY_BEHIND, COPY_AHEAD = 4, 48
 PRIOR_WEIGHT = 1.0  # the prior counts as one token
 FORGET = 0.5        # evidence kept per later draft of that source: the rate follows the text's regime
 IDLE_FORGET = 0.97  # ... per pass it decided not to draft: the belief drifts back to the prior (a probe)
@@ -95,33 +99,58 @@ def check_spec(method: str, draft_max: int, draft_min: int, p_min: float = DRAFT
 
 
 class NgramDrafter:
-    """Prompt lookup for one sequence. index[n] maps every n-gram whose next token is known to the
-    position of that next token (its most recent occurrence), so feeding a token and proposing cost
-    O(NGRAM_MAX), not a scan of the context."""
+    """Prompt lookup for one sequence. seen[n] maps every n-gram whose next token is known to the
+    positions of that next token (ascending), so feeding a token costs O(NGRAM_MAX) and proposing a
+    bisection, not a scan of the context.
+
+    Of an n-gram's occurrences the most recent proposes (llama.cpp's, vLLM's rule) until the sequence
+    has been seen copying: then the one nearest the place it copies from (`copy_offset`, set by
+    SeqSpec when a draft is verified: that place moves with the sequence's end), if one lies within
+    COPY_BEHIND..COPY_AHEAD tokens of it. A model repeating or editing a passage skips or changes a
+    word now and then; the short match that resumes the copy (" the", ", and") most recently occurred
+    anywhere but there."""
 
     def __init__(self, n_min: int = NGRAM_MIN, n_max: int = NGRAM_MAX):
         self.n_min, self.n_max = n_min, n_max
         self.tokens: list[int] = []
-        self.index: list[dict] = [{} for _ in range(n_max + 1)]
+        self.seen: list[dict] = [{} for _ in range(n_max + 1)]
+        self.copy_offset: int | None = None   # the copied text's next token is at len(tokens) + this
 
     def extend(self, tokens) -> None:
-        toks, index = self.tokens, self.index
+        toks, seen = self.tokens, self.seen
         for t in tokens:
             end = len(toks)
             for n in range(self.n_min, min(self.n_max, end) + 1):   # n-grams ending at end-1: t follows them
-                index[n][tuple(toks[end - n:end])] = end
+                key = tuple(toks[end - n:end])
+                at = seen[n].get(key)
+                if at is None:
+                    seen[n][key] = [end]
+                else:
+                    at.append(end)
             toks.append(int(t))
 
     def match(self) -> tuple[int, int]:
         """(n, j): the longest suffix of n tokens (NGRAM_MAX down to NGRAM_MIN) that occurred before,
-        and the position j of what followed its most recent earlier occurrence; (0, -1) if none."""
+        and the position j of what followed it (its occurrence nearest the copy point, or its most
+        recent); (0, -1) if none."""
         toks = self.tokens
         end = len(toks)
         for n in range(min(self.n_max, end), self.n_min - 1, -1):
-            j = self.index[n].get(tuple(toks[end - n:end]))
-            if j is not None:
-                return n, j
+            at = self.seen[n].get(tuple(toks[end - n:end]))
+            if at is not None:
+                return n, self._nearest(at, end)
         return 0, -1
+
+    def _nearest(self, at: list[int], end: int) -> int:
+        if self.copy_offset is None:
+            return at[-1]
+        copy = end + self.copy_offset
+        i = bisect.bisect_left(at, copy)
+        before = at[i - 1] if i > 0 and copy - at[i - 1] <= COPY_BEHIND else None
+        after = at[i] if i < len(at) and at[i] - copy <= COPY_AHEAD else None
+        if before is not None and (after is None or copy - before <= after - copy):
+            return before
+        return at[-1] if after is None else after
 
     def continuation(self, j: int, k: int) -> list[int]:
         """k tokens from position j on; where they reach the end of the context, the text is taken to
@@ -134,8 +163,8 @@ class NgramDrafter:
         return [toks[j + m % period] for m in range(k)]
 
     def propose(self, k: int) -> list[int]:
-        """k tokens that followed the most recent earlier occurrence of the longest matching suffix;
-        [] when none occurred before."""
+        """k tokens that followed the longest matching suffix's occurrence (match); [] when none
+        occurred before."""
         n, j = self.match()
         return self.continuation(j, k) if n else []
 
@@ -224,6 +253,7 @@ class SeqSpec:
         self.draft_synced = 0  # ... whose first rows are known to be the sequence's own tokens
         self.evidence = {}     # source -> [accepted tokens, rejections], older drafts' weighing less
         self.source = None     # the source of the draft now being verified
+        self.copy_from = None  # ngram: where that draft was taken from, relative to the context's end
 
     def rate(self, source: int) -> float:
         """The belief that a next drafted token from `source` is accepted: accepted tokens over tokens
@@ -263,13 +293,17 @@ class SeqSpec:
         if not n:
             return []
         k = self._choose(n, k_cap, pace)
+        self.copy_from = j - len(d.tokens)
         return d.continuation(j, k) if k else []
 
     def verified(self, drafted: int, accepted: int) -> None:
         """After a verify pass: the draft's accepted tokens and its rejection (unless all were
-        accepted) join its source's evidence; what earlier drafts showed weighs FORGET times less."""
+        accepted) join its source's evidence; what earlier drafts showed weighs FORGET times less.
+        ngram: the sequence copies from where the draft was taken (NgramDrafter.copy_offset)."""
         if self.source is None or drafted == 0:
             return
+        if self.drafter is not None:
+            self.drafter.copy_offset = self.copy_from
         acc, rej = self.evidence.get(self.source, (0.0, 0.0))
         self.evidence[self.source] = [FORGET * acc + accepted, FORGET * rej + (accepted < drafted)]
         self.source = None

@@ -59,6 +59,8 @@ def replay_hindsight(prompt: list[int], out: list[int], b: float, k_max: int = S
         acc = 0
         while acc < len(prop) and i + acc < len(out) and prop[acc] == out[i + acc]:
             acc += 1
+        if acc:
+            d.copy_offset = j - len(d.tokens)   # a draft that was made: the sequence copies from there (SeqSpec)
         i += min(acc + 1, len(out) - i)
         passes += 1
         cost += 1 + b * acc

@@ -20,7 +20,7 @@ from dllama_mpi.comm import Comm
 from dllama_mpi.errors import ConfigError
 from dllama_mpi.sampler import Sampler
 from dllama_mpi.scheduler import Request, Scheduler, run_to_completion
-from dllama_mpi.speculative import (DRAFT_P_MIN, NGRAM_MAX, NGRAM_MIN, PRIOR_P, ROW_COST_PRIOR, NgramDrafter, Pace, PassCost, SeqSpec,
+from dllama_mpi.speculative import (COPY_AHEAD, COPY_BEHIND, DRAFT_P_MIN, NGRAM_MAX, NGRAM_MIN, PRIOR_P, ROW_COST_PRIOR, NgramDrafter, Pace, PassCost, SeqSpec,
                                     SpecConfig, check_draft_model, expected_accepted)
 from dllama_mpi.startup import build_engine, load_draft_model
 from dllama_mpi.tokenizer import Tokenizer
@@ -67,6 +67,30 @@ def test_ngram_drafter_is_prompt_lookup():
         for i, t in enumerate(toks):
             d.extend([t])
             assert d.propose(6) == brute_force_lookup(toks[:i + 1], 6)
+
+
+def test_ngram_drafter_resumes_a_copy_where_it_left_off():
+    """A sequence copying a passage changes a word: the 1-token match that follows (" the") most
+    recently occurred in its own output, but it is taken where the copy was, within COPY_BEHIND ..
+    COPY_AHEAD of that place; farther off, the most recent occurrence proposes as before."""
+    passage = [20, 21, 1, 22, 23, 1, 24, 25, 1, 26, 27, 28]      # 1: a common word
+    prompt = passage + [99]
+    s = SeqSpec(SpecConfig("ngram", draft_max=8, fixed=True))
+    draft = s.propose(prompt, [20], 16)
+    assert draft == passage[1:9]
+    s.verified(len(draft), 4)                       # 21 1 22 23 accepted; the model said 31, not 1
+    out = [20, 21, 1, 22, 23, 31, 1]
+    assert s.propose(prompt, out, 16) == passage[6:] + [99, 20]          # the copy resumes at 24
+    plain = SeqSpec(SpecConfig("ngram", draft_max=8, fixed=True))        # no copy seen: most recent
+    assert plain.propose(prompt, out, 16) == [22, 23, 31, 1, 22, 23, 31, 1]
+    d = NgramDrafter()
+    d.extend(prompt + out)
+    assert d.match() == (1, 16)
+    at = [3, 6, 9, 16]                               # where what followed each earlier 1 is
+    for copy, j in ((7, 6), (12, 9), (4, 3), (10, 9), (16 + COPY_BEHIND + 1, 16), (3 - COPY_AHEAD, 3),
+                    (3 - COPY_AHEAD - 1, 16), (16 + COPY_BEHIND, 16), (5, 6)):
+        d.copy_offset = copy - len(d.tokens)          # the nearest within reach, else the most recent
+        assert d.match() == (1, j) and j in at, (copy, d.match())
 
 
 def test_pace_drafts_what_pays():
