@@ -108,15 +108,17 @@ def _proxy_overhead_s(lib) -> float:
 
 
 class _Recorder:
-    """Wraps engine._pass on one rank; accumulates decode (batch 1) forward passes. With pipeline
-    stages the root's wait for a decode pass's results (`collect`) counts as its waiting too."""
+    """Wraps engine._pass on one rank; accumulates its decode passes: those whose every row wants its
+    logits (a sequence's next token, a speculative pass's drafted rows), not a prompt's chunks. The
+    root divides by the tokens they emitted (a speculative pass emits several). With pipeline stages
+    the root's wait for a decode pass's results (`collect`) counts as its waiting too."""
 
     def __init__(self, engine):
         self.engine = engine
         self.inner = engine._pass
         self.timed = None
         self.reset()
-        self.last_b = 0
+        self.last_decode = False
         engine._pass = self
         if getattr(engine, "depth", 1) > 1 and engine.world.is_root:
             inner_collect = engine.collect
@@ -124,7 +126,7 @@ class _Recorder:
             def collect():
                 w0 = engine.comm.wait_seconds
                 out = inner_collect()
-                if self.last_b == 1:
+                if self.last_decode:
                     self.wait += engine.comm.wait_seconds - w0
                 return out
             engine.collect = collect
@@ -137,18 +139,18 @@ class _Recorder:
 
     def __call__(self, b, *rest):
         comm = self.engine.comm
-        self.last_b = b
+        decode = self.last_decode = int(self.engine.st.ctrl.buf[2]) == b   # (the control packet: every rank)
         w0, by0 = comm.wait_seconds, comm.bytes_sent
         c0 = self.timed.seconds if self.timed else 0.0
         k0 = self.timed.calls if self.timed else 0
         if self.timed:
-            self.timed.active = b == 1
+            self.timed.active = decode
         t0 = time.perf_counter()
         best = self.inner(b, *rest)
         dt = time.perf_counter() - t0
         if self.timed:
             self.timed.active = False
-        if b == 1:
+        if decode:
             self.n += 1
             self.seconds += dt
             self.wait += comm.wait_seconds - w0
@@ -700,6 +702,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
 
     # ---- phase 1: timed runs (no instrumentation) ----
     runs = []
+    timed_tokens = 0   # the root's: tokens its decode passes emitted (every rank took part in them)
     if comm.is_root:
         try:
             for kind, what, ids in prompt_sets:
@@ -708,6 +711,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                     p_s, d_s, st = _one_run(sched, ids, steps)
                     pre.append(len(ids) / p_s)
                     per.extend(d_s)
+                    timed_tokens += len(d_s)
                     tpp.append(st.tokens_per_pass)
                     acc.append(st.acceptance)
                 tps = [1.0 / s for s in per]
@@ -763,12 +767,12 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     comm.barrier()
     rec.reset()
     proxy = _install_proxy(rec)
-    root_wall = 0.0
+    root_wall, inst_tokens = 0.0, 0
     try:
         if comm.is_root:
             try:
                 _, per, _ = _one_run(sched, prompt_sets[0][2], steps)
-                root_wall = sum(per)
+                root_wall, inst_tokens = sum(per), len(per)
             finally:
                 engine.stop_workers()
         else:
@@ -809,23 +813,23 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     weights_max_rank = float(wbytes[:, 0].max())
     per_rank = []
     for r in range(comm.size):
-        n_b, s_b, wait_b, by_b = base_all[r]
-        n_i, tok_i, wait_i, c_i, calls_i, ovh = inst_all[r]
-        n_i = max(n_i, 1)
+        passes_b, s_b, wait_b, by_b = base_all[r]
+        _, tok_i, wait_i, c_i, calls_i, ovh = inst_all[r]
+        n_b, n_i = max(timed_tokens, 1), max(inst_tokens, 1)   # per token, on every rank
         tok_ms = 1000 * tok_i / n_i
         c_ms, mpi_ms = 1000 * c_i / n_i, 1000 * wait_i / n_i
         py_raw = tok_ms - c_ms - mpi_ms
         py = max(py_raw - 1000 * ovh * calls_i / n_i, 0.0)
         row = {
             "rank": r, "host": hosts[r], "stage": stage_of[r], "layers": f"{layers_of[r][0]}-{layers_of[r][1] - 1}",
-            "kernel_isa": K.isa_name(int(isa_all[r, 0])), "decode_tokens": int(n_b),
+            "kernel_isa": K.isa_name(int(isa_all[r, 0])), "decode_tokens": timed_tokens, "decode_passes": int(passes_b),
             "ms_per_token_instrumented": round(tok_ms, 3),
             "c_ms": round(c_ms, 3), "mpi_wait_ms": round(mpi_ms, 3),
             "python_ms": round(py, 3), "python_ms_raw": round(py_raw, 3),
             "python_pct": round(100 * py / max(tok_ms - 1000 * ovh * calls_i / n_i, 1e-9), 2),
             "c_calls_per_token": round(calls_i / n_i, 1),
-            "mpi_wait_ms_uninstrumented": round(1000 * wait_b / max(n_b, 1), 3),
-            "bytes_sent_per_token": int(round(by_b / max(n_b, 1))),
+            "mpi_wait_ms_uninstrumented": round(1000 * wait_b / n_b, 3),
+            "bytes_sent_per_token": int(round(by_b / n_b)),
             "bytes_sent_per_token_model": int(model_bytes_all[r, 0]),
             "peak_rss_mb": round(float(rss[r, 0]), 1),
             "rss_anon_mb": round(float(rss[r, 1]), 1), "rss_file_mb": round(float(rss[r, 2]), 1),

@@ -161,6 +161,9 @@ def test_benchmark_with_a_draft_model():
                                    "draft_p_min": 0.0, "draft_fixed": True}
     assert d["runs"][0]["tokens_per_pass"] > 1.5 and d["runs"][0]["acceptance"] > 0.5
     assert all(p["tokens_per_pass"] > 1.5 for p in d["parallel"])
+    for pr in d["per_rank"]:   # per token over every decode pass, verify passes included (each emits several)
+        assert pr["decode_tokens"] == 12 and 12 / 17 <= pr["decode_passes"] < 12
+        assert pr["c_ms"] > 0 and pr["c_calls_per_token"] > 0 and pr["ms_per_token_instrumented"] >= pr["c_ms"]
     assert f"draft model {LLAMA_Q40}" in r.stderr and "MiB on rank 0" in r.stderr
     # the scheduler's fitted cost of a pass and of each extra (verify) row, for scripts/spec_bound.py
     pc = d["summary"]["pass_cost_ms"]
