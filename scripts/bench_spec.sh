@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Speculative decoding on one host: `benchmark --spec none` next to `--spec ngram` (and `--spec draft`
-# with DRAFT), alternating (each round in another order), on input-grounded prompts (repeat a passage, rename a function) and open
-# chat prompts, rendered with the model's own chat template; greedy, 64 steps, at 1 rank x 2 threads
-# and 2 ranks x 1; with LCP_BIN, llama.cpp's llama-lookup (and llama-speculative-simple with DRAFT)
+# with DRAFT), alternating (each round in another order), on input-grounded prompts (grounded: repeat a
+# passage, rename a function; grounded2: repeat another passage, fix a paragraph's spelling, summarise a
+# passage, add type hints to a function, docstrings to a class, quote three sentences) and open chat
+# prompts, rendered with the model's own chat template; greedy, 64 steps, at 1 rank x 2 threads and
+# 2 ranks x 1; with LCP_BIN, llama.cpp's llama-lookup (and llama-speculative-simple with DRAFT)
 # on the same files and prompt texts at 2 threads, and llama-bench's plain tg64 at the prompts'
 # depth (scripts/BENCHMARKS.md "Speculative decoding").
 #
@@ -10,8 +12,8 @@
 #   env: MODEL (default model), DRAFT (a draft model file: adds --spec draft / draft-simple),
 #        LCP_BIN (a llama.cpp bin folder with llama-lookup, llama-speculative-simple, llama-bench),
 #        DRAFT_ARGS (more options for --spec draft, e.g. "--draft-p-min 0 --draft-max 8"),
-#        ROUNDS (3), CONFIGS ("1x2 2x1"), STEPS (64), TEMPLATE (a built-in chat template for a model
-#        file without one, e.g. gemma3)
+#        ROUNDS (3), CONFIGS ("1x2 2x1"), SETS ("grounded grounded2 open"), STEPS (64), TEMPLATE (a
+#        built-in chat template for a model file without one, e.g. gemma3)
 #
 # Prints per set and configuration the median over rounds of decode tok/s (each run's tokens over its
 # time), the ratio to --spec none, tokens per pass and acceptance; llama.cpp's rows below.
@@ -32,7 +34,8 @@ import json, os, sys
 out, here, model = sys.argv[1:4]
 from dllama_mpi.chat import template_for
 from dllama_mpi.startup import load_tokenizer
-passage = open(f"{here}/tests/data/text/kjv_genesis_1-6.txt").read()[:900]
+text = open(f"{here}/tests/data/text/kjv_genesis_1-6.txt").read()
+passage = text[:900]
 code = '''def moving_average(values, window):
     """Mean of each run of `window` consecutive values."""
     out = []
@@ -45,8 +48,39 @@ code = '''def moving_average(values, window):
             out.append(total / window)
     return out
 '''
+typos = ("The lighthouse stood on a narow spit of rock at the edge of the bay. Every evening the keeper climed "
+         "the spiral stairs, trimmed the wick and wound the clockwork that turned the lens. Ships pasing in the "
+         "night saw its beam sweep the water once every ten seconds, and they knew were they were.")
+counter = '''def count_words(text):
+    counts = {}
+    for word in text.split():
+        w = word.lower().strip(".,;:!?")
+        if w:
+            counts[w] = counts.get(w, 0) + 1
+    return counts
+'''
+stack = '''class Stack:
+    def __init__(self):
+        self.items = []
+
+    def push(self, item):
+        self.items.append(item)
+
+    def pop(self):
+        return self.items.pop()
+
+    def is_empty(self):
+        return len(self.items) == 0
+'''
 sets = {"grounded": [f"Repeat the following passage exactly, word for word.\n\n{passage}",
                      f"Rename the function below to rolling_mean and change nothing else. Answer with the whole code.\n\n{code}"],
+        # the issue's other kinds of input-grounded prompt: quote, lightly edit, summarise a passage, edit code
+        "grounded2": [f"Repeat the following passage exactly, word for word.\n\n{text[6000:6800]}",
+                      f"Correct the spelling mistakes in this paragraph and change nothing else.\n\n{typos}",
+                      f"Summarise the following passage.\n\n{text[12000:12900]}",
+                      f"Add type hints to this function and change nothing else. Answer with the whole code.\n\n{counter}",
+                      f"Add a docstring to each method of this class. Answer with the whole code.\n\n{stack}",
+                      f"Quote the first three sentences of the following text exactly.\n\n{text[15000:15700]}"],
         "open": ["Write a short story about a lighthouse keeper who finds a message in a bottle.",
                  "What are three good habits for learning a new language? Explain each briefly."]}
 tok = load_tokenizer(model, None)
@@ -70,7 +104,7 @@ for r in $(seq 1 "${ROUNDS:-3}"); do
     echo "== round $r (load $(cut -d' ' -f1 /proc/loadavg))" >&2
     # each round starts with another setting, so that no setting always runs first (after a pause)
     order=("${specs[@]:$(( (r - 1) % ${#specs[@]} ))}" "${specs[@]:0:$(( (r - 1) % ${#specs[@]} ))}")
-    for set in grounded open; do
+    for set in ${SETS:-grounded grounded2 open}; do
         for spec in "${order[@]}"; do
             for cfg in ${CONFIGS:-1x2 2x1}; do
                 ranks="${cfg%x*}"; threads="${cfg#*x}"
@@ -81,7 +115,7 @@ for r in $(seq 1 "${ROUNDS:-3}"); do
             done
         done
         [ -n "$lcp" ] || continue
-        for i in 0 1; do
+        for i in $(seq 0 $(( $(ls "$out/${set}"_[0-9]*.txt | wc -l) - 1 ))); do
             "$lcp/llama-lookup" -m "$model" -f "$out/${set}_$i.txt" -n "$steps" -t 2 --temp 0 -c 4096 \
                 > "$out/${set}_${i}_lookup_r$r.log" 2>&1
             [ -n "${DRAFT:-}" ] && "$lcp/llama-speculative-simple" -m "$model" -md "$DRAFT" --spec-type draft-simple \
@@ -92,15 +126,15 @@ for r in $(seq 1 "${ROUNDS:-3}"); do
     done
 done
 echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$out/env.txt"
-"$bin/python" - "$out" "${specs[*]}" "${CONFIGS:-1x2 2x1}" <<'PY' | tee "$out/summary.md"
+"$bin/python" - "$out" "${specs[*]}" "${CONFIGS:-1x2 2x1}" "${SETS:-grounded grounded2 open}" <<'PY' | tee "$out/summary.md"
 import glob, json, re, statistics as st, sys
 
-out, specs, cfgs = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
+out, specs, cfgs, sets = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4].split()
 med = lambda xs: st.median(xs) if xs else float("nan")
 print("| prompts | config | " + " | ".join(f"--spec {s} tok/s (rounds)" for s in specs)
       + " | " + " | ".join(f"{s} / none | {s} tok/pass | {s} accepted" for s in specs[1:]) + " |")
 print("|---|---|" + "---|" * (len(specs) + 3 * (len(specs) - 1)))
-for s in ("grounded", "open"):
+for s in sets:
     for cfg in cfgs:
         res = {}
         for spec in specs:
@@ -144,7 +178,7 @@ rows = [(k, n) for k, n in (("bench", "llama-bench tg (plain, at the prompt's de
 if rows:
     print("\n| prompts | llama.cpp, 2 threads | tok/s (rounds) | accepted |")
     print("|---|---|---|---|")
-    for s in ("grounded", "open"):
+    for s in sets:
         for k, name in rows:
             tps, acc = lcp(k, s)
             print(f"| {s} | {name} | {med(tps):.1f} ({', '.join(f'{x:.1f}' for x in tps)}) | "
