@@ -9,7 +9,8 @@ tokens are those of plain decoding, greedy or seeded; a drafter decides only how
 
 - `ngram`: prompt lookup over the sequence's own tokens (prompt + generated so far), as llama.cpp's
   `llama-lookup` / vLLM's `ngram` method: the longest of the last NGRAM_MAX..NGRAM_MIN tokens that
-  occurred before proposes what followed its most recent occurrence. No weights, no network.
+  occurred before proposes what followed its most recent occurrence — or, once the sequence has been
+  seen copying, its occurrence nearest the place it copies from. No weights, no network.
 - `draft`: a smaller (or lower-precision) model with the same vocabulary, run whole on the root
   (`DraftModel`: an Engine over a one-rank communicator with its own KV pages per sequence), so
   drafting costs no collective round. It drafts greedily, and stops where its top token's

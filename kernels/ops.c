@@ -187,13 +187,43 @@ static inline __mmask16 tailmask(int64_t left) {
     return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
 }
 
+/* The sum of a vector's 16 lanes in GCC's _mm512_reduce_add_ps order (lane i + lane i+8, then i + i+4,
+ * then 0+2 and 1+3, then those two), written out: hsum512x16 sums 16 vectors at once by the same tree,
+ * so a dot product has the same bits however many are reduced together, whatever the compiler. */
+DL_INLINE DL_TARGET_AVX512 float hsum512(__m512 v) {
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    const __m128 p = _mm_add_ps(q, _mm_shuffle_ps(q, q, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps(p, p, _MM_SHUFFLE(1, 1, 1, 1))));
+}
+
+/* lane k = hsum512(v[k]), k < 16: each step adds the pairs of lanes hsum512 adds, for 2, 4, 8 and
+ * then all 16 vectors at once (IEEE addition commutes: the operands' order does not matter), 46
+ * instructions instead of 16 x 8 */
+DL_INLINE DL_TARGET_AVX512 __m512 hsum512x16(const __m512 *v) {
+    __m512 s[8], u[4], w[2];
+    for (int k = 0; k < 8; k++)   /* lanes 0-7: v[2k]'s i + i+8; lanes 8-15: v[2k+1]'s */
+        s[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int k = 0; k < 4; k++)   /* quarter m: v[4k+m]'s i + i+4 */
+        u[k] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * k], s[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(s[2 * k], s[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int k = 0; k < 2; k++)   /* quarter m: v[8k+m]'s 0+2, 1+3, then v[8k+4+m]'s */
+        w[k] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * k], u[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(u[2 * k], u[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* quarter m, lane j: the sum of v[4j+m]; into lane 4j+m */
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), r);
+}
+
 DL_TARGET_AVX512 float dl_dot_avx512(const float *a, const float *b, int n) {
     __m512 acc = _mm512_setzero_ps();
     for (int i = 0; i < n; i += 16) {
         const __mmask16 m = tailmask(n - i);
         acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
     }
-    return _mm512_reduce_add_ps(acc);
+    return hsum512(acc);
 }
 
 DL_TARGET_AVX512 void dl_axpy_avx512(float *y, float a, const float *x, int n) {
@@ -565,9 +595,23 @@ DL_TARGET_AVX2 void dl_dot_rows_avx2(float *out, const float *q, const float *ro
 DL_TARGET_AVX2 void dl_axpy_rows_avx2(float *y, const float *a, const float *rows, size_t stride, int n, int hd) {
     axpy_rows_avx2_body(y, a, rows, stride, n, hd);
 }
-/* 4 rows at a time, each with dl_dot_avx512's accumulator and order (the same bits per row) */
+/* 16 rows at a time (their sums reduced together), then 4, each with dl_dot_avx512's accumulator and
+ * order (the same bits per row): at head size 64 a row's 4 FMAs would otherwise wait on a reduction
+ * of twice as many instructions */
 DL_TARGET_AVX512 void dl_dot_rows_avx512(float *out, const float *q, const float *rows, size_t stride, int n, int hd) {
     int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const float *r0 = rows + (size_t)i * stride;
+        __m512 acc[16];
+        for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+        for (int j = 0; j < hd; j += 16) {
+            const __mmask16 m = tailmask(hd - j);
+            const __m512 qv = _mm512_maskz_loadu_ps(m, q + j);
+            for (int r = 0; r < 16; r++)
+                acc[r] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, r0 + (size_t)r * stride + j), acc[r]);
+        }
+        _mm512_storeu_ps(out + i, hsum512x16(acc));
+    }
     for (; i + 4 <= n; i += 4) {
         const float *r0 = rows + (size_t)i * stride, *r1 = r0 + stride, *r2 = r1 + stride, *r3 = r2 + stride;
         __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps(), c = _mm512_setzero_ps(), d = _mm512_setzero_ps();
@@ -579,10 +623,10 @@ DL_TARGET_AVX512 void dl_dot_rows_avx512(float *out, const float *q, const float
             c = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, r2 + j), c);
             d = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, r3 + j), d);
         }
-        out[i] = _mm512_reduce_add_ps(a);
-        out[i + 1] = _mm512_reduce_add_ps(b);
-        out[i + 2] = _mm512_reduce_add_ps(c);
-        out[i + 3] = _mm512_reduce_add_ps(d);
+        out[i] = hsum512(a);
+        out[i + 1] = hsum512(b);
+        out[i + 2] = hsum512(c);
+        out[i + 3] = hsum512(d);
     }
     for (; i < n; i++) out[i] = dl_dot_avx512(q, rows + (size_t)i * stride, hd);
 }
@@ -592,11 +636,28 @@ DL_TARGET_AVX512 void dl_axpy_rows_avx512(float *y, const float *a, const float 
 
 /* Two queries over the same rows: each row's loads serve both, and twice the independent chains
  * (the one-query loops wait on their FMAs' latency). Per query the bits of dl_dot_rows_avx512 (each
- * position's dl_dot_avx512: one 16-lane accumulator over the head, then _mm512_reduce_add_ps) and of
+ * position's dl_dot_avx512: one 16-lane accumulator over the head, then hsum512's tree) and of
  * dl_axpy_rows_avx512 (y = fma(a_i, row_i, y) per element in row order). */
 DL_TARGET_AVX512 void dl_dot_rows2_avx512(float *out0, float *out1, const float *q0, const float *q1,
                                           const float *rows, size_t stride, int n, int hd) {
     int i = 0;
+    for (; i + 8 <= n; i += 8) {   /* 8 rows x 2 queries: 16 sums reduced together */
+        const float *r0 = rows + (size_t)i * stride;
+        __m512 acc[16];   /* [r]: q0 . row r; [8 + r]: q1 . row r */
+        for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+        for (int j = 0; j < hd; j += 16) {
+            const __mmask16 m = tailmask(hd - j);
+            const __m512 u = _mm512_maskz_loadu_ps(m, q0 + j), v = _mm512_maskz_loadu_ps(m, q1 + j);
+            for (int r = 0; r < 8; r++) {
+                const __m512 x = _mm512_maskz_loadu_ps(m, r0 + (size_t)r * stride + j);
+                acc[r] = _mm512_fmadd_ps(u, x, acc[r]);
+                acc[8 + r] = _mm512_fmadd_ps(v, x, acc[8 + r]);
+            }
+        }
+        const __m512 sums = hsum512x16(acc);
+        _mm256_storeu_ps(out0 + i, _mm512_castps512_ps256(sums));
+        _mm256_storeu_ps(out1 + i, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sums), 1)));
+    }
     for (; i + 2 <= n; i += 2) {
         const float *r0 = rows + (size_t)i * stride, *r1 = r0 + stride;
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
@@ -609,10 +670,10 @@ DL_TARGET_AVX512 void dl_dot_rows2_avx512(float *out0, float *out1, const float 
             b0 = _mm512_fmadd_ps(v, x0, b0);
             b1 = _mm512_fmadd_ps(v, x1, b1);
         }
-        out0[i] = _mm512_reduce_add_ps(a0);
-        out0[i + 1] = _mm512_reduce_add_ps(a1);
-        out1[i] = _mm512_reduce_add_ps(b0);
-        out1[i + 1] = _mm512_reduce_add_ps(b1);
+        out0[i] = hsum512(a0);
+        out0[i + 1] = hsum512(a1);
+        out1[i] = hsum512(b0);
+        out1[i + 1] = hsum512(b1);
     }
     for (; i < n; i++) {
         out0[i] = dl_dot_avx512(q0, rows + (size_t)i * stride, hd);

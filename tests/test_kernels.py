@@ -1312,14 +1312,14 @@ def test_sample_summary_and_probabilities(isa):
 
 @pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
 def test_attention_dot_rows_have_dot_bits(isa):
-    """The attention's scores: dot_rows (4 rows at a time) gives each row exactly dl_dot's bits (what
-    makes a row's attention independent of how its positions are grouped), at head sizes with and
-    without a tail and row counts around 4."""
+    """The attention's scores: dot_rows (16 rows at a time, their sums reduced together on AVX-512,
+    then 4, then 1) gives each row exactly dl_dot's bits (what makes a row's attention independent of
+    how its positions are grouped), at head sizes with and without a tail and row counts around 4 and 16."""
     r = rng(16)
     use(isa)
-    for hd in (64, 128, 80, 256):
+    for hd in (64, 128, 80, 256, 16, 8):
         stride = hd * 3
-        for n in (1, 3, 4, 5, 8, 13):
+        for n in (1, 3, 4, 5, 8, 13, 16, 17, 31, 32, 37):
             rows = (r.standard_normal(n * stride) * 3).astype(np.float32)
             q = r.standard_normal(hd).astype(np.float32)
             out = np.zeros(n, np.float32)
