@@ -89,7 +89,7 @@ def main() -> None:
             ids = tok.encode(p)
         req = Request(ids, a.steps + 1, Sampler(engine.h.vocab_size, 0.0, 0.9, 0), ignore_eos=True)
         run_to_completion(sched, [req])
-        runs.append((ids, list(req.generated[1:])))   # the first token comes from the prompt's pass
+        runs.append((ids + [req.generated[0]], list(req.generated[1:])))   # the first token: the prompt pass's
     print(f"{model}: {len(runs)} prompts from {a.prompts}, {a.steps} greedy tokens each after the first")
     print("| b (extra row / one-row pass) | rule: speedup (per prompt) | rule tok/pass | hindsight: speedup (per prompt) | hindsight tok/pass |")
     print("|---|---|---|---|---|")
