@@ -35,6 +35,7 @@ stderr. How each number is measured (also in the JSON's "method"):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -468,28 +469,34 @@ def _split_text() -> str:
 # ------------------------------------------------------------------------------------------------
 # the root's runs
 
-# how the runs sample (run_benchmark sets it from --temperature, --topp, --seed, --sampled-rows)
-SAMPLING = {"temperature": 0.0, "topp": 0.9, "seed": 1, "sampled_rows": "summaries"}
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the runs sample (--temperature, --topp, --seed, --sampled-rows): greedy by default."""
+
+    temperature: float = 0.0
+    topp: float = 0.9
+    seed: int = 1
+    sampled_rows: str = "summaries"
 
 
-def _request(sched, ids: list[int], steps: int):
+def _request(sched, ids: list[int], steps: int, sampling: Sampling):
     """A run's request: greedy by default, else seeded sampling; with --sampled-rows whole its
     top-p rows come back whole (what every sampled row did before the summaries)."""
     from .sampler import Sampler
     from .scheduler import Request, WholeRowRequest
 
-    cls = WholeRowRequest if SAMPLING["sampled_rows"] == "whole" else Request
-    sampler = Sampler(sched.engine.h.vocab_size, SAMPLING["temperature"], SAMPLING["topp"], SAMPLING["seed"])
+    cls = WholeRowRequest if sampling.sampled_rows == "whole" else Request
+    sampler = Sampler(sched.engine.h.vocab_size, sampling.temperature, sampling.topp, sampling.seed)
     return cls(ids, steps + 1, sampler, ignore_eos=True)
 
 
-def _one_run(sched, ids: list[int], steps: int):
+def _one_run(sched, ids: list[int], steps: int, sampling: Sampling):
     """One request (greedy: what `inference --temperature 0` runs): prefill ids, then `steps` tokens;
     (prefill seconds = time to the first token, per-token seconds after it, its RunStats). With
     speculation a pass gives several tokens at one instant: each gets an equal share of the pass."""
     from .scheduler import run_to_completion
 
-    req = _request(sched, ids, steps)
+    req = _request(sched, ids, steps, sampling)
     sched.drop_cached()   # every run evaluates its whole prompt
     run_to_completion(sched, [req])
     per, k = [], 0
@@ -501,13 +508,13 @@ def _one_run(sched, ids: list[int], steps: int):
     return req.stats.prompt_seconds, per[:-1], req.stats
 
 
-def _parallel_run(sched, prompts: list[list[int]], steps: int) -> dict:
+def _parallel_run(sched, prompts: list[list[int]], steps: int, sampling: Sampling) -> dict:
     """len(prompts) streams (greedy unless --temperature) submitted together, `steps` tokens each after the first. Decode
     throughput counts only the passes in which every running sequence decodes (no prompt rows): the
     aggregate generation speed llama-batched-bench reports as S_TG."""
     from .scheduler import DECODE
 
-    reqs = [_request(sched, p, steps) for p in prompts]
+    reqs = [_request(sched, p, steps, sampling) for p in prompts]
     sched.drop_cached()
     d0, a0 = sched.draft_tokens, sched.accepted_tokens
     pc = time.perf_counter
@@ -600,7 +607,7 @@ def register(group) -> None:
     @click.option("--seed", type=int, default=1, show_default=True, help="Every run's sampler seed.")
     @click.option("--sampled-rows", type=click.Choice(["summaries", "whole"]), default="summaries", show_default=True,
                   help="How sampled top-p rows reach rank 0: the ranks' summaries, or whole (to measure what the "
-                       "summaries save).")
+                       "summaries save; such rows count as full rows, not in the JSON's sampled_rows_*).")
     @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
                   help="Draw charts from the JSON files given as arguments into this PNG (no model run).")
     @click.argument("json_files", nargs=-1, type=click.Path(exists=True, dir_okay=False))
@@ -630,7 +637,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
         raise ConfigError("give --prompts or --synthetic, not both")
     if comm.is_root and (temperature < 0 or not 0 <= topp <= 1):
         raise ConfigError(f"--temperature must be >= 0 and --topp in [0, 1], got {temperature} and {topp}")
-    SAMPLING.update(temperature=temperature, topp=topp, seed=seed, sampled_rows=sampled_rows)
+    sampling = Sampling(temperature, topp, seed, sampled_rows)
     lens = _synthetic_lengths(synthetic or "128") if not prompts_path else None
     parallel = _parallel_list(parallel_spec)
     spec = spec_config()
@@ -687,7 +694,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                     raise ConfigError(f"prompt of {len(ids)} tokens + {steps} steps exceeds the context "
                                       f"({engine.max_seq_len}); raise --max-seq-len")
             for _ in range(warmup):
-                _one_run(sched, prompt_sets[0][2], min(steps, 8))
+                _one_run(sched, prompt_sets[0][2], min(steps, 8), sampling)
         finally:
             engine.stop_workers()
     else:
@@ -708,7 +715,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
             for kind, what, ids in prompt_sets:
                 pre, per, tpp, acc = [], [], [], []
                 for _ in range(repeat):
-                    p_s, d_s, st = _one_run(sched, ids, steps)
+                    p_s, d_s, st = _one_run(sched, ids, steps, sampling)
                     pre.append(len(ids) / p_s)
                     per.extend(d_s)
                     timed_tokens += len(d_s)
@@ -748,7 +755,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                 else:              # distinct random prompts: no shared prefix to reuse
                     prompts = [r.integers(0, min(h.vocab_size, tokenizer.vocab_size), n_tok).tolist()
                                for _ in range(p)]
-                sweep.append(_parallel_run(sched, prompts, steps))
+                sweep.append(_parallel_run(sched, prompts, steps, sampling))
             finally:
                 engine.stop_workers()
         else:
@@ -771,7 +778,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     try:
         if comm.is_root:
             try:
-                _, per, _ = _one_run(sched, prompt_sets[0][2], steps)
+                _, per, _ = _one_run(sched, prompt_sets[0][2], steps, sampling)
                 root_wall, inst_tokens = sum(per), len(per)
             finally:
                 engine.stop_workers()
@@ -872,7 +879,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                    "nthreads": engine.nthreads, "buffer_float_type": engine.buffer_type,
                    "sync": engine.sync.scheme, "as_nodes": engine.plan.as_nodes, "batch": engine.max_batch, "load": load,
                    "max_seq_len": engine.max_seq_len, "steps": steps, "warmup": warmup, "repeat": repeat,
-                   "spec": _spec_doc(spec), "sampling": dict(SAMPLING),
+                   "spec": _spec_doc(spec), "sampling": dataclasses.asdict(sampling),
                    "repack": bool(getattr(engine.w.layers[0].wq, "repacked", False))},
         "system": {"versions": _versions(), "cpu": _cpu_info(), "hostname": platform.node(),
                    "hosts": sorted(set(hosts)), "slurm": _slurm(),

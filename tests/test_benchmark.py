@@ -60,6 +60,21 @@ def test_benchmark_json(n):
     assert d["summary"]["pct_of_bandwidth_ceiling"] > 0 and f"({isa} kernels)" in r.stderr
 
 
+def test_benchmark_samples_as_asked():
+    """--temperature / --topp / --seed / --sampled-rows: the JSON names them; at 2 ranks the sampled rows
+    come from the ranks' summaries, and with whole rows asked for none do (those rows are full rows,
+    counted as neither kind of sampled row)."""
+    for way in ("summaries", "whole"):
+        r = bench(["--model", LLAMA_Q40, "--tokenizer", TOK_LLAMA, "--synthetic", "5", "--steps", "6", "--repeat", "1",
+                   "--warmup", "0", "--bandwidth", "10", "--temperature", "0.8", "--topp", "0.95", "--seed", "3",
+                   "--sampled-rows", way], n=2)
+        assert r.returncode == 0, r.stderr
+        d = json.loads(r.stdout)
+        assert d["config"]["sampling"] == {"temperature": 0.8, "topp": 0.95, "seed": 3, "sampled_rows": way}
+        s = d["summary"]
+        assert (s["sampled_rows_summarised"] > 0) == (way == "summaries") and s["sampled_rows_whole"] == 0
+
+
 def test_benchmark_prompts_file_moe(tmp_path):
     p = tmp_path / "p.jsonl"
     p.write_text('{"prompt": "Hello there"}\n\nplain text line\n')
