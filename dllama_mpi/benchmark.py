@@ -910,8 +910,8 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
                     # (speculative.PassCost): a one-row pass and each extra row, ms (scripts/spec_bound.py)
                     "pass_cost_ms": _pass_cost(sched) if spec.on else None,
                     # sampled top-p rows of every run (warm-up included): from summaries / whole
-                    "sampled_rows_summarised": getattr(engine, "sampled_rows_summarised", 0),
-                    "sampled_rows_whole": getattr(engine, "sampled_rows_whole", 0)},
+                    "sampled_rows_summarised": engine.sampled_rows_summarised,
+                    "sampled_rows_whole": engine.sampled_rows_whole},
         "method": __doc__.split("\n\n", 1)[1].strip(),
     }
     print(json.dumps(doc, indent=1))

@@ -688,10 +688,11 @@ class Engine:
             gm = modes[grp]
             am = np.flatnonzero(gm == LOGITS_ARGMAX)
             sm = np.flatnonzero(gm == LOGITS_STATS)
-            pm = np.flatnonzero(gm == LOGITS_SAMPLE) if self.summarises_samples else np.zeros(0, np.int64)
-            fm = np.flatnonzero((gm == LOGITS_FULL) | ((gm == LOGITS_SAMPLE) & (not self.summarises_samples)))
-            if not self.summarises_samples:
-                self.sampled_rows_whole += int(np.count_nonzero(gm == LOGITS_SAMPLE))
+            whole = gm == LOGITS_FULL      # the rows gathered on the root ...
+            sample = gm == LOGITS_SAMPLE
+            if not self.summarises_samples:   # ... sampled rows too, where there are no summaries
+                whole |= sample
+                self.sampled_rows_whole += int(np.count_nonzero(sample))
             if am.size:
                 ids = self._argmax(am)
                 if result is not None:
@@ -702,14 +703,15 @@ class Engine:
                 if result is not None:
                     for j, x in zip(sm, stats):
                         result[g + j] = x
-            if pm.size:
+            pm = np.flatnonzero(sample) if self.summarises_samples else ()
+            if len(pm):
                 nucs = self._nuclei(pm, c.logit_inv_t[grp][pm], c.logit_topp[grp][pm])
                 for j, x in zip(pm, nucs):
-                    if x is None:
-                        fm = np.append(fm, j)
+                    if x is None:   # ... and those the summaries do not decide
+                        whole[j] = True
                     elif result is not None:
                         result[g + j] = x
-                fm.sort()
+            fm = np.flatnonzero(whole)
             if fm.size:
                 full = self._gather(fm, None if out_full is None else out_full[done_full:done_full + fm.size])
                 if result is not None:

@@ -710,8 +710,8 @@ class Scheduler:
                 "kv_pages_cached": len(kv.evictable), "kv_pages_free": len(kv.free),
                 "kv_page_size": plan.page_size, "kv_bytes_per_token": plan.row_bytes,
                 "waited_for_pages": self.waited_for_pages,
-                "sampled_rows_summarised": getattr(self.engine, "sampled_rows_summarised", 0),
-                "sampled_rows_whole": getattr(self.engine, "sampled_rows_whole", 0)}
+                "sampled_rows_summarised": self.engine.sampled_rows_summarised,
+                "sampled_rows_whole": self.engine.sampled_rows_whole}
 
 
 def run_to_completion(scheduler: Scheduler, requests: Sequence[Request]) -> None:

@@ -39,7 +39,7 @@ class FakeComm:
 
 class FakeEngine:
     """Logits from a seeded generator; records what each pass evaluates. It has what the scheduler
-    uses of an engine: the root's KVCache and `step`."""
+    uses of an engine: the root's KVCache, `step` and the sampled-row counters of its gauges."""
 
     def __init__(self, vocab: int, max_seq_len: int, favour: int | None = None):
         from dllama_mpi.kvcache import KVCache, plan_kv
@@ -50,6 +50,7 @@ class FakeEngine:
         self.kv = KVCache(self.kv_plan)
         self.favour = favour
         self.evaluated = []
+        self.sampled_rows_summarised = self.sampled_rows_whole = 0
 
     def step(self, rows, updates=(), copies=(), out_full=None):
         assert rows.positions[-1] < self.max_seq_len

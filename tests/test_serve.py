@@ -439,7 +439,9 @@ def test_lost_host_relaunch_with_one_rank_fewer(tmp_path):
 
 def test_gives_up_after_max_restarts(tmp_path):
     """--max-restarts 1: the first loss is recovered, the second ends the supervisor (exit 3, one
-    line saying why); the stream in flight gets an error event, not a silent cut."""
+    line saying why); the stream in flight gets an error event, not a silent cut. (Which rank the line
+    names is hydra's report: when rank 1 is killed, hydra kills rank 0 at once and now and then reaps
+    and names rank 0 first, both with SIGKILL: seen once in CI, 2026-12-07.)"""
     s = Serve(tmp_path, ["-n", "2", "--max-restarts", "1", *TINY_MODEL])
     try:
         os.kill(s.rank_pid(1), signal.SIGKILL)
@@ -452,7 +454,8 @@ def test_gives_up_after_max_restarts(tmp_path):
             t.join(30)
         assert rc == 3, s.output()[-3000:]
         assert len(run.errors) == 1, (run.errors, run.finish)
-        assert "serve: giving up: 1 relaunches within 600 s (--max-restarts); last loss: rank 1" in s.output()
+        assert re.search(r"serve: giving up: 1 relaunches within 600 s \(--max-restarts\); last loss: rank [01] "
+                         r"\(pid \d+ on \S+\) ended: exit code 9 \(SIGKILL\)", s.output()), s.output()[-3000:]
     finally:
         s.kill()
 
