@@ -788,7 +788,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
         _remove_proxy(rec)
     names = sorted(proxy.by_name)
     tok_s = root_wall if comm.is_root else rec.seconds
-    inst = np.array([rec.n, tok_s, rec.wait, rec.c_seconds, rec.calls, overhead], np.float64)
+    inst = np.array([tok_s, rec.wait, rec.c_seconds, rec.calls, overhead], np.float64)
     inst_all = comm.gather_floats(inst)
     prof = comm.gather_floats(np.array([proxy.by_name.get(n, 0.0) for n in names], np.float64)) if profile else None
 
@@ -821,7 +821,7 @@ def run_benchmark(comm, model_path, tokenizer_path, nthreads, buffer_float_type,
     per_rank = []
     for r in range(comm.size):
         passes_b, s_b, wait_b, by_b = base_all[r]
-        _, tok_i, wait_i, c_i, calls_i, ovh = inst_all[r]
+        tok_i, wait_i, c_i, calls_i, ovh = inst_all[r]
         n_b, n_i = max(timed_tokens, 1), max(inst_tokens, 1)   # per token, on every rank
         tok_ms = 1000 * tok_i / n_i
         c_ms, mpi_ms = 1000 * c_i / n_i, 1000 * wait_i / n_i

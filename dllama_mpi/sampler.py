@@ -83,8 +83,6 @@ def _row_z(recs: np.ndarray) -> tuple[int, float] | None:
     return e_max, float(z)
 
 
-
-
 @dataclass
 class _Merged:
     """A row's slices' summaries merged: the exponent and exact sum of its weights, its ln Z, and the
