@@ -75,16 +75,18 @@ void dl_matmul_q40r_q80(float *out, const void *w, const dl_block_q80 *x, int ro
  * out[i] as dl_matmul_q40r_q80(out[i], w[i], x, rows[i], cols, batch) gives it */
 void dl_matmul_q40r_q80_n(int n, float *const *out, const void *const *w, const int *rows,
                           const dl_block_q80 *x, int cols, int batch);
-/* matvec tuning (results never change): software prefetch distance in bytes (0 = off; -2 = back to
- * the default: DLLAMA_Q40R_PF or the ISA's; -1 just queries) and rows read as n side-by-side
- * streams per thread (1..4; 0 = back to the ISA's default; < 0 just queries). Both return the
- * value in effect for the current ISA. */
-int  dl_q40r_prefetch(int bytes);
+/* matvec tuning (results never change): rows read as n side-by-side streams per thread (1..4; 0 =
+ * back to the ISA's default; < 0 just queries); returns the value in effect for the current ISA */
 int  dl_q40r_split(int n);
 int  dl_q40r_guided(int n);
 /* the GGUF block types' (rx) matvec: groups read as n side-by-side streams per thread (1..4; 0 = back
  * to the default, DLLAMA_RX_SPLIT or 4; < 0 just queries); returns the value in effect */
 int  dl_rx_split(int n);
+/* the repacked kernels (q40r's x86 paths, q80r's and the rx types' AVX-512 paths): software prefetch
+ * of the weights this many bytes ahead of the block each stream reads (0 = off; -2 = back to the default: DLLAMA_PREFETCH, or 2048 on an
+ * Intel CPU running AVX-512, else 0; -1 just queries); returns the value in effect for the current
+ * ISA. Results never change. */
+int  dl_weights_prefetch(int bytes);
 /* memory read bandwidth probe: reads n bytes (their whole 64-bit words) over the thread pool,
  * returns the sum of the words; dl_read_spans reads n buffers as one job, each thread's share as
  * `streams` runs side by side (1..8) with a software prefetch `prefetch` bytes ahead (0: none) */

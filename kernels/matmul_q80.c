@@ -354,16 +354,22 @@ static void q80r_groups_scalar(float *out, const uint8_t *w, const dl_block_q80 
     }
 }
 
+static size_t q80r_pf = 0;   /* dl_weights_prefetch's distance, read per call */
+
 #if DL_X86
-/* AVX-512 VNNI: one group (16 rows) x B batch rows, all blocks */
+/* AVX-512 VNNI: one group (16 rows) x B batch rows, all blocks; with a prefetch distance, block
+ * k's share of the group's bytes (pairs of 2 blocks: 1088 bytes) that far ahead */
 DL_INLINE DL_TARGET_AVX512 void q80r_group_avx512(float *out, const uint8_t *wg, const uint8_t *xp,
                                                   int nb, int cols, int rows, int row0, int b0,
                                                   const int B) {
     const size_t xs = r80_xstride(cols);
     __m512 acc[8];
     for (int j = 0; j < B; j++) acc[j] = _mm512_setzero_ps();
+    const size_t pf = q80r_pf, per = dl_r16_pair(512) / 2;
     for (int k = 0; k < nb; k++) {
         const uint8_t *p = wg + CODES80(k);
+        if (pf)
+            for (size_t l = 0; l < per; l += 64) _mm_prefetch((const char *)wg + (size_t)k * per + pf + l, _MM_HINT_T0);
         __m512i v[8];
         for (int i = 0; i < 8; i++) v[i] = _mm512_loadu_si512((const void *)(p + 64 * i));
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wg + SCALES80(k))));
@@ -529,6 +535,7 @@ void dl_matmul_q80r_q80_n(int n, float *const *out, const void *const *w, const 
                           const dl_block_q80 *x, int cols, int batch) {
     const int isa = dl_get_isa();
     dl_r16_group_fn fn = NULL;
+    q80r_pf = (size_t)dl_weights_prefetch(-1);
 #if DL_X86
     if (isa == DL_ISA_AVX512) fn = q80r_groups_avx512;
     if (isa == DL_ISA_AVX2) fn = q80r_groups_avx2;

@@ -70,6 +70,7 @@ typedef struct { const uint8_t *src; uint8_t *dst; int rows, cols; } rx_repack_c
  * 4 streams as q40r does. Default 4 on every x86 ISA; DLLAMA_RX_SPLIT (1..4) or dl_rx_split
  * override it. Results never depend on it. */
 static int rx_streams = 4, rx_split_set = 0;
+static size_t rx_pf = 0;   /* dl_weights_prefetch's distance, read per call like rx_streams */
 
 static int rx_split_default(void) {
     static int env = -2;   /* -2: not read yet, 0: unset */

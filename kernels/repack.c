@@ -89,25 +89,46 @@ void dl_unpack_q40r(dl_block_q40 *dst, const void *src, int rows, int cols) {
     }
 }
 
-/* Matvec tuning. Settings: q40r_pf_set (-1: DLLAMA_Q40R_PF or the ISA's default), q40r_split_set
- * (0: the ISA's default); the kernels read the values in effect, fixed per call before the pool
- * starts (q40r_tune). Defaults, measured on Zen 4 (2026-12-02) with the pair layout: no software
- * prefetch (it cost 15-25 % on every split there); AVX2 one stream per thread (at 2 threads 1
- * stream read at the probe's rate, 4 streams 20-30 % below it; at 1 thread all within noise),
- * AVX-512 4 streams (1, 2 and 4 within noise; at 2 ranks x 1 thread AVX2 with 1, 2 and 4 streams
- * too). DLLAMA_Q40R_PF and DLLAMA_Q40R_SPLIT override the defaults. The earlier layout (scales in
- * a region ahead of the codes) needed several streams and a prefetch to hide its restarts. */
-static int q40r_pf_set = -1, q40r_split_set = 0;
-static int q40r_pf, q40r_split = 4, q40r_guided = 1;
+/* Software prefetch of the weights, `bytes` ahead of the block each stream reads, in the repacked
+ * kernels (q40r's x86 paths, q80r's and the rx types' AVX-512 paths; results never change). Measured: on Zen 4
+ * (2026-12-02, q40r with the pair layout) it cost 15-25 % on every split; on the Intel Xeon VM of
+ * the README (AVX-512, 2 cores, 480 MB L3, 2026-12-07; scripts/BENCHMARKS.md "Weights prefetched")
+ * 2048 bytes cut a one-row pass 10-17 % and an extra row's cost by a third to a half, for models
+ * held in the L3 and for those read from memory (Llama-3.2-1B shape; 4096 and more cost there).
+ * Default: 2048 on Intel CPUs running the AVX-512 kernels, else off (AVX2 and other vendors: not
+ * measured with it, or measured to lose); DLLAMA_PREFETCH overrides it. */
+static int weights_pf_set = -1;
 
-static int q40r_pf_default(void) {
+static int weights_pf_default(int isa) {
     static int env = -2;   /* -2: not read yet, -1: unset */
     if (env == -2) {
-        const char *e = getenv("DLLAMA_Q40R_PF");
+        const char *e = getenv("DLLAMA_PREFETCH");
         env = e && atoi(e) >= 0 ? atoi(e) : -1;
     }
-    return env >= 0 ? env : 0;
+    if (env >= 0) return env;
+#if DL_X86
+    __builtin_cpu_init();
+    return isa == DL_ISA_AVX512 && __builtin_cpu_is("intel") ? 2048 : 0;
+#else
+    (void)isa;
+    return 0;
+#endif
 }
+
+int dl_weights_prefetch(int bytes) {
+    if (bytes >= 0 || bytes == -2) weights_pf_set = bytes >= 0 ? bytes : -1;
+    return weights_pf_set >= 0 ? weights_pf_set : weights_pf_default(dl_get_isa());
+}
+
+/* Matvec tuning. Settings: q40r_split_set (0: the ISA's default); the kernels read the values in
+ * effect, fixed per call before the pool starts (q40r_tune). Defaults, measured on Zen 4
+ * (2026-12-02) with the pair layout: AVX2 one stream per thread (at 2 threads 1 stream read at the
+ * probe's rate, 4 streams 20-30 % below it; at 1 thread all within noise), AVX-512 4 streams (1, 2
+ * and 4 within noise; at 2 ranks x 1 thread AVX2 with 1, 2 and 4 streams too). DLLAMA_Q40R_SPLIT
+ * overrides the default. The earlier layout (scales in a region ahead of the codes) needed several
+ * streams and a prefetch to hide its restarts. */
+static int q40r_split_set = 0;
+static int q40r_pf, q40r_split = 4, q40r_guided = 1;
 
 static int q40r_split_default(int isa) {
     static int env = -2;   /* -2: not read yet, 0: unset */
@@ -120,14 +141,8 @@ static int q40r_split_default(int isa) {
 }
 
 static void q40r_tune(int isa) {
-    q40r_pf = q40r_pf_set >= 0 ? q40r_pf_set : q40r_pf_default();
+    q40r_pf = weights_pf_set >= 0 ? weights_pf_set : weights_pf_default(isa);
     q40r_split = q40r_split_set > 0 ? q40r_split_set : q40r_split_default(isa);
-}
-
-int dl_q40r_prefetch(int bytes) {
-    if (bytes >= 0 || bytes == -2) q40r_pf_set = bytes >= 0 ? bytes : -1;
-    q40r_tune(dl_get_isa());
-    return q40r_pf;
 }
 
 int dl_q40r_split(int n) {

@@ -192,6 +192,15 @@ DL_INLINE DL_TARGET_AVX512 __m512 RXF(block_avx512)(__m512 acc, const __m512i *u
     return acc;
 }
 
+/* software prefetch (dl_weights_prefetch): the cache lines of block k's share of a group's bytes,
+ * pf bytes ahead; each block's share starts where the previous one's ends, so a stream of groups
+ * is prefetched whole (a unit of RX_BPU blocks: 1/RX_BPU of it per block) */
+DL_INLINE void RXF(prefetch)(const uint8_t *wg, int k, size_t pf) {
+    const size_t per = (size_t)16 * RX_UNIT / RX_BPU;
+    const char *p = (const char *)wg + (size_t)k * per + pf;
+    for (size_t l = 0; l < per; l += 64) _mm_prefetch(p + l, _MM_HINT_T0);
+}
+
 /* a group's blocks decoded once for several passes of batch rows (tile: per block 8 code vectors, then
  * s0, s1, o0, o1; the thread's own buffer, rx_tile) or, tile NULL, decoded as they are used */
 DL_INLINE DL_TARGET_AVX512 void RXF(group_avx512)(float *out, const uint8_t *wg, const uint8_t *xp, int nb, int cols,
@@ -210,6 +219,7 @@ DL_INLINE DL_TARGET_AVX512 void RXF(group_avx512)(float *out, const uint8_t *wg,
             o[0] = _mm512_load_ps(t + 640);
             o[1] = _mm512_load_ps(t + 704);
         } else {
+            if (rx_pf) RXF(prefetch)(wg, k, rx_pf);
             RXF(dec_avx512)(wg + (size_t)(k / RX_BPU) * us, k % RX_BPU, u, s, o);
         }
         for (int j = 0; j < B; j++) {
@@ -234,10 +244,12 @@ DL_INLINE DL_TARGET_AVX512 void RXF(streams_avx512)(float *out, const uint8_t *w
         acc[s] = _mm512_setzero_ps();
         wg[s] = w + (size_t)(g_first + s * per) * gs;
     }
+    const size_t pf = rx_pf;
     for (int k = 0; k < nb; k++)
         for (int s = 0; s < NS; s++) {
             __m512i u[8];
             __m512 sc[2], o[2];
+            if (pf) RXF(prefetch)(wg[s], k, pf);
             RXF(dec_avx512)(wg[s] + (size_t)(k / RX_BPU) * us, k % RX_BPU, u, sc, o);
             acc[s] = RXF(block_avx512)(acc[s], u, sc, o, xp + (size_t)k * DL_QK, xb + k);
         }
@@ -258,10 +270,12 @@ DL_INLINE DL_TARGET_AVX512 void RXF(streams_rows_avx512)(float *out, const uint8
     const uint8_t *wg[2] = {w + (size_t)g_first * gs, w + (size_t)(g_first + per) * gs};
     for (int s = 0; s < 2; s++)
         for (int j = 0; j < B; j++) acc[s][j] = _mm512_setzero_ps();
+    const size_t pf = rx_pf;
     for (int k = 0; k < nb; k++)
         for (int s = 0; s < 2; s++) {
             __m512i u[8];
             __m512 sc[2], o[2];
+            if (pf) RXF(prefetch)(wg[s], k, pf);
             RXF(dec_avx512)(wg[s] + (size_t)(k / RX_BPU) * us, k % RX_BPU, u, sc, o);
             for (int j = 0; j < B; j++) {
                 const uint8_t *xr = xp + (size_t)j * xs;
@@ -300,6 +314,7 @@ static DL_TARGET_AVX512 void RXF(groups_avx512)(float *out, const uint8_t *w, co
                 __m512i u[8];
                 __m512 s[2], o[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
                 uint8_t *t = tile + (size_t)k * RX_TILE_BLOCK;
+                if (rx_pf) RXF(prefetch)(wg, k, rx_pf);
                 RXF(dec_avx512)(wg + (size_t)(k / RX_BPU) * us, k % RX_BPU, u, s, o);
                 for (int i = 0; i < 8; i++) _mm512_store_si512((void *)(t + 64 * i), u[i]);
                 _mm512_store_ps(t + 512, s[0]);
@@ -570,6 +585,7 @@ void RX_JOIN3(dl_matmul_, RX, r_q80_n)(int n, float *const *out, const void *con
     const int isa = dl_get_isa();
     dl_r16_group_fn fn = NULL;
     rx_streams = dl_rx_split(-1);   /* the matvec's streams per thread (DLLAMA_RX_SPLIT) */
+    rx_pf = (size_t)dl_weights_prefetch(-1);
 #if DL_X86
     if (isa == DL_ISA_AVX512) fn = RXF(groups_avx512);
     if (isa == DL_ISA_AVX2) fn = RXF(groups_avx2);

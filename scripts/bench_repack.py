@@ -93,7 +93,7 @@ def main():
         combos = [(int(sp), int(pf)) for sp in a.split.split(",") for pf in a.prefetch.split(",")]
         for sp, pf in combos:
             lib.dl_q40r_split(sp)
-            lib.dl_q40r_prefetch(pf)
+            lib.dl_weights_prefetch(pf)
             res = {k: [] for k in ("plain1", "q40r1", "plainB", "q40rB")}
             for _ in range(a.trials):
                 res["plain1"].append(timeit(run("plain", 1)))
@@ -101,12 +101,12 @@ def main():
                 res["plainB"].append(timeit(run("plain", a.batch)))
                 res["q40rB"].append(timeit(run("q40r", a.batch)))
             m = {k: statistics.median(v) for k, v in res.items()}
-            tune = f" split {lib.dl_q40r_split(-1)} prefetch {lib.dl_q40r_prefetch(-1)}" if len(combos) > 1 else ""
+            tune = f" split {lib.dl_q40r_split(-1)} prefetch {lib.dl_weights_prefetch(-1)}" if len(combos) > 1 else ""
             print(f"threads={nt}{tune}: matvec plain {wbytes / m['plain1'] / 1e9:6.2f} GB/s  q40r {wbytes / m['q40r1'] / 1e9:6.2f} GB/s"
                   f" | batch {a.batch}: plain {a.batch / m['plainB']:8.0f} rows/s  q40r {a.batch / m['q40rB']:8.0f} rows/s"
                   f" ({m['q40r1'] * a.batch / m['q40rB']:.1f}x its matvec)")
         lib.dl_q40r_split(0)
-        lib.dl_q40r_prefetch(-2)
+        lib.dl_weights_prefetch(-2)
     K.set_threads(1)
 
 

@@ -91,6 +91,36 @@ def random_q80(r: np.random.Generator, batch: int, cols: int) -> np.ndarray:
     return ref_quantize_q80(r.standard_normal(batch * cols).astype(np.float32) * 3)
 
 
+def test_weights_prefetch_setting_and_its_default():
+    """dl_weights_prefetch sets the distance every repacked kernel prefetches at, -1 queries it, -2
+    goes back to the default: DLLAMA_PREFETCH when set, else 2048 on an Intel CPU running the
+    AVX-512 kernels and 0 everywhere else (a fresh process reads the environment)."""
+    import subprocess
+    import sys
+    default = lib.dl_weights_prefetch(-1)
+    try:
+        assert lib.dl_weights_prefetch(512) == 512 and lib.dl_weights_prefetch(-1) == 512
+        assert lib.dl_weights_prefetch(0) == 0
+    finally:
+        assert lib.dl_weights_prefetch(-2) == default
+    code = "from dllama_mpi.kernels import lib; print(lib.dl_weights_prefetch(-1))"
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("DLLAMA_PREFETCH", "DLLAMA_ISA")}
+    for isa, want in (("scalar", 0), ("avx2", 0)):
+        if isa == "avx2" and not lib.dl_isa_supported(K.ISA_AVX2):
+            continue
+        out = subprocess.run([sys.executable, "-c", code], env={**env, "DLLAMA_ISA": isa}, capture_output=True, text=True)
+        assert out.stdout.strip() == str(want), out.stderr
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "DLLAMA_PREFETCH": "768"}, capture_output=True, text=True)
+    assert out.stdout.strip() == "768", out.stderr
+    try:
+        intel = "GenuineIntel" in open("/proc/cpuinfo").read()
+    except OSError:
+        intel = False
+    if lib.dl_isa_supported(K.ISA_AVX512):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, "DLLAMA_ISA": "avx512"}, capture_output=True, text=True)
+        assert out.stdout.strip() == ("2048" if intel else "0"), out.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # f16
 
@@ -929,7 +959,7 @@ def test_q40r_matvec_streams_and_prefetch_do_not_change_results(isa):
             for s in (1, 2, 3, 4):
                 for p in (0, 1024):
                     lib.dl_q40r_split(s)
-                    lib.dl_q40r_prefetch(p)
+                    lib.dl_weights_prefetch(p)
                     alone = np.concatenate([matmul_q40r(wr, np.ascontiguousarray(x[b * row:(b + 1) * row]), rows, cols, 1)
                                             for b in range(5)])
                     outs.append(alone)
@@ -939,7 +969,7 @@ def test_q40r_matvec_streams_and_prefetch_do_not_change_results(isa):
         assert all(np.array_equal(o, outs[0]) for o in outs)
     finally:
         lib.dl_q40r_split(0)        # back to the defaults
-        lib.dl_q40r_prefetch(-2)
+        lib.dl_weights_prefetch(-2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1016,10 +1046,15 @@ def test_q80r_simd_vs_plain_and_threads(isa):
         _, mag, _ = ref_matmul_q80_q80(w, x, rows, cols, batch)
         wr = repack_q80(w, rows, cols, misalign=3)
         outs = []
-        for threads in (1, 2, 3):
-            use(isa, threads)
-            outs.append(matmul_q80r(wr, x, rows, cols, batch))
-        assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+        try:
+            for threads in (1, 2, 3):
+                use(isa, threads)
+                for pf in (0, 2048, 96):    # software prefetch (any distance) never changes a result
+                    lib.dl_weights_prefetch(pf)
+                    outs.append(matmul_q80r(wr, x, rows, cols, batch))
+        finally:
+            lib.dl_weights_prefetch(-2)
+        assert all(np.array_equal(outs[0], o) for o in outs[1:])
         assert np.all(np.abs(outs[0] - ref) <= 1e-5 * mag + 1e-30), (rows, cols, batch)
         for b in (0, batch - 1):
             one = matmul_q80r(wr, x[b * cols // 32 * 34:(b + 1) * cols // 32 * 34], rows, cols, 1)
@@ -1234,8 +1269,9 @@ def test_rx_matmul_vs_gguf(ftype, isa):
 @pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
 def test_rx_matvec_streams_do_not_change_results(ftype, isa):
     """The matvec reads 1-4 groups side by side per thread (dl_rx_split), and 2-4 batch rows read 2
-    (AVX-512): the same bits for every split and thread count, including the groups left over when
-    a thread's share does not divide, and every row of 2, 3, 4 or 5 the bits it has alone."""
+    (AVX-512), with and without software prefetch: the same bits for every split, prefetch and
+    thread count, including the groups left over when a thread's share does not divide, and every
+    row of 2, 3, 4 or 5 the bits it has alone."""
     name = RX_TYPES[ftype]
     r = rng(90 + ftype)
     rows, cols = 16 * 23 + 7, 2 * max(TYPE_BLOCK[ftype][0], 64)
@@ -1246,17 +1282,20 @@ def test_rx_matvec_streams_do_not_change_results(ftype, isa):
         outs = []
         for threads in (1, 2):
             use(isa, threads)
-            for s in (1, 2, 3, 4):
+            for s, pf in ((1, 0), (2, 2048), (3, 0), (4, 2048), (4, 0), (2, 96)):
                 assert lib.dl_rx_split(s) == s
+                assert lib.dl_weights_prefetch(pf) == pf
                 alone = np.concatenate([rx_call(name, rp, np.ascontiguousarray(xq[b * row:(b + 1) * row]), rows, cols, 1)
                                         for b in range(5)])
                 outs.append(alone)
-                for batch in (2, 3, 4, 5):
-                    got = rx_call(name, rp, np.ascontiguousarray(xq[:batch * row]), rows, cols, batch)
-                    assert np.array_equal(got, alone[:batch]), (threads, s, batch)
+                for batch in (2, 3, 4, 5, 9):
+                    got = rx_call(name, rp, np.ascontiguousarray(xq[:batch * row] if batch <= 5 else np.tile(xq, 2)[:batch * row]),
+                                  rows, cols, batch)
+                    assert np.array_equal(got[:min(batch, 5)], alone[:min(batch, 5)]), (threads, s, pf, batch)
         assert all(np.array_equal(o, outs[0]) for o in outs)
     finally:
-        lib.dl_rx_split(0)          # back to the default
+        lib.dl_rx_split(0)          # back to the defaults
+        lib.dl_weights_prefetch(-2)
     assert lib.dl_rx_split(-1) in (1, 2, 3, 4)
 
 

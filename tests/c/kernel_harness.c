@@ -244,10 +244,10 @@ static void setup_q40r_split(tcase *c, int i) {
 }
 static void run_q40r_split(tcase *c, void *out) {
     dl_q40r_split(c->opt & 7);
-    dl_q40r_prefetch(c->opt & 8 ? 1024 : 0);
+    dl_weights_prefetch(c->opt & 8 ? 1024 : 0);
     run_q40r(c, out);
     dl_q40r_split(0);          /* back to the defaults */
-    dl_q40r_prefetch(-2);
+    dl_weights_prefetch(-2);
 }
 
 /* repack -> unpack gives the input back (bytes; repack runs over the pool) */
