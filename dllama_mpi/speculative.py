@@ -231,10 +231,14 @@ class Pace:
     def choose(self, p: float, k_max: int, k_min: int = 1, draft_model: bool = False) -> int:
         c = self.b + (self.draft_seconds if draft_model else 0.0)
         best, best_rate = 0, self.tokens / self.seconds
+        last = 0.0
         for k in range(max(k_min, 1), k_max + 1):
             rate = (self.tokens + expected_accepted(p, k)) / (self.seconds + c * k)
             if rate > best_rate * (1 + 1e-9):
                 best, best_rate = k, rate
+            elif rate < last:   # E(k) is concave, so the rate rises to one peak and then only falls
+                break
+            last = rate
         if best:
             self.tokens += expected_accepted(p, best)
             self.seconds += c * best

@@ -4,6 +4,7 @@ log-probabilities), with stops, limits and rollbacks inside accepted runs. Under
 through the CLI on SmolLM2 (inference, batch, api): the end of this file."""
 
 import importlib.util
+import itertools
 import json
 import os
 import random
@@ -106,6 +107,14 @@ def test_pace_drafts_what_pays():
     assert Pace(1.0, 0.2, 0.0, 1).choose(0.99, 16, k_min=17) == 0
     pace = Pace(1.0, 0.2, 0.0, 1)   # sequences in turn: each draft raises the bar for the next
     assert pace.choose(0.9, 16) >= pace.choose(0.9, 16)
+    # the search stops past the rate's peak: the same k as trying every length
+    for b, ds, rows, p, k_min in itertools.product((0.01, 0.1, 0.3, 1.0), (0.0, 0.05, 0.5), (1, 3, 16),
+                                                 (0.0, 0.05, 0.3, 0.6, 0.9, 0.99, 1.0), (1, 2, 5)):
+        pace = Pace(1.0, b, ds, rows)
+        rates = {k: (pace.tokens + expected_accepted(p, k)) / (pace.seconds + (b + ds) * k) for k in range(k_min, 17)}
+        top = max(rates.values())
+        want = min(k for k, r in rates.items() if r == top) if top > pace.tokens / pace.seconds * (1 + 1e-9) else 0
+        assert pace.choose(p, 16, k_min, draft_model=True) == want, (b, ds, rows, p, k_min)
     # PassCost: the slope of seconds over rows, once rows vary; the prior ratio until then
     pc = PassCost()
     assert pc.model() == (1.0, ROW_COST_PRIOR)
