@@ -82,10 +82,10 @@ int  dl_q40r_guided(int n);
 /* the GGUF block types' (rx) matvec: groups read as n side-by-side streams per thread (1..4; 0 = back
  * to the default, DLLAMA_RX_SPLIT or 4; < 0 just queries); returns the value in effect */
 int  dl_rx_split(int n);
-/* the repacked kernels (q40r's x86 paths, q80r's and the rx types' AVX-512 paths): software prefetch
- * of the weights this many bytes ahead of the block each stream reads (0 = off; -2 = back to the default: DLLAMA_PREFETCH, or 2048 on an
- * Intel CPU running AVX-512, else 0; -1 just queries); returns the value in effect for the current
- * ISA. Results never change. */
+/* the repacked kernels' x86 paths (q40r, q80r, rx): software prefetch of the weights this many bytes
+ * ahead of the block each stream reads (0 = off; -2 = back to the default: DLLAMA_PREFETCH, or 2048
+ * on an Intel CPU running AVX2 or AVX-512, else 0; -1 just queries); returns the value in effect for
+ * the current ISA. Results never change. */
 int  dl_weights_prefetch(int bytes);
 /* memory read bandwidth probe: reads n bytes (their whole 64-bit words) over the thread pool,
  * returns the sum of the words; dl_read_spans reads n buffers as one job, each thread's share as

@@ -427,8 +427,11 @@ DL_INLINE DL_TARGET_AVX2 void q80r_group_avx2(float *out, const uint8_t *wg, con
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[2][4];
     for (int j = 0; j < B; j++) acc[0][j] = acc[1][j] = _mm256_setzero_ps();
+    const size_t pf = q80r_pf, per = dl_r16_pair(512) / 2;
     for (int k = 0; k < nb; k++) {
         const uint8_t *p = wg + CODES80(k);
+        if (pf)
+            for (size_t l = 0; l < per; l += 64) _mm_prefetch((const char *)wg + (size_t)k * per + pf + l, _MM_HINT_T0);
         const __m256 dw0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES80(k))));
         const __m256 dw1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES80(k) + 16)));
         for (int h = 0; h < 2; h++) {

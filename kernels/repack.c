@@ -90,13 +90,12 @@ void dl_unpack_q40r(dl_block_q40 *dst, const void *src, int rows, int cols) {
 }
 
 /* Software prefetch of the weights, `bytes` ahead of the block each stream reads, in the repacked
- * kernels (q40r's x86 paths, q80r's and the rx types' AVX-512 paths; results never change). Measured: on Zen 4
+ * kernels' x86 paths (q40r, q80r, the rx types; results never change). Measured: on Zen 4
  * (2026-12-02, q40r with the pair layout) it cost 15-25 % on every split; on the Intel Xeon VM of
- * the README (AVX-512, 2 cores, 480 MB L3, 2026-12-07; scripts/BENCHMARKS.md "Weights prefetched")
- * 2048 bytes cut a one-row pass 10-17 % and an extra row's cost by a third to a half, for models
- * held in the L3 and for those read from memory (Llama-3.2-1B shape; 4096 and more cost there).
- * Default: 2048 on Intel CPUs running the AVX-512 kernels, else off (AVX2 and other vendors: not
- * measured with it, or measured to lose); DLLAMA_PREFETCH overrides it. */
+ * the README (2 cores, 480 MB L3, 2026-12-07; scripts/BENCHMARKS.md "Weights prefetched") 2048
+ * bytes cut a one-row pass 10-17 % with the AVX-512 kernels and 20-27 % with the AVX2 ones, for
+ * models held in the L3 and for those read from memory (Llama-3.2-1B shape; 4096 and more lose
+ * there). Default: 2048 on Intel CPUs, 0 elsewhere; DLLAMA_PREFETCH overrides it. */
 static int weights_pf_set = -1;
 
 static int weights_pf_default(int isa) {
@@ -108,7 +107,7 @@ static int weights_pf_default(int isa) {
     if (env >= 0) return env;
 #if DL_X86
     __builtin_cpu_init();
-    return isa == DL_ISA_AVX512 && __builtin_cpu_is("intel") ? 2048 : 0;
+    return (isa == DL_ISA_AVX512 || isa == DL_ISA_AVX2) && __builtin_cpu_is("intel") ? 2048 : 0;
 #else
     (void)isa;
     return 0;

@@ -395,6 +395,7 @@ DL_INLINE DL_TARGET_AVX2 void RXF(half_avx2)(float *out, const uint8_t *wg, cons
             o[0] = _mm256_load_ps((const float *)(t + 320));
             o[1] = _mm256_load_ps((const float *)(t + 352));
         } else {
+            if (rx_pf && h == 0) RXF(prefetch)(wg, k, rx_pf);
             RXF(dec_avx2)(wg + (size_t)(k / RX_BPU) * us, k % RX_BPU, h, u, s, o);
         }
         for (int j = 0; j < B; j++) {
@@ -426,11 +427,13 @@ DL_INLINE DL_TARGET_AVX2 void RXF(streams_avx2)(float *out, const uint8_t *w, co
         acc[s][0] = acc[s][1] = _mm256_setzero_ps();
         wg[s] = w + (size_t)(g_first + s * per) * gs;
     }
+    const size_t pf = rx_pf;
     for (int k = 0; k < nb; k++)
         for (int s = 0; s < NS; s++)
             for (int h = 0; h < 2; h++) {
                 __m256i u[8];
                 __m256 sc[2], o[2];
+                if (pf && h == 0) RXF(prefetch)(wg[s], k, pf);
                 RXF(dec_avx2)(wg[s] + (size_t)(k / RX_BPU) * us, k % RX_BPU, h, u, sc, o);
                 acc[s][h] = RXF(block_avx2)(acc[s][h], u, sc, o, xp + (size_t)k * DL_QK, xb + k);
             }
@@ -460,6 +463,7 @@ static DL_TARGET_AVX2 void RXF(groups_avx2)(float *out, const uint8_t *w, const 
                     __m256i u[8];
                     __m256 s[2], o[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
                     uint8_t *t = tile + (size_t)k * RX_TILE_BLOCK + (size_t)h * (RX_TILE_BLOCK / 2);
+                    if (rx_pf && h == 0) RXF(prefetch)(wg, k, rx_pf);
                     RXF(dec_avx2)(wg + (size_t)(k / RX_BPU) * us, k % RX_BPU, h, u, s, o);
                     for (int i = 0; i < 8; i++) _mm256_store_si256((__m256i *)(t + 32 * i), u[i]);
                     _mm256_store_ps((float *)(t + 256), s[0]);
