@@ -93,9 +93,10 @@ void dl_unpack_q40r(dl_block_q40 *dst, const void *src, int rows, int cols) {
  * kernels' x86 paths (q40r, q80r, the rx types; results never change). Measured: on Zen 4
  * (2026-12-02, q40r with the pair layout) it cost 15-25 % on every split; on the Intel Xeon VM of
  * the README (2 cores, 480 MB L3, 2026-12-07; scripts/BENCHMARKS.md "Weights prefetched") 2048
- * bytes cut a one-row pass 10-17 % with the AVX-512 kernels and 20-27 % with the AVX2 ones, for
- * models held in the L3 and for those read from memory (Llama-3.2-1B shape; 4096 and more lose
- * there). Default: 2048 on Intel CPUs, 0 elsewhere; DLLAMA_PREFETCH overrides it. */
+ * bytes cut a one-row pass of the models the L3 holds 11-16 % with the AVX-512 kernels and 20-27 %
+ * with the AVX2 ones; of the Llama-3.2-1B shape, read from memory, 3-5 % and 24 % (its second row
+ * 40 % cheaper on AVX-512; 4096 and more lose there). Default: 2048 on Intel CPUs, 0 elsewhere;
+ * DLLAMA_PREFETCH overrides it. */
 static int weights_pf_set = -1;
 
 static int weights_pf_default(int isa) {
