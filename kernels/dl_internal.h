@@ -164,6 +164,12 @@ DL_INLINE DL_TARGET_AVX2 float dl_hsum256(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+
+/* software prefetch of the cache lines of [p, p + bytes) (dl_weights_prefetch's kernels: a block's
+ * share of its group, that distance ahead) */
+DL_INLINE void dl_prefetch_span(const void *p, size_t bytes) {
+    for (size_t l = 0; l < bytes; l += 64) _mm_prefetch((const char *)p + l, _MM_HINT_T0);
+}
 #endif
 
 #if DL_NEON

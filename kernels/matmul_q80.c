@@ -368,8 +368,7 @@ DL_INLINE DL_TARGET_AVX512 void q80r_group_avx512(float *out, const uint8_t *wg,
     const size_t pf = q80r_pf, per = dl_r16_pair(512) / 2;
     for (int k = 0; k < nb; k++) {
         const uint8_t *p = wg + CODES80(k);
-        if (pf)
-            for (size_t l = 0; l < per; l += 64) _mm_prefetch((const char *)wg + (size_t)k * per + pf + l, _MM_HINT_T0);
+        if (pf) dl_prefetch_span(wg + (size_t)k * per + pf, per);
         __m512i v[8];
         for (int i = 0; i < 8; i++) v[i] = _mm512_loadu_si512((const void *)(p + 64 * i));
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wg + SCALES80(k))));
@@ -430,8 +429,7 @@ DL_INLINE DL_TARGET_AVX2 void q80r_group_avx2(float *out, const uint8_t *wg, con
     const size_t pf = q80r_pf, per = dl_r16_pair(512) / 2;
     for (int k = 0; k < nb; k++) {
         const uint8_t *p = wg + CODES80(k);
-        if (pf)
-            for (size_t l = 0; l < per; l += 64) _mm_prefetch((const char *)wg + (size_t)k * per + pf + l, _MM_HINT_T0);
+        if (pf) dl_prefetch_span(wg + (size_t)k * per + pf, per);
         const __m256 dw0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES80(k))));
         const __m256 dw1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES80(k) + 16)));
         for (int h = 0; h < 2; h++) {

@@ -107,17 +107,24 @@ static int weights_pf_default(int isa) {
     }
     if (env >= 0) return env;
 #if DL_X86
-    __builtin_cpu_init();
-    return (isa == DL_ISA_AVX512 || isa == DL_ISA_AVX2) && __builtin_cpu_is("intel") ? 2048 : 0;
+    static int intel = -1;   /* the vendor, asked once: every matmul call reads the setting */
+    if (intel < 0) {
+        __builtin_cpu_init();
+        intel = __builtin_cpu_is("intel") != 0;
+    }
+    return (isa == DL_ISA_AVX512 || isa == DL_ISA_AVX2) && intel ? 2048 : 0;
 #else
     (void)isa;
     return 0;
 #endif
 }
 
+/* the distance in effect for this ISA: the one set, else the default */
+static int weights_pf(int isa) { return weights_pf_set >= 0 ? weights_pf_set : weights_pf_default(isa); }
+
 int dl_weights_prefetch(int bytes) {
     if (bytes >= 0 || bytes == -2) weights_pf_set = bytes >= 0 ? bytes : -1;
-    return weights_pf_set >= 0 ? weights_pf_set : weights_pf_default(dl_get_isa());
+    return weights_pf(dl_get_isa());
 }
 
 /* Matvec tuning. Settings: q40r_split_set (0: the ISA's default); the kernels read the values in
@@ -141,7 +148,7 @@ static int q40r_split_default(int isa) {
 }
 
 static void q40r_tune(int isa) {
-    q40r_pf = weights_pf_set >= 0 ? weights_pf_set : weights_pf_default(isa);
+    q40r_pf = weights_pf(isa);
     q40r_split = q40r_split_set > 0 ? q40r_split_set : q40r_split_default(isa);
 }
 
@@ -266,7 +273,7 @@ DL_INLINE DL_TARGET_AVX512 void q40r_group_avx512(float *out, const uint8_t *wg,
     for (int k = 0; k < nb; k++) {
         const uint8_t *p = wg + CODES(k);
         if (pf)
-            for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)p + pf + l, _MM_HINT_T0);
+            dl_prefetch_span(p + pf, 256);
         __m512i lo[4], hi[4];
         q40r_unpack_avx512(p, lo, hi);
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wg + SCALES(k))));
@@ -313,7 +320,7 @@ DL_INLINE DL_TARGET_AVX512 void q40r_ngroups_b1_avx512(float *const *outs, const
         for (int s = 0; s < NS; s++) {
             const uint8_t *p = wgs[s] + CODES(k);
             if (pf)
-                for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)p + pf + l, _MM_HINT_T0);
+                dl_prefetch_span(p + pf, 256);
             acc[s] = q40r_block_b1_avx512(acc[s], wgs[s], p, k, xp + (size_t)k * DL_QK, cd + 2 * k, m4);
         }
     }
@@ -336,7 +343,7 @@ DL_INLINE DL_TARGET_AVX512 void q40r_2groups_avx512(const q40r_streams *st, cons
         for (int g = 0; g < 2; g++) {
             const uint8_t *p = st->wgs[g] + CODES(k);
             if (pf)
-                for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)p + pf + l, _MM_HINT_T0);
+                dl_prefetch_span(p + pf, 256);
             __m512i lo[4], hi[4];
             q40r_unpack_avx512(p, lo, hi);
             const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(st->wgs[g] + SCALES(k))));
@@ -468,7 +475,7 @@ DL_INLINE DL_TARGET_AVX2 void q40r_ngroups_b1_avx2(float *const *outs, const int
             for (int k = k0; k < k1; k++) {
                 const uint8_t *p = wgs[s] + CODES(k);
                 if (pf)
-                    for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)p + pf + l, _MM_HINT_T0);
+                    dl_prefetch_span(p + pf, 256);
                 q40r_block_b1_avx2(&a0, &a1, wgs[s], p, k, xp + (size_t)k * DL_QK, cd + 2 * k);
             }
             acc[s][0] = a0;

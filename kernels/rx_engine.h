@@ -197,8 +197,7 @@ DL_INLINE DL_TARGET_AVX512 __m512 RXF(block_avx512)(__m512 acc, const __m512i *u
  * is prefetched whole (a unit of RX_BPU blocks: 1/RX_BPU of it per block) */
 DL_INLINE void RXF(prefetch)(const uint8_t *wg, int k, size_t pf) {
     const size_t per = (size_t)16 * RX_UNIT / RX_BPU;
-    const char *p = (const char *)wg + (size_t)k * per + pf;
-    for (size_t l = 0; l < per; l += 64) _mm_prefetch(p + l, _MM_HINT_T0);
+    dl_prefetch_span(wg + (size_t)k * per + pf, per);
 }
 
 /* a group's blocks decoded once for several passes of batch rows (tile: per block 8 code vectors, then
