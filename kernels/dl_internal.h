@@ -148,6 +148,12 @@ static inline size_t dl_r16_codes(int k, size_t bb) { return (size_t)(k >> 1) * 
 typedef void (*dl_r16_group_fn)(float *, const uint8_t *, const dl_block_q80 *, const uint8_t *, int, int, int,
                                 int, int);
 typedef void (*dl_r16_prep_fn)(uint8_t *, const dl_block_q80 *, int, int);
+
+/* The q40r and q80r kernels' prepared activations: per batch row the int8 values of all blocks back
+ * to back, then per block {int32 bias * sum(q), float d}, bias minus the weights' code offset (q40r
+ * -8: codes 0..15 for -8..7; q80r -128: codes q ^ 0x80); each row's stride rounded up to 64 bytes. */
+static inline size_t dl_r16_xstride(int cols) { return ((size_t)cols + (size_t)(cols / DL_QK) * 8 + 63) & ~(size_t)63; }
+void dl_r16_xprep(uint8_t *dst, const dl_block_q80 *x, int cols, int batch, int32_t bias);
 void dl_r16_matmul_n(int n, float *const *out, const void *const *w, const int *rows, const dl_block_q80 *x,
                      int cols, int batch, dl_r16_group_fn scalar, dl_r16_group_fn simd, dl_r16_prep_fn prep,
                      size_t xp_bytes, int guided);

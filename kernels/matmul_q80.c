@@ -300,29 +300,8 @@ void dl_unpack_q80r(dl_block_q80 *dst, const void *src, int rows, int cols) {
     }
 }
 
-/* prepared activations: per batch row the int8 values of all blocks, then per block
- * {int32 -128 * sum(q), float d}; stride rounded up to 64 bytes */
-static inline size_t r80_xstride(int cols) {
-    return ((size_t)cols + (size_t)(cols / DL_QK) * 8 + 63) & ~(size_t)63;
-}
-
-static void r80_xprep(uint8_t *dst, const dl_block_q80 *x, int cols, int batch) {
-    const int nb = cols / DL_QK;
-    const size_t st = r80_xstride(cols);
-    for (int b = 0; b < batch; b++) {
-        int8_t *qs = (int8_t *)(dst + (size_t)b * st);
-        int32_t *cd = (int32_t *)(dst + (size_t)b * st + cols);
-        const dl_block_q80 *xb = x + (size_t)b * nb;
-        for (int k = 0; k < nb; k++) {
-            int32_t s = 0;
-            for (int j = 0; j < DL_QK; j++) s += xb[k].qs[j];
-            memcpy(qs + (size_t)k * DL_QK, xb[k].qs, DL_QK);
-            const float d = dl_f16_to_f32_scalar(xb[k].d);
-            cd[2 * k] = -128 * s;
-            memcpy(&cd[2 * k + 1], &d, 4);
-        }
-    }
-}
+/* prepared activations (dl_r16_xprep, kernels/repack.c): the codes are q ^ 0x80 */
+static void r80_xprep(uint8_t *dst, const dl_block_q80 *x, int cols, int batch) { dl_r16_xprep(dst, x, cols, batch, -128); }
 
 /* scalar reference on the repacked layout: the same arithmetic as dl_matmul_q80_q80_rows_scalar */
 static void q80r_groups_scalar(float *out, const uint8_t *w, const dl_block_q80 *x, const uint8_t *xp,
@@ -362,7 +341,7 @@ static size_t q80r_pf = 0;   /* dl_weights_prefetch's distance, read per call */
 DL_INLINE DL_TARGET_AVX512 void q80r_group_avx512(float *out, const uint8_t *wg, const uint8_t *xp,
                                                   int nb, int cols, int rows, int row0, int b0,
                                                   const int B) {
-    const size_t xs = r80_xstride(cols);
+    const size_t xs = dl_r16_xstride(cols);
     __m512 acc[8];
     for (int j = 0; j < B; j++) acc[j] = _mm512_setzero_ps();
     const size_t pf = q80r_pf, per = dl_r16_pair(512) / 2;
@@ -421,7 +400,7 @@ static DL_TARGET_AVX512 void q80r_groups_avx512(float *out, const uint8_t *w, co
 DL_INLINE DL_TARGET_AVX2 void q80r_group_avx2(float *out, const uint8_t *wg, const uint8_t *xp,
                                               int nb, int cols, int rows, int row0, int b0,
                                               const int B) {
-    const size_t xs = r80_xstride(cols);
+    const size_t xs = dl_r16_xstride(cols);
     const __m256i flip = _mm256_set1_epi8((char)0x80);
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[2][4];
@@ -548,7 +527,7 @@ void dl_matmul_q80r_q80_n(int n, float *const *out, const void *const *w, const 
 #endif
 #endif
     dl_r16_matmul_n(n, out, w, rows, x, cols, batch, q80r_groups_scalar, fn, r80_xprep,
-                    r80_xstride(cols) * (size_t)(batch > 0 ? batch : 0), 1);
+                    dl_r16_xstride(cols) * (size_t)(batch > 0 ? batch : 0), 1);
 }
 
 void dl_matmul_q80r_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch) {

@@ -159,16 +159,11 @@ int dl_q40r_split(int n) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* prepared activations: per batch row, the int8 values of all blocks back to back, then per block
- * {int32 -8 * sum(q), float d}; stride rounded up to 64 bytes. */
+/* prepared activations (dl_r16_xprep): the codes are 0..15 for -8..7 */
 
-static inline size_t xr_stride(int cols) {
-    return ((size_t)cols + (size_t)(cols / DL_QK) * 8 + 63) & ~(size_t)63;
-}
-
-static void xr_prep(uint8_t *dst, const dl_block_q80 *x, int cols, int batch) {
+void dl_r16_xprep(uint8_t *dst, const dl_block_q80 *x, int cols, int batch, int32_t bias) {
     const int nb = cols / DL_QK;
-    const size_t st = xr_stride(cols);
+    const size_t st = dl_r16_xstride(cols);
     for (int b = 0; b < batch; b++) {
         int8_t *qs = (int8_t *)(dst + (size_t)b * st);
         int32_t *cd = (int32_t *)(dst + (size_t)b * st + cols);
@@ -178,11 +173,13 @@ static void xr_prep(uint8_t *dst, const dl_block_q80 *x, int cols, int batch) {
             for (int j = 0; j < DL_QK; j++) s += xb[k].qs[j];
             memcpy(qs + (size_t)k * DL_QK, xb[k].qs, DL_QK);
             const float d = dl_f16_to_f32_scalar(xb[k].d);
-            cd[2 * k] = -8 * s;
+            cd[2 * k] = bias * s;
             memcpy(&cd[2 * k + 1], &d, 4);
         }
     }
 }
+
+static void xr_prep(uint8_t *dst, const dl_block_q80 *x, int cols, int batch) { dl_r16_xprep(dst, x, cols, batch, -8); }
 
 /* ------------------------------------------------------------------------------------------ */
 /* scalar reference (reads the plain q80 x; same arithmetic as dl_matmul_q40_q80_rows_scalar) */
@@ -266,7 +263,7 @@ DL_INLINE DL_TARGET_AVX512 __m512 q40r_fma_avx512(__m512 acc, const __m512i *lo,
 DL_INLINE DL_TARGET_AVX512 void q40r_group_avx512(float *out, const uint8_t *wg, const uint8_t *xp,
                                                   int nb, int cols, int rows, int row0, int b0,
                                                   const int B) {
-    const size_t xs = xr_stride(cols);
+    const size_t xs = dl_r16_xstride(cols);
     const int pf = q40r_pf;
     __m512 acc[8];
     for (int j = 0; j < B; j++) acc[j] = _mm512_setzero_ps();
@@ -334,7 +331,7 @@ DL_INLINE DL_TARGET_AVX512 void q40r_ngroups_b1_avx512(float *const *outs, const
  * 2-row pass of SmolLM2 Q4_0's layers took 4.3 ms against 2.6 for one row.) */
 DL_INLINE DL_TARGET_AVX512 void q40r_2groups_avx512(const q40r_streams *st, const uint8_t *xp, int nb, int cols,
                                                     int rows, const int B) {
-    const size_t xs = xr_stride(cols);
+    const size_t xs = dl_r16_xstride(cols);
     const int pf = q40r_pf;
     __m512 acc[2][4];
     for (int g = 0; g < 2; g++)
@@ -491,7 +488,7 @@ DL_INLINE DL_TARGET_AVX2 void q40r_ngroups_b1_avx2(float *const *outs, const int
  * 2..6; the 16-bit sums stay in order, see add16_ordered). */
 DL_INLINE DL_TARGET_AVX2 void q40r_half_avx2(float *out, const uint8_t *wg, const uint8_t *xp, int nb,
                                              int cols, int rows, int row0, int h, int b0, const int B) {
-    const size_t xs = xr_stride(cols);
+    const size_t xs = dl_r16_xstride(cols);
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     __m256 acc[6];
     const uint8_t *xq[6];
@@ -716,7 +713,7 @@ void dl_matmul_q40r_q80_n(int n, float *const *out, const void *const *w, const 
 #endif
     if (fn) q40r_tune(isa);   /* SIMD paths read prepared activations */
     dl_r16_matmul_n(n, out, w, rows, x, cols, batch, q40r_groups_scalar, fn, xr_prep,
-                    xr_stride(cols) * (size_t)(batch > 0 ? batch : 0), q40r_guided);
+                    dl_r16_xstride(cols) * (size_t)(batch > 0 ? batch : 0), q40r_guided);
 }
 
 void dl_matmul_q40r_q80(float *out, const void *w, const dl_block_q80 *x, int rows, int cols, int batch) {
