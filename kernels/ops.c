@@ -876,6 +876,11 @@ void dl_attention_rows(float *out, const float *q, const float *k_cache, const f
  * softmax sees the same scores. So dl_attention gives dl_attention_rows' bits (tests/test_kernels.py)
  * and a row's result still depends only on its own sequence. */
 #define ATTN_MAX_QUERIES 16   /* queries per group task: their score rows and the K/V segment stay in L1/L2 */
+#define ATTN_STREAM_QUERIES 0.5   /* a task's fixed cost (its K/V rows streamed once more), in queries: small */
+#define ATTN_MAX_PARTS 256
+
+/* the first position a row at `pos` sees */
+static inline int attn_t0(int pos, int window) { return window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0; }
 
 typedef struct {
     int b0, nb;     /* rows b0 .. b0 + nb - 1: one sequence, consecutive positions */
@@ -889,6 +894,7 @@ typedef struct {
     const int32_t *heads;     /* [n_kv_heads][heads_per_kv]: the query heads of each KV head */
     const int32_t *n_heads;   /* [n_kv_heads] */
     int heads_per_kv;
+    const int64_t *cut;       /* part p: tasks cut[p] .. cut[p + 1] - 1 */
 } attn_grouped_ctx;
 
 static _Thread_local float *t_attn_buf = NULL;
@@ -937,7 +943,7 @@ static void attn_group_range(void *vctx, int64_t s, int64_t e) {
     const attn_grouped_ctx *g = (const attn_grouped_ctx *)vctx;
     const attn_ctx *c = g->c;
     const int hd = c->head_dim;
-    for (int64_t task = s; task < e; task++) {
+    for (int64_t task = g->cut[s]; task < g->cut[e]; task++) {
         const attn_group *gr = &g->groups[task];
         attn_queries aq;
         aq.nq = gr->nb * gr->nj;
@@ -946,7 +952,7 @@ static void attn_group_range(void *vctx, int64_t s, int64_t e) {
             const int h = g->heads[(size_t)gr->kvh * g->heads_per_kv + gr->j0 + i % gr->nj];
             const int p = c->pos[b];
             aq.pos[i] = p;
-            aq.t0[i] = c->window > 0 && p - c->window + 1 > 0 ? p - c->window + 1 : 0;
+            aq.t0[i] = attn_t0(p, c->window);
             aq.q[i] = c->q + ((size_t)b * c->n_q_heads + h) * hd;
             aq.out[i] = c->out + ((size_t)b * c->n_q_heads + h) * hd;
         }
@@ -975,6 +981,66 @@ static void attn_group_range(void *vctx, int64_t s, int64_t e) {
     }
 }
 
+/* the end of the run of rows from b: one sequence at consecutive positions */
+static int run_end(const int32_t *slot, const int32_t *pos, int batch, int b) {
+    int e = b + 1;
+    while (e < batch && slot[e] == slot[b] && pos[e] == pos[e - 1] + 1) e++;
+    return e;
+}
+
+/* dl_attention's tasks, and their costs; returns how many. Runs of rows (one sequence, consecutive
+ * positions) are cut into chunks of at most rows_per rows, as many as fit from the start (greedy) or
+ * of equal sizes (6 rows at 5 per chunk: 5 + 1, or 3 + 3); per chunk, each KV head's query heads in
+ * `split` parts. Chunk by chunk (KV head by KV head instead, Gemma 3's attention over 12 rows took
+ * 11 % longer: a thread then holds one head of every row, rows 4 KB apart). */
+static int64_t attn_tasks(attn_group *groups, double *cost, int split, int even, const int32_t *n_heads,
+                          int n_kv_heads, int rows_per, const int32_t *pos, const int32_t *slot, int batch, int window) {
+    int64_t k = 0;
+    for (int b = 0; b < batch;) {
+        const int e = run_end(slot, pos, batch, b), m = (e - b + rows_per - 1) / rows_per;
+        for (int ch = 0; ch < m; ch++) {
+            const int c0 = even ? b + (e - b) * ch / m : b + ch * rows_per;
+            const int c1 = even ? b + (e - b) * (ch + 1) / m : (c0 + rows_per < e ? c0 + rows_per : e);
+            double q = 0.0;
+            for (int r = c0; r < c1; r++) q += (double)(pos[r] - attn_t0(pos[r], window) + 1);
+            const double span = (double)(pos[c1 - 1] - attn_t0(pos[c0], window) + 1);
+            for (int kvh = 0; kvh < n_kv_heads; kvh++) {
+                for (int sp = 0; sp < split; sp++) {
+                    const int j0 = (int)((int64_t)n_heads[kvh] * sp / split);
+                    const int j1 = (int)((int64_t)n_heads[kvh] * (sp + 1) / split);
+                    if (j1 <= j0) continue;
+                    cost[k] = q * (j1 - j0) + ATTN_STREAM_QUERIES * span;
+                    groups[k++] = (attn_group){c0, c1 - c0, kvh, j0, j1 - j0};
+                }
+            }
+        }
+        b = e;
+    }
+    return k;
+}
+
+/* cut tasks 0..k-1 into `parts` runs of consecutive tasks of about equal cost (part p: cut[p] ..
+ * cut[p + 1] - 1, at least one task each); returns the costliest part's cost */
+static double attn_cut(int64_t *cut, const double *cost, int64_t k, int parts) {
+    double total = 0.0;
+    for (int64_t i = 0; i < k; i++) total += cost[i];
+    double acc = 0.0, busiest = 0.0, part = 0.0;
+    int64_t i = 0;
+    cut[0] = 0;
+    for (int p = 1; p < parts; p++) {   /* end part p - 1 where the cost so far comes nearest p shares */
+        const double target = total * p / parts;
+        part = 0.0;
+        do { acc += cost[i]; part += cost[i]; i++; }
+        while (i < k - (parts - p) && acc + cost[i] / 2 < target);
+        cut[p] = i;
+        if (part > busiest) busiest = part;
+    }
+    cut[parts] = k;
+    part = 0.0;
+    for (; i < k; i++) part += cost[i];
+    return part > busiest ? part : busiest;
+}
+
 void dl_attention(float *out, const float *q, const float *k_cache, const float *v_cache,
                   const int32_t *kv_of_q, int n_q_heads, int n_kv_heads, int head_dim,
                   const int32_t *pos, const int32_t *slot, int batch, const dl_kv_pages *kv,
@@ -1001,47 +1067,60 @@ void dl_attention(float *out, const float *q, const float *k_cache, const float 
         const int kvh = kv_of_q[h];
         hbuf[kvh * per + nbuf[kvh]++] = h;
     }
-    /* tasks: runs of rows (one sequence, consecutive positions) cut into chunks of at most
-     * ATTN_MAX_QUERIES / per rows, times the KV heads; where that leaves threads idle or unevenly
-     * loaded, each KV head's query heads are split too (Gemma 3 decoding one row on 2 threads: 1 KV
-     * head, 2 tasks of 2 query heads; SmolLM2: 3 KV heads, 6 tasks of 1-2) */
+    /* The plan: chunks of rows (attn_tasks) times parts of each KV head's query heads, and each
+     * thread one run of consecutive tasks of about equal cost (attn_cut: a task costs its queries'
+     * positions, plus a little for streaming its K/V rows once more), not an equal number of tasks:
+     * a pass of 6 rows of SmolLM2 as chunks of 5 + 1 rows gave one thread 5 times the other's rows.
+     * The greedy chunks, or the equal ones (3 + 3) where those leave the busiest thread less. Where
+     * the costs are equal, the threads get what equal task counts gave them. */
     const int rows_per = ATTN_MAX_QUERIES / per > 0 ? ATTN_MAX_QUERIES / per : 1;
     int64_t n_chunks = 0;
     for (int b = 0; b < batch;) {
-        int e = b + 1;
-        while (e < batch && slot[e] == slot[b] && pos[e] == pos[e - 1] + 1 && e - b < rows_per) e++;
-        n_chunks++;
+        const int e = run_end(slot, pos, batch, b);
+        n_chunks += (e - b + rows_per - 1) / rows_per;
         b = e;
     }
-    const int threads = dl_pool_nthreads();
+    const int threads = dl_pool_nthreads() < ATTN_MAX_PARTS ? dl_pool_nthreads() : ATTN_MAX_PARTS;
     int split = (per + ATTN_MAX_QUERIES - 1) / ATTN_MAX_QUERIES;   /* nj <= ATTN_MAX_QUERIES */
-    for (;;) {   /* the fewest splits that give every thread the same number of tasks, or two each */
+    for (;;) {   /* the fewest splits that give every thread the same number of tasks, or two each
+                  * (a task of one query head loses the kernels that take two) */
         const int64_t n = n_chunks * n_kv_heads * split;
         if (split >= per || n % threads == 0 || n >= 2 * (int64_t)threads) break;
         split++;
     }
-    const int64_t n_tasks = n_chunks * n_kv_heads * split;
+    const int64_t n_max = n_chunks * n_kv_heads * split;
     attn_group gbuf[256];
-    attn_group *groups = n_tasks <= 256 ? gbuf : (attn_group *)malloc(sizeof(attn_group) * (size_t)n_tasks);
-    if (!groups) {
+    double cbuf[256];
+    attn_group *groups = n_max <= 256 ? gbuf : (attn_group *)malloc(sizeof(attn_group) * (size_t)n_max);
+    double *cost = n_max <= 256 ? cbuf : (double *)malloc(sizeof(double) * (size_t)n_max);
+    if (!groups || !cost) {
+        if (groups != gbuf) free(groups);
+        if (cost != cbuf) free(cost);
         dl_parallel_for((int64_t)batch * n_q_heads, 1, attn_range, &c);
         return;
     }
-    int64_t k = 0;
-    for (int b = 0; b < batch;) {
-        int e = b + 1;
-        while (e < batch && slot[e] == slot[b] && pos[e] == pos[e - 1] + 1 && e - b < rows_per) e++;
-        for (int kvh = 0; kvh < n_kv_heads; kvh++) {
-            const int nh = nbuf[kvh];
-            for (int sp = 0; sp < split; sp++) {
-                const int j0 = (int)((int64_t)nh * sp / split), j1 = (int)((int64_t)nh * (sp + 1) / split);
-                if (j1 > j0) groups[k++] = (attn_group){b, e - b, kvh, j0, j1 - j0};
-            }
-        }
+    int64_t cut[ATTN_MAX_PARTS + 1];
+    int64_t k = attn_tasks(groups, cost, split, 0, nbuf, n_kv_heads, rows_per, pos, slot, batch, window);
+    int parts = (int)(threads < k ? threads : k);
+    const double busiest = attn_cut(cut, cost, k, parts);
+    int uneven = 0;   /* some run's greedy chunks differ in size */
+    for (int b = 0; b < batch && !uneven && threads > 1;) {
+        const int e = run_end(slot, pos, batch, b);
+        uneven = e - b > rows_per && (e - b) % rows_per != 0;
         b = e;
     }
-    attn_grouped_ctx g = {&c, groups, hbuf, nbuf, per};
-    dl_parallel_for(k, 1, attn_group_range, &g);
+    if (uneven) {
+        k = attn_tasks(groups, cost, split, 1, nbuf, n_kv_heads, rows_per, pos, slot, batch, window);
+        parts = (int)(threads < k ? threads : k);
+        if (attn_cut(cut, cost, k, parts) >= busiest) {   /* the greedy chunks, after all */
+            k = attn_tasks(groups, cost, split, 0, nbuf, n_kv_heads, rows_per, pos, slot, batch, window);
+            parts = (int)(threads < k ? threads : k);
+            attn_cut(cut, cost, k, parts);
+        }
+    }
+    attn_grouped_ctx g = {&c, groups, hbuf, nbuf, per, cut};
+    dl_parallel_for(parts, 1, attn_group_range, &g);
+    if (cost != cbuf) free(cost);
     if (groups != gbuf) free(groups);
 }
 

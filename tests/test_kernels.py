@@ -671,15 +671,16 @@ def test_grouped_attention_gives_the_per_row_bits(isa):
     KV head over a run of rows of one sequence at consecutive positions); it must give every row and
     head exactly dl_attention_rows' bits (one task per row and head): GQA 1..20 query heads per KV
     head (over 16: the group is split), runs broken by another sequence or a gap in positions, long
-    runs (a prompt chunk: cut into several groups), sliding windows over a ring of pages, 1-3
-    threads. Cache rows no row may read are NaN."""
+    runs (a prompt chunk: cut into several groups, greedy or of equal sizes), sliding windows over a
+    ring of pages, 1-3 and 5 threads (each thread one run of tasks of about equal cost). Cache rows
+    no row may read are NaN."""
     r = rng(23)
     cases = [(64, 9, 3), (256, 4, 1), (32, 4, 2), (16, 6, 6), (16, 40, 2), (32, 8, 1)]
     pos = np.array([0, 17, 18, 19, 20, 5, 6, 39, 21, 22, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70,
                     71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 83, 9], np.int32)
     slot = np.array([1, 0, 0, 0, 0, 2, 2, 1, 0, 0] + [1] * 23 + [2], np.int32)
     ps, n_pages = 4, 90
-    for threads in (1, 2, 3):
+    for threads in (1, 2, 3, 5):
         use(isa, threads)
         for hd, nq, nkv in cases:
             kv_of_q = np.array([h * nkv // nq for h in range(nq)], np.int32)
