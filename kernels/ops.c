@@ -1075,9 +1075,11 @@ void dl_attention(float *out, const float *q, const float *k_cache, const float 
      * the costs are equal, the threads get what equal task counts gave them. */
     const int rows_per = ATTN_MAX_QUERIES / per > 0 ? ATTN_MAX_QUERIES / per : 1;
     int64_t n_chunks = 0;
+    int uneven = 0;   /* some run's greedy chunks differ in size */
     for (int b = 0; b < batch;) {
         const int e = run_end(slot, pos, batch, b);
         n_chunks += (e - b + rows_per - 1) / rows_per;
+        uneven |= e - b > rows_per && (e - b) % rows_per != 0;
         b = e;
     }
     const int threads = dl_pool_nthreads() < ATTN_MAX_PARTS ? dl_pool_nthreads() : ATTN_MAX_PARTS;
@@ -1100,21 +1102,13 @@ void dl_attention(float *out, const float *q, const float *k_cache, const float 
         return;
     }
     int64_t cut[ATTN_MAX_PARTS + 1];
-    int64_t k = attn_tasks(groups, cost, split, 0, nbuf, n_kv_heads, rows_per, pos, slot, batch, window);
-    int parts = (int)(threads < k ? threads : k);
+    const int64_t k = attn_tasks(groups, cost, split, 0, nbuf, n_kv_heads, rows_per, pos, slot, batch, window);
+    const int parts = (int)(threads < k ? threads : k);
     const double busiest = attn_cut(cut, cost, k, parts);
-    int uneven = 0;   /* some run's greedy chunks differ in size */
-    for (int b = 0; b < batch && !uneven && threads > 1;) {
-        const int e = run_end(slot, pos, batch, b);
-        uneven = e - b > rows_per && (e - b) % rows_per != 0;
-        b = e;
-    }
-    if (uneven) {
-        k = attn_tasks(groups, cost, split, 1, nbuf, n_kv_heads, rows_per, pos, slot, batch, window);
-        parts = (int)(threads < k ? threads : k);
+    if (uneven && parts > 1) {   /* equal chunks: as many per run, so as many tasks */
+        attn_tasks(groups, cost, split, 1, nbuf, n_kv_heads, rows_per, pos, slot, batch, window);
         if (attn_cut(cut, cost, k, parts) >= busiest) {   /* the greedy chunks, after all */
-            k = attn_tasks(groups, cost, split, 0, nbuf, n_kv_heads, rows_per, pos, slot, batch, window);
-            parts = (int)(threads < k ? threads : k);
+            attn_tasks(groups, cost, split, 0, nbuf, n_kv_heads, rows_per, pos, slot, batch, window);
             attn_cut(cut, cost, k, parts);
         }
     }
