@@ -757,16 +757,14 @@ class Engine:
         lowest id on ties."""
         st = self.st
         n = len(which)
-        local = st.logits_local[which]
-        if local.shape[1]:
-            i = np.argmax(local, axis=1)
-            vals = local[np.arange(n), i]
-        else:
-            i, vals = np.zeros(n, np.int64), np.full(n, -np.inf)
-        if self.comm.size == 1:
-            return [int(x) for x in i]
         best = st.best[:n]
-        best[:, 0], best[:, 1] = vals, i + self.vocab0
+        rows = np.ascontiguousarray(which, np.int32)
+        nv = st.logits_local.shape[1]
+        # per row (largest value, vocab0 + its first index) of this rank's slice, in C over the pool
+        lib.dl_argmax_rows(ffi.cast("double *", best.ctypes.data), st.p_logits_local, nv,
+                           ffi.cast("int32_t *", rows.ctypes.data), n, nv, self.vocab0)
+        if self.comm.size == 1:
+            return [int(x) for x in best[:, 1]]
         allb = st.all_best[:self.comm.size * n * 2] if self.comm.is_root else None
         self.comm.gather_f64(best.reshape(-1), allb)
         if not self.comm.is_root:

@@ -30,6 +30,7 @@ int dl_isa_active = -1;
     (k)->dot_rows = dl_dot_rows_##sfx; \
     (k)->axpy_rows = dl_axpy_rows_##sfx; \
     (k)->sample_me_chunk = dl_sample_me_chunk_##sfx; \
+    (k)->argmax_f32 = dl_argmax_f32_##sfx; \
 } while (0)
 
 void dl_fill_table(dl_kernels *k, int isa) {

@@ -81,6 +81,8 @@ typedef struct {
                        size_t stride, int n, int hd);
     /* the sampler's exact weights M * 2^(E - 40) of c logits (logits.c), the same bits on every path */
     void (*sample_me_chunk)(double *m, double *e, const float *x, int c, float inv_t, double lo);
+    /* the first index of x's largest value (a NaN counts as the largest), n >= 1 (logits.c) */
+    int (*argmax_f32)(const float *x, int n);
 } dl_kernels;
 
 extern dl_kernels dl_k;      /* the active table */
@@ -282,6 +284,7 @@ static inline void dl_store4_neon(float *o, float32x4_t v, int valid) {
     void dl_dot_rows_##sfx(float *out, const float *q, const float *rows, size_t stride, int n, int hd); \
     void dl_axpy_rows_##sfx(float *y, const float *a, const float *rows, size_t stride, int n, int hd); \
     void dl_sample_me_chunk_##sfx(double *m, double *e, const float *x, int c, float inv_t, double lo); \
+    int dl_argmax_f32_##sfx(const float *x, int n); \
 
 DL_DECL_ALL(scalar)
 #if DL_X86

@@ -239,6 +239,11 @@ void dl_sample_probs(double *p, const float *x, int n, float inv_t, int64_t e_ma
  * out + i * len, over the thread pool */
 void dl_sample_summaries(int64_t *out, size_t len, const float *x, size_t stride, const int32_t *rows,
                          const float *inv_t, int n_rows, int n, int id0, int k);
+/* greedy decoding: per row rows[k] of x (rows `stride` floats apart) the largest of its n values and
+ * id0 + its first index (a NaN counts as the largest) as out[2k], out[2k + 1], over the thread pool;
+ * n = 0: (-inf, id0). dl_argmax_f32: one row through the active ISA (-1 when n = 0). */
+void dl_argmax_rows(double *out, const float *x, size_t stride, const int32_t *rows, int n_rows, int n, int id0);
+int dl_argmax_f32(const float *x, int n);
 /* a grammar's token mask on a slice of a logits row: x[i] = -inf unless bit id0 + i of words is set */
 void dl_apply_token_mask(float *x, int n, const uint32_t *words, int id0);
 

@@ -1380,3 +1380,57 @@ def test_sample_summaries_of_many_rows_are_each_rows_own(threads):
                             ffi.cast("int32_t *", rows.ctypes.data), K.fptr(inv_t), len(rows), 3001, 77, SAMPLE_TOPK)
     for i, (row, it) in enumerate(zip(rows, inv_t)):
         assert np.array_equal(out[i], slice_summary(x[row], it, 77)), i
+
+
+def _argmax_cases():
+    """Rows for the argmax: random lengths around the vector widths, ties, NaNs, infinities, zeros."""
+    r = rng(23)
+    cases = []
+    for n in (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 100, 1000, 4099):
+        cases.append(r.standard_normal(n).astype(np.float32))
+        x = np.round(r.standard_normal(n) * 2).astype(np.float32)   # ties: the maximum several times
+        cases.append(x)
+        y = r.standard_normal(n).astype(np.float32)
+        y[r.integers(0, n, 1 + n // 50)] = np.nan
+        cases.append(y)
+        cases.append(np.full(n, -np.inf, np.float32))
+        z = np.zeros(n, np.float32)
+        z[r.integers(0, n, 1 + n // 3)] = -0.0
+        z[r.integers(0, n, 1 + n // 7)] = -1.0
+        cases.append(z)
+        w = r.standard_normal(n).astype(np.float32)
+        w[r.integers(0, n, 2)] = np.inf
+        w[-1] = np.float32(w.max())   # the maximum in the tail too
+        cases.append(w)
+    return cases
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=["scalar"] + ISA_IDS)
+def test_argmax_is_numpys(isa):
+    """dl_argmax_f32 (greedy decoding's argmax) gives np.argmax's index on every path: the first of
+    equal maxima, the first NaN where there is one, across vector widths and tails."""
+    use(isa)
+    for i, x in enumerate(_argmax_cases()):
+        assert lib.dl_argmax_f32(K.fptr(x), len(x)) == int(np.argmax(x)), (i, len(x), x[:8])
+    assert lib.dl_argmax_f32(K.fptr(np.zeros(1, np.float32)), 0) == -1
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_argmax_rows_are_each_rows_own(threads):
+    """dl_argmax_rows (the engine's distributed argmax, rows over the thread pool): per requested row
+    its largest value and id0 + np.argmax's index, whatever the threads; an empty slice offers -inf."""
+    r = rng(29)
+    x = r.standard_normal((7, 3001)).astype(np.float32)
+    x[2, 1000] = x[2, 2000] = 9.0   # a tie: the lower index
+    rows = np.array([6, 0, 2, 2, 5], np.int32)
+    use(lib.dl_get_isa(), threads)
+    out = np.zeros((len(rows), 2), np.float64)
+    lib.dl_argmax_rows(ffi.cast("double *", out.ctypes.data), K.fptr(x), 3001,
+                       ffi.cast("int32_t *", rows.ctypes.data), len(rows), 3001, 500)
+    for k, row in enumerate(rows):
+        i = int(np.argmax(x[row]))
+        assert out[k, 0] == x[row, i] and out[k, 1] == 500 + i, k
+    assert out[2, 1] == 1500
+    lib.dl_argmax_rows(ffi.cast("double *", out.ctypes.data), K.fptr(x), 3001,
+                       ffi.cast("int32_t *", rows.ctypes.data), 2, 0, 500)
+    assert np.array_equal(out[:2], [[-np.inf, 500], [-np.inf, 500]])

@@ -62,7 +62,7 @@ def arm_harness(tmp_path_factory) -> Path:
 # the harness's stated tolerance of each entry
 NEON_EXACT = {"quantize_q80", "matmul_q40_q80", "matmul_q40r_q80", "q40r_matvec_split", "repack_q40",
               "matmul_q80_q80", "matmul_q80r_q80", "repack_q80", "add", "add_q80", "silu_mul",
-              "gelu_mul", "scale", "softmax", "rope", "logit_stats", "read_bytes", "read_spans",
+              "gelu_mul", "scale", "softmax", "rope", "logit_stats", "argmax_rows", "read_bytes", "read_spans",
               "matmul_q41r_q80", "matmul_q50r_q80", "matmul_q4kr_q80", "matmul_q6kr_q80",
               "matmul_q2kr_q80", "matmul_iq4nlr_q80", "matmul_iq4xsr_q80",
               "matmul_q51r_q80", "matmul_q3kr_q80", "matmul_q5kr_q80",

@@ -714,6 +714,31 @@ static void setup_logits(tcase *c, int i) {
 }
 static void run_logits(tcase *c, void *out) { dl_logit_stats(out, c->in[0], c->n, 0.7f, c->prm[0], c->opt); }
 
+/* greedy decoding's argmax over rows (dl_argmax_rows): every tail length, ties, NaNs, -inf rows,
+ * signed zeros, the maximum in the tail; rows read in another order than stored */
+static void setup_argmax(tcase *c, int i) {
+    c->n = EW_N[i % N_EW];
+    c->flavour = (i / N_EW) % 6;
+    c->batch = 3;
+    float *x = make_f32(c, (size_t)c->n * c->batch, 3.0f);
+    for (int j = 0; j < c->n * c->batch; j++) {
+        if (c->flavour == 1) x[j] = roundf(x[j]);                           /* ties */
+        if (c->flavour == 2 && rnd_int(0, 40) == 0) x[j] = NAN;
+        if (c->flavour == 3) x[j] = -INFINITY;
+        if (c->flavour == 4) x[j] = rnd_int(0, 2) == 0 ? -1.0f : (rnd_int(0, 1) ? 0.0f : -0.0f);
+    }
+    if (c->flavour == 5)
+        for (int b = 0; b < c->batch; b++) x[(size_t)b * c->n + c->n - 1] = 1e30f;   /* the tail's */
+    int32_t *rows = case_alloc(c, sizeof(int32_t) * 4);
+    rows[0] = 2; rows[1] = 0; rows[2] = 2; rows[3] = 1;
+    c->in[0] = x; c->in[1] = rows;
+    c->out_bytes = sizeof(double) * 2 * 4;
+    snprintf(c->desc, sizeof c->desc, "n %d flavour %d", c->n, c->flavour);
+}
+static void run_argmax(tcase *c, void *out) {
+    dl_argmax_rows(out, c->in[0], (size_t)c->n, c->in[1], 4, c->n, 7);
+}
+
 /* the pool's read-bandwidth probe: a checksum */
 static void setup_readbytes(tcase *c, int i) {
     c->n = (i + 1) * 4099 * 8;
@@ -825,6 +850,7 @@ static const ktest TESTS[] = {
     {"attention",      8,                      setup_attn,        run_attn,       BIT(DL_ISA_SCALAR), 1e-5, NULL},
     {"rope",           10,                     setup_rope,        run_rope,       ALL_ISAS,      0, NULL},
     {"logit_stats",    8,                      setup_logits,      run_logits,     ALL_ISAS,      0, NULL},
+    {"argmax_rows",    6 * N_EW,               setup_argmax,      run_argmax,     ALL_ISAS,      0, NULL},
     {"read_bytes",     3,                      setup_readbytes,   run_readbytes,  ALL_ISAS,      0, check_readbytes},
     {"read_spans",     20,                     setup_readspans,   run_readspans,  ALL_ISAS,      0, check_readspans},
 };
