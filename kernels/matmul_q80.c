@@ -333,13 +333,7 @@ static void q80r_groups_scalar(float *out, const uint8_t *w, const dl_block_q80 
     }
 }
 
-/* q80r's prefetch distance, read per call: 5/4 of dl_weights_prefetch's. Its blocks are the
- * largest of the repacked types (544 bytes of a group per block, q40r's and the rx types' 288-420),
- * and the setting's 2048 bytes left its AVX-512 path's 2- and 3-row calls 15-25 % slower than at
- * 2560 (Gemma 3's 262144 x 640 classifier: 2 rows 5.94 against 5.21 ms, slower than 3 rows; one
- * row 4.64 / 4.53; 3072 lost at one row), whole verify passes of 2 rows 9 % (scripts/BENCHMARKS.md
- * "q80r prefetch distance"). AVX2: within noise either way. */
-static size_t q80r_pf = 0;
+static size_t q80r_pf = 0;   /* dl_weights_prefetch's distance, read per call */
 
 #if DL_X86
 /* AVX-512 VNNI: one group (16 rows) x B batch rows, all blocks; with a prefetch distance, block
@@ -521,7 +515,7 @@ void dl_matmul_q80r_q80_n(int n, float *const *out, const void *const *w, const 
                           const dl_block_q80 *x, int cols, int batch) {
     const int isa = dl_get_isa();
     dl_r16_group_fn fn = NULL;
-    q80r_pf = (size_t)dl_weights_prefetch(-1) * 5 / 4;
+    q80r_pf = (size_t)dl_weights_prefetch(-1);
 #if DL_X86
     if (isa == DL_ISA_AVX512) fn = q80r_groups_avx512;
     if (isa == DL_ISA_AVX2) fn = q80r_groups_avx2;
