@@ -91,12 +91,14 @@ void dl_unpack_q40r(dl_block_q40 *dst, const void *src, int rows, int cols) {
 
 /* Software prefetch of the weights, `bytes` ahead of the block each stream reads, in the repacked
  * kernels' x86 paths (q40r, q80r, the rx types; results never change). Measured: on Zen 4
- * (2026-12-02, q40r with the pair layout) it cost 15-25 % on every split; on the Intel Xeon VM of
- * the README (2 cores, 480 MB L3, 2026-12-07; scripts/BENCHMARKS.md "Weights prefetched") 2048
+ * (2026-12-02, q40r with the pair layout, AVX-512) it cost 15-25 % on every split; on the Intel Xeon
+ * VM of the README (2 cores, 480 MB L3, 2026-12-07; scripts/BENCHMARKS.md "Weights prefetched") 2048
  * bytes cut a one-row pass of the models the L3 holds 11-16 % with the AVX-512 kernels and 20-27 %
  * with the AVX2 ones; of the Llama-3.2-1B shape, read from memory, 3-5 % and 24 % (its second row
- * 40 % cheaper on AVX-512; 4096 and more lose there). Default: 2048 on Intel CPUs, 0 elsewhere;
- * DLLAMA_PREFETCH overrides it. */
+ * 40 % cheaper on AVX-512; 4096 and more lose there); on a Zen 3 VM (AVX2, 2 cores, 32 MB L3; "The
+ * weights prefetched on Zen 3") one-row passes of SmolLM2 / Gemma 3 / the 1B shape's Q4_0 2-17 %
+ * faster and two-row ones 6-18 %. Default: 2048 with the AVX2 kernels on any x86 CPU and with the
+ * AVX-512 ones on Intel CPUs, else 0; DLLAMA_PREFETCH overrides it. */
 static int weights_pf_set = -1;
 
 static int weights_pf_default(int isa) {
@@ -107,12 +109,13 @@ static int weights_pf_default(int isa) {
     }
     if (env >= 0) return env;
 #if DL_X86
-    static int intel = -1;   /* the vendor, asked once: every matmul call reads the setting */
+    static int intel = -1;   /* the vendor, asked once: every matmul call reads the setting (only Zen 4's
+                                AVX-512 was measured losing) */
     if (intel < 0) {
         __builtin_cpu_init();
         intel = __builtin_cpu_is("intel") != 0;
     }
-    return (isa == DL_ISA_AVX512 || isa == DL_ISA_AVX2) && intel ? 2048 : 0;
+    return isa == DL_ISA_AVX2 || (isa == DL_ISA_AVX512 && intel) ? 2048 : 0;
 #else
     (void)isa;
     return 0;
