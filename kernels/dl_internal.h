@@ -178,6 +178,11 @@ DL_INLINE DL_TARGET_AVX2 float dl_hsum256(__m256 v) {
 DL_INLINE void dl_prefetch_span(const void *p, size_t bytes) {
     for (size_t l = 0; l < bytes; l += 64) _mm_prefetch((const char *)p + l, _MM_HINT_T0);
 }
+
+/* the AVX-512 lane mask of the first `left` of 16 lanes (all 16 when left >= 16) */
+static inline __mmask16 dl_tailmask16(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
 #endif
 
 #if DL_NEON

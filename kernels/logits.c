@@ -286,7 +286,7 @@ DL_TARGET_AVX512 int dl_argmax_f32_avx512(const float *x, int n) {
     __mmask16 un = 0;
     int i = 0;
     for (; i < n; i += 16) {   /* the tail's missing lanes read as -inf */
-        const __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        const __mmask16 k = dl_tailmask16(n - i);
         const __m512 v = _mm512_mask_loadu_ps(ninf, k, x + i);
         un |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
         vm = _mm512_max_ps(vm, v);
@@ -294,7 +294,7 @@ DL_TARGET_AVX512 int dl_argmax_f32_avx512(const float *x, int n) {
     if (un) return first_nan(x, n);
     const __m512 vt = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
     for (i = 0; i < n; i += 16) {
-        const __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        const __mmask16 k = dl_tailmask16(n - i);
         const __mmask16 eq = _mm512_mask_cmp_ps_mask(k, _mm512_maskz_loadu_ps(k, x + i), vt, _CMP_EQ_OQ);
         if (eq) return i + __builtin_ctz((unsigned)eq);
     }

@@ -300,7 +300,7 @@ DL_INLINE DL_TARGET_AVX512 void f32_tile_avx512(float *out, const float *w, cons
     for (int i = 0; i < R; i++)
         for (int j = 0; j < B; j++) acc[i][j] = _mm512_setzero_ps();
     for (int c = 0; c < cols; c += 16) {
-        const __mmask16 m = cols - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cols - c)) - 1);
+        const __mmask16 m = dl_tailmask16(cols - c);
         __m512 wv[4];
         for (int i = 0; i < R; i++) wv[i] = _mm512_maskz_loadu_ps(m, w + (size_t)(r + i) * cols + c);
         for (int j = 0; j < B; j++) {

@@ -125,7 +125,7 @@ DL_INLINE DL_TARGET_AVX512 void f16_tile_avx512(float *out, const uint16_t *w, c
     for (int i = 0; i < R; i++)
         for (int j = 0; j < B; j++) acc[i][j] = _mm512_setzero_ps();
     for (int c = 0; c < cols; c += 16) {
-        const __mmask16 m = cols - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cols - c)) - 1);
+        const __mmask16 m = dl_tailmask16(cols - c);
         __m512 wv[4];
         for (int i = 0; i < R; i++)
             wv[i] = w16x16_avx512(w + (size_t)(r + i) * cols + c, m, bf16);

@@ -367,7 +367,7 @@ DL_INLINE DL_TARGET_AVX512 void q80r_group_avx512(float *out, const uint8_t *wg,
         }
     }
     const int valid = rows - row0 < G80 ? rows - row0 : G80;
-    const __mmask16 m = valid == G80 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
+    const __mmask16 m = dl_tailmask16(valid);
     for (int j = 0; j < B; j++) _mm512_mask_storeu_ps(out + (size_t)(b0 + j) * rows + row0, m, acc[j]);
 }
 

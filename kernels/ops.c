@@ -182,11 +182,6 @@ DL_TARGET_AVX2 void dl_add_q80_avx2(float *out, const dl_block_q80 *parts, int n
 /* ------------------------------------------------------------------------------------------ */
 /* AVX-512 */
 
-
-static inline __mmask16 tailmask(int64_t left) {
-    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-}
-
 /* The sum of a vector's 16 lanes in GCC's _mm512_reduce_add_ps order (lane i + lane i+8, then i + i+4,
  * then 0+2 and 1+3, then those two), written out: hsum512x16 sums 16 vectors at once by the same tree,
  * so a dot product has the same bits however many are reduced together, whatever the compiler. */
@@ -220,7 +215,7 @@ DL_INLINE DL_TARGET_AVX512 __m512 hsum512x16(const __m512 *v) {
 DL_TARGET_AVX512 float dl_dot_avx512(const float *a, const float *b, int n) {
     __m512 acc = _mm512_setzero_ps();
     for (int i = 0; i < n; i += 16) {
-        const __mmask16 m = tailmask(n - i);
+        const __mmask16 m = dl_tailmask16(n - i);
         acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
     }
     return hsum512(acc);
@@ -229,7 +224,7 @@ DL_TARGET_AVX512 float dl_dot_avx512(const float *a, const float *b, int n) {
 DL_TARGET_AVX512 void dl_axpy_avx512(float *y, float a, const float *x, int n) {
     const __m512 va = _mm512_set1_ps(a);
     for (int i = 0; i < n; i += 16) {
-        const __mmask16 m = tailmask(n - i);
+        const __mmask16 m = dl_tailmask16(n - i);
         _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
     }
 }
@@ -237,14 +232,14 @@ DL_TARGET_AVX512 void dl_axpy_avx512(float *y, float a, const float *x, int n) {
 DL_TARGET_AVX512 void dl_rmsnorm_avx512(float *out, const float *x, const float *w, int n, float eps) {
     __m512 acc = _mm512_setzero_ps();
     for (int i = 0; i < n; i += 16) {
-        const __m512 v = _mm512_maskz_loadu_ps(tailmask(n - i), x + i);
+        const __m512 v = _mm512_maskz_loadu_ps(dl_tailmask16(n - i), x + i);
         acc = _mm512_fmadd_ps(v, v, acc);
     }
     const float ss = _mm512_reduce_add_ps(acc);
     const float inv = 1.0f / sqrtf(ss / (float)n + eps);
     const __m512 vi = _mm512_set1_ps(inv);
     for (int i = 0; i < n; i += 16) {
-        const __mmask16 m = tailmask(n - i);
+        const __mmask16 m = dl_tailmask16(n - i);
         _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + i),
                                                         _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), vi)));
     }
@@ -284,7 +279,7 @@ DL_TARGET_AVX512 void dl_silu_mul_avx512(float *out, const float *gate, const fl
 
 DL_TARGET_AVX512 void dl_add_avx512(float *out, const float *a, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = tailmask(n - i);
+        const __mmask16 m = dl_tailmask16(n - i);
         _mm512_mask_storeu_ps(out + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, out + i), _mm512_maskz_loadu_ps(m, a + i)));
     }
 }
@@ -605,7 +600,7 @@ DL_TARGET_AVX512 void dl_dot_rows_avx512(float *out, const float *q, const float
         __m512 acc[16];
         for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
         for (int j = 0; j < hd; j += 16) {
-            const __mmask16 m = tailmask(hd - j);
+            const __mmask16 m = dl_tailmask16(hd - j);
             const __m512 qv = _mm512_maskz_loadu_ps(m, q + j);
             for (int r = 0; r < 16; r++)
                 acc[r] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, r0 + (size_t)r * stride + j), acc[r]);
@@ -616,7 +611,7 @@ DL_TARGET_AVX512 void dl_dot_rows_avx512(float *out, const float *q, const float
         const float *r0 = rows + (size_t)i * stride, *r1 = r0 + stride, *r2 = r1 + stride, *r3 = r2 + stride;
         __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps(), c = _mm512_setzero_ps(), d = _mm512_setzero_ps();
         for (int j = 0; j < hd; j += 16) {
-            const __mmask16 m = tailmask(hd - j);
+            const __mmask16 m = dl_tailmask16(hd - j);
             const __m512 qv = _mm512_maskz_loadu_ps(m, q + j);
             a = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, r0 + j), a);
             b = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, r1 + j), b);
@@ -646,7 +641,7 @@ DL_TARGET_AVX512 void dl_dot_rows2_avx512(float *out0, float *out1, const float 
         __m512 acc[16];   /* [r]: q0 . row r; [8 + r]: q1 . row r */
         for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
         for (int j = 0; j < hd; j += 16) {
-            const __mmask16 m = tailmask(hd - j);
+            const __mmask16 m = dl_tailmask16(hd - j);
             const __m512 u = _mm512_maskz_loadu_ps(m, q0 + j), v = _mm512_maskz_loadu_ps(m, q1 + j);
             for (int r = 0; r < 8; r++) {
                 const __m512 x = _mm512_maskz_loadu_ps(m, r0 + (size_t)r * stride + j);
@@ -662,7 +657,7 @@ DL_TARGET_AVX512 void dl_dot_rows2_avx512(float *out0, float *out1, const float 
         const float *r0 = rows + (size_t)i * stride, *r1 = r0 + stride;
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
         for (int j = 0; j < hd; j += 16) {
-            const __mmask16 m = tailmask(hd - j);
+            const __mmask16 m = dl_tailmask16(hd - j);
             const __m512 x0 = _mm512_maskz_loadu_ps(m, r0 + j), x1 = _mm512_maskz_loadu_ps(m, r1 + j);
             const __m512 u = _mm512_maskz_loadu_ps(m, q0 + j), v = _mm512_maskz_loadu_ps(m, q1 + j);
             a0 = _mm512_fmadd_ps(u, x0, a0);
@@ -705,7 +700,7 @@ DL_TARGET_AVX512 void dl_axpy_rows2_avx512(float *y0, float *y1, const float *a0
         _mm512_storeu_ps(y1 + c + 32, v2); _mm512_storeu_ps(y1 + c + 48, v3);
     }
     for (; c < hd; c += 16) {
-        const __mmask16 m = tailmask(hd - c);
+        const __mmask16 m = dl_tailmask16(hd - c);
         __m512 u = _mm512_maskz_loadu_ps(m, y0 + c), v = _mm512_maskz_loadu_ps(m, y1 + c);
         for (int i = 0; i < n; i++) {
             const __m512 x = _mm512_maskz_loadu_ps(m, rows + (size_t)i * stride + c);
@@ -1220,7 +1215,7 @@ DL_INLINE DL_TARGET_AVX512 __m512 exp_cephes512(__m512 x) {
 DL_TARGET_AVX512 void dl_gelu_mul_avx512(float *out, const float *gate, const float *up, int64_t n) {
     const __m512 one = _mm512_set1_ps(1.0f), k0 = _mm512_set1_ps(GX_K0), k1 = _mm512_set1_ps(GX_K1);
     for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = tailmask(n - i);
+        const __mmask16 m = dl_tailmask16(n - i);
         const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
         const __m512 z = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(g, _mm512_fmadd_ps(k1, _mm512_mul_ps(g, g), k0)));
         const __m512 s = _mm512_div_ps(g, _mm512_add_ps(one, exp_cephes512(z)));
@@ -1231,7 +1226,7 @@ DL_TARGET_AVX512 void dl_gelu_mul_avx512(float *out, const float *gate, const fl
 DL_TARGET_AVX512 void dl_scale_avx512(float *x, float s, int64_t n) {
     const __m512 v = _mm512_set1_ps(s);
     for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = tailmask(n - i);
+        const __mmask16 m = dl_tailmask16(n - i);
         _mm512_mask_storeu_ps(x + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), v));
     }
 }

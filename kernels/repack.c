@@ -283,7 +283,7 @@ DL_INLINE DL_TARGET_AVX512 void q40r_group_avx512(float *out, const uint8_t *wg,
         }
     }
     const int valid = rows - row0 < G ? rows - row0 : G;
-    const __mmask16 m = valid == G ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
+    const __mmask16 m = dl_tailmask16(valid);
     for (int j = 0; j < B; j++) _mm512_mask_storeu_ps(out + (size_t)(b0 + j) * rows + row0, m, acc[j]);
 }
 
@@ -325,7 +325,7 @@ DL_INLINE DL_TARGET_AVX512 void q40r_ngroups_b1_avx512(float *const *outs, const
         }
     }
     for (int s = 0; s < NS; s++)
-        _mm512_mask_storeu_ps(outs[s], valid[s] == G ? (__mmask16)0xFFFF : (__mmask16)((1u << valid[s]) - 1), acc[s]);
+        _mm512_mask_storeu_ps(outs[s], dl_tailmask16(valid[s]), acc[s]);
 }
 
 /* a few batch rows (2..4): 2 groups read side by side as the matvec's streams are, each block's
@@ -353,7 +353,7 @@ DL_INLINE DL_TARGET_AVX512 void q40r_2groups_avx512(const q40r_streams *st, cons
             }
         }
     for (int g = 0; g < 2; g++) {
-        const __mmask16 m = st->valid[g] == G ? (__mmask16)0xFFFF : (__mmask16)((1u << st->valid[g]) - 1);
+        const __mmask16 m = dl_tailmask16(st->valid[g]);
         for (int j = 0; j < B; j++) _mm512_mask_storeu_ps(st->outs[g] + (size_t)j * rows, m, acc[g][j]);
     }
 }
