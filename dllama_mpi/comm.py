@@ -393,6 +393,30 @@ def _unlink_shm(comm: Comm) -> None:
                 os.unlink(p)
             except OSError:
                 pass
+    _unlink_hydra_topology()
+
+
+def _unlink_hydra_topology() -> None:
+    """Remove the hwloc topology file MPICH's hydra_pmi_proxy (this rank's parent) writes for its
+    ranks' MPI_Init, /tmp/hydra_hwloc_xmlfile_XXXXXX: the proxy unlinks it only when the job ends
+    cleanly, so every job that ended by MPI_Abort (any error exit) left one behind (~5 KB; 384 of them
+    in /tmp after two days of this project's tests). Called once every rank is past MPI_Init, so
+    every local rank has read it; the proxy keeps its descriptor, and nothing reads the path again."""
+    ppid = os.getppid()
+    try:
+        with open(f"/proc/{ppid}/comm") as f:
+            if f.read().strip() != "hydra_pmi_proxy":
+                return
+        fds = os.listdir(f"/proc/{ppid}/fd")
+    except OSError:
+        return
+    for fd in fds:
+        try:
+            path = os.readlink(f"/proc/{ppid}/fd/{fd}")
+            if os.path.basename(path).startswith("hydra_hwloc_xmlfile_"):
+                os.unlink(path)   # every local rank tries: the first one wins
+        except OSError:
+            pass
 
 
 def library_version() -> str:

@@ -7,7 +7,8 @@
   from the root); `chat` and `api` exit 0.
 - `--sync-timeout`: a SIGSTOPped worker ends the job within timeout + 5 s with one line naming
   the stuck rank.
-- In every case: no process of the job is left, and no MPICH file of the job in /dev/shm."""
+- In every case: no process of the job is left, and no MPICH file of the job in /dev/shm, nor hydra's
+  hwloc topology file in /tmp."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class Job:
     def __init__(self, args, stdin=subprocess.DEVNULL, n=2):
         self.tag = uuid.uuid4().hex
         env = dict(os.environ, DLLAMA_TEST_TAG=self.tag)
-        self.shm_before = _shm()
+        self.shm_before, self.topo_before = _shm(), _hydra_topology()
         self.p = subprocess.Popen([MPIEXEC, "-n", str(n)] + DLLAMA + args, stdin=stdin, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, env=env, start_new_session=True)
         self.out, self.err = bytearray(), bytearray()
@@ -100,6 +101,10 @@ class Job:
         # other jobs may run beside this one: only files still mapped by nobody we know are suspects;
         # ours are unlinked right after start-up (comm.world), so none may appear and stay
         assert not [f for f in new if _shm_owner_gone(f)], f"new MPICH files in /dev/shm: {new}"
+        new = _hydra_topology() - self.topo_before
+        # likewise unlinked at start-up (comm._unlink_hydra_topology): one still there is a leftover
+        # unless a live process (another job's hydra_pmi_proxy) holds it open
+        assert not [f for f in new if not _held_open(f)], f"new hydra topology files in /tmp: {new}"
 
     def kill(self):
         try:
@@ -114,6 +119,24 @@ def _shm() -> set[str]:
         return {f for f in os.listdir("/dev/shm") if f.startswith(("mpich", "ucx"))}
     except OSError:
         return set()
+
+
+def _hydra_topology() -> set[str]:
+    return {os.path.join("/tmp", f) for f in os.listdir("/tmp") if f.startswith("hydra_hwloc_xmlfile_")}
+
+
+def _held_open(path: str) -> bool:
+    """True when some live process has path open (a file of a running job, not a leftover)."""
+    if not os.path.exists(path):
+        return True   # gone meanwhile: not a leftover either
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if any(os.readlink(fd) == path for fd in (p / "fd").iterdir()):
+                    return True
+            except OSError:
+                pass
+    return False
 
 
 def _shm_owner_gone(name: str) -> bool:
