@@ -42,7 +42,7 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser(server):
+def browser(server, tmp_path_factory):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -51,7 +51,10 @@ def browser(server):
     for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
               "--window-size=1280,860", "--no-first-run", "--disable-extensions"):
         opts.add_argument(a)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    # chromium's process-singleton directory (org.chromium.Chromium.XXXXXX) goes to TMPDIR and outlives
+    # driver.quit(): kept out of /tmp
+    tmp = tmp_path_factory.mktemp("chromium")
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER, env=dict(os.environ, TMPDIR=str(tmp))), options=opts)
     driver.set_script_timeout(30)
     yield driver
     driver.quit()
