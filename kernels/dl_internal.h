@@ -173,6 +173,22 @@ DL_INLINE DL_TARGET_AVX2 float dl_hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* the AVX2 batched kernels' results for one 8-row half of a group: acc[j] holds outputs row0..row0+7
+ * of batch row b0 + j (out is batch x rows); only the first `valid` when the matrix ends inside */
+DL_INLINE DL_TARGET_AVX2 void dl_store_half8(float *out, int rows, int row0, int b0, int B, int valid,
+                                             const __m256 *acc) {
+    for (int j = 0; j < B; j++) {
+        float *o = out + (size_t)(b0 + j) * rows + row0;
+        if (valid >= 8) {
+            _mm256_storeu_ps(o, acc[j]);
+        } else {
+            float tmp[8];
+            _mm256_storeu_ps(tmp, acc[j]);
+            for (int r = 0; r < valid; r++) o[r] = tmp[r];
+        }
+    }
+}
+
 /* software prefetch of the cache lines of [p, p + bytes) (dl_weights_prefetch's kernels: a block's
  * share of its group, that distance ahead) */
 DL_INLINE void dl_prefetch_span(const void *p, size_t bytes) {

@@ -522,17 +522,7 @@ DL_INLINE DL_TARGET_AVX2 void q40r_half_avx2(float *out, const uint8_t *wg, cons
             acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(dw, dx), acc[j]);
         }
     }
-    const int valid = rows - row0 - 8 * h;
-    for (int j = 0; j < B; j++) {
-        float *o = out + (size_t)(b0 + j) * rows + row0 + 8 * h;
-        if (valid >= 8) {
-            _mm256_storeu_ps(o, acc[j]);
-        } else {
-            float tmp[8];
-            _mm256_storeu_ps(tmp, acc[j]);
-            for (int r = 0; r < valid; r++) o[r] = tmp[r];
-        }
-    }
+    dl_store_half8(out, rows, row0 + 8 * h, b0, B, rows - row0 - 8 * h, acc);
 }
 
 static DL_TARGET_AVX2 void q40r_groups_avx2(float *out, const uint8_t *w, const dl_block_q80 *x,

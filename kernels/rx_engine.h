@@ -402,17 +402,7 @@ DL_INLINE DL_TARGET_AVX2 void RXF(half_avx2)(float *out, const uint8_t *wg, cons
             acc[j] = RXF(block_avx2)(acc[j], u, s, o, xr + (size_t)k * DL_QK, (const rx_xblock *)(xr + cols) + k);
         }
     }
-    const int valid = rows - row0 - 8 * h;
-    for (int j = 0; j < B; j++) {
-        float *dst = out + (size_t)(b0 + j) * rows + row0 + 8 * h;
-        if (valid >= 8) {
-            _mm256_storeu_ps(dst, acc[j]);
-        } else {
-            float tmp[8];
-            _mm256_storeu_ps(tmp, acc[j]);
-            for (int r = 0; r < valid; r++) dst[r] = tmp[r];
-        }
-    }
+    dl_store_half8(out, rows, row0 + 8 * h, b0, B, rows - row0 - 8 * h, acc);
 }
 
 /* matvec: as streams_avx512, each group's two halves one after the other per block */
