@@ -436,95 +436,78 @@ DL_INLINE DL_TARGET_AVX2 void q80r_half_avx2(float *out, const uint8_t *wg, cons
     dl_store_half8(out, rows, row0 + 8 * h, b0, B, rows - row0 - 8 * h, acc);
 }
 
-/* the matvec: per block all 16 code vectors (both halves) loaded first, then the products: the most
+/* the matvec: per block the 8 code vectors of a half loaded first, then the products: the most
  * loads in flight while the bytes stream in (interleaving loads and products per code vector, as the
- * 2-row kernel below does, left the Gemma 3 classifier's matvec 17 % slower on Zen 3) */
-DL_INLINE DL_TARGET_AVX2 void q80r_matvec_avx2(float *out, const uint8_t *wg, const uint8_t *xp,
-                                              int nb, int cols, int rows, int row0, int b0,
-                                              const int B) {
-    const size_t xs = dl_r16_xstride(cols);
+ * 2-row kernel below does, left the Gemma 3 classifier's matvec 15 % slower on Zen 3) */
+DL_INLINE DL_TARGET_AVX2 void q80r_matvec_avx2(float *out, const uint8_t *wg, const uint8_t *xp, int nb, int cols,
+                                               int rows, int row0) {
     const __m256i flip = _mm256_set1_epi8((char)0x80);
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[2][4];
-    for (int j = 0; j < B; j++) acc[0][j] = acc[1][j] = _mm256_setzero_ps();
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     const size_t pf = q80r_pf, per = dl_r16_pair(512) / 2;
     for (int k = 0; k < nb; k++) {
         const uint8_t *p = wg + CODES80(k);
         if (pf) dl_prefetch_span(wg + (size_t)k * per + pf, per);
-        const __m256 dw0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES80(k))));
-        const __m256 dw1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES80(k) + 16)));
+        const __m256 dx = _mm256_set1_ps(((const float *)(xp + cols))[2 * k + 1]);
         for (int h = 0; h < 2; h++) {
             __m256i wv[8], wa[8];
             for (int i = 0; i < 8; i++) {
                 wv[i] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 64 * i + 32 * h)), flip);
                 wa[i] = _mm256_abs_epi8(wv[i]);
             }
-            for (int j = 0; j < B; j++) {
-                const uint8_t *xq = xp + (size_t)(b0 + j) * xs + (size_t)k * DL_QK;
-                const int32_t *cd = (const int32_t *)(xp + (size_t)(b0 + j) * xs + cols) + 2 * k;
-                __m256i s32 = _mm256_setzero_si256();
-                for (int i = 0; i < 8; i++) {
-                    const __m256i xv = _mm256_set1_epi32(dl_ld32(xq + 4 * i));
-                    s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(
-                        _mm256_maddubs_epi16(wa[i], _mm256_sign_epi8(xv, wv[i])), ones));
-                }
-                const __m256 dx = _mm256_set1_ps(((const float *)cd)[1]);
-                acc[h][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(h ? dw1 : dw0, dx), acc[h][j]);
+            __m256i s32 = _mm256_setzero_si256();
+            for (int i = 0; i < 8; i++) {
+                const __m256i xv = _mm256_set1_epi32(dl_ld32(xp + (size_t)k * DL_QK + 4 * i));
+                s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(_mm256_maddubs_epi16(wa[i], _mm256_sign_epi8(xv, wv[i])), ones));
             }
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES80(k) + 16 * h)));
+            acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(dw, dx), acc[h]);
         }
     }
-    const int valid = rows - row0 < G80 ? rows - row0 : G80;
-    for (int j = 0; j < B; j++) {
-        float *o = out + (size_t)(b0 + j) * rows + row0;
-        float tmp[16];
-        _mm256_storeu_ps(tmp, acc[0][j]);
-        _mm256_storeu_ps(tmp + 8, acc[1][j]);
-        for (int r = 0; r < valid; r++) o[r] = tmp[r];
-    }
+    float tmp[16];
+    _mm256_storeu_ps(tmp, acc[0]);
+    _mm256_storeu_ps(tmp + 8, acc[1]);
+    memcpy(out + row0, tmp, sizeof(float) * (size_t)(rows - row0 < G80 ? rows - row0 : G80));
 }
 
 /* 2 batch rows, which still wait on memory: both halves per block as the group's bytes stream in
- * (one half after the other left 1-2-row calls 20-40 % slower) */
-DL_INLINE DL_TARGET_AVX2 void q80r_group_avx2(float *out, const uint8_t *wg, const uint8_t *xp, int nb, int cols,
-                                              int rows, int row0, int b0, const int B) {
+ * (one half after the other left 1-2-row calls 20-40 % slower); each code vector's |w| serves both */
+DL_INLINE DL_TARGET_AVX2 void q80r_pair_avx2(float *out, const uint8_t *wg, const uint8_t *xp, int nb, int cols,
+                                             int rows, int row0) {
     const size_t xs = dl_r16_xstride(cols);
     const __m256i flip = _mm256_set1_epi8((char)0x80);
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[2][2];
-    const uint8_t *xr[2];
-    for (int j = 0; j < B; j++) {
-        acc[0][j] = acc[1][j] = _mm256_setzero_ps();
-        xr[j] = xp + (size_t)(b0 + j) * xs;
-    }
+    for (int h = 0; h < 2; h++) acc[h][0] = acc[h][1] = _mm256_setzero_ps();
     const size_t pf = q80r_pf, per = dl_r16_pair(512) / 2;
     for (int k = 0; k < nb; k++) {
         const uint8_t *p = wg + CODES80(k);
         if (pf) dl_prefetch_span(wg + (size_t)k * per + pf, per);
         __m256i s32[2][2];
-        for (int j = 0; j < B; j++) s32[0][j] = s32[1][j] = _mm256_setzero_si256();
-        for (int i = 0; i < 8; i++)
-            for (int j = 0; j < B; j++) {
-                const __m256i xv = _mm256_set1_epi32(dl_ld32(xr[j] + (size_t)k * DL_QK + 4 * i));
-                for (int h = 0; h < 2; h++) {
-                    const __m256i wv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 64 * i + 32 * h)), flip);
-                    s32[h][j] = _mm256_add_epi32(s32[h][j], _mm256_madd_epi16(
-                        _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv)), ones));
-                }
+        for (int h = 0; h < 2; h++) s32[h][0] = s32[h][1] = _mm256_setzero_si256();
+        for (int i = 0; i < 8; i++) {
+            const __m256i x0 = _mm256_set1_epi32(dl_ld32(xp + (size_t)k * DL_QK + 4 * i));
+            const __m256i x1 = _mm256_set1_epi32(dl_ld32(xp + xs + (size_t)k * DL_QK + 4 * i));
+            for (int h = 0; h < 2; h++) {
+                const __m256i wv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 64 * i + 32 * h)), flip);
+                const __m256i wa = _mm256_abs_epi8(wv);
+                s32[h][0] = _mm256_add_epi32(s32[h][0], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(x0, wv)), ones));
+                s32[h][1] = _mm256_add_epi32(s32[h][1], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(x1, wv)), ones));
             }
+        }
         for (int h = 0; h < 2; h++) {
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES80(k) + 16 * h)));
-            for (int j = 0; j < B; j++) {
-                const __m256 dx = _mm256_set1_ps(((const float *)(xr[j] + cols))[2 * k + 1]);
+            for (int j = 0; j < 2; j++) {
+                const __m256 dx = _mm256_set1_ps(((const float *)(xp + (size_t)j * xs + cols))[2 * k + 1]);
                 acc[h][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[h][j]), _mm256_mul_ps(dw, dx), acc[h][j]);
             }
         }
     }
-    const int valid = rows - row0 < G80 ? rows - row0 : G80;
-    for (int j = 0; j < B; j++) {
+    for (int j = 0; j < 2; j++) {
         float tmp[16];
         _mm256_storeu_ps(tmp, acc[0][j]);
         _mm256_storeu_ps(tmp + 8, acc[1][j]);
-        memcpy(out + (size_t)(b0 + j) * rows + row0, tmp, sizeof(float) * (size_t)valid);
+        memcpy(out + (size_t)j * rows + row0, tmp, sizeof(float) * (size_t)(rows - row0 < G80 ? rows - row0 : G80));
     }
 }
 
@@ -536,8 +519,8 @@ static DL_TARGET_AVX2 void q80r_groups_avx2(float *out, const uint8_t *w, const 
     const size_t gs = r80_group_stride(nb);
     if (batch <= 2) {
         for (int g = g0; g < g1; g++)
-            if (batch == 1) q80r_matvec_avx2(out, w + (size_t)g * gs, xp, nb, cols, rows, g * G80, 0, 1);
-            else q80r_group_avx2(out, w + (size_t)g * gs, xp, nb, cols, rows, g * G80, 0, 2);
+            if (batch == 1) q80r_matvec_avx2(out, w + (size_t)g * gs, xp, nb, cols, rows, g * G80);
+            else q80r_pair_avx2(out, w + (size_t)g * gs, xp, nb, cols, rows, g * G80);
         return;
     }
     for (int g = g0; g < g1; g++) {
