@@ -395,6 +395,14 @@ static DL_TARGET_AVX512 void q80r_groups_avx512(float *out, const uint8_t *w, co
     }
 }
 
+/* 32-bit accumulate in program order: without the empty asm GCC reassociates a block's int32 sums
+ * into a tree and spills every partial product to the stack first (as repack.c's add16_ordered) */
+DL_INLINE DL_TARGET_AVX2 __m256i add32_ordered(__m256i acc, __m256i v) {
+    acc = _mm256_add_epi32(acc, v);
+    __asm__("" : "+x"(acc));
+    return acc;
+}
+
 /* AVX2: each group as two halves of 8 rows (32 bytes of every 64); w = stored ^ 0x80, then
  * maddubs(|w|, sign(x, w)) (pairs below 2^15), madd to int32 per 4 values; no correction needed.
  * One half of a group x B batch rows per call, half after half (the second reads the group's lines
@@ -424,7 +432,7 @@ DL_INLINE DL_TARGET_AVX2 void q80r_half_avx2(float *out, const uint8_t *wg, cons
             const __m256i wa = _mm256_abs_epi8(wv);
             for (int j = 0; j < B; j++) {
                 const __m256i xv = _mm256_set1_epi32(dl_ld32(xr[j] + (size_t)k * DL_QK + 4 * i));
-                s32[j] = _mm256_add_epi32(s32[j], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(xv, wv)), ones));
+                s32[j] = add32_ordered(s32[j], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(xv, wv)), ones));
             }
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES80(k) + 16 * h)));
@@ -491,8 +499,8 @@ DL_INLINE DL_TARGET_AVX2 void q80r_pair_avx2(float *out, const uint8_t *wg, cons
             for (int h = 0; h < 2; h++) {
                 const __m256i wv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 64 * i + 32 * h)), flip);
                 const __m256i wa = _mm256_abs_epi8(wv);
-                s32[h][0] = _mm256_add_epi32(s32[h][0], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(x0, wv)), ones));
-                s32[h][1] = _mm256_add_epi32(s32[h][1], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(x1, wv)), ones));
+                s32[h][0] = add32_ordered(s32[h][0], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(x0, wv)), ones));
+                s32[h][1] = add32_ordered(s32[h][1], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(x1, wv)), ones));
             }
         }
         for (int h = 0; h < 2; h++) {
