@@ -368,6 +368,7 @@ def _set_timer_slack_ns(ns: int) -> None:
 def world() -> Comm:
     comm = Comm(MPI.COMM_WORLD)
     _unlink_shm(comm)   # a single rank too: an error exit skips MPI_Finalize, which would unlink it
+    _unlink_hydra_topology()   # after _unlink_shm's barrier: every local rank is past MPI_Init
     return comm
 
 
@@ -393,15 +394,15 @@ def _unlink_shm(comm: Comm) -> None:
                 os.unlink(p)
             except OSError:
                 pass
-    _unlink_hydra_topology()
 
 
 def _unlink_hydra_topology() -> None:
     """Remove the hwloc topology file MPICH's hydra_pmi_proxy (this rank's parent) writes for its
     ranks' MPI_Init, /tmp/hydra_hwloc_xmlfile_XXXXXX: the proxy unlinks it only when the job ends
     cleanly, so every job that ended by MPI_Abort (any error exit) left one behind (~5 KB; 384 of them
-    in /tmp after two days of this project's tests). Called once every rank is past MPI_Init, so
-    every local rank has read it; the proxy keeps its descriptor, and nothing reads the path again."""
+    in /tmp after two days of this project's tests). Called once every rank is past MPI_Init (world(),
+    after the start-up barrier), so every local rank has read it; the proxy keeps its descriptor, and
+    nothing reads the path again."""
     ppid = os.getppid()
     try:
         with open(f"/proc/{ppid}/comm") as f:

@@ -173,6 +173,19 @@ DL_INLINE DL_TARGET_AVX2 float dl_hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* a 16-row group's outputs from its two 8-row halves' accumulators: the first `valid` (<= 16) */
+DL_INLINE DL_TARGET_AVX2 void dl_store16(float *o, __m256 a0, __m256 a1, int valid) {
+    if (valid >= 16) {
+        _mm256_storeu_ps(o, a0);
+        _mm256_storeu_ps(o + 8, a1);
+    } else {
+        float tmp[16];
+        _mm256_storeu_ps(tmp, a0);
+        _mm256_storeu_ps(tmp + 8, a1);
+        for (int r = 0; r < valid; r++) o[r] = tmp[r];
+    }
+}
+
 /* the AVX2 batched kernels' results for one 8-row half of a group: acc[j] holds outputs row0..row0+7
  * of batch row b0 + j (out is batch x rows); only the first `valid` when the matrix ends inside */
 DL_INLINE DL_TARGET_AVX2 void dl_store_half8(float *out, int rows, int row0, int b0, int B, int valid,

@@ -70,11 +70,16 @@ void dl_matmul_q80_q80_rows_scalar(float *out, const dl_block_q80 *w, const dl_b
 /* ------------------------------------------------------------------------------------------ */
 /* AVX2 + FMA + F16C: R rows x B batch rows, one block per step */
 
+/* signed int8 w times int8 x, 32 bytes each, as 8 int32 sums of 4 products: maddubs(|w|, sign(x, w))
+ * (each pair below 2^15, no saturation), then madd; wa = |w| is passed in, as callers reuse it */
+DL_INLINE DL_TARGET_AVX2 __m256i q80_dot4_avx2(__m256i wa, __m256i w, __m256i x) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1));
+}
+
 DL_INLINE DL_TARGET_AVX2 void q80_tile_avx2(float *out, const uint8_t *w, size_t wstride,
                                             const void *xp, int cols, int rows, int r, int b,
                                             const int R, const int B) {
     const int nb = cols / DL_QK;
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[4][4];
     for (int i = 0; i < R; i++)
         for (int j = 0; j < B; j++) acc[i][j] = _mm256_setzero_ps();
@@ -97,7 +102,7 @@ DL_INLINE DL_TARGET_AVX2 void q80_tile_avx2(float *out, const uint8_t *w, size_t
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[j] + (size_t)k * DL_QK));
             const float dx = xd[j][k];
             for (int i = 0; i < R; i++) {
-                const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(wa[i], _mm256_sign_epi8(xv, wv[i])), ones);
+                const __m256i d = q80_dot4_avx2(wa[i], wv[i], xv);
                 acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(dw[i] * dx), acc[i][j]);
             }
         }
@@ -414,7 +419,6 @@ DL_INLINE DL_TARGET_AVX2 void q80r_half_avx2(float *out, const uint8_t *wg, cons
                                              int rows, int row0, int h, int b0, const int B) {
     const size_t xs = dl_r16_xstride(cols);
     const __m256i flip = _mm256_set1_epi8((char)0x80);
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[4];
     const uint8_t *xr[4];
     for (int j = 0; j < B; j++) {
@@ -432,7 +436,7 @@ DL_INLINE DL_TARGET_AVX2 void q80r_half_avx2(float *out, const uint8_t *wg, cons
             const __m256i wa = _mm256_abs_epi8(wv);
             for (int j = 0; j < B; j++) {
                 const __m256i xv = _mm256_set1_epi32(dl_ld32(xr[j] + (size_t)k * DL_QK + 4 * i));
-                s32[j] = add32_ordered(s32[j], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(xv, wv)), ones));
+                s32[j] = add32_ordered(s32[j], q80_dot4_avx2(wa, wv, xv));
             }
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES80(k) + 16 * h)));
@@ -450,7 +454,6 @@ DL_INLINE DL_TARGET_AVX2 void q80r_half_avx2(float *out, const uint8_t *wg, cons
 DL_INLINE DL_TARGET_AVX2 void q80r_matvec_avx2(float *out, const uint8_t *wg, const uint8_t *xp, int nb, int cols,
                                                int rows, int row0) {
     const __m256i flip = _mm256_set1_epi8((char)0x80);
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     const size_t pf = q80r_pf, per = dl_r16_pair(512) / 2;
     for (int k = 0; k < nb; k++) {
@@ -466,16 +469,13 @@ DL_INLINE DL_TARGET_AVX2 void q80r_matvec_avx2(float *out, const uint8_t *wg, co
             __m256i s32 = _mm256_setzero_si256();
             for (int i = 0; i < 8; i++) {
                 const __m256i xv = _mm256_set1_epi32(dl_ld32(xp + (size_t)k * DL_QK + 4 * i));
-                s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(_mm256_maddubs_epi16(wa[i], _mm256_sign_epi8(xv, wv[i])), ones));
+                s32 = _mm256_add_epi32(s32, q80_dot4_avx2(wa[i], wv[i], xv));
             }
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES80(k) + 16 * h)));
             acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(dw, dx), acc[h]);
         }
     }
-    float tmp[16];
-    _mm256_storeu_ps(tmp, acc[0]);
-    _mm256_storeu_ps(tmp + 8, acc[1]);
-    memcpy(out + row0, tmp, sizeof(float) * (size_t)(rows - row0 < G80 ? rows - row0 : G80));
+    dl_store16(out + row0, acc[0], acc[1], rows - row0);
 }
 
 /* 2 batch rows, which still wait on memory: both halves per block as the group's bytes stream in
@@ -484,7 +484,6 @@ DL_INLINE DL_TARGET_AVX2 void q80r_pair_avx2(float *out, const uint8_t *wg, cons
                                              int rows, int row0) {
     const size_t xs = dl_r16_xstride(cols);
     const __m256i flip = _mm256_set1_epi8((char)0x80);
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[2][2];
     for (int h = 0; h < 2; h++) acc[h][0] = acc[h][1] = _mm256_setzero_ps();
     const size_t pf = q80r_pf, per = dl_r16_pair(512) / 2;
@@ -499,8 +498,8 @@ DL_INLINE DL_TARGET_AVX2 void q80r_pair_avx2(float *out, const uint8_t *wg, cons
             for (int h = 0; h < 2; h++) {
                 const __m256i wv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 64 * i + 32 * h)), flip);
                 const __m256i wa = _mm256_abs_epi8(wv);
-                s32[h][0] = add32_ordered(s32[h][0], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(x0, wv)), ones));
-                s32[h][1] = add32_ordered(s32[h][1], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(x1, wv)), ones));
+                s32[h][0] = add32_ordered(s32[h][0], q80_dot4_avx2(wa, wv, x0));
+                s32[h][1] = add32_ordered(s32[h][1], q80_dot4_avx2(wa, wv, x1));
             }
         }
         for (int h = 0; h < 2; h++) {
@@ -511,12 +510,7 @@ DL_INLINE DL_TARGET_AVX2 void q80r_pair_avx2(float *out, const uint8_t *wg, cons
             }
         }
     }
-    for (int j = 0; j < 2; j++) {
-        float tmp[16];
-        _mm256_storeu_ps(tmp, acc[0][j]);
-        _mm256_storeu_ps(tmp + 8, acc[1][j]);
-        memcpy(out + (size_t)j * rows + row0, tmp, sizeof(float) * (size_t)(rows - row0 < G80 ? rows - row0 : G80));
-    }
+    for (int j = 0; j < 2; j++) dl_store16(out + (size_t)j * rows + row0, acc[0][j], acc[1][j], rows - row0);
 }
 
 static DL_TARGET_AVX2 void q80r_groups_avx2(float *out, const uint8_t *w, const dl_block_q80 *x,

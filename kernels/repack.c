@@ -420,18 +420,6 @@ DL_INLINE DL_TARGET_AVX2 __m256i add16_ordered(__m256i acc, __m256i v) {
  * Integer sums are exact, so the matvec and batched kernels below give the same bits per output
  * (same float operations per block: cvt, dw * dx, fma) whatever the loop order. */
 
-DL_INLINE DL_TARGET_AVX2 void store16_avx2(float *o, __m256 a0, __m256 a1, int valid) {
-    if (valid >= G) {
-        _mm256_storeu_ps(o, a0);
-        _mm256_storeu_ps(o + 8, a1);
-    } else {
-        float tmp[16];
-        _mm256_storeu_ps(tmp, a0);
-        _mm256_storeu_ps(tmp + 8, a1);
-        for (int r = 0; r < valid; r++) o[r] = tmp[r];
-    }
-}
-
 /* matvec: one block (256 bytes of codes at p) of one group, both halves */
 DL_INLINE DL_TARGET_AVX2 void q40r_block_b1_avx2(__m256 *acc0, __m256 *acc1, const uint8_t *wg,
                                                  const uint8_t *p, int k, const uint8_t *xq,
@@ -482,7 +470,7 @@ DL_INLINE DL_TARGET_AVX2 void q40r_ngroups_b1_avx2(float *const *outs, const int
             acc[s][1] = a1;
         }
     }
-    for (int s = 0; s < NS; s++) store16_avx2(outs[s], acc[s][0], acc[s][1], valid[s]);
+    for (int s = 0; s < NS; s++) dl_store16(outs[s], acc[s][0], acc[s][1], valid[s]);
 }
 
 /* batched: half h (8 rows) of one group x B batch rows. Each 32-byte register of codes is split

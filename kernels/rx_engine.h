@@ -427,11 +427,8 @@ DL_INLINE DL_TARGET_AVX2 void RXF(streams_avx2)(float *out, const uint8_t *w, co
                 acc[s][h] = RXF(block_avx2)(acc[s][h], u, sc, o, xp + (size_t)k * DL_QK, xb + k);
             }
     for (int s = 0; s < NS; s++) {
-        const int row0 = (g_first + s * per) * 16, valid = rows - row0 < 16 ? rows - row0 : 16;
-        float tmp[16];
-        _mm256_storeu_ps(tmp, acc[s][0]);
-        _mm256_storeu_ps(tmp + 8, acc[s][1]);
-        memcpy(out + row0, tmp, sizeof(float) * (size_t)valid);
+        const int row0 = (g_first + s * per) * 16;
+        dl_store16(out + row0, acc[s][0], acc[s][1], rows - row0);
     }
 }
 
