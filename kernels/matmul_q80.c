@@ -429,6 +429,7 @@ DL_INLINE DL_TARGET_AVX2 void q80r_half_avx2(float *out, const uint8_t *wg, cons
     for (int k = 0; k < nb; k++) {
         const uint8_t *p = wg + CODES80(k) + 32 * h;
         if (pf) dl_prefetch_span(wg + (size_t)k * per + pf, per);
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES80(k) + 16 * h)));
         __m256i s32[4];
         for (int j = 0; j < B; j++) s32[j] = _mm256_setzero_si256();
         for (int i = 0; i < 8; i++) {
@@ -439,7 +440,6 @@ DL_INLINE DL_TARGET_AVX2 void q80r_half_avx2(float *out, const uint8_t *wg, cons
                 s32[j] = add32_ordered(s32[j], q80_dot4_avx2(wa, wv, xv));
             }
         }
-        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES80(k) + 16 * h)));
         for (int j = 0; j < B; j++) {
             const __m256 dx = _mm256_set1_ps(((const float *)(xr[j] + cols))[2 * k + 1]);
             acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[j]), _mm256_mul_ps(dw, dx), acc[j]);
@@ -460,6 +460,8 @@ DL_INLINE DL_TARGET_AVX2 void q80r_matvec_avx2(float *out, const uint8_t *wg, co
         const uint8_t *p = wg + CODES80(k);
         if (pf) dl_prefetch_span(wg + (size_t)k * per + pf, per);
         const __m256 dx = _mm256_set1_ps(((const float *)(xp + cols))[2 * k + 1]);
+        const __m256 dw[2] = {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES80(k)))),
+                              _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES80(k) + 16)))};
         for (int h = 0; h < 2; h++) {
             __m256i wv[8], wa[8];
             for (int i = 0; i < 8; i++) {
@@ -471,8 +473,7 @@ DL_INLINE DL_TARGET_AVX2 void q80r_matvec_avx2(float *out, const uint8_t *wg, co
                 const __m256i xv = _mm256_set1_epi32(dl_ld32(xp + (size_t)k * DL_QK + 4 * i));
                 s32 = _mm256_add_epi32(s32, q80_dot4_avx2(wa[i], wv[i], xv));
             }
-            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES80(k) + 16 * h)));
-            acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(dw, dx), acc[h]);
+            acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(dw[h], dx), acc[h]);
         }
     }
     dl_store16(out + row0, acc[0], acc[1], rows - row0);
@@ -490,6 +491,8 @@ DL_INLINE DL_TARGET_AVX2 void q80r_pair_avx2(float *out, const uint8_t *wg, cons
     for (int k = 0; k < nb; k++) {
         const uint8_t *p = wg + CODES80(k);
         if (pf) dl_prefetch_span(wg + (size_t)k * per + pf, per);
+        const __m256 dw[2] = {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES80(k)))),
+                              _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES80(k) + 16)))};
         __m256i s32[2][2];
         for (int h = 0; h < 2; h++) s32[h][0] = s32[h][1] = _mm256_setzero_si256();
         for (int i = 0; i < 8; i++) {
@@ -503,10 +506,9 @@ DL_INLINE DL_TARGET_AVX2 void q80r_pair_avx2(float *out, const uint8_t *wg, cons
             }
         }
         for (int h = 0; h < 2; h++) {
-            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wg + SCALES80(k) + 16 * h)));
             for (int j = 0; j < 2; j++) {
                 const __m256 dx = _mm256_set1_ps(((const float *)(xp + (size_t)j * xs + cols))[2 * k + 1]);
-                acc[h][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[h][j]), _mm256_mul_ps(dw, dx), acc[h][j]);
+                acc[h][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[h][j]), _mm256_mul_ps(dw[h], dx), acc[h][j]);
             }
         }
     }
