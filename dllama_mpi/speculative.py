@@ -47,6 +47,7 @@ IDLE_FORGET = 0.97  # ... per pass it decided not to draft: the belief drifts ba
 # is the costliest case measured (SmolLM2 on 2 cores, compute-bound); memory- or network-bound passes
 # are cheaper per row, which PassCost learns from the verify passes themselves.
 ROW_COST_PRIOR = 0.2
+SIZE_PRIOR_WEIGHT = 2.0   # PassCost.seconds: the line's weight against a size's own passes, in passes
 
 
 @dataclass(frozen=True)
@@ -177,16 +178,20 @@ def expected_accepted(p: float, k: int) -> float:
 
 
 class PassCost:
-    """Seconds per decode pass as a + b * (rows - 1), fitted over the recent passes that had no prompt
-    rows (weights decay by `forget` per pass), so that speculation weighs a draft's expected tokens
-    against what its rows cost on this engine, this host and these links: an extra row costs ~25 % of
-    a pass where the pass is compute-bound on a small model, a few % where it waits on memory or on
-    the network. Until passes of different sizes have been timed, b = ROW_COST_PRIOR * a."""
+    """Seconds per decode pass by its rows, from the recent passes that had no prompt rows (weights
+    decay by `forget` per pass), so that speculation weighs a draft's expected tokens against what its
+    rows cost on this engine, this host and these links. Two views: a line, a + b * (rows - 1), fitted
+    over all of them (`model`: what `benchmark` reports, and the prior for a size not seen lately;
+    until passes of different sizes have been timed, b = ROW_COST_PRIOR * a); and each size's own
+    mean (`seconds`), which the line misses where a pass is memory-bound at one row and compute-bound
+    a few rows later: on a 2-core AVX2 host Gemma 3's second row cost 4 % of a pass, rows 5-8 ~45 %
+    each (scripts/BENCHMARKS.md), so a line through them drafts too long at high acceptance."""
 
     def __init__(self, forget: float = 0.98):
         self.forget = forget
         self.w = self.sr = self.st = self.srr = self.srt = 0.0
         self.b_ratio = ROW_COST_PRIOR   # b / a: the last fit where rows varied enough, else the prior
+        self.by_rows: dict[int, list[float]] = {}   # rows -> [weight, weighted seconds]
 
     def observe(self, rows: int, seconds: float) -> None:
         f, x = self.forget, rows - 1
@@ -195,6 +200,12 @@ class PassCost:
         self.st = f * self.st + seconds
         self.srr = f * self.srr + x * x
         self.srt = f * self.srt + x * seconds
+        for e in self.by_rows.values():
+            e[0] *= f
+            e[1] *= f
+        e = self.by_rows.setdefault(rows, [0.0, 0.0])
+        e[0] += 1
+        e[1] += seconds
 
     def model(self) -> tuple[float, float]:
         """(a, b): a one-row pass's seconds and an extra row's; (1, ROW_COST_PRIOR) before any pass."""
@@ -210,38 +221,59 @@ class PassCost:
         a = mt / (1 + self.b_ratio * mr)
         return a, self.b_ratio * a
 
+    def seconds(self, max_rows: int) -> list[float]:
+        """A pass's seconds for 0 .. max_rows rows ([0] unused): each size's recent mean, weighed
+        against the line as against SIZE_PRIOR_WEIGHT passes (a size seen once, or long ago, leans on
+        the line), and never less than a smaller pass's."""
+        a, b = self.model()
+        out = [0.0] * (max_rows + 1)
+        for r in range(1, max_rows + 1):
+            w, t = self.by_rows.get(r, (0.0, 0.0))
+            out[r] = max((t + SIZE_PRIOR_WEIGHT * (a + b * (r - 1))) / (w + SIZE_PRIOR_WEIGHT), out[r - 1])
+        return out
+
     def pace(self, decode_rows: int, draft_seconds: float = 0.0) -> "Pace":
         a, b = self.model()
-        return Pace(a, b, draft_seconds, decode_rows)
+        return Pace(a, b, draft_seconds, decode_rows, self if self.by_rows else None)
 
 
 class Pace:
     """One pass's speculation budget: the sequences decide in turn how many tokens to draft, each
-    choosing k that maximises the pass's tokens per second, (tokens + E(k)) / (seconds + c * k),
-    where E(k) is the expected accepted tokens and c a drafted token's cost (its row, plus a draft
-    model's pass for --spec draft). So a draft is as long as it pays, shorter where acceptance is low
-    or rows are dear, and drafting fades out as concurrent sequences fill the pass (each of their
-    tokens raises the bar a draft must clear)."""
+    choosing k that maximises the pass's tokens per second, (tokens + E(k)) / seconds(rows + k), where
+    E(k) is the expected accepted tokens and seconds(r) what a pass of r rows costs (PassCost: each
+    size's own time, or a + b * (r - 1)), plus a draft model's passes for --spec draft. So a draft is
+    as long as it pays, shorter where acceptance is low or rows are dear, and drafting fades out as
+    concurrent sequences fill the pass (each of their tokens raises the bar a draft must clear)."""
 
-    def __init__(self, a: float, b: float, draft_seconds: float, decode_rows: int):
-        self.b, self.draft_seconds = b, draft_seconds
-        self.seconds = a + b * max(decode_rows - 1, 0)
+    def __init__(self, a: float, b: float, draft_seconds: float, decode_rows: int, cost: PassCost | None = None):
+        self.a, self.b, self.draft_seconds, self.cost = a, b, draft_seconds, cost
+        self.table: list[float] = []   # cost.seconds, taken as far as the drafts reach
+        self.rows = max(decode_rows, 1)
+        self.drafting = 0.0   # the draft model's seconds for the drafts chosen so far
         self.tokens = float(max(decode_rows, 1))
 
+    def _seconds(self, rows: int) -> float:
+        if self.cost is None:
+            return self.a + self.b * (rows - 1)
+        if rows >= len(self.table):
+            self.table = self.cost.seconds(max(rows, self.rows + DRAFT_MAX))
+        return self.table[rows]
+
+    @property
+    def seconds(self) -> float:
+        return self._seconds(self.rows) + self.drafting
+
     def choose(self, p: float, k_max: int, k_min: int = 1, draft_model: bool = False) -> int:
-        c = self.b + (self.draft_seconds if draft_model else 0.0)
+        ds = self.draft_seconds if draft_model else 0.0
         best, best_rate = 0, self.tokens / self.seconds
-        last = 0.0
-        for k in range(max(k_min, 1), k_max + 1):
-            rate = (self.tokens + expected_accepted(p, k)) / (self.seconds + c * k)
+        for k in range(max(k_min, 1), k_max + 1):   # every length: a pass's seconds need not grow evenly
+            rate = (self.tokens + expected_accepted(p, k)) / (self._seconds(self.rows + k) + self.drafting + ds * k)
             if rate > best_rate * (1 + 1e-9):
                 best, best_rate = k, rate
-            elif rate < last:   # E(k) is concave, so the rate rises to one peak and then only falls
-                break
-            last = rate
         if best:
             self.tokens += expected_accepted(p, best)
-            self.seconds += c * best
+            self.rows += best
+            self.drafting += ds * best
         return best
 
 

@@ -21,7 +21,7 @@ from dllama_mpi.comm import Comm
 from dllama_mpi.errors import ConfigError
 from dllama_mpi.sampler import Sampler
 from dllama_mpi.scheduler import Request, Scheduler, run_to_completion
-from dllama_mpi.speculative import (COPY_AHEAD, COPY_BEHIND, DRAFT_P_MIN, NGRAM_MAX, NGRAM_MIN, PRIOR_P, ROW_COST_PRIOR, NgramDrafter, Pace, PassCost, SeqSpec,
+from dllama_mpi.speculative import (COPY_AHEAD, COPY_BEHIND, DRAFT_P_MIN, NGRAM_MAX, NGRAM_MIN, PRIOR_P, ROW_COST_PRIOR, SIZE_PRIOR_WEIGHT, NgramDrafter, Pace, PassCost, SeqSpec,
                                     SpecConfig, check_draft_model, expected_accepted)
 from dllama_mpi.startup import build_engine, load_draft_model
 from dllama_mpi.tokenizer import Tokenizer
@@ -126,6 +126,37 @@ def test_pace_drafts_what_pays():
         pc.observe(r, 0.010 + 0.001 * (r - 1))
     a, b = pc.model()
     assert a == pytest.approx(0.010, rel=0.02) and b == pytest.approx(0.001, rel=0.05)
+
+
+def test_pass_cost_by_size_shapes_the_draft():
+    """Where a pass is memory-bound at one row and compute-bound a few rows later (Gemma 3 on 2 AVX2
+    cores: a second row +4 %, rows 5-8 ~45 % each), the line through all sizes misleads; each size's
+    own recent time decides, leaning on the line for a size seen rarely, never cheaper than a smaller
+    pass."""
+    measured = {1: 11.6, 2: 12.0, 3: 15.2, 4: 16.4, 5: 21.7, 6: 27.0, 7: 31.3, 8: 37.7, 9: 44.3}
+    pc = PassCost()
+    for _ in range(10):
+        for r, ms in measured.items():
+            pc.observe(r, ms / 1000)
+    t = pc.seconds(12)
+    assert all(t[r] == pytest.approx(measured[r] / 1000, rel=0.15) for r in measured)
+    assert all(t[r + 1] >= t[r] for r in range(1, 12))
+    a, b = pc.model()
+    line = Pace(a, b, 0.0, 1).choose(0.95, 16)
+    sized = pc.pace(1).choose(0.95, 16)
+    assert sized <= 3 < line, (sized, line)   # rows past 4 cost more than their expected tokens bring
+    # a size seen once weighs against the line as SIZE_PRIOR_WEIGHT passes
+    one = PassCost()
+    for _ in range(20):
+        one.observe(1, 0.010)
+        one.observe(3, 0.012)
+    one.observe(2, 0.030)
+    a, b = one.model()
+    w = one.by_rows[2][0]
+    assert one.seconds(3)[2] == pytest.approx((0.030 * w + SIZE_PRIOR_WEIGHT * (a + b)) / (w + SIZE_PRIOR_WEIGHT))
+    assert one.seconds(3)[3] == one.seconds(3)[2]   # never less than a smaller pass
+    # before any size was timed the Pace is the line's (the deterministic goldens' UntimedPassCost)
+    assert PassCost().pace(1).choose(0.7, 16) == Pace(1.0, ROW_COST_PRIOR, 0.0, 1).choose(0.7, 16)
 
 
 def test_seq_spec_learns_its_acceptance():
