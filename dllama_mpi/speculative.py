@@ -184,8 +184,9 @@ class PassCost:
     over all of them (`model`: what `benchmark` reports, and the prior for a size not seen lately;
     until passes of different sizes have been timed, b = ROW_COST_PRIOR * a); and each size's own
     mean (`seconds`), which the line misses where a pass is memory-bound at one row and compute-bound
-    a few rows later: on a 2-core AVX2 host Gemma 3's second row cost 4 % of a pass, rows 5-8 ~45 %
-    each (scripts/BENCHMARKS.md), so a line through them drafts too long at high acceptance."""
+    a few rows later (in-process passes of Gemma 3 on 2 AVX2 cores: the second row 4 % of a pass,
+    rows 5-8 ~45 % each; scripts/BENCHMARKS.md): a line through them drafts too long at high
+    acceptance."""
 
     def __init__(self, forget: float = 0.98):
         self.forget = forget

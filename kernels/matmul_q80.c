@@ -414,7 +414,10 @@ DL_INLINE DL_TARGET_AVX2 __m256i add32_ordered(__m256i acc, __m256i v) {
  * from L1): the live values are the B int32 sums and float accumulators, one code vector and its
  * |w|, so nothing spills (both halves' 16 code vectors at once spilled half of them per batch row:
  * 2026-12-07, Zen 3, classifier rows 2.0-2.5 ms each for Gemma 3). Per output the same exact
- * integer per block and the same float operations (cvt, dw * dx, fma) as before: the same bits. */
+ * integer per block and the same float operations (cvt, dw * dx, fma) as before: the same bits.
+ * Here and in the matvec and 2-row kernels each block's scales are loaded before its codes: loaded
+ * after the products (2c99eed), Gemma 3's 1-thread decode fell from ~66 to ~53 tok/s on Zen 3, a
+ * loss a microbenchmark streaming the classifier alone did not show (scripts/BENCHMARKS.md). */
 DL_INLINE DL_TARGET_AVX2 void q80r_half_avx2(float *out, const uint8_t *wg, const uint8_t *xp, int nb, int cols,
                                              int rows, int row0, int h, int b0, const int B) {
     const size_t xs = dl_r16_xstride(cols);
