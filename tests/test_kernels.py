@@ -1266,6 +1266,32 @@ def test_rx_matmul_vs_gguf(ftype, isa):
 
 @pytest.mark.parametrize("ftype", sorted(RX_TYPES), ids=[FLOAT_NAMES[t] for t in sorted(RX_TYPES)])
 @pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
+def test_rx_largest_codes_times_largest_activations(ftype, isa):
+    """Every code byte at its largest (0xFF) against activations all +127 or all -127: the largest
+    integer sums the kernels form (AVX2 adds two maddubs results in 16 bits, NEON four products:
+    rx_engine.h) still give gguf-py's values, 1 to 6 batch rows (the tiled path from 5)."""
+    name = RX_TYPES[ftype]
+    values, nbytes = TYPE_BLOCK[ftype]
+    rows, cols = 16, 2 * max(values, 64)
+    raw = np.full((rows, cols // values * nbytes), 0xFF, np.uint8)
+    blocks = raw.reshape(rows, -1, nbytes)
+    for at in K._F16_FIELDS[FLOAT_NAMES[ftype]]:
+        blocks[:, :, at:at + 2] = (0x00, 0x3C)     # finite (1.0) scales; every other byte 0xFF
+    rp = rx_repack(name, raw, rows, cols)
+    wf = gguf_dequantize(raw, ftype, rows, cols).astype(np.float64)
+    use(isa)
+    for batch in (1, 2, 5, 6):
+        xs = np.array([3.0 if b % 2 == 0 else -3.0 for b in range(batch)], np.float32)
+        xq = ref_quantize_q80(np.repeat(xs, cols))   # every value +-127, scale 3/127
+        xf = K.dequantize_q80(xq, batch * cols).reshape(batch, cols).astype(np.float64)
+        got = rx_call(name, rp, xq, rows, cols, batch)
+        ref = xf @ wf.T
+        mag = np.abs(xf) @ np.abs(wf).T + 1e-30
+        assert np.all(np.abs(got - ref) <= 1e-5 * mag), (batch, float(np.abs(got - ref).max()))
+
+
+@pytest.mark.parametrize("ftype", sorted(RX_TYPES), ids=[FLOAT_NAMES[t] for t in sorted(RX_TYPES)])
+@pytest.mark.parametrize("isa", ALL_ISAS, ids=[K.isa_name(i) for i in ALL_ISAS])
 def test_rx_matvec_streams_do_not_change_results(ftype, isa):
     """The matvec reads 1-4 groups side by side per thread (dl_rx_split), and 2-4 batch rows read 2
     (AVX-512), with and without software prefetch: the same bits for every split, prefetch and
