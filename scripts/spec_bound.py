@@ -50,9 +50,12 @@ class Table:
     last along its last two); the rule's Pace sees the PassCost that those passes would teach."""
 
     def __init__(self, spec: str):
-        ms = dict(sorted((int(r), float(t)) for r, t in (x.split(":") for x in spec.split(","))))
-        if 1 not in ms or len(ms) < 2:
-            raise SystemExit(f"--pass-ms {spec}: give the 1-row pass and at least one other size")
+        try:
+            ms = dict(sorted((int(r), float(t)) for r, t in (x.split(":") for x in spec.split(","))))
+        except ValueError:
+            raise SystemExit(f"--pass-ms {spec}: give ROWS:MS pairs, e.g. 1:6.3,2:8.4,4:10.2") from None
+        if 1 not in ms or len(ms) < 2 or min(ms) < 1 or min(ms.values()) <= 0:
+            raise SystemExit(f"--pass-ms {spec}: give the 1-row pass and at least one other size, positive times")
         rs = list(ms)
         self.rel = {}
         for r in range(1, S.DRAFT_MAX + 2):
