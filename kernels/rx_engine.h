@@ -381,7 +381,7 @@ DL_INLINE DL_TARGET_AVX2 __m256 RXF(block_avx2)(__m256 acc, const __m256i *u, co
 DL_INLINE DL_TARGET_AVX2 void RXF(half_avx2)(float *out, const uint8_t *wg, const uint8_t *xp, int nb, int cols,
                                              int rows, int row0, int h, int b0, const uint8_t *tile, const int B) {
     const size_t xs = rx_xstride(cols), us = (size_t)16 * RX_UNIT;
-    __m256 acc[4];
+    __m256 acc[7];
     for (int j = 0; j < B; j++) acc[j] = _mm256_setzero_ps();
     for (int k = 0; k < nb; k++) {
         __m256i u[8];
@@ -438,7 +438,12 @@ static DL_TARGET_AVX2 void RXF(groups_avx2)(float *out, const uint8_t *w, const 
     const int nb = cols / DL_QK;
     const size_t gs = RXF(group_stride)(cols);
     RX_STREAMS(RXF(streams_avx2));
-    uint8_t *tile = batch > 4 ? rx_tile((size_t)nb * RX_TILE_BLOCK) : NULL;
+    /* up to 7 batch rows in one call per half, decoding inline (their accumulators spill to L1); from
+     * 8 rows on, the tile and 4 rows a call. Calls of SmolLM2's and Gemma 3's matrices on Zen 3, the
+     * two builds side by side: 5-6 rows 1.03-1.42x as fast as a tile and 4 + 1 / 4 + 2 rows a call, 7
+     * rows ~1.0-1.2x; 8 rows this way 0.92-0.98x, and chunks of 8 from the tile at 12-16 rows 0.74-0.95x
+     * (scripts/BENCHMARKS.md) */
+    uint8_t *tile = batch > 7 ? rx_tile((size_t)nb * RX_TILE_BLOCK) : NULL;
     const size_t us = (size_t)16 * RX_UNIT;
     for (int g = g0; g < g1; g++) {
         const uint8_t *wg = w + (size_t)g * gs;
@@ -457,14 +462,18 @@ static DL_TARGET_AVX2 void RXF(groups_avx2)(float *out, const uint8_t *w, const 
                     _mm256_store_ps((float *)(t + 320), o[0]);
                     _mm256_store_ps((float *)(t + 352), RX_HALVES == 2 ? o[1] : o[0]);
                 }
-        for (int b = 0; b < batch; b += 4) {
-            const int B = batch - b < 4 ? batch - b : 4;
+        const int chunk = tile ? 4 : 7;
+        for (int b = 0; b < batch; b += chunk) {
+            const int B = batch - b < chunk ? batch - b : chunk;
             for (int h = 0; h < halves; h++) {
                 switch (B) {
                 case 1: RXF(half_avx2)(out, wg, xp, nb, cols, rows, g * 16, h, b, tile, 1); break;
                 case 2: RXF(half_avx2)(out, wg, xp, nb, cols, rows, g * 16, h, b, tile, 2); break;
                 case 3: RXF(half_avx2)(out, wg, xp, nb, cols, rows, g * 16, h, b, tile, 3); break;
-                default: RXF(half_avx2)(out, wg, xp, nb, cols, rows, g * 16, h, b, tile, 4); break;
+                case 4: RXF(half_avx2)(out, wg, xp, nb, cols, rows, g * 16, h, b, tile, 4); break;
+                case 5: RXF(half_avx2)(out, wg, xp, nb, cols, rows, g * 16, h, b, tile, 5); break;
+                case 6: RXF(half_avx2)(out, wg, xp, nb, cols, rows, g * 16, h, b, tile, 6); break;
+                default: RXF(half_avx2)(out, wg, xp, nb, cols, rows, g * 16, h, b, tile, 7); break;
                 }
             }
         }
