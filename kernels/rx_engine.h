@@ -440,9 +440,9 @@ static DL_TARGET_AVX2 void RXF(groups_avx2)(float *out, const uint8_t *w, const 
     RX_STREAMS(RXF(streams_avx2));
     /* up to 7 batch rows in one call per half, decoding inline (their accumulators spill to L1); from
      * 8 rows on, the tile and 4 rows a call. Calls of SmolLM2's and Gemma 3's matrices on Zen 3, the
-     * two builds side by side: 5-6 rows 1.03-1.42x as fast as a tile and 4 + 1 / 4 + 2 rows a call, 7
-     * rows ~1.0-1.2x; 8 rows this way 0.92-0.98x, and chunks of 8 from the tile at 12-16 rows 0.74-0.95x
-     * (scripts/BENCHMARKS.md) */
+     * two builds side by side: 5-6 rows 0.98-1.42x as fast as a tile and 4 + 1 / 4 + 2 rows a call (Q6_K
+     * the least), 7 rows 0.93-1.21x; 8 rows this way 0.90-1.11x, and chunks of 8 from the tile at 12-16
+     * rows 0.74-0.95x (scripts/BENCHMARKS.md) */
     uint8_t *tile = batch > 7 ? rx_tile((size_t)nb * RX_TILE_BLOCK) : NULL;
     const size_t us = (size_t)16 * RX_UNIT;
     for (int g = g0; g < g1; g++) {
