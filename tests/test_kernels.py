@@ -1269,7 +1269,8 @@ def test_rx_matmul_vs_gguf(ftype, isa):
 def test_rx_largest_codes_times_largest_activations(ftype, isa):
     """Every code byte at its largest (0xFF) against activations all +127 or all -127: the largest
     integer sums the kernels form (AVX2 adds two maddubs results in 16 bits, NEON four products:
-    rx_engine.h) still give gguf-py's values, 1 to 6 batch rows (the tiled path from 5)."""
+    rx_engine.h) still give gguf-py's values, 1 to 9 batch rows (AVX2: up to 7 in one inline call,
+    the tiled path from 8; AVX-512: the tiled path from 9)."""
     name = RX_TYPES[ftype]
     values, nbytes = TYPE_BLOCK[ftype]
     rows, cols = 16, 2 * max(values, 64)
@@ -1280,7 +1281,7 @@ def test_rx_largest_codes_times_largest_activations(ftype, isa):
     rp = rx_repack(name, raw, rows, cols)
     wf = gguf_dequantize(raw, ftype, rows, cols).astype(np.float64)
     use(isa)
-    for batch in (1, 2, 5, 6):
+    for batch in (1, 2, 5, 6, 9):
         xs = np.array([3.0 if b % 2 == 0 else -3.0 for b in range(batch)], np.float32)
         xq = ref_quantize_q80(np.repeat(xs, cols))   # every value +-127, scale 3/127
         xf = K.dequantize_q80(xq, batch * cols).reshape(batch, cols).astype(np.float64)
